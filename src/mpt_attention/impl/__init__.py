@@ -1,0 +1,1 @@
+"""Backend implementations. Each one stands alone: none imports another."""

@@ -1,0 +1,228 @@
+"""Backward kernels: dK/dV per key block (looping over the query heads of its group), dQ per query block.
+
+No atomics: each program owns the gradient tile it writes, so the backward is deterministic and
+GQA/MQA sums over the query-head group inside one program. The probabilities are recomputed from
+the forward's log-sum-exp; ``delta = rowsum(dO * O)`` is precomputed.
+
+Bias gradient (``dS``, the gradient of the scores) comes out in one of two forms:
+``BIAS_GRAD == 1`` column sums per (batch, head) for a bias that is broadcast over query rows
+(MPT's ``(1, H, 1, S)``), written by the dK/dV kernel; ``BIAS_GRAD == 2`` the full ``dS`` tile,
+written by the dQ kernel. The launcher reduces either to the bias's own shape.
+"""
+
+import triton
+import triton.language as tl
+
+from mpt_attention.impl.triton.common import LOG2E, dropout_keep, score_tile
+
+
+@triton.jit
+def _row_stats(Lse, Delta, bh, rows, row_ok, seqlen_q):
+    """Log2-domain LSE (+inf for rows that saw nothing, so their probabilities are 0) and delta."""
+    lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, DBiasCols,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_slb, stride_slh,
+    stride_kpm, stride_sid, stride_pfx,
+    n_heads, n_groups, seqlen_q, seqlen_k, head_dim,
+    softmax_scale, qk_scale2, dropout_p,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    n_kv = n_heads // n_groups
+    b = bkv // n_kv
+    kv_h = bkv % n_kv
+    b64 = b.to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n + offs_n
+    col_ok = cols < seqlen_k
+    d_ok = offs_d < head_dim
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    row_start = tl.cast(start_n, tl.int64)
+
+    # [BLOCK_N, BLOCK_D]
+    k = tl.load(K + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh + row_start * stride_ks
+                + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh + row_start * stride_vs
+                + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    kpm_ptr = KeyPad + b64 * stride_kpm
+    seqid_ptr = SeqId + b64 * stride_sid
+    prefix_ptr = Prefix + b64 * stride_pfx
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+
+    diag = seqlen_k - seqlen_q
+    lo = 0
+    if IS_CAUSAL and not HAS_PREFIX:
+        # rows i with i + diag >= start_n are the first to see this block
+        lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+
+    for g in range(0, n_groups):
+        h = kv_h * n_groups + g
+        h64 = h.to(tl.int64)
+        bh = b * n_heads + h
+        slope2 = 0.0
+        if ALIBI != 0:
+            slope2 = tl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(tl.float32) * LOG2E
+        q_head = Q + b64 * stride_qb + h64 * stride_qh
+        do_head = DO + b64 * stride_dob + h64 * stride_doh
+        bias_head = Bias + b64 * stride_bb + h64 * stride_bh + row_start * stride_bn
+        dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start_m in range(lo, seqlen_q, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < seqlen_q
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            m64 = tl.cast(start_m, tl.int64)
+            # [BLOCK_M, BLOCK_D]
+            q = tl.load(q_head + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_head + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+            lse2, delta = _row_stats(Lse, Delta, bh, rows, row_ok, seqlen_q)
+            q_seq = rows
+            if HAS_SEQID:
+                q_seq = tl.load(seqid_ptr + rows + diag, mask=row_ok, other=0)
+            # [BLOCK_M, BLOCK_N]
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            bias_ptrs = bias_head + m64 * stride_bm + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+            s = score_tile(
+                qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
+                seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, HAS_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, True,
+            )
+            p = tl.math.exp2(s - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p_dropped = p
+            if DROPOUT:
+                keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
+                p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            if BIAS_GRAD == 1:
+                dbias_cols += tl.sum(ds, 0)
+        if BIAS_GRAD == 1:
+            tl.store(DBiasCols + bh.to(tl.int64) * seqlen_k + cols, dbias_cols, mask=col_ok)
+
+    dk_ptrs = DK + b64 * stride_dkb + kv_h.to(tl.int64) * stride_dkh + row_start * stride_dks
+    dv_ptrs = DV + b64 * stride_dvb + kv_h.to(tl.int64) * stride_dvh + row_start * stride_dvs
+    tl.store(dk_ptrs + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, DBias,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_slb, stride_slh,
+    stride_kpm, stride_sid, stride_pfx,
+    n_heads, n_groups, seqlen_q, seqlen_k, head_dim,
+    softmax_scale, qk_scale2, dropout_p,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    kv_h = h // n_groups
+    b64, h64, kv64 = b.to(tl.int64), h.to(tl.int64), kv_h.to(tl.int64)
+    m64 = tl.cast(start_m, tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen_q
+    d_ok = offs_d < head_dim
+    q_mask = row_ok[:, None] & d_ok[None, :]
+
+    # [BLOCK_M, BLOCK_D]
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :],
+                 mask=q_mask, other=0.0)
+    lse2, delta = _row_stats(Lse, Delta, bh, rows, row_ok, seqlen_q)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = K + b64 * stride_kb + kv64 * stride_kh
+    v_base = V + b64 * stride_vb + kv64 * stride_vh
+    bias_base = Bias + b64 * stride_bb + h64 * stride_bh + m64 * stride_bm
+    kpm_ptr = KeyPad + b64 * stride_kpm
+    seqid_ptr = SeqId + b64 * stride_sid
+    prefix_ptr = Prefix + b64 * stride_pfx
+    slope2 = 0.0
+    if ALIBI != 0:
+        slope2 = tl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(tl.float32) * LOG2E
+    diag = seqlen_k - seqlen_q
+    q_seq = rows
+    if HAS_SEQID:
+        q_seq = tl.load(seqid_ptr + rows + diag, mask=row_ok, other=0)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    hi = seqlen_k
+    if IS_CAUSAL and not HAS_PREFIX:
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
+    # dS is the bias gradient; a (B, H, S_q, S_k) buffer for BIAS_GRAD == 2 (zero-initialised).
+    dbias_base = DBias + bh.to(tl.int64) * seqlen_q * seqlen_k + m64 * seqlen_k
+
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        n64 = tl.cast(start_n, tl.int64)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        # [BLOCK_N, BLOCK_D]
+        k = tl.load(k_base + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        bias_ptrs = bias_base + n64 * stride_bn + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+        s = score_tile(
+            qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
+            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, HAS_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, True,
+        )
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if BIAS_GRAD == 2:
+            tl.store(dbias_base + n64 + offs_m[:, None] * seqlen_k + offs_n[None, :], ds,
+                     mask=row_ok[:, None] & col_ok[None, :])
+
+    dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqs
+    tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)

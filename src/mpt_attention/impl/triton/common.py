@@ -1,0 +1,88 @@
+"""Device functions shared by the forward and backward kernels: one score tile, one dropout tile.
+
+Scores live in the log2 domain inside the kernels (``exp2`` is the fast instruction): with
+``qk_scale2 = softmax_scale * log2(e)`` and every additive term multiplied by ``log2(e)``,
+``exp2(s2 - lse2) == exp(s - lse)``.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# ALiBi modes (constexpr): none, MPT's causal form, the symmetric form.
+ALIBI_NONE = tl.constexpr(0)
+ALIBI_CAUSAL = tl.constexpr(1)
+ALIBI_SYMMETRIC = tl.constexpr(2)
+
+
+@triton.jit
+def score_tile(
+    qk,  # [BLOCK_M, BLOCK_N] fp32, q . k
+    rows, cols,  # [BLOCK_M], [BLOCK_N] int32 absolute query / key indices
+    bias_ptrs,  # [BLOCK_M, BLOCK_N] pointers into the bias for (b, h), used if HAS_BIAS
+    kpm_ptr, seqid_ptr, prefix_ptr,  # batch-offset pointers to (S_k,) rows, used if the flag is set
+    q_seq,  # [BLOCK_M] sequence ids of the rows, used if HAS_SEQID
+    slope2, qk_scale2, seqlen_q, seqlen_k,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    APPLY_MASK: tl.constexpr,
+):
+    """Log2-domain scores of one tile, ``-inf`` where a key is masked (only when APPLY_MASK)."""
+    diag = seqlen_k - seqlen_q  # query i sits at absolute position i + diag
+    s = qk * qk_scale2
+    if ALIBI == ALIBI_CAUSAL:
+        s += slope2 * (cols - (seqlen_k - 1)).to(tl.float32)[None, :]
+    elif ALIBI == ALIBI_SYMMETRIC:
+        s -= slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
+    col_ok = cols < seqlen_k
+    if HAS_BIAS:
+        in_bounds = (rows < seqlen_q)[:, None] & col_ok[None, :]
+        s += tl.load(bias_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+    if APPLY_MASK:
+        keep = col_ok[None, :]
+        if IS_CAUSAL:
+            visible = cols[None, :] <= rows[:, None] + diag
+            if HAS_PREFIX:
+                visible = visible | (tl.load(prefix_ptr + cols, mask=col_ok, other=0) != 0)[None, :]
+            keep = keep & visible
+        if HAS_KPM:
+            keep = keep & (tl.load(kpm_ptr + cols, mask=col_ok, other=0) != 0)[None, :]
+        if HAS_SEQID:
+            k_seq = tl.load(seqid_ptr + cols, mask=col_ok, other=0)
+            keep = keep & (q_seq[:, None] == k_seq[None, :])
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p):
+    """[BLOCK_M, BLOCK_N] bool: which weights survive dropout; identical in forward and backward.
+
+    One Philox stream per (batch*head, row, col) element through a 64-bit counter, so no two
+    elements of one call share a random number, whatever the sizes.
+    """
+    row_ids = (bh.to(tl.int64) * seqlen_q + rows.to(tl.int64)) * seqlen_k
+    offsets = row_ids[:, None] + cols.to(tl.int64)[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    Mask, Seed,
+    stride_mbh, stride_mm,
+    seqlen_q, seqlen_k, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Writes the keep-mask the attention kernels use, (B*H, S_q, S_k) uint8, for tests."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    seed = tl.load(Seed)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    base = Mask + bh.to(tl.int64) * stride_mbh
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
+        ptrs = base + rows.to(tl.int64)[:, None] * stride_mm + cols[None, :]
+        tl.store(ptrs, keep.to(tl.uint8), mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])

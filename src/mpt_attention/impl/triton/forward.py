@@ -1,0 +1,145 @@
+"""Forward kernel: FlashAttention-2 style online softmax with ALiBi, bias, masks, GQA and dropout.
+
+One program computes a ``[BLOCK_M, D]`` tile of the output for one (batch, query head) and
+streams the key/value blocks it can see. Under plain causal masking the stream is split in two:
+blocks fully below the diagonal run without any mask arithmetic, the diagonal blocks with it.
+"""
+
+import triton
+import triton.language as tl
+
+from mpt_attention.impl.triton.common import LN2, LOG2E, dropout_keep, score_tile
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q,
+    k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
+    stride_ks, stride_vs, stride_bm, stride_bn,
+    rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
+    seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, hi,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    DROPOUT: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    d_ok = offs_d < head_dim
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        kv_tile = offs_n[:, None] * stride_ks + offs_d[None, :]
+        # [BLOCK_N, BLOCK_D]
+        k = tl.load(k_base + tl.cast(start_n, tl.int64) * stride_ks + kv_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        bias_ptrs = bias_base + tl.cast(start_n, tl.int64) * stride_bn + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+        s = score_tile(
+            qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
+            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, HAS_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_base + tl.cast(start_n, tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_slb, stride_slh,
+    stride_kpm, stride_sid, stride_pfx,
+    n_heads, n_groups, seqlen_q, seqlen_k, head_dim,
+    qk_scale2, dropout_p,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    kv_h = h // n_groups
+    b64, h64, kv64 = b.to(tl.int64), h.to(tl.int64), kv_h.to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen_q
+    d_ok = offs_d < head_dim
+
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + tl.cast(start_m, tl.int64) * stride_qs
+    # [BLOCK_M, BLOCK_D]
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + kv64 * stride_kh
+    v_base = V + b64 * stride_vb + kv64 * stride_vh
+    bias_base = Bias + b64 * stride_bb + h64 * stride_bh + tl.cast(start_m, tl.int64) * stride_bm
+    kpm_ptr = KeyPad + b64 * stride_kpm
+    seqid_ptr = SeqId + b64 * stride_sid
+    prefix_ptr = Prefix + b64 * stride_pfx
+
+    slope2 = 0.0
+    if ALIBI != 0:
+        slope2 = tl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(tl.float32) * LOG2E
+    q_seq = rows
+    if HAS_SEQID:
+        # queries carry the ids of the last S_q key positions (bottom-right alignment)
+        q_seq = tl.load(seqid_ptr + rows + (seqlen_k - seqlen_q), mask=row_ok, other=0)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    diag = seqlen_k - seqlen_q
+    hi = seqlen_k
+    if IS_CAUSAL and not HAS_PREFIX:
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
+    # Blocks [0, lo_masked) need no mask at all: every key is in range and visible to every row.
+    lo_masked = 0
+    if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
+        full = seqlen_k
+        if IS_CAUSAL:
+            full = tl.minimum(seqlen_k, start_m + diag + 1)
+        lo_masked = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
+            stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
+            seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, 0, lo_masked,
+            IS_CAUSAL, ALIBI, HAS_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, False, DOT_PRECISION, BLOCK_N,
+        )
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
+        stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
+        seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo_masked, hi,
+        IS_CAUSAL, ALIBI, HAS_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, True, DOT_PRECISION, BLOCK_N,
+    )
+
+    # Rows that saw no key (l = 0) are defined as 0 with a log-sum-exp of -inf.
+    live = l_i > 0.0
+    l_safe = tl.where(live, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    o_base = Out + b64 * stride_ob + h64 * stride_oh + tl.cast(start_m, tl.int64) * stride_os
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)

@@ -1,0 +1,169 @@
+"""Host side of the Triton backend: block sizes, strides, grids and the bias-gradient reduction.
+
+Inputs arrive validated (see ``mpt_attention.api``); tensors may have any strides except that the
+head dim must be contiguous (copied otherwise, as flash-attn does). Optional inputs are passed as
+constexpr flags with a dummy pointer, so a kernel specialisation carries only what it uses.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from mpt_attention.impl.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from mpt_attention.impl.triton.common import _dropout_mask_kernel
+from mpt_attention.impl.triton.forward import _attn_fwd_kernel
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+LOG2E = 1.4426950408889634
+ALIBI_NONE, ALIBI_CAUSAL, ALIBI_SYMMETRIC = 0, 1, 2  # the kernels' ALIBI modes (common.py)
+
+
+def _fwd_config(head_dim: int) -> dict:
+    if _INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def _bwd_config(head_dim: int) -> tuple[dict, dict]:
+    """(dK/dV config, dQ config)."""
+    if _INTERPRET:
+        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        return small, small
+    if head_dim <= 128:
+        return (dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+                dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2))
+    return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
+            dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1))
+
+
+def _head_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
+    """Pointers, strides and flags for the optional inputs, in kernel argument order."""
+    dummy = q
+    if bias is not None:
+        bias_strides = [0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride())]
+    else:
+        bias_strides = [0, 0, 0, 0]
+    if slopes is not None:
+        slope_strides = [0, slopes.stride(0)] if slopes.dim() == 1 else list(slopes.stride())
+        alibi = ALIBI_CAUSAL if causal and prefix is None else ALIBI_SYMMETRIC
+    else:
+        slope_strides, alibi = [0, 0], ALIBI_NONE
+    # bool masks are read as bytes; (B, S_k) rows with unit stride along keys
+    kpm = kpm.contiguous().view(torch.uint8) if kpm is not None else None
+    prefix = prefix.contiguous().view(torch.uint8) if prefix is not None else None
+    seqid = seqid.contiguous() if seqid is not None else None
+    pointers = [t if t is not None else dummy for t in (bias, slopes, kpm, seqid, prefix)]
+    row_strides = [t.stride(0) if t is not None else 0 for t in (kpm, seqid, prefix)]
+    flags = dict(
+        IS_CAUSAL=causal, ALIBI=alibi, HAS_BIAS=bias is not None,
+        HAS_KPM=kpm is not None, HAS_SEQID=seqid is not None, HAS_PREFIX=prefix is not None,
+    )
+    return pointers, bias_strides + slope_strides + row_strides, flags
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p):
+    """Returns ``out (B, S_q, H, D)`` contiguous and ``lse (B, H, S_q)`` float32."""
+    q, k, v = (_head_contiguous(x) for x in (q, k, v))
+    batch, s_q, n_heads, head_dim = q.shape
+    s_k, n_kv = k.shape[1], k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
+    pointers, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
+    cfg = _fwd_config(head_dim)
+    grid = (triton.cdiv(s_q, cfg["BLOCK_M"]), batch * n_heads)
+    if s_q == 0 or batch * n_heads == 0:
+        return out, lse
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, *pointers, seed if seed is not None else q,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *aux_strides,
+        n_heads, n_heads // n_kv, s_q, s_k, head_dim,
+        softmax_scale * LOG2E, dropout_p,
+        DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags, **cfg,
+    )
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
+             bias_grad):
+    """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or empty)."""
+    q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
+    batch, s_q, n_heads, head_dim = q.shape
+    s_k, n_kv = k.shape[1], k.shape[2]
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, S_q)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    pointers, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
+    bias_mode = 0
+    dbias_rows = dbias_full = q  # dummies
+    if bias_grad:
+        if bias.shape[2] == 1:
+            bias_mode = 1
+            dbias_rows = torch.empty((batch, n_heads, 1, s_k), dtype=torch.float32, device=q.device)
+        else:
+            bias_mode = 2
+            dbias_full = torch.zeros((batch, n_heads, s_q, s_k), dtype=torch.float32, device=q.device)
+    common = dict(
+        DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_mode, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags,
+    )
+    sizes = (n_heads, n_heads // n_kv, s_q, s_k, head_dim, softmax_scale, softmax_scale * LOG2E, dropout_p)
+    in_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                  v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    seed_arg = seed if seed is not None else q
+    if batch * n_heads > 0 and s_k > 0:
+        kv_cfg, q_cfg = _bwd_config(head_dim)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
+            q, k, v, dout, lse, delta, dk, dv, dbias_rows, *pointers, seed_arg, *in_strides,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            *aux_strides, *sizes, **common, **kv_cfg,
+        )
+        if s_q > 0:
+            _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), batch * n_heads)](
+                q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, *in_strides,
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                *aux_strides, *sizes, **common, **q_cfg,
+            )
+    else:  # nothing to attend to or from: every gradient is zero
+        dq.zero_(), dk.zero_(), dv.zero_()
+    dbias = q.new_empty(0)
+    if bias_mode:
+        dbias = _reduce_to_shape(dbias_rows if bias_mode == 1 else dbias_full, bias.shape).to(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+def _reduce_to_shape(grad: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a ``(B, H, S_q|1, S_k)`` gradient over the dims the bias broadcast along."""
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1]
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+def dropout_keep_mask(batch, n_heads, s_q, s_k, seed, dropout_p, device) -> torch.Tensor:
+    """The bool keep-mask ``(B, H, S_q, S_k)`` the kernels draw for ``seed`` (testing aid)."""
+    mask = torch.empty((batch * n_heads, s_q, s_k), dtype=torch.uint8, device=device)
+    block = 32 if _INTERPRET else 64
+    _dropout_mask_kernel[(triton.cdiv(s_q, block), batch * n_heads)](
+        mask, seed, mask.stride(0), mask.stride(1), s_q, s_k, dropout_p, BLOCK_M=block, BLOCK_N=block,
+    )
+    return mask.view(batch, n_heads, s_q, s_k).bool()
+

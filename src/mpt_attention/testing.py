@@ -1,0 +1,159 @@
+"""Test and benchmark helpers: input factories, an independent float64 reference, tolerances.
+
+The reference here is written independently of every backend (explicit position arithmetic,
+per-head loops over the GQA mapping, float64), so a shared mistake in ``masks.py`` cannot hide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["AttnCase", "make_inputs", "reference_attention", "assert_close_to_reference", "attention_flops"]
+
+
+@dataclass
+class AttnCase:
+    """One attention problem; ``make_inputs`` turns it into tensors."""
+
+    batch: int = 2
+    s_q: int = 37
+    s_k: int = 37
+    n_heads: int = 4
+    n_kv: int = 4
+    head_dim: int = 32
+    causal: bool = False
+    alibi: bool = False
+    bias: str | None = None  # None, "vector" (1, H, 1, S_k), "matrix" (B, 1, S_q, S_k), "full" (B, H, S_q, S_k)
+    padding: bool = False
+    sequence_id: bool = False
+    prefix: bool = False
+    extras: dict = field(default_factory=dict)
+
+    def id(self) -> str:
+        parts = [f"B{self.batch}-Sq{self.s_q}-Sk{self.s_k}-H{self.n_heads}/{self.n_kv}-D{self.head_dim}"]
+        parts += [name for name in ("causal", "alibi", "padding", "sequence_id", "prefix") if getattr(self, name)]
+        if self.bias:
+            parts.append(f"bias-{self.bias}")
+        return "-".join(parts)
+
+
+def make_inputs(case: AttnCase, dtype=torch.float32, device="cpu", requires_grad=False, seed=0) -> tuple[tuple, dict]:
+    """Random ``(q, k, v)`` in ``(B, S, H, D)`` and the keyword arguments of ``attention`` for ``case``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    b, s_q, s_k, h, hkv, d = case.batch, case.s_q, case.s_k, case.n_heads, case.n_kv, case.head_dim
+    q, k, v = randn(b, s_q, h, d), randn(b, s_k, hkv, d), randn(b, s_k, hkv, d)
+    kw: dict = dict(causal=case.causal)
+    if case.alibi:
+        from mpt_attention.masks import gen_slopes
+
+        kw["alibi_slopes"] = gen_slopes(h, return_1d=True, device=device)
+    if case.bias:
+        shape = {"vector": (1, h, 1, s_k), "matrix": (b, 1, s_q, s_k), "full": (b, h, s_q, s_k)}[case.bias]
+        kw["attn_bias"] = torch.randn(*shape, generator=gen).to(device).requires_grad_(requires_grad)
+    if case.padding:
+        # right padding with a different live length per batch row, the first row unpadded
+        lengths = [s_k] + [int(torch.randint(1, s_k + 1, (1,), generator=gen)) for _ in range(b - 1)]
+        kw["key_padding_mask"] = (torch.arange(s_k).view(1, s_k) < torch.tensor(lengths).view(b, 1)).to(device)
+    if case.sequence_id:
+        cuts = torch.randint(0, 3, (b, s_k), generator=gen) == 0
+        kw["sequence_id"] = torch.cumsum(cuts.long(), dim=1).to(device)
+    if case.prefix:
+        lengths = torch.randint(0, s_k + 1, (b, 1), generator=gen)
+        kw["prefix_mask"] = (torch.arange(s_k).view(1, s_k) < lengths).to(device)
+    return (q, k, v), kw
+
+
+def reference_attention(
+    q, k, v, *, causal=False, softmax_scale=None, alibi_slopes=None, attn_bias=None, key_padding_mask=None,
+    sequence_id=None, prefix_mask=None, dropout_mask=None, dropout_p=0.0, compute_dtype=torch.float64,
+):
+    """Attention computed head by head in ``compute_dtype`` (float64: the measuring stick).
+
+    With a lower ``compute_dtype`` it is "the same math in low precision" that the tolerance rule
+    compares against. ``dropout_mask`` ``(B, H, S_q, S_k)`` bool (True = keep) applies dropout exactly.
+
+    Returns:
+        ``(out (B, S_q, H, D) in compute_dtype, lse (B, H, S_q) float64)``.
+    """
+    batch, s_q, n_heads, head_dim = q.shape
+    s_k, n_kv = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    qpos = (torch.arange(s_q, device=q.device) + (s_k - s_q)).view(s_q, 1)  # absolute positions
+    kpos = torch.arange(s_k, device=q.device).view(1, s_k)
+    outs, lses = [], []
+    for h in range(n_heads):
+        qh = q[:, :, h].to(compute_dtype)
+        kh, vh = k[:, :, h // group].to(compute_dtype), v[:, :, h // group].to(compute_dtype)
+        scores = torch.einsum("bid,bjd->bij", qh, kh) * scale
+        if alibi_slopes is not None:
+            slope = alibi_slopes.to(compute_dtype)
+            slope = slope[h] if slope.dim() == 1 else slope[:, h].view(batch, 1, 1)
+            distance = (kpos - (s_k - 1)) if (causal and prefix_mask is None) else -(qpos - kpos).abs()
+            scores = scores + slope * distance.to(compute_dtype)
+        if attn_bias is not None:
+            bias = attn_bias.to(compute_dtype).expand(batch, n_heads, s_q, s_k)[:, h]
+            scores = scores + bias
+        allowed = torch.ones(batch, s_q, s_k, dtype=torch.bool, device=q.device)
+        if causal:
+            visible = (kpos <= qpos).view(1, s_q, s_k)
+            if prefix_mask is not None:
+                visible = visible | prefix_mask.view(batch, 1, s_k)
+            allowed &= visible
+        if key_padding_mask is not None:
+            allowed &= key_padding_mask.view(batch, 1, s_k)
+        if sequence_id is not None:
+            allowed &= sequence_id[:, s_k - s_q:].view(batch, s_q, 1) == sequence_id.view(batch, 1, s_k)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        row_max = scores.amax(-1, keepdim=True)
+        empty = row_max == float("-inf")
+        weights = torch.exp(scores - torch.where(empty, 0.0, row_max))
+        total = weights.sum(-1, keepdim=True)
+        lse = torch.where(empty, float("-inf"), row_max + torch.log(torch.where(empty, 1.0, total)))
+        probs = torch.where(empty, 0.0, weights / torch.where(empty, 1.0, total))
+        if dropout_mask is not None:
+            probs = probs * dropout_mask[:, h].to(compute_dtype) / (1.0 - dropout_p)
+        outs.append(torch.einsum("bij,bjd->bid", probs, vh))
+        lses.append(lse.squeeze(-1).double())
+    return torch.stack(outs, dim=2), torch.stack(lses, dim=1)
+
+
+def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    both_inf = torch.isinf(x) & torch.isinf(ref) & (torch.sign(x) == torch.sign(ref))
+    return (x.double() - ref.double()).masked_fill(both_inf, 0.0).abs().max().item() if x.numel() else 0.0
+
+
+def assert_close_to_reference(name: str, out: torch.Tensor, ref: torch.Tensor, low_ref: torch.Tensor,
+                              factor: float = 2.0, floor: float | None = None) -> None:
+    """``max|out - ref| <= factor * max|low_ref - ref| + floor`` (the flash-attn tolerance rule).
+
+    ``ref`` is the float64 result, ``low_ref`` the same math in the tested precision; NaN never passes.
+    ``floor`` absorbs the rounding of exact float32 cases (default: 1e-5 for float32, else 1e-4).
+    """
+    if floor is None:
+        floor = 1e-5 if out.dtype == torch.float32 else 1e-4
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in output ({int(torch.isnan(out).sum())} elements)"
+    err, budget = _max_err(out, ref), factor * _max_err(low_ref, ref) + floor
+    assert err <= budget, f"{name}: max error {err:.3e} > {factor} x low-precision error + {floor:g} = {budget:.3e}"
+
+
+def attention_flops(batch: int, n_heads: int, s_q: int, s_k: int, head_dim: int, causal: bool, mode: str = "fwd") -> float:
+    """FLOPs of attention: 4*B*H*S_q*S_k_eff*D forward, bottom-right causal counted exactly per row.
+
+    ``mode``: ``'fwd'``, ``'bwd'`` (2.5x forward) or ``'fwd_bwd'`` (3.5x).
+    """
+    if causal:
+        # row i sees min(S_k, i + S_k - S_q + 1) keys
+        visible = sum(max(0, min(s_k, i + s_k - s_q + 1)) for i in range(s_q)) if s_q <= 4096 else (
+            s_q * s_k - s_q * (s_q - 1) / 2 if s_q <= s_k else s_k * (s_k + 1) / 2)
+    else:
+        visible = s_q * s_k
+    fwd = 4.0 * batch * n_heads * visible * head_dim
+    return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]

@@ -1,0 +1,66 @@
+"""Compile every Triton kernel for Hopper (sm_90) on this machine, no GPU needed.
+
+Catches compile errors and shows shared-memory use and local-memory traffic (spills) before spending GPU time:
+    python tools/compile_kernels.py            (must run without TRITON_INTERPRET)
+"""
+
+import itertools
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mpt_attention.impl.triton import launch
+from mpt_attention.impl.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from mpt_attention.impl.triton.forward import _attn_fwd_kernel
+
+_FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
+_POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "Lse": "*fp32", "Delta": "*fp32",
+                  "DBiasCols": "*fp32", "DBias": "*fp32", "Bias": "*fp32", "Slopes": "*fp32"}
+
+
+def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name[0].isupper():
+            sig[name] = _POINTER_TYPES.get(name, f"*{dtype}")
+        elif name in _FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def main() -> int:
+    failures = 0
+    flag_sets = [
+        dict(IS_CAUSAL=True, ALIBI=1, HAS_BIAS=False, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False),
+        dict(IS_CAUSAL=False, ALIBI=2, HAS_BIAS=True, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True),
+        dict(IS_CAUSAL=True, ALIBI=2, HAS_BIAS=False, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=True, DROPOUT=False),
+    ]
+    for head_dim, flags in itertools.product((64, 128, 256), flag_sets):
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        jobs = [("fwd", _attn_fwd_kernel, launch._fwd_config(head_dim), {})]
+        kv_cfg, q_cfg = launch._bwd_config(head_dim)
+        jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=1 if flags["HAS_BIAS"] else 0)),
+                 ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["HAS_BIAS"] else 0))]
+        for name, fn, cfg, extra in jobs:
+            cfg = dict(cfg)
+            opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+            consts = dict(flags, DOT_PRECISION="tf32", BLOCK_D=block_d, **cfg, **extra)
+            try:
+                k = compile_kernel(fn, consts, opts)
+                local = k.asm["ptx"].count("ld.local") + k.asm["ptx"].count("st.local")
+                print(f"ok   {name:5s} D={head_dim:3d} {cfg} smem={k.metadata.shared} local-mem ops={local}")
+            except Exception as exc:  # report every failure, not just the first
+                failures += 1
+                print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
