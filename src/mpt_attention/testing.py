@@ -150,9 +150,10 @@ def attention_flops(batch: int, n_heads: int, s_q: int, s_k: int, head_dim: int,
     ``mode``: ``'fwd'``, ``'bwd'`` (2.5x forward) or ``'fwd_bwd'`` (3.5x).
     """
     if causal:
-        # row i sees min(S_k, i + S_k - S_q + 1) keys
-        visible = sum(max(0, min(s_k, i + s_k - s_q + 1)) for i in range(s_q)) if s_q <= 4096 else (
-            s_q * s_k - s_q * (s_q - 1) / 2 if s_q <= s_k else s_k * (s_k + 1) / 2)
+        # row i sees min(S_k, max(0, i + S_k - S_q + 1)) keys; summed in closed form
+        hidden = max(0, s_q - s_k)  # rows that see nothing
+        rows = s_q - hidden
+        visible = rows * (s_k - rows) + rows * (rows + 1) / 2
     else:
         visible = s_q * s_k
     fwd = 4.0 * batch * n_heads * visible * head_dim

@@ -1,0 +1,36 @@
+"""Test setup: Triton's CPU interpreter when there is no GPU, NaN-poisoned allocations, seeds."""
+
+import os
+
+import pytest
+import torch
+
+# Must happen before any kernel module is imported: Triton reads it when @triton.jit decorates.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_real_empty, _real_empty_like = torch.empty, torch.empty_like
+
+
+def _poisoned_empty(*args, **kwargs):
+    out = _real_empty(*args, **kwargs)
+    return out.fill_(float("nan")) if out.is_floating_point() else out
+
+
+def _poisoned_empty_like(*args, **kwargs):
+    out = _real_empty_like(*args, **kwargs)
+    return out.fill_(float("nan")) if out.is_floating_point() else out
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every float tensor our code allocates with empty/empty_like starts as NaN: unwritten outputs fail."""
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
+    monkeypatch.setattr(torch, "empty_like", _poisoned_empty_like)
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_report_header(config):
+    interp = os.environ.get("TRITON_INTERPRET", "0")
+    return f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, TRITON_INTERPRET={interp}"

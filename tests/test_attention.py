@@ -1,0 +1,140 @@
+"""The modern op on every backend against the independent float64 reference: outputs, LSE, gradients."""
+
+import pytest
+import torch
+
+import mpt_attention as M
+from mpt_attention import ops
+from mpt_attention.testing import AttnCase, assert_close_to_reference, make_inputs, reference_attention
+
+BACKENDS = ["torch", "sdpa", "triton"]
+
+CASES = [
+    AttnCase(2, 37, 37, 4, 4, 32, causal=True, alibi=True),
+    AttnCase(2, 97, 97, 4, 2, 16, causal=True),
+    AttnCase(1, 111, 111, 2, 1, 64, alibi=True, padding=True),
+    AttnCase(2, 17, 45, 4, 2, 32, causal=True, alibi=True, padding=True),  # chunked prefill after a cache
+    AttnCase(1, 45, 17, 2, 2, 16, causal=True),  # more queries than keys: the first rows see nothing
+    AttnCase(2, 33, 33, 2, 2, 32, bias="vector"),
+    AttnCase(2, 29, 40, 4, 2, 16, causal=True, bias="matrix"),
+    AttnCase(1, 37, 37, 2, 1, 32, causal=True, alibi=True, bias="full"),
+    AttnCase(2, 64, 64, 4, 2, 32, causal=True, alibi=True, sequence_id=True),
+    AttnCase(2, 50, 50, 2, 2, 32, causal=True, alibi=True, prefix=True),
+    AttnCase(1, 40, 40, 2, 2, 80, causal=True, alibi=True),
+    AttnCase(2, 19, 19, 4, 1, 8, causal=True, padding=True),
+    AttnCase(1, 1, 23, 4, 2, 32, causal=True, alibi=True),  # one decode step
+]
+HALF_CASES = [CASES[0], CASES[3], CASES[8]]
+
+
+def _params():
+    for backend in BACKENDS:
+        for case in CASES:
+            yield pytest.param(backend, case, torch.float32, id=f"{backend}-fp32-{case.id()}")
+        for case in HALF_CASES:
+            yield pytest.param(backend, case, torch.float16, id=f"{backend}-fp16-{case.id()}")
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout, allow_unused=True)
+
+
+@pytest.mark.parametrize("backend,case,dtype", list(_params()))
+def test_forward_and_gradients_match_float64_reference(backend, case, dtype):
+    (q, k, v), kw = make_inputs(case, dtype=dtype, requires_grad=True)
+    bias = kw.get("attn_bias")
+    inputs = [q, k, v] + ([bias] if bias is not None else [])
+    out = M.attention(q, k, v, backend=backend, **kw)
+    dout = torch.randn_like(out)
+    grads = _grads(out, inputs, dout)
+
+    ref64_inputs = [x.detach().double().requires_grad_() for x in inputs]
+    ref64, _ = reference_attention(*ref64_inputs[:3], **{**kw, "attn_bias": ref64_inputs[3] if bias is not None else None})
+    ref_grads = _grads(ref64, ref64_inputs, dout.double())
+    low_inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    low_kw = {**kw, "attn_bias": low_inputs[3] if bias is not None else None}
+    low_out, _ = reference_attention(*low_inputs[:3], compute_dtype=dtype, **low_kw)
+    low_grads = _grads(low_out, low_inputs, dout.to(low_out.dtype))
+
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_to_reference("out", out, ref64, low_out)
+    for name, g, r, lo in zip(["dq", "dk", "dv", "dbias"], grads, ref_grads, low_grads):
+        assert g is not None, f"{name} missing"
+        assert_close_to_reference(name, g, r, lo)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4], CASES[8]], ids=lambda c: c.id())
+def test_log_sum_exp(backend, case):
+    (q, k, v), kw = make_inputs(case)
+    _, lse = M.attention(q, k, v, backend=backend, return_lse=True, **kw)
+    _, ref = reference_attention(q, k, v, **kw)
+    assert lse.shape == (case.batch, case.n_heads, case.s_q) and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref)), "rows with no key must have lse = -inf"
+    live = torch.isfinite(ref)
+    torch.testing.assert_close(lse[live].double(), ref[live], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_are_zero_with_finite_gradients(backend):
+    (q, k, v), kw = make_inputs(AttnCase(2, 12, 12, 2, 2, 16, causal=True), requires_grad=True)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :4] = False  # left padding: queries 0..3 of row 0 see nothing
+    mask[1, :] = False  # an all-padding row
+    out = M.attention(q, k, v, backend=backend, key_padding_mask=mask, **kw)
+    assert (out[0, :4] == 0).all() and (out[1] == 0).all()
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[1] == 0).all() and (k.grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_need_no_copies_and_give_the_same_result(backend):
+    (q, k, v), kw = make_inputs(AttnCase(2, 21, 21, 4, 2, 16, causal=True, alibi=True))
+    expected = M.attention(q, k, v, backend=backend, **kw)
+    q_bhsd = q.transpose(1, 2).contiguous().transpose(1, 2)  # a BHSD tensor viewed as BSHD
+    packed = torch.cat([k, v], dim=2)  # k and v as views into one buffer
+    out = M.attention(q_bhsd, packed[:, :, :2], packed[:, :, 2:], backend=backend, **kw)
+    torch.testing.assert_close(out, expected)
+
+
+def test_triton_dropout_applies_exactly_the_kernels_mask():
+    case = AttnCase(2, 33, 33, 2, 1, 16, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, requires_grad=True)
+    p = 0.3
+    torch.manual_seed(123)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    torch.manual_seed(123)
+    out = M.attention(q, k, v, backend="triton", dropout_p=p, **kw)
+    keep = ops.triton_dropout_mask(2, 2, 33, 33, seed, p)
+    assert 0.6 < keep.float().mean().item() < 0.8
+    dout = torch.randn_like(out)
+    grads = _grads(out, [q, k, v], dout)
+    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, _ = reference_attention(*inputs64, dropout_mask=keep, dropout_p=p, **kw)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, _grads(ref, inputs64, dout.double())):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(123)
+    again = M.attention(q, k, v, backend="triton", dropout_p=p, **kw)
+    assert torch.equal(out, again), "the same torch seed must give the same dropout mask"
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_dropout_keeps_the_expectation(backend):
+    (q, k, v), kw = make_inputs(AttnCase(1, 16, 16, 1, 1, 8))
+    plain = M.attention(q, k, v, backend=backend)
+    mean = torch.stack([M.attention(q, k, v, backend=backend, dropout_p=0.5) for _ in range(400)]).mean(0)
+    torch.testing.assert_close(mean, plain, rtol=0, atol=0.15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_tiny_shapes(backend):
+    q = torch.randn(0, 5, 2, 16)
+    assert M.attention(q, q, q, backend=backend).shape == (0, 5, 2, 16)
+    q = torch.randn(1, 1, 2, 16)
+    k = torch.randn(1, 1, 2, 16)
+    out = M.attention(q, k, k, backend=backend, causal=True)
+    torch.testing.assert_close(out, k)
