@@ -14,10 +14,10 @@ import torch
 from mpt_attention import ops
 from mpt_attention.impl import reference, sdpa
 
-__all__ = ["BACKENDS", "attention", "backend_status", "TRITON_HEAD_DIMS"]
+__all__ = ["BACKENDS", "attention", "backend_status", "TRITON_MAX_HEAD_DIM"]
 
 BACKENDS = ("torch", "sdpa", "flash", "triton")
-TRITON_HEAD_DIMS = tuple(range(8, 257, 8))
+TRITON_MAX_HEAD_DIM = 256  # any D up to this; multiples of 16 run fastest
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLASH_MISSING = (
     "the 'flash' backend (flash-attn family kernels) is not implemented yet in mpt-attention; "
@@ -105,8 +105,11 @@ def attention(
     Returns:
         ``out (B, S_q, H_q, D)``, and with ``return_lse`` also ``lse (B, H_q, S_q)`` float32.
     """
-    _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, key_padding_mask,
-              sequence_id, prefix_mask, dropout_p, return_lse)
+    if not torch.compiler.is_compiling():
+        # Checked in eager; a compiled graph was traced from an eager-valid call (symbolic sizes
+        # would turn these Python checks into guards or graph breaks).
+        _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, key_padding_mask,
+                  sequence_id, prefix_mask, dropout_p, return_lse)
     kwargs = dict(
         causal=causal, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes, attn_bias=attn_bias,
         key_padding_mask=key_padding_mask, sequence_id=sequence_id, prefix_mask=prefix_mask, dropout_p=dropout_p,
@@ -180,8 +183,8 @@ def _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, 
             raise RuntimeError(f"backend 'triton' is unavailable for {q.device} tensors: {reason}")
         if q.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend 'triton' supports {_TRITON_DTYPES}, got {q.dtype}")
-        if head_dim not in TRITON_HEAD_DIMS:
-            raise ValueError(f"backend 'triton' supports head dims that are multiples of 8 from 8 to 256, got D={head_dim}")
+        if not 1 <= head_dim <= TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"backend 'triton' supports head dims from 1 to {TRITON_MAX_HEAD_DIM}, got D={head_dim}")
 
 
 def _check_aux(name: str, t: torch.Tensor, device: torch.device) -> None:

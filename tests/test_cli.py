@@ -1,0 +1,24 @@
+"""The install check, run as a newcomer would."""
+
+import json
+import subprocess
+import sys
+
+from mpt_attention import cli
+
+
+def test_check_json_report(capsys):
+    assert cli.main(["check", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["device"] == "cpu"
+    assert set(report["backends"]) == {"torch", "sdpa", "flash", "triton"}
+    assert report["backends"]["torch"]["check"]["ok"] and report["backends"]["triton"]["check"]["ok"]
+    assert not report["backends"]["flash"]["available"] and report["backends"]["flash"]["reason"]
+    assert {row["backend"] for row in report["timing"]} == {"torch", "sdpa", "triton"}
+
+
+def test_console_script_entry_point():
+    result = subprocess.run([sys.executable, "-m", "mpt_attention.cli", "check"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "result: OK" in result.stdout and "triton  PASS" in result.stdout

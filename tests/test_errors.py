@@ -1,0 +1,117 @@
+"""Every rejected input raises before any kernel runs, with a message naming the offending value."""
+
+import pytest
+import torch
+
+import mpt_attention as M
+
+B, S, H, D = 2, 8, 4, 16
+
+
+def qkv(**over):
+    shapes = dict(q=(B, S, H, D), k=(B, S, 2, D), v=(B, S, 2, D))
+    shapes.update(over)
+    return [torch.randn(*shapes[n]) for n in ("q", "k", "v")]
+
+
+BAD_OP_INPUTS = [
+    ("3d-q", dict(q=(B, S, H * D)), {}, ValueError, r"q must be a 4-D tensor \(B, S, H, D\), got \(2, 8, 64\)"),
+    ("kv-shape", dict(v=(B, S + 1, 2, D)), {}, ValueError, r"k and v must have the same shape"),
+    ("head-dim", dict(k=(B, S, 2, 8), v=(B, S, 2, 8)), {}, ValueError, r"must agree in batch and head dim"),
+    ("heads", dict(k=(B, S, 3, D), v=(B, S, 3, D)), {}, ValueError, r"H_q=4 must be a multiple of key/value heads H_kv=3"),
+    ("mask-dtype", {}, dict(key_padding_mask=torch.ones(B, S, dtype=torch.int64)), ValueError,
+     r"key_padding_mask must be bool \(B, S_k\)=\(2, 8\) with True = keep, got torch.int64"),
+    ("mask-shape", {}, dict(key_padding_mask=torch.ones(B, S + 1, dtype=torch.bool)), ValueError,
+     r"key_padding_mask must be bool .* got torch.bool \(2, 9\)"),
+    ("bias-broadcast", {}, dict(attn_bias=torch.zeros(1, 3, 1, S)), ValueError,
+     r"attn_bias must be a float tensor broadcastable to \(B, H_q, S_q, S_k\)=\(2, 4, 8, 8\), got torch.float32 \(1, 3, 1, 8\)"),
+    ("bias-3d", {}, dict(attn_bias=torch.zeros(H, S, S)), ValueError, r"attn_bias must be a float tensor"),
+    ("slopes", {}, dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must be float \(H_q,\)=\(4,\)"),
+    ("seqid-float", {}, dict(sequence_id=torch.zeros(B, S)), ValueError, r"sequence_id must be an integer tensor"),
+    ("prefix-no-causal", {}, dict(prefix_mask=torch.ones(B, S, dtype=torch.bool)), ValueError, r"needs causal=True"),
+    ("dropout", {}, dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
+    ("scale-nan", {}, dict(softmax_scale=float("nan")), ValueError, r"softmax_scale must be finite, got nan"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+@pytest.mark.parametrize("shapes,kwargs,exc,message", [pytest.param(*c[1:], id=c[0]) for c in BAD_OP_INPUTS])
+def test_bad_op_inputs(backend, shapes, kwargs, exc, message):
+    q, k, v = qkv(**shapes)
+    with pytest.raises(exc, match=message):
+        M.attention(q, k, v, backend=backend, **kwargs)
+
+
+def test_mixed_dtypes_and_unknown_backend():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"q, k, v must share one floating dtype, got torch.float32, torch.float16"):
+        M.attention(q, k.half(), v, backend="torch")
+    with pytest.raises(ValueError, match=r"backend='cuda' is not one of"):
+        M.attention(q, k, v, backend="cuda")
+    with pytest.raises(TypeError, match=r"must share one floating dtype, got torch.int64"):
+        M.attention(q.long(), k.long(), v.long(), backend="torch")
+
+
+def test_backend_specific_refusals():
+    q, k, v = qkv()
+    with pytest.raises(NotImplementedError, match="'sdpa' cannot return the log-sum-exp"):
+        M.attention(q, k, v, backend="sdpa", return_lse=True)
+    with pytest.raises(NotImplementedError, match="'flash' backend .* not implemented yet"):
+        M.attention(q, k, v, backend="flash")
+    big = torch.randn(1, 4, 1, 264)
+    with pytest.raises(ValueError, match=r"supports head dims from 1 to 256, got D=264"):
+        M.attention(big, big, big, backend="triton")
+    with pytest.raises(TypeError, match=r"backend 'triton' supports .* got torch.float64"):
+        M.attention(q.double(), k.double(), v.double(), backend="triton")
+
+
+def test_triton_without_interpreter_or_gpu_is_explained():
+    reason = M.backend_status("triton", "meta")
+    assert "not supported" in reason
+    assert M.backend_status("torch") is None and "not implemented yet" in M.backend_status("flash")
+
+
+BAD_SEED_INPUTS = [
+    ("width", lambda: (torch.randn(1, 4, 30), torch.randn(1, 4, 30), torch.randn(1, 4, 30), 4, {}),
+     ValueError, r"query width 30 is not divisible by n_heads=4"),
+    ("kv-width", lambda: (torch.randn(1, 4, 32), torch.randn(1, 4, 16), torch.randn(1, 4, 16), 4, {}),
+     ValueError, r"must be \(B=1, S, kv_n_heads\*head_dim=32\)"),
+    ("kv-heads", lambda: (torch.randn(1, 4, 32), torch.randn(1, 4, 24), torch.randn(1, 4, 24), 4, {"kv_n_heads": 3}),
+     ValueError, r"kv_n_heads=3 must divide n_heads=4"),
+    ("cache-batch", lambda: (torch.randn(1, 4, 32), torch.randn(1, 4, 32), torch.randn(1, 4, 32), 4,
+                             {"past_key_value": (torch.randn(2, 3, 32), torch.randn(2, 3, 32))}),
+     ValueError, r"cached key has shape \(2, 3, 32\)"),
+    ("cache-pair", lambda: (torch.randn(1, 4, 32), torch.randn(1, 4, 32), torch.randn(1, 4, 32), 4,
+                            {"past_key_value": (torch.randn(1, 3, 32),)}),
+     ValueError, r"past_key_value must be \(\) or a \(key, value\) pair"),
+    ("mask-int", lambda: (torch.randn(1, 4, 32), torch.randn(1, 4, 32), torch.randn(1, 4, 32), 4,
+                          {"key_padding_mask": torch.ones(1, 4, dtype=torch.int64)}),
+     ValueError, r"key_padding_mask must be bool"),
+]
+
+
+@pytest.mark.parametrize("impl", ["torch", "sdpa", "triton"])
+@pytest.mark.parametrize("make,exc,message", [pytest.param(*c[1:], id=c[0]) for c in BAD_SEED_INPUTS])
+def test_bad_seed_function_inputs(impl, make, exc, message):
+    fn = {"torch": M.scaled_multihead_dot_product_attention, "sdpa": M.sdpa_attn_fn,
+          "triton": M.triton_flash_attn_fn}[impl]
+    q, k, v, n_heads, kwargs = make()
+    if impl == "torch" and "past_key_value" in kwargs and len(kwargs["past_key_value"]) == 2:
+        kwargs["past_key_value"] = (torch.randn(2, 4, 8, 3), torch.randn(2, 4, 3, 8))
+        message = r"cached key has shape \(2, 4, 8, 3\)"
+    with pytest.raises(exc, match=message):
+        fn(q, k, v, n_heads, **kwargs)
+
+
+def test_torch_cache_in_packed_layout_is_rejected():
+    q = torch.randn(1, 1, 32)
+    with pytest.raises(ValueError, match=r"attn_impl='torch' caches are \(B, H_kv, D, S\) key"):
+        M.scaled_multihead_dot_product_attention(q, q, q, 4, past_key_value=(torch.randn(1, 3, 32), torch.randn(1, 3, 32)))
+
+
+def test_inputs_on_different_devices():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"q, k, v must be on one device, got cpu, meta, cpu"):
+        M.attention(q, k.to("meta"), v, backend="torch")
+    with pytest.raises(ValueError, match=r"key_padding_mask is on meta but q is on cpu"):
+        M.attention(q, k, v, backend="torch", key_padding_mask=torch.ones(B, S, dtype=torch.bool, device="meta"))
