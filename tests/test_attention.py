@@ -23,6 +23,8 @@ CASES = [
     AttnCase(1, 40, 40, 2, 2, 80, causal=True, alibi=True),
     AttnCase(2, 19, 19, 4, 1, 8, causal=True, padding=True),
     AttnCase(1, 1, 23, 4, 2, 32, causal=True, alibi=True),  # one decode step
+    AttnCase(3, 90, 90, 2, 1, 16, alibi=True, padding="left", bias="vector"),  # whole key blocks of padding
+    AttnCase(3, 70, 100, 2, 2, 16, causal=True, padding="left", bias="matrix"),
 ]
 HALF_CASES = [CASES[0], CASES[3], CASES[8]]
 

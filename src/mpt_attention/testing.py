@@ -26,14 +26,16 @@ class AttnCase:
     causal: bool = False
     alibi: bool = False
     bias: str | None = None  # None, "vector" (1, H, 1, S_k), "matrix" (B, 1, S_q, S_k), "full" (B, H, S_q, S_k)
-    padding: bool = False
+    padding: bool | str = False  # True / "right": right padding; "left": left padding
     sequence_id: bool = False
     prefix: bool = False
     extras: dict = field(default_factory=dict)
 
     def id(self) -> str:
         parts = [f"B{self.batch}-Sq{self.s_q}-Sk{self.s_k}-H{self.n_heads}/{self.n_kv}-D{self.head_dim}"]
-        parts += [name for name in ("causal", "alibi", "padding", "sequence_id", "prefix") if getattr(self, name)]
+        parts += [name for name in ("causal", "alibi", "sequence_id", "prefix") if getattr(self, name)]
+        if self.padding:
+            parts.append("left-padding" if self.padding == "left" else "padding")
         if self.bias:
             parts.append(f"bias-{self.bias}")
         return "-".join(parts)
@@ -59,7 +61,8 @@ def make_inputs(case: AttnCase, dtype=torch.float32, device="cpu", requires_grad
     if case.padding:
         # right padding with a different live length per batch row, the first row unpadded
         lengths = [s_k] + [int(torch.randint(1, s_k + 1, (1,), generator=gen)) for _ in range(b - 1)]
-        kw["key_padding_mask"] = (torch.arange(s_k).view(1, s_k) < torch.tensor(lengths).view(b, 1)).to(device)
+        live = torch.arange(s_k).view(1, s_k) < torch.tensor(lengths).view(b, 1)
+        kw["key_padding_mask"] = (live.flip(1) if case.padding == "left" else live).to(device)
     if case.sequence_id:
         cuts = torch.randint(0, 3, (b, s_k), generator=gen) == 0
         kw["sequence_id"] = torch.cumsum(cuts.long(), dim=1).to(device)

@@ -28,7 +28,7 @@ def _row_stats(Lse, Delta, bh, rows, row_ok, seqlen_q):
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, DBiasCols,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -81,6 +81,11 @@ def _attn_bwd_dkdv_kernel(
     if IS_CAUSAL and not HAS_PREFIX:
         # rows i with i + diag >= start_n are the first to see this block
         lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+    m_end = seqlen_q
+    if HAS_KPM:
+        # a block of padding keys only (for every query of this batch row) has zero gradients
+        all_padding = (start_n >= tl.load(KvRange + b64 * 2 + 1)) | (start_n + BLOCK_N <= tl.load(KvRange + b64 * 2))
+        m_end = tl.where(all_padding, 0, seqlen_q)
 
     for g in range(0, n_groups):
         h = kv_h * n_groups + g
@@ -93,7 +98,7 @@ def _attn_bwd_dkdv_kernel(
         do_head = DO + b64 * stride_dob + h64 * stride_doh
         bias_head = Bias + b64 * stride_bb + h64 * stride_bh + row_start * stride_bn
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start_m in range(lo, seqlen_q, BLOCK_M):
+        for start_m in range(lo, m_end, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < seqlen_q
             q_mask = row_ok[:, None] & d_ok[None, :]
@@ -136,7 +141,7 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, DBias,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -195,10 +200,14 @@ def _attn_bwd_dq_kernel(
     hi = seqlen_k
     if IS_CAUSAL and not HAS_PREFIX:
         hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
+    lo = 0
+    if HAS_KPM:
+        lo = tl.load(KvRange + b64 * 2) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, tl.load(KvRange + b64 * 2 + 1))
     # dS is the bias gradient; a (B, H, S_q, S_k) buffer for BIAS_GRAD == 2 (zero-initialised).
     dbias_base = DBias + bh.to(tl.int64) * seqlen_q * seqlen_k + m64 * seqlen_k
 
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         n64 = tl.cast(start_n, tl.int64)

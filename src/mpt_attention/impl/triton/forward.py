@@ -56,7 +56,7 @@ def _fwd_blocks(
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -116,6 +116,10 @@ def _attn_fwd_kernel(
         hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
     # Blocks [0, lo_masked) need no mask at all: every key is in range and visible to every row.
     lo_masked = 0
+    if HAS_KPM:
+        # keys before the first / after the last live key of this batch row are padding for every query
+        lo_masked = tl.load(KvRange + b64 * 2) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, tl.load(KvRange + b64 * 2 + 1))
     if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
         full = seqlen_k
         if IS_CAUSAL:

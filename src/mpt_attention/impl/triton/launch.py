@@ -63,13 +63,26 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
     kpm = kpm.contiguous().view(torch.uint8) if kpm is not None else None
     prefix = prefix.contiguous().view(torch.uint8) if prefix is not None else None
     seqid = seqid.contiguous() if seqid is not None else None
+    kv_range = _live_key_range(kpm) if kpm is not None else None
     pointers = [t if t is not None else dummy for t in (bias, slopes, kpm, seqid, prefix)]
     row_strides = [t.stride(0) if t is not None else 0 for t in (kpm, seqid, prefix)]
     flags = dict(
         IS_CAUSAL=causal, ALIBI=alibi, HAS_BIAS=bias is not None,
         HAS_KPM=kpm is not None, HAS_SEQID=seqid is not None, HAS_PREFIX=prefix is not None,
     )
-    return pointers, bias_strides + slope_strides + row_strides, flags
+    return pointers, kv_range if kv_range is not None else dummy, bias_strides + slope_strides + row_strides, flags
+
+
+def _live_key_range(kpm: torch.Tensor) -> torch.Tensor:
+    """(B, 2) int32: the first live key and one past the last, per batch row (on device, no sync)."""
+    batch, s_k = kpm.shape
+    if s_k == 0:
+        return torch.zeros((batch, 2), dtype=torch.int32, device=kpm.device)
+    idx = torch.arange(s_k, device=kpm.device)
+    live = kpm.bool()
+    first = torch.where(live, idx, s_k).amin(dim=1)
+    last = torch.where(live, idx + 1, 0).amax(dim=1)
+    return torch.stack([first, last], dim=1).to(torch.int32).contiguous()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -83,13 +96,13 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     s_k, n_kv = k.shape[1], k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
-    pointers, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
+    pointers, kv_range, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
     cfg = _fwd_config(head_dim)
     grid = (triton.cdiv(s_q, cfg["BLOCK_M"]), batch * n_heads)
     if s_q == 0 or batch * n_heads == 0:
         return out, lse
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, *pointers, seed if seed is not None else q,
+        q, k, v, out, lse, *pointers, seed if seed is not None else q, kv_range,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -113,7 +126,7 @@ def backward(dout, q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, so
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    pointers, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
+    pointers, kv_range, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
     bias_mode = 0
     dbias_rows = dbias_full = q  # dummies
     if bias_grad:
@@ -134,13 +147,13 @@ def backward(dout, q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, so
     if batch * n_heads > 0 and s_k > 0:
         kv_cfg, q_cfg = _bwd_config(head_dim)
         _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
-            q, k, v, dout, lse, delta, dk, dv, dbias_rows, *pointers, seed_arg, *in_strides,
+            q, k, v, dout, lse, delta, dk, dv, dbias_rows, *pointers, seed_arg, kv_range, *in_strides,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             *aux_strides, *sizes, **common, **kv_cfg,
         )
         if s_q > 0:
             _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), batch * n_heads)](
-                q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, *in_strides,
+                q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, *in_strides,
                 dq.stride(0), dq.stride(1), dq.stride(2),
                 *aux_strides, *sizes, **common, **q_cfg,
             )

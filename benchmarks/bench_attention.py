@@ -1,0 +1,272 @@
+"""Causal attention on the GPU: our Triton kernels beside every peer, in one run, on one card.
+
+    python benchmarks/bench_attention.py --out DIR [--modes fwd,fwd_bwd] [--suite main,extras] [--quick]
+
+Providers (bf16, causal): ``triton-alibi`` (ours, slopes in-kernel), ``triton`` (ours, no bias),
+``triton-vecbias`` (ours, MPT's (1, H, 1, S) bias tensor), ``cudnn`` and ``fa2`` (SDPA, no bias),
+``flex-alibi`` (compiled FlexAttention with an ALiBi score_mod), ``fa4`` / ``fa4-alibi``
+(flash-attn-4, if importable), ``memeff-dense`` (SDPA memory-efficient with the dense ALiBi bias
+MPT users materialise) and ``eager`` (the seed's torch path; small shapes only).
+
+Writes ``results.csv``, ``results.json`` and ``tflops.png`` under ``--out`` and prints a table last.
+TFLOP/s use 4*B*H*S_q*S_k_visible*D per forward (causal counted per row), 3.5x for forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+import mpt_attention as M
+from mpt_attention.testing import attention_flops
+
+MAIN_SHAPES = [  # (B, H_q, H_kv, S, D): 16k tokens per batch
+    (8, 16, 16, 2048, 128),
+    (2, 16, 16, 8192, 128),
+    (4, 32, 32, 4096, 64),
+    (1, 16, 16, 16384, 128),
+    (2, 32, 4, 8192, 128),  # GQA 32:4
+]
+
+
+def _fa4():
+    try:
+        from flash_attn.cute import flash_attn_func  # noqa: F401
+    except Exception as exc:  # not installed here, or its DSL failed to load
+        return None, f"{type(exc).__name__}: {exc}"[:200]
+    return flash_attn_func, None
+
+
+def _fa4_alibi_mods(n_heads: int):
+    """ALiBi as a flash-attn-4 score_mod: + slope_h * (kv - q), slope_h = 2^(-8 (h+1) / H)."""
+    import cutlass
+    import cutlass.cute as cute
+
+    step = -8.0 / n_heads
+
+    @cute.jit
+    def alibi(scores, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
+        s = scores.to(cutlass.Float32)
+        heads = (h_idx + cute.full_like(h_idx, 1)).to(cutlass.Float32)
+        slope = cute.math.exp2(heads * cute.full_like(s, step))
+        return s + slope * (kv_idx - q_idx).to(cutlass.Float32)
+
+    @cute.jit
+    def alibi_bwd(grad, scores, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
+        return grad  # d(score + bias)/d(score) = 1
+
+    return alibi, alibi_bwd
+
+
+def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16):
+    """name -> (fn returning the output, list of tensors that get gradients) or an error string."""
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, device=dev, dtype=dtype, generator=gen).requires_grad_()
+    q, k, v = rand(batch, seq, n_heads, head_dim), rand(batch, seq, n_kv, head_dim), rand(batch, seq, n_kv, head_dim)
+    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    slopes = M.gen_slopes(n_heads, return_1d=True, device=dev)
+    vec_bias = M.build_alibi_bias(n_heads, seq, device=dev)  # (1, H, 1, S) float32, MPT's tensor
+    gqa = n_kv != n_heads
+    providers = {
+        "triton-alibi": (lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes), [q, k, v]),
+        "triton": (lambda: M.attention(q, k, v, backend="triton", causal=True), [q, k, v]),
+        "triton-vecbias": (lambda: M.attention(q, k, v, backend="triton", causal=True, attn_bias=vec_bias), [q, k, v]),
+    }
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_with(backend, **kw):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa, **kw)
+        return run
+
+    providers["cudnn"] = (sdpa_with(SDPBackend.CUDNN_ATTENTION, is_causal=True), [qh, kh, vh])
+    providers["fa2"] = (sdpa_with(SDPBackend.FLASH_ATTENTION, is_causal=True), [qh, kh, vh])
+    if seq <= 8192:
+        causal_bias = M.build_alibi_bias(n_heads, seq, full=False, device=dev).expand(1, n_heads, seq, seq)
+        causal_bias = causal_bias.masked_fill(torch.ones(seq, seq, dtype=torch.bool, device=dev).triu(1), float("-inf"))
+        dense = causal_bias.to(dtype).contiguous()
+        providers["memeff-dense"] = (sdpa_with(SDPBackend.EFFICIENT_ATTENTION, attn_mask=dense), [qh, kh, vh])
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        block_mask = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, seq, seq, device=dev)
+
+        def alibi_mod(score, b, h, qi, kv):
+            return score + slopes[h] * (kv - qi)
+
+        providers["flex-alibi"] = (lambda: flex(qh, kh, vh, score_mod=alibi_mod, block_mask=block_mask,
+                                                enable_gqa=gqa), [qh, kh, vh])
+    except Exception as exc:
+        providers["flex-alibi"] = f"{type(exc).__name__}: {exc}"[:200]
+    fa4, why = _fa4()
+    if fa4 is None:
+        providers["fa4"] = providers["fa4-alibi"] = why
+    else:
+        mod, mod_bwd = _fa4_alibi_mods(n_heads)
+        first = lambda out: out[0] if isinstance(out, tuple) else out
+        providers["fa4"] = (lambda: first(fa4(q, k, v, causal=True)), [q, k, v])
+        providers["fa4-alibi"] = (lambda: first(fa4(q, k, v, causal=True, score_mod=mod, score_mod_bwd=mod_bwd)), [q, k, v])
+    if batch * n_heads * seq * seq <= 2**31:
+        packed = [x.detach().reshape(batch, seq, -1).requires_grad_() for x in (q, k, v)]
+        providers["eager"] = (lambda: M.scaled_multihead_dot_product_attention(
+            *packed, n_heads, attn_bias=vec_bias, is_causal=True, kv_n_heads=n_kv)[0], packed)
+    return providers
+
+
+def time_provider(fn, grads, mode):
+    out = fn()
+    if mode == "fwd":
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    dout = torch.randn_like(out)
+
+    def step():
+        fn().backward(dout)
+
+    return do_bench(step, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
+
+
+def run_main(args, rows):
+    shapes = MAIN_SHAPES[:2] if args.quick else MAIN_SHAPES
+    for batch, n_heads, n_kv, seq, head_dim in shapes:
+        providers = make_providers(batch, n_heads, n_kv, seq, head_dim)
+        for mode in args.modes:
+            flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=True, mode=mode)
+            for name, entry in providers.items():
+                row = dict(suite="main", shape=f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}", mode=mode, provider=name)
+                if isinstance(entry, str):
+                    row.update(ms=None, tflops=None, note=entry)
+                else:
+                    try:
+                        ms = time_provider(*entry, mode)
+                        row.update(ms=ms, tflops=flops / ms / 1e9, note="")
+                    except Exception as exc:
+                        row.update(ms=None, tflops=None, note=f"{type(exc).__name__}: {exc}"[:160])
+                rows.append(row)
+                print(f"{row['shape']:24s} {mode:7s} {name:15s} {row['tflops'] or 0:8.1f}  {row['note']}", flush=True)
+            torch.cuda.empty_cache()
+
+
+def run_extras(args, rows):
+    """Dense bias with dbias vs SDPA memory-efficient, and a 50%-padded batch vs running it dense."""
+    dev, dtype = "cuda", torch.bfloat16
+    batch, n_heads, seq, head_dim = 4, 16, 2048, 128
+    gen = torch.Generator(device=dev).manual_seed(1)
+    rand = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=gen).requires_grad_()
+    q, k, v = rand(batch, seq, n_heads, head_dim), rand(batch, seq, n_heads, head_dim), rand(batch, seq, n_heads, head_dim)
+    bias = torch.randn(batch, n_heads, seq, seq, device=dev, dtype=dtype, generator=gen).requires_grad_()
+    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def memeff():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)
+
+    flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=False, mode="fwd_bwd")
+    for name, fn, grads in (("triton-dense-dbias", lambda: M.attention(q, k, v, backend="triton", attn_bias=bias), [q, k, v, bias]),
+                            ("memeff-dense-dbias", memeff, [qh, kh, vh, bias])):
+        try:
+            ms = time_provider(fn, grads, "fwd_bwd")
+            rows.append(dict(suite="dense-bias", shape=f"B{batch} H{n_heads} S{seq} D{head_dim}", mode="fwd_bwd",
+                             provider=name, ms=ms, tflops=flops / ms / 1e9, note="bias (B,H,S,S) with grad"))
+        except Exception as exc:
+            rows.append(dict(suite="dense-bias", shape="", mode="fwd_bwd", provider=name, ms=None, tflops=None,
+                             note=f"{type(exc).__name__}: {exc}"[:160]))
+    # 50% padded batch: each row keeps a random half-ish length; real-token FLOPs over time
+    batch, seq = 8, 4096
+    q, k, v = (torch.randn(batch, seq, n_heads, head_dim, device=dev, dtype=dtype) for _ in range(3))
+    lengths = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=torch.Generator().manual_seed(2))
+    kpm = (torch.arange(seq).view(1, seq) < lengths.view(batch, 1)).to(dev)
+    slopes = M.gen_slopes(n_heads, return_1d=True, device=dev)
+    real = sum(attention_flops(1, n_heads, int(n), int(n), head_dim, causal=True) for n in lengths)
+    for name, fn in (("triton-padded", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes,
+                                                          key_padding_mask=kpm)),
+                     ("triton-dense", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes))):
+        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        rows.append(dict(suite="padding", shape=f"B{batch} H{n_heads} S{seq} D{head_dim} ~50% pad", mode="fwd",
+                         provider=name, ms=ms, tflops=real / ms / 1e9, note="real-token TFLOP/s"))
+
+
+def write_outputs(rows, out_dir, meta):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["suite", "shape", "mode", "provider", "ms", "tflops", "note"])
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        main = [r for r in rows if r["suite"] == "main" and r["tflops"]]
+        modes = sorted({r["mode"] for r in main})
+        fig, axes = plt.subplots(1, len(modes), figsize=(8 * len(modes), 5), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            shapes = list(dict.fromkeys(r["shape"] for r in main if r["mode"] == mode))
+            names = list(dict.fromkeys(r["provider"] for r in main if r["mode"] == mode))
+            width = 0.8 / max(1, len(names))
+            for i, name in enumerate(names):
+                vals = [next((r["tflops"] for r in main if r["mode"] == mode and r["shape"] == s and r["provider"] == name), 0)
+                        for s in shapes]
+                ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=name)
+            ax.set_xticks([j + 0.4 for j in range(len(shapes))], shapes, rotation=20, fontsize=7)
+            ax.set_ylabel("TFLOP/s")
+            ax.set_title(f"causal bf16 {mode} on {meta['gpu']}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "tflops.png"), dpi=110)
+    except Exception as exc:  # the numbers matter more than the picture
+        print("plot failed:", exc)
+
+
+def print_table(rows):
+    print("\n| suite | shape | mode | provider | ms | TFLOP/s | note |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ms = f"{r['ms']:.3f}" if r["ms"] else "-"
+        tf = f"{r['tflops']:.1f}" if r["tflops"] else "-"
+        print(f"| {r['suite']} | {r['shape']} | {r['mode']} | {r['provider']} | {ms} | {tf} | {r['note'][:60]} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--modes", default="fwd,fwd_bwd")
+    parser.add_argument("--suite", default="main,extras")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    args.modes = args.modes.split(",")
+    commit = os.environ.get("GIT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    import triton
+
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, commit=commit,
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    print(meta, flush=True)
+    rows = []
+    try:
+        if "main" in args.suite:
+            run_main(args, rows)
+        if "extras" in args.suite:
+            run_extras(args, rows)
+    finally:
+        write_outputs(rows, args.out, meta)
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

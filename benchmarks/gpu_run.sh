@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU-machine call: the gpu-marked tests, then the benchmark, with the table printed last.
+#   GIT_COMMIT=<sha> bash benchmarks/gpu_run.sh [benchmark args...]
+# flash-attn-4 is used when ../shared/tools/fa4-wheels.sh has put its wheels under .peers/ (see there).
+set -uo pipefail
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
+OUT="${OUT:-$PWD/bench-out}"
+mkdir -p "$OUT"
+if [[ -f /tmp/fa4/part_aa && -d .peers/b ]]; then
+  bash .peers/b/fa4-wheels.sh install || echo "flash-attn-4: install failed"
+fi
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+  python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+fi
+python3 -c "
+import runpy, site, sys
+site.addsitedir('/tmp/fa4site')
+sys.argv = ['bench_attention.py', '--out', '$OUT'] + sys.argv[1:]
+runpy.run_path('benchmarks/bench_attention.py', run_name='__main__')
+" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^[|]" | tail -60
+grep "^[|]" "$OUT/bench.log"

@@ -1,0 +1,123 @@
+"""CUDA-only checks of the Triton backend at real sizes (run on the GPU machine: pytest -m gpu)."""
+
+import pytest
+import torch
+
+import mpt_attention as M
+from mpt_attention import ops
+from mpt_attention.testing import AttnCase, assert_close_to_reference, make_inputs, reference_attention
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+CASES = [
+    AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True),
+    AttnCase(2, 2000, 2000, 4, 4, 64, alibi=True, padding=True, bias="vector"),
+    AttnCase(2, 512, 1536, 8, 1, 80, causal=True, alibi=True),  # chunked prefill, MQA, D=80
+    AttnCase(1, 777, 777, 4, 2, 256, causal=True, bias="full"),
+    AttnCase(2, 1100, 1100, 4, 2, 96, causal=True, alibi=True, sequence_id=True, padding="left"),
+    AttnCase(2, 640, 640, 4, 4, 112, causal=True, alibi=True, prefix=True),
+    AttnCase(4, 1, 4097, 8, 2, 128, causal=True, alibi=True),  # decode
+]
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
+def test_matches_float64_reference(case, dtype):
+    (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda", requires_grad=True)
+    bias = kw.get("attn_bias")
+    inputs = [q, k, v] + ([bias] if bias is not None else [])
+    out = M.attention(q, k, v, backend="triton", **kw)
+    dout = torch.randn_like(out)
+    grads = _grads(out, inputs, dout)
+    ref_in = [x.detach().double().requires_grad_() for x in inputs]
+    ref, _ = reference_attention(*ref_in[:3], **{**kw, "attn_bias": ref_in[3] if bias is not None else None})
+    low_in = [x.detach().clone().requires_grad_() for x in inputs]
+    low, _ = reference_attention(*low_in[:3], compute_dtype=dtype,
+                                 **{**kw, "attn_bias": low_in[3] if bias is not None else None})
+    assert_close_to_reference("out", out, ref, low)
+    for name, g, r, lo in zip(["dq", "dk", "dv", "dbias"], grads, _grads(ref, ref_in, dout.double()),
+                              _grads(low, low_in, dout.to(low.dtype))):
+        assert_close_to_reference(name, g, r, lo)
+
+
+def test_float32_uses_ieee_dots():
+    (q, k, v), kw = make_inputs(AttnCase(2, 300, 300, 4, 2, 64, causal=True, alibi=True), device="cuda")
+    out = M.attention(q, k, v, backend="triton", **kw)
+    ref, _ = reference_attention(q, k, v, **kw)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+def test_forward_and_backward_are_bitwise_deterministic():
+    (q, k, v), kw = make_inputs(AttnCase(2, 1500, 1500, 8, 2, 128, causal=True, alibi=True, padding=True),
+                                dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = M.attention(q, k, v, backend="triton", **kw)
+        runs.append((out, *_grads(out, [q, k, v], torch.ones_like(out))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_offsets_beyond_2_to_the_31_elements():
+    """K/V of 2^31 + elements: every index into them must be 64-bit."""
+    s_k, n_kv, d = (1 << 20) + 37, 16, 128
+    assert s_k * n_kv * d > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(1, s_k, n_kv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, s_k, n_kv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(1, 16, n_kv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    slopes = M.gen_slopes(n_kv, return_1d=True, device="cuda")
+    out = M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes)
+    # reference on the last 16k keys only: with these slopes everything further back has weight < 1e-30
+    tail = 1 << 14
+    ref, _ = reference_attention(q.float(), k[:, -tail:].float(), v[:, -tail:].float(), causal=True,
+                                 alibi_slopes=slopes, compute_dtype=torch.float32)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    del k, v
+
+
+def test_dropout_mask_is_exact_on_gpu():
+    (q, k, v), kw = make_inputs(AttnCase(2, 300, 300, 4, 2, 64, causal=True, alibi=True), device="cuda")
+    torch.manual_seed(5)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).cuda()
+    torch.manual_seed(5)
+    out = M.attention(q, k, v, backend="triton", dropout_p=0.2, **kw)
+    keep = ops.triton_dropout_mask(2, 4, 300, 300, seed, 0.2)
+    ref, _ = reference_attention(q, k, v, dropout_mask=keep, dropout_p=0.2, **kw)
+    assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+def test_compile_fullgraph_inductor():
+    (q, k, v), kw = make_inputs(AttnCase(2, 512, 512, 8, 2, 64, causal=True, alibi=True), dtype=torch.bfloat16,
+                                device="cuda", requires_grad=True)
+    fn = torch.compile(lambda q, k, v: M.attention(q, k, v, backend="triton", **kw).square().sum(), fullgraph=True)
+    fn(q, k, v).backward()
+    got = q.grad.clone()
+    q.grad = None
+    M.attention(q, k, v, backend="triton", **kw).square().sum().backward()
+    torch.testing.assert_close(got, q.grad)
+
+
+def _peak_extra_bytes(s: int, bias_vector: bool) -> int:
+    b, h, d = 1, 8, 128
+    (q, k, v), kw = make_inputs(AttnCase(b, s, s, h, h, d, causal=True, alibi=not bias_vector,
+                                         bias="vector" if bias_vector else None),
+                                dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = M.attention(q, k, v, backend="triton", **kw)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.parametrize("bias_vector", [False, True], ids=["alibi", "vector-bias-with-grad"])
+def test_peak_memory_is_linear_in_sequence_length(bias_vector):
+    small, large = _peak_extra_bytes(8192, bias_vector), _peak_extra_bytes(16384, bias_vector)
+    assert large < 2.3 * small, f"peak extra memory grew {large / small:.2f}x when S doubled"
+    assert large < 64 * 16384 * 8 * 128 * 2, "more than a few multiples of the q/k/v/o sizes"
