@@ -38,16 +38,16 @@ def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
 def main() -> int:
     failures = 0
     flag_sets = [
-        dict(IS_CAUSAL=True, ALIBI=1, HAS_BIAS=False, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False),
-        dict(IS_CAUSAL=False, ALIBI=2, HAS_BIAS=True, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True),
-        dict(IS_CAUSAL=True, ALIBI=2, HAS_BIAS=False, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=True, DROPOUT=False),
+        dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False),
+        dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True),
+        dict(IS_CAUSAL=True, ALIBI=2, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=True, DROPOUT=False),
     ]
     for head_dim, flags in itertools.product((64, 128, 256), flag_sets):
         block_d = max(16, triton.next_power_of_2(head_dim))
         jobs = [("fwd", _attn_fwd_kernel, launch._fwd_config(head_dim), {})]
         kv_cfg, q_cfg = launch._bwd_config(head_dim)
-        jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=1 if flags["HAS_BIAS"] else 0)),
-                 ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["HAS_BIAS"] else 0))]
+        jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=1 if flags["BIAS"] == 1 else 0)),
+                 ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["BIAS"] == 2 else 0))]
         for name, fn, cfg, extra in jobs:
             cfg = dict(cfg)
             opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))

@@ -13,7 +13,7 @@ written by the dQ kernel. The launcher reduces either to the bias's own shape.
 import triton
 import triton.language as tl
 
-from mpt_attention.impl.triton.common import LOG2E, dropout_keep, score_tile
+from mpt_attention.impl.triton.common import bias_pointers, LOG2E, dropout_keep, score_tile
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def _attn_bwd_dkdv_kernel(
     stride_kpm, stride_sid, stride_pfx,
     n_heads, n_groups, seqlen_q, seqlen_k, head_dim,
     softmax_scale, qk_scale2, dropout_p,
-    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -112,10 +112,10 @@ def _attn_bwd_dkdv_kernel(
                 q_seq = tl.load(seqid_ptr + rows + diag, mask=row_ok, other=0)
             # [BLOCK_M, BLOCK_N]
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            bias_ptrs = bias_head + m64 * stride_bm + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+            bias_ptrs = bias_pointers(bias_head + m64 * stride_bm, 0, offs_m, offs_n, stride_bm, stride_bn, BIAS)
             s = score_tile(
                 qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
-                seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, HAS_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, True,
+                seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, True,
             )
             p = tl.math.exp2(s - lse2[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -152,12 +152,13 @@ def _attn_bwd_dq_kernel(
     stride_kpm, stride_sid, stride_pfx,
     n_heads, n_groups, seqlen_q, seqlen_k, head_dim,
     softmax_scale, qk_scale2, dropout_p,
-    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    # Causal rows near the bottom see the most keys: start those first so they do not finish last.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // n_heads
     h = bh % n_heads
@@ -217,10 +218,10 @@ def _attn_bwd_dq_kernel(
         v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         # [BLOCK_M, BLOCK_N]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        bias_ptrs = bias_base + n64 * stride_bn + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+        bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
         s = score_tile(
             qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
-            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, HAS_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, True,
+            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, True,
         )
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)

@@ -15,17 +15,30 @@ LN2 = tl.constexpr(0.6931471805599453)
 ALIBI_NONE = tl.constexpr(0)
 ALIBI_CAUSAL = tl.constexpr(1)
 ALIBI_SYMMETRIC = tl.constexpr(2)
+# Bias modes (constexpr): none, one row per (batch, head) broadcast over queries, a full tile.
+BIAS_NONE = tl.constexpr(0)
+BIAS_ROW = tl.constexpr(1)
+BIAS_FULL = tl.constexpr(2)
+
+
+@triton.jit
+def bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS: tl.constexpr):
+    """Pointers to the bias tile at key block ``start_n`` (``bias_base`` is at the tile's first row)."""
+    base = bias_base + tl.cast(start_n, tl.int64) * stride_bn
+    if BIAS == BIAS_ROW:
+        return base + offs_n * stride_bn
+    return base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
 
 
 @triton.jit
 def score_tile(
     qk,  # [BLOCK_M, BLOCK_N] fp32, q . k
     rows, cols,  # [BLOCK_M], [BLOCK_N] int32 absolute query / key indices
-    bias_ptrs,  # [BLOCK_M, BLOCK_N] pointers into the bias for (b, h), used if HAS_BIAS
+    bias_ptrs,  # pointers into the bias for (b, h): [BLOCK_N] if BIAS == BIAS_ROW, [BLOCK_M, BLOCK_N] if BIAS_FULL
     kpm_ptr, seqid_ptr, prefix_ptr,  # batch-offset pointers to (S_k,) rows, used if the flag is set
     q_seq,  # [BLOCK_M] sequence ids of the rows, used if HAS_SEQID
     slope2, qk_scale2, seqlen_q, seqlen_k,
-    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     APPLY_MASK: tl.constexpr,
 ):
@@ -37,7 +50,9 @@ def score_tile(
     elif ALIBI == ALIBI_SYMMETRIC:
         s -= slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
     col_ok = cols < seqlen_k
-    if HAS_BIAS:
+    if BIAS == BIAS_ROW:  # one row broadcast over the queries (MPT's (1, H, 1, S_k)): load it once
+        s += (tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32) * LOG2E)[None, :]
+    elif BIAS == BIAS_FULL:
         in_bounds = (rows < seqlen_q)[:, None] & col_ok[None, :]
         s += tl.load(bias_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
     if APPLY_MASK:

@@ -8,7 +8,7 @@ blocks fully below the diagonal run without any mask arithmetic, the diagonal bl
 import triton
 import triton.language as tl
 
-from mpt_attention.impl.triton.common import LN2, LOG2E, dropout_keep, score_tile
+from mpt_attention.impl.triton.common import bias_pointers, LN2, LOG2E, dropout_keep, score_tile
 
 
 @triton.jit
@@ -18,7 +18,7 @@ def _fwd_blocks(
     stride_ks, stride_vs, stride_bm, stride_bn,
     rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
     seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, hi,
-    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -32,10 +32,10 @@ def _fwd_blocks(
         k = tl.load(k_base + tl.cast(start_n, tl.int64) * stride_ks + kv_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         # [BLOCK_M, BLOCK_N]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        bias_ptrs = bias_base + tl.cast(start_n, tl.int64) * stride_bn + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+        bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
         s = score_tile(
             qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
-            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, HAS_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
+            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -66,12 +66,13 @@ def _attn_fwd_kernel(
     stride_kpm, stride_sid, stride_pfx,
     n_heads, n_groups, seqlen_q, seqlen_k, head_dim,
     qk_scale2, dropout_p,
-    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    # Causal rows near the bottom see the most keys: start those first so they do not finish last.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // n_heads
     h = bh % n_heads
@@ -129,13 +130,13 @@ def _attn_fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
             stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
             seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, 0, lo_masked,
-            IS_CAUSAL, ALIBI, HAS_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, False, DOT_PRECISION, BLOCK_N,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, False, DOT_PRECISION, BLOCK_N,
         )
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
         stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
         seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo_masked, hi,
-        IS_CAUSAL, ALIBI, HAS_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, True, DOT_PRECISION, BLOCK_N,
+        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, True, DOT_PRECISION, BLOCK_N,
     )
 
     # Rows that saw no key (l = 0) are defined as 0 with a log-sum-exp of -inf.

@@ -67,7 +67,7 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
     pointers = [t if t is not None else dummy for t in (bias, slopes, kpm, seqid, prefix)]
     row_strides = [t.stride(0) if t is not None else 0 for t in (kpm, seqid, prefix)]
     flags = dict(
-        IS_CAUSAL=causal, ALIBI=alibi, HAS_BIAS=bias is not None,
+        IS_CAUSAL=causal, ALIBI=alibi, BIAS=0 if bias is None else (1 if bias.shape[2] == 1 else 2),
         HAS_KPM=kpm is not None, HAS_SEQID=seqid is not None, HAS_PREFIX=prefix is not None,
     )
     return pointers, kv_range if kv_range is not None else dummy, bias_strides + slope_strides + row_strides, flags
