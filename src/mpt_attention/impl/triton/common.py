@@ -26,8 +26,10 @@ def bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS
     """Pointers to the bias tile at key block ``start_n`` (``bias_base`` is at the tile's first row)."""
     base = bias_base + tl.cast(start_n, tl.int64) * stride_bn
     if BIAS == BIAS_ROW:
-        return base + offs_n * stride_bn
-    return base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+        ptrs = base + offs_n * stride_bn
+    else:
+        ptrs = base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
+    return ptrs
 
 
 @triton.jit
