@@ -22,12 +22,13 @@ ALIBI_NONE, ALIBI_CAUSAL, ALIBI_SYMMETRIC = 0, 1, 2  # the kernels' ALIBI modes 
 
 
 def _fwd_config(head_dim: int) -> dict:
+    # Measured with benchmarks/tune_blocks.py on an H200 (benchmarks/NOTES.md).
     if _INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
@@ -36,9 +37,12 @@ def _bwd_config(head_dim: int) -> tuple[dict, dict]:
     if _INTERPRET:
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
         return small, small
+    if head_dim <= 64:
+        return (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
     if head_dim <= 128:
-        return (dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
-                dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2))
+        return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+                dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))
     return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
             dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1))
 
