@@ -26,6 +26,76 @@ def _row_stats(Lse, Delta, bh, rows, row_ok, seqlen_q):
 
 
 @triton.jit
+def _attn_bwd_delta_kernel(
+    Out, DO, Delta,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    n_heads, seqlen_q, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(dO * O) in float32, (B, H, S_q): one read of each, no float32 copies."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b64 = (bh // n_heads).to(tl.int64)
+    h64 = (bh % n_heads).to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < seqlen_q)[:, None] & (offs_d < head_dim)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows64 * stride_os + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows64 * stride_dos + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse, Delta, kpm_ptr, seqid_ptr, prefix_ptr,
+    stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
+    seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, hi,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Accumulate dK, dV (and bias column sums) of one key block over query blocks [lo, hi)."""
+    d_ok = offs_d < head_dim
+    diag = seqlen_k - seqlen_q
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < seqlen_q
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        m64 = tl.cast(start_m, tl.int64)
+        # [BLOCK_M, BLOCK_D]
+        q = tl.load(q_head + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_head + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+        lse2, delta = _row_stats(Lse, Delta, bh, rows, row_ok, seqlen_q)
+        q_seq = rows
+        if HAS_SEQID:
+            q_seq = tl.load(seqid_ptr + rows + diag, mask=row_ok, other=0)
+        # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        bias_ptrs = bias_pointers(bias_head + m64 * stride_bm, 0, offs_m, offs_n, stride_bm, stride_bn, BIAS)
+        s = score_tile(
+            qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
+            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
+        )
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        p_dropped = p
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
+            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if BIAS_GRAD == 1:
+            dbias_cols += tl.sum(ds, 0)
+    return dk, dv, dbias_cols
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, DBiasCols,
     Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange,
@@ -86,6 +156,15 @@ def _attn_bwd_dkdv_kernel(
         # a block of padding keys only (for every query of this batch row) has zero gradients
         all_padding = (start_n >= tl.load(KvRange + b64 * 2 + 1)) | (start_n + BLOCK_N <= tl.load(KvRange + b64 * 2))
         m_end = tl.where(all_padding, 0, seqlen_q)
+    # Query blocks [q_split, m_end) see every key of this block: no mask arithmetic there.
+    q_split = m_end
+    if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
+        if start_n + BLOCK_N <= seqlen_k:
+            q_split = 0
+            if IS_CAUSAL:
+                first_full_row = start_n + BLOCK_N - 1 - diag
+                q_split = tl.minimum(tl.maximum(first_full_row + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M, m_end)
+            q_split = tl.maximum(q_split, lo)
 
     for g in range(0, n_groups):
         h = kv_h * n_groups + g
@@ -98,37 +177,18 @@ def _attn_bwd_dkdv_kernel(
         do_head = DO + b64 * stride_dob + h64 * stride_doh
         bias_head = Bias + b64 * stride_bb + h64 * stride_bh + row_start * stride_bn
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start_m in range(lo, m_end, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < seqlen_q
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            m64 = tl.cast(start_m, tl.int64)
-            # [BLOCK_M, BLOCK_D]
-            q = tl.load(q_head + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_head + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
-            lse2, delta = _row_stats(Lse, Delta, bh, rows, row_ok, seqlen_q)
-            q_seq = rows
-            if HAS_SEQID:
-                q_seq = tl.load(seqid_ptr + rows + diag, mask=row_ok, other=0)
-            # [BLOCK_M, BLOCK_N]
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            bias_ptrs = bias_pointers(bias_head + m64 * stride_bm, 0, offs_m, offs_n, stride_bm, stride_bn, BIAS)
-            s = score_tile(
-                qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
-                seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, True,
-            )
-            p = tl.math.exp2(s - lse2[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            p_dropped = p
-            if DROPOUT:
-                keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
-                p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-            if BIAS_GRAD == 1:
-                dbias_cols += tl.sum(ds, 0)
+        dk, dv, dbias_cols = _dkdv_blocks(
+            dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse, Delta, kpm_ptr, seqid_ptr, prefix_ptr,
+            stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
+            seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, q_split,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DOT_PRECISION, BLOCK_M,
+        )
+        dk, dv, dbias_cols = _dkdv_blocks(
+            dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse, Delta, kpm_ptr, seqid_ptr, prefix_ptr,
+            stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
+            seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, q_split, m_end,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DOT_PRECISION, BLOCK_M,
+        )
         if BIAS_GRAD == 1:
             tl.store(DBiasCols + bh.to(tl.int64) * seqlen_k + cols, dbias_cols, mask=col_ok)
 
@@ -136,6 +196,47 @@ def _attn_bwd_dkdv_kernel(
     dv_ptrs = DV + b64 * stride_dvb + kv_h.to(tl.int64) * stride_dvh + row_start * stride_dvs
     tl.store(dk_ptrs + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse2, delta, k_base, v_base, bias_base, dbias_base, kpm_ptr, seqid_ptr, prefix_ptr,
+    stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
+    seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, hi,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Accumulate dQ of one query block over key blocks [lo, hi); write dS there for BIAS_GRAD == 2."""
+    d_ok = offs_d < head_dim
+    row_ok = rows < seqlen_q
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        n64 = tl.cast(start_n, tl.int64)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        # [BLOCK_N, BLOCK_D]
+        k = tl.load(k_base + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
+        s = score_tile(
+            qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
+            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
+        )
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        if BIAS_GRAD == 2:
+            tl.store(dbias_base + n64 + offs_m[:, None] * seqlen_k + offs_n[None, :], ds,
+                     mask=row_ok[:, None] & col_ok[None, :])
+    return dq
 
 
 @triton.jit
@@ -208,31 +309,25 @@ def _attn_bwd_dq_kernel(
     # dS is the bias gradient; a (B, H, S_q, S_k) buffer for BIAS_GRAD == 2 (zero-initialised).
     dbias_base = DBias + bh.to(tl.int64) * seqlen_q * seqlen_k + m64 * seqlen_k
 
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seqlen_k
-        n64 = tl.cast(start_n, tl.int64)
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        # [BLOCK_N, BLOCK_D]
-        k = tl.load(k_base + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        # [BLOCK_M, BLOCK_N]
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
-        s = score_tile(
-            qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
-            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, True,
-        )
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        if BIAS_GRAD == 2:
-            tl.store(dbias_base + n64 + offs_m[:, None] * seqlen_k + offs_n[None, :], ds,
-                     mask=row_ok[:, None] & col_ok[None, :])
+    # Key blocks [lo, lo_masked) are in range and visible to every row: no mask arithmetic there.
+    lo_masked = lo
+    if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
+        full = seqlen_k
+        if IS_CAUSAL:
+            full = tl.minimum(seqlen_k, start_m + diag + 1)
+        lo_masked = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+    dq = _dq_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, bias_base, dbias_base, kpm_ptr, seqid_ptr, prefix_ptr,
+        stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
+        seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, lo_masked,
+        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DOT_PRECISION, BLOCK_N,
+    )
+    dq = _dq_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, bias_base, dbias_base, kpm_ptr, seqid_ptr, prefix_ptr,
+        stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
+        seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo_masked, hi,
+        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DOT_PRECISION, BLOCK_N,
+    )
 
     dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqs
     tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)

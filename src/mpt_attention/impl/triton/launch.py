@@ -12,7 +12,7 @@ import os
 import torch
 import triton
 
-from mpt_attention.impl.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
@@ -126,7 +126,13 @@ def backward(dout, q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, so
     q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, S_q)
+    delta = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
+    if batch * n_heads > 0 and s_q > 0:
+        block = 32 if _INTERPRET else 64
+        _attn_bwd_delta_kernel[(triton.cdiv(s_q, block), batch * n_heads)](
+            out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+            dout.stride(2), n_heads, s_q, head_dim, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        )
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
