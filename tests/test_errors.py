@@ -28,6 +28,8 @@ BAD_OP_INPUTS = [
     ("bias-3d", {}, dict(attn_bias=torch.zeros(H, S, S)), ValueError, r"attn_bias must be a float tensor"),
     ("slopes", {}, dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must be float \(H_q,\)=\(4,\)"),
     ("seqid-float", {}, dict(sequence_id=torch.zeros(B, S)), ValueError, r"sequence_id must be an integer tensor"),
+    ("seqid-more-queries", dict(q=(B, S + 1, H, D)), dict(sequence_id=torch.zeros(B, S, dtype=torch.long)), ValueError,
+     r"sequence_id needs S_q <= S_k .* got S_q=9 > S_k=8"),
     ("prefix-no-causal", {}, dict(prefix_mask=torch.ones(B, S, dtype=torch.bool)), ValueError, r"needs causal=True"),
     ("dropout", {}, dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
     ("scale-nan", {}, dict(softmax_scale=float("nan")), ValueError, r"softmax_scale must be finite, got nan"),

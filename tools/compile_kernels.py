@@ -12,7 +12,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mpt_attention.impl.triton import launch
-from mpt_attention.impl.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
@@ -59,6 +59,19 @@ def main() -> int:
             except Exception as exc:  # report every failure, not just the first
                 failures += 1
                 print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")
+    extra = [("delta", _attn_bwd_delta_kernel, dict(BLOCK_M=64, BLOCK_D=128), dict(num_warps=4, num_stages=1), "bf16"),
+             ("fwd-fp32", _attn_fwd_kernel, dict(flag_sets[0], DOT_PRECISION="ieee", BLOCK_D=64, **launch._fwd_config(64)),
+              None, "fp32")]
+    for name, fn, consts, opts, dtype in extra:
+        consts = dict(consts)
+        if opts is None:
+            opts = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
+        try:
+            compile_kernel(fn, consts, opts, dtype)
+            print(f"ok   {name}")
+        except Exception as exc:
+            failures += 1
+            print(f"FAIL {name}: {str(exc)[-1500:]}")
     return 1 if failures else 0
 
 

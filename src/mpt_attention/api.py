@@ -173,6 +173,9 @@ def _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, 
         if sequence_id.is_floating_point() or sequence_id.dtype == torch.bool or tuple(sequence_id.shape) != (batch, s_k):
             raise ValueError(f"sequence_id must be an integer tensor (B, S_k)=({batch}, {s_k}), "
                              f"got {sequence_id.dtype} {tuple(sequence_id.shape)}")
+        if s_q > s_k:
+            raise ValueError(f"sequence_id needs S_q <= S_k (queries take the ids of the last S_q keys), "
+                             f"got S_q={s_q} > S_k={s_k}")
     if backend == "flash":
         raise NotImplementedError(_FLASH_MISSING)
     if backend == "sdpa" and return_lse:

@@ -1,0 +1,86 @@
+"""Randomized configurations: every backend against the float64 reference (hypothesis).
+
+CI runs a small sample; ``pytest -m nightly`` runs 1000 examples per backend. A failure shrinks to a
+minimal configuration: add it to ``tests/test_attention.py`` as a regression case.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mpt_attention as M
+from mpt_attention.testing import AttnCase, assert_close_to_reference, make_inputs, reference_attention
+
+
+@st.composite
+def cases(draw):
+    causal = draw(st.booleans())
+    n_kv = draw(st.sampled_from([1, 2]))
+    case = AttnCase(
+        batch=draw(st.integers(1, 3)),
+        s_q=draw(st.integers(1, 70)),
+        s_k=draw(st.integers(1, 70)),
+        n_heads=n_kv * draw(st.sampled_from([1, 2, 3])),
+        n_kv=n_kv,
+        head_dim=draw(st.sampled_from([8, 16, 24, 40])),
+        causal=causal,
+        alibi=draw(st.booleans()),
+        bias=draw(st.sampled_from([None, "vector", "matrix", "full"])),
+        padding=draw(st.sampled_from([False, "right", "left"])),
+        sequence_id=False,
+        prefix=causal and draw(st.booleans()),
+    )
+    case.sequence_id = case.s_q <= case.s_k and draw(st.booleans())  # ids exist for key positions only
+    return case, draw(st.integers(0, 2**16))
+
+
+def _check(backend, case, seed, with_grads):
+    (q, k, v), kw = make_inputs(case, requires_grad=with_grads, seed=seed)
+    bias = kw.get("attn_bias")
+    inputs = [q, k, v] + ([bias] if bias is not None else [])
+    out = M.attention(q, k, v, backend=backend, **kw)
+    ref_in = [x.detach().double().requires_grad_(with_grads) for x in inputs]
+    ref, _ = reference_attention(*ref_in[:3], **{**kw, "attn_bias": ref_in[3] if bias is not None else None})
+    low, _ = reference_attention(q.detach(), k.detach(), v.detach(), compute_dtype=torch.float32,
+                                 **{**kw, "attn_bias": bias.detach() if bias is not None else None})
+    assert_close_to_reference(f"{case.id()} out", out, ref, low)
+    if with_grads:
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, dout)
+        ref_grads = torch.autograd.grad(ref, ref_in, dout.double())
+        for name, g, r in zip(["dq", "dk", "dv", "dbias"], grads, ref_grads):
+            assert_close_to_reference(f"{case.id()} {name}", g, r, r.float(), floor=1e-4)
+
+
+def _settings(examples, derandomize=True):
+    return settings(max_examples=examples, deadline=None, derandomize=derandomize,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+CI_EXAMPLES = int(os.environ.get("MPT_ATTENTION_FUZZ_EXAMPLES", "30"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+def test_fuzz_ci_sample(backend):
+    @_settings(CI_EXAMPLES)
+    @given(cases())
+    def run(drawn):
+        case, seed = drawn
+        _check(backend, case, seed, with_grads=True)
+
+    run()
+
+
+@pytest.mark.nightly
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+def test_fuzz_nightly(backend):
+    @_settings(1000, derandomize=False)
+    @given(cases())
+    def run(drawn):
+        case, seed = drawn
+        _check(backend, case, seed, with_grads=backend != "sdpa")
+
+    run()
