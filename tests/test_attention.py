@@ -140,3 +140,45 @@ def test_empty_and_tiny_shapes(backend):
     k = torch.randn(1, 1, 2, 16)
     out = M.attention(q, k, k, backend=backend, causal=True)
     torch.testing.assert_close(out, k)
+
+
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), 1e30], ids=["nan", "inf", "1e30"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_in_padded_keys_changes_nothing_live(backend, garbage):
+    """Unwritten cache slots and pad tokens hold anything; the key padding mask must fence them off."""
+    case = AttnCase(3, 45, 45, 4, 2, 16, causal=True, alibi=True, padding=True)
+    (q, k, v), kw = make_inputs(case)
+    pad = ~kw["key_padding_mask"]
+    assert pad.any()
+    results = []
+    for fill in (None, garbage):
+        kk, vv = k.clone(), v.clone()
+        if fill is not None:
+            kk[pad], vv[pad] = fill, fill
+        qq, kk, vv = (x.requires_grad_() for x in (q.clone(), kk, vv))
+        out = M.attention(qq, kk, vv, backend=backend, **kw)
+        out.backward(torch.ones_like(out))
+        results.append((out, qq.grad, kk.grad[~pad], vv.grad[~pad]))
+    for name, clean, dirty in zip(["out", "dq", "dk", "dv"], *results):
+        assert torch.isfinite(dirty).all(), f"{name} picked up {garbage}"
+        torch.testing.assert_close(dirty, clean, msg=name)
+
+
+def test_seed_torch_function_fences_padded_garbage_too():
+    b, s, h, d = 2, 9, 2, 8
+    q, k, v = (torch.randn(b, s, h * d) for _ in range(3))
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[1, 6:] = False
+    clean, _, _ = M.scaled_multihead_dot_product_attention(q, k, v, h, key_padding_mask=mask, is_causal=True)
+    k[1, 6:], v[1, 6:] = float("nan"), float("nan")
+    dirty, _, _ = M.scaled_multihead_dot_product_attention(q, k, v, h, key_padding_mask=mask, is_causal=True)
+    torch.testing.assert_close(dirty, clean)
+
+
+def test_per_batch_alibi_slopes():
+    (q, k, v), kw = make_inputs(AttnCase(2, 33, 33, 4, 2, 16, causal=True))
+    slopes = torch.rand(2, 4) * 0.5
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), alibi_slopes=slopes, **kw)
+    for backend in BACKENDS:
+        out = M.attention(q, k, v, backend=backend, alibi_slopes=slopes, **kw)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, msg=backend)

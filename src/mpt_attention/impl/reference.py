@@ -51,6 +51,10 @@ def mpt_eager(
         ``(out (B, H, S_q, D), weights (B, H, S_q, S_k) or None)``.
     """
     n_heads, s_q = q.shape[1], q.shape[2]
+    if key_padding_mask is not None:  # garbage in padded keys must not leak through 0 * NaN
+        batch, s_k = key_padding_mask.shape
+        k_t = k_t.masked_fill(~key_padding_mask.view(batch, 1, 1, s_k), 0.0)
+        v = v.masked_fill(~key_padding_mask.view(batch, 1, s_k, 1), 0.0)
     k_t = _expand_kv_heads(k_t, n_heads, 1)
     v = _expand_kv_heads(v, n_heads, 1)
     s_k = k_t.shape[-1]
@@ -97,6 +101,9 @@ def attention(
     s_k = k.shape[1]
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    if key_padding_mask is not None:  # padding may hold garbage (NaN); 0 * NaN would leak through P @ V
+        pad = ~key_padding_mask.view(batch, 1, s_k, 1)
+        kh, vh = kh.masked_fill(pad, 0.0), vh.masked_fill(pad, 0.0)
     kh, vh = _expand_kv_heads(kh, n_heads, 1), _expand_kv_heads(vh, n_heads, 1)
     scores = qh.float().matmul(kh.float().transpose(-1, -2)) * scale
     if alibi_slopes is not None:

@@ -39,6 +39,9 @@ def attention(
     """
     batch, s_q, n_heads, _ = q.shape
     s_k = k.shape[1]
+    if key_padding_mask is not None:  # padded keys may hold garbage (NaN): never let 0 * NaN through
+        pad = ~key_padding_mask.view(batch, s_k, 1, 1)
+        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     enable_gqa = kh.shape[1] != n_heads
     sdpa = dict(dropout_p=dropout_p, scale=softmax_scale, enable_gqa=enable_gqa)

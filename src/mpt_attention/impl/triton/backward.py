@@ -13,7 +13,7 @@ written by the dQ kernel. The launcher reduces either to the bias's own shape.
 import triton
 import triton.language as tl
 
-from mpt_attention.impl.triton.common import bias_pointers, LOG2E, dropout_keep, score_tile
+from mpt_attention.impl.triton.common import LOG2E, bias_pointers, dropout_keep, live_keys, score_tile
 
 
 @triton.jit
@@ -130,16 +130,17 @@ def _attn_bwd_dkdv_kernel(
     d_ok = offs_d < head_dim
     kv_mask = col_ok[:, None] & d_ok[None, :]
     row_start = tl.cast(start_n, tl.int64)
+    kpm_ptr = KeyPad + b64 * stride_kpm
+    load_mask = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)[:, None] & d_ok[None, :]
 
     # [BLOCK_N, BLOCK_D]
     k = tl.load(K + b64 * stride_kb + kv_h.to(tl.int64) * stride_kh + row_start * stride_ks
-                + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+                + offs_n[:, None] * stride_ks + offs_d[None, :], mask=load_mask, other=0.0)
     v = tl.load(V + b64 * stride_vb + kv_h.to(tl.int64) * stride_vh + row_start * stride_vs
-                + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+                + offs_n[:, None] * stride_vs + offs_d[None, :], mask=load_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    kpm_ptr = KeyPad + b64 * stride_kpm
     seqid_ptr = SeqId + b64 * stride_sid
     prefix_ptr = Prefix + b64 * stride_pfx
     seed = 0
@@ -215,7 +216,7 @@ def _dq_blocks(
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         n64 = tl.cast(start_n, tl.int64)
-        kv_mask = col_ok[:, None] & d_ok[None, :]
+        kv_mask = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)[:, None] & d_ok[None, :]
         # [BLOCK_N, BLOCK_D]
         k = tl.load(k_base + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)

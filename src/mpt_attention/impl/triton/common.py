@@ -74,6 +74,16 @@ def score_tile(
 
 
 @triton.jit
+def live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM: tl.constexpr):
+    """[BLOCK_N] bool: keys that exist and are not padding. K/V rows outside it are never loaded, so
+    garbage there (NaN in an unwritten cache slot) cannot reach an output through 0 * NaN."""
+    ok = cols < seqlen_k
+    if HAS_KPM:
+        ok = ok & (tl.load(kpm_ptr + cols, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
 def dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p):
     """[BLOCK_M, BLOCK_N] bool: which weights survive dropout; identical in forward and backward.
 

@@ -8,7 +8,7 @@ blocks fully below the diagonal run without any mask arithmetic, the diagonal bl
 import triton
 import triton.language as tl
 
-from mpt_attention.impl.triton.common import bias_pointers, LN2, LOG2E, dropout_keep, score_tile
+from mpt_attention.impl.triton.common import LN2, LOG2E, bias_pointers, dropout_keep, live_keys, score_tile
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _fwd_blocks(
     d_ok = offs_d < head_dim
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < seqlen_k
+        col_ok = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)
         kv_tile = offs_n[:, None] * stride_ks + offs_d[None, :]
         # [BLOCK_N, BLOCK_D]
         k = tl.load(k_base + tl.cast(start_n, tl.int64) * stride_ks + kv_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
