@@ -121,3 +121,20 @@ def test_peak_memory_is_linear_in_sequence_length(bias_vector):
     small, large = _peak_extra_bytes(8192, bias_vector), _peak_extra_bytes(16384, bias_vector)
     assert large < 2.3 * small, f"peak extra memory grew {large / small:.2f}x when S doubled"
     assert large < 64 * 16384 * 8 * 128 * 2, "more than a few multiples of the q/k/v/o sizes"
+
+
+def test_nan_in_padded_keys_does_not_leak():
+    (q, k, v), kw = make_inputs(AttnCase(2, 700, 700, 8, 2, 128, causal=True, alibi=True, padding=True),
+                                dtype=torch.bfloat16, device="cuda")
+    pad = ~kw["key_padding_mask"]
+    runs = []
+    for fill in (None, float("nan")):
+        kk, vv = k.clone(), v.clone()
+        if fill is not None:
+            kk[pad], vv[pad] = fill, fill
+        qq, kk, vv = (x.requires_grad_() for x in (q.clone(), kk, vv))
+        out = M.attention(qq, kk, vv, backend="triton", **kw)
+        out.backward(torch.ones_like(out))
+        runs.append((out, qq.grad, kk.grad[~pad], vv.grad[~pad]))
+    for clean, dirty in zip(*runs):
+        assert torch.equal(clean, dirty)
