@@ -214,6 +214,8 @@ def write_outputs(rows, out_dir, meta):
 
         main = [r for r in rows if r["suite"] == "main" and r["tflops"]]
         modes = sorted({r["mode"] for r in main})
+        if not modes:
+            return
         fig, axes = plt.subplots(1, len(modes), figsize=(8 * len(modes), 5), squeeze=False)
         for ax, mode in zip(axes[0], modes):
             shapes = list(dict.fromkeys(r["shape"] for r in main if r["mode"] == mode))
