@@ -117,3 +117,18 @@ def test_inputs_on_different_devices():
         M.attention(q, k.to("meta"), v, backend="torch")
     with pytest.raises(ValueError, match=r"key_padding_mask is on meta but q is on cpu"):
         M.attention(q, k, v, backend="torch", key_padding_mask=torch.ones(B, S, dtype=torch.bool, device="meta"))
+
+
+def test_error_table_in_docs_lists_every_op_message():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    for row in BAD_OP_INPUTS:
+        exc_name = row[3].__name__
+        assert f"`{exc_name}`" in doc, row[0]
+    for phrase in ["must be a 4-D tensor", "must be a multiple of key/value heads", "must share one floating dtype",
+                   "must be bool (B, S_k)", "needs causal=True", "sequence_id needs S_q <= S_k",
+                   "broadcastable to (B, H_q, S_q, S_k)", "alibi_slopes must be float", "dropout_p must be in [0, 1)",
+                   "softmax_scale must be finite", "cannot return the log-sum-exp", "supports head dims from 1 to 256",
+                   "is expected to broadcast to shape", "cannot return attn weights.", "is an invalid setting."]:
+        assert phrase in doc, f"docs/errors.md misses {phrase!r}"

@@ -100,6 +100,10 @@ def attention(
     batch, s_q, n_heads, head_dim = q.shape
     s_k = k.shape[1]
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    if s_k == 0:  # nothing to attend to: zeros, tied to every input so each gradient is a defined 0
+        out = q * 0.0 + (k.sum() + v.sum()) * 0.0
+        lse = torch.full((batch, n_heads, s_q), float("-inf"), device=q.device)
+        return (out, lse) if return_lse else out
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     if key_padding_mask is not None:  # padding may hold garbage (NaN); 0 * NaN would leak through P @ V
         pad = ~key_padding_mask.view(batch, 1, s_k, 1)
@@ -118,11 +122,13 @@ def attention(
         scores = scores.masked_fill(~keep, float("-inf"))
     # A row whose every score is -inf (all keys masked) has no softmax; keep it out of the
     # exp/logsumexp so neither the values nor the gradients see -inf - -inf = NaN, and give it 0.
-    live = scores.amax(dim=-1, keepdim=True) > float("-inf")
-    scores = scores.masked_fill(~live, 0.0)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - lse).masked_fill(~live, 0.0)
-    lse = lse.masked_fill(~live, float("-inf")).squeeze(-1)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    live = row_max > float("-inf")
+    # normalise by the sum rather than exp(scores - lse): at float32's min, min + log(n) rounds to min
+    weights = torch.exp(scores - torch.where(live, row_max, 0.0).detach())
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = (weights / torch.where(live, total, 1.0)).masked_fill(~live, 0.0)
+    lse = torch.where(live, row_max + torch.log(torch.where(live, total, 1.0)), float("-inf")).squeeze(-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     out = probs.matmul(vh.float()).to(q.dtype).transpose(1, 2)

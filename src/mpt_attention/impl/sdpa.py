@@ -67,7 +67,9 @@ def attention(
         dead = ~keep.any(dim=-1, keepdim=True)
         mask = mask | dead
     else:
-        mask = bias.to(q.dtype)
+        # SDPA wants the mask in q's dtype: keep finite values finite there (float32's min, MPT's mask
+        # value, would become -inf in half precision and empty rows the other backends keep)
+        mask = torch.where(torch.isneginf(bias), bias, bias.clamp(min=torch.finfo(q.dtype).min)).to(q.dtype)
         if keep is not None:
             mask = mask.masked_fill(~keep, float("-inf"))
         dead = (mask == float("-inf")).all(dim=-1, keepdim=True)

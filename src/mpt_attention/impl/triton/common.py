@@ -10,6 +10,7 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)
 
 # ALiBi modes (constexpr): none, MPT's causal form, the symmetric form.
 ALIBI_NONE = tl.constexpr(0)
@@ -33,6 +34,15 @@ def bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS
 
 
 @triton.jit
+def _log2_bias(raw):
+    """Bias in log2 units. -inf stays -inf (the key is removed); finite values stay finite: MPT's
+    finfo(float32).min times log2(e) would overflow to -inf and empty a row that natural-unit
+    softmax keeps (as a uniform average over its equally-masked keys)."""
+    scaled = tl.maximum(raw.to(tl.float32) * LOG2E, FLOAT32_MIN)
+    return tl.where(raw == float("-inf"), float("-inf"), scaled)
+
+
+@triton.jit
 def score_tile(
     qk,  # [BLOCK_M, BLOCK_N] fp32, q . k
     rows, cols,  # [BLOCK_M], [BLOCK_N] int32 absolute query / key indices
@@ -53,10 +63,10 @@ def score_tile(
         s -= slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
     col_ok = cols < seqlen_k
     if BIAS == BIAS_ROW:  # one row broadcast over the queries (MPT's (1, H, 1, S_k)): load it once
-        s += (tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32) * LOG2E)[None, :]
+        s += _log2_bias(tl.load(bias_ptrs, mask=col_ok, other=0.0))[None, :]
     elif BIAS == BIAS_FULL:
         in_bounds = (rows < seqlen_q)[:, None] & col_ok[None, :]
-        s += tl.load(bias_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+        s += _log2_bias(tl.load(bias_ptrs, mask=in_bounds, other=0.0))
     if APPLY_MASK:
         keep = col_ok[None, :]
         if IS_CAUSAL:
