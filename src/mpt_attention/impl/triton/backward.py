@@ -13,7 +13,7 @@ written by the dQ kernel. The launcher reduces either to the bias's own shape.
 import triton
 import triton.language as tl
 
-from mpt_attention.impl.triton.common import LOG2E, bias_pointers, dropout_keep, live_keys, score_tile
+from mpt_attention.impl.triton.common import LOG2E, bias_pointers, dropout_keep, key_block_range, live_keys, score_tile
 
 
 @triton.jit
@@ -300,23 +300,10 @@ def _attn_bwd_dq_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-    hi = seqlen_k
-    if IS_CAUSAL and not HAS_PREFIX:
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
-    lo = 0
-    if HAS_KPM:
-        lo = tl.load(KvRange + b64 * 2) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(hi, tl.load(KvRange + b64 * 2 + 1))
+    lo, lo_masked, hi = key_block_range(start_m, b64, KvRange, seqlen_q, seqlen_k,
+                                        IS_CAUSAL, HAS_KPM, HAS_SEQID, HAS_PREFIX, BLOCK_M, BLOCK_N)
     # dS is the bias gradient; a (B, H, S_q, S_k) buffer for BIAS_GRAD == 2 (zero-initialised).
     dbias_base = DBias + bh.to(tl.int64) * seqlen_q * seqlen_k + m64 * seqlen_k
-
-    # Key blocks [lo, lo_masked) are in range and visible to every row: no mask arithmetic there.
-    lo_masked = lo
-    if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
-        full = seqlen_k
-        if IS_CAUSAL:
-            full = tl.minimum(seqlen_k, start_m + diag + 1)
-        lo_masked = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
     dq = _dq_blocks(
         dq, q, do, lse2, delta, k_base, v_base, bias_base, dbias_base, kpm_ptr, seqid_ptr, prefix_ptr,
         stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,

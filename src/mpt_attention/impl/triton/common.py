@@ -84,6 +84,30 @@ def score_tile(
 
 
 @triton.jit
+def key_block_range(start_m, b64, KvRange, seqlen_q, seqlen_k,
+                    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr,
+                    HAS_PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks the query tile at ``start_m`` visits, ``[lo, hi)``; ``[lo, lo_masked)`` need no mask
+    (every key in range and visible to every row of the tile)."""
+    diag = seqlen_k - seqlen_q
+    hi = seqlen_k + tl.zeros([], dtype=tl.int32)
+    if IS_CAUSAL and not HAS_PREFIX:
+        hi = tl.minimum(hi, start_m + BLOCK_M + diag)
+    lo = tl.zeros([], dtype=tl.int32)
+    if HAS_KPM:
+        # keys before the first / after the last live key of this batch row are padding for every query
+        lo = tl.load(KvRange + b64 * 2) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, tl.load(KvRange + b64 * 2 + 1))
+    lo_masked = lo
+    if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
+        full = seqlen_k + tl.zeros([], dtype=tl.int32)
+        if IS_CAUSAL:
+            full = tl.minimum(full, start_m + diag + 1)
+        lo_masked = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+    return lo, lo_masked, hi
+
+
+@triton.jit
 def live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM: tl.constexpr):
     """[BLOCK_N] bool: keys that exist and are not padding. K/V rows outside it are never loaded, so
     garbage there (NaN in an unwritten cache slot) cannot reach an output through 0 * NaN."""

@@ -8,7 +8,9 @@ blocks fully below the diagonal run without any mask arithmetic, the diagonal bl
 import triton
 import triton.language as tl
 
-from mpt_attention.impl.triton.common import LN2, LOG2E, bias_pointers, dropout_keep, live_keys, score_tile
+from mpt_attention.impl.triton.common import (
+    LN2, LOG2E, bias_pointers, dropout_keep, key_block_range, live_keys, score_tile,
+)
 
 
 @triton.jit
@@ -111,25 +113,13 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    diag = seqlen_k - seqlen_q
-    hi = seqlen_k
-    if IS_CAUSAL and not HAS_PREFIX:
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag)
-    # Blocks [0, lo_masked) need no mask at all: every key is in range and visible to every row.
-    lo_masked = 0
-    if HAS_KPM:
-        # keys before the first / after the last live key of this batch row are padding for every query
-        lo_masked = tl.load(KvRange + b64 * 2) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(hi, tl.load(KvRange + b64 * 2 + 1))
+    lo, lo_masked, hi = key_block_range(start_m, b64, KvRange, seqlen_q, seqlen_k,
+                                        IS_CAUSAL, HAS_KPM, HAS_SEQID, HAS_PREFIX, BLOCK_M, BLOCK_N)
     if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
-        full = seqlen_k
-        if IS_CAUSAL:
-            full = tl.minimum(seqlen_k, start_m + diag + 1)
-        lo_masked = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
             stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
-            seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, 0, lo_masked,
+            seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, lo_masked,
             IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, False, DOT_PRECISION, BLOCK_N,
         )
     acc, l_i, m_i = _fwd_blocks(
