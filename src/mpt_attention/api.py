@@ -89,6 +89,8 @@ def attention(
     GQA/MQA: query head ``h`` uses key/value head ``h // (H_q // H_kv)``; K/V are never repeated.
 
     A row with no key left (all masked, or all scores ``-inf``) returns 0 and a log-sum-exp of ``-inf``.
+    Key/value rows excluded by ``key_padding_mask`` are never used, so they may hold anything (NaN).
+    Finite bias values are added as they are, ``finfo(float32).min`` included.
 
     Args:
         q: ``(B, S_q, H_q, D)``; k, v: ``(B, S_k, H_kv, D)``; any strides.
@@ -97,7 +99,7 @@ def attention(
         attn_bias: float, broadcastable to ``(B, H_q, S_q, S_k)`` (e.g. MPT's ``(1, H, 1, S_k)``).
         key_padding_mask: bool ``(B, S_k)``, True = keep.
         sequence_id: integer ``(B, S_k)``; keys of another sequence are masked; the queries carry
-            the ids of the last ``S_q`` positions.
+            the ids of the last ``S_q`` positions (so ``S_q <= S_k``).
         prefix_mask: bool ``(B, S_k)``, needs ``causal``: prefix keys are visible from every query.
         dropout_p: probability of dropping an attention weight (pass 0 in eval).
         return_lse: also return the natural-log log-sum-exp of the scores.
