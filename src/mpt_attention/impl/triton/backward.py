@@ -49,6 +49,31 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _tile_grads(
+    q, k, v, do, lse2, delta, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2,
+    qk_scale2, seed, bh, dropout_p, seqlen_q, seqlen_k,
+    IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    DROPOUT: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One tile's recomputed probabilities (after dropout, for dV) and dS = P * (dP - delta), the
+    gradient of the scores; shared by both backward kernels so they cannot drift apart."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = score_tile(
+        qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
+        seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
+    )
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    p_dropped = p
+    if DROPOUT:
+        keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
+        p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    return p_dropped, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _dkdv_blocks(
     dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse, Delta, kpm_ptr, seqid_ptr, prefix_ptr,
     stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
@@ -73,22 +98,14 @@ def _dkdv_blocks(
         q_seq = rows
         if HAS_SEQID:
             q_seq = tl.load(seqid_ptr + rows + diag, mask=row_ok, other=0)
-        # [BLOCK_M, BLOCK_N]
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         bias_ptrs = bias_pointers(bias_head + m64 * stride_bm, 0, offs_m, offs_n, stride_bm, stride_bn, BIAS)
-        s = score_tile(
-            qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
-            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
+        # [BLOCK_M, BLOCK_N]
+        p_dropped, ds = _tile_grads(
+            q, k, v, do, lse2, delta, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2,
+            qk_scale2, seed, bh, dropout_p, seqlen_q, seqlen_k,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, APPLY_MASK, DOT_PRECISION,
         )
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        p_dropped = p
-        if DROPOUT:
-            keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
-            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
         if BIAS_GRAD == 1:
             dbias_cols += tl.sum(ds, 0)
@@ -220,19 +237,13 @@ def _dq_blocks(
         # [BLOCK_N, BLOCK_D]
         k = tl.load(k_base + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        # [BLOCK_M, BLOCK_N]
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
-        s = score_tile(
-            qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
-            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
+        # [BLOCK_M, BLOCK_N]
+        _, ds = _tile_grads(
+            q, k, v, do, lse2, delta, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2,
+            qk_scale2, seed, bh, dropout_p, seqlen_q, seqlen_k,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, APPLY_MASK, DOT_PRECISION,
         )
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if BIAS_GRAD == 2:
             tl.store(dbias_base + n64 + offs_m[:, None] * seqlen_k + offs_n[None, :], ds,
