@@ -42,7 +42,7 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> st
     try:
         import triton  # noqa: F401
     except ImportError as exc:
-        return f"triton is not installed ({exc}); pip install 'mpt-attention[triton]'"
+        return f"cannot import triton ({exc}); pip install 'mpt-attention[triton]'"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available to torch"

@@ -25,8 +25,8 @@ def _versions() -> dict:
         try:
             module = __import__(name)
             found[name] = getattr(module, "__version__", "?")
-        except ImportError:
-            found[name] = "not installed"
+        except ImportError as exc:
+            found[name] = "not installed" if exc.name == name else f"import failed: {exc}"
     from mpt_attention import __version__
 
     found["mpt_attention"] = __version__
