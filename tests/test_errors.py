@@ -132,3 +132,10 @@ def test_error_table_in_docs_lists_every_op_message():
                    "softmax_scale must be finite", "cannot return the log-sum-exp", "supports head dims from 1 to 256",
                    "is expected to broadcast to shape", "cannot return attn weights.", "is an invalid setting."]:
         assert phrase in doc, f"docs/errors.md misses {phrase!r}"
+
+
+def test_missing_triton_is_explained(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    assert "cannot import triton" in M.backend_status("triton", "cpu")
