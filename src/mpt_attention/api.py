@@ -188,6 +188,9 @@ def _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, 
             raise RuntimeError(f"backend 'triton' is unavailable for {q.device} tensors: {reason}")
         if q.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend 'triton' supports {_TRITON_DTYPES}, got {q.dtype}")
+        if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("backend 'triton' computes ALiBi from fixed slopes and gives them no gradient, but "
+                             "alibi_slopes requires grad; pass alibi_slopes.detach() or use backend 'torch'/'sdpa'")
         if not 1 <= head_dim <= TRITON_MAX_HEAD_DIM:
             raise ValueError(f"backend 'triton' supports head dims from 1 to {TRITON_MAX_HEAD_DIM}, got D={head_dim}")
 

@@ -39,17 +39,17 @@ def _(q, k, v, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed, s
 
 @torch.library.custom_op("mpt_attention::triton_bwd", mutates_args=())
 def _triton_bwd(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
     bias: Tensor | None, slopes: Tensor | None, key_padding_mask: Tensor | None,
     sequence_id: Tensor | None, prefix_mask: Tensor | None, seed: Tensor | None,
     softmax_scale: float, causal: bool, dropout_p: float, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch().backward(dout, q, k, v, out, lse, bias, slopes, key_padding_mask, sequence_id, prefix_mask,
-                              seed, softmax_scale, causal, dropout_p, bias_grad)
+    return _launch().backward(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id,
+                              prefix_mask, seed, softmax_scale, causal, dropout_p, bias_grad)
 
 
 @_triton_bwd.register_fake
-def _(dout, q, k, v, out, lse, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
+def _(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
       softmax_scale, causal, dropout_p, bias_grad):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     dbias = torch.empty_like(bias, dtype=bias.dtype) if bias_grad else q.new_empty(0)
@@ -67,7 +67,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed = ctx.saved_tensors
     softmax_scale, causal, dropout_p = ctx.args
-    dq, dk, dv, dbias = _triton_bwd(dout, q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed,
+    if dout is None:  # only the log-sum-exp was used
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dbias = _triton_bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
                                     softmax_scale, causal, dropout_p, ctx.bias_grad)
     return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None, None, None, None, None, None
 

@@ -122,10 +122,11 @@ def attention(
         scores = scores.masked_fill(~keep, float("-inf"))
     # A row whose every score is -inf (all keys masked) has no softmax; keep it out of the
     # exp/logsumexp so neither the values nor the gradients see -inf - -inf = NaN, and give it 0.
-    row_max = scores.amax(dim=-1, keepdim=True)
+    # the shift is a constant for autograd: d lse / d s must be P, not P plus the argmax indicator
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
     live = row_max > float("-inf")
     # normalise by the sum rather than exp(scores - lse): at float32's min, min + log(n) rounds to min
-    weights = torch.exp(scores - torch.where(live, row_max, 0.0).detach())
+    weights = torch.exp(scores - torch.where(live, row_max, 0.0))
     total = weights.sum(dim=-1, keepdim=True)
     probs = (weights / torch.where(live, total, 1.0)).masked_fill(~live, 0.0)
     lse = torch.where(live, row_max + torch.log(torch.where(live, total, 1.0)), float("-inf")).squeeze(-1)

@@ -122,9 +122,13 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
-             bias_grad):
-    """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or empty)."""
+def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
+             dropout_p, bias_grad):
+    """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or empty).
+
+    ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
+    it folds into ``delta``: dS = P * (dP - (delta - dlse)).
+    """
     q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
@@ -135,6 +139,8 @@ def backward(dout, q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, so
             out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), n_heads, s_q, head_dim, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         )
+    if dlse is not None:
+        delta = delta - dlse.float()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
