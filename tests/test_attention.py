@@ -217,3 +217,35 @@ def test_triton_refuses_learnable_slopes():
     with pytest.raises(ValueError, match="alibi_slopes requires grad"):
         M.attention(q, k, v, backend="triton", alibi_slopes=slopes, **kw)
     M.attention(q, k, v, backend="triton", alibi_slopes=slopes.detach(), **kw)
+
+
+@pytest.mark.parametrize("ids", ["packed", "unsorted"])
+@pytest.mark.parametrize("s_q", [100, 37], ids=["self", "chunk"])
+def test_sequence_ids_packed_and_unsorted(ids, s_q):
+    """Packed (sorted) ids let the kernels skip whole tiles of other sequences; unsorted ids must not."""
+    s_k = 100
+    if ids == "packed":
+        seq = torch.tensor([[0] * 50 + [1] * 30 + [2] * 20, [0] * 7 + [1] * 80 + [2] * 13])
+    else:
+        seq = torch.randint(0, 3, (2, s_k), generator=torch.Generator().manual_seed(3))
+    (q, k, v), _ = make_inputs(AttnCase(2, s_q, s_k, 2, 1, 16), requires_grad=True)
+    kw = dict(causal=True, sequence_id=seq, alibi_slopes=M.gen_slopes(2, return_1d=True))
+    outs = {}
+    for backend in ("torch", "triton"):
+        out = M.attention(q, k, v, backend=backend, **kw)
+        outs[backend] = (out, *torch.autograd.grad(out, [q, k, v], torch.ones_like(out)))
+    for name, a, b in zip(["out", "dq", "dk", "dv"], outs["triton"], outs["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_sequence_spans_skip_other_sequences():
+    from mpt_attention.impl.triton import launch
+
+    packed = torch.tensor([[0] * 50 + [1] * 30 + [2] * 20])
+    assert launch._query_tile_key_spans(packed, 100, 32).tolist() == [[[0, 50], [0, 80], [50, 100], [80, 100]]]
+    # a chunk of the last 37 queries: absolute positions 63..99
+    assert launch._query_tile_key_spans(packed, 37, 32).tolist() == [[[50, 100], [80, 100]]]
+    assert launch._key_block_query_spans(packed, 100, 32).tolist() == [[[0, 50], [0, 80], [50, 100], [80, 100]]]
+    assert launch._key_block_query_spans(packed, 37, 32).tolist() == [[[0, 0], [0, 17], [0, 37], [17, 37]]]
+    unsorted = torch.tensor([[0, 1, 0, 1] * 25])
+    assert launch._query_tile_key_spans(unsorted, 100, 64).tolist() == [[[0, 100], [0, 100]]]

@@ -16,7 +16,7 @@ from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
-_POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "Lse": "*fp32", "Delta": "*fp32",
+_POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32", "Lse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*fp32", "Bias": "*fp32", "Slopes": "*fp32"}
 
 

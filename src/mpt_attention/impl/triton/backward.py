@@ -115,7 +115,7 @@ def _dkdv_blocks(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, DBiasCols,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -174,6 +174,11 @@ def _attn_bwd_dkdv_kernel(
         # a block of padding keys only (for every query of this batch row) has zero gradients
         all_padding = (start_n >= tl.load(KvRange + b64 * 2 + 1)) | (start_n + BLOCK_N <= tl.load(KvRange + b64 * 2))
         m_end = tl.where(all_padding, 0, seqlen_q)
+    if HAS_SEQID:
+        # only queries of the sequences this key block spans can see it (launch.py; all when unsorted)
+        block = (b64 * tl.cdiv(seqlen_k, BLOCK_N) + start_n // BLOCK_N) * 2
+        lo = tl.maximum(lo, tl.load(SeqRange + block) // BLOCK_M * BLOCK_M)
+        m_end = tl.minimum(m_end, tl.load(SeqRange + block + 1))
     # Query blocks [q_split, m_end) see every key of this block: no mask arithmetic there.
     q_split = m_end
     if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
@@ -254,7 +259,7 @@ def _dq_blocks(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, DBias,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -311,7 +316,7 @@ def _attn_bwd_dq_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
-    lo, lo_masked, hi = key_block_range(start_m, b64, KvRange, seqlen_q, seqlen_k,
+    lo, lo_masked, hi = key_block_range(start_m, b64, KvRange, SeqRange, seqlen_q, seqlen_k,
                                         IS_CAUSAL, HAS_KPM, HAS_SEQID, HAS_PREFIX, BLOCK_M, BLOCK_N)
     # dS is the bias gradient; a (B, H, S_q, S_k) buffer for BIAS_GRAD == 2 (zero-initialised).
     dbias_base = DBias + bh.to(tl.int64) * seqlen_q * seqlen_k + m64 * seqlen_k

@@ -84,11 +84,12 @@ def score_tile(
 
 
 @triton.jit
-def key_block_range(start_m, b64, KvRange, seqlen_q, seqlen_k,
+def key_block_range(start_m, b64, KvRange, SeqRange, seqlen_q, seqlen_k,
                     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr,
                     HAS_PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key blocks the query tile at ``start_m`` visits, ``[lo, hi)``; ``[lo, lo_masked)`` need no mask
-    (every key in range and visible to every row of the tile)."""
+    (every key in range and visible to every row of the tile). ``SeqRange`` (B, query tiles, 2) holds
+    the keys the tile's sequences span (launch.py; all keys when the ids are not sorted)."""
     diag = seqlen_k - seqlen_q
     hi = seqlen_k + tl.zeros([], dtype=tl.int32)
     if IS_CAUSAL and not HAS_PREFIX:
@@ -98,6 +99,10 @@ def key_block_range(start_m, b64, KvRange, seqlen_q, seqlen_k,
         # keys before the first / after the last live key of this batch row are padding for every query
         lo = tl.load(KvRange + b64 * 2) // BLOCK_N * BLOCK_N
         hi = tl.minimum(hi, tl.load(KvRange + b64 * 2 + 1))
+    if HAS_SEQID:
+        tile = (b64 * tl.cdiv(seqlen_q, BLOCK_M) + start_m // BLOCK_M) * 2
+        lo = tl.maximum(lo, tl.load(SeqRange + tile) // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(hi, tl.load(SeqRange + tile + 1))
     lo_masked = lo
     if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
         full = seqlen_k + tl.zeros([], dtype=tl.int32)

@@ -58,7 +58,7 @@ def _fwd_blocks(
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -113,7 +113,7 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, lo_masked, hi = key_block_range(start_m, b64, KvRange, seqlen_q, seqlen_k,
+    lo, lo_masked, hi = key_block_range(start_m, b64, KvRange, SeqRange, seqlen_q, seqlen_k,
                                         IS_CAUSAL, HAS_KPM, HAS_SEQID, HAS_PREFIX, BLOCK_M, BLOCK_N)
     if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
         acc, l_i, m_i = _fwd_blocks(

@@ -79,6 +79,47 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
     return pointers, kv_range if kv_range is not None else dummy, bias_strides + slope_strides + row_strides, flags
 
 
+def _sequence_spans(seqid: torch.Tensor):
+    """Per position, the [start, end) of its sequence, and whether each batch row's ids are sorted.
+
+    Packed sequences have non-decreasing ids, so a tile only needs the keys its own sequences span;
+    unsorted ids get the whole range. Computed on the device (no synchronisation).
+    """
+    batch, s_k = seqid.shape
+    idx = torch.arange(s_k, device=seqid.device)
+    new_seq = torch.ones_like(seqid, dtype=torch.bool)
+    new_seq[:, 1:] = seqid[:, 1:] != seqid[:, :-1]
+    last_of_seq = torch.ones_like(new_seq)
+    last_of_seq[:, :-1] = new_seq[:, 1:]
+    start = torch.cummax(torch.where(new_seq, idx, 0), dim=1).values
+    end = torch.cummin(torch.where(last_of_seq, idx + 1, s_k).flip(1), dim=1).values.flip(1)
+    ordered = (seqid[:, 1:] >= seqid[:, :-1]).all(dim=1, keepdim=True)
+    return start, end, ordered
+
+
+def _query_tile_key_spans(seqid: torch.Tensor, s_q: int, block_m: int) -> torch.Tensor:
+    """(B, query tiles, 2) int32: the keys a query tile's sequences span (forward and dQ)."""
+    batch, s_k = seqid.shape
+    start, end, ordered = _sequence_spans(seqid)
+    first = torch.arange(0, s_q, block_m, device=seqid.device) + (s_k - s_q)  # absolute positions
+    last = torch.clamp(first + block_m, max=s_k) - 1
+    lo = torch.where(ordered, start[:, first], 0)
+    hi = torch.where(ordered, end[:, last], s_k)
+    return torch.stack([lo, hi], dim=2).to(torch.int32).contiguous()
+
+
+def _key_block_query_spans(seqid: torch.Tensor, s_q: int, block_n: int) -> torch.Tensor:
+    """(B, key blocks, 2) int32: the query rows whose sequences a key block spans (dK/dV)."""
+    batch, s_k = seqid.shape
+    start, end, ordered = _sequence_spans(seqid)
+    first = torch.arange(0, s_k, block_n, device=seqid.device)
+    last = torch.clamp(first + block_n, max=s_k) - 1
+    diag = s_k - s_q
+    lo = torch.where(ordered, (start[:, first] - diag).clamp(min=0), 0)
+    hi = torch.where(ordered, (end[:, last] - diag).clamp(min=0), s_q)
+    return torch.stack([lo, hi], dim=2).to(torch.int32).contiguous()
+
+
 def _live_key_range(kpm: torch.Tensor) -> torch.Tensor:
     """(B, 2) int32: the first live key and one past the last, per batch row (on device, no sync)."""
     batch, s_k = kpm.shape
@@ -107,8 +148,9 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     grid = (triton.cdiv(s_q, cfg["BLOCK_M"]), batch * n_heads)
     if s_q == 0 or batch * n_heads == 0:
         return out, lse
+    seq_range = _query_tile_key_spans(seqid, s_q, cfg["BLOCK_M"]) if seqid is not None and s_k > 0 else q
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, *pointers, seed if seed is not None else q, kv_range,
+        q, k, v, out, lse, *pointers, seed if seed is not None else q, kv_range, seq_range,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -164,14 +206,17 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     seed_arg = seed if seed is not None else q
     if batch * n_heads > 0 and s_k > 0:
         kv_cfg, q_cfg = _bwd_config(head_dim)
+        has_seq = seqid is not None
+        kv_spans = _key_block_query_spans(seqid, s_q, kv_cfg["BLOCK_N"]) if has_seq else q
+        q_spans = _query_tile_key_spans(seqid, s_q, q_cfg["BLOCK_M"]) if has_seq and s_q > 0 else q
         _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
-            q, k, v, dout, lse, delta, dk, dv, dbias_rows, *pointers, seed_arg, kv_range, *in_strides,
+            q, k, v, dout, lse, delta, dk, dv, dbias_rows, *pointers, seed_arg, kv_range, kv_spans, *in_strides,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             *aux_strides, *sizes, **common, **kv_cfg,
         )
         if s_q > 0:
             _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), batch * n_heads)](
-                q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, *in_strides,
+                q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *in_strides,
                 dq.stride(0), dq.stride(1), dq.stride(2),
                 *aux_strides, *sizes, **common, **q_cfg,
             )
