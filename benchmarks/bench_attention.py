@@ -198,6 +198,20 @@ def run_extras(args, rows):
                          provider=name, ms=ms, tflops=real / ms / 1e9, note="real-token TFLOP/s"))
 
 
+def run_packed(rows):
+    """8 sequences of 2048 packed into one 16k row (sequence_id) against attending over the whole row."""
+    dev, dtype, heads, head_dim, seq, n_seq = "cuda", torch.bfloat16, 16, 128, 16384, 8
+    q, k, v = (torch.randn(1, seq, heads, head_dim, device=dev, dtype=dtype) for _ in range(3))
+    seq_id = torch.arange(seq, device=dev).div(seq // n_seq, rounding_mode="floor").view(1, seq)
+    slopes = M.gen_slopes(heads, return_1d=True, device=dev)
+    real = n_seq * attention_flops(1, heads, seq // n_seq, seq // n_seq, head_dim, causal=True)
+    for name, kw in (("triton-packed", dict(sequence_id=seq_id)), ("triton-whole-row", {})):
+        ms = do_bench(lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes, **kw),
+                      warmup=25, rep=100, return_mode="median")
+        rows.append(dict(suite="packed", shape=f"B1 H{heads} S{seq} D{head_dim} {n_seq} seqs", mode="fwd",
+                         provider=name, ms=ms, tflops=real / ms / 1e9, note="real-token TFLOP/s"))
+
+
 def write_outputs(rows, out_dir, meta):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -265,6 +279,7 @@ def main():
             run_main(args, rows)
         if "extras" in args.suite:
             run_extras(args, rows)
+            run_packed(rows)
     finally:
         write_outputs(rows, args.out, meta)
         print_table(rows)
