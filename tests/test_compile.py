@@ -15,15 +15,18 @@ def test_opcheck_forward_op():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
 @pytest.mark.parametrize("case", [AttnCase(1, 23, 23, 2, 1, 16, causal=True, alibi=True, padding=True),
                                   AttnCase(2, 16, 16, 2, 2, 16, bias="vector")], ids=lambda c: c.id())
-def test_compile_fullgraph_forward_and_backward(case):
+def test_compile_fullgraph_forward_and_backward(case, backend):
     torch._dynamo.reset()
     (q, k, v), kw = make_inputs(case, requires_grad=True)
-    M.attention(q, k, v, backend="triton", **kw)  # eager once: inputs are valid
+    M.attention(q, k, v, backend=backend, **kw)  # eager once: inputs are valid
 
     def step(q, k, v):
-        out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+        if backend == "sdpa":  # no log-sum-exp from SDPA
+            return M.attention(q, k, v, backend=backend, **kw) * 2.0, q.new_zeros(())
+        out, lse = M.attention(q, k, v, backend=backend, return_lse=True, **kw)
         return out * 2.0, lse
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
