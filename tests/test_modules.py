@@ -110,13 +110,14 @@ def test_alibi_flag_equals_passing_mpts_bias(impl, causal):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _hf_setup(d=48, h=4, max_len=64):
+def _hf_setup(impl, d=48, h=4, max_len=64):
+    """HF's MptAttention and ours (``attn_impl=impl``) holding the same weights, both in eval."""
     mpt = pytest.importorskip("transformers.models.mpt.modeling_mpt")
     from transformers import MptConfig
 
     config = MptConfig(d_model=d, n_heads=h, n_layers=1, max_seq_len=max_len)
     theirs = mpt.MptAttention(config, layer_idx=0).eval()
-    ours = M.MultiheadAttention(d, h, attn_impl="torch", alibi=True, bias=False)
+    ours = M.MultiheadAttention(d, h, attn_impl=impl, alibi=True, bias=False).eval()
     ours.load_state_dict(theirs.state_dict())
     return mpt, config, theirs, ours
 
@@ -124,9 +125,7 @@ def _hf_setup(d=48, h=4, max_len=64):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_matches_hf_mpt_attention_with_padding(impl):
     torch.manual_seed(5)
-    mpt, config, theirs, ours = _hf_setup()
-    ours = M.MultiheadAttention(48, 4, attn_impl=impl, alibi=True, bias=False).eval()
-    ours.load_state_dict(theirs.state_dict())
+    mpt, config, theirs, ours = _hf_setup(impl)
     b, s = 3, 11
     x = torch.randn(b, s, 48)
     keep = torch.ones(b, s, dtype=torch.bool)
@@ -144,11 +143,8 @@ def test_matches_hf_mpt_attention_with_padding(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_matches_hf_mpt_attention_with_cache(impl):
     torch.manual_seed(6)
-    mpt, config, theirs, _ = _hf_setup()
+    mpt, config, theirs, ours = _hf_setup(impl)
     from transformers import DynamicCache
-
-    ours = M.MultiheadAttention(48, 4, attn_impl=impl, alibi=True, bias=False).eval()
-    ours.load_state_dict(theirs.state_dict())
 
     b, n, total = 2, 6, 9
     x = torch.randn(b, total, 48)
