@@ -97,22 +97,22 @@ def _sequence_spans(seqid: torch.Tensor):
     return start, end, ordered
 
 
-def _query_tile_key_spans(seqid: torch.Tensor, s_q: int, block_m: int) -> torch.Tensor:
+def _query_tile_key_spans(spans, s_q: int, block_m: int) -> torch.Tensor:
     """(B, query tiles, 2) int32: the keys a query tile's sequences span (forward and dQ)."""
-    batch, s_k = seqid.shape
-    start, end, ordered = _sequence_spans(seqid)
-    first = torch.arange(0, s_q, block_m, device=seqid.device) + (s_k - s_q)  # absolute positions
+    start, end, ordered = spans
+    s_k = start.shape[1]
+    first = torch.arange(0, s_q, block_m, device=start.device) + (s_k - s_q)  # absolute positions
     last = torch.clamp(first + block_m, max=s_k) - 1
     lo = torch.where(ordered, start[:, first], 0)
     hi = torch.where(ordered, end[:, last], s_k)
     return torch.stack([lo, hi], dim=2).to(torch.int32).contiguous()
 
 
-def _key_block_query_spans(seqid: torch.Tensor, s_q: int, block_n: int) -> torch.Tensor:
+def _key_block_query_spans(spans, s_q: int, block_n: int) -> torch.Tensor:
     """(B, key blocks, 2) int32: the query rows whose sequences a key block spans (dK/dV)."""
-    batch, s_k = seqid.shape
-    start, end, ordered = _sequence_spans(seqid)
-    first = torch.arange(0, s_k, block_n, device=seqid.device)
+    start, end, ordered = spans
+    s_k = start.shape[1]
+    first = torch.arange(0, s_k, block_n, device=start.device)
     last = torch.clamp(first + block_n, max=s_k) - 1
     diag = s_k - s_q
     lo = torch.where(ordered, (start[:, first] - diag).clamp(min=0), 0)
@@ -148,7 +148,9 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     grid = (triton.cdiv(s_q, cfg["BLOCK_M"]), batch * n_heads)
     if s_q == 0 or batch * n_heads == 0:
         return out, lse
-    seq_range = _query_tile_key_spans(seqid, s_q, cfg["BLOCK_M"]) if seqid is not None and s_k > 0 else q
+    seq_range = q
+    if seqid is not None and s_k > 0:
+        seq_range = _query_tile_key_spans(_sequence_spans(seqid), s_q, cfg["BLOCK_M"])
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *pointers, seed if seed is not None else q, kv_range, seq_range,
         q.stride(0), q.stride(1), q.stride(2),
@@ -206,9 +208,11 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     seed_arg = seed if seed is not None else q
     if batch * n_heads > 0 and s_k > 0:
         kv_cfg, q_cfg = _bwd_config(head_dim)
-        has_seq = seqid is not None
-        kv_spans = _key_block_query_spans(seqid, s_q, kv_cfg["BLOCK_N"]) if has_seq else q
-        q_spans = _query_tile_key_spans(seqid, s_q, q_cfg["BLOCK_M"]) if has_seq and s_q > 0 else q
+        kv_spans = q_spans = q
+        if seqid is not None:  # one pass over the ids serves both kernels
+            spans = _sequence_spans(seqid)
+            kv_spans = _key_block_query_spans(spans, s_q, kv_cfg["BLOCK_N"])
+            q_spans = _query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
         _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
             q, k, v, dout, lse, delta, dk, dv, dbias_rows, *pointers, seed_arg, kv_range, kv_spans, *in_strides,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
