@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import mpt_attention as M
+from mpt_attention.padding import pad, unpad
 from mpt_attention.testing import attention_flops
 
 MAIN_SHAPES = [  # (B, H_q, H_kv, S, D): 16k tokens per batch
@@ -190,12 +191,37 @@ def run_extras(args, rows):
     kpm = (torch.arange(seq).view(1, seq) < lengths.view(batch, 1)).to(dev)
     slopes = M.gen_slopes(n_heads, return_1d=True, device=dev)
     real = sum(attention_flops(1, n_heads, int(n), int(n), head_dim, causal=True) for n in lengths)
-    for name, fn in (("triton-padded", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes,
-                                                          key_padding_mask=kpm)),
-                     ("triton-dense", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes))):
+    (qp, kp, vp), (idx, cu, max_len) = [unpad(t, kpm)[0] for t in (q, k, v)], unpad(q, kpm)[1:]
+
+    def varlen():
+        return M.attention_varlen(qp, kp, vp, cu, cu, max_len, max_len, backend="triton", causal=True,
+                                  alibi_slopes=slopes)
+
+    def varlen_with_copies():  # from the padded batch and back, as a model that stays padded would do
+        packed = [unpad(t, kpm)[0] for t in (q, k, v)]
+        out = M.attention_varlen(*packed, cu, cu, max_len, max_len, backend="triton", causal=True, alibi_slopes=slopes)
+        return pad(out, idx, batch, seq)
+
+    providers = (
+        ("triton-varlen", varlen, "packed (cu_seqlens), no padded row computed"),
+        ("triton-varlen+unpad/pad", varlen_with_copies, "padded in and out: gathers and the scatter counted"),
+        ("triton-padded", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes,
+                                              key_padding_mask=kpm), "key_padding_mask: padded keys skipped"),
+        ("triton-dense", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes),
+         "the padded batch run dense"),
+    )
+    for name, fn, what in providers:
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
         rows.append(dict(suite="padding", shape=f"B{batch} H{n_heads} S{seq} D{head_dim} ~50% pad", mode="fwd",
-                         provider=name, ms=ms, tflops=real / ms / 1e9, note="real-token TFLOP/s"))
+                         provider=name, ms=ms, tflops=real / ms / 1e9, note=f"real-token TFLOP/s; {what}"))
+    # forward+backward, packed against dense
+    grads = [t.requires_grad_() for t in (q, k, v, qp, kp, vp)]
+    for name, fn, inputs in (("triton-varlen", varlen, grads[3:]),
+                             ("triton-dense", lambda: M.attention(q, k, v, backend="triton", causal=True,
+                                                                  alibi_slopes=slopes), grads[:3])):
+        ms = time_provider(fn, inputs, "fwd_bwd")
+        rows.append(dict(suite="padding", shape=f"B{batch} H{n_heads} S{seq} D{head_dim} ~50% pad", mode="fwd_bwd",
+                         provider=name, ms=ms, tflops=3.5 * real / ms / 1e9, note="real-token TFLOP/s"))
 
 
 def run_packed(rows):

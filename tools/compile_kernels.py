@@ -16,7 +16,8 @@ from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
-_POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32", "Lse": "*fp32", "Delta": "*fp32",
+_POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
+                  "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*fp32", "Bias": "*fp32", "Slopes": "*fp32"}
 
 
@@ -38,9 +39,10 @@ def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
 def main() -> int:
     failures = 0
     flag_sets = [
-        dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False),
-        dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True),
-        dict(IS_CAUSAL=True, ALIBI=2, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=True, DROPOUT=False),
+        dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
+        dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True, VARLEN=False),
+        dict(IS_CAUSAL=True, ALIBI=2, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=True, DROPOUT=False, VARLEN=False),
+        dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=True, VARLEN=True),
     ]
     for head_dim, flags in itertools.product((64, 128, 256), flag_sets):
         block_d = max(16, triton.next_power_of_2(head_dim))

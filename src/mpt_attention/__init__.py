@@ -3,7 +3,8 @@
 Importing the package needs torch only; Triton is imported when the ``triton`` backend first runs.
 """
 
-from mpt_attention.api import BACKENDS, attention, backend_status
+from mpt_attention import padding
+from mpt_attention.api import BACKENDS, attention, attention_varlen, backend_status
 from mpt_attention.functional import (
     flash_attn_fn,
     scaled_multihead_dot_product_attention,
@@ -35,6 +36,7 @@ __all__ = [
     "MultiQueryAttention",
     "MultiheadAttention",
     "attention",
+    "attention_varlen",
     "attn_bias_shape",
     "backend_status",
     "build_alibi_bias",
@@ -42,6 +44,7 @@ __all__ = [
     "build_mpt_attn_bias",
     "flash_attn_fn",
     "gen_slopes",
+    "padding",
     "scaled_multihead_dot_product_attention",
     "sdpa_attn_fn",
     "triton_flash_attn_fn",

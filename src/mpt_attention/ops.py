@@ -25,15 +25,19 @@ def _triton_fwd(
     bias: Tensor | None, slopes: Tensor | None, key_padding_mask: Tensor | None,
     sequence_id: Tensor | None, prefix_mask: Tensor | None, seed: Tensor | None,
     softmax_scale: float, causal: bool, dropout_p: float,
+    cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
 ) -> tuple[Tensor, Tensor]:
     return _launch().forward(q, k, v, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
-                             softmax_scale, causal, dropout_p)
+                             softmax_scale, causal, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 @_triton_fwd.register_fake
-def _(q, k, v, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed, softmax_scale, causal, dropout_p):
-    batch, s_q, n_heads, _ = q.shape
+def _(q, k, v, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed, softmax_scale, causal, dropout_p,
+      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if cu_seqlens_q is not None:  # packed (T_q, H, D): LSE (H, T_q)
+        return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    batch, s_q, n_heads, _ = q.shape
     return out, q.new_empty((batch, n_heads, s_q), dtype=torch.float32)
 
 
@@ -43,50 +47,57 @@ def _triton_bwd(
     bias: Tensor | None, slopes: Tensor | None, key_padding_mask: Tensor | None,
     sequence_id: Tensor | None, prefix_mask: Tensor | None, seed: Tensor | None,
     softmax_scale: float, causal: bool, dropout_p: float, bias_grad: bool,
+    cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _launch().backward(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id,
-                              prefix_mask, seed, softmax_scale, causal, dropout_p, bias_grad)
+                              prefix_mask, seed, softmax_scale, causal, dropout_p, bias_grad,
+                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 @_triton_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
-      softmax_scale, causal, dropout_p, bias_grad):
+      softmax_scale, causal, dropout_p, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     dbias = torch.empty_like(bias, dtype=bias.dtype) if bias_grad else q.new_empty(0)
     return (*grads, dbias)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p = inputs
+    (q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
+     cu_q, cu_k, max_q, max_k) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed)
+    ctx.save_for_backward(q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, cu_q, cu_k)
     ctx.args = (softmax_scale, causal, dropout_p)
+    ctx.max_lens = (max_q, max_k)
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed = ctx.saved_tensors
+    q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, cu_q, cu_k = ctx.saved_tensors
     softmax_scale, causal, dropout_p = ctx.args
     if dout is None:  # only the log-sum-exp was used
         dout = torch.zeros_like(out)
     dq, dk, dv, dbias = _triton_bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
-                                    softmax_scale, causal, dropout_p, ctx.bias_grad)
-    return dq, dk, dv, (dbias if ctx.bias_grad else None), None, None, None, None, None, None, None, None
+                                    softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens)
+    return (dq, dk, dv, (dbias if ctx.bias_grad else None)) + (None,) * 12
 
 
 torch.library.register_autograd("mpt_attention::triton_fwd", _backward, setup_context=_setup_context)
 
 
-def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias, key_padding_mask,
-                     sequence_id, prefix_mask, dropout_p):
-    """Validated inputs in, ``(out, lse)`` out; see :func:`mpt_attention.attention`."""
+def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=None, key_padding_mask=None,
+                     sequence_id=None, prefix_mask=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
+                     max_seqlen_q=0, max_seqlen_k=0):
+    """Validated inputs in, ``(out, lse)`` out; see :func:`mpt_attention.attention` and
+    :func:`mpt_attention.attention_varlen`."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     seed = None
     if dropout_p > 0.0:
         # drawn from torch's generator, so torch.manual_seed makes dropout reproducible
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(q.device)
     return _triton_fwd(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
-                       scale, causal, float(dropout_p))
+                       scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                       int(max_seqlen_k))
 
 
 def triton_dropout_mask(batch, n_heads, s_q, s_k, seed: Tensor, dropout_p: float) -> Tensor:

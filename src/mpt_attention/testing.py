@@ -114,7 +114,7 @@ def reference_attention(
         if sequence_id is not None:
             allowed &= sequence_id[:, s_k - s_q:].view(batch, s_q, 1) == sequence_id.view(batch, 1, s_k)
         scores = scores.masked_fill(~allowed, float("-inf"))
-        row_max = scores.amax(-1, keepdim=True)
+        row_max = scores.amax(-1, keepdim=True) if s_k else scores.new_full((batch, s_q, 1), float("-inf"))
         empty = row_max == float("-inf")
         weights = torch.exp(scores - torch.where(empty, 0.0, row_max))
         total = weights.sum(-1, keepdim=True)

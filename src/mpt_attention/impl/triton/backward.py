@@ -13,15 +13,18 @@ written by the dQ kernel. The launcher reduces either to the bias's own shape.
 import triton
 import triton.language as tl
 
-from mpt_attention.impl.triton.common import LOG2E, bias_pointers, dropout_keep, key_block_range, live_keys, score_tile
+from mpt_attention.impl.triton.common import (
+    LOG2E, bias_pointers, dropout_keep, key_block_range, live_keys, score_tile, sequence_bounds,
+)
 
 
 @triton.jit
-def _row_stats(Lse, Delta, bh, rows, row_ok, seqlen_q):
-    """Log2-domain LSE (+inf for rows that saw nothing, so their probabilities are 0) and delta."""
-    lse = tl.load(Lse + bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=float("-inf"))
+def _row_stats(lse_row, delta_row, rows, row_ok):
+    """Log2-domain LSE (+inf for rows that saw nothing, so their probabilities are 0) and delta;
+    ``lse_row``, ``delta_row`` point at the (batch, head)'s first query row."""
+    lse = tl.load(lse_row + rows, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_row + rows, mask=row_ok, other=0.0)
     return lse2, delta
 
 
@@ -51,7 +54,7 @@ def _attn_bwd_delta_kernel(
 @triton.jit
 def _tile_grads(
     q, k, v, do, lse2, delta, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2,
-    qk_scale2, seed, bh, dropout_p, seqlen_q, seqlen_k,
+    qk_scale2, seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -67,7 +70,7 @@ def _tile_grads(
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     p_dropped = p
     if DROPOUT:
-        keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
+        keep = dropout_keep(seed, bh, rows, cols, rng_q, rng_k, dropout_p)
         p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     return p_dropped, p * (dp - delta[:, None])
@@ -75,9 +78,9 @@ def _tile_grads(
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse, Delta, kpm_ptr, seqid_ptr, prefix_ptr,
+    dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, lse_row, delta_row, kpm_ptr, seqid_ptr, prefix_ptr,
     stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
-    seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, hi,
+    seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, hi,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -94,7 +97,7 @@ def _dkdv_blocks(
         # [BLOCK_M, BLOCK_D]
         q = tl.load(q_head + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
         do = tl.load(do_head + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
-        lse2, delta = _row_stats(Lse, Delta, bh, rows, row_ok, seqlen_q)
+        lse2, delta = _row_stats(lse_row, delta_row, rows, row_ok)
         q_seq = rows
         if HAS_SEQID:
             q_seq = tl.load(seqid_ptr + rows + diag, mask=row_ok, other=0)
@@ -102,7 +105,7 @@ def _dkdv_blocks(
         # [BLOCK_M, BLOCK_N]
         p_dropped, ds = _tile_grads(
             q, k, v, do, lse2, delta, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2,
-            qk_scale2, seed, bh, dropout_p, seqlen_q, seqlen_k,
+            qk_scale2, seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k,
             IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, APPLY_MASK, DOT_PRECISION,
         )
         dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=DOT_PRECISION)
@@ -115,13 +118,14 @@ def _dkdv_blocks(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, DBiasCols,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_slb, stride_slh,
     stride_kpm, stride_sid, stride_pfx,
@@ -129,7 +133,7 @@ def _attn_bwd_dkdv_kernel(
     softmax_scale, qk_scale2, dropout_p,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -138,6 +142,8 @@ def _attn_bwd_dkdv_kernel(
     b = bkv // n_kv
     kv_h = bkv % n_kv
     b64 = b.to(tl.int64)
+    rng_q, rng_k = seqlen_q, seqlen_k
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(b64, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -146,7 +152,7 @@ def _attn_bwd_dkdv_kernel(
     col_ok = cols < seqlen_k
     d_ok = offs_d < head_dim
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    row_start = tl.cast(start_n, tl.int64)
+    row_start = k_start + start_n
     kpm_ptr = KeyPad + b64 * stride_kpm
     load_mask = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)[:, None] & d_ok[None, :]
 
@@ -169,7 +175,7 @@ def _attn_bwd_dkdv_kernel(
     if IS_CAUSAL and not HAS_PREFIX:
         # rows i with i + diag >= start_n are the first to see this block
         lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
-    m_end = seqlen_q
+    m_end = tl.where(start_n < seqlen_k, seqlen_q, 0)  # a block past a short sequence's end (varlen)
     if HAS_KPM:
         # a block of padding keys only (for every query of this batch row) has zero gradients
         all_padding = (start_n >= tl.load(KvRange + b64 * 2 + 1)) | (start_n + BLOCK_N <= tl.load(KvRange + b64 * 2))
@@ -196,20 +202,21 @@ def _attn_bwd_dkdv_kernel(
         slope2 = 0.0
         if ALIBI != 0:
             slope2 = tl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(tl.float32) * LOG2E
-        q_head = Q + b64 * stride_qb + h64 * stride_qh
-        do_head = DO + b64 * stride_dob + h64 * stride_doh
+        q_head = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qs
+        do_head = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dos
         bias_head = Bias + b64 * stride_bb + h64 * stride_bh + row_start * stride_bn
+        stats = b64 * stride_lb + h64 * stride_lh + q_start
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dbias_cols = _dkdv_blocks(
-            dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse, Delta, kpm_ptr, seqid_ptr, prefix_ptr,
-            stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
-            seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, q_split,
+            dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse + stats, Delta + stats, kpm_ptr, seqid_ptr,
+            prefix_ptr, stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
+            seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, q_split,
             IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DOT_PRECISION, BLOCK_M,
         )
         dk, dv, dbias_cols = _dkdv_blocks(
-            dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse, Delta, kpm_ptr, seqid_ptr, prefix_ptr,
-            stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
-            seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, q_split, m_end,
+            dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse + stats, Delta + stats, kpm_ptr, seqid_ptr,
+            prefix_ptr, stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
+            seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, q_split, m_end,
             IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DOT_PRECISION, BLOCK_M,
         )
         if BIAS_GRAD == 1:
@@ -225,7 +232,7 @@ def _attn_bwd_dkdv_kernel(
 def _dq_blocks(
     dq, q, do, lse2, delta, k_base, v_base, bias_base, dbias_base, kpm_ptr, seqid_ptr, prefix_ptr,
     stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
-    seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, hi,
+    seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, hi,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -246,7 +253,7 @@ def _dq_blocks(
         # [BLOCK_M, BLOCK_N]
         _, ds = _tile_grads(
             q, k, v, do, lse2, delta, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2,
-            qk_scale2, seed, bh, dropout_p, seqlen_q, seqlen_k,
+            qk_scale2, seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k,
             IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, APPLY_MASK, DOT_PRECISION,
         )
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -259,12 +266,13 @@ def _dq_blocks(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, DBias,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_slb, stride_slh,
     stride_kpm, stride_sid, stride_pfx,
@@ -272,7 +280,7 @@ def _attn_bwd_dq_kernel(
     softmax_scale, qk_scale2, dropout_p,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Causal rows near the bottom see the most keys: start those first so they do not finish last.
@@ -282,7 +290,9 @@ def _attn_bwd_dq_kernel(
     h = bh % n_heads
     kv_h = h // n_groups
     b64, h64, kv64 = b.to(tl.int64), h.to(tl.int64), kv_h.to(tl.int64)
-    m64 = tl.cast(start_m, tl.int64)
+    rng_q, rng_k = seqlen_q, seqlen_k
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(b64, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
+    m64 = q_start + start_m
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -297,11 +307,12 @@ def _attn_bwd_dq_kernel(
                 mask=q_mask, other=0.0)
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :],
                  mask=q_mask, other=0.0)
-    lse2, delta = _row_stats(Lse, Delta, bh, rows, row_ok, seqlen_q)
+    stats = b64 * stride_lb + h64 * stride_lh + q_start
+    lse2, delta = _row_stats(Lse + stats, Delta + stats, rows, row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_base = K + b64 * stride_kb + kv64 * stride_kh
-    v_base = V + b64 * stride_vb + kv64 * stride_vh
+    k_base = K + b64 * stride_kb + kv64 * stride_kh + k_start * stride_ks
+    v_base = V + b64 * stride_vb + kv64 * stride_vh + k_start * stride_vs
     bias_base = Bias + b64 * stride_bb + h64 * stride_bh + m64 * stride_bm
     kpm_ptr = KeyPad + b64 * stride_kpm
     seqid_ptr = SeqId + b64 * stride_sid
@@ -323,13 +334,13 @@ def _attn_bwd_dq_kernel(
     dq = _dq_blocks(
         dq, q, do, lse2, delta, k_base, v_base, bias_base, dbias_base, kpm_ptr, seqid_ptr, prefix_ptr,
         stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
-        seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, lo_masked,
+        seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, lo_masked,
         IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DOT_PRECISION, BLOCK_N,
     )
     dq = _dq_blocks(
         dq, q, do, lse2, delta, k_base, v_base, bias_base, dbias_base, kpm_ptr, seqid_ptr, prefix_ptr,
         stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
-        seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo_masked, hi,
+        seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo_masked, hi,
         IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DOT_PRECISION, BLOCK_N,
     )
 

@@ -84,6 +84,22 @@ def score_tile(
 
 
 @triton.jit
+def sequence_bounds(b64, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """``(q_start, k_start, len_q, len_k)`` of sequence ``b``: its first row in the packed tensors and
+    its lengths. Without VARLEN every batch row starts at 0 and has the full lengths."""
+    q_start = tl.zeros([], dtype=tl.int64)
+    k_start = tl.zeros([], dtype=tl.int64)
+    len_q = seqlen_q + tl.zeros([], dtype=tl.int32)
+    len_k = seqlen_k + tl.zeros([], dtype=tl.int32)
+    if VARLEN:
+        q_start = tl.load(CuSeqQ + b64).to(tl.int64)
+        k_start = tl.load(CuSeqK + b64).to(tl.int64)
+        len_q = (tl.load(CuSeqQ + b64 + 1) - q_start).to(tl.int32)
+        len_k = (tl.load(CuSeqK + b64 + 1) - k_start).to(tl.int32)
+    return q_start, k_start, len_q, len_k
+
+
+@triton.jit
 def key_block_range(start_m, b64, KvRange, SeqRange, seqlen_q, seqlen_k,
                     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr,
                     HAS_PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -103,6 +119,7 @@ def key_block_range(start_m, b64, KvRange, SeqRange, seqlen_q, seqlen_k,
         tile = (b64 * tl.cdiv(seqlen_q, BLOCK_M) + start_m // BLOCK_M) * 2
         lo = tl.maximum(lo, tl.load(SeqRange + tile) // BLOCK_N * BLOCK_N)
         hi = tl.minimum(hi, tl.load(SeqRange + tile + 1))
+    hi = tl.where(start_m < seqlen_q, hi, lo)  # a tile past a short sequence's end (varlen) does nothing
     lo_masked = lo
     if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
         full = seqlen_k + tl.zeros([], dtype=tl.int32)
@@ -127,7 +144,8 @@ def dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p):
     """[BLOCK_M, BLOCK_N] bool: which weights survive dropout; identical in forward and backward.
 
     One Philox stream per (batch*head, row, col) element through a 64-bit counter, so no two
-    elements of one call share a random number, whatever the sizes.
+    elements of one call share a random number, whatever the sizes. ``seqlen_q, seqlen_k`` are the
+    counter's dims: the call's lengths, or the longest sequence's under varlen (row, col < them).
     """
     row_ids = (bh.to(tl.int64) * seqlen_q + rows.to(tl.int64)) * seqlen_k
     offsets = row_ids[:, None] + cols.to(tl.int64)[None, :]

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from mpt_attention.impl.triton.common import (
-    LN2, LOG2E, bias_pointers, dropout_keep, key_block_range, live_keys, score_tile,
+    LN2, LOG2E, bias_pointers, dropout_keep, key_block_range, live_keys, score_tile, sequence_bounds,
 )
 
 
@@ -19,7 +19,7 @@ def _fwd_blocks(
     k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
     stride_ks, stride_vs, stride_bm, stride_bn,
     rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
-    seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, hi,
+    seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, hi,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -46,7 +46,7 @@ def _fwd_blocks(
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, rows, cols, seqlen_q, seqlen_k, dropout_p)
+            keep = dropout_keep(seed, bh, rows, cols, rng_q, rng_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_base + tl.cast(start_n, tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
@@ -58,11 +58,12 @@ def _fwd_blocks(
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_slb, stride_slh,
     stride_kpm, stride_sid, stride_pfx,
@@ -70,9 +71,11 @@ def _attn_fwd_kernel(
     qk_scale2, dropout_p,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """``seqlen_q, seqlen_k``: the lengths of every batch row, or under VARLEN the longest sequence's
+    (the grid's extent and the dropout counter's dims); each sequence's own come from ``CuSeqQ/K``."""
     # Causal rows near the bottom see the most keys: start those first so they do not finish last.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -80,6 +83,8 @@ def _attn_fwd_kernel(
     h = bh % n_heads
     kv_h = h // n_groups
     b64, h64, kv64 = b.to(tl.int64), h.to(tl.int64), kv_h.to(tl.int64)
+    rng_q, rng_k = seqlen_q, seqlen_k
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(b64, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -88,11 +93,11 @@ def _attn_fwd_kernel(
     row_ok = rows < seqlen_q
     d_ok = offs_d < head_dim
 
-    q_base = Q + b64 * stride_qb + h64 * stride_qh + tl.cast(start_m, tl.int64) * stride_qs
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + (q_start + start_m) * stride_qs
     # [BLOCK_M, BLOCK_D]
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b64 * stride_kb + kv64 * stride_kh
-    v_base = V + b64 * stride_vb + kv64 * stride_vh
+    k_base = K + b64 * stride_kb + kv64 * stride_kh + k_start * stride_ks
+    v_base = V + b64 * stride_vb + kv64 * stride_vh + k_start * stride_vs
     bias_base = Bias + b64 * stride_bb + h64 * stride_bh + tl.cast(start_m, tl.int64) * stride_bm
     kpm_ptr = KeyPad + b64 * stride_kpm
     seqid_ptr = SeqId + b64 * stride_sid
@@ -119,13 +124,13 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
             stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
-            seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo, lo_masked,
+            seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, lo_masked,
             IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, False, DOT_PRECISION, BLOCK_N,
         )
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
         stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
-        seed, bh, dropout_p, seqlen_q, seqlen_k, head_dim, lo_masked, hi,
+        seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo_masked, hi,
         IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, True, DOT_PRECISION, BLOCK_N,
     )
 
@@ -134,7 +139,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(live, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-    o_base = Out + b64 * stride_ob + h64 * stride_oh + tl.cast(start_m, tl.int64) * stride_os
+    o_base = Out + b64 * stride_ob + h64 * stride_oh + (q_start + start_m) * stride_os
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
+    tl.store(Lse + b64 * stride_lb + h64 * stride_lh + q_start + rows, lse, mask=row_ok)

@@ -136,13 +136,38 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p):
-    """Returns ``out (B, S_q, H, D)`` contiguous and ``lse (B, H, S_q)`` float32."""
+def _strides(x: torch.Tensor, varlen: bool) -> tuple:
+    """(batch, seq, head) strides of a (B, S, H, D) tensor, or of a packed (T, H, D) one whose
+    sequences all start at row 0 of their own (the kernel adds each sequence's start)."""
+    return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
+
+
+class _Geometry:
+    """Sizes the kernels are launched with. Dense: (B, S, H, D) tensors, LSE (B, H, S_q). Varlen:
+    packed (T, H, D) tensors with ``cu_seqlens``, LSE (H, T_q), the grid sized by the longest sequence."""
+
+    def __init__(self, q, k, cu_q, max_q, max_k):
+        self.varlen = cu_q is not None
+        if self.varlen:
+            total_q, self.n_heads, self.head_dim = q.shape
+            self.batch, self.s_q, self.s_k, self.n_kv = cu_q.shape[0] - 1, max_q, max_k, k.shape[1]
+            self.lse_shape, self.lse_strides = (self.n_heads, total_q), (0, total_q)
+        else:
+            self.batch, self.s_q, self.n_heads, self.head_dim = q.shape
+            self.s_k, self.n_kv = k.shape[1], k.shape[2]
+            self.lse_shape = (self.batch, self.n_heads, self.s_q)
+            self.lse_strides = (self.n_heads * self.s_q, self.s_q)
+
+
+def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
+            cu_q=None, cu_k=None, max_q=0, max_k=0):
+    """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
+    for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``)."""
     q, k, v = (_head_contiguous(x) for x in (q, k, v))
-    batch, s_q, n_heads, head_dim = q.shape
-    s_k, n_kv = k.shape[1], k.shape[2]
+    geo = _Geometry(q, k, cu_q, max_q, max_k)
+    batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
     pointers, kv_range, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
     cfg = _fwd_config(head_dim)
     grid = (triton.cdiv(s_q, cfg["BLOCK_M"]), batch * n_heads)
@@ -151,37 +176,40 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     seq_range = q
     if seqid is not None and s_k > 0:
         seq_range = _query_tile_key_spans(_sequence_spans(seqid), s_q, cfg["BLOCK_M"])
+    varlen = geo.varlen
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *pointers, seed if seed is not None else q, kv_range, seq_range,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        cu_q if varlen else q, cu_k if varlen else q,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *geo.lse_strides,
         *aux_strides,
         n_heads, n_heads // n_kv, s_q, s_k, head_dim,
         softmax_scale * LOG2E, dropout_p,
-        DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
+        DROPOUT=dropout_p > 0.0, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags, **cfg,
     )
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
-             dropout_p, bias_grad):
+             dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0):
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or empty).
 
     ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
     it folds into ``delta``: dS = P * (dP - (delta - dlse)).
     """
     q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
-    batch, s_q, n_heads, head_dim = q.shape
-    s_k, n_kv = k.shape[1], k.shape[2]
-    delta = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
-    if batch * n_heads > 0 and s_q > 0:
+    geo = _Geometry(q, k, cu_q, max_q, max_k)
+    batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
+    varlen = geo.varlen
+    delta = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
+    # delta has the LSE's layout; packed varlen rows are one long batch row for this row-wise kernel
+    o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
+    d_batch, d_rows = (1, q.shape[0]) if varlen else (batch, s_q)
+    if d_batch * n_heads > 0 and d_rows > 0:
         block = 32 if _INTERPRET else 64
-        _attn_bwd_delta_kernel[(triton.cdiv(s_q, block), batch * n_heads)](
-            out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
-            dout.stride(2), n_heads, s_q, head_dim, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        _attn_bwd_delta_kernel[(triton.cdiv(d_rows, block), d_batch * n_heads)](
+            o4, do4, delta, o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0), do4.stride(1),
+            do4.stride(2), n_heads, d_rows, head_dim, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         )
     if dlse is not None:
         delta = delta - dlse.float()
@@ -199,13 +227,13 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             bias_mode = 2
             dbias_full = torch.zeros((batch, n_heads, s_q, s_k), dtype=torch.float32, device=q.device)
     common = dict(
-        DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_mode, DOT_PRECISION=_dot_precision(q.dtype),
+        DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_mode, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags,
     )
     sizes = (n_heads, n_heads // n_kv, s_q, s_k, head_dim, softmax_scale, softmax_scale * LOG2E, dropout_p)
-    in_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                  v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    in_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
     seed_arg = seed if seed is not None else q
+    cu_args = (cu_q, cu_k) if varlen else (q, q)
     if batch * n_heads > 0 and s_k > 0:
         kv_cfg, q_cfg = _bwd_config(head_dim)
         kv_spans = q_spans = q
@@ -214,14 +242,14 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             kv_spans = _key_block_query_spans(spans, s_q, kv_cfg["BLOCK_N"])
             q_spans = _query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
         _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
-            q, k, v, dout, lse, delta, dk, dv, dbias_rows, *pointers, seed_arg, kv_range, kv_spans, *in_strides,
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            q, k, v, dout, lse, delta, dk, dv, dbias_rows, *pointers, seed_arg, kv_range, kv_spans, *cu_args,
+            *in_strides, *_strides(dk, varlen), *_strides(dv, varlen), *geo.lse_strides,
             *aux_strides, *sizes, **common, **kv_cfg,
         )
         if s_q > 0:
             _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), batch * n_heads)](
-                q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *in_strides,
-                dq.stride(0), dq.stride(1), dq.stride(2),
+                q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args,
+                *in_strides, *_strides(dq, varlen), *geo.lse_strides,
                 *aux_strides, *sizes, **common, **q_cfg,
             )
     else:  # nothing to attend to or from: every gradient is zero

@@ -1,0 +1,62 @@
+"""Turn one ``bench_attention.py`` results.json into the markdown tables of ``results/README.md``.
+
+    python benchmarks/summarize.py benchmarks/results/<run>.json
+
+Per mode, a row per shape and a column per provider (TFLOP/s), then the ratios the issue's targets are
+stated in; every ratio compares providers measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+RATIOS = (  # (column title, numerator, denominator)
+    ("ours+ALiBi / FA4+ALiBi", "triton-alibi", "fa4-alibi"),
+    ("/ Flex+ALiBi", "triton-alibi", "flex-alibi"),
+    ("ours / cuDNN", "triton", "cudnn"),
+    ("ALiBi / no bias", "triton-alibi", "triton"),
+    ("vec bias / slopes", "triton-vecbias", "triton-alibi"),
+)
+
+
+def pivot(rows, mode):
+    main = [r for r in rows if r["suite"] == "main" and r["mode"] == mode]
+    shapes = list(dict.fromkeys(r["shape"] for r in main))
+    providers = list(dict.fromkeys(r["provider"] for r in main))
+    value = {(r["shape"], r["provider"]): r["tflops"] for r in main}
+    head = ["shape (B, H_q/H_kv, S, D)", *providers, *(title for title, _, _ in RATIOS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for shape in shapes:
+        cells = [shape] + [f"{value[shape, p]:.0f}" if value.get((shape, p)) else "-" for p in providers]
+        for _, num, den in RATIOS:
+            a, b = value.get((shape, num)), value.get((shape, den))
+            cells.append(f"{a / b:.2f}" if a and b else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def extras(rows):
+    lines = ["| suite | shape | mode | provider | ms | TFLOP/s | note |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["suite"] != "main":
+            lines.append(f"| {r['suite']} | {r['shape']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} "
+                         f"| {r['tflops']:.1f} | {r['note']} |")
+    return lines
+
+
+def main(path):
+    with open(path) as f:
+        data = json.load(f)
+    meta, rows = data["meta"], data["rows"]
+    out = [f"## {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, commit {meta['commit']}, {meta['date']}",
+           "", "bf16, causal. TFLOP/s (4·B·H·S_q·S_k_visible·D per forward, x3.5 for fwd+bwd).", ""]
+    for mode in dict.fromkeys(r["mode"] for r in rows if r["suite"] == "main"):
+        out += [f"### {mode}", "", *pivot(rows, mode), ""]
+    if any(r["suite"] != "main" for r in rows):
+        out += ["### extras", "", *extras(rows), ""]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

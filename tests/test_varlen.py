@@ -1,0 +1,188 @@
+"""attention_varlen: packed sequences of different lengths (cu_seqlens), on every backend, against
+the float64 reference run on each sequence alone; and its agreement with the padded layout."""
+
+import pytest
+import torch
+
+import mpt_attention as M
+from mpt_attention import ops
+from mpt_attention.padding import pad, unpad
+from mpt_attention.testing import assert_close_to_reference, reference_attention
+
+BACKENDS = ["torch", "sdpa", "triton"]
+
+
+def _cu(lengths):
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+def make_varlen(lens_q, lens_k, n_heads, n_kv, head_dim, dtype=torch.float32, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_(requires_grad)
+
+    q = randn(sum(lens_q), n_heads, head_dim)
+    k, v = randn(sum(lens_k), n_kv, head_dim), randn(sum(lens_k), n_kv, head_dim)
+    return q, k, v, _cu(lens_q), _cu(lens_k)
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, alibi_slopes=None, compute_dtype=torch.float64, **kw):
+    """The float64 reference on each sequence alone, concatenated: ``(T_q, H, D)``, ``(H, T_q)``."""
+    outs, lses = [], []
+    for b in range(cu_q.numel() - 1):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        out, lse = reference_attention(q[qs][None], k[ks][None], v[ks][None], alibi_slopes=slopes,
+                                       compute_dtype=compute_dtype, **kw)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+CASES = [  # (lens_q, lens_k, H_q, H_kv, D, causal, alibi)
+    pytest.param([37, 1, 20], [37, 1, 20], 4, 4, 16, True, "heads", id="self-causal-alibi-MHA"),
+    pytest.param([37, 0, 20, 5], [45, 3, 20, 9], 4, 2, 16, True, "batch", id="chunked-prefill-GQA-alibi-per-seq"),
+    pytest.param([9, 30], [40, 12], 4, 1, 32, False, "heads", id="cross-MQA-symmetric-alibi"),
+    pytest.param([12, 7], [5, 7], 2, 2, 16, True, None, id="more-queries-than-keys"),
+    pytest.param([33, 0], [0, 33], 2, 1, 8, True, None, id="empty-sequences"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lens_q,lens_k,n_heads,n_kv,head_dim,causal,alibi", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_varlen_matches_each_sequence_alone(backend, lens_q, lens_k, n_heads, n_kv, head_dim, causal, alibi, dtype):
+    q, k, v, cu_q, cu_k = make_varlen(lens_q, lens_k, n_heads, n_kv, head_dim, dtype, requires_grad=True)
+    slopes = None
+    if alibi:
+        slopes = M.gen_slopes(n_heads, return_1d=True)
+        if alibi == "batch":
+            slopes = slopes.view(1, n_heads) * torch.linspace(0.5, 1.5, len(lens_q)).view(-1, 1)
+    kw = dict(causal=causal)
+    out = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, alibi_slopes=slopes, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, _ = reference_varlen(*inputs64, cu_q, cu_k, alibi_slopes=slopes, **kw)
+    ref_grads = torch.autograd.grad(ref, inputs64, dout.double())
+    low_inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    low, _ = reference_varlen(*low_inputs, cu_q, cu_k, alibi_slopes=slopes, compute_dtype=dtype, **kw)
+    low_grads = torch.autograd.grad(low, low_inputs, dout.to(low.dtype))
+
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close_to_reference("out", out, ref, low)
+    for name, g, r, lo in zip(["dq", "dk", "dv"], grads, ref_grads, low_grads):
+        assert_close_to_reference(name, g, r, lo)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_varlen_log_sum_exp_is_heads_by_tokens(backend):
+    q, k, v, cu_q, cu_k = make_varlen([12, 0, 7], [15, 4, 3], 2, 1, 16)
+    _, lse = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, causal=True, return_lse=True)
+    _, ref = reference_varlen(q, k, v, cu_q, cu_k, causal=True)
+    assert lse.shape == (2, 19) and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref)), "rows that see no key have lse = -inf"
+    live = torch.isfinite(ref)
+    torch.testing.assert_close(lse[live].double(), ref[live], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_varlen_equals_padded_attention_on_live_rows(backend, side):
+    """unpad -> attention_varlen -> pad gives what attention() with the key padding mask gives on every
+    live query (ALiBi's causal form included: it differs by a per-row constant only)."""
+    gen = torch.Generator().manual_seed(1)
+    batch, seq, n_heads, head_dim = 3, 41, 4, 16
+    x = torch.randn(batch, seq, 3, n_heads, head_dim, generator=gen)
+    q, k, v = x.unbind(2)
+    lengths = torch.tensor([41, 17, 30])
+    keep = torch.arange(seq).view(1, seq) < lengths.view(batch, 1)
+    keep = keep.flip(1) if side == "left" else keep
+    slopes = M.gen_slopes(n_heads, return_1d=True)
+    dense = M.attention(q, k, v, backend=backend, causal=True, alibi_slopes=slopes, key_padding_mask=keep)
+    (qp, kp, vp), (indices, cu, max_len) = [unpad(t, keep)[0] for t in (q, k, v)], unpad(q, keep)[1:]
+    packed = M.attention_varlen(qp, kp, vp, cu, cu, max_len, max_len, backend=backend, causal=True,
+                                alibi_slopes=slopes)
+    out = pad(packed, indices, batch, seq)
+    torch.testing.assert_close(out[keep], dense[keep], rtol=1e-5, atol=2e-6)
+    assert (out[~keep] == 0).all()
+
+
+def test_triton_varlen_dropout_applies_exactly_the_kernels_mask():
+    lens_q, lens_k, p = [9, 14], [9, 20], 0.25
+    q, k, v, cu_q, cu_k = make_varlen(lens_q, lens_k, 2, 1, 16, requires_grad=True)
+    torch.manual_seed(7)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    torch.manual_seed(7)
+    out = M.attention_varlen(q, k, v, cu_q, cu_k, backend="triton", causal=True, dropout_p=p)
+    # the counters are laid out as a dense (B, H, max_q, max_k) problem; each sequence takes its corner
+    keep = ops.triton_dropout_mask(2, 2, max(lens_q), max(lens_k), seed, p)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    refs = []
+    for b in range(2):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        mask = keep[b:b + 1, :, :lens_q[b], :lens_k[b]]
+        refs.append(reference_attention(inputs64[0][qs][None], inputs64[1][ks][None], inputs64[2][ks][None],
+                                        causal=True, dropout_mask=mask, dropout_p=p)[0][0])
+    ref = torch.cat(refs)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, torch.autograd.grad(ref, inputs64, dout.double())):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+
+
+def test_varlen_compiles_fullgraph_on_triton():
+    torch._dynamo.reset()
+    q, k, v, cu_q, cu_k = make_varlen([13, 6], [13, 6], 2, 2, 16, requires_grad=True)
+
+    def step(q, k, v):
+        out, lse = M.attention_varlen(q, k, v, cu_q, cu_k, 13, 13, backend="triton", causal=True, return_lse=True)
+        return out * 2.0, lse
+
+    out, lse = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v)
+    out.sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref, ref_lse = step(q, k, v)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+    for g, t in zip(got, (q, k, v)):
+        torch.testing.assert_close(g, t.grad)
+
+
+BAD_VARLEN = [
+    ("4d-q", dict(q=torch.randn(1, 10, 2, 8)), ValueError, r"q must be a 3-D packed tensor \(T, H, D\), got \(1, 10, 2, 8\)"),
+    ("int64-cu", dict(cu_seqlens_q=torch.tensor([0, 4, 10])), ValueError,
+     r"cu_seqlens_q must be int32 \(B \+ 1,\) cumulative lengths, got torch.int64 \(3,\)"),
+    ("cu-not-from-0", dict(cu_seqlens_k=_cu([4, 6]) + 1), ValueError,
+     r"cu_seqlens_k must start at 0, never decrease and end at the packed length 10, got \[1, 5, 11\]"),
+    ("cu-decreasing", dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), ValueError,
+     r"cu_seqlens_q must start at 0, never decrease"),
+    ("cu-wrong-total", dict(cu_seqlens_q=_cu([4, 5])), ValueError, r"end at the packed length 10, got \[0, 4, 9\]"),
+    ("cu-count", dict(cu_seqlens_k=_cu([4, 3, 3])), ValueError, r"the same number of sequences, got 2 and 3"),
+    ("max-too-small", dict(max_seqlen_q=5), ValueError, r"max_seqlen_q=5 is shorter than the longest sequence \(6\)"),
+    ("slopes-shape", dict(alibi_slopes=torch.ones(3, 2)), ValueError, r"alibi_slopes must be \(H_q,\)=\(2,\) or \(B, H_q\)=\(2, 2\)"),
+    ("heads", dict(k=torch.randn(10, 3, 8), v=torch.randn(10, 3, 8)), ValueError, r"H_q=2 must be a multiple of key/value heads H_kv=3"),
+    ("dtype", dict(k=torch.randn(10, 1, 8).half()), TypeError, r"must share one floating dtype"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("override,exc,message", [pytest.param(*c[1:], id=c[0]) for c in BAD_VARLEN])
+def test_bad_varlen_inputs(backend, override, exc, message):
+    args = dict(q=torch.randn(10, 2, 8), k=torch.randn(10, 1, 8), v=torch.randn(10, 1, 8),
+                cu_seqlens_q=_cu([4, 6]), cu_seqlens_k=_cu([4, 6]))
+    args.update(override)
+    with pytest.raises(exc, match=message):
+        M.attention_varlen(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens_q"),
+                           args.pop("cu_seqlens_k"), backend=backend, **args)
+
+
+def test_unpad_rejects_a_non_bool_mask():
+    with pytest.raises(ValueError, match=r"keep must be bool \(B, S\)=\(2, 3\), got torch.int64"):
+        unpad(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long))
