@@ -249,3 +249,24 @@ def test_sequence_spans_skip_other_sequences():
     assert launch._key_block_query_spans(packed, 37, 32).tolist() == [[[0, 0], [0, 17], [0, 37], [17, 37]]]
     unsorted = launch._sequence_spans(torch.tensor([[0, 1, 0, 1] * 25]))
     assert launch._query_tile_key_spans(unsorted, 100, 64).tolist() == [[[0, 100], [0, 100]]]
+
+
+@pytest.mark.parametrize("case", [AttnCase(2, 45, 45, 4, 2, 16, causal=True, alibi=True),
+                                  AttnCase(2, 40, 40, 2, 2, 32, causal=True, sequence_id=True, bias="vector")],
+                         ids=lambda c: c.id())
+def test_triton_descriptor_and_pointer_loads_agree(monkeypatch, case):
+    """Aligned inputs take tensor-descriptor (TMA) loads, others plain pointer loads: same numbers."""
+    from mpt_attention.impl.triton import launch
+
+    (q, k, v), kw = make_inputs(case, requires_grad=True)
+    assert launch._descriptors_ok(q, k, v), "aligned contiguous inputs should take the descriptor path"
+    assert not launch._descriptors_ok(q[:, :, :, 1:]), "a 2-byte-offset view must not"
+
+    def run():
+        out = M.attention(q, k, v, backend="triton", **kw)
+        return (out, *_grads(out, [q, k, v], torch.ones_like(out)))
+
+    with_descriptors = run()
+    monkeypatch.setattr(launch, "_descriptors_ok", lambda *tensors: False)
+    for a, b in zip(with_descriptors, run()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

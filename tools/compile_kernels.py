@@ -46,10 +46,11 @@ def main() -> int:
     ]
     for head_dim, flags in itertools.product((64, 128, 256), flag_sets):
         block_d = max(16, triton.next_power_of_2(head_dim))
-        jobs = [("fwd", _attn_fwd_kernel, launch._fwd_config(head_dim), {})]
+        desc = not flags["HAS_KPM"]  # tensor-descriptor (TMA) loads wherever the launcher allows them
+        jobs = [("fwd", _attn_fwd_kernel, launch._fwd_config(head_dim), dict(KV_DESC=desc))]
         kv_cfg, q_cfg = launch._bwd_config(head_dim)
-        jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=1 if flags["BIAS"] == 1 else 0)),
-                 ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["BIAS"] == 2 else 0))]
+        jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=1 if flags["BIAS"] == 1 else 0, DESC=desc)),
+                 ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["BIAS"] == 2 else 0, DESC=desc))]
         for name, fn, cfg, extra in jobs:
             cfg = dict(cfg)
             opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
@@ -57,12 +58,14 @@ def main() -> int:
             try:
                 k = compile_kernel(fn, consts, opts)
                 local = k.asm["ptx"].count("ld.local") + k.asm["ptx"].count("st.local")
-                print(f"ok   {name:5s} D={head_dim:3d} {cfg} smem={k.metadata.shared} local-mem ops={local}")
+                tma = k.asm["ptx"].count("cp.async.bulk.tensor")
+                print(f"ok   {name:5s} D={head_dim:3d} {cfg} smem={k.metadata.shared} local-mem ops={local} tma loads={tma}")
             except Exception as exc:  # report every failure, not just the first
                 failures += 1
                 print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")
     extra = [("delta", _attn_bwd_delta_kernel, dict(BLOCK_M=64, BLOCK_D=128), dict(num_warps=4, num_stages=1), "bf16"),
-             ("fwd-fp32", _attn_fwd_kernel, dict(flag_sets[0], DOT_PRECISION="ieee", BLOCK_D=64, **launch._fwd_config(64)),
+             ("fwd-fp32", _attn_fwd_kernel, dict(flag_sets[0], KV_DESC=False, DOT_PRECISION="ieee", BLOCK_D=64,
+                                                 **launch._fwd_config(64)),
               None, "fp32")]
     for name, fn, consts, opts, dtype in extra:
         consts = dict(consts)

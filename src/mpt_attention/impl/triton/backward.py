@@ -83,20 +83,31 @@ def _dkdv_blocks(
     seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, hi,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, Q_DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Accumulate dK, dV (and bias column sums) of one key block over query blocks [lo, hi)."""
+    """Accumulate dK, dV (and bias column sums) of one key block over query blocks [lo, hi).
+    Q_DESC: Q and dO tiles through tensor descriptors (TMA on Hopper)."""
     d_ok = offs_d < head_dim
     diag = seqlen_k - seqlen_q
+    if Q_DESC:
+        q_src = tl.make_tensor_descriptor(q_head, shape=[seqlen_q, head_dim], strides=[stride_qs, 1],
+                                          block_shape=[BLOCK_M, BLOCK_D])
+        do_src = tl.make_tensor_descriptor(do_head, shape=[seqlen_q, head_dim], strides=[stride_dos, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
-        q_mask = row_ok[:, None] & d_ok[None, :]
         m64 = tl.cast(start_m, tl.int64)
         # [BLOCK_M, BLOCK_D]
-        q = tl.load(q_head + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_head + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
+        if Q_DESC:
+            q = q_src.load([start_m, 0])
+            do = do_src.load([start_m, 0])
+        else:
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_head + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_head + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask,
+                         other=0.0)
         lse2, delta = _row_stats(lse_row, delta_row, rows, row_ok)
         q_seq = rows
         if HAS_SEQID:
@@ -133,8 +144,8 @@ def _attn_bwd_dkdv_kernel(
     softmax_scale, qk_scale2, dropout_p,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr, DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
@@ -211,13 +222,15 @@ def _attn_bwd_dkdv_kernel(
             dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse + stats, Delta + stats, kpm_ptr, seqid_ptr,
             prefix_ptr, stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
             seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, q_split,
-            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DOT_PRECISION, BLOCK_M,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DESC, DOT_PRECISION,
+            BLOCK_M, BLOCK_D,
         )
         dk, dv, dbias_cols = _dkdv_blocks(
             dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse + stats, Delta + stats, kpm_ptr, seqid_ptr,
             prefix_ptr, stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
             seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, q_split, m_end,
-            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DOT_PRECISION, BLOCK_M,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DESC, DOT_PRECISION,
+            BLOCK_M, BLOCK_D,
         )
         if BIAS_GRAD == 1:
             tl.store(DBiasCols + bh.to(tl.int64) * seqlen_k + cols, dbias_cols, mask=col_ok)
@@ -235,20 +248,30 @@ def _dq_blocks(
     seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, hi,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, KV_DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Accumulate dQ of one query block over key blocks [lo, hi); write dS there for BIAS_GRAD == 2."""
+    """Accumulate dQ of one query block over key blocks [lo, hi); write dS there for BIAS_GRAD == 2.
+    KV_DESC: K/V tiles through tensor descriptors (never with key padding: those rows stay unread)."""
     d_ok = offs_d < head_dim
     row_ok = rows < seqlen_q
+    if KV_DESC:
+        k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, head_dim], strides=[stride_ks, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, head_dim], strides=[stride_vs, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         n64 = tl.cast(start_n, tl.int64)
-        kv_mask = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)[:, None] & d_ok[None, :]
         # [BLOCK_N, BLOCK_D]
-        k = tl.load(k_base + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_DESC:
+            k = k_src.load([start_n, 0])
+            v = v_src.load([start_n, 0])
+        else:
+            kv_mask = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
         # [BLOCK_M, BLOCK_N]
         _, ds = _tile_grads(
@@ -280,8 +303,8 @@ def _attn_bwd_dq_kernel(
     softmax_scale, qk_scale2, dropout_p,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr, DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Causal rows near the bottom see the most keys: start those first so they do not finish last.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -335,13 +358,15 @@ def _attn_bwd_dq_kernel(
         dq, q, do, lse2, delta, k_base, v_base, bias_base, dbias_base, kpm_ptr, seqid_ptr, prefix_ptr,
         stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
         seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, lo_masked,
-        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DOT_PRECISION, BLOCK_N,
+        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DESC, DOT_PRECISION,
+        BLOCK_N, BLOCK_D,
     )
     dq = _dq_blocks(
         dq, q, do, lse2, delta, k_base, v_base, bias_base, dbias_base, kpm_ptr, seqid_ptr, prefix_ptr,
         stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
         seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo_masked, hi,
-        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DOT_PRECISION, BLOCK_N,
+        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DESC, DOT_PRECISION,
+        BLOCK_N, BLOCK_D,
     )
 
     dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqs

@@ -22,16 +22,28 @@ def _fwd_blocks(
     seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, hi,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, APPLY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, APPLY_MASK: tl.constexpr, KV_DESC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Stream key blocks [lo, hi). KV_DESC: K/V tiles come through tensor descriptors (TMA on Hopper:
+    asynchronous bulk copies, rows past the sequence and columns past D arrive as zeros); never with
+    key padding, whose rows must not be read at all."""
     d_ok = offs_d < head_dim
+    if KV_DESC:
+        k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, head_dim], strides=[stride_ks, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, head_dim], strides=[stride_vs, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)
-        kv_tile = offs_n[:, None] * stride_ks + offs_d[None, :]
         # [BLOCK_N, BLOCK_D]
-        k = tl.load(k_base + tl.cast(start_n, tl.int64) * stride_ks + kv_tile, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if KV_DESC:
+            k = k_src.load([start_n, 0])
+        else:
+            kv_tile = offs_n[:, None] * stride_ks + offs_d[None, :]
+            k = tl.load(k_base + tl.cast(start_n, tl.int64) * stride_ks + kv_tile, mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)
         # [BLOCK_M, BLOCK_N]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
@@ -48,8 +60,11 @@ def _fwd_blocks(
         if DROPOUT:
             keep = dropout_keep(seed, bh, rows, cols, rng_q, rng_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + tl.cast(start_n, tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if KV_DESC:
+            v = v_src.load([start_n, 0])
+        else:
+            v = tl.load(v_base + tl.cast(start_n, tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :],
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -71,7 +86,7 @@ def _attn_fwd_kernel(
     qk_scale2, dropout_p,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, KV_DESC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``seqlen_q, seqlen_k``: the lengths of every batch row, or under VARLEN the longest sequence's
@@ -125,13 +140,14 @@ def _attn_fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
             stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
             seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, lo_masked,
-            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, False, DOT_PRECISION, BLOCK_N,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, False, KV_DESC, DOT_PRECISION,
+            BLOCK_N, BLOCK_D,
         )
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
         stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
         seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo_masked, hi,
-        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, True, DOT_PRECISION, BLOCK_N,
+        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, True, KV_DESC, DOT_PRECISION, BLOCK_N, BLOCK_D,
     )
 
     # Rows that saw no key (l = 0) are defined as 0 with a log-sum-exp of -inf.

@@ -132,6 +132,30 @@ def _live_key_range(kpm: torch.Tensor) -> torch.Tensor:
     return torch.stack([first, last], dim=1).to(torch.int32).contiguous()
 
 
+def _descriptors_ok(*tensors: torch.Tensor) -> bool:
+    """Whether tiles of these tensors may be loaded through tensor descriptors: Hopper or newer (or the
+    interpreter, which emulates them, so CPU tests cover the path), a 16-byte aligned base and 16-byte
+    multiples for every stride but the unit one (the copy engine's rules)."""
+    if not _INTERPRET and (tensors[0].device.type != "cuda" or torch.cuda.get_device_capability(tensors[0].device)[0] < 9):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _ensure_allocator() -> None:
+    """In-kernel descriptors need Triton's scratch allocator; install one only if none is set (a user's stays)."""
+    if _INTERPRET:
+        return
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        # on the current device, which is where Triton launches
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -177,6 +201,9 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     if seqid is not None and s_k > 0:
         seq_range = _query_tile_key_spans(_sequence_spans(seqid), s_q, cfg["BLOCK_M"])
     varlen = geo.varlen
+    kv_desc = kpm is None and _descriptors_ok(k, v)
+    if kv_desc:
+        _ensure_allocator()
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *pointers, seed if seed is not None else q, kv_range, seq_range,
         cu_q if varlen else q, cu_k if varlen else q,
@@ -184,7 +211,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
         *aux_strides,
         n_heads, n_heads // n_kv, s_q, s_k, head_dim,
         softmax_scale * LOG2E, dropout_p,
-        DROPOUT=dropout_p > 0.0, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
+        DROPOUT=dropout_p > 0.0, VARLEN=varlen, KV_DESC=kv_desc, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags, **cfg,
     )
     return out, lse
@@ -236,6 +263,11 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     cu_args = (cu_q, cu_k) if varlen else (q, q)
     if batch * n_heads > 0 and s_k > 0:
         kv_cfg, q_cfg = _bwd_config(head_dim)
+        # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
+        dkdv_desc = _descriptors_ok(q, dout)
+        dq_desc = kpm is None and _descriptors_ok(k, v)
+        if dkdv_desc or dq_desc:
+            _ensure_allocator()
         kv_spans = q_spans = q
         if seqid is not None:  # one pass over the ids serves both kernels
             spans = _sequence_spans(seqid)
@@ -244,13 +276,13 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
             q, k, v, dout, lse, delta, dk, dv, dbias_rows, *pointers, seed_arg, kv_range, kv_spans, *cu_args,
             *in_strides, *_strides(dk, varlen), *_strides(dv, varlen), *geo.lse_strides,
-            *aux_strides, *sizes, **common, **kv_cfg,
+            *aux_strides, *sizes, DESC=dkdv_desc, **common, **kv_cfg,
         )
         if s_q > 0:
             _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), batch * n_heads)](
                 q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args,
                 *in_strides, *_strides(dq, varlen), *geo.lse_strides,
-                *aux_strides, *sizes, **common, **q_cfg,
+                *aux_strides, *sizes, DESC=dq_desc, **common, **q_cfg,
             )
     else:  # nothing to attend to or from: every gradient is zero
         dq.zero_(), dk.zero_(), dv.zero_()
