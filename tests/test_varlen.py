@@ -161,7 +161,7 @@ BAD_VARLEN = [
      r"cu_seqlens_q must be int32 \(B \+ 1,\) cumulative lengths, got torch.int64 \(3,\)"),
     ("cu-not-from-0", dict(cu_seqlens_k=_cu([4, 6]) + 1), ValueError,
      r"cu_seqlens_k must start at 0, never decrease and end at the packed length 10, got \[1, 5, 11\]"),
-    ("cu-decreasing", dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), ValueError,
+    ("cu-decreasing", dict(cu_seqlens_q=torch.tensor([0, 11, 10], dtype=torch.int32)), ValueError,
      r"cu_seqlens_q must start at 0, never decrease"),
     ("cu-wrong-total", dict(cu_seqlens_q=_cu([4, 5])), ValueError, r"end at the packed length 10, got \[0, 4, 9\]"),
     ("cu-count", dict(cu_seqlens_k=_cu([4, 3, 3])), ValueError, r"the same number of sequences, got 2 and 3"),
@@ -186,3 +186,38 @@ def test_bad_varlen_inputs(backend, override, exc, message):
 def test_unpad_rejects_a_non_bool_mask():
     with pytest.raises(ValueError, match=r"keep must be bool \(B, S\)=\(2, 3\), got torch.int64"):
         unpad(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long))
+
+
+def _key_block_range_probe():
+    import triton
+    import triton.language as tl
+
+    from mpt_attention.impl.triton.common import key_block_range
+
+    @triton.jit
+    def probe(Out, seqlen_q, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        start_m = tl.program_id(0) * BLOCK_M
+        zero = tl.zeros([], dtype=tl.int64)
+        lo, lo_masked, hi = key_block_range(start_m, zero, Out, Out, seqlen_q, seqlen_k,
+                                            IS_CAUSAL, False, False, False, BLOCK_M, BLOCK_N)
+        tl.store(Out + tl.program_id(0) * 3, lo)
+        tl.store(Out + tl.program_id(0) * 3 + 1, lo_masked)
+        tl.store(Out + tl.program_id(0) * 3 + 2, hi)
+
+    probe.fn.__globals__["key_block_range"] = key_block_range  # defined here to keep triton out of import time
+    return probe
+
+
+def test_key_block_range_is_empty_for_tiles_past_a_sequence_end():
+    """Under varlen the grid covers the longest sequence; a shorter one's surplus query tiles must visit
+    no key block at all (a tile that ran its unmasked loop anyway cost the first varlen benchmark 3x)."""
+    probe = _key_block_range_probe()
+    for causal in (True, False):
+        for s_q, s_k in ((37, 37), (5, 40), (40, 5), (0, 9)):
+            tiles = 4  # the grid of a 128-long sequence with 32-row tiles
+            out = torch.full((tiles * 3,), -1, dtype=torch.int32)
+            probe[(tiles,)](out, s_q, s_k, IS_CAUSAL=causal, BLOCK_M=32, BLOCK_N=32)
+            for t, (lo, lo_masked, hi) in enumerate(out.view(tiles, 3).tolist()):
+                assert 0 <= lo <= lo_masked <= hi <= s_k, (causal, s_q, s_k, t, lo, lo_masked, hi)
+                if t * 32 >= s_q:
+                    assert lo == lo_masked == hi, f"tile {t} past S_q={s_q} visits keys [{lo}, {hi})"

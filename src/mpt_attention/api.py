@@ -199,23 +199,27 @@ def _validate_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend, alibi_slopes):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"attention_varlen: {name} must be a 3-D packed tensor (T, H, D), got {got}")
-    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k, k.shape[0])):
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         _check_aux(name, cu, q.device)
         if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
             raise ValueError(f"{name} must be int32 (B + 1,) cumulative lengths, got {cu.dtype} {tuple(cu.shape)}")
-        lengths = cu.diff()
-        first, last = cu[0].item(), cu[-1].item()
-        if first != 0 or last != total or bool((lengths < 0).any()):
-            raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}, "
-                             f"got {cu.tolist() if cu.numel() <= 16 else f'first {first}, last {last}'}")
     if cu_q.shape != cu_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                          f"got {cu_q.numel() - 1} and {cu_k.numel() - 1}")
+    # every value check in one device-to-host copy: first, last, smallest and largest length, per tensor
+    both = torch.stack([cu_q, cu_k]).long()
+    lengths = both.diff(dim=1) if both.shape[1] > 1 else both.new_zeros((2, 1))
+    stats = torch.cat([both[:, :1], both[:, -1:], lengths.amin(1, keepdim=True), lengths.amax(1, keepdim=True)], 1)
     maxes = []
-    for name, cu, given in (("max_seqlen_q", cu_q, max_q), ("max_seqlen_k", cu_k, max_k)):
-        longest = int(cu.diff().max().item()) if cu.numel() > 1 else 0
+    for name, (first, last, shortest, longest), total, given in zip(
+            ("cu_seqlens_q", "cu_seqlens_k"), stats.tolist(), (q.shape[0], k.shape[0]), (max_q, max_k)):
+        if first != 0 or last != total or shortest < 0:
+            cu = cu_q if name == "cu_seqlens_q" else cu_k
+            raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}, "
+                             f"got {cu.tolist() if cu.numel() <= 16 else f'first {first}, last {last}'}")
+        max_name = name.replace("cu_seqlens", "max_seqlen")
         if given is not None and (not isinstance(given, int) or given < longest):
-            raise ValueError(f"{name}={given!r} is shorter than the longest sequence ({longest})")
+            raise ValueError(f"{max_name}={given!r} is shorter than the longest sequence ({longest})")
         maxes.append(longest if given is None else given)
     batch = cu_q.numel() - 1
     if alibi_slopes is not None:

@@ -119,13 +119,15 @@ def key_block_range(start_m, b64, KvRange, SeqRange, seqlen_q, seqlen_k,
         tile = (b64 * tl.cdiv(seqlen_q, BLOCK_M) + start_m // BLOCK_M) * 2
         lo = tl.maximum(lo, tl.load(SeqRange + tile) // BLOCK_N * BLOCK_N)
         hi = tl.minimum(hi, tl.load(SeqRange + tile + 1))
-    hi = tl.where(start_m < seqlen_q, hi, lo)  # a tile past a short sequence's end (varlen) does nothing
+    # empty ranges as lo == hi; a tile past a short sequence's end (varlen) visits nothing
+    hi = tl.where(start_m < seqlen_q, tl.maximum(hi, lo), lo)
     lo_masked = lo
     if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
         full = seqlen_k + tl.zeros([], dtype=tl.int32)
         if IS_CAUSAL:
             full = tl.minimum(full, start_m + diag + 1)
-        lo_masked = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+        # clamped to hi: an empty range must stay empty in both halves
+        lo_masked = tl.minimum(tl.maximum(full, 0) // BLOCK_N * BLOCK_N, hi)
     return lo, lo_masked, hi
 
 
