@@ -206,13 +206,10 @@ def _validate_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend, alibi_slopes):
     if cu_q.shape != cu_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                          f"got {cu_q.numel() - 1} and {cu_k.numel() - 1}")
-    # every value check in one device-to-host copy: first, last, smallest and largest length, per tensor
-    both = torch.stack([cu_q, cu_k]).long()
-    lengths = both.diff(dim=1) if both.shape[1] > 1 else both.new_zeros((2, 1))
-    stats = torch.cat([both[:, :1], both[:, -1:], lengths.amin(1, keepdim=True), lengths.amax(1, keepdim=True)], 1)
+    stats = [_length_stats(cu_q), _length_stats(cu_k)]
     maxes = []
     for name, (first, last, shortest, longest), total, given in zip(
-            ("cu_seqlens_q", "cu_seqlens_k"), stats.tolist(), (q.shape[0], k.shape[0]), (max_q, max_k)):
+            ("cu_seqlens_q", "cu_seqlens_k"), stats, (q.shape[0], k.shape[0]), (max_q, max_k)):
         if first != 0 or last != total or shortest < 0:
             cu = cu_q if name == "cu_seqlens_q" else cu_k
             raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}, "
@@ -229,6 +226,19 @@ def _validate_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend, alibi_slopes):
             raise ValueError(f"alibi_slopes must be (H_q,)=({n_heads},) or (B, H_q)=({batch}, {n_heads}) "
                              f"(B = number of sequences), got {tuple(alibi_slopes.shape)}")
     return maxes[0], maxes[1]
+
+
+def _length_stats(cu: torch.Tensor) -> tuple[int, int, int, int]:
+    """(first, last, shortest, longest) of cumulative lengths: one device-to-host copy (a sync), kept on
+    the tensor until it is modified, so a model's layers sharing one ``cu_seqlens`` pay it once."""
+    cached = getattr(cu, "_mpt_attention_length_stats", None)
+    if cached is not None and cached[0] == cu._version:
+        return cached[1]
+    c = cu.long()
+    lengths = c.diff() if c.numel() > 1 else c.new_zeros(1)
+    stats = tuple(torch.stack([c[0], c[-1], lengths.min(), lengths.max()]).tolist())
+    cu._mpt_attention_length_stats = (cu._version, stats)
+    return stats
 
 
 def _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, key_padding_mask,
