@@ -12,7 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mpt_attention as M
-from mpt_attention.testing import AttnCase, assert_close_to_reference, make_inputs, reference_attention
+from mpt_attention.testing import (
+    AttnCase, assert_close_to_reference, make_inputs, make_varlen_inputs, reference_attention,
+    reference_attention_varlen,
+)
 
 
 @st.composite
@@ -82,5 +85,64 @@ def test_fuzz_nightly(backend):
     def run(drawn):
         case, seed = drawn
         _check(backend, case, seed, with_grads=backend != "sdpa")
+
+    run()
+
+
+@st.composite
+def varlen_cases(draw):
+    n_seq = draw(st.integers(1, 4))
+    n_kv = draw(st.sampled_from([1, 2]))
+    return dict(
+        lens_q=draw(st.lists(st.integers(0, 50), min_size=n_seq, max_size=n_seq)),
+        lens_k=draw(st.lists(st.integers(0, 50), min_size=n_seq, max_size=n_seq)),
+        n_heads=n_kv * draw(st.sampled_from([1, 2, 3])), n_kv=n_kv,
+        head_dim=draw(st.sampled_from([8, 16, 24, 40])),
+        causal=draw(st.booleans()), alibi=draw(st.sampled_from([None, "heads", "per-sequence"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _check_varlen(backend, c, with_grads):
+    q, k, v, cu_q, cu_k = make_varlen_inputs(c["lens_q"], c["lens_k"], c["n_heads"], c["n_kv"], c["head_dim"],
+                                             seed=c["seed"], requires_grad=with_grads)
+    slopes = None
+    if c["alibi"]:
+        slopes = M.gen_slopes(c["n_heads"], return_1d=True)
+        if c["alibi"] == "per-sequence":
+            slopes = slopes.view(1, -1) * torch.linspace(0.5, 2.0, len(c["lens_q"])).view(-1, 1)
+    out = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, causal=c["causal"], alibi_slopes=slopes)
+    ref_in = [x.detach().double().requires_grad_(with_grads) for x in (q, k, v)]
+    ref, _ = reference_attention_varlen(*ref_in, cu_q, cu_k, causal=c["causal"], alibi_slopes=slopes)
+    low, _ = reference_attention_varlen(q.detach(), k.detach(), v.detach(), cu_q, cu_k, causal=c["causal"],
+                                        alibi_slopes=slopes, compute_dtype=torch.float32)
+    assert_close_to_reference(f"varlen {c} out", out, ref, low)
+    if with_grads and out.numel():
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout, allow_unused=True)
+        ref_grads = torch.autograd.grad(ref, ref_in, dout.double(), allow_unused=True)
+        for name, g, r, x in zip(["dq", "dk", "dv"], grads, ref_grads, (q, k, v)):
+            g = torch.zeros_like(x) if g is None else g
+            r = torch.zeros_like(x, dtype=torch.float64) if r is None else r
+            assert_close_to_reference(f"varlen {c} {name}", g, r, r.float(), floor=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+def test_fuzz_varlen_ci_sample(backend):
+    @_settings(CI_EXAMPLES)
+    @given(varlen_cases())
+    def run(c):
+        _check_varlen(backend, c, with_grads=True)
+
+    run()
+
+
+@pytest.mark.nightly
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+def test_fuzz_varlen_nightly(backend):
+    @_settings(1000, derandomize=False)
+    @given(varlen_cases())
+    def run(c):
+        _check_varlen(backend, c, with_grads=backend != "sdpa")
 
     run()

@@ -7,7 +7,9 @@ import torch
 import mpt_attention as M
 from mpt_attention import ops
 from mpt_attention.padding import pad, unpad
-from mpt_attention.testing import assert_close_to_reference, reference_attention
+from mpt_attention.testing import (
+    assert_close_to_reference, make_varlen_inputs, reference_attention, reference_attention_varlen,
+)
 
 BACKENDS = ["torch", "sdpa", "triton"]
 
@@ -17,27 +19,12 @@ def _cu(lengths):
 
 
 def make_varlen(lens_q, lens_k, n_heads, n_kv, head_dim, dtype=torch.float32, seed=0, requires_grad=False):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_(requires_grad)
-
-    q = randn(sum(lens_q), n_heads, head_dim)
-    k, v = randn(sum(lens_k), n_kv, head_dim), randn(sum(lens_k), n_kv, head_dim)
-    return q, k, v, _cu(lens_q), _cu(lens_k)
+    return make_varlen_inputs(lens_q, lens_k, n_heads, n_kv, head_dim, dtype=dtype, seed=seed,
+                              requires_grad=requires_grad)
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, alibi_slopes=None, compute_dtype=torch.float64, **kw):
-    """The float64 reference on each sequence alone, concatenated: ``(T_q, H, D)``, ``(H, T_q)``."""
-    outs, lses = [], []
-    for b in range(cu_q.numel() - 1):
-        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
-        out, lse = reference_attention(q[qs][None], k[ks][None], v[ks][None], alibi_slopes=slopes,
-                                       compute_dtype=compute_dtype, **kw)
-        outs.append(out[0])
-        lses.append(lse[0])
-    return torch.cat(outs), torch.cat(lses, dim=1)
+    return reference_attention_varlen(q, k, v, cu_q, cu_k, alibi_slopes=alibi_slopes, compute_dtype=compute_dtype, **kw)
 
 
 CASES = [  # (lens_q, lens_k, H_q, H_kv, D, causal, alibi)
@@ -183,6 +170,17 @@ def test_bad_varlen_inputs(backend, override, exc, message):
                            args.pop("cu_seqlens_k"), backend=backend, **args)
 
 
+def test_error_table_in_docs_lists_every_varlen_message():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    for phrase in ["must be a 3-D packed tensor (T, H, D)", "must be int32 (B + 1,) cumulative lengths",
+                   "never decrease and end at the packed length", "must describe the same number of sequences",
+                   "is shorter than the longest sequence", "(B = number of sequences)",
+                   "under torch.compile needs max_seqlen_q and max_seqlen_k"]:
+        assert phrase in doc, f"docs/errors.md misses {phrase!r}"
+
+
 def test_unpad_rejects_a_non_bool_mask():
     with pytest.raises(ValueError, match=r"keep must be bool \(B, S\)=\(2, 3\), got torch.int64"):
         unpad(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long))
@@ -230,3 +228,12 @@ def test_length_checks_are_cached_until_the_lengths_change():
     cu_q[1] = 12  # in place: the cached check no longer holds and must not be trusted
     with pytest.raises(ValueError, match=r"cu_seqlens_q must start at 0, never decrease"):
         M.attention_varlen(q, k, v, cu_q, cu_k, backend="torch")
+
+
+def test_varlen_under_compile_needs_the_max_lengths():
+    torch._dynamo.reset()
+    q, k, v, cu_q, cu_k = make_varlen([3, 4], [3, 4], 2, 2, 8)
+    step = torch.compile(lambda q: M.attention_varlen(q, k, v, cu_q, cu_k, backend="torch"), fullgraph=True,
+                         backend="eager")
+    with pytest.raises(Exception, match="needs max_seqlen_q and max_seqlen_k"):
+        step(q)

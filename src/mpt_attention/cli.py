@@ -47,7 +47,27 @@ def _numerical_check(backend: str, device: str, dtype) -> dict:
     qc, kc, vc = (x.cpu() for x in (q, k, v))
     ref, _ = reference_attention(qc, kc, vc, **cpu_kw)
     low, _ = reference_attention(qc, kc, vc, compute_dtype=dtype, **cpu_kw)
-    # the flash-attn rule: at most twice the error of the same math done in the tested precision
+    return _verdict(out, ref, low, dtype)
+
+
+def _varlen_check(backend: str, device: str, dtype) -> dict:
+    """attention_varlen on three packed sequences (one empty, chunked-prefill lengths) against float64."""
+    import mpt_attention as M
+    from mpt_attention.testing import make_varlen_inputs, reference_attention_varlen
+
+    q, k, v, cu_q, cu_k = make_varlen_inputs([29, 0, 13], [41, 5, 13], 4, 2, 32, dtype=dtype, device=device)
+    slopes = M.gen_slopes(4, return_1d=True, device=device)
+    out = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, causal=True, alibi_slopes=slopes)
+    cpu = [t.cpu() for t in (q, k, v, cu_q, cu_k, slopes)]
+    ref, _ = reference_attention_varlen(*cpu[:5], causal=True, alibi_slopes=cpu[5])
+    low, _ = reference_attention_varlen(*cpu[:5], causal=True, alibi_slopes=cpu[5], compute_dtype=dtype)
+    return _verdict(out, ref, low, dtype)
+
+
+def _verdict(out, ref, low, dtype) -> dict:
+    """The flash-attn rule: at most twice the error of the same math done in the tested precision."""
+    import torch
+
     err = (out.cpu().double() - ref).abs().max().item()
     budget = 2 * (low.double() - ref).abs().max().item() + (1e-5 if dtype == torch.float32 else 1e-4)
     ok = err <= budget and not torch.isnan(out).any().item()
@@ -116,15 +136,17 @@ def check(device: str, as_json: bool) -> int:
         reason = M.backend_status(backend, device)
         entry = {"available": reason is None, "reason": reason}
         if reason is None:
-            try:
-                entry["check"] = _numerical_check(backend, device, dtype)
-            except Exception as exc:  # the report must show every backend's state, then fail
-                entry["check"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            for key, fn in (("check", _numerical_check), ("varlen_check", _varlen_check)):
+                try:
+                    entry[key] = fn(backend, device, dtype)
+                except Exception as exc:  # the report must show every backend's state, then fail
+                    entry[key] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         backends[backend] = entry
     report["backends"] = backends
-    usable = [b for b, e in backends.items() if e["available"] and e["check"]["ok"]]
+    passed = {b: e["check"]["ok"] and e["varlen_check"]["ok"] for b, e in backends.items() if e["available"]}
+    usable = [b for b, ok in passed.items() if ok]
     report["timing"] = _timing(usable, device, dtype)
-    failed = [b for b, e in backends.items() if e["available"] and not e["check"]["ok"]]
+    failed = [b for b, ok in passed.items() if not ok]
     report["ok"] = not failed
     if as_json:
         print(json.dumps(report, indent=2))
@@ -139,17 +161,19 @@ def _print_report(report: dict) -> None:
         print(f"  {name:14s} {version}")
     extra = f" ({report['gpu']}, sm_{report['capability'].replace('.', '')})" if "gpu" in report else ""
     print(f"  device         {report['device']}{extra}, {report['dtype']}, TRITON_INTERPRET={report['triton_interpret']}")
-    print("\nbackends (numerical check: causal ALiBi GQA, padded, S=37, against float64)")
+    print("\nbackends (numerical checks against float64: causal ALiBi GQA padded S=37; varlen, 3 packed sequences)")
     for backend, entry in report["backends"].items():
         if not entry["available"]:
             print(f"  {backend:7s} unavailable: {entry['reason']}")
             continue
-        chk = entry["check"]
-        if "error" in chk:
-            print(f"  {backend:7s} FAIL  {chk['error']}")
-        else:
-            verdict = "PASS" if chk["ok"] else "FAIL"
-            print(f"  {backend:7s} {verdict}  max |error| {chk['max_abs_error']:.2e} (budget {chk['budget']:.1e})")
+        for label, key in (("", "check"), ("varlen", "varlen_check")):
+            chk = entry[key]
+            if "error" in chk:
+                print(f"  {backend:7s} {label:6s} FAIL  {chk['error']}")
+            else:
+                verdict = "PASS" if chk["ok"] else "FAIL"
+                print(f"  {backend:7s} {label:6s} {verdict}  max |error| {chk['max_abs_error']:.2e} "
+                      f"(budget {chk['budget']:.1e})")
     print("\ntiming (causal + ALiBi forward, median)")
     print(f"  {'backend':8s} {'shape':22s} {'ms':>9s} {'TFLOP/s':>8s}")
     for row in report["timing"]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["AttnCase", "make_inputs", "reference_attention", "assert_close_to_reference", "attention_flops"]
+__all__ = ["AttnCase", "make_inputs", "reference_attention", "assert_close_to_reference", "attention_flops",
+           "make_varlen_inputs", "reference_attention_varlen"]
 
 
 @dataclass
@@ -125,6 +126,37 @@ def reference_attention(
         outs.append(torch.einsum("bij,bjd->bid", probs, vh))
         lses.append(lse.squeeze(-1).double())
     return torch.stack(outs, dim=2), torch.stack(lses, dim=1)
+
+
+def make_varlen_inputs(lens_q, lens_k, n_heads, n_kv, head_dim, dtype=torch.float32, device="cpu", seed=0,
+                       requires_grad=False):
+    """Packed ``q (T_q, H_q, D)``, ``k, v (T_k, H_kv, D)`` and int32 ``cu_seqlens_q, cu_seqlens_k`` for
+    sequences of the given lengths (the inputs of ``attention_varlen``)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    def cumulative(lengths):
+        return torch.tensor([0] + list(lengths), dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+    q = randn(sum(lens_q), n_heads, head_dim)
+    k, v = randn(sum(lens_k), n_kv, head_dim), randn(sum(lens_k), n_kv, head_dim)
+    return q, k, v, cumulative(lens_q), cumulative(lens_k)
+
+
+def reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, **kwargs):
+    """:func:`reference_attention` on each packed sequence alone, concatenated:
+    ``(out (T_q, H, D), lse (H, T_q))``. ``alibi_slopes`` ``(H,)`` or one row per sequence ``(B, H)``."""
+    outs, lses = [], []
+    for b in range(cu_seqlens_q.numel() - 1):
+        qs = slice(int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]))
+        ks = slice(int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1]))
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        out, lse = reference_attention(q[qs][None], k[ks][None], v[ks][None], alibi_slopes=slopes, **kwargs)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
 
 
 def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
