@@ -21,3 +21,12 @@ def test_all_kernels_compile_for_sm90():
                             text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert result.stdout.count("ok ") >= 29
+
+
+def test_ptx_schedule_tool_runs_and_reads_the_loop():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "ptx_schedule.py")], capture_output=True,
+                            text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    # each forward has a loop whose QK^T (wgmma) and softmax (ex2) the tool found
+    assert result.stdout.count("forward D=") == 2 and "[M8]" in result.stdout and "[e" in result.stdout

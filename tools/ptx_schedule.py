@@ -1,0 +1,51 @@
+"""Print the order of tensor-core, wait, exp2 and copy instructions in the compiled forward loop (sm_90).
+
+    python tools/ptx_schedule.py          (no GPU needed; must run without TRITON_INTERPRET)
+
+One line per basic block: ``[M8]`` eight wgmma instructions, ``C`` a commit, ``W0`` a wait for all
+outstanding wgmma, ``[e34]`` 34 ex2 (the softmax), ``T`` a TMA copy, ``|`` a CTA barrier. FlashAttention-3
+style overlap would show the next block's QK^T wgmma still in flight (``W1``) while the ex2 run; Triton
+3.6/3.7 emit ``[M8] C W0 [e..]``: the tensor cores idle during the softmax (benchmarks/NOTES.md).
+"""
+
+import re
+import sys
+
+import triton
+
+from compile_kernels import compile_kernel
+from mpt_attention.impl.triton import launch
+from mpt_attention.impl.triton.forward import _attn_fwd_kernel
+
+_TAGS = (("wgmma.mma_async", "M"), ("wgmma.commit_group", "C"), ("ex2.approx", "e"),
+         ("cp.async.bulk.tensor", "T"), ("bar.sync", "|"), ("barrier", "|"))
+
+
+def schedule(ptx: str) -> str:
+    out = []
+    for line in ptx.split("\n"):
+        text = line.strip()
+        if re.match(r"^\$L__BB\d+_\d+:", text):
+            out.append("\n  block: ")
+        elif text.startswith("wgmma.wait_group"):
+            out.append("W" + text.split()[-1].rstrip(";"))
+        else:
+            out.extend(tag for prefix, tag in _TAGS if text.startswith(prefix))
+    joined = "".join(out)
+    return re.sub(r"([Me])\1{2,}", lambda m: f"[{m.group(1)}{len(m.group())}]", joined)
+
+
+def main() -> int:
+    flags = dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False,
+                 VARLEN=False, KV_DESC=True, DOT_PRECISION="tf32")
+    for head_dim in (64, 128):
+        cfg = dict(launch._fwd_config(head_dim))
+        opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        kernel = compile_kernel(_attn_fwd_kernel, dict(flags, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **cfg),
+                                opts)
+        print(f"forward D={head_dim} {cfg} {opts}: {schedule(kernel.asm['ptx'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
