@@ -25,8 +25,10 @@ CASES = [
     AttnCase(1, 1, 23, 4, 2, 32, causal=True, alibi=True),  # one decode step
     AttnCase(3, 90, 90, 2, 1, 16, alibi=True, padding="left", bias="vector"),  # whole key blocks of padding
     AttnCase(3, 70, 100, 2, 2, 16, causal=True, padding="left", bias="matrix"),
+    AttnCase(2, 33, 45, 2, 2, 16, bias="full"),  # dS stored straight into the gradient, every tile written
+    AttnCase(2, 40, 29, 4, 2, 16, alibi=True, bias="matrix"),  # dS summed over heads, every tile written
 ]
-HALF_CASES = [CASES[0], CASES[3], CASES[8]]
+HALF_CASES = [CASES[0], CASES[3], CASES[8], CASES[15]]
 
 
 def _params():

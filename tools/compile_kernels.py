@@ -18,7 +18,7 @@ from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "Delta": "*fp32",
-                  "DBiasCols": "*fp32", "DBias": "*fp32", "Bias": "*fp32", "Slopes": "*fp32"}
+                  "DBiasCols": "*fp32", "DBias": "*bf16", "Bias": "*fp32", "Slopes": "*fp32"}
 
 
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
@@ -43,6 +43,7 @@ def main() -> int:
         dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True, VARLEN=False),
         dict(IS_CAUSAL=True, ALIBI=2, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=True, DROPOUT=False, VARLEN=False),
         dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=True, VARLEN=True),
+        dict(IS_CAUSAL=False, ALIBI=0, BIAS=2, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
     ]
     for head_dim, flags in itertools.product((64, 128, 256), flag_sets):
         block_d = max(16, triton.next_power_of_2(head_dim))

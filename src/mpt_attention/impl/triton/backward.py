@@ -281,7 +281,7 @@ def _dq_blocks(
         )
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if BIAS_GRAD == 2:
-            tl.store(dbias_base + n64 + offs_m[:, None] * seqlen_k + offs_n[None, :], ds,
+            tl.store(dbias_base + n64 + offs_m[:, None] * seqlen_k + offs_n[None, :], ds.to(dbias_base.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
     return dq
 

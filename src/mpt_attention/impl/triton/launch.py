@@ -252,7 +252,13 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             dbias_rows = torch.empty((batch, n_heads, 1, s_k), dtype=torch.float32, device=q.device)
         else:
             bias_mode = 2
-            dbias_full = torch.zeros((batch, n_heads, s_q, s_k), dtype=torch.float32, device=q.device)
+            full = (batch, n_heads, s_q, s_k)
+            # dS is the gradient itself when the bias has the full shape: store it in the bias dtype
+            # (the one rounding the result gets anyway); a broadcast bias sums it, in float32.
+            dtype = bias.dtype if tuple(bias.shape) == full else torch.float32
+            # tiles the dQ kernel skips (causal, padding, other sequences) must read as zero
+            skips_tiles = causal or kpm is not None or seqid is not None
+            dbias_full = (torch.zeros if skips_tiles else torch.empty)(full, dtype=dtype, device=q.device)
     common = dict(
         DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_mode, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags,
