@@ -162,7 +162,7 @@ def attention_varlen(
     """
     if not torch.compiler.is_compiling():
         max_seqlen_q, max_seqlen_k = _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, backend, alibi_slopes)
+                                                      max_seqlen_k, alibi_slopes)
         # the per-sequence checks of attention(), on one sequence's worth of shapes
         one_row = None if alibi_slopes is None or alibi_slopes.numel() == 0 else alibi_slopes.reshape(-1, q.shape[1])[0]
         _validate(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), backend, causal, softmax_scale, one_row,
@@ -175,25 +175,27 @@ def attention_varlen(
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         )
         return (out, lse) if return_lse else out
-    # torch and sdpa: one call per sequence (readable, not fast)
-    impl = reference.attention if backend == "torch" else sdpa.attention
-    bounds = list(zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:], cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:]))
+    # torch and sdpa: one call per sequence (readable, not fast; reads the lengths on the host)
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
-    for b, (q0, q1, k0, k1) in enumerate(bounds):
-        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
-        kwargs = dict(causal=causal, softmax_scale=softmax_scale, alibi_slopes=slopes, dropout_p=dropout_p)
-        res = impl(q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
-                   **kwargs, **(dict(return_lse=True) if backend == "torch" else {}))
-        out, lse = res if backend == "torch" else (res, None)
+    for b in range(len(cu_q) - 1):
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        kwargs = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                      alibi_slopes=alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b])
+        one = (q[rows_q][None], k[rows_k][None], v[rows_k][None])
+        if backend == "torch":
+            out, lse = reference.attention(*one, return_lse=True, **kwargs)
+            lses.append(lse[0])
+        else:
+            out = sdpa.attention(*one, **kwargs)
         outs.append(out[0])
-        lses.append(lse[0] if lse is not None else None)
     out = torch.cat(outs) if outs else q.new_empty(q.shape)
     if not return_lse:
         return out
     return out, (torch.cat(lses, dim=1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32))
 
 
-def _validate_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend, alibi_slopes):
+def _validate_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes):
     """Shape/dtype/device checks of the packed inputs and the lengths; returns the max lengths."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
