@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.padding import pad, unpad
+from mpt_attention.padding import cu_seqlens_from_sequence_id, pad, unpad
 from mpt_attention.testing import attention_flops
 
 MAIN_SHAPES = [  # (B, H_q, H_kv, S, D): 16k tokens per batch
@@ -244,9 +244,17 @@ def run_packed(rows):
     seq_id = torch.arange(seq, device=dev).div(seq // n_seq, rounding_mode="floor").view(1, seq)
     slopes = M.gen_slopes(heads, return_1d=True, device=dev)
     real = n_seq * attention_flops(1, heads, seq // n_seq, seq // n_seq, head_dim, causal=True)
-    for name, kw in (("triton-packed", dict(sequence_id=seq_id)), ("triton-whole-row", {})):
-        ms = do_bench(lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes, **kw),
-                      warmup=25, rep=100, return_mode="median")
+    cu, max_len = cu_seqlens_from_sequence_id(seq_id)
+    flat = [t.flatten(0, 1) for t in (q, k, v)]
+    providers = (
+        ("triton-packed", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes,
+                                              sequence_id=seq_id)),
+        ("triton-packed-as-varlen", lambda: M.attention_varlen(*flat, cu, cu, max_len, max_len, backend="triton",
+                                                                causal=True, alibi_slopes=slopes)),
+        ("triton-whole-row", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes)),
+    )
+    for name, fn in providers:
+        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
         rows.append(dict(suite="packed", shape=f"B1 H{heads} S{seq} D{head_dim} {n_seq} seqs", mode="fwd",
                          provider=name, ms=ms, tflops=real / ms / 1e9, note="real-token TFLOP/s"))
 

@@ -184,6 +184,10 @@ def test_error_table_in_docs_lists_every_varlen_message():
 def test_unpad_rejects_a_non_bool_mask():
     with pytest.raises(ValueError, match=r"keep must be bool \(B, S\)=\(2, 3\), got torch.int64"):
         unpad(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long))
+    from mpt_attention.padding import cu_seqlens_from_sequence_id
+
+    with pytest.raises(ValueError, match=r"sequence_id must be an integer \(B, S\) tensor, got torch.float32 \(6,\)"):
+        cu_seqlens_from_sequence_id(torch.zeros(6))
 
 
 def _key_block_range_probe():
@@ -237,3 +241,23 @@ def test_varlen_under_compile_needs_the_max_lengths():
                          backend="eager")
     with pytest.raises(Exception, match="needs max_seqlen_q and max_seqlen_k"):
         step(q)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_packed_sequence_ids_as_varlen(backend, causal):
+    """MPT's packed rows (sequence_id) through attention_varlen equal attention(..., sequence_id=...)."""
+    from mpt_attention.padding import cu_seqlens_from_sequence_id
+
+    gen = torch.Generator().manual_seed(5)
+    batch, seq, n_heads, n_kv, head_dim = 2, 45, 4, 2, 16
+    q = torch.randn(batch, seq, n_heads, head_dim, generator=gen)
+    k, v = (torch.randn(batch, seq, n_kv, head_dim, generator=gen) for _ in range(2))
+    ids = torch.tensor([[0] * 10 + [1] * 30 + [2] * 5, [4] * 45])
+    slopes = M.gen_slopes(n_heads, return_1d=True)
+    expected = M.attention(q, k, v, backend=backend, causal=causal, alibi_slopes=slopes, sequence_id=ids)
+    cu, max_len = cu_seqlens_from_sequence_id(ids)
+    assert cu.tolist() == [0, 10, 40, 45, 90] and max_len == 45
+    flat = [t.flatten(0, 1) for t in (q, k, v)]
+    out = M.attention_varlen(*flat, cu, cu, max_len, max_len, backend=backend, causal=causal, alibi_slopes=slopes)
+    torch.testing.assert_close(out.view_as(q), expected, rtol=1e-5, atol=2e-6)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pad", "unpad"]
+__all__ = ["cu_seqlens_from_sequence_id", "pad", "unpad"]
 
 
 def unpad(x: torch.Tensor, keep: torch.Tensor):
@@ -35,3 +35,30 @@ def pad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) ->
     out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
     out = out.index_copy(0, indices, packed)
     return out.view(batch, seqlen, *packed.shape[1:])
+
+
+def cu_seqlens_from_sequence_id(sequence_id: torch.Tensor):
+    """Cumulative lengths of packed sequences, for ``attention_varlen`` on ``x.flatten(0, 1)``.
+
+    Each maximal run of equal ids in a batch row is one sequence (a row boundary always starts a new
+    one). For packed data, where every id occupies one run, ``attention_varlen`` on the flattened
+    tensors gives what ``attention(..., sequence_id=sequence_id)`` gives, at varlen speed; an id that
+    comes back after another one would be one sequence for ``attention`` and two here.
+
+    Args:
+        sequence_id: integer ``(B, S)``.
+
+    Returns:
+        ``cu_seqlens`` int32 ``(N + 1,)`` over the ``B * S`` flattened positions and ``max_seqlen``
+        (an int: one device sync).
+    """
+    if sequence_id.dim() != 2 or sequence_id.is_floating_point() or sequence_id.dtype == torch.bool:
+        raise ValueError(f"sequence_id must be an integer (B, S) tensor, got {sequence_id.dtype} "
+                         f"{tuple(sequence_id.shape)}")
+    batch, seq = sequence_id.shape
+    starts = torch.ones_like(sequence_id, dtype=torch.bool)
+    starts[:, 1:] = sequence_id[:, 1:] != sequence_id[:, :-1]
+    first = torch.nonzero(starts.flatten(), as_tuple=False).flatten()
+    cu_seqlens = torch.cat([first, first.new_full((1,), batch * seq)]).to(torch.int32)
+    max_seqlen = int(cu_seqlens.diff().max().item()) if cu_seqlens.numel() > 1 else 0
+    return cu_seqlens, max_seqlen
