@@ -83,6 +83,9 @@ def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16):
         "triton-alibi": (lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes), [q, k, v]),
         "triton": (lambda: M.attention(q, k, v, backend="triton", causal=True), [q, k, v]),
         "triton-vecbias": (lambda: M.attention(q, k, v, backend="triton", causal=True, attn_bias=vec_bias), [q, k, v]),
+        # the price of the default bitwise-reproducible backward (issue 4): fwd_bwd only, its forward is the same
+        "triton-alibi-atomic-dq": (lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes,
+                                                       deterministic=False), [q, k, v]),
     }
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -158,6 +161,8 @@ def run_main(args, rows):
         for mode in args.modes:
             flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=True, mode=mode)
             for name, entry in providers.items():
+                if name.endswith("-atomic-dq") and mode == "fwd":
+                    continue
                 row = dict(suite="main", shape=f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}", mode=mode, provider=name)
                 if isinstance(entry, str):
                     row.update(ms=None, tflops=None, note=entry)

@@ -32,7 +32,8 @@ HALF_CASES = [CASES[0], CASES[3], CASES[8], CASES[15]]
 
 
 def _params():
-    for backend in BACKENDS:
+    # "triton-atomic-dq": the triton backend with deterministic=False (dQ through atomics, one backward pass)
+    for backend in BACKENDS + ["triton-atomic-dq"]:
         for case in CASES:
             yield pytest.param(backend, case, torch.float32, id=f"{backend}-fp32-{case.id()}")
         for case in HALF_CASES:
@@ -48,7 +49,10 @@ def test_forward_and_gradients_match_float64_reference(backend, case, dtype):
     (q, k, v), kw = make_inputs(case, dtype=dtype, requires_grad=True)
     bias = kw.get("attn_bias")
     inputs = [q, k, v] + ([bias] if bias is not None else [])
-    out = M.attention(q, k, v, backend=backend, **kw)
+    extra = {}
+    if backend == "triton-atomic-dq":
+        backend, extra = "triton", dict(deterministic=False)
+    out = M.attention(q, k, v, backend=backend, **kw, **extra)
     dout = torch.randn_like(out)
     grads = _grads(out, inputs, dout)
 
@@ -104,14 +108,15 @@ def test_strided_inputs_need_no_copies_and_give_the_same_result(backend):
     torch.testing.assert_close(out, expected)
 
 
-def test_triton_dropout_applies_exactly_the_kernels_mask():
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-pass", "atomic-dq"])
+def test_triton_dropout_applies_exactly_the_kernels_mask(deterministic):
     case = AttnCase(2, 33, 33, 2, 1, 16, causal=True, alibi=True)
     (q, k, v), kw = make_inputs(case, requires_grad=True)
     p = 0.3
     torch.manual_seed(123)
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     torch.manual_seed(123)
-    out = M.attention(q, k, v, backend="triton", dropout_p=p, **kw)
+    out = M.attention(q, k, v, backend="triton", dropout_p=p, deterministic=deterministic, **kw)
     keep = ops.triton_dropout_mask(2, 2, 33, 33, seed, p)
     assert 0.6 < keep.float().mean().item() < 0.8
     dout = torch.randn_like(out)
@@ -145,9 +150,12 @@ def test_empty_and_tiny_shapes(backend):
 
 
 @pytest.mark.parametrize("garbage", [float("nan"), float("inf"), 1e30], ids=["nan", "inf", "1e30"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton-atomic-dq"])
 def test_garbage_in_padded_keys_changes_nothing_live(backend, garbage):
     """Unwritten cache slots and pad tokens hold anything; the key padding mask must fence them off."""
+    extra = {}
+    if backend == "triton-atomic-dq":
+        backend, extra = "triton", dict(deterministic=False)
     case = AttnCase(3, 45, 45, 4, 2, 16, causal=True, alibi=True, padding=True)
     (q, k, v), kw = make_inputs(case)
     pad = ~kw["key_padding_mask"]
@@ -158,7 +166,7 @@ def test_garbage_in_padded_keys_changes_nothing_live(backend, garbage):
         if fill is not None:
             kk[pad], vv[pad] = fill, fill
         qq, kk, vv = (x.requires_grad_() for x in (q.clone(), kk, vv))
-        out = M.attention(qq, kk, vv, backend=backend, **kw)
+        out = M.attention(qq, kk, vv, backend=backend, **kw, **extra)
         out.backward(torch.ones_like(out))
         results.append((out, qq.grad, kk.grad[~pad], vv.grad[~pad]))
     for name, clean, dirty in zip(["out", "dq", "dk", "dv"], *results):

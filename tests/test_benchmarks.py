@@ -43,5 +43,5 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     path.write_text(json.dumps({"meta": dict(gpu="G", torch="t", triton="tr", commit="c", date="d"), "rows": rows}))
     module.main(str(path))
     out = capsys.readouterr().out
-    assert "| B1 H1/1 S8 D16 | 300 | 400 | 310 | 0.75 | - | - | 0.97 | - |" in out
+    assert "| B1 H1/1 S8 D16 | 300 | 400 | 310 | 0.75 | - | - | 0.97 | - | - |" in out
     assert "| padding | x | fwd | triton-varlen | 0.500 | 90.0 | n |" in out

@@ -10,7 +10,7 @@ from mpt_attention.testing import AttnCase, make_inputs
 def test_opcheck_forward_op():
     (q, k, v), kw = make_inputs(AttnCase(1, 17, 17, 2, 1, 16, causal=True, alibi=True, bias="vector"),
                                 requires_grad=True)
-    args = (q, k, v, kw["attn_bias"], kw["alibi_slopes"], None, None, None, None, 0.25, True, 0.0, None, None, 0, 0)
+    args = (q, k, v, kw["attn_bias"], kw["alibi_slopes"], None, None, None, None, 0.25, True, 0.0, None, None, 0, 0, True)
     torch.library.opcheck(torch.ops.mpt_attention.triton_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

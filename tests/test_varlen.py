@@ -36,18 +36,21 @@ CASES = [  # (lens_q, lens_k, H_q, H_kv, D, causal, alibi)
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton-atomic-dq"])
 @pytest.mark.parametrize("lens_q,lens_k,n_heads,n_kv,head_dim,causal,alibi", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_varlen_matches_each_sequence_alone(backend, lens_q, lens_k, n_heads, n_kv, head_dim, causal, alibi, dtype):
     q, k, v, cu_q, cu_k = make_varlen(lens_q, lens_k, n_heads, n_kv, head_dim, dtype, requires_grad=True)
+    extra = {}
+    if backend == "triton-atomic-dq":  # deterministic=False: dQ through atomics
+        backend, extra = "triton", dict(deterministic=False)
     slopes = None
     if alibi:
         slopes = M.gen_slopes(n_heads, return_1d=True)
         if alibi == "batch":
             slopes = slopes.view(1, n_heads) * torch.linspace(0.5, 1.5, len(lens_q)).view(-1, 1)
     kw = dict(causal=causal)
-    out = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, alibi_slopes=slopes, **kw)
+    out = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, alibi_slopes=slopes, **kw, **extra)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
 

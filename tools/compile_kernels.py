@@ -18,7 +18,7 @@ from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "Delta": "*fp32",
-                  "DBiasCols": "*fp32", "DBias": "*bf16", "Bias": "*fp32", "Slopes": "*fp32"}
+                  "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32"}
 
 
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
@@ -50,7 +50,11 @@ def main() -> int:
         desc = not flags["HAS_KPM"]  # tensor-descriptor (TMA) loads wherever the launcher allows them
         jobs = [("fwd", _attn_fwd_kernel, launch._fwd_config(head_dim), dict(KV_DESC=desc))]
         kv_cfg, q_cfg = launch._bwd_config(head_dim)
-        jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=1 if flags["BIAS"] == 1 else 0, DESC=desc)),
+        atomic_cfg = launch._bwd_config(head_dim, atomic_dq=True)[0]
+        bias_grad = {1: 1, 2: 2}.get(flags["BIAS"], 0)
+        jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=bias_grad if bias_grad == 1 else 0, DESC=desc,
+                                                              ATOMIC_DQ=False)),
+                 ("dkdv-atomic-dq", _attn_bwd_dkdv_kernel, atomic_cfg, dict(BIAS_GRAD=bias_grad, DESC=desc, ATOMIC_DQ=True)),
                  ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["BIAS"] == 2 else 0, DESC=desc))]
         for name, fn, cfg, extra in jobs:
             cfg = dict(cfg)
@@ -60,7 +64,7 @@ def main() -> int:
                 k = compile_kernel(fn, consts, opts)
                 local = k.asm["ptx"].count("ld.local") + k.asm["ptx"].count("st.local")
                 tma = k.asm["ptx"].count("cp.async.bulk.tensor")
-                print(f"ok   {name:5s} D={head_dim:3d} {cfg} smem={k.metadata.shared} local-mem ops={local} tma loads={tma}")
+                print(f"ok   {name:14s} D={head_dim:3d} {cfg} smem={k.metadata.shared} local-mem ops={local} tma loads={tma}")
             except Exception as exc:  # report every failure, not just the first
                 failures += 1
                 print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")

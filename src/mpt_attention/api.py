@@ -68,6 +68,7 @@ def attention(
     prefix_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    deterministic: bool = True,
 ):
     """Scaled dot-product attention with MPT's masks and ALiBi, on the backend you name.
 
@@ -103,6 +104,9 @@ def attention(
         prefix_mask: bool ``(B, S_k)``, needs ``causal``: prefix keys are visible from every query.
         dropout_p: probability of dropping an attention weight (pass 0 in eval).
         return_lse: also return the natural-log log-sum-exp of the scores.
+        deterministic: ``triton`` only. True (default): the backward is bitwise reproducible (no
+            atomics). False: dQ is summed with float32 atomics in one backward pass instead of two, so
+            its last bits vary between runs. Other backends follow ``torch.use_deterministic_algorithms``.
 
     Returns:
         ``out (B, S_q, H_q, D)``, and with ``return_lse`` also ``lse (B, H_q, S_q)`` float32.
@@ -121,7 +125,7 @@ def attention(
     if backend == "sdpa":
         return sdpa.attention(q, k, v, **kwargs)
     if backend == "triton":
-        out, lse = ops.triton_attention(q, k, v, **kwargs)
+        out, lse = ops.triton_attention(q, k, v, deterministic=deterministic, **kwargs)
         return (out, lse) if return_lse else out
     raise NotImplementedError(_FLASH_MISSING)
 
@@ -141,6 +145,7 @@ def attention_varlen(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    deterministic: bool = True,
 ):
     """:func:`attention` over a batch of sequences of different lengths, packed without padding.
 
@@ -156,6 +161,7 @@ def attention_varlen(
         max_seqlen_q, max_seqlen_k: the longest sequence (at least); ``None`` reads it from the
             lengths (a device sync; pass them under ``torch.compile``).
         alibi_slopes: float ``(H_q,)`` or ``(B, H_q)``.
+        deterministic: as for :func:`attention`.
 
     Returns:
         ``out (T_q, H_q, D)``, and with ``return_lse`` also ``lse (H_q, T_q)`` float32.
@@ -173,6 +179,7 @@ def attention_varlen(
         out, lse = ops.triton_attention(
             q, k, v, causal=causal, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            deterministic=deterministic,
         )
         return (out, lse) if return_lse else out
     # torch and sdpa: one call per sequence (readable, not fast; reads the lengths on the host)

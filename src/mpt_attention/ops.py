@@ -26,6 +26,7 @@ def _triton_fwd(
     sequence_id: Tensor | None, prefix_mask: Tensor | None, seed: Tensor | None,
     softmax_scale: float, causal: bool, dropout_p: float,
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     return _launch().forward(q, k, v, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
                              softmax_scale, causal, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -33,7 +34,7 @@ def _triton_fwd(
 
 @_triton_fwd.register_fake
 def _(q, k, v, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed, softmax_scale, causal, dropout_p,
-      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if cu_seqlens_q is not None:  # packed (T_q, H, D): LSE (H, T_q)
         return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -48,15 +49,17 @@ def _triton_bwd(
     sequence_id: Tensor | None, prefix_mask: Tensor | None, seed: Tensor | None,
     softmax_scale: float, causal: bool, dropout_p: float, bias_grad: bool,
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _launch().backward(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id,
                               prefix_mask, seed, softmax_scale, causal, dropout_p, bias_grad,
-                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
 
 
 @_triton_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
-      softmax_scale, causal, dropout_p, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+      softmax_scale, causal, dropout_p, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      deterministic):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     dbias = torch.empty_like(bias, dtype=bias.dtype) if bias_grad else q.new_empty(0)
     return (*grads, dbias)
@@ -64,11 +67,12 @@ def _(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
-     cu_q, cu_k, max_q, max_k) = inputs
+     cu_q, cu_k, max_q, max_k, deterministic) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, cu_q, cu_k)
     ctx.args = (softmax_scale, causal, dropout_p)
     ctx.max_lens = (max_q, max_k)
+    ctx.deterministic = deterministic
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
@@ -78,8 +82,9 @@ def _backward(ctx, dout, dlse):
     if dout is None:  # only the log-sum-exp was used
         dout = torch.zeros_like(out)
     dq, dk, dv, dbias = _triton_bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
-                                    softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens)
-    return (dq, dk, dv, (dbias if ctx.bias_grad else None)) + (None,) * 12
+                                    softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens,
+                                    ctx.deterministic)
+    return (dq, dk, dv, (dbias if ctx.bias_grad else None)) + (None,) * 13
 
 
 torch.library.register_autograd("mpt_attention::triton_fwd", _backward, setup_context=_setup_context)
@@ -87,7 +92,7 @@ torch.library.register_autograd("mpt_attention::triton_fwd", _backward, setup_co
 
 def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=None, key_padding_mask=None,
                      sequence_id=None, prefix_mask=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
-                     max_seqlen_q=0, max_seqlen_k=0):
+                     max_seqlen_q=0, max_seqlen_k=0, deterministic=True):
     """Validated inputs in, ``(out, lse)`` out; see :func:`mpt_attention.attention` and
     :func:`mpt_attention.attention_varlen`."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -97,7 +102,7 @@ def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(q.device)
     return _triton_fwd(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
                        scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                       int(max_seqlen_k))
+                       int(max_seqlen_k), bool(deterministic))
 
 
 def triton_dropout_mask(batch, n_heads, s_q, s_k, seed: Tensor, dropout_p: float) -> Tensor:

@@ -1,7 +1,9 @@
 """Backward kernels: dK/dV per key block (looping over the query heads of its group), dQ per query block.
 
-No atomics: each program owns the gradient tile it writes, so the backward is deterministic and
-GQA/MQA sums over the query-head group inside one program. The probabilities are recomputed from
+By default no atomics: each program owns the gradient tile it writes, so the backward is
+deterministic and GQA/MQA sums over the query-head group inside one program. ``ATOMIC_DQ`` (the
+``deterministic=False`` option) folds dQ into the dK/dV kernel with float32 atomics instead of a
+second pass that recomputes every tile. The probabilities are recomputed from
 the forward's log-sum-exp; ``delta = rowsum(dO * O)`` is precomputed.
 
 Bias gradient (``dS``, the gradient of the scores) comes out in one of two forms:
@@ -79,15 +81,19 @@ def _tile_grads(
 @triton.jit
 def _dkdv_blocks(
     dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, lse_row, delta_row, kpm_ptr, seqid_ptr, prefix_ptr,
+    dq_head, ds_head, stride_dqs,
     stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
     seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, hi,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, Q_DESC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Accumulate dK, dV (and bias column sums) of one key block over query blocks [lo, hi).
-    Q_DESC: Q and dO tiles through tensor descriptors (TMA on Hopper)."""
+    Q_DESC: Q and dO tiles through tensor descriptors (TMA on Hopper). ATOMIC_DQ: also add this key
+    block's share of dQ into a float32 buffer with atomics (and store the full dS for BIAS_GRAD == 2),
+    so no separate dQ pass recomputes the tile: faster, but the summation order, hence the last bits
+    of dQ, varies between runs."""
     d_ok = offs_d < head_dim
     diag = seqlen_k - seqlen_q
     if Q_DESC:
@@ -123,12 +129,20 @@ def _dkdv_blocks(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
         if BIAS_GRAD == 1:
             dbias_cols += tl.sum(ds, 0)
+        if ATOMIC_DQ:
+            # [BLOCK_M, BLOCK_D]
+            dq_part = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_head + m64 * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :], dq_part,
+                          mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if BIAS_GRAD == 2:
+                tl.store(ds_head + m64 * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :],
+                         ds.to(ds_head.dtype.element_ty), mask=row_ok[:, None] & (cols < seqlen_k)[None, :])
     return dk, dv, dbias_cols
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DBiasCols,
+    Q, K, V, DO, Lse, Delta, DK, DV, DBiasCols, DQAcc, DBias,
     Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -136,6 +150,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_slb, stride_slh,
@@ -145,7 +160,8 @@ def _attn_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr, DESC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
@@ -217,20 +233,24 @@ def _attn_bwd_dkdv_kernel(
         do_head = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dos
         bias_head = Bias + b64 * stride_bb + h64 * stride_bh + row_start * stride_bn
         stats = b64 * stride_lb + h64 * stride_lh + q_start
+        dq_head = DQAcc + b64 * stride_dqb + h64 * stride_dqh + q_start * stride_dqs
+        ds_head = DBias + bh.to(tl.int64) * seqlen_q * seqlen_k + start_n  # (B, H, S_q, S_k) dS, BIAS_GRAD == 2
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dbias_cols = _dkdv_blocks(
             dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse + stats, Delta + stats, kpm_ptr, seqid_ptr,
-            prefix_ptr, stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
+            prefix_ptr, dq_head, ds_head, stride_dqs,
+            stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
             seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, q_split,
-            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DESC, DOT_PRECISION,
-            BLOCK_M, BLOCK_D,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DESC, ATOMIC_DQ,
+            DOT_PRECISION, BLOCK_M, BLOCK_D,
         )
         dk, dv, dbias_cols = _dkdv_blocks(
             dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse + stats, Delta + stats, kpm_ptr, seqid_ptr,
-            prefix_ptr, stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
+            prefix_ptr, dq_head, ds_head, stride_dqs,
+            stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
             seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, q_split, m_end,
-            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DESC, DOT_PRECISION,
-            BLOCK_M, BLOCK_D,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DESC, ATOMIC_DQ,
+            DOT_PRECISION, BLOCK_M, BLOCK_D,
         )
         if BIAS_GRAD == 1:
             tl.store(DBiasCols + bh.to(tl.int64) * seqlen_k + cols, dbias_cols, mask=col_ok)

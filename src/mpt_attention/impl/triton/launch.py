@@ -32,14 +32,18 @@ def _fwd_config(head_dim: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def _bwd_config(head_dim: int) -> tuple[dict, dict]:
-    """(dK/dV config, dQ config)."""
+def _bwd_config(head_dim: int, atomic_dq: bool = False) -> tuple[dict, dict]:
+    """(dK/dV config, dQ config). With ``atomic_dq`` the dK/dV kernel also holds a dQ tile: smaller tiles
+    at D=128 keep it inside Hopper's 227 KB of shared memory (128x64 needed 226 KB there)."""
     if _INTERPRET:
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
         return small, small
     if head_dim <= 64:
         return (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                 dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
+    if head_dim <= 128 and atomic_dq:
+        return (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))
     if head_dim <= 128:
         # dK/dV with BLOCK_M=32 and num_stages > 1 raced under Triton 3.6 (dK changed between identical
         # runs, benchmarks/NOTES.md): keep BLOCK_M >= 64 when pipelining.
@@ -218,11 +222,12 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
 
 
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
-             dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0):
+             dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True):
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or empty).
 
     ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
     it folds into ``delta``: dS = P * (dP - (delta - dlse)).
+    ``deterministic=False``: dQ accumulated with float32 atomics inside the dK/dV kernel (one pass).
     """
     q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
     geo = _Geometry(q, k, cu_q, max_q, max_k)
@@ -268,7 +273,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     seed_arg = seed if seed is not None else q
     cu_args = (cu_q, cu_k) if varlen else (q, q)
     if batch * n_heads > 0 and s_k > 0:
-        kv_cfg, q_cfg = _bwd_config(head_dim)
+        kv_cfg, q_cfg = _bwd_config(head_dim, atomic_dq=not deterministic)
         # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
         dkdv_desc = _descriptors_ok(q, dout)
         dq_desc = kpm is None and _descriptors_ok(k, v)
@@ -279,12 +284,17 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             spans = _sequence_spans(seqid)
             kv_spans = _key_block_query_spans(spans, s_q, kv_cfg["BLOCK_N"])
             q_spans = _query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
+        dq_acc = q  # dummy
+        if not deterministic:
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
-            q, k, v, dout, lse, delta, dk, dv, dbias_rows, *pointers, seed_arg, kv_range, kv_spans, *cu_args,
-            *in_strides, *_strides(dk, varlen), *_strides(dv, varlen), *geo.lse_strides,
-            *aux_strides, *sizes, DESC=dkdv_desc, **common, **kv_cfg,
+            q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
+            kv_spans, *cu_args, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen),
+            *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc, ATOMIC_DQ=not deterministic, **common, **kv_cfg,
         )
-        if s_q > 0:
+        if not deterministic:
+            dq.copy_(dq_acc.mul_(softmax_scale))
+        elif s_q > 0:
             _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), batch * n_heads)](
                 q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args,
                 *in_strides, *_strides(dq, varlen), *geo.lse_strides,
