@@ -41,3 +41,23 @@ def test_compile_fullgraph_forward_and_backward(case, backend):
     torch.testing.assert_close(lse, ref_lse)
     for g, t in zip(got, (q, k, v)):
         torch.testing.assert_close(g, t.grad)
+
+
+def test_compile_fullgraph_with_atomic_dq():
+    torch._dynamo.reset()
+    (q, k, v), kw = make_inputs(AttnCase(1, 23, 23, 2, 1, 16, causal=True, alibi=True), requires_grad=True)
+    M.attention(q, k, v, backend="triton", deterministic=False, **kw)
+
+    def step(q, k, v):
+        return M.attention(q, k, v, backend="triton", deterministic=False, **kw) * 2.0
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v)
+    out.sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = step(q, k, v)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for g, t in zip(got, (q, k, v)):
+        torch.testing.assert_close(g, t.grad)

@@ -40,11 +40,17 @@ def cases(draw):
     return case, draw(st.integers(0, 2**16))
 
 
+def _backend(name):
+    """'triton-atomic-dq' is the triton backend with deterministic=False (dQ through atomics)."""
+    return ("triton", dict(deterministic=False)) if name == "triton-atomic-dq" else (name, {})
+
+
 def _check(backend, case, seed, with_grads):
+    backend, extra = _backend(backend)
     (q, k, v), kw = make_inputs(case, requires_grad=with_grads, seed=seed)
     bias = kw.get("attn_bias")
     inputs = [q, k, v] + ([bias] if bias is not None else [])
-    out = M.attention(q, k, v, backend=backend, **kw)
+    out = M.attention(q, k, v, backend=backend, **kw, **extra)
     ref_in = [x.detach().double().requires_grad_(with_grads) for x in inputs]
     ref, _ = reference_attention(*ref_in[:3], **{**kw, "attn_bias": ref_in[3] if bias is not None else None})
     low, _ = reference_attention(q.detach(), k.detach(), v.detach(), compute_dtype=torch.float32,
@@ -66,7 +72,7 @@ def _settings(examples, derandomize=True):
 CI_EXAMPLES = int(os.environ.get("MPT_ATTENTION_FUZZ_EXAMPLES", "30"))
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton", "triton-atomic-dq"])
 def test_fuzz_ci_sample(backend):
     @_settings(CI_EXAMPLES)
     @given(cases())
@@ -78,7 +84,7 @@ def test_fuzz_ci_sample(backend):
 
 
 @pytest.mark.nightly
-@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton", "triton-atomic-dq"])
 def test_fuzz_nightly(backend):
     @_settings(1000, derandomize=False)
     @given(cases())
@@ -104,6 +110,7 @@ def varlen_cases(draw):
 
 
 def _check_varlen(backend, c, with_grads):
+    backend, extra = _backend(backend)
     q, k, v, cu_q, cu_k = make_varlen_inputs(c["lens_q"], c["lens_k"], c["n_heads"], c["n_kv"], c["head_dim"],
                                              seed=c["seed"], requires_grad=with_grads)
     slopes = None
@@ -111,7 +118,7 @@ def _check_varlen(backend, c, with_grads):
         slopes = M.gen_slopes(c["n_heads"], return_1d=True)
         if c["alibi"] == "per-sequence":
             slopes = slopes.view(1, -1) * torch.linspace(0.5, 2.0, len(c["lens_q"])).view(-1, 1)
-    out = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, causal=c["causal"], alibi_slopes=slopes)
+    out = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, causal=c["causal"], alibi_slopes=slopes, **extra)
     ref_in = [x.detach().double().requires_grad_(with_grads) for x in (q, k, v)]
     ref, _ = reference_attention_varlen(*ref_in, cu_q, cu_k, causal=c["causal"], alibi_slopes=slopes)
     low, _ = reference_attention_varlen(q.detach(), k.detach(), v.detach(), cu_q, cu_k, causal=c["causal"],
@@ -127,7 +134,7 @@ def _check_varlen(backend, c, with_grads):
             assert_close_to_reference(f"varlen {c} {name}", g, r, r.float(), floor=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton", "triton-atomic-dq"])
 def test_fuzz_varlen_ci_sample(backend):
     @_settings(CI_EXAMPLES)
     @given(varlen_cases())
@@ -138,7 +145,7 @@ def test_fuzz_varlen_ci_sample(backend):
 
 
 @pytest.mark.nightly
-@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton", "triton-atomic-dq"])
 def test_fuzz_varlen_nightly(backend):
     @_settings(1000, derandomize=False)
     @given(varlen_cases())
