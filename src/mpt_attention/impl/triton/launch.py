@@ -261,7 +261,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             # dS is the gradient itself when the bias has the full shape: store it in the bias dtype
             # (the one rounding the result gets anyway); a broadcast bias sums it, in float32.
             dtype = bias.dtype if tuple(bias.shape) == full else torch.float32
-            # tiles the dQ kernel skips (causal, padding, other sequences) must read as zero
+            # tiles the backward skips (causal, padding, other sequences) must read as zero
             skips_tiles = causal or kpm is not None or seqid is not None
             dbias_full = (torch.zeros if skips_tiles else torch.empty)(full, dtype=dtype, device=q.device)
     common = dict(
@@ -276,14 +276,15 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         kv_cfg, q_cfg = _bwd_config(head_dim, atomic_dq=not deterministic)
         # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
         dkdv_desc = _descriptors_ok(q, dout)
-        dq_desc = kpm is None and _descriptors_ok(k, v)
+        dq_desc = deterministic and kpm is None and _descriptors_ok(k, v)
         if dkdv_desc or dq_desc:
             _ensure_allocator()
         kv_spans = q_spans = q
         if seqid is not None:  # one pass over the ids serves both kernels
             spans = _sequence_spans(seqid)
             kv_spans = _key_block_query_spans(spans, s_q, kv_cfg["BLOCK_N"])
-            q_spans = _query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
+            if deterministic:
+                q_spans = _query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
         dq_acc = q  # dummy
         if not deterministic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
