@@ -18,15 +18,6 @@ def _cu(lengths):
     return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
 
 
-def make_varlen(lens_q, lens_k, n_heads, n_kv, head_dim, dtype=torch.float32, seed=0, requires_grad=False):
-    return make_varlen_inputs(lens_q, lens_k, n_heads, n_kv, head_dim, dtype=dtype, seed=seed,
-                              requires_grad=requires_grad)
-
-
-def reference_varlen(q, k, v, cu_q, cu_k, alibi_slopes=None, compute_dtype=torch.float64, **kw):
-    return reference_attention_varlen(q, k, v, cu_q, cu_k, alibi_slopes=alibi_slopes, compute_dtype=compute_dtype, **kw)
-
-
 CASES = [  # (lens_q, lens_k, H_q, H_kv, D, causal, alibi)
     pytest.param([37, 1, 20], [37, 1, 20], 4, 4, 16, True, "heads", id="self-causal-alibi-MHA"),
     pytest.param([37, 0, 20, 5], [45, 3, 20, 9], 4, 2, 16, True, "batch", id="chunked-prefill-GQA-alibi-per-seq"),
@@ -40,7 +31,7 @@ CASES = [  # (lens_q, lens_k, H_q, H_kv, D, causal, alibi)
 @pytest.mark.parametrize("lens_q,lens_k,n_heads,n_kv,head_dim,causal,alibi", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_varlen_matches_each_sequence_alone(backend, lens_q, lens_k, n_heads, n_kv, head_dim, causal, alibi, dtype):
-    q, k, v, cu_q, cu_k = make_varlen(lens_q, lens_k, n_heads, n_kv, head_dim, dtype, requires_grad=True)
+    q, k, v, cu_q, cu_k = make_varlen_inputs(lens_q, lens_k, n_heads, n_kv, head_dim, dtype, requires_grad=True)
     extra = {}
     if backend == "triton-atomic-dq":  # deterministic=False: dQ through atomics
         backend, extra = "triton", dict(deterministic=False)
@@ -55,10 +46,10 @@ def test_varlen_matches_each_sequence_alone(backend, lens_q, lens_k, n_heads, n_
     grads = torch.autograd.grad(out, (q, k, v), dout)
 
     inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref, _ = reference_varlen(*inputs64, cu_q, cu_k, alibi_slopes=slopes, **kw)
+    ref, _ = reference_attention_varlen(*inputs64, cu_q, cu_k, alibi_slopes=slopes, **kw)
     ref_grads = torch.autograd.grad(ref, inputs64, dout.double())
     low_inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    low, _ = reference_varlen(*low_inputs, cu_q, cu_k, alibi_slopes=slopes, compute_dtype=dtype, **kw)
+    low, _ = reference_attention_varlen(*low_inputs, cu_q, cu_k, alibi_slopes=slopes, compute_dtype=dtype, **kw)
     low_grads = torch.autograd.grad(low, low_inputs, dout.to(low.dtype))
 
     assert out.shape == q.shape and out.dtype == dtype
@@ -69,9 +60,9 @@ def test_varlen_matches_each_sequence_alone(backend, lens_q, lens_k, n_heads, n_
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_varlen_log_sum_exp_is_heads_by_tokens(backend):
-    q, k, v, cu_q, cu_k = make_varlen([12, 0, 7], [15, 4, 3], 2, 1, 16)
+    q, k, v, cu_q, cu_k = make_varlen_inputs([12, 0, 7], [15, 4, 3], 2, 1, 16)
     _, lse = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, causal=True, return_lse=True)
-    _, ref = reference_varlen(q, k, v, cu_q, cu_k, causal=True)
+    _, ref = reference_attention_varlen(q, k, v, cu_q, cu_k, causal=True)
     assert lse.shape == (2, 19) and lse.dtype == torch.float32
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref)), "rows that see no key have lse = -inf"
     live = torch.isfinite(ref)
@@ -102,7 +93,7 @@ def test_varlen_equals_padded_attention_on_live_rows(backend, side):
 
 def test_triton_varlen_dropout_applies_exactly_the_kernels_mask():
     lens_q, lens_k, p = [9, 14], [9, 20], 0.25
-    q, k, v, cu_q, cu_k = make_varlen(lens_q, lens_k, 2, 1, 16, requires_grad=True)
+    q, k, v, cu_q, cu_k = make_varlen_inputs(lens_q, lens_k, 2, 1, 16, requires_grad=True)
     torch.manual_seed(7)
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     torch.manual_seed(7)
@@ -126,7 +117,7 @@ def test_triton_varlen_dropout_applies_exactly_the_kernels_mask():
 
 def test_varlen_compiles_fullgraph_on_triton():
     torch._dynamo.reset()
-    q, k, v, cu_q, cu_k = make_varlen([13, 6], [13, 6], 2, 2, 16, requires_grad=True)
+    q, k, v, cu_q, cu_k = make_varlen_inputs([13, 6], [13, 6], 2, 2, 16, requires_grad=True)
 
     def step(q, k, v):
         out, lse = M.attention_varlen(q, k, v, cu_q, cu_k, 13, 13, backend="triton", causal=True, return_lse=True)
@@ -229,7 +220,7 @@ def test_key_block_range_is_empty_for_tiles_past_a_sequence_end():
 
 
 def test_length_checks_are_cached_until_the_lengths_change():
-    q, k, v, cu_q, cu_k = make_varlen([5, 6], [5, 6], 2, 2, 8)
+    q, k, v, cu_q, cu_k = make_varlen_inputs([5, 6], [5, 6], 2, 2, 8)
     M.attention_varlen(q, k, v, cu_q, cu_k, backend="torch")
     assert cu_q._mpt_attention_length_stats[1] == (0, 11, 5, 6)
     cu_q[1] = 12  # in place: the cached check no longer holds and must not be trusted
@@ -239,7 +230,7 @@ def test_length_checks_are_cached_until_the_lengths_change():
 
 def test_varlen_under_compile_needs_the_max_lengths():
     torch._dynamo.reset()
-    q, k, v, cu_q, cu_k = make_varlen([3, 4], [3, 4], 2, 2, 8)
+    q, k, v, cu_q, cu_k = make_varlen_inputs([3, 4], [3, 4], 2, 2, 8)
     step = torch.compile(lambda q: M.attention_varlen(q, k, v, cu_q, cu_k, backend="torch"), fullgraph=True,
                          backend="eager")
     with pytest.raises(Exception, match="needs max_seqlen_q and max_seqlen_k"):
