@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mpt_attention as M
-from mpt_attention.testing import AttnCase, make_inputs
+from mpt_attention.testing import AttnCase, assert_compiled_matches_eager, make_inputs
 
 
 def test_opcheck_forward_op():
@@ -19,7 +19,6 @@ def test_opcheck_forward_op():
 @pytest.mark.parametrize("case", [AttnCase(1, 23, 23, 2, 1, 16, causal=True, alibi=True, padding=True),
                                   AttnCase(2, 16, 16, 2, 2, 16, bias="vector")], ids=lambda c: c.id())
 def test_compile_fullgraph_forward_and_backward(case, backend):
-    torch._dynamo.reset()
     (q, k, v), kw = make_inputs(case, requires_grad=True)
     M.attention(q, k, v, backend=backend, **kw)  # eager once: inputs are valid
 
@@ -29,35 +28,14 @@ def test_compile_fullgraph_forward_and_backward(case, backend):
         out, lse = M.attention(q, k, v, backend=backend, return_lse=True, **kw)
         return out * 2.0, lse
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    out, lse = compiled(q, k, v)
-    out.sum().backward()
-    got = [t.grad.clone() for t in (q, k, v)]
-    for t in (q, k, v):
-        t.grad = None
-    ref, ref_lse = step(q, k, v)
-    ref.sum().backward()
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(lse, ref_lse)
-    for g, t in zip(got, (q, k, v)):
-        torch.testing.assert_close(g, t.grad)
+    assert_compiled_matches_eager(step, [q, k, v])
 
 
 def test_compile_fullgraph_with_atomic_dq():
-    torch._dynamo.reset()
     (q, k, v), kw = make_inputs(AttnCase(1, 23, 23, 2, 1, 16, causal=True, alibi=True), requires_grad=True)
     M.attention(q, k, v, backend="triton", deterministic=False, **kw)
 
     def step(q, k, v):
         return M.attention(q, k, v, backend="triton", deterministic=False, **kw) * 2.0
 
-    out = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v)
-    out.sum().backward()
-    got = [t.grad.clone() for t in (q, k, v)]
-    for t in (q, k, v):
-        t.grad = None
-    ref = step(q, k, v)
-    ref.sum().backward()
-    torch.testing.assert_close(out, ref)
-    for g, t in zip(got, (q, k, v)):
-        torch.testing.assert_close(g, t.grad)
+    assert_compiled_matches_eager(step, [q, k, v])

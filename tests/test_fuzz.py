@@ -72,27 +72,32 @@ def _settings(examples, derandomize=True):
 CI_EXAMPLES = int(os.environ.get("MPT_ATTENTION_FUZZ_EXAMPLES", "30"))
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton", "triton-atomic-dq"])
-def test_fuzz_ci_sample(backend):
-    @_settings(CI_EXAMPLES)
-    @given(cases())
+def _fuzz(strategy, check, backend, examples, derandomize, with_grads):
+    @_settings(examples, derandomize=derandomize)
+    @given(strategy)
     def run(drawn):
-        case, seed = drawn
-        _check(backend, case, seed, with_grads=True)
+        check(backend, drawn, with_grads)
 
     run()
+
+
+def _check_case(backend, drawn, with_grads):
+    case, seed = drawn
+    _check(backend, case, seed, with_grads)
+
+
+BACKENDS = ["torch", "sdpa", "triton", "triton-atomic-dq"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_ci_sample(backend):
+    _fuzz(cases(), _check_case, backend, CI_EXAMPLES, True, with_grads=True)
 
 
 @pytest.mark.nightly
-@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton", "triton-atomic-dq"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_nightly(backend):
-    @_settings(1000, derandomize=False)
-    @given(cases())
-    def run(drawn):
-        case, seed = drawn
-        _check(backend, case, seed, with_grads=backend != "sdpa")
-
-    run()
+    _fuzz(cases(), _check_case, backend, 1000, False, with_grads=backend != "sdpa")
 
 
 @st.composite
@@ -134,22 +139,12 @@ def _check_varlen(backend, c, with_grads):
             assert_close_to_reference(f"varlen {c} {name}", g, r, r.float(), floor=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton", "triton-atomic-dq"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_varlen_ci_sample(backend):
-    @_settings(CI_EXAMPLES)
-    @given(varlen_cases())
-    def run(c):
-        _check_varlen(backend, c, with_grads=True)
-
-    run()
+    _fuzz(varlen_cases(), _check_varlen, backend, CI_EXAMPLES, True, with_grads=True)
 
 
 @pytest.mark.nightly
-@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton", "triton-atomic-dq"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_varlen_nightly(backend):
-    @_settings(1000, derandomize=False)
-    @given(varlen_cases())
-    def run(c):
-        _check_varlen(backend, c, with_grads=backend != "sdpa")
-
-    run()
+    _fuzz(varlen_cases(), _check_varlen, backend, 1000, False, with_grads=backend != "sdpa")

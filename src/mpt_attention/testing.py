@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["AttnCase", "make_inputs", "reference_attention", "assert_close_to_reference", "attention_flops",
-           "make_varlen_inputs", "reference_attention_varlen"]
+           "make_varlen_inputs", "reference_attention_varlen", "assert_compiled_matches_eager"]
 
 
 @dataclass
@@ -193,3 +193,25 @@ def attention_flops(batch: int, n_heads: int, s_q: int, s_k: int, head_dim: int,
         visible = s_q * s_k
     fwd = 4.0 * batch * n_heads * visible * head_dim
     return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
+
+
+def assert_compiled_matches_eager(step, inputs) -> None:
+    """``torch.compile(step, fullgraph=True)`` gives eager's outputs and input gradients.
+
+    ``step(*inputs)`` returns a tensor or a tuple of tensors; the first is summed for the backward.
+    """
+    import torch._dynamo
+
+    def run(fn):
+        for t in inputs:
+            t.grad = None
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        outs[0].sum().backward()
+        return [o.detach() for o in outs], [t.grad.clone() for t in inputs]
+
+    torch._dynamo.reset()
+    got, got_grads = run(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    ref, ref_grads = run(step)
+    for a, b in zip(got + got_grads, ref + ref_grads):
+        torch.testing.assert_close(a, b)
