@@ -2,7 +2,8 @@
 
     python benchmarks/bench_attention.py --out DIR [--modes fwd,fwd_bwd] [--suite main,extras] [--quick]
 
-Providers (bf16, causal): ``triton-alibi`` (ours, slopes in-kernel), ``triton`` (ours, no bias),
+Providers (bf16, causal): ``triton-alibi`` (ours, slopes in-kernel; the Hopper kernel on sm_90),
+``triton-alibi-general`` (the same with the general Triton forward kernel), ``triton`` (ours, no bias),
 ``triton-vecbias`` (ours, MPT's (1, H, 1, S) bias tensor), ``cudnn`` and ``fa2`` (SDPA, no bias),
 ``flex-alibi`` (compiled FlexAttention with an ALiBi score_mod), ``fa4`` / ``fa4-alibi``
 (flash-attn-4, if importable), ``memeff-dense`` (SDPA memory-efficient with the dense ALiBi bias
@@ -69,6 +70,19 @@ def _fa4_alibi_mods(n_heads: int):
     return alibi, alibi_bwd
 
 
+def _general_kernel(fn):
+    """``fn`` run with the Hopper forward kernel disabled (impl/triton/hopper.py)."""
+    from mpt_attention.impl.triton import hopper
+
+    def run():
+        enabled, hopper.ENABLED = hopper.ENABLED, False
+        try:
+            return fn()
+        finally:
+            hopper.ENABLED = enabled
+    return run
+
+
 def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16):
     """name -> (fn returning the output, list of tensors that get gradients) or an error string."""
     dev = "cuda"
@@ -81,6 +95,9 @@ def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16):
     gqa = n_kv != n_heads
     providers = {
         "triton-alibi": (lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes), [q, k, v]),
+        # the same call with the Hopper (Gluon) forward kernel switched off: the general Triton kernel
+        "triton-alibi-general": (_general_kernel(lambda: M.attention(q, k, v, backend="triton", causal=True,
+                                                                     alibi_slopes=slopes)), [q, k, v]),
         "triton": (lambda: M.attention(q, k, v, backend="triton", causal=True), [q, k, v]),
         "triton-vecbias": (lambda: M.attention(q, k, v, backend="triton", causal=True, attn_bias=vec_bias), [q, k, v]),
         # the price of the default bitwise-reproducible backward (issue 4): fwd_bwd only, its forward is the same

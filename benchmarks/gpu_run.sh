@@ -11,7 +11,7 @@ if [[ -f /tmp/fa4/part_aa && -d .peers/b ]]; then
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
-  python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+  python3 -m pytest -m gpu tests/test_gpu.py tests/test_gpu_hopper.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi
 python3 -c "
 import runpy, site, sys

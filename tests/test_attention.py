@@ -264,8 +264,11 @@ def test_sequence_spans_skip_other_sequences():
 @pytest.mark.parametrize("case", [AttnCase(2, 45, 45, 4, 2, 16, causal=True, alibi=True),
                                   AttnCase(2, 40, 40, 2, 2, 32, causal=True, sequence_id=True, bias="vector")],
                          ids=lambda c: c.id())
-def test_triton_descriptor_and_pointer_loads_agree(monkeypatch, case):
-    """Aligned inputs take tensor-descriptor (TMA) loads, others plain pointer loads: same numbers."""
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-pass", "atomic-dq"])
+def test_triton_descriptor_and_pointer_loads_agree(monkeypatch, case, deterministic):
+    """Aligned inputs take tensor-descriptor (TMA) loads, others plain pointer loads: same numbers.
+    (With atomic dQ on a GPU, descriptors also turn the per-element atomics into one bulk reduction per
+    tile; the interpreter has no descriptor reductions, so that branch is covered by tests/test_gpu.py.)"""
     from mpt_attention.impl.triton import launch
 
     (q, k, v), kw = make_inputs(case, requires_grad=True)
@@ -273,7 +276,7 @@ def test_triton_descriptor_and_pointer_loads_agree(monkeypatch, case):
     assert not launch._descriptors_ok(q[:, :, :, 1:]), "a 2-byte-offset view must not"
 
     def run():
-        out = M.attention(q, k, v, backend="triton", **kw)
+        out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
         return (out, *_grads(out, [q, k, v], torch.ones_like(out)))
 
     with_descriptors = run()

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel for Hopper (sm_90) on this machine, no GPU needed.
+"""Compile every Triton and Gluon kernel for Hopper (sm_90) on this machine, no GPU needed.
 
 Catches compile errors and shows shared-memory use and local-memory traffic (spills) before spending GPU time:
     python tools/compile_kernels.py            (must run without TRITON_INTERPRET)
@@ -36,8 +36,59 @@ def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, bias_row: bool, dtype: str = "bf16"):
+    """The Gluon Hopper forward (impl/triton/hopper_forward.py): descriptors appear in its signature."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
+    from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel as fn
+
+    consts = dict(IS_CAUSAL=causal, ALIBI=alibi, BIAS_ROW=bias_row, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in rows:
+            sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, {head_dim}],{layout!r}>"
+        elif name[0].isupper():
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "fp32" if name == "qk_scale2" else "i32"
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+def _spills(kernel) -> str:
+    """ptxas's spill report for a compiled kernel (the PTX is re-assembled with Triton's own ptxas)."""
+    import os
+    import subprocess
+    import tempfile
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(kernel.asm["ptx"])
+        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.o")], capture_output=True,
+                             text=True).stderr
+    return next((line.strip() for line in log.splitlines() if "spill" in line), "no report")
+
+
 def main() -> int:
     failures = 0
+    for head_dim, causal, alibi, bias_row, dtype in [(128, True, 1, False, "bf16"), (64, True, 1, False, "bf16"),
+                                                     (128, False, 2, False, "fp16"), (128, False, 0, False, "bf16"),
+                                                     (128, True, 0, True, "bf16"), (64, False, 2, True, "fp16")]:
+        name = f"hopper-fwd D={head_dim} causal={causal} alibi={alibi} bias_row={bias_row} {dtype}"
+        try:
+            k = compile_hopper_kernel(head_dim, causal, alibi, bias_row, dtype)
+            print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
+        except Exception as exc:
+            failures += 1
+            print(f"FAIL {name}: {str(exc)[-1500:]}")
     flag_sets = [
         dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
         dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True, VARLEN=False),
@@ -53,8 +104,9 @@ def main() -> int:
         atomic_cfg = launch._bwd_config(head_dim, atomic_dq=True)[0]
         bias_grad = {1: 1, 2: 2}.get(flags["BIAS"], 0)
         jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=bias_grad if bias_grad == 1 else 0, DESC=desc,
-                                                              ATOMIC_DQ=False)),
-                 ("dkdv-atomic-dq", _attn_bwd_dkdv_kernel, atomic_cfg, dict(BIAS_GRAD=bias_grad, DESC=desc, ATOMIC_DQ=True)),
+                                                              ATOMIC_DQ=0)),
+                 ("dkdv-atomic-dq", _attn_bwd_dkdv_kernel, atomic_cfg, dict(BIAS_GRAD=bias_grad, DESC=desc,
+                                                                                   ATOMIC_DQ=2 if desc else 1)),
                  ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["BIAS"] == 2 else 0, DESC=desc))]
         for name, fn, cfg, extra in jobs:
             cfg = dict(cfg)

@@ -101,6 +101,11 @@ def _dkdv_blocks(
                                           block_shape=[BLOCK_M, BLOCK_D])
         do_src = tl.make_tensor_descriptor(do_head, shape=[seqlen_q, head_dim], strides=[stride_dos, 1],
                                            block_shape=[BLOCK_M, BLOCK_D])
+    if ATOMIC_DQ == 2:
+        # one bulk reduction per tile (TMA reduce-add on Hopper) instead of BLOCK_M*BLOCK_D scalar atomics;
+        # rows past the sequence's end are clipped by the descriptor's shape
+        dq_dst = tl.make_tensor_descriptor(dq_head, shape=[seqlen_q, head_dim], strides=[stride_dqs, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
@@ -132,8 +137,11 @@ def _dkdv_blocks(
         if ATOMIC_DQ:
             # [BLOCK_M, BLOCK_D]
             dq_part = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-            tl.atomic_add(dq_head + m64 * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :], dq_part,
-                          mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if ATOMIC_DQ == 2:
+                dq_dst.atomic_add([start_m, 0], dq_part)
+            else:
+                tl.atomic_add(dq_head + m64 * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :], dq_part,
+                              mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
             if BIAS_GRAD == 2:
                 tl.store(ds_head + m64 * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :],
                          ds.to(ds_head.dtype.element_ty), mask=row_ok[:, None] & (cols < seqlen_k)[None, :])

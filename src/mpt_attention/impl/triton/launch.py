@@ -12,6 +12,7 @@ import os
 import torch
 import triton
 
+from mpt_attention.impl.triton import hopper
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
@@ -33,8 +34,9 @@ def _fwd_config(head_dim: int) -> dict:
 
 
 def _bwd_config(head_dim: int, atomic_dq: bool = False) -> tuple[dict, dict]:
-    """(dK/dV config, dQ config). With ``atomic_dq`` the dK/dV kernel also holds a dQ tile: smaller tiles
-    at D=128 keep it inside Hopper's 227 KB of shared memory (128x64 needed 226 KB there)."""
+    """(dK/dV config, dQ config). With ``atomic_dq`` the dK/dV kernel also holds a dQ tile and its float32
+    staging buffer: at D=128 one stage keeps it inside Hopper's 227 KB of shared memory (the fastest of
+    six configs in ``benchmarks/tune_dkdv.py --atomic``; two stages need 242 KB)."""
     if _INTERPRET:
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
         return small, small
@@ -42,7 +44,7 @@ def _bwd_config(head_dim: int, atomic_dq: bool = False) -> tuple[dict, dict]:
         return (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                 dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
     if head_dim <= 128 and atomic_dq:
-        return (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        return (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
                 dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))
     if head_dim <= 128:
         # dK/dV with BLOCK_M=32 and num_stages > 1 raced under Triton 3.6 (dK changed between identical
@@ -193,6 +195,10 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``)."""
     q, k, v = (_head_contiguous(x) for x in (q, k, v))
     geo = _Geometry(q, k, cu_q, max_q, max_k)
+    if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen) is None:
+        _ensure_allocator()
+        alibi = ALIBI_NONE if slopes is None else (ALIBI_CAUSAL if causal else ALIBI_SYMMETRIC)
+        return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, alibi)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
@@ -285,13 +291,17 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             kv_spans = _key_block_query_spans(spans, s_q, kv_cfg["BLOCK_N"])
             if deterministic:
                 q_spans = _query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
-        dq_acc = q  # dummy
+        dq_acc, atomic_dq = q, 0  # dummy; 0: the dQ kernel, 1: scalar atomics, 2: bulk (TMA) reductions
         if not deterministic:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            # the interpreter has no descriptor reductions: CPU tests run the scalar atomics
+            atomic_dq = 2 if not _INTERPRET and _descriptors_ok(dq_acc) else 1
+            if atomic_dq == 2:
+                _ensure_allocator()
         _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
             q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
             kv_spans, *cu_args, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen),
-            *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc, ATOMIC_DQ=not deterministic, **common, **kv_cfg,
+            *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc, ATOMIC_DQ=atomic_dq, **common, **kv_cfg,
         )
         if not deterministic:
             dq.copy_(dq_acc.mul_(softmax_scale))

@@ -1,0 +1,257 @@
+"""Hopper (sm_90) forward kernel in Gluon: warp-specialised, so the tensor cores stay busy through
+the softmax.
+
+Plain Triton waits for every ``Q @ K^T`` right after issuing it (``tools/ptx_schedule.py``) and runs
+all warps in lockstep, so the tensor cores idle through each softmax. Here a program of 12 warps
+splits into three roles (FlashAttention-3's layout):
+
+* a loader warp streams K and V tiles through the copy engine (TMA) into two shared-memory stages,
+  waiting on an "empty" mbarrier per stage before reusing it and signalling a "ready" one;
+* two consumer warpgroups each own 64 query rows. They run independently (no CTA-wide barrier in
+  the loop), so one warpgroup's softmax overlaps the other's matrix products, and within each the
+  next block's scores are computed while the softmax of the current one runs:
+
+      block j:  issue S_j = Q K_j^T (async);  issue O += P_{j-1} V_{j-1} (async)
+                wait for S_j; release K_j's stage;  softmax of S_j -> P_j, alpha_j
+                wait for the P V product; release V_{j-1}'s stage;  O *= alpha_j
+
+Block j lives in stage j % 2; its barriers' phase is (j // 2) % 2.
+
+Scope (the launcher, ``hopper.py``, routes everything else to the general kernel in ``forward.py``):
+bf16/fp16, head dim 64 or 128, ALiBi slopes and/or a bias row broadcast over queries (MPT's
+(1, H, 1, S_k)), no masks besides causal, no dropout, dense (B, S, H, D) inputs with adjacent heads
+and 16-byte aligned strides, ``S_k > 0`` and, when causal, ``S_q <= S_k`` (every tile has a block).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
+
+_LOG2E = gl.constexpr(1.4426950408889634)
+_FLOAT32_MIN = gl.constexpr(-3.4028234663852886e38)
+_LN2 = gl.constexpr(0.6931471805599453)
+_HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
+
+
+@gluon.jit
+def _scores(s, rows, cols, alibi_cols, bias_cols, qk_scale2, slope2, diag, seqlen_k,
+            IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BIAS_ROW: gl.constexpr, APPLY_MASK: gl.constexpr):
+    """Log2-domain scores of one ``[64, BLOCK_N]`` tile, the formula of common.score_tile except that
+    MPT's causal ALiBi slope * (j - (S_k - 1)) enters as ``alibi_cols`` = slope * (j - first key of
+    the block): one fused multiply-add per score; the block's constant rides on the row maximum.
+    ``bias_cols``: the block's slice of a (1, H, 1, S_k)-style bias row, in log2 units."""
+    if ALIBI == 1:
+        s = s * qk_scale2 + alibi_cols[None, :]
+    else:
+        s = s * qk_scale2
+    if BIAS_ROW:
+        s = s + bias_cols[None, :]
+    if ALIBI == 2:  # symmetric: -slope * |i - j|, query i at absolute position i + diag
+        dist = rows[:, None] + diag - cols[None, :]
+        s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
+    if APPLY_MASK:
+        keep = (cols < seqlen_k)[None, :]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + diag)
+        s = gl.where(keep, s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    b, q_col, kv_col, start_m, n_blocks, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """One warp: Q once, then K_j and V_j into stage j % 2 as soon as the consumers have released it.
+    Tiles are addressed as [batch, row, head * D] in the (B, S, H * D) view of each tensor."""
+    mbarrier.expect(q_bar, 2 * _HALF_M * HEAD_DIM * 2)
+    tma.async_copy_global_to_shared(q_desc, [b, start_m, q_col], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [b, start_m + _HALF_M, q_col], q_bar, q_smem.index(1))
+    kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
+    for j in range(n_blocks):
+        stage = j % 2
+        free_phase = (j // 2) % 2 ^ 1  # a fresh barrier counts as released: the first round passes
+        mbarrier.wait(k_empty.index(stage), free_phase)
+        mbarrier.expect(k_ready.index(stage), kv_bytes)
+        tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, kv_col], k_ready.index(stage), k_smem.index(stage))
+        mbarrier.wait(v_empty.index(stage), free_phase)
+        mbarrier.expect(v_ready.index(stage), kv_bytes)
+        tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, kv_col], v_ready.index(stage), v_smem.index(stage))
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, alibi_cols, bias_cols, qk_scale2, slope2, diag, seqlen_k,
+                  masked, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BIAS_ROW: gl.constexpr):
+    """Online-softmax update for the score tile of key block ``start_n``: ``(p, alpha, m_new, l_new)``.
+    Scores stay relative to the block's causal-ALiBi constant ``shift``; ``m`` is absolute."""
+    cols = start_n + offs_n
+    if masked:
+        s = _scores(s, rows, cols, alibi_cols, bias_cols, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
+                    BIAS_ROW, True)
+    else:
+        s = _scores(s, rows, cols, alibi_cols, bias_cols, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
+                    BIAS_ROW, False)
+    shift = 0.0
+    if ALIBI == 1:
+        shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
+    m_new = gl.maximum(m_i, gl.max(s, 1) + shift)
+    # A row that has seen only -inf (a bias of -inf on every key so far) keeps m = -inf: exp2 gives 0, not NaN.
+    m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_ref)
+    p = gl.exp2(s - (m_ref - shift)[:, None])
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _bias_cols(bias_row, cols, stride_bn, seqlen_k, BIAS_ROW: gl.constexpr):
+    """The bias row at ``cols`` in log2 units: -inf stays -inf, finite values stay finite (common._log2_bias)."""
+    if BIAS_ROW:
+        raw = gl.load(bias_row + cols.to(gl.int64) * stride_bn, mask=cols < seqlen_k, other=0.0).to(gl.float32)
+        out = gl.where(raw == float("-inf"), float("-inf"), gl.maximum(raw * _LOG2E, _FLOAT32_MIN))
+    else:
+        out = cols.to(gl.float32)  # unused
+    return out
+
+
+@gluon.jit
+def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                        o_desc, b, q_col, Lse, lse_offset, bias_row, stride_bn, start_m, n_blocks, lo_masked,
+                        seqlen_q, seqlen_k, slope2, qk_scale2,
+                        IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BIAS_ROW: gl.constexpr, BLOCK_N: gl.constexpr,
+                        HEAD_DIM: gl.constexpr):
+    """One warpgroup: query rows ``start_m + 64 * half`` onwards, all key blocks, then its output rows."""
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    row0 = start_m + half * _HALF_M
+    rows = row0 + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, s_layout))
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    diag = seqlen_k - seqlen_q
+    s_zero = gl.zeros([_HALF_M, BLOCK_N], gl.float32, s_layout)
+    alibi_cols = slope2 * offs_n.to(gl.float32)
+    q3 = q_smem.index(half)
+    q = q3.reshape([_HALF_M, HEAD_DIM])
+
+    # block 0 (the launcher guarantees every tile at least one block)
+    bias_cols = _bias_cols(bias_row, offs_n, stride_bn, seqlen_k, BIAS_ROW)
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(0))
+    m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, alibi_cols, bias_cols, qk_scale2, slope2, diag,
+                                       seqlen_k, lo_masked == 0, IS_CAUSAL, ALIBI, BIAS_ROW)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    acc = gl.zeros([_HALF_M, HEAD_DIM], gl.float32, o_layout)
+
+    for j in range(1, n_blocks):
+        stage = j % 2
+        prev = 1 - stage
+        mbarrier.wait(k_ready.index(stage), (j // 2) % 2)
+        s_tok = warpgroup_mma(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // 2) % 2)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        bias_cols = _bias_cols(bias_row, j * BLOCK_N + offs_n, stride_bn, seqlen_k, BIAS_ROW)  # while the MMAs run
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(stage))
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, alibi_cols, bias_cols, qk_scale2,
+                                           slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI,
+                                           BIAS_ROW)
+        acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+        mbarrier.arrive(v_empty.index(prev))
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+    last = (n_blocks - 1) % 2
+    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // 2) % 2)
+    acc_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+    acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+
+    # Rows that saw no key (a bias of -inf everywhere) are defined as 0 with a log-sum-exp of -inf.
+    live = l_i > 0.0
+    l_safe = gl.where(live, l_i, 1.0)
+    out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
+    q.store(out.to(dtype))  # this warpgroup's Q is no longer read: its buffer stages the output
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, row0, q_col], q3)
+    lse = gl.where(live, (m_i + gl.log2(l_safe)) * _LN2, float("-inf"))
+    gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _hopper_fwd_kernel(
+    q_desc, k_desc, v_desc, o_desc, Lse, Slopes, Bias,
+    stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bn,
+    n_heads, n_groups, seqlen_q, seqlen_k, qk_scale2,
+    IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BIAS_ROW: gl.constexpr, BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+):
+    """Program (query tile of 128 rows, batch * head); launched with num_warps=4 (the first consumer
+    warpgroup), the second consumer and the loader come from ``warp_specialize``. The descriptors
+    (host-built, see hopper.py) view q/o as (B, S_q, H * D) and k/v as (B, S_k, H_kv * D), with boxes
+    [1, 64, D] for q/o and [1, BLOCK_N, D] for k/v: rows past a batch row's end read as zeros and are
+    never written."""
+    dtype: gl.constexpr = q_desc.dtype
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    BLOCK_M: gl.constexpr = 2 * _HALF_M
+
+    # Causal rows near the bottom see the most keys: start those first so they do not finish last.
+    start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+    bh = gl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    kv_h = h // n_groups
+    b64, h64 = b.to(gl.int64), h.to(gl.int64)
+    q_col = h * HEAD_DIM
+    kv_col = kv_h * HEAD_DIM
+
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_M, HEAD_DIM], tile_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
+
+    # Key blocks [0, n_blocks) are visible to some row of the tile, those before lo_masked to every row.
+    diag = seqlen_k - seqlen_q
+    hi = seqlen_k
+    lo_masked = seqlen_k // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        hi = gl.minimum(hi, start_m + BLOCK_M + diag)
+        lo_masked = gl.minimum((start_m + diag + 1) // BLOCK_N * BLOCK_N, lo_masked)
+    n_blocks = gl.cdiv(hi, BLOCK_N)
+
+    slope2 = 0.0
+    if ALIBI != 0:
+        slope2 = gl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(gl.float32) * _LOG2E
+    lse_offset = b64 * stride_lb + h64 * stride_lh
+    bias_row = Bias + b64 * stride_bb + h64 * stride_bh
+    gl.warp_specialize(
+        [
+            (_consumer_partition, (0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, b,
+                                   q_col, Lse, lse_offset, bias_row, stride_bn, start_m, n_blocks, lo_masked, seqlen_q,
+                                   seqlen_k, slope2, qk_scale2, IS_CAUSAL, ALIBI, BIAS_ROW, BLOCK_N, HEAD_DIM)),
+            (_consumer_partition, (1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, b,
+                                   q_col, Lse, lse_offset, bias_row, stride_bn, start_m, n_blocks, lo_masked, seqlen_q,
+                                   seqlen_k, slope2, qk_scale2, IS_CAUSAL, ALIBI, BIAS_ROW, BLOCK_N, HEAD_DIM)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
+                               v_empty, b, q_col, kv_col, start_m, n_blocks, BLOCK_N, HEAD_DIM)),
+        ],
+        [4, 1], [240, 24],
+    )

@@ -1,0 +1,113 @@
+"""The Hopper forward kernel (Gluon, sm_90): where it applies, that it computes what the general kernel
+and the float64 reference compute. Runs on the GPU machine (pytest -m gpu); skipped elsewhere."""
+
+import pytest
+import torch
+
+import mpt_attention as M
+from mpt_attention.impl.triton import hopper
+from mpt_attention.testing import AttnCase, assert_close_to_reference, make_inputs, reference_attention
+
+_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _SM90, reason="needs an sm_90 (Hopper) GPU")]
+
+CASES = [
+    AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True),
+    AttnCase(3, 37, 37, 4, 4, 64, causal=True, alibi=True),
+    AttnCase(2, 97, 97, 4, 1, 128, alibi=True),  # non-causal: symmetric ALiBi, MQA
+    AttnCase(2, 111, 300, 6, 3, 64, causal=True, alibi=True),  # chunked prefill, one partial tile
+    AttnCase(1, 1000, 1000, 4, 4, 128),  # no bias, non-causal, ragged last key block
+    AttnCase(2, 257, 257, 4, 2, 128, causal=True),  # no bias, causal
+    AttnCase(4, 1, 4097, 8, 2, 128, causal=True, alibi=True),  # decode: one row
+    AttnCase(1, 4096, 4096, 8, 8, 64, causal=True, alibi=True),
+    AttnCase(2, 300, 300, 4, 2, 128, causal=True, bias="vector"),  # MPT's (1, H, 1, S) bias tensor
+    AttnCase(2, 97, 97, 4, 4, 64, alibi=True, bias="vector"),  # slopes and a bias row together
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
+def test_hopper_forward_matches_float64_reference(case, dtype):
+    (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda")
+    assert hopper.unsupported(q, k, v, kw.get("attn_bias"), None, None, None, 0.0, case.causal, False) is None
+    out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw)
+    low, _ = reference_attention(q, k, v, compute_dtype=dtype, **kw)
+    assert_close_to_reference("out", out, ref, low)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+
+
+def test_per_batch_slopes_and_strided_views():
+    """(B, H) slopes, and q/k/v as views into one packed (B, S, 3*H*D) projection (the seed's layout)."""
+    b, s, h, d = 2, 333, 4, 128
+    qkv = torch.randn(b, s, 3 * h * d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.unflatten(-1, (h, d)) for t in qkv.chunk(3, dim=-1))
+    assert not q.is_contiguous()
+    slopes = torch.rand(b, h, device="cuda") * 0.5
+    out = M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes)
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, alibi_slopes=slopes)
+    low, _ = reference_attention(q, k, v, causal=True, alibi_slopes=slopes, compute_dtype=torch.bfloat16)
+    assert_close_to_reference("out", out, ref, low)
+
+
+def test_hopper_and_general_kernels_agree_and_gradients_flow(monkeypatch):
+    (q, k, v), kw = make_inputs(AttnCase(2, 700, 700, 8, 2, 128, causal=True, alibi=True), dtype=torch.bfloat16,
+                                device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(hopper, "ENABLED", enabled)
+        out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+        runs.append((out, lse, *torch.autograd.grad(out, [q, k, v], dout)))
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], *runs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_bias_row_of_minus_infinity_gives_finite_rows(monkeypatch):
+    """A (B, 1, 1, S) bias of -inf over the first 200 keys of batch row 0 and over every key of row 1:
+    row 0 attends to the rest, row 1's outputs are 0 with a log-sum-exp of -inf (the general kernel's
+    definition), never NaN."""
+    (q, k, v), _ = make_inputs(AttnCase(2, 300, 300, 4, 2, 128), dtype=torch.bfloat16, device="cuda")
+    bias = torch.zeros(2, 1, 1, 300, device="cuda", dtype=torch.bfloat16)
+    bias[0, ..., :200] = float("-inf")
+    bias[1] = float("-inf")
+    assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, False, False) is None
+    out, lse = M.attention(q, k, v, backend="triton", attn_bias=bias, return_lse=True)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+    ref, _ = reference_attention(q[:1].double(), k[:1, 200:].double(), v[:1, 200:].double())
+    low, _ = reference_attention(q[:1], k[:1, 200:], v[:1, 200:], compute_dtype=torch.bfloat16)
+    assert_close_to_reference("out", out[:1], ref, low)
+    monkeypatch.setattr(hopper, "ENABLED", False)
+    general_out, general_lse = M.attention(q, k, v, backend="triton", attn_bias=bias, return_lse=True)
+    torch.testing.assert_close(out, general_out, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, general_lse, rtol=1e-3, atol=1e-3)
+
+
+def test_hopper_forward_is_bitwise_deterministic():
+    (q, k, v), kw = make_inputs(AttnCase(2, 2048, 2048, 8, 2, 128, causal=True, alibi=True), dtype=torch.bfloat16,
+                                device="cuda")
+    assert torch.equal(M.attention(q, k, v, backend="triton", **kw), M.attention(q, k, v, backend="triton", **kw))
+
+
+@pytest.mark.parametrize("what", ["padding", "dropout", "head-dim-96", "more-queries-than-keys", "misaligned",
+                                  "heads-not-adjacent"])
+def test_inputs_outside_its_scope_take_the_general_kernel(what):
+    """Each of these has a reason; the call still gives the reference's answer (general kernel)."""
+    case = AttnCase(2, 200, 200, 4, 2, 96 if what == "head-dim-96" else 64, causal=True, alibi=True,
+                    padding=what == "padding")
+    if what == "more-queries-than-keys":
+        case = AttnCase(2, 200, 150, 4, 2, 64, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    if what == "misaligned":
+        q = torch.randn(2, 200, 4, 65, device="cuda", dtype=torch.bfloat16)[..., 1:]
+    if what == "heads-not-adjacent":  # a (B, H, S, D) tensor seen as (B, S, H, D)
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    why = hopper.unsupported(q, k, v, None, kw.get("key_padding_mask"), None, None,
+                             0.1 if what == "dropout" else 0.0, True, False)
+    assert why is not None
+    if what != "dropout":
+        out = M.attention(q, k, v, backend="triton", **kw)
+        ref, _ = reference_attention(q.double(), k.double(), v.double(), **kw)
+        low, _ = reference_attention(q, k, v, compute_dtype=torch.bfloat16, **kw)
+        assert_close_to_reference("out", out, ref, low)
