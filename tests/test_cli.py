@@ -14,7 +14,7 @@ def test_check_json_report(capsys):
     assert report["ok"] and report["device"] == "cpu"
     assert set(report["backends"]) == {"torch", "sdpa", "flash", "triton"}
     for backend in ("torch", "sdpa", "triton"):
-        assert report["backends"][backend]["check"]["ok"] and report["backends"][backend]["varlen_check"]["ok"]
+        assert all(report["backends"][backend][key]["ok"] for key in ("check", "dense_check", "varlen_check"))
     assert not report["backends"]["flash"]["available"] and report["backends"]["flash"]["reason"]
     assert {row["backend"] for row in report["timing"]} == {"torch", "sdpa", "triton"}
 
@@ -24,4 +24,6 @@ def test_console_script_entry_point():
                             timeout=600)
     assert result.returncode == 0, result.stderr
     assert "result: OK" in result.stdout
-    assert re.search(r"triton +PASS", result.stdout) and re.search(r"triton +varlen PASS", result.stdout)
+    for check in ("padded", "dense", "varlen"):
+        assert re.search(rf"triton +{check} +PASS", result.stdout), check
+    assert "[general (" in result.stdout  # which forward kernel served the dense check, and why

@@ -50,6 +50,28 @@ def _numerical_check(backend: str, device: str, dtype) -> dict:
     return _verdict(out, ref, low, dtype)
 
 
+def _dense_check(backend: str, device: str, dtype) -> dict:
+    """An unpadded causal ALiBi GQA problem (S=97, D=64): on an sm_90 GPU the triton backend runs it
+    through the Hopper kernel, so the report says which forward kernel served it."""
+    import mpt_attention as M
+    from mpt_attention.testing import AttnCase, make_inputs, reference_attention
+
+    case = AttnCase(batch=2, s_q=97, s_k=97, n_heads=4, n_kv=2, head_dim=64, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, dtype=dtype, device=device)
+    out = M.attention(q, k, v, backend=backend, **kw)
+    cpu_kw = {name: t.cpu() for name, t in kw.items() if name == "alibi_slopes"}
+    qc, kc, vc = (x.cpu() for x in (q, k, v))
+    ref, _ = reference_attention(qc, kc, vc, causal=True, **cpu_kw)
+    low, _ = reference_attention(qc, kc, vc, causal=True, compute_dtype=dtype, **cpu_kw)
+    verdict = _verdict(out, ref, low, dtype)
+    if backend == "triton":
+        from mpt_attention.impl.triton import hopper
+
+        why = hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False)
+        verdict["kernel"] = "hopper (Gluon, sm_90)" if why is None else f"general ({why})"
+    return verdict
+
+
 def _varlen_check(backend: str, device: str, dtype) -> dict:
     """attention_varlen on three packed sequences (one empty, chunked-prefill lengths) against float64."""
     import mpt_attention as M
@@ -136,14 +158,15 @@ def check(device: str, as_json: bool) -> int:
         reason = M.backend_status(backend, device)
         entry = {"available": reason is None, "reason": reason}
         if reason is None:
-            for key, fn in (("check", _numerical_check), ("varlen_check", _varlen_check)):
+            for key, fn in (("check", _numerical_check), ("dense_check", _dense_check), ("varlen_check", _varlen_check)):
                 try:
                     entry[key] = fn(backend, device, dtype)
                 except Exception as exc:  # the report must show every backend's state, then fail
                     entry[key] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         backends[backend] = entry
     report["backends"] = backends
-    passed = {b: e["check"]["ok"] and e["varlen_check"]["ok"] for b, e in backends.items() if e["available"]}
+    passed = {b: all(e[key]["ok"] for key in ("check", "dense_check", "varlen_check"))
+              for b, e in backends.items() if e["available"]}
     usable = [b for b, ok in passed.items() if ok]
     report["timing"] = _timing(usable, device, dtype)
     failed = [b for b, ok in passed.items() if not ok]
@@ -161,19 +184,21 @@ def _print_report(report: dict) -> None:
         print(f"  {name:14s} {version}")
     extra = f" ({report['gpu']}, sm_{report['capability'].replace('.', '')})" if "gpu" in report else ""
     print(f"  device         {report['device']}{extra}, {report['dtype']}, TRITON_INTERPRET={report['triton_interpret']}")
-    print("\nbackends (numerical checks against float64: causal ALiBi GQA padded S=37; varlen, 3 packed sequences)")
+    print("\nbackends (numerical checks against float64: causal ALiBi GQA padded S=37; dense S=97 D=64; varlen,"
+          " 3 packed sequences)")
     for backend, entry in report["backends"].items():
         if not entry["available"]:
             print(f"  {backend:7s} unavailable: {entry['reason']}")
             continue
-        for label, key in (("", "check"), ("varlen", "varlen_check")):
+        for label, key in (("padded", "check"), ("dense", "dense_check"), ("varlen", "varlen_check")):
             chk = entry[key]
             if "error" in chk:
                 print(f"  {backend:7s} {label:6s} FAIL  {chk['error']}")
             else:
                 verdict = "PASS" if chk["ok"] else "FAIL"
+                kernel = f"  [{chk['kernel']}]" if "kernel" in chk else ""
                 print(f"  {backend:7s} {label:6s} {verdict}  max |error| {chk['max_abs_error']:.2e} "
-                      f"(budget {chk['budget']:.1e})")
+                      f"(budget {chk['budget']:.1e}){kernel}")
     print("\ntiming (causal + ALiBi forward, median)")
     print(f"  {'backend':8s} {'shape':22s} {'ms':>9s} {'TFLOP/s':>8s}")
     for row in report["timing"]:

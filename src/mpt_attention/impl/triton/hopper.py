@@ -39,16 +39,12 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen) ->
         return "disabled"
     if _hopper_fwd_kernel is None:
         return f"Gluon unavailable ({_IMPORT_ERROR})"
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
-        return "not an sm_90 GPU"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype}"
     if q.shape[-1] not in (64, 128):
         return f"head dim {q.shape[-1]}"
-    if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
-        return "varlen, masks or dropout"
-    if bias is not None and bias.shape[2] != 1:
-        return "a bias with query rows (only a row broadcast over queries, (B|1, H|1, 1, S_k))"
+    if varlen or bias is not None or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
+        return "varlen, a bias tensor, masks or dropout"
     s_q, s_k = q.shape[1], k.shape[1]
     if s_q == 0 or s_k == 0 or (causal and s_q > s_k):
         return "rows without keys"  # the kernel assumes every row sees a key
@@ -56,6 +52,8 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen) ->
         return "strides not 16-byte aligned"
     if any(t.stride(2) != t.shape[3] for t in (q, k, v)):
         return "heads not adjacent in memory (stride(2) != head_dim)"  # the (B, S, H * D) view below
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "not an sm_90 GPU"  # checked last, so CPU tests see the reasons above
     return None
 
 
@@ -66,7 +64,7 @@ def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     return TensorDescriptor(x, [batch, seq, heads * dim], [x.stride(0), x.stride(1), 1], [1, rows, dim], layout)
 
 
-def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
+def forward(q, k, v, slopes, softmax_scale, causal, alibi_mode):
     """``out`` (q's shape, contiguous) and ``lse`` ``(B, H, S_q)`` float32; inputs as ``unsupported`` allows."""
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
@@ -76,17 +74,11 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
         slope_strides = (0, slopes.stride(0)) if slopes.dim() == 1 else slopes.stride()
     else:
         slopes, slope_strides = lse, (0, 0)  # dummy, never read
-    if bias is not None:  # (B|1, H|1, 1, S_k): broadcast dims read with stride 0
-        bias_strides = [0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride())]
-        bias_strides = (bias_strides[0], bias_strides[1], bias_strides[3])
-    else:
-        bias, bias_strides = lse, (0, 0, 0)  # dummy, never read
     grid = (triton.cdiv(s_q, BLOCK_M), batch * n_heads)
     _hopper_fwd_kernel[grid](
         _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M),
-        lse, slopes, bias, n_heads * s_q, s_q, *slope_strides, *bias_strides,
+        lse, slopes, n_heads * s_q, s_q, *slope_strides,
         n_heads, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, BIAS_ROW=bias is not lse, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
-        num_warps=4,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, num_warps=4,
     )
     return out, lse

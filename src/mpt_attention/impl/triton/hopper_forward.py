@@ -18,9 +18,11 @@ splits into three roles (FlashAttention-3's layout):
 Block j lives in stage j % 2; its barriers' phase is (j // 2) % 2.
 
 Scope (the launcher, ``hopper.py``, routes everything else to the general kernel in ``forward.py``):
-bf16/fp16, head dim 64 or 128, ALiBi slopes and/or a bias row broadcast over queries (MPT's
-(1, H, 1, S_k)), no masks besides causal, no dropout, dense (B, S, H, D) inputs with adjacent heads
-and 16-byte aligned strides, ``S_k > 0`` and, when causal, ``S_q <= S_k`` (every tile has a block).
+bf16/fp16, head dim 64 or 128, ALiBi from slopes (either form) or no bias, no bias tensor, no masks
+besides causal, no dropout, dense (B, S, H, D) inputs with adjacent heads and 16-byte aligned
+strides, ``S_k > 0`` and, when causal, ``S_q <= S_k`` (every row sees key 0, every tile a block).
+A bias row loaded per key block was tried and measured slower than the general kernel
+(benchmarks/NOTES.md), so bias tensors stay there.
 """
 
 from triton.experimental import gluon
@@ -29,24 +31,20 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 _LOG2E = gl.constexpr(1.4426950408889634)
-_FLOAT32_MIN = gl.constexpr(-3.4028234663852886e38)
 _LN2 = gl.constexpr(0.6931471805599453)
 _HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
 
 
 @gluon.jit
-def _scores(s, rows, cols, alibi_cols, bias_cols, qk_scale2, slope2, diag, seqlen_k,
-            IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BIAS_ROW: gl.constexpr, APPLY_MASK: gl.constexpr):
+def _scores(s, rows, cols, alibi_cols, qk_scale2, slope2, diag, seqlen_k,
+            IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, APPLY_MASK: gl.constexpr):
     """Log2-domain scores of one ``[64, BLOCK_N]`` tile, the formula of common.score_tile except that
     MPT's causal ALiBi slope * (j - (S_k - 1)) enters as ``alibi_cols`` = slope * (j - first key of
-    the block): one fused multiply-add per score; the block's constant rides on the row maximum.
-    ``bias_cols``: the block's slice of a (1, H, 1, S_k)-style bias row, in log2 units."""
+    the block): one fused multiply-add per score; the block's constant rides on the row maximum."""
     if ALIBI == 1:
         s = s * qk_scale2 + alibi_cols[None, :]
     else:
         s = s * qk_scale2
-    if BIAS_ROW:
-        s = s + bias_cols[None, :]
     if ALIBI == 2:  # symmetric: -slope * |i - j|, query i at absolute position i + diag
         dist = rows[:, None] + diag - cols[None, :]
         s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
@@ -79,44 +77,32 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_rea
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, alibi_cols, bias_cols, qk_scale2, slope2, diag, seqlen_k,
-                  masked, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BIAS_ROW: gl.constexpr):
+def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, alibi_cols, qk_scale2, slope2, diag, seqlen_k, masked,
+                  IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
     """Online-softmax update for the score tile of key block ``start_n``: ``(p, alpha, m_new, l_new)``.
     Scores stay relative to the block's causal-ALiBi constant ``shift``; ``m`` is absolute."""
     cols = start_n + offs_n
     if masked:
-        s = _scores(s, rows, cols, alibi_cols, bias_cols, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
-                    BIAS_ROW, True)
+        s = _scores(s, rows, cols, alibi_cols, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI, True)
     else:
-        s = _scores(s, rows, cols, alibi_cols, bias_cols, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
-                    BIAS_ROW, False)
+        s = _scores(s, rows, cols, alibi_cols, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI, False)
     shift = 0.0
     if ALIBI == 1:
         shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
     m_new = gl.maximum(m_i, gl.max(s, 1) + shift)
-    # A row that has seen only -inf (a bias of -inf on every key so far) keeps m = -inf: exp2 gives 0, not NaN.
+    # A row that has seen only masked keys keeps m = -inf: shift by 0 so exp2 gives 0, not NaN (the
+    # launcher's preconditions give every row key 0; kept so the kernel's definition matches forward.py's).
     m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_ref)
     p = gl.exp2(s - (m_ref - shift)[:, None])
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
 
-@gluon.jit
-def _bias_cols(bias_row, cols, stride_bn, seqlen_k, BIAS_ROW: gl.constexpr):
-    """The bias row at ``cols`` in log2 units: -inf stays -inf, finite values stay finite (common._log2_bias)."""
-    if BIAS_ROW:
-        raw = gl.load(bias_row + cols.to(gl.int64) * stride_bn, mask=cols < seqlen_k, other=0.0).to(gl.float32)
-        out = gl.where(raw == float("-inf"), float("-inf"), gl.maximum(raw * _LOG2E, _FLOAT32_MIN))
-    else:
-        out = cols.to(gl.float32)  # unused
-    return out
-
 
 @gluon.jit
 def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                        o_desc, b, q_col, Lse, lse_offset, bias_row, stride_bn, start_m, n_blocks, lo_masked,
-                        seqlen_q, seqlen_k, slope2, qk_scale2,
-                        IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BIAS_ROW: gl.constexpr, BLOCK_N: gl.constexpr,
+                        o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
+                        qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
                         HEAD_DIM: gl.constexpr):
     """One warpgroup: query rows ``start_m + 64 * half`` onwards, all key blocks, then its output rows."""
     dtype: gl.constexpr = q_smem.dtype
@@ -137,7 +123,6 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
     q = q3.reshape([_HALF_M, HEAD_DIM])
 
     # block 0 (the launcher guarantees every tile at least one block)
-    bias_cols = _bias_cols(bias_row, offs_n, stride_bn, seqlen_k, BIAS_ROW)
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_ready.index(0), 0)
     s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -145,8 +130,8 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
     mbarrier.arrive(k_empty.index(0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, alibi_cols, bias_cols, qk_scale2, slope2, diag,
-                                       seqlen_k, lo_masked == 0, IS_CAUSAL, ALIBI, BIAS_ROW)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, alibi_cols, qk_scale2, slope2, diag, seqlen_k,
+                                       lo_masked == 0, IS_CAUSAL, ALIBI)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([_HALF_M, HEAD_DIM], gl.float32, o_layout)
 
@@ -157,12 +142,10 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
         s_tok = warpgroup_mma(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // 2) % 2)
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        bias_cols = _bias_cols(bias_row, j * BLOCK_N + offs_n, stride_bn, seqlen_k, BIAS_ROW)  # while the MMAs run
         s = warpgroup_mma_wait(1, deps=[s_tok])
         mbarrier.arrive(k_empty.index(stage))
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, alibi_cols, bias_cols, qk_scale2,
-                                           slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI,
-                                           BIAS_ROW)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, alibi_cols, qk_scale2, slope2,
+                                           diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI)
         acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
         mbarrier.arrive(v_empty.index(prev))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
@@ -173,7 +156,7 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
     acc_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
     acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
 
-    # Rows that saw no key (a bias of -inf everywhere) are defined as 0 with a log-sum-exp of -inf.
+    # Rows that saw no key are defined as 0 with a log-sum-exp of -inf (as in forward.py).
     live = l_i > 0.0
     l_safe = gl.where(live, l_i, 1.0)
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
@@ -187,11 +170,10 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
 
 @gluon.jit
 def _hopper_fwd_kernel(
-    q_desc, k_desc, v_desc, o_desc, Lse, Slopes, Bias,
-    stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bn,
+    q_desc, k_desc, v_desc, o_desc, Lse, Slopes,
+    stride_lb, stride_lh, stride_slb, stride_slh,
     n_heads, n_groups, seqlen_q, seqlen_k, qk_scale2,
-    IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BIAS_ROW: gl.constexpr, BLOCK_N: gl.constexpr,
-    HEAD_DIM: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
 ):
     """Program (query tile of 128 rows, batch * head); launched with num_warps=4 (the first consumer
     warpgroup), the second consumer and the loader come from ``warp_specialize``. The descriptors
@@ -241,15 +223,14 @@ def _hopper_fwd_kernel(
     if ALIBI != 0:
         slope2 = gl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(gl.float32) * _LOG2E
     lse_offset = b64 * stride_lb + h64 * stride_lh
-    bias_row = Bias + b64 * stride_bb + h64 * stride_bh
     gl.warp_specialize(
         [
             (_consumer_partition, (0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, b,
-                                   q_col, Lse, lse_offset, bias_row, stride_bn, start_m, n_blocks, lo_masked, seqlen_q,
-                                   seqlen_k, slope2, qk_scale2, IS_CAUSAL, ALIBI, BIAS_ROW, BLOCK_N, HEAD_DIM)),
+                                   q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
+                                   qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM)),
             (_consumer_partition, (1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, b,
-                                   q_col, Lse, lse_offset, bias_row, stride_bn, start_m, n_blocks, lo_masked, seqlen_q,
-                                   seqlen_k, slope2, qk_scale2, IS_CAUSAL, ALIBI, BIAS_ROW, BLOCK_N, HEAD_DIM)),
+                                   q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
+                                   qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM)),
             (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
                                v_empty, b, q_col, kv_col, start_m, n_blocks, BLOCK_N, HEAD_DIM)),
         ],

@@ -198,7 +198,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen) is None:
         _ensure_allocator()
         alibi = ALIBI_NONE if slopes is None else (ALIBI_CAUSAL if causal else ALIBI_SYMMETRIC)
-        return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, alibi)
+        return hopper.forward(q, k, v, slopes, softmax_scale, causal, alibi)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)

@@ -1,0 +1,68 @@
+"""Which inputs the Hopper forward kernel takes (impl/triton/hopper.py), checked without a GPU: every
+reason but the last ("not an sm_90 GPU") is decided from shapes, dtypes and strides alone. The kernel
+itself runs in tests/test_gpu_hopper.py and compiles for sm_90 in tests/test_kernels_compile.py."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from mpt_attention.impl.triton import hopper  # noqa: E402
+
+
+def _qkv(s_q=128, s_k=128, d=128, dtype=torch.bfloat16, h=4, h_kv=2):
+    return (torch.randn(2, s_q, h, d, dtype=dtype), torch.randn(2, s_k, h_kv, d, dtype=dtype),
+            torch.randn(2, s_k, h_kv, d, dtype=dtype))
+
+
+def _why(q, k, v, bias=None, kpm=None, dropout_p=0.0, causal=True, varlen=False):
+    return hopper.unsupported(q, k, v, bias, kpm, None, None, dropout_p, causal, varlen)
+
+
+def test_gluon_kernel_imports_with_this_triton():
+    assert hopper._IMPORT_ERROR is None
+
+
+def test_an_eligible_input_is_refused_only_for_the_device():
+    assert _why(*_qkv()) == "not an sm_90 GPU"
+    assert _why(*_qkv(d=64, dtype=torch.float16), causal=False) == "not an sm_90 GPU"
+    qkv = torch.randn(2, 100, 3 * 4 * 128, dtype=torch.bfloat16)  # the seed's packed projection: heads adjacent
+    assert _why(*(t.unflatten(-1, (4, 128)) for t in qkv.chunk(3, dim=-1))) == "not an sm_90 GPU"
+
+
+@pytest.mark.parametrize("what, expected", [
+    ("float32", "dtype torch.float32"),
+    ("head-dim-96", "head dim 96"),
+    ("bias", "varlen, a bias tensor, masks or dropout"),
+    ("key-padding", "varlen, a bias tensor, masks or dropout"),
+    ("dropout", "varlen, a bias tensor, masks or dropout"),
+    ("varlen", "varlen, a bias tensor, masks or dropout"),
+    ("causal-more-queries-than-keys", "rows without keys"),
+    ("no-keys", "rows without keys"),
+    ("misaligned", "strides not 16-byte aligned"),
+    ("heads-not-adjacent", "heads not adjacent in memory (stride(2) != head_dim)"),
+])
+def test_reasons(what, expected):
+    q, k, v = _qkv(dtype=torch.float32 if what == "float32" else torch.bfloat16, d=96 if what == "head-dim-96" else 128)
+    kw = {}
+    if what == "bias":
+        kw["bias"] = torch.randn(1, 4, 1, 128)
+    elif what == "key-padding":
+        kw["kpm"] = torch.ones(2, 128, dtype=torch.bool)
+    elif what == "dropout":
+        kw["dropout_p"] = 0.1
+    elif what == "varlen":
+        kw["varlen"] = True
+    elif what == "causal-more-queries-than-keys":
+        q, k, v = _qkv(s_q=200, s_k=100)
+    elif what == "no-keys":
+        q, k, v = _qkv(s_k=0)
+    elif what == "misaligned":
+        q = torch.randn(2, 128, 4, 129, dtype=torch.bfloat16)[..., 1:]
+    elif what == "heads-not-adjacent":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert _why(q, k, v, **kw) == expected
+
+
+def test_disabled_switch(monkeypatch):
+    monkeypatch.setattr(hopper, "ENABLED", False)
+    assert _why(*_qkv()) == "disabled"
