@@ -13,12 +13,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _SM90, reason="needs an sm
 
 CASES = [
     AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True),
-    AttnCase(3, 37, 37, 4, 4, 64, causal=True, alibi=True),
-    AttnCase(2, 97, 97, 4, 1, 128, alibi=True),  # non-causal: symmetric ALiBi, MQA
-    AttnCase(2, 111, 300, 6, 3, 64, causal=True, alibi=True),  # chunked prefill, one partial tile
+    AttnCase(3, 137, 137, 4, 4, 64, causal=True, alibi=True),
+    AttnCase(2, 197, 197, 4, 1, 128, alibi=True),  # non-causal: symmetric ALiBi, MQA
+    AttnCase(2, 211, 300, 6, 3, 64, causal=True, alibi=True),  # chunked prefill, a partial last tile
     AttnCase(1, 1000, 1000, 4, 4, 128),  # no bias, non-causal, ragged last key block
     AttnCase(2, 257, 257, 4, 2, 128, causal=True),  # no bias, causal
-    AttnCase(4, 1, 4097, 8, 2, 128, causal=True, alibi=True),  # decode: one row
+    AttnCase(2, 128, 4097, 8, 2, 128, causal=True, alibi=True),  # one tile of queries against a long cache
     AttnCase(1, 4096, 4096, 8, 8, 64, causal=True, alibi=True),
 ]
 
@@ -68,13 +68,15 @@ def test_hopper_forward_is_bitwise_deterministic():
 
 
 @pytest.mark.parametrize("what", ["padding", "dropout", "head-dim-96", "more-queries-than-keys", "misaligned",
-                                  "heads-not-adjacent", "bias-row"])
+                                  "heads-not-adjacent", "bias-row", "decode"])
 def test_inputs_outside_its_scope_take_the_general_kernel(what):
     """Each of these has a reason; the call still gives the reference's answer (general kernel)."""
     case = AttnCase(2, 200, 200, 4, 2, 96 if what == "head-dim-96" else 64, causal=True, alibi=True,
                     padding=what == "padding", bias="vector" if what == "bias-row" else None)
     if what == "more-queries-than-keys":
         case = AttnCase(2, 200, 150, 4, 2, 64, causal=True, alibi=True)
+    if what == "decode":
+        case = AttnCase(4, 1, 4097, 8, 2, 128, causal=True, alibi=True)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
     if what == "misaligned":
         q = torch.randn(2, 200, 4, 65, device="cuda", dtype=torch.bfloat16)[..., 1:]

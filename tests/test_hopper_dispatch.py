@@ -25,7 +25,7 @@ def test_gluon_kernel_imports_with_this_triton():
 def test_an_eligible_input_is_refused_only_for_the_device():
     assert _why(*_qkv()) == "not an sm_90 GPU"
     assert _why(*_qkv(d=64, dtype=torch.float16), causal=False) == "not an sm_90 GPU"
-    qkv = torch.randn(2, 100, 3 * 4 * 128, dtype=torch.bfloat16)  # the seed's packed projection: heads adjacent
+    qkv = torch.randn(2, 200, 3 * 4 * 128, dtype=torch.bfloat16)  # the seed's packed projection: heads adjacent
     assert _why(*(t.unflatten(-1, (4, 128)) for t in qkv.chunk(3, dim=-1))) == "not an sm_90 GPU"
 
 
@@ -38,6 +38,7 @@ def test_an_eligible_input_is_refused_only_for_the_device():
     ("varlen", "varlen, a bias tensor, masks or dropout"),
     ("causal-more-queries-than-keys", "rows without keys"),
     ("no-keys", "rows without keys"),
+    ("decode", "fewer than 128 query rows"),
     ("misaligned", "strides not 16-byte aligned"),
     ("heads-not-adjacent", "heads not adjacent in memory (stride(2) != head_dim)"),
 ])
@@ -56,6 +57,8 @@ def test_reasons(what, expected):
         q, k, v = _qkv(s_q=200, s_k=100)
     elif what == "no-keys":
         q, k, v = _qkv(s_k=0)
+    elif what == "decode":
+        q, k, v = _qkv(s_q=1, s_k=4097)
     elif what == "misaligned":
         q = torch.randn(2, 128, 4, 129, dtype=torch.bfloat16)[..., 1:]
     elif what == "heads-not-adjacent":

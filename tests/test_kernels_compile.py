@@ -31,3 +31,6 @@ def test_ptx_schedule_tool_runs_and_reads_the_loop():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     # each forward has a loop whose QK^T (wgmma) and softmax (ex2) the tool found
     assert result.stdout.count("forward D=") == 2 and "[M8]" in result.stdout and "[e" in result.stdout
+    # the Gluon kernel keeps the P V product in flight (W1) while the softmax runs
+    hopper_line = next(line for line in result.stdout.split("\n") if line.startswith("gluon hopper kernel"))
+    assert "W1" in hopper_line

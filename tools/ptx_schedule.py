@@ -6,6 +6,8 @@ One line per basic block: ``[M8]`` eight wgmma instructions, ``C`` a commit, ``W
 outstanding wgmma, ``[e34]`` 34 ex2 (the softmax), ``T`` a TMA copy, ``|`` a CTA barrier. FlashAttention-3
 style overlap would show the next block's QK^T wgmma still in flight (``W1``) while the ex2 run; Triton
 3.6/3.7 emit ``[M8] C W0 [e..]``: the tensor cores idle during the softmax (benchmarks/NOTES.md).
+The Gluon Hopper kernel (impl/triton/hopper_forward.py) is printed last: its consumer loop issues
+``[M8] C`` twice (next scores, then P V) and waits with ``W1`` before the softmax's ex2.
 """
 
 import re
@@ -13,7 +15,7 @@ import sys
 
 import triton
 
-from compile_kernels import compile_kernel
+from compile_kernels import compile_hopper_kernel, compile_kernel
 from mpt_attention.impl.triton import launch
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
@@ -44,6 +46,8 @@ def main() -> int:
         kernel = compile_kernel(_attn_fwd_kernel, dict(flags, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **cfg),
                                 opts)
         print(f"forward D={head_dim} {cfg} {opts}: {schedule(kernel.asm['ptx'])}")
+    kernel = compile_hopper_kernel(128, causal=True, alibi=1)
+    print(f"gluon hopper kernel D=128 (warp-specialised): {schedule(kernel.asm['ptx'])}")
     return 0
 
 

@@ -51,12 +51,12 @@ def _numerical_check(backend: str, device: str, dtype) -> dict:
 
 
 def _dense_check(backend: str, device: str, dtype) -> dict:
-    """An unpadded causal ALiBi GQA problem (S=97, D=64): on an sm_90 GPU the triton backend runs it
+    """An unpadded causal ALiBi GQA problem (S=197, D=64): on an sm_90 GPU the triton backend runs it
     through the Hopper kernel, so the report says which forward kernel served it."""
     import mpt_attention as M
     from mpt_attention.testing import AttnCase, make_inputs, reference_attention
 
-    case = AttnCase(batch=2, s_q=97, s_k=97, n_heads=4, n_kv=2, head_dim=64, causal=True, alibi=True)
+    case = AttnCase(batch=2, s_q=197, s_k=197, n_heads=4, n_kv=2, head_dim=64, causal=True, alibi=True)
     (q, k, v), kw = make_inputs(case, dtype=dtype, device=device)
     out = M.attention(q, k, v, backend=backend, **kw)
     cpu_kw = {name: t.cpu() for name, t in kw.items() if name == "alibi_slopes"}
@@ -184,7 +184,7 @@ def _print_report(report: dict) -> None:
         print(f"  {name:14s} {version}")
     extra = f" ({report['gpu']}, sm_{report['capability'].replace('.', '')})" if "gpu" in report else ""
     print(f"  device         {report['device']}{extra}, {report['dtype']}, TRITON_INTERPRET={report['triton_interpret']}")
-    print("\nbackends (numerical checks against float64: causal ALiBi GQA padded S=37; dense S=97 D=64; varlen,"
+    print("\nbackends (numerical checks against float64: causal ALiBi GQA padded S=37; dense S=197 D=64; varlen,"
           " 3 packed sequences)")
     for backend, entry in report["backends"].items():
         if not entry["available"]:
