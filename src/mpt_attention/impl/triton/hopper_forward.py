@@ -98,7 +98,6 @@ def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, alibi_cols, qk_scale2, slo
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
 
-
 @gluon.jit
 def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                         o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
@@ -125,7 +124,8 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
     # block 0 (the launcher guarantees every tile at least one block)
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(k_ready.index(0), 0)
-    s_tok = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    k_t = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))  # [HEAD_DIM, BLOCK_N]
+    s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=[s_tok])
     mbarrier.arrive(k_empty.index(0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -139,7 +139,8 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
         stage = j % 2
         prev = 1 - stage
         mbarrier.wait(k_ready.index(stage), (j // 2) % 2)
-        s_tok = warpgroup_mma(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // 2) % 2)
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])

@@ -59,6 +59,13 @@ def _head_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _alibi_mode(slopes, causal, prefix) -> int:
+    """MPT's causal form slope * (j - (S_k - 1)) under plain causal masking, the symmetric form otherwise."""
+    if slopes is None:
+        return ALIBI_NONE
+    return ALIBI_CAUSAL if causal and prefix is None else ALIBI_SYMMETRIC
+
+
 def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
     """Pointers, strides and flags for the optional inputs, in kernel argument order."""
     dummy = q
@@ -66,11 +73,8 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
         bias_strides = [0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride())]
     else:
         bias_strides = [0, 0, 0, 0]
-    if slopes is not None:
-        slope_strides = [0, slopes.stride(0)] if slopes.dim() == 1 else list(slopes.stride())
-        alibi = ALIBI_CAUSAL if causal and prefix is None else ALIBI_SYMMETRIC
-    else:
-        slope_strides, alibi = [0, 0], ALIBI_NONE
+    slope_strides = [0, 0] if slopes is None else [0, slopes.stride(0)] if slopes.dim() == 1 else list(slopes.stride())
+    alibi = _alibi_mode(slopes, causal, prefix)
     # bool masks are read as bytes; (B, S_k) rows with unit stride along keys
     kpm = kpm.contiguous().view(torch.uint8) if kpm is not None else None
     prefix = prefix.contiguous().view(torch.uint8) if prefix is not None else None
@@ -196,9 +200,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     q, k, v = (_head_contiguous(x) for x in (q, k, v))
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen) is None:
-        _ensure_allocator()
-        alibi = ALIBI_NONE if slopes is None else (ALIBI_CAUSAL if causal else ALIBI_SYMMETRIC)
-        return hopper.forward(q, k, v, slopes, softmax_scale, causal, alibi)
+        return hopper.forward(q, k, v, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix))
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
