@@ -1,5 +1,5 @@
 """First look on the GPU: correctness of every feature in bf16 and a quick timing against SDPA."""
-import time, torch, triton
+import torch, triton
 import mpt_attention as M
 from triton.testing import do_bench
 torch.manual_seed(0)

@@ -6,7 +6,6 @@ The winners go into ``_fwd_config`` / ``_bwd_config`` in ``impl/triton/launch.py
 measurement in ``benchmarks/NOTES.md``.
 """
 
-import itertools
 
 import torch
 from triton.testing import do_bench
