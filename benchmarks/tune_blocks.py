@@ -14,8 +14,6 @@ import mpt_attention as M
 from mpt_attention.impl.triton import hopper, launch
 from mpt_attention.testing import attention_flops
 
-hopper.ENABLED = False  # the configs below belong to the general kernels; on sm_90 the Hopper kernel would run
-
 FWD = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
        (128, 64, 8, 4), (128, 128, 8, 4), (64, 64, 4, 4), (128, 32, 4, 4)]
 BWD_KV = [(64, 128, 8, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3),
@@ -55,6 +53,7 @@ def sweep(label, shape, mode, patch, options):
 
 
 def main():
+    hopper.ENABLED = False  # the configs below belong to the general kernels; on sm_90 the Hopper kernel would run
     default_fwd, default_bwd = launch._fwd_config, launch._bwd_config
     for head_dim, shape in ((128, (4, 16, 4096, 128)), (64, (4, 32, 4096, 64))):
         def patch_fwd(opt):
