@@ -62,14 +62,16 @@ def test_forward_and_backward_are_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
-def test_offsets_beyond_2_to_the_31_elements():
-    """K/V of 2^31 + elements: every index into them must be 64-bit."""
+@pytest.mark.parametrize("s_q", [16, 128], ids=["16-queries", "128-queries"])
+def test_offsets_beyond_2_to_the_31_elements(s_q):
+    """K/V of 2^31 + elements: every index into them must be 64-bit (128 queries take the Hopper
+    kernel on sm_90, whose copy engine addresses them with 64-bit bases and strides)."""
     s_k, n_kv, d = (1 << 20) + 37, 16, 128
     assert s_k * n_kv * d > 2**31
     gen = torch.Generator(device="cuda").manual_seed(0)
     k = torch.randn(1, s_k, n_kv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn(1, s_k, n_kv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    q = torch.randn(1, 16, n_kv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(1, s_q, n_kv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     slopes = M.gen_slopes(n_kv, return_1d=True, device="cuda")
     out = M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes)
     # reference on the last 16k keys only: with these slopes everything further back has weight < 1e-30
