@@ -89,17 +89,6 @@ def _check_case(backend, drawn, with_grads):
 BACKENDS = ["torch", "sdpa", "triton", "triton-atomic-dq"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fuzz_ci_sample(backend):
-    _fuzz(cases(), _check_case, backend, CI_EXAMPLES, True, with_grads=True)
-
-
-@pytest.mark.nightly
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fuzz_nightly(backend):
-    _fuzz(cases(), _check_case, backend, 1000, False, with_grads=backend != "sdpa")
-
-
 @st.composite
 def varlen_cases(draw):
     n_seq = draw(st.integers(1, 4))
@@ -139,12 +128,20 @@ def _check_varlen(backend, c, with_grads):
             assert_close_to_reference(f"varlen {c} {name}", g, r, r.float(), floor=1e-4)
 
 
+# (strategy, checker): padded-batch attention and packed varlen sequences
+STRATEGIES = {"dense": (cases, _check_case), "varlen": (varlen_cases, _check_varlen)}
+
+
+@pytest.mark.parametrize("kind", STRATEGIES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fuzz_varlen_ci_sample(backend):
-    _fuzz(varlen_cases(), _check_varlen, backend, CI_EXAMPLES, True, with_grads=True)
+def test_fuzz_ci_sample(backend, kind):
+    strategy, check = STRATEGIES[kind]
+    _fuzz(strategy(), check, backend, CI_EXAMPLES, True, with_grads=True)
 
 
 @pytest.mark.nightly
+@pytest.mark.parametrize("kind", STRATEGIES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fuzz_varlen_nightly(backend):
-    _fuzz(varlen_cases(), _check_varlen, backend, 1000, False, with_grads=backend != "sdpa")
+def test_fuzz_nightly(backend, kind):
+    strategy, check = STRATEGIES[kind]
+    _fuzz(strategy(), check, backend, 1000, False, with_grads=backend != "sdpa")

@@ -33,43 +33,44 @@ def _versions() -> dict:
     return found
 
 
-def _numerical_check(backend: str, device: str, dtype) -> dict:
-    """One MPT-like problem (causal, ALiBi, GQA, left padding, odd length) against float64."""
+def _case_check(backend: str, device: str, dtype, case) -> dict:
+    """``case`` through ``backend`` against float64 (and the same math in ``dtype`` for the budget)."""
     import torch
 
     import mpt_attention as M
-    from mpt_attention.testing import AttnCase, make_inputs, reference_attention
+    from mpt_attention.testing import make_inputs, reference_attention
 
-    case = AttnCase(batch=2, s_q=37, s_k=37, n_heads=4, n_kv=2, head_dim=32, causal=True, alibi=True, padding=True)
     (q, k, v), kw = make_inputs(case, dtype=dtype, device=device)
     out = M.attention(q, k, v, backend=backend, **kw)
     cpu_kw = {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
     qc, kc, vc = (x.cpu() for x in (q, k, v))
     ref, _ = reference_attention(qc, kc, vc, **cpu_kw)
     low, _ = reference_attention(qc, kc, vc, compute_dtype=dtype, **cpu_kw)
-    return _verdict(out, ref, low, dtype)
+    verdict = _verdict(out, ref, low, dtype)
+    if backend == "triton":
+        from mpt_attention.impl.triton import hopper
+
+        why = hopper.unsupported(q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), None, None, 0.0,
+                                 case.causal, False)
+        verdict["kernel"] = "hopper (Gluon, sm_90)" if why is None else f"general ({why})"
+    return verdict
+
+
+def _numerical_check(backend: str, device: str, dtype) -> dict:
+    """One MPT-like problem (causal, ALiBi, GQA, left padding, odd length) against float64."""
+    from mpt_attention.testing import AttnCase
+
+    case = AttnCase(batch=2, s_q=37, s_k=37, n_heads=4, n_kv=2, head_dim=32, causal=True, alibi=True, padding=True)
+    return _case_check(backend, device, dtype, case)
 
 
 def _dense_check(backend: str, device: str, dtype) -> dict:
     """An unpadded causal ALiBi GQA problem (S=197, D=64): on an sm_90 GPU the triton backend runs it
     through the Hopper kernel, so the report says which forward kernel served it."""
-    import mpt_attention as M
-    from mpt_attention.testing import AttnCase, make_inputs, reference_attention
+    from mpt_attention.testing import AttnCase
 
     case = AttnCase(batch=2, s_q=197, s_k=197, n_heads=4, n_kv=2, head_dim=64, causal=True, alibi=True)
-    (q, k, v), kw = make_inputs(case, dtype=dtype, device=device)
-    out = M.attention(q, k, v, backend=backend, **kw)
-    cpu_kw = {name: t.cpu() for name, t in kw.items() if name == "alibi_slopes"}
-    qc, kc, vc = (x.cpu() for x in (q, k, v))
-    ref, _ = reference_attention(qc, kc, vc, causal=True, **cpu_kw)
-    low, _ = reference_attention(qc, kc, vc, causal=True, compute_dtype=dtype, **cpu_kw)
-    verdict = _verdict(out, ref, low, dtype)
-    if backend == "triton":
-        from mpt_attention.impl.triton import hopper
-
-        why = hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False)
-        verdict["kernel"] = "hopper (Gluon, sm_90)" if why is None else f"general ({why})"
-    return verdict
+    return _case_check(backend, device, dtype, case)
 
 
 def _varlen_check(backend: str, device: str, dtype) -> dict:

@@ -27,8 +27,8 @@ BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query r
 LOG2E = 1.4426950408889634
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    """The copy engine's rules: unit last stride, 16-byte aligned base and strides."""
+def tma_aligned(t: torch.Tensor) -> bool:
+    """The copy engine's rules: unit last stride, 16-byte aligned base and strides (also launch.py's)."""
     size = t.element_size()
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
 
@@ -52,7 +52,7 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen) ->
         # decode and short chunks: most of a 128-row tile would be idle, and the per-launch host work
         # (four copy-engine descriptors encoded) is not hidden behind so short a kernel
         return f"fewer than {BLOCK_M} query rows"
-    if not all(_aligned(t) for t in (q, k, v)):
+    if not all(tma_aligned(t) for t in (q, k, v)):
         return "strides not 16-byte aligned"
     if any(t.stride(2) != t.shape[3] for t in (q, k, v)):
         return "heads not adjacent in memory (stride(2) != head_dim)"  # the (B, S, H * D) view below

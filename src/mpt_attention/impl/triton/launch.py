@@ -148,11 +148,7 @@ def _descriptors_ok(*tensors: torch.Tensor) -> bool:
     multiples for every stride but the unit one (the copy engine's rules)."""
     if not _INTERPRET and (tensors[0].device.type != "cuda" or torch.cuda.get_device_capability(tensors[0].device)[0] < 9):
         return False
-    for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
-            return False
-    return True
+    return all(hopper.tma_aligned(t) for t in tensors)
 
 
 def _ensure_allocator() -> None:
