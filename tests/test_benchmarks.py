@@ -10,7 +10,8 @@ from mpt_attention.testing import attention_flops
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["bench_attention", "tune_blocks", "tune_dkdv", "fwd_variants", "summarize"])
+@pytest.mark.parametrize("script", ["bench_attention", "tune_blocks", "tune_dkdv", "fwd_variants", "summarize",
+                                    "host_overhead", "bwd_kernels"])
 def test_benchmark_scripts_import(script):
     pytest.importorskip("triton")
     spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")

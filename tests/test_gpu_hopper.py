@@ -1,5 +1,6 @@
-"""The Hopper forward kernel (Gluon, sm_90): where it applies, that it computes what the general kernel
-and the float64 reference compute. Runs on the GPU machine (pytest -m gpu); skipped elsewhere."""
+"""The Hopper kernels (Gluon, sm_90; the forward and the dK/dV kernel): where they apply, that they compute
+what the general kernels and the float64 reference compute. Runs on the GPU machine (pytest -m gpu);
+skipped elsewhere."""
 
 import pytest
 import torch
@@ -33,6 +34,35 @@ def test_hopper_forward_matches_float64_reference(case, dtype):
     low, _ = reference_attention(q, k, v, compute_dtype=dtype, **kw)
     assert_close_to_reference("out", out, ref, low)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.head_dim == 128], ids=lambda c: c.id())
+def test_hopper_backward_matches_float64_reference(case):
+    """dK, dV from the Hopper dK/dV kernel (dQ from the general one) against float64; D=128, the head dim
+    the backward dispatches it for."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False, dout) is None
+    out = M.attention(q, k, v, backend="triton", **kw)
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, _ = reference_attention(*ref_in, **kw)
+    low_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    low, _ = reference_attention(*low_in, compute_dtype=torch.bfloat16, **kw)
+    for name, g, r, lo in zip(["dq", "dk", "dv"], grads, torch.autograd.grad(ref, ref_in, dout.double()),
+                              torch.autograd.grad(low, low_in, dout)):
+        assert_close_to_reference(name, g, r, lo)
+
+
+def test_hopper_backward_is_bitwise_deterministic():
+    (q, k, v), kw = make_inputs(AttnCase(2, 1500, 1500, 8, 2, 128, causal=True, alibi=True), dtype=torch.bfloat16,
+                                device="cuda", requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = M.attention(q, k, v, backend="triton", **kw)
+        runs.append(torch.autograd.grad(out, [q, k, v], torch.ones_like(out)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_per_batch_slopes_and_strided_views():

@@ -66,6 +66,17 @@ def test_reasons(what, expected):
     assert _why(q, k, v, **kw) == expected
 
 
+def test_backward_also_needs_an_eligible_output_gradient():
+    q, k, v = _qkv()
+    dout = torch.randn_like(q)
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, dout) == "not an sm_90 GPU"
+    strided = dout.transpose(1, 2).contiguous().transpose(1, 2)
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, strided).startswith("heads not adjacent")
+    q64, k64, v64 = _qkv(d=64)
+    why = hopper.unsupported(q64, k64, v64, None, None, None, None, 0.0, True, False, torch.randn_like(q64))
+    assert why.startswith("head dim 64 in the backward")
+
+
 def test_disabled_switch(monkeypatch):
     monkeypatch.setattr(hopper, "ENABLED", False)
     assert _why(*_qkv()) == "disabled"

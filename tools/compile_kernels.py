@@ -36,17 +36,12 @@ def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16"):
-    """The Gluon Hopper forward (impl/triton/hopper_forward.py): descriptors appear in its signature."""
+def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str):
+    """A Gluon Hopper kernel: ``rows`` gives each descriptor argument's box height (boxes [1, rows, D])."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
-    from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel as fn
-
-    consts = dict(IS_CAUSAL=causal, ALIBI=alibi, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
-    rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -56,9 +51,30 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
         elif name[0].isupper():
             sig[name] = "*fp32"
         else:
-            sig[name] = "fp32" if name == "qk_scale2" else "i32"
+            sig[name] = "fp32" if name in ("qk_scale2", "softmax_scale") else "i32"
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16"):
+    """The Gluon Hopper forward (impl/triton/hopper_forward.py)."""
+    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
+    from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
+
+    rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
+    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim}
+    return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype)
+
+
+def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16"):
+    """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py)."""
+    from mpt_attention.impl.triton.hopper import BWD_BLOCK_M, BWD_HALF_N
+    from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
+
+    rows = {"q_desc": BWD_BLOCK_M, "do_desc": BWD_BLOCK_M, "k_desc": BWD_HALF_N, "v_desc": BWD_HALF_N,
+            "dk_desc": BWD_HALF_N, "dv_desc": BWD_HALF_N}
+    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim}
+    return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype)
 
 
 def _spills(kernel) -> str:
@@ -81,13 +97,14 @@ def main() -> int:
     failures = 0
     for head_dim, causal, alibi, dtype in [(128, True, 1, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16"),
                                            (128, False, 0, "bf16"), (64, True, 0, "fp16")]:
-        name = f"hopper-fwd D={head_dim} causal={causal} alibi={alibi} {dtype}"
-        try:
-            k = compile_hopper_kernel(head_dim, causal, alibi, dtype)
-            print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
-        except Exception as exc:
-            failures += 1
-            print(f"FAIL {name}: {str(exc)[-1500:]}")
+        for kind, build in (("fwd", compile_hopper_kernel), ("dkdv", compile_hopper_dkdv_kernel)):
+            name = f"hopper-{kind} D={head_dim} causal={causal} alibi={alibi} {dtype}"
+            try:
+                k = build(head_dim, causal, alibi, dtype)
+                print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
+            except Exception as exc:
+                failures += 1
+                print(f"FAIL {name}: {str(exc)[-1500:]}")
     flag_sets = [
         dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
         dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True, VARLEN=False),

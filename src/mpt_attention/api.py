@@ -6,6 +6,7 @@ H_kv key/value heads, D head dim.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -30,6 +31,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
+def _sm_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]  # asked once: ~10 us of host time per query
+
+
 def backend_status(backend: str, device: torch.device | str | None = None) -> str | None:
     """``None`` if ``backend`` can run on ``device`` here, else the reason it cannot."""
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -46,7 +52,7 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> st
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available to torch"
-        major, _ = torch.cuda.get_device_capability(device)
+        major = _sm_major(device.index if device.index is not None else torch.cuda.current_device())
         return None if major >= 8 else f"needs a GPU of compute capability >= 8.0, got {major}.x"
     if device.type == "cpu":
         return None if triton_interpreting() else "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing"

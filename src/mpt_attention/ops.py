@@ -3,6 +3,11 @@
 The ops are opaque to the compiler and carry fake kernels, so ``torch.compile(fullgraph=True)``
 traces through them (forward and backward) without running or even importing Triton. Triton is
 imported on first real call only, which keeps ``import mpt_attention`` free of it.
+
+Eager calls skip the dispatcher: an ``autograd.Function`` runs the same launches. The custom-op path
+(argument defaulting and alias checks per call, a second op for the backward) cost 0.2-0.4 ms of host
+time per training step on the H200 machine's CPU, which a 0.3 ms kernel cannot hide
+(``benchmarks/host_overhead.py``, benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -76,18 +81,38 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, cu_q, cu_k = ctx.saved_tensors
-    softmax_scale, causal, dropout_p = ctx.args
-    if dout is None:  # only the log-sum-exp was used
-        dout = torch.zeros_like(out)
-    dq, dk, dv, dbias = _triton_bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
-                                    softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens,
-                                    ctx.deterministic)
-    return (dq, dk, dv, (dbias if ctx.bias_grad else None)) + (None,) * 13
+def _backward_with(bwd):
+    """The backward of both paths; ``bwd`` is the op (compiled graphs) or the launch (eager)."""
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, cu_q, cu_k = ctx.saved_tensors
+        softmax_scale, causal, dropout_p = ctx.args
+        if dout is None:  # only the log-sum-exp was used
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
+                                softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens,
+                                ctx.deterministic)
+        return (dq, dk, dv, (dbias if ctx.bias_grad else None)) + (None,) * 13
+    return backward
 
 
-torch.library.register_autograd("mpt_attention::triton_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("mpt_attention::triton_fwd", _backward_with(_triton_bwd), setup_context=_setup_context)
+
+
+def _launch_backward(*args):
+    return _launch().backward(*args)
+
+
+class _EagerTritonAttention(torch.autograd.Function):
+    """``triton_fwd`` and its backward without the dispatcher (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # ctx first: a separate setup_context costs a signature binding per call
+        output = _launch().forward(*inputs[:16])  # all but ``deterministic``, a backward setting
+        ctx.set_materialize_grads(False)  # None for an unused output, as the op's backward expects
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward_with(_launch_backward))
 
 
 def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=None, key_padding_mask=None,
@@ -100,9 +125,10 @@ def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=
     if dropout_p > 0.0:
         # drawn from torch's generator, so torch.manual_seed makes dropout reproducible
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(q.device)
-    return _triton_fwd(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
-                       scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                       int(max_seqlen_k), bool(deterministic))
+    op = _triton_fwd if torch.compiler.is_compiling() else _EagerTritonAttention.apply
+    return op(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
+              scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+              int(max_seqlen_k), bool(deterministic))
 
 
 def triton_dropout_mask(batch, n_heads, s_q, s_k, seed: Tensor, dropout_p: float) -> Tensor:

@@ -1,13 +1,15 @@
-"""Host side of the Hopper forward kernel (``hopper_forward.py``, Gluon): when it applies, and its launch.
+"""Host side of the Hopper kernels (Gluon: ``hopper_forward.py``, and the dK/dV kernel of
+``hopper_backward.py``): when they apply, and their launches.
 
-The general kernel (``forward.py``) computes the same function for every input; this one is faster on
-sm_90 for the common case and is chosen automatically where it applies. ``ENABLED = False`` (or the
-environment variable ``MPT_ATTENTION_HOPPER_KERNEL=0`` at import) keeps the general kernel everywhere:
-tests and benchmarks compare the two that way.
+The general kernels (``forward.py``, ``backward.py``) compute the same functions for every input; these
+are faster on sm_90 for the common case and are chosen automatically where they apply. ``ENABLED =
+False`` (or the environment variable ``MPT_ATTENTION_HOPPER_KERNEL=0`` at import) keeps the general
+kernels everywhere: tests and benchmarks compare the two that way.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -17,10 +19,14 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
     _IMPORT_ERROR = None
+    # the kernels' shared-memory tile layout (hopper_forward/hopper_backward), built once: frozen
+    _TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
 except Exception as exc:  # a Triton without Gluon's Hopper module
-    _hopper_fwd_kernel, _IMPORT_ERROR = None, f"{type(exc).__name__}: {exc}"
+    _hopper_fwd_kernel = _hopper_bwd_dkdv_kernel = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
@@ -33,8 +39,14 @@ def tma_aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
 
 
-def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen) -> str | None:
-    """Why the Hopper kernel does not apply to these inputs (None: it does)."""
+@functools.cache
+def sm_major(device_index: int) -> int:
+    """The GPU's compute-capability major, asked once per device (the query costs ~10 us of host time)."""
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, dout=None) -> str | None:
+    """Why the Hopper kernels do not apply to these inputs (None: they do); ``dout`` for the backward."""
     if not ENABLED:
         return "disabled"
     if _hopper_fwd_kernel is None:
@@ -43,6 +55,8 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen) ->
         return f"dtype {q.dtype}"
     if q.shape[-1] not in (64, 128):
         return f"head dim {q.shape[-1]}"
+    if dout is not None and q.shape[-1] != 128:
+        return "head dim 64 in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
     if varlen or bias is not None or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
         return "varlen, a bias tensor, masks or dropout"
     s_q, s_k = q.shape[1], k.shape[1]
@@ -52,11 +66,12 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen) ->
         # decode and short chunks: most of a 128-row tile would be idle, and the per-launch host work
         # (four copy-engine descriptors encoded) is not hidden behind so short a kernel
         return f"fewer than {BLOCK_M} query rows"
-    if not all(tma_aligned(t) for t in (q, k, v)):
+    tensors = (q, k, v) if dout is None else (q, k, v, dout)
+    if not all(tma_aligned(t) for t in tensors):
         return "strides not 16-byte aligned"
-    if any(t.stride(2) != t.shape[3] for t in (q, k, v)):
+    if any(t.stride(2) != t.shape[3] for t in tensors):
         return "heads not adjacent in memory (stride(2) != head_dim)"  # the (B, S, H * D) view below
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if q.device.type != "cuda" or sm_major(q.device.index if q.device.index is not None else 0) != 9:
         return "not an sm_90 GPU"  # checked last, so CPU tests see the reasons above
     return None
 
@@ -64,8 +79,14 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen) ->
 def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     """Copy-engine descriptor of ``x`` (B, S, H, D) seen as (B, S, H * D), boxes of [1, rows, D]."""
     batch, seq, heads, dim = x.shape
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
-    return TensorDescriptor(x, [batch, seq, heads * dim], [x.stride(0), x.stride(1), 1], [1, rows, dim], layout)
+    return TensorDescriptor(x, [batch, seq, heads * dim], [x.stride(0), x.stride(1), 1], [1, rows, dim], _TILE_LAYOUT)
+
+
+def _slope_args(slopes, dummy):
+    """(pointer, (batch stride, head stride)) for (H,) or (B, H) slopes; a never-read dummy without."""
+    if slopes is None:
+        return dummy, (0, 0)
+    return slopes, ((0, slopes.stride(0)) if slopes.dim() == 1 else slopes.stride())
 
 
 def forward(q, k, v, slopes, softmax_scale, causal, alibi_mode):
@@ -74,10 +95,7 @@ def forward(q, k, v, slopes, softmax_scale, causal, alibi_mode):
     s_k, n_kv = k.shape[1], k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
-    if slopes is not None:
-        slope_strides = (0, slopes.stride(0)) if slopes.dim() == 1 else slopes.stride()
-    else:
-        slopes, slope_strides = lse, (0, 0)  # dummy, never read
+    slopes, slope_strides = _slope_args(slopes, lse)
     grid = (triton.cdiv(s_q, BLOCK_M), batch * n_heads)
     _hopper_fwd_kernel[grid](
         _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M),
@@ -86,3 +104,23 @@ def forward(q, k, v, slopes, softmax_scale, causal, alibi_mode):
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, num_warps=4,
     )
     return out, lse
+
+
+BWD_BLOCK_N, BWD_HALF_N, BWD_BLOCK_M = 128, 64, 32  # hopper_backward: keys per program / warpgroup, queries per step
+
+
+def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, slopes, softmax_scale, causal, alibi_mode) -> None:
+    """dK, dV (written into ``dk``, ``dv``: contiguous, k's shape) by the Hopper kernel; ``lse`` and
+    ``delta`` ``(B, H, S_q)`` float32 as the general backward has them."""
+    batch, s_q, n_heads, head_dim = q.shape
+    s_k, n_kv = k.shape[1], k.shape[2]
+    slopes, slope_strides = _slope_args(slopes, lse)
+    grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv)
+    _hopper_bwd_dkdv_kernel[grid](
+        _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, BWD_BLOCK_M),
+        _descriptor(dout, BWD_BLOCK_M), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N),
+        lse, delta, slopes, n_heads * s_q, s_q, *slope_strides,
+        n_kv, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, softmax_scale,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, num_warps=4,
+    )
+

@@ -146,7 +146,8 @@ def _descriptors_ok(*tensors: torch.Tensor) -> bool:
     """Whether tiles of these tensors may be loaded through tensor descriptors: Hopper or newer (or the
     interpreter, which emulates them, so CPU tests cover the path), a 16-byte aligned base and 16-byte
     multiples for every stride but the unit one (the copy engine's rules)."""
-    if not _INTERPRET and (tensors[0].device.type != "cuda" or torch.cuda.get_device_capability(tensors[0].device)[0] < 9):
+    device = tensors[0].device
+    if not _INTERPRET and (device.type != "cuda" or hopper.sm_major(device.index if device.index is not None else 0) < 9):
         return False
     return all(hopper.tma_aligned(t) for t in tensors)
 
@@ -296,11 +297,17 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             atomic_dq = 2 if not _INTERPRET and _descriptors_ok(dq_acc) else 1
             if atomic_dq == 2:
                 _ensure_allocator()
-        _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
-            q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
-            kv_spans, *cu_args, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_acc, varlen),
-            *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc, ATOMIC_DQ=atomic_dq, **common, **kv_cfg,
-        )
+        hopper_why = hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, dout)
+        if deterministic and hopper_why is None:
+            hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, slopes, softmax_scale, causal,
+                                 _alibi_mode(slopes, causal, prefix))
+        else:
+            _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
+                q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
+                kv_spans, *cu_args, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen),
+                *_strides(dq_acc, varlen), *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc, ATOMIC_DQ=atomic_dq,
+                **common, **kv_cfg,
+            )
         if not deterministic:
             dq.copy_(dq_acc.mul_(softmax_scale))
         elif s_q > 0:

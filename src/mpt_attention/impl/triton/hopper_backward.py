@@ -1,0 +1,183 @@
+"""Hopper (sm_90) dK/dV kernel in Gluon, the backward counterpart of ``hopper_forward.py``.
+
+A program owns 128 keys of one (batch, KV head): each of two consumer warpgroups keeps 64 keys and
+their dK, dV accumulators in registers, while a loader warp streams the (Q, dO) tiles of every query
+block of every query head in the group through two TMA stages. Tiles are computed transposed, keys
+as rows (the ``wgmma`` M dimension):
+
+    S^T  = K Q^T
+    P^T  = exp2(S^T * scale * log2e + ALiBi - lse * log2e)          (lse per query: per column)
+    dP^T = V dO^T, dV += P^T dO       (issued together, asynchronously; dV in flight while dS is computed)
+    dS^T = P^T * (dP^T - delta)
+    dK  += dS^T Q
+
+No atomics: the program owns the dK, dV rows it writes, so the kernel is deterministic. dQ comes from
+the general Triton kernel: a Gluon dQ kernel in this layout measured 1.3x slower than it (branch
+``wip/hopper-dq``, benchmarks/NOTES.md). Dispatched at D=128 only, where it is 11% faster than the
+general dK/dV kernel (at D=64 it is 20% slower); scope otherwise as the Hopper forward (``hopper.py``).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
+
+_LOG2E = gl.constexpr(1.4426950408889634)
+_HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
+_BLOCK_M = gl.constexpr(32)  # queries per step
+
+
+@gluon.jit
+def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
+                        b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM: gl.constexpr):
+    """One warp: this program's K and V once, then (Q, dO) of query block after query block, head after
+    head of the group, each into stage ``count % 2`` once the consumers have released it."""
+    kv_col = kv_h * HEAD_DIM
+    mbarrier.expect(kv_bar, 4 * _HALF_N * HEAD_DIM * 2)
+    for half in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [b, start_n + half * _HALF_N, kv_col], kv_bar, k_smem.index(half))
+        tma.async_copy_global_to_shared(v_desc, [b, start_n + half * _HALF_N, kv_col], kv_bar, v_smem.index(half))
+    count = 0
+    for g in range(n_groups):
+        q_col = (kv_h * n_groups + g) * HEAD_DIM
+        for start_m in range(lo, seqlen_q, _BLOCK_M):
+            stage = count % 2
+            mbarrier.wait(empty.index(stage), (count // 2) % 2 ^ 1)  # a fresh barrier counts as released
+            mbarrier.expect(ready.index(stage), 2 * _BLOCK_M * HEAD_DIM * 2)
+            tma.async_copy_global_to_shared(q_desc, [b, start_m, q_col], ready.index(stage), q_smem.index(stage))
+            tma.async_copy_global_to_shared(do_desc, [b, start_m, q_col], ready.index(stage), do_smem.index(stage))
+            count += 1
+
+
+@gluon.jit
+def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                            Lse, Delta, Slopes, b64, b, kv_h, n_groups, start_n, lo,
+                            stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
+                            qk_scale2, softmax_scale,
+                            IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV."""
+    dtype: gl.constexpr = q_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, _BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_DIM, 16])
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    key_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
+    query_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
+
+    k3 = k_smem.index(half)
+    v3 = v_smem.index(half)
+    k = k3.reshape([_HALF_N, HEAD_DIM])
+    v = v3.reshape([_HALF_N, HEAD_DIM])
+    row0 = start_n + half * _HALF_N
+    keys = row0 + gl.arange(0, _HALF_N, layout=key_layout)
+    offs_m = gl.arange(0, _BLOCK_M, layout=query_layout)
+    diag = seqlen_k - seqlen_q
+    last_key = row0 + _HALF_N - 1
+    st_zero = gl.zeros([_HALF_N, _BLOCK_M], gl.float32, st_layout)
+    dk = gl.zeros([_HALF_N, HEAD_DIM], gl.float32, acc_layout)
+    dv = gl.zeros([_HALF_N, HEAD_DIM], gl.float32, acc_layout)
+
+    mbarrier.wait(kv_bar, 0)
+    count = 0
+    for g in range(n_groups):
+        h64 = (kv_h * n_groups + g).to(gl.int64)
+        stats = b64 * stride_lb + h64 * stride_lh
+        slope2 = 0.0
+        alibi_keys = keys.to(gl.float32)  # unused unless ALIBI
+        if ALIBI != 0:
+            slope2 = gl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(gl.float32) * _LOG2E
+            if ALIBI == 1:  # MPT's causal form: slope * (key - (S_k - 1)), one value per row here
+                alibi_keys = slope2 * (keys - (seqlen_k - 1)).to(gl.float32)
+        for start_m in range(lo, seqlen_q, _BLOCK_M):
+            stage = count % 2
+            queries = start_m + offs_m
+            q_ok = queries < seqlen_q
+            # rows past S_q: lse = +inf makes P (and so dS) zero there
+            lse2 = gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")) * _LOG2E
+            delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
+            mbarrier.wait(ready.index(stage), (count // 2) % 2)
+            q = q_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
+            do = do_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
+            st_tok = warpgroup_mma(k, q.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            st = warpgroup_mma_wait(0, deps=[st_tok])
+            s2 = st * qk_scale2
+            if ALIBI == 1:
+                s2 = s2 + alibi_keys[:, None]
+            elif ALIBI == 2:  # symmetric: -slope * |query + diag - key|
+                dist = queries[None, :] + diag - keys[:, None]
+                s2 = s2 - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
+            if IS_CAUSAL:
+                if start_m + diag < last_key:  # a block on the diagonal: key <= query + diag
+                    s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
+            p = gl.exp2(s2 - lse2[None, :])
+            p_op = gl.convert_layout(p.to(dtype), op_layout)
+            # dP^T and dV in flight together; the scores' registers are free by now (fewer live tiles)
+            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+            dpt = warpgroup_mma_wait(1, deps=[dpt_tok])
+            ds = p * (dpt - delta[None, :])
+            ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+            dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+            mbarrier.arrive(empty.index(stage))
+            count += 1
+
+    # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
+    k.store((dk * softmax_scale).to(dtype))
+    v.store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [b, row0, kv_h * HEAD_DIM], k3)
+    tma.async_copy_shared_to_global(dv_desc, [b, row0, kv_h * HEAD_DIM], v3)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _hopper_bwd_dkdv_kernel(
+    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse, Delta, Slopes,
+    stride_lb, stride_lh, stride_slb, stride_slh,
+    n_kv, n_groups, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+    IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
+):
+    """Program (key block of 128, batch * KV head); launched with num_warps=4. Descriptors as in the
+    forward: (B, S, H * D) views, boxes [1, 64, D]."""
+    dtype: gl.constexpr = q_desc.dtype
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+
+    start_n = gl.program_id(0) * 2 * _HALF_N
+    bkv = gl.program_id(1)
+    b = bkv // n_kv
+    kv_h = bkv % n_kv
+    b64 = b.to(gl.int64)
+    lo = 0
+    if IS_CAUSAL:  # queries i with i + diag >= start_n are the first to see this block
+        lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // _BLOCK_M * _BLOCK_M
+
+    k_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, HEAD_DIM], tile_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, HEAD_DIM], tile_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, _BLOCK_M, HEAD_DIM], tile_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, 1, _BLOCK_M, HEAD_DIM], tile_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+
+    gl.warp_specialize(
+        [
+            (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                                       Lse, Delta, Slopes, b64, b, kv_h, n_groups, start_n, lo, stride_lb, stride_lh,
+                                       stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+                                       IS_CAUSAL, ALIBI, HEAD_DIM)),
+            (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                                       Lse, Delta, Slopes, b64, b, kv_h, n_groups, start_n, lo, stride_lb, stride_lh,
+                                       stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+                                       IS_CAUSAL, ALIBI, HEAD_DIM)),
+            (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready,
+                                   empty, b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM)),
+        ],
+        [4, 1], [240, 24],
+    )
