@@ -97,7 +97,7 @@ def layer_table():
     layers = {
         "torch.empty_like": lambda: torch.empty_like(qd),
         "triton copy kernel": lambda: _copy_kernel[(1,)](flat, out.flatten(), 1024, BLOCK=1024),
-        "hopper.forward": lambda: hopper.forward(qd, kd, vd, slopes, scale, True, 1),
+        "hopper.forward": lambda: hopper.forward(qd, kd, vd, None, slopes, scale, True, 1),
         "launch.forward": lambda: launch.forward(qd, kd, vd, None, slopes, None, None, None, None, scale, True, 0.0),
         "op triton_fwd": lambda: torch.ops.mpt_attention.triton_fwd(qd, kd, vd, None, slopes, None, None, None, None,
                                                                     scale, True, 0.0, None, None, 0, 0, True),

@@ -78,6 +78,71 @@ def test_per_batch_slopes_and_strided_views():
     assert_close_to_reference("out", out, ref, low)
 
 
+BIAS_ROW_CASES = [  # (case, bias dtype): the bias is a (1, H, 1, S_k) row as MPT builds it, random values
+    (AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, bias="vector"), torch.float32),
+    (AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True, bias="vector"), torch.bfloat16),  # both
+    (AttnCase(2, 211, 300, 4, 4, 64, causal=True, bias="vector"), torch.float32),  # chunked prefill, ragged
+    (AttnCase(1, 1000, 1000, 4, 1, 128, alibi=True, bias="vector"), torch.float16),  # symmetric ALiBi, MQA
+]
+
+
+@pytest.mark.parametrize("case, bias_dtype", BIAS_ROW_CASES, ids=lambda x: x.id() if isinstance(x, AttnCase) else str(x))
+def test_hopper_bias_row_matches_float64_reference(case, bias_dtype):
+    dtype = torch.float16 if bias_dtype == torch.float16 else torch.bfloat16
+    (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda")
+    kw["attn_bias"] = kw["attn_bias"].to(bias_dtype)
+    assert hopper.unsupported(q, k, v, kw["attn_bias"], None, None, None, 0.0, case.causal, False) is None
+    out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw)
+    low, _ = reference_attention(q, k, v, compute_dtype=dtype, **kw)
+    assert_close_to_reference("out", out, ref, low)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+
+
+def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatch):
+    """Per-batch rows, a row expanded over the batch by stride 0, a row sliced out of a longer one (MPT
+    slices its max_seq_len bias), and -inf keys: key 0 masked too, so query 0 of the causal tile sees
+    nothing (output 0, LSE -inf, never NaN) and the rest see fewer keys."""
+    b, s, h, d = 2, 400, 4, 128
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    masked = torch.randn(1, h, 1, s, device="cuda")
+    masked[..., :3] = float("-inf")
+    masked[..., 97] = float("-inf")
+    biases = {"per-batch": torch.randn(b, 1, 1, s, device="cuda"),
+              "expanded": torch.randn(1, h, 1, s, device="cuda").expand(b, h, 1, s),
+              "sliced": torch.randn(1, h, 1, s + 16, device="cuda")[..., 16:],
+              "masked": masked}
+    for name, bias in biases.items():
+        monkeypatch.setattr(hopper, "ENABLED", True)
+        assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False) is None, name
+        runs = []
+        for enabled in (True, False):
+            monkeypatch.setattr(hopper, "ENABLED", enabled)
+            runs.append(M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias, return_lse=True))
+        (out, lse), (out_general, lse_general) = runs
+        assert not out.isnan().any(), name
+        torch.testing.assert_close(out.float(), out_general.float(), rtol=2e-2, atol=2e-2, msg=name)
+        torch.testing.assert_close(lse, lse_general, rtol=1e-4, atol=1e-4, msg=name)
+        if name != "masked":
+            ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, attn_bias=bias)
+            low, _ = reference_attention(q, k, v, causal=True, attn_bias=bias, compute_dtype=torch.bfloat16)
+            assert_close_to_reference(name, out, ref, low)
+
+
+def test_bias_row_gradient_after_the_hopper_forward(monkeypatch):
+    """Hopper forward with a bias row that requires grad; the general backward (dbias) reads its LSE."""
+    (q, k, v), kw = make_inputs(AttnCase(2, 300, 300, 4, 2, 128, causal=True, alibi=True, bias="vector"),
+                                dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(hopper, "ENABLED", enabled)
+        out = M.attention(q, k, v, backend="triton", **kw)
+        runs.append(torch.autograd.grad(out, [q, k, v, kw["attn_bias"]], dout))
+    for name, a, b in zip(["dq", "dk", "dv", "dbias"], *runs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
 def test_hopper_and_general_kernels_agree_and_gradients_flow(monkeypatch):
     (q, k, v), kw = make_inputs(AttnCase(2, 700, 700, 8, 2, 128, causal=True, alibi=True), dtype=torch.bfloat16,
                                 device="cuda", requires_grad=True)
@@ -98,11 +163,11 @@ def test_hopper_forward_is_bitwise_deterministic():
 
 
 @pytest.mark.parametrize("what", ["padding", "dropout", "head-dim-96", "more-queries-than-keys", "misaligned",
-                                  "heads-not-adjacent", "bias-row", "decode"])
+                                  "heads-not-adjacent", "bias-matrix", "decode"])
 def test_inputs_outside_its_scope_take_the_general_kernel(what):
     """Each of these has a reason; the call still gives the reference's answer (general kernel)."""
     case = AttnCase(2, 200, 200, 4, 2, 96 if what == "head-dim-96" else 64, causal=True, alibi=True,
-                    padding=what == "padding", bias="vector" if what == "bias-row" else None)
+                    padding=what == "padding", bias="matrix" if what == "bias-matrix" else None)
     if what == "more-queries-than-keys":
         case = AttnCase(2, 200, 150, 4, 2, 64, causal=True, alibi=True)
     if what == "decode":

@@ -32,10 +32,12 @@ def test_an_eligible_input_is_refused_only_for_the_device():
 @pytest.mark.parametrize("what, expected", [
     ("float32", "dtype torch.float32"),
     ("head-dim-96", "head dim 96"),
-    ("bias", "varlen, a bias tensor, masks or dropout"),
-    ("key-padding", "varlen, a bias tensor, masks or dropout"),
-    ("dropout", "varlen, a bias tensor, masks or dropout"),
-    ("varlen", "varlen, a bias tensor, masks or dropout"),
+    ("bias-matrix", "bias of shape (1, 4, 128, 128): only rows over the keys, (B|1, H|1, 1, S_k)"),
+    ("bias-float64", "bias dtype torch.float64"),
+    ("bias-misaligned", "bias row not 16-byte aligned (base, or a stride over batch/heads)"),
+    ("key-padding", "varlen, masks or dropout"),
+    ("dropout", "varlen, masks or dropout"),
+    ("varlen", "varlen, masks or dropout"),
     ("causal-more-queries-than-keys", "rows without keys"),
     ("no-keys", "rows without keys"),
     ("decode", "fewer than 128 query rows"),
@@ -45,8 +47,12 @@ def test_an_eligible_input_is_refused_only_for_the_device():
 def test_reasons(what, expected):
     q, k, v = _qkv(dtype=torch.float32 if what == "float32" else torch.bfloat16, d=96 if what == "head-dim-96" else 128)
     kw = {}
-    if what == "bias":
-        kw["bias"] = torch.randn(1, 4, 1, 128)
+    if what == "bias-matrix":
+        kw["bias"] = torch.randn(1, 4, 128, 128)
+    elif what == "bias-float64":
+        kw["bias"] = torch.randn(1, 4, 1, 128, dtype=torch.float64)
+    elif what == "bias-misaligned":  # MPT's bias built for 130 keys, the last 128 taken: base 8 bytes off
+        kw["bias"] = torch.randn(1, 4, 1, 130)[..., 2:]
     elif what == "key-padding":
         kw["kpm"] = torch.ones(2, 128, dtype=torch.bool)
     elif what == "dropout":
@@ -66,6 +72,20 @@ def test_reasons(what, expected):
     assert _why(q, k, v, **kw) == expected
 
 
+@pytest.mark.parametrize("bias", [
+    pytest.param(torch.randn(1, 4, 1, 128), id="mpt-vector-fp32"),
+    pytest.param(torch.randn(2, 1, 1, 128, dtype=torch.bfloat16), id="per-batch-bf16"),
+    pytest.param(torch.randn(1, 4, 1, 128).expand(2, 4, 1, 128), id="expanded-over-batch"),
+    pytest.param(torch.randn(1, 4, 1, 136)[..., 8:], id="sliced-keeping-alignment"),
+])
+def test_bias_rows_over_the_keys_are_taken(bias):
+    assert _why(*_qkv(), bias=bias) == "not an sm_90 GPU"
+    shape, strides, b_on, h_on = hopper._bias_view(bias)
+    assert shape[2] == 128 and strides[2] == 1
+    assert (shape[0], b_on) == ((2, 1) if bias.shape[0] == 2 and bias.stride(0) else (1, 0))
+    assert (shape[1], h_on) == ((4, 1) if bias.shape[1] == 4 else (1, 0))
+
+
 def test_backward_also_needs_an_eligible_output_gradient():
     q, k, v = _qkv()
     dout = torch.randn_like(q)
@@ -75,6 +95,8 @@ def test_backward_also_needs_an_eligible_output_gradient():
     q64, k64, v64 = _qkv(d=64)
     why = hopper.unsupported(q64, k64, v64, None, None, None, None, 0.0, True, False, torch.randn_like(q64))
     assert why.startswith("head dim 64 in the backward")
+    bias = torch.randn(1, 4, 1, 128)
+    assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False, dout) == "a bias tensor in the backward"
 
 
 def test_disabled_switch(monkeypatch):

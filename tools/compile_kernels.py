@@ -36,16 +36,24 @@ def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str):
-    """A Gluon Hopper kernel: ``rows`` gives each descriptor argument's box height (boxes [1, rows, D])."""
+def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias: str | None = None):
+    """A Gluon Hopper kernel: ``rows`` gives each descriptor argument's box height (boxes [1, rows, D]);
+    ``bias`` the dtype of a ``bias_desc`` bias-row descriptor (boxes [1, 1, BLOCK_N]), None for none."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    consts = dict(consts)
     sig = {}
     for name in fn.arg_names:
+        if name == "bias_desc" and bias is None:
+            consts[name] = None
         if name in consts:
             sig[name] = "constexpr"
+        elif name == "bias_desc":
+            bits = 32 if bias == "fp32" else 16
+            row_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=3)
+            sig[name] = f"tensordesc<{bias}[1, 1, {consts['BLOCK_N']}],{row_layout!r}>"
         elif name in rows:
             sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, {head_dim}],{layout!r}>"
         elif name[0].isupper():
@@ -56,14 +64,14 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16"):
-    """The Gluon Hopper forward (impl/triton/hopper_forward.py)."""
+def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None):
+    """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None."""
     from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
     rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
-    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim}
-    return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype)
+    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim, "BIAS_ROW": bias is not None}
+    return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias)
 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16"):
@@ -95,6 +103,14 @@ def _spills(kernel) -> str:
 
 def main() -> int:
     failures = 0
+    for head_dim, causal, alibi, bias in [(128, True, 0, "fp32"), (64, True, 1, "bf16"), (128, False, 2, "fp16")]:
+        name = f"hopper-fwd-bias-row D={head_dim} causal={causal} alibi={alibi} bias={bias}"
+        try:
+            k = compile_hopper_kernel(head_dim, causal, alibi, "bf16" if bias == "fp32" else bias, bias)
+            print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
+        except Exception as exc:
+            failures += 1
+            print(f"FAIL {name}: {str(exc)[-1500:]}")
     for head_dim, causal, alibi, dtype in [(128, True, 1, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16"),
                                            (128, False, 0, "bf16"), (64, True, 0, "fp16")]:
         for kind, build in (("fwd", compile_hopper_kernel), ("dkdv", compile_hopper_dkdv_kernel)):

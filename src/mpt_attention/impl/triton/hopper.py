@@ -57,8 +57,15 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return f"head dim {q.shape[-1]}"
     if dout is not None and q.shape[-1] != 128:
         return "head dim 64 in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
-    if varlen or bias is not None or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
-        return "varlen, a bias tensor, masks or dropout"
+    if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
+        return "varlen, masks or dropout"
+    if bias is not None:
+        if dout is not None:
+            return "a bias tensor in the backward"
+        if bias.shape[2] != 1 or bias.shape[3] != k.shape[1]:
+            return f"bias of shape {tuple(bias.shape)}: only rows over the keys, (B|1, H|1, 1, S_k)"
+        if bias.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"bias dtype {bias.dtype}"
     s_q, s_k = q.shape[1], k.shape[1]
     if s_q == 0 or s_k == 0 or (causal and s_q > s_k):
         return "rows without keys"  # the kernel assumes every row sees a key
@@ -71,6 +78,8 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return "strides not 16-byte aligned"
     if any(t.stride(2) != t.shape[3] for t in tensors):
         return "heads not adjacent in memory (stride(2) != head_dim)"  # the (B, S, H * D) view below
+    if bias is not None and _bias_view(bias) is None:
+        return "bias row not 16-byte aligned (base, or a stride over batch/heads)"
     if q.device.type != "cuda" or sm_major(q.device.index if q.device.index is not None else 0) != 9:
         return "not an sm_90 GPU"  # checked last, so CPU tests see the reasons above
     return None
@@ -82,6 +91,23 @@ def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     return TensorDescriptor(x, [batch, seq, heads * dim], [x.stride(0), x.stride(1), 1], [1, rows, dim], _TILE_LAYOUT)
 
 
+def _bias_view(bias: torch.Tensor):
+    """``(shape, strides, b_on, h_on)`` of a (B|1, H|1, 1, S_k) bias seen as (B', H', S_k) for the copy
+    engine: a broadcast batch/head dim (size 1 or stride 0) becomes size 1 with a stride the engine
+    accepts, and its coordinate 0 (``b_on``/``h_on`` = 0). None where the engine cannot read it."""
+    n_b, n_h, _, s_k = bias.shape
+    elem = bias.element_size()
+    if (s_k > 1 and bias.stride(3) != 1) or bias.data_ptr() % 16:
+        return None
+    b_on, h_on = int(n_b > 1 and bias.stride(0) != 0), int(n_h > 1 and bias.stride(1) != 0)
+    row = -(-s_k * elem // 16) * 16 // elem  # a 16-byte multiple at least one row long
+    stride_h = bias.stride(1) if h_on else row
+    stride_b = bias.stride(0) if b_on else stride_h * (n_h if h_on else 1)
+    if (stride_h * elem) % 16 or (stride_b * elem) % 16:
+        return None
+    return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
+
+
 def _slope_args(slopes, dummy):
     """(pointer, (batch stride, head stride)) for (H,) or (B, H) slopes; a never-read dummy without."""
     if slopes is None:
@@ -89,19 +115,25 @@ def _slope_args(slopes, dummy):
     return slopes, ((0, slopes.stride(0)) if slopes.dim() == 1 else slopes.stride())
 
 
-def forward(q, k, v, slopes, softmax_scale, causal, alibi_mode):
+def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     """``out`` (q's shape, contiguous) and ``lse`` ``(B, H, S_q)`` float32; inputs as ``unsupported`` allows."""
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
     slopes, slope_strides = _slope_args(slopes, lse)
+    bias_desc, b_on, h_on = None, 0, 0
+    if bias is not None:
+        shape, strides, b_on, h_on = _bias_view(bias)
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
+        bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
     grid = (triton.cdiv(s_q, BLOCK_M), batch * n_heads)
     _hopper_fwd_kernel[grid](
-        _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M),
+        _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M), bias_desc,
         lse, slopes, n_heads * s_q, s_q, *slope_strides,
-        n_heads, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, num_warps=4,
+        n_heads, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
+        num_warps=4,
     )
     return out, lse
 

@@ -17,12 +17,15 @@ splits into three roles (FlashAttention-3's layout):
 
 Block j lives in stage j % 2; its barriers' phase is (j // 2) % 2.
 
+A bias row over keys (MPT's ``(1, H, 1, S_k)`` tensor, any ``(B|1, H|1, 1, S_k)``) rides with V: the
+loader copies block j's slice of it into the V stage's shared memory under V's barrier, and the
+consumer reads it there for the softmax of block j, adding it in the same fused multiply-add as the
+scale (a first version loaded it from global memory into registers per block: 0.52-0.76x, spilling).
+
 Scope (the launcher, ``hopper.py``, routes everything else to the general kernel in ``forward.py``):
-bf16/fp16, head dim 64 or 128, ALiBi from slopes (either form) or no bias, no bias tensor, no masks
-besides causal, no dropout, dense (B, S, H, D) inputs with adjacent heads and 16-byte aligned
-strides, ``S_k > 0`` and, when causal, ``S_q <= S_k`` (every row sees key 0, every tile a block).
-A bias row loaded per key block was tried and measured slower than the general kernel
-(benchmarks/NOTES.md), so bias tensors stay there.
+bf16/fp16, head dim 64 or 128, ALiBi from slopes (either form) and/or a bias row, no bias matrix, no
+masks besides causal, no dropout, dense (B, S, H, D) inputs with adjacent heads and 16-byte aligned
+strides, ``S_k > 0`` and, when causal, ``S_q <= S_k`` (every tile sees a block).
 """
 
 from triton.experimental import gluon
@@ -33,16 +36,18 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 _LOG2E = gl.constexpr(1.4426950408889634)
 _LN2 = gl.constexpr(0.6931471805599453)
 _HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
+_ROW_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
 
 
 @gluon.jit
-def _scores(s, rows, cols, alibi_cols, qk_scale2, slope2, diag, seqlen_k,
-            IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, APPLY_MASK: gl.constexpr):
+def _scores(s, rows, cols, col_terms, qk_scale2, slope2, diag, seqlen_k,
+            IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr, APPLY_MASK: gl.constexpr):
     """Log2-domain scores of one ``[64, BLOCK_N]`` tile, the formula of common.score_tile except that
-    MPT's causal ALiBi slope * (j - (S_k - 1)) enters as ``alibi_cols`` = slope * (j - first key of
-    the block): one fused multiply-add per score; the block's constant rides on the row maximum."""
-    if ALIBI == 1:
-        s = s * qk_scale2 + alibi_cols[None, :]
+    the per-key terms arrive as one vector ``col_terms`` (``HAS_COLS``): the bias row, and MPT's causal
+    ALiBi slope * (j - (S_k - 1)) as slope * (j - first key of the block), so one fused multiply-add per
+    score; the ALiBi block's constant rides on the row maximum."""
+    if HAS_COLS:
+        s = s * qk_scale2 + col_terms[None, :]
     else:
         s = s * qk_scale2
     if ALIBI == 2:  # symmetric: -slope * |i - j|, query i at absolute position i + diag
@@ -57,8 +62,9 @@ def _scores(s, rows, cols, alibi_cols, qk_scale2, slope2, diag, seqlen_k,
 
 
 @gluon.jit
-def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                    b, q_col, kv_col, start_m, n_blocks, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+def _load_partition(q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty,
+                    v_ready, v_empty, b, q_col, kv_col, bias_b, bias_h, start_m, n_blocks,
+                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
     """One warp: Q once, then K_j and V_j into stage j % 2 as soon as the consumers have released it.
     Tiles are addressed as [batch, row, head * D] in the (B, S, H * D) view of each tensor."""
     mbarrier.expect(q_bar, 2 * _HALF_M * HEAD_DIM * 2)
@@ -72,26 +78,31 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_rea
         mbarrier.expect(k_ready.index(stage), kv_bytes)
         tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, kv_col], k_ready.index(stage), k_smem.index(stage))
         mbarrier.wait(v_empty.index(stage), free_phase)
-        mbarrier.expect(v_ready.index(stage), kv_bytes)
+        if BIAS_ROW:  # block j's bias slice shares V's stage and barrier
+            bias_bytes: gl.constexpr = BLOCK_N * bias_desc.dtype.primitive_bitwidth // 8
+            mbarrier.expect(v_ready.index(stage), kv_bytes + bias_bytes)
+            tma.async_copy_global_to_shared(bias_desc, [bias_b, bias_h, j * BLOCK_N], v_ready.index(stage),
+                                            bias_smem.index(stage))
+        else:
+            mbarrier.expect(v_ready.index(stage), kv_bytes)
         tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, kv_col], v_ready.index(stage), v_smem.index(stage))
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, alibi_cols, qk_scale2, slope2, diag, seqlen_k, masked,
-                  IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr):
+def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, qk_scale2, slope2, diag, seqlen_k, masked,
+                  IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr):
     """Online-softmax update for the score tile of key block ``start_n``: ``(p, alpha, m_new, l_new)``.
     Scores stay relative to the block's causal-ALiBi constant ``shift``; ``m`` is absolute."""
     cols = start_n + offs_n
     if masked:
-        s = _scores(s, rows, cols, alibi_cols, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI, True)
+        s = _scores(s, rows, cols, col_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI, HAS_COLS, True)
     else:
-        s = _scores(s, rows, cols, alibi_cols, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI, False)
+        s = _scores(s, rows, cols, col_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI, HAS_COLS, False)
     shift = 0.0
     if ALIBI == 1:
         shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
     m_new = gl.maximum(m_i, gl.max(s, 1) + shift)
-    # A row that has seen only masked keys keeps m = -inf: shift by 0 so exp2 gives 0, not NaN (the
-    # launcher's preconditions give every row key 0; kept so the kernel's definition matches forward.py's).
+    # A row that has seen only masked keys (or -inf bias) keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
     m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_ref)
     p = gl.exp2(s - (m_ref - shift)[:, None])
@@ -99,10 +110,28 @@ def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, alibi_cols, qk_scale2, slo
 
 
 @gluon.jit
-def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.constexpr, ALIBI: gl.constexpr,
+               BIAS_ROW: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The per-key vector of a block's scores (log2 units): its bias slice, read from V's stage once V's
+    barrier says it has landed, plus the block-relative causal ALiBi columns."""
+    terms = alibi_cols
+    if BIAS_ROW:
+        mbarrier.wait(v_ready.index(stage), phase)
+        # unswizzled (swizzle_byte_width=0), so the [1, 1, BLOCK_N] box is a plain row of BLOCK_N values
+        row = bias_smem.index(stage)._reinterpret(bias_smem.dtype, [BLOCK_N], _ROW_LAYOUT)
+        bias2 = row.load(col_layout).to(gl.float32) * _LOG2E
+        if ALIBI == 1:
+            terms = alibi_cols + bias2
+        else:
+            terms = bias2
+    return terms
+
+
+@gluon.jit
+def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                         o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
                         qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
-                        HEAD_DIM: gl.constexpr):
+                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
     """One warpgroup: query rows ``start_m + 64 * half`` onwards, all key blocks, then its output rows."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -111,6 +140,8 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    HAS_COLS: gl.constexpr = BIAS_ROW or ALIBI == 1
 
     row0 = start_m + half * _HALF_M
     rows = row0 + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, s_layout))
@@ -130,8 +161,9 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
     mbarrier.arrive(k_empty.index(0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, alibi_cols, qk_scale2, slope2, diag, seqlen_k,
-                                       lo_masked == 0, IS_CAUSAL, ALIBI)
+    col_terms = _col_terms(alibi_cols, bias_smem, v_ready, 0, 0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, qk_scale2, slope2, diag, seqlen_k,
+                                       lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([_HALF_M, HEAD_DIM], gl.float32, o_layout)
 
@@ -145,8 +177,9 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         mbarrier.arrive(k_empty.index(stage))
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, alibi_cols, qk_scale2, slope2,
-                                           diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI)
+        col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage, (j // 2) % 2, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, qk_scale2, slope2,
+                                           diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI, HAS_COLS)
         acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
         mbarrier.arrive(v_empty.index(prev))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
@@ -171,16 +204,18 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
 
 @gluon.jit
 def _hopper_fwd_kernel(
-    q_desc, k_desc, v_desc, o_desc, Lse, Slopes,
+    q_desc, k_desc, v_desc, o_desc, bias_desc, Lse, Slopes,
     stride_lb, stride_lh, stride_slb, stride_slh,
-    n_heads, n_groups, seqlen_q, seqlen_k, qk_scale2,
+    n_heads, n_groups, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+    BIAS_ROW: gl.constexpr,
 ):
     """Program (query tile of 128 rows, batch * head); launched with num_warps=4 (the first consumer
     warpgroup), the second consumer and the loader come from ``warp_specialize``. The descriptors
     (host-built, see hopper.py) view q/o as (B, S_q, H * D) and k/v as (B, S_k, H_kv * D), with boxes
     [1, 64, D] for q/o and [1, BLOCK_N, D] for k/v: rows past a batch row's end read as zeros and are
-    never written."""
+    never written. ``bias_desc`` (``BIAS_ROW``) views the bias row as (B|1, H|1, S_k) with boxes
+    [1, 1, BLOCK_N]; ``bias_b_on``/``bias_h_on`` are 0 where it broadcasts."""
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -199,6 +234,10 @@ def _hopper_fwd_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_M, HEAD_DIM], tile_layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
+    if BIAS_ROW:
+        bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [2, 1, 1, BLOCK_N], bias_desc.layout)
+    else:
+        bias_smem = v_smem  # never read
     q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
@@ -226,14 +265,15 @@ def _hopper_fwd_kernel(
     lse_offset = b64 * stride_lb + h64 * stride_lh
     gl.warp_specialize(
         [
-            (_consumer_partition, (0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, b,
-                                   q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
-                                   qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM)),
-            (_consumer_partition, (1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, b,
-                                   q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
-                                   qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready,
-                               v_empty, b, q_col, kv_col, start_m, n_blocks, BLOCK_N, HEAD_DIM)),
+            (_consumer_partition, (0, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                   o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
+                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)),
+            (_consumer_partition, (1, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                   o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
+                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)),
+            (_load_partition, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
+                               k_empty, v_ready, v_empty, b, q_col, kv_col, b * bias_b_on, h * bias_h_on, start_m,
+                               n_blocks, BLOCK_N, HEAD_DIM, BIAS_ROW)),
         ],
         [4, 1], [240, 24],
     )
