@@ -67,6 +67,19 @@ def test_backend_specific_refusals():
         M.attention(q.double(), k.double(), v.double(), backend="triton")
 
 
+def test_triton_second_derivative_raises():
+    """The kernels' gradients are not differentiable: asking for a second derivative is an error, not zeros."""
+    pytest.importorskip("triton")
+    if M.backend_status("triton") is not None:
+        pytest.skip(M.backend_status("triton"))
+    q, k, v = (t.requires_grad_() for t in qkv())
+    dout = torch.randn(B, S, H, D, requires_grad=True)
+    out = M.attention(q, k, v, backend="triton", causal=True)
+    dq, = torch.autograd.grad(out, [q], dout, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()
+
+
 def test_triton_without_interpreter_or_gpu_is_explained():
     reason = M.backend_status("triton", "meta")
     assert "not supported" in reason

@@ -112,7 +112,8 @@ class _EagerTritonAttention(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_backward_with(_launch_backward))
+    # the kernels' gradients are not themselves differentiable: a second derivative raises, naming this
+    backward = staticmethod(torch.autograd.function.once_differentiable(_backward_with(_launch_backward)))
 
 
 def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=None, key_padding_mask=None,
