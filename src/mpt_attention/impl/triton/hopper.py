@@ -109,7 +109,7 @@ def _bias_view(bias: torch.Tensor):
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
 
 
-def _slope_args(slopes, dummy):
+def slope_args(slopes, dummy):
     """(pointer, (batch stride, head stride)) for (H,) or (B, H) slopes; a never-read dummy without."""
     if slopes is None:
         return dummy, (0, 0)
@@ -122,7 +122,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     s_k, n_kv = k.shape[1], k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
-    slopes, slope_strides = _slope_args(slopes, lse)
+    slopes, slope_strides = slope_args(slopes, lse)
     bias_desc, b_on, h_on = None, 0, 0
     if bias is not None:
         shape, strides, b_on, h_on = _bias_view(bias)
@@ -147,7 +147,7 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, slopes, softmax_scale, caus
     ``delta`` ``(B, H, S_q)`` float32 as the general backward has them."""
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
-    slopes, slope_strides = _slope_args(slopes, lse)
+    slopes, slope_strides = slope_args(slopes, lse)
     grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv)
     _hopper_bwd_dkdv_kernel[grid](
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, BWD_BLOCK_M),
