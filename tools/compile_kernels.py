@@ -76,12 +76,12 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16"):
     """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py)."""
-    from mpt_attention.impl.triton.hopper import BWD_BLOCK_M, BWD_HALF_N
+    from mpt_attention.impl.triton.hopper import BWD_BLOCK_M, BWD_HALF_N, DKDV_PREFETCH_S
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
     rows = {"q_desc": BWD_BLOCK_M, "do_desc": BWD_BLOCK_M, "k_desc": BWD_HALF_N, "v_desc": BWD_HALF_N,
             "dk_desc": BWD_HALF_N, "dv_desc": BWD_HALF_N}
-    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim}
+    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim, "PREFETCH_S": DKDV_PREFETCH_S}
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype)
 
 

@@ -139,6 +139,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
 
 
 BWD_BLOCK_N, BWD_HALF_N, BWD_BLOCK_M = 128, 64, 32  # hopper_backward: keys per program / warpgroup, queries per step
+DKDV_PREFETCH_S = True  # WIP: issue step t+1's S^T before step t's dK product (False: main's loop)
 
 
 def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, slopes, softmax_scale, causal, alibi_mode) -> None:
@@ -153,6 +154,6 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, slopes, softmax_scale, caus
         _descriptor(dout, BWD_BLOCK_M), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N),
         lse, delta, slopes, n_heads * s_q, s_q, *slope_strides,
         n_kv, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, softmax_scale,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, num_warps=4,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, PREFETCH_S=DKDV_PREFETCH_S, num_warps=4,
     )
 
