@@ -44,7 +44,8 @@ def test_an_eligible_input_is_refused_only_for_the_device():
     ("misaligned", "strides not 16-byte aligned"),
     ("heads-not-adjacent", "heads not adjacent in memory (stride(2) != head_dim)"),
 ])
-def test_reasons(what, expected):
+def test_reasons(what, expected, monkeypatch):
+    monkeypatch.setattr(hopper, "BIAS_PRESCALE", False)  # WIP flag: with it any bias row qualifies
     q, k, v = _qkv(dtype=torch.float32 if what == "float32" else torch.bfloat16, d=96 if what == "head-dim-96" else 128)
     kw = {}
     if what == "bias-matrix":

@@ -29,6 +29,9 @@ except Exception as exc:  # a Triton without Gluon's Hopper module
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
+# WIP A/B: copy the bias row once per call as float32 times log2(e), padded to 16-byte rows (any bias row
+# then qualifies, and the kernel skips the conversion and the multiply); False reads the caller's tensor
+BIAS_PRESCALE = True
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
 LOG2E = 1.4426950408889634
 
@@ -78,7 +81,7 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return "strides not 16-byte aligned"
     if any(t.stride(2) != t.shape[3] for t in tensors):
         return "heads not adjacent in memory (stride(2) != head_dim)"  # the (B, S, H * D) view below
-    if bias is not None and _bias_view(bias) is None:
+    if bias is not None and not BIAS_PRESCALE and _bias_view(bias) is None:
         return "bias row not 16-byte aligned (base, or a stride over batch/heads)"
     if q.device.type != "cuda" or sm_major(q.device.index if q.device.index is not None else 0) != 9:
         return "not an sm_90 GPU"  # checked last, so CPU tests see the reasons above
@@ -108,6 +111,18 @@ def _bias_view(bias: torch.Tensor):
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
 
 
+def _log2_bias_rows(bias: torch.Tensor):
+    """The bias row as a fresh float32 (B', H', 1, S_k) tensor times log2(e), its rows padded to 16 bytes;
+    broadcast batch/head dims (size 1 or stride 0) kept at size 1."""
+    n_b, n_h, _, s_k = bias.shape
+    b_on, h_on = n_b > 1 and bias.stride(0) != 0, n_h > 1 and bias.stride(1) != 0
+    rows = bias[: n_b if b_on else 1, : n_h if h_on else 1]
+    padded = torch.empty((*rows.shape[:3], -(-s_k // 4) * 4), dtype=torch.float32, device=bias.device)
+    out = padded[..., :s_k]
+    torch.mul(rows, LOG2E, out=out)
+    return out, b_on, h_on
+
+
 def _slope_args(slopes, dummy):
     """(pointer, (batch stride, head stride)) for (H,) or (B, H) slopes; a never-read dummy without."""
     if slopes is None:
@@ -123,6 +138,8 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
     slopes, slope_strides = _slope_args(slopes, lse)
     bias_desc, b_on, h_on = None, 0, 0
+    if bias is not None and BIAS_PRESCALE:
+        bias, b_on, h_on = _log2_bias_rows(bias)
     if bias is not None:
         shape, strides, b_on, h_on = _bias_view(bias)
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
@@ -133,7 +150,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
         lse, slopes, n_heads * s_q, s_q, *slope_strides,
         n_heads, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
-        num_warps=4,
+        BIAS_LOG2=bias is not None and BIAS_PRESCALE, num_warps=4,
     )
     return out, lse
 

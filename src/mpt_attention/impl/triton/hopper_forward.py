@@ -111,7 +111,7 @@ def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, qk_scale2, slop
 
 @gluon.jit
 def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.constexpr, ALIBI: gl.constexpr,
-               BIAS_ROW: gl.constexpr, BLOCK_N: gl.constexpr):
+               BIAS_ROW: gl.constexpr, BLOCK_N: gl.constexpr, BIAS_LOG2: gl.constexpr):
     """The per-key vector of a block's scores (log2 units): its bias slice, read from V's stage once V's
     barrier says it has landed, plus the block-relative causal ALiBi columns."""
     terms = alibi_cols
@@ -119,7 +119,10 @@ def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.cons
         mbarrier.wait(v_ready.index(stage), phase)
         # unswizzled (swizzle_byte_width=0), so the [1, 1, BLOCK_N] box is a plain row of BLOCK_N values
         row = bias_smem.index(stage)._reinterpret(bias_smem.dtype, [BLOCK_N], _ROW_LAYOUT)
-        bias2 = row.load(col_layout).to(gl.float32) * _LOG2E
+        if BIAS_LOG2:  # the launcher stored it as float32 already times log2(e)
+            bias2 = row.load(col_layout)
+        else:
+            bias2 = row.load(col_layout).to(gl.float32) * _LOG2E
         if ALIBI == 1:
             terms = alibi_cols + bias2
         else:
@@ -131,7 +134,7 @@ def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.cons
 def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                         o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
                         qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
-                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
+                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_LOG2: gl.constexpr):
     """One warpgroup: query rows ``start_m + 64 * half`` onwards, all key blocks, then its output rows."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -161,7 +164,7 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
     mbarrier.arrive(k_empty.index(0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
-    col_terms = _col_terms(alibi_cols, bias_smem, v_ready, 0, 0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+    col_terms = _col_terms(alibi_cols, bias_smem, v_ready, 0, 0, col_layout, ALIBI, BIAS_ROW, BLOCK_N, BIAS_LOG2)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, qk_scale2, slope2, diag, seqlen_k,
                                        lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -177,7 +180,7 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         mbarrier.arrive(k_empty.index(stage))
-        col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage, (j // 2) % 2, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+        col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage, (j // 2) % 2, col_layout, ALIBI, BIAS_ROW, BLOCK_N, BIAS_LOG2)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, qk_scale2, slope2,
                                            diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI, HAS_COLS)
         acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
@@ -208,7 +211,7 @@ def _hopper_fwd_kernel(
     stride_lb, stride_lh, stride_slb, stride_slh,
     n_heads, n_groups, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    BIAS_ROW: gl.constexpr,
+    BIAS_ROW: gl.constexpr, BIAS_LOG2: gl.constexpr,
 ):
     """Program (query tile of 128 rows, batch * head); launched with num_warps=4 (the first consumer
     warpgroup), the second consumer and the loader come from ``warp_specialize``. The descriptors
@@ -267,10 +270,10 @@ def _hopper_fwd_kernel(
         [
             (_consumer_partition, (0, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                                    o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)),
+                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
             (_consumer_partition, (1, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                                    o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)),
+                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
             (_load_partition, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
                                k_empty, v_ready, v_empty, b, q_col, kv_col, b * bias_b_on, h * bias_h_on, start_m,
                                n_blocks, BLOCK_N, HEAD_DIM, BIAS_ROW)),
