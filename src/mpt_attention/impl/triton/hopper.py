@@ -119,7 +119,7 @@ def _log2_bias_rows(bias: torch.Tensor):
     rows = bias[: n_b if b_on else 1, : n_h if h_on else 1]
     padded = torch.empty((*rows.shape[:3], -(-s_k // 4) * 4), dtype=torch.float32, device=bias.device)
     out = padded[..., :s_k]
-    torch.mul(rows, LOG2E, out=out)
+    out.copy_(rows).mul_(LOG2E)  # in float32: a bf16 product would round before the copy
     return out, b_on, h_on
 
 
