@@ -129,18 +129,30 @@ def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatc
             assert_close_to_reference(name, out, ref, low)
 
 
-def test_bias_row_gradient_after_the_hopper_forward(monkeypatch):
-    """Hopper forward with a bias row that requires grad; the general backward (dbias) reads its LSE."""
+@pytest.mark.parametrize("bias_grad", [True, False], ids=["dbias-general-backward", "no-dbias-hopper-dkdv"])
+def test_bias_row_gradients_after_the_hopper_forward(monkeypatch, bias_grad):
+    """Hopper forward with a bias row. With its gradient the general backward (dbias) reads the Hopper
+    LSE; without, the Hopper dK/dV kernel adds the row itself."""
     (q, k, v), kw = make_inputs(AttnCase(2, 300, 300, 4, 2, 128, causal=True, alibi=True, bias="vector"),
                                 dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    kw["attn_bias"].requires_grad_(bias_grad)
+    wrt = [q, k, v, kw["attn_bias"]] if bias_grad else [q, k, v]
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     runs = []
     for enabled in (True, False):
         monkeypatch.setattr(hopper, "ENABLED", enabled)
         out = M.attention(q, k, v, backend="triton", **kw)
-        runs.append(torch.autograd.grad(out, [q, k, v, kw["attn_bias"]], dout))
+        runs.append(torch.autograd.grad(out, wrt, dout))
     for name, a, b in zip(["dq", "dk", "dv", "dbias"], *runs):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+    if not bias_grad:
+        ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention(*ref_in, **kw)
+        low_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        low, _ = reference_attention(*low_in, compute_dtype=torch.bfloat16, **kw)
+        for name, g, r, lo in zip(["dq", "dk", "dv"], runs[0], torch.autograd.grad(ref, ref_in, dout.double()),
+                                  torch.autograd.grad(low, low_in, dout)):
+            assert_close_to_reference(name, g, r, lo)
 
 
 def test_hopper_and_general_kernels_agree_and_gradients_flow(monkeypatch):

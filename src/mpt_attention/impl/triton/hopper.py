@@ -63,8 +63,6 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
     if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
         return "varlen, masks or dropout"
     if bias is not None:
-        if dout is not None:
-            return "a bias tensor in the backward"
         if bias.shape[2] != 1 or bias.shape[3] != k.shape[1]:
             return f"bias of shape {tuple(bias.shape)}: only rows over the keys, (B|1, H|1, 1, S_k)"
         if bias.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -120,7 +118,7 @@ def _log2_bias_rows(bias: torch.Tensor):
     padded = torch.empty((*rows.shape[:3], -(-s_k // 4) * 4), dtype=torch.float32, device=bias.device)
     out = padded[..., :s_k]
     out.copy_(rows).mul_(LOG2E)  # in float32: a bf16 product would round before the copy
-    return out, b_on, h_on
+    return out, int(b_on), int(h_on)
 
 
 def _slope_args(slopes, dummy):
@@ -159,18 +157,26 @@ BWD_BLOCK_N, BWD_HALF_N, BWD_BLOCK_M = 128, 64, 32  # hopper_backward: keys per 
 DKDV_PREFETCH_S = True  # WIP: issue step t+1's S^T before step t's dK product (False: main's loop)
 
 
-def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, slopes, softmax_scale, causal, alibi_mode) -> None:
+def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode) -> None:
     """dK, dV (written into ``dk``, ``dv``: contiguous, k's shape) by the Hopper kernel; ``lse`` and
     ``delta`` ``(B, H, S_q)`` float32 as the general backward has them."""
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     slopes, slope_strides = _slope_args(slopes, lse)
+    bias_args, b_on, h_on = (lse, 0, 0, 0), 0, 0  # a never-read dummy without a bias
+    if bias is not None:
+        if BIAS_PRESCALE:
+            bias, b_on, h_on = _log2_bias_rows(bias)
+        else:
+            b_on, h_on = int(bias.shape[0] > 1 and bias.stride(0) != 0), int(bias.shape[1] > 1 and bias.stride(1) != 0)
+        bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
     grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv)
     _hopper_bwd_dkdv_kernel[grid](
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, BWD_BLOCK_M),
         _descriptor(dout, BWD_BLOCK_M), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N),
-        lse, delta, slopes, n_heads * s_q, s_q, *slope_strides,
+        lse, delta, slopes, bias_args[0], n_heads * s_q, s_q, *slope_strides, *bias_args[1:], int(b_on), int(h_on),
         n_kv, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, softmax_scale,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, PREFETCH_S=DKDV_PREFETCH_S, num_warps=4,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, PREFETCH_S=DKDV_PREFETCH_S,
+        BIAS_ROW=bias is not None, BIAS_LOG2=bias is not None and BIAS_PRESCALE, num_warps=4,
     )
 

@@ -50,12 +50,23 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem,
 
 
 @gluon.jit
+def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk, keys, seqlen_k,
+               BIAS_LOG2: gl.constexpr):
+    """The bias row at this warpgroup's keys for (batch b, query head h), log2 units (0 past S_k)."""
+    row = Bias + (b * bias_b_on).to(gl.int64) * stride_bb + (h * bias_h_on).to(gl.int64) * stride_bh
+    vals = gl.load(row + keys.to(gl.int64) * stride_bk, mask=keys < seqlen_k, other=0.0).to(gl.float32)
+    if not BIAS_LOG2:
+        vals = vals * _LOG2E
+    return vals
+
+
+@gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                            Lse, Delta, Slopes, b64, b, kv_h, n_groups, start_n, lo,
-                            stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
-                            qk_scale2, softmax_scale,
+                            Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo,
+                            stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
+                            bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                            PREFETCH_S: gl.constexpr):
+                            PREFETCH_S: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_LOG2: gl.constexpr):
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV."""
     dtype: gl.constexpr = q_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -111,6 +122,9 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
                 else:  # symmetric: -slope * |query + diag - key|
                     dist = queries[None, :] + diag - keys[:, None]
                     s2 = s2 - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
+            if BIAS_ROW:  # a row over the keys: one value per key, i.e. per row of this tile
+                s2 = s2 + _bias_keys(Bias, b, kv_h * n_groups + g, bias_b_on, bias_h_on, stride_bb, stride_bh,
+                                     stride_bk, keys, seqlen_k, BIAS_LOG2)[:, None]
             if IS_CAUSAL:
                 if start_m + diag < last_key:  # a block on the diagonal: key <= query + diag
                     s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
@@ -163,6 +177,9 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
                 elif ALIBI == 2:  # symmetric: -slope * |query + diag - key|
                     dist = queries[None, :] + diag - keys[:, None]
                     s2 = s2 - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
+                if BIAS_ROW:
+                    s2 = s2 + _bias_keys(Bias, b, kv_h * n_groups + g, bias_b_on, bias_h_on, stride_bb, stride_bh,
+                                         stride_bk, keys, seqlen_k, BIAS_LOG2)[:, None]
                 if IS_CAUSAL:
                     if start_m + diag < last_key:  # a block on the diagonal: key <= query + diag
                         s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
@@ -190,10 +207,11 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
 
 @gluon.jit
 def _hopper_bwd_dkdv_kernel(
-    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse, Delta, Slopes,
-    stride_lb, stride_lh, stride_slb, stride_slh,
+    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse, Delta, Slopes, Bias,
+    stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, PREFETCH_S: gl.constexpr,
+    BIAS_ROW: gl.constexpr, BIAS_LOG2: gl.constexpr,
 ):
     """Program (key block of 128, batch * KV head); launched with num_warps=4. Descriptors as in the
     forward: (B, S, H * D) views, boxes [1, 64, D]."""
@@ -225,13 +243,15 @@ def _hopper_bwd_dkdv_kernel(
     gl.warp_specialize(
         [
             (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                                       Lse, Delta, Slopes, b64, b, kv_h, n_groups, start_n, lo, stride_lb, stride_lh,
-                                       stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-                                       IS_CAUSAL, ALIBI, HEAD_DIM, PREFETCH_S)),
+                                       Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo, stride_lb,
+                                       stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on,
+                                       bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+                                       IS_CAUSAL, ALIBI, HEAD_DIM, PREFETCH_S, BIAS_ROW, BIAS_LOG2)),
             (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                                       Lse, Delta, Slopes, b64, b, kv_h, n_groups, start_n, lo, stride_lb, stride_lh,
-                                       stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-                                       IS_CAUSAL, ALIBI, HEAD_DIM, PREFETCH_S)),
+                                       Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo, stride_lb,
+                                       stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on,
+                                       bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+                                       IS_CAUSAL, ALIBI, HEAD_DIM, PREFETCH_S, BIAS_ROW, BIAS_LOG2)),
             (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready,
                                    empty, b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM)),
         ],
