@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine call: the gpu-marked tests, then the benchmark, with the table printed last.
-#   GIT_COMMIT=<sha> bash benchmarks/gpu_run.sh [benchmark args...]
+#   GIT_COMMIT=<sha> [PROBES=1] [SKIP_TESTS=1] bash benchmarks/gpu_run.sh [benchmark args...]
 # flash-attn-4 is used when ../shared/tools/fa4-wheels.sh has put its wheels under .peers/ (see there).
 set -uo pipefail
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
@@ -19,4 +19,8 @@ site.addsitedir('/tmp/fa4site')
 sys.argv = ['bench_attention.py', '--out', '$OUT'] + sys.argv[1:]
 runpy.run_path('benchmarks/bench_attention.py', run_name='__main__')
 " "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^[|]" | tail -60
+if [[ "${PROBES:-0}" == 1 ]]; then  # the backward-kernel and bias-row probes (about a minute)
+  python3 benchmarks/bwd_kernels.py 2>&1 | tee "$OUT/bwd_kernels.log"
+  python3 benchmarks/bias_row.py 2>&1 | tee "$OUT/bias_row.log"
+fi
 grep "^[|]" "$OUT/bench.log"

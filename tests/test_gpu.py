@@ -82,6 +82,34 @@ def test_offsets_beyond_2_to_the_31_elements(s_q):
     del k, v
 
 
+@pytest.mark.parametrize("s_q", [1, 256], ids=["decode-general-kernel", "prefill-hopper-on-sm90"])
+def test_forward_replays_in_a_cuda_graph(s_q):
+    """Serving captures decode steps in CUDA graphs to hide host time: the forward must be capturable
+    (no host syncs, no host-to-device copies) and a replay must follow new values in the same buffers."""
+    case = AttnCase(2, s_q, 1024, 8, 2, 128, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+
+    def run():
+        return M.attention(q, k, v, backend="triton", **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (compiles, allocator state)
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(2):
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, _ = reference_attention(q.double(), k.double(), v.double(), **kw)
+        low, _ = reference_attention(q, k, v, compute_dtype=torch.bfloat16, **kw)
+        assert_close_to_reference("out", out, ref, low)
+
+
 def test_dropout_mask_is_exact_on_gpu():
     (q, k, v), kw = make_inputs(AttnCase(2, 300, 300, 4, 2, 64, causal=True, alibi=True), device="cuda")
     torch.manual_seed(5)

@@ -44,7 +44,8 @@ def tma_aligned(t: torch.Tensor) -> bool:
 
 @functools.cache
 def sm_major(device_index: int) -> int:
-    """The GPU's compute-capability major, asked once per device (the query costs ~10 us of host time)."""
+    """The GPU's compute-capability major, asked once per device (the query costs ~10 us of host time).
+    A CUDA tensor's ``device.index`` is always set."""
     return torch.cuda.get_device_capability(device_index)[0]
 
 
@@ -81,7 +82,7 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return "heads not adjacent in memory (stride(2) != head_dim)"  # the (B, S, H * D) view below
     if bias is not None and not BIAS_PRESCALE and _bias_view(bias) is None:
         return "bias row not 16-byte aligned (base, or a stride over batch/heads)"
-    if q.device.type != "cuda" or sm_major(q.device.index if q.device.index is not None else 0) != 9:
+    if q.device.type != "cuda" or sm_major(q.device.index) != 9:
         return "not an sm_90 GPU"  # checked last, so CPU tests see the reasons above
     return None
 

@@ -147,7 +147,7 @@ def _descriptors_ok(*tensors: torch.Tensor) -> bool:
     interpreter, which emulates them, so CPU tests cover the path), a 16-byte aligned base and 16-byte
     multiples for every stride but the unit one (the copy engine's rules)."""
     device = tensors[0].device
-    if not _INTERPRET and (device.type != "cuda" or hopper.sm_major(device.index if device.index is not None else 0) < 9):
+    if not _INTERPRET and (device.type != "cuda" or hopper.sm_major(device.index) < 9):
         return False
     return all(hopper.tma_aligned(t) for t in tensors)
 
