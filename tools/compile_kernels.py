@@ -66,12 +66,14 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None."""
-    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
+    from mpt_attention.impl.triton.hopper import BLOCK_N, FWD_D64_CONSUMERS, HALF_M
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
-    rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
-    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim, "BIAS_ROW": bias is not None,
-              "BIAS_LOG2": bias == "fp32"}
+    consumers = FWD_D64_CONSUMERS if head_dim == 64 else 2
+    block_n = 64 if consumers == 3 else BLOCK_N  # as hopper.forward
+    rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": block_n, "v_desc": block_n}
+    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": block_n, "HEAD_DIM": head_dim, "BIAS_ROW": bias is not None,
+              "BIAS_LOG2": bias == "fp32", "CONSUMERS": consumers}
     return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias)
 
 

@@ -32,6 +32,9 @@ ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
 # WIP A/B: copy the bias row once per call as float32 times log2(e), padded to 16-byte rows (any bias row
 # then qualifies, and the kernel skips the conversion and the multiply); False reads the caller's tensor
 BIAS_PRESCALE = True
+# WIP A/B: consumer warpgroups of 64 query rows per program at D=64 (3: 192-row tiles as FA3, with 64-key
+# blocks, the size that fits 160 registers without spilling; 2: as at D=128)
+FWD_D64_CONSUMERS = 3
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
 LOG2E = 1.4426950408889634
 
@@ -136,20 +139,22 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
     slopes, slope_strides = _slope_args(slopes, lse)
+    consumers = FWD_D64_CONSUMERS if head_dim == 64 else 2
+    block_n = 64 if consumers == 3 else BLOCK_N
     bias_desc, b_on, h_on = None, 0, 0
     if bias is not None and BIAS_PRESCALE:
         bias, b_on, h_on = _log2_bias_rows(bias)
     if bias is not None:
         shape, strides, b_on, h_on = _bias_view(bias)
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
-        bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
-    grid = (triton.cdiv(s_q, BLOCK_M), batch * n_heads)
+        bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, block_n], layout)
+    grid = (triton.cdiv(s_q, consumers * HALF_M), batch * n_heads)
     _hopper_fwd_kernel[grid](
-        _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M), bias_desc,
+        _descriptor(q, HALF_M), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, HALF_M), bias_desc,
         lse, slopes, n_heads * s_q, s_q, *slope_strides,
         n_heads, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
-        BIAS_LOG2=bias is not None and BIAS_PRESCALE, num_warps=4,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=block_n, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
+        BIAS_LOG2=bias is not None and BIAS_PRESCALE, CONSUMERS=consumers, num_warps=4,
     )
     return out, lse
 

@@ -64,12 +64,12 @@ def _scores(s, rows, cols, col_terms, qk_scale2, slope2, diag, seqlen_k,
 @gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty,
                     v_ready, v_empty, b, q_col, kv_col, bias_b, bias_h, start_m, n_blocks,
-                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
+                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, CONSUMERS: gl.constexpr):
     """One warp: Q once, then K_j and V_j into stage j % 2 as soon as the consumers have released it.
     Tiles are addressed as [batch, row, head * D] in the (B, S, H * D) view of each tensor."""
-    mbarrier.expect(q_bar, 2 * _HALF_M * HEAD_DIM * 2)
-    tma.async_copy_global_to_shared(q_desc, [b, start_m, q_col], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [b, start_m + _HALF_M, q_col], q_bar, q_smem.index(1))
+    mbarrier.expect(q_bar, CONSUMERS * _HALF_M * HEAD_DIM * 2)
+    for i in gl.static_range(CONSUMERS):
+        tma.async_copy_global_to_shared(q_desc, [b, start_m + i * _HALF_M, q_col], q_bar, q_smem.index(i))
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     for j in range(n_blocks):
         stage = j % 2
@@ -211,7 +211,7 @@ def _hopper_fwd_kernel(
     stride_lb, stride_lh, stride_slb, stride_slh,
     n_heads, n_groups, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    BIAS_ROW: gl.constexpr, BIAS_LOG2: gl.constexpr,
+    BIAS_ROW: gl.constexpr, BIAS_LOG2: gl.constexpr, CONSUMERS: gl.constexpr,
 ):
     """Program (query tile of 128 rows, batch * head); launched with num_warps=4 (the first consumer
     warpgroup), the second consumer and the loader come from ``warp_specialize``. The descriptors
@@ -222,7 +222,7 @@ def _hopper_fwd_kernel(
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    BLOCK_M: gl.constexpr = 2 * _HALF_M
+    BLOCK_M: gl.constexpr = CONSUMERS * _HALF_M  # WIP: 3 consumer warpgroups (192 rows) at D=64, as FA3
 
     # Causal rows near the bottom see the most keys: start those first so they do not finish last.
     start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
@@ -234,7 +234,7 @@ def _hopper_fwd_kernel(
     q_col = h * HEAD_DIM
     kv_col = kv_h * HEAD_DIM
 
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_M, HEAD_DIM], tile_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, _HALF_M, HEAD_DIM], tile_layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
     if BIAS_ROW:
@@ -250,8 +250,8 @@ def _hopper_fwd_kernel(
     for i in gl.static_range(2):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
 
     # Key blocks [0, n_blocks) are visible to some row of the tile, those before lo_masked to every row.
     diag = seqlen_k - seqlen_q
@@ -266,17 +266,36 @@ def _hopper_fwd_kernel(
     if ALIBI != 0:
         slope2 = gl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(gl.float32) * _LOG2E
     lse_offset = b64 * stride_lb + h64 * stride_lh
-    gl.warp_specialize(
-        [
-            (_consumer_partition, (0, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                   o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
-            (_consumer_partition, (1, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                   o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
-            (_load_partition, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
-                               k_empty, v_ready, v_empty, b, q_col, kv_col, b * bias_b_on, h * bias_h_on, start_m,
-                               n_blocks, BLOCK_N, HEAD_DIM, BIAS_ROW)),
-        ],
-        [4, 1], [240, 24],
-    )
+    if CONSUMERS == 3:
+        gl.warp_specialize(
+            [
+                (_consumer_partition, (0, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                       o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
+                                       slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
+                (_consumer_partition, (1, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                       o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
+                                       slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
+                (_consumer_partition, (2, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                       o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
+                                       slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
+                (_load_partition, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
+                                   k_empty, v_ready, v_empty, b, q_col, kv_col, b * bias_b_on, h * bias_h_on, start_m,
+                                   n_blocks, BLOCK_N, HEAD_DIM, BIAS_ROW, CONSUMERS)),
+            ],
+            [4, 4, 1], [160, 160, 24],
+        )
+    else:
+        gl.warp_specialize(
+            [
+                (_consumer_partition, (0, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                       o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
+                                       slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
+                (_consumer_partition, (1, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                       o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
+                                       slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
+                (_load_partition, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
+                                   k_empty, v_ready, v_empty, b, q_col, kv_col, b * bias_b_on, h * bias_h_on, start_m,
+                                   n_blocks, BLOCK_N, HEAD_DIM, BIAS_ROW, CONSUMERS)),
+            ],
+            [4, 1], [240, 24],
+        )
