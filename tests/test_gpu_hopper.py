@@ -86,7 +86,8 @@ BIAS_ROW_CASES = [  # (case, bias dtype): the bias is a (1, H, 1, S_k) row as MP
 ]
 
 
-@pytest.mark.parametrize("case, bias_dtype", BIAS_ROW_CASES, ids=lambda x: x.id() if isinstance(x, AttnCase) else str(x))
+@pytest.mark.parametrize("case, bias_dtype", BIAS_ROW_CASES,
+                         ids=lambda x: x.id() if isinstance(x, AttnCase) else str(x))
 def test_hopper_bias_row_matches_float64_reference(case, bias_dtype):
     dtype = torch.float16 if bias_dtype == torch.float16 else torch.bfloat16
     (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda")

@@ -92,7 +92,8 @@ def test_backward_also_needs_an_eligible_output_gradient():
     dout = torch.randn_like(q)
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, dout) == "not an sm_90 GPU"
     strided = dout.transpose(1, 2).contiguous().transpose(1, 2)
-    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, strided).startswith("heads not adjacent")
+    why = hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, strided)
+    assert why.startswith("heads not adjacent")
     q64, k64, v64 = _qkv(d=64)
     why = hopper.unsupported(q64, k64, v64, None, None, None, None, 0.0, True, False, torch.randn_like(q64))
     assert why.startswith("head dim 64 in the backward")

@@ -125,7 +125,7 @@ def _log2_bias_rows(bias: torch.Tensor):
     return out, int(b_on), int(h_on)
 
 
-def _slope_args(slopes, dummy):
+def slope_args(slopes, dummy):
     """(pointer, (batch stride, head stride)) for (H,) or (B, H) slopes; a never-read dummy without."""
     if slopes is None:
         return dummy, (0, 0)
@@ -138,7 +138,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     s_k, n_kv = k.shape[1], k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
-    slopes, slope_strides = _slope_args(slopes, lse)
+    slopes, slope_strides = slope_args(slopes, lse)
     consumers = FWD_D64_CONSUMERS if head_dim == 64 else 2
     block_n = 64 if consumers == 3 else BLOCK_N
     bias_desc, b_on, h_on = None, 0, 0
@@ -168,7 +168,7 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     ``delta`` ``(B, H, S_q)`` float32 as the general backward has them."""
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
-    slopes, slope_strides = _slope_args(slopes, lse)
+    slopes, slope_strides = slope_args(slopes, lse)
     bias_args, b_on, h_on = (lse, 0, 0, 0), 0, 0  # a never-read dummy without a bias
     if bias is not None:
         if BIAS_PRESCALE:

@@ -180,7 +180,8 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         mbarrier.arrive(k_empty.index(stage))
-        col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage, (j // 2) % 2, col_layout, ALIBI, BIAS_ROW, BLOCK_N, BIAS_LOG2)
+        col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage, (j // 2) % 2, col_layout, ALIBI, BIAS_ROW,
+                               BLOCK_N, BIAS_LOG2)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, qk_scale2, slope2,
                                            diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI, HAS_COLS)
         acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])

@@ -73,7 +73,7 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
         bias_strides = [0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride())]
     else:
         bias_strides = [0, 0, 0, 0]
-    slope_strides = [0, 0] if slopes is None else [0, slopes.stride(0)] if slopes.dim() == 1 else list(slopes.stride())
+    slope_strides = list(hopper.slope_args(slopes, dummy)[1])
     alibi = _alibi_mode(slopes, causal, prefix)
     # bool masks are read as bytes; (B, S_k) rows with unit stride along keys
     kpm = kpm.contiguous().view(torch.uint8) if kpm is not None else None
