@@ -156,6 +156,24 @@ def test_bias_row_gradients_after_the_hopper_forward(monkeypatch, bias_grad):
             assert_close_to_reference(name, g, r, lo)
 
 
+def test_hopper_dkdv_with_a_bias_row_that_masks_whole_rows(monkeypatch):
+    """Keys 0-2 at -inf: causal query rows 0-2 see nothing (LSE -inf). The Hopper dK/dV kernel must give
+    them zero probability, as the general one does, not NaN."""
+    b, s, h, d = 2, 300, 4, 128
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, h, 1, s, device="cuda")
+    bias[..., :3] = float("-inf")
+    dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(hopper, "ENABLED", enabled)
+        out = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias)
+        runs.append(torch.autograd.grad(out, [q, k, v], dout))
+    for name, a, ref in zip(["dq", "dk", "dv"], *runs):
+        assert not a.isnan().any(), name
+        torch.testing.assert_close(a.float(), ref.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
 def test_hopper_and_general_kernels_agree_and_gradients_flow(monkeypatch):
     (q, k, v), kw = make_inputs(AttnCase(2, 700, 700, 8, 2, 128, causal=True, alibi=True), dtype=torch.bfloat16,
                                 device="cuda", requires_grad=True)

@@ -111,6 +111,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
             q_ok = queries < seqlen_q
             # rows past S_q: lse = +inf makes P (and so dS) zero there
             lse2 = gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")) * _LOG2E
+            # a row that saw no key (all its bias -inf) has LSE -inf: +inf makes its P 0, not NaN
+            lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
             delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
             q = q_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
@@ -165,6 +167,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
                 q_ok = queries < seqlen_q
                 # rows past S_q: lse = +inf makes P (and so dS) zero there
                 lse2 = gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")) * _LOG2E
+                # a row that saw no key (all its bias -inf) has LSE -inf: +inf makes its P 0, not NaN
+                lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
                 delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
                 mbarrier.wait(ready.index(stage), (count // 2) % 2)
                 q = q_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
