@@ -113,7 +113,7 @@ def test_forward_replays_in_a_cuda_graph(s_q):
 def test_dropout_mask_is_exact_on_gpu():
     (q, k, v), kw = make_inputs(AttnCase(2, 300, 300, 4, 2, 64, causal=True, alibi=True), device="cuda")
     torch.manual_seed(5)
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).cuda()
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cuda")  # as ops.triton_attention draws it
     torch.manual_seed(5)
     out = M.attention(q, k, v, backend="triton", dropout_p=0.2, **kw)
     keep = ops.triton_dropout_mask(2, 4, 300, 300, seed, 0.2)

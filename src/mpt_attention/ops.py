@@ -124,8 +124,9 @@ def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     seed = None
     if dropout_p > 0.0:
-        # drawn from torch's generator, so torch.manual_seed makes dropout reproducible
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(q.device)
+        # drawn from torch's generator of q's device, so torch.manual_seed makes dropout reproducible; on
+        # the device itself: no host-to-device copy per call, and a CUDA graph can capture the draw
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     op = _triton_fwd if torch.compiler.is_compiling() else _EagerTritonAttention.apply
     return op(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
               scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
