@@ -297,9 +297,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             atomic_dq = 2 if not _INTERPRET and _descriptors_ok(dq_acc) else 1
             if atomic_dq == 2:
                 _ensure_allocator()
-        hopper_why = ("a bias tensor that needs its gradient" if bias_grad else
-                      hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, dout))
-        if deterministic and hopper_why is None:
+        # the Hopper dK/dV kernel has no atomic dQ and no dbias: asked only when neither is wanted
+        if deterministic and not bias_grad and hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p,
+                                                                  causal, varlen, dout) is None:
             hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal,
                                  _alibi_mode(slopes, causal, prefix))
         else:
