@@ -24,17 +24,15 @@ def measure(batch, n_heads, n_kv, seq, head_dim):
     row = M.build_alibi_bias(n_heads, seq, device="cuda")
     variants = {"slopes": ({"alibi_slopes": slopes}, True), "row-fp32": ({"attn_bias": row}, True),
                 "row-bf16": ({"attn_bias": row.to(torch.bfloat16)}, True),
-                "row-fp32-raw": ({"attn_bias": row}, True), "row-bf16-raw": ({"attn_bias": row.to(torch.bfloat16)}, True),
                 "row-fp32-general": ({"attn_bias": row}, False), "no-bias": ({}, True)}
     flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=True, mode="fwd")
     tflops = {}
     for name, (kw, use_hopper) in variants.items():
         hopper.ENABLED = use_hopper
-        hopper.BIAS_PRESCALE = not name.endswith("-raw")  # WIP A/B: prescaled float32 copy vs the tensor itself
         ms = do_bench(lambda kw=kw: M.attention(q, k, v, backend="triton", causal=True, **kw), warmup=25, rep=100,
                       return_mode="median")
         tflops[name] = flops / ms / 1e9
-    hopper.ENABLED, hopper.BIAS_PRESCALE = True, True
+    hopper.ENABLED = True
     print(f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}  " + "  ".join(f"{n} {t:.0f}" for n, t in tflops.items())
           + f"  | row / slopes: fp32 {tflops['row-fp32'] / tflops['slopes']:.3f}"
           f" bf16 {tflops['row-bf16'] / tflops['slopes']:.3f}", flush=True)

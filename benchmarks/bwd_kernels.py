@@ -45,15 +45,6 @@ def measure(batch, heads, seq, dim):
     print(f"B{batch} H{heads} S{seq} D{dim}: backward general {general:.3f} ms, dispatched {dispatched:.3f} ms; "
           f"hopper dK/dV {do_bench(dkdv, warmup=25, rep=100, return_mode='median'):.3f} ms "
           f"(rel. diff to general: {err})", flush=True)
-    for prefetch in (False, True):  # WIP A/B: main's loop against the S^T prefetch
-        hopper.DKDV_PREFETCH_S = prefetch
-        dk.fill_(float("nan")), dv.fill_(float("nan"))
-        dkdv()
-        diff = " ".join(f"{n} {((a.float() - r.float()).abs().max() / r.float().abs().max()).item():.1e}"
-                        for n, a, r in (("dk", dk, ref[1]), ("dv", dv, ref[2])))
-        print(f"  prefetch S^T {prefetch}: hopper dK/dV "
-              f"{do_bench(dkdv, warmup=25, rep=100, return_mode='median'):.3f} ms ({diff})", flush=True)
-    hopper.DKDV_PREFETCH_S = True
 
 
 def main():

@@ -22,6 +22,5 @@ runpy.run_path('benchmarks/bench_attention.py', run_name='__main__')
 if [[ "${PROBES:-0}" == 1 ]]; then  # the backward-kernel and bias-row probes (about a minute)
   python3 benchmarks/bwd_kernels.py 2>&1 | tee "$OUT/bwd_kernels.log"
   python3 benchmarks/bias_row.py 2>&1 | tee "$OUT/bias_row.log"
-  python3 benchmarks/fwd_d64.py 2>&1 | tee "$OUT/fwd_d64.log"
 fi
 grep "^[|]" "$OUT/bench.log"

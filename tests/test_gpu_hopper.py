@@ -101,9 +101,10 @@ def test_hopper_bias_row_matches_float64_reference(case, bias_dtype):
 
 
 def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatch):
-    """Per-batch rows, a row expanded over the batch by stride 0, a row sliced out of a longer one (MPT
-    slices its max_seq_len bias), and -inf keys: key 0 masked too, so query 0 of the causal tile sees
-    nothing (output 0, LSE -inf, never NaN) and the rest see fewer keys."""
+    """Per-batch rows, a row expanded over the batch by stride 0, rows sliced out of longer ones (MPT
+    slices its max_seq_len bias; unaligned ones and a strided one reach the kernel as an aligned copy),
+    and -inf keys: key 0 masked too, so query 0 of the causal tile sees nothing (output 0, LSE -inf,
+    never NaN) and the rest see fewer keys."""
     b, s, h, d = 2, 400, 4, 128
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     masked = torch.randn(1, h, 1, s, device="cuda")
@@ -112,6 +113,9 @@ def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatc
     biases = {"per-batch": torch.randn(b, 1, 1, s, device="cuda"),
               "expanded": torch.randn(1, h, 1, s, device="cuda").expand(b, h, 1, s),
               "sliced": torch.randn(1, h, 1, s + 16, device="cuda")[..., 16:],
+              "sliced-unaligned": torch.randn(1, h, 1, s + 3, device="cuda")[..., 3:],
+              "sliced-unaligned-bf16": torch.randn(b, h, 1, s + 1, device="cuda", dtype=torch.bfloat16)[..., 1:],
+              "strided-keys": torch.randn(1, h, 1, 2 * s, device="cuda")[..., ::2],
               "masked": masked}
     for name, bias in biases.items():
         monkeypatch.setattr(hopper, "ENABLED", True)

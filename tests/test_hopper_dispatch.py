@@ -34,7 +34,6 @@ def test_an_eligible_input_is_refused_only_for_the_device():
     ("head-dim-96", "head dim 96"),
     ("bias-matrix", "bias of shape (1, 4, 128, 128): only rows over the keys, (B|1, H|1, 1, S_k)"),
     ("bias-float64", "bias dtype torch.float64"),
-    ("bias-misaligned", "bias row not 16-byte aligned (base, or a stride over batch/heads)"),
     ("key-padding", "varlen, masks or dropout"),
     ("dropout", "varlen, masks or dropout"),
     ("varlen", "varlen, masks or dropout"),
@@ -44,16 +43,13 @@ def test_an_eligible_input_is_refused_only_for_the_device():
     ("misaligned", "strides not 16-byte aligned"),
     ("heads-not-adjacent", "heads not adjacent in memory (stride(2) != head_dim)"),
 ])
-def test_reasons(what, expected, monkeypatch):
-    monkeypatch.setattr(hopper, "BIAS_PRESCALE", False)  # WIP flag: with it any bias row qualifies
+def test_reasons(what, expected):
     q, k, v = _qkv(dtype=torch.float32 if what == "float32" else torch.bfloat16, d=96 if what == "head-dim-96" else 128)
     kw = {}
     if what == "bias-matrix":
         kw["bias"] = torch.randn(1, 4, 128, 128)
     elif what == "bias-float64":
         kw["bias"] = torch.randn(1, 4, 1, 128, dtype=torch.float64)
-    elif what == "bias-misaligned":  # MPT's bias built for 130 keys, the last 128 taken: base 8 bytes off
-        kw["bias"] = torch.randn(1, 4, 1, 130)[..., 2:]
     elif what == "key-padding":
         kw["kpm"] = torch.ones(2, 128, dtype=torch.bool)
     elif what == "dropout":
@@ -85,6 +81,22 @@ def test_bias_rows_over_the_keys_are_taken(bias):
     assert shape[2] == 128 and strides[2] == 1
     assert (shape[0], b_on) == ((2, 1) if bias.shape[0] == 2 and bias.stride(0) else (1, 0))
     assert (shape[1], h_on) == ((4, 1) if bias.shape[1] == 4 else (1, 0))
+
+
+@pytest.mark.parametrize("bias", [
+    pytest.param(torch.randn(1, 4, 1, 131)[..., 3:], id="base-12-bytes-off"),
+    pytest.param(torch.randn(2, 4, 1, 129, dtype=torch.bfloat16)[..., 1:], id="bf16-odd-row-stride"),
+    pytest.param(torch.randn(1, 4, 1, 256)[..., ::2], id="strided-keys"),
+    pytest.param(torch.randn(1, 1, 1, 129)[..., 1:].expand(2, 4, 1, 128), id="expanded-unaligned"),
+])
+def test_unaligned_bias_rows_are_copied_to_an_aligned_row(bias):
+    """The copy engine cannot read these rows: the forward reads an aligned copy (same values and dtype,
+    broadcast dims kept at size 1) instead of refusing them."""
+    assert hopper._bias_view(bias) is None
+    copy = hopper._aligned_bias_rows(bias)
+    assert copy.dtype == bias.dtype and copy.shape[2:] == bias.shape[2:]
+    assert hopper._bias_view(copy) is not None
+    torch.testing.assert_close(copy.expand(bias.shape), bias, rtol=0, atol=0)
 
 
 def test_backward_also_needs_an_eligible_output_gradient():

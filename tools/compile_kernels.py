@@ -66,26 +66,23 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None."""
-    from mpt_attention.impl.triton.hopper import BLOCK_N, FWD_D64_CONSUMERS, HALF_M
+    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
-    consumers = FWD_D64_CONSUMERS if head_dim == 64 else 2
-    block_n = 64 if consumers == 3 else BLOCK_N  # as hopper.forward
-    rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": block_n, "v_desc": block_n}
-    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": block_n, "HEAD_DIM": head_dim, "BIAS_ROW": bias is not None,
-              "BIAS_LOG2": bias == "fp32", "CONSUMERS": consumers}
+    rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
+    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim, "BIAS_ROW": bias is not None}
     return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias)
 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16"):
     """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py)."""
-    from mpt_attention.impl.triton.hopper import BWD_BLOCK_M, BWD_HALF_N, DKDV_PREFETCH_S
+    from mpt_attention.impl.triton.hopper import BWD_BLOCK_M, BWD_HALF_N
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
     rows = {"q_desc": BWD_BLOCK_M, "do_desc": BWD_BLOCK_M, "k_desc": BWD_HALF_N, "v_desc": BWD_HALF_N,
             "dk_desc": BWD_HALF_N, "dv_desc": BWD_HALF_N}
-    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim, "PREFETCH_S": DKDV_PREFETCH_S,
-              "BIAS_ROW": alibi == 0 and causal, "BIAS_LOG2": True}  # one bias-row variant among the five
+    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim,
+              "BIAS_ROW": alibi == 0 and causal}  # one bias-row variant among the five
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype)
 
 

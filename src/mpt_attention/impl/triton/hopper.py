@@ -29,12 +29,6 @@ except Exception as exc:  # a Triton without Gluon's Hopper module
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
-# WIP A/B: copy the bias row once per call as float32 times log2(e), padded to 16-byte rows (any bias row
-# then qualifies, and the kernel skips the conversion and the multiply); False reads the caller's tensor
-BIAS_PRESCALE = True
-# WIP A/B: consumer warpgroups of 64 query rows per program at D=64 (3: 192-row tiles as FA3, with 64-key
-# blocks, the size that fits 160 registers without spilling; 2: as at D=128)
-FWD_D64_CONSUMERS = 3
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
 LOG2E = 1.4426950408889634
 
@@ -83,8 +77,6 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return "strides not 16-byte aligned"
     if any(t.stride(2) != t.shape[3] for t in tensors):
         return "heads not adjacent in memory (stride(2) != head_dim)"  # the (B, S, H * D) view below
-    if bias is not None and not BIAS_PRESCALE and _bias_view(bias) is None:
-        return "bias row not 16-byte aligned (base, or a stride over batch/heads)"
     if q.device.type != "cuda" or sm_major(q.device.index) != 9:
         return "not an sm_90 GPU"  # checked last, so CPU tests see the reasons above
     return None
@@ -113,16 +105,17 @@ def _bias_view(bias: torch.Tensor):
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
 
 
-def _log2_bias_rows(bias: torch.Tensor):
-    """The bias row as a fresh float32 (B', H', 1, S_k) tensor times log2(e), its rows padded to 16 bytes;
-    broadcast batch/head dims (size 1 or stride 0) kept at size 1."""
+def _aligned_bias_rows(bias: torch.Tensor) -> torch.Tensor:
+    """A copy of a bias row the copy engine cannot read (MPT slices its bias built for the longest
+    sequence, so the base of ``bias[..., -s_k:]`` is 16-byte aligned only when s_k is a multiple of
+    16 bytes): (B', H', 1, S_k) in the same dtype, rows padded to 16 bytes, broadcast dims kept at size 1.
+    O(B' * H' * S_k), once per call."""
     n_b, n_h, _, s_k = bias.shape
-    b_on, h_on = n_b > 1 and bias.stride(0) != 0, n_h > 1 and bias.stride(1) != 0
-    rows = bias[: n_b if b_on else 1, : n_h if h_on else 1]
-    padded = torch.empty((*rows.shape[:3], -(-s_k // 4) * 4), dtype=torch.float32, device=bias.device)
-    out = padded[..., :s_k]
-    out.copy_(rows).mul_(LOG2E)  # in float32: a bf16 product would round before the copy
-    return out, int(b_on), int(h_on)
+    rows = bias[: n_b if n_b > 1 and bias.stride(0) != 0 else 1, : n_h if n_h > 1 and bias.stride(1) != 0 else 1]
+    per_16_bytes = 16 // bias.element_size()
+    padded = torch.empty((*rows.shape[:3], -(-s_k // per_16_bytes) * per_16_bytes), dtype=bias.dtype,
+                         device=bias.device)
+    return padded[..., :s_k].copy_(rows)
 
 
 def slope_args(slopes, dummy):
@@ -139,28 +132,27 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
     slopes, slope_strides = slope_args(slopes, lse)
-    consumers = FWD_D64_CONSUMERS if head_dim == 64 else 2
-    block_n = 64 if consumers == 3 else BLOCK_N
     bias_desc, b_on, h_on = None, 0, 0
-    if bias is not None and BIAS_PRESCALE:
-        bias, b_on, h_on = _log2_bias_rows(bias)
     if bias is not None:
-        shape, strides, b_on, h_on = _bias_view(bias)
+        view = _bias_view(bias)
+        if view is None:
+            bias = _aligned_bias_rows(bias)
+            view = _bias_view(bias)
+        shape, strides, b_on, h_on = view
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
-        bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, block_n], layout)
-    grid = (triton.cdiv(s_q, consumers * HALF_M), batch * n_heads)
+        bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
+    grid = (triton.cdiv(s_q, BLOCK_M), batch * n_heads)
     _hopper_fwd_kernel[grid](
-        _descriptor(q, HALF_M), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, HALF_M), bias_desc,
+        _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M), bias_desc,
         lse, slopes, n_heads * s_q, s_q, *slope_strides,
         n_heads, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=block_n, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
-        BIAS_LOG2=bias is not None and BIAS_PRESCALE, CONSUMERS=consumers, num_warps=4,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
+        num_warps=4,
     )
     return out, lse
 
 
 BWD_BLOCK_N, BWD_HALF_N, BWD_BLOCK_M = 128, 64, 32  # hopper_backward: keys per program / warpgroup, queries per step
-DKDV_PREFETCH_S = True  # WIP: issue step t+1's S^T before step t's dK product (False: main's loop)
 
 
 def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode) -> None:
@@ -170,11 +162,8 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     s_k, n_kv = k.shape[1], k.shape[2]
     slopes, slope_strides = slope_args(slopes, lse)
     bias_args, b_on, h_on = (lse, 0, 0, 0), 0, 0  # a never-read dummy without a bias
-    if bias is not None:
-        if BIAS_PRESCALE:
-            bias, b_on, h_on = _log2_bias_rows(bias)
-        else:
-            b_on, h_on = int(bias.shape[0] > 1 and bias.stride(0) != 0), int(bias.shape[1] > 1 and bias.stride(1) != 0)
+    if bias is not None:  # read with plain loads here (one value per tile row): any strides do
+        b_on, h_on = int(bias.shape[0] > 1 and bias.stride(0) != 0), int(bias.shape[1] > 1 and bias.stride(1) != 0)
         bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
     grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv)
     _hopper_bwd_dkdv_kernel[grid](
@@ -182,7 +171,6 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
         _descriptor(dout, BWD_BLOCK_M), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N),
         lse, delta, slopes, bias_args[0], n_heads * s_q, s_q, *slope_strides, *bias_args[1:], int(b_on), int(h_on),
         n_kv, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, softmax_scale,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, PREFETCH_S=DKDV_PREFETCH_S,
-        BIAS_ROW=bias is not None, BIAS_LOG2=bias is not None and BIAS_PRESCALE, num_warps=4,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None, num_warps=4,
     )
 

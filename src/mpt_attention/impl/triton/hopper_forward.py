@@ -64,12 +64,12 @@ def _scores(s, rows, cols, col_terms, qk_scale2, slope2, diag, seqlen_k,
 @gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty,
                     v_ready, v_empty, b, q_col, kv_col, bias_b, bias_h, start_m, n_blocks,
-                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, CONSUMERS: gl.constexpr):
+                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
     """One warp: Q once, then K_j and V_j into stage j % 2 as soon as the consumers have released it.
     Tiles are addressed as [batch, row, head * D] in the (B, S, H * D) view of each tensor."""
-    mbarrier.expect(q_bar, CONSUMERS * _HALF_M * HEAD_DIM * 2)
-    for i in gl.static_range(CONSUMERS):
-        tma.async_copy_global_to_shared(q_desc, [b, start_m + i * _HALF_M, q_col], q_bar, q_smem.index(i))
+    mbarrier.expect(q_bar, 2 * _HALF_M * HEAD_DIM * 2)
+    tma.async_copy_global_to_shared(q_desc, [b, start_m, q_col], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [b, start_m + _HALF_M, q_col], q_bar, q_smem.index(1))
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     for j in range(n_blocks):
         stage = j % 2
@@ -111,7 +111,7 @@ def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, qk_scale2, slop
 
 @gluon.jit
 def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.constexpr, ALIBI: gl.constexpr,
-               BIAS_ROW: gl.constexpr, BLOCK_N: gl.constexpr, BIAS_LOG2: gl.constexpr):
+               BIAS_ROW: gl.constexpr, BLOCK_N: gl.constexpr):
     """The per-key vector of a block's scores (log2 units): its bias slice, read from V's stage once V's
     barrier says it has landed, plus the block-relative causal ALiBi columns."""
     terms = alibi_cols
@@ -119,10 +119,7 @@ def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.cons
         mbarrier.wait(v_ready.index(stage), phase)
         # unswizzled (swizzle_byte_width=0), so the [1, 1, BLOCK_N] box is a plain row of BLOCK_N values
         row = bias_smem.index(stage)._reinterpret(bias_smem.dtype, [BLOCK_N], _ROW_LAYOUT)
-        if BIAS_LOG2:  # the launcher stored it as float32 already times log2(e)
-            bias2 = row.load(col_layout)
-        else:
-            bias2 = row.load(col_layout).to(gl.float32) * _LOG2E
+        bias2 = row.load(col_layout).to(gl.float32) * _LOG2E
         if ALIBI == 1:
             terms = alibi_cols + bias2
         else:
@@ -134,7 +131,7 @@ def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.cons
 def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                         o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
                         qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
-                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_LOG2: gl.constexpr):
+                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
     """One warpgroup: query rows ``start_m + 64 * half`` onwards, all key blocks, then its output rows."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -164,7 +161,7 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
     mbarrier.arrive(k_empty.index(0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
-    col_terms = _col_terms(alibi_cols, bias_smem, v_ready, 0, 0, col_layout, ALIBI, BIAS_ROW, BLOCK_N, BIAS_LOG2)
+    col_terms = _col_terms(alibi_cols, bias_smem, v_ready, 0, 0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, qk_scale2, slope2, diag, seqlen_k,
                                        lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -181,7 +178,7 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
         s = warpgroup_mma_wait(1, deps=[s_tok])
         mbarrier.arrive(k_empty.index(stage))
         col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage, (j // 2) % 2, col_layout, ALIBI, BIAS_ROW,
-                               BLOCK_N, BIAS_LOG2)
+                               BLOCK_N)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, qk_scale2, slope2,
                                            diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI, HAS_COLS)
         acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
@@ -212,7 +209,7 @@ def _hopper_fwd_kernel(
     stride_lb, stride_lh, stride_slb, stride_slh,
     n_heads, n_groups, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    BIAS_ROW: gl.constexpr, BIAS_LOG2: gl.constexpr, CONSUMERS: gl.constexpr,
+    BIAS_ROW: gl.constexpr,
 ):
     """Program (query tile of 128 rows, batch * head); launched with num_warps=4 (the first consumer
     warpgroup), the second consumer and the loader come from ``warp_specialize``. The descriptors
@@ -223,7 +220,7 @@ def _hopper_fwd_kernel(
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    BLOCK_M: gl.constexpr = CONSUMERS * _HALF_M  # WIP: 3 consumer warpgroups (192 rows) at D=64, as FA3
+    BLOCK_M: gl.constexpr = 2 * _HALF_M
 
     # Causal rows near the bottom see the most keys: start those first so they do not finish last.
     start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
@@ -235,7 +232,7 @@ def _hopper_fwd_kernel(
     q_col = h * HEAD_DIM
     kv_col = kv_h * HEAD_DIM
 
-    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, _HALF_M, HEAD_DIM], tile_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_M, HEAD_DIM], tile_layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
     if BIAS_ROW:
@@ -251,8 +248,8 @@ def _hopper_fwd_kernel(
     for i in gl.static_range(2):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
-        mbarrier.init(v_empty.index(i), count=CONSUMERS)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
 
     # Key blocks [0, n_blocks) are visible to some row of the tile, those before lo_masked to every row.
     diag = seqlen_k - seqlen_q
@@ -267,36 +264,17 @@ def _hopper_fwd_kernel(
     if ALIBI != 0:
         slope2 = gl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(gl.float32) * _LOG2E
     lse_offset = b64 * stride_lb + h64 * stride_lh
-    if CONSUMERS == 3:
-        gl.warp_specialize(
-            [
-                (_consumer_partition, (0, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                       o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                       slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
-                (_consumer_partition, (1, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                       o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                       slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
-                (_consumer_partition, (2, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                       o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                       slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
-                (_load_partition, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
-                                   k_empty, v_ready, v_empty, b, q_col, kv_col, b * bias_b_on, h * bias_h_on, start_m,
-                                   n_blocks, BLOCK_N, HEAD_DIM, BIAS_ROW, CONSUMERS)),
-            ],
-            [4, 4, 1], [160, 160, 24],
-        )
-    else:
-        gl.warp_specialize(
-            [
-                (_consumer_partition, (0, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                       o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                       slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
-                (_consumer_partition, (1, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                       o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                       slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_LOG2)),
-                (_load_partition, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
-                                   k_empty, v_ready, v_empty, b, q_col, kv_col, b * bias_b_on, h * bias_h_on, start_m,
-                                   n_blocks, BLOCK_N, HEAD_DIM, BIAS_ROW, CONSUMERS)),
-            ],
-            [4, 1], [240, 24],
-        )
+    gl.warp_specialize(
+        [
+            (_consumer_partition, (0, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                   o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
+                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)),
+            (_consumer_partition, (1, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                   o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
+                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)),
+            (_load_partition, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
+                               k_empty, v_ready, v_empty, b, q_col, kv_col, b * bias_b_on, h * bias_h_on, start_m,
+                               n_blocks, BLOCK_N, HEAD_DIM, BIAS_ROW)),
+        ],
+        [4, 1], [240, 24],
+    )
