@@ -33,7 +33,7 @@ def measure(batch, heads, seq, dim):
                                True, 0.0, False)[:3]
 
     def dkdv():
-        hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, slopes, scale, True, 1)
+        hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, None, slopes, scale, True, 1)
 
     ref = whole(False)
     dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))

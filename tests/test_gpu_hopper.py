@@ -101,9 +101,10 @@ def test_hopper_bias_row_matches_float64_reference(case, bias_dtype):
 
 
 def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatch):
-    """Per-batch rows, a row expanded over the batch by stride 0, a row sliced out of a longer one (MPT
-    slices its max_seq_len bias), and -inf keys: key 0 masked too, so query 0 of the causal tile sees
-    nothing (output 0, LSE -inf, never NaN) and the rest see fewer keys."""
+    """Per-batch rows, a row expanded over the batch by stride 0, rows sliced out of longer ones (MPT
+    slices its max_seq_len bias; unaligned ones and a strided one reach the kernel as an aligned copy),
+    and -inf keys: key 0 masked too, so query 0 of the causal tile sees nothing (output 0, LSE -inf,
+    never NaN) and the rest see fewer keys."""
     b, s, h, d = 2, 400, 4, 128
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     masked = torch.randn(1, h, 1, s, device="cuda")
@@ -112,6 +113,9 @@ def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatc
     biases = {"per-batch": torch.randn(b, 1, 1, s, device="cuda"),
               "expanded": torch.randn(1, h, 1, s, device="cuda").expand(b, h, 1, s),
               "sliced": torch.randn(1, h, 1, s + 16, device="cuda")[..., 16:],
+              "sliced-unaligned": torch.randn(1, h, 1, s + 3, device="cuda")[..., 3:],
+              "sliced-unaligned-bf16": torch.randn(b, h, 1, s + 1, device="cuda", dtype=torch.bfloat16)[..., 1:],
+              "strided-keys": torch.randn(1, h, 1, 2 * s, device="cuda")[..., ::2],
               "masked": masked}
     for name, bias in biases.items():
         monkeypatch.setattr(hopper, "ENABLED", True)
@@ -130,18 +134,48 @@ def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatc
             assert_close_to_reference(name, out, ref, low)
 
 
-def test_bias_row_gradient_after_the_hopper_forward(monkeypatch):
-    """Hopper forward with a bias row that requires grad; the general backward (dbias) reads its LSE."""
+@pytest.mark.parametrize("bias_grad", [True, False], ids=["dbias-general-backward", "no-dbias-hopper-dkdv"])
+def test_bias_row_gradients_after_the_hopper_forward(monkeypatch, bias_grad):
+    """Hopper forward with a bias row. With its gradient the general backward (dbias) reads the Hopper
+    LSE; without, the Hopper dK/dV kernel adds the row itself."""
     (q, k, v), kw = make_inputs(AttnCase(2, 300, 300, 4, 2, 128, causal=True, alibi=True, bias="vector"),
                                 dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    kw["attn_bias"].requires_grad_(bias_grad)
+    wrt = [q, k, v, kw["attn_bias"]] if bias_grad else [q, k, v]
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     runs = []
     for enabled in (True, False):
         monkeypatch.setattr(hopper, "ENABLED", enabled)
         out = M.attention(q, k, v, backend="triton", **kw)
-        runs.append(torch.autograd.grad(out, [q, k, v, kw["attn_bias"]], dout))
+        runs.append(torch.autograd.grad(out, wrt, dout))
     for name, a, b in zip(["dq", "dk", "dv", "dbias"], *runs):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+    if not bias_grad:
+        ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention(*ref_in, **kw)
+        low_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        low, _ = reference_attention(*low_in, compute_dtype=torch.bfloat16, **kw)
+        for name, g, r, lo in zip(["dq", "dk", "dv"], runs[0], torch.autograd.grad(ref, ref_in, dout.double()),
+                                  torch.autograd.grad(low, low_in, dout)):
+            assert_close_to_reference(name, g, r, lo)
+
+
+def test_hopper_dkdv_with_a_bias_row_that_masks_whole_rows(monkeypatch):
+    """Keys 0-2 at -inf: causal query rows 0-2 see nothing (LSE -inf). The Hopper dK/dV kernel must give
+    them zero probability, as the general one does, not NaN."""
+    b, s, h, d = 2, 300, 4, 128
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, h, 1, s, device="cuda")
+    bias[..., :3] = float("-inf")
+    dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(hopper, "ENABLED", enabled)
+        out = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias)
+        runs.append(torch.autograd.grad(out, [q, k, v], dout))
+    for name, a, ref in zip(["dq", "dk", "dv"], *runs):
+        assert not a.isnan().any(), name
+        torch.testing.assert_close(a.float(), ref.float(), rtol=2e-2, atol=2e-2, msg=name)
 
 
 def test_hopper_and_general_kernels_agree_and_gradients_flow(monkeypatch):

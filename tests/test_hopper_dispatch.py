@@ -34,7 +34,6 @@ def test_an_eligible_input_is_refused_only_for_the_device():
     ("head-dim-96", "head dim 96"),
     ("bias-matrix", "bias of shape (1, 4, 128, 128): only rows over the keys, (B|1, H|1, 1, S_k)"),
     ("bias-float64", "bias dtype torch.float64"),
-    ("bias-misaligned", "bias row not 16-byte aligned (base, or a stride over batch/heads)"),
     ("key-padding", "varlen, masks or dropout"),
     ("dropout", "varlen, masks or dropout"),
     ("varlen", "varlen, masks or dropout"),
@@ -51,8 +50,6 @@ def test_reasons(what, expected):
         kw["bias"] = torch.randn(1, 4, 128, 128)
     elif what == "bias-float64":
         kw["bias"] = torch.randn(1, 4, 1, 128, dtype=torch.float64)
-    elif what == "bias-misaligned":  # MPT's bias built for 130 keys, the last 128 taken: base 8 bytes off
-        kw["bias"] = torch.randn(1, 4, 1, 130)[..., 2:]
     elif what == "key-padding":
         kw["kpm"] = torch.ones(2, 128, dtype=torch.bool)
     elif what == "dropout":
@@ -86,6 +83,22 @@ def test_bias_rows_over_the_keys_are_taken(bias):
     assert (shape[1], h_on) == ((4, 1) if bias.shape[1] == 4 else (1, 0))
 
 
+@pytest.mark.parametrize("bias", [
+    pytest.param(torch.randn(1, 4, 1, 131)[..., 3:], id="base-12-bytes-off"),
+    pytest.param(torch.randn(2, 4, 1, 129, dtype=torch.bfloat16)[..., 1:], id="bf16-odd-row-stride"),
+    pytest.param(torch.randn(1, 4, 1, 256)[..., ::2], id="strided-keys"),
+    pytest.param(torch.randn(1, 1, 1, 129)[..., 1:].expand(2, 4, 1, 128), id="expanded-unaligned"),
+])
+def test_unaligned_bias_rows_are_copied_to_an_aligned_row(bias):
+    """The copy engine cannot read these rows: the forward reads an aligned copy (same values and dtype,
+    broadcast dims kept at size 1) instead of refusing them."""
+    assert hopper._bias_view(bias) is None
+    copy = hopper._aligned_bias_rows(bias)
+    assert copy.dtype == bias.dtype and copy.shape[2:] == bias.shape[2:]
+    assert hopper._bias_view(copy) is not None
+    torch.testing.assert_close(copy.expand(bias.shape), bias, rtol=0, atol=0)
+
+
 def test_backward_also_needs_an_eligible_output_gradient():
     q, k, v = _qkv()
     dout = torch.randn_like(q)
@@ -96,8 +109,8 @@ def test_backward_also_needs_an_eligible_output_gradient():
     q64, k64, v64 = _qkv(d=64)
     why = hopper.unsupported(q64, k64, v64, None, None, None, None, 0.0, True, False, torch.randn_like(q64))
     assert why.startswith("head dim 64 in the backward")
-    bias = torch.randn(1, 4, 1, 128)
-    assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False, dout) == "a bias tensor in the backward"
+    bias = torch.randn(1, 4, 1, 128)  # a bias row without its gradient: the Hopper dK/dV kernel reads it too
+    assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False, dout) == "not an sm_90 GPU"
 
 
 def test_disabled_switch(monkeypatch):

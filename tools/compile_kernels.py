@@ -81,7 +81,8 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
 
     rows = {"q_desc": BWD_BLOCK_M, "do_desc": BWD_BLOCK_M, "k_desc": BWD_HALF_N, "v_desc": BWD_HALF_N,
             "dk_desc": BWD_HALF_N, "dv_desc": BWD_HALF_N}
-    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim}
+    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim,
+              "BIAS_ROW": alibi == 0 and causal}  # one bias-row variant among the five
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype)
 
 

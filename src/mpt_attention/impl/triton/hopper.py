@@ -61,8 +61,6 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
     if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
         return "varlen, masks or dropout"
     if bias is not None:
-        if dout is not None:
-            return "a bias tensor in the backward"
         if bias.shape[2] != 1 or bias.shape[3] != k.shape[1]:
             return f"bias of shape {tuple(bias.shape)}: only rows over the keys, (B|1, H|1, 1, S_k)"
         if bias.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -79,8 +77,6 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return "strides not 16-byte aligned"
     if any(t.stride(2) != t.shape[3] for t in tensors):
         return "heads not adjacent in memory (stride(2) != head_dim)"  # the (B, S, H * D) view below
-    if bias is not None and _bias_view(bias) is None:
-        return "bias row not 16-byte aligned (base, or a stride over batch/heads)"
     if q.device.type != "cuda" or sm_major(q.device.index) != 9:
         return "not an sm_90 GPU"  # checked last, so CPU tests see the reasons above
     return None
@@ -109,6 +105,19 @@ def _bias_view(bias: torch.Tensor):
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
 
 
+def _aligned_bias_rows(bias: torch.Tensor) -> torch.Tensor:
+    """A copy of a bias row the copy engine cannot read (MPT slices its bias built for the longest
+    sequence, so the base of ``bias[..., -s_k:]`` is 16-byte aligned only when s_k is a multiple of
+    16 bytes): (B', H', 1, S_k) in the same dtype, rows padded to 16 bytes, broadcast dims kept at size 1.
+    O(B' * H' * S_k), once per call."""
+    n_b, n_h, _, s_k = bias.shape
+    rows = bias[: n_b if n_b > 1 and bias.stride(0) != 0 else 1, : n_h if n_h > 1 and bias.stride(1) != 0 else 1]
+    per_16_bytes = 16 // bias.element_size()
+    padded = torch.empty((*rows.shape[:3], -(-s_k // per_16_bytes) * per_16_bytes), dtype=bias.dtype,
+                         device=bias.device)
+    return padded[..., :s_k].copy_(rows)
+
+
 def slope_args(slopes, dummy):
     """(pointer, (batch stride, head stride)) for (H,) or (B, H) slopes; a never-read dummy without."""
     if slopes is None:
@@ -125,7 +134,11 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     slopes, slope_strides = slope_args(slopes, lse)
     bias_desc, b_on, h_on = None, 0, 0
     if bias is not None:
-        shape, strides, b_on, h_on = _bias_view(bias)
+        view = _bias_view(bias)
+        if view is None:
+            bias = _aligned_bias_rows(bias)
+            view = _bias_view(bias)
+        shape, strides, b_on, h_on = view
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
         bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
     grid = (triton.cdiv(s_q, BLOCK_M), batch * n_heads)
@@ -142,18 +155,22 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
 BWD_BLOCK_N, BWD_HALF_N, BWD_BLOCK_M = 128, 64, 32  # hopper_backward: keys per program / warpgroup, queries per step
 
 
-def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, slopes, softmax_scale, causal, alibi_mode) -> None:
+def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode) -> None:
     """dK, dV (written into ``dk``, ``dv``: contiguous, k's shape) by the Hopper kernel; ``lse`` and
     ``delta`` ``(B, H, S_q)`` float32 as the general backward has them."""
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     slopes, slope_strides = slope_args(slopes, lse)
+    bias_args, b_on, h_on = (lse, 0, 0, 0), 0, 0  # a never-read dummy without a bias
+    if bias is not None:  # read with plain loads here (one value per tile row): any strides do
+        b_on, h_on = int(bias.shape[0] > 1 and bias.stride(0) != 0), int(bias.shape[1] > 1 and bias.stride(1) != 0)
+        bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
     grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv)
     _hopper_bwd_dkdv_kernel[grid](
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, BWD_BLOCK_M),
         _descriptor(dout, BWD_BLOCK_M), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N),
-        lse, delta, slopes, n_heads * s_q, s_q, *slope_strides,
+        lse, delta, slopes, bias_args[0], n_heads * s_q, s_q, *slope_strides, *bias_args[1:], int(b_on), int(h_on),
         n_kv, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, softmax_scale,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, num_warps=4,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None, num_warps=4,
     )
 

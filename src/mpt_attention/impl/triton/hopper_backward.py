@@ -6,15 +6,18 @@ block of every query head in the group through two TMA stages. Tiles are compute
 as rows (the ``wgmma`` M dimension):
 
     S^T  = K Q^T
-    P^T  = exp2(S^T * scale * log2e + ALiBi - lse * log2e)          (lse per query: per column)
+    P^T  = exp2(S^T * scale * log2e + (ALiBi + bias row) * log2e - lse * log2e)   (lse per query: per column)
     dP^T = V dO^T, dV += P^T dO       (issued together, asynchronously; dV in flight while dS is computed)
-    dS^T = P^T * (dP^T - delta)
+    dS^T = P^T * (dP^T - delta)       (the next step's S^T issued first: its latency hides behind this)
     dK  += dS^T Q
+
+The bias row, (B|1, H|1, 1, S_k) as MPT passes it, is one value per key, i.e. per tile row; a bias that
+needs its gradient keeps the general backward (dbias).
 
 No atomics: the program owns the dK, dV rows it writes, so the kernel is deterministic. dQ comes from
 the general Triton kernel: a Gluon dQ kernel in this layout measured 1.3x slower than it (branch
-``wip/hopper-dq``, benchmarks/NOTES.md). Dispatched at D=128 only, where it is 11% faster than the
-general dK/dV kernel (at D=64 it is 20% slower); scope otherwise as the Hopper forward (``hopper.py``).
+``wip/hopper-dq``, benchmarks/NOTES.md). Dispatched at D=128 only, where it is 12% faster than the
+general dK/dV kernel (2.15 vs 2.44 ms, B2 H16 S8192; at D=64 it is slower); scope otherwise as the Hopper forward (``hopper.py``).
 """
 
 from triton.experimental import gluon
@@ -50,11 +53,20 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem,
 
 
 @gluon.jit
+def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk, keys, seqlen_k):
+    """The bias row at this warpgroup's keys for (batch b, query head h), log2 units (0 past S_k)."""
+    row = Bias + (b * bias_b_on).to(gl.int64) * stride_bb + (h * bias_h_on).to(gl.int64) * stride_bh
+    vals = gl.load(row + keys.to(gl.int64) * stride_bk, mask=keys < seqlen_k, other=0.0)
+    return vals.to(gl.float32) * _LOG2E
+
+
+@gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                            Lse, Delta, Slopes, b64, b, kv_h, n_groups, start_n, lo,
-                            stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
-                            qk_scale2, softmax_scale,
-                            IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr):
+                            Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo,
+                            stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
+                            bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+                            IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            BIAS_ROW: gl.constexpr):
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV."""
     dtype: gl.constexpr = q_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -78,50 +90,63 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
     dk = gl.zeros([_HALF_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([_HALF_N, HEAD_DIM], gl.float32, acc_layout)
 
+    # One flat sequence of steps (query block after query block, head after head of the group), the
+    # loader's order. Step t+1's S^T is issued before step t's dK product, so its latency hides behind
+    # the dS arithmetic instead of opening every step.
+    n_mblocks = gl.cdiv(seqlen_q - lo, _BLOCK_M)
+    total = n_groups * n_mblocks
     mbarrier.wait(kv_bar, 0)
-    count = 0
-    for g in range(n_groups):
+    mbarrier.wait(ready.index(0), 0)
+    st_tok = warpgroup_mma(k, q_smem.index(0).reshape([_BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
+                           use_acc=False, is_async=True)
+    st = warpgroup_mma_wait(0, deps=[st_tok])
+    for t in range(total):
+        stage = t % 2
+        g = t // n_mblocks
+        start_m = lo + (t % n_mblocks) * _BLOCK_M
         h64 = (kv_h * n_groups + g).to(gl.int64)
         stats = b64 * stride_lb + h64 * stride_lh
-        slope2 = 0.0
-        alibi_keys = keys.to(gl.float32)  # unused unless ALIBI
+        queries = start_m + offs_m
+        q_ok = queries < seqlen_q
+        # rows past S_q: lse = +inf makes P (and so dS) zero there
+        lse2 = gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")) * _LOG2E
+        # a row that saw no key (all its bias -inf) has LSE -inf: +inf makes its P 0, not NaN
+        lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+        delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
+        q = q_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
+        do = do_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
+        s2 = st * qk_scale2
         if ALIBI != 0:
             slope2 = gl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(gl.float32) * _LOG2E
             if ALIBI == 1:  # MPT's causal form: slope * (key - (S_k - 1)), one value per row here
-                alibi_keys = slope2 * (keys - (seqlen_k - 1)).to(gl.float32)
-        for start_m in range(lo, seqlen_q, _BLOCK_M):
-            stage = count % 2
-            queries = start_m + offs_m
-            q_ok = queries < seqlen_q
-            # rows past S_q: lse = +inf makes P (and so dS) zero there
-            lse2 = gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")) * _LOG2E
-            delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
-            mbarrier.wait(ready.index(stage), (count // 2) % 2)
-            q = q_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
-            do = do_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
-            st_tok = warpgroup_mma(k, q.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            st = warpgroup_mma_wait(0, deps=[st_tok])
-            s2 = st * qk_scale2
-            if ALIBI == 1:
-                s2 = s2 + alibi_keys[:, None]
-            elif ALIBI == 2:  # symmetric: -slope * |query + diag - key|
+                s2 = s2 + (slope2 * (keys - (seqlen_k - 1)).to(gl.float32))[:, None]
+            else:  # symmetric: -slope * |query + diag - key|
                 dist = queries[None, :] + diag - keys[:, None]
                 s2 = s2 - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
-            if IS_CAUSAL:
-                if start_m + diag < last_key:  # a block on the diagonal: key <= query + diag
-                    s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
-            p = gl.exp2(s2 - lse2[None, :])
-            p_op = gl.convert_layout(p.to(dtype), op_layout)
-            # dP^T and dV in flight together; the scores' registers are free by now (fewer live tiles)
-            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
-            dpt = warpgroup_mma_wait(1, deps=[dpt_tok])
-            ds = p * (dpt - delta[None, :])
-            ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-            dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
-            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
-            mbarrier.arrive(empty.index(stage))
-            count += 1
+        if BIAS_ROW:  # a row over the keys: one value per key, i.e. per row of this tile
+            s2 = s2 + _bias_keys(Bias, b, kv_h * n_groups + g, bias_b_on, bias_h_on, stride_bb, stride_bh,
+                                 stride_bk, keys, seqlen_k)[:, None]
+        if IS_CAUSAL:
+            if start_m + diag < last_key:  # a block on the diagonal: key <= query + diag
+                s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
+        p = gl.exp2(s2 - lse2[None, :])
+        p_op = gl.convert_layout(p.to(dtype), op_layout)
+        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+        # step t+1's scores; on the last step a discarded product of this stage's (still valid) tiles
+        nxt = (t + 1) % 2
+        if t + 1 < total:
+            mbarrier.wait(ready.index(nxt), ((t + 1) // 2) % 2)
+        else:
+            nxt = stage
+        q_next = q_smem.index(nxt).reshape([_BLOCK_M, HEAD_DIM])
+        st_tok = warpgroup_mma(k, q_next.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        dpt = warpgroup_mma_wait(2, deps=[dpt_tok])  # in issue order dP^T, dV, S^T_{t+1}: the first is done
+        ds = p * (dpt - delta[None, :])
+        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+        dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+        dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])
+        mbarrier.arrive(empty.index(stage))
 
     # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
     k.store((dk * softmax_scale).to(dtype))
@@ -134,10 +159,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
 
 @gluon.jit
 def _hopper_bwd_dkdv_kernel(
-    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse, Delta, Slopes,
-    stride_lb, stride_lh, stride_slb, stride_slh,
+    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse, Delta, Slopes, Bias,
+    stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-    IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
 ):
     """Program (key block of 128, batch * KV head); launched with num_warps=4. Descriptors as in the
     forward: (B, S, H * D) views, boxes [1, 64, D]."""
@@ -169,13 +194,15 @@ def _hopper_bwd_dkdv_kernel(
     gl.warp_specialize(
         [
             (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                                       Lse, Delta, Slopes, b64, b, kv_h, n_groups, start_n, lo, stride_lb, stride_lh,
-                                       stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-                                       IS_CAUSAL, ALIBI, HEAD_DIM)),
+                                       Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo, stride_lb,
+                                       stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on,
+                                       bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+                                       IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW)),
             (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                                       Lse, Delta, Slopes, b64, b, kv_h, n_groups, start_n, lo, stride_lb, stride_lh,
-                                       stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-                                       IS_CAUSAL, ALIBI, HEAD_DIM)),
+                                       Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo, stride_lb,
+                                       stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on,
+                                       bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+                                       IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW)),
             (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready,
                                    empty, b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM)),
         ],

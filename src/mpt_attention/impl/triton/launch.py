@@ -297,10 +297,10 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             atomic_dq = 2 if not _INTERPRET and _descriptors_ok(dq_acc) else 1
             if atomic_dq == 2:
                 _ensure_allocator()
-        # the Hopper dK/dV kernel has no atomic dQ: asked only for the deterministic backward
-        if deterministic and hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen,
-                                                dout) is None:
-            hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, slopes, softmax_scale, causal,
+        # the Hopper dK/dV kernel has no atomic dQ and no dbias: asked only when neither is wanted
+        if deterministic and not bias_grad and hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p,
+                                                                  causal, varlen, dout) is None:
+            hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal,
                                  _alibi_mode(slopes, causal, prefix))
         else:
             _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
