@@ -88,6 +88,12 @@ def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     return TensorDescriptor(x, [batch, seq, heads * dim], [x.stride(0), x.stride(1), 1], [1, rows, dim], _TILE_LAYOUT)
 
 
+def _bias_dims_on(bias: torch.Tensor) -> tuple[int, int]:
+    """(b_on, h_on): 1 where the (B|1, H|1, 1, S_k) bias varies over batch / heads, 0 where it broadcasts
+    (size 1 or stride 0); the kernels index it with ``b * b_on``, ``h * h_on``."""
+    return int(bias.shape[0] > 1 and bias.stride(0) != 0), int(bias.shape[1] > 1 and bias.stride(1) != 0)
+
+
 def _bias_view(bias: torch.Tensor):
     """``(shape, strides, b_on, h_on)`` of a (B|1, H|1, 1, S_k) bias seen as (B', H', S_k) for the copy
     engine: a broadcast batch/head dim (size 1 or stride 0) becomes size 1 with a stride the engine
@@ -96,7 +102,7 @@ def _bias_view(bias: torch.Tensor):
     elem = bias.element_size()
     if (s_k > 1 and bias.stride(3) != 1) or bias.data_ptr() % 16:
         return None
-    b_on, h_on = int(n_b > 1 and bias.stride(0) != 0), int(n_h > 1 and bias.stride(1) != 0)
+    b_on, h_on = _bias_dims_on(bias)
     row = -(-s_k * elem // 16) * 16 // elem  # a 16-byte multiple at least one row long
     stride_h = bias.stride(1) if h_on else row
     stride_b = bias.stride(0) if b_on else stride_h * (n_h if h_on else 1)
@@ -110,8 +116,8 @@ def _aligned_bias_rows(bias: torch.Tensor) -> torch.Tensor:
     sequence, so the base of ``bias[..., -s_k:]`` is 16-byte aligned only when s_k is a multiple of
     16 bytes): (B', H', 1, S_k) in the same dtype, rows padded to 16 bytes, broadcast dims kept at size 1.
     O(B' * H' * S_k), once per call."""
-    n_b, n_h, _, s_k = bias.shape
-    rows = bias[: n_b if n_b > 1 and bias.stride(0) != 0 else 1, : n_h if n_h > 1 and bias.stride(1) != 0 else 1]
+    (n_b, n_h, _, s_k), (b_on, h_on) = bias.shape, _bias_dims_on(bias)
+    rows = bias[: n_b if b_on else 1, : n_h if h_on else 1]
     per_16_bytes = 16 // bias.element_size()
     padded = torch.empty((*rows.shape[:3], -(-s_k // per_16_bytes) * per_16_bytes), dtype=bias.dtype,
                          device=bias.device)
@@ -163,13 +169,13 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     slopes, slope_strides = slope_args(slopes, lse)
     bias_args, b_on, h_on = (lse, 0, 0, 0), 0, 0  # a never-read dummy without a bias
     if bias is not None:  # read with plain loads here (one value per tile row): any strides do
-        b_on, h_on = int(bias.shape[0] > 1 and bias.stride(0) != 0), int(bias.shape[1] > 1 and bias.stride(1) != 0)
+        b_on, h_on = _bias_dims_on(bias)
         bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
     grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv)
     _hopper_bwd_dkdv_kernel[grid](
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, BWD_BLOCK_M),
         _descriptor(dout, BWD_BLOCK_M), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N),
-        lse, delta, slopes, bias_args[0], n_heads * s_q, s_q, *slope_strides, *bias_args[1:], int(b_on), int(h_on),
+        lse, delta, slopes, bias_args[0], n_heads * s_q, s_q, *slope_strides, *bias_args[1:], b_on, h_on,
         n_kv, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, softmax_scale,
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None, num_warps=4,
     )
