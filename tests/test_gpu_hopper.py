@@ -220,3 +220,44 @@ def test_inputs_outside_its_scope_take_the_general_kernel(what):
         ref, _ = reference_attention(q.double(), k.double(), v.double(), **kw)
         low, _ = reference_attention(q, k, v, compute_dtype=torch.bfloat16, **kw)
         assert_close_to_reference("out", out, ref, low)
+
+
+def test_non_deterministic_backward_takes_the_hopper_passes_where_they_apply():
+    """deterministic=False allows atomics, it does not ask for them: where the Hopper dK/dV kernel applies,
+    its two passes (faster than dQ atomics) run, so the gradients equal the default's bitwise."""
+    (q, k, v), kw = make_inputs(CASES[0], dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, dout) is None
+    grads = [torch.autograd.grad(M.attention(q, k, v, backend="triton", deterministic=det, **kw), [q, k, v], dout)
+             for det in (True, False)]
+    for name, a, b in zip(["dq", "dk", "dv"], *grads):
+        assert torch.equal(a, b), name
+
+
+def test_backward_replays_in_a_cuda_graph():
+    """Training loops capture forward and backward in one CUDA graph: the backward's dQ kernel runs on a
+    second stream beside the dK/dV kernel, which capture must follow (fork and join) and replay."""
+    case = AttnCase(2, 700, 700, 8, 2, 128, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        return torch.autograd.grad(M.attention(q, k, v, backend="triton", **kw), [q, k, v], dout)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = step()
+    for _ in range(2):
+        with torch.no_grad():
+            for t in (q, k, v, dout):
+                t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for name, g, e in zip(["dq", "dk", "dv"], grads, eager):
+            assert torch.equal(g, e), name
