@@ -238,3 +238,33 @@ def test_atomic_dq_varies_only_in_rounding_and_dk_dv_stay_bitwise(monkeypatch):
         rel = ((dq.float() - runs[0][0].float()).norm() / runs[0][0].float().norm()).item()
         assert rel < 1e-2, f"dQ moved by {rel:.1e} between runs: more than summation-order rounding"
 
+
+@pytest.mark.parametrize("head_dim", [128, 64], ids=["hopper-dkdv-on-sm90", "general-kernels"])
+def test_backward_replays_in_a_cuda_graph(head_dim):
+    """Training loops capture forward and backward in one CUDA graph: with grouped heads (and with the
+    Hopper dK/dV kernel) the backward's dQ kernel runs on a second stream beside the dK/dV kernel, which
+    capture must follow (fork and join) and replay."""
+    case = AttnCase(2, 700, 700, 8, 2, head_dim, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        return _grads(M.attention(q, k, v, backend="triton", **kw), [q, k, v], dout)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = step()
+    for _ in range(2):
+        with torch.no_grad():
+            for t in (q, k, v, dout):
+                t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for name, g, e in zip(["dq", "dk", "dv"], grads, eager):
+            assert torch.equal(g, e), name

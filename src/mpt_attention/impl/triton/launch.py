@@ -337,10 +337,12 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         if atomic:
             launch_dkdv()
             dq.copy_(dq_acc.mul_(softmax_scale))
-        elif use_hopper and s_q > 0:
+        elif s_q > 0 and (use_hopper or q.is_cuda and n_heads > n_kv and not bias_grad):
             # two independent passes: the dQ kernel on a side stream, launched first, fills the SMs the
-            # dK/dV kernel's last (short, causal) programs leave idle, and the reverse (B2 H16 S8192:
-            # 3.56 -> 3.44-3.51 ms; GQA 32:4 S4096: 4.26 -> 3.78; outputs bitwise unchanged)
+            # dK/dV kernel's last (short, causal) programs leave idle, and the reverse. Outputs bitwise
+            # unchanged. Hopper kernels: B2 H16 S8192 3.56 -> 3.44-3.51 ms, GQA 32:4 S4096 4.26 -> 3.78.
+            # General kernels only for grouped heads (few dK/dV programs: D64 32:4 1.32 -> 1.04 ms); with
+            # as many KV heads as query heads they gain 0-2% or lose (B8 S2048 D64: 0.63 -> 0.73-0.80)
             main_stream, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
             side.wait_stream(main_stream)
             with torch.cuda.stream(side):
