@@ -111,9 +111,10 @@ def attention(
         dropout_p: probability of dropping an attention weight (pass 0 in eval).
         return_lse: also return the natural-log log-sum-exp of the scores.
         deterministic: ``triton`` only. True (default): the backward is bitwise reproducible (no
-            atomics). False: dQ is summed with float32 atomics in one backward pass instead of two, so
-            its last bits vary between runs; on an H200 this measured 0.69-0.97x the speed of the
-            default. Other backends follow ``torch.use_deterministic_algorithms``.
+            atomics). False allows dQ to be summed with float32 atomics in one backward pass instead of
+            two, so its last bits vary between runs; on an H200 that pass measured slower than the
+            default, and where the Hopper dK/dV kernel applies the default's passes serve False too.
+            Other backends follow ``torch.use_deterministic_algorithms``.
 
     Returns:
         ``out (B, S_q, H_q, D)``, and with ``return_lse`` also ``lse (B, H_q, S_q)`` float32.
