@@ -232,4 +232,3 @@ def test_non_deterministic_backward_takes_the_hopper_passes_where_they_apply():
              for det in (True, False)]
     for name, a, b in zip(["dq", "dk", "dv"], *grads):
         assert torch.equal(a, b), name
-

@@ -290,7 +290,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     cu_args = (cu_q, cu_k) if varlen else (q, q)
     # The Hopper dK/dV kernel (no dbias) with the dQ kernel beside it is the fastest backward wherever it
     # applies, also where determinism is not asked for: dQ folded into the general dK/dV kernel with
-    # float32 reductions measured 0.69-0.97x of it on an H200 (benchmarks/NOTES.md)
+    # float32 reductions measured 0.61-0.70x of it at D128 on an H200 (benchmarks/NOTES.md)
     use_hopper = not bias_grad and hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen,
                                                       dout) is None
     atomic = not deterministic and not use_hopper
@@ -337,7 +337,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         if atomic:
             launch_dkdv()
             dq.copy_(dq_acc.mul_(softmax_scale))
-        elif s_q > 0 and (use_hopper or q.is_cuda and n_heads > n_kv and not bias_grad):
+        elif s_q > 0 and (use_hopper or (q.is_cuda and n_heads > n_kv and not bias_grad)):
             # two independent passes: the dQ kernel on a side stream, launched first, fills the SMs the
             # dK/dV kernel's last (short, causal) programs leave idle, and the reverse. Outputs bitwise
             # unchanged. Hopper kernels: B2 H16 S8192 3.56 -> 3.44-3.51 ms, GQA 32:4 S4096 4.26 -> 3.78.
