@@ -25,6 +25,20 @@ def _grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
 
 
+def _capture(fn):
+    """``fn`` captured in a CUDA graph after one warm-up run off the capture (compiles, allocator state):
+    ``(graph, what the captured call returned)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
 def test_matches_float64_reference(case, dtype):
@@ -93,14 +107,7 @@ def test_forward_replays_in_a_cuda_graph(s_q):
     def run():
         return M.attention(q, k, v, backend="triton", **kw)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture (compiles, allocator state)
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = _capture(run)
     for _ in range(2):
         for t in (q, k, v):
             t.copy_(torch.randn_like(t))
@@ -251,14 +258,7 @@ def test_backward_replays_in_a_cuda_graph(head_dim):
     def step():
         return _grads(M.attention(q, k, v, backend="triton", **kw), [q, k, v], dout)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        grads = step()
+    graph, grads = _capture(step)
     for _ in range(2):
         with torch.no_grad():
             for t in (q, k, v, dout):
