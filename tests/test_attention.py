@@ -283,3 +283,35 @@ def test_triton_descriptor_and_pointer_loads_agree(monkeypatch, case, determinis
     monkeypatch.setattr(launch, "_descriptors_ok", lambda *tensors: False)
     for a, b in zip(with_descriptors, run()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [AttnCase(2, 70, 100, 4, 2, 16, causal=True, padding="left", bias="full"),
+                                  AttnCase(2, 37, 37, 4, 1, 32, alibi=True, bias="full")],
+                         ids=lambda c: c.id())
+@pytest.mark.parametrize("dq_from_ds", [True, False], ids=["dq-gemm", "dq-kernel"])
+def test_full_bias_gradient_both_dq_routes(monkeypatch, case, dq_from_ds):
+    """A full-shape bias in q's dtype: the dK/dV kernel stores dS and dQ = dS K is one GEMM, or (switch off,
+    and for any other bias) the dQ kernel recomputes the tiles and stores dS. Both match the reference,
+    skipped (causal, padded) tiles of dS included, and the GEMM route is the one taken when it applies."""
+    from mpt_attention.impl.triton import launch
+
+    dtype = torch.float16
+    (q, k, v), kw = make_inputs(case, dtype=dtype, requires_grad=True)
+    bias = kw["attn_bias"].detach().to(dtype).requires_grad_()
+    kw["attn_bias"] = bias
+    monkeypatch.setattr(launch, "DQ_FROM_STORED_DS", dq_from_ds)
+    gemm_calls = []
+    real = launch._dq_from_ds
+    monkeypatch.setattr(launch, "_dq_from_ds", lambda *a: (gemm_calls.append(1), real(*a)))
+    out = M.attention(q, k, v, backend="triton", **kw)
+    dout = torch.randn_like(out)
+    grads = _grads(out, [q, k, v, bias], dout)
+    assert len(gemm_calls) == int(dq_from_ds)
+
+    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v, bias)]
+    ref64, _ = reference_attention(*inputs64[:3], **{**kw, "attn_bias": inputs64[3]})
+    low = [x.detach().clone().requires_grad_() for x in (q, k, v, bias)]
+    low_out, _ = reference_attention(*low[:3], compute_dtype=dtype, **{**kw, "attn_bias": low[3]})
+    for name, g, r, lo in zip(["dq", "dk", "dv", "dbias"], grads, _grads(ref64, inputs64, dout.double()),
+                              _grads(low_out, low, dout)):
+        assert_close_to_reference(name, g, r, lo)

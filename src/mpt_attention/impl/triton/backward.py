@@ -91,9 +91,9 @@ def _dkdv_blocks(
 ):
     """Accumulate dK, dV (and bias column sums) of one key block over query blocks [lo, hi).
     Q_DESC: Q and dO tiles through tensor descriptors (TMA on Hopper). ATOMIC_DQ: also add this key
-    block's share of dQ into a float32 buffer with atomics (and store the full dS for BIAS_GRAD == 2),
-    so no separate dQ pass recomputes the tile: faster, but the summation order, hence the last bits
-    of dQ, varies between runs."""
+    block's share of dQ into a float32 buffer with atomics, so no separate dQ pass recomputes the tile:
+    faster, but the summation order, hence the last bits of dQ, varies between runs. BIAS_GRAD == 2:
+    store the full dS tile."""
     d_ok = offs_d < head_dim
     diag = seqlen_k - seqlen_q
     if Q_DESC:
@@ -142,9 +142,9 @@ def _dkdv_blocks(
             else:
                 tl.atomic_add(dq_head + m64 * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :], dq_part,
                               mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
-            if BIAS_GRAD == 2:
-                tl.store(ds_head + m64 * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :],
-                         ds.to(ds_head.dtype.element_ty), mask=row_ok[:, None] & (cols < seqlen_k)[None, :])
+        if BIAS_GRAD == 2:
+            tl.store(ds_head + m64 * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :],
+                     ds.to(ds_head.dtype.element_ty), mask=row_ok[:, None] & (cols < seqlen_k)[None, :])
     return dk, dv, dbias_cols
 
 

@@ -18,6 +18,9 @@ from mpt_attention.impl.triton.common import _dropout_mask_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# A full-shape bias gradient in q's dtype: dQ as one GEMM on the stored dS instead of the dQ kernel
+# (False keeps the dQ kernel; benchmarks/dense_bias.py compares the two)
+DQ_FROM_STORED_DS = True
 LOG2E = 1.4426950408889634
 ALIBI_NONE, ALIBI_CAUSAL, ALIBI_SYMMETRIC = 0, 1, 2  # the kernels' ALIBI modes (common.py)
 
@@ -280,8 +283,11 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             # tiles the backward skips (causal, padding, other sequences) must read as zero
             skips_tiles = causal or kpm is not None or seqid is not None
             dbias_full = (torch.zeros if skips_tiles else torch.empty)(full, dtype=dtype, device=q.device)
+    # A full dS in q's dtype is the input dQ = dS K takes anyway: with it stored by the dK/dV kernel, one
+    # batched GEMM replaces the dQ kernel, which would recompute S, P and dP and read the bias again
+    ds_gemm = DQ_FROM_STORED_DS and bias_mode == 2 and dbias_full.dtype == q.dtype and not varlen
     common = dict(
-        DROPOUT=dropout_p > 0.0, BIAS_GRAD=bias_mode, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
+        DROPOUT=dropout_p > 0.0, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags,
     )
     sizes = (n_heads, n_heads // n_kv, s_q, s_k, head_dim, softmax_scale, softmax_scale * LOG2E, dropout_p)
@@ -294,6 +300,10 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     use_hopper = not bias_grad and hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen,
                                                       dout) is None
     atomic = not deterministic and not use_hopper
+    ds_gemm = ds_gemm and not atomic
+    # who writes dS for a full bias gradient: the dK/dV kernel (atomic dQ, or dQ from the stored dS), else
+    # the dQ kernel
+    dkdv_bias_grad = bias_mode if bias_mode == 1 or atomic or ds_gemm else 0
     if batch * n_heads > 0 and s_k > 0:
         kv_cfg, q_cfg = _bwd_config(head_dim, atomic_dq=atomic)
         # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
@@ -324,19 +334,22 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
                     kv_spans, *cu_args, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen),
                     *_strides(dq_acc, varlen), *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc,
-                    ATOMIC_DQ=atomic_dq, **common, **kv_cfg,
+                    ATOMIC_DQ=atomic_dq, BIAS_GRAD=dkdv_bias_grad, **common, **kv_cfg,
                 )
 
         def launch_dq():
             _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), batch * n_heads)](
                 q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args,
                 *in_strides, *_strides(dq, varlen), *geo.lse_strides,
-                *aux_strides, *sizes, DESC=dq_desc, **common, **q_cfg,
+                *aux_strides, *sizes, DESC=dq_desc, BIAS_GRAD=bias_mode, **common, **q_cfg,
             )
 
         if atomic:
             launch_dkdv()
             dq.copy_(dq_acc.mul_(softmax_scale))
+        elif ds_gemm:
+            launch_dkdv()
+            _dq_from_ds(dbias_full, k, dq, softmax_scale)
         elif s_q > 0 and (use_hopper or (q.is_cuda and n_heads > n_kv and not bias_grad)):
             # two independent passes: the dQ kernel on a side stream, launched first, fills the SMs the
             # dK/dV kernel's last (short, causal) programs leave idle, and the reverse. Outputs bitwise
@@ -359,6 +372,19 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     if bias_mode:
         dbias = _reduce_to_shape(dbias_rows if bias_mode == 1 else dbias_full, bias.shape).to(bias.dtype)
     return dq, dk, dv, dbias
+
+
+def _dq_from_ds(ds: torch.Tensor, k: torch.Tensor, dq: torch.Tensor, softmax_scale: float) -> None:
+    """``dq = softmax_scale * dS K`` as one batched GEMM: ``ds (B, H, S_q, S_k)`` in k's dtype, ``k (B, S_k,
+    H_kv, D)``, ``dq (B, S_q, H, D)``. The query heads of a group are adjacent in ``ds``, so each KV head
+    multiplies one ``(G * S_q, S_k)`` block; the scale is applied to the float32 product (``alpha``), as
+    the dQ kernel does, before the one rounding to k's dtype."""
+    batch, n_heads, s_q, s_k = ds.shape
+    n_kv, head_dim = k.shape[2], k.shape[3]
+    lhs = ds.view(batch * n_kv, (n_heads // n_kv) * s_q, s_k)
+    rhs = k.permute(0, 2, 1, 3).reshape(batch * n_kv, s_k, head_dim)
+    prod = torch.baddbmm(lhs.new_empty(()), lhs, rhs, beta=0.0, alpha=softmax_scale)
+    dq.copy_(prod.view(batch, n_heads, s_q, head_dim).transpose(1, 2))
 
 
 def _reduce_to_shape(grad: torch.Tensor, shape) -> torch.Tensor:

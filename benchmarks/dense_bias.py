@@ -1,0 +1,116 @@
+"""A dense (B, H, S_q, S_k) bias with its gradient: where the time goes, and the dQ routes compared.
+
+    python benchmarks/dense_bias.py
+
+Issue 3 asks for >= 3x SDPA memory-efficient with the same bias, forward+backward. For each shape:
+1. forward alone and forward+backward by do_bench, ours (dQ from the stored dS by one GEMM, or the dQ
+   kernel: ``launch.DQ_FROM_STORED_DS``), ours with ``deterministic=False``, and SDPA memory-efficient,
+   alternated twice so drift shows;
+2. kernel durations inside one forward+backward of ours (torch.profiler).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+import mpt_attention as M
+from mpt_attention.impl.triton import launch
+
+DEV, DTYPE = "cuda", torch.bfloat16
+SHAPES = [  # batch, query heads, kv heads, seq, head dim, causal
+    (4, 16, 16, 2048, 128, False),  # bench_attention.py's dense-bias row
+    (4, 16, 16, 2048, 128, True),
+    (2, 32, 4, 2048, 128, False),
+    (4, 32, 32, 2048, 64, False),
+]
+
+
+def flops(batch, heads, seq, dim, causal, mode):
+    fwd = 4 * batch * heads * seq * seq * dim * (0.5 if causal else 1.0)
+    return fwd * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+def providers(batch, heads, kv_heads, seq, dim, causal):
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    rand = lambda *s: torch.randn(*s, device=DEV, dtype=DTYPE, generator=gen).requires_grad_()
+    q, k, v = rand(batch, seq, heads, dim), rand(batch, seq, kv_heads, dim), rand(batch, seq, kv_heads, dim)
+    bias = rand(batch, heads, seq, seq)
+    group = heads // kv_heads
+    qh = q.detach().transpose(1, 2).contiguous().requires_grad_()
+    kh, vh = (x.detach().transpose(1, 2).repeat_interleave(group, 1).contiguous().requires_grad_() for x in (k, v))
+
+    def ours(dq_from_ds, deterministic=True):
+        def run():
+            launch.DQ_FROM_STORED_DS = dq_from_ds
+            return M.attention(q, k, v, backend="triton", causal=causal, attn_bias=bias, deterministic=deterministic)
+        return run, [q, k, v, bias]
+
+    def memeff():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, is_causal=False) if not causal else \
+                F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias + causal_mask)
+
+    causal_mask = torch.full((seq, seq), float("-inf"), device=DEV, dtype=DTYPE).triu(1)
+    return {"dq-gemm": ours(True), "dq-kernel": ours(False), "atomic-dq": ours(True, deterministic=False),
+            "memeff": (memeff, [qh, kh, vh, bias])}
+
+
+def time_it(fn, grads, mode):
+    out = fn()
+    if mode == "fwd":
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    dout = torch.randn_like(out)
+    return do_bench(lambda: fn().backward(dout), warmup=25, rep=100, grad_to_none=grads, return_mode="median")
+
+
+def kernel_table(fn, label):
+    from torch.profiler import ProfilerActivity, profile
+
+    dout = torch.randn_like(fn())
+    step = lambda: fn().backward(dout)
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"  kernels in one forward+backward, {label}:")
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:10]:
+        print(f"    {e.device_time_total / 3 / 1000:8.3f} ms  {e.count // 3:3d}x  {e.key[:100]}")
+
+
+def main():
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for batch, heads, kv_heads, seq, dim, causal in SHAPES:
+        label = f"B{batch} H{heads}/{kv_heads} S{seq} D{dim} {'causal' if causal else 'full'}"
+        print(f"\n== dense bias with grad, {label}")
+        provs = providers(batch, heads, kv_heads, seq, dim, causal)
+        for mode in ("fwd", "fwd_bwd"):
+            results = {name: [] for name in provs}
+            for _ in range(2):
+                for name, (fn, grads) in provs.items():
+                    if mode == "fwd" and name in ("dq-kernel", "atomic-dq"):
+                        continue
+                    try:
+                        results[name].append(time_it(fn, grads, mode))
+                    except Exception as exc:  # a peer that refuses a shape is reported, not fatal
+                        print(f"  {name} {mode}: {type(exc).__name__}: {str(exc)[:120]}")
+                        break
+            base = min(results["memeff"]) if results["memeff"] else float("nan")
+            for name, times in results.items():
+                if times:
+                    ms = min(times)
+                    tf = flops(batch, heads, seq, dim, causal, mode) / ms / 1e9
+                    print(f"  {mode:8s} {name:10s} {' '.join(f'{t:.3f}' for t in times)} ms  {tf:6.1f} TFLOP/s"
+                          f"  memeff/this {base / ms:.2f}x")
+        kernel_table(provs["dq-gemm"][0], "dq-gemm")
+        kernel_table(provs["dq-kernel"][0], "dq-kernel")
+    launch.DQ_FROM_STORED_DS = True
+
+
+if __name__ == "__main__":
+    main()
