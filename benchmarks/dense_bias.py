@@ -1,15 +1,18 @@
 """A dense (B, H, S_q, S_k) bias with its gradient: where the time goes, and the dQ routes compared.
 
-    python benchmarks/dense_bias.py
+    python benchmarks/dense_bias.py [--sweep]
 
 Issue 3 asks for >= 3x SDPA memory-efficient with the same bias, forward+backward. For each shape:
 1. forward alone and forward+backward by do_bench, ours (dQ from the stored dS by one GEMM, or the dQ
    kernel: ``launch.DQ_FROM_STORED_DS``), ours with ``deterministic=False``, and SDPA memory-efficient,
    alternated twice so drift shows;
 2. kernel durations inside one forward+backward of ours (torch.profiler).
+``--sweep``: block configurations of the general forward and dK/dV kernels with the dense bias instead.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +86,39 @@ def kernel_table(fn, label):
         print(f"    {e.device_time_total / 3 / 1000:8.3f} ms  {e.count // 3:3d}x  {e.key[:100]}")
 
 
+FWD_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+               for bm, bn, w, st in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2))]
+DKDV_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                for bm, bn, w, st in ((128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 128, 8, 1), (64, 64, 4, 2))]
+
+
+def sweep():
+    """Block configurations of the general forward and dK/dV kernels with a dense bias (D=128, the dQ GEMM)."""
+    fwd_config, bwd_config = launch._fwd_config, launch._bwd_config
+    for batch, heads, kv_heads, seq, dim, causal in SHAPES[:2]:
+        fn, grads = providers(batch, heads, kv_heads, seq, dim, causal)["dq-gemm"]
+        print(f"\n== sweep, B{batch} H{heads}/{kv_heads} S{seq} D{dim} {'causal' if causal else 'full'}")
+        for cfg in FWD_CONFIGS:
+            launch._fwd_config = lambda head_dim, full_bias=False, cfg=cfg: dict(cfg)
+            try:
+                print(f"  fwd  {cfg}: {time_it(fn, grads, 'fwd'):.3f} ms")
+            except Exception as exc:
+                print(f"  fwd  {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
+        launch._fwd_config = fwd_config
+        fwd_ms = time_it(fn, grads, "fwd")
+        for cfg in DKDV_CONFIGS:
+            launch._bwd_config = lambda head_dim, atomic_dq=False, cfg=cfg: (dict(cfg), bwd_config(head_dim)[1])
+            try:
+                ms = time_it(fn, grads, "fwd_bwd")
+                print(f"  dkdv {cfg}: fwd+bwd {ms:.3f} ms (backward ~{ms - fwd_ms:.3f})")
+            except Exception as exc:
+                print(f"  dkdv {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
+        launch._bwd_config = bwd_config
+
+
 def main():
+    if "--sweep" in sys.argv:
+        return sweep()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for batch, heads, kv_heads, seq, dim, causal in SHAPES:
         label = f"B{batch} H{heads}/{kv_heads} S{seq} D{dim} {'causal' if causal else 'full'}"
@@ -107,8 +142,8 @@ def main():
                     tf = flops(batch, heads, seq, dim, causal, mode) / ms / 1e9
                     print(f"  {mode:8s} {name:10s} {' '.join(f'{t:.3f}' for t in times)} ms  {tf:6.1f} TFLOP/s"
                           f"  memeff/this {base / ms:.2f}x")
-        kernel_table(provs["dq-gemm"][0], "dq-gemm")
-        kernel_table(provs["dq-kernel"][0], "dq-kernel")
+        for name in ("dq-gemm", "dq-kernel"):
+            kernel_table(provs[name][0], name)
     launch.DQ_FROM_STORED_DS = True
 
 

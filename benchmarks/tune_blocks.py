@@ -57,7 +57,7 @@ def main():
     default_fwd, default_bwd = launch._fwd_config, launch._bwd_config
     for head_dim, shape in ((128, (4, 16, 4096, 128)), (64, (4, 32, 4096, 64))):
         def patch_fwd(opt):
-            launch._fwd_config = lambda d: cfg(opt)
+            launch._fwd_config = lambda d, full_bias=False: cfg(opt)
         best_fwd = sweep(f"fwd D{head_dim}", shape, "fwd", patch_fwd, FWD)
         launch._fwd_config = default_fwd
         q_default = default_bwd(head_dim)[1]

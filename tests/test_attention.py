@@ -285,20 +285,23 @@ def test_triton_descriptor_and_pointer_loads_agree(monkeypatch, case, determinis
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", [AttnCase(2, 70, 100, 4, 2, 16, causal=True, padding="left", bias="full"),
-                                  AttnCase(2, 37, 37, 4, 1, 32, alibi=True, bias="full")],
+@pytest.mark.parametrize("case", [AttnCase(2, 70, 104, 4, 2, 16, causal=True, padding="left", bias="full"),
+                                  AttnCase(2, 37, 40, 4, 1, 32, alibi=True, bias="full"),
+                                  AttnCase(1, 37, 37, 2, 2, 32, causal=True, bias="full")],
                          ids=lambda c: c.id())
 @pytest.mark.parametrize("dq_from_ds", [True, False], ids=["dq-gemm", "dq-kernel"])
 def test_full_bias_gradient_both_dq_routes(monkeypatch, case, dq_from_ds):
     """A full-shape bias in q's dtype: the dK/dV kernel stores dS and dQ = dS K is one GEMM, or (switch off,
     and for any other bias) the dQ kernel recomputes the tiles and stores dS. Both match the reference,
-    skipped (causal, padded) tiles of dS included, and the GEMM route is the one taken when it applies."""
+    skipped (causal, padded) tiles of dS included, and the GEMM route is the one taken when it applies.
+    Rows of 16-byte multiples (S_k 104, 40) store dS through a tensor descriptor, S_k 37 through pointers."""
     from mpt_attention.impl.triton import launch
 
     dtype = torch.float16
     (q, k, v), kw = make_inputs(case, dtype=dtype, requires_grad=True)
     bias = kw["attn_bias"].detach().to(dtype).requires_grad_()
     kw["attn_bias"] = bias
+    assert launch._descriptors_ok(bias) == (case.s_k % 8 == 0)  # the dS buffer has the bias's shape and dtype
     monkeypatch.setattr(launch, "DQ_FROM_STORED_DS", dq_from_ds)
     gemm_calls = []
     real = launch._dq_from_ds

@@ -136,10 +136,11 @@ def main() -> int:
         kv_cfg, q_cfg = launch._bwd_config(head_dim)
         atomic_cfg = launch._bwd_config(head_dim, atomic_dq=True)[0]
         bias_grad = {1: 1, 2: 2}.get(flags["BIAS"], 0)
-        jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=bias_grad if bias_grad == 1 else 0, DESC=desc,
-                                                              ATOMIC_DQ=0)),
+        ds_desc = bias_grad == 2  # dS stored through a descriptor (rows of 16-byte multiples)
+        jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=bias_grad, DESC=desc,
+                                                              ATOMIC_DQ=0, DS_DESC=ds_desc)),
                  ("dkdv-atomic-dq", _attn_bwd_dkdv_kernel, atomic_cfg, dict(BIAS_GRAD=bias_grad, DESC=desc,
-                                                                                   ATOMIC_DQ=2 if desc else 1)),
+                                                                                   ATOMIC_DQ=2 if desc else 1, DS_DESC=ds_desc)),
                  ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["BIAS"] == 2 else 0, DESC=desc))]
         for name, fn, cfg, extra in jobs:
             cfg = dict(cfg)

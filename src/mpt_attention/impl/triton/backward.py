@@ -8,8 +8,10 @@ the forward's log-sum-exp; ``delta = rowsum(dO * O)`` is precomputed.
 
 Bias gradient (``dS``, the gradient of the scores) comes out in one of two forms:
 ``BIAS_GRAD == 1`` column sums per (batch, head) for a bias that is broadcast over query rows
-(MPT's ``(1, H, 1, S)``), written by the dK/dV kernel; ``BIAS_GRAD == 2`` the full ``dS`` tile,
-written by the dQ kernel. The launcher reduces either to the bias's own shape.
+(MPT's ``(1, H, 1, S)``), written by the dK/dV kernel; ``BIAS_GRAD == 2`` the full ``dS`` tile, written
+by the dK/dV kernel when the launcher then forms dQ = dS K as one GEMM on it (a full-shape bias in q's
+dtype) or accumulates dQ with atomics, else by the dQ kernel. The launcher reduces either to the bias's
+own shape.
 """
 
 import triton
@@ -87,13 +89,14 @@ def _dkdv_blocks(
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, APPLY_MASK: tl.constexpr, Q_DESC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DS_DESC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Accumulate dK, dV (and bias column sums) of one key block over query blocks [lo, hi).
     Q_DESC: Q and dO tiles through tensor descriptors (TMA on Hopper). ATOMIC_DQ: also add this key
     block's share of dQ into a float32 buffer with atomics, so no separate dQ pass recomputes the tile:
     faster, but the summation order, hence the last bits of dQ, varies between runs. BIAS_GRAD == 2:
-    store the full dS tile."""
+    store the full dS tile (``ds_head``: a descriptor under DS_DESC, else a pointer)."""
     d_ok = offs_d < head_dim
     diag = seqlen_k - seqlen_q
     if Q_DESC:
@@ -143,8 +146,11 @@ def _dkdv_blocks(
                 tl.atomic_add(dq_head + m64 * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :], dq_part,
                               mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
         if BIAS_GRAD == 2:
-            tl.store(ds_head + m64 * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :],
-                     ds.to(ds_head.dtype.element_ty), mask=row_ok[:, None] & (cols < seqlen_k)[None, :])
+            if DS_DESC:
+                ds_head.store([start_m, 0], ds.to(ds_head.dtype))
+            else:
+                tl.store(ds_head + m64 * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :],
+                         ds.to(ds_head.dtype.element_ty), mask=row_ok[:, None] & (cols < seqlen_k)[None, :])
     return dk, dv, dbias_cols
 
 
@@ -168,7 +174,7 @@ def _attn_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr, DESC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DS_DESC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -243,13 +249,16 @@ def _attn_bwd_dkdv_kernel(
         stats = b64 * stride_lb + h64 * stride_lh + q_start
         dq_head = DQAcc + b64 * stride_dqb + h64 * stride_dqh + q_start * stride_dqs
         ds_head = DBias + bh.to(tl.int64) * seqlen_q * seqlen_k + start_n  # (B, H, S_q, S_k) dS, BIAS_GRAD == 2
+        if DS_DESC:
+            ds_head = tl.make_tensor_descriptor(ds_head, shape=[seqlen_q, seqlen_k - start_n], strides=[seqlen_k, 1],
+                                                block_shape=[BLOCK_M, BLOCK_N])
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dbias_cols = _dkdv_blocks(
             dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse + stats, Delta + stats, kpm_ptr, seqid_ptr,
             prefix_ptr, dq_head, ds_head, stride_dqs,
             stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
             seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, q_split,
-            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DESC, ATOMIC_DQ,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DESC, ATOMIC_DQ, DS_DESC,
             DOT_PRECISION, BLOCK_M, BLOCK_D,
         )
         dk, dv, dbias_cols = _dkdv_blocks(
@@ -257,7 +266,7 @@ def _attn_bwd_dkdv_kernel(
             prefix_ptr, dq_head, ds_head, stride_dqs,
             stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
             seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, q_split, m_end,
-            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DESC, ATOMIC_DQ,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DESC, ATOMIC_DQ, DS_DESC,
             DOT_PRECISION, BLOCK_M, BLOCK_D,
         )
         if BIAS_GRAD == 1:
