@@ -132,7 +132,8 @@ def main() -> int:
     for head_dim, flags in itertools.product((64, 128, 256), flag_sets):
         block_d = max(16, triton.next_power_of_2(head_dim))
         desc = not flags["HAS_KPM"]  # tensor-descriptor (TMA) loads wherever the launcher allows them
-        jobs = [("fwd", _attn_fwd_kernel, launch._fwd_config(head_dim), dict(KV_DESC=desc))]
+        jobs = [("fwd", _attn_fwd_kernel, launch._fwd_config(head_dim, full_bias=flags["BIAS"] == 2),
+                 dict(KV_DESC=desc))]
         kv_cfg, q_cfg = launch._bwd_config(head_dim)
         atomic_cfg = launch._bwd_config(head_dim, atomic_dq=True)[0]
         bias_grad = {1: 1, 2: 2}.get(flags["BIAS"], 0)
