@@ -26,6 +26,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
+from mpt_attention.impl.triton.hopper_forward import log2_bias
+
 _LOG2E = gl.constexpr(1.4426950408889634)
 _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
 _BLOCK_M = gl.constexpr(32)  # queries per step
@@ -57,8 +59,7 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem,
 def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk, keys, seqlen_k):
     """The bias row at this warpgroup's keys for (batch b, query head h), log2 units (0 past S_k)."""
     row = Bias + (b * bias_b_on).to(gl.int64) * stride_bb + (h * bias_h_on).to(gl.int64) * stride_bh
-    vals = gl.load(row + keys.to(gl.int64) * stride_bk, mask=keys < seqlen_k, other=0.0)
-    return vals.to(gl.float32) * _LOG2E
+    return log2_bias(gl.load(row + keys.to(gl.int64) * stride_bk, mask=keys < seqlen_k, other=0.0))
 
 
 @gluon.jit

@@ -37,6 +37,17 @@ _LOG2E = gl.constexpr(1.4426950408889634)
 _LN2 = gl.constexpr(0.6931471805599453)
 _HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
 _ROW_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
+_FLOAT32_MIN = gl.constexpr(-3.4028234663852886e38)
+
+
+@gluon.jit
+def log2_bias(raw):
+    """Bias values in log2 units, as common._log2_bias: -inf stays -inf (the key is removed), finite values
+    stay finite. MPT folds padding into its bias row as finfo(float32).min, which times log2(e) would
+    overflow to -inf and turn a row that sees only such keys into an empty one (output 0) instead of the
+    softmax over them that natural-unit math gives (docs/errors.md)."""
+    raw32 = raw.to(gl.float32)
+    return gl.where(raw32 == float("-inf"), float("-inf"), gl.maximum(raw32 * _LOG2E, _FLOAT32_MIN))
 
 
 @gluon.jit
@@ -119,7 +130,7 @@ def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.cons
         mbarrier.wait(v_ready.index(stage), phase)
         # unswizzled (swizzle_byte_width=0), so the [1, 1, BLOCK_N] box is a plain row of BLOCK_N values
         row = bias_smem.index(stage)._reinterpret(bias_smem.dtype, [BLOCK_N], _ROW_LAYOUT)
-        bias2 = row.load(col_layout).to(gl.float32) * _LOG2E
+        bias2 = log2_bias(row.load(col_layout))
         if ALIBI == 1:
             terms = alibi_cols + bias2
         else:
