@@ -91,13 +91,19 @@ def test_float32_uses_ieee_dots():
     assert (out.double() - ref).abs().max().item() < 1e-5
 
 
-def test_forward_and_backward_are_bitwise_deterministic():
-    (q, k, v), kw = make_inputs(AttnCase(2, 1500, 1500, 8, 2, 128, causal=True, alibi=True, padding=True),
-                                dtype=torch.bfloat16, device="cuda", requires_grad=True)
+@pytest.mark.parametrize("case", [AttnCase(2, 1500, 1500, 8, 2, 128, causal=True, alibi=True, padding=True),
+                                  AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, bias="full")],
+                         ids=["alibi-padding", "full-bias-dq-gemm"])
+def test_forward_and_backward_are_bitwise_deterministic(case):
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    wrt = [q, k, v]
+    if "attn_bias" in kw:  # in q's dtype: dS stored by the dK/dV kernel, dQ by one GEMM on it
+        kw["attn_bias"] = kw["attn_bias"].detach().to(torch.bfloat16).requires_grad_()
+        wrt.append(kw["attn_bias"])
     runs = []
     for _ in range(2):
         out = M.attention(q, k, v, backend="triton", **kw)
-        runs.append((out, *_grads(out, [q, k, v], torch.ones_like(out))))
+        runs.append((out, *_grads(out, wrt, torch.ones_like(out))))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
