@@ -318,3 +318,20 @@ def test_full_bias_gradient_both_dq_routes(monkeypatch, case, dq_from_ds):
     for name, g, r, lo in zip(["dq", "dk", "dv", "dbias"], grads, _grads(ref64, inputs64, dout.double()),
                               _grads(low_out, low, dout)):
         assert_close_to_reference(name, g, r, lo)
+
+
+def test_non_deterministic_backward_with_a_full_bias_takes_the_dq_gemm(monkeypatch):
+    """deterministic=False allows atomics, it does not ask for them: with a full bias in q's dtype the dQ
+    GEMM on the stored dS (faster than the atomic pass on an H200) serves it, bitwise like the default."""
+    from mpt_attention.impl.triton import launch
+
+    (q, k, v), kw = make_inputs(AttnCase(2, 37, 40, 4, 2, 16, causal=True, bias="full"), requires_grad=True)
+    calls = []
+    real = launch._dq_from_ds
+    monkeypatch.setattr(launch, "_dq_from_ds", lambda *a: (calls.append(1), real(*a)))
+    wrt = [q, k, v, kw["attn_bias"]]
+    grads = [_grads(M.attention(q, k, v, backend="triton", deterministic=det, **kw), wrt, torch.ones_like(q))
+             for det in (True, False)]
+    assert calls == [1, 1]
+    for name, a, b in zip(["dq", "dk", "dv", "dbias"], *grads):
+        assert torch.equal(a, b), name

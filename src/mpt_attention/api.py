@@ -113,7 +113,8 @@ def attention(
         deterministic: ``triton`` only. True (default): the backward is bitwise reproducible (no
             atomics). False allows dQ to be summed with float32 atomics in one backward pass instead of
             two, so its last bits vary between runs; on an H200 that pass measured slower than the
-            default, and where the Hopper dK/dV kernel applies the default's passes serve False too.
+            default, and where the Hopper dK/dV kernel applies (or dQ comes from a stored full dS) the
+            default's passes serve False too.
             Other backends follow ``torch.use_deterministic_algorithms``.
 
     Returns:

@@ -250,7 +250,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
     it folds into ``delta``: dS = P * (dP - (delta - dlse)).
     ``deterministic=False``: dQ accumulated with float32 atomics inside the general dK/dV kernel (one
-    pass), except where the Hopper dK/dV kernel applies: its two passes are faster, and reproducible.
+    pass), except where the Hopper dK/dV kernel applies or dQ comes from a stored full dS (a full bias in
+    q's dtype with its gradient): those paths are faster, and reproducible.
     """
     q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
     geo = _Geometry(q, k, cu_q, max_q, max_k)
@@ -303,8 +304,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # float32 reductions measured 0.61-0.70x of it at D128 on an H200 (benchmarks/NOTES.md)
     use_hopper = not bias_grad and hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen,
                                                       dout) is None
-    atomic = not deterministic and not use_hopper
-    ds_gemm = ds_gemm and not atomic
+    # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
+    # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
+    atomic = not deterministic and not use_hopper and not ds_gemm
     # who writes dS for a full bias gradient: the dK/dV kernel (atomic dQ, or dQ from the stored dS), else
     # the dQ kernel
     dkdv_bias_grad = bias_mode if bias_mode == 1 or atomic or ds_gemm else 0
