@@ -21,6 +21,7 @@ from triton.testing import do_bench
 
 import mpt_attention as M
 from mpt_attention.impl.triton import launch
+from mpt_attention.testing import profile_kernels
 
 DEV, DTYPE = "cuda", torch.bfloat16
 SHAPES = [  # batch, query heads, kv heads, seq, head dim, causal
@@ -70,20 +71,10 @@ def time_it(fn, grads, mode):
 
 
 def kernel_table(fn, label):
-    from torch.profiler import ProfilerActivity, profile
-
     dout = torch.randn_like(fn())
-    step = lambda: fn().backward(dout)
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
     print(f"  kernels in one forward+backward, {label}:")
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:10]:
-        print(f"    {e.device_time_total / 3 / 1000:8.3f} ms  {e.count // 3:3d}x  {e.key[:100]}")
+    for ms, count, name in profile_kernels(lambda: fn().backward(dout))[:10]:
+        print(f"    {ms:8.3f} ms  {count:3d}x  {name[:100]}")
 
 
 FWD_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)

@@ -28,6 +28,7 @@ from triton.testing import do_bench
 
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper
+from mpt_attention.testing import profile_kernels
 
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -136,22 +137,13 @@ def short_kernel_table(label):
 
 
 def kernel_shares():
-    from torch.profiler import ProfilerActivity, profile
-
     for batch, heads, seq, dim in ((2, 16, 8192, 128), (4, 32, 4096, 64)):
         q, k, v, slopes = inputs(batch, heads, seq, dim)
         for use_hopper in (True, False):
             step = with_backward(ours(q, k, v, slopes, use_hopper))
-            step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    step()
-                torch.cuda.synchronize()
             print(f"\n== kernels, B{batch} H{heads} S{seq} D{dim}, {'hopper' if use_hopper else 'general'} (3 steps)")
-            events = [e for e in prof.key_averages() if e.device_time_total > 0]
-            for e in sorted(events, key=lambda e: -e.device_time_total)[:8]:
-                print(f"  {e.device_time_total / 3 / 1000:8.3f} ms/step  {e.count // 3:3d}x  {e.key[:90]}")
+            for ms, count, name in profile_kernels(step)[:8]:
+                print(f"  {ms:8.3f} ms/step  {count:3d}x  {name[:90]}")
 
 
 def main():

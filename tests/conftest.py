@@ -31,6 +31,17 @@ def poison_empty(monkeypatch):
     yield
 
 
+@pytest.fixture
+def dq_gemm_calls(monkeypatch):
+    """One entry per call of the Triton backend's dQ GEMM on a stored dS (``launch._dq_from_ds``) during
+    the test; each call still runs."""
+    from mpt_attention.impl.triton import launch
+
+    calls, real = [], launch._dq_from_ds
+    monkeypatch.setattr(launch, "_dq_from_ds", lambda *args: (calls.append(1), real(*args))[1])
+    return calls
+
+
 def pytest_report_header(config):
     interp = os.environ.get("TRITON_INTERPRET", "0")
     return f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, TRITON_INTERPRET={interp}"

@@ -5,7 +5,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention import ops
-from mpt_attention.testing import AttnCase, assert_close_to_reference, make_inputs, reference_attention
+from mpt_attention.testing import AttnCase, assert_gradients_close_to_reference, make_inputs, reference_attention
 
 BACKENDS = ["torch", "sdpa", "triton"]
 
@@ -56,19 +56,8 @@ def test_forward_and_gradients_match_float64_reference(backend, case, dtype):
     dout = torch.randn_like(out)
     grads = _grads(out, inputs, dout)
 
-    ref64_inputs = [x.detach().double().requires_grad_() for x in inputs]
-    ref64, _ = reference_attention(*ref64_inputs[:3], **{**kw, "attn_bias": ref64_inputs[3] if bias is not None else None})
-    ref_grads = _grads(ref64, ref64_inputs, dout.double())
-    low_inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    low_kw = {**kw, "attn_bias": low_inputs[3] if bias is not None else None}
-    low_out, _ = reference_attention(*low_inputs[:3], compute_dtype=dtype, **low_kw)
-    low_grads = _grads(low_out, low_inputs, dout.to(low_out.dtype))
-
     assert out.dtype == dtype and out.shape == q.shape
-    assert_close_to_reference("out", out, ref64, low_out)
-    for name, g, r, lo in zip(["dq", "dk", "dv", "dbias"], grads, ref_grads, low_grads):
-        assert g is not None, f"{name} missing"
-        assert_close_to_reference(name, g, r, lo)
+    assert_gradients_close_to_reference(out, grads, inputs, kw, dout, dtype)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -290,7 +279,7 @@ def test_triton_descriptor_and_pointer_loads_agree(monkeypatch, case, determinis
                                   AttnCase(1, 37, 37, 2, 2, 32, causal=True, bias="full")],
                          ids=lambda c: c.id())
 @pytest.mark.parametrize("dq_from_ds", [True, False], ids=["dq-gemm", "dq-kernel"])
-def test_full_bias_gradient_both_dq_routes(monkeypatch, case, dq_from_ds):
+def test_full_bias_gradient_both_dq_routes(monkeypatch, dq_gemm_calls, case, dq_from_ds):
     """A full-shape bias in q's dtype: the dK/dV kernel stores dS and dQ = dS K is one GEMM, or (switch off,
     and for any other bias) the dQ kernel recomputes the tiles and stores dS. Both match the reference,
     skipped (causal, padded) tiles of dS included, and the GEMM route is the one taken when it applies.
@@ -303,35 +292,20 @@ def test_full_bias_gradient_both_dq_routes(monkeypatch, case, dq_from_ds):
     kw["attn_bias"] = bias
     assert launch._descriptors_ok(bias) == (case.s_k % 8 == 0)  # the dS buffer has the bias's shape and dtype
     monkeypatch.setattr(launch, "DQ_FROM_STORED_DS", dq_from_ds)
-    gemm_calls = []
-    real = launch._dq_from_ds
-    monkeypatch.setattr(launch, "_dq_from_ds", lambda *a: (gemm_calls.append(1), real(*a)))
     out = M.attention(q, k, v, backend="triton", **kw)
     dout = torch.randn_like(out)
     grads = _grads(out, [q, k, v, bias], dout)
-    assert len(gemm_calls) == int(dq_from_ds)
-
-    inputs64 = [x.detach().double().requires_grad_() for x in (q, k, v, bias)]
-    ref64, _ = reference_attention(*inputs64[:3], **{**kw, "attn_bias": inputs64[3]})
-    low = [x.detach().clone().requires_grad_() for x in (q, k, v, bias)]
-    low_out, _ = reference_attention(*low[:3], compute_dtype=dtype, **{**kw, "attn_bias": low[3]})
-    for name, g, r, lo in zip(["dq", "dk", "dv", "dbias"], grads, _grads(ref64, inputs64, dout.double()),
-                              _grads(low_out, low, dout)):
-        assert_close_to_reference(name, g, r, lo)
+    assert len(dq_gemm_calls) == int(dq_from_ds)
+    assert_gradients_close_to_reference(out, grads, [q, k, v, bias], kw, dout, dtype)
 
 
-def test_non_deterministic_backward_with_a_full_bias_takes_the_dq_gemm(monkeypatch):
+def test_non_deterministic_backward_with_a_full_bias_takes_the_dq_gemm(dq_gemm_calls):
     """deterministic=False allows atomics, it does not ask for them: with a full bias in q's dtype the dQ
     GEMM on the stored dS (faster than the atomic pass on an H200) serves it, bitwise like the default."""
-    from mpt_attention.impl.triton import launch
-
     (q, k, v), kw = make_inputs(AttnCase(2, 37, 40, 4, 2, 16, causal=True, bias="full"), requires_grad=True)
-    calls = []
-    real = launch._dq_from_ds
-    monkeypatch.setattr(launch, "_dq_from_ds", lambda *a: (calls.append(1), real(*a)))
     wrt = [q, k, v, kw["attn_bias"]]
     grads = [_grads(M.attention(q, k, v, backend="triton", deterministic=det, **kw), wrt, torch.ones_like(q))
              for det in (True, False)]
-    assert calls == [1, 1]
+    assert dq_gemm_calls == [1, 1]
     for name, a, b in zip(["dq", "dk", "dv", "dbias"], *grads):
         assert torch.equal(a, b), name

@@ -179,6 +179,41 @@ def assert_close_to_reference(name: str, out: torch.Tensor, ref: torch.Tensor, l
     assert err <= budget, f"{name}: max error {err:.3e} > {factor} x low-precision error + {floor:g} = {budget:.3e}"
 
 
+def assert_gradients_close_to_reference(out, grads, inputs, kw: dict, dout, dtype) -> None:
+    """``out`` and its ``grads`` w.r.t. ``inputs`` (q, k, v and, when it takes a gradient, the bias ``kw``
+    holds as ``attn_bias``), each by ``assert_close_to_reference`` against reference_attention recomputed
+    from copies in float64 and in ``dtype``; the other keywords from ``kw``."""
+
+    def recompute(xs, **extra):
+        xs = [x.requires_grad_() for x in xs]
+        bias = xs[3] if len(xs) > 3 else kw.get("attn_bias")
+        ref, _ = reference_attention(*xs[:3], **{**kw, "attn_bias": bias}, **extra)
+        return ref, torch.autograd.grad(ref, xs, dout.to(ref.dtype))
+
+    ref, ref_grads = recompute([x.detach().double() for x in inputs])
+    low, low_grads = recompute([x.detach().clone() for x in inputs], compute_dtype=dtype)
+    assert_close_to_reference("out", out, ref, low)
+    for name, g, r, lo in zip(["dq", "dk", "dv", "dbias"], grads, ref_grads, low_grads):
+        assert g is not None, f"{name} missing"
+        assert_close_to_reference(name, g, r, lo)
+
+
+def profile_kernels(step, steps: int = 3) -> list[tuple[float, int, str]]:
+    """``(ms per step, launches per step, name)`` of each GPU kernel ``step`` runs, longest first, from
+    torch.profiler over ``steps`` calls after one warm-up call (benchmarks' per-kernel tables)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    return [(e.device_time_total / steps / 1000, e.count // steps, e.key)
+            for e in sorted(events, key=lambda e: -e.device_time_total)]
+
+
 def attention_flops(batch: int, n_heads: int, s_q: int, s_k: int, head_dim: int, causal: bool, mode: str = "fwd") -> float:
     """FLOPs of attention: 4*B*H*S_q*S_k_eff*D forward, bottom-right causal counted exactly per row.
 
