@@ -1,11 +1,14 @@
 """MPT's (1, H, 1, S) bias tensor against ALiBi slopes, forward, on the GPU (benchmarks/NOTES.md):
 
-    python benchmarks/bias_row.py
+    python benchmarks/bias_row.py [--mode fwd_bwd]
 
 Per shape (bf16, causal), TFLOP/s of: ALiBi from slopes, MPT's bias row in float32 (as
 ``build_alibi_bias`` makes it) and in bf16 (as MPT casts it), the float32 row through the general
 kernel (the Hopper kernels off), and no bias; then the bias row's ratio to slopes (target >= 0.97).
+``--mode fwd_bwd``: forward and backward (q, k, v need gradients; the bias does not, as in MPT).
 """
+
+import argparse
 
 import torch
 from triton.testing import do_bench
@@ -17,30 +20,41 @@ from mpt_attention.testing import attention_flops
 SHAPES = [(8, 16, 16, 2048, 128), (2, 16, 16, 8192, 128), (4, 32, 32, 4096, 64), (2, 32, 4, 8192, 128)]
 
 
-def measure(batch, n_heads, n_kv, seq, head_dim):
-    q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd"):
+    grad = mode == "fwd_bwd"
+    q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+            for _ in range(2))
+    dout = torch.randn_like(q)
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     row = M.build_alibi_bias(n_heads, seq, device="cuda")
     variants = {"slopes": ({"alibi_slopes": slopes}, True), "row-fp32": ({"attn_bias": row}, True),
                 "row-bf16": ({"attn_bias": row.to(torch.bfloat16)}, True),
                 "row-fp32-general": ({"attn_bias": row}, False), "no-bias": ({}, True)}
-    flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=True, mode="fwd")
+    flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=True, mode=mode)
     tflops = {}
+
+    def step(kw):
+        out = M.attention(q, k, v, backend="triton", causal=True, **kw)
+        if grad:
+            torch.autograd.grad(out, [q, k, v], dout)
+
     for name, (kw, use_hopper) in variants.items():
         hopper.ENABLED = use_hopper
-        ms = do_bench(lambda kw=kw: M.attention(q, k, v, backend="triton", causal=True, **kw), warmup=25, rep=100,
-                      return_mode="median")
+        ms = do_bench(lambda kw=kw: step(kw), warmup=25, rep=100, return_mode="median")
         tflops[name] = flops / ms / 1e9
     hopper.ENABLED = True
-    print(f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}  " + "  ".join(f"{n} {t:.0f}" for n, t in tflops.items())
+    print(f"{mode} B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}  " + "  ".join(f"{n} {t:.0f}" for n, t in tflops.items())
           + f"  | row / slopes: fp32 {tflops['row-fp32'] / tflops['slopes']:.3f}"
           f" bf16 {tflops['row-bf16'] / tflops['slopes']:.3f}", flush=True)
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd")
+    mode = parser.parse_args().mode
     for shape in SHAPES:
-        measure(*shape)
+        measure(*shape, mode=mode)
 
 
 if __name__ == "__main__":

@@ -163,27 +163,41 @@ def test_bias_row_gradients_after_the_hopper_forward(monkeypatch, bias_grad):
 
 
 
-@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16], ids=["fp32-row", "bf16-row"])
-def test_hopper_bias_row_at_float32_min_is_clamped_like_the_general_kernel(bias_dtype):
+@pytest.mark.parametrize("bias_dtype,route", [
+    pytest.param(torch.float32, "hopper", id="fp32-row-hopper"),
+    pytest.param(torch.bfloat16, "hopper", id="bf16-row-hopper"),
+    pytest.param(torch.float32, "general", id="fp32-row-general"),
+    pytest.param(torch.bfloat16, "full", id="bf16-full"),
+    pytest.param(torch.bfloat16, "full-grad", id="bf16-full-grad-dq-gemm"),
+])
+def test_rows_masked_only_by_float32_min_on_every_kernel_route(bias_dtype, route, monkeypatch):
     """MPT folds left padding into its bias row as finfo(float32).min (masks.build_mpt_attn_bias). Causal
-    query rows that see only padded keys then take the softmax over those equally-masked keys, as
-    natural-unit math and the general kernel give (docs/errors.md), not the empty row (output 0) that
-    min * log2(e) overflowing to -inf would make. Forward and the Hopper dK/dV kernel's gradients."""
+    query rows that see only padded keys take the uniform softmax over those equally-masked keys, as
+    natural-unit math does (docs/errors.md), not the empty row (output 0) that min * log2(e) overflowing
+    to -inf would make; and their gradients, through the output and the log-sum-exp, are the reference's
+    (the backward reads the key count from the stored log-sum-exp). Hopper kernels, general kernels, a
+    full bias, and a full bias with its gradient (dQ from the stored dS)."""
     b, s, h, d = 2, 300, 4, 128
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     keep = torch.ones(b, s, dtype=torch.bool, device="cuda")
     keep[1, :40] = False  # left padding of batch row 1: its first 40 causal rows see only padding
     bias = M.build_mpt_attn_bias("triton", h, s, alibi=True, attention_mask=keep, dtype=bias_dtype, device="cuda")
     assert bias.shape == (b, h, 1, s) and bias.min() == torch.finfo(bias_dtype).min
-    assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False, q) is None
+    if route.startswith("full"):
+        bias = bias.expand(b, h, s, s).contiguous().requires_grad_(route == "full-grad")
+    if route == "hopper":
+        assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False, q) is None
+    monkeypatch.setattr(hopper, "ENABLED", route == "hopper")
     dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
-    out = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias)
-    grads = torch.autograd.grad(out, [q, k, v], dout)
+    dlse = torch.randn(b, h, s, device="cuda")
+    out, lse = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias, return_lse=True)
+    inputs = [q, k, v, bias] if bias.requires_grad else [q, k, v]
+    grads = torch.autograd.grad([out, lse], inputs, [dout, dlse])
     # query i of the padded row sees keys 0..i, all at the same min: their plain average
     averages = v[1, :40].detach().float().cumsum(0) / torch.arange(1, 41, device="cuda").view(40, 1, 1)
     torch.testing.assert_close(out[1, :40].float(), averages, rtol=2e-2, atol=2e-2)
-    assert_gradients_close_to_reference(out, grads, [q, k, v], dict(causal=True, attn_bias=bias), dout,
-                                        torch.bfloat16)
+    assert_gradients_close_to_reference(out, grads, inputs, dict(causal=True, attn_bias=bias), dout,
+                                        torch.bfloat16, dlse=dlse)
 
 
 def test_hopper_dkdv_with_a_bias_row_that_masks_whole_rows(monkeypatch):

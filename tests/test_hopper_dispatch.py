@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper  # noqa: E402
+from mpt_attention.impl.triton import hopper, launch  # noqa: E402
 
 
 def _qkv(s_q=128, s_k=128, d=128, dtype=torch.bfloat16, h=4, h_kv=2):
@@ -88,15 +88,24 @@ def test_bias_rows_over_the_keys_are_taken(bias):
     pytest.param(torch.randn(2, 4, 1, 129, dtype=torch.bfloat16)[..., 1:], id="bf16-odd-row-stride"),
     pytest.param(torch.randn(1, 4, 1, 256)[..., ::2], id="strided-keys"),
     pytest.param(torch.randn(1, 1, 1, 129)[..., 1:].expand(2, 4, 1, 128), id="expanded-unaligned"),
+    pytest.param(torch.randn(2, 4, 1, 128, dtype=torch.float16), id="aligned-fp16"),
+    pytest.param(torch.randn(1, 4, 1, 100), id="aligned-fp32"),
 ])
-def test_unaligned_bias_rows_are_copied_to_an_aligned_row(bias):
-    """The copy engine cannot read these rows: the forward reads an aligned copy (same values and dtype,
-    broadcast dims kept at size 1) instead of refusing them."""
-    assert hopper._bias_view(bias) is None
-    copy = hopper._aligned_bias_rows(bias)
-    assert copy.dtype == bias.dtype and copy.shape[2:] == bias.shape[2:]
-    assert hopper._bias_view(copy) is not None
-    torch.testing.assert_close(copy.expand(bias.shape), bias, rtol=0, atol=0)
+def test_bias_rows_reach_the_kernels_converted_and_aligned(bias):
+    """Every bias row, the copy engine's layout or not, reaches the kernels as float32 log2 units in
+    16-byte aligned rows (launch._log2_bias_rows), broadcast dims kept at size 1; -inf stays -inf and
+    values below the soft-mask threshold become the one soft-mask score (common.SOFT_SCORE)."""
+    if bias.is_contiguous():  # plant -inf, the dtype's min and a -1e9 mask
+        bias = bias.clone()
+        bias[0, 0, 0, :3] = torch.tensor([float("-inf"), torch.finfo(bias.dtype).min, -1e9 if bias.dtype == torch.float32
+                                           else -6e4])
+    rows = launch._log2_bias_rows(bias)
+    assert rows.dtype == torch.float32 and rows.shape[2:] == bias.shape[2:]
+    assert hopper._bias_view(rows) is not None
+    expected = bias.float() * 1.4426950408889634
+    soft = (expected < -2.0**20) & (bias != float("-inf"))
+    expected = torch.where(soft, -(2.0**100), expected)
+    torch.testing.assert_close(rows.expand(bias.shape), expected, rtol=1e-6, atol=0)
 
 
 def test_backward_also_needs_an_eligible_output_gradient():

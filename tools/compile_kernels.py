@@ -17,7 +17,7 @@ from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
-                  "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "Delta": "*fp32",
+                  "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32"}
 
 
@@ -104,10 +104,11 @@ def _spills(kernel) -> str:
 
 def main() -> int:
     failures = 0
-    for head_dim, causal, alibi, bias in [(128, True, 0, "fp32"), (64, True, 1, "bf16"), (128, False, 2, "fp16")]:
-        name = f"hopper-fwd-bias-row D={head_dim} causal={causal} alibi={alibi} bias={bias}"
+    # bias rows reach the kernels as float32 log2 units (launch._log2_bias_rows), whatever the caller's dtype
+    for head_dim, causal, alibi, dtype in [(128, True, 0, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16")]:
+        name = f"hopper-fwd-bias-row D={head_dim} causal={causal} alibi={alibi} {dtype}"
         try:
-            k = compile_hopper_kernel(head_dim, causal, alibi, "bf16" if bias == "fp32" else bias, bias)
+            k = compile_hopper_kernel(head_dim, causal, alibi, dtype, "fp32")
             print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
         except Exception as exc:
             failures += 1
@@ -155,7 +156,8 @@ def main() -> int:
             except Exception as exc:  # report every failure, not just the first
                 failures += 1
                 print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")
-    extra = [("delta", _attn_bwd_delta_kernel, dict(BLOCK_M=64, BLOCK_D=128), dict(num_warps=4, num_stages=1), "bf16"),
+    extra = [("delta", _attn_bwd_delta_kernel, dict(HAS_DLSE=True, SOFT_ROWS=True, BLOCK_M=64, BLOCK_D=128),
+              dict(num_warps=4, num_stages=1), "bf16"),
              ("fwd-fp32", _attn_fwd_kernel, dict(flag_sets[0], KV_DESC=False, DOT_PRECISION="ieee", BLOCK_D=64,
                                                  **launch._fwd_config(64)),
               None, "fp32")]

@@ -179,16 +179,19 @@ def assert_close_to_reference(name: str, out: torch.Tensor, ref: torch.Tensor, l
     assert err <= budget, f"{name}: max error {err:.3e} > {factor} x low-precision error + {floor:g} = {budget:.3e}"
 
 
-def assert_gradients_close_to_reference(out, grads, inputs, kw: dict, dout, dtype) -> None:
+def assert_gradients_close_to_reference(out, grads, inputs, kw: dict, dout, dtype, dlse=None) -> None:
     """``out`` and its ``grads`` w.r.t. ``inputs`` (q, k, v and, when it takes a gradient, the bias ``kw``
     holds as ``attn_bias``), each by ``assert_close_to_reference`` against reference_attention recomputed
-    from copies in float64 and in ``dtype``; the other keywords from ``kw``."""
+    from copies in float64 and in ``dtype``; the other keywords from ``kw``. ``dlse`` ``(B, H, S_q)``: the
+    grads are of ``out * dout + lse * dlse`` (a loss that also uses the log-sum-exp)."""
 
     def recompute(xs, **extra):
         xs = [x.requires_grad_() for x in xs]
         bias = xs[3] if len(xs) > 3 else kw.get("attn_bias")
-        ref, _ = reference_attention(*xs[:3], **{**kw, "attn_bias": bias}, **extra)
-        return ref, torch.autograd.grad(ref, xs, dout.to(ref.dtype))
+        ref, lse = reference_attention(*xs[:3], **{**kw, "attn_bias": bias}, **extra)
+        if dlse is None:
+            return ref, torch.autograd.grad(ref, xs, dout.to(ref.dtype))
+        return ref, torch.autograd.grad([ref, lse], xs, [dout.to(ref.dtype), dlse.to(lse.dtype)])
 
     ref, ref_grads = recompute([x.detach().double() for x in inputs])
     low, low_grads = recompute([x.detach().clone() for x in inputs], compute_dtype=dtype)

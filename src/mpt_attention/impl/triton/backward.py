@@ -18,41 +18,57 @@ import triton
 import triton.language as tl
 
 from mpt_attention.impl.triton.common import (
-    LOG2E, bias_pointers, dropout_keep, key_block_range, live_keys, score_tile, sequence_bounds,
+    LOG2E, bias_pointers, decode_lse2, dropout_keep, key_block_range, live_keys, score_tile, sequence_bounds,
+    soft_row_scale,
 )
 
 
 @triton.jit
-def _row_stats(lse_row, delta_row, rows, row_ok):
-    """Log2-domain LSE (+inf for rows that saw nothing, so their probabilities are 0) and delta;
-    ``lse_row``, ``delta_row`` point at the (batch, head)'s first query row."""
+def _row_stats(lse_row, delta_row, rows, row_ok, BIAS: tl.constexpr):
+    """Log2-domain row offset (common.decode_lse2) and delta; ``lse_row``, ``delta_row`` point at the
+    (batch, head)'s first query row."""
     lse = tl.load(lse_row + rows, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(delta_row + rows, mask=row_ok, other=0.0)
-    return lse2, delta
+    return decode_lse2(lse, BIAS), delta
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    Out, DO, Delta,
+    Out, DO, Lse, DLse, Delta, DOScaled,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
+    stride_sb, stride_ss, stride_sh,
     n_heads, seqlen_q, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DLSE: tl.constexpr, SOFT_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) in float32, (B, H, S_q): one read of each, no float32 copies."""
+    """delta = rowsum(dO * O) - dlse in float32, (B, H, S_q): one read of each, no float32 copies.
+
+    SOFT_ROWS (a bias is present): rows whose stored log-sum-exp encodes a soft-masked row's key count
+    (common.SOFT_LSE) recompute P as 1 per key instead of 1 / count; scaling that row's dO and delta by
+    1 / count gives the same dV, dS and so dQ, dK, dbias. Every row's dO is written to ``DOScaled``
+    (unchanged where the scale is 1), which the backward kernels then read instead of dO."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b64 = (bh // n_heads).to(tl.int64)
     h64 = (bh % n_heads).to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows < seqlen_q)[:, None] & (offs_d < head_dim)[None, :]
+    row_ok = rows < seqlen_q
+    mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
+    stats = bh.to(tl.int64) * seqlen_q + rows
     o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows64 * stride_os + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows64 * stride_dos + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * seqlen_q + rows, delta, mask=rows < seqlen_q)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + stats, mask=row_ok, other=0.0)
+    if SOFT_ROWS:
+        scale = soft_row_scale(tl.load(Lse + stats, mask=row_ok, other=0.0))
+        delta *= scale
+        do_scaled = (do.to(tl.float32) * scale[:, None]).to(do.dtype)
+        tl.store(DOScaled + b64 * stride_sb + h64 * stride_sh + rows64 * stride_ss + offs_d[None, :], do_scaled,
+                 mask=mask)
+    tl.store(Delta + stats, delta, mask=row_ok)
 
 
 @triton.jit
@@ -122,7 +138,7 @@ def _dkdv_blocks(
             q = tl.load(q_head + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
             do = tl.load(do_head + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask,
                          other=0.0)
-        lse2, delta = _row_stats(lse_row, delta_row, rows, row_ok)
+        lse2, delta = _row_stats(lse_row, delta_row, rows, row_ok, BIAS)
         q_seq = rows
         if HAS_SEQID:
             q_seq = tl.load(seqid_ptr + rows + diag, mask=row_ok, other=0)
@@ -368,7 +384,7 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :],
                  mask=q_mask, other=0.0)
     stats = b64 * stride_lb + h64 * stride_lh + q_start
-    lse2, delta = _row_stats(Lse + stats, Delta + stats, rows, row_ok)
+    lse2, delta = _row_stats(Lse + stats, Delta + stats, rows, row_ok, BIAS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_base = K + b64 * stride_kb + kv64 * stride_kh + k_start * stride_ks

@@ -10,13 +10,27 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)
+# Soft masks. A bias value below SOFT_MASK2 (log2 units; -2^20 ln 2 ~ -7.3e5 in the bias's own units)
+# is a mask, not a score: MPT folds padding into its bias as finfo(float32).min, older code uses -1e9.
+# Every such key scores exactly SOFT_SCORE, so q . k drops out (as it does in natural-unit math at
+# finfo.min): a row that sees only soft-masked keys averages them uniformly, and next to any other key
+# they weigh 0. Such a row's log-sum-exp, SOFT_SCORE + log2(count), would round to SOFT_SCORE and lose
+# the count the backward needs, so the forward stores it as SOFT_LSE - count * SOFT_COUNT_UNIT (exact
+# up to 2^23 keys; natural units, never produced by a row with a key above the mask). The backward
+# reads the row's offset as SOFT_SCORE and scales its dO and delta by 1 / count (launch.backward).
+SOFT_MASK2 = tl.constexpr(-1048576.0)  # -2^20
+SOFT_SCORE = tl.constexpr(-1.2676506002282294e30)  # -2^100
+SOFT_LSE = tl.constexpr(-1.2676506002282294e30)  # -2^100
+SOFT_COUNT_UNIT = tl.constexpr(1.5111572745182865e23)  # 2^77: one key in the encoded count
+SOFT_MAX_COUNT = tl.constexpr(8388607.0)  # 2^23 - 1
 
 # ALiBi modes (constexpr): none, MPT's causal form, the symmetric form.
 ALIBI_NONE = tl.constexpr(0)
 ALIBI_CAUSAL = tl.constexpr(1)
 ALIBI_SYMMETRIC = tl.constexpr(2)
-# Bias modes (constexpr): none, one row per (batch, head) broadcast over queries, a full tile.
+# Bias modes (constexpr): none, one row per (batch, head) broadcast over queries, a full tile. A row
+# reaches the kernels already in log2 units as float32 (log2_bias_rows_kernel, once per call); a full
+# tile is converted as it is read.
 BIAS_NONE = tl.constexpr(0)
 BIAS_ROW = tl.constexpr(1)
 BIAS_FULL = tl.constexpr(2)
@@ -35,11 +49,60 @@ def bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS
 
 @triton.jit
 def _log2_bias(raw):
-    """Bias in log2 units. -inf stays -inf (the key is removed); finite values stay finite: MPT's
-    finfo(float32).min times log2(e) would overflow to -inf and empty a row that natural-unit
-    softmax keeps (as a uniform average over its equally-masked keys)."""
-    scaled = tl.maximum(raw.to(tl.float32) * LOG2E, FLOAT32_MIN)
-    return tl.where(raw == float("-inf"), float("-inf"), scaled)
+    """Bias in log2 units. -inf stays -inf (the key is removed); values below SOFT_MASK2 become the
+    soft mask SOFT_SCORE (MPT's finfo(float32).min times log2(e) would otherwise overflow to -inf and
+    empty a row that natural-unit softmax keeps as a uniform average over its equally-masked keys)."""
+    scaled = raw.to(tl.float32) * LOG2E
+    return tl.where(scaled >= SOFT_MASK2, scaled, tl.where(raw == float("-inf"), float("-inf"), SOFT_SCORE))
+
+
+@triton.jit
+def log2_bias_rows_kernel(
+    Bias, Out,
+    stride_bb, stride_bh, stride_bk,
+    stride_ob, stride_oh,
+    n_heads, seqlen_k,
+    BLOCK: tl.constexpr,
+):
+    """A bias row ``(B', H', 1, S_k)`` converted once per call into the float32 log2-unit values
+    ``_log2_bias`` gives, so the kernels add it with no per-block conversion (the conversion ran once per
+    column a thread holds, in every block of every program)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bh = tl.program_id(1)
+    b64, h64 = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    ok = cols < seqlen_k
+    raw = tl.load(Bias + b64 * stride_bb + h64 * stride_bh + cols.to(tl.int64) * stride_bk, mask=ok, other=0.0)
+    tl.store(Out + b64 * stride_ob + h64 * stride_oh + cols, _log2_bias(raw), mask=ok)
+
+
+@triton.jit
+def encode_lse(m2, l_i, BIAS: tl.constexpr):
+    """Natural-unit log-sum-exp from the row maximum ``m2`` (log2 units) and the sum ``l_i``; -inf
+    for a row that saw no key, the encoded count for a soft-masked row (SOFT_LSE above)."""
+    live = l_i > 0.0
+    l_safe = tl.where(live, l_i, 1.0)
+    lse = (m2 + tl.math.log2(l_safe)) * LN2
+    if BIAS != BIAS_NONE:
+        lse = tl.where(m2 == SOFT_SCORE, SOFT_LSE - tl.minimum(l_i, SOFT_MAX_COUNT) * SOFT_COUNT_UNIT, lse)
+    return tl.where(live, lse, float("-inf"))
+
+
+@triton.jit
+def decode_lse2(lse, BIAS: tl.constexpr):
+    """The backward's per-row offset in log2 units from a stored log-sum-exp: +inf for a row that saw
+    no key (its P is 0, not NaN), SOFT_SCORE for a soft-masked row."""
+    lse2 = lse * LOG2E
+    if BIAS != BIAS_NONE:
+        lse2 = tl.where(lse <= SOFT_LSE, SOFT_SCORE, lse2)
+    return tl.where(lse == float("-inf"), float("inf"), lse2)
+
+
+@triton.jit
+def soft_row_scale(lse):
+    """1 / count for a soft-masked row (SOFT_LSE encoding), else 1."""
+    soft = (lse <= SOFT_LSE) & (lse > float("-inf"))
+    count = tl.where(soft, (SOFT_LSE - lse) / SOFT_COUNT_UNIT, 1.0)
+    return 1.0 / count
 
 
 @triton.jit
@@ -62,8 +125,8 @@ def score_tile(
     elif ALIBI == ALIBI_SYMMETRIC:
         s -= slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
     col_ok = cols < seqlen_k
-    if BIAS == BIAS_ROW:  # one row broadcast over the queries (MPT's (1, H, 1, S_k)): load it once
-        s += _log2_bias(tl.load(bias_ptrs, mask=col_ok, other=0.0))[None, :]
+    if BIAS == BIAS_ROW:  # one row broadcast over the queries (MPT's (1, H, 1, S_k)), in log2 units
+        s += tl.load(bias_ptrs, mask=col_ok, other=0.0)[None, :]
     elif BIAS == BIAS_FULL:
         in_bounds = (rows < seqlen_q)[:, None] & col_ok[None, :]
         s += _log2_bias(tl.load(bias_ptrs, mask=in_bounds, other=0.0))

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from mpt_attention.impl.triton.common import (
-    LN2, LOG2E, bias_pointers, dropout_keep, key_block_range, live_keys, score_tile, sequence_bounds,
+    LOG2E, bias_pointers, dropout_keep, encode_lse, key_block_range, live_keys, score_tile, sequence_bounds,
 )
 
 
@@ -151,10 +151,8 @@ def _attn_fwd_kernel(
     )
 
     # Rows that saw no key (l = 0) are defined as 0 with a log-sum-exp of -inf.
-    live = l_i > 0.0
-    l_safe = tl.where(live, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(live, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    lse = encode_lse(m_i, l_i, BIAS)
     o_base = Out + b64 * stride_ob + h64 * stride_oh + (q_start + start_m) * stride_os
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])

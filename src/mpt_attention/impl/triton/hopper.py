@@ -88,7 +88,7 @@ def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     return TensorDescriptor(x, [batch, seq, heads * dim], [x.stride(0), x.stride(1), 1], [1, rows, dim], _TILE_LAYOUT)
 
 
-def _bias_dims_on(bias: torch.Tensor) -> tuple[int, int]:
+def bias_dims_on(bias: torch.Tensor) -> tuple[int, int]:
     """(b_on, h_on): 1 where the (B|1, H|1, 1, S_k) bias varies over batch / heads, 0 where it broadcasts
     (size 1 or stride 0); the kernels index it with ``b * b_on``, ``h * h_on``."""
     return int(bias.shape[0] > 1 and bias.stride(0) != 0), int(bias.shape[1] > 1 and bias.stride(1) != 0)
@@ -102,26 +102,13 @@ def _bias_view(bias: torch.Tensor):
     elem = bias.element_size()
     if (s_k > 1 and bias.stride(3) != 1) or bias.data_ptr() % 16:
         return None
-    b_on, h_on = _bias_dims_on(bias)
+    b_on, h_on = bias_dims_on(bias)
     row = -(-s_k * elem // 16) * 16 // elem  # a 16-byte multiple at least one row long
     stride_h = bias.stride(1) if h_on else row
     stride_b = bias.stride(0) if b_on else stride_h * (n_h if h_on else 1)
     if (stride_h * elem) % 16 or (stride_b * elem) % 16:
         return None
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
-
-
-def _aligned_bias_rows(bias: torch.Tensor) -> torch.Tensor:
-    """A copy of a bias row the copy engine cannot read (MPT slices its bias built for the longest
-    sequence, so the base of ``bias[..., -s_k:]`` is 16-byte aligned only when s_k is a multiple of
-    16 bytes): (B', H', 1, S_k) in the same dtype, rows padded to 16 bytes, broadcast dims kept at size 1.
-    O(B' * H' * S_k), once per call."""
-    (n_b, n_h, _, s_k), (b_on, h_on) = bias.shape, _bias_dims_on(bias)
-    rows = bias[: n_b if b_on else 1, : n_h if h_on else 1]
-    per_16_bytes = 16 // bias.element_size()
-    padded = torch.empty((*rows.shape[:3], -(-s_k // per_16_bytes) * per_16_bytes), dtype=bias.dtype,
-                         device=bias.device)
-    return padded[..., :s_k].copy_(rows)
 
 
 def slope_args(slopes, dummy):
@@ -139,12 +126,8 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
     slopes, slope_strides = slope_args(slopes, lse)
     bias_desc, b_on, h_on = None, 0, 0
-    if bias is not None:
-        view = _bias_view(bias)
-        if view is None:
-            bias = _aligned_bias_rows(bias)
-            view = _bias_view(bias)
-        shape, strides, b_on, h_on = view
+    if bias is not None:  # launch.forward has converted it (launch._log2_bias_rows): float32, aligned rows
+        shape, strides, b_on, h_on = _bias_view(bias)
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
         bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
     grid = (triton.cdiv(s_q, BLOCK_M), batch * n_heads)
@@ -169,7 +152,7 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     slopes, slope_strides = slope_args(slopes, lse)
     bias_args, b_on, h_on = (lse, 0, 0, 0), 0, 0  # a never-read dummy without a bias
     if bias is not None:  # read with plain loads here (one value per tile row): any strides do
-        b_on, h_on = _bias_dims_on(bias)
+        b_on, h_on = bias_dims_on(bias)
         bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
     grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv)
     _hopper_bwd_dkdv_kernel[grid](

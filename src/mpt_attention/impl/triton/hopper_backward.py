@@ -26,7 +26,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from mpt_attention.impl.triton.hopper_forward import log2_bias
+from mpt_attention.impl.triton.hopper_forward import decode_lse2
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
@@ -57,9 +57,10 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem,
 
 @gluon.jit
 def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk, keys, seqlen_k):
-    """The bias row at this warpgroup's keys for (batch b, query head h), log2 units (0 past S_k)."""
+    """The bias row at this warpgroup's keys for (batch b, query head h): float32 in log2 units already
+    (launch._log2_bias_rows), 0 past S_k."""
     row = Bias + (b * bias_b_on).to(gl.int64) * stride_bb + (h * bias_h_on).to(gl.int64) * stride_bh
-    return log2_bias(gl.load(row + keys.to(gl.int64) * stride_bk, mask=keys < seqlen_k, other=0.0))
+    return gl.load(row + keys.to(gl.int64) * stride_bk, mask=keys < seqlen_k, other=0.0)
 
 
 @gluon.jit
@@ -111,9 +112,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
         queries = start_m + offs_m
         q_ok = queries < seqlen_q
         # rows past S_q: lse = +inf makes P (and so dS) zero there
-        lse2 = gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")) * _LOG2E
         # a row that saw no key (all its bias -inf) has LSE -inf: +inf makes its P 0, not NaN
-        lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+        lse2 = decode_lse2(gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")), BIAS_ROW)
         delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
         q = q_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
         do = do_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])

@@ -37,17 +37,20 @@ _LOG2E = gl.constexpr(1.4426950408889634)
 _LN2 = gl.constexpr(0.6931471805599453)
 _HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
 _ROW_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
-_FLOAT32_MIN = gl.constexpr(-3.4028234663852886e38)
+# soft masks: the constants of common.py (the score, the encoded log-sum-exp)
+_SOFT_SCORE = gl.constexpr(-1.2676506002282294e30)
+_SOFT_LSE = gl.constexpr(-1.2676506002282294e30)
+_SOFT_COUNT_UNIT = gl.constexpr(1.5111572745182865e23)
+_SOFT_MAX_COUNT = gl.constexpr(8388607.0)
 
 
 @gluon.jit
-def log2_bias(raw):
-    """Bias values in log2 units, as common._log2_bias: -inf stays -inf (the key is removed), finite values
-    stay finite. MPT folds padding into its bias row as finfo(float32).min, which times log2(e) would
-    overflow to -inf and turn a row that sees only such keys into an empty one (output 0) instead of the
-    softmax over them that natural-unit math gives (docs/errors.md)."""
-    raw32 = raw.to(gl.float32)
-    return gl.where(raw32 == float("-inf"), float("-inf"), gl.maximum(raw32 * _LOG2E, _FLOAT32_MIN))
+def decode_lse2(lse, BIAS_ROW: gl.constexpr):
+    """common.decode_lse2: the backward's per-row offset in log2 units from a stored log-sum-exp."""
+    lse2 = lse * _LOG2E
+    if BIAS_ROW:
+        lse2 = gl.where(lse <= _SOFT_LSE, _SOFT_SCORE, lse2)
+    return gl.where(lse == float("-inf"), float("inf"), lse2)
 
 
 @gluon.jit
@@ -130,7 +133,7 @@ def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.cons
         mbarrier.wait(v_ready.index(stage), phase)
         # unswizzled (swizzle_byte_width=0), so the [1, 1, BLOCK_N] box is a plain row of BLOCK_N values
         row = bias_smem.index(stage)._reinterpret(bias_smem.dtype, [BLOCK_N], _ROW_LAYOUT)
-        bias2 = log2_bias(row.load(col_layout))
+        bias2 = row.load(col_layout)  # float32, log2 units already (launch._log2_bias_rows)
         if ALIBI == 1:
             terms = alibi_cols + bias2
         else:
@@ -209,7 +212,10 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
     q.store(out.to(dtype))  # this warpgroup's Q is no longer read: its buffer stages the output
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [b, row0, q_col], q3)
-    lse = gl.where(live, (m_i + gl.log2(l_safe)) * _LN2, float("-inf"))
+    lse = (m_i + gl.log2(l_safe)) * _LN2
+    if BIAS_ROW:  # a soft-masked row keeps its key count (common.encode_lse)
+        lse = gl.where(m_i == _SOFT_SCORE, _SOFT_LSE - gl.minimum(l_i, _SOFT_MAX_COUNT) * _SOFT_COUNT_UNIT, lse)
+    lse = gl.where(live, lse, float("-inf"))
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
     tma.store_wait(0)
 

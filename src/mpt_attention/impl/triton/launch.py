@@ -14,7 +14,7 @@ import triton
 
 from mpt_attention.impl.triton import hopper
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
-from mpt_attention.impl.triton.common import _dropout_mask_kernel
+from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -94,6 +94,23 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
         HAS_KPM=kpm is not None, HAS_SEQID=seqid is not None, HAS_PREFIX=prefix is not None,
     )
     return pointers, kv_range if kv_range is not None else dummy, bias_strides + slope_strides + row_strides, flags
+
+
+def _log2_bias_rows(bias: torch.Tensor) -> torch.Tensor:
+    """A bias row ``(B|1, H|1, 1, S_k)`` (any strides, dtype) as the kernels read it: float32 log2 units
+    (common.log2_bias_rows_kernel), broadcast dims kept at size 1, rows padded to 16 bytes so the copy
+    engine can read them. O(B' * H' * S_k), once per call."""
+    n_b, n_h, _, s_k = bias.shape
+    b_on, h_on = hopper.bias_dims_on(bias)
+    rows_b, rows_h = (n_b if b_on else 1), (n_h if h_on else 1)
+    padded = torch.empty((rows_b, rows_h, 1, -(-s_k // 4) * 4), dtype=torch.float32, device=bias.device)
+    if rows_b * rows_h and s_k:
+        block = min(1024, max(16, triton.next_power_of_2(s_k)))
+        log2_bias_rows_kernel[(triton.cdiv(s_k, block), rows_b * rows_h)](
+            bias, padded, bias.stride(0) * b_on, bias.stride(1) * h_on, bias.stride(3), padded.stride(0),
+            padded.stride(1), rows_h, s_k, BLOCK=block,
+        )
+    return padded[..., :s_k]
 
 
 def _sequence_spans(seqid: torch.Tensor):
@@ -203,6 +220,8 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``)."""
     q, k, v = (_head_contiguous(x) for x in (q, k, v))
     geo = _Geometry(q, k, cu_q, max_q, max_k)
+    if bias is not None and bias.shape[2] == 1:
+        bias = _log2_bias_rows(bias)
     if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen) is None:
         return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix))
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
@@ -258,21 +277,29 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     varlen = geo.varlen
     delta = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
+    # a bias can soft-mask whole rows (common.SOFT_LSE): the delta kernel then writes dO scaled per row
+    soft_rows = bias is not None
+    dout_in = dout
+    if soft_rows:
+        dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
     # delta has the LSE's layout; packed varlen rows are one long batch row for this row-wise kernel
-    o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
+    o4, do4 = (out.unsqueeze(0), dout_in.unsqueeze(0)) if varlen else (out, dout_in)
     d_batch, d_rows = (1, q.shape[0]) if varlen else (batch, s_q)
     if d_batch * n_heads > 0 and d_rows > 0:
         block = 32 if _INTERPRET else 64
+        dlse_arg = q if dlse is None else dlse.float().contiguous()
         _attn_bwd_delta_kernel[(triton.cdiv(d_rows, block), d_batch * n_heads)](
-            o4, do4, delta, o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0), do4.stride(1),
-            do4.stride(2), n_heads, d_rows, head_dim, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            o4, do4, lse, dlse_arg, delta, dout, o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0),
+            do4.stride(1), do4.stride(2), *(dout.stride()[:3] if soft_rows else (0, 0, 0)), n_heads, d_rows,
+            head_dim, HAS_DLSE=dlse is not None, SOFT_ROWS=soft_rows, BLOCK_M=block,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         )
-    if dlse is not None:
-        delta = delta - dlse.float()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    pointers, kv_range, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
+    # the kernels read a bias row converted (float32, log2 units); dbias keeps the caller's shape and dtype
+    bias_in = _log2_bias_rows(bias) if bias is not None and bias.shape[2] == 1 else bias
+    pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
     bias_mode = 0
     dbias_rows = dbias_full = q  # dummies
     if bias_grad:
@@ -302,7 +329,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # The Hopper dK/dV kernel (no dbias) with the dQ kernel beside it is the fastest backward wherever it
     # applies, also where determinism is not asked for: dQ folded into the general dK/dV kernel with
     # float32 reductions measured 0.61-0.70x of it at D128 on an H200 (benchmarks/NOTES.md)
-    use_hopper = not bias_grad and hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen,
+    use_hopper = not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen,
                                                       dout) is None
     # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
     # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
@@ -335,7 +362,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
 
         def launch_dkdv():
             if use_hopper:
-                hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal,
+                hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias_in, slopes, softmax_scale, causal,
                                      _alibi_mode(slopes, causal, prefix))
             else:
                 _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
