@@ -6,7 +6,6 @@ H_kv key/value heads, D head dim.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -14,6 +13,7 @@ import torch
 
 from mpt_attention import ops
 from mpt_attention.impl import reference, sdpa
+from mpt_attention.impl.device import sm_major
 
 __all__ = ["BACKENDS", "attention", "attention_varlen", "backend_status", "TRITON_MAX_HEAD_DIM"]
 
@@ -29,11 +29,6 @@ _FLASH_MISSING = (
 def triton_interpreting() -> bool:
     """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` at import time)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.cache
-def _sm_major(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]  # asked once: ~10 us of host time per query
 
 
 def backend_status(backend: str, device: torch.device | str | None = None) -> str | None:
@@ -52,7 +47,7 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> st
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available to torch"
-        major = _sm_major(device.index if device.index is not None else torch.cuda.current_device())
+        major = sm_major(device.index if device.index is not None else torch.cuda.current_device())
         return None if major >= 8 else f"needs a GPU of compute capability >= 8.0, got {major}.x"
     if device.type == "cpu":
         return None if triton_interpreting() else "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing"

@@ -9,11 +9,12 @@ kernels everywhere: tests and benchmarks compare the two that way.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
+
+from mpt_attention.impl.device import sm_major
 
 try:
     from triton.experimental.gluon import language as gl
@@ -37,13 +38,6 @@ def tma_aligned(t: torch.Tensor) -> bool:
     """The copy engine's rules: unit last stride, 16-byte aligned base and strides (also launch.py's)."""
     size = t.element_size()
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
-
-
-@functools.cache
-def sm_major(device_index: int) -> int:
-    """The GPU's compute-capability major, asked once per device (the query costs ~10 us of host time).
-    A CUDA tensor's ``device.index`` is always set."""
-    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, dout=None) -> str | None:
