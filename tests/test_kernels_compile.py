@@ -32,6 +32,18 @@ def test_ptx_schedule_tool_runs_and_reads_the_loop():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     # each forward has a loop whose QK^T (wgmma) and softmax (ex2) the tool found
     assert result.stdout.count("forward D=") == 2 and "[M8]" in result.stdout and "[e" in result.stdout
-    # the Gluon kernel keeps the P V product in flight (W1) while the softmax runs
+    # in the PTX the Gluon kernel keeps the P V product in flight (W1) into the softmax (ptxas then hoists
+    # the W0 wait above it: the --sass test below)
     hopper_schedule = result.stdout[result.stdout.index("gluon hopper kernel"):]
     assert "[M8]C[M8]CW1" in hopper_schedule
+
+
+def test_ptx_schedule_tool_reads_the_sass_ptxas_makes():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "ptx_schedule.py"), "--sass"], capture_output=True,
+                            text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("gluon hopper kernel")]
+    assert len(lines) == 2
+    for line in lines:  # the consumer loop: two products in flight, the wait for the scores, the softmax
+        assert "M8 W1" in line and "e66" in line, line

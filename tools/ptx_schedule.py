@@ -1,6 +1,6 @@
 """Print the order of tensor-core, wait, exp2 and copy instructions in the compiled forward loop (sm_90).
 
-    python tools/ptx_schedule.py          (no GPU needed; must run without TRITON_INTERPRET)
+    python tools/ptx_schedule.py [--sass]  (no GPU needed; must run without TRITON_INTERPRET)
 
 One line per basic block: ``[M8]`` eight wgmma instructions, ``C`` a commit, ``W0`` a wait for all
 outstanding wgmma, ``[e34]`` 34 ex2 (the softmax), ``T`` a TMA copy, ``|`` a CTA barrier. FlashAttention-3
@@ -8,10 +8,18 @@ style overlap would show the next block's QK^T wgmma still in flight (``W1``) wh
 3.6/3.7 emit ``[M8] C W0 [e..]``: the tensor cores idle during the softmax (benchmarks/NOTES.md).
 The Gluon Hopper kernel (impl/triton/hopper_forward.py) is printed last: its consumer loop issues
 ``[M8] C`` twice (next scores, then P V) and waits with ``W1`` before the softmax's ex2.
+
+``--sass``: the same order after ptxas (assembled with the ptxas and cuobjdump that ship with Triton),
+which is what runs. ptxas reschedules within a basic block: in the Gluon kernel it hoists the wait for the
+P V product (``W0``), the warpgroup barrier and the V stage's release (``A``, mbarrier arrive) above the
+softmax, so within one warpgroup the softmax does not overlap the P V product (session 8, NOTES).
 """
 
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 
@@ -37,7 +45,36 @@ def schedule(ptx: str) -> str:
     return re.sub(r"([Me])\1{2,}", lambda m: f"[{m.group(1)}{len(m.group())}]", joined)
 
 
+_SASS_TAGS = {"DEPBAR.LE gsb0, 0x0": "W0", "DEPBAR.LE gsb0, 0x1": "W1", "MUFU.EX2": "e", "HGMMA": "M",
+              "SYNCS.ARRIVE": "A", "BAR.SYNC": "|", "UTMALDG": "T", "SYNCS.PHASECHK": "w"}
+
+
+def sass_schedule(ptx: str) -> str:
+    """``schedule``'s tags over the SASS ptxas makes of ``ptx`` (``w``: an mbarrier wait), runs collapsed."""
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, obj = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.o")
+        with open(src, "w") as f:
+            f.write(ptx)
+        subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", src, "-o", obj], check=True)
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", obj], capture_output=True, text=True,
+                              check=True).stdout
+    tags = [_SASS_TAGS[t] for t in re.findall("|".join(re.escape(t) for t in _SASS_TAGS), sass)]
+    runs = []
+    for tag in tags:
+        if runs and runs[-1][0] == tag:
+            runs[-1][1] += 1
+        else:
+            runs.append([tag, 1])
+    return " ".join(f"{tag}{count}" if count > 1 else tag for tag, count in runs)
+
+
 def main() -> int:
+    if "--sass" in sys.argv:
+        for alibi, bias in ((1, None), (0, "fp32")):
+            kernel = compile_hopper_kernel(128, causal=True, alibi=alibi, bias=bias)
+            print(f"gluon hopper kernel D=128 alibi={alibi} bias={bias}, SASS: {sass_schedule(kernel.asm['ptx'])}")
+        return 0
     flags = dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False,
                  VARLEN=False, KV_DESC=True, DOT_PRECISION="tf32")
     for head_dim in (64, 128):
