@@ -45,7 +45,8 @@ def schedule(ptx: str) -> str:
     return re.sub(r"([Me])\1{2,}", lambda m: f"[{m.group(1)}{len(m.group())}]", joined)
 
 
-_SASS_TAGS = {"DEPBAR.LE gsb0, 0x0": "W0", "DEPBAR.LE gsb0, 0x1": "W1", "MUFU.EX2": "e", "HGMMA": "M",
+_SASS_TAGS = {"DEPBAR.LE gsb0, 0x0": "W0", "DEPBAR.LE gsb0, 0x1": "W1", "DEPBAR.LE gsb0, 0x2": "W2",
+              "MUFU.EX2": "e", "HGMMA": "M",
               "SYNCS.ARRIVE": "A", "BAR.SYNC": "|", "UTMALDG": "T", "SYNCS.PHASECHK": "w"}
 
 
