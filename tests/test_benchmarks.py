@@ -46,3 +46,23 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| B1 H1/1 S8 D16 | 300 | 400 | 310 | 0.75 | - | - | 0.97 | - | - |" in out
     assert "| padding | x | fwd | triton-varlen | 0.500 | 90.0 | n |" in out
+
+
+def test_ab_script_prepares_packages_and_alternates_them(tmp_path):
+    """benchmarks/ab.sh: ``prepare`` archives a revision's package, ``run`` alternates package dirs."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the git checkout")
+    script = ROOT / "benchmarks" / "ab.sh"
+    subprocess.run(["bash", str(script), "prepare", "HEAD"], cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "AB_DIR": str(tmp_path)})
+    assert (tmp_path / "HEAD" / "mpt_attention" / "__init__.py").exists()
+    show = "python -c 'import mpt_attention, pathlib; print(pathlib.Path(mpt_attention.__file__).parts[-3])'"
+    out = subprocess.run(["bash", str(script), "run", "2", show, str(tmp_path / "HEAD"), "src"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.split()
+    head = str(tmp_path / "HEAD")
+    assert out == ["==", head, "round", "1", "HEAD", "==", "src", "round", "1", "src",
+                   "==", head, "round", "2", "HEAD", "==", "src", "round", "2", "src"]
