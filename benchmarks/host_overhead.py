@@ -1,7 +1,7 @@
 """Host cost per call of our op, its effect on a short kernel's measured time, and each kernel's share
 of a forward+backward (benchmarks/NOTES.md, "host cost"):
 
-    python benchmarks/host_overhead.py [--fa4] [--kernels]
+    python benchmarks/host_overhead.py [--fa4] [--kernels] [--profile-backward]
 
 1. Host microseconds per call on a tiny shape (the GPU waits on the host): forward and forward+backward,
    Hopper and general kernels, SDPA cuDNN beside them.
@@ -10,6 +10,7 @@ of a forward+backward (benchmarks/NOTES.md, "host cost"):
 With ``--fa4``, 1 and 3 again after importing flash-attn-4 (``/tmp/fa4site``, see gpu_run.sh) and
 compiling FlexAttention: the benchmark's process holds both.
 4. With ``--kernels``: kernel durations inside one forward+backward of each path (torch.profiler), two shapes.
+5. With ``--profile-backward``: cProfile of forward+backward calls (tiny shape, Hopper path).
 """
 
 from __future__ import annotations
@@ -125,6 +126,24 @@ def profile_forward():
     pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
 
 
+def profile_backward():
+    """cProfile of forward+backward calls (tiny shape, Hopper path): where the host time of a training
+    step goes beyond the forward's (autograd engine, launch.backward, the Gluon launch, the side stream)."""
+    q, k, v, slopes = inputs(1, 16, 128, 128)
+    step = with_backward(ours(q, k, v, slopes, True))
+    host_us(step, 20)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        q.grad = k.grad = v.grad = None  # as the benchmark's grad_to_none: no accumulation kernels
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("cumulative").print_stats(45)
+    stats.sort_stats("tottime").print_stats(25)
+
+
 def short_kernel_table(label):
     q, k, v, slopes = inputs(8, 16, 2048, 128)
     for rep in range(2):
@@ -167,6 +186,8 @@ def main():
         short_kernel_table("fa4+flex")
     if "--kernels" in sys.argv:
         kernel_shares()
+    if "--profile-backward" in sys.argv:
+        profile_backward()
 
 
 if __name__ == "__main__":

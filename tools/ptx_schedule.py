@@ -10,9 +10,11 @@ The Gluon Hopper kernel (impl/triton/hopper_forward.py) is printed last: its con
 ``[M8] C`` twice (next scores, then P V) and waits with ``W1`` before the softmax's ex2.
 
 ``--sass``: the same order after ptxas (assembled with the ptxas and cuobjdump that ship with Triton),
-which is what runs. ptxas reschedules within a basic block: in the Gluon kernel it hoists the wait for the
-P V product (``W0``), the warpgroup barrier and the V stage's release (``A``, mbarrier arrive) above the
-softmax, so within one warpgroup the softmax does not overlap the P V product (session 8, NOTES).
+which is what runs. ptxas reschedules within a basic block and puts a wait as early as it may: in the Gluon
+kernel the wait for the P V product (``W0``), the warpgroup barrier and the V stage's release (``A``,
+mbarrier arrive) come above the softmax, so within one warpgroup the softmax does not overlap the P V
+product. A wait alone in a basic block of its own stays put; the overlap that buys measured slower
+(session 9, benchmarks/NOTES.md).
 """
 
 import os
