@@ -1,7 +1,7 @@
 """Host cost per call of our op, its effect on a short kernel's measured time, and each kernel's share
 of a forward+backward (benchmarks/NOTES.md, "host cost"):
 
-    python benchmarks/host_overhead.py [--fa4] [--kernels] [--profile-backward]
+    python benchmarks/host_overhead.py [--fa4] [--kernels] [--profile-backward] [--graph]
 
 1. Host microseconds per call on a tiny shape (the GPU waits on the host): forward and forward+backward,
    Hopper and general kernels, SDPA cuDNN beside them.
@@ -11,6 +11,7 @@ With ``--fa4``, 1 and 3 again after importing flash-attn-4 (``/tmp/fa4site``, se
 compiling FlexAttention: the benchmark's process holds both.
 4. With ``--kernels``: kernel durations inside one forward+backward of each path (torch.profiler), two shapes.
 5. With ``--profile-backward``: cProfile of forward+backward calls (tiny shape, Hopper path).
+6. With ``--graph``: B8 S2048 forward+backward eager against replayed from a CUDA graph, ours and cuDNN.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def ours(q, k, v, slopes, use_hopper):
 
 
 def cudnn(q, k, v):
-    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    return cudnn_on(*(x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)))
 
+
+def cudnn_on(qh, kh, vh):
     def run():
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
@@ -144,6 +147,32 @@ def profile_backward():
     stats.sort_stats("tottime").print_stats(25)
 
 
+def graph_table():
+    """B8 H16 S2048 D128 causal ALiBi forward+backward, eager against replayed from a CUDA graph (no host
+    work): how much of the eager step's time is the host's. cuDNN through SDPA (no ALiBi) beside it."""
+    q, k, v, slopes = inputs(8, 16, 2048, 128)
+    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    providers = (("ours (hopper)", ours(q, k, v, slopes, True), [q, k, v]), ("cudnn", cudnn_on(qh, kh, vh), [qh, kh, vh]))
+    for name, fwd, leaves in providers:
+        dout = torch.randn_like(fwd())
+
+        def step(fwd=fwd, leaves=leaves, dout=dout):
+            return torch.autograd.grad(fwd(), leaves, dout)
+
+        eager_ms = do_bench(step, warmup=25, rep=100, return_mode="median")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph_ms = do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+        print(f"[graph] B8 H16 S2048 D128 fwd_bwd {name:14s} eager {eager_ms:.3f} ms  graph replay {graph_ms:.3f} ms",
+              flush=True)
+
+
 def short_kernel_table(label):
     q, k, v, slopes = inputs(8, 16, 2048, 128)
     for rep in range(2):
@@ -166,6 +195,9 @@ def kernel_shares():
 
 
 def main():
+    if sys.argv[1:] == ["--graph"]:  # alone: skip the host tables
+        graph_table()
+        return
     layer_table()
     host_table("plain")
     profile_forward()
@@ -188,6 +220,8 @@ def main():
         kernel_shares()
     if "--profile-backward" in sys.argv:
         profile_backward()
+    if "--graph" in sys.argv:
+        graph_table()
 
 
 if __name__ == "__main__":
