@@ -8,12 +8,15 @@ splits into three roles (FlashAttention-3's layout):
 * a loader warp streams K and V tiles through the copy engine (TMA) into two shared-memory stages,
   waiting on an "empty" mbarrier per stage before reusing it and signalling a "ready" one;
 * two consumer warpgroups each own 64 query rows. They run independently (no CTA-wide barrier in
-  the loop), so one warpgroup's softmax overlaps the other's matrix products, and within each the
-  next block's scores are computed while the softmax of the current one runs:
+  the loop), so one warpgroup's softmax overlaps the other's matrix products:
 
       block j:  issue S_j = Q K_j^T (async);  issue O += P_{j-1} V_{j-1} (async)
                 wait for S_j; release K_j's stage;  softmax of S_j -> P_j, alpha_j
                 wait for the P V product; release V_{j-1}'s stage;  O *= alpha_j
+
+  ptxas moves the second wait (and the release after it) above the softmax, so within a warpgroup
+  S_j and P_{j-1} V_{j-1} run back to back and the softmax after them. Forcing the overlap measured
+  7% slower (session 9, benchmarks/NOTES.md).
 
 Block j lives in stage j % 2; its barriers' phase is (j // 2) % 2.
 
