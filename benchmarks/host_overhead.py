@@ -30,7 +30,7 @@ from triton.testing import do_bench
 
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper
-from mpt_attention.testing import profile_kernels
+from mpt_attention.testing import capture_cuda_graph, profile_kernels
 
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -160,14 +160,7 @@ def graph_table():
             return torch.autograd.grad(fwd(), leaves, dout)
 
         eager_ms = do_bench(step, warmup=25, rep=100, return_mode="median")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph, _ = capture_cuda_graph(step)
         graph_ms = do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
         print(f"[graph] B8 H16 S2048 D128 fwd_bwd {name:14s} eager {eager_ms:.3f} ms  graph replay {graph_ms:.3f} ms",
               flush=True)

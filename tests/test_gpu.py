@@ -7,7 +7,8 @@ import mpt_attention as M
 from mpt_attention import ops
 from mpt_attention.impl.triton import hopper
 from mpt_attention.testing import (
-    AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, make_inputs, reference_attention,
+    AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, capture_cuda_graph, make_inputs,
+    reference_attention,
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -25,20 +26,6 @@ CASES = [
 
 def _grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
-
-
-def _capture(fn):
-    """``fn`` captured in a CUDA graph after one warm-up run off the capture (compiles, allocator state):
-    ``(graph, what the captured call returned)``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
-    return graph, result
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -121,7 +108,7 @@ def test_forward_replays_in_a_cuda_graph(s_q):
     def run():
         return M.attention(q, k, v, backend="triton", **kw)
 
-    graph, out = _capture(run)
+    graph, out = capture_cuda_graph(run)
     for _ in range(2):
         for t in (q, k, v):
             t.copy_(torch.randn_like(t))
@@ -272,7 +259,7 @@ def test_backward_replays_in_a_cuda_graph(head_dim):
     def step():
         return _grads(M.attention(q, k, v, backend="triton", **kw), [q, k, v], dout)
 
-    graph, grads = _capture(step)
+    graph, grads = capture_cuda_graph(step)
     for _ in range(2):
         with torch.no_grad():
             for t in (q, k, v, dout):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["AttnCase", "make_inputs", "reference_attention", "assert_close_to_reference", "attention_flops",
-           "make_varlen_inputs", "reference_attention_varlen", "assert_compiled_matches_eager"]
+           "make_varlen_inputs", "reference_attention_varlen", "assert_compiled_matches_eager", "capture_cuda_graph"]
 
 
 @dataclass
@@ -215,6 +215,20 @@ def profile_kernels(step, steps: int = 3) -> list[tuple[float, int, str]]:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     return [(e.device_time_total / steps / 1000, e.count // steps, e.key)
             for e in sorted(events, key=lambda e: -e.device_time_total)]
+
+
+def capture_cuda_graph(fn):
+    """``fn`` captured in a CUDA graph after one warm-up run off the capture (compiles, allocator state):
+    ``(graph, what the captured call returned)``. GPU tests replay it; benchmarks time its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
 
 
 def attention_flops(batch: int, n_heads: int, s_q: int, s_k: int, head_dim: int, causal: bool, mode: str = "fwd") -> float:
