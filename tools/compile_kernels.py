@@ -5,7 +5,10 @@ Catches compile errors and shows shared-memory use and local-memory traffic (spi
 """
 
 import itertools
+import os
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -86,19 +89,25 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype)
 
 
+def triton_tool(name: str) -> str:
+    """Path of a CUDA tool that ships with Triton (ptxas, cuobjdump): the versions its kernels are built with."""
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def assemble(ptx: str, workdir: str, *flags: str) -> tuple[str, str]:
+    """``ptx`` assembled for sm_90a by Triton's ptxas in ``workdir``: ``(object file path, ptxas's stderr)``."""
+    src, obj = os.path.join(workdir, "k.ptx"), os.path.join(workdir, "k.o")
+    with open(src, "w") as f:
+        f.write(ptx)
+    result = subprocess.run([triton_tool("ptxas"), "-arch=sm_90a", *flags, src, "-o", obj], capture_output=True,
+                            text=True, check=True)
+    return obj, result.stderr
+
+
 def _spills(kernel) -> str:
     """ptxas's spill report for a compiled kernel (the PTX is re-assembled with Triton's own ptxas)."""
-    import os
-    import subprocess
-    import tempfile
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(kernel.asm["ptx"])
-        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o", os.path.join(tmp, "k.o")], capture_output=True,
-                             text=True).stderr
+        log = assemble(kernel.asm["ptx"], tmp, "-v")[1]
     return next((line.strip() for line in log.splitlines() if "spill" in line), "no report")
 
 

@@ -17,7 +17,6 @@ product. A wait alone in a basic block of its own stays put; the overlap that bu
 (session 9, benchmarks/NOTES.md).
 """
 
-import os
 import re
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import tempfile
 
 import triton
 
-from compile_kernels import compile_hopper_kernel, compile_kernel
+from compile_kernels import assemble, compile_hopper_kernel, compile_kernel, triton_tool
 from mpt_attention.impl.triton import launch
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
@@ -54,13 +53,9 @@ _SASS_TAGS = {"DEPBAR.LE gsb0, 0x0": "W0", "DEPBAR.LE gsb0, 0x1": "W1", "DEPBAR.
 
 def sass_schedule(ptx: str) -> str:
     """``schedule``'s tags over the SASS ptxas makes of ``ptx`` (``w``: an mbarrier wait), runs collapsed."""
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
-        src, obj = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.o")
-        with open(src, "w") as f:
-            f.write(ptx)
-        subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", src, "-o", obj], check=True)
-        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", obj], capture_output=True, text=True,
+        obj, _ = assemble(ptx, tmp)
+        sass = subprocess.run([triton_tool("cuobjdump"), "-sass", obj], capture_output=True, text=True,
                               check=True).stdout
     tags = [_SASS_TAGS[t] for t in re.findall("|".join(re.escape(t) for t in _SASS_TAGS), sass)]
     runs = []
