@@ -162,7 +162,6 @@ def test_bias_row_gradients_after_the_hopper_forward(monkeypatch, bias_grad):
             assert_close_to_reference(name, g, r, lo)
 
 
-
 @pytest.mark.parametrize("bias_dtype,route", [
     pytest.param(torch.float32, "hopper", id="fp32-row-hopper"),
     pytest.param(torch.bfloat16, "hopper", id="bf16-row-hopper"),
