@@ -77,6 +77,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, HEAD_DIM, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    st_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
     key_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
     query_layout: gl.constexpr = gl.SliceLayout(0, st_layout)
 
@@ -99,8 +100,9 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
     n_mblocks = gl.cdiv(seqlen_q - lo, _BLOCK_M)
     total = n_groups * n_mblocks
     mbarrier.wait(kv_bar, 0)
+    k_reg = k.load(st_op_layout)
     mbarrier.wait(ready.index(0), 0)
-    st_tok = warpgroup_mma(k, q_smem.index(0).reshape([_BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
+    st_tok = warpgroup_mma(k_reg, q_smem.index(0).reshape([_BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
                            use_acc=False, is_async=True)
     st = warpgroup_mma_wait(0, deps=[st_tok])
     for t in range(total):
@@ -142,7 +144,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
         else:
             nxt = stage
         q_next = q_smem.index(nxt).reshape([_BLOCK_M, HEAD_DIM])
-        st_tok = warpgroup_mma(k, q_next.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        st_tok = warpgroup_mma(k_reg, q_next.permute((1, 0)), st_zero, use_acc=False, is_async=True)
         dpt = warpgroup_mma_wait(2, deps=[dpt_tok])  # in issue order dP^T, dV, S^T_{t+1}: the first is done
         ds = p * (dpt - delta[None, :])
         ds_op = gl.convert_layout(ds.to(dtype), op_layout)
