@@ -222,15 +222,7 @@ def test_atomic_dq_matches_float64_reference(case, monkeypatch):
     inputs = [q, k, v] + ([bias] if bias is not None else [])
     out = M.attention(q, k, v, backend="triton", deterministic=False, **kw)
     dout = torch.randn_like(out)
-    grads = _grads(out, inputs, dout)
-    ref_in = [x.detach().double().requires_grad_() for x in inputs]
-    ref, _ = reference_attention(*ref_in[:3], **{**kw, "attn_bias": ref_in[3] if bias is not None else None})
-    low_in = [x.detach().clone().requires_grad_() for x in inputs]
-    low, _ = reference_attention(*low_in[:3], compute_dtype=torch.bfloat16,
-                                 **{**kw, "attn_bias": low_in[3] if bias is not None else None})
-    for name, g, r, lo in zip(["dq", "dk", "dv", "dbias"], grads, _grads(ref, ref_in, dout.double()),
-                              _grads(low, low_in, dout.to(low.dtype))):
-        assert_close_to_reference(name, g, r, lo)
+    assert_gradients_close_to_reference(out, _grads(out, inputs, dout), inputs, kw, dout, torch.bfloat16)
 
 
 def test_atomic_dq_varies_only_in_rounding_and_dk_dv_stay_bitwise(monkeypatch):

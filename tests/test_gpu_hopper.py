@@ -47,13 +47,7 @@ def test_hopper_backward_matches_float64_reference(case):
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False, dout) is None
     out = M.attention(q, k, v, backend="triton", **kw)
     grads = torch.autograd.grad(out, [q, k, v], dout)
-    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref, _ = reference_attention(*ref_in, **kw)
-    low_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    low, _ = reference_attention(*low_in, compute_dtype=torch.bfloat16, **kw)
-    for name, g, r, lo in zip(["dq", "dk", "dv"], grads, torch.autograd.grad(ref, ref_in, dout.double()),
-                              torch.autograd.grad(low, low_in, dout)):
-        assert_close_to_reference(name, g, r, lo)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
 def test_hopper_backward_is_bitwise_deterministic():
@@ -145,21 +139,15 @@ def test_bias_row_gradients_after_the_hopper_forward(monkeypatch, bias_grad):
     kw["attn_bias"].requires_grad_(bias_grad)
     wrt = [q, k, v, kw["attn_bias"]] if bias_grad else [q, k, v]
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
-    runs = []
+    outs, runs = [], []
     for enabled in (True, False):
         monkeypatch.setattr(hopper, "ENABLED", enabled)
-        out = M.attention(q, k, v, backend="triton", **kw)
-        runs.append(torch.autograd.grad(out, wrt, dout))
+        outs.append(M.attention(q, k, v, backend="triton", **kw))
+        runs.append(torch.autograd.grad(outs[-1], wrt, dout))
     for name, a, b in zip(["dq", "dk", "dv", "dbias"], *runs):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
     if not bias_grad:
-        ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
-        ref, _ = reference_attention(*ref_in, **kw)
-        low_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-        low, _ = reference_attention(*low_in, compute_dtype=torch.bfloat16, **kw)
-        for name, g, r, lo in zip(["dq", "dk", "dv"], runs[0], torch.autograd.grad(ref, ref_in, dout.double()),
-                                  torch.autograd.grad(low, low_in, dout)):
-            assert_close_to_reference(name, g, r, lo)
+        assert_gradients_close_to_reference(outs[0], runs[0], [q, k, v], kw, dout, torch.bfloat16)
 
 
 @pytest.mark.parametrize("bias_dtype,route", [
