@@ -23,9 +23,10 @@ vs 2.14 ms, B2 H16 S8192). V in registers as well spills 268 bytes and makes ptx
 
 No atomics: the program owns the dK, dV rows it writes, so the kernel is deterministic. dQ comes from
 the general Triton kernel: a Gluon dQ kernel in this layout measured 1.3x slower than it (branch
-``wip/hopper-dq``, benchmarks/NOTES.md). Dispatched at D=128 only, where it is 12% faster than the
-general dK/dV kernel (2.15 vs 2.44 ms, B2 H16 S8192; at D=64 it is slower); scope otherwise as the
-Hopper forward (``hopper.py``).
+``wip/hopper-dq``, benchmarks/NOTES.md). Dispatched at D=128 only, where it was already 12% faster than
+the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms, B2 H16 S8192; at D=64 it is
+slower, 0.84x the general kernel when measured in session 3, benchmarks/NOTES.md);
+scope otherwise as the Hopper forward (``hopper.py``).
 """
 
 from triton.experimental import gluon
