@@ -30,6 +30,9 @@ except Exception as exc:  # a Triton without Gluon's Hopper module
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
+# head dims the backward sends to the Hopper dK/dV kernel: at 64 the general one is faster (benchmarks/NOTES.md);
+# benchmarks/bwd_kernels.py widens it to time the whole backward both ways
+BWD_HEAD_DIMS = (128,)
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
 LOG2E = 1.4426950408889634
 
@@ -50,8 +53,8 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return f"dtype {q.dtype}"
     if q.shape[-1] not in (64, 128):
         return f"head dim {q.shape[-1]}"
-    if dout is not None and q.shape[-1] != 128:
-        return "head dim 64 in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
+    if dout is not None and q.shape[-1] not in BWD_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
     if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
         return "varlen, masks or dropout"
     if bias is not None:
