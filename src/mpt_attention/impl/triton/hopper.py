@@ -108,6 +108,17 @@ def _bias_view(bias: torch.Tensor):
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
 
 
+L2_GROUP_BYTES = 24 << 20  # K and V of one group of heads (program order, hopper_forward._tile)
+
+
+def heads_per_group(k, n_heads, n_bh):
+    """How many (batch, head) rows the grid runs side by side: as many as keep their K and V (read by every
+    query tile of the head) within ``L2_GROUP_BYTES``, so that running tiles longest first across heads
+    does not stream K and V from memory once per tile."""
+    per_head = 2 * k.shape[1] * k.shape[3] * k.element_size() * k.shape[2] / n_heads
+    return max(1, min(n_bh, int(L2_GROUP_BYTES // max(per_head, 1))))
+
+
 def slope_args(slopes, dummy):
     """(pointer, (batch stride, head stride)) for (H,) or (B, H) slopes; a never-read dummy without."""
     if slopes is None:
@@ -127,13 +138,13 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
         shape, strides, b_on, h_on = _bias_view(bias)
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
         bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
-    grid = (triton.cdiv(s_q, BLOCK_M), batch * n_heads)
+    grid = (triton.cdiv(s_q, BLOCK_M) * batch * n_heads,)
     _hopper_fwd_kernel[grid](
         _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M), bias_desc,
         lse, slopes, n_heads * s_q, s_q, *slope_strides,
         n_heads, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
-        num_warps=4,
+        heads_per_group(k, n_heads, batch * n_heads), IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N,
+        HEAD_DIM=head_dim, BIAS_ROW=bias is not None, num_warps=4,
     )
     return out, lse
 

@@ -142,6 +142,21 @@ def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.cons
 
 
 @gluon.jit
+def tile_order(pid, n_m, n_bh, heads_per_group):
+    """(query tile, batch * head) of program ``pid``: tiles run longest first across a group of heads.
+    Causal tiles near the bottom see the most keys; run per head, the last head's longest tiles would start
+    near the end and finish last (8% of the kernel at S 8192, benchmarks/NOTES.md). A group's K and V fit in
+    L2 together (``heads_per_group``, hopper.py); the one smaller group goes first, so the last group spreads
+    over every SM."""
+    pad = (heads_per_group - n_bh % heads_per_group) % heads_per_group
+    group = (pid + pad * n_m) // (heads_per_group * n_m)
+    first = gl.maximum(group * heads_per_group - pad, 0)
+    size = group * heads_per_group + heads_per_group - pad - first
+    r = pid - first * n_m
+    return n_m - 1 - r // size, first + r % size
+
+
+@gluon.jit
 def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                         o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
                         qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -224,7 +239,7 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
 def _hopper_fwd_kernel(
     q_desc, k_desc, v_desc, o_desc, bias_desc, Lse, Slopes,
     stride_lb, stride_lh, stride_slb, stride_slh,
-    n_heads, n_groups, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on,
+    n_heads, n_groups, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     BIAS_ROW: gl.constexpr,
 ):
@@ -239,9 +254,9 @@ def _hopper_fwd_kernel(
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
     BLOCK_M: gl.constexpr = 2 * _HALF_M
 
-    # Causal rows near the bottom see the most keys: start those first so they do not finish last.
-    start_m = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
-    bh = gl.program_id(1)
+    n_m = gl.cdiv(seqlen_q, BLOCK_M)
+    start_m, bh = tile_order(gl.program_id(0), n_m, gl.num_programs(0) // n_m, heads_per_group)
+    start_m = start_m * BLOCK_M
     b = bh // n_heads
     h = bh % n_heads
     kv_h = h // n_groups
