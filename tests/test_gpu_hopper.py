@@ -205,6 +205,22 @@ def test_hopper_dkdv_with_a_bias_row_that_masks_whole_rows(monkeypatch):
         torch.testing.assert_close(a.float(), ref.float(), rtol=2e-2, atol=2e-2, msg=name)
 
 
+@pytest.mark.parametrize("group", [1, 3, 8], ids=["a-group-per-head", "groups-of-3-of-8-heads", "one-group"])
+def test_hopper_forward_runs_every_tile_in_any_head_grouping(monkeypatch, group):
+    # the grid's order (hopper_forward.tile_order): longest tiles first within groups of heads, the one
+    # smaller group first; 3 query tiles by 8 (batch, head) rows here
+    case = AttnCase(2, 300, 300, 4, 2, 64, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    per_head = 2 * k[0, :, 0].numel() * k.element_size() * k.shape[2] / q.shape[2]  # K and V per query head
+    monkeypatch.setattr(hopper, "L2_GROUP_BYTES", per_head * group)
+    assert hopper.heads_per_group(k, q.shape[2], 8) == group
+    out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw)
+    low, _ = reference_attention(q, k, v, compute_dtype=torch.bfloat16, **kw)
+    assert_close_to_reference("out", out, ref, low)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+
+
 def test_hopper_and_general_kernels_agree_and_gradients_flow(monkeypatch):
     (q, k, v), kw = make_inputs(AttnCase(2, 700, 700, 8, 2, 128, causal=True, alibi=True), dtype=torch.bfloat16,
                                 device="cuda", requires_grad=True)
