@@ -125,3 +125,15 @@ def test_backward_also_needs_an_eligible_output_gradient():
 def test_disabled_switch(monkeypatch):
     monkeypatch.setattr(hopper, "ENABLED", False)
     assert _why(*_qkv()) == "disabled"
+
+
+@pytest.mark.parametrize("s_k, d, h, h_kv, n_bh, expected", [
+    pytest.param(8192, 128, 16, 16, 32, 6, id="S8192-D128-MHA: 4 MB of K and V per head"),
+    pytest.param(8192, 128, 32, 4, 64, 48, id="GQA-32-4: eight query heads share each K and V"),
+    pytest.param(2048, 128, 16, 16, 128, 24, id="S2048: 1 MB per head"),
+    pytest.param(128, 64, 4, 4, 8, 8, id="short: every head in one group"),
+    pytest.param(262144, 128, 1, 1, 1, 1, id="longer than the budget: one head"),
+])
+def test_forward_head_groups_keep_k_and_v_within_the_l2_budget(s_k, d, h, h_kv, n_bh, expected):
+    k = torch.empty(1, s_k, h_kv, d, dtype=torch.bfloat16, device="meta")
+    assert hopper.heads_per_group(k, h, n_bh) == expected
