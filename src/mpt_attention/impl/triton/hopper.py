@@ -108,7 +108,7 @@ def _bias_view(bias: torch.Tensor):
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
 
 
-L2_GROUP_BYTES = 24 << 20  # K and V of one group of heads (program order, hopper_forward._tile)
+L2_GROUP_BYTES = 24 << 20  # K and V of one group of heads (program order, hopper_forward.tile_order)
 
 
 def heads_per_group(k, n_heads, n_bh):

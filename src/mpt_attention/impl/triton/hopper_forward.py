@@ -255,8 +255,8 @@ def _hopper_fwd_kernel(
     BLOCK_M: gl.constexpr = 2 * _HALF_M
 
     n_m = gl.cdiv(seqlen_q, BLOCK_M)
-    start_m, bh = tile_order(gl.program_id(0), n_m, gl.num_programs(0) // n_m, heads_per_group)
-    start_m = start_m * BLOCK_M
+    m, bh = tile_order(gl.program_id(0), n_m, gl.num_programs(0) // n_m, heads_per_group)
+    start_m = m * BLOCK_M
     b = bh // n_heads
     h = bh % n_heads
     kv_h = h // n_groups
