@@ -8,6 +8,8 @@
 #   GPU machine: bash benchmarks/ab.sh run ROUNDS "python3 benchmarks/bias_row.py" ab/REV src [...]
 #                  runs the command ROUNDS times per package directory, alternating, each under its own
 #                  PYTHONPATH, with a "== DIR round N" line before each run
+#   then:        python3 benchmarks/ab_summary.py LOG [--metric NAME ...] [--pick RATIO]
+#                  each measurement's mean and speed against the first DIR; --pick prints the winner
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -33,7 +35,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,14p' "$0" >&2
     exit 2
     ;;
 esac

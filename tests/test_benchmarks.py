@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script", ["bench_attention", "tune_blocks", "tune_dkdv", "fwd_variants", "summarize",
-                                    "host_overhead", "bwd_kernels", "bias_row"])
+                                    "host_overhead", "bwd_kernels", "bias_row", "ab_summary"])
 def test_benchmark_scripts_import(script):
     pytest.importorskip("triton")
     spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")
@@ -66,3 +66,31 @@ def test_ab_script_prepares_packages_and_alternates_them(tmp_path):
     head = str(tmp_path / "HEAD")
     assert out == ["==", head, "round", "1", "HEAD", "==", "src", "round", "1", "src",
                    "==", head, "round", "2", "HEAD", "==", "src", "round", "2", "src"]
+
+
+def test_ab_summary_reads_speeds_from_an_alternated_log(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("ab_summary", ROOT / "benchmarks" / "ab_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    log = tmp_path / "ab.log"
+    log.write_text("""== ab/main round 1
+fwd B2 H16/16 S8192 D128  slopes 500  no-bias 520  | row / slopes: fp32 0.950
+B2 H16 S8192 D128: backward general 3.800 ms, dispatched 3.400 ms; hopper dK/dV 2.000 ms (rel. diff: dk 1.9e-03)
+== ab/new round 1
+fwd B2 H16/16 S8192 D128  slopes 540  no-bias 500  | row / slopes: fp32 0.990
+B2 H16 S8192 D128: backward general 3.800 ms, dispatched 3.200 ms; hopper dK/dV 2.500 ms (rel. diff: dk 1.9e-03)
+== ab/main round 2
+fwd B2 H16/16 S8192 D128  slopes 520  no-bias 520  | row / slopes: fp32 0.950
+""")
+    runs, in_ms = module.parse(log.read_text().splitlines())
+    assert runs["ab/main"][("B2 H16/16 S8192 D128", "slopes")] == [500.0, 520.0]
+    assert ("B2 H16/16 S8192 D128", "fp32") not in runs["ab/main"]  # ratios after "|" are not measurements
+    assert ("B2 H16 S8192 D128", "dk") not in runs["ab/main"]
+    rel, _ = module.speeds(runs, in_ms)
+    assert rel["ab/new"][("B2 H16/16 S8192 D128", "slopes")] == pytest.approx(540 / 510)  # TFLOP/s: higher is faster
+    assert rel["ab/new"][("B2 H16 S8192 D128", "dispatched")] == pytest.approx(3.4 / 3.2)  # ms: lower is faster
+    module.main([str(log), "--metric", "dispatched", "--pick", "1.05"])
+    assert capsys.readouterr().out == "ab/new\n"
+    module.main([str(log), "--metric", "dK/dV", "--pick", "1.0"])
+    assert capsys.readouterr().out == "ab/main\n"  # the new one is slower there
+
