@@ -35,7 +35,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    sed -n '2,14p' "$0" >&2
+    sed -n '2,12p' "$0" >&2
     exit 2
     ;;
 esac
