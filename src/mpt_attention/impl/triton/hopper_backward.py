@@ -34,7 +34,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from mpt_attention.impl.triton.hopper_forward import decode_lse2
+from mpt_attention.impl.triton.common import decode_lse2
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup

@@ -36,21 +36,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from mpt_attention.impl.triton.common import SOFT_COUNT_UNIT, SOFT_LSE, SOFT_MAX_COUNT, SOFT_SCORE
+from mpt_attention.impl.triton.common import encode_lse
 
 _LOG2E = gl.constexpr(1.4426950408889634)
-_LN2 = gl.constexpr(0.6931471805599453)
 _HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
 _ROW_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
-
-
-@gluon.jit
-def decode_lse2(lse, BIAS_ROW: gl.constexpr):
-    """common.decode_lse2: the backward's per-row offset in log2 units from a stored log-sum-exp."""
-    lse2 = lse * _LOG2E
-    if BIAS_ROW:
-        lse2 = gl.where(lse <= SOFT_LSE, SOFT_SCORE, lse2)
-    return gl.where(lse == float("-inf"), float("inf"), lse2)
 
 
 @gluon.jit
@@ -221,16 +211,12 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
     acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
 
     # Rows that saw no key are defined as 0 with a log-sum-exp of -inf (as in forward.py).
-    live = l_i > 0.0
-    l_safe = gl.where(live, l_i, 1.0)
+    l_safe = gl.where(l_i > 0.0, l_i, 1.0)
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
     q.store(out.to(dtype))  # this warpgroup's Q is no longer read: its buffer stages the output
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [b, row0, q_col], q3)
-    lse = (m_i + gl.log2(l_safe)) * _LN2
-    if BIAS_ROW:  # a soft-masked row keeps its key count (common.encode_lse)
-        lse = gl.where(m_i == SOFT_SCORE, SOFT_LSE - gl.minimum(l_i, SOFT_MAX_COUNT) * SOFT_COUNT_UNIT, lse)
-    lse = gl.where(live, lse, float("-inf"))
+    lse = encode_lse(m_i, l_i, BIAS_ROW)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
     tma.store_wait(0)
 
