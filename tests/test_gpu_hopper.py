@@ -221,6 +221,22 @@ def test_hopper_forward_runs_every_tile_in_any_head_grouping(monkeypatch, group)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("programs", [1, 3, 7], ids=["one-program", "3-programs", "7-programs"])
+def test_persistent_forward_programs_run_every_tile_once(monkeypatch, programs):
+    # the forward is persistent (one program per SM taking tiles from a counter); fewer programs than tiles
+    # puts many tiles through each program's two Q buffers and K/V stages, with a bias row riding with V
+    case = AttnCase(2, 333, 333, 4, 2, 128, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(2, 4, 1, 333, device="cuda")
+    monkeypatch.setattr(hopper, "_sm_count", lambda device: programs)
+    for extra in ({}, {"attn_bias": bias}):
+        out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw, **extra)
+        ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw, **extra)
+        low, _ = reference_attention(q, k, v, compute_dtype=torch.bfloat16, **kw, **extra)
+        assert_close_to_reference("out", out, ref, low)
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+
+
 def test_hopper_and_general_kernels_agree_and_gradients_flow(monkeypatch):
     (q, k, v), kw = make_inputs(AttnCase(2, 700, 700, 8, 2, 128, causal=True, alibi=True), dtype=torch.bfloat16,
                                 device="cuda", requires_grad=True)

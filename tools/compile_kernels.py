@@ -21,7 +21,8 @@ from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32",
-                  "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32"}
+                  "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32",
+                  "Tiles": "*i32"}
 
 
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
@@ -60,7 +61,7 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
         elif name in rows:
             sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, {head_dim}],{layout!r}>"
         elif name[0].isupper():
-            sig[name] = "*fp32"
+            sig[name] = _POINTER_TYPES.get(name, "*fp32")
         else:
             sig[name] = "fp32" if name in ("qk_scale2", "softmax_scale") else "i32"
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})

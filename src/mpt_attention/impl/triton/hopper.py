@@ -9,6 +9,7 @@ kernels everywhere: tests and benchmarks compare the two that way.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -108,6 +109,11 @@ def _bias_view(bias: torch.Tensor):
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
 
 
+@functools.cache
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 L2_GROUP_BYTES = 24 << 20  # K and V of one group of heads (program order, hopper_forward.tile_order)
 
 
@@ -138,11 +144,15 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
         shape, strides, b_on, h_on = _bias_view(bias)
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
         bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
-    grid = (triton.cdiv(s_q, BLOCK_M) * batch * n_heads,)
+    # Persistent: a program's registers fill an SM (ncu: one per SM), so one program per SM at most, taking
+    # tiles until none is left. ``tiles``: [0] counts the tiles taken after the first round; from 16 on, 8 per
+    # (program, Q buffer) for the coordinates the loader publishes to the consumers (hopper_forward).
+    grid = (min(triton.cdiv(s_q, BLOCK_M) * batch * n_heads, _sm_count(q.device)),)
+    tiles = torch.zeros(16 + grid[0] * 16, dtype=torch.int32, device=q.device)
     _hopper_fwd_kernel[grid](
         _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M), bias_desc,
-        lse, slopes, n_heads * s_q, s_q, *slope_strides,
-        n_heads, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
+        lse, slopes, tiles, n_heads * s_q, s_q, *slope_strides,
+        n_heads, n_heads // n_kv, batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
         heads_per_group(k, n_heads, batch * n_heads), IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N,
         HEAD_DIM=head_dim, BIAS_ROW=bias is not None, num_warps=4,
     )

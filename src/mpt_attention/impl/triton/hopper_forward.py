@@ -18,7 +18,15 @@ splits into three roles (FlashAttention-3's layout):
   S_j and P_{j-1} V_{j-1} run back to back and the softmax after them. Forcing the overlap measured
   7% slower (session 9, benchmarks/NOTES.md).
 
-Block j lives in stage j % 2; its barriers' phase is (j // 2) % 2.
+Persistent: one program per SM (``hopper.py`` launches min(tiles, SMs)) runs tile after tile. The first
+round is tile = program id; after that the loader takes the next tile in ``tile_order`` from an atomic
+counter as soon as it has issued its current tile's last loads, so the next tile's Q, K and V arrive
+under this tile's last blocks and a slow SM takes fewer tiles. Q is double-buffered; the loader
+publishes each tile's coordinates in a small global buffer (read by the consumers before and after the
+key loop, so no register carries them through it: keeping them live cost 9%), and an empty tile (no key
+blocks) tells the consumers to stop. Counting key blocks over all of a program's tiles as g, block g
+lives in stage g % 2 and its barriers' phase is (g // 2) % 2. Against one program per tile: +8% at
+B8 S2048, +9% at D64, -2% at S8192 (session 12, benchmarks/NOTES.md).
 
 A bias row over keys (MPT's ``(1, H, 1, S_k)`` tensor, any ``(B|1, H|1, 1, S_k)``) rides with V: the
 loader copies block j's slice of it into the V stage's shared memory under V's barrier, and the
@@ -66,30 +74,96 @@ def _scores(s, rows, cols, col_terms, qk_scale2, slope2, diag, seqlen_k,
 
 
 @gluon.jit
-def _load_partition(q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty,
-                    v_ready, v_empty, b, q_col, kv_col, bias_b, bias_h, start_m, n_blocks,
-                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
-    """One warp: Q once, then K_j and V_j into stage j % 2 as soon as the consumers have released it.
-    Tiles are addressed as [batch, row, head * D] in the (B, S, H * D) view of each tensor."""
-    mbarrier.expect(q_bar, 2 * _HALF_M * HEAD_DIM * 2)
-    tma.async_copy_global_to_shared(q_desc, [b, start_m, q_col], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [b, start_m + _HALF_M, q_col], q_bar, q_smem.index(1))
+def tile_order(t, n_m, n_bh, heads_per_group):
+    """(query tile, batch * head) of tile ``t``: tiles run longest first across a group of heads.
+    Causal tiles near the bottom see the most keys; run per head, the last head's longest tiles would start
+    near the end and finish last (8% of the kernel at S 8192, benchmarks/NOTES.md). A group's K and V fit in
+    L2 together (``heads_per_group``, hopper.py); the one smaller group goes first, so the last group spreads
+    over every SM."""
+    pad = (heads_per_group - n_bh % heads_per_group) % heads_per_group
+    group = (t + pad * n_m) // (heads_per_group * n_m)
+    first = gl.maximum(group * heads_per_group - pad, 0)
+    size = group * heads_per_group + heads_per_group - pad - first
+    r = t - first * n_m
+    return n_m - 1 - r // size, first + r % size
+
+
+@gluon.jit
+def _tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, IS_CAUSAL: gl.constexpr,
+          BLOCK_N: gl.constexpr):
+    """Tile ``t``'s ``(b, h, kv_h, start_m, n_blocks, lo_masked)``: key blocks ``[0, n_blocks)`` are visible to
+    some row of the tile, those before ``lo_masked`` to every row."""
+    m, bh = tile_order(t, n_m, n_bh, heads_per_group)
+    start_m = m * 2 * _HALF_M
+    h = bh % n_heads
+    diag = seqlen_k - seqlen_q
+    hi = seqlen_k
+    lo_masked = seqlen_k // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        hi = gl.minimum(hi, start_m + 2 * _HALF_M + diag)
+        lo_masked = gl.minimum((start_m + diag + 1) // BLOCK_N * BLOCK_N, lo_masked)
+    return bh // n_heads, h, h // n_groups, start_m, gl.cdiv(hi, BLOCK_N), lo_masked
+
+
+@gluon.jit
+def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty,
+                    k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
+                    seqlen_k, bias_b_on, bias_h_on, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
+    """One warp: per tile, its Q into buffer ``round % 2`` once the consumers have stored the output of
+    the tile before last from there, then K_j and V_j into stage ``g % 2`` (``g`` counts key blocks over
+    all of the program's tiles) as soon as the consumers have released it: the next tile's first loads
+    run under this tile's last blocks. Tiles are addressed as [batch, row, head * D] in the (B, S, H * D)
+    view of each tensor."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
-    for j in range(n_blocks):
-        stage = j % 2
-        free_phase = (j // 2) % 2 ^ 1  # a fresh barrier counts as released: the first round passes
-        mbarrier.wait(k_empty.index(stage), free_phase)
-        mbarrier.expect(k_ready.index(stage), kv_bytes)
-        tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, kv_col], k_ready.index(stage), k_smem.index(stage))
-        mbarrier.wait(v_empty.index(stage), free_phase)
-        if BIAS_ROW:  # block j's bias slice shares V's stage and barrier
-            bias_bytes: gl.constexpr = BLOCK_N * bias_desc.dtype.primitive_bitwidth // 8
-            mbarrier.expect(v_ready.index(stage), kv_bytes + bias_bytes)
-            tma.async_copy_global_to_shared(bias_desc, [bias_b, bias_h, j * BLOCK_N], v_ready.index(stage),
-                                            bias_smem.index(stage))
-        else:
-            mbarrier.expect(v_ready.index(stage), kv_bytes)
-        tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, kv_col], v_ready.index(stage), v_smem.index(stage))
+    n_tiles = n_m * n_bh
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    g = 0
+    r = 0
+    t = pid  # the first round is fixed; then whichever program is ready first takes the next tile
+    while t < n_tiles:
+        b, h, kv_h, start_m, n_blocks, lo_masked = _tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
+                                                         seqlen_k, IS_CAUSAL, BLOCK_N)
+        buf = r & 1
+        mbarrier.wait(q_empty.index(buf), (r >> 1) & 1 ^ 1)  # a fresh barrier counts as released
+        # the tile's coordinates for the consumers, published by the arrive in Q's expect below
+        info = Tiles + 16 + (pid * 2 + buf) * 8
+        gl.store(info, b)
+        gl.store(info + 1, h)
+        gl.store(info + 2, start_m)
+        gl.store(info + 3, n_blocks)
+        gl.store(info + 4, lo_masked)
+        mbarrier.expect(q_ready.index(buf), 2 * _HALF_M * HEAD_DIM * 2)
+        tma.async_copy_global_to_shared(q_desc, [b, start_m, h * HEAD_DIM], q_ready.index(buf),
+                                        q_smem.index(2 * buf))
+        tma.async_copy_global_to_shared(q_desc, [b, start_m + _HALF_M, h * HEAD_DIM], q_ready.index(buf),
+                                        q_smem.index(2 * buf + 1))
+        for j in range(n_blocks):
+            stage = (g + j) & 1
+            free_phase = ((g + j) >> 1) & 1 ^ 1
+            mbarrier.wait(k_empty.index(stage), free_phase)
+            mbarrier.expect(k_ready.index(stage), kv_bytes)
+            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, kv_h * HEAD_DIM], k_ready.index(stage),
+                                            k_smem.index(stage))
+            mbarrier.wait(v_empty.index(stage), free_phase)
+            if BIAS_ROW:  # block j's bias slice shares V's stage and barrier
+                bias_bytes: gl.constexpr = BLOCK_N * bias_desc.dtype.primitive_bitwidth // 8
+                mbarrier.expect(v_ready.index(stage), kv_bytes + bias_bytes)
+                tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, j * BLOCK_N],
+                                                v_ready.index(stage), bias_smem.index(stage))
+            else:
+                mbarrier.expect(v_ready.index(stage), kv_bytes)
+            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, kv_h * HEAD_DIM], v_ready.index(stage),
+                                            v_smem.index(stage))
+        g += n_blocks
+        r += 1
+        t = nprog + gl.atomic_add(Tiles, 1)  # Tiles[0] counts the tiles taken after the first round
+    # no tile left: an empty one (n_blocks 0) tells the consumers to stop
+    buf = r & 1
+    mbarrier.wait(q_empty.index(buf), (r >> 1) & 1 ^ 1)
+    gl.store(Tiles + 16 + (pid * 2 + buf) * 8 + 3, 0)
+    mbarrier.arrive(q_ready.index(buf))
 
 
 @gluon.jit
@@ -132,27 +206,13 @@ def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.cons
 
 
 @gluon.jit
-def tile_order(pid, n_m, n_bh, heads_per_group):
-    """(query tile, batch * head) of program ``pid``: tiles run longest first across a group of heads.
-    Causal tiles near the bottom see the most keys; run per head, the last head's longest tiles would start
-    near the end and finish last (8% of the kernel at S 8192, benchmarks/NOTES.md). A group's K and V fit in
-    L2 together (``heads_per_group``, hopper.py); the one smaller group goes first, so the last group spreads
-    over every SM."""
-    pad = (heads_per_group - n_bh % heads_per_group) % heads_per_group
-    group = (pid + pad * n_m) // (heads_per_group * n_m)
-    first = gl.maximum(group * heads_per_group - pad, 0)
-    size = group * heads_per_group + heads_per_group - pad - first
-    r = pid - first * n_m
-    return n_m - 1 - r // size, first + r % size
-
-
-@gluon.jit
-def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                        o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k, slope2,
-                        qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
-                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
-    """One warpgroup: query rows ``start_m + 64 * half`` onwards, all key blocks, then its output rows."""
-    dtype: gl.constexpr = q_smem.dtype
+def _consumer_tile(half, q3, k_smem, v_smem, bias_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes, g,
+                   info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
+                   qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
+                   HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
+    """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, landed), all
+    key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``."""
+    dtype: gl.constexpr = q3.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -162,42 +222,52 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     HAS_COLS: gl.constexpr = BIAS_ROW or ALIBI == 1
 
+    # the coordinates come from memory before and again after the key loop, so that no register holds
+    # them through it (the second consumer's loop rematerialised its column indices otherwise)
+    b = gl.load(info, volatile=True)
+    h = gl.load(info + 1, volatile=True)
+    start_m = gl.load(info + 2, volatile=True)
+    n_blocks = gl.load(info + 3, volatile=True)
+    lo_masked = gl.load(info + 4, volatile=True)
+    slope2 = 0.0
+    if ALIBI != 0:
+        slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32) * _LOG2E
     row0 = start_m + half * _HALF_M
     rows = row0 + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     diag = seqlen_k - seqlen_q
     s_zero = gl.zeros([_HALF_M, BLOCK_N], gl.float32, s_layout)
     alibi_cols = slope2 * offs_n.to(gl.float32)
-    q3 = q_smem.index(half)
     q = q3.reshape([_HALF_M, HEAD_DIM])
 
     # block 0 (the launcher guarantees every tile at least one block)
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_ready.index(0), 0)
-    k_t = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))  # [HEAD_DIM, BLOCK_N]
+    stage0 = g & 1
+    phase0 = (g >> 1) & 1
+    mbarrier.wait(k_ready.index(stage0), phase0)
+    k_t = k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))  # [HEAD_DIM, BLOCK_N]
     s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=[s_tok])
-    mbarrier.arrive(k_empty.index(0))
+    mbarrier.arrive(k_empty.index(stage0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
-    col_terms = _col_terms(alibi_cols, bias_smem, v_ready, 0, 0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+    col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage0, phase0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, qk_scale2, slope2, diag, seqlen_k,
                                        lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([_HALF_M, HEAD_DIM], gl.float32, o_layout)
 
     for j in range(1, n_blocks):
-        stage = j % 2
+        stage = (g + j) & 1
         prev = 1 - stage
-        mbarrier.wait(k_ready.index(stage), (j // 2) % 2)
+        mbarrier.wait(k_ready.index(stage), ((g + j) >> 1) & 1)
         k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // 2) % 2)
+        mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         mbarrier.arrive(k_empty.index(stage))
-        col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage, (j // 2) % 2, col_layout, ALIBI, BIAS_ROW,
-                               BLOCK_N)
+        col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage, ((g + j) >> 1) & 1, col_layout, ALIBI,
+                               BIAS_ROW, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, qk_scale2, slope2,
                                            diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI, HAS_COLS)
         acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
@@ -205,11 +275,18 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
-    last = (n_blocks - 1) % 2
-    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // 2) % 2)
+    last = (g + n_blocks - 1) & 1
+    mbarrier.wait(v_ready.index(last), ((g + n_blocks - 1) >> 1) & 1)
     acc_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
     acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+    mbarrier.arrive(v_empty.index(last))  # the loader refills this stage for the program's next tile
 
+    b = gl.load(info, volatile=True)
+    h = gl.load(info + 1, volatile=True)
+    row0 = gl.load(info + 2, volatile=True) + half * _HALF_M
+    rows = row0 + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, s_layout))
+    lse_offset = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+    q_col = h * HEAD_DIM
     # Rows that saw no key are defined as 0 with a log-sum-exp of -inf (as in forward.py).
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
@@ -219,18 +296,45 @@ def _consumer_partition(half, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
     lse = encode_lse(m_i, l_i, BIAS_ROW)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
     tma.store_wait(0)
+    return n_blocks
+
+
+@gluon.jit
+def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                        v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q,
+                        seqlen_k, qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
+                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
+    """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
+    ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
+    pid = gl.program_id(0)
+    g = 0
+    r = 0
+    n_blocks = 1
+    while n_blocks > 0:
+        buf = r & 1
+        mbarrier.wait(q_ready.index(buf), (r >> 1) & 1)
+        info = Tiles + 16 + (pid * 2 + buf) * 8
+        n_blocks = gl.load(info + 3, volatile=True)
+        if n_blocks > 0:
+            _consumer_tile(half, q_smem.index(2 * buf + half), k_smem, v_smem, bias_smem, k_ready, k_empty, v_ready,
+                           v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh,
+                           seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)
+            mbarrier.arrive(q_empty.index(buf))  # after the tile's output store has completed (tma.store_wait)
+            g += n_blocks
+        r += 1
 
 
 @gluon.jit
 def _hopper_fwd_kernel(
-    q_desc, k_desc, v_desc, o_desc, bias_desc, Lse, Slopes,
+    q_desc, k_desc, v_desc, o_desc, bias_desc, Lse, Slopes, Tiles,
     stride_lb, stride_lh, stride_slb, stride_slh,
-    n_heads, n_groups, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group,
+    n_heads, n_groups, n_bh, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     BIAS_ROW: gl.constexpr,
 ):
-    """Program (query tile of 128 rows, batch * head); launched with num_warps=4 (the first consumer
-    warpgroup), the second consumer and the loader come from ``warp_specialize``. The descriptors
+    """Persistent: each program runs query tiles of 128 rows (``_tile``: ``n_m`` per (batch, head) row, ``n_bh``
+    rows) until none is left; launched with num_warps=4 (the first consumer warpgroup), the second
+    consumer and the loader come from ``warp_specialize``. The descriptors
     (host-built, see hopper.py) view q/o as (B, S_q, H * D) and k/v as (B, S_k, H_kv * D), with boxes
     [1, 64, D] for q/o and [1, BLOCK_N, D] for k/v: rows past a batch row's end read as zeros and are
     never written. ``bias_desc`` (``BIAS_ROW``) views the bias row as (B|1, H|1, S_k) with boxes
@@ -241,58 +345,42 @@ def _hopper_fwd_kernel(
     BLOCK_M: gl.constexpr = 2 * _HALF_M
 
     n_m = gl.cdiv(seqlen_q, BLOCK_M)
-    m, bh = tile_order(gl.program_id(0), n_m, gl.num_programs(0) // n_m, heads_per_group)
-    start_m = m * BLOCK_M
-    b = bh // n_heads
-    h = bh % n_heads
-    kv_h = h // n_groups
-    b64, h64 = b.to(gl.int64), h.to(gl.int64)
-    q_col = h * HEAD_DIM
-    kv_col = kv_h * HEAD_DIM
-
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_M, HEAD_DIM], tile_layout)
+    # Q: two buffers (this tile's and the next), each two warpgroup halves
+    q_smem = gl.allocate_shared_memory(dtype, [4, 1, _HALF_M, HEAD_DIM], tile_layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
     if BIAS_ROW:
         bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [2, 1, 1, BLOCK_N], bias_desc.layout)
     else:
         bias_smem = v_smem  # never read
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     v_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-    mbarrier.init(q_bar, count=1)
     for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(k_empty.index(i), count=2)
         mbarrier.init(v_empty.index(i), count=2)
 
-    # Key blocks [0, n_blocks) are visible to some row of the tile, those before lo_masked to every row.
-    diag = seqlen_k - seqlen_q
-    hi = seqlen_k
-    lo_masked = seqlen_k // BLOCK_N * BLOCK_N
-    if IS_CAUSAL:
-        hi = gl.minimum(hi, start_m + BLOCK_M + diag)
-        lo_masked = gl.minimum((start_m + diag + 1) // BLOCK_N * BLOCK_N, lo_masked)
-    n_blocks = gl.cdiv(hi, BLOCK_N)
-
-    slope2 = 0.0
-    if ALIBI != 0:
-        slope2 = gl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(gl.float32) * _LOG2E
-    lse_offset = b64 * stride_lb + h64 * stride_lh
     gl.warp_specialize(
         [
-            (_consumer_partition, (0, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                   o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)),
-            (_consumer_partition, (1, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                   o_desc, b, q_col, Lse, lse_offset, start_m, n_blocks, lo_masked, seqlen_q, seqlen_k,
-                                   slope2, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)),
-            (_load_partition, (q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_bar, k_ready,
-                               k_empty, v_ready, v_empty, b, q_col, kv_col, b * bias_b_on, h * bias_h_on, start_m,
-                               n_blocks, BLOCK_N, HEAD_DIM, BIAS_ROW)),
+            (_consumer_partition, (0, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty,
+                                   v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
+                                   stride_slh, seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM,
+                                   BIAS_ROW)),
+            (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty,
+                                   v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
+                                   stride_slh, seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM,
+                                   BIAS_ROW)),
+            (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
+                               q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
+                               n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                               BIAS_ROW)),
         ],
         [4, 1], [240, 24],
     )
