@@ -6,6 +6,7 @@ Per shape (bf16, causal), TFLOP/s of: ALiBi from slopes, MPT's bias row in float
 ``build_alibi_bias`` makes it) and in bf16 (as MPT casts it), the float32 row through the general
 kernel (the Hopper kernels off), and no bias; then the bias row's ratio to slopes (target >= 0.97).
 ``--mode fwd_bwd``: forward and backward (q, k, v need gradients; the bias does not, as in MPT).
+``--kernels``: instead, each GPU kernel's time inside one forward+backward, slopes against the float32 row.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from triton.testing import do_bench
 
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper
-from mpt_attention.testing import attention_flops
+from mpt_attention.testing import attention_flops, profile_kernels
 
 SHAPES = [(8, 16, 16, 2048, 128), (2, 16, 16, 8192, 128), (4, 32, 32, 4096, 64), (2, 32, 4, 8192, 128)]
 
@@ -49,12 +50,33 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd"):
           f" bf16 {tflops['row-bf16'] / tflops['slopes']:.3f}", flush=True)
 
 
+def kernels(batch, n_heads, n_kv, seq, head_dim):
+    """Where a forward+backward's time goes with slopes and with the float32 bias row."""
+    q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    dout = torch.randn_like(q)
+    variants = {"slopes": {"alibi_slopes": M.gen_slopes(n_heads, return_1d=True, device="cuda")},
+                "row-fp32": {"attn_bias": M.build_alibi_bias(n_heads, seq, device="cuda")}}
+    for name, kw in variants.items():
+        def step(kw=kw):
+            out = M.attention(q, k, v, backend="triton", causal=True, **kw)
+            torch.autograd.grad(out, [q, k, v], dout)
+        print(f"== fwd_bwd kernels, B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}, {name}")
+        for ms, count, kernel in profile_kernels(step)[:8]:
+            print(f"  {ms:8.3f} ms/step  {count:3d}x  {kernel[:90]}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd")
-    mode = parser.parse_args().mode
+    parser.add_argument("--kernels", action="store_true", help="per-kernel times of forward+backward instead")
+    args = parser.parse_args()
     for shape in SHAPES:
-        measure(*shape, mode=mode)
+        if args.kernels:
+            kernels(*shape)
+        else:
+            measure(*shape, mode=args.mode)
 
 
 if __name__ == "__main__":
