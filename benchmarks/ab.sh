@@ -30,7 +30,9 @@ case "${1:-}" in
         [ -d "$dir/mpt_attention" ] || { echo "no package in $dir/mpt_attention" >&2; exit 2; }
         echo "== $dir round $round"
         case "$dir" in /*) path=$dir ;; *) path=$PWD/$dir ;; esac
-        PYTHONPATH="$path" bash -c "$cmd"
+        # a run that fails or times out is reported and the others go on (under set -e one cold-cache
+        # timeout once ended a whole A/B)
+        PYTHONPATH="$path" bash -c "$cmd" || echo "!! $dir round $round exited with $?"
       done
     done
     ;;

@@ -68,6 +68,20 @@ def test_ab_script_prepares_packages_and_alternates_them(tmp_path):
                    "==", head, "round", "2", "HEAD", "==", "src", "round", "2", "src"]
 
 
+def test_ab_script_reports_a_failed_run_and_goes_on(tmp_path):
+    """One run that fails (a timeout, a crash) must not end the A/B: the other packages still run."""
+    import subprocess
+
+    for name in ("a", "b"):
+        (tmp_path / name / "mpt_attention").mkdir(parents=True)
+    cmd = 'case "$PYTHONPATH" in */a) exit 124;; *) echo ran;; esac'
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "ab.sh"), "run", "1", cmd, str(tmp_path / "a"),
+                             str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert result.stdout.splitlines() == [f"== {a} round 1", f"!! {a} round 1 exited with 124", f"== {b} round 1", "ran"]
+
+
 def test_ab_summary_reads_speeds_from_an_alternated_log(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("ab_summary", ROOT / "benchmarks" / "ab_summary.py")
     module = importlib.util.module_from_spec(spec)
