@@ -296,7 +296,6 @@ def _consumer_tile(half, q3, k_smem, v_smem, bias_smem, k_ready, k_empty, v_read
     lse = encode_lse(m_i, l_i, BIAS_ROW)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
     tma.store_wait(0)
-    return n_blocks
 
 
 @gluon.jit
