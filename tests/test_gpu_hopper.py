@@ -228,7 +228,7 @@ def test_persistent_forward_programs_run_every_tile_once(monkeypatch, programs):
     case = AttnCase(2, 333, 333, 4, 2, 128, causal=True, alibi=True)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
     bias = torch.randn(2, 4, 1, 333, device="cuda")
-    monkeypatch.setattr(hopper, "_sm_count", lambda device: programs)
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: programs)
     for extra in ({}, {"attn_bias": bias}):
         out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw, **extra)
         ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw, **extra)

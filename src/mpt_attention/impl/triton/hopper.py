@@ -9,13 +9,12 @@ kernels everywhere: tests and benchmarks compare the two that way.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 
-from mpt_attention.impl.device import sm_major
+from mpt_attention.impl.device import sm_count, sm_major
 
 try:
     from triton.experimental.gluon import language as gl
@@ -109,11 +108,6 @@ def _bias_view(bias: torch.Tensor):
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
 
 
-@functools.cache
-def _sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 L2_GROUP_BYTES = 24 << 20  # K and V of one group of heads (program order, hopper_forward.tile_order)
 
 
@@ -147,7 +141,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     # Persistent: a program's registers fill an SM (ncu: one per SM), so one program per SM at most, taking
     # tiles until none is left. ``tiles``: [0] counts the tiles taken after the first round; from 16 on, 8 per
     # (program, Q buffer) for the coordinates the loader publishes to the consumers (hopper_forward).
-    grid = (min(triton.cdiv(s_q, BLOCK_M) * batch * n_heads, _sm_count(q.device)),)
+    grid = (min(triton.cdiv(s_q, BLOCK_M) * batch * n_heads, sm_count(q.device.index)),)
     tiles = torch.zeros(16 + grid[0] * 16, dtype=torch.int32, device=q.device)
     _hopper_fwd_kernel[grid](
         _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M), bias_desc,
