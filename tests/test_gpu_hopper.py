@@ -26,16 +26,22 @@ CASES = [
 ]
 
 
+def _assert_forward_matches_reference(q, k, v, **kw):
+    """Output against the float64 reference within twice the error of the same math in q's dtype; the
+    log-sum-exp within 1e-3."""
+    out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw)
+    low, _ = reference_attention(q, k, v, compute_dtype=q.dtype, **kw)
+    assert_close_to_reference("out", out, ref, low)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
 def test_hopper_forward_matches_float64_reference(case, dtype):
     (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda")
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False) is None
-    out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
-    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw)
-    low, _ = reference_attention(q, k, v, compute_dtype=dtype, **kw)
-    assert_close_to_reference("out", out, ref, low)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+    _assert_forward_matches_reference(q, k, v, **kw)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.head_dim == 128], ids=lambda c: c.id())
@@ -89,11 +95,7 @@ def test_hopper_bias_row_matches_float64_reference(case, bias_dtype):
     (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda")
     kw["attn_bias"] = kw["attn_bias"].to(bias_dtype)
     assert hopper.unsupported(q, k, v, kw["attn_bias"], None, None, None, 0.0, case.causal, False) is None
-    out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
-    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw)
-    low, _ = reference_attention(q, k, v, compute_dtype=dtype, **kw)
-    assert_close_to_reference("out", out, ref, low)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+    _assert_forward_matches_reference(q, k, v, **kw)
 
 
 def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatch):
@@ -214,11 +216,7 @@ def test_hopper_forward_runs_every_tile_in_any_head_grouping(monkeypatch, group)
     per_head = 2 * k[0, :, 0].numel() * k.element_size() * k.shape[2] / q.shape[2]  # K and V per query head
     monkeypatch.setattr(hopper, "L2_GROUP_BYTES", per_head * group)
     assert hopper.heads_per_group(k, q.shape[2], 8) == group
-    out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
-    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw)
-    low, _ = reference_attention(q, k, v, compute_dtype=torch.bfloat16, **kw)
-    assert_close_to_reference("out", out, ref, low)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+    _assert_forward_matches_reference(q, k, v, **kw)
 
 
 @pytest.mark.parametrize("programs", [1, 3, 7], ids=["one-program", "3-programs", "7-programs"])
@@ -230,11 +228,7 @@ def test_persistent_forward_programs_run_every_tile_once(monkeypatch, programs):
     bias = torch.randn(2, 4, 1, 333, device="cuda")
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: programs)
     for extra in ({}, {"attn_bias": bias}):
-        out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw, **extra)
-        ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw, **extra)
-        low, _ = reference_attention(q, k, v, compute_dtype=torch.bfloat16, **kw, **extra)
-        assert_close_to_reference("out", out, ref, low)
-        torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+        _assert_forward_matches_reference(q, k, v, **kw, **extra)
 
 
 def test_hopper_and_general_kernels_agree_and_gradients_flow(monkeypatch):
