@@ -106,6 +106,13 @@ def _tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, 
 
 
 @gluon.jit
+def _info_slot(Tiles, buf):
+    """This program's slot for the tile in Q buffer ``buf``: ``(b, h, start_m, n_blocks, lo_masked)`` from the
+    loader (the launcher sizes ``Tiles`` as 16 + 16 per program; ``Tiles[0]`` is the tile counter)."""
+    return Tiles + 16 + (gl.program_id(0) * 2 + buf) * 8
+
+
+@gluon.jit
 def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty,
                     k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
                     seqlen_k, bias_b_on, bias_h_on, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -128,7 +135,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
         buf = r & 1
         mbarrier.wait(q_empty.index(buf), (r >> 1) & 1 ^ 1)  # a fresh barrier counts as released
         # the tile's coordinates for the consumers, published by the arrive in Q's expect below
-        info = Tiles + 16 + (pid * 2 + buf) * 8
+        info = _info_slot(Tiles, buf)
         gl.store(info, b)
         gl.store(info + 1, h)
         gl.store(info + 2, start_m)
@@ -162,7 +169,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     # no tile left: an empty one (n_blocks 0) tells the consumers to stop
     buf = r & 1
     mbarrier.wait(q_empty.index(buf), (r >> 1) & 1 ^ 1)
-    gl.store(Tiles + 16 + (pid * 2 + buf) * 8 + 3, 0)
+    gl.store(_info_slot(Tiles, buf) + 3, 0)
     mbarrier.arrive(q_ready.index(buf))
 
 
@@ -305,14 +312,13 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready,
                         HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
     """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
-    pid = gl.program_id(0)
     g = 0
     r = 0
     n_blocks = 1
     while n_blocks > 0:
         buf = r & 1
         mbarrier.wait(q_ready.index(buf), (r >> 1) & 1)
-        info = Tiles + 16 + (pid * 2 + buf) * 8
+        info = _info_slot(Tiles, buf)
         n_blocks = gl.load(info + 3, volatile=True)
         if n_blocks > 0:
             _consumer_tile(half, q_smem.index(2 * buf + half), k_smem, v_smem, bias_smem, k_ready, k_empty, v_ready,
