@@ -139,12 +139,15 @@ def main() -> int:
         dict(IS_CAUSAL=True, ALIBI=2, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=True, DROPOUT=False, VARLEN=False),
         dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=True, VARLEN=True),
         dict(IS_CAUSAL=False, ALIBI=0, BIAS=2, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
+        # MPT's bias row with nothing else: every kernel reads it through a descriptor
+        dict(IS_CAUSAL=True, ALIBI=0, BIAS=1, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
     ]
     for head_dim, flags in itertools.product((64, 128, 256), flag_sets):
         block_d = max(16, triton.next_power_of_2(head_dim))
         desc = not flags["HAS_KPM"]  # tensor-descriptor (TMA) loads wherever the launcher allows them
+        row_desc = flags["BIAS"] == 1 and not flags["VARLEN"]  # a bias row through a descriptor (launch.py)
         jobs = [("fwd", _attn_fwd_kernel, launch._fwd_config(head_dim, full_bias=flags["BIAS"] == 2),
-                 dict(KV_DESC=desc))]
+                 dict(KV_DESC=desc, ROW_DESC=row_desc))]
         kv_cfg, q_cfg = launch._bwd_config(head_dim)
         atomic_cfg = launch._bwd_config(head_dim, atomic_dq=True)[0]
         bias_grad = {1: 1, 2: 2}.get(flags["BIAS"], 0)
@@ -153,7 +156,8 @@ def main() -> int:
                                                               ATOMIC_DQ=0, DS_DESC=ds_desc)),
                  ("dkdv-atomic-dq", _attn_bwd_dkdv_kernel, atomic_cfg, dict(BIAS_GRAD=bias_grad, DESC=desc,
                                                                                    ATOMIC_DQ=2 if desc else 1, DS_DESC=ds_desc)),
-                 ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["BIAS"] == 2 else 0, DESC=desc))]
+                 ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["BIAS"] == 2 else 0, DESC=desc,
+                                                         ROW_DESC=desc and row_desc))]
         for name, fn, cfg, extra in jobs:
             cfg = dict(cfg)
             opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
@@ -168,7 +172,8 @@ def main() -> int:
                 print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")
     extra = [("delta", _attn_bwd_delta_kernel, dict(HAS_DLSE=True, SOFT_ROWS=True, BLOCK_M=64, BLOCK_D=128),
               dict(num_warps=4, num_stages=1), "bf16"),
-             ("fwd-fp32", _attn_fwd_kernel, dict(flag_sets[0], KV_DESC=False, DOT_PRECISION="ieee", BLOCK_D=64,
+             ("fwd-fp32", _attn_fwd_kernel, dict(flag_sets[0], KV_DESC=False, ROW_DESC=False, DOT_PRECISION="ieee",
+                                                 BLOCK_D=64,
                                                  **launch._fwd_config(64)),
               None, "fp32")]
     for name, fn, consts, opts, dtype in extra:

@@ -74,7 +74,7 @@ def main() -> int:
             print(f"gluon hopper kernel D=128 alibi={alibi} bias={bias}, SASS: {sass_schedule(kernel.asm['ptx'])}")
         return 0
     flags = dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False,
-                 VARLEN=False, KV_DESC=True, DOT_PRECISION="tf32")
+                 VARLEN=False, KV_DESC=True, ROW_DESC=False, DOT_PRECISION="tf32")
     for head_dim in (64, 128):
         cfg = dict(launch._fwd_config(head_dim))
         opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))

@@ -34,6 +34,8 @@ ALIBI_SYMMETRIC = tl.constexpr(2)
 BIAS_NONE = tl.constexpr(0)
 BIAS_ROW = tl.constexpr(1)
 BIAS_FULL = tl.constexpr(2)
+# a row the caller has already read (``bias_ptrs`` then holds its [BLOCK_N] values)
+BIAS_ROW_VALUES = tl.constexpr(3)
 
 
 @triton.jit
@@ -127,6 +129,8 @@ def score_tile(
     col_ok = cols < seqlen_k
     if BIAS == BIAS_ROW:  # one row broadcast over the queries (MPT's (1, H, 1, S_k)), in log2 units
         s += tl.load(bias_ptrs, mask=col_ok, other=0.0)[None, :]
+    elif BIAS == BIAS_ROW_VALUES:
+        s += bias_ptrs[None, :]
     elif BIAS == BIAS_FULL:
         in_bounds = (rows < seqlen_q)[:, None] & col_ok[None, :]
         s += _log2_bias(tl.load(bias_ptrs, mask=in_bounds, other=0.0))

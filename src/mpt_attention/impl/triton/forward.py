@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from mpt_attention.impl.triton.common import (
-    LOG2E, bias_pointers, dropout_keep, encode_lse, key_block_range, live_keys, score_tile, sequence_bounds,
+    BIAS_ROW_VALUES, LOG2E, bias_pointers, dropout_keep, encode_lse, key_block_range, live_keys, score_tile,
+    sequence_bounds,
 )
 
 
@@ -22,18 +23,23 @@ def _fwd_blocks(
     seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, hi,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, APPLY_MASK: tl.constexpr, KV_DESC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr, APPLY_MASK: tl.constexpr, KV_DESC: tl.constexpr, ROW_DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Stream key blocks [lo, hi). KV_DESC: K/V tiles come through tensor descriptors (TMA on Hopper:
     asynchronous bulk copies, rows past the sequence and columns past D arrive as zeros); never with
-    key padding, whose rows must not be read at all."""
+    key padding, whose rows must not be read at all. ROW_DESC: a bias row through one too (a plain load
+    of it goes through a layout conversion in shared memory per block)."""
     d_ok = offs_d < head_dim
     if KV_DESC:
         k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, head_dim], strides=[stride_ks, 1],
                                           block_shape=[BLOCK_N, BLOCK_D])
         v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, head_dim], strides=[stride_vs, 1],
                                           block_shape=[BLOCK_N, BLOCK_D])
+    TILE_BIAS: tl.constexpr = BIAS_ROW_VALUES if ROW_DESC else BIAS
+    if ROW_DESC:  # the row as a [1, S_k] view (launch.py checks its alignment)
+        row_src = tl.make_tensor_descriptor(bias_base, shape=[1, seqlen_k], strides=[BLOCK_N, 1],
+                                            block_shape=[1, BLOCK_N])
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)
@@ -46,10 +52,13 @@ def _fwd_blocks(
                         other=0.0)
         # [BLOCK_M, BLOCK_N]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
+        if ROW_DESC:
+            bias_ptrs = tl.reshape(row_src.load([0, start_n]), [BLOCK_N])
+        else:
+            bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
         s = score_tile(
             qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
-            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
+            seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, TILE_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -86,8 +95,8 @@ def _attn_fwd_kernel(
     qk_scale2, dropout_p,
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, KV_DESC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, KV_DESC: tl.constexpr, ROW_DESC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``seqlen_q, seqlen_k``: the lengths of every batch row, or under VARLEN the longest sequence's
     (the grid's extent and the dropout counter's dims); each sequence's own come from ``CuSeqQ/K``."""
@@ -140,14 +149,15 @@ def _attn_fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
             stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
             seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, lo_masked,
-            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, False, KV_DESC, DOT_PRECISION,
-            BLOCK_N, BLOCK_D,
+            IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, False, KV_DESC, ROW_DESC,
+            DOT_PRECISION, BLOCK_N, BLOCK_D,
         )
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,
         stride_ks, stride_vs, stride_bm, stride_bn, rows, offs_m, offs_n, offs_d, q_seq, slope2, qk_scale2,
         seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo_masked, hi,
-        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, True, KV_DESC, DOT_PRECISION, BLOCK_N, BLOCK_D,
+        IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, True, KV_DESC, ROW_DESC, DOT_PRECISION,
+        BLOCK_N, BLOCK_D,
     )
 
     # Rows that saw no key (l = 0) are defined as 0 with a log-sum-exp of -inf.

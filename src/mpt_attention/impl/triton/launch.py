@@ -237,7 +237,9 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
         seq_range = _query_tile_key_spans(_sequence_spans(seqid), s_q, cfg["BLOCK_M"])
     varlen = geo.varlen
     kv_desc = kpm is None and _descriptors_ok(k, v)
-    if kv_desc:
+    # a bias row through the copy engine as well (launch._log2_bias_rows pads its rows to 16 bytes)
+    row_desc = bias is not None and bias.shape[2] == 1 and not varlen and _descriptors_ok(bias)
+    if kv_desc or row_desc:
         _ensure_allocator()
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, *pointers, seed if seed is not None else q, kv_range, seq_range,
@@ -246,7 +248,8 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
         *aux_strides,
         n_heads, n_heads // n_kv, s_q, s_k, head_dim,
         softmax_scale * LOG2E, dropout_p,
-        DROPOUT=dropout_p > 0.0, VARLEN=varlen, KV_DESC=kv_desc, DOT_PRECISION=_dot_precision(q.dtype),
+        DROPOUT=dropout_p > 0.0, VARLEN=varlen, KV_DESC=kv_desc, ROW_DESC=row_desc,
+        DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags, **cfg,
     )
     return out, lse
@@ -344,6 +347,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
         dkdv_desc = _descriptors_ok(q, dout)
         dq_desc = not atomic and kpm is None and _descriptors_ok(k, v)
+        # the dQ kernel reads a bias row through the copy engine too (its plain load costs a conversion)
+        dq_row_desc = dq_desc and bias_mode != 2 and bias_in is not None and bias_in.shape[2] == 1 and not varlen \
+            and _descriptors_ok(bias_in)
         if dkdv_desc or dq_desc or ds_desc:
             _ensure_allocator()
         kv_spans = q_spans = q
@@ -376,7 +382,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), batch * n_heads)](
                 q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args,
                 *in_strides, *_strides(dq, varlen), *geo.lse_strides,
-                *aux_strides, *sizes, DESC=dq_desc, BIAS_GRAD=bias_mode, **common, **q_cfg,
+                *aux_strides, *sizes, DESC=dq_desc, ROW_DESC=dq_row_desc, BIAS_GRAD=bias_mode, **common, **q_cfg,
             )
 
         if atomic:
