@@ -102,9 +102,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
     dk = gl.zeros([_HALF_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([_HALF_N, HEAD_DIM], gl.float32, acc_layout)
 
-    # One flat sequence of steps (query block after query block, head after head of the group), the
-    # loader's order. Step t+1's S^T is issued before step t's dK product, so its latency hides behind
-    # the dS arithmetic instead of opening every step.
+    # Steps run query block after query block, head after head of the group (the loader's order); the
+    # head's per-key score terms (causal ALiBi column, bias row) are read once per head, not per step.
+    # Step t+1's S^T is issued before step t's dK product, also across heads, so its latency hides
+    # behind the dS arithmetic instead of opening every step.
     n_mblocks = gl.cdiv(seqlen_q - lo, _BLOCK_M)
     total = n_groups * n_mblocks
     mbarrier.wait(kv_bar, 0)
@@ -113,52 +114,58 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
     st_tok = warpgroup_mma(k_reg, q_smem.index(0).reshape([_BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
                            use_acc=False, is_async=True)
     st = warpgroup_mma_wait(0, deps=[st_tok])
-    for t in range(total):
-        stage = t % 2
-        g = t // n_mblocks
-        start_m = lo + (t % n_mblocks) * _BLOCK_M
+    t = 0
+    for g in range(n_groups):
         h64 = (kv_h * n_groups + g).to(gl.int64)
         stats = b64 * stride_lb + h64 * stride_lh
-        queries = start_m + offs_m
-        q_ok = queries < seqlen_q
-        # rows past S_q: lse = +inf makes P (and so dS) zero there
-        # a row that saw no key (all its bias -inf) has LSE -inf: +inf makes its P 0, not NaN
-        lse2 = decode_lse2(gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")), BIAS_ROW)
-        delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
-        q = q_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
-        do = do_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
-        s2 = st * qk_scale2
+        slope2 = 0.0
+        key_terms = gl.zeros([_HALF_N], gl.float32, key_layout)
         if ALIBI != 0:
             slope2 = gl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(gl.float32) * _LOG2E
-            if ALIBI == 1:  # MPT's causal form: slope * (key - (S_k - 1)), one value per row here
-                s2 = s2 + (slope2 * (keys - (seqlen_k - 1)).to(gl.float32))[:, None]
-            else:  # symmetric: -slope * |query + diag - key|
+        if ALIBI == 1:  # MPT's causal form: slope * (key - (S_k - 1)), one value per row here
+            key_terms = slope2 * (keys - (seqlen_k - 1)).to(gl.float32)
+        if BIAS_ROW:  # a row over the keys: one value per key, i.e. per row of this tile
+            key_terms = key_terms + _bias_keys(Bias, b, kv_h * n_groups + g, bias_b_on, bias_h_on, stride_bb,
+                                               stride_bh, stride_bk, keys, seqlen_k)
+        for mb in range(n_mblocks):
+            stage = t % 2
+            start_m = lo + mb * _BLOCK_M
+            queries = start_m + offs_m
+            q_ok = queries < seqlen_q
+            # rows past S_q: lse = +inf makes P (and so dS) zero there
+            # a row that saw no key (all its bias -inf) has LSE -inf: +inf makes its P 0, not NaN
+            lse2 = decode_lse2(gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")), BIAS_ROW)
+            delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
+            q = q_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
+            do = do_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
+            s2 = st * qk_scale2
+            if ALIBI == 1 or BIAS_ROW:
+                s2 = s2 + key_terms[:, None]
+            if ALIBI == 2:  # symmetric: -slope * |query + diag - key|
                 dist = queries[None, :] + diag - keys[:, None]
                 s2 = s2 - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
-        if BIAS_ROW:  # a row over the keys: one value per key, i.e. per row of this tile
-            s2 = s2 + _bias_keys(Bias, b, kv_h * n_groups + g, bias_b_on, bias_h_on, stride_bb, stride_bh,
-                                 stride_bk, keys, seqlen_k)[:, None]
-        if IS_CAUSAL:
-            if start_m + diag < last_key:  # a block on the diagonal: key <= query + diag
-                s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
-        p = gl.exp2(s2 - lse2[None, :])
-        p_op = gl.convert_layout(p.to(dtype), op_layout)
-        dpt_tok = warpgroup_mma(v, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
-        # step t+1's scores; on the last step a discarded product of this stage's (still valid) tiles
-        nxt = (t + 1) % 2
-        if t + 1 < total:
-            mbarrier.wait(ready.index(nxt), ((t + 1) // 2) % 2)
-        else:
-            nxt = stage
-        q_next = q_smem.index(nxt).reshape([_BLOCK_M, HEAD_DIM])
-        st_tok = warpgroup_mma(k_reg, q_next.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        dpt = warpgroup_mma_wait(2, deps=[dpt_tok])  # in issue order dP^T, dV, S^T_{t+1}: the first is done
-        ds = p * (dpt - delta[None, :])
-        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-        dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
-        dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])
-        mbarrier.arrive(empty.index(stage))
+            if IS_CAUSAL:
+                if start_m + diag < last_key:  # a block on the diagonal: key <= query + diag
+                    s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
+            p = gl.exp2(s2 - lse2[None, :])
+            p_op = gl.convert_layout(p.to(dtype), op_layout)
+            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+            # step t+1's scores; on the last step a discarded product of this stage's (still valid) tiles
+            nxt = (t + 1) % 2
+            if t + 1 < total:
+                mbarrier.wait(ready.index(nxt), ((t + 1) // 2) % 2)
+            else:
+                nxt = stage
+            q_next = q_smem.index(nxt).reshape([_BLOCK_M, HEAD_DIM])
+            st_tok = warpgroup_mma(k_reg, q_next.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            dpt = warpgroup_mma_wait(2, deps=[dpt_tok])  # in issue order dP^T, dV, S^T_{t+1}: the first is done
+            ds = p * (dpt - delta[None, :])
+            ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+            dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+            dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])
+            mbarrier.arrive(empty.index(stage))
+            t += 1
 
     # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
     k.store((dk * softmax_scale).to(dtype))
