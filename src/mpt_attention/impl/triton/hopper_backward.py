@@ -116,7 +116,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
     st = warpgroup_mma_wait(0, deps=[st_tok])
     t = 0
     for g in range(n_groups):
-        h64 = (kv_h * n_groups + g).to(gl.int64)
+        h = kv_h * n_groups + g
+        h64 = h.to(gl.int64)
         stats = b64 * stride_lb + h64 * stride_lh
         slope2 = 0.0
         key_terms = gl.zeros([_HALF_N], gl.float32, key_layout)
@@ -125,8 +126,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
         if ALIBI == 1:  # MPT's causal form: slope * (key - (S_k - 1)), one value per row here
             key_terms = slope2 * (keys - (seqlen_k - 1)).to(gl.float32)
         if BIAS_ROW:  # a row over the keys: one value per key, i.e. per row of this tile
-            key_terms = key_terms + _bias_keys(Bias, b, kv_h * n_groups + g, bias_b_on, bias_h_on, stride_bb,
-                                               stride_bh, stride_bk, keys, seqlen_k)
+            key_terms = key_terms + _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk,
+                                               keys, seqlen_k)
         for mb in range(n_mblocks):
             stage = t % 2
             start_m = lo + mb * _BLOCK_M
