@@ -10,6 +10,9 @@ Providers (bf16, causal): ``triton-alibi`` (ours, slopes in-kernel; the Hopper k
 MPT users materialise) and ``eager`` (the seed's torch path; small shapes only).
 
 Writes ``results.csv``, ``results.json`` and ``tflops.png`` under ``--out`` and prints a table last.
+Main suite: every provider of a shape is measured ``--rounds`` times (3), the rounds alternated, and
+the median is reported with its spread ((max - min) / median); a single measurement per cell moved by
+several percent between runs (benchmarks/NOTES.md, session 13).
 TFLOP/s use 4*B*H*S_q*S_k_visible*D per forward (causal counted per row), 3.5x for forward+backward.
 """
 
@@ -19,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -170,27 +174,49 @@ def warm_up(seconds: float = 2.0) -> None:
         torch.cuda.synchronize()
 
 
+def alternation(names, rounds):
+    """The order of a shape's measurements: every provider once per round, reversed on odd rounds, so
+    that a drift of the card's clock over the shape's minute weighs on every provider alike."""
+    order = []
+    for r in range(rounds):
+        order += list(names) if r % 2 == 0 else list(reversed(names))
+    return order
+
+
+def summarize_rounds(samples):
+    """A provider's rounds as (median ms, spread = (max - min) / median)."""
+    ms = statistics.median(samples)
+    return ms, (max(samples) - min(samples)) / ms
+
+
 def run_main(args, rows):
     shapes = MAIN_SHAPES[:2] if args.quick else MAIN_SHAPES
     warm_up()
     for batch, n_heads, n_kv, seq, head_dim in shapes:
         providers = make_providers(batch, n_heads, n_kv, seq, head_dim)
+        shape = f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}"
         for mode in args.modes:
             flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=True, mode=mode)
-            for name, entry in providers.items():
-                if name.endswith("-atomic-dq") and mode == "fwd":
+            names = [n for n in providers if not (n.endswith("-atomic-dq") and mode == "fwd")]
+            samples, errors = {n: [] for n in names}, {n: e for n, e in providers.items() if isinstance(e, str)}
+            for name in alternation([n for n in names if n not in errors], args.rounds):
+                if name in errors:  # failed in an earlier round
                     continue
-                row = dict(suite="main", shape=f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}", mode=mode, provider=name)
-                if isinstance(entry, str):
-                    row.update(ms=None, tflops=None, note=entry)
+                try:
+                    samples[name].append(time_provider(*providers[name], mode))
+                except Exception as exc:
+                    errors[name] = f"{type(exc).__name__}: {exc}"[:160]
+            for name in names:
+                row = dict(suite="main", shape=shape, mode=mode, provider=name)
+                if name in errors:
+                    row.update(ms=None, tflops=None, spread=None, note=errors[name])
                 else:
-                    try:
-                        ms = time_provider(*entry, mode)
-                        row.update(ms=ms, tflops=flops / ms / 1e9, note="")
-                    except Exception as exc:
-                        row.update(ms=None, tflops=None, note=f"{type(exc).__name__}: {exc}"[:160])
+                    ms, spread = summarize_rounds(samples[name])
+                    row.update(ms=ms, tflops=flops / ms / 1e9, spread=spread,
+                               note=f"median of {len(samples[name])}" if len(samples[name]) > 1 else "")
                 rows.append(row)
-                print(f"{row['shape']:24s} {mode:7s} {name:15s} {row['tflops'] or 0:8.1f}  {row['note']}", flush=True)
+                spread = "" if row["spread"] is None else f"spread {row['spread']:.1%}"
+                print(f"{shape:24s} {mode:7s} {name:22s} {row['tflops'] or 0:8.1f}  {spread}  {row['note']}", flush=True)
             torch.cuda.empty_cache()
 
 
@@ -286,7 +312,8 @@ def write_outputs(rows, out_dir, meta):
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["suite", "shape", "mode", "provider", "ms", "tflops", "note"])
+        writer = csv.DictWriter(f, fieldnames=["suite", "shape", "mode", "provider", "ms", "tflops", "spread",
+                                                "note"])
         writer.writeheader()
         writer.writerows(rows)
     try:
@@ -333,6 +360,8 @@ def main():
     parser.add_argument("--modes", default="fwd,fwd_bwd")
     parser.add_argument("--suite", default="main,extras")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="main suite: measurements per provider, alternated; the median is reported")
     args = parser.parse_args()
     args.modes = args.modes.split(",")
     commit = os.environ.get("GIT_COMMIT") or subprocess.run(

@@ -34,6 +34,11 @@ def pivot(rows, mode):
             a, b = value.get((shape, num)), value.get((shape, den))
             cells.append(f"{a / b:.2f}" if a and b else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    spreads = [(r["spread"], r["shape"], r["provider"]) for r in main if r.get("spread") is not None]
+    if spreads:  # runs with several alternated rounds per cell (bench_attention.py --rounds)
+        worst = max(spreads)
+        lines += ["", f"Cells are medians of alternated rounds; widest spread (max - min) / median: {worst[0]:.1%} "
+                      f"({worst[2]}, {worst[1]})."]
     return lines
 
 

@@ -46,6 +46,12 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| B1 H1/1 S8 D16 | 300 | 400 | 310 | 0.75 | - | - | 0.97 | - | - |" in out
     assert "| padding | x | fwd | triton-varlen | 0.500 | 90.0 | n |" in out
+    assert "spread" not in out  # single-measurement runs (before --rounds) have none to report
+    for row, spread in zip(rows, (0.02, 0.05, 0.01)):
+        row["spread"] = spread
+    path.write_text(json.dumps({"meta": dict(gpu="G", torch="t", triton="tr", commit="c", date="d"), "rows": rows}))
+    module.main(str(path))
+    assert "widest spread (max - min) / median: 5.0% (fa4-alibi, B1 H1/1 S8 D16)" in capsys.readouterr().out
 
 
 def test_ab_script_prepares_packages_and_alternates_them(tmp_path):
@@ -108,3 +114,14 @@ fwd B2 H16/16 S8192 D128  slopes 520  no-bias 520  | row / slopes: fp32 0.950
     module.main([str(log), "--metric", "dK/dV", "--pick", "1.0"])
     assert capsys.readouterr().out == "ab/main\n"  # the new one is slower there
 
+
+
+def test_main_suite_alternates_providers_over_rounds_and_reports_the_median():
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.alternation(["a", "b", "c"], 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert module.alternation(["a"], 1) == ["a"]
+    ms, spread = module.summarize_rounds([1.0, 1.2, 0.9])
+    assert ms == 1.0 and spread == pytest.approx(0.3)
