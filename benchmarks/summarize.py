@@ -37,8 +37,8 @@ def pivot(rows, mode):
     spreads = [(r["spread"], r["shape"], r["provider"]) for r in main if r.get("spread") is not None]
     if spreads:  # runs with several alternated rounds per cell (bench_attention.py --rounds)
         worst = max(spreads)
-        lines += ["", f"Cells are medians of alternated rounds; widest spread (max - min) / median: {worst[0]:.1%} "
-                      f"({worst[2]}, {worst[1]})."]
+        note = f"Cells are medians of alternated rounds; widest spread (max - min) / median: {worst[0]:.1%}"
+        lines += ["", f"{note} ({worst[2]}, {worst[1]})."]
     return lines
 
 

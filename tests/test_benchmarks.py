@@ -10,17 +10,22 @@ from mpt_attention.testing import attention_flops
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _load_script(name):
+    """A script of benchmarks/ imported as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("script", ["bench_attention", "tune_blocks", "tune_dkdv", "fwd_variants", "summarize",
                                     "host_overhead", "bwd_kernels", "bias_row", "ab_summary"])
 def test_benchmark_scripts_import(script):
     pytest.importorskip("triton")
-    spec = importlib.util.spec_from_file_location(script, ROOT / "benchmarks" / f"{script}.py")
     if script == "tune_dkdv":  # runs its sweep at import: only check it compiles
         compile((ROOT / "benchmarks" / f"{script}.py").read_text(), script, "exec")
         return
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert callable(module.main)
+    assert callable(_load_script(script).main)
 
 
 def test_flop_counts():
@@ -34,14 +39,13 @@ def test_flop_counts():
 def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     import json
 
-    spec = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "summarize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("summarize")
     rows = [dict(suite="main", shape="B1 H1/1 S8 D16", mode="fwd", provider=p, ms=1.0, tflops=t, note="")
             for p, t in (("triton-alibi", 300.0), ("fa4-alibi", 400.0), ("triton", 310.0))]
     rows.append(dict(suite="padding", shape="x", mode="fwd", provider="triton-varlen", ms=0.5, tflops=90.0, note="n"))
     path = tmp_path / "run.json"
-    path.write_text(json.dumps({"meta": dict(gpu="G", torch="t", triton="tr", commit="c", date="d"), "rows": rows}))
+    meta = {"gpu": "G", "torch": "t", "triton": "tr", "commit": "c", "date": "d"}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
     module.main(str(path))
     out = capsys.readouterr().out
     assert "| B1 H1/1 S8 D16 | 300 | 400 | 310 | 0.75 | - | - | 0.97 | - | - |" in out
@@ -49,7 +53,7 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     assert "spread" not in out  # single-measurement runs (before --rounds) have none to report
     for row, spread in zip(rows, (0.02, 0.05, 0.01)):
         row["spread"] = spread
-    path.write_text(json.dumps({"meta": dict(gpu="G", torch="t", triton="tr", commit="c", date="d"), "rows": rows}))
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
     module.main(str(path))
     assert "widest spread (max - min) / median: 5.0% (fa4-alibi, B1 H1/1 S8 D16)" in capsys.readouterr().out
 
@@ -89,9 +93,7 @@ def test_ab_script_reports_a_failed_run_and_goes_on(tmp_path):
 
 
 def test_ab_summary_reads_speeds_from_an_alternated_log(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("ab_summary", ROOT / "benchmarks" / "ab_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("ab_summary")
     log = tmp_path / "ab.log"
     log.write_text("""== ab/main round 1
 fwd B2 H16/16 S8192 D128  slopes 500  no-bias 520  | row / slopes: fp32 0.950
@@ -115,12 +117,9 @@ fwd B2 H16/16 S8192 D128  slopes 520  no-bias 520  | row / slopes: fp32 0.950
     assert capsys.readouterr().out == "ab/main\n"  # the new one is slower there
 
 
-
 def test_main_suite_alternates_providers_over_rounds_and_reports_the_median():
     pytest.importorskip("triton")
-    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "benchmarks" / "bench_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("bench_attention")
     assert module.alternation(["a", "b", "c"], 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
     assert module.alternation(["a"], 1) == ["a"]
     ms, spread = module.summarize_rounds([1.0, 1.2, 0.9])
