@@ -363,6 +363,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3,
                         help="main suite: measurements per provider, alternated; the median is reported")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     args.modes = args.modes.split(",")
     commit = os.environ.get("GIT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"

@@ -124,3 +124,13 @@ def test_main_suite_alternates_providers_over_rounds_and_reports_the_median():
     assert module.alternation(["a"], 1) == ["a"]
     ms, spread = module.summarize_rounds([1.0, 1.2, 0.9])
     assert ms == 1.0 and spread == pytest.approx(0.3)
+
+
+def test_main_suite_refuses_zero_rounds():
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--rounds", "0"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and "--rounds must be at least 1, got 0" in result.stderr
