@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from mpt_attention.impl.triton.common import (
-    BIAS_ROW, BIAS_ROW_VALUES, LOG2E, bias_pointers, decode_lse2, dropout_keep, key_block_range, live_keys,
-    score_tile, sequence_bounds, soft_row_scale,
+    BIAS_ROW, BIAS_ROW_VALUES, LOG2E, bias_pointers, bias_row_source, block_bias, decode_lse2, dropout_keep,
+    key_block_range, live_keys, score_tile, sequence_bounds, soft_row_scale,
 )
 
 
@@ -324,9 +324,7 @@ def _dq_blocks(
         v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, head_dim], strides=[stride_vs, 1],
                                           block_shape=[BLOCK_N, BLOCK_D])
     TILE_BIAS: tl.constexpr = BIAS_ROW_VALUES if ROW_DESC else BIAS
-    if ROW_DESC:  # the row as a [1, S_k] view (launch.py checks its alignment)
-        row_src = tl.make_tensor_descriptor(bias_base, shape=[1, seqlen_k], strides=[BLOCK_N, 1],
-                                            block_shape=[1, BLOCK_N])
+    row_src = bias_row_source(bias_base, seqlen_k, BLOCK_N) if ROW_DESC else bias_base
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
@@ -339,10 +337,8 @@ def _dq_blocks(
             kv_mask = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)[:, None] & d_ok[None, :]
             k = tl.load(k_base + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if ROW_DESC:
-            bias_ptrs = tl.reshape(row_src.load([0, start_n]), [BLOCK_N])
-        else:
-            bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
+        bias_ptrs = block_bias(row_src, bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS, ROW_DESC,
+                               BLOCK_N)
         # [BLOCK_M, BLOCK_N]
         _, ds = _tile_grads(
             q, k, v, do, lse2, delta, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2,

@@ -50,6 +50,25 @@ def bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS
 
 
 @triton.jit
+def bias_row_source(bias_base, seqlen_k, BLOCK_N: tl.constexpr):
+    """A converted bias row (launch._log2_bias_rows: float32, 16-byte aligned rows; launch.py checks) as a
+    [1, S_k] tensor descriptor read in [1, BLOCK_N] boxes: through the copy engine, where a plain load
+    went through a shared-memory layout conversion every block."""
+    return tl.make_tensor_descriptor(bias_base, shape=[1, seqlen_k], strides=[BLOCK_N, 1], block_shape=[1, BLOCK_N])
+
+
+@triton.jit
+def block_bias(row_src, bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS: tl.constexpr,
+               ROW_DESC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What ``score_tile`` takes as ``bias_ptrs`` for key block ``start_n``: the row's [BLOCK_N] values read
+    through ``row_src`` (ROW_DESC; score mode BIAS_ROW_VALUES), else ``bias_pointers``."""
+    if ROW_DESC:
+        return tl.reshape(row_src.load([0, start_n]), [BLOCK_N])
+    else:
+        return bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
+
+
+@triton.jit
 def _log2_bias(raw):
     """Bias in log2 units. -inf stays -inf (the key is removed); values below SOFT_MASK2 become the
     soft mask SOFT_SCORE (MPT's finfo(float32).min times log2(e) would otherwise overflow to -inf and

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from mpt_attention.impl.triton.common import (
-    BIAS_ROW_VALUES, LOG2E, bias_pointers, dropout_keep, encode_lse, key_block_range, live_keys, score_tile,
-    sequence_bounds,
+    BIAS_ROW_VALUES, LOG2E, bias_row_source, block_bias, dropout_keep, encode_lse, key_block_range, live_keys,
+    score_tile, sequence_bounds,
 )
 
 
@@ -37,9 +37,7 @@ def _fwd_blocks(
         v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, head_dim], strides=[stride_vs, 1],
                                           block_shape=[BLOCK_N, BLOCK_D])
     TILE_BIAS: tl.constexpr = BIAS_ROW_VALUES if ROW_DESC else BIAS
-    if ROW_DESC:  # the row as a [1, S_k] view (launch.py checks its alignment)
-        row_src = tl.make_tensor_descriptor(bias_base, shape=[1, seqlen_k], strides=[BLOCK_N, 1],
-                                            block_shape=[1, BLOCK_N])
+    row_src = bias_row_source(bias_base, seqlen_k, BLOCK_N) if ROW_DESC else bias_base
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)
@@ -52,10 +50,8 @@ def _fwd_blocks(
                         other=0.0)
         # [BLOCK_M, BLOCK_N]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if ROW_DESC:
-            bias_ptrs = tl.reshape(row_src.load([0, start_n]), [BLOCK_N])
-        else:
-            bias_ptrs = bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS)
+        bias_ptrs = block_bias(row_src, bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS, ROW_DESC,
+                               BLOCK_N)
         s = score_tile(
             qk, rows, cols, bias_ptrs, kpm_ptr, seqid_ptr, prefix_ptr, q_seq, slope2, qk_scale2,
             seqlen_q, seqlen_k, IS_CAUSAL, ALIBI, TILE_BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, APPLY_MASK,
