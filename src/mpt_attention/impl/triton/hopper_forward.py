@@ -28,10 +28,16 @@ blocks) tells the consumers to stop. Counting key blocks over all of a program's
 lives in stage g % 2 and its barriers' phase is (g // 2) % 2. Against one program per tile: +8% at
 B8 S2048, +9% at D64, -2% at S8192 (session 12, benchmarks/NOTES.md).
 
-A bias row over keys (MPT's ``(1, H, 1, S_k)`` tensor, any ``(B|1, H|1, 1, S_k)``) rides with V: the
-loader copies block j's slice of it into the V stage's shared memory under V's barrier, and the
-consumer reads it there for the softmax of block j, adding it in the same fused multiply-add as the
-scale (a first version loaded it from global memory into registers per block: 0.52-0.76x, spilling).
+A bias row over keys (MPT's ``(1, H, 1, S_k)`` tensor, any ``(B|1, H|1, 1, S_k)``) rides with V, into
+a slot beside V's stage under V's barrier, and is added in the softmax's fused multiply-add with the
+scale. Which block's slice rides with V_j depends on the head dim (``_row_ahead``):
+- D64: block j+1's (block 0's comes with the tile's Q). The consumer has waited for V_j before it
+  issues P_j V_j, so it reads block j+1's slice right there, before that warpgroup-wide product (every
+  warp has then read it when the stage goes back). With block j's own slice the softmax of block j
+  waited for V_j, which the loader issues a block after K_j: row / slopes 0.89-0.94 -> 0.93-0.98.
+- D128: block j's own, read after S_j's wait. Reading one block ahead keeps the slice's 32 registers
+  live across that wait; ptxas spills at D128 and the row cells fell 5-8% (session 14).
+A first version loaded the row from global memory per block: 0.52-0.76x.
 
 Scope (the launcher, ``hopper.py``, routes everything else to the general kernel in ``forward.py``):
 bf16/fp16, head dim 64 or 128, ALiBi from slopes (either form) and/or a bias row, no bias matrix, no
@@ -112,6 +118,12 @@ def _info_slot(Tiles, buf):
     return Tiles + 16 + (gl.program_id(0) * 2 + buf) * 8
 
 
+@gluon.constexpr_function
+def _row_ahead(head_dim):
+    """Whether V_j carries block j+1's bias slice (else block j's): see the module docstring."""
+    return head_dim == 64
+
+
 @gluon.jit
 def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty,
                     k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
@@ -123,6 +135,8 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     run under this tile's last blocks. Tiles are addressed as [batch, row, head * D] in the (B, S, H * D)
     view of each tensor."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
+    bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
+    ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
     n_tiles = n_m * n_bh
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
@@ -141,7 +155,12 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
         gl.store(info + 2, start_m)
         gl.store(info + 3, n_blocks)
         gl.store(info + 4, lo_masked)
-        mbarrier.expect(q_ready.index(buf), 2 * _HALF_M * HEAD_DIM * 2)
+        if BIAS_ROW and ROW_AHEAD:  # block 0's bias slice comes with Q, into slot 2 + buf
+            mbarrier.expect(q_ready.index(buf), 2 * _HALF_M * HEAD_DIM * 2 + bias_bytes)
+            tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, 0], q_ready.index(buf),
+                                            bias_smem.index(2 + buf))
+        else:
+            mbarrier.expect(q_ready.index(buf), 2 * _HALF_M * HEAD_DIM * 2)
         tma.async_copy_global_to_shared(q_desc, [b, start_m, h * HEAD_DIM], q_ready.index(buf),
                                         q_smem.index(2 * buf))
         tma.async_copy_global_to_shared(q_desc, [b, start_m + _HALF_M, h * HEAD_DIM], q_ready.index(buf),
@@ -154,10 +173,12 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
             tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, kv_h * HEAD_DIM], k_ready.index(stage),
                                             k_smem.index(stage))
             mbarrier.wait(v_empty.index(stage), free_phase)
-            if BIAS_ROW:  # block j's bias slice shares V's stage and barrier
-                bias_bytes: gl.constexpr = BLOCK_N * bias_desc.dtype.primitive_bitwidth // 8
+            row_block = j  # the block whose bias slice rides with V_j, into V's stage's slot
+            if ROW_AHEAD:
+                row_block = j + 1
+            if BIAS_ROW and row_block < n_blocks:
                 mbarrier.expect(v_ready.index(stage), kv_bytes + bias_bytes)
-                tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, j * BLOCK_N],
+                tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, row_block * BLOCK_N],
                                                 v_ready.index(stage), bias_smem.index(stage))
             else:
                 mbarrier.expect(v_ready.index(stage), kv_bytes)
@@ -195,15 +216,14 @@ def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, qk_scale2, slop
 
 
 @gluon.jit
-def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.constexpr, ALIBI: gl.constexpr,
-               BIAS_ROW: gl.constexpr, BLOCK_N: gl.constexpr):
-    """The per-key vector of a block's scores (log2 units): its bias slice, read from V's stage once V's
-    barrier says it has landed, plus the block-relative causal ALiBi columns."""
+def _col_terms(alibi_cols, bias_smem, slot, col_layout: gl.constexpr, ALIBI: gl.constexpr, BIAS_ROW: gl.constexpr,
+               BLOCK_N: gl.constexpr):
+    """The per-key vector of a block's scores (log2 units): its bias slice, read from ``slot`` (landed:
+    the caller has waited for the barrier it came under), plus the block-relative causal ALiBi columns."""
     terms = alibi_cols
     if BIAS_ROW:
-        mbarrier.wait(v_ready.index(stage), phase)
         # unswizzled (swizzle_byte_width=0), so the [1, 1, BLOCK_N] box is a plain row of BLOCK_N values
-        row = bias_smem.index(stage)._reinterpret(bias_smem.dtype, [BLOCK_N], _ROW_LAYOUT)
+        row = bias_smem.index(slot)._reinterpret(bias_smem.dtype, [BLOCK_N], _ROW_LAYOUT)
         bias2 = row.load(col_layout)  # float32, log2 units already (launch._log2_bias_rows)
         if ALIBI == 1:
             terms = alibi_cols + bias2
@@ -213,12 +233,12 @@ def _col_terms(alibi_cols, bias_smem, v_ready, stage, phase, col_layout: gl.cons
 
 
 @gluon.jit
-def _consumer_tile(half, q3, k_smem, v_smem, bias_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes, g,
-                   info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
+def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes,
+                   g, info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
                    qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
                    HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
-    """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, landed), all
-    key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``."""
+    """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
+    landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``."""
     dtype: gl.constexpr = q3.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -228,6 +248,7 @@ def _consumer_tile(half, q3, k_smem, v_smem, bias_smem, k_ready, k_empty, v_read
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     HAS_COLS: gl.constexpr = BIAS_ROW or ALIBI == 1
+    ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
 
     # the coordinates come from memory before and again after the key loop, so that no register holds
     # them through it (the second consumer's loop rematerialised its column indices otherwise)
@@ -257,7 +278,12 @@ def _consumer_tile(half, q3, k_smem, v_smem, bias_smem, k_ready, k_empty, v_read
     mbarrier.arrive(k_empty.index(stage0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
-    col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage0, phase0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+    if ROW_AHEAD:
+        col_terms = _col_terms(alibi_cols, bias_smem, 2 + buf, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+    else:
+        if BIAS_ROW:
+            mbarrier.wait(v_ready.index(stage0), phase0)
+        col_terms = _col_terms(alibi_cols, bias_smem, stage0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, qk_scale2, slope2, diag, seqlen_k,
                                        lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -270,11 +296,17 @@ def _consumer_tile(half, q3, k_smem, v_smem, bias_smem, k_ready, k_empty, v_read
         k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
+        if ROW_AHEAD:
+            # block j's bias slice came with V_{j-1}: read before the warpgroup-wide product below, after
+            # which V's stage (and the slice) can go back to the loader
+            col_terms = _col_terms(alibi_cols, bias_smem, prev, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])
         mbarrier.arrive(k_empty.index(stage))
-        col_terms = _col_terms(alibi_cols, bias_smem, v_ready, stage, ((g + j) >> 1) & 1, col_layout, ALIBI,
-                               BIAS_ROW, BLOCK_N)
+        if not ROW_AHEAD:
+            if BIAS_ROW:  # block j's slice comes with V_j
+                mbarrier.wait(v_ready.index(stage), ((g + j) >> 1) & 1)
+            col_terms = _col_terms(alibi_cols, bias_smem, stage, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, qk_scale2, slope2,
                                            diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI, HAS_COLS)
         acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
@@ -321,8 +353,8 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready,
         info = _info_slot(Tiles, buf)
         n_blocks = gl.load(info + 3, volatile=True)
         if n_blocks > 0:
-            _consumer_tile(half, q_smem.index(2 * buf + half), k_smem, v_smem, bias_smem, k_ready, k_empty, v_ready,
-                           v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh,
+            _consumer_tile(half, q_smem.index(2 * buf + half), buf, k_smem, v_smem, bias_smem, k_ready, k_empty,
+                           v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh,
                            seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)
             mbarrier.arrive(q_empty.index(buf))  # after the tile's output store has completed (tma.store_wait)
             g += n_blocks
@@ -355,7 +387,11 @@ def _hopper_fwd_kernel(
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
     if BIAS_ROW:
-        bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [2, 1, 1, BLOCK_N], bias_desc.layout)
+        # slots 0, 1 beside V's stages; with _row_ahead also 2, 3 beside Q's buffers (block 0's slice)
+        if _row_ahead(HEAD_DIM):
+            bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [4, 1, 1, BLOCK_N], bias_desc.layout)
+        else:
+            bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [2, 1, 1, BLOCK_N], bias_desc.layout)
     else:
         bias_smem = v_smem  # never read
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
