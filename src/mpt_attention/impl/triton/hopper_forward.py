@@ -36,7 +36,7 @@ scale. Which block's slice rides with V_j depends on the head dim (``_row_ahead`
   warp has then read it when the stage goes back). With block j's own slice the softmax of block j
   waited for V_j, which the loader issues a block after K_j: row / slopes 0.89-0.94 -> 0.93-0.98.
 - D128: block j's own, read after S_j's wait. Reading one block ahead keeps the slice's 32 registers
-  live across that wait; ptxas spills at D128 and the row cells fell 5-8% (session 14).
+  live across that wait; ptxas spills at D128 and the row cells fell 4-13% (session 14).
 A first version loaded the row from global memory per block: 0.52-0.76x.
 
 Scope (the launcher, ``hopper.py``, routes everything else to the general kernel in ``forward.py``):
