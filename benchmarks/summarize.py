@@ -17,7 +17,7 @@ RATIOS = (  # (column title, numerator, denominator)
     ("ours / cuDNN", "triton", "cudnn"),
     ("ALiBi / no bias", "triton-alibi", "triton"),
     ("vec bias / slopes", "triton-vecbias", "triton-alibi"),
-    ("atomic dQ / deterministic", "triton-alibi-atomic-dq", "triton-alibi"),
+    ("deterministic / default", "triton-alibi-deterministic", "triton-alibi"),
 )
 
 

@@ -309,3 +309,40 @@ def test_non_deterministic_backward_with_a_full_bias_takes_the_dq_gemm(dq_gemm_c
     assert dq_gemm_calls == [1, 1]
     for name, a, b in zip(["dq", "dk", "dv", "dbias"], *grads):
         assert torch.equal(a, b), name
+
+
+def test_deterministic_default_follows_torch_use_deterministic_algorithms():
+    """None (the default) is reproducible while torch's switch is on and leaves dQ's order free otherwise;
+    True and False are kept as given."""
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert [ops.backward_determinism(d) for d in (None, True, False)] == [None, True, False]
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        assert [ops.backward_determinism(d) for d in (None, True, False)] == [True, True, False]
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+def test_default_backward_takes_no_atomics_off_the_hopper_path(monkeypatch):
+    """A free dQ order is taken only where it is the fastest backward (the Hopper dK/dV kernel's dQ
+    warpgroup): elsewhere the default runs the fixed-order passes (the dQ kernel, bitwise equal to
+    deterministic=True), not the slower atomic pass that deterministic=False allows."""
+    from mpt_attention.impl.triton import launch
+
+    class Counted:  # launch's dQ kernel, counting its launches
+        def __init__(self, kernel):
+            self.kernel, self.launches = kernel, 0
+
+        def __getitem__(self, grid):
+            self.launches += 1
+            return self.kernel[grid]
+
+    dq_kernel = Counted(launch._attn_bwd_dq_kernel)
+    monkeypatch.setattr(launch, "_attn_bwd_dq_kernel", dq_kernel)
+    (q, k, v), kw = make_inputs(AttnCase(2, 37, 37, 4, 4, 16, causal=True, alibi=True), requires_grad=True)
+    grads = [_grads(M.attention(q, k, v, backend="triton", deterministic=det, **kw), [q, k, v], torch.ones_like(q))
+             for det in (True, None, False)]
+    assert dq_kernel.launches == 2  # True and None; False folds dQ into the dK/dV kernel
+    for name, a, b in zip(["dq", "dk", "dv"], grads[0], grads[1]):
+        assert torch.equal(a, b), name

@@ -72,10 +72,30 @@ def test_forward_and_backward_are_bitwise_deterministic(case):
         wrt.append(kw["attn_bias"])
     runs = []
     for _ in range(2):
-        out = M.attention(q, k, v, backend="triton", **kw)
+        out = M.attention(q, k, v, backend="triton", deterministic=True, **kw)
         runs.append((out, *_grads(out, wrt, torch.ones_like(out))))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_default_backward_is_reproducible_under_torch_deterministic_algorithms():
+    """deterministic=None (the default) follows torch.use_deterministic_algorithms: on, the Hopper inputs
+    that otherwise take the dQ warpgroup (float32 reductions in any order) get the fixed-order passes."""
+    (q, k, v), kw = make_inputs(AttnCase(2, 1100, 1100, 8, 8, 128, causal=True, alibi=True), dtype=torch.bfloat16,
+                                device="cuda", requires_grad=True)
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = []
+        for _ in range(2):
+            out = M.attention(q, k, v, backend="triton", **kw)
+            runs.append(_grads(out, [q, k, v], torch.ones_like(out)))
+        explicit = _grads(M.attention(q, k, v, backend="triton", deterministic=True, **kw), [q, k, v],
+                          torch.ones_like(out))
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    for a, b, c in zip(*runs, explicit):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.parametrize("s_q", [16, 128], ids=["16-queries", "128-queries"])
@@ -239,12 +259,14 @@ def test_atomic_dq_varies_only_in_rounding_and_dk_dv_stay_bitwise(monkeypatch):
         assert rel < 1e-2, f"dQ moved by {rel:.1e} between runs: more than summation-order rounding"
 
 
-@pytest.mark.parametrize("head_dim", [128, 64], ids=["hopper-dkdv-on-sm90", "general-kernels"])
-def test_backward_replays_in_a_cuda_graph(head_dim):
+@pytest.mark.parametrize("head_dim, n_kv", [(128, 2), (64, 2), (128, 8)],
+                         ids=["hopper-dkdv-on-sm90", "general-kernels", "hopper-dq-warpgroup-on-sm90"])
+def test_backward_replays_in_a_cuda_graph(head_dim, n_kv):
     """Training loops capture forward and backward in one CUDA graph: with grouped heads (and with the
     Hopper dK/dV kernel) the backward's dQ kernel runs on a second stream beside the dK/dV kernel, which
-    capture must follow (fork and join) and replay."""
-    case = AttnCase(2, 700, 700, 8, 2, head_dim, causal=True, alibi=True)
+    capture must follow (fork and join) and replay; with as many KV heads as query heads on Hopper the
+    dK/dV kernel's dQ warpgroup adds dQ into a zeroed float32 buffer (dQ then equal up to summation order)."""
+    case = AttnCase(2, 700, 700, 8, n_kv, head_dim, causal=True, alibi=True)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
 
@@ -260,4 +282,7 @@ def test_backward_replays_in_a_cuda_graph(head_dim):
         torch.cuda.synchronize()
         eager = step()
         for name, g, e in zip(["dq", "dk", "dv"], grads, eager):
-            assert torch.equal(g, e), name
+            if name == "dq" and n_kv == 8:
+                torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-2)
+            else:
+                assert torch.equal(g, e), name

@@ -47,11 +47,35 @@ def test_hopper_forward_matches_float64_reference(case, dtype):
 @pytest.mark.parametrize("case", [c for c in CASES if c.head_dim == 128], ids=lambda c: c.id())
 def test_hopper_backward_matches_float64_reference(case):
     """dK, dV from the Hopper dK/dV kernel (dQ from the general one) against float64; D=128, the head dim
-    the backward dispatches it for."""
+    the deterministic backward dispatches it for."""
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False, dout) is None
-    out = M.attention(q, k, v, backend="triton", **kw)
+    out = M.attention(q, k, v, backend="triton", deterministic=True, **kw)
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+DQ_WARPGROUP_CASES = [  # as many KV heads as query heads: where deterministic=False takes the dQ warpgroup
+    AttnCase(2, 1024, 1024, 8, 8, 128, causal=True, alibi=True),
+    AttnCase(3, 137, 137, 4, 4, 64, causal=True, alibi=True),
+    AttnCase(2, 197, 197, 4, 4, 128, alibi=True),  # non-causal: symmetric ALiBi
+    AttnCase(2, 211, 300, 6, 6, 64, causal=True, alibi=True),  # chunked prefill, a partial last tile
+    AttnCase(1, 1000, 1000, 4, 4, 128),  # no bias, non-causal, ragged last key block
+    AttnCase(2, 257, 257, 4, 4, 64, causal=True),  # no bias, causal
+    AttnCase(2, 128, 4097, 8, 8, 128, causal=True, alibi=True),  # one tile of queries against a long cache
+    AttnCase(1, 2048, 2048, 8, 8, 64, causal=True, alibi=True),
+]
+
+
+@pytest.mark.parametrize("case", DQ_WARPGROUP_CASES, ids=lambda c: c.id())
+def test_hopper_dq_warpgroup_matches_float64_reference(case):
+    """deterministic=False: dQ, dK and dV all from the Hopper kernel (its dQ warpgroup adds dQ by float32 bulk
+    reductions), D64 and D128, against float64."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False, dout, fused_dq=True) is None
+    out = M.attention(q, k, v, backend="triton", deterministic=False, **kw)
     grads = torch.autograd.grad(out, [q, k, v], dout)
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
@@ -61,7 +85,7 @@ def test_hopper_backward_is_bitwise_deterministic():
                                 device="cuda", requires_grad=True)
     runs = []
     for _ in range(2):
-        out = M.attention(q, k, v, backend="triton", **kw)
+        out = M.attention(q, k, v, backend="triton", deterministic=True, **kw)
         runs.append(torch.autograd.grad(out, [q, k, v], torch.ones_like(out)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -155,6 +179,7 @@ def test_bias_row_gradients_after_the_hopper_forward(monkeypatch, bias_grad):
 @pytest.mark.parametrize("bias_dtype,route", [
     pytest.param(torch.float32, "hopper", id="fp32-row-hopper"),
     pytest.param(torch.bfloat16, "hopper", id="bf16-row-hopper"),
+    pytest.param(torch.float32, "hopper-dq-warpgroup", id="fp32-row-hopper-dq-warpgroup"),
     pytest.param(torch.float32, "general", id="fp32-row-general"),
     pytest.param(torch.bfloat16, "full", id="bf16-full"),
     pytest.param(torch.bfloat16, "full-grad", id="bf16-full-grad-dq-gemm"),
@@ -174,12 +199,13 @@ def test_rows_masked_only_by_float32_min_on_every_kernel_route(bias_dtype, route
     assert bias.shape == (b, h, 1, s) and bias.min() == torch.finfo(bias_dtype).min
     if route.startswith("full"):
         bias = bias.expand(b, h, s, s).contiguous().requires_grad_(route == "full-grad")
-    if route == "hopper":
+    if route.startswith("hopper"):
         assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False, q) is None
-    monkeypatch.setattr(hopper, "ENABLED", route == "hopper")
+    monkeypatch.setattr(hopper, "ENABLED", route.startswith("hopper"))
     dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
     dlse = torch.randn(b, h, s, device="cuda")
-    out, lse = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias, return_lse=True)
+    out, lse = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias, return_lse=True,
+                           deterministic=route != "hopper-dq-warpgroup")
     inputs = [q, k, v, bias] if bias.requires_grad else [q, k, v]
     grads = torch.autograd.grad([out, lse], inputs, [dout, dlse])
     # query i of the padded row sees keys 0..i, all at the same min: their plain average
@@ -189,9 +215,10 @@ def test_rows_masked_only_by_float32_min_on_every_kernel_route(bias_dtype, route
                                         torch.bfloat16, dlse=dlse)
 
 
-def test_hopper_dkdv_with_a_bias_row_that_masks_whole_rows(monkeypatch):
-    """Keys 0-2 at -inf: causal query rows 0-2 see nothing (LSE -inf). The Hopper dK/dV kernel must give
-    them zero probability, as the general one does, not NaN."""
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "dq-warpgroup"])
+def test_hopper_dkdv_with_a_bias_row_that_masks_whole_rows(monkeypatch, deterministic):
+    """Keys 0-2 at -inf: causal query rows 0-2 see nothing (LSE -inf). The Hopper dK/dV kernel (and its
+    dQ warpgroup) must give them zero probability, as the general one does, not NaN."""
     b, s, h, d = 2, 300, 4, 128
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, h, 1, s, device="cuda")
@@ -200,7 +227,7 @@ def test_hopper_dkdv_with_a_bias_row_that_masks_whole_rows(monkeypatch):
     runs = []
     for enabled in (True, False):
         monkeypatch.setattr(hopper, "ENABLED", enabled)
-        out = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias)
+        out = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias, deterministic=deterministic)
         runs.append(torch.autograd.grad(out, [q, k, v], dout))
     for name, a, ref in zip(["dq", "dk", "dv"], *runs):
         assert not a.isnan().any(), name
@@ -275,12 +302,25 @@ def test_inputs_outside_its_scope_take_the_general_kernel(what):
         assert_close_to_reference("out", out, ref, low)
 
 
-def test_non_deterministic_backward_takes_the_hopper_passes_where_they_apply():
-    """deterministic=False allows atomics, it does not ask for them: where the Hopper dK/dV kernel applies,
-    its two passes (faster than dQ atomics) run, so the gradients equal the default's bitwise."""
-    (q, k, v), kw = make_inputs(CASES[0], dtype=torch.bfloat16, device="cuda", requires_grad=True)
+def test_non_deterministic_backward_changes_only_the_order_of_dq_sums():
+    """deterministic=False on the Hopper path: dQ comes from the dK/dV kernel's dQ warpgroup (float32 bulk
+    reductions in no fixed order); dK and dV come from the same consumers as the default's, bitwise."""
+    (q, k, v), kw = make_inputs(DQ_WARPGROUP_CASES[0], dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, dout) is None
+    grads = [torch.autograd.grad(M.attention(q, k, v, backend="triton", deterministic=det, **kw), [q, k, v], dout)
+             for det in (True, False)]
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-2, atol=1e-2)
+    for name, a, b in zip(["dk", "dv"], grads[0][1:], grads[1][1:]):
+        assert torch.equal(a, b), name
+
+
+def test_non_deterministic_backward_with_grouped_heads_keeps_the_split():
+    """Grouped heads keep the dQ kernel beside the Hopper dK/dV kernel (faster there than the dQ warpgroup,
+    benchmarks/NOTES.md), so deterministic=False gives the default's gradients bitwise."""
+    (q, k, v), kw = make_inputs(CASES[0], dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    assert q.shape[2] != k.shape[2]
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     grads = [torch.autograd.grad(M.attention(q, k, v, backend="triton", deterministic=det, **kw), [q, k, v], dout)
              for det in (True, False)]
     for name, a, b in zip(["dq", "dk", "dv"], *grads):

@@ -50,7 +50,7 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
     consts = dict(consts)
     sig = {}
     for name in fn.arg_names:
-        if name == "bias_desc" and bias is None:
+        if (name == "bias_desc" and bias is None) or (name == "dq_desc" and not consts.get("FUSED_DQ")):
             consts[name] = None
         if name in consts:
             sig[name] = "constexpr"
@@ -58,6 +58,9 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             bits = 32 if bias == "fp32" else 16
             row_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=3)
             sig[name] = f"tensordesc<{bias}[1, 1, {consts['BLOCK_N']}],{row_layout!r}>"
+        elif name == "dq_desc":  # the fused backward's float32 dQ buffer, unswizzled [1, 32, D] boxes
+            dq_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
+            sig[name] = f"tensordesc<fp32[1, {rows['q_desc']}, {head_dim}],{dq_layout!r}>"
         elif name in rows:
             sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, {head_dim}],{layout!r}>"
         elif name[0].isupper():
@@ -78,15 +81,17 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
     return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias)
 
 
-def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16"):
-    """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py)."""
-    from mpt_attention.impl.triton.hopper import BWD_BLOCK_M, BWD_HALF_N
+def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False):
+    """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: with the dQ warpgroup."""
+    from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
-    rows = {"q_desc": BWD_BLOCK_M, "do_desc": BWD_BLOCK_M, "k_desc": BWD_HALF_N, "v_desc": BWD_HALF_N,
+    rows = {"q_desc": bwd_block_m(head_dim), "do_desc": bwd_block_m(head_dim), "k_desc": BWD_HALF_N, "v_desc": BWD_HALF_N,
             "dk_desc": BWD_HALF_N, "dv_desc": BWD_HALF_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim,
-              "BIAS_ROW": alibi == 0 and causal}  # one bias-row variant among the five
+              # one bias-row variant among the five
+              "BIAS_ROW": alibi == 0 and causal, "FUSED_DQ": fused_dq,
+              "BLOCK_M": bwd_block_m(head_dim)}
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype)
 
 
@@ -133,6 +138,15 @@ def main() -> int:
             except Exception as exc:
                 failures += 1
                 print(f"FAIL {name}: {str(exc)[-1500:]}")
+    for head_dim, causal, alibi, dtype in [(128, True, 1, "bf16"), (128, False, 2, "fp16"), (128, True, 0, "bf16"),
+                                           (64, True, 1, "bf16"), (64, True, 0, "fp16")]:  # + the dQ warpgroup
+        name = f"hopper-fused-dq D={head_dim} causal={causal} alibi={alibi} {dtype}"
+        try:
+            k = compile_hopper_dkdv_kernel(head_dim, causal, alibi, dtype, fused_dq=True)
+            print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
+        except Exception as exc:
+            failures += 1
+            print(f"FAIL {name}: {str(exc)[-1500:]}")
     flag_sets = [
         dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
         dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True, VARLEN=False),

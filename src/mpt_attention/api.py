@@ -69,7 +69,7 @@ def attention(
     prefix_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
-    deterministic: bool = True,
+    deterministic: bool | None = None,
 ):
     """Scaled dot-product attention with MPT's masks and ALiBi, on the backend you name.
 
@@ -105,11 +105,15 @@ def attention(
         prefix_mask: bool ``(B, S_k)``, needs ``causal``: prefix keys are visible from every query.
         dropout_p: probability of dropping an attention weight (pass 0 in eval).
         return_lse: also return the natural-log log-sum-exp of the scores.
-        deterministic: ``triton`` only. True (default): the backward is bitwise reproducible (no
-            atomics). False allows dQ to be summed with float32 atomics in one backward pass instead of
-            two, so its last bits vary between runs; on an H200 that pass measured slower than the
-            default, and where the Hopper dK/dV kernel applies (or dQ comes from a stored full dS) the
-            default's passes serve False too.
+        deterministic: ``triton`` only: whether the backward must be bitwise reproducible. None (the
+            default) follows ``torch.use_deterministic_algorithms``: reproducible while it is on; while
+            it is off, dQ may be summed in any order where that is the fastest backward (on Hopper, as
+            many KV heads as query heads, D 64 or 128: the dK/dV kernel's dQ warpgroup adds dQ by
+            float32 bulk reductions, 1.07-1.19x the reproducible backward on an H200), so dQ's last
+            bits vary between runs there; elsewhere the reproducible passes run. True: always
+            reproducible (no atomics; two passes). False: as None when off, and the general kernels
+            may also fold dQ into one pass with float32 atomics (slower than the default on an H200,
+            benchmarks/NOTES.md). dK, dV, dbias and the forward are reproducible in every mode.
             Other backends follow ``torch.use_deterministic_algorithms``.
 
     Returns:
@@ -149,7 +153,7 @@ def attention_varlen(
     alibi_slopes: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
-    deterministic: bool = True,
+    deterministic: bool | None = None,
 ):
     """:func:`attention` over a batch of sequences of different lengths, packed without padding.
 

@@ -31,7 +31,7 @@ def _triton_fwd(
     sequence_id: Tensor | None, prefix_mask: Tensor | None, seed: Tensor | None,
     softmax_scale: float, causal: bool, dropout_p: float,
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
-    deterministic: bool,
+    deterministic: bool | None,
 ) -> tuple[Tensor, Tensor]:
     return _launch().forward(q, k, v, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
                              softmax_scale, causal, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -54,7 +54,7 @@ def _triton_bwd(
     sequence_id: Tensor | None, prefix_mask: Tensor | None, seed: Tensor | None,
     softmax_scale: float, causal: bool, dropout_p: float, bias_grad: bool,
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
-    deterministic: bool,
+    deterministic: bool | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _launch().backward(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id,
                               prefix_mask, seed, softmax_scale, causal, dropout_p, bias_grad,
@@ -118,9 +118,10 @@ class _EagerTritonAttention(torch.autograd.Function):
 
 def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=None, key_padding_mask=None,
                      sequence_id=None, prefix_mask=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
-                     max_seqlen_q=0, max_seqlen_k=0, deterministic=True):
+                     max_seqlen_q=0, max_seqlen_k=0, deterministic=None):
     """Validated inputs in, ``(out, lse)`` out; see :func:`mpt_attention.attention` and
     :func:`mpt_attention.attention_varlen`."""
+    deterministic = backward_determinism(deterministic)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     seed = None
     if dropout_p > 0.0:
@@ -130,7 +131,16 @@ def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=
     op = _triton_fwd if torch.compiler.is_compiling() else _EagerTritonAttention.apply
     return op(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
               scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-              int(max_seqlen_k), bool(deterministic))
+              int(max_seqlen_k), deterministic)
+
+
+def backward_determinism(deterministic: bool | None) -> bool | None:
+    """The public ``deterministic`` as the backward takes it (``launch.backward``): None (the default)
+    becomes True while ``torch.use_deterministic_algorithms`` is on, else stays None (dQ in any order
+    where that is the fastest backward); True and False pass through."""
+    if deterministic is None and torch.are_deterministic_algorithms_enabled():
+        return True
+    return None if deterministic is None else bool(deterministic)
 
 
 def triton_dropout_mask(batch, n_heads, s_q, s_k, seed: Tensor, dropout_p: float) -> Tensor:

@@ -25,6 +25,7 @@ try:
     _IMPORT_ERROR = None
     # the kernels' shared-memory tile layout (hopper_forward/hopper_backward), built once: frozen
     _TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    _DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)  # fused dQ buffer
 except Exception as exc:  # a Triton without Gluon's Hopper module
     _hopper_fwd_kernel = _hopper_bwd_dkdv_kernel = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -33,6 +34,8 @@ ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
 # head dims the backward sends to the Hopper dK/dV kernel: at 64 the general one is faster (benchmarks/NOTES.md);
 # benchmarks/bwd_kernels.py widens it to time the whole backward both ways
 BWD_HEAD_DIMS = (128,)
+# with the dQ warpgroup (deterministic=False) the Hopper kernel replaces the dQ kernel too: D64 as well
+FUSED_BWD_HEAD_DIMS = (64, 128)
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
 LOG2E = 1.4426950408889634
 
@@ -43,8 +46,10 @@ def tma_aligned(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
 
 
-def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, dout=None) -> str | None:
-    """Why the Hopper kernels do not apply to these inputs (None: they do); ``dout`` for the backward."""
+def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, dout=None,
+                fused_dq=False) -> str | None:
+    """Why the Hopper kernels do not apply to these inputs (None: they do); ``dout`` for the backward,
+    ``fused_dq`` for its dQ warpgroup."""
     if not ENABLED:
         return "disabled"
     if _hopper_fwd_kernel is None:
@@ -53,7 +58,7 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return f"dtype {q.dtype}"
     if q.shape[-1] not in (64, 128):
         return f"head dim {q.shape[-1]}"
-    if dout is not None and q.shape[-1] not in BWD_HEAD_DIMS:
+    if dout is not None and q.shape[-1] not in (FUSED_BWD_HEAD_DIMS if fused_dq else BWD_HEAD_DIMS):
         return f"head dim {q.shape[-1]} in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
     if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
         return "varlen, masks or dropout"
@@ -153,12 +158,20 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     return out, lse
 
 
-BWD_BLOCK_N, BWD_HALF_N, BWD_BLOCK_M = 128, 64, 32  # hopper_backward: keys per program / warpgroup, queries per step
+BWD_BLOCK_N, BWD_HALF_N = 128, 64  # hopper_backward: keys per program / per consumer warpgroup
 
 
-def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode) -> None:
+def bwd_block_m(head_dim: int) -> int:
+    """Queries per step of the Hopper dK/dV kernel: at D128 the registers hold 32 (hopper_backward); at D64,
+    64 (its kernel 1.76 -> 1.37 ms at B4 H32 S4096, benchmarks/NOTES.md session 14)."""
+    return 64 if head_dim <= 64 else 32
+
+
+def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
+                  dq_acc=None) -> None:
     """dK, dV (written into ``dk``, ``dv``: contiguous, k's shape) by the Hopper kernel; ``lse`` and
-    ``delta`` ``(B, H, S_q)`` float32 as the general backward has them."""
+    ``delta`` ``(B, H, S_q)`` float32 as the general backward has them. With ``dq_acc`` (float32 zeros,
+    contiguous, q's shape) a fourth warpgroup of the same kernel adds dQ into it by bulk reductions, in no fixed order (the ``deterministic=False`` backward)."""
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     slopes, slope_strides = slope_args(slopes, lse)
@@ -166,12 +179,19 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     if bias is not None:  # read with plain loads here (one value per tile row): any strides do
         b_on, h_on = bias_dims_on(bias)
         bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
+    block_m = bwd_block_m(head_dim)
+    dq_desc = None
+    if dq_acc is not None:  # boxes of one step's queries x D
+        dq_desc = TensorDescriptor(dq_acc, [batch, s_q, n_heads * head_dim], [dq_acc.stride(0), dq_acc.stride(1), 1],
+                                   [1, block_m, head_dim], _DQ_LAYOUT)
     grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv)
     _hopper_bwd_dkdv_kernel[grid](
-        _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, BWD_BLOCK_M),
-        _descriptor(dout, BWD_BLOCK_M), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N),
+        _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),
+        _descriptor(dout, block_m), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N), dq_desc,
         lse, delta, slopes, bias_args[0], n_heads * s_q, s_q, *slope_strides, *bias_args[1:], b_on, h_on,
         n_kv, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, softmax_scale,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None, num_warps=4,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
+        FUSED_DQ=dq_acc is not None, BLOCK_M=block_m,
+        num_warps=4,
     )
 

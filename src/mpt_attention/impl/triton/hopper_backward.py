@@ -14,36 +14,78 @@ as rows (the ``wgmma`` M dimension):
 The bias row, (B|1, H|1, 1, S_k) as MPT passes it, is one value per key, i.e. per tile row; a bias that
 needs its gradient keeps the general backward (dbias).
 
-At 32 queries per step the two narrow products (S^T, dP^T: N=32) read 1.5x more shared memory per
+At 32 queries per step (D128) the two narrow products (S^T, dP^T: N=32) read 1.5x more shared memory per
 FLOP than the tensor cores' rate allows when both operands come from there (3 KB per 16-cycle m64n32k16
 against 128 bytes per cycle). K therefore stays in registers as the A operand of S^T: 32 registers per
 thread, no spills under Triton 3.6; ncu's L1/shared throughput 62.6% -> 50.9%, dK/dV 4% faster (2.05
 vs 2.14 ms, B2 H16 S8192). V in registers as well spills 268 bytes and makes ptxas serialise every
 ``wgmma``, so dP^T = V dO^T keeps both operands in shared memory.
 
-No atomics: the program owns the dK, dV rows it writes, so the kernel is deterministic. dQ comes from
-the general Triton kernel: a Gluon dQ kernel in this layout measured 1.3x slower than it (branch
-``wip/hopper-dq``, benchmarks/NOTES.md). Dispatched at D=128 only, where it was already 12% faster than
-the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms, B2 H16 S8192; at D=64 it is
-slower, 0.84x the general kernel when measured in session 3, benchmarks/NOTES.md);
-scope otherwise as the Hopper forward (``hopper.py``).
+The program owns the dK, dV rows it writes: no atomics there. dQ comes one of two ways:
+- ``FUSED_DQ`` (dQ in any order: the default unless reproducibility is asked for; as many KV heads as
+  query heads; D 64 or 128): a fourth warpgroup. Each consumer stores its dS^T half ([64 keys, BLOCK_M]) in
+  a ring of ``_DS_SLOTS`` steps under its dK product and signals; the dQ warpgroup forms
+  dQ^T = K^T dS^T over all 128 keys (K from shared memory, D in chunks of 64) and adds it into a float32
+  buffer by a bulk tensor reduction. The consumers wait on nothing of it unless it falls a whole ring
+  behind; they give K's registers to it (K is read from shared memory then). Five GEMMs per step instead
+  of the split's seven: the backward 1.07-1.19x the split on an H200 (benchmarks/NOTES.md, session 15).
+  Grouped heads keep the split: their few, long programs leave a tail that the dQ kernel fills (0.86x).
+  An earlier fused version with the consumers themselves forming dQ in turns lost (0.93x): every step
+  made one consumer wait for the other.
+- Otherwise the general Triton dQ kernel, on a second stream beside this one (a Gluon dQ kernel in this
+  layout measured 1.3x slower than it, branch ``wip/hopper-dq``). Dispatched at D=128 only there, where
+  it was already 12% faster than the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms,
+  B2 H16 S8192; at D=64 it is slower, 0.84x the general kernel when measured in session 3).
+Queries per step (``BLOCK_M``): 32 at D128, where the registers hold no more; 64 at D64.
+Scope otherwise as the Hopper forward (``hopper.py``).
 """
 
+from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.common import decode_lse2
 
 _LOG2E = gl.constexpr(1.4426950408889634)
+# a barrier over the calling partition's warps: gl.thread_barrier in Triton 3.6, renamed gl.barrier in 3.7
+_partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
-_BLOCK_M = gl.constexpr(32)  # queries per step
+_DS_SLOTS = gl.constexpr(4)  # fused dQ: steps of dS^T the consumers may run ahead of the dQ warpgroup
+
+
+@gluon.constexpr_function
+def _fused_regs(head_dim, which):
+    """Registers per thread with the dQ warpgroup: ``which`` 0 the second consumer, 1 the dQ warpgroup
+    (the first consumer, the default partition, gets what the four warpgroups leave of 64K, the loader's
+    one warp rounded up to a warpgroup of 24 each). The fewest spills under Triton 3.6's ptxas: at D128
+    216 and 56 (D in two [64, 32] products), at D64 208 and 72 (one [64, 64] product)."""
+    return (216, 56)[which] if head_dim == 128 else (208, 72)[which]
+
+
+
+
+@gluon.constexpr_function
+def _k_in_registers(head_dim, fused_dq):
+    """K as the register operand of S^T (see the module docstring), except with the dQ warpgroup, which
+    needs those registers (ptxas spills more with it there at both head dims)."""
+    return not fused_dq
+
+
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """Add the shared tile ``src`` into global memory at ``coord`` (``cp.reduce.async.bulk.tensor``,
+    completion tracked like a bulk store: ``tma.store_wait``). Gluon's builder has the op in Triton 3.6
+    and 3.7; its Python layer does not expose it."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
 
 
 @gluon.jit
 def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
-                        b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM: gl.constexpr):
+                        b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
     """One warp: this program's K and V once, then (Q, dO) of query block after query block, head after
     head of the group, each into stage ``count % 2`` once the consumers have released it."""
     kv_col = kv_h * HEAD_DIM
@@ -54,10 +96,10 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem,
     count = 0
     for g in range(n_groups):
         q_col = (kv_h * n_groups + g) * HEAD_DIM
-        for start_m in range(lo, seqlen_q, _BLOCK_M):
+        for start_m in range(lo, seqlen_q, BLOCK_M):
             stage = count % 2
             mbarrier.wait(empty.index(stage), (count // 2) % 2 ^ 1)  # a fresh barrier counts as released
-            mbarrier.expect(ready.index(stage), 2 * _BLOCK_M * HEAD_DIM * 2)
+            mbarrier.expect(ready.index(stage), 2 * BLOCK_M * HEAD_DIM * 2)
             tma.async_copy_global_to_shared(q_desc, [b, start_m, q_col], ready.index(stage), q_smem.index(stage))
             tma.async_copy_global_to_shared(do_desc, [b, start_m, q_col], ready.index(stage), do_smem.index(stage))
             count += 1
@@ -73,15 +115,16 @@ def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk
 
 @gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                            Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo,
+                            ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo,
                             stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                            BIAS_ROW: gl.constexpr):
-    """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV."""
+                            BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, BLOCK_M: gl.constexpr):
+    """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV. With
+    ``FUSED_DQ`` it also leaves each step's dS^T in a shared ring for the dQ warpgroup."""
     dtype: gl.constexpr = q_smem.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, _BLOCK_M, 16])
+                                                        instr_shape=[16, BLOCK_M, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, HEAD_DIM, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
@@ -95,10 +138,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
     v = v3.reshape([_HALF_N, HEAD_DIM])
     row0 = start_n + half * _HALF_N
     keys = row0 + gl.arange(0, _HALF_N, layout=key_layout)
-    offs_m = gl.arange(0, _BLOCK_M, layout=query_layout)
+    offs_m = gl.arange(0, BLOCK_M, layout=query_layout)
     diag = seqlen_k - seqlen_q
     last_key = row0 + _HALF_N - 1
-    st_zero = gl.zeros([_HALF_N, _BLOCK_M], gl.float32, st_layout)
+    st_zero = gl.zeros([_HALF_N, BLOCK_M], gl.float32, st_layout)
     dk = gl.zeros([_HALF_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([_HALF_N, HEAD_DIM], gl.float32, acc_layout)
 
@@ -106,12 +149,15 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
     # head's per-key score terms (causal ALiBi column, bias row) are read once per head, not per step.
     # Step t+1's S^T is issued before step t's dK product, also across heads, so its latency hides
     # behind the dS arithmetic instead of opening every step.
-    n_mblocks = gl.cdiv(seqlen_q - lo, _BLOCK_M)
+    n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
     total = n_groups * n_mblocks
     mbarrier.wait(kv_bar, 0)
-    k_reg = k.load(st_op_layout)
+    if _k_in_registers(HEAD_DIM, FUSED_DQ):
+        k_a = k.load(st_op_layout)
+    else:
+        k_a = k
     mbarrier.wait(ready.index(0), 0)
-    st_tok = warpgroup_mma(k_reg, q_smem.index(0).reshape([_BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
+    st_tok = warpgroup_mma(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
                            use_acc=False, is_async=True)
     st = warpgroup_mma_wait(0, deps=[st_tok])
     t = 0
@@ -130,15 +176,15 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
                                                keys, seqlen_k)
         for mb in range(n_mblocks):
             stage = t % 2
-            start_m = lo + mb * _BLOCK_M
+            start_m = lo + mb * BLOCK_M
             queries = start_m + offs_m
             q_ok = queries < seqlen_q
             # rows past S_q: lse = +inf makes P (and so dS) zero there
             # a row that saw no key (all its bias -inf) has LSE -inf: +inf makes its P 0, not NaN
             lse2 = decode_lse2(gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")), BIAS_ROW)
             delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
-            q = q_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
-            do = do_smem.index(stage).reshape([_BLOCK_M, HEAD_DIM])
+            q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+            do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             s2 = st * qk_scale2
             if ALIBI == 1 or BIAS_ROW:
                 s2 = s2 + key_terms[:, None]
@@ -158,16 +204,25 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
                 mbarrier.wait(ready.index(nxt), ((t + 1) // 2) % 2)
             else:
                 nxt = stage
-            q_next = q_smem.index(nxt).reshape([_BLOCK_M, HEAD_DIM])
-            st_tok = warpgroup_mma(k_reg, q_next.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            q_next = q_smem.index(nxt).reshape([BLOCK_M, HEAD_DIM])
+            st_tok = warpgroup_mma(k_a, q_next.permute((1, 0)), st_zero, use_acc=False, is_async=True)
             dpt = warpgroup_mma_wait(2, deps=[dpt_tok])  # in issue order dP^T, dV, S^T_{t+1}: the first is done
             ds = p * (dpt - delta[None, :])
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+            if FUSED_DQ:  # under the dK product: this half of dS^T into the ring, once its slot is free
+                slot = t % _DS_SLOTS
+                mbarrier.wait(ds_free.index(slot), (t // _DS_SLOTS) % 2 ^ 1)  # a fresh barrier counts as free
+                ds_smem.index(2 * slot + half).store(ds.to(dtype))
+                fence_async_shared()
+                _partition_barrier()  # Triton 3.6's arrive is one thread's: every warp's part must be stored
+                mbarrier.arrive(ds_ready.index(slot))
             dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])
             mbarrier.arrive(empty.index(stage))
             t += 1
 
+    if FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
+        mbarrier.wait(dq_done, 0)
     # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
     k.store((dk * softmax_scale).to(dtype))
     v.store(dv.to(dtype))
@@ -178,14 +233,58 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
 
 
 @gluon.jit
+def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, b, kv_h, n_groups, lo,
+                      seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+    """One warpgroup (``FUSED_DQ``): per step dQ^T = K^T dS^T over the program's 128 keys ([D, 32], both
+    consumers' halves of dS^T from the ring), added into the float32 dQ buffer by a bulk reduction. The
+    consumers never wait for it unless it falls ``_DS_SLOTS`` steps behind."""
+    # [64, BLOCK_M] per product: D in chunks of 64 one after the other (at D=128 16 accumulator registers
+    # live, not 32)
+    dqt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_M, 16])
+    CHUNK_D: gl.constexpr = 64
+    dqt_zero = gl.zeros([CHUNK_D, BLOCK_M], gl.float32, dqt_layout)
+    mbarrier.wait(kv_bar, 0)
+    t = 0
+    for g in range(n_groups):
+        col = (kv_h * n_groups + g) * HEAD_DIM
+        for start_m in range(lo, seqlen_q, BLOCK_M):
+            slot = t % _DS_SLOTS
+            buf = dq_smem.index(t % 2).reshape([BLOCK_M, HEAD_DIM])
+            mbarrier.wait(ds_ready.index(slot), (t // _DS_SLOTS) % 2)
+            # the reduction issued from this buffer two steps ago must have read it; bulk-group state is
+            # the issuing thread's, so the barrier holds the other threads until it has drained
+            tma.store_wait(1)
+            _partition_barrier()
+            for dc in gl.static_range(HEAD_DIM // CHUNK_D):
+                k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(dc * CHUNK_D, CHUNK_D, dim=1).permute((1, 0))
+                k1t = k_smem.index(1).reshape([_HALF_N, HEAD_DIM]).slice(dc * CHUNK_D, CHUNK_D, dim=1).permute((1, 0))
+                dqt = warpgroup_mma(k0t, ds_smem.index(2 * slot), dqt_zero, use_acc=False, is_async=True)
+                dqt = warpgroup_mma(k1t, ds_smem.index(2 * slot + 1), dqt, is_async=True)
+                dqt = warpgroup_mma_wait(0, deps=[dqt])
+                # transposed in registers: a store through a permuted view of this layout lands untransposed
+                buf.slice(dc * CHUNK_D, CHUNK_D, dim=1).store(gl.permute(dqt * softmax_scale, (1, 0)))
+            fence_async_shared()
+            _partition_barrier()  # every warp's products are done and its part of the tile stored
+            mbarrier.arrive(ds_free.index(slot))
+            _tma_reduce_add(dq_desc, [b, start_m, col], dq_smem.index(t % 2))
+            t += 1
+    _partition_barrier()
+    mbarrier.arrive(dq_done)
+    tma.store_wait(0)
+
+
+@gluon.jit
 def _hopper_bwd_dkdv_kernel(
-    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse, Delta, Slopes, Bias,
+    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, Lse, Delta, Slopes, Bias,
     stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
+    FUSED_DQ: gl.constexpr, BLOCK_M: gl.constexpr,
 ):
     """Program (key block of 128, batch * KV head); launched with num_warps=4. Descriptors as in the
-    forward: (B, S, H * D) views, boxes [1, 64, D]."""
+    forward: (B, S, H * D) views, boxes [1, 64, D]; ``dq_desc`` (``FUSED_DQ``) a float32 (B, S_q, H * D)
+    buffer, boxes [1, 32, D], unswizzled."""
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -197,12 +296,12 @@ def _hopper_bwd_dkdv_kernel(
     b64 = b.to(gl.int64)
     lo = 0
     if IS_CAUSAL:  # queries i with i + diag >= start_n are the first to see this block
-        lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // _BLOCK_M * _BLOCK_M
+        lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
 
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, HEAD_DIM], tile_layout)
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, _BLOCK_M, HEAD_DIM], tile_layout)
-    do_smem = gl.allocate_shared_memory(dtype, [2, 1, _BLOCK_M, HEAD_DIM], tile_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M, HEAD_DIM], tile_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M, HEAD_DIM], tile_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
     ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
@@ -211,20 +310,55 @@ def _hopper_bwd_dkdv_kernel(
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
 
-    gl.warp_specialize(
-        [
-            (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                                       Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo, stride_lb,
-                                       stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on,
-                                       bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-                                       IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW)),
-            (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                                       Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo, stride_lb,
-                                       stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on,
-                                       bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-                                       IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW)),
-            (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready,
-                                   empty, b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM)),
-        ],
-        [4, 1], [240, 24],
-    )
+    if FUSED_DQ:
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_HALF_N, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [2 * _DS_SLOTS, _HALF_N, BLOCK_M], ds_layout)  # [slot, half]
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, BLOCK_M, HEAD_DIM], dq_desc.layout)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
+        ds_free = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
+        dq_done = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+        mbarrier.init(dq_done, count=1)
+        for i in gl.static_range(_DS_SLOTS):
+            mbarrier.init(ds_ready.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(ds_free.index(i), count=1)
+        gl.warp_specialize(
+            [
+                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                                           ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, b64, b, kv_h,
+                                           n_groups, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
+                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
+                                           BLOCK_M)),
+                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                                           ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, b64, b, kv_h,
+                                           n_groups, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
+                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
+                                           BLOCK_M)),
+                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar,
+                                       ready, empty, b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM, BLOCK_M)),
+                (_bwd_dq_partition, (k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, b, kv_h,
+                                     n_groups, lo, seqlen_q, softmax_scale, HEAD_DIM, BLOCK_M)),
+            ],
+            [4, 1, 4], [_fused_regs(HEAD_DIM, 0), 24, _fused_regs(HEAD_DIM, 1)],
+        )
+    else:  # the ring's arguments are never read: any of the right kinds will do
+        gl.warp_specialize(
+            [
+                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                                           q_smem, ready, empty, kv_bar, Lse, Delta, Slopes, Bias, b64, b, kv_h,
+                                           n_groups, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
+                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
+                                           BLOCK_M)),
+                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                                           q_smem, ready, empty, kv_bar, Lse, Delta, Slopes, Bias, b64, b, kv_h,
+                                           n_groups, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
+                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
+                                           BLOCK_M)),
+                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar,
+                                       ready, empty, b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM, BLOCK_M)),
+            ],
+            [4, 1], [240, 24],
+        )

@@ -21,6 +21,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # A full-shape bias gradient in q's dtype: dQ as one GEMM on the stored dS instead of the dQ kernel
 # (False keeps the dQ kernel; benchmarks/dense_bias.py compares the two)
 DQ_FROM_STORED_DS = True
+# dQ in any order on the Hopper path: from a fourth warpgroup of the dK/dV kernel (False: the dQ kernel
+# beside it, as in fixed order; an A/B switch)
+FUSED_DQ = True
 LOG2E = 1.4426950408889634
 ALIBI_NONE, ALIBI_CAUSAL, ALIBI_SYMMETRIC = 0, 1, 2  # the kernels' ALIBI modes (common.py)
 
@@ -271,9 +274,11 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
 
     ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
     it folds into ``delta``: dS = P * (dP - (delta - dlse)).
-    ``deterministic=False``: dQ accumulated with float32 atomics inside the general dK/dV kernel (one
-    pass), except where the Hopper dK/dV kernel applies or dQ comes from a stored full dS (a full bias in
-    q's dtype with its gradient): those paths are faster, and reproducible.
+    ``deterministic``: True sums dQ in a fixed order (bitwise reproducible). None lets the Hopper dK/dV
+    kernel's dQ warpgroup add dQ by float32 bulk reductions where it applies (as many KV heads as query heads,
+    D 64 or 128: the fastest backward there), and keeps the fixed-order passes elsewhere. False also folds dQ
+    into the general dK/dV kernel with float32 atomics (one pass) where neither that warpgroup nor dQ from a
+    stored full dS (a full bias in q's dtype with its gradient) applies.
     """
     q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
     geo = _Geometry(q, k, cu_q, max_q, max_k)
@@ -332,11 +337,17 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # The Hopper dK/dV kernel (no dbias) with the dQ kernel beside it is the fastest backward wherever it
     # applies, also where determinism is not asked for: dQ folded into the general dK/dV kernel with
     # float32 reductions measured 0.61-0.70x of it at D128 on an H200 (benchmarks/NOTES.md)
-    use_hopper = not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen,
-                                                      dout) is None
+    # Without determinism, and with as many KV heads as query heads, the Hopper kernel also forms dQ (a fourth
+    # warpgroup, float32 bulk reductions): 1.04-1.11x the split backward at D128 on an H200. Grouped heads
+    # keep the split: their few, long dK/dV programs leave a tail that the dQ kernel beside them fills
+    # (GQA 32:4: 0.86x fused; benchmarks/NOTES.md session 15)
+    fused_dq = FUSED_DQ and deterministic is not True and not bias_grad and n_heads == n_kv and hopper.unsupported(
+        q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True) is None
+    use_hopper = fused_dq or not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p,
+                                                                  causal, varlen, dout) is None
     # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
     # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
-    atomic = not deterministic and not use_hopper and not ds_gemm
+    atomic = deterministic is False and not use_hopper and not ds_gemm
     # who writes dS for a full bias gradient: the dK/dV kernel (atomic dQ, or dQ from the stored dS), else
     # the dQ kernel
     dkdv_bias_grad = bias_mode if bias_mode == 1 or atomic or ds_gemm else 0
@@ -359,7 +370,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             if not atomic:
                 q_spans = _query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
         dq_acc, atomic_dq = q, 0  # dummy; 0: the dQ kernel, 1: scalar atomics, 2: bulk (TMA) reductions
-        if atomic:
+        if atomic or fused_dq:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             # the interpreter has no descriptor reductions: CPU tests run the scalar atomics
             atomic_dq = 2 if not _INTERPRET and _descriptors_ok(dq_acc) else 1
@@ -369,7 +380,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         def launch_dkdv():
             if use_hopper:
                 hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias_in, slopes, softmax_scale, causal,
-                                     _alibi_mode(slopes, causal, prefix))
+                                     _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None)
             else:
                 _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
@@ -385,9 +396,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                 *aux_strides, *sizes, DESC=dq_desc, ROW_DESC=dq_row_desc, BIAS_GRAD=bias_mode, **common, **q_cfg,
             )
 
-        if atomic:
+        if atomic or fused_dq:
             launch_dkdv()
-            dq.copy_(dq_acc.mul_(softmax_scale))
+            dq.copy_(dq_acc if fused_dq else dq_acc.mul_(softmax_scale))  # the dQ warpgroup scales its own
         elif ds_gemm:
             launch_dkdv()
             _dq_from_ds(dbias_full, k, dq, softmax_scale)
