@@ -317,7 +317,7 @@ def test_non_deterministic_backward_changes_only_the_order_of_dq_sums():
 
 def test_non_deterministic_backward_with_grouped_heads_keeps_the_split():
     """Grouped heads keep the dQ kernel beside the Hopper dK/dV kernel (faster there than the dQ warpgroup,
-    benchmarks/NOTES.md), so deterministic=False gives the default's gradients bitwise."""
+    benchmarks/NOTES.md), so deterministic=False gives deterministic=True's gradients bitwise."""
     (q, k, v), kw = make_inputs(CASES[0], dtype=torch.bfloat16, device="cuda", requires_grad=True)
     assert q.shape[2] != k.shape[2]
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)

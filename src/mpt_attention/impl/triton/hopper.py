@@ -34,7 +34,7 @@ ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
 # head dims the backward sends to the Hopper dK/dV kernel: at 64 the general one is faster (benchmarks/NOTES.md);
 # benchmarks/bwd_kernels.py widens it to time the whole backward both ways
 BWD_HEAD_DIMS = (128,)
-# with the dQ warpgroup (deterministic=False) the Hopper kernel replaces the dQ kernel too: D64 as well
+# with the dQ warpgroup (dQ in any order) the Hopper kernel replaces the dQ kernel too: D64 as well
 FUSED_BWD_HEAD_DIMS = (64, 128)
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
 LOG2E = 1.4426950408889634
@@ -171,7 +171,8 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
                   dq_acc=None) -> None:
     """dK, dV (written into ``dk``, ``dv``: contiguous, k's shape) by the Hopper kernel; ``lse`` and
     ``delta`` ``(B, H, S_q)`` float32 as the general backward has them. With ``dq_acc`` (float32 zeros,
-    contiguous, q's shape) a fourth warpgroup of the same kernel adds dQ into it by bulk reductions, in no fixed order (the ``deterministic=False`` backward)."""
+    contiguous, q's shape) a fourth warpgroup of the same kernel adds dQ into it by bulk reductions, in
+    no fixed order (the backward unless reproducibility is asked for: ``launch.backward``)."""
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     slopes, slope_strides = slope_args(slopes, lse)

@@ -65,15 +65,6 @@ def _fused_regs(head_dim, which):
     return (216, 56)[which] if head_dim == 128 else (208, 72)[which]
 
 
-
-
-@gluon.constexpr_function
-def _k_in_registers(head_dim, fused_dq):
-    """K as the register operand of S^T (see the module docstring), except with the dQ warpgroup, which
-    needs those registers (ptxas spills more with it there at both head dims)."""
-    return not fused_dq
-
-
 @builtin
 def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
     """Add the shared tile ``src`` into global memory at ``coord`` (``cp.reduce.async.bulk.tensor``,
@@ -115,7 +106,8 @@ def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk
 
 @gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                            ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups, start_n, lo,
+                            ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups,
+                            start_n, lo,
                             stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -152,10 +144,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
     n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
     total = n_groups * n_mblocks
     mbarrier.wait(kv_bar, 0)
-    if _k_in_registers(HEAD_DIM, FUSED_DQ):
-        k_a = k.load(st_op_layout)
-    else:
+    if FUSED_DQ:  # K from shared memory: with it in registers ptxas spills more, at both head dims
         k_a = k
+    else:
+        k_a = k.load(st_op_layout)
     mbarrier.wait(ready.index(0), 0)
     st_tok = warpgroup_mma(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
                            use_acc=False, is_async=True)
@@ -235,7 +227,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
 @gluon.jit
 def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, b, kv_h, n_groups, lo,
                       seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
-    """One warpgroup (``FUSED_DQ``): per step dQ^T = K^T dS^T over the program's 128 keys ([D, 32], both
+    """One warpgroup (``FUSED_DQ``): per step dQ^T = K^T dS^T over the program's 128 keys ([D, BLOCK_M], both
     consumers' halves of dS^T from the ring), added into the float32 dQ buffer by a bulk reduction. The
     consumers never wait for it unless it falls ``_DS_SLOTS`` steps behind."""
     # [64, BLOCK_M] per product: D in chunks of 64 one after the other (at D=128 16 accumulator registers
