@@ -9,6 +9,7 @@ whole backward in each mode, alternated over rounds (median), the speed-up over 
 difference from the split's relative to its largest value; at D128 dK and dV come from the same consumers
 in both modes and must agree bitwise (at D64 the split runs the general kernels).
 ``--fwd-bwd`` times forward+backward through the public op instead, as bench_attention.py does.
+``--gqa 1 2 4``: grouped-head shapes, the warpgroup with 1, 2 and 4 query heads per program.
 """
 
 import argparse
@@ -18,19 +19,22 @@ import torch
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import launch
+from mpt_attention.impl.triton import hopper, launch
 
-SHAPES = [(8, 16, 2048, 128), (2, 16, 8192, 128), (1, 16, 16384, 128), (4, 32, 4096, 64)]  # (B, H, S, D)
+SHAPES = [(8, 16, 16, 2048, 128), (2, 16, 16, 8192, 128), (1, 16, 16, 16384, 128), (4, 32, 32, 4096, 64)]
+GQA_SHAPES = [(2, 32, 4, 8192, 128), (8, 32, 4, 2048, 128), (4, 32, 8, 4096, 64)]  # (B, H_q, H_kv, S, D)
 
 
-def _inputs(batch, heads, seq, dim):
+def _inputs(batch, heads, kv_heads, seq, dim):
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
-                     for _ in range(4))
+    q, dout = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(2))
+    k, v = (torch.randn(batch, seq, kv_heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for _ in range(2))
     return q, k, v, dout, M.gen_slopes(heads, return_1d=True, device="cuda")
 
 
-def measure(shape, rounds, fwd_bwd):
+def measure(shape, rounds, fwd_bwd, group_heads=()):
     q, k, v, dout, slopes = _inputs(*shape)
     scale = q.shape[-1] ** -0.5
     out, lse = launch.forward(q, k, v, None, slopes, None, None, None, None, scale, True, 0.0)
@@ -47,27 +51,33 @@ def measure(shape, rounds, fwd_bwd):
             return torch.autograd.grad(o, leaves, dout)
     else:
         step = backward
-    variants = {"split": True, "warpgroup": None}  # deterministic
+    variants = {"split": (True, 0), "warpgroup": (None, 0)}  # (deterministic, query heads per program)
+    if group_heads:
+        variants = {"split": (True, 0), **{f"warpgroup, {n} heads/program": (None, n) for n in group_heads}}
 
     def run(name):
-        return step(variants[name])
+        det, heads = variants[name]
+        if heads:
+            hopper.FUSED_GROUP_HEADS = heads
+        return step(det)
 
     grads = {name: run(name) for name in variants}
     ref = grads["split"]
     checks = []
     for name in list(variants)[1:]:
         dq_diff = (grads[name][0].float() - ref[0].float()).abs().max() / ref[0].float().abs().max()
-        dkdv_equal = all(torch.equal(a, b) for a, b in zip(ref[1:], grads[name][1:]))
-        checks.append(f"{name}: dQ rel. diff {dq_diff.item():.1e}, dK dV bitwise equal {dkdv_equal}")
+        dkdv = " ".join(f"{n} {((a.float() - b.float()).abs().max() / b.float().abs().max()).item():.1e}"
+                        for n, a, b in zip(("dK", "dV"), grads[name][1:], ref[1:]))
+        checks.append(f"{name}: rel. diff dQ {dq_diff.item():.1e} {dkdv}")
     times = {name: [] for name in variants}
     for _ in range(rounds):
         for name in variants:
             times[name].append(do_bench(lambda name=name: run(name), warmup=25, rep=100, return_mode="median"))
     med = {name: statistics.median(t) for name, t in times.items()}
-    b, h, s, d = shape
+    b, h, hkv, s, d = shape
     what = "forward+backward" if fwd_bwd else "backward"
     cells = ", ".join(f"{name} {med[name]:.3f} ms ({med['split'] / med[name]:.3f}x)" for name in variants)
-    print(f"B{b} H{h} S{s} D{d} {what}: {cells}", flush=True)
+    print(f"B{b} H{h}/{hkv} S{s} D{d} {what}: {cells}", flush=True)
     print("   rounds: " + "; ".join(f"{name} {' '.join(f'{t:.3f}' for t in ts)}" for name, ts in times.items()))
     print("   " + "; ".join(checks), flush=True)
 
@@ -76,10 +86,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fwd-bwd", action="store_true")
+    parser.add_argument("--gqa", type=int, nargs="*", help="grouped-head shapes instead, the warpgroup with each of "
+                        "these query heads per program (hopper.FUSED_GROUP_HEADS)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for shape in SHAPES:
-        measure(shape, args.rounds, args.fwd_bwd)
+    for shape in GQA_SHAPES if args.gqa else SHAPES:
+        measure(shape, args.rounds, args.fwd_bwd, tuple(args.gqa or ()))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32",
-                  "Tiles": "*i32"}
+                  "Tiles": "*i32", "DKVPart": "*fp32"}
 
 
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
@@ -81,8 +81,10 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
     return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias)
 
 
-def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False):
-    """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: with the dQ warpgroup."""
+def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False,
+                               partial: bool = False):
+    """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: with the dQ warpgroup;
+    ``partial``: grouped heads split over programs (float32 dK, dV partial sums)."""
     from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
@@ -90,7 +92,7 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
             "dk_desc": BWD_HALF_N, "dv_desc": BWD_HALF_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim,
               # one bias-row variant among the five
-              "BIAS_ROW": alibi == 0 and causal, "FUSED_DQ": fused_dq,
+              "BIAS_ROW": alibi == 0 and causal, "FUSED_DQ": fused_dq, "PARTIAL_DKV": partial,
               "BLOCK_M": bwd_block_m(head_dim)}
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype)
 
@@ -138,11 +140,13 @@ def main() -> int:
             except Exception as exc:
                 failures += 1
                 print(f"FAIL {name}: {str(exc)[-1500:]}")
-    for head_dim, causal, alibi, dtype in [(128, True, 1, "bf16"), (128, False, 2, "fp16"), (128, True, 0, "bf16"),
-                                           (64, True, 1, "bf16"), (64, True, 0, "fp16")]:  # + the dQ warpgroup
-        name = f"hopper-fused-dq D={head_dim} causal={causal} alibi={alibi} {dtype}"
+    for head_dim, causal, alibi, dtype, partial in [(128, True, 1, "bf16", False), (128, False, 2, "fp16", False),
+                                                    (128, True, 0, "bf16", False), (64, True, 1, "bf16", False),
+                                                    (64, True, 0, "fp16", False), (128, True, 1, "bf16", True),
+                                                    (64, False, 2, "fp16", True)]:  # + the dQ warpgroup
+        name = f"hopper-fused-dq D={head_dim} causal={causal} alibi={alibi} {dtype}{' partial dK dV' * partial}"
         try:
-            k = compile_hopper_dkdv_kernel(head_dim, causal, alibi, dtype, fused_dq=True)
+            k = compile_hopper_dkdv_kernel(head_dim, causal, alibi, dtype, fused_dq=True, partial=partial)
             print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
         except Exception as exc:
             failures += 1

@@ -36,6 +36,10 @@ ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
 BWD_HEAD_DIMS = (128,)
 # with the dQ warpgroup (dQ in any order) the Hopper kernel replaces the dQ kernel too: D64 as well
 FUSED_BWD_HEAD_DIMS = (64, 128)
+# query heads per program with the dQ warpgroup and grouped heads (a group's heads split over programs, their
+# dK, dV partials summed after; 1 when the group size is not a multiple); launch.py decides whether grouped
+# heads take the dQ warpgroup at all
+FUSED_GROUP_HEADS = 2
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
 LOG2E = 1.4426950408889634
 
@@ -185,14 +189,24 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     if dq_acc is not None:  # boxes of one step's queries x D
         dq_desc = TensorDescriptor(dq_acc, [batch, s_q, n_heads * head_dim], [dq_acc.stride(0), dq_acc.stride(1), 1],
                                    [1, block_m, head_dim], _DQ_LAYOUT)
-    grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv)
+    # grouped heads with the dQ warpgroup: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
+    # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
+    n_groups = n_heads // n_kv
+    heads = FUSED_GROUP_HEADS if n_groups % FUSED_GROUP_HEADS == 0 else 1
+    n_splits = n_groups // heads if dq_acc is not None else 1
+    parts = lse  # a never-read dummy with one split
+    if n_splits > 1:
+        parts = torch.empty((2, n_splits, batch, s_k, n_kv, head_dim), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv * n_splits)
     _hopper_bwd_dkdv_kernel[grid](
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),
         _descriptor(dout, block_m), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N), dq_desc,
-        lse, delta, slopes, bias_args[0], n_heads * s_q, s_q, *slope_strides, *bias_args[1:], b_on, h_on,
-        n_kv, n_heads // n_kv, s_q, s_k, softmax_scale * LOG2E, softmax_scale,
+        lse, delta, slopes, bias_args[0], parts, n_heads * s_q, s_q, *slope_strides, *bias_args[1:], b_on, h_on,
+        n_kv, n_groups, n_splits, s_q, s_k, softmax_scale * LOG2E, softmax_scale,
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
-        FUSED_DQ=dq_acc is not None, BLOCK_M=block_m,
-        num_warps=4,
+        FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, num_warps=4,
     )
+    if n_splits > 1:
+        dk.copy_(parts[0].sum(0))
+        dv.copy_(parts[1].sum(0))
 

@@ -76,17 +76,18 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 @gluon.jit
 def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
-                        b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+                        b, kv_h, h0, n_g, start_n, lo, seqlen_q, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
     """One warp: this program's K and V once, then (Q, dO) of query block after query block, head after
-    head of the group, each into stage ``count % 2`` once the consumers have released it."""
+    head of the program's ``n_g`` query heads from ``h0``, each into stage ``count % 2`` once the consumers
+    have released it."""
     kv_col = kv_h * HEAD_DIM
     mbarrier.expect(kv_bar, 4 * _HALF_N * HEAD_DIM * 2)
     for half in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [b, start_n + half * _HALF_N, kv_col], kv_bar, k_smem.index(half))
         tma.async_copy_global_to_shared(v_desc, [b, start_n + half * _HALF_N, kv_col], kv_bar, v_smem.index(half))
     count = 0
-    for g in range(n_groups):
-        q_col = (kv_h * n_groups + g) * HEAD_DIM
+    for g in range(n_g):
+        q_col = (h0 + g) * HEAD_DIM
         for start_m in range(lo, seqlen_q, BLOCK_M):
             stage = count % 2
             mbarrier.wait(empty.index(stage), (count // 2) % 2 ^ 1)  # a fresh barrier counts as released
@@ -106,12 +107,13 @@ def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk
 
 @gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                            ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, b64, b, kv_h, n_groups,
-                            start_n, lo,
+                            ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, DKVPart, part_base,
+                            part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                             stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
-                            BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, BLOCK_M: gl.constexpr):
+                            BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr,
+                            BLOCK_M: gl.constexpr):
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV. With
     ``FUSED_DQ`` it also leaves each step's dS^T in a shared ring for the dQ warpgroup."""
     dtype: gl.constexpr = q_smem.dtype
@@ -142,7 +144,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
     # Step t+1's S^T is issued before step t's dK product, also across heads, so its latency hides
     # behind the dS arithmetic instead of opening every step.
     n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
-    total = n_groups * n_mblocks
+    total = n_g * n_mblocks
     mbarrier.wait(kv_bar, 0)
     if FUSED_DQ:  # K from shared memory: with it in registers ptxas spills more, at both head dims
         k_a = k
@@ -153,8 +155,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
                            use_acc=False, is_async=True)
     st = warpgroup_mma_wait(0, deps=[st_tok])
     t = 0
-    for g in range(n_groups):
-        h = kv_h * n_groups + g
+    for g in range(n_g):
+        h = h0 + g
         h64 = h.to(gl.int64)
         stats = b64 * stride_lb + h64 * stride_lh
         slope2 = 0.0
@@ -213,19 +215,29 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
             mbarrier.arrive(empty.index(stage))
             t += 1
 
-    if FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
-        mbarrier.wait(dq_done, 0)
-    # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
-    k.store((dk * softmax_scale).to(dtype))
-    v.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [b, row0, kv_h * HEAD_DIM], k3)
-    tma.async_copy_shared_to_global(dv_desc, [b, row0, kv_h * HEAD_DIM], v3)
-    tma.store_wait(0)
+    if PARTIAL_DKV:
+        # this program's share of the group's sums, float32, into its split's slice of the partials (rows of
+        # H_kv * D), which the host adds in a fixed order; 32-byte row segments per warp store
+        rows = row0 + gl.arange(0, _HALF_N, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        dst = DKVPart + part_base + rows.to(gl.int64)[:, None] * part_row + cols[None, :]
+        keep = (rows < seqlen_k)[:, None]
+        gl.store(dst, dk * softmax_scale, mask=keep)
+        gl.store(dst + part_dv, dv, mask=keep)
+    else:
+        if FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
+            mbarrier.wait(dq_done, 0)
+        # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
+        k.store((dk * softmax_scale).to(dtype))
+        v.store(dv.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dk_desc, [b, row0, kv_h * HEAD_DIM], k3)
+        tma.async_copy_shared_to_global(dv_desc, [b, row0, kv_h * HEAD_DIM], v3)
+        tma.store_wait(0)
 
 
 @gluon.jit
-def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, b, kv_h, n_groups, lo,
+def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, b, h0, n_g, lo,
                       seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
     """One warpgroup (``FUSED_DQ``): per step dQ^T = K^T dS^T over the program's 128 keys ([D, BLOCK_M], both
     consumers' halves of dS^T from the ring), added into the float32 dQ buffer by a bulk reduction. The
@@ -238,8 +250,8 @@ def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_do
     dqt_zero = gl.zeros([CHUNK_D, BLOCK_M], gl.float32, dqt_layout)
     mbarrier.wait(kv_bar, 0)
     t = 0
-    for g in range(n_groups):
-        col = (kv_h * n_groups + g) * HEAD_DIM
+    for g in range(n_g):
+        col = (h0 + g) * HEAD_DIM
         for start_m in range(lo, seqlen_q, BLOCK_M):
             slot = t % _DS_SLOTS
             buf = dq_smem.index(t % 2).reshape([BLOCK_M, HEAD_DIM])
@@ -268,24 +280,38 @@ def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_do
 
 @gluon.jit
 def _hopper_bwd_dkdv_kernel(
-    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, Lse, Delta, Slopes, Bias,
+    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, Lse, Delta, Slopes, Bias, DKVPart,
     stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
-    n_kv, n_groups, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+    n_kv, n_groups, n_splits, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
-    FUSED_DQ: gl.constexpr, BLOCK_M: gl.constexpr,
+    FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr,
 ):
-    """Program (key block of 128, batch * KV head); launched with num_warps=4. Descriptors as in the
-    forward: (B, S, H * D) views, boxes [1, 64, D]; ``dq_desc`` (``FUSED_DQ``) a float32 (B, S_q, H * D)
-    buffer, boxes [1, 32, D], unswizzled."""
+    """Program (key block of 128, (batch, KV head, split)); launched with num_warps=4. Descriptors as in
+    the forward: (B, S, H * D) views, boxes [1, 64, D]; ``dq_desc`` (``FUSED_DQ``) a float32 (B, S_q, H * D)
+    buffer, boxes [1, BLOCK_M, D], unswizzled. A program takes the ``n_groups / n_splits`` query heads of
+    its split; with ``PARTIAL_DKV`` (more than one split) it writes its float32 dK, dV sums into
+    ``DKVPart``, (2, n_splits, B, S_k, H_kv, D), instead of dK and dV."""
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
 
     start_n = gl.program_id(0) * 2 * _HALF_N
-    bkv = gl.program_id(1)
+    split = gl.program_id(1) % n_splits
+    bkv = gl.program_id(1) // n_splits
     b = bkv // n_kv
     kv_h = bkv % n_kv
     b64 = b.to(gl.int64)
+    n_g = n_groups // n_splits  # this program's query heads: h0, h0 + 1, ...
+    h0 = kv_h * n_groups + split * n_g
+    if PARTIAL_DKV:
+        part_row = n_kv * HEAD_DIM
+        batch = gl.num_programs(1) // (n_splits * n_kv)
+        part_base = (split * batch + b).to(gl.int64) * seqlen_k * part_row + kv_h * HEAD_DIM
+        part_dv = gl.num_programs(1).to(gl.int64) * seqlen_k * HEAD_DIM  # n_splits * B * H_kv rows of S_k * D
+    else:  # constants: no registers for them in the consumers
+        part_row = 0
+        part_base = 0
+        part_dv = 0
     lo = 0
     if IS_CAUSAL:  # queries i with i + diag >= start_n are the first to see this block
         lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
@@ -316,21 +342,21 @@ def _hopper_bwd_dkdv_kernel(
         gl.warp_specialize(
             [
                 (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                                           ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, b64, b, kv_h,
-                                           n_groups, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, DKVPart,
+                                           part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           BLOCK_M)),
+                                           PARTIAL_DKV, BLOCK_M)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                                           ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, b64, b, kv_h,
-                                           n_groups, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, DKVPart,
+                                           part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           BLOCK_M)),
+                                           PARTIAL_DKV, BLOCK_M)),
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar,
-                                       ready, empty, b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM, BLOCK_M)),
-                (_bwd_dq_partition, (k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, b, kv_h,
-                                     n_groups, lo, seqlen_q, softmax_scale, HEAD_DIM, BLOCK_M)),
+                                       ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q, HEAD_DIM, BLOCK_M)),
+                (_bwd_dq_partition, (k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, b, h0, n_g,
+                                     lo, seqlen_q, softmax_scale, HEAD_DIM, BLOCK_M)),
             ],
             [4, 1, 4], [_fused_regs(HEAD_DIM, 0), 24, _fused_regs(HEAD_DIM, 1)],
         )
@@ -338,19 +364,19 @@ def _hopper_bwd_dkdv_kernel(
         gl.warp_specialize(
             [
                 (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                                           q_smem, ready, empty, kv_bar, Lse, Delta, Slopes, Bias, b64, b, kv_h,
-                                           n_groups, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           q_smem, ready, empty, kv_bar, Lse, Delta, Slopes, Bias, DKVPart,
+                                           part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           BLOCK_M)),
+                                           PARTIAL_DKV, BLOCK_M)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                                           q_smem, ready, empty, kv_bar, Lse, Delta, Slopes, Bias, b64, b, kv_h,
-                                           n_groups, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           q_smem, ready, empty, kv_bar, Lse, Delta, Slopes, Bias, DKVPart,
+                                           part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           BLOCK_M)),
+                                           PARTIAL_DKV, BLOCK_M)),
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar,
-                                       ready, empty, b, kv_h, n_groups, start_n, lo, seqlen_q, HEAD_DIM, BLOCK_M)),
+                                       ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q, HEAD_DIM, BLOCK_M)),
             ],
             [4, 1], [240, 24],
         )

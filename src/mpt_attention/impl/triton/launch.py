@@ -22,8 +22,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # (False keeps the dQ kernel; benchmarks/dense_bias.py compares the two)
 DQ_FROM_STORED_DS = True
 # dQ in any order on the Hopper path: from a fourth warpgroup of the dK/dV kernel (False: the dQ kernel
-# beside it, as in fixed order; an A/B switch)
+# beside it, as in fixed order; A/B switches, the second for grouped heads)
 FUSED_DQ = True
+FUSED_DQ_GROUPED = True
 LOG2E = 1.4426950408889634
 ALIBI_NONE, ALIBI_CAUSAL, ALIBI_SYMMETRIC = 0, 1, 2  # the kernels' ALIBI modes (common.py)
 
@@ -337,11 +338,12 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # The Hopper dK/dV kernel (no dbias) with the dQ kernel beside it is the fastest backward wherever it
     # applies, also where determinism is not asked for: dQ folded into the general dK/dV kernel with
     # float32 reductions measured 0.61-0.70x of it at D128 on an H200 (benchmarks/NOTES.md)
-    # Without determinism, and with as many KV heads as query heads, the Hopper kernel also forms dQ (a fourth
-    # warpgroup, float32 bulk reductions): 1.04-1.11x the split backward at D128 on an H200. Grouped heads
-    # keep the split: their few, long dK/dV programs leave a tail that the dQ kernel beside them fills
-    # (GQA 32:4: 0.86x fused; benchmarks/NOTES.md session 15)
-    fused_dq = FUSED_DQ and deterministic is not True and not bias_grad and n_heads == n_kv and hopper.unsupported(
+    # Without determinism the Hopper kernel also forms dQ (a fourth warpgroup, float32 bulk reductions):
+    # 1.07-1.19x the split backward on an H200 (benchmarks/NOTES.md session 15). Grouped heads: a group's
+    # query heads split over programs (hopper.FUSED_GROUP_HEADS per program); with all of them in one program,
+    # its few, long programs left a tail (GQA 32:4: 0.86x the split)
+    fused_dq = FUSED_DQ and deterministic is not True and not bias_grad and (
+        n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
         q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True) is None
     use_hopper = fused_dq or not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p,
                                                                   causal, varlen, dout) is None
