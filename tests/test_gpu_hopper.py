@@ -307,8 +307,9 @@ def test_inputs_outside_its_scope_take_the_general_kernel(what):
 
 
 def test_non_deterministic_backward_changes_only_the_order_of_dq_sums():
-    """deterministic=False on the Hopper path: dQ comes from the dK/dV kernel's dQ warpgroup (float32 bulk
-    reductions in no fixed order); dK and dV come from the same consumers as the default's, bitwise."""
+    """deterministic=False on the Hopper path, as many KV heads as query heads: dQ comes from the dK/dV
+    kernel's dQ warpgroup (float32 bulk reductions in no fixed order); dK and dV come from the same
+    consumers as the reproducible backward's, bitwise."""
     (q, k, v), kw = make_inputs(DQ_WARPGROUP_CASES[0], dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, dout) is None

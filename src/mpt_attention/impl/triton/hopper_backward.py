@@ -22,14 +22,16 @@ vs 2.14 ms, B2 H16 S8192). V in registers as well spills 268 bytes and makes ptx
 ``wgmma``, so dP^T = V dO^T keeps both operands in shared memory.
 
 The program owns the dK, dV rows it writes: no atomics there. dQ comes one of two ways:
-- ``FUSED_DQ`` (dQ in any order: the default unless reproducibility is asked for; as many KV heads as
-  query heads; D 64 or 128): a fourth warpgroup. Each consumer stores its dS^T half ([64 keys, BLOCK_M]) in
-  a ring of ``_DS_SLOTS`` steps under its dK product and signals; the dQ warpgroup forms
-  dQ^T = K^T dS^T over all 128 keys (K from shared memory, D in chunks of 64) and adds it into a float32
-  buffer by a bulk tensor reduction. The consumers wait on nothing of it unless it falls a whole ring
-  behind; they give K's registers to it (K is read from shared memory then). Five GEMMs per step instead
-  of the split's seven: the backward 1.07-1.19x the split on an H200 (benchmarks/NOTES.md, session 15).
-  Grouped heads keep the split: their few, long programs leave a tail that the dQ kernel fills (0.86x).
+- ``FUSED_DQ`` (dQ in any order: the default unless reproducibility is asked for; D 64 or 128): a fourth
+  warpgroup. Each consumer stores its dS^T half ([64 keys, BLOCK_M]) in a ring of ``_DS_SLOTS`` steps
+  under its dK product and signals; the dQ warpgroup forms dQ^T = K^T dS^T over all 128 keys (K from
+  shared memory, D in chunks of 64) and adds it into a float32 buffer by a bulk tensor reduction. The
+  consumers wait on nothing of it unless it falls a whole ring behind; they give K's registers to it (K
+  is read from shared memory then). Five GEMMs per step instead of the split's seven: the backward
+  1.07-1.19x the split on an H200 with as many KV heads as query heads (benchmarks/NOTES.md, session 15).
+  Grouped heads: a program takes ``n_groups / n_splits`` of its group's query heads (two: 1.05x the split
+  at GQA 32:4 S8192, against 0.86x with the whole group in one program, whose few, long programs left a
+  tail); with ``PARTIAL_DKV`` each writes float32 dK, dV partial sums that the host adds in a fixed order.
   An earlier fused version with the consumers themselves forming dQ in turns lost (0.93x): every step
   made one consumer wait for the other.
 - Otherwise the general Triton dQ kernel, on a second stream beside this one (a Gluon dQ kernel in this
