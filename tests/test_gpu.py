@@ -158,7 +158,8 @@ def test_compile_fullgraph_inductor():
     got = q.grad.clone()
     q.grad = None
     M.attention(q, k, v, backend="triton", **kw).square().sum().backward()
-    torch.testing.assert_close(got, q.grad)
+    # on Hopper the default backward sums dQ in no fixed order (the dQ warpgroup): equal up to that
+    torch.testing.assert_close(got, q.grad, rtol=1e-2, atol=1e-3)
 
 
 def _peak_extra_bytes(s: int, bias_vector: bool) -> int:
