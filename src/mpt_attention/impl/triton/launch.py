@@ -277,9 +277,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     it folds into ``delta``: dS = P * (dP - (delta - dlse)).
     ``deterministic``: True sums dQ in a fixed order (bitwise reproducible). None lets the Hopper dK/dV
     kernel's dQ warpgroup add dQ by float32 bulk reductions where it applies (D 64 or 128: the fastest
-    backward there; dK, dV still in a fixed order), and keeps the fixed-order passes elsewhere. False also folds dQ
-    into the general dK/dV kernel with float32 atomics (one pass) where neither that warpgroup nor dQ from a
-    stored full dS (a full bias in q's dtype with its gradient) applies.
+    backward there; dK, dV still in a fixed order), and keeps the fixed-order passes elsewhere. False also
+    folds dQ into the general dK/dV kernel with float32 atomics (one pass) where neither that warpgroup nor
+    dQ from a stored full dS (a full bias in q's dtype with its gradient) applies.
     """
     q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
     geo = _Geometry(q, k, cu_q, max_q, max_k)
@@ -335,13 +335,13 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     in_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
     seed_arg = seed if seed is not None else q
     cu_args = (cu_q, cu_k) if varlen else (q, q)
-    # The Hopper dK/dV kernel (no dbias) with the dQ kernel beside it is the fastest backward wherever it
-    # applies, also where determinism is not asked for: dQ folded into the general dK/dV kernel with
-    # float32 reductions measured 0.61-0.70x of it at D128 on an H200 (benchmarks/NOTES.md)
     # Without determinism the Hopper kernel also forms dQ (a fourth warpgroup, float32 bulk reductions):
-    # 1.07-1.19x the split backward on an H200 (benchmarks/NOTES.md session 15). Grouped heads: a group's
-    # query heads split over programs (hopper.FUSED_GROUP_HEADS per program); with all of them in one program,
-    # its few, long programs left a tail (GQA 32:4: 0.86x the split)
+    # 1.0-1.19x the reproducible split on an H200 (benchmarks/NOTES.md session 15). Grouped heads: a group's
+    # query heads split over programs (hopper.FUSED_GROUP_HEADS per program); with all of them in one
+    # program, its few, long programs left a tail (GQA 32:4: 0.86x the split). Reproducible, the Hopper
+    # dK/dV kernel (no dbias) with the dQ kernel beside it is the fastest; it also serves deterministic=False
+    # where the warpgroup does not apply: dQ folded into the general dK/dV kernel with float32 reductions
+    # measured 0.61-0.70x of it at D128 on an H200
     fused_dq = FUSED_DQ and deterministic is not True and not bias_grad and (
         n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
         q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True) is None
@@ -374,6 +374,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         dq_acc, atomic_dq = q, 0  # dummy; 0: the dQ kernel, 1: scalar atomics, 2: bulk (TMA) reductions
         if atomic or fused_dq:
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        if atomic:
             # the interpreter has no descriptor reductions: CPU tests run the scalar atomics
             atomic_dq = 2 if not _INTERPRET and _descriptors_ok(dq_acc) else 1
             if atomic_dq == 2:
