@@ -250,6 +250,22 @@ def test_hopper_forward_runs_every_tile_in_any_head_grouping(monkeypatch, group)
     _assert_forward_matches_reference(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 16], ids=["row-after-row", "groups-of-3-rows", "one-group"])
+@pytest.mark.parametrize("deterministic", [True, None], ids=["split", "dq-warpgroup"])
+def test_hopper_backward_runs_every_key_block_in_any_row_grouping(monkeypatch, rows, deterministic):
+    """The dK/dV kernel's grid order (hopper_forward.tile_order over (key block, row)): key blocks of a group
+    of rows interleaved, first first. 3 key blocks by 8 rows (batch, KV head) on the split, with the dQ
+    warpgroup 16 rows (batch, KV head, split: two programs per group of 4 query heads); 3 leaves a smaller
+    first group."""
+    case = AttnCase(2, 300, 300, 16, 4, 128, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(hopper, "bwd_rows_per_group", lambda q, n_rows, *rest: min(rows, n_rows))
+    out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
 @pytest.mark.parametrize("programs", [1, 3, 7], ids=["one-program", "3-programs", "7-programs"])
 def test_persistent_forward_programs_run_every_tile_once(monkeypatch, programs):
     # the forward is persistent (one program per SM taking tiles from a counter); fewer programs than tiles

@@ -117,7 +117,7 @@ def _bias_view(bias: torch.Tensor):
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
 
 
-L2_GROUP_BYTES = 24 << 20  # K and V of one group of heads (program order, hopper_forward.tile_order)
+L2_GROUP_BYTES = 24 << 20  # what a group of grid rows shares (forward: K, V; backward: Q, dO, dQ sums)
 
 
 def heads_per_group(k, n_heads, n_bh):
@@ -126,6 +126,16 @@ def heads_per_group(k, n_heads, n_bh):
     does not stream K and V from memory once per tile."""
     per_head = 2 * k.shape[1] * k.shape[3] * k.element_size() * k.shape[2] / n_heads
     return max(1, min(n_bh, int(L2_GROUP_BYTES // max(per_head, 1))))
+
+
+def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
+    """How many rows (batch, KV head, split) of the dK/dV kernel's grid interleave their key blocks
+    (``hopper_forward.tile_order``, first key block first): as many as keep what their programs share, Q and
+    dO of the row's ``heads_per_row`` query heads and, with the dQ warpgroup, their float32 dQ sums, within
+    ``L2_GROUP_BYTES``; two at least, which a row-after-row order already keeps in flight at these lengths.
+    Row after row, the last row's long first blocks start near the end and finish last."""
+    per_head = q.shape[1] * q.shape[3] * (2 * q.element_size() + (4 if fused_dq else 0))
+    return max(1, min(n_rows, max(2, int(L2_GROUP_BYTES // max(per_head * heads_per_row, 1)))))
 
 
 def slope_args(slopes, dummy):
@@ -197,12 +207,14 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     parts = lse  # a never-read dummy with one split
     if n_splits > 1:
         parts = torch.empty((2, n_splits, batch, s_k, n_kv, head_dim), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(s_k, BWD_BLOCK_N), batch * n_kv * n_splits)
+    n_rows = batch * n_kv * n_splits
+    grid = (triton.cdiv(s_k, BWD_BLOCK_N) * n_rows,)
     _hopper_bwd_dkdv_kernel[grid](
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),
         _descriptor(dout, block_m), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N), dq_desc,
         lse, delta, slopes, bias_args[0], parts, n_heads * s_q, s_q, *slope_strides, *bias_args[1:], b_on, h_on,
-        n_kv, n_groups, n_splits, s_q, s_k, softmax_scale * LOG2E, softmax_scale,
+        n_kv, n_groups, n_splits, n_rows, bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None),
+        s_q, s_k, softmax_scale * LOG2E, softmax_scale,
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, num_warps=4,
     )

@@ -50,6 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.common import decode_lse2
+from mpt_attention.impl.triton.hopper_forward import tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 # a barrier over the calling partition's warps: gl.thread_barrier in Triton 3.6, renamed gl.barrier in 3.7
@@ -284,11 +285,13 @@ def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_do
 def _hopper_bwd_dkdv_kernel(
     k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, Lse, Delta, Slopes, Bias, DKVPart,
     stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
-    n_kv, n_groups, n_splits, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+    n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr,
 ):
-    """Program (key block of 128, (batch, KV head, split)); launched with num_warps=4. Descriptors as in
+    """Program: (key block of 128, row = (batch, KV head, split)), ``n_rows`` rows, in ``tile_order``: the
+    key blocks of a group of ``rows_per_group`` rows interleaved, first (longest, when causal) first, so that
+    the grid's last programs are short ones. Launched with num_warps=4. Descriptors as in
     the forward: (B, S, H * D) views, boxes [1, 64, D]; ``dq_desc`` (``FUSED_DQ``) a float32 (B, S_q, H * D)
     buffer, boxes [1, BLOCK_M, D], unswizzled. A program takes the ``n_groups / n_splits`` query heads of
     its split; with ``PARTIAL_DKV`` (more than one split) it writes its float32 dK, dV sums into
@@ -297,9 +300,11 @@ def _hopper_bwd_dkdv_kernel(
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
 
-    start_n = gl.program_id(0) * 2 * _HALF_N
-    split = gl.program_id(1) % n_splits
-    bkv = gl.program_id(1) // n_splits
+    n_kb = gl.cdiv(seqlen_k, 2 * _HALF_N)
+    last_kb, row = tile_order(gl.program_id(0), n_kb, n_rows, rows_per_group)
+    start_n = (n_kb - 1 - last_kb) * 2 * _HALF_N
+    split = row % n_splits
+    bkv = row // n_splits
     b = bkv // n_kv
     kv_h = bkv % n_kv
     b64 = b.to(gl.int64)
@@ -307,9 +312,9 @@ def _hopper_bwd_dkdv_kernel(
     h0 = kv_h * n_groups + split * n_g
     if PARTIAL_DKV:
         part_row = n_kv * HEAD_DIM
-        batch = gl.num_programs(1) // (n_splits * n_kv)
+        batch = n_rows // (n_splits * n_kv)
         part_base = (split * batch + b).to(gl.int64) * seqlen_k * part_row + kv_h * HEAD_DIM
-        part_dv = gl.num_programs(1).to(gl.int64) * seqlen_k * HEAD_DIM  # n_splits * B * H_kv rows of S_k * D
+        part_dv = gl.to_tensor(n_rows).to(gl.int64) * seqlen_k * HEAD_DIM  # n_splits * B * H_kv rows of S_k * D
     else:  # constants: no registers for them in the consumers
         part_row = 0
         part_base = 0
