@@ -67,6 +67,18 @@ def test_backend_specific_refusals():
         M.attention(q.double(), k.double(), v.double(), backend="triton")
 
 
+@pytest.mark.parametrize("batch, heads", [(65536, 1), (1, 65536)], ids=["65536-sequences", "65536-heads"])
+def test_triton_refuses_more_sequences_or_heads_than_a_grid_axis_takes(batch, heads):
+    # the kernels' grids are (blocks, heads, batch); CUDA takes at most 65535 on those axes
+    x = torch.randn(batch, 1, heads, 8)
+    with pytest.raises(ValueError, match=rf"at most 65535 sequences and as many heads .* got B={batch}, H_q={heads}"):
+        M.attention(x, x, x, backend="triton")
+    if batch > 1:  # packed: the sequences counted from cu_seqlens
+        cu = torch.arange(batch + 1, dtype=torch.int32)
+        with pytest.raises(ValueError, match=rf"got B={batch}, H_q=1"):
+            M.attention_varlen(x[:, 0], x[:, 0], x[:, 0], cu, cu, backend="triton")
+
+
 def test_triton_second_derivative_raises():
     """The kernels' gradients are not differentiable: asking for a second derivative is an error, not zeros."""
     pytest.importorskip("triton")
@@ -143,6 +155,7 @@ def test_error_table_in_docs_lists_every_op_message():
                    "must be bool (B, S_k)", "needs causal=True", "sequence_id needs S_q <= S_k",
                    "broadcastable to (B, H_q, S_q, S_k)", "alibi_slopes must be float", "dropout_p must be in [0, 1)",
                    "softmax_scale must be finite", "cannot return the log-sum-exp", "supports head dims from 1 to 256",
+                   "at most 65535 sequences and as many heads",
                    "is expected to broadcast to shape", "cannot return attn weights.", "is an invalid setting."]:
         assert phrase in doc, f"docs/errors.md misses {phrase!r}"
 

@@ -118,6 +118,21 @@ def test_offsets_beyond_2_to_the_31_elements(s_q):
     del k, v
 
 
+@pytest.mark.parametrize("deterministic", [True, None], ids=["reproducible", "default"])
+@pytest.mark.parametrize("hopper_kernels", [True, False], ids=["hopper-where-it-applies", "general-kernels"])
+def test_more_batch_rows_times_heads_than_a_grid_axis_takes(monkeypatch, hopper_kernels, deterministic):
+    """B * H_q = 67584 (batch, head) rows, past the 65535 CUDA takes on a grid's second axis: the kernels'
+    grids are (blocks, heads, batch) (the Hopper dK/dV kernel's one flat axis), including the bias-row
+    conversion's and the backward's delta pass."""
+    monkeypatch.setattr(hopper, "ENABLED", hopper_kernels)
+    case = AttnCase(2112, 5, 5, 32, 4, 128, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    kw["attn_bias"] = torch.randn(case.batch, case.n_heads, 1, case.s_k, device="cuda")
+    out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+    dout = torch.randn_like(out)
+    assert_gradients_close_to_reference(out, _grads(out, [q, k, v], dout), [q, k, v], kw, dout, torch.bfloat16)
+
+
 @pytest.mark.parametrize("s_q", [1, 256], ids=["decode-general-kernel", "prefill-hopper-on-sm90"])
 def test_forward_replays_in_a_cuda_graph(s_q):
     """Serving captures decode steps in CUDA graphs to hide host time: the forward must be capturable

@@ -20,6 +20,8 @@ __all__ = ["BACKENDS", "attention", "attention_varlen", "backend_status", "TRITO
 BACKENDS = ("torch", "sdpa", "flash", "triton")
 TRITON_MAX_HEAD_DIM = 256  # any D up to this; multiples of 16 run fastest
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the triton kernels' grids are (blocks, heads, batch): CUDA's limit on a grid's second and third axes
+TRITON_MAX_BATCH_OR_HEADS = 65535
 _FLASH_MISSING = (
     "the 'flash' backend (flash-attn family kernels) is not implemented yet in mpt-attention; "
     "use backend 'triton' (fused, ALiBi and masks in-kernel), 'sdpa' or 'torch'"
@@ -181,6 +183,8 @@ def attention_varlen(
         one_row = None if alibi_slopes is None or alibi_slopes.numel() == 0 else alibi_slopes.reshape(-1, q.shape[1])[0]
         _validate(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), backend, causal, softmax_scale, one_row,
                   None, None, None, None, dropout_p, return_lse)
+        if backend == "triton":
+            _check_triton_grid(cu_seqlens_q.numel() - 1, q.shape[1])
     elif max_seqlen_q is None or max_seqlen_k is None:
         raise ValueError("attention_varlen under torch.compile needs max_seqlen_q and max_seqlen_k")
     if backend == "triton":
@@ -325,6 +329,13 @@ def _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, 
                              "alibi_slopes requires grad; pass alibi_slopes.detach() or use backend 'torch'/'sdpa'")
         if not 1 <= head_dim <= TRITON_MAX_HEAD_DIM:
             raise ValueError(f"backend 'triton' supports head dims from 1 to {TRITON_MAX_HEAD_DIM}, got D={head_dim}")
+        _check_triton_grid(batch, n_heads)
+
+
+def _check_triton_grid(batch: int, n_heads: int) -> None:
+    if max(batch, n_heads) > TRITON_MAX_BATCH_OR_HEADS:
+        raise ValueError(f"backend 'triton' takes at most {TRITON_MAX_BATCH_OR_HEADS} sequences and as many heads "
+                         f"(CUDA's grid limit), got B={batch}, H_q={n_heads}; split the batch into smaller calls")
 
 
 def _check_aux(name: str, t: torch.Tensor, device: torch.device) -> None:

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from mpt_attention.impl.triton.common import (
     BIAS_ROW, BIAS_ROW_VALUES, LOG2E, bias_pointers, bias_row_source, block_bias, decode_lse2, dropout_keep,
-    key_block_range, live_keys, score_tile, sequence_bounds, soft_row_scale,
+    grid_row, key_block_range, live_keys, score_tile, sequence_bounds, soft_row_scale,
 )
 
 
@@ -48,7 +48,7 @@ def _attn_bwd_delta_kernel(
     1 / count gives the same dV, dS and so dQ, dK, dbias. Every row's dO is written to ``DOScaled``
     (unchanged where the scale is 1), which the backward kernels then read instead of dO."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = grid_row()
     b64 = (bh // n_heads).to(tl.int64)
     h64 = (bh % n_heads).to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -202,7 +202,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
+    bkv = grid_row()
     n_kv = n_heads // n_groups
     b = bkv // n_kv
     kv_h = bkv % n_kv
@@ -375,7 +375,7 @@ def _attn_bwd_dq_kernel(
 ):
     # Causal rows near the bottom see the most keys: start those first so they do not finish last.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = grid_row()
     b = bh // n_heads
     h = bh % n_heads
     kv_h = h // n_groups

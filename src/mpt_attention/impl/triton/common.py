@@ -39,6 +39,14 @@ BIAS_ROW_VALUES = tl.constexpr(3)
 
 
 @triton.jit
+def grid_row():
+    """This program's (batch, head) row, ``batch * heads + head``, of a (blocks, heads, batch) grid: the
+    launch order of a (blocks, batch * heads) grid, which CUDA refuses past 65535 rows (its limit on a
+    grid's second and third axes; 2048 sequences x 32 heads at serving batch sizes)."""
+    return tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+
+
+@triton.jit
 def bias_pointers(bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS: tl.constexpr):
     """Pointers to the bias tile at key block ``start_n`` (``bias_base`` is at the tile's first row)."""
     base = bias_base + tl.cast(start_n, tl.int64) * stride_bn
@@ -89,7 +97,7 @@ def log2_bias_rows_kernel(
     ``_log2_bias`` gives, so the kernels add it with no per-block conversion (the conversion ran once per
     column a thread holds, in every block of every program)."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    bh = tl.program_id(1)
+    bh = grid_row()
     b64, h64 = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
     ok = cols < seqlen_k
     raw = tl.load(Bias + b64 * stride_bb + h64 * stride_bh + cols.to(tl.int64) * stride_bk, mask=ok, other=0.0)
@@ -249,7 +257,7 @@ def _dropout_mask_kernel(
 ):
     """Writes the keep-mask the attention kernels use, (B*H, S_q, S_k) uint8, for tests."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = grid_row()
     seed = tl.load(Seed)
     rows = start_m + tl.arange(0, BLOCK_M)
     base = Mask + bh.to(tl.int64) * stride_mbh

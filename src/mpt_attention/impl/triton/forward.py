@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from mpt_attention.impl.triton.common import (
-    BIAS_ROW_VALUES, LOG2E, bias_row_source, block_bias, dropout_keep, encode_lse, key_block_range, live_keys,
-    score_tile, sequence_bounds,
+    BIAS_ROW_VALUES, LOG2E, bias_row_source, block_bias, dropout_keep, encode_lse, grid_row, key_block_range,
+    live_keys, score_tile, sequence_bounds,
 )
 
 
@@ -98,7 +98,7 @@ def _attn_fwd_kernel(
     (the grid's extent and the dropout counter's dims); each sequence's own come from ``CuSeqQ/K``."""
     # Causal rows near the bottom see the most keys: start those first so they do not finish last.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = grid_row()
     b = bh // n_heads
     h = bh % n_heads
     kv_h = h // n_groups

@@ -130,12 +130,16 @@ def heads_per_group(k, n_heads, n_bh):
 
 def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
     """How many rows (batch, KV head, split) of the dK/dV kernel's grid interleave their key blocks
-    (``hopper_forward.tile_order``, first key block first): as many as keep what their programs share, Q and
-    dO of the row's ``heads_per_row`` query heads and, with the dQ warpgroup, their float32 dQ sums, within
-    ``L2_GROUP_BYTES``; two at least, which a row-after-row order already keeps in flight at these lengths.
-    Row after row, the last row's long first blocks start near the end and finish last."""
-    per_head = q.shape[1] * q.shape[3] * (2 * q.element_size() + (4 if fused_dq else 0))
-    return max(1, min(n_rows, max(2, int(L2_GROUP_BYTES // max(per_head * heads_per_row, 1)))))
+    (``hopper_forward.tile_order``, first key block first) with the dQ warpgroup: as many as keep what
+    their programs share, Q, dO and the float32 dQ sums of the row's ``heads_per_row`` query heads, within
+    ``L2_GROUP_BYTES``. Row after row, the last row's long first blocks start near the end and finish
+    last: interleaved, B8 S2048's backward took 0.955 instead of 0.990 ms, D64 and S8192 ~0.5% less, while
+    two rows of 16 MB (S16k) lost 2% (benchmarks/NOTES.md, session 16). The reproducible split keeps row
+    after row: interleaving its dK/dV kernel lost 3% at S2048 beside the dQ kernel's own order."""
+    if not fused_dq:
+        return 1
+    per_head = q.shape[1] * q.shape[3] * (2 * q.element_size() + 4)
+    return max(1, min(n_rows, int(L2_GROUP_BYTES // max(per_head * heads_per_row, 1))))
 
 
 def slope_args(slopes, dummy):

@@ -110,7 +110,7 @@ def _log2_bias_rows(bias: torch.Tensor) -> torch.Tensor:
     padded = torch.empty((rows_b, rows_h, 1, -(-s_k // 4) * 4), dtype=torch.float32, device=bias.device)
     if rows_b * rows_h and s_k:
         block = min(1024, max(16, triton.next_power_of_2(s_k)))
-        log2_bias_rows_kernel[(triton.cdiv(s_k, block), rows_b * rows_h)](
+        log2_bias_rows_kernel[(triton.cdiv(s_k, block), rows_h, rows_b)](
             bias, padded, bias.stride(0) * b_on, bias.stride(1) * h_on, bias.stride(3), padded.stride(0),
             padded.stride(1), rows_h, s_k, BLOCK=block,
         )
@@ -233,7 +233,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
     pointers, kv_range, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
     cfg = _fwd_config(head_dim, full_bias=bias is not None and bias.shape[2] != 1)
-    grid = (triton.cdiv(s_q, cfg["BLOCK_M"]), batch * n_heads)
+    grid = (triton.cdiv(s_q, cfg["BLOCK_M"]), n_heads, batch)  # common.grid_row
     if s_q == 0 or batch * n_heads == 0:
         return out, lse
     seq_range = q
@@ -297,7 +297,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     if d_batch * n_heads > 0 and d_rows > 0:
         block = 32 if _INTERPRET else 64
         dlse_arg = q if dlse is None else dlse.float().contiguous()
-        _attn_bwd_delta_kernel[(triton.cdiv(d_rows, block), d_batch * n_heads)](
+        _attn_bwd_delta_kernel[(triton.cdiv(d_rows, block), n_heads, d_batch)](
             o4, do4, lse, dlse_arg, delta, dout, o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0),
             do4.stride(1), do4.stride(2), *(dout.stride()[:3] if soft_rows else (0, 0, 0)), n_heads, d_rows,
             head_dim, HAS_DLSE=dlse is not None, SOFT_ROWS=soft_rows, BLOCK_M=block,
@@ -385,7 +385,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                 hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias_in, slopes, softmax_scale, causal,
                                      _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None)
             else:
-                _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), batch * n_kv)](
+                _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch)](
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
                     kv_spans, *cu_args, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen),
                     *_strides(dq_acc, varlen), *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc,
@@ -393,7 +393,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                 )
 
         def launch_dq():
-            _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), batch * n_heads)](
+            _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), n_heads, batch)](
                 q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args,
                 *in_strides, *_strides(dq, varlen), *geo.lse_strides,
                 *aux_strides, *sizes, DESC=dq_desc, ROW_DESC=dq_row_desc, BIAS_GRAD=bias_mode, **common, **q_cfg,
@@ -452,7 +452,7 @@ def dropout_keep_mask(batch, n_heads, s_q, s_k, seed, dropout_p, device) -> torc
     """The bool keep-mask ``(B, H, S_q, S_k)`` the kernels draw for ``seed`` (testing aid)."""
     mask = torch.empty((batch * n_heads, s_q, s_k), dtype=torch.uint8, device=device)
     block = 32 if _INTERPRET else 64
-    _dropout_mask_kernel[(triton.cdiv(s_q, block), batch * n_heads)](
+    _dropout_mask_kernel[(triton.cdiv(s_q, block), n_heads, batch)](
         mask, seed, mask.stride(0), mask.stride(1), s_q, s_k, dropout_p, BLOCK_M=block, BLOCK_N=block,
     )
     return mask.view(batch, n_heads, s_q, s_k).bool()
