@@ -133,9 +133,10 @@ def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
     (``hopper_forward.tile_order``, first key block first) with the dQ warpgroup: as many as keep what
     their programs share, Q, dO and the float32 dQ sums of the row's ``heads_per_row`` query heads, within
     ``L2_GROUP_BYTES``. Row after row, the last row's long first blocks start near the end and finish
-    last: interleaved, B8 S2048's backward took 0.955 instead of 0.990 ms, D64 and S8192 ~0.5% less, while
-    two rows of 16 MB (S16k) lost 2% (benchmarks/NOTES.md, session 16). The reproducible split keeps row
-    after row: interleaving its dK/dV kernel lost 3% at S2048 beside the dQ kernel's own order."""
+    last: grouped, the backward took 2.9% less at B8 S2048, 4.2-4.3% less for grouped heads there and at
+    D64 32:8, 1.4% at S8192 (H200, benchmarks/NOTES.md session 16). Two rows of 16 MB together (S16k) lost
+    2%, so a row over the budget runs alone; the reproducible split keeps row after row (grouped, its dK/dV
+    kernel lost 3% at S2048 beside the dQ kernel's own order)."""
     if not fused_dq:
         return 1
     per_head = q.shape[1] * q.shape[3] * (2 * q.element_size() + 4)
