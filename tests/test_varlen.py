@@ -217,6 +217,20 @@ def test_length_checks_are_cached_until_the_lengths_change():
         M.attention_varlen(q, k, v, cu_q, cu_k, backend="torch")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_under_inference_mode(backend):
+    """Serving runs under torch.inference_mode, whose tensors have no version counter to key the length
+    check's cache on: the check runs every call there, and a bad length is still refused."""
+    with torch.inference_mode():
+        q, k, v, cu_q, cu_k = make_varlen_inputs([5, 6], [5, 6], 2, 2, 8)
+        out = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, causal=True)
+        ref = M.attention_varlen(q, k, v, cu_q, cu_k, backend="torch", causal=True)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        cu_q[1] = 12
+        with pytest.raises(ValueError, match=r"cu_seqlens_q must start at 0, never decrease"):
+            M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend)
+
+
 def test_varlen_under_compile_needs_the_max_lengths():
     torch._dynamo.reset()
     q, k, v, cu_q, cu_k = make_varlen_inputs([3, 4], [3, 4], 2, 2, 8)

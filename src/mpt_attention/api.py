@@ -251,14 +251,17 @@ def _validate_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes):
 
 def _length_stats(cu: torch.Tensor) -> tuple[int, int, int, int]:
     """(first, last, shortest, longest) of cumulative lengths: one device-to-host copy (a sync), kept on
-    the tensor until it is modified, so a model's layers sharing one ``cu_seqlens`` pay it once."""
-    cached = getattr(cu, "_mpt_attention_length_stats", None)
+    the tensor until it is modified, so a model's layers sharing one ``cu_seqlens`` pay it once. Tensors
+    made under ``torch.inference_mode`` have no version counter to tell: those are checked every call."""
+    tracked = not cu.is_inference()
+    cached = getattr(cu, "_mpt_attention_length_stats", None) if tracked else None
     if cached is not None and cached[0] == cu._version:
         return cached[1]
     c = cu.long()
     lengths = c.diff() if c.numel() > 1 else c.new_zeros(1)
     stats = tuple(torch.stack([c[0], c[-1], lengths.min(), lengths.max()]).tolist())
-    cu._mpt_attention_length_stats = (cu._version, stats)
+    if tracked:
+        cu._mpt_attention_length_stats = (cu._version, stats)
     return stats
 
 
