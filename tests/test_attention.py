@@ -324,6 +324,28 @@ def test_deterministic_default_follows_torch_use_deterministic_algorithms():
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-op"])
+def test_a_bias_row_is_converted_once_per_eager_step(monkeypatch, compiled):
+    """MPT's (1, H, 1, S) bias row reaches the kernels converted (float32 log2 units): the eager path
+    converts it once and hands it to the backward; the custom op (torch.compile) converts it in each."""
+    from mpt_attention.impl.triton import launch
+
+    conversions = []
+    real = launch._log2_bias_rows
+    monkeypatch.setattr(launch, "_log2_bias_rows", lambda bias: conversions.append(1) or real(bias))
+    (q, k, v), kw = make_inputs(AttnCase(2, 37, 37, 4, 2, 16, causal=True, bias="vector"), requires_grad=True)
+    kw["attn_bias"] = kw["attn_bias"].detach()
+    step = lambda q, k, v: M.attention(q, k, v, backend="triton", **kw)  # noqa: E731
+    if compiled:
+        torch._dynamo.reset()
+        step = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = step(q, k, v)
+    dout = torch.randn_like(out)
+    grads = _grads(out, [q, k, v], dout)
+    assert len(conversions) == (2 if compiled else 1)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.float32)
+
+
 def test_default_backward_takes_no_atomics_off_the_hopper_path(monkeypatch):
     """A free dQ order is taken only where it is the fastest backward (the Hopper dK/dV kernel's dQ
     warpgroup): elsewhere the default runs the fixed-order passes (the dQ kernel, bitwise equal to

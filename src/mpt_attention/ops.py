@@ -81,16 +81,18 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
-def _backward_with(bwd):
-    """The backward of both paths; ``bwd`` is the op (compiled graphs) or the launch (eager)."""
+def _backward_with(bwd, eager=False):
+    """The backward of both paths; ``bwd`` is the op (compiled graphs) or the launch (eager), which also
+    takes the bias row the forward converted."""
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, cu_q, cu_k = ctx.saved_tensors
         softmax_scale, causal, dropout_p = ctx.args
         if dout is None:  # only the log-sum-exp was used
             dout = torch.zeros_like(out)
+        extra = {"bias_rows": ctx.bias_rows} if eager else {}
         dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
                                 softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens,
-                                ctx.deterministic)
+                                ctx.deterministic, **extra)
         return (dq, dk, dv, (dbias if ctx.bias_grad else None)) + (None,) * 13
     return backward
 
@@ -98,22 +100,27 @@ def _backward_with(bwd):
 torch.library.register_autograd("mpt_attention::triton_fwd", _backward_with(_triton_bwd), setup_context=_setup_context)
 
 
-def _launch_backward(*args):
-    return _launch().backward(*args)
+def _launch_backward(*args, bias_rows=None):
+    return _launch().backward(*args, bias_rows=bias_rows)
 
 
 class _EagerTritonAttention(torch.autograd.Function):
-    """``triton_fwd`` and its backward without the dispatcher (see the module docstring)."""
+    """``triton_fwd`` and its backward without the dispatcher (see the module docstring). MPT's bias row
+    is converted for the kernels once per step here, not in the forward and again in the backward."""
 
     @staticmethod
     def forward(ctx, *inputs):  # ctx first: a separate setup_context costs a signature binding per call
-        output = _launch().forward(*inputs[:16])  # all but ``deterministic``, a backward setting
+        launch = _launch()
+        # an internal buffer, so not saved for backward: a change to the bias in between fails the bias's
+        # own saved-tensor check first
+        ctx.bias_rows = launch.log2_bias_row(inputs[3])
+        output = launch.forward(*inputs[:16], bias_rows=ctx.bias_rows)  # ``deterministic`` is the backward's
         ctx.set_materialize_grads(False)  # None for an unused output, as the op's backward expects
         _setup_context(ctx, inputs, output)
         return output
 
     # the kernels' gradients are not themselves differentiable: a second derivative raises, naming this
-    backward = staticmethod(torch.autograd.function.once_differentiable(_backward_with(_launch_backward)))
+    backward = staticmethod(torch.autograd.function.once_differentiable(_backward_with(_launch_backward, eager=True)))
 
 
 def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=None, key_padding_mask=None,

@@ -117,6 +117,13 @@ def _log2_bias_rows(bias: torch.Tensor) -> torch.Tensor:
     return padded[..., :s_k]
 
 
+def log2_bias_row(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias row (``bias.shape[2] == 1``) converted as the kernels read it (``_log2_bias_rows``), None for
+    any other bias or none: computed once per training step by the eager autograd path (ops.py) and handed
+    to ``forward`` and ``backward`` as ``bias_rows``, instead of converted in each."""
+    return _log2_bias_rows(bias) if bias is not None and bias.shape[2] == 1 else None
+
+
 def _sequence_spans(seqid: torch.Tensor):
     """Per position, the [start, end) of its sequence, and whether each batch row's ids are sorted.
 
@@ -219,13 +226,14 @@ class _Geometry:
 
 
 def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
-            cu_q=None, cu_k=None, max_q=0, max_k=0):
+            cu_q=None, cu_k=None, max_q=0, max_k=0, bias_rows=None):
     """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
-    for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``)."""
+    for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``).
+    ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already."""
     q, k, v = (_head_contiguous(x) for x in (q, k, v))
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     if bias is not None and bias.shape[2] == 1:
-        bias = _log2_bias_rows(bias)
+        bias = bias_rows if bias_rows is not None else _log2_bias_rows(bias)
     if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen) is None:
         return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix))
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
@@ -270,7 +278,7 @@ def _side_stream(device) -> torch.cuda.Stream:
 
 
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
-             dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True):
+             dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, bias_rows=None):
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or empty).
 
     ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
@@ -280,6 +288,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     backward there; dK, dV still in a fixed order), and keeps the fixed-order passes elsewhere. False also
     folds dQ into the general dK/dV kernel with float32 atomics (one pass) where neither that warpgroup nor
     dQ from a stored full dS (a full bias in q's dtype with its gradient) applies.
+    ``bias_rows``: as for ``forward``.
     """
     q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
     geo = _Geometry(q, k, cu_q, max_q, max_k)
@@ -307,7 +316,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     # the kernels read a bias row converted (float32, log2 units); dbias keeps the caller's shape and dtype
-    bias_in = _log2_bias_rows(bias) if bias is not None and bias.shape[2] == 1 else bias
+    bias_in = bias
+    if bias is not None and bias.shape[2] == 1:
+        bias_in = bias_rows if bias_rows is not None else _log2_bias_rows(bias)
     pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
     bias_mode = 0
     dbias_rows = dbias_full = q  # dummies
