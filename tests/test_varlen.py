@@ -218,6 +218,20 @@ def test_length_checks_are_cached_until_the_lengths_change():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_takes_strided_cu_seqlens(backend):
+    """cu_seqlens as a strided view (every other entry of a longer tensor) means what its values say."""
+    q, k, v, cu_q, cu_k = make_varlen_inputs([5, 0, 6], [7, 2, 6], 2, 1, 8, requires_grad=True)
+    spread = [torch.stack([cu, cu]).t().reshape(-1)[::2] for cu in (cu_q, cu_k)]
+    assert not spread[0].is_contiguous() and torch.equal(spread[0], cu_q)
+    outs = [M.attention_varlen(q, k, v, *cus, backend=backend, causal=True) for cus in ((cu_q, cu_k), spread)]
+    dout = torch.randn_like(outs[0])
+    grads = [torch.autograd.grad(o, [q, k, v], dout) for o in outs]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_under_inference_mode(backend):
     """Serving runs under torch.inference_mode, whose tensors have no version counter to key the length
     check's cache on: the check runs every call there, and a bad length is still refused."""

@@ -70,6 +70,11 @@ def _head_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _dense(cu: torch.Tensor | None) -> torch.Tensor | None:
+    """Cumulative lengths as the kernels index them (entry b at ``cu + b``): a strided view is copied."""
+    return cu if cu is None or cu.is_contiguous() else cu.contiguous()
+
+
 def _alibi_mode(slopes, causal, prefix) -> int:
     """MPT's causal form slope * (j - (S_k - 1)) under plain causal masking, the symmetric form otherwise."""
     if slopes is None:
@@ -231,6 +236,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``).
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already."""
     q, k, v = (_head_contiguous(x) for x in (q, k, v))
+    cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     if bias is not None and bias.shape[2] == 1:
         bias = bias_rows if bias_rows is not None else _log2_bias_rows(bias)
@@ -291,6 +297,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     ``bias_rows``: as for ``forward``.
     """
     q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
+    cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     varlen = geo.varlen
