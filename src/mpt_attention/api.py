@@ -21,7 +21,7 @@ BACKENDS = ("torch", "sdpa", "flash", "triton")
 TRITON_MAX_HEAD_DIM = 256  # any D up to this; multiples of 16 run fastest
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # the triton kernels' grids are (blocks, heads, batch): CUDA's limit on a grid's second and third axes
-TRITON_MAX_BATCH_OR_HEADS = 65535
+_TRITON_MAX_BATCH_OR_HEADS = 65535
 _FLASH_MISSING = (
     "the 'flash' backend (flash-attn family kernels) is not implemented yet in mpt-attention; "
     "use backend 'triton' (fused, ALiBi and masks in-kernel), 'sdpa' or 'torch'"
@@ -336,8 +336,8 @@ def _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, 
 
 
 def _check_triton_grid(batch: int, n_heads: int) -> None:
-    if max(batch, n_heads) > TRITON_MAX_BATCH_OR_HEADS:
-        raise ValueError(f"backend 'triton' takes at most {TRITON_MAX_BATCH_OR_HEADS} sequences and as many heads "
+    if max(batch, n_heads) > _TRITON_MAX_BATCH_OR_HEADS:
+        raise ValueError(f"backend 'triton' takes at most {_TRITON_MAX_BATCH_OR_HEADS} sequences and as many heads "
                          f"(CUDA's grid limit), got B={batch}, H_q={n_heads}; split the batch into smaller calls")
 
 

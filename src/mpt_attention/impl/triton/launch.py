@@ -129,6 +129,14 @@ def log2_bias_row(bias: torch.Tensor | None) -> torch.Tensor | None:
     return _log2_bias_rows(bias) if bias is not None and bias.shape[2] == 1 else None
 
 
+def _kernel_bias(bias: torch.Tensor | None, bias_rows: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias as the kernels read it: a bias row converted (``bias_rows`` where the caller has it), any
+    other bias as it is."""
+    if bias is None or bias.shape[2] != 1:
+        return bias
+    return bias_rows if bias_rows is not None else _log2_bias_rows(bias)
+
+
 def _sequence_spans(seqid: torch.Tensor):
     """Per position, the [start, end) of its sequence, and whether each batch row's ids are sorted.
 
@@ -238,8 +246,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     q, k, v = (_head_contiguous(x) for x in (q, k, v))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
-    if bias is not None and bias.shape[2] == 1:
-        bias = bias_rows if bias_rows is not None else _log2_bias_rows(bias)
+    bias = _kernel_bias(bias, bias_rows)
     if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen) is None:
         return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix))
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
@@ -323,9 +330,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     # the kernels read a bias row converted (float32, log2 units); dbias keeps the caller's shape and dtype
-    bias_in = bias
-    if bias is not None and bias.shape[2] == 1:
-        bias_in = bias_rows if bias_rows is not None else _log2_bias_rows(bias)
+    bias_in = _kernel_bias(bias, bias_rows)
     pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
     bias_mode = 0
     dbias_rows = dbias_full = q  # dummies
