@@ -176,3 +176,38 @@ def test_triton_head_dim_extremes(head_dim):
     (q, k, v), kw = make_inputs(AttnCase(1, 17, 17, 2, 1, head_dim, causal=True, alibi=True))
     out = M.attention(q, k, v, backend="triton", **kw)
     torch.testing.assert_close(out.double(), _ref(q, k, v, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_grids_keep_batch_and_heads_on_separate_axes(monkeypatch):
+    """CUDA takes at most 65535 programs on a grid's second and third axes: every general kernel's grid is
+    (blocks, heads, batch), never (blocks, batch * heads), so B * H past 65535 launches (the GPU test
+    launches it; here the grids are only recorded, on 300 x 256 rows)."""
+    from mpt_attention.impl.triton import launch
+
+    grids = []
+
+    class Recorded:  # stands in for a kernel: records its grid, launches nothing
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids.append((self.name, tuple(grid)))
+            return lambda *args, **kwargs: None
+
+    names = ["_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+             "log2_bias_rows_kernel", "_dropout_mask_kernel"]
+    for name in names:
+        monkeypatch.setattr(launch, name, Recorded(name))
+    batch, n_heads, seq, dim = 300, 256, 3, 8
+    q = torch.randn(batch, seq, n_heads, dim)
+    kv = torch.randn(batch, seq, 2, dim)
+    row = torch.randn(batch, n_heads, 1, seq)
+    seed = torch.zeros(1, dtype=torch.int64)
+    out, lse = launch.forward(q, kv, kv, row, None, None, None, None, seed, 1.0, True, 0.1)
+    launch.backward(out, q, kv, kv, out, lse, None, row, None, None, None, None, seed, 1.0, True, 0.1, False)
+    launch.dropout_keep_mask(batch, n_heads, seq, seq, seed, 0.1, q.device)
+    assert sorted({name for name, _ in grids}) == sorted(names)
+    for name, grid in grids:
+        assert max(grid[1:], default=1) <= 65535, (name, grid)
+        rows = 2 if name == "_attn_bwd_dkdv_kernel" else n_heads
+        assert grid[1:] == (rows, batch), (name, grid)
