@@ -133,6 +133,20 @@ def test_more_batch_rows_times_heads_than_a_grid_axis_takes(monkeypatch, hopper_
     assert_gradients_close_to_reference(out, _grads(out, [q, k, v], dout), [q, k, v], kw, dout, torch.bfloat16)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("case", [CASES[0], AttnCase(2, 300, 300, 4, 4, 64, causal=True, bias="vector", padding=True)],
+                         ids=["hopper-where-it-applies", "general-kernels"])
+def test_tensors_on_a_gpu_other_than_the_current_one(case):
+    """A model split over GPUs (device_map="auto") calls a layer on cuda:1 while the current device is cuda:0:
+    every launch (forward, backward, the bias-row conversion) must run on the tensors' GPU."""
+    assert torch.cuda.current_device() == 0
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda:1", requires_grad=True)
+    out = M.attention(q, k, v, backend="triton", **kw)
+    dout = torch.randn_like(out)
+    assert_gradients_close_to_reference(out, _grads(out, [q, k, v], dout), [q, k, v], kw, dout, torch.bfloat16)
+    assert torch.cuda.current_device() == 0
+
+
 @pytest.mark.parametrize("s_q", [1, 256], ids=["decode-general-kernel", "prefill-hopper-on-sm90"])
 def test_forward_replays_in_a_cuda_graph(s_q):
     """Serving captures decode steps in CUDA graphs to hide host time: the forward must be capturable

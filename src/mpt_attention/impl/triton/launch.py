@@ -7,6 +7,7 @@ constexpr flags with a dummy pointer, so a kernel specialisation carries only wh
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -66,6 +67,21 @@ def _bwd_config(head_dim: int, atomic_dq: bool = False) -> tuple[dict, dict]:
             dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1))
 
 
+def _on_its_device(fn):
+    """Run ``fn`` with torch's current CUDA device set to that of its first tensor argument. Triton
+    launches on the current device whatever device the tensors are on, and a model split over GPUs
+    (``device_map="auto"``) calls its layers on cuda:1 with the current device left at cuda:0: the kernel
+    would run on the wrong GPU with the other's pointers (an illegal access)."""
+    @functools.wraps(fn)
+    def on_device(*args, **kwargs):
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if x is not None and x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return on_device
+
+
 def _head_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -122,6 +138,7 @@ def _log2_bias_rows(bias: torch.Tensor) -> torch.Tensor:
     return padded[..., :s_k]
 
 
+@_on_its_device
 def log2_bias_row(bias: torch.Tensor | None) -> torch.Tensor | None:
     """A bias row (``bias.shape[2] == 1``) converted as the kernels read it (``_log2_bias_rows``), None for
     any other bias or none: computed once per training step by the eager autograd path (ops.py) and handed
@@ -238,6 +255,7 @@ class _Geometry:
             self.lse_strides = (self.n_heads * self.s_q, self.s_q)
 
 
+@_on_its_device
 def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
             cu_q=None, cu_k=None, max_q=0, max_k=0, bias_rows=None):
     """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
@@ -290,6 +308,7 @@ def _side_stream(device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
+@_on_its_device
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
              dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, bias_rows=None):
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or empty).
@@ -471,6 +490,7 @@ def _reduce_to_shape(grad: torch.Tensor, shape) -> torch.Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
+@_on_its_device
 def dropout_keep_mask(batch, n_heads, s_q, s_k, seed, dropout_p, device) -> torch.Tensor:
     """The bool keep-mask ``(B, H, S_q, S_k)`` the kernels draw for ``seed`` (testing aid)."""
     mask = torch.empty((batch * n_heads, s_q, s_k), dtype=torch.uint8, device=device)
