@@ -42,6 +42,23 @@ def dq_gemm_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def hopper_dkdv_launches(monkeypatch):
+    """One ``(bias matrix read, dQ warpgroup, dbias stored)`` entry per launch of the Hopper dK/dV kernel
+    (``hopper.backward_dkdv``) during the test; each launch still runs."""
+    from mpt_attention.impl.triton import hopper
+
+    calls, real = [], hopper.backward_dkdv
+
+    def record(*args):
+        bias, dq_acc, dbias = args[8], (args[13:] + (None,))[0], (args[14:] + (None,))[0]
+        calls.append((bias is not None and bias.shape[2] != 1, dq_acc is not None, dbias is not None))
+        return real(*args)
+
+    monkeypatch.setattr(hopper, "backward_dkdv", record)
+    return calls
+
+
 def pytest_report_header(config):
     interp = os.environ.get("TRITON_INTERPRET", "0")
     return f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, TRITON_INTERPRET={interp}"

@@ -84,6 +84,56 @@ def test_hopper_dq_warpgroup_matches_float64_reference(case):
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
+BIAS_MATRIX_CASES = [  # a full-shape bias in q's dtype with its gradient, on the dQ warpgroup
+    AttnCase(2, 1024, 1024, 8, 8, 128, bias="full"),  # non-causal (bench's dense-bias row, smaller)
+    AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=True, bias="full"),  # groups of 4, a ragged last block
+    AttnCase(1, 512, 1536, 4, 1, 64, causal=True, bias="full"),  # chunked prefill, MQA, D64
+    AttnCase(2, 264, 264, 4, 4, 64, alibi=True, bias="full"),  # symmetric ALiBi and a bias, partial tiles
+]
+
+
+@pytest.mark.parametrize("case", BIAS_MATRIX_CASES, ids=lambda c: c.id())
+def test_dq_warpgroup_reads_a_bias_matrix_and_stores_its_gradient(case, hopper_dkdv_launches):
+    """One Hopper kernel for dQ, dK, dV and dbias (dS stored from the dQ warpgroup's ring), against float64."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    kw["attn_bias"] = bias = kw["attn_bias"].detach().to(torch.bfloat16).requires_grad_()
+    out = M.attention(q, k, v, backend="triton", deterministic=False, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v, bias], dout)
+    assert hopper_dkdv_launches == [(True, True, True)]
+    assert_gradients_close_to_reference(out, grads, [q, k, v, bias], kw, dout, torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 296, 304), (2, 1, 296, 304), (1, 1, 296, 304)],
+                         ids=["per-head", "per-batch", "one-matrix"])
+def test_dq_warpgroup_reads_a_broadcast_bias_matrix(shape, hopper_dkdv_launches):
+    """A bias matrix broadcast over batch and/or heads, without its gradient (the copy engine's rows
+    b * b_mult + h * h_mult); chunked prefill with causal ALiBi, GQA."""
+    (q, k, v), kw = make_inputs(AttnCase(2, 296, 304, 4, 2, 128, causal=True, alibi=True), dtype=torch.bfloat16,
+                                device="cuda", requires_grad=True)
+    kw["attn_bias"] = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    out = M.attention(q, k, v, backend="triton", deterministic=False, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    assert hopper_dkdv_launches == [(True, True, False)]
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+def test_dq_warpgroup_with_a_bias_matrix_keeps_dk_dv_dbias_reproducible(hopper_dkdv_launches):
+    """dK, dV and dbias are reproducible in every mode (api.attention): dS is stored, never summed."""
+    (q, k, v), kw = make_inputs(AttnCase(2, 512, 512, 8, 4, 128, causal=True, bias="full"), dtype=torch.bfloat16,
+                                device="cuda", requires_grad=True)
+    kw["attn_bias"] = bias = kw["attn_bias"].detach().to(torch.bfloat16).requires_grad_()
+    runs = []
+    for _ in range(2):
+        out = M.attention(q, k, v, backend="triton", deterministic=False, **kw)
+        runs.append(torch.autograd.grad(out, [q, k, v, bias], torch.ones_like(out)))
+    assert hopper_dkdv_launches == [(True, True, True)] * 2
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-2, atol=1e-2)  # dQ: sums in any order
+    for name, a, b in zip(["dk", "dv", "dbias"], runs[0][1:], runs[1][1:]):
+        assert torch.equal(a, b), name
+
+
 def test_hopper_backward_is_bitwise_deterministic():
     (q, k, v), kw = make_inputs(AttnCase(2, 1500, 1500, 8, 2, 128, causal=True, alibi=True), dtype=torch.bfloat16,
                                 device="cuda", requires_grad=True)
@@ -187,31 +237,35 @@ def test_bias_row_gradients_after_the_hopper_forward(monkeypatch, bias_grad):
     pytest.param(torch.float32, "general", id="fp32-row-general"),
     pytest.param(torch.bfloat16, "full", id="bf16-full"),
     pytest.param(torch.bfloat16, "full-grad", id="bf16-full-grad-dq-gemm"),
+    pytest.param(torch.bfloat16, "full-grad-dq-warpgroup", id="bf16-full-grad-dq-warpgroup"),
 ])
-def test_rows_masked_only_by_float32_min_on_every_kernel_route(bias_dtype, route, monkeypatch):
+def test_rows_masked_only_by_float32_min_on_every_kernel_route(bias_dtype, route, monkeypatch, hopper_dkdv_launches):
     """MPT folds left padding into its bias row as finfo(float32).min (masks.build_mpt_attn_bias). Causal
     query rows that see only padded keys take the uniform softmax over those equally-masked keys, as
     natural-unit math does (docs/errors.md), not the empty row (output 0) that min * log2(e) overflowing
     to -inf would make; and their gradients, through the output and the log-sum-exp, are the reference's
     (the backward reads the key count from the stored log-sum-exp). Hopper kernels, general kernels, a
-    full bias, and a full bias with its gradient (dQ from the stored dS)."""
-    b, s, h, d = 2, 300, 4, 128
+    full bias, and a full bias with its gradient (dQ from the stored dS; or the Hopper kernel's dQ warpgroup
+    storing dS, which needs rows of 16-byte multiples: S 304)."""
+    b, s, h, d = 2, 304, 4, 128
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     keep = torch.ones(b, s, dtype=torch.bool, device="cuda")
     keep[1, :40] = False  # left padding of batch row 1: its first 40 causal rows see only padding
     bias = M.build_mpt_attn_bias("triton", h, s, alibi=True, attention_mask=keep, dtype=bias_dtype, device="cuda")
     assert bias.shape == (b, h, 1, s) and bias.min() == torch.finfo(bias_dtype).min
     if route.startswith("full"):
-        bias = bias.expand(b, h, s, s).contiguous().requires_grad_(route == "full-grad")
+        bias = bias.expand(b, h, s, s).contiguous().requires_grad_(route.startswith("full-grad"))
     if route.startswith("hopper"):
         assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False, q) is None
-    monkeypatch.setattr(hopper, "ENABLED", route.startswith("hopper"))
+    monkeypatch.setattr(hopper, "ENABLED", route.startswith("hopper") or route == "full-grad-dq-warpgroup")
     dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
     dlse = torch.randn(b, h, s, device="cuda")
     out, lse = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias, return_lse=True,
-                           deterministic=route != "hopper-dq-warpgroup")
+                           deterministic=not route.endswith("dq-warpgroup"))
     inputs = [q, k, v, bias] if bias.requires_grad else [q, k, v]
     grads = torch.autograd.grad([out, lse], inputs, [dout, dlse])
+    if route == "full-grad-dq-warpgroup":
+        assert hopper_dkdv_launches == [(True, True, True)]
     # query i of the padded row sees keys 0..i, all at the same min: their plain average
     averages = v[1, :40].detach().float().cumsum(0) / torch.arange(1, 41, device="cuda").view(40, 1, 1)
     torch.testing.assert_close(out[1, :40].float(), averages, rtol=2e-2, atol=2e-2)

@@ -122,6 +122,49 @@ def test_backward_also_needs_an_eligible_output_gradient():
     assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False, dout) == "not an sm_90 GPU"
 
 
+def _fused_why(bias, s_q=128, s_k=128):
+    q, k, v = _qkv(s_q=s_q, s_k=s_k)
+    return hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False, torch.randn_like(q), fused_dq=True)
+
+
+@pytest.mark.parametrize("bias, rows, mults", [
+    pytest.param(torch.randn(2, 4, 128, 128, dtype=torch.bfloat16), 8, (4, 1), id="full-shape"),
+    pytest.param(torch.randn(1, 4, 128, 128, dtype=torch.bfloat16), 4, (0, 1), id="broadcast-over-batch"),
+    pytest.param(torch.randn(2, 1, 128, 128, dtype=torch.bfloat16), 2, (1, 0), id="broadcast-over-heads"),
+    pytest.param(torch.randn(1, 1, 128, 128, dtype=torch.bfloat16).expand(2, 4, 128, 128), 1, (0, 0),
+                 id="expanded-from-one-matrix"),
+    pytest.param(torch.randn(2, 4, 128, 136, dtype=torch.bfloat16)[..., :128], 8, (4, 1), id="padded-rows"),
+])
+def test_the_backward_with_the_dq_warpgroup_takes_a_bias_matrix(bias, rows, mults):
+    """A bias matrix in q's dtype reaches the Hopper dK/dV kernel with the dQ warpgroup as a (B' * H', S_q, S_k)
+    copy-engine view, (b, h) at row b * b_mult + h * h_mult."""
+    assert _fused_why(bias) == "not an sm_90 GPU"
+    shape, strides, b_mult, h_mult = hopper.bias_matrix_view(bias)
+    assert shape == [rows, 128, 128] and strides[1:] == [bias.stride(2), 1] and (b_mult, h_mult) == mults
+    for b, h in [(0, 0), (1, 3), (1, 0)]:  # each (batch, head) row's first element sits where the view says
+        assert (b * b_mult + h * h_mult) * strides[0] == (b * bias.stride(0) if bias.shape[0] > 1 else 0) + (
+            h * bias.stride(1) if bias.shape[1] > 1 else 0)
+
+
+_NO_VIEW = "bias matrix strides: not a (B' * H', S_q, S_k) view with 16-byte aligned rows"
+
+
+@pytest.mark.parametrize("bias, expected", [
+    pytest.param(torch.randn(2, 4, 128, 128), "bias matrix of dtype torch.float32 (the backward reads one in q's "
+                 "dtype, torch.bfloat16)", id="float32"),
+    pytest.param(torch.randn(2, 4, 128, 129, dtype=torch.bfloat16)[..., 1:], _NO_VIEW, id="odd-row-stride"),
+    pytest.param(torch.randn(4, 2, 128, 128, dtype=torch.bfloat16).transpose(0, 1), _NO_VIEW,
+                 id="batch-and-heads-not-one-axis"),
+    pytest.param(torch.randn(2, 4, 128, 1, dtype=torch.bfloat16), "bias of shape (2, 4, 128, 1): a matrix must span "
+                 "(S_q, S_k) = (128, 128)", id="broadcast-over-keys"),
+])
+def test_bias_matrices_the_dq_warpgroup_cannot_read(bias, expected):
+    assert _fused_why(bias) == expected
+    # without the dQ warpgroup no Hopper kernel takes a matrix
+    q, k, v = _qkv()
+    assert _why(q, k, v, bias=bias).startswith(f"bias of shape {tuple(bias.shape)}: only rows")
+
+
 def test_disabled_switch(monkeypatch):
     monkeypatch.setattr(hopper, "ENABLED", False)
     assert _why(*_qkv()) == "disabled"

@@ -40,16 +40,25 @@ def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias: str | None = None):
+def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias: str | None = None,
+                   boxes: dict | None = None):
     """A Gluon Hopper kernel: ``rows`` gives each descriptor argument's box height (boxes [1, rows, D]);
-    ``bias`` the dtype of a ``bias_desc`` bias-row descriptor (boxes [1, 1, BLOCK_N]), None for none."""
+    ``bias`` the dtype of a ``bias_desc`` bias-row descriptor (boxes [1, 1, BLOCK_N]), None for none;
+    ``boxes`` other descriptor arguments' boxes in q's dtype (``None``: not passed)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     consts = dict(consts)
+    boxes = boxes or {}
     sig = {}
     for name in fn.arg_names:
+        if name in boxes:
+            if boxes[name] is None:
+                consts[name] = None
+            else:
+                sig[name] = f"tensordesc<{dtype}{list(boxes[name])},{layout!r}>"
+                continue
         if (name == "bias_desc" and bias is None) or (name == "dq_desc" and not consts.get("FUSED_DQ")):
             consts[name] = None
         if name in consts:
@@ -82,9 +91,10 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False,
-                               partial: bool = False):
+                               partial: bool = False, full_bias: bool = False, store_ds: bool = False):
     """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: with the dQ warpgroup;
-    ``partial``: grouped heads split over programs (float32 dK, dV partial sums)."""
+    ``partial``: grouped heads split over programs (float32 dK, dV partial sums); ``full_bias``: a bias
+    matrix, ``store_ds`` with its gradient."""
     from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
@@ -92,9 +102,11 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
             "dk_desc": BWD_HALF_N, "dv_desc": BWD_HALF_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim,
               # one bias-row variant among the five
-              "BIAS_ROW": alibi == 0 and causal, "FUSED_DQ": fused_dq, "PARTIAL_DKV": partial,
-              "BLOCK_M": bwd_block_m(head_dim)}
-    return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype)
+              "BIAS_ROW": alibi == 0 and causal and not full_bias, "FUSED_DQ": fused_dq, "PARTIAL_DKV": partial,
+              "BLOCK_M": bwd_block_m(head_dim), "BIAS_FULL": full_bias, "STORE_DS": store_ds}
+    box = [1, bwd_block_m(head_dim), BWD_HALF_N]
+    boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}
+    return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes)
 
 
 def triton_tool(name: str) -> str:
@@ -147,6 +159,18 @@ def main() -> int:
         name = f"hopper-fused-dq D={head_dim} causal={causal} alibi={alibi} {dtype}{' partial dK dV' * partial}"
         try:
             k = compile_hopper_dkdv_kernel(head_dim, causal, alibi, dtype, fused_dq=True, partial=partial)
+            print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
+        except Exception as exc:
+            failures += 1
+            print(f"FAIL {name}: {str(exc)[-1500:]}")
+    # a bias matrix (+ its gradient) in the fused backward
+    for head_dim, causal, alibi, dtype, store_ds in [(128, False, 0, "bf16", True), (128, True, 1, "bf16", True),
+                                                     (64, False, 2, "fp16", True), (128, False, 0, "fp16", False),
+                                                     (64, True, 0, "bf16", False)]:
+        name = f"hopper-fused-dq bias matrix D={head_dim} causal={causal} alibi={alibi} {dtype} dbias={store_ds}"
+        try:
+            k = compile_hopper_dkdv_kernel(head_dim, causal, alibi, dtype, fused_dq=True, full_bias=True,
+                                           store_ds=store_ds)
             print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
         except Exception as exc:
             failures += 1

@@ -66,7 +66,15 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return f"head dim {q.shape[-1]} in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
     if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
         return "varlen, masks or dropout"
-    if bias is not None:
+    if bias is not None and bias.shape[2] != 1 and dout is not None and fused_dq:
+        # the backward with the dQ warpgroup reads a bias matrix through the copy engine
+        if bias.shape[2:] != (q.shape[1], k.shape[1]):
+            return f"bias of shape {tuple(bias.shape)}: a matrix must span (S_q, S_k) = {(q.shape[1], k.shape[1])}"
+        if bias.dtype != q.dtype:
+            return f"bias matrix of dtype {bias.dtype} (the backward reads one in q's dtype, {q.dtype})"
+        if bias_matrix_view(bias) is None:
+            return "bias matrix strides: not a (B' * H', S_q, S_k) view with 16-byte aligned rows"
+    elif bias is not None:
         if bias.shape[2] != 1 or bias.shape[3] != k.shape[1]:
             return f"bias of shape {tuple(bias.shape)}: only rows over the keys, (B|1, H|1, 1, S_k)"
         if bias.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -115,6 +123,30 @@ def _bias_view(bias: torch.Tensor):
     if (stride_h * elem) % 16 or (stride_b * elem) % 16:
         return None
     return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
+
+
+def bias_matrix_view(bias: torch.Tensor):
+    """``(shape, strides, b_mult, h_mult)`` of a (B|1, H|1, S_q, S_k) bias seen as (B' * H', S_q, S_k) for the
+    copy engine, (batch b, head h) at row ``b * b_mult + h * h_mult`` (0 where it broadcasts). None where the
+    engine cannot read it: the last stride not 1, or the base or a stride not 16-byte aligned."""
+    n_b, n_h, s_q, s_k = bias.shape
+    elem = bias.element_size()
+    b_on, h_on = bias_dims_on(bias)
+    stride_q = bias.stride(2) if s_q > 1 else -(-s_k * elem // 16) * 16 // elem
+    if (s_k > 1 and bias.stride(3) != 1) or bias.data_ptr() % 16 or (stride_q * elem) % 16:
+        return None
+    if b_on and h_on:
+        if bias.stride(0) != n_h * bias.stride(1):
+            return None
+        rows, stride_row, mults = n_b * n_h, bias.stride(1), (n_h, 1)
+    elif b_on or h_on:
+        dim = 0 if b_on else 1
+        rows, stride_row, mults = bias.shape[dim], bias.stride(dim), (int(b_on), int(h_on))
+    else:
+        rows, stride_row, mults = 1, stride_q * s_q, (0, 0)
+    if (stride_row * elem) % 16:
+        return None
+    return [rows, s_q, s_k], [stride_row, stride_q, 1], *mults
 
 
 L2_GROUP_BYTES = 24 << 20  # what a group of grid rows shares (forward: K, V; backward: Q, dO, dQ sums)
@@ -187,19 +219,29 @@ def bwd_block_m(head_dim: int) -> int:
 
 
 def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-                  dq_acc=None) -> None:
+                  dq_acc=None, dbias=None) -> None:
     """dK, dV (written into ``dk``, ``dv``: contiguous, k's shape) by the Hopper kernel; ``lse`` and
     ``delta`` ``(B, H, S_q)`` float32 as the general backward has them. With ``dq_acc`` (float32 zeros,
     contiguous, q's shape) a fourth warpgroup of the same kernel adds dQ into it by bulk reductions, in
-    no fixed order (the backward unless reproducibility is asked for: ``launch.backward``)."""
+    no fixed order (the backward unless reproducibility is asked for: ``launch.backward``). A bias matrix
+    (``dq_acc`` only) is read in q's dtype; ``dbias`` (contiguous ``(B, H, S_q, S_k)`` in q's dtype, rows
+    of 16-byte multiples) receives its gradient dS."""
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     slopes, slope_strides = slope_args(slopes, lse)
+    block_m = bwd_block_m(head_dim)
     bias_args, b_on, h_on = (lse, 0, 0, 0), 0, 0  # a never-read dummy without a bias
-    if bias is not None:  # read with plain loads here (one value per tile row): any strides do
+    bias_desc = dbias_desc = None
+    bias_full = bias is not None and bias.shape[2] != 1
+    if bias_full:  # boxes of one step's queries x one consumer's 64 keys
+        shape, strides, b_on, h_on = bias_matrix_view(bias)
+        bias_desc = TensorDescriptor(bias, shape, strides, [1, block_m, BWD_HALF_N], _TILE_LAYOUT)
+        if dbias is not None:
+            dbias_desc = TensorDescriptor(dbias, [batch * n_heads, s_q, s_k], [s_q * s_k, s_k, 1],
+                                          [1, block_m, BWD_HALF_N], _TILE_LAYOUT)
+    elif bias is not None:  # read with plain loads here (one value per tile row): any strides do
         b_on, h_on = bias_dims_on(bias)
         bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
-    block_m = bwd_block_m(head_dim)
     dq_desc = None
     if dq_acc is not None:  # boxes of one step's queries x D
         dq_desc = TensorDescriptor(dq_acc, [batch, s_q, n_heads * head_dim], [dq_acc.stride(0), dq_acc.stride(1), 1],
@@ -217,11 +259,12 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     _hopper_bwd_dkdv_kernel[grid](
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),
         _descriptor(dout, block_m), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N), dq_desc,
-        lse, delta, slopes, bias_args[0], parts, n_heads * s_q, s_q, *slope_strides, *bias_args[1:], b_on, h_on,
+        bias_desc, dbias_desc, lse, delta, slopes, bias_args[0], parts, n_heads * s_q, s_q, *slope_strides, *bias_args[1:], b_on, h_on,
         n_kv, n_groups, n_splits, n_rows, bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None),
         s_q, s_k, softmax_scale * LOG2E, softmax_scale,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None,
-        FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, num_warps=4,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None and not bias_full,
+        FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
+        STORE_DS=dbias_desc is not None, num_warps=4,
     )
     if n_splits > 1:
         dk.copy_(parts[0].sum(0))

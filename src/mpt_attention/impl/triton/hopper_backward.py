@@ -49,7 +49,7 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from mpt_attention.impl.triton.common import decode_lse2
+from mpt_attention.impl.triton.common import _log2_bias, decode_lse2
 from mpt_attention.impl.triton.hopper_forward import tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
@@ -78,25 +78,32 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 @gluon.jit
-def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty,
-                        b, kv_h, h0, n_g, start_n, lo, seqlen_q, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_smem, q_smem, do_smem, bias_smem,
+                        kv_bar, ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q, bias_bm, bias_hm,
+                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr):
     """One warp: this program's K and V once, then (Q, dO) of query block after query block, head after
     head of the program's ``n_g`` query heads from ``h0``, each into stage ``count % 2`` once the consumers
-    have released it."""
+    have released it; with ``BIAS_FULL`` the step's bias tile too, one [BLOCK_M, 64] box per consumer."""
     kv_col = kv_h * HEAD_DIM
     mbarrier.expect(kv_bar, 4 * _HALF_N * HEAD_DIM * 2)
     for half in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [b, start_n + half * _HALF_N, kv_col], kv_bar, k_smem.index(half))
         tma.async_copy_global_to_shared(v_desc, [b, start_n + half * _HALF_N, kv_col], kv_bar, v_smem.index(half))
+    tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL else 0)
     count = 0
     for g in range(n_g):
         q_col = (h0 + g) * HEAD_DIM
+        bias_row = b * bias_bm + (h0 + g) * bias_hm
         for start_m in range(lo, seqlen_q, BLOCK_M):
             stage = count % 2
             mbarrier.wait(empty.index(stage), (count // 2) % 2 ^ 1)  # a fresh barrier counts as released
-            mbarrier.expect(ready.index(stage), 2 * BLOCK_M * HEAD_DIM * 2)
+            mbarrier.expect(ready.index(stage), tile_bytes)
             tma.async_copy_global_to_shared(q_desc, [b, start_m, q_col], ready.index(stage), q_smem.index(stage))
             tma.async_copy_global_to_shared(do_desc, [b, start_m, q_col], ready.index(stage), do_smem.index(stage))
+            if BIAS_FULL:
+                for half in gl.static_range(2):
+                    tma.async_copy_global_to_shared(bias_desc, [bias_row, start_m, start_n + half * _HALF_N],
+                                                    ready.index(stage), bias_smem.index(2 * stage + half))
             count += 1
 
 
@@ -109,17 +116,19 @@ def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk
 
 
 @gluon.jit
-def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc, dv_desc,
                             ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, DKVPart, part_base,
                             part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                             stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr,
-                            BLOCK_M: gl.constexpr):
+                            BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, STORE_DS: gl.constexpr):
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV. With
-    ``FUSED_DQ`` it also leaves each step's dS^T in a shared ring for the dQ warpgroup."""
+    ``FUSED_DQ`` it also leaves each step's dS^T in a shared ring for the dQ warpgroup (``STORE_DS``:
+    transposed, queries as rows, the layout of the bias gradient the dQ warpgroup stores from there)."""
     dtype: gl.constexpr = q_smem.dtype
+    HAS_BIAS: gl.constexpr = BIAS_ROW or BIAS_FULL  # the LSE may carry a soft-masked row's encoding
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -178,7 +187,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
             q_ok = queries < seqlen_q
             # rows past S_q: lse = +inf makes P (and so dS) zero there
             # a row that saw no key (all its bias -inf) has LSE -inf: +inf makes its P 0, not NaN
-            lse2 = decode_lse2(gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")), BIAS_ROW)
+            lse2 = decode_lse2(gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")), HAS_BIAS)
             delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
@@ -188,6 +197,9 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
             if ALIBI == 2:  # symmetric: -slope * |query + diag - key|
                 dist = queries[None, :] + diag - keys[:, None]
                 s2 = s2 - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
+            if BIAS_FULL:  # this warpgroup's [BLOCK_M, 64] box of the bias, read transposed: keys as rows
+                raw = bias_smem.index(2 * stage + half).reshape([BLOCK_M, _HALF_N]).permute((1, 0)).load(st_layout)
+                s2 = s2 + _log2_bias(raw)
             if IS_CAUSAL:
                 if start_m + diag < last_key:  # a block on the diagonal: key <= query + diag
                     s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
@@ -210,7 +222,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
             if FUSED_DQ:  # under the dK product: this half of dS^T into the ring, once its slot is free
                 slot = t % _DS_SLOTS
                 mbarrier.wait(ds_free.index(slot), (t // _DS_SLOTS) % 2 ^ 1)  # a fresh barrier counts as free
-                ds_smem.index(2 * slot + half).store(ds.to(dtype))
+                if STORE_DS:
+                    ds_smem.index(2 * slot + half).reshape([BLOCK_M, _HALF_N]).store(gl.permute(ds.to(dtype), (1, 0)))
+                else:
+                    ds_smem.index(2 * slot + half).store(ds.to(dtype))
                 fence_async_shared()
                 _partition_barrier()  # Triton 3.6's arrive is one thread's: every warp's part must be stored
                 mbarrier.arrive(ds_ready.index(slot))
@@ -240,11 +255,13 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, kv_bar, ready
 
 
 @gluon.jit
-def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, b, h0, n_g, lo,
-                      seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, dbias_desc, b, h0, n_g,
+                      n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                      STORE_DS: gl.constexpr):
     """One warpgroup (``FUSED_DQ``): per step dQ^T = K^T dS^T over the program's 128 keys ([D, BLOCK_M], both
     consumers' halves of dS^T from the ring), added into the float32 dQ buffer by a bulk reduction. The
-    consumers never wait for it unless it falls ``_DS_SLOTS`` steps behind."""
+    consumers never wait for it unless it falls ``_DS_SLOTS`` steps behind. ``STORE_DS``: dS is the bias
+    gradient too (a full-shape bias in q's dtype), bulk-stored from the ring into ``dbias_desc``."""
     # [64, BLOCK_M] per product: D in chunks of 64 one after the other (at D=128 16 accumulator registers
     # live, not 32)
     dqt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -255,23 +272,36 @@ def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_do
     t = 0
     for g in range(n_g):
         col = (h0 + g) * HEAD_DIM
+        ds_row = b * n_heads + h0 + g  # of the bias gradient seen as (B * H, S_q, S_k)
         for start_m in range(lo, seqlen_q, BLOCK_M):
             slot = t % _DS_SLOTS
             buf = dq_smem.index(t % 2).reshape([BLOCK_M, HEAD_DIM])
             mbarrier.wait(ds_ready.index(slot), (t // _DS_SLOTS) % 2)
-            # the reduction issued from this buffer two steps ago must have read it; bulk-group state is
-            # the issuing thread's, so the barrier holds the other threads until it has drained
-            tma.store_wait(1)
-            _partition_barrier()
+            if STORE_DS:
+                # both halves out first; the previous step waited for every earlier reduction (below)
+                for half in gl.static_range(2):
+                    tma.async_copy_shared_to_global(dbias_desc, [ds_row, start_m, start_n + half * _HALF_N],
+                                                    ds_smem.index(2 * slot + half))
+                ds0 = ds_smem.index(2 * slot).reshape([BLOCK_M, _HALF_N]).permute((1, 0))
+                ds1 = ds_smem.index(2 * slot + 1).reshape([BLOCK_M, _HALF_N]).permute((1, 0))
+            else:
+                # the reduction issued from this buffer two steps ago must have read it; bulk-group state is
+                # the issuing thread's, so the barrier holds the other threads until it has drained
+                tma.store_wait(1)
+                _partition_barrier()
+                ds0 = ds_smem.index(2 * slot)
+                ds1 = ds_smem.index(2 * slot + 1)
             for dc in gl.static_range(HEAD_DIM // CHUNK_D):
                 k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(dc * CHUNK_D, CHUNK_D, dim=1).permute((1, 0))
                 k1t = k_smem.index(1).reshape([_HALF_N, HEAD_DIM]).slice(dc * CHUNK_D, CHUNK_D, dim=1).permute((1, 0))
-                dqt = warpgroup_mma(k0t, ds_smem.index(2 * slot), dqt_zero, use_acc=False, is_async=True)
-                dqt = warpgroup_mma(k1t, ds_smem.index(2 * slot + 1), dqt, is_async=True)
+                dqt = warpgroup_mma(k0t, ds0, dqt_zero, use_acc=False, is_async=True)
+                dqt = warpgroup_mma(k1t, ds1, dqt, is_async=True)
                 dqt = warpgroup_mma_wait(0, deps=[dqt])
                 # transposed in registers: a store through a permuted view of this layout lands untransposed
                 buf.slice(dc * CHUNK_D, CHUNK_D, dim=1).store(gl.permute(dqt * softmax_scale, (1, 0)))
             fence_async_shared()
+            if STORE_DS:  # the slot is free once the dS stores have read it (and, before them, the reductions)
+                tma.store_wait(0)
             _partition_barrier()  # every warp's products are done and its part of the tile stored
             mbarrier.arrive(ds_free.index(slot))
             _tma_reduce_add(dq_desc, [b, start_m, col], dq_smem.index(t % 2))
@@ -283,11 +313,12 @@ def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_do
 
 @gluon.jit
 def _hopper_bwd_dkdv_kernel(
-    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, Lse, Delta, Slopes, Bias, DKVPart,
-    stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
+    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, bias_desc, dbias_desc, Lse, Delta, Slopes, Bias,
+    DKVPart, stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
-    FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr,
+    FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
+    STORE_DS: gl.constexpr,
 ):
     """Program: (key block of 128, row = (batch, KV head, split)), ``n_rows`` rows, in ``tile_order``: the
     key blocks of a group of ``rows_per_group`` rows interleaved, first (longest, when causal) first, so that
@@ -295,7 +326,10 @@ def _hopper_bwd_dkdv_kernel(
     the forward: (B, S, H * D) views, boxes [1, 64, D]; ``dq_desc`` (``FUSED_DQ``) a float32 (B, S_q, H * D)
     buffer, boxes [1, BLOCK_M, D], unswizzled. A program takes the ``n_groups / n_splits`` query heads of
     its split; with ``PARTIAL_DKV`` (more than one split) it writes its float32 dK, dV sums into
-    ``DKVPart``, (2, n_splits, B, S_k, H_kv, D), instead of dK and dV."""
+    ``DKVPart``, (2, n_splits, B, S_k, H_kv, D), instead of dK and dV.
+    ``BIAS_FULL`` (with ``FUSED_DQ``): a bias matrix in q's dtype through ``bias_desc``, a (B' * H', S_q, S_k)
+    view with boxes [1, BLOCK_M, 64], row ``b * bias_b_on + h * bias_h_on`` (the host's multipliers: 0
+    where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k)."""
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -336,8 +370,15 @@ def _hopper_bwd_dkdv_kernel(
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
 
     if FUSED_DQ:
-        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_HALF_N, BLOCK_M], dtype)
-        ds_smem = gl.allocate_shared_memory(dtype, [2 * _DS_SLOTS, _HALF_N, BLOCK_M], ds_layout)  # [slot, half]
+        if STORE_DS:  # queries as rows, keys contiguous: the bias gradient's layout, stored from here
+            ds_smem = gl.allocate_shared_memory(dtype, [2 * _DS_SLOTS, 1, BLOCK_M, _HALF_N], tile_layout)
+        else:
+            ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_HALF_N, BLOCK_M], dtype)
+            ds_smem = gl.allocate_shared_memory(dtype, [2 * _DS_SLOTS, _HALF_N, BLOCK_M], ds_layout)  # [slot, half]
+        if BIAS_FULL:  # [stage, half]
+            bias_smem = gl.allocate_shared_memory(dtype, [4, 1, BLOCK_M, _HALF_N], tile_layout)
+        else:
+            bias_smem = q_smem  # never read
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, BLOCK_M, HEAD_DIM], dq_desc.layout)
         ds_ready = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         ds_free = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
@@ -348,46 +389,54 @@ def _hopper_bwd_dkdv_kernel(
             mbarrier.init(ds_free.index(i), count=1)
         gl.warp_specialize(
             [
-                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc,
+                                           dv_desc,
                                            ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, DKVPart,
                                            part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                                            stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M)),
-                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
+                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc,
+                                           dv_desc,
                                            ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, DKVPart,
                                            part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                                            stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M)),
-                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar,
-                                       ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q, HEAD_DIM, BLOCK_M)),
-                (_bwd_dq_partition, (k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, b, h0, n_g,
-                                     lo, seqlen_q, softmax_scale, HEAD_DIM, BLOCK_M)),
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
+                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_smem, q_smem, do_smem,
+                                       bias_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q,
+                                       bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M, BIAS_FULL)),
+                (_bwd_dq_partition, (k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, dbias_desc,
+                                     b, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM,
+                                     BLOCK_M, STORE_DS)),
             ],
             [4, 1, 4], [_fused_regs(HEAD_DIM, 0), 24, _fused_regs(HEAD_DIM, 1)],
         )
     else:  # the ring's arguments are never read: any of the right kinds will do
+        bias_smem = q_smem
         gl.warp_specialize(
             [
-                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc,
+                                           dv_desc,
                                            q_smem, ready, empty, kv_bar, Lse, Delta, Slopes, Bias, DKVPart,
                                            part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                                            stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M)),
-                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, kv_bar, ready, empty, dk_desc, dv_desc,
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
+                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc,
+                                           dv_desc,
                                            q_smem, ready, empty, kv_bar, Lse, Delta, Slopes, Bias, DKVPart,
                                            part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                                            stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M)),
-                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, kv_bar,
-                                       ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q, HEAD_DIM, BLOCK_M)),
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
+                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_smem, q_smem, do_smem,
+                                       bias_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q,
+                                       bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M, BIAS_FULL)),
             ],
             [4, 1], [240, 24],
         )

@@ -384,7 +384,11 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # dK/dV kernel (no dbias) with the dQ kernel beside it is the fastest; it also serves deterministic=False
     # where the warpgroup does not apply: dQ folded into the general dK/dV kernel with float32 reductions
     # measured 0.61-0.70x of it at D128 on an H200
-    fused_dq = FUSED_DQ and deterministic is not True and not bias_grad and (
+    # With a full-shape bias matrix in q's dtype the warpgroup's ring of dS tiles is its gradient: the kernel
+    # reads the bias and stores dS from the ring (one pass for dK, dV, dQ and dbias)
+    ds_from_ring = bias_mode == 2 and dbias_full.dtype == q.dtype and tuple(bias.shape) == dbias_full.shape \
+        and _descriptors_ok(dbias_full)
+    fused_dq = FUSED_DQ and deterministic is not True and (not bias_grad or ds_from_ring) and (
         n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
         q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True) is None
     use_hopper = fused_dq or not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p,
@@ -425,7 +429,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         def launch_dkdv():
             if use_hopper:
                 hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias_in, slopes, softmax_scale, causal,
-                                     _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None)
+                                     _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None,
+                                     dbias_full if fused_dq and bias_mode == 2 else None)
             else:
                 _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch)](
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
