@@ -255,19 +255,32 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
 
 
 @gluon.jit
-def _bwd_dq_partition(k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, dbias_desc, b, h0, n_g,
-                      n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                      STORE_DS: gl.constexpr):
+def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, dbias_desc,
+                      b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr,
+                      BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr):
     """One warpgroup (``FUSED_DQ``): per step dQ^T = K^T dS^T over the program's 128 keys ([D, BLOCK_M], both
     consumers' halves of dS^T from the ring), added into the float32 dQ buffer by a bulk reduction. The
     consumers never wait for it unless it falls ``_DS_SLOTS`` steps behind. ``STORE_DS``: dS is the bias
-    gradient too (a full-shape bias in q's dtype), bulk-stored from the ring into ``dbias_desc``."""
+    gradient too (a full-shape bias in q's dtype), bulk-stored from the ring into ``dbias_desc``; causal, the
+    tiles above the diagonal that the program skips are stored as zeros from ``zero_smem`` (no memset of the
+    whole gradient before the kernel)."""
     # [64, BLOCK_M] per product: D in chunks of 64 one after the other (at D=128 16 accumulator registers
     # live, not 32)
     dqt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_M, 16])
     CHUNK_D: gl.constexpr = 64
     dqt_zero = gl.zeros([CHUNK_D, BLOCK_M], gl.float32, dqt_layout)
+    if STORE_DS and IS_CAUSAL:
+        if lo > 0:  # queries [0, lo) see none of these keys; issued before the first step, drained by its wait
+            fill: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            zero_smem.reshape([BLOCK_M, _HALF_N]).store(gl.zeros([BLOCK_M, _HALF_N], zero_smem.dtype, fill))
+            fence_async_shared()
+            _partition_barrier()
+            for g in range(n_g):
+                for start_m in range(0, lo, BLOCK_M):
+                    for half in gl.static_range(2):
+                        tma.async_copy_shared_to_global(dbias_desc, [b * n_heads + h0 + g, start_m,
+                                                                     start_n + half * _HALF_N], zero_smem)
     mbarrier.wait(kv_bar, 0)
     t = 0
     for g in range(n_g):
@@ -375,6 +388,9 @@ def _hopper_bwd_dkdv_kernel(
         else:
             ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_HALF_N, BLOCK_M], dtype)
             ds_smem = gl.allocate_shared_memory(dtype, [2 * _DS_SLOTS, _HALF_N, BLOCK_M], ds_layout)  # [slot, half]
+        zero_smem = ds_smem  # never read
+        if STORE_DS and IS_CAUSAL:  # a zero tile for the skipped tiles of the bias gradient
+            zero_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, _HALF_N], tile_layout)
         if BIAS_FULL:  # [stage, half]
             bias_smem = gl.allocate_shared_memory(dtype, [4, 1, BLOCK_M, _HALF_N], tile_layout)
         else:
@@ -408,9 +424,9 @@ def _hopper_bwd_dkdv_kernel(
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_smem, q_smem, do_smem,
                                        bias_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q,
                                        bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M, BIAS_FULL)),
-                (_bwd_dq_partition, (k_smem, ds_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, dbias_desc,
-                                     b, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM,
-                                     BLOCK_M, STORE_DS)),
+                (_bwd_dq_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done,
+                                     dq_desc, dbias_desc, b, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q,
+                                     softmax_scale, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL)),
             ],
             [4, 1, 4], [_fused_regs(HEAD_DIM, 0), 24, _fused_regs(HEAD_DIM, 1)],
         )

@@ -363,9 +363,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             # dS is the gradient itself when the bias has the full shape: store it in the bias dtype
             # (the one rounding the result gets anyway); a broadcast bias sums it, in float32.
             dtype = bias.dtype if tuple(bias.shape) == full else torch.float32
-            # tiles the backward skips (causal, padding, other sequences) must read as zero
-            skips_tiles = causal or kpm is not None or seqid is not None
-            dbias_full = (torch.zeros if skips_tiles else torch.empty)(full, dtype=dtype, device=q.device)
+            dbias_full = torch.empty(full, dtype=dtype, device=q.device)
     # A full dS in q's dtype is the input dQ = dS K takes anyway: with it stored by the dK/dV kernel, one
     # batched GEMM replaces the dQ kernel, which would recompute S, P and dP and read the bias again
     ds_gemm = DQ_FROM_STORED_DS and bias_mode == 2 and dbias_full.dtype == q.dtype and not varlen
@@ -391,6 +389,10 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     fused_dq = FUSED_DQ and deterministic is not True and (not bias_grad or ds_from_ring) and (
         n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
         q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True) is None
+    # tiles the general backward skips (causal, padding, other sequences) must read as zero; the Hopper kernel
+    # stores zero tiles itself
+    if bias_mode == 2 and not fused_dq and (causal or kpm is not None or seqid is not None):
+        dbias_full.zero_()
     use_hopper = fused_dq or not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p,
                                                                   causal, varlen, dout) is None
     # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
