@@ -131,50 +131,43 @@ def _spills(kernel) -> str:
     return next((line.strip() for line in log.splitlines() if "spill" in line), "no report")
 
 
+def _report_gluon(name: str, build, *args, **kwargs) -> int:
+    """Compile a Gluon kernel with ``build(*args, **kwargs)`` and print ``ok`` with its shared memory and spills,
+    or ``FAIL`` with the error's tail; returns the number of failures (0 or 1)."""
+    try:
+        k = build(*args, **kwargs)
+    except Exception as exc:
+        print(f"FAIL {name}: {str(exc)[-1500:]}")
+        return 1
+    print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
+    return 0
+
+
 def main() -> int:
     failures = 0
     # bias rows reach the kernels as float32 log2 units (launch._log2_bias_rows), whatever the caller's dtype
     for head_dim, causal, alibi, dtype in [(128, True, 0, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16")]:
-        name = f"hopper-fwd-bias-row D={head_dim} causal={causal} alibi={alibi} {dtype}"
-        try:
-            k = compile_hopper_kernel(head_dim, causal, alibi, dtype, "fp32")
-            print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
-        except Exception as exc:
-            failures += 1
-            print(f"FAIL {name}: {str(exc)[-1500:]}")
+        failures += _report_gluon(f"hopper-fwd-bias-row D={head_dim} causal={causal} alibi={alibi} {dtype}",
+                                  compile_hopper_kernel, head_dim, causal, alibi, dtype, "fp32")
     for head_dim, causal, alibi, dtype in [(128, True, 1, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16"),
                                            (128, False, 0, "bf16"), (64, True, 0, "fp16")]:
         for kind, build in (("fwd", compile_hopper_kernel), ("dkdv", compile_hopper_dkdv_kernel)):
-            name = f"hopper-{kind} D={head_dim} causal={causal} alibi={alibi} {dtype}"
-            try:
-                k = build(head_dim, causal, alibi, dtype)
-                print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
-            except Exception as exc:
-                failures += 1
-                print(f"FAIL {name}: {str(exc)[-1500:]}")
+            failures += _report_gluon(f"hopper-{kind} D={head_dim} causal={causal} alibi={alibi} {dtype}",
+                                      build, head_dim, causal, alibi, dtype)
     for head_dim, causal, alibi, dtype, partial in [(128, True, 1, "bf16", False), (128, False, 2, "fp16", False),
                                                     (128, True, 0, "bf16", False), (64, True, 1, "bf16", False),
                                                     (64, True, 0, "fp16", False), (128, True, 1, "bf16", True),
                                                     (64, False, 2, "fp16", True)]:  # + the dQ warpgroup
         name = f"hopper-fused-dq D={head_dim} causal={causal} alibi={alibi} {dtype}{' partial dK dV' * partial}"
-        try:
-            k = compile_hopper_dkdv_kernel(head_dim, causal, alibi, dtype, fused_dq=True, partial=partial)
-            print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
-        except Exception as exc:
-            failures += 1
-            print(f"FAIL {name}: {str(exc)[-1500:]}")
+        failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype, fused_dq=True,
+                                  partial=partial)
     # a bias matrix (+ its gradient) in the fused backward
     for head_dim, causal, alibi, dtype, store_ds in [(128, False, 0, "bf16", True), (128, True, 1, "bf16", True),
                                                      (64, False, 2, "fp16", True), (128, False, 0, "fp16", False),
                                                      (64, True, 0, "bf16", False)]:
         name = f"hopper-fused-dq bias matrix D={head_dim} causal={causal} alibi={alibi} {dtype} dbias={store_ds}"
-        try:
-            k = compile_hopper_dkdv_kernel(head_dim, causal, alibi, dtype, fused_dq=True, full_bias=True,
-                                           store_ds=store_ds)
-            print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
-        except Exception as exc:
-            failures += 1
-            print(f"FAIL {name}: {str(exc)[-1500:]}")
+        failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype, fused_dq=True,
+                                  full_bias=True, store_ds=store_ds)
     flag_sets = [
         dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
         dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True, VARLEN=False),
