@@ -128,7 +128,8 @@ def _bias_view(bias: torch.Tensor):
 def bias_matrix_view(bias: torch.Tensor):
     """``(shape, strides, b_mult, h_mult)`` of a (B|1, H|1, S_q, S_k) bias seen as (B' * H', S_q, S_k) for the
     copy engine, (batch b, head h) at row ``b * b_mult + h * h_mult`` (0 where it broadcasts). None where the
-    engine cannot read it: the last stride not 1, or the base or a stride not 16-byte aligned."""
+    engine cannot read it: the last stride not 1, the base or a stride not 16-byte aligned, or batch and heads
+    that do not flatten into one axis (batch stride != H * head stride)."""
     n_b, n_h, s_q, s_k = bias.shape
     elem = bias.element_size()
     b_on, h_on = bias_dims_on(bias)
@@ -259,7 +260,8 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     _hopper_bwd_dkdv_kernel[grid](
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),
         _descriptor(dout, block_m), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N), dq_desc,
-        bias_desc, dbias_desc, lse, delta, slopes, bias_args[0], parts, n_heads * s_q, s_q, *slope_strides, *bias_args[1:], b_on, h_on,
+        bias_desc, dbias_desc, lse, delta, slopes, bias_args[0], parts, n_heads * s_q, s_q, *slope_strides,
+        *bias_args[1:], b_on, h_on,
         n_kv, n_groups, n_splits, n_rows, bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None),
         s_q, s_k, softmax_scale * LOG2E, softmax_scale,
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None and not bias_full,

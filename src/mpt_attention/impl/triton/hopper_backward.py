@@ -11,8 +11,13 @@ as rows (the ``wgmma`` M dimension):
     dS^T = P^T * (dP^T - delta)       (the next step's S^T issued first: its latency hides behind this)
     dK  += dS^T Q
 
-The bias row, (B|1, H|1, 1, S_k) as MPT passes it, is one value per key, i.e. per tile row; a bias that
-needs its gradient keeps the general backward (dbias).
+The bias row, (B|1, H|1, 1, S_k) as MPT passes it, is one value per key, i.e. per tile row; a row that
+needs its gradient keeps the general backward (dbias sums over queries). With the dQ warpgroup (below) a
+bias matrix in q's dtype is read too: the loader brings each step's [BLOCK_M, 64] box per consumer with Q
+and dO, read transposed into the S^T layout (``ldmatrix.trans``). A full-shape one's gradient is dS itself:
+the ring keeps it queries-as-rows and the dQ warpgroup bulk-stores it from there (``STORE_DS``): one kernel
+for dQ, dK, dV and dbias, 3.0x SDPA memory-efficient forward+backward on an H200 (benchmarks/NOTES.md
+session 17, against 2.2x for the general dK/dV kernel plus a dQ GEMM on the stored dS).
 
 At 32 queries per step (D128) the two narrow products (S^T, dP^T: N=32) read 1.5x more shared memory per
 FLOP than the tensor cores' rate allows when both operands come from there (3 KB per 16-cycle m64n32k16
@@ -405,19 +410,17 @@ def _hopper_bwd_dkdv_kernel(
             mbarrier.init(ds_free.index(i), count=1)
         gl.warp_specialize(
             [
-                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc,
-                                           dv_desc,
-                                           ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, DKVPart,
-                                           part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
-                                           stride_lb, stride_lh, stride_slb, stride_slh,
+                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
+                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes,
+                                           Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
+                                           lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
-                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc,
-                                           dv_desc,
-                                           ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, DKVPart,
-                                           part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
-                                           stride_lb, stride_lh, stride_slb, stride_slh,
+                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
+                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes,
+                                           Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
+                                           lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
@@ -434,19 +437,17 @@ def _hopper_bwd_dkdv_kernel(
         bias_smem = q_smem
         gl.warp_specialize(
             [
-                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc,
-                                           dv_desc,
-                                           q_smem, ready, empty, kv_bar, Lse, Delta, Slopes, Bias, DKVPart,
-                                           part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
-                                           stride_lb, stride_lh, stride_slb, stride_slh,
+                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
+                                           dk_desc, dv_desc, q_smem, ready, empty, kv_bar, Lse, Delta, Slopes,
+                                           Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
+                                           lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
-                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc,
-                                           dv_desc,
-                                           q_smem, ready, empty, kv_bar, Lse, Delta, Slopes, Bias, DKVPart,
-                                           part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
-                                           stride_lb, stride_lh, stride_slb, stride_slh,
+                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
+                                           dk_desc, dv_desc, q_smem, ready, empty, kv_bar, Lse, Delta, Slopes,
+                                           Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
+                                           lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
