@@ -155,6 +155,8 @@ _NO_VIEW = "bias matrix strides: not a (B' * H', S_q, S_k) view with 16-byte ali
     pytest.param(torch.randn(2, 4, 128, 129, dtype=torch.bfloat16)[..., 1:], _NO_VIEW, id="odd-row-stride"),
     pytest.param(torch.randn(4, 2, 128, 128, dtype=torch.bfloat16).transpose(0, 1), _NO_VIEW,
                  id="batch-and-heads-not-one-axis"),
+    pytest.param(torch.randn(2, 4, 1, 128, dtype=torch.bfloat16).expand(2, 4, 128, 128), _NO_VIEW,
+                 id="row-expanded-over-queries"),
     pytest.param(torch.randn(2, 4, 128, 1, dtype=torch.bfloat16), "bias of shape (2, 4, 128, 1): a matrix must span "
                  "(S_q, S_k) = (128, 128)", id="broadcast-over-keys"),
 ])

@@ -128,13 +128,14 @@ def _bias_view(bias: torch.Tensor):
 def bias_matrix_view(bias: torch.Tensor):
     """``(shape, strides, b_mult, h_mult)`` of a (B|1, H|1, S_q, S_k) bias seen as (B' * H', S_q, S_k) for the
     copy engine, (batch b, head h) at row ``b * b_mult + h * h_mult`` (0 where it broadcasts). None where the
-    engine cannot read it: the last stride not 1, the base or a stride not 16-byte aligned, or batch and heads
-    that do not flatten into one axis (batch stride != H * head stride)."""
+    engine cannot read it: the last stride not 1, the base or a stride not 16-byte aligned, a row expanded over
+    the queries (stride 0: the general kernels read it), or batch and heads that do not flatten into one axis
+    (batch stride != H * head stride)."""
     n_b, n_h, s_q, s_k = bias.shape
     elem = bias.element_size()
     b_on, h_on = bias_dims_on(bias)
     stride_q = bias.stride(2) if s_q > 1 else -(-s_k * elem // 16) * 16 // elem
-    if (s_k > 1 and bias.stride(3) != 1) or bias.data_ptr() % 16 or (stride_q * elem) % 16:
+    if (s_k > 1 and bias.stride(3) != 1) or bias.data_ptr() % 16 or (stride_q * elem) % 16 or stride_q == 0:
         return None
     if b_on and h_on:
         if bias.stride(0) != n_h * bias.stride(1):
