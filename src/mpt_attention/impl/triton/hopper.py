@@ -108,6 +108,12 @@ def bias_dims_on(bias: torch.Tensor) -> tuple[int, int]:
     return int(bias.shape[0] > 1 and bias.stride(0) != 0), int(bias.shape[1] > 1 and bias.stride(1) != 0)
 
 
+def aligned_row(n: int, elem: int) -> int:
+    """Elements in the shortest 16-byte multiple that holds ``n`` of ``elem`` bytes: a stride the copy engine
+    accepts for a dim of size 1, or a row padded for it."""
+    return -(-n * elem // 16) * 16 // elem
+
+
 def _bias_view(bias: torch.Tensor):
     """``(shape, strides, b_on, h_on)`` of a (B|1, H|1, 1, S_k) bias seen as (B', H', S_k) for the copy
     engine: a broadcast batch/head dim (size 1 or stride 0) becomes size 1 with a stride the engine
@@ -117,7 +123,7 @@ def _bias_view(bias: torch.Tensor):
     if (s_k > 1 and bias.stride(3) != 1) or bias.data_ptr() % 16:
         return None
     b_on, h_on = bias_dims_on(bias)
-    row = -(-s_k * elem // 16) * 16 // elem  # a 16-byte multiple at least one row long
+    row = aligned_row(s_k, elem)
     stride_h = bias.stride(1) if h_on else row
     stride_b = bias.stride(0) if b_on else stride_h * (n_h if h_on else 1)
     if (stride_h * elem) % 16 or (stride_b * elem) % 16:
@@ -134,7 +140,7 @@ def bias_matrix_view(bias: torch.Tensor):
     n_b, n_h, s_q, s_k = bias.shape
     elem = bias.element_size()
     b_on, h_on = bias_dims_on(bias)
-    stride_q = bias.stride(2) if s_q > 1 else -(-s_k * elem // 16) * 16 // elem
+    stride_q = bias.stride(2) if s_q > 1 else aligned_row(s_k, elem)
     if (s_k > 1 and bias.stride(3) != 1) or bias.data_ptr() % 16 or (stride_q * elem) % 16 or stride_q == 0:
         return None
     if b_on and h_on:

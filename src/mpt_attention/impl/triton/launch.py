@@ -128,7 +128,7 @@ def _log2_bias_rows(bias: torch.Tensor) -> torch.Tensor:
     n_b, n_h, _, s_k = bias.shape
     b_on, h_on = hopper.bias_dims_on(bias)
     rows_b, rows_h = (n_b if b_on else 1), (n_h if h_on else 1)
-    padded = torch.empty((rows_b, rows_h, 1, -(-s_k // 4) * 4), dtype=torch.float32, device=bias.device)
+    padded = torch.empty((rows_b, rows_h, 1, hopper.aligned_row(s_k, 4)), dtype=torch.float32, device=bias.device)
     if rows_b * rows_h and s_k:
         block = min(1024, max(16, triton.next_power_of_2(s_k)))
         log2_bias_rows_kernel[(triton.cdiv(s_k, block), rows_h, rows_b)](
