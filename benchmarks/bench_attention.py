@@ -87,8 +87,9 @@ def _general_kernel(fn):
     return run
 
 
-def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16):
-    """name -> (fn returning the output, list of tensors that get gradients) or an error string."""
+def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16, dense_bias=True):
+    """name -> (fn returning the output, list of tensors that get gradients) or an error string;
+    ``dense_bias=False`` leaves out ``memeff-dense`` (its (H, S, S) bias is not built)."""
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, device=dev, dtype=dtype, generator=gen).requires_grad_()
@@ -119,7 +120,7 @@ def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16):
 
     providers["cudnn"] = (sdpa_with(SDPBackend.CUDNN_ATTENTION, is_causal=True), [qh, kh, vh])
     providers["fa2"] = (sdpa_with(SDPBackend.FLASH_ATTENTION, is_causal=True), [qh, kh, vh])
-    if seq <= 8192:
+    if seq <= 8192 and dense_bias:
         causal_bias = M.build_alibi_bias(n_heads, seq, full=False, device=dev).expand(1, n_heads, seq, seq)
         causal_bias = causal_bias.masked_fill(torch.ones(seq, seq, dtype=torch.bool, device=dev).triu(1), float("-inf"))
         dense = causal_bias.to(dtype).contiguous()

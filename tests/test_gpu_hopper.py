@@ -84,6 +84,54 @@ def test_hopper_dq_warpgroup_matches_float64_reference(case):
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
+PADDED_HEAD_DIM_CASES = [  # D 72-120 run in tiles of 128 columns (hopper.tile_dim)
+    AttnCase(2, 1024, 1024, 8, 8, 112, causal=True, alibi=True),  # MPT-30B's head dim
+    AttnCase(2, 211, 300, 6, 2, 96, causal=True, alibi=True),  # chunked prefill, groups of 3, a partial tile
+    AttnCase(1, 1000, 1000, 4, 1, 80, alibi=True),  # symmetric ALiBi, MQA, a ragged last key block
+    AttnCase(2, 257, 257, 4, 4, 120),  # no bias
+]
+
+
+def _nan_beyond_head_dim(x, width=128):
+    """``x`` as a view into a (B, S, H, width) buffer whose columns past D hold NaN: a kernel that read past D
+    (instead of the copy engine's zero fill) would return NaN."""
+    buf = torch.full((*x.shape[:3], width), float("nan"), dtype=x.dtype, device=x.device)
+    buf[..., :x.shape[3]] = x.detach()
+    return buf[..., :x.shape[3]].requires_grad_(x.requires_grad)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["dq-warpgroup", "split"])
+@pytest.mark.parametrize("case", PADDED_HEAD_DIM_CASES, ids=lambda c: c.id())
+def test_head_dims_below_128_run_padded_on_the_hopper_kernels(case, deterministic, hopper_dkdv_launches):
+    """Forward and backward at D 80-120 on the Hopper kernels against float64, inputs and dO read from rows
+    that continue with NaN past D; the outputs (out, dQ, dK, dV) are written with the tile's extra columns
+    dropped, so they must not spill into the next head either."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    q, k, v = (_nan_beyond_head_dim(x) for x in (q, k, v))
+    dout = _nan_beyond_head_dim(torch.randn(q.shape, device="cuda", dtype=torch.bfloat16))
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False) is None
+    _assert_forward_matches_reference(q, k, v, **kw)
+    out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    assert hopper_dkdv_launches == [(False, not deterministic, False)]
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", [AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True),
+                                  AttnCase(2, 300, 300, 4, 4, 64, causal=True, alibi=True)], ids=lambda c: c.id())
+def test_sdpa_layout_views_run_on_the_hopper_kernels(case, hopper_dkdv_launches):
+    """(B, H, S, D) tensors passed as their (B, S, H, D) transposes, heads S * D apart: read in place."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False) is None
+    _assert_forward_matches_reference(q, k, v, **kw)
+    out = M.attention(q, k, v, backend="triton", **kw)
+    dout = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    assert hopper_dkdv_launches == [(False, True, False)]
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
 BIAS_MATRIX_CASES = [  # a full-shape bias in q's dtype with its gradient, on the dQ warpgroup
     AttnCase(2, 1024, 1024, 8, 8, 128, bias="full"),  # non-causal (bench's dense-bias row, smaller)
     AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=True, bias="full"),  # groups of 4, a ragged last block
@@ -351,11 +399,11 @@ def test_hopper_forward_is_bitwise_deterministic():
     assert torch.equal(M.attention(q, k, v, backend="triton", **kw), M.attention(q, k, v, backend="triton", **kw))
 
 
-@pytest.mark.parametrize("what", ["padding", "dropout", "head-dim-96", "more-queries-than-keys", "misaligned",
-                                  "heads-not-adjacent", "bias-matrix", "decode"])
+@pytest.mark.parametrize("what", ["padding", "dropout", "head-dim-48", "more-queries-than-keys", "misaligned",
+                                  "bias-matrix", "decode"])
 def test_inputs_outside_its_scope_take_the_general_kernel(what):
     """Each of these has a reason; the call still gives the reference's answer (general kernel)."""
-    case = AttnCase(2, 200, 200, 4, 2, 96 if what == "head-dim-96" else 64, causal=True, alibi=True,
+    case = AttnCase(2, 200, 200, 4, 2, 48 if what == "head-dim-48" else 64, causal=True, alibi=True,
                     padding=what == "padding", bias="matrix" if what == "bias-matrix" else None)
     if what == "more-queries-than-keys":
         case = AttnCase(2, 200, 150, 4, 2, 64, causal=True, alibi=True)
@@ -364,8 +412,6 @@ def test_inputs_outside_its_scope_take_the_general_kernel(what):
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
     if what == "misaligned":
         q = torch.randn(2, 200, 4, 65, device="cuda", dtype=torch.bfloat16)[..., 1:]
-    if what == "heads-not-adjacent":  # a (B, H, S, D) tensor seen as (B, S, H, D)
-        q = q.transpose(1, 2).contiguous().transpose(1, 2)
     why = hopper.unsupported(q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), None, None,
                              0.1 if what == "dropout" else 0.0, True, False)
     assert why is not None

@@ -27,11 +27,26 @@ def test_an_eligible_input_is_refused_only_for_the_device():
     assert _why(*_qkv(d=64, dtype=torch.float16), causal=False) == "not an sm_90 GPU"
     qkv = torch.randn(2, 200, 3 * 4 * 128, dtype=torch.bfloat16)  # the seed's packed projection: heads adjacent
     assert _why(*(t.unflatten(-1, (4, 128)) for t in qkv.chunk(3, dim=-1))) == "not an sm_90 GPU"
+    # SDPA's (B, H, S, D) tensors seen as (B, S, H, D): the copy engine takes any aligned strides
+    assert _why(*(t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv())) == "not an sm_90 GPU"
+
+
+@pytest.mark.parametrize("head_dim, width", [(64, 64), (72, 128), (80, 128), (96, 128), (112, 128), (120, 128),
+                                             (128, 128), (16, None), (48, None), (136, None), (256, None)])
+def test_head_dims_between_64_and_128_run_in_tiles_of_128(head_dim, width):
+    """D 72-120 (MPT-30B's 112) run on the Hopper kernels in tiles of 128 columns, the copy engine reading
+    the columns past D as zeros and dropping them on stores; D below 64 or above 128 take the general ones."""
+    assert hopper.tile_dim(head_dim) == width
+    expected = "not an sm_90 GPU" if width else f"head dim {head_dim}"
+    assert _why(*_qkv(d=head_dim)) == expected
+    q, k, v = _qkv(d=head_dim)
+    fused = hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, torch.randn_like(q), fused_dq=True)
+    assert fused == expected
 
 
 @pytest.mark.parametrize("what, expected", [
     ("float32", "dtype torch.float32"),
-    ("head-dim-96", "head dim 96"),
+    ("head-dim-136", "head dim 136"),
     ("bias-matrix", "bias of shape (1, 4, 128, 128): only rows over the keys, (B|1, H|1, 1, S_k)"),
     ("bias-float64", "bias dtype torch.float64"),
     ("key-padding", "varlen, masks or dropout"),
@@ -41,10 +56,9 @@ def test_an_eligible_input_is_refused_only_for_the_device():
     ("no-keys", "rows without keys"),
     ("decode", "fewer than 128 query rows"),
     ("misaligned", "strides not 16-byte aligned"),
-    ("heads-not-adjacent", "heads not adjacent in memory (stride(2) != head_dim)"),
 ])
 def test_reasons(what, expected):
-    q, k, v = _qkv(dtype=torch.float32 if what == "float32" else torch.bfloat16, d=96 if what == "head-dim-96" else 128)
+    q, k, v = _qkv(dtype=torch.float32 if what == "float32" else torch.bfloat16, d=136 if what == "head-dim-136" else 128)
     kw = {}
     if what == "bias-matrix":
         kw["bias"] = torch.randn(1, 4, 128, 128)
@@ -64,8 +78,6 @@ def test_reasons(what, expected):
         q, k, v = _qkv(s_q=1, s_k=4097)
     elif what == "misaligned":
         q = torch.randn(2, 128, 4, 129, dtype=torch.bfloat16)[..., 1:]
-    elif what == "heads-not-adjacent":
-        q = q.transpose(1, 2).contiguous().transpose(1, 2)
     assert _why(q, k, v, **kw) == expected
 
 
@@ -112,9 +124,9 @@ def test_backward_also_needs_an_eligible_output_gradient():
     q, k, v = _qkv()
     dout = torch.randn_like(q)
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, dout) == "not an sm_90 GPU"
-    strided = dout.transpose(1, 2).contiguous().transpose(1, 2)
-    why = hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, strided)
-    assert why.startswith("heads not adjacent")
+    misaligned = torch.randn(2, 128, 4, 129, dtype=torch.bfloat16)[..., 1:]
+    why = hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, misaligned)
+    assert why == "strides not 16-byte aligned"
     q64, k64, v64 = _qkv(d=64)
     why = hopper.unsupported(q64, k64, v64, None, None, None, None, 0.0, True, False, torch.randn_like(q64))
     assert why.startswith("head dim 64 in the backward")

@@ -42,13 +42,15 @@ def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
 
 def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias: str | None = None,
                    boxes: dict | None = None):
-    """A Gluon Hopper kernel: ``rows`` gives each descriptor argument's box height (boxes [1, rows, D]);
+    """A Gluon Hopper kernel: ``rows`` gives each descriptor argument's box height (boxes [1, rows, 1, D] of
+    (B, S, H, D) tensors);
     ``bias`` the dtype of a ``bias_desc`` bias-row descriptor (boxes [1, 1, BLOCK_N]), None for none;
     ``boxes`` other descriptor arguments' boxes in q's dtype (``None``: not passed)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+    matrix_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     consts = dict(consts)
     boxes = boxes or {}
     sig = {}
@@ -57,7 +59,7 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             if boxes[name] is None:
                 consts[name] = None
             else:
-                sig[name] = f"tensordesc<{dtype}{list(boxes[name])},{layout!r}>"
+                sig[name] = f"tensordesc<{dtype}{list(boxes[name])},{matrix_layout!r}>"
                 continue
         if (name == "bias_desc" and bias is None) or (name == "dq_desc" and not consts.get("FUSED_DQ")):
             consts[name] = None
@@ -67,11 +69,11 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             bits = 32 if bias == "fp32" else 16
             row_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=3)
             sig[name] = f"tensordesc<{bias}[1, 1, {consts['BLOCK_N']}],{row_layout!r}>"
-        elif name == "dq_desc":  # the fused backward's float32 dQ buffer, unswizzled [1, 32, D] boxes
-            dq_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)
-            sig[name] = f"tensordesc<fp32[1, {rows['q_desc']}, {head_dim}],{dq_layout!r}>"
+        elif name == "dq_desc":  # the fused backward's float32 dQ buffer, unswizzled [1, 32, 1, D] boxes
+            dq_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
+            sig[name] = f"tensordesc<fp32[1, {rows['q_desc']}, 1, {head_dim}],{dq_layout!r}>"
         elif name in rows:
-            sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, {head_dim}],{layout!r}>"
+            sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, 1, {head_dim}],{layout!r}>"
         elif name[0].isupper():
             sig[name] = _POINTER_TYPES.get(name, "*fp32")
         else:

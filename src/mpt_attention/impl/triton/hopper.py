@@ -23,16 +23,18 @@ try:
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
     _IMPORT_ERROR = None
-    # the kernels' shared-memory tile layout (hopper_forward/hopper_backward), built once: frozen
-    _TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
-    _DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)  # fused dQ buffer
+    # the kernels' shared-memory layouts (hopper_forward/hopper_backward), built once: frozen. Tiles of q, k, v
+    # and their outputs are (B, S, H, D) boxes; a bias matrix and its gradient (B' * H', S_q, S_k) boxes
+    _TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+    _MATRIX_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    _DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)  # fused dQ buffer
 except Exception as exc:  # a Triton without Gluon's Hopper module
     _hopper_fwd_kernel = _hopper_bwd_dkdv_kernel = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
-# head dims the backward sends to the Hopper dK/dV kernel: at 64 the general one is faster (benchmarks/NOTES.md);
-# benchmarks/bwd_kernels.py widens it to time the whole backward both ways
+# tile widths (``tile_dim``) the backward sends to the Hopper dK/dV kernel: at 64 the general one is faster
+# (benchmarks/NOTES.md); benchmarks/bwd_kernels.py widens it to time the whole backward both ways
 BWD_HEAD_DIMS = (128,)
 # with the dQ warpgroup (dQ in any order) the Hopper kernel replaces the dQ kernel too: D64 as well
 FUSED_BWD_HEAD_DIMS = (64, 128)
@@ -60,9 +62,9 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return f"Gluon unavailable ({_IMPORT_ERROR})"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype}"
-    if q.shape[-1] not in (64, 128):
+    if tile_dim(q.shape[-1]) is None:
         return f"head dim {q.shape[-1]}"
-    if dout is not None and q.shape[-1] not in (FUSED_BWD_HEAD_DIMS if fused_dq else BWD_HEAD_DIMS):
+    if dout is not None and tile_dim(q.shape[-1]) not in (FUSED_BWD_HEAD_DIMS if fused_dq else BWD_HEAD_DIMS):
         return f"head dim {q.shape[-1]} in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
     if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
         return "varlen, masks or dropout"
@@ -89,17 +91,25 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
     tensors = (q, k, v) if dout is None else (q, k, v, dout)
     if not all(tma_aligned(t) for t in tensors):
         return "strides not 16-byte aligned"
-    if any(t.stride(2) != t.shape[3] for t in tensors):
-        return "heads not adjacent in memory (stride(2) != head_dim)"  # the (B, S, H * D) view below
     if q.device.type != "cuda" or sm_major(q.device.index) != 9:
         return "not an sm_90 GPU"  # checked last, so CPU tests see the reasons above
     return None
 
 
-def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
-    """Copy-engine descriptor of ``x`` (B, S, H, D) seen as (B, S, H * D), boxes of [1, rows, D]."""
-    batch, seq, heads, dim = x.shape
-    return TensorDescriptor(x, [batch, seq, heads * dim], [x.stride(0), x.stride(1), 1], [1, rows, dim], _TILE_LAYOUT)
+def tile_dim(head_dim: int) -> int | None:
+    """The width of the Hopper kernels' tiles for head dim D: 64, or 128 for D 72-120 (MPT-30B's 112): the
+    copy engine reads the columns past D as zeros and drops them on stores, so they add nothing to any
+    product and nothing is written there. None where the kernels do not apply."""
+    if head_dim == 64:
+        return 64
+    return 128 if 64 < head_dim <= 128 and head_dim % 8 == 0 else None
+
+
+def _descriptor(x: torch.Tensor, rows: int, layout=None) -> "TensorDescriptor":
+    """Copy-engine descriptor of ``x`` (B, S, H, D), any 16-byte aligned strides, boxes of [1, rows, 1,
+    tile_dim(D)]."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, tile_dim(x.shape[3])],
+                            layout or _TILE_LAYOUT)
 
 
 def bias_dims_on(bias: torch.Tensor) -> tuple[int, int]:
@@ -212,7 +222,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
         lse, slopes, tiles, n_heads * s_q, s_q, *slope_strides,
         n_heads, n_heads // n_kv, batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
         heads_per_group(k, n_heads, batch * n_heads), IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N,
-        HEAD_DIM=head_dim, BIAS_ROW=bias is not None, num_warps=4,
+        HEAD_DIM=tile_dim(head_dim), BIAS_ROW=bias is not None, num_warps=4,
     )
     return out, lse
 
@@ -237,23 +247,21 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     slopes, slope_strides = slope_args(slopes, lse)
-    block_m = bwd_block_m(head_dim)
+    width = tile_dim(head_dim)
+    block_m = bwd_block_m(width)
     bias_args, b_on, h_on = (lse, 0, 0, 0), 0, 0  # a never-read dummy without a bias
     bias_desc = dbias_desc = None
     bias_full = bias is not None and bias.shape[2] != 1
     if bias_full:  # boxes of one step's queries x one consumer's 64 keys
         shape, strides, b_on, h_on = bias_matrix_view(bias)
-        bias_desc = TensorDescriptor(bias, shape, strides, [1, block_m, BWD_HALF_N], _TILE_LAYOUT)
+        bias_desc = TensorDescriptor(bias, shape, strides, [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
         if dbias is not None:
             dbias_desc = TensorDescriptor(dbias, [batch * n_heads, s_q, s_k], [s_q * s_k, s_k, 1],
-                                          [1, block_m, BWD_HALF_N], _TILE_LAYOUT)
+                                          [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
     elif bias is not None:  # read with plain loads here (one value per tile row): any strides do
         b_on, h_on = bias_dims_on(bias)
         bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
-    dq_desc = None
-    if dq_acc is not None:  # boxes of one step's queries x D
-        dq_desc = TensorDescriptor(dq_acc, [batch, s_q, n_heads * head_dim], [dq_acc.stride(0), dq_acc.stride(1), 1],
-                                   [1, block_m, head_dim], _DQ_LAYOUT)
+    dq_desc = None if dq_acc is None else _descriptor(dq_acc, block_m, _DQ_LAYOUT)  # one step's queries x D
     # grouped heads with the dQ warpgroup: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
     # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
     n_groups = n_heads // n_kv
@@ -261,7 +269,7 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     n_splits = n_groups // heads if dq_acc is not None else 1
     parts = lse  # a never-read dummy with one split
     if n_splits > 1:
-        parts = torch.empty((2, n_splits, batch, s_k, n_kv, head_dim), dtype=torch.float32, device=q.device)
+        parts = torch.empty((2, n_splits, batch, s_k, n_kv, width), dtype=torch.float32, device=q.device)
     n_rows = batch * n_kv * n_splits
     grid = (triton.cdiv(s_k, BWD_BLOCK_N) * n_rows,)
     _hopper_bwd_dkdv_kernel[grid](
@@ -271,11 +279,11 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
         *bias_args[1:], b_on, h_on,
         n_kv, n_groups, n_splits, n_rows, bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None),
         s_q, s_k, softmax_scale * LOG2E, softmax_scale,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=head_dim, BIAS_ROW=bias is not None and not bias_full,
+        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
         STORE_DS=dbias_desc is not None, num_warps=4,
     )
     if n_splits > 1:
-        dk.copy_(parts[0].sum(0))
-        dv.copy_(parts[1].sum(0))
+        dk.copy_(parts[0].sum(0)[..., :head_dim])  # the columns past D are zeros
+        dv.copy_(parts[1].sum(0)[..., :head_dim])
 

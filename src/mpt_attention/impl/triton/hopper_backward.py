@@ -27,7 +27,7 @@ vs 2.14 ms, B2 H16 S8192). V in registers as well spills 268 bytes and makes ptx
 ``wgmma``, so dP^T = V dO^T keeps both operands in shared memory.
 
 The program owns the dK, dV rows it writes: no atomics there. dQ comes one of two ways:
-- ``FUSED_DQ`` (dQ in any order: the default unless reproducibility is asked for; D 64 or 128): a fourth
+- ``FUSED_DQ`` (dQ in any order: the default unless reproducibility is asked for; tiles of 64 or 128): a fourth
   warpgroup. Each consumer stores its dS^T half ([64 keys, BLOCK_M]) in a ring of ``_DS_SLOTS`` steps
   under its dK product and signals; the dQ warpgroup forms dQ^T = K^T dS^T over all 128 keys (K from
   shared memory, D in chunks of 64) and adds it into a float32 buffer by a bulk tensor reduction. The
@@ -40,7 +40,7 @@ The program owns the dK, dV rows it writes: no atomics there. dQ comes one of tw
   An earlier fused version with the consumers themselves forming dQ in turns lost (0.93x): every step
   made one consumer wait for the other.
 - Otherwise the general Triton dQ kernel, on a second stream beside this one (a Gluon dQ kernel in this
-  layout measured 1.3x slower than it, branch ``wip/hopper-dq``). Dispatched at D=128 only there, where
+  layout measured 1.3x slower than it, branch ``wip/hopper-dq``). Dispatched at tiles of 128 only there, where
   it was already 12% faster than the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms,
   B2 H16 S8192; at D=64 it is slower, 0.84x the general kernel when measured in session 3).
 Queries per step (``BLOCK_M``): 32 at D128, where the registers hold no more; 64 at D64.
@@ -89,22 +89,20 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_sm
     """One warp: this program's K and V once, then (Q, dO) of query block after query block, head after
     head of the program's ``n_g`` query heads from ``h0``, each into stage ``count % 2`` once the consumers
     have released it; with ``BIAS_FULL`` the step's bias tile too, one [BLOCK_M, 64] box per consumer."""
-    kv_col = kv_h * HEAD_DIM
     mbarrier.expect(kv_bar, 4 * _HALF_N * HEAD_DIM * 2)
     for half in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [b, start_n + half * _HALF_N, kv_col], kv_bar, k_smem.index(half))
-        tma.async_copy_global_to_shared(v_desc, [b, start_n + half * _HALF_N, kv_col], kv_bar, v_smem.index(half))
+        tma.async_copy_global_to_shared(k_desc, [b, start_n + half * _HALF_N, kv_h, 0], kv_bar, k_smem.index(half))
+        tma.async_copy_global_to_shared(v_desc, [b, start_n + half * _HALF_N, kv_h, 0], kv_bar, v_smem.index(half))
     tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL else 0)
     count = 0
     for g in range(n_g):
-        q_col = (h0 + g) * HEAD_DIM
         bias_row = b * bias_bm + (h0 + g) * bias_hm
         for start_m in range(lo, seqlen_q, BLOCK_M):
             stage = count % 2
             mbarrier.wait(empty.index(stage), (count // 2) % 2 ^ 1)  # a fresh barrier counts as released
             mbarrier.expect(ready.index(stage), tile_bytes)
-            tma.async_copy_global_to_shared(q_desc, [b, start_m, q_col], ready.index(stage), q_smem.index(stage))
-            tma.async_copy_global_to_shared(do_desc, [b, start_m, q_col], ready.index(stage), do_smem.index(stage))
+            tma.async_copy_global_to_shared(q_desc, [b, start_m, h0 + g, 0], ready.index(stage), q_smem.index(stage))
+            tma.async_copy_global_to_shared(do_desc, [b, start_m, h0 + g, 0], ready.index(stage), do_smem.index(stage))
             if BIAS_FULL:
                 for half in gl.static_range(2):
                     tma.async_copy_global_to_shared(bias_desc, [bias_row, start_m, start_n + half * _HALF_N],
@@ -254,8 +252,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
         k.store((dk * softmax_scale).to(dtype))
         v.store(dv.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(dk_desc, [b, row0, kv_h * HEAD_DIM], k3)
-        tma.async_copy_shared_to_global(dv_desc, [b, row0, kv_h * HEAD_DIM], v3)
+        tma.async_copy_shared_to_global(dk_desc, [b, row0, kv_h, 0], k3)
+        tma.async_copy_shared_to_global(dv_desc, [b, row0, kv_h, 0], v3)
         tma.store_wait(0)
 
 
@@ -289,7 +287,6 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
     mbarrier.wait(kv_bar, 0)
     t = 0
     for g in range(n_g):
-        col = (h0 + g) * HEAD_DIM
         ds_row = b * n_heads + h0 + g  # of the bias gradient seen as (B * H, S_q, S_k)
         for start_m in range(lo, seqlen_q, BLOCK_M):
             slot = t % _DS_SLOTS
@@ -322,7 +319,7 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
                 tma.store_wait(0)
             _partition_barrier()  # every warp's products are done and its part of the tile stored
             mbarrier.arrive(ds_free.index(slot))
-            _tma_reduce_add(dq_desc, [b, start_m, col], dq_smem.index(t % 2))
+            _tma_reduce_add(dq_desc, [b, start_m, h0 + g, 0], dq_smem.index(t % 2))
             t += 1
     _partition_barrier()
     mbarrier.arrive(dq_done)
@@ -341,15 +338,18 @@ def _hopper_bwd_dkdv_kernel(
     """Program: (key block of 128, row = (batch, KV head, split)), ``n_rows`` rows, in ``tile_order``: the
     key blocks of a group of ``rows_per_group`` rows interleaved, first (longest, when causal) first, so that
     the grid's last programs are short ones. Launched with num_warps=4. Descriptors as in
-    the forward: (B, S, H * D) views, boxes [1, 64, D]; ``dq_desc`` (``FUSED_DQ``) a float32 (B, S_q, H * D)
-    buffer, boxes [1, BLOCK_M, D], unswizzled. A program takes the ``n_groups / n_splits`` query heads of
+    the forward: (B, S, H, D) with their strides, boxes [1, 64 or BLOCK_M, 1, HEAD_DIM] (the tile width:
+    columns past D read as zeros, dropped on stores); ``dq_desc`` (``FUSED_DQ``) a float32 (B, S_q, H, D)
+    buffer, boxes [1, BLOCK_M, 1, HEAD_DIM], unswizzled. A program takes the ``n_groups / n_splits`` query heads of
     its split; with ``PARTIAL_DKV`` (more than one split) it writes its float32 dK, dV sums into
     ``DKVPart``, (2, n_splits, B, S_k, H_kv, D), instead of dK and dV.
     ``BIAS_FULL`` (with ``FUSED_DQ``): a bias matrix in q's dtype through ``bias_desc``, a (B' * H', S_q, S_k)
     view with boxes [1, BLOCK_M, 64], row ``b * bias_b_on + h * bias_h_on`` (the host's multipliers: 0
     where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k)."""
     dtype: gl.constexpr = q_desc.dtype
-    tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+    # bias matrix, its gradient and the zero tile: (B' * H', S_q, S_k) boxes
+    mat_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
 
     n_kb = gl.cdiv(seqlen_k, 2 * _HALF_N)
@@ -375,10 +375,10 @@ def _hopper_bwd_dkdv_kernel(
     if IS_CAUSAL:  # queries i with i + diag >= start_n are the first to see this block
         lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
 
-    k_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, HEAD_DIM], tile_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, HEAD_DIM], tile_layout)
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M, HEAD_DIM], tile_layout)
-    do_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M, HEAD_DIM], tile_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, 1, HEAD_DIM], tile_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, 1, HEAD_DIM], tile_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M, 1, HEAD_DIM], tile_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M, 1, HEAD_DIM], tile_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
     ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
@@ -389,18 +389,18 @@ def _hopper_bwd_dkdv_kernel(
 
     if FUSED_DQ:
         if STORE_DS:  # queries as rows, keys contiguous: the bias gradient's layout, stored from here
-            ds_smem = gl.allocate_shared_memory(dtype, [2 * _DS_SLOTS, 1, BLOCK_M, _HALF_N], tile_layout)
+            ds_smem = gl.allocate_shared_memory(dtype, [2 * _DS_SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
         else:
             ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_HALF_N, BLOCK_M], dtype)
             ds_smem = gl.allocate_shared_memory(dtype, [2 * _DS_SLOTS, _HALF_N, BLOCK_M], ds_layout)  # [slot, half]
         zero_smem = ds_smem  # never read
         if STORE_DS and IS_CAUSAL:  # a zero tile for the skipped tiles of the bias gradient
-            zero_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, _HALF_N], tile_layout)
+            zero_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, _HALF_N], mat_layout)
         if BIAS_FULL:  # [stage, half]
-            bias_smem = gl.allocate_shared_memory(dtype, [4, 1, BLOCK_M, _HALF_N], tile_layout)
+            bias_smem = gl.allocate_shared_memory(dtype, [4, 1, BLOCK_M, _HALF_N], mat_layout)
         else:
             bias_smem = q_smem  # never read
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, BLOCK_M, HEAD_DIM], dq_desc.layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, BLOCK_M, 1, HEAD_DIM], dq_desc.layout)
         ds_ready = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         ds_free = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         dq_done = gl.allocate_shared_memory(gl.int64, [1], bar_layout)

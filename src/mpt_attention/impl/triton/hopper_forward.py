@@ -40,9 +40,11 @@ scale. Which block's slice rides with V_j depends on the head dim (``_row_ahead`
 A first version loaded the row from global memory per block: 0.52-0.76x.
 
 Scope (the launcher, ``hopper.py``, routes everything else to the general kernel in ``forward.py``):
-bf16/fp16, head dim 64 or 128, ALiBi from slopes (either form) and/or a bias row, no bias matrix, no
-masks besides causal, no dropout, dense (B, S, H, D) inputs with adjacent heads and 16-byte aligned
-strides, ``S_k > 0`` and, when causal, ``S_q <= S_k`` (every tile sees a block).
+bf16/fp16, head dim 64 or 72-128 (``HEAD_DIM``, the tile width, is 64 or 128: the copy engine reads
+columns past D as zeros and drops them on stores), ALiBi from slopes (either form) and/or a bias row, no
+bias matrix, no masks besides causal, no dropout, (B, S, H, D) inputs with 16-byte aligned strides (SDPA's
+(B, H, S, D) tensors transposed included), ``S_k > 0`` and, when causal, ``S_q <= S_k`` (every tile sees
+a block).
 """
 
 from triton.experimental import gluon
@@ -132,8 +134,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     """One warp: per tile, its Q into buffer ``round % 2`` once the consumers have stored the output of
     the tile before last from there, then K_j and V_j into stage ``g % 2`` (``g`` counts key blocks over
     all of the program's tiles) as soon as the consumers have released it: the next tile's first loads
-    run under this tile's last blocks. Tiles are addressed as [batch, row, head * D] in the (B, S, H * D)
-    view of each tensor."""
+    run under this tile's last blocks. Tiles are addressed as [batch, row, head, 0] in (B, S, H, D)."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
@@ -161,16 +162,16 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
                                             bias_smem.index(2 + buf))
         else:
             mbarrier.expect(q_ready.index(buf), 2 * _HALF_M * HEAD_DIM * 2)
-        tma.async_copy_global_to_shared(q_desc, [b, start_m, h * HEAD_DIM], q_ready.index(buf),
+        tma.async_copy_global_to_shared(q_desc, [b, start_m, h, 0], q_ready.index(buf),
                                         q_smem.index(2 * buf))
-        tma.async_copy_global_to_shared(q_desc, [b, start_m + _HALF_M, h * HEAD_DIM], q_ready.index(buf),
+        tma.async_copy_global_to_shared(q_desc, [b, start_m + _HALF_M, h, 0], q_ready.index(buf),
                                         q_smem.index(2 * buf + 1))
         for j in range(n_blocks):
             stage = (g + j) & 1
             free_phase = ((g + j) >> 1) & 1 ^ 1
             mbarrier.wait(k_empty.index(stage), free_phase)
             mbarrier.expect(k_ready.index(stage), kv_bytes)
-            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, kv_h * HEAD_DIM], k_ready.index(stage),
+            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, kv_h, 0], k_ready.index(stage),
                                             k_smem.index(stage))
             mbarrier.wait(v_empty.index(stage), free_phase)
             row_block = j  # the block whose bias slice rides with V_j, into V's stage's slot
@@ -182,7 +183,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
                                                 v_ready.index(stage), bias_smem.index(stage))
             else:
                 mbarrier.expect(v_ready.index(stage), kv_bytes)
-            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, kv_h * HEAD_DIM], v_ready.index(stage),
+            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, kv_h, 0], v_ready.index(stage),
                                             v_smem.index(stage))
         g += n_blocks
         r += 1
@@ -325,13 +326,12 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     row0 = gl.load(info + 2, volatile=True) + half * _HALF_M
     rows = row0 + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, s_layout))
     lse_offset = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-    q_col = h * HEAD_DIM
     # Rows that saw no key are defined as 0 with a log-sum-exp of -inf (as in forward.py).
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
     q.store(out.to(dtype))  # this warpgroup's Q is no longer read: its buffer stages the output
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, row0, q_col], q3)
+    tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], q3)
     lse = encode_lse(m_i, l_i, BIAS_ROW)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
     tma.store_wait(0)
@@ -372,20 +372,20 @@ def _hopper_fwd_kernel(
     """Persistent: each program runs query tiles of 128 rows (``_tile``: ``n_m`` per (batch, head) row, ``n_bh``
     rows) until none is left; launched with num_warps=4 (the first consumer warpgroup), the second
     consumer and the loader come from ``warp_specialize``. The descriptors
-    (host-built, see hopper.py) view q/o as (B, S_q, H * D) and k/v as (B, S_k, H_kv * D), with boxes
-    [1, 64, D] for q/o and [1, BLOCK_N, D] for k/v: rows past a batch row's end read as zeros and are
-    never written. ``bias_desc`` (``BIAS_ROW``) views the bias row as (B|1, H|1, S_k) with boxes
+    (host-built, see hopper.py) are q/o (B, S_q, H, D) and k/v (B, S_k, H_kv, D) with their strides, boxes
+    [1, 64, 1, HEAD_DIM] for q/o and [1, BLOCK_N, 1, HEAD_DIM] for k/v: rows past a sequence's end and
+    columns past D read as zeros and are never written. ``bias_desc`` (``BIAS_ROW``) views the bias row as (B|1, H|1, S_k) with boxes
     [1, 1, BLOCK_N]; ``bias_b_on``/``bias_h_on`` are 0 where it broadcasts."""
     dtype: gl.constexpr = q_desc.dtype
-    tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
     BLOCK_M: gl.constexpr = 2 * _HALF_M
 
     n_m = gl.cdiv(seqlen_q, BLOCK_M)
     # Q: two buffers (this tile's and the next), each two warpgroup halves
-    q_smem = gl.allocate_shared_memory(dtype, [4, 1, _HALF_M, HEAD_DIM], tile_layout)
-    k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, HEAD_DIM], tile_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [4, 1, _HALF_M, 1, HEAD_DIM], tile_layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, 1, HEAD_DIM], tile_layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, 1, HEAD_DIM], tile_layout)
     if BIAS_ROW:
         # slots 0, 1 beside V's stages; with _row_ahead also 2, 3 beside Q's buffers (block 0's slice)
         if _row_ahead(HEAD_DIM):
