@@ -109,8 +109,8 @@ def attention(
         return_lse: also return the natural-log log-sum-exp of the scores.
         deterministic: ``triton`` only: whether the backward must be bitwise reproducible. None (the
             default) follows ``torch.use_deterministic_algorithms``: reproducible while it is on; while
-            it is off, dQ may be summed in any order where that is the fastest backward (on Hopper, D
-            64 or 128: the dK/dV kernel's dQ warpgroup adds dQ by float32 bulk reductions, 1.0-1.19x
+            it is off, dQ may be summed in any order where that is the fastest backward (on Hopper, D 64
+            or 72-128: the dK/dV kernel's dQ warpgroup adds dQ by float32 bulk reductions, 1.0-1.19x
             the reproducible backward on an H200), so dQ's last bits vary between runs there; elsewhere
             the reproducible passes run. True: always
             reproducible (no atomics; two passes). False: as None when off, and the general kernels
