@@ -1,7 +1,7 @@
 """Head dims between 64 and 128 (MPT-30B: 112) and SDPA's (B, H, S, D) layout on the Hopper kernels, against
 the general kernels and the peers, in one run, for benchmarks/NOTES.md.
 
-    python benchmarks/head_dims.py [--out DIR] [--rounds 3] [--modes fwd,fwd_bwd]
+    python benchmarks/head_dims.py [--out DIR] [--rounds 3] [--modes fwd,fwd_bwd] [--layout-only]
 
 The Hopper kernels run D 72-120 in tiles of 128 columns (``hopper.tile_dim``; the copy engine zero-fills
 the columns past D), and read (B, S, H, D) views with any aligned strides. Providers (bf16, causal ALiBi):
@@ -74,10 +74,11 @@ def main():
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="fwd,fwd_bwd")
+    parser.add_argument("--layout-only", action="store_true", help="only the (B, H, S, D) layout shape")
     args = parser.parse_args()
     rows = []
     warm_up()
-    for shape in SHAPES + [LAYOUT_SHAPE]:
+    for shape in ([] if args.layout_only else SHAPES) + [LAYOUT_SHAPE]:
         providers = providers_for(shape, layout=shape is LAYOUT_SHAPE)
         batch, n_heads, n_kv, seq, head_dim = shape
         label = f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}"

@@ -98,6 +98,21 @@ def test_strided_inputs_need_no_copies_and_give_the_same_result(backend):
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["two-pass", "atomic-dq"])
+def test_triton_gradients_come_in_their_inputs_layout(deterministic):
+    """Dense strided inputs (SDPA's (B, H, S, D) passed transposed) get gradients with their own strides, so
+    autograd hands them on without a transposing copy; the values are the contiguous inputs' gradients."""
+    (q, k, v), kw = make_inputs(AttnCase(2, 21, 21, 4, 2, 16, causal=True, alibi=True))
+    dout = torch.randn_like(q)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    expected = _grads(M.attention(*leaves, backend="triton", deterministic=deterministic, **kw), leaves, dout)
+    views = [x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    grads = _grads(M.attention(*views, backend="triton", deterministic=deterministic, **kw), views, dout)
+    for name, g, x, e in zip(["dq", "dk", "dv"], grads, views, expected):
+        assert g.stride() == x.stride(), name
+        torch.testing.assert_close(g, e, msg=name)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-pass", "atomic-dq"])
 def test_triton_dropout_applies_exactly_the_kernels_mask(deterministic):
     case = AttnCase(2, 33, 33, 2, 1, 16, causal=True, alibi=True)
     (q, k, v), kw = make_inputs(case, requires_grad=True)

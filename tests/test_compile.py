@@ -32,6 +32,33 @@ def test_compile_fullgraph_forward_and_backward(case, backend):
     assert_compiled_matches_eager(step, [q, k, v])
 
 
+@pytest.mark.parametrize("layout", ["bshd", "bhsd-transposed"])
+def test_opcheck_backward_op(layout):
+    """The backward op's fake kernel gives its gradients the real kernel's shapes and strides (the inputs' own,
+    e.g. for (B, H, S, D) tensors passed transposed)."""
+    (q, k, v), kw = make_inputs(AttnCase(1, 17, 17, 2, 1, 16, causal=True, alibi=True))
+    if layout == "bhsd-transposed":
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    out, lse = torch.ops.mpt_attention.triton_fwd(q, k, v, None, kw["alibi_slopes"], None, None, None, None, 0.25,
+                                                  True, 0.0, None, None, 0, 0, True)
+    args = (torch.randn_like(out), q, k, v, out, lse, None, None, kw["alibi_slopes"], None, None, None, None, 0.25,
+            True, 0.0, False, None, None, 0, 0, True)
+    torch.library.opcheck(torch.ops.mpt_attention.triton_bwd.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph_with_transposed_inputs():
+    """(B, H, S, D) tensors passed transposed: the fake kernels give the gradients the strides the real ones
+    do (the inputs' own), so the compiled backward reads them right."""
+    (q, k, v), kw = make_inputs(AttnCase(1, 23, 23, 2, 1, 16, causal=True, alibi=True))
+    q, k, v = (x.transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+
+    def step(q, k, v):
+        out = M.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend="triton", **kw)
+        return out.transpose(1, 2) * 2.0
+
+    assert_compiled_matches_eager(step, [q, k, v])
+
+
 def test_compile_fullgraph_with_atomic_dq():
     (q, k, v), kw = make_inputs(AttnCase(1, 23, 23, 2, 1, 16, causal=True, alibi=True), requires_grad=True)
     M.attention(q, k, v, backend="triton", deterministic=False, **kw)

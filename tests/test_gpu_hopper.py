@@ -117,18 +117,23 @@ def test_head_dims_below_128_run_padded_on_the_hopper_kernels(case, deterministi
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
+@pytest.mark.parametrize("deterministic", [None, True], ids=["default", "split"])
 @pytest.mark.parametrize("case", [AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True),
                                   AttnCase(2, 300, 300, 4, 4, 64, causal=True, alibi=True)], ids=lambda c: c.id())
-def test_sdpa_layout_views_run_on_the_hopper_kernels(case, hopper_dkdv_launches):
-    """(B, H, S, D) tensors passed as their (B, S, H, D) transposes, heads S * D apart: read in place."""
+def test_sdpa_layout_views_run_on_the_hopper_kernels(case, deterministic, hopper_dkdv_launches):
+    """(B, H, S, D) tensors passed as their (B, S, H, D) transposes, heads S * D apart: read in place, and
+    their gradients written in the same layout."""
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False) is None
     _assert_forward_matches_reference(q, k, v, **kw)
-    out = M.attention(q, k, v, backend="triton", **kw)
+    out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
     dout = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)
     grads = torch.autograd.grad(out, [q, k, v], dout)
-    assert hopper_dkdv_launches == [(False, True, False)]
+    # D64's reproducible backward is the general kernels' (hopper.BWD_HEAD_DIMS)
+    expected = [] if deterministic and case.head_dim == 64 else [(False, not deterministic, False)]
+    assert hopper_dkdv_launches == expected
+    assert [g.stride() for g in grads] == [x.stride() for x in (q, k, v)]
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
@@ -137,6 +142,7 @@ BIAS_MATRIX_CASES = [  # a full-shape bias in q's dtype with its gradient, on th
     AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=True, bias="full"),  # groups of 4, a ragged last block
     AttnCase(1, 512, 1536, 4, 1, 64, causal=True, bias="full"),  # chunked prefill, MQA, D64
     AttnCase(2, 264, 264, 4, 4, 64, alibi=True, bias="full"),  # symmetric ALiBi and a bias, partial tiles
+    AttnCase(2, 264, 264, 4, 4, 112, causal=True, bias="full"),  # MPT-30B's head dim, in tiles of 128
 ]
 
 

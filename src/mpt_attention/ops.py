@@ -65,7 +65,7 @@ def _triton_bwd(
 def _(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
       softmax_scale, causal, dropout_p, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       deterministic):
-    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    grads = [torch.empty_like(t) for t in (q, k, v)]  # the inputs' layout, as launch.backward allocates them
     dbias = torch.empty_like(bias, dtype=bias.dtype) if bias_grad else q.new_empty(0)
     return (*grads, dbias)
 

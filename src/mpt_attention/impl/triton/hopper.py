@@ -238,9 +238,9 @@ def bwd_block_m(head_dim: int) -> int:
 
 def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
                   dq_acc=None, dbias=None) -> None:
-    """dK, dV (written into ``dk``, ``dv``: contiguous, k's shape) by the Hopper kernel; ``lse`` and
-    ``delta`` ``(B, H, S_q)`` float32 as the general backward has them. With ``dq_acc`` (float32 zeros,
-    contiguous, q's shape) a fourth warpgroup of the same kernel adds dQ into it by bulk reductions, in
+    """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel; ``lse``
+    and ``delta`` ``(B, H, S_q)`` float32 as the general backward has them. With ``dq_acc`` (float32 zeros,
+    q's shape, 16-byte aligned strides) a fourth warpgroup of the same kernel adds dQ into it by bulk reductions, in
     no fixed order (the backward unless reproducibility is asked for: ``launch.backward``). A bias matrix
     (``dq_acc`` only) is read in q's dtype; ``dbias`` (contiguous ``(B, H, S_q, S_k)`` in q's dtype, rows
     of 16-byte multiples) receives its gradient dS."""

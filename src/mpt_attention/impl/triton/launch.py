@@ -345,9 +345,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             head_dim, HAS_DLSE=dlse is not None, SOFT_ROWS=soft_rows, BLOCK_M=block,
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         )
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    # gradients in their inputs' layout (dense ones keep their strides, e.g. SDPA's (B, H, S, D) passed
+    # transposed), so autograd hands them to the caller's tensors without a transposing copy each
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # the kernels read a bias row converted (float32, log2 units); dbias keeps the caller's shape and dtype
     bias_in = _kernel_bias(bias, bias_rows)
     pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
@@ -421,7 +421,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                 q_spans = _query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
         dq_acc, atomic_dq = q, 0  # dummy; 0: the dQ kernel, 1: scalar atomics, 2: bulk (TMA) reductions
         if atomic or fused_dq:
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            dq_acc = torch.zeros_like(q, dtype=torch.float32)  # dq's layout: its copy below is elementwise
         if atomic:
             # the interpreter has no descriptor reductions: CPU tests run the scalar atomics
             atomic_dq = 2 if not _INTERPRET and _descriptors_ok(dq_acc) else 1
