@@ -56,6 +56,7 @@ def test_head_dims_between_64_and_128_run_in_tiles_of_128(head_dim, width):
     ("no-keys", "rows without keys"),
     ("decode", "fewer than 128 query rows"),
     ("misaligned", "strides not 16-byte aligned"),
+    ("kv-expanded-over-heads", "a dim expanded with stride 0"),
 ])
 def test_reasons(what, expected):
     q, k, v = _qkv(dtype=torch.float32 if what == "float32" else torch.bfloat16, d=136 if what == "head-dim-136" else 128)
@@ -78,6 +79,8 @@ def test_reasons(what, expected):
         q, k, v = _qkv(s_q=1, s_k=4097)
     elif what == "misaligned":
         q = torch.randn(2, 128, 4, 129, dtype=torch.bfloat16)[..., 1:]
+    elif what == "kv-expanded-over-heads":
+        k, v = (t[:, :, :1].expand(-1, -1, 2, -1) for t in (k, v))
     assert _why(q, k, v, **kw) == expected
 
 

@@ -91,6 +91,10 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
     tensors = (q, k, v) if dout is None else (q, k, v, dout)
     if not all(tma_aligned(t) for t in tensors):
         return "strides not 16-byte aligned"
+    if any(st == 0 and n > 1 for t in tensors for st, n in zip(t.stride(), t.shape)):
+        # e.g. K, V expanded over the query heads: the general kernels read them; a copy-engine descriptor
+        # with a zero stride is untried on the hardware
+        return "a dim expanded with stride 0"
     if q.device.type != "cuda" or sm_major(q.device.index) != 9:
         return "not an sm_90 GPU"  # checked last, so CPU tests see the reasons above
     return None
