@@ -2,6 +2,7 @@
 the general kernels and the peers, in one run, for benchmarks/NOTES.md.
 
     python benchmarks/head_dims.py [--out DIR] [--rounds 3] [--modes fwd,fwd_bwd] [--layout-only]
+                                   [--head-dims 80,96] [--providers triton-alibi,cudnn]
 
 The Hopper kernels run D 72-120 in tiles of 128 columns (``hopper.tile_dim``; the copy engine zero-fills
 the columns past D), and read (B, S, H, D) views with any aligned strides. Providers (bf16, causal ALiBi):
@@ -75,11 +76,16 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="fwd,fwd_bwd")
     parser.add_argument("--layout-only", action="store_true", help="only the (B, H, S, D) layout shape")
+    parser.add_argument("--head-dims", help="only the shapes with these head dims, e.g. 80,96")
+    parser.add_argument("--providers", help="only these providers, e.g. triton-alibi,cudnn")
     args = parser.parse_args()
+    shapes = [s for s in SHAPES if not args.head_dims or str(s[4]) in args.head_dims.split(",")]
     rows = []
     warm_up()
-    for shape in ([] if args.layout_only else SHAPES) + [LAYOUT_SHAPE]:
+    for shape in ([] if args.layout_only else shapes) + ([] if args.head_dims else [LAYOUT_SHAPE]):
         providers = providers_for(shape, layout=shape is LAYOUT_SHAPE)
+        if args.providers:
+            providers = {n: p for n, p in providers.items() if n in args.providers.split(",")}
         batch, n_heads, n_kv, seq, head_dim = shape
         label = f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}"
         for mode in args.modes.split(","):

@@ -23,6 +23,8 @@ CASES = [
     AttnCase(2, 257, 257, 4, 2, 128, causal=True),  # no bias, causal
     AttnCase(2, 128, 4097, 8, 2, 128, causal=True, alibi=True),  # one tile of queries against a long cache
     AttnCase(1, 4096, 4096, 8, 8, 64, causal=True, alibi=True),
+    AttnCase(2, 1024, 1024, 8, 2, 80, causal=True, alibi=True),  # replit-code's head dim: 64 + 16 columns
+    AttnCase(2, 211, 300, 4, 4, 96, causal=True, alibi=True),  # 64 + 32 columns, chunked prefill
 ]
 
 
@@ -89,6 +91,8 @@ PADDED_HEAD_DIM_CASES = [  # D 72-120 run in tiles of 128 columns (hopper.tile_d
     AttnCase(2, 211, 300, 6, 2, 96, causal=True, alibi=True),  # chunked prefill, groups of 3, a partial tile
     AttnCase(1, 1000, 1000, 4, 1, 80, alibi=True),  # symmetric ALiBi, MQA, a ragged last key block
     AttnCase(2, 257, 257, 4, 4, 120),  # no bias
+    AttnCase(2, 300, 300, 4, 2, 72, causal=True, alibi=True),  # the forward's products on 64 + 16 columns
+    AttnCase(1, 333, 333, 4, 4, 88, alibi=True),  # on 64 + 32 columns, symmetric ALiBi
 ]
 
 
@@ -217,6 +221,7 @@ BIAS_ROW_CASES = [  # (case, bias dtype): the bias is a (1, H, 1, S_k) row as MP
     (AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True, bias="vector"), torch.bfloat16),  # both
     (AttnCase(2, 211, 300, 4, 4, 64, causal=True, bias="vector"), torch.float32),  # chunked prefill, ragged
     (AttnCase(1, 1000, 1000, 4, 1, 128, alibi=True, bias="vector"), torch.float16),  # symmetric ALiBi, MQA
+    (AttnCase(2, 300, 300, 4, 2, 80, causal=True, alibi=True, bias="vector"), torch.float32),  # 64 + 16 columns
 ]
 
 

@@ -233,20 +233,45 @@ def _col_terms(alibi_cols, bias_smem, slot, col_layout: gl.constexpr, ALIBI: gl.
     return terms
 
 
+@gluon.constexpr_function
+def _main_cols(head_dim, tail):
+    """Columns of the tile in the products' first piece: all of them, or 64 with a ``tail`` of 16 or 32 after."""
+    return head_dim if tail == 0 else 64
+
+
+@gluon.jit
+def _issue_scores(q, k_tile, s_zero, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, TAIL: gl.constexpr):
+    """Issue S = Q K^T (async) over the tile's columns that hold D: all, or 64 and a ``TAIL`` chained after
+    (D 72-96: the copy engine's zero columns past them take no tensor-core time)."""
+    k = k_tile.reshape([BLOCK_N, HEAD_DIM])
+    MAIN: gl.constexpr = _main_cols(HEAD_DIM, TAIL)
+    if TAIL == 0:
+        tok = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    else:
+        tok = warpgroup_mma(q.slice(0, MAIN, dim=1), k.slice(0, MAIN, dim=1).permute((1, 0)), s_zero, use_acc=False,
+                            is_async=True)
+        tok = warpgroup_mma(q.slice(MAIN, TAIL, dim=1), k.slice(MAIN, TAIL, dim=1).permute((1, 0)), tok,
+                            is_async=True)
+    return tok
+
+
 @gluon.jit
 def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes,
                    g, info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
                    qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
-                   HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
+                   HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
-    landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``."""
+    landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``.
+    With a ``TAIL`` the output is two accumulators, columns [0, 64) and [64, 64 + TAIL)."""
     dtype: gl.constexpr = q3.dtype
+    MAIN: gl.constexpr = _main_cols(HEAD_DIM, TAIL)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+                                                       instr_shape=[16, MAIN, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    N_PV: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per P V product (per S product likewise)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     HAS_COLS: gl.constexpr = BIAS_ROW or ALIBI == 1
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
@@ -273,8 +298,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     stage0 = g & 1
     phase0 = (g >> 1) & 1
     mbarrier.wait(k_ready.index(stage0), phase0)
-    k_t = k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))  # [HEAD_DIM, BLOCK_N]
-    s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
+    s_tok = _issue_scores(q, k_smem.index(stage0), s_zero, BLOCK_N, HEAD_DIM, TAIL)
     s = warpgroup_mma_wait(0, deps=[s_tok])
     mbarrier.arrive(k_empty.index(stage0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -288,21 +312,30 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, qk_scale2, slope2, diag, seqlen_k,
                                        lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
-    acc = gl.zeros([_HALF_M, HEAD_DIM], gl.float32, o_layout)
+    acc = gl.zeros([_HALF_M, MAIN], gl.float32, o_layout)
+    if TAIL > 0:
+        t_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, TAIL, 16])
+        t_rows: gl.constexpr = gl.SliceLayout(1, t_layout)
+        acc_t = gl.zeros([_HALF_M, TAIL], gl.float32, t_layout)
 
     for j in range(1, n_blocks):
         stage = (g + j) & 1
         prev = 1 - stage
         mbarrier.wait(k_ready.index(stage), ((g + j) >> 1) & 1)
-        k_t = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-        s_tok = warpgroup_mma(q, k_t, s_zero, use_acc=False, is_async=True)
+        s_tok = _issue_scores(q, k_smem.index(stage), s_zero, BLOCK_N, HEAD_DIM, TAIL)
         mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
         if ROW_AHEAD:
             # block j's bias slice came with V_{j-1}: read before the warpgroup-wide product below, after
             # which V's stage (and the slice) can go back to the loader
             col_terms = _col_terms(alibi_cols, bias_smem, prev, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
-        acc_tok = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        s = warpgroup_mma_wait(1, deps=[s_tok])
+        v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
+        if TAIL == 0:
+            acc_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+        else:
+            acc_tok = warpgroup_mma(p_op, v.slice(0, MAIN, dim=1), acc, is_async=True)
+            acc_t_tok = warpgroup_mma(p_op, v.slice(MAIN, TAIL, dim=1), acc_t, is_async=True)
+        s = warpgroup_mma_wait(N_PV, deps=[s_tok])
         mbarrier.arrive(k_empty.index(stage))
         if not ROW_AHEAD:
             if BIAS_ROW:  # block j's slice comes with V_j
@@ -310,15 +343,25 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
             col_terms = _col_terms(alibi_cols, bias_smem, stage, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, qk_scale2, slope2,
                                            diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI, HAS_COLS)
-        acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+        if TAIL == 0:
+            acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+        else:
+            acc, acc_t, p_done = warpgroup_mma_wait(0, deps=[acc_tok, acc_t_tok, p_op])
+            acc_t = acc_t * gl.convert_layout(alpha, t_rows)[:, None]
         mbarrier.arrive(v_empty.index(prev))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
 
     last = (g + n_blocks - 1) & 1
     mbarrier.wait(v_ready.index(last), ((g + n_blocks - 1) >> 1) & 1)
-    acc_tok = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-    acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+    v = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
+    if TAIL == 0:
+        acc_tok = warpgroup_mma(p_op, v, acc, is_async=True)
+        acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
+    else:
+        acc_tok = warpgroup_mma(p_op, v.slice(0, MAIN, dim=1), acc, is_async=True)
+        acc_t_tok = warpgroup_mma(p_op, v.slice(MAIN, TAIL, dim=1), acc_t, is_async=True)
+        acc, acc_t, p_done = warpgroup_mma_wait(0, deps=[acc_tok, acc_t_tok, p_op])
     mbarrier.arrive(v_empty.index(last))  # the loader refills this stage for the program's next tile
 
     b = gl.load(info, volatile=True)
@@ -329,7 +372,13 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     # Rows that saw no key are defined as 0 with a log-sum-exp of -inf (as in forward.py).
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
-    q.store(out.to(dtype))  # this warpgroup's Q is no longer read: its buffer stages the output
+    # this warpgroup's Q is no longer read: its buffer stages the output (with a tail, the columns past it keep
+    # the copy engine's zeros, dropped by the store)
+    if TAIL == 0:
+        q.store(out.to(dtype))
+    else:
+        q.slice(0, MAIN, dim=1).store(out.to(dtype))
+        q.slice(MAIN, TAIL, dim=1).store((acc_t / gl.convert_layout(l_safe, t_rows)[:, None]).to(dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], q3)
     lse = encode_lse(m_i, l_i, BIAS_ROW)  # a soft-masked row keeps its key count
@@ -341,7 +390,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
 def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q,
                         seqlen_k, qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
-                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
+                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr):
     """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
     g = 0
@@ -355,7 +404,7 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready,
         if n_blocks > 0:
             _consumer_tile(half, q_smem.index(2 * buf + half), buf, k_smem, v_smem, bias_smem, k_ready, k_empty,
                            v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh,
-                           seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW)
+                           seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL)
             mbarrier.arrive(q_empty.index(buf))  # after the tile's output store has completed (tma.store_wait)
             g += n_blocks
         r += 1
@@ -367,7 +416,7 @@ def _hopper_fwd_kernel(
     stride_lb, stride_lh, stride_slb, stride_slh,
     n_heads, n_groups, n_bh, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    BIAS_ROW: gl.constexpr,
+    BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0,
 ):
     """Persistent: each program runs query tiles of 128 rows (``_tile``: ``n_m`` per (batch, head) row, ``n_bh``
     rows) until none is left; launched with num_warps=4 (the first consumer warpgroup), the second
@@ -413,11 +462,11 @@ def _hopper_fwd_kernel(
             (_consumer_partition, (0, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty,
                                    v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                    stride_slh, seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM,
-                                   BIAS_ROW)),
+                                   BIAS_ROW, TAIL)),
             (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty,
                                    v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                    stride_slh, seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM,
-                                   BIAS_ROW)),
+                                   BIAS_ROW, TAIL)),
             (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, IS_CAUSAL, BLOCK_N, HEAD_DIM,
