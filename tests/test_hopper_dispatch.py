@@ -37,7 +37,7 @@ def test_head_dims_between_64_and_128_run_in_tiles_of_128(head_dim, width):
     """D 72-120 (MPT-30B's 112) run on the Hopper kernels in tiles of 128 columns, the copy engine reading
     the columns past D as zeros and dropping them on stores; D below 64 or above 128 take the general ones."""
     assert hopper.tile_dim(head_dim) == width
-    assert hopper.fwd_tail(head_dim) == {72: 16, 80: 16, 96: 32}.get(head_dim, 0)
+    assert hopper.product_tail(head_dim) == {72: 16, 80: 16, 96: 32}.get(head_dim, 0)
     expected = "not an sm_90 GPU" if width else f"head dim {head_dim}"
     assert _why(*_qkv(d=head_dim)) == expected
     q, k, v = _qkv(d=head_dim)

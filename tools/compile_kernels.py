@@ -85,7 +85,7 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None,
                           tail: int = 0):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None;
-    ``tail``: the products' second piece of columns (``hopper.fwd_tail``)."""
+    ``tail``: the products' second piece of columns (``hopper.product_tail``)."""
     from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
@@ -96,10 +96,10 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False,
-                               partial: bool = False, full_bias: bool = False, store_ds: bool = False):
+                               partial: bool = False, full_bias: bool = False, store_ds: bool = False, tail: int = 0):
     """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: with the dQ warpgroup;
     ``partial``: grouped heads split over programs (float32 dK, dV partial sums); ``full_bias``: a bias
-    matrix, ``store_ds`` with its gradient."""
+    matrix, ``store_ds`` with its gradient; ``tail``: the products' second piece of columns (with ``fused_dq``)."""
     from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
@@ -108,7 +108,7 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim,
               # one bias-row variant among the five
               "BIAS_ROW": alibi == 0 and causal and not full_bias, "FUSED_DQ": fused_dq, "PARTIAL_DKV": partial,
-              "BLOCK_M": bwd_block_m(head_dim), "BIAS_FULL": full_bias, "STORE_DS": store_ds}
+              "BLOCK_M": bwd_block_m(head_dim), "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail}
     box = [1, bwd_block_m(head_dim), BWD_HALF_N]
     boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes)
@@ -170,6 +170,12 @@ def main() -> int:
         name = f"hopper-fused-dq D={head_dim} causal={causal} alibi={alibi} {dtype}{' partial dK dV' * partial}"
         failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype, fused_dq=True,
                                   partial=partial)
+    # D 72-96 with the dQ warpgroup: the consumers' products on 64 + 16 or 64 + 32 columns
+    for tail, causal, alibi, partial, full_bias in [(16, True, 1, False, False), (32, False, 2, True, False),
+                                                    (16, True, 0, False, True)]:
+        name = f"hopper-bwd-tail={tail} D=128 causal={causal} alibi={alibi} partial={partial} bias matrix={full_bias}"
+        failures += _report_gluon(name, compile_hopper_dkdv_kernel, 128, causal, alibi, "bf16", fused_dq=True,
+                                  partial=partial, full_bias=full_bias, store_ds=full_bias, tail=tail)
     # a bias matrix (+ its gradient) in the fused backward
     for head_dim, causal, alibi, dtype, store_ds in [(128, False, 0, "bf16", True), (128, True, 1, "bf16", True),
                                                      (64, False, 2, "fp16", True), (128, False, 0, "fp16", False),

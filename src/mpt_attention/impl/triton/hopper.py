@@ -109,11 +109,11 @@ def tile_dim(head_dim: int) -> int | None:
     return 128 if 64 < head_dim <= 128 and head_dim % 8 == 0 else None
 
 
-def fwd_tail(head_dim: int) -> int:
-    """Columns the forward's products take past the first 64 of a 128-wide tile: 16 for D 72-80, 32 for
-    D 88-96 (the rest of the tile holds the copy engine's zeros, so Q K^T and P V skip them); 0: the products
-    span the whole tile (D 64, and 104-128, where 64 + 32 + 16 pieces would be needed: Gluon's shapes are
-    powers of 2)."""
+def product_tail(head_dim: int) -> int:
+    """Columns the kernels' products take past the first 64 of a 128-wide tile: 16 for D 72-80, 32 for
+    D 88-96 (the rest of the tile holds the copy engine's zeros, so the products skip them; in the backward
+    with the dQ warpgroup, whose own product still spans the tile); 0: the products span the whole tile
+    (D 64, and 104-128, where 64 + 32 + 16 pieces would be needed: Gluon's shapes are powers of 2)."""
     return 16 if 64 < head_dim <= 80 else 32 if 80 < head_dim <= 96 else 0
 
 
@@ -234,7 +234,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
         lse, slopes, tiles, n_heads * s_q, s_q, *slope_strides,
         n_heads, n_heads // n_kv, batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
         heads_per_group(k, n_heads, batch * n_heads), IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N,
-        HEAD_DIM=tile_dim(head_dim), BIAS_ROW=bias is not None, TAIL=fwd_tail(head_dim), num_warps=4,
+        HEAD_DIM=tile_dim(head_dim), BIAS_ROW=bias is not None, TAIL=product_tail(head_dim), num_warps=4,
     )
     return out, lse
 
@@ -293,7 +293,7 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
         s_q, s_k, softmax_scale * LOG2E, softmax_scale,
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
-        STORE_DS=dbias_desc is not None, num_warps=4,
+        STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, num_warps=4,
     )
     if n_splits > 1:
         dk.copy_(parts[0].sum(0)[..., :head_dim])  # the columns past D are zeros

@@ -83,6 +83,20 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 @gluon.jit
+def _issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr):
+    """Issue ``a @ b_rows^T`` (async), contracting the tiles' D columns: all of them, or ``MAIN`` (64) and a
+    ``TAIL`` (16, 32) chained after, where the rest are the copy engine's zeros (D 72-96)."""
+    if TAIL == 0:
+        tok = warpgroup_mma(a, b_rows.permute((1, 0)), zero, use_acc=False, is_async=True)
+    else:
+        tok = warpgroup_mma(a.slice(0, MAIN, dim=1), b_rows.slice(0, MAIN, dim=1).permute((1, 0)), zero,
+                            use_acc=False, is_async=True)
+        tok = warpgroup_mma(a.slice(MAIN, TAIL, dim=1), b_rows.slice(MAIN, TAIL, dim=1).permute((1, 0)), tok,
+                            is_async=True)
+    return tok
+
+
+@gluon.jit
 def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_smem, q_smem, do_smem, bias_smem,
                         kv_bar, ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q, bias_bm, bias_hm,
                         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr):
@@ -126,16 +140,21 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr,
-                            BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, STORE_DS: gl.constexpr):
+                            BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, STORE_DS: gl.constexpr,
+                            TAIL: gl.constexpr):
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV. With
     ``FUSED_DQ`` it also leaves each step's dS^T in a shared ring for the dQ warpgroup (``STORE_DS``:
-    transposed, queries as rows, the layout of the bias gradient the dQ warpgroup stores from there)."""
+    transposed, queries as rows, the layout of the bias gradient the dQ warpgroup stores from there).
+    ``TAIL`` (with ``FUSED_DQ``, D 72-96): the products take 64 + ``TAIL`` of the tile's columns, dK and dV
+    two accumulators each."""
     dtype: gl.constexpr = q_smem.dtype
     HAS_BIAS: gl.constexpr = BIAS_ROW or BIAS_FULL  # the LSE may carry a soft-masked row's encoding
+    MAIN: gl.constexpr = HEAD_DIM if TAIL == 0 else 64
+    N_G: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per product
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+                                                         instr_shape=[16, MAIN, 16])
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     st_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2)
     key_layout: gl.constexpr = gl.SliceLayout(1, st_layout)
@@ -151,8 +170,13 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     diag = seqlen_k - seqlen_q
     last_key = row0 + _HALF_N - 1
     st_zero = gl.zeros([_HALF_N, BLOCK_M], gl.float32, st_layout)
-    dk = gl.zeros([_HALF_N, HEAD_DIM], gl.float32, acc_layout)
-    dv = gl.zeros([_HALF_N, HEAD_DIM], gl.float32, acc_layout)
+    dk = gl.zeros([_HALF_N, MAIN], gl.float32, acc_layout)
+    dv = gl.zeros([_HALF_N, MAIN], gl.float32, acc_layout)
+    if TAIL > 0:
+        tail_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                              instr_shape=[16, TAIL, 16])
+        dk_t = gl.zeros([_HALF_N, TAIL], gl.float32, tail_layout)
+        dv_t = gl.zeros([_HALF_N, TAIL], gl.float32, tail_layout)
 
     # Steps run query block after query block, head after head of the group (the loader's order); the
     # head's per-key score terms (causal ALiBi column, bias row) are read once per head, not per step.
@@ -166,8 +190,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     else:
         k_a = k.load(st_op_layout)
     mbarrier.wait(ready.index(0), 0)
-    st_tok = warpgroup_mma(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]).permute((1, 0)), st_zero,
-                           use_acc=False, is_async=True)
+    st_tok = _issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
     st = warpgroup_mma_wait(0, deps=[st_tok])
     t = 0
     for g in range(n_g):
@@ -208,8 +231,12 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                     s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
             p = gl.exp2(s2 - lse2[None, :])
             p_op = gl.convert_layout(p.to(dtype), op_layout)
-            dpt_tok = warpgroup_mma(v, do.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+            dpt_tok = _issue_over_d(v, do, st_zero, MAIN, TAIL)
+            if TAIL == 0:
+                dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+            else:
+                dv_tok = warpgroup_mma(p_op, do.slice(0, MAIN, dim=1), dv, is_async=True)
+                dv_t_tok = warpgroup_mma(p_op, do.slice(MAIN, TAIL, dim=1), dv_t, is_async=True)
             # step t+1's scores; on the last step a discarded product of this stage's (still valid) tiles
             nxt = (t + 1) % 2
             if t + 1 < total:
@@ -217,11 +244,15 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             else:
                 nxt = stage
             q_next = q_smem.index(nxt).reshape([BLOCK_M, HEAD_DIM])
-            st_tok = warpgroup_mma(k_a, q_next.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            dpt = warpgroup_mma_wait(2, deps=[dpt_tok])  # in issue order dP^T, dV, S^T_{t+1}: the first is done
+            st_tok = _issue_over_d(k_a, q_next, st_zero, MAIN, TAIL)
+            dpt = warpgroup_mma_wait(2 * N_G, deps=[dpt_tok])  # in issue order dP^T, dV, S^T_{t+1}: the first is done
             ds = p * (dpt - delta[None, :])
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-            dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+            if TAIL == 0:
+                dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+            else:
+                dk_tok = warpgroup_mma(ds_op, q.slice(0, MAIN, dim=1), dk, is_async=True)
+                dk_t_tok = warpgroup_mma(ds_op, q.slice(MAIN, TAIL, dim=1), dk_t, is_async=True)
             if FUSED_DQ:  # under the dK product: this half of dS^T into the ring, once its slot is free
                 slot = t % _DS_SLOTS
                 mbarrier.wait(ds_free.index(slot), (t // _DS_SLOTS) % 2 ^ 1)  # a fresh barrier counts as free
@@ -232,7 +263,11 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 fence_async_shared()
                 _partition_barrier()  # Triton 3.6's arrive is one thread's: every warp's part must be stored
                 mbarrier.arrive(ds_ready.index(slot))
-            dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])
+            if TAIL == 0:
+                dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])
+            else:
+                dv, dv_t, st, dk, dk_t, p_op, ds_op = warpgroup_mma_wait(
+                    0, deps=[dv_tok, dv_t_tok, st_tok, dk_tok, dk_t_tok, p_op, ds_op])
             mbarrier.arrive(empty.index(stage))
             t += 1
 
@@ -240,17 +275,30 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
         # this program's share of the group's sums, float32, into its split's slice of the partials (rows of
         # H_kv * D), which the host adds in a fixed order; 32-byte row segments per warp store
         rows = row0 + gl.arange(0, _HALF_N, layout=gl.SliceLayout(1, acc_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, acc_layout))
+        cols = gl.arange(0, MAIN, layout=gl.SliceLayout(0, acc_layout))
         dst = DKVPart + part_base + rows.to(gl.int64)[:, None] * part_row + cols[None, :]
         keep = (rows < seqlen_k)[:, None]
         gl.store(dst, dk * softmax_scale, mask=keep)
         gl.store(dst + part_dv, dv, mask=keep)
+        if TAIL > 0:  # columns past 64 + TAIL stay unwritten: the host keeps the first D
+            rows_t = row0 + gl.arange(0, _HALF_N, layout=gl.SliceLayout(1, tail_layout))
+            cols_t = MAIN + gl.arange(0, TAIL, layout=gl.SliceLayout(0, tail_layout))
+            dst_t = DKVPart + part_base + rows_t.to(gl.int64)[:, None] * part_row + cols_t[None, :]
+            keep_t = (rows_t < seqlen_k)[:, None]
+            gl.store(dst_t, dk_t * softmax_scale, mask=keep_t)
+            gl.store(dst_t + part_dv, dv_t, mask=keep_t)
     else:
         if FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
             mbarrier.wait(dq_done, 0)
         # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
-        k.store((dk * softmax_scale).to(dtype))
-        v.store(dv.to(dtype))
+        if TAIL == 0:
+            k.store((dk * softmax_scale).to(dtype))
+            v.store(dv.to(dtype))
+        else:  # the columns past 64 + TAIL keep K's and V's zeros, dropped by the stores
+            k.slice(0, MAIN, dim=1).store((dk * softmax_scale).to(dtype))
+            k.slice(MAIN, TAIL, dim=1).store((dk_t * softmax_scale).to(dtype))
+            v.slice(0, MAIN, dim=1).store(dv.to(dtype))
+            v.slice(MAIN, TAIL, dim=1).store(dv_t.to(dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(dk_desc, [b, row0, kv_h, 0], k3)
         tma.async_copy_shared_to_global(dv_desc, [b, row0, kv_h, 0], v3)
@@ -333,7 +381,7 @@ def _hopper_bwd_dkdv_kernel(
     n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
-    STORE_DS: gl.constexpr,
+    STORE_DS: gl.constexpr, TAIL: gl.constexpr = 0,
 ):
     """Program: (key block of 128, row = (batch, KV head, split)), ``n_rows`` rows, in ``tile_order``: the
     key blocks of a group of ``rows_per_group`` rows interleaved, first (longest, when causal) first, so that
@@ -416,14 +464,14 @@ def _hopper_bwd_dkdv_kernel(
                                            lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
                                            dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes,
                                            Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
                                            lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_smem, q_smem, do_smem,
                                        bias_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q,
                                        bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M, BIAS_FULL)),
@@ -443,14 +491,14 @@ def _hopper_bwd_dkdv_kernel(
                                            lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
                                            dk_desc, dv_desc, q_smem, ready, empty, kv_bar, Lse, Delta, Slopes,
                                            Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
                                            lo, stride_lb, stride_lh, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS)),
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_smem, q_smem, do_smem,
                                        bias_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q,
                                        bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M, BIAS_FULL)),
