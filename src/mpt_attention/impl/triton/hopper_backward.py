@@ -43,7 +43,9 @@ The program owns the dK, dV rows it writes: no atomics there. dQ comes one of tw
   layout measured 1.3x slower than it, branch ``wip/hopper-dq``). Dispatched at tiles of 128 only there, where
   it was already 12% faster than the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms,
   B2 H16 S8192; at D=64 it is slower, 0.84x the general kernel when measured in session 3).
-Queries per step (``BLOCK_M``): 32 at D128, where the registers hold no more; 64 at D64.
+Queries per step (``BLOCK_M``): 32 at D128, where the registers hold no more; 64 at D64. D 72-96 run in tiles of
+128 whose consumer products take 64 + ``TAIL`` columns with the dQ warpgroup (``hopper.product_tail``): D80
+forward+backward 1.12x against all 128 (benchmarks/NOTES.md session 18).
 Scope otherwise as the Hopper forward (``hopper.py``).
 """
 
