@@ -57,7 +57,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.common import _log2_bias, decode_lse2
-from mpt_attention.impl.triton.hopper_forward import tile_order
+from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 # a barrier over the calling partition's warps: gl.thread_barrier in Triton 3.6, renamed gl.barrier in 3.7
@@ -82,20 +82,6 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
     and 3.7; its Python layer does not expose it."""
     coord = _semantic._convert_to_ir_values(coord, require_i64=False)
     _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
-
-
-@gluon.jit
-def _issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr):
-    """Issue ``a @ b_rows^T`` (async), contracting the tiles' D columns: all of them, or ``MAIN`` (64) and a
-    ``TAIL`` (16, 32) chained after, where the rest are the copy engine's zeros (D 72-96)."""
-    if TAIL == 0:
-        tok = warpgroup_mma(a, b_rows.permute((1, 0)), zero, use_acc=False, is_async=True)
-    else:
-        tok = warpgroup_mma(a.slice(0, MAIN, dim=1), b_rows.slice(0, MAIN, dim=1).permute((1, 0)), zero,
-                            use_acc=False, is_async=True)
-        tok = warpgroup_mma(a.slice(MAIN, TAIL, dim=1), b_rows.slice(MAIN, TAIL, dim=1).permute((1, 0)), tok,
-                            is_async=True)
-    return tok
 
 
 @gluon.jit
@@ -151,7 +137,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     two accumulators each."""
     dtype: gl.constexpr = q_smem.dtype
     HAS_BIAS: gl.constexpr = BIAS_ROW or BIAS_FULL  # the LSE may carry a soft-masked row's encoding
-    MAIN: gl.constexpr = HEAD_DIM if TAIL == 0 else 64
+    MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     N_G: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per product
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
@@ -192,7 +178,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     else:
         k_a = k.load(st_op_layout)
     mbarrier.wait(ready.index(0), 0)
-    st_tok = _issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
+    st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
     st = warpgroup_mma_wait(0, deps=[st_tok])
     t = 0
     for g in range(n_g):
@@ -233,7 +219,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                     s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
             p = gl.exp2(s2 - lse2[None, :])
             p_op = gl.convert_layout(p.to(dtype), op_layout)
-            dpt_tok = _issue_over_d(v, do, st_zero, MAIN, TAIL)
+            dpt_tok = issue_over_d(v, do, st_zero, MAIN, TAIL)
             if TAIL == 0:
                 dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
             else:
@@ -246,7 +232,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             else:
                 nxt = stage
             q_next = q_smem.index(nxt).reshape([BLOCK_M, HEAD_DIM])
-            st_tok = _issue_over_d(k_a, q_next, st_zero, MAIN, TAIL)
+            st_tok = issue_over_d(k_a, q_next, st_zero, MAIN, TAIL)
             dpt = warpgroup_mma_wait(2 * N_G, deps=[dpt_tok])  # in issue order dP^T, dV, S^T_{t+1}: the first is done
             ds = p * (dpt - delta[None, :])
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)

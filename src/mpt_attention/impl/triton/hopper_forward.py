@@ -235,23 +235,23 @@ def _col_terms(alibi_cols, bias_smem, slot, col_layout: gl.constexpr, ALIBI: gl.
 
 
 @gluon.constexpr_function
-def _main_cols(head_dim, tail):
-    """Columns of the tile in the products' first piece: all of them, or 64 with a ``tail`` of 16 or 32 after."""
+def main_cols(head_dim, tail):
+    """Columns of the tile in the products' first piece: all of them, or 64 with a ``tail`` of 16 or 32 after
+    (also hopper_backward's)."""
     return head_dim if tail == 0 else 64
 
 
 @gluon.jit
-def _issue_scores(q, k_tile, s_zero, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, TAIL: gl.constexpr):
-    """Issue S = Q K^T (async) over the tile's columns that hold D: all, or 64 and a ``TAIL`` chained after
-    (D 72-96: the copy engine's zero columns past them take no tensor-core time)."""
-    k = k_tile.reshape([BLOCK_N, HEAD_DIM])
-    MAIN: gl.constexpr = _main_cols(HEAD_DIM, TAIL)
+def issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr):
+    """Issue ``a @ b_rows^T`` (async), contracting the tiles' D columns: all of them, or ``MAIN`` (64) and a
+    ``TAIL`` (16, 32) chained after, where the rest are the copy engine's zeros (D 72-96: they take no
+    tensor-core time). Also hopper_backward's S^T and dP^T."""
     if TAIL == 0:
-        tok = warpgroup_mma(q, k.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        tok = warpgroup_mma(a, b_rows.permute((1, 0)), zero, use_acc=False, is_async=True)
     else:
-        tok = warpgroup_mma(q.slice(0, MAIN, dim=1), k.slice(0, MAIN, dim=1).permute((1, 0)), s_zero, use_acc=False,
-                            is_async=True)
-        tok = warpgroup_mma(q.slice(MAIN, TAIL, dim=1), k.slice(MAIN, TAIL, dim=1).permute((1, 0)), tok,
+        tok = warpgroup_mma(a.slice(0, MAIN, dim=1), b_rows.slice(0, MAIN, dim=1).permute((1, 0)), zero,
+                            use_acc=False, is_async=True)
+        tok = warpgroup_mma(a.slice(MAIN, TAIL, dim=1), b_rows.slice(MAIN, TAIL, dim=1).permute((1, 0)), tok,
                             is_async=True)
     return tok
 
@@ -265,7 +265,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``.
     With a ``TAIL`` the output is two accumulators, columns [0, 64) and [64, 64 + TAIL)."""
     dtype: gl.constexpr = q3.dtype
-    MAIN: gl.constexpr = _main_cols(HEAD_DIM, TAIL)
+    MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -299,7 +299,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     stage0 = g & 1
     phase0 = (g >> 1) & 1
     mbarrier.wait(k_ready.index(stage0), phase0)
-    s_tok = _issue_scores(q, k_smem.index(stage0), s_zero, BLOCK_N, HEAD_DIM, TAIL)
+    s_tok = issue_over_d(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]), s_zero, MAIN, TAIL)
     s = warpgroup_mma_wait(0, deps=[s_tok])
     mbarrier.arrive(k_empty.index(stage0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -324,7 +324,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
         stage = (g + j) & 1
         prev = 1 - stage
         mbarrier.wait(k_ready.index(stage), ((g + j) >> 1) & 1)
-        s_tok = _issue_scores(q, k_smem.index(stage), s_zero, BLOCK_N, HEAD_DIM, TAIL)
+        s_tok = issue_over_d(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), s_zero, MAIN, TAIL)
         mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
         if ROW_AHEAD:
             # block j's bias slice came with V_{j-1}: read before the warpgroup-wide product below, after
