@@ -43,7 +43,8 @@ def test_opcheck_backward_op(layout):
                                                   True, 0.0, None, None, 0, 0, True)
     args = (torch.randn_like(out), q, k, v, out, lse, None, None, kw["alibi_slopes"], None, None, None, None, 0.25,
             True, 0.0, False, None, None, 0, 0, True)
-    torch.library.opcheck(torch.ops.mpt_attention.triton_bwd.default, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.mpt_attention.triton_bwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compile_fullgraph_with_transposed_inputs():

@@ -60,7 +60,8 @@ def test_head_dims_between_64_and_128_run_in_tiles_of_128(head_dim, width):
     ("kv-expanded-over-heads", "a dim expanded with stride 0"),
 ])
 def test_reasons(what, expected):
-    q, k, v = _qkv(dtype=torch.float32 if what == "float32" else torch.bfloat16, d=136 if what == "head-dim-136" else 128)
+    q, k, v = _qkv(dtype=torch.float32 if what == "float32" else torch.bfloat16,
+                   d=136 if what == "head-dim-136" else 128)
     kw = {}
     if what == "bias-matrix":
         kw["bias"] = torch.randn(1, 4, 128, 128)

@@ -90,8 +90,8 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
     rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
-    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim, "BIAS_ROW": bias is not None,
-              "TAIL": tail}
+    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim,
+              "BIAS_ROW": bias is not None, "TAIL": tail}
     return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias)
 
 

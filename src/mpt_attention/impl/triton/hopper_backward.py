@@ -376,9 +376,9 @@ def _hopper_bwd_dkdv_kernel(
     the grid's last programs are short ones. Launched with num_warps=4. Descriptors as in
     the forward: (B, S, H, D) with their strides, boxes [1, 64 or BLOCK_M, 1, HEAD_DIM] (the tile width:
     columns past D read as zeros, dropped on stores); ``dq_desc`` (``FUSED_DQ``) a float32 (B, S_q, H, D)
-    buffer, boxes [1, BLOCK_M, 1, HEAD_DIM], unswizzled. A program takes the ``n_groups / n_splits`` query heads of
-    its split; with ``PARTIAL_DKV`` (more than one split) it writes its float32 dK, dV sums into
-    ``DKVPart``, (2, n_splits, B, S_k, H_kv, D), instead of dK and dV.
+    buffer, boxes [1, BLOCK_M, 1, HEAD_DIM], unswizzled. A program takes the ``n_groups / n_splits`` query
+    heads of its split; with ``PARTIAL_DKV`` (more than one split) it writes its float32 dK, dV sums into
+    ``DKVPart``, (2, n_splits, B, S_k, H_kv, HEAD_DIM), instead of dK and dV.
     ``BIAS_FULL`` (with ``FUSED_DQ``): a bias matrix in q's dtype through ``bias_desc``, a (B' * H', S_q, S_k)
     view with boxes [1, BLOCK_M, 64], row ``b * bias_b_on + h * bias_h_on`` (the host's multipliers: 0
     where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k)."""

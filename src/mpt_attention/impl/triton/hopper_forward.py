@@ -42,10 +42,10 @@ A first version loaded the row from global memory per block: 0.52-0.76x.
 Scope (the launcher, ``hopper.py``, routes everything else to the general kernel in ``forward.py``):
 bf16/fp16, head dim 64 or 72-128 (``HEAD_DIM``, the tile width, is 64 or 128: the copy engine reads
 columns past D as zeros and drops them on stores; at D 72-96 the products take only 64 + ``TAIL`` columns,
-16 or 32: D80 1.13x, D96 1.07x against all 128, benchmarks/NOTES.md session 18), ALiBi from slopes (either form) and/or a bias row, no
-bias matrix, no masks besides causal, no dropout, (B, S, H, D) inputs with 16-byte aligned strides (SDPA's
-(B, H, S, D) tensors transposed included), ``S_k > 0`` and, when causal, ``S_q <= S_k`` (every tile sees
-a block).
+16 or 32: D80 1.13x, D96 1.07x against all 128, benchmarks/NOTES.md session 18), ALiBi from slopes (either
+form) and/or a bias row, no bias matrix, no masks besides causal, no dropout, (B, S, H, D) inputs with
+16-byte aligned strides (SDPA's (B, H, S, D) tensors transposed included), ``S_k > 0`` and, when causal,
+``S_q <= S_k`` (every tile sees a block).
 """
 
 from triton.experimental import gluon
@@ -424,8 +424,8 @@ def _hopper_fwd_kernel(
     consumer and the loader come from ``warp_specialize``. The descriptors
     (host-built, see hopper.py) are q/o (B, S_q, H, D) and k/v (B, S_k, H_kv, D) with their strides, boxes
     [1, 64, 1, HEAD_DIM] for q/o and [1, BLOCK_N, 1, HEAD_DIM] for k/v: rows past a sequence's end and
-    columns past D read as zeros and are never written. ``bias_desc`` (``BIAS_ROW``) views the bias row as (B|1, H|1, S_k) with boxes
-    [1, 1, BLOCK_N]; ``bias_b_on``/``bias_h_on`` are 0 where it broadcasts."""
+    columns past D read as zeros and are never written. ``bias_desc`` (``BIAS_ROW``) views the bias row as
+    (B|1, H|1, S_k) with boxes [1, 1, BLOCK_N]; ``bias_b_on``/``bias_h_on`` are 0 where it broadcasts."""
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
