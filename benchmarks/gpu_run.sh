@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call: the gpu-marked tests, then the benchmark, with the table printed last.
-#   GIT_COMMIT=<sha> [PROBES=1] [SKIP_TESTS=1] bash benchmarks/gpu_run.sh [benchmark args...]
+#   GIT_COMMIT=<sha> [PROBES=1] [HEAD_DIMS=1] [SKIP_TESTS=1] bash benchmarks/gpu_run.sh [benchmark args...]
+# HEAD_DIMS=1 adds benchmarks/head_dims.py (D 80-112 and (B, H, S, D) views, peers included; about two minutes).
 # flash-attn-4 is used when ../shared/tools/fa4-wheels.sh has put its wheels under .peers/ (see there).
 set -uo pipefail
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
@@ -22,5 +23,13 @@ runpy.run_path('benchmarks/bench_attention.py', run_name='__main__')
 if [[ "${PROBES:-0}" == 1 ]]; then  # the backward-kernel and bias-row probes (about a minute)
   python3 benchmarks/bwd_kernels.py 2>&1 | tee "$OUT/bwd_kernels.log"
   python3 benchmarks/bias_row.py 2>&1 | tee "$OUT/bias_row.log"
+fi
+if [[ "${HEAD_DIMS:-0}" == 1 ]]; then
+  python3 -c "
+import runpy, site, sys
+site.addsitedir('/tmp/fa4site')
+sys.argv = ['head_dims.py', '--out', '$OUT']
+runpy.run_path('benchmarks/head_dims.py', run_name='__main__')
+" 2>&1 | grep -v "UserWarning\|generate_mlir_function_types" | tee "$OUT/head_dims.log" | grep "^[|]"
 fi
 grep "^[|]" "$OUT/bench.log"
