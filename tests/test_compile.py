@@ -32,13 +32,15 @@ def test_compile_fullgraph_forward_and_backward(case, backend):
     assert_compiled_matches_eager(step, [q, k, v])
 
 
-@pytest.mark.parametrize("layout", ["bshd", "bhsd-transposed"])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd-transposed", "head-dim-strided"])
 def test_opcheck_backward_op(layout):
     """The backward op's fake kernel gives its gradients the real kernel's shapes and strides (the inputs' own,
     e.g. for (B, H, S, D) tensors passed transposed)."""
     (q, k, v), kw = make_inputs(AttnCase(1, 17, 17, 2, 1, 16, causal=True, alibi=True))
     if layout == "bhsd-transposed":
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    elif layout == "head-dim-strided":  # dense, but D is not the innermost dim: the kernels get a copy
+        q, k, v = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v))
     out, lse = torch.ops.mpt_attention.triton_fwd(q, k, v, None, kw["alibi_slopes"], None, None, None, None, 0.25,
                                                   True, 0.0, None, None, 0, 0, True)
     args = (torch.randn_like(out), q, k, v, out, lse, None, None, kw["alibi_slopes"], None, None, None, None, 0.25,
