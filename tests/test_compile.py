@@ -34,17 +34,19 @@ def test_compile_fullgraph_forward_and_backward(case, backend):
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd-transposed", "head-dim-strided"])
 def test_opcheck_backward_op(layout):
-    """The backward op's fake kernel gives its gradients the real kernel's shapes and strides (the inputs' own,
-    e.g. for (B, H, S, D) tensors passed transposed)."""
+    """The backward op's fake kernel gives its gradients the real kernel's shapes and strides: the inputs' own
+    (e.g. for (B, H, S, D) tensors passed transposed) where D is innermost, and a contiguous bias gradient."""
     (q, k, v), kw = make_inputs(AttnCase(1, 17, 17, 2, 1, 16, causal=True, alibi=True))
     if layout == "bhsd-transposed":
         q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     elif layout == "head-dim-strided":  # dense, but D is not the innermost dim: the kernels get a copy
         q, k, v = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v))
-    out, lse = torch.ops.mpt_attention.triton_fwd(q, k, v, None, kw["alibi_slopes"], None, None, None, None, 0.25,
+    # a bias matrix with its gradient, laid out transposed: the gradient comes back contiguous
+    bias = torch.randn(1, 2, 17, 17).transpose(2, 3)
+    out, lse = torch.ops.mpt_attention.triton_fwd(q, k, v, bias, kw["alibi_slopes"], None, None, None, None, 0.25,
                                                   True, 0.0, None, None, 0, 0, True)
-    args = (torch.randn_like(out), q, k, v, out, lse, None, None, kw["alibi_slopes"], None, None, None, None, 0.25,
-            True, 0.0, False, None, None, 0, 0, True)
+    args = (torch.randn_like(out), q, k, v, out, lse, None, bias, kw["alibi_slopes"], None, None, None, None, 0.25,
+            True, 0.0, True, None, None, 0, 0, True)
     torch.library.opcheck(torch.ops.mpt_attention.triton_bwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -67,7 +67,7 @@ def _(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id
       deterministic):
     # the inputs' layout, as launch.backward allocates them: after making D the innermost dim where it is not
     grads = [torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v)]
-    dbias = torch.empty_like(bias, dtype=bias.dtype) if bias_grad else q.new_empty(0)
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)  # contiguous, as launch.backward's
     return (*grads, dbias)
 
 
