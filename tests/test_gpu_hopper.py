@@ -269,6 +269,18 @@ def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatc
             assert_close_to_reference(name, out, ref, low)
 
 
+def test_bias_row_in_the_dq_warpgroup_backward_at_a_padded_head_dim(hopper_dkdv_launches):
+    """MPT's bias row without its gradient at D80: the dQ warpgroup's backward, its products on 64 + 16 columns
+    (``hopper.product_tail``), against float64."""
+    (q, k, v), kw = make_inputs(AttnCase(2, 300, 300, 4, 2, 80, causal=True, alibi=True, bias="vector"),
+                                dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    out = M.attention(q, k, v, backend="triton", deterministic=False, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    assert hopper_dkdv_launches == [(False, True, False)]
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
 @pytest.mark.parametrize("bias_grad", [True, False], ids=["dbias-general-backward", "no-dbias-hopper-dkdv"])
 def test_bias_row_gradients_after_the_hopper_forward(monkeypatch, bias_grad):
     """Hopper forward with a bias row. With its gradient the general backward (dbias) reads the Hopper

@@ -171,8 +171,9 @@ def main() -> int:
         failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype, fused_dq=True,
                                   partial=partial)
     # D 72-96 with the dQ warpgroup: the consumers' products on 64 + 16 or 64 + 32 columns
+    # (alibi 0, causal, no matrix: the bias-row variant)
     for tail, causal, alibi, partial, full_bias in [(16, True, 1, False, False), (32, False, 2, True, False),
-                                                    (16, True, 0, False, True)]:
+                                                    (16, True, 0, False, True), (32, True, 0, False, False)]:
         name = f"hopper-bwd-tail={tail} D=128 causal={causal} alibi={alibi} partial={partial} bias matrix={full_bias}"
         failures += _report_gluon(name, compile_hopper_dkdv_kernel, 128, causal, alibi, "bf16", fused_dq=True,
                                   partial=partial, full_bias=full_bias, store_ds=full_bias, tail=tail)
