@@ -65,8 +65,8 @@ def _triton_bwd(
 def _(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
       softmax_scale, causal, dropout_p, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       deterministic):
-    # the inputs' layout, as launch.backward allocates them: after making D the innermost dim where it is not
-    grads = [torch.empty_like(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v)]
+    # the layout launch.backward allocates them in: the inputs' own, once D is innermost
+    grads = [torch.empty_like(_launch().head_contiguous(t)) for t in (q, k, v)]
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)  # contiguous, as launch.backward's
     return (*grads, dbias)
 

@@ -82,7 +82,9 @@ def _on_its_device(fn):
     return on_device
 
 
-def _head_contiguous(x: torch.Tensor) -> torch.Tensor:
+def head_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernels read it, D innermost (copied where it is not); the backward allocates the
+    gradients like these (ops.py's fake kernel follows it)."""
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -261,7 +263,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
     for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``).
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already."""
-    q, k, v = (_head_contiguous(x) for x in (q, k, v))
+    q, k, v = (head_contiguous(x) for x in (q, k, v))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     bias = _kernel_bias(bias, bias_rows)
@@ -322,7 +324,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     dQ from a stored full dS (a full bias in q's dtype with its gradient) applies.
     ``bias_rows``: as for ``forward``.
     """
-    q, k, v, dout = (_head_contiguous(x) for x in (q, k, v, dout))
+    q, k, v, dout = (head_contiguous(x) for x in (q, k, v, dout))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
