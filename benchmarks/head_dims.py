@@ -39,35 +39,32 @@ LAYOUT_SHAPE = (8, 16, 16, 2048, 128)  # bench_attention's first main shape, (B,
 PEERS = ("flex-alibi", "fa4-alibi", "fa2", "cudnn")
 
 
-def _general(fn):
-    """A provider timed with the Hopper kernels off: wraps the whole timed step, backward included."""
-    return ("general", fn)
-
-
 def providers_for(shape, layout: bool):
     batch, n_heads, n_kv, seq, head_dim = shape
     peers = make_providers(batch, n_heads, n_kv, seq, head_dim, dense_bias=False)
     ours = peers["triton-alibi"]
-    out = {"triton-alibi": ours, "triton-alibi-general": _general(ours)}
+    out = {"triton-alibi": ours, "triton-alibi-general": ours}  # "-general": measured with the Hopper kernels off
     if layout:
         dev, slopes = "cuda", M.gen_slopes(n_heads, return_1d=True, device="cuda")
         q, k, v = (torch.randn(batch, h, seq, head_dim, device=dev, dtype=torch.bfloat16).requires_grad_()
                    for h in (n_heads, n_kv, n_kv))
         bhsd = (lambda: M.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend="triton",
                                     causal=True, alibi_slopes=slopes), [q, k, v])
-        out.update({"triton-alibi-bhsd": bhsd, "triton-alibi-bhsd-general": _general(bhsd)})
+        out.update({"triton-alibi-bhsd": bhsd, "triton-alibi-bhsd-general": bhsd})
     out.update({name: peers[name] for name in PEERS})
     return out
 
 
-def measure(provider, mode):
-    if provider[0] == "general":
-        enabled, hopper.ENABLED = hopper.ENABLED, False
-        try:
-            return time_provider(*provider[1], mode)
-        finally:
-            hopper.ENABLED = enabled
-    return time_provider(*provider, mode)
+def measure(name, provider, mode):
+    """``provider`` timed; a ``-general`` one with the Hopper kernels off for the whole timed step, backward
+    included."""
+    if not name.endswith("-general"):
+        return time_provider(*provider, mode)
+    enabled, hopper.ENABLED = hopper.ENABLED, False
+    try:
+        return time_provider(*provider, mode)
+    finally:
+        hopper.ENABLED = enabled
 
 
 def main():
@@ -96,7 +93,7 @@ def main():
                 if name in errors:
                     continue
                 try:
-                    samples[name].append(measure(providers[name], mode))
+                    samples[name].append(measure(name, providers[name], mode))
                 except Exception as exc:
                     errors[name] = f"{type(exc).__name__}: {exc}"[:160]
             for name in providers:
