@@ -1,6 +1,6 @@
 """A dense (B, H, S_q, S_k) bias with its gradient: where the time goes, and the dQ routes compared.
 
-    python benchmarks/dense_bias.py [--sweep]
+    python benchmarks/dense_bias.py [--sweep] [--head-dim D] [--no-kernels]
 
 Issue 3 asks for >= 3x SDPA memory-efficient with the same bias, forward+backward. For each shape:
 1. forward alone and forward+backward by do_bench, ours by default (on an H200: one Hopper kernel for dQ,
@@ -9,6 +9,7 @@ Issue 3 asks for >= 3x SDPA memory-efficient with the same bias, forward+backwar
    twice so drift shows;
 2. kernel durations inside one forward+backward of ours (torch.profiler).
 ``--sweep``: block configurations of the general forward and dK/dV kernels with the dense bias instead.
+``--head-dim D``: only the shapes of that head dim; ``--no-kernels``: without step 2.
 """
 
 from __future__ import annotations
@@ -112,7 +113,10 @@ def main():
     if "--sweep" in sys.argv:
         return sweep()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    only = int(sys.argv[sys.argv.index("--head-dim") + 1]) if "--head-dim" in sys.argv else None
     for batch, heads, kv_heads, seq, dim, causal in SHAPES:
+        if only is not None and dim != only:
+            continue
         label = f"B{batch} H{heads}/{kv_heads} S{seq} D{dim} {'causal' if causal else 'full'}"
         print(f"\n== dense bias with grad, {label}")
         provs = providers(batch, heads, kv_heads, seq, dim, causal)
@@ -134,8 +138,9 @@ def main():
                     tf = flops(batch, heads, seq, dim, causal, mode) / ms / 1e9
                     print(f"  {mode:8s} {name:10s} {' '.join(f'{t:.3f}' for t in times)} ms  {tf:6.1f} TFLOP/s"
                           f"  memeff/this {base / ms:.2f}x")
-        for name in ("default", "dq-gemm"):
-            kernel_table(provs[name][0], name)
+        if "--no-kernels" not in sys.argv:
+            for name in ("default", "dq-gemm"):
+                kernel_table(provs[name][0], name)
     launch.DQ_FROM_STORED_DS = True
 
 

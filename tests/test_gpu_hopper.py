@@ -177,6 +177,47 @@ def test_dq_warpgroup_reads_a_broadcast_bias_matrix(shape, hopper_dkdv_launches)
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
+@pytest.mark.parametrize("case, shape, dtype", [
+    pytest.param(AttnCase(2, 304, 304, 4, 4, 64), (2, 4, 304, 304), torch.bfloat16, id="full-shape-non-causal"),
+    pytest.param(AttnCase(2, 296, 304, 4, 2, 64, causal=True, alibi=True), (1, 4, 296, 304), torch.bfloat16,
+                 id="per-head-causal-alibi-chunked-prefill-gqa"),
+    pytest.param(AttnCase(2, 640, 640, 4, 1, 64, alibi=True), (2, 1, 640, 640), torch.float16,
+                 id="per-batch-symmetric-alibi-mqa-fp16"),
+    pytest.param(AttnCase(1, 1000, 1000, 8, 8, 64, causal=True), (1, 1, 1000, 1000), torch.bfloat16,
+                 id="one-matrix-causal-ragged-blocks"),
+])
+def test_hopper_forward_reads_a_bias_matrix_at_head_dim_64(monkeypatch, case, shape, dtype):
+    """At D64 the Hopper forward reads a bias matrix in q's dtype, its [64, 128] tiles riding with K: output
+    and log-sum-exp against float64, with 3 programs taking every tile (two Q buffers, K/V stages reused)."""
+    launches, real = [], hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda *args: launches.append(args[3].shape) or real(*args))
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 3)
+    (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda")
+    bias = torch.randn(shape, device="cuda", dtype=dtype)
+    _assert_forward_matches_reference(q, k, v, **kw, attn_bias=bias)
+    assert launches == [shape]
+
+
+def test_hopper_forward_bias_matrix_masks_rows_with_inf_and_float_min(monkeypatch):
+    """A D64 bias matrix that removes keys with -inf (batch row 0: queries 0-39 see no key, output 0) and
+    masks them with bf16's min (batch row 1: queries 0-39 take the plain average of the keys they see, as
+    natural-unit softmax does), against float64."""
+    launches, real = [], hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda *args: launches.append(args[3].shape) or real(*args))
+    b, s, h, d = 2, 304, 4, 64
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(b, h, s, s, device="cuda", dtype=torch.bfloat16)
+    bias[0, :, :, :40] = float("-inf")
+    bias[1, :, :, :40] = torch.finfo(torch.bfloat16).min
+    out = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias)
+    assert launches == [bias.shape]
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, attn_bias=bias.double())
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    assert torch.equal(out[0, :40], torch.zeros_like(out[0, :40]))
+    averages = v[1, :40].float().cumsum(0) / torch.arange(1, 41, device="cuda").view(40, 1, 1)
+    torch.testing.assert_close(out[1, :40].float(), averages, rtol=2e-2, atol=2e-2)
+
+
 def test_dq_warpgroup_with_a_bias_matrix_keeps_dk_dv_dbias_reproducible(hopper_dkdv_launches):
     """dK, dV and dbias are reproducible in every mode (api.attention): dS is stored, never summed."""
     (q, k, v), kw = make_inputs(AttnCase(2, 512, 512, 8, 4, 128, causal=True, bias="full"), dtype=torch.bfloat16,

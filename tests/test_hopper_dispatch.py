@@ -167,8 +167,8 @@ _NO_VIEW = "bias matrix strides: not a (B' * H', S_q, S_k) view with 16-byte ali
 
 
 @pytest.mark.parametrize("bias, expected", [
-    pytest.param(torch.randn(2, 4, 128, 128), "bias matrix of dtype torch.float32 (the backward reads one in q's "
-                 "dtype, torch.bfloat16)", id="float32"),
+    pytest.param(torch.randn(2, 4, 128, 128), "bias matrix of dtype torch.float32 (the Hopper kernels read one in "
+                 "q's dtype, torch.bfloat16)", id="float32"),
     pytest.param(torch.randn(2, 4, 128, 129, dtype=torch.bfloat16)[..., 1:], _NO_VIEW, id="odd-row-stride"),
     pytest.param(torch.randn(4, 2, 128, 128, dtype=torch.bfloat16).transpose(0, 1), _NO_VIEW,
                  id="batch-and-heads-not-one-axis"),
@@ -179,9 +179,27 @@ _NO_VIEW = "bias matrix strides: not a (B' * H', S_q, S_k) view with 16-byte ali
 ])
 def test_bias_matrices_the_dq_warpgroup_cannot_read(bias, expected):
     assert _fused_why(bias) == expected
-    # without the dQ warpgroup no Hopper kernel takes a matrix
+    # the D64 forward reads matrices by the same rules; at D128 (and without the dQ warpgroup) none is read
+    q, k, v = _qkv(d=64)
+    assert _why(q, k, v, bias=bias) == expected
     q, k, v = _qkv()
     assert _why(q, k, v, bias=bias).startswith(f"bias of shape {tuple(bias.shape)}: only rows")
+    assert hopper.unsupported(q, k, v, bias, None, None, None, 0.0, True, False, torch.randn_like(q)).startswith(
+        f"bias of shape {tuple(bias.shape)}: only rows")
+
+
+@pytest.mark.parametrize("bias", [
+    pytest.param(torch.randn(2, 4, 128, 128, dtype=torch.bfloat16), id="full-shape"),
+    pytest.param(torch.randn(1, 4, 128, 128, dtype=torch.bfloat16), id="broadcast-over-batch"),
+    pytest.param(torch.randn(2, 1, 128, 128, dtype=torch.bfloat16), id="broadcast-over-heads"),
+    pytest.param(torch.randn(2, 4, 128, 136, dtype=torch.bfloat16)[..., :128], id="padded-rows"),
+])
+def test_the_forward_at_head_dim_64_takes_a_bias_matrix(bias):
+    """At D64 the Hopper forward reads a bias matrix in q's dtype, its tiles riding with K (at D128 there is no
+    shared memory left for them: the general forward reads it)."""
+    assert _why(*_qkv(d=64), bias=bias) == "not an sm_90 GPU"
+    assert _why(*_qkv(d=64), bias=bias, causal=False) == "not an sm_90 GPU"
+    assert _why(*_qkv(d=128), bias=bias).startswith("bias of shape")
 
 
 def test_disabled_switch(monkeypatch):

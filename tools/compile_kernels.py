@@ -83,16 +83,18 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None,
-                          tail: int = 0):
+                          tail: int = 0, bias_matrix: bool = False):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None;
-    ``tail``: the products' second piece of columns (``hopper.product_tail``)."""
+    ``tail``: the products' second piece of columns (``hopper.product_tail``); ``bias_matrix``: a bias matrix
+    in q's dtype instead."""
     from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
     rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim,
-              "BIAS_ROW": bias is not None, "TAIL": tail}
-    return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias)
+              "BIAS_ROW": bias is not None, "TAIL": tail, "BIAS_FULL": bias_matrix}
+    boxes = {"bias_desc": [1, HALF_M, BLOCK_N]} if bias_matrix else None
+    return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias, boxes)
 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False,
@@ -154,6 +156,10 @@ def main() -> int:
     for head_dim, causal, alibi, dtype in [(128, True, 0, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16")]:
         failures += _report_gluon(f"hopper-fwd-bias-row D={head_dim} causal={causal} alibi={alibi} {dtype}",
                                   compile_hopper_kernel, head_dim, causal, alibi, dtype, "fp32")
+    # a bias matrix in q's dtype (D64: the shared memory has room for its tiles there only)
+    for causal, alibi, dtype in [(False, 0, "bf16"), (True, 1, "fp16"), (False, 2, "bf16")]:
+        failures += _report_gluon(f"hopper-fwd-bias-matrix D=64 causal={causal} alibi={alibi} {dtype}",
+                                  compile_hopper_kernel, 64, causal, alibi, dtype, None, 0, True)
     # D 72-96: the forward's products on 64 + 16 or 64 + 32 of the tile's 128 columns
     for tail, causal, alibi, bias in [(16, True, 1, None), (32, False, 2, None), (16, True, 0, "fp32")]:
         failures += _report_gluon(f"hopper-fwd-tail={tail} D=128 causal={causal} alibi={alibi} bias={bias}",

@@ -38,6 +38,9 @@ ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
 BWD_HEAD_DIMS = (128,)
 # with the dQ warpgroup (dQ in any order) the Hopper kernel replaces the dQ kernel too: D64 as well
 FUSED_BWD_HEAD_DIMS = (64, 128)
+# tile widths at which the Hopper forward reads a bias matrix (its [64, 128] tiles ride with K): at 128 the two
+# stages' 64 KB do not fit beside Q, K and V
+FWD_BIAS_MATRIX_HEAD_DIMS = (64,)
 # query heads per program with the dQ warpgroup and grouped heads (a group's heads split over programs, their
 # dK, dV partials summed after; 1 when the group size is not a multiple); launch.py decides whether grouped
 # heads take the dQ warpgroup at all
@@ -68,12 +71,13 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return f"head dim {q.shape[-1]} in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
     if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
         return "varlen, masks or dropout"
-    if bias is not None and bias.shape[2] != 1 and dout is not None and fused_dq:
-        # the backward with the dQ warpgroup reads a bias matrix through the copy engine
+    matrix_reader = fused_dq if dout is not None else tile_dim(q.shape[-1]) in FWD_BIAS_MATRIX_HEAD_DIMS
+    if bias is not None and bias.shape[2] != 1 and matrix_reader:
+        # the backward with the dQ warpgroup and the D64 forward read a bias matrix through the copy engine
         if bias.shape[2:] != (q.shape[1], k.shape[1]):
             return f"bias of shape {tuple(bias.shape)}: a matrix must span (S_q, S_k) = {(q.shape[1], k.shape[1])}"
         if bias.dtype != q.dtype:
-            return f"bias matrix of dtype {bias.dtype} (the backward reads one in q's dtype, {q.dtype})"
+            return f"bias matrix of dtype {bias.dtype} (the Hopper kernels read one in q's dtype, {q.dtype})"
         if bias_matrix_view(bias) is None:
             return "bias matrix strides: not a (B' * H', S_q, S_k) view with 16-byte aligned rows"
     elif bias is not None:
@@ -220,7 +224,11 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
     slopes, slope_strides = slope_args(slopes, lse)
     bias_desc, b_on, h_on = None, 0, 0
-    if bias is not None:  # launch.forward has converted it (launch._log2_bias_rows): float32, aligned rows
+    bias_full = bias is not None and bias.shape[2] != 1
+    if bias_full:  # in q's dtype, read in [64, BLOCK_N] boxes, one per consumer warpgroup
+        shape, strides, b_on, h_on = bias_matrix_view(bias)
+        bias_desc = TensorDescriptor(bias, shape, strides, [1, HALF_M, BLOCK_N], _MATRIX_LAYOUT)
+    elif bias is not None:  # launch.forward has converted it (launch._log2_bias_rows): float32, aligned rows
         shape, strides, b_on, h_on = _bias_view(bias)
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
         bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
@@ -234,7 +242,8 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
         lse, slopes, tiles, n_heads * s_q, s_q, *slope_strides,
         n_heads, n_heads // n_kv, batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
         heads_per_group(k, n_heads, batch * n_heads), IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N,
-        HEAD_DIM=tile_dim(head_dim), BIAS_ROW=bias is not None, TAIL=product_tail(head_dim), num_warps=4,
+        HEAD_DIM=tile_dim(head_dim), BIAS_ROW=bias is not None and not bias_full, TAIL=product_tail(head_dim),
+        BIAS_FULL=bias_full, num_warps=4,
     )
     return out, lse
 

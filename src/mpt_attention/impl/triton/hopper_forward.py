@@ -39,11 +39,16 @@ scale. Which block's slice rides with V_j depends on the head dim (``_row_ahead`
   live across that wait; ptxas spills at D128 and the row cells fell 4-13% (session 14).
 A first version loaded the row from global memory per block: 0.52-0.76x.
 
+At D64 a bias matrix in q's dtype (``BIAS_FULL``) rides with K instead: the loader copies each consumer's
+[64, BLOCK_N] box of block j with K_j, the consumer reads it into the score tile's layout after S_j's wait and
+releases K's stage after that (two stages x two boxes: 64 KB, beside the 98 KB that D64 uses; D128 has no room).
+The dense-bias forward at B4 H32 S2048 D64: 0.73 ms on the general kernel, 0.59 here (session 19).
+
 Scope (the launcher, ``hopper.py``, routes everything else to the general kernel in ``forward.py``):
 bf16/fp16, head dim 64 or 72-128 (``HEAD_DIM``, the tile width, is 64 or 128: the copy engine reads
 columns past D as zeros and drops them on stores; at D 72-96 the products take only 64 + ``TAIL`` columns,
 16 or 32: D80 1.13x, D96 1.07x against all 128, benchmarks/NOTES.md session 18), ALiBi from slopes (either
-form) and/or a bias row, no bias matrix, no masks besides causal, no dropout, (B, S, H, D) inputs with
+form) and/or a bias row, a bias matrix at D64 only, no masks besides causal, no dropout, (B, S, H, D) inputs with
 16-byte aligned strides (SDPA's (B, H, S, D) tensors transposed included), ``S_k > 0`` and, when causal,
 ``S_q <= S_k`` (every tile sees a block).
 """
@@ -53,7 +58,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from mpt_attention.impl.triton.common import encode_lse
+from mpt_attention.impl.triton.common import _log2_bias, encode_lse
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 _HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
@@ -61,16 +66,19 @@ _ROW_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase
 
 
 @gluon.jit
-def _scores(s, rows, cols, col_terms, qk_scale2, slope2, diag, seqlen_k,
-            IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr, APPLY_MASK: gl.constexpr):
+def _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL: gl.constexpr,
+            ALIBI: gl.constexpr, HAS_COLS: gl.constexpr, BIAS_FULL: gl.constexpr, APPLY_MASK: gl.constexpr):
     """Log2-domain scores of one ``[64, BLOCK_N]`` tile, the formula of common.score_tile except that
     the per-key terms arrive as one vector ``col_terms`` (``HAS_COLS``): the bias row, and MPT's causal
     ALiBi slope * (j - (S_k - 1)) as slope * (j - first key of the block), so one fused multiply-add per
-    score; the ALiBi block's constant rides on the row maximum."""
+    score; the ALiBi block's constant rides on the row maximum. ``tile_terms`` (``BIAS_FULL``): the block's
+    bias tile in log2 units."""
     if HAS_COLS:
         s = s * qk_scale2 + col_terms[None, :]
     else:
         s = s * qk_scale2
+    if BIAS_FULL:
+        s = s + tile_terms
     if ALIBI == 2:  # symmetric: -slope * |i - j|, query i at absolute position i + diag
         dist = rows[:, None] + diag - cols[None, :]
         s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
@@ -131,13 +139,16 @@ def _row_ahead(head_dim):
 def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty,
                     k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
                     seqlen_k, bias_b_on, bias_h_on, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                    HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr):
+                    HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr):
     """One warp: per tile, its Q into buffer ``round % 2`` once the consumers have stored the output of
     the tile before last from there, then K_j and V_j into stage ``g % 2`` (``g`` counts key blocks over
     all of the program's tiles) as soon as the consumers have released it: the next tile's first loads
-    run under this tile's last blocks. Tiles are addressed as [batch, row, head, 0] in (B, S, H, D)."""
+    run under this tile's last blocks. Tiles are addressed as [batch, row, head, 0] in (B, S, H, D). With
+    ``BIAS_FULL`` the bias tile of K_j's block rides with K_j: one [64, BLOCK_N] box per consumer, at row
+    ``b * bias_b_on + h * bias_h_on`` of the (B' * H', S_q, S_k) matrix."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
+    k_bytes: gl.constexpr = kv_bytes + (2 * _HALF_M * bias_bytes if BIAS_FULL else 0)
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
     n_tiles = n_m * n_bh
     pid = gl.program_id(0)
@@ -171,9 +182,14 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
             stage = (g + j) & 1
             free_phase = ((g + j) >> 1) & 1 ^ 1
             mbarrier.wait(k_empty.index(stage), free_phase)
-            mbarrier.expect(k_ready.index(stage), kv_bytes)
+            mbarrier.expect(k_ready.index(stage), k_bytes)
             tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, kv_h, 0], k_ready.index(stage),
                                             k_smem.index(stage))
+            if BIAS_FULL:
+                for half in gl.static_range(2):
+                    tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on + h * bias_h_on,
+                                                                start_m + half * _HALF_M, j * BLOCK_N],
+                                                    k_ready.index(stage), bias_smem.index(2 * stage + half))
             mbarrier.wait(v_empty.index(stage), free_phase)
             row_block = j  # the block whose bias slice rides with V_j, into V's stage's slot
             if ROW_AHEAD:
@@ -197,15 +213,17 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, qk_scale2, slope2, diag, seqlen_k, masked,
-                  IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr):
+def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, masked,
+                  IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr, BIAS_FULL: gl.constexpr):
     """Online-softmax update for the score tile of key block ``start_n``: ``(p, alpha, m_new, l_new)``.
     Scores stay relative to the block's causal-ALiBi constant ``shift``; ``m`` is absolute."""
     cols = start_n + offs_n
     if masked:
-        s = _scores(s, rows, cols, col_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI, HAS_COLS, True)
+        s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
+                    HAS_COLS, BIAS_FULL, True)
     else:
-        s = _scores(s, rows, cols, col_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI, HAS_COLS, False)
+        s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
+                    HAS_COLS, BIAS_FULL, False)
     shift = 0.0
     if ALIBI == 1:
         shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
@@ -234,6 +252,17 @@ def _col_terms(alibi_cols, bias_smem, slot, col_layout: gl.constexpr, ALIBI: gl.
     return terms
 
 
+@gluon.jit
+def _tile_terms(bias_smem, slot, s_layout: gl.constexpr, none, BIAS_FULL: gl.constexpr):
+    """The bias tile of a block in log2 units, read from ``slot`` (landed: it came with K), in the score
+    tile's layout; ``none`` without ``BIAS_FULL``."""
+    if BIAS_FULL:
+        raw = bias_smem.index(slot).reshape([_HALF_M, bias_smem.shape[-1]]).load(s_layout)
+        return _log2_bias(raw)  # -inf stays, MPT's finfo.min becomes the soft mask (common.py)
+    else:
+        return none
+
+
 @gluon.constexpr_function
 def main_cols(head_dim, tail):
     """Columns of the tile in the products' first piece: all of them, or 64 with a ``tail`` of 16 or 32 after
@@ -260,7 +289,7 @@ def issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr):
 def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes,
                    g, info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
                    qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
-                   HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr):
+                   HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr, BIAS_FULL: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
     landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``.
     With a ``TAIL`` the output is two accumulators, columns [0, 64) and [64, 64 + TAIL)."""
@@ -301,6 +330,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     mbarrier.wait(k_ready.index(stage0), phase0)
     s_tok = issue_over_d(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]), s_zero, MAIN, TAIL)
     s = warpgroup_mma_wait(0, deps=[s_tok])
+    tile_terms = _tile_terms(bias_smem, 2 * stage0 + half, s_layout, s_zero, BIAS_FULL)
     mbarrier.arrive(k_empty.index(stage0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
@@ -310,8 +340,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
         if BIAS_ROW:
             mbarrier.wait(v_ready.index(stage0), phase0)
         col_terms = _col_terms(alibi_cols, bias_smem, stage0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, qk_scale2, slope2, diag, seqlen_k,
-                                       lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, tile_terms, qk_scale2, slope2, diag,
+                                       seqlen_k, lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS, BIAS_FULL)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([_HALF_M, MAIN], gl.float32, o_layout)
     if TAIL > 0:
@@ -337,13 +367,15 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
             acc_tok = warpgroup_mma(p_op, v.slice(0, MAIN, dim=1), acc, is_async=True)
             acc_t_tok = warpgroup_mma(p_op, v.slice(MAIN, TAIL, dim=1), acc_t, is_async=True)
         s = warpgroup_mma_wait(N_PV, deps=[s_tok])
+        tile_terms = _tile_terms(bias_smem, 2 * stage + half, s_layout, s_zero, BIAS_FULL)
         mbarrier.arrive(k_empty.index(stage))
         if not ROW_AHEAD:
             if BIAS_ROW:  # block j's slice comes with V_j
                 mbarrier.wait(v_ready.index(stage), ((g + j) >> 1) & 1)
             col_terms = _col_terms(alibi_cols, bias_smem, stage, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, qk_scale2, slope2,
-                                           diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI, HAS_COLS)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, tile_terms, qk_scale2,
+                                           slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI,
+                                           HAS_COLS, BIAS_FULL)
         if TAIL == 0:
             acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
         else:
@@ -382,7 +414,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
         q.slice(MAIN, TAIL, dim=1).store((acc_t / gl.convert_layout(l_safe, t_rows)[:, None]).to(dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], q3)
-    lse = encode_lse(m_i, l_i, BIAS_ROW)  # a soft-masked row keeps its key count
+    lse = encode_lse(m_i, l_i, BIAS_ROW or BIAS_FULL)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
     tma.store_wait(0)
 
@@ -391,7 +423,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
 def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q,
                         seqlen_k, qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
-                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr):
+                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr,
+                        BIAS_FULL: gl.constexpr):
     """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
     g = 0
@@ -405,7 +438,8 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready,
         if n_blocks > 0:
             _consumer_tile(half, q_smem.index(2 * buf + half), buf, k_smem, v_smem, bias_smem, k_ready, k_empty,
                            v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh,
-                           seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL)
+                           seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL,
+                           BIAS_FULL)
             mbarrier.arrive(q_empty.index(buf))  # after the tile's output store has completed (tma.store_wait)
             g += n_blocks
         r += 1
@@ -417,7 +451,7 @@ def _hopper_fwd_kernel(
     stride_lb, stride_lh, stride_slb, stride_slh,
     n_heads, n_groups, n_bh, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0,
+    BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0, BIAS_FULL: gl.constexpr = False,
 ):
     """Persistent: each program runs query tiles of 128 rows (``_tile``: ``n_m`` per (batch, head) row, ``n_bh``
     rows) until none is left; launched with num_warps=4 (the first consumer warpgroup), the second
@@ -425,7 +459,9 @@ def _hopper_fwd_kernel(
     (host-built, see hopper.py) are q/o (B, S_q, H, D) and k/v (B, S_k, H_kv, D) with their strides, boxes
     [1, 64, 1, HEAD_DIM] for q/o and [1, BLOCK_N, 1, HEAD_DIM] for k/v: rows past a sequence's end and
     columns past D read as zeros and are never written. ``bias_desc`` (``BIAS_ROW``) views the bias row as
-    (B|1, H|1, S_k) with boxes [1, 1, BLOCK_N]; ``bias_b_on``/``bias_h_on`` are 0 where it broadcasts."""
+    (B|1, H|1, S_k) with boxes [1, 1, BLOCK_N]; ``bias_b_on``/``bias_h_on`` are 0 where it broadcasts.
+    ``BIAS_FULL`` (D64 only: the shared memory): ``bias_desc`` views a bias matrix in q's dtype as (B' * H', S_q,
+    S_k) with boxes [1, 64, BLOCK_N], batch b and head h at ``b * bias_b_on + h * bias_h_on``."""
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -442,6 +478,8 @@ def _hopper_fwd_kernel(
             bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [4, 1, 1, BLOCK_N], bias_desc.layout)
         else:
             bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [2, 1, 1, BLOCK_N], bias_desc.layout)
+    elif BIAS_FULL:  # [stage, consumer]: the block's tile rows of each consumer warpgroup
+        bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [4, 1, _HALF_M, BLOCK_N], bias_desc.layout)
     else:
         bias_smem = v_smem  # never read
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
@@ -463,15 +501,15 @@ def _hopper_fwd_kernel(
             (_consumer_partition, (0, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty,
                                    v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                    stride_slh, seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM,
-                                   BIAS_ROW, TAIL)),
+                                   BIAS_ROW, TAIL, BIAS_FULL)),
             (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty,
                                    v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                    stride_slh, seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM,
-                                   BIAS_ROW, TAIL)),
+                                   BIAS_ROW, TAIL, BIAS_FULL)),
             (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                               BIAS_ROW)),
+                               BIAS_ROW, BIAS_FULL)),
         ],
         [4, 1], [240, 24],
     )
