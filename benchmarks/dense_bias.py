@@ -1,6 +1,6 @@
 """A dense (B, H, S_q, S_k) bias with its gradient: where the time goes, and the dQ routes compared.
 
-    python benchmarks/dense_bias.py [--sweep] [--head-dim D] [--no-kernels]
+    python benchmarks/dense_bias.py [--sweep] [--head-dim D] [--no-kernels] [--forward-routes]
 
 Issue 3 asks for >= 3x SDPA memory-efficient with the same bias, forward+backward. For each shape:
 1. forward alone and forward+backward by do_bench, ours by default (on an H200: one Hopper kernel for dQ,
@@ -10,6 +10,8 @@ Issue 3 asks for >= 3x SDPA memory-efficient with the same bias, forward+backwar
 2. kernel durations inside one forward+backward of ours (torch.profiler).
 ``--sweep``: block configurations of the general forward and dK/dV kernels with the dense bias instead.
 ``--head-dim D``: only the shapes of that head dim; ``--no-kernels``: without step 2.
+``--forward-routes``: instead, the forward alone with ALiBi slopes and a bias matrix (no gradients) at D128, on
+the Gluon forward and on the general one (``hopper.ENABLED``), best of two alternated rounds.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import launch
+from mpt_attention.impl.triton import hopper, launch
 from mpt_attention.testing import profile_kernels
 
 DEV, DTYPE = "cuda", torch.bfloat16
@@ -109,9 +111,30 @@ def sweep():
         launch._bwd_config = bwd_config
 
 
+def forward_routes():
+    for batch, heads, kv_heads, seq, dim, causal in [(4, 16, 16, 2048, 128, True), (2, 32, 4, 2048, 128, False),
+                                                     (4, 16, 16, 2048, 128, False)]:
+        q = torch.randn(batch, seq, heads, dim, device=DEV, dtype=DTYPE)
+        k, v = (torch.randn(batch, seq, kv_heads, dim, device=DEV, dtype=DTYPE) for _ in range(2))
+        bias = torch.randn(batch, heads, seq, seq, device=DEV, dtype=DTYPE)
+        slopes = M.gen_slopes(heads, return_1d=True, device=DEV)
+        times = {True: [], False: []}
+        for _ in range(2):
+            for gluon in (True, False):
+                hopper.ENABLED = gluon
+                fn = lambda: M.attention(q, k, v, backend="triton", causal=causal, alibi_slopes=slopes, attn_bias=bias)
+                times[gluon].append(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        hopper.ENABLED = True
+        gluon_ms, general_ms = min(times[True]), min(times[False])
+        print(f"fwd slopes + bias B{batch} H{heads}/{kv_heads} S{seq} D{dim} causal={causal}: Gluon {gluon_ms:.3f} ms, "
+              f"general {general_ms:.3f} ms, {general_ms / gluon_ms:.2f}x")
+
+
 def main():
     if "--sweep" in sys.argv:
         return sweep()
+    if "--forward-routes" in sys.argv:
+        return forward_routes()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     only = int(sys.argv[sys.argv.index("--head-dim") + 1]) if "--head-dim" in sys.argv else None
     for batch, heads, kv_heads, seq, dim, causal in SHAPES:

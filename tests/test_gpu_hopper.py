@@ -178,17 +178,25 @@ def test_dq_warpgroup_reads_a_broadcast_bias_matrix(shape, hopper_dkdv_launches)
 
 
 @pytest.mark.parametrize("case, shape, dtype", [
-    pytest.param(AttnCase(2, 304, 304, 4, 4, 64), (2, 4, 304, 304), torch.bfloat16, id="full-shape-non-causal"),
+    pytest.param(AttnCase(2, 304, 304, 4, 4, 64), (2, 4, 304, 304), torch.bfloat16, id="D64-full-shape-non-causal"),
     pytest.param(AttnCase(2, 296, 304, 4, 2, 64, causal=True, alibi=True), (1, 4, 296, 304), torch.bfloat16,
-                 id="per-head-causal-alibi-chunked-prefill-gqa"),
+                 id="D64-per-head-causal-alibi-chunked-prefill-gqa"),
     pytest.param(AttnCase(2, 640, 640, 4, 1, 64, alibi=True), (2, 1, 640, 640), torch.float16,
-                 id="per-batch-symmetric-alibi-mqa-fp16"),
+                 id="D64-per-batch-symmetric-alibi-mqa-fp16"),
     pytest.param(AttnCase(1, 1000, 1000, 8, 8, 64, causal=True), (1, 1, 1000, 1000), torch.bfloat16,
-                 id="one-matrix-causal-ragged-blocks"),
+                 id="D64-one-matrix-causal-ragged-blocks"),
+    pytest.param(AttnCase(2, 304, 304, 4, 4, 128), (2, 4, 304, 304), torch.bfloat16, id="D128-full-shape"),
+    pytest.param(AttnCase(2, 296, 304, 8, 2, 128, causal=True, alibi=True), (1, 8, 296, 304), torch.bfloat16,
+                 id="D128-per-head-causal-alibi-chunked-prefill-gqa"),
+    pytest.param(AttnCase(2, 264, 264, 4, 4, 112, causal=True), (2, 4, 264, 264), torch.bfloat16,
+                 id="D112-causal"),
+    pytest.param(AttnCase(1, 640, 640, 4, 2, 80, alibi=True), (1, 1, 640, 640), torch.float16,
+                 id="D80-one-matrix-symmetric-alibi-fp16"),
 ])
-def test_hopper_forward_reads_a_bias_matrix_at_head_dim_64(monkeypatch, case, shape, dtype):
-    """At D64 the Hopper forward reads a bias matrix in q's dtype, its [64, 128] tiles riding with K: output
-    and log-sum-exp against float64, with 3 programs taking every tile (two Q buffers, K/V stages reused)."""
+def test_hopper_forward_reads_a_bias_matrix(monkeypatch, case, shape, dtype):
+    """The Hopper forward reads a bias matrix in q's dtype, its [64, 128] tiles riding with K (at tile width 128
+    with one Q buffer per program): output and log-sum-exp against float64, with 3 programs taking every tile
+    (Q buffers and K/V stages reused across tiles)."""
     launches, real = [], hopper.forward
     monkeypatch.setattr(hopper, "forward", lambda *args: launches.append(args[3].shape) or real(*args))
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: 3)
@@ -198,13 +206,14 @@ def test_hopper_forward_reads_a_bias_matrix_at_head_dim_64(monkeypatch, case, sh
     assert launches == [shape]
 
 
-def test_hopper_forward_bias_matrix_masks_rows_with_inf_and_float_min(monkeypatch):
-    """A D64 bias matrix that removes keys with -inf (batch row 0: queries 0-39 see no key, output 0) and
+@pytest.mark.parametrize("d", [64, 128])
+def test_hopper_forward_bias_matrix_masks_rows_with_inf_and_float_min(monkeypatch, d):
+    """A bias matrix that removes keys with -inf (batch row 0: queries 0-39 see no key, output 0) and
     masks them with bf16's min (batch row 1: queries 0-39 take the plain average of the keys they see, as
     natural-unit softmax does), against float64."""
     launches, real = [], hopper.forward
     monkeypatch.setattr(hopper, "forward", lambda *args: launches.append(args[3].shape) or real(*args))
-    b, s, h, d = 2, 304, 4, 64
+    b, s, h = 2, 304, 4
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(b, h, s, s, device="cuda", dtype=torch.bfloat16)
     bias[0, :, :, :40] = float("-inf")

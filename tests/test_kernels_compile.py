@@ -23,7 +23,7 @@ def test_all_kernels_compile_for_sm90():
     assert result.stdout.count("ok ") >= 75
     assert result.stdout.count("ok   hopper-fwd ") == 5 and result.stdout.count("ok   hopper-dkdv") == 5
     assert result.stdout.count("ok   hopper-fwd-bias-row") == 3
-    assert result.stdout.count("ok   hopper-fwd-bias-matrix") == 3
+    assert result.stdout.count("ok   hopper-fwd-bias-matrix") == 6
     # D 72-96: products on 64 + 16 or 32 columns
     assert result.stdout.count("ok   hopper-fwd-tail") == 3 and result.stdout.count("ok   hopper-bwd-tail") == 4
     # seven with the dQ warpgroup, five more of them with a bias matrix (and its gradient)

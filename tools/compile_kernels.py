@@ -156,10 +156,12 @@ def main() -> int:
     for head_dim, causal, alibi, dtype in [(128, True, 0, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16")]:
         failures += _report_gluon(f"hopper-fwd-bias-row D={head_dim} causal={causal} alibi={alibi} {dtype}",
                                   compile_hopper_kernel, head_dim, causal, alibi, dtype, "fp32")
-    # a bias matrix in q's dtype (D64: the shared memory has room for its tiles there only)
-    for causal, alibi, dtype in [(False, 0, "bf16"), (True, 1, "fp16"), (False, 2, "bf16")]:
-        failures += _report_gluon(f"hopper-fwd-bias-matrix D=64 causal={causal} alibi={alibi} {dtype}",
-                                  compile_hopper_kernel, 64, causal, alibi, dtype, None, 0, True)
+    # a bias matrix in q's dtype (at tile width 128 with one Q buffer)
+    for head_dim, tail, causal, alibi, dtype in [(64, 0, False, 0, "bf16"), (64, 0, True, 1, "fp16"),
+                                                 (64, 0, False, 2, "bf16"), (128, 0, False, 0, "bf16"),
+                                                 (128, 0, True, 1, "bf16"), (128, 16, True, 0, "fp16")]:
+        failures += _report_gluon(f"hopper-fwd-bias-matrix D={head_dim} tail={tail} causal={causal} alibi={alibi} "
+                                  f"{dtype}", compile_hopper_kernel, head_dim, causal, alibi, dtype, None, tail, True)
     # D 72-96: the forward's products on 64 + 16 or 64 + 32 of the tile's 128 columns
     for tail, causal, alibi, bias in [(16, True, 1, None), (32, False, 2, None), (16, True, 0, "fp32")]:
         failures += _report_gluon(f"hopper-fwd-tail={tail} D=128 causal={causal} alibi={alibi} bias={bias}",

@@ -39,16 +39,18 @@ scale. Which block's slice rides with V_j depends on the head dim (``_row_ahead`
   live across that wait; ptxas spills at D128 and the row cells fell 4-13% (session 14).
 A first version loaded the row from global memory per block: 0.52-0.76x.
 
-At D64 a bias matrix in q's dtype (``BIAS_FULL``) rides with K instead: the loader copies each consumer's
-[64, BLOCK_N] box of block j with K_j, the consumer reads it into the score tile's layout after S_j's wait and
-releases K's stage after that (two stages x two boxes: 64 KB, beside the 98 KB that D64 uses; D128 has no room).
-The dense-bias forward at B4 H32 S2048 D64: 0.73 ms on the general kernel, 0.59 here (session 19).
+A bias matrix in q's dtype (``BIAS_FULL``) rides with K instead: the loader copies each consumer's [64, BLOCK_N]
+box of block j with K_j, the consumer reads it into the score tile's layout after S_j's wait and releases K's
+stage after that (two stages x two boxes: 64 KB). At tile width 128 that only fits with one Q buffer per program
+(``_q_buffers``: 224 KB of 227), so the next tile's Q loads once this tile's output has left. The dense-bias
+forward against the general kernel (session 19): 0.73 -> 0.59 ms at B4 H32 S2048 D64, 0.48 -> 0.37 ms at B4 H16
+S2048 D128.
 
 Scope (the launcher, ``hopper.py``, routes everything else to the general kernel in ``forward.py``):
 bf16/fp16, head dim 64 or 72-128 (``HEAD_DIM``, the tile width, is 64 or 128: the copy engine reads
 columns past D as zeros and drops them on stores; at D 72-96 the products take only 64 + ``TAIL`` columns,
 16 or 32: D80 1.13x, D96 1.07x against all 128, benchmarks/NOTES.md session 18), ALiBi from slopes (either
-form) and/or a bias row, a bias matrix at D64 only, no masks besides causal, no dropout, (B, S, H, D) inputs with
+form) and/or a bias row or a bias matrix in q's dtype, no masks besides causal, no dropout, (B, S, H, D) inputs with
 16-byte aligned strides (SDPA's (B, H, S, D) tensors transposed included), ``S_k > 0`` and, when causal,
 ``S_q <= S_k`` (every tile sees a block).
 """
@@ -130,6 +132,22 @@ def _info_slot(Tiles, buf):
 
 
 @gluon.constexpr_function
+def _q_buffers(head_dim, bias_full):
+    """Q buffers per program: two (the next tile's Q lands under this tile's last blocks), one at D128 with a bias
+    matrix, whose two stages of [128, 128] tiles take the second buffer's shared memory."""
+    return 1 if bias_full and head_dim == 128 else 2
+
+
+@gluon.jit
+def _q_buffer(r, Q_BUFS: gl.constexpr):
+    """``(buffer, phase)`` of the Q of a program's ``r``-th tile."""
+    if Q_BUFS == 2:
+        return r & 1, (r >> 1) & 1
+    else:
+        return 0, r & 1
+
+
+@gluon.constexpr_function
 def _row_ahead(head_dim):
     """Whether V_j carries block j+1's bias slice (else block j's): see the module docstring."""
     return head_dim == 64
@@ -149,6 +167,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
     k_bytes: gl.constexpr = kv_bytes + (2 * _HALF_M * bias_bytes if BIAS_FULL else 0)
+    Q_BUFS: gl.constexpr = _q_buffers(HEAD_DIM, BIAS_FULL)
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
     n_tiles = n_m * n_bh
     pid = gl.program_id(0)
@@ -159,8 +178,8 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     while t < n_tiles:
         b, h, kv_h, start_m, n_blocks, lo_masked = _tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
                                                          seqlen_k, IS_CAUSAL, BLOCK_N)
-        buf = r & 1
-        mbarrier.wait(q_empty.index(buf), (r >> 1) & 1 ^ 1)  # a fresh barrier counts as released
+        buf, q_phase = _q_buffer(r, Q_BUFS)
+        mbarrier.wait(q_empty.index(buf), q_phase ^ 1)  # a fresh barrier counts as released
         # the tile's coordinates for the consumers, published by the arrive in Q's expect below
         info = _info_slot(Tiles, buf)
         gl.store(info, b)
@@ -206,8 +225,8 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
         r += 1
         t = nprog + gl.atomic_add(Tiles, 1)  # Tiles[0] counts the tiles taken after the first round
     # no tile left: an empty one (n_blocks 0) tells the consumers to stop
-    buf = r & 1
-    mbarrier.wait(q_empty.index(buf), (r >> 1) & 1 ^ 1)
+    buf, q_phase = _q_buffer(r, Q_BUFS)
+    mbarrier.wait(q_empty.index(buf), q_phase ^ 1)
     gl.store(_info_slot(Tiles, buf) + 3, 0)
     mbarrier.arrive(q_ready.index(buf))
 
@@ -431,8 +450,8 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready,
     r = 0
     n_blocks = 1
     while n_blocks > 0:
-        buf = r & 1
-        mbarrier.wait(q_ready.index(buf), (r >> 1) & 1)
+        buf, q_phase = _q_buffer(r, _q_buffers(HEAD_DIM, BIAS_FULL))
+        mbarrier.wait(q_ready.index(buf), q_phase)
         info = _info_slot(Tiles, buf)
         n_blocks = gl.load(info + 3, volatile=True)
         if n_blocks > 0:
@@ -468,8 +487,9 @@ def _hopper_fwd_kernel(
     BLOCK_M: gl.constexpr = 2 * _HALF_M
 
     n_m = gl.cdiv(seqlen_q, BLOCK_M)
-    # Q: two buffers (this tile's and the next), each two warpgroup halves
-    q_smem = gl.allocate_shared_memory(dtype, [4, 1, _HALF_M, 1, HEAD_DIM], tile_layout)
+    # Q: two buffers (this tile's and the next; one with a D128 bias matrix), each two warpgroup halves
+    q_smem = gl.allocate_shared_memory(dtype, [2 * _q_buffers(HEAD_DIM, BIAS_FULL), 1, _HALF_M, 1, HEAD_DIM],
+                                       tile_layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, 1, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, 1, HEAD_DIM], tile_layout)
     if BIAS_ROW:
