@@ -158,10 +158,10 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
                     k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
                     seqlen_k, bias_b_on, bias_h_on, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
                     HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr):
-    """One warp: per tile, its Q into buffer ``round % 2`` once the consumers have stored the output of
-    the tile before last from there, then K_j and V_j into stage ``g % 2`` (``g`` counts key blocks over
-    all of the program's tiles) as soon as the consumers have released it: the next tile's first loads
-    run under this tile's last blocks. Tiles are addressed as [batch, row, head, 0] in (B, S, H, D). With
+    """One warp: per tile, its Q into buffer ``round % 2`` (buffer 0 with one, ``_q_buffers``) once the
+    consumers have stored the output of the tile that used the buffer before, then K_j and V_j into stage
+    ``g % 2`` (``g`` counts key blocks over all of the program's tiles) as soon as the consumers have released
+    it: the next tile's first loads run under this tile's last blocks. Tiles are addressed as [batch, row, head, 0] in (B, S, H, D). With
     ``BIAS_FULL`` the bias tile of K_j's block rides with K_j: one [64, BLOCK_N] box per consumer, at row
     ``b * bias_b_on + h * bias_h_on`` of the (B' * H', S_q, S_k) matrix."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
