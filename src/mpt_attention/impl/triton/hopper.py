@@ -38,9 +38,6 @@ ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
 BWD_HEAD_DIMS = (128,)
 # with the dQ warpgroup (dQ in any order) the Hopper kernel replaces the dQ kernel too: D64 as well
 FUSED_BWD_HEAD_DIMS = (64, 128)
-# tile widths at which the Hopper forward reads a bias matrix (its [64, 128] tiles ride with K; at 128 the forward
-# keeps one Q buffer instead of two to make room: hopper_forward._q_buffers)
-FWD_BIAS_MATRIX_HEAD_DIMS = (64, 128)
 # query heads per program with the dQ warpgroup and grouped heads (a group's heads split over programs, their
 # dK, dV partials summed after; 1 when the group size is not a multiple); launch.py decides whether grouped
 # heads take the dQ warpgroup at all
@@ -71,9 +68,10 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return f"head dim {q.shape[-1]} in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
     if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
         return "varlen, masks or dropout"
-    matrix_reader = fused_dq if dout is not None else tile_dim(q.shape[-1]) in FWD_BIAS_MATRIX_HEAD_DIMS
-    if bias is not None and bias.shape[2] != 1 and matrix_reader:
-        # the backward with the dQ warpgroup and the forward read a bias matrix through the copy engine
+    if bias is not None and bias.shape[2] != 1 and (dout is None or fused_dq):
+        # the forward (its [64, 128] tiles ride with K; at tile width 128 it keeps one Q buffer instead of two to
+        # make room: hopper_forward._q_buffers) and the backward with the dQ warpgroup read a bias matrix through
+        # the copy engine
         if bias.shape[2:] != (q.shape[1], k.shape[1]):
             return f"bias of shape {tuple(bias.shape)}: a matrix must span (S_q, S_k) = {(q.shape[1], k.shape[1])}"
         if bias.dtype != q.dtype:
