@@ -59,6 +59,22 @@ def hopper_dkdv_launches(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def hopper_forward_bias_shapes(monkeypatch):
+    """The bias shape (None without one) of each launch of the Hopper forward (``hopper.forward``) during the
+    test; each launch still runs."""
+    from mpt_attention.impl.triton import hopper
+
+    calls, real = [], hopper.forward
+
+    def record(*args):
+        calls.append(None if args[3] is None else tuple(args[3].shape))
+        return real(*args)
+
+    monkeypatch.setattr(hopper, "forward", record)
+    return calls
+
+
 def pytest_report_header(config):
     interp = os.environ.get("TRITON_INTERPRET", "0")
     return f"torch {torch.__version__}, cuda={torch.cuda.is_available()}, TRITON_INTERPRET={interp}"
