@@ -178,7 +178,7 @@ _NO_VIEW = "bias matrix strides: not a (B' * H', S_q, S_k) view with 16-byte ali
     pytest.param(torch.randn(2, 4, 128, 1, dtype=torch.bfloat16), "bias of shape (2, 4, 128, 1): a matrix must span "
                  "(S_q, S_k) = (128, 128)", id="broadcast-over-keys"),
 ])
-def test_bias_matrices_the_dq_warpgroup_cannot_read(bias, expected):
+def test_bias_matrices_the_hopper_kernels_cannot_read(bias, expected):
     assert _fused_why(bias) == expected
     # the forward reads matrices by the same rules; a backward without the dQ warpgroup reads none
     for d in (64, 112, 128):
