@@ -1,15 +1,17 @@
 """A dense (B, H, S_q, S_k) bias with its gradient: where the time goes, and the dQ routes compared.
 
-    python benchmarks/dense_bias.py [--sweep] [--head-dim D] [--no-kernels] [--forward-routes]
+    python benchmarks/dense_bias.py [--sweep] [--head-dim D] [--causal] [--no-kernels] [--forward-routes]
 
 Issue 3 asks for >= 3x SDPA memory-efficient with the same bias, forward+backward. For each shape:
 1. forward alone and forward+backward by do_bench, ours by default (on an H200: one Hopper kernel for dQ,
    dK, dV and dbias, its dQ warpgroup storing dS), ours with ``deterministic=True`` (dQ from the stored dS
    by one GEMM, or the dQ kernel: ``launch.DQ_FROM_STORED_DS``), and SDPA memory-efficient, alternated
    twice so drift shows;
-2. kernel durations inside one forward+backward of ours (torch.profiler).
+2. kernel durations inside one forward+backward of ours (torch.profiler), their sum, and the host's time per
+   step (20 steps queued without a sync): a step whose host time exceeds its kernels' is host-bound.
 ``--sweep``: block configurations of the general forward and dK/dV kernels with the dense bias instead.
-``--head-dim D``: only the shapes of that head dim; ``--no-kernels``: without step 2.
+``--head-dim D``: only the shapes of that head dim; ``--causal``: only the causal ones; ``--no-kernels``: without
+step 2.
 ``--forward-routes``: instead, the forward alone with ALiBi slopes and a bias matrix (no gradients) at D128, on
 the Gluon forward and on the general one (``hopper.ENABLED``), best of two alternated rounds.
 """
@@ -17,6 +19,7 @@ the Gluon forward and on the general one (``hopper.ENABLED``), best of two alter
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +77,24 @@ def time_it(fn, grads, mode):
     return do_bench(lambda: fn().backward(dout), warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
 
-def kernel_table(fn, label):
+def kernel_table(fn, grads, label):
     dout = torch.randn_like(fn())
-    print(f"  kernels in one forward+backward, {label}:")
-    for ms, count, name in profile_kernels(lambda: fn().backward(dout))[:10]:
+
+    def step():  # as do_bench's grad_to_none: no gradient accumulation kernels in the table
+        for t in grads:
+            t.grad = None
+        fn().backward(dout)
+
+    kernels = profile_kernels(step)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        step()
+    host_ms = (time.perf_counter() - start) / 20 * 1e3
+    torch.cuda.synchronize()
+    print(f"  kernels in one forward+backward, {label}: sum {sum(k[0] for k in kernels):.3f} ms, "
+          f"host {host_ms:.3f} ms per step")
+    for ms, count, name in kernels[:10]:
         print(f"    {ms:8.3f} ms  {count:3d}x  {name[:100]}")
 
 
@@ -138,7 +155,7 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     only = int(sys.argv[sys.argv.index("--head-dim") + 1]) if "--head-dim" in sys.argv else None
     for batch, heads, kv_heads, seq, dim, causal in SHAPES:
-        if only is not None and dim != only:
+        if (only is not None and dim != only) or ("--causal" in sys.argv and not causal):
             continue
         label = f"B{batch} H{heads}/{kv_heads} S{seq} D{dim} {'causal' if causal else 'full'}"
         print(f"\n== dense bias with grad, {label}")
@@ -163,7 +180,7 @@ def main():
                           f"  memeff/this {base / ms:.2f}x")
         if "--no-kernels" not in sys.argv:
             for name in ("default", "dq-gemm"):
-                kernel_table(provs[name][0], name)
+                kernel_table(*provs[name], name)
     launch.DQ_FROM_STORED_DS = True
 
 
