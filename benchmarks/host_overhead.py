@@ -12,6 +12,10 @@ compiling FlexAttention: the benchmark's process holds both.
 4. With ``--kernels``: kernel durations inside one forward+backward of each path (torch.profiler), two shapes.
 5. With ``--profile-backward``: cProfile of forward+backward calls (tiny shape, Hopper path).
 6. With ``--graph``: B8 S2048 forward+backward eager against replayed from a CUDA graph, ours and cuDNN.
+7. With ``--stubbed`` (alone, or with ``--profile``: cProfile of the stubbed steps): host microseconds per forward+backward step (tiny shape, Hopper path; causal
+   ALiBi, and a dense bias with its gradient) with the Triton/Gluon launches real and with them replaced by
+   no-ops: the launches' share of the host's time against everything else (our Python, torch's allocations and
+   small kernels, autograd).
 """
 
 from __future__ import annotations
@@ -187,9 +191,52 @@ def kernel_shares():
                 print(f"  {ms:8.3f} ms/step  {count:3d}x  {name[:90]}")
 
 
+def stubbed_table():
+    from triton.runtime import jit
+
+    q, k, v, slopes = inputs(1, 16, 128, 128)
+    bias = torch.randn(1, 16, 128, 128, device=DEV, dtype=DTYPE, requires_grad=True)
+    steps = {
+        "causal ALiBi": (ours(q, k, v, slopes, True), [q, k, v]),
+        "dense bias, dbias": (lambda: M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias), [q, k, v, bias]),
+    }
+    real_run = jit.JITFunction.run
+    for name, (fn, leaves) in steps.items():
+        dout = torch.randn_like(fn())
+
+        def step(fn=fn, leaves=leaves, dout=dout):
+            for t in leaves:
+                t.grad = None
+            fn().backward(dout)
+
+        for _ in range(2):
+            times = {}
+            for stub in (False, True):
+                jit.JITFunction.run = (lambda self, *a, **kw: None) if stub else real_run
+                times[stub] = host_us(step)
+            jit.JITFunction.run = real_run
+            print(f"[stubbed] host us/step B1 H16 S128 D128 {name:18s} real {times[False]:7.1f}  launches stubbed "
+                  f"{times[True]:7.1f}  (launches {times[False] - times[True]:6.1f})", flush=True)
+        if "--profile" in sys.argv:  # where the rest goes: cProfile of 300 steps with the launches stubbed
+            jit.JITFunction.run = lambda self, *a, **kw: None
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(300):
+                step()
+            prof.disable()
+            jit.JITFunction.run = real_run
+            torch.cuda.synchronize()
+            stats = pstats.Stats(prof)
+            stats.sort_stats("tottime").print_stats(40)
+            stats.sort_stats("cumulative").print_stats(50)
+
+
 def main():
     if sys.argv[1:] == ["--graph"]:  # alone: skip the host tables
         graph_table()
+        return
+    if "--stubbed" in sys.argv:
+        stubbed_table()
         return
     layer_table()
     host_table("plain")

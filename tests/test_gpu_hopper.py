@@ -492,6 +492,23 @@ def test_inputs_outside_its_scope_take_the_general_kernel(what):
         assert_close_to_reference("out", out, ref, low)
 
 
+@pytest.mark.parametrize("shape_q, heads_kv", [((0, 256, 4, 128), 2), ((2, 256, 0, 64), 1)],
+                         ids=["empty-batch", "no-query-heads"])
+def test_empty_batch_or_heads_on_an_otherwise_eligible_input(shape_q, heads_kv):
+    """Zero batch rows or zero query heads (S_q >= 128, bf16, D64/128: the Hopper kernels' scope otherwise) give
+    empty outputs and zero gradients; the Hopper path's copy-engine descriptors refused a size-0 dim (an
+    AssertionError inside Triton before session 20)."""
+    b, s, _, d = shape_q
+    q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(b, s, heads_kv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False) == "no batch rows or no query heads"
+    out, lse = M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=None, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (b, shape_q[2], s)
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and not t.grad.abs().sum()
+
+
 def test_non_deterministic_backward_changes_only_the_order_of_dq_sums():
     """deterministic=False on the Hopper path, as many KV heads as query heads: dQ comes from the dK/dV
     kernel's dQ warpgroup (float32 bulk reductions in no fixed order); dK and dV come from the same

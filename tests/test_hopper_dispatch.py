@@ -56,6 +56,8 @@ def test_head_dims_between_64_and_128_run_in_tiles_of_128(head_dim, width):
     ("varlen", "varlen, masks or dropout"),
     ("causal-more-queries-than-keys", "rows without keys"),
     ("no-keys", "rows without keys"),
+    ("empty-batch", "no batch rows or no query heads"),
+    ("no-query-heads", "no batch rows or no query heads"),
     ("decode", "fewer than 128 query rows"),
     ("misaligned", "strides not 16-byte aligned"),
     ("kv-expanded-over-heads", "a dim expanded with stride 0"),
@@ -78,6 +80,10 @@ def test_reasons(what, expected):
         q, k, v = _qkv(s_q=200, s_k=100)
     elif what == "no-keys":
         q, k, v = _qkv(s_k=0)
+    elif what == "empty-batch":
+        q, k, v = (t[:0] for t in _qkv(s_q=256, s_k=256))
+    elif what == "no-query-heads":
+        q = q[:, :, :0]
     elif what == "decode":
         q, k, v = _qkv(s_q=1, s_k=4097)
     elif what == "misaligned":

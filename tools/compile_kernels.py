@@ -69,9 +69,9 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             bits = 32 if bias == "fp32" else 16
             row_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=3)
             sig[name] = f"tensordesc<{bias}[1, 1, {consts['BLOCK_N']}],{row_layout!r}>"
-        elif name == "dq_desc":  # the fused backward's float32 dQ buffer, unswizzled [1, 32, 1, D] boxes
-            dq_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)
-            sig[name] = f"tensordesc<fp32[1, {rows['q_desc']}, 1, {head_dim}],{dq_layout!r}>"
+        elif name == "dq_desc":  # the fused backward's float32 dQ buffer: 128-byte swizzled [1, BLOCK_M, 1, 32] boxes
+            from mpt_attention.impl.triton.hopper import _DQ_LAYOUT
+            sig[name] = f"tensordesc<fp32[1, {rows['q_desc']}, 1, 32],{_DQ_LAYOUT!r}>"
         elif name in rows:
             sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, 1, {head_dim}],{layout!r}>"
         elif name[0].isupper():

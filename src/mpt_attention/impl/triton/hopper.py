@@ -27,7 +27,7 @@ try:
     # and their outputs are (B, S, H, D) boxes; a bias matrix and its gradient (B' * H', S_q, S_k) boxes
     _TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     _MATRIX_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
-    _DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=4)  # fused dQ buffer
+    _DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=4)  # fused dQ buffer
 except Exception as exc:  # a Triton without Gluon's Hopper module
     _hopper_fwd_kernel = _hopper_bwd_dkdv_kernel = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -84,6 +84,8 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         if bias.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"bias dtype {bias.dtype}"
     s_q, s_k = q.shape[1], k.shape[1]
+    if q.shape[0] == 0 or q.shape[2] == 0:
+        return "no batch rows or no query heads"  # the general launchers return at once; a descriptor needs dims > 0
     if s_q == 0 or s_k == 0 or (causal and s_q > s_k):
         return "rows without keys"  # the kernel assumes every row sees a key
     if s_q < BLOCK_M:
@@ -280,7 +282,9 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     elif bias is not None:  # read with plain loads here (one value per tile row): any strides do
         b_on, h_on = bias_dims_on(bias)
         bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
-    dq_desc = None if dq_acc is None else _descriptor(dq_acc, block_m, _DQ_LAYOUT)  # one step's queries x D
+    dq_desc = None  # one step's queries x 32 columns
+    if dq_acc is not None:
+        dq_desc = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, block_m, 1, 32], _DQ_LAYOUT)
     # grouped heads with the dQ warpgroup: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
     # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
     n_groups = n_heads // n_kv

@@ -63,6 +63,8 @@ _LOG2E = gl.constexpr(1.4426950408889634)
 # a barrier over the calling partition's warps: gl.thread_barrier in Triton 3.6, renamed gl.barrier in 3.7
 _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
+# fused dQ: float32 columns per staging tile, one 128-byte swizzled row (the copy engine's widest swizzle span)
+_DQ_COLS = gl.constexpr(32)
 _DS_SLOTS = gl.constexpr(4)  # fused dQ: steps of dS^T the consumers may run ahead of the dQ warpgroup
 
 
@@ -309,6 +311,8 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
                                                          instr_shape=[16, BLOCK_M, 16])
     CHUNK_D: gl.constexpr = 64
     dqt_zero = gl.zeros([CHUNK_D, BLOCK_M], gl.float32, dqt_layout)
+    N_CHUNKS: gl.constexpr = HEAD_DIM // CHUNK_D
+    N_QUARTERS: gl.constexpr = HEAD_DIM // _DQ_COLS
     if STORE_DS and IS_CAUSAL:
         if lo > 0:  # queries [0, lo) see none of these keys; issued before the first step, drained by its wait
             fill: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -326,7 +330,7 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
         ds_row = b * n_heads + h0 + g  # of the bias gradient seen as (B * H, S_q, S_k)
         for start_m in range(lo, seqlen_q, BLOCK_M):
             slot = t % _DS_SLOTS
-            buf = dq_smem.index(t % 2).reshape([BLOCK_M, HEAD_DIM])
+            stage = t % 2
             mbarrier.wait(ds_ready.index(slot), (t // _DS_SLOTS) % 2)
             if STORE_DS:
                 # both halves out first; the previous step waited for every earlier reduction (below)
@@ -338,7 +342,7 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
             else:
                 # the reduction issued from this buffer two steps ago must have read it; bulk-group state is
                 # the issuing thread's, so the barrier holds the other threads until it has drained
-                tma.store_wait(1)
+                tma.store_wait(N_QUARTERS)
                 _partition_barrier()
                 ds0 = ds_smem.index(2 * slot)
                 ds1 = ds_smem.index(2 * slot + 1)
@@ -348,14 +352,21 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
                 dqt = warpgroup_mma(k0t, ds0, dqt_zero, use_acc=False, is_async=True)
                 dqt = warpgroup_mma(k1t, ds1, dqt, is_async=True)
                 dqt = warpgroup_mma_wait(0, deps=[dqt])
-                # transposed in registers: a store through a permuted view of this layout lands untransposed
-                buf.slice(dc * CHUNK_D, CHUNK_D, dim=1).store(gl.permute(dqt * softmax_scale, (1, 0)))
+                # transposed in registers, the chunk's two 32-column halves as the staging tiles they go to
+                dq = gl.permute(dqt * softmax_scale, (1, 0))  # [BLOCK_M, CHUNK_D]
+                dq = gl.permute(gl.reshape(dq, [BLOCK_M, 2, _DQ_COLS]), (1, 0, 2))
+                dq_smem.index(stage * N_CHUNKS + dc).store(dq)
             fence_async_shared()
             if STORE_DS:  # the slot is free once the dS stores have read it (and, before them, the reductions)
                 tma.store_wait(0)
             _partition_barrier()  # every warp's products are done and its part of the tile stored
             mbarrier.arrive(ds_free.index(slot))
-            _tma_reduce_add(dq_desc, [b, start_m, h0 + g, 0], dq_smem.index(t % 2))
+            for qi in gl.static_range(N_QUARTERS):
+                # the chunk's two tiles as the descriptor's [1, BLOCK_M, 1, 32] boxes (the same bytes and swizzle)
+                pair = dq_smem.index(stage * N_CHUNKS + qi // 2)._reinterpret(
+                    gl.float32, [2, 1, BLOCK_M, 1, _DQ_COLS], dq_desc.layout)
+                tile = pair.index(qi % 2)
+                _tma_reduce_add(dq_desc, [b, start_m, h0 + g, qi * _DQ_COLS], tile)
             t += 1
     _partition_barrier()
     mbarrier.arrive(dq_done)
@@ -436,7 +447,10 @@ def _hopper_bwd_dkdv_kernel(
             bias_smem = gl.allocate_shared_memory(dtype, [4, 1, BLOCK_M, _HALF_N], mat_layout)
         else:
             bias_smem = q_smem  # never read
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, BLOCK_M, 1, HEAD_DIM], dq_desc.layout)
+        # [stage * chunk, half]: each 64-column chunk of dQ as two 32-column tiles, 128-byte swizzled (the
+        # transposed store from the accumulator layout without bank conflicts)
+        dq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * HEAD_DIM // 64, 2, BLOCK_M, _DQ_COLS], dq_layout)
         ds_ready = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         ds_free = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         dq_done = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
