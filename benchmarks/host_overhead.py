@@ -12,10 +12,10 @@ compiling FlexAttention: the benchmark's process holds both.
 4. With ``--kernels``: kernel durations inside one forward+backward of each path (torch.profiler), two shapes.
 5. With ``--profile-backward``: cProfile of forward+backward calls (tiny shape, Hopper path).
 6. With ``--graph``: B8 S2048 forward+backward eager against replayed from a CUDA graph, ours and cuDNN.
-7. With ``--stubbed`` (alone, or with ``--profile``: cProfile of the stubbed steps): host microseconds per forward+backward step (tiny shape, Hopper path; causal
-   ALiBi, and a dense bias with its gradient) with the Triton/Gluon launches real and with them replaced by
-   no-ops: the launches' share of the host's time against everything else (our Python, torch's allocations and
-   small kernels, autograd).
+7. With ``--stubbed`` (alone, or with ``--profile``: cProfile of the stubbed steps): host microseconds per
+   forward+backward step (tiny shape, Hopper path; causal ALiBi, and a dense bias with its gradient) with the
+   Triton/Gluon launches real and with them replaced by no-ops: the launches' share of the host's time against
+   everything else (our Python, torch's allocations and small kernels, autograd).
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ def stubbed_table():
     bias = torch.randn(1, 16, 128, 128, device=DEV, dtype=DTYPE, requires_grad=True)
     steps = {
         "causal ALiBi": (ours(q, k, v, slopes, True), [q, k, v]),
-        "dense bias, dbias": (lambda: M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias), [q, k, v, bias]),
+        "dense bias, dbias": (lambda: M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias),
+                              [q, k, v, bias]),
     }
     real_run = jit.JITFunction.run
     for name, (fn, leaves) in steps.items():

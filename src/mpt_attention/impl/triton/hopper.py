@@ -121,11 +121,10 @@ def product_tail(head_dim: int) -> int:
     return 16 if 64 < head_dim <= 80 else 32 if 80 < head_dim <= 96 else 0
 
 
-def _descriptor(x: torch.Tensor, rows: int, layout=None) -> "TensorDescriptor":
+def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     """Copy-engine descriptor of ``x`` (B, S, H, D), any 16-byte aligned strides, boxes of [1, rows, 1,
     tile_dim(D)]."""
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, tile_dim(x.shape[3])],
-                            layout or _TILE_LAYOUT)
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, tile_dim(x.shape[3])], _TILE_LAYOUT)
 
 
 def bias_dims_on(bias: torch.Tensor) -> tuple[int, int]:

@@ -30,9 +30,12 @@ The program owns the dK, dV rows it writes: no atomics there. dQ comes one of tw
 - ``FUSED_DQ`` (dQ in any order: the default unless reproducibility is asked for; tiles of 64 or 128): a fourth
   warpgroup. Each consumer stores its dS^T half ([64 keys, BLOCK_M]) in a ring of ``_DS_SLOTS`` steps
   under its dK product and signals; the dQ warpgroup forms dQ^T = K^T dS^T over all 128 keys (K from
-  shared memory, D in chunks of 64) and adds it into a float32 buffer by a bulk tensor reduction. The
-  consumers wait on nothing of it unless it falls a whole ring behind; they give K's registers to it (K
-  is read from shared memory then). Five GEMMs per step instead of the split's seven: the backward
+  shared memory, D in chunks of 64) and adds it into a float32 buffer by bulk tensor reductions, one per 32
+  columns: each [BLOCK_M, 32] staging tile is one 128-byte swizzled row per query, so the transposed store from
+  the accumulator layout has no bank conflicts (one unswizzled [BLOCK_M, D] tile had ~11 store wavefronts per
+  instruction and kept the shared-memory store pipe 86% busy: the kernel 2.90 -> 2.56 ms, benchmarks/NOTES.md
+  session 20). The consumers wait on nothing of it unless it falls a whole ring behind; they give K's
+  registers to it (K is read from shared memory then). Five GEMMs per step instead of the split's seven: the backward
   1.07-1.19x the split on an H200 with as many KV heads as query heads (benchmarks/NOTES.md, session 15).
   Grouped heads: a program takes ``n_groups / n_splits`` of its group's query heads (two: 1.05x the split
   at GQA 32:4 S8192, against 0.86x with the whole group in one program, whose few, long programs left a
@@ -387,7 +390,7 @@ def _hopper_bwd_dkdv_kernel(
     the grid's last programs are short ones. Launched with num_warps=4. Descriptors as in
     the forward: (B, S, H, D) with their strides, boxes [1, 64 or BLOCK_M, 1, HEAD_DIM] (the tile width:
     columns past D read as zeros, dropped on stores); ``dq_desc`` (``FUSED_DQ``) a float32 (B, S_q, H, D)
-    buffer, boxes [1, BLOCK_M, 1, HEAD_DIM], unswizzled. A program takes the ``n_groups / n_splits`` query
+    buffer, boxes [1, BLOCK_M, 1, 32], 128-byte swizzled. A program takes the ``n_groups / n_splits`` query
     heads of its split; with ``PARTIAL_DKV`` (more than one split) it writes its float32 dK, dV sums into
     ``DKVPart``, (2, n_splits, B, S_k, H_kv, HEAD_DIM), instead of dK and dV.
     ``BIAS_FULL`` (with ``FUSED_DQ``): a bias matrix in q's dtype through ``bias_desc``, a (B' * H', S_q, S_k)
