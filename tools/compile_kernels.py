@@ -116,6 +116,26 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes)
 
 
+def _compile_dq_staging_probe(block_m: int):
+    """A kernel that compiles only if ``hopper_backward``'s dQ staging store has no bank conflicts (Gluon's
+    compile-time count for the accumulator layout and the staging tiles' shared layout)."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from mpt_attention.impl.triton.hopper_backward import DQ_TILE_LAYOUT, dq_chunk_tiles, dqt_layout
+
+    @gluon.jit
+    def probe(BLOCK_M: gl.constexpr):
+        tiles = dq_chunk_tiles(gl.zeros([64, BLOCK_M], gl.float32, dqt_layout(BLOCK_M)), BLOCK_M)
+        smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, 32], DQ_TILE_LAYOUT)
+        gl.static_assert(gl.bank_conflicts(tiles.type, smem.type) == 0, "bank conflicts in the dQ staging store")
+        smem.store(tiles)
+
+    src = GluonASTSource(fn=probe, signature={"BLOCK_M": "constexpr"}, constexprs={(0,): block_m})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
 def triton_tool(name: str) -> str:
     """Path of a CUDA tool that ships with Triton (ptxas, cuobjdump): the versions its kernels are built with."""
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
@@ -192,6 +212,10 @@ def main() -> int:
         name = f"hopper-fused-dq bias matrix D={head_dim} causal={causal} alibi={alibi} {dtype} dbias={store_ds}"
         failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype, fused_dq=True,
                                   full_bias=True, store_ds=store_ds)
+    # the dQ warpgroup's staging stores (its accumulator, transposed, into swizzled float32 tiles): no bank conflicts
+    # (one unswizzled tile had 4-way conflicts, and its stores bound the kernel: benchmarks/NOTES.md session 20)
+    for block_m in (32, 64):
+        failures += _report_gluon(f"dq-staging BLOCK_M={block_m}: no bank conflicts", _compile_dq_staging_probe, block_m)
     flag_sets = [
         dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
         dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True, VARLEN=False),

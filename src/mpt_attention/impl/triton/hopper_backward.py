@@ -32,8 +32,8 @@ The program owns the dK, dV rows it writes: no atomics there. dQ comes one of tw
   under its dK product and signals; the dQ warpgroup forms dQ^T = K^T dS^T over all 128 keys (K from
   shared memory, D in chunks of 64) and adds it into a float32 buffer by bulk tensor reductions, one per 32
   columns: each [BLOCK_M, 32] staging tile is one 128-byte swizzled row per query, so the transposed store from
-  the accumulator layout has no bank conflicts (one unswizzled [BLOCK_M, D] tile had ~11 store wavefronts per
-  instruction and kept the shared-memory store pipe 86% busy: the kernel 2.90 -> 2.56 ms, benchmarks/NOTES.md
+  the accumulator layout has no bank conflicts (one unswizzled [BLOCK_M, D] tile had 4-way conflicts, and its
+  stores kept the load/store pipe 86% busy: the kernel 2.90 -> 2.56 ms at B2 H16 S8192, benchmarks/NOTES.md
   session 20). The consumers wait on nothing of it unless it falls a whole ring behind; they give K's
   registers to it (K is read from shared memory then). Five GEMMs per step instead of the split's seven: the backward
   1.07-1.19x the split on an H200 with as many KV heads as query heads (benchmarks/NOTES.md, session 15).
@@ -68,6 +68,7 @@ _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
 # fused dQ: float32 columns per staging tile, one 128-byte swizzled row (the copy engine's widest swizzle span)
 _DQ_COLS = gl.constexpr(32)
+DQ_TILE_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3))
 _DS_SLOTS = gl.constexpr(4)  # fused dQ: steps of dS^T the consumers may run ahead of the dQ warpgroup
 
 
@@ -78,6 +79,20 @@ def _fused_regs(head_dim, which):
     one warp rounded up to a warpgroup of 24 each). The fewest spills under Triton 3.6's ptxas: at D128
     216 and 56 (D in two [64, 32] products), at D64 208 and 72 (one [64, 64] product)."""
     return (216, 56)[which] if head_dim == 128 else (208, 72)[which]
+
+
+@gluon.constexpr_function
+def dqt_layout(block_m):
+    """The dQ warpgroup's accumulator: a [64 columns of D, BLOCK_M queries] chunk of dQ^T."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_m, 16])
+
+
+@gluon.jit
+def dq_chunk_tiles(dqt, BLOCK_M: gl.constexpr):
+    """A [64, BLOCK_M] chunk of dQ^T as its two staging tiles, [2, BLOCK_M, 32] (queries as rows: dQ's layout).
+    Stored into ``DQ_TILE_LAYOUT`` tiles without bank conflicts (tools/compile_kernels.py checks it)."""
+    dq = gl.permute(dqt, (1, 0))  # [BLOCK_M, 64]
+    return gl.permute(gl.reshape(dq, [BLOCK_M, 2, _DQ_COLS]), (1, 0, 2))
 
 
 @builtin
@@ -310,10 +325,8 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
     whole gradient before the kernel)."""
     # [64, BLOCK_M] per product: D in chunks of 64 one after the other (at D=128 16 accumulator registers
     # live, not 32)
-    dqt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BLOCK_M, 16])
     CHUNK_D: gl.constexpr = 64
-    dqt_zero = gl.zeros([CHUNK_D, BLOCK_M], gl.float32, dqt_layout)
+    dqt_zero = gl.zeros([CHUNK_D, BLOCK_M], gl.float32, dqt_layout(BLOCK_M))
     N_CHUNKS: gl.constexpr = HEAD_DIM // CHUNK_D
     N_QUARTERS: gl.constexpr = HEAD_DIM // _DQ_COLS
     if STORE_DS and IS_CAUSAL:
@@ -355,10 +368,7 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
                 dqt = warpgroup_mma(k0t, ds0, dqt_zero, use_acc=False, is_async=True)
                 dqt = warpgroup_mma(k1t, ds1, dqt, is_async=True)
                 dqt = warpgroup_mma_wait(0, deps=[dqt])
-                # transposed in registers, the chunk's two 32-column halves as the staging tiles they go to
-                dq = gl.permute(dqt * softmax_scale, (1, 0))  # [BLOCK_M, CHUNK_D]
-                dq = gl.permute(gl.reshape(dq, [BLOCK_M, 2, _DQ_COLS]), (1, 0, 2))
-                dq_smem.index(stage * N_CHUNKS + dc).store(dq)
+                dq_smem.index(stage * N_CHUNKS + dc).store(dq_chunk_tiles(dqt * softmax_scale, BLOCK_M))
             fence_async_shared()
             if STORE_DS:  # the slot is free once the dS stores have read it (and, before them, the reductions)
                 tma.store_wait(0)
@@ -452,8 +462,7 @@ def _hopper_bwd_dkdv_kernel(
             bias_smem = q_smem  # never read
         # [stage * chunk, half]: each 64-column chunk of dQ as two 32-column tiles, 128-byte swizzled (the
         # transposed store from the accumulator layout without bank conflicts)
-        dq_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * HEAD_DIM // 64, 2, BLOCK_M, _DQ_COLS], dq_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * HEAD_DIM // 64, 2, BLOCK_M, _DQ_COLS], DQ_TILE_LAYOUT)
         ds_ready = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         ds_free = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         dq_done = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
