@@ -71,7 +71,8 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             sig[name] = f"tensordesc<{bias}[1, 1, {consts['BLOCK_N']}],{row_layout!r}>"
         elif name == "dq_desc":  # the fused backward's float32 dQ buffer: 128-byte swizzled [1, BLOCK_M, 1, 32] boxes
             from mpt_attention.impl.triton.hopper import _DQ_LAYOUT
-            sig[name] = f"tensordesc<fp32[1, {rows['q_desc']}, 1, 32],{_DQ_LAYOUT!r}>"
+            from mpt_attention.impl.triton.hopper_backward import DQ_COLS
+            sig[name] = f"tensordesc<fp32[1, {rows['q_desc']}, 1, {DQ_COLS.value}],{_DQ_LAYOUT!r}>"
         elif name in rows:
             sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, 1, {head_dim}],{layout!r}>"
         elif name[0].isupper():
@@ -123,12 +124,12 @@ def _compile_dq_staging_probe(block_m: int):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from mpt_attention.impl.triton.hopper_backward import DQ_TILE_LAYOUT, dq_chunk_tiles, dqt_layout
+    from mpt_attention.impl.triton.hopper_backward import DQ_COLS, DQ_TILE_LAYOUT, dq_chunk_tiles, dqt_layout
 
     @gluon.jit
     def probe(BLOCK_M: gl.constexpr):
         tiles = dq_chunk_tiles(gl.zeros([64, BLOCK_M], gl.float32, dqt_layout(BLOCK_M)), BLOCK_M)
-        smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, 32], DQ_TILE_LAYOUT)
+        smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQ_COLS], DQ_TILE_LAYOUT)
         gl.static_assert(gl.bank_conflicts(tiles.type, smem.type) == 0, "bank conflicts in the dQ staging store")
         smem.store(tiles)
 

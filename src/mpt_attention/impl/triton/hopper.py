@@ -20,7 +20,7 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
+    from mpt_attention.impl.triton.hopper_backward import DQ_COLS, _hopper_bwd_dkdv_kernel
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
     _IMPORT_ERROR = None
     # the kernels' shared-memory layouts (hopper_forward/hopper_backward), built once: frozen. Tiles of q, k, v
@@ -281,9 +281,10 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     elif bias is not None:  # read with plain loads here (one value per tile row): any strides do
         b_on, h_on = bias_dims_on(bias)
         bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
-    dq_desc = None  # one step's queries x 32 columns
+    dq_desc = None  # boxes of one step's queries x DQ_COLS columns
     if dq_acc is not None:
-        dq_desc = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, block_m, 1, 32], _DQ_LAYOUT)
+        dq_desc = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, block_m, 1, DQ_COLS.value],
+                                   _DQ_LAYOUT)
     # grouped heads with the dQ warpgroup: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
     # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
     n_groups = n_heads // n_kv

@@ -66,8 +66,9 @@ _LOG2E = gl.constexpr(1.4426950408889634)
 # a barrier over the calling partition's warps: gl.thread_barrier in Triton 3.6, renamed gl.barrier in 3.7
 _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
-# fused dQ: float32 columns per staging tile, one 128-byte swizzled row (the copy engine's widest swizzle span)
-_DQ_COLS = gl.constexpr(32)
+# fused dQ: float32 columns per staging tile, one 128-byte swizzled row (the copy engine's widest swizzle span);
+# also the dQ buffer descriptor's box width (hopper.backward_dkdv)
+DQ_COLS = gl.constexpr(32)
 DQ_TILE_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3))
 _DS_SLOTS = gl.constexpr(4)  # fused dQ: steps of dS^T the consumers may run ahead of the dQ warpgroup
 
@@ -92,7 +93,7 @@ def dq_chunk_tiles(dqt, BLOCK_M: gl.constexpr):
     """A [64, BLOCK_M] chunk of dQ^T as its two staging tiles, [2, BLOCK_M, 32] (queries as rows: dQ's layout).
     Stored into ``DQ_TILE_LAYOUT`` tiles without bank conflicts (tools/compile_kernels.py checks it)."""
     dq = gl.permute(dqt, (1, 0))  # [BLOCK_M, 64]
-    return gl.permute(gl.reshape(dq, [BLOCK_M, 2, _DQ_COLS]), (1, 0, 2))
+    return gl.permute(gl.reshape(dq, [BLOCK_M, 2, DQ_COLS]), (1, 0, 2))
 
 
 @builtin
@@ -328,7 +329,7 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
     CHUNK_D: gl.constexpr = 64
     dqt_zero = gl.zeros([CHUNK_D, BLOCK_M], gl.float32, dqt_layout(BLOCK_M))
     N_CHUNKS: gl.constexpr = HEAD_DIM // CHUNK_D
-    N_QUARTERS: gl.constexpr = HEAD_DIM // _DQ_COLS
+    N_QUARTERS: gl.constexpr = HEAD_DIM // DQ_COLS
     if STORE_DS and IS_CAUSAL:
         if lo > 0:  # queries [0, lo) see none of these keys; issued before the first step, drained by its wait
             fill: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -377,9 +378,9 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
             for qi in gl.static_range(N_QUARTERS):
                 # the chunk's two tiles as the descriptor's [1, BLOCK_M, 1, 32] boxes (the same bytes and swizzle)
                 pair = dq_smem.index(stage * N_CHUNKS + qi // 2)._reinterpret(
-                    gl.float32, [2, 1, BLOCK_M, 1, _DQ_COLS], dq_desc.layout)
+                    gl.float32, [2, 1, BLOCK_M, 1, DQ_COLS], dq_desc.layout)
                 tile = pair.index(qi % 2)
-                _tma_reduce_add(dq_desc, [b, start_m, h0 + g, qi * _DQ_COLS], tile)
+                _tma_reduce_add(dq_desc, [b, start_m, h0 + g, qi * DQ_COLS], tile)
             t += 1
     _partition_barrier()
     mbarrier.arrive(dq_done)
@@ -462,7 +463,7 @@ def _hopper_bwd_dkdv_kernel(
             bias_smem = q_smem  # never read
         # [stage * chunk, half]: each 64-column chunk of dQ as two 32-column tiles, 128-byte swizzled (the
         # transposed store from the accumulator layout without bank conflicts)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * HEAD_DIM // 64, 2, BLOCK_M, _DQ_COLS], DQ_TILE_LAYOUT)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * HEAD_DIM // 64, 2, BLOCK_M, DQ_COLS], DQ_TILE_LAYOUT)
         ds_ready = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         ds_free = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         dq_done = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
