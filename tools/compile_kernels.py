@@ -124,12 +124,12 @@ def _compile_dq_staging_probe(block_m: int):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from mpt_attention.impl.triton.hopper_backward import DQ_COLS, DQ_TILE_LAYOUT, dq_chunk_tiles, dqt_layout
+    from mpt_attention.impl.triton.hopper_backward import DQ_CHUNK, DQ_COLS, DQ_TILE_LAYOUT, dq_chunk_tiles, dqt_layout
 
     @gluon.jit
     def probe(BLOCK_M: gl.constexpr):
-        tiles = dq_chunk_tiles(gl.zeros([64, BLOCK_M], gl.float32, dqt_layout(BLOCK_M)), BLOCK_M)
-        smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQ_COLS], DQ_TILE_LAYOUT)
+        tiles = dq_chunk_tiles(gl.zeros([DQ_CHUNK, BLOCK_M], gl.float32, dqt_layout(BLOCK_M)), BLOCK_M)
+        smem = gl.allocate_shared_memory(gl.float32, [DQ_CHUNK // DQ_COLS, BLOCK_M, DQ_COLS], DQ_TILE_LAYOUT)
         gl.static_assert(gl.bank_conflicts(tiles.type, smem.type) == 0, "bank conflicts in the dQ staging store")
         smem.store(tiles)
 

@@ -66,8 +66,10 @@ _LOG2E = gl.constexpr(1.4426950408889634)
 # a barrier over the calling partition's warps: gl.thread_barrier in Triton 3.6, renamed gl.barrier in 3.7
 _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
-# fused dQ: float32 columns per staging tile, one 128-byte swizzled row (the copy engine's widest swizzle span);
-# also the dQ buffer descriptor's box width (hopper.backward_dkdv)
+# fused dQ: the dQ warpgroup's product forms D in chunks of DQ_CHUNK columns (at D=128 16 accumulator registers
+# live, not 32), each staged as tiles of DQ_COLS float32 columns, one 128-byte swizzled row (the copy engine's
+# widest swizzle span; also the dQ buffer descriptor's box width, hopper.backward_dkdv)
+DQ_CHUNK = gl.constexpr(64)
 DQ_COLS = gl.constexpr(32)
 DQ_TILE_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3))
 _DS_SLOTS = gl.constexpr(4)  # fused dQ: steps of dS^T the consumers may run ahead of the dQ warpgroup
@@ -90,10 +92,11 @@ def dqt_layout(block_m):
 
 @gluon.jit
 def dq_chunk_tiles(dqt, BLOCK_M: gl.constexpr):
-    """A [64, BLOCK_M] chunk of dQ^T as its two staging tiles, [2, BLOCK_M, 32] (queries as rows: dQ's layout).
-    Stored into ``DQ_TILE_LAYOUT`` tiles without bank conflicts (tools/compile_kernels.py checks it)."""
-    dq = gl.permute(dqt, (1, 0))  # [BLOCK_M, 64]
-    return gl.permute(gl.reshape(dq, [BLOCK_M, 2, DQ_COLS]), (1, 0, 2))
+    """A [DQ_CHUNK, BLOCK_M] chunk of dQ^T as its staging tiles, [DQ_CHUNK // DQ_COLS, BLOCK_M, DQ_COLS]
+    (queries as rows: dQ's layout). Stored into ``DQ_TILE_LAYOUT`` tiles without bank conflicts
+    (tools/compile_kernels.py checks it)."""
+    dq = gl.permute(dqt, (1, 0))  # [BLOCK_M, DQ_CHUNK]
+    return gl.permute(gl.reshape(dq, [BLOCK_M, DQ_CHUNK // DQ_COLS, DQ_COLS]), (1, 0, 2))
 
 
 @builtin
@@ -319,17 +322,16 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
                       b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr,
                       BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr):
     """One warpgroup (``FUSED_DQ``): per step dQ^T = K^T dS^T over the program's 128 keys ([D, BLOCK_M], both
-    consumers' halves of dS^T from the ring), added into the float32 dQ buffer by a bulk reduction. The
-    consumers never wait for it unless it falls ``_DS_SLOTS`` steps behind. ``STORE_DS``: dS is the bias
+    consumers' halves of dS^T from the ring), added into the float32 dQ buffer by bulk reductions, one per staging
+    tile. The consumers never wait for it unless it falls ``_DS_SLOTS`` steps behind. ``STORE_DS``: dS is the bias
     gradient too (a full-shape bias in q's dtype), bulk-stored from the ring into ``dbias_desc``; causal, the
     tiles above the diagonal that the program skips are stored as zeros from ``zero_smem`` (no memset of the
     whole gradient before the kernel)."""
-    # [64, BLOCK_M] per product: D in chunks of 64 one after the other (at D=128 16 accumulator registers
-    # live, not 32)
-    CHUNK_D: gl.constexpr = 64
-    dqt_zero = gl.zeros([CHUNK_D, BLOCK_M], gl.float32, dqt_layout(BLOCK_M))
-    N_CHUNKS: gl.constexpr = HEAD_DIM // CHUNK_D
-    N_QUARTERS: gl.constexpr = HEAD_DIM // DQ_COLS
+    # [DQ_CHUNK, BLOCK_M] per product: D in chunks one after the other
+    dqt_zero = gl.zeros([DQ_CHUNK, BLOCK_M], gl.float32, dqt_layout(BLOCK_M))
+    N_CHUNKS: gl.constexpr = HEAD_DIM // DQ_CHUNK
+    TILES_PER_CHUNK: gl.constexpr = DQ_CHUNK // DQ_COLS
+    N_TILES: gl.constexpr = HEAD_DIM // DQ_COLS
     if STORE_DS and IS_CAUSAL:
         if lo > 0:  # queries [0, lo) see none of these keys; issued before the first step, drained by its wait
             fill: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -359,13 +361,14 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
             else:
                 # the reduction issued from this buffer two steps ago must have read it; bulk-group state is
                 # the issuing thread's, so the barrier holds the other threads until it has drained
-                tma.store_wait(N_QUARTERS)
+                tma.store_wait(N_TILES)
                 _partition_barrier()
                 ds0 = ds_smem.index(2 * slot)
                 ds1 = ds_smem.index(2 * slot + 1)
-            for dc in gl.static_range(HEAD_DIM // CHUNK_D):
-                k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(dc * CHUNK_D, CHUNK_D, dim=1).permute((1, 0))
-                k1t = k_smem.index(1).reshape([_HALF_N, HEAD_DIM]).slice(dc * CHUNK_D, CHUNK_D, dim=1).permute((1, 0))
+            for dc in gl.static_range(N_CHUNKS):
+                k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(dc * DQ_CHUNK, DQ_CHUNK, dim=1)
+                k1t = k_smem.index(1).reshape([_HALF_N, HEAD_DIM]).slice(dc * DQ_CHUNK, DQ_CHUNK, dim=1)
+                k0t, k1t = k0t.permute((1, 0)), k1t.permute((1, 0))
                 dqt = warpgroup_mma(k0t, ds0, dqt_zero, use_acc=False, is_async=True)
                 dqt = warpgroup_mma(k1t, ds1, dqt, is_async=True)
                 dqt = warpgroup_mma_wait(0, deps=[dqt])
@@ -375,11 +378,11 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
                 tma.store_wait(0)
             _partition_barrier()  # every warp's products are done and its part of the tile stored
             mbarrier.arrive(ds_free.index(slot))
-            for qi in gl.static_range(N_QUARTERS):
-                # the chunk's two tiles as the descriptor's [1, BLOCK_M, 1, 32] boxes (the same bytes and swizzle)
-                pair = dq_smem.index(stage * N_CHUNKS + qi // 2)._reinterpret(
-                    gl.float32, [2, 1, BLOCK_M, 1, DQ_COLS], dq_desc.layout)
-                tile = pair.index(qi % 2)
+            for qi in gl.static_range(N_TILES):
+                # the chunk's tiles as the descriptor's [1, BLOCK_M, 1, DQ_COLS] boxes (the same bytes and swizzle)
+                tiles = dq_smem.index(stage * N_CHUNKS + qi // TILES_PER_CHUNK)._reinterpret(
+                    gl.float32, [TILES_PER_CHUNK, 1, BLOCK_M, 1, DQ_COLS], dq_desc.layout)
+                tile = tiles.index(qi % TILES_PER_CHUNK)
                 _tma_reduce_add(dq_desc, [b, start_m, h0 + g, qi * DQ_COLS], tile)
             t += 1
     _partition_barrier()
@@ -461,9 +464,10 @@ def _hopper_bwd_dkdv_kernel(
             bias_smem = gl.allocate_shared_memory(dtype, [4, 1, BLOCK_M, _HALF_N], mat_layout)
         else:
             bias_smem = q_smem  # never read
-        # [stage * chunk, half]: each 64-column chunk of dQ as two 32-column tiles, 128-byte swizzled (the
+        # [stage * chunk, tile]: each DQ_CHUNK-column chunk of dQ as DQ_COLS-column tiles, 128-byte swizzled (the
         # transposed store from the accumulator layout without bank conflicts)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * HEAD_DIM // 64, 2, BLOCK_M, DQ_COLS], DQ_TILE_LAYOUT)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * HEAD_DIM // DQ_CHUNK, DQ_CHUNK // DQ_COLS, BLOCK_M,
+                                                         DQ_COLS], DQ_TILE_LAYOUT)
         ds_ready = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         ds_free = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
         dq_done = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
