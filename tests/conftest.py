@@ -1,5 +1,6 @@
 """Test setup: Triton's CPU interpreter when there is no GPU, NaN-poisoned allocations, seeds."""
 
+import inspect
 import os
 
 import pytest
@@ -50,10 +51,12 @@ def hopper_dkdv_launches(monkeypatch):
 
     calls, real = [], hopper.backward_dkdv
 
-    def record(*args):
-        bias, dq_acc, dbias = args[8], (args[13:] + (None,))[0], (args[14:] + (None,))[0]
+    def record(*args, **kwargs):
+        call = inspect.signature(real).bind(*args, **kwargs)
+        call.apply_defaults()
+        bias, dq_acc, dbias = (call.arguments[name] for name in ("bias", "dq_acc", "dbias"))
         calls.append((bias is not None and bias.shape[2] != 1, dq_acc is not None, dbias is not None))
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(hopper, "backward_dkdv", record)
     return calls

@@ -237,3 +237,35 @@ def test_backward_row_groups_keep_what_their_programs_share_within_the_l2_budget
                                                                                    fused_dq, expected):
     q = torch.empty(1, s_q, heads_per_row, d, dtype=torch.bfloat16, device="meta")
     assert hopper.bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq) == expected
+
+
+@pytest.mark.parametrize("soft_rows", [False, True], ids=["no-bias", "bias-may-soft-mask-rows"])
+def test_row_terms_for_the_hopper_backward(soft_rows):
+    """The delta kernel's copy of the per-query terms the Hopper dK/dV kernel's loader brings beside Q and dO
+    (``hopper.row_stats_buffer``): the LSE as a log2-domain offset (+inf for a row that saw no key, the soft
+    score for a soft-masked one) and delta, in rows padded to 16 bytes; the padding is never read."""
+    from mpt_attention.impl.triton import common
+
+    batch, s_q, heads, dim = 2, 37, 3, 16
+    out, dout = torch.randn(batch, s_q, heads, dim), torch.randn(batch, s_q, heads, dim)
+    lse, dlse = torch.randn(batch, heads, s_q), torch.randn(batch, heads, s_q)
+    lse[0, 1, 5] = float("-inf")
+    lse[1, 2, 36] = common.SOFT_LSE.value - 3 * common.SOFT_COUNT_UNIT.value  # soft-masked, 3 keys
+    delta = torch.full_like(lse, float("nan"))
+    row_stats = hopper.row_stats_buffer(batch, heads, s_q, "cpu").fill_(float("nan"))
+    assert row_stats.shape == (batch * heads, 2, 40)
+    dout_scaled = torch.full_like(dout, float("nan")) if soft_rows else None
+    launch._row_terms(out, dout, lse, dlse, delta, dout_scaled, row_stats)
+
+    scale = torch.ones_like(lse)
+    lse2 = lse * 1.4426950408889634
+    lse2[0, 1, 5] = float("inf")
+    if soft_rows:
+        scale[1, 2, 36] = 1 / 3
+        lse2[1, 2, 36] = common.SOFT_SCORE.value
+    want_delta = ((out * dout).sum(-1).transpose(1, 2) - dlse) * scale
+    torch.testing.assert_close(delta, want_delta)
+    torch.testing.assert_close(row_stats[:, 0, :s_q], lse2.reshape(batch * heads, s_q), atol=0, rtol=1e-6)
+    torch.testing.assert_close(row_stats[:, 1, :s_q], want_delta.reshape(batch * heads, s_q))
+    if soft_rows:
+        torch.testing.assert_close(dout_scaled, dout * scale.transpose(1, 2)[..., None])

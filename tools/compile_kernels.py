@@ -73,6 +73,9 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             from mpt_attention.impl.triton.hopper import _DQ_LAYOUT
             from mpt_attention.impl.triton.hopper_backward import DQ_COLS
             sig[name] = f"tensordesc<fp32[1, {rows['q_desc']}, 1, {DQ_COLS.value}],{_DQ_LAYOUT!r}>"
+        elif name == "stats_desc":  # the dK/dV kernel's row terms: float32 [1, 2, BLOCK_M] boxes
+            from mpt_attention.impl.triton.hopper import _ROW_STATS_LAYOUT
+            sig[name] = f"tensordesc<fp32[1, 2, {rows['q_desc']}],{_ROW_STATS_LAYOUT!r}>"
         elif name in rows:
             sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, 1, {head_dim}],{layout!r}>"
         elif name[0].isupper():

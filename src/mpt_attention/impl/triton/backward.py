@@ -34,19 +34,23 @@ def _row_stats(lse_row, delta_row, rows, row_ok, BIAS: tl.constexpr):
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    Out, DO, Lse, DLse, Delta, DOScaled,
+    Out, DO, Lse, DLse, Delta, DOScaled, RowStats,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
     stride_sb, stride_ss, stride_sh,
-    n_heads, seqlen_q, head_dim,
-    HAS_DLSE: tl.constexpr, SOFT_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    n_heads, seqlen_q, head_dim, stats_cols,
+    HAS_DLSE: tl.constexpr, SOFT_ROWS: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse in float32, (B, H, S_q): one read of each, no float32 copies.
 
     SOFT_ROWS (a bias is present): rows whose stored log-sum-exp encodes a soft-masked row's key count
     (common.SOFT_LSE) recompute P as 1 per key instead of 1 / count; scaling that row's dO and delta by
     1 / count gives the same dV, dS and so dQ, dK, dbias. Every row's dO is written to ``DOScaled``
-    (unchanged where the scale is 1), which the backward kernels then read instead of dO."""
+    (unchanged where the scale is 1), which the backward kernels then read instead of dO.
+
+    ROW_STATS (the Hopper dK/dV kernel's input): also the row's log2-domain offset (common.decode_lse2) and
+    delta side by side in ``RowStats``, (B * H, 2, ``stats_cols``) float32, for the kernel's copy engine."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = grid_row()
     b64 = (bh // n_heads).to(tl.int64)
@@ -62,13 +66,19 @@ def _attn_bwd_delta_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLse + stats, mask=row_ok, other=0.0)
+    if SOFT_ROWS or ROW_STATS:
+        lse = tl.load(Lse + stats, mask=row_ok, other=0.0)
     if SOFT_ROWS:
-        scale = soft_row_scale(tl.load(Lse + stats, mask=row_ok, other=0.0))
+        scale = soft_row_scale(lse)
         delta *= scale
         do_scaled = (do.to(tl.float32) * scale[:, None]).to(do.dtype)
         tl.store(DOScaled + b64 * stride_sb + h64 * stride_sh + rows64 * stride_ss + offs_d[None, :], do_scaled,
                  mask=mask)
     tl.store(Delta + stats, delta, mask=row_ok)
+    if ROW_STATS:
+        row_stats = RowStats + bh.to(tl.int64) * 2 * stats_cols + rows
+        tl.store(row_stats, decode_lse2(lse, SOFT_ROWS), mask=row_ok)
+        tl.store(row_stats + stats_cols, delta, mask=row_ok)
 
 
 @triton.jit

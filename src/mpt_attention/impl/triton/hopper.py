@@ -28,6 +28,7 @@ try:
     _TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     _MATRIX_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     _DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=4)  # fused dQ buffer
+    _ROW_STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)  # row_stats_buffer
 except Exception as exc:  # a Triton without Gluon's Hopper module
     _hopper_fwd_kernel = _hopper_bwd_dkdv_kernel = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -256,20 +257,29 @@ def bwd_block_m(head_dim: int) -> int:
     return 64 if head_dim <= 64 else 32
 
 
-def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
+def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
+    """The dK/dV kernel's per-query terms, written by the backward's delta kernel: (B * H, 2, S_q rounded up to
+    4) float32, each (batch, head) row's log2-domain LSE offset (``common.decode_lse2``) then its delta, rows
+    16-byte aligned for the copy engine (boxes [1, 2, BLOCK_M])."""
+    return torch.empty((batch * n_heads, 2, -(-s_q // 4) * 4), dtype=torch.float32, device=device)
+
+
+def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
                   dq_acc=None, dbias=None) -> None:
-    """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel; ``lse``
-    and ``delta`` ``(B, H, S_q)`` float32 as the general backward has them. With ``dq_acc`` (float32 zeros,
+    """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel;
+    ``row_stats`` as ``row_stats_buffer`` gives it, filled. With ``dq_acc`` (float32 zeros,
     q's shape, 16-byte aligned strides) a fourth warpgroup of the same kernel adds dQ into it by bulk reductions, in
     no fixed order (the backward unless reproducibility is asked for: ``launch.backward``). A bias matrix
     (``dq_acc`` only) is read in q's dtype; ``dbias`` (contiguous ``(B, H, S_q, S_k)`` in q's dtype, rows
     of 16-byte multiples) receives its gradient dS."""
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
-    slopes, slope_strides = slope_args(slopes, lse)
+    slopes, slope_strides = slope_args(slopes, row_stats)
     width = tile_dim(head_dim)
     block_m = bwd_block_m(width)
-    bias_args, b_on, h_on = (lse, 0, 0, 0), 0, 0  # a never-read dummy without a bias
+    stats_desc = TensorDescriptor(row_stats, [batch * n_heads, 2, s_q], list(row_stats.stride()), [1, 2, block_m],
+                                  _ROW_STATS_LAYOUT)
+    bias_args, b_on, h_on = (row_stats, 0, 0, 0), 0, 0  # a never-read dummy without a bias
     bias_desc = dbias_desc = None
     bias_full = bias is not None and bias.shape[2] != 1
     if bias_full:  # boxes of one step's queries x one consumer's 64 keys
@@ -290,7 +300,7 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     n_groups = n_heads // n_kv
     heads = FUSED_GROUP_HEADS if n_groups % FUSED_GROUP_HEADS == 0 else 1
     n_splits = n_groups // heads if dq_acc is not None else 1
-    parts = lse  # a never-read dummy with one split
+    parts = row_stats  # a never-read dummy with one split
     if n_splits > 1:
         parts = torch.empty((2, n_splits, batch, s_k, n_kv, width), dtype=torch.float32, device=q.device)
     n_rows = batch * n_kv * n_splits
@@ -298,7 +308,7 @@ def backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias, slopes, softmax_scale
     _hopper_bwd_dkdv_kernel[grid](
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),
         _descriptor(dout, block_m), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N), dq_desc,
-        bias_desc, dbias_desc, lse, delta, slopes, bias_args[0], parts, n_heads * s_q, s_q, *slope_strides,
+        bias_desc, dbias_desc, stats_desc, slopes, bias_args[0], parts, *slope_strides,
         *bias_args[1:], b_on, h_on,
         n_kv, n_groups, n_splits, n_rows, bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None),
         s_q, s_k, softmax_scale * LOG2E, softmax_scale,

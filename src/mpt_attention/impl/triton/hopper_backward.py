@@ -2,8 +2,11 @@
 
 A program owns 128 keys of one (batch, KV head): each of two consumer warpgroups keeps 64 keys and
 their dK, dV accumulators in registers, while a loader warp streams the (Q, dO) tiles of every query
-block of every query head in the group through two TMA stages. Tiles are computed transposed, keys
-as rows (the ``wgmma`` M dimension):
+block of every query head in the group through three TMA stages (``_stages``), each with the block's row
+terms (LSE offset and delta, written side by side by the delta kernel: ``hopper.row_stats_buffer``), so no
+step waits on a global load (that wait was ~20% of the consumers' warp samples at D128; reading them from
+shared memory made forward+backward 1.10x faster at D64, benchmarks/NOTES.md session 21). Tiles are computed
+transposed, keys as rows (the ``wgmma`` M dimension):
 
     S^T  = K Q^T                      (K from registers, loaded once: see below)
     P^T  = exp2(S^T * scale * log2e + (ALiBi + bias row) * log2e - lse * log2e)   (lse per query: per column)
@@ -59,7 +62,7 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from mpt_attention.impl.triton.common import _log2_bias, decode_lse2
+from mpt_attention.impl.triton.common import _log2_bias
 from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
@@ -72,7 +75,18 @@ _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
 DQ_CHUNK = gl.constexpr(64)
 DQ_COLS = gl.constexpr(32)
 DQ_TILE_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3))
+# a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector
+_ROWS_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 _DS_SLOTS = gl.constexpr(4)  # fused dQ: steps of dS^T the consumers may run ahead of the dQ warpgroup
+
+
+@gluon.constexpr_function
+def _stages(block_m, bias_full):
+    """Stages of the (Q, dO, row terms) ring: 3, or 2 where a third does not fit (a bias matrix at 64 queries
+    per step: 231 KB). With 2 the consumers waited on the copy engine for the next step's tiles (13% of the
+    fused kernel's warp samples once the row terms no longer waited on global loads, benchmarks/NOTES.md
+    session 21): the loader may refill a stage only after both consumers finished the step that used it."""
+    return 2 if bias_full and block_m == 64 else 3
 
 
 @gluon.constexpr_function
@@ -109,26 +123,31 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 @gluon.jit
-def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_smem, q_smem, do_smem, bias_smem,
-                        kv_bar, ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q, bias_bm, bias_hm,
-                        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr):
+def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem, do_smem,
+                        bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, n_heads, start_n, lo, seqlen_q,
+                        bias_bm, bias_hm, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr):
     """One warp: this program's K and V once, then (Q, dO) of query block after query block, head after
-    head of the program's ``n_g`` query heads from ``h0``, each into stage ``count % 2`` once the consumers
-    have released it; with ``BIAS_FULL`` the step's bias tile too, one [BLOCK_M, 64] box per consumer."""
+    head of the program's ``n_g`` query heads from ``h0``, each into stage ``count % STAGES`` once the consumers
+    have released it, with the queries' row terms (LSE offset and delta: 2 x BLOCK_M float32); with
+    ``BIAS_FULL`` the step's bias tile too, one [BLOCK_M, 64] box per consumer."""
     mbarrier.expect(kv_bar, 4 * _HALF_N * HEAD_DIM * 2)
     for half in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [b, start_n + half * _HALF_N, kv_h, 0], kv_bar, k_smem.index(half))
         tma.async_copy_global_to_shared(v_desc, [b, start_n + half * _HALF_N, kv_h, 0], kv_bar, v_smem.index(half))
-    tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL else 0)
+    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
+    tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL
+                                                                                else 0)
     count = 0
     for g in range(n_g):
         bias_row = b * bias_bm + (h0 + g) * bias_hm
         for start_m in range(lo, seqlen_q, BLOCK_M):
-            stage = count % 2
-            mbarrier.wait(empty.index(stage), (count // 2) % 2 ^ 1)  # a fresh barrier counts as released
+            stage = count % STAGES
+            mbarrier.wait(empty.index(stage), (count // STAGES) % 2 ^ 1)  # a fresh barrier counts as released
             mbarrier.expect(ready.index(stage), tile_bytes)
             tma.async_copy_global_to_shared(q_desc, [b, start_m, h0 + g, 0], ready.index(stage), q_smem.index(stage))
             tma.async_copy_global_to_shared(do_desc, [b, start_m, h0 + g, 0], ready.index(stage), do_smem.index(stage))
+            tma.async_copy_global_to_shared(stats_desc, [b * n_heads + h0 + g, 0, start_m], ready.index(stage),
+                                            stats_smem.index(stage))
             if BIAS_FULL:
                 for half in gl.static_range(2):
                     tma.async_copy_global_to_shared(bias_desc, [bias_row, start_m, start_n + half * _HALF_N],
@@ -146,9 +165,9 @@ def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk
 
 @gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                            ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes, Bias, DKVPart, part_base,
+                            ds_smem, ds_ready, ds_free, dq_done, stats_smem, Slopes, Bias, DKVPart, part_base,
                             part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
-                            stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
+                            stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr,
@@ -160,7 +179,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     ``TAIL`` (with ``FUSED_DQ``, D 72-96): the products take 64 + ``TAIL`` of the tile's columns, dK and dV
     two accumulators each."""
     dtype: gl.constexpr = q_smem.dtype
-    HAS_BIAS: gl.constexpr = BIAS_ROW or BIAS_FULL  # the LSE may carry a soft-masked row's encoding
+    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     N_G: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per product
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -208,7 +227,6 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     for g in range(n_g):
         h = h0 + g
         h64 = h.to(gl.int64)
-        stats = b64 * stride_lb + h64 * stride_lh
         slope2 = 0.0
         key_terms = gl.zeros([_HALF_N], gl.float32, key_layout)
         if ALIBI != 0:
@@ -219,14 +237,15 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             key_terms = key_terms + _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk,
                                                keys, seqlen_k)
         for mb in range(n_mblocks):
-            stage = t % 2
+            stage = t % STAGES
             start_m = lo + mb * BLOCK_M
             queries = start_m + offs_m
             q_ok = queries < seqlen_q
-            # rows past S_q: lse = +inf makes P (and so dS) zero there
-            # a row that saw no key (all its bias -inf) has LSE -inf: +inf makes its P 0, not NaN
-            lse2 = decode_lse2(gl.load(Lse + stats + queries, mask=q_ok, other=float("inf")), HAS_BIAS)
-            delta = gl.load(Delta + stats + queries, mask=q_ok, other=0.0)
+            # the offsets come decoded (common.decode_lse2: +inf for a row that saw no key); rows past S_q read
+            # as zeros: +inf makes their P (and so dS) zero
+            row_terms = stats_smem.index(stage)._reinterpret(gl.float32, [2 * BLOCK_M], _ROWS_LAYOUT)
+            lse2 = gl.where(q_ok, row_terms.slice(0, BLOCK_M).load(query_layout), float("inf"))
+            delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             s2 = st * qk_scale2
@@ -250,9 +269,9 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 dv_tok = warpgroup_mma(p_op, do.slice(0, MAIN, dim=1), dv, is_async=True)
                 dv_t_tok = warpgroup_mma(p_op, do.slice(MAIN, TAIL, dim=1), dv_t, is_async=True)
             # step t+1's scores; on the last step a discarded product of this stage's (still valid) tiles
-            nxt = (t + 1) % 2
+            nxt = (t + 1) % STAGES
             if t + 1 < total:
-                mbarrier.wait(ready.index(nxt), ((t + 1) // 2) % 2)
+                mbarrier.wait(ready.index(nxt), ((t + 1) // STAGES) % 2)
             else:
                 nxt = stage
             q_next = q_smem.index(nxt).reshape([BLOCK_M, HEAD_DIM])
@@ -392,8 +411,8 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
 
 @gluon.jit
 def _hopper_bwd_dkdv_kernel(
-    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, bias_desc, dbias_desc, Lse, Delta, Slopes, Bias,
-    DKVPart, stride_lb, stride_lh, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
+    k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, bias_desc, dbias_desc, stats_desc, Slopes, Bias,
+    DKVPart, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
@@ -411,6 +430,7 @@ def _hopper_bwd_dkdv_kernel(
     view with boxes [1, BLOCK_M, 64], row ``b * bias_b_on + h * bias_h_on`` (the host's multipliers: 0
     where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k)."""
     dtype: gl.constexpr = q_desc.dtype
+    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     # bias matrix, its gradient and the zero tile: (B' * H', S_q, S_k) boxes
     mat_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
@@ -441,13 +461,14 @@ def _hopper_bwd_dkdv_kernel(
 
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, 1, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, 1, HEAD_DIM], tile_layout)
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M, 1, HEAD_DIM], tile_layout)
-    do_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_M, 1, HEAD_DIM], tile_layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_DIM], tile_layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_DIM], tile_layout)
+    stats_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 2, BLOCK_M], stats_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-    ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-    empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
     mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(2):
+    for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
 
@@ -461,7 +482,7 @@ def _hopper_bwd_dkdv_kernel(
         if STORE_DS and IS_CAUSAL:  # a zero tile for the skipped tiles of the bias gradient
             zero_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, _HALF_N], mat_layout)
         if BIAS_FULL:  # [stage, half]
-            bias_smem = gl.allocate_shared_memory(dtype, [4, 1, BLOCK_M, _HALF_N], mat_layout)
+            bias_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, 1, BLOCK_M, _HALF_N], mat_layout)
         else:
             bias_smem = q_smem  # never read
         # [stage * chunk, tile]: each DQ_CHUNK-column chunk of dQ as DQ_COLS-column tiles, 128-byte swizzled (the
@@ -478,22 +499,23 @@ def _hopper_bwd_dkdv_kernel(
         gl.warp_specialize(
             [
                 (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes,
+                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, stats_smem, Slopes,
                                            Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
-                                           lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, Lse, Delta, Slopes,
+                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, stats_smem, Slopes,
                                            Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
-                                           lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
-                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_smem, q_smem, do_smem,
-                                       bias_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q,
-                                       bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M, BIAS_FULL)),
+                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
+                                       do_smem, bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g,
+                                       n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M,
+                                       BIAS_FULL)),
                 (_bwd_dq_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done,
                                      dq_desc, dbias_desc, b, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q,
                                      softmax_scale, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL)),
@@ -505,22 +527,23 @@ def _hopper_bwd_dkdv_kernel(
         gl.warp_specialize(
             [
                 (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, q_smem, ready, empty, kv_bar, Lse, Delta, Slopes,
+                                           dk_desc, dv_desc, q_smem, ready, empty, kv_bar, stats_smem, Slopes,
                                            Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
-                                           lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, q_smem, ready, empty, kv_bar, Lse, Delta, Slopes,
+                                           dk_desc, dv_desc, q_smem, ready, empty, kv_bar, stats_smem, Slopes,
                                            Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
-                                           lo, stride_lb, stride_lh, stride_slb, stride_slh,
+                                           lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
-                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, k_smem, v_smem, q_smem, do_smem,
-                                       bias_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, start_n, lo, seqlen_q,
-                                       bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M, BIAS_FULL)),
+                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
+                                       do_smem, bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g,
+                                       n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M,
+                                       BIAS_FULL)),
             ],
             [4, 1], [240, 24],
         )

@@ -311,6 +311,27 @@ def _side_stream(device) -> torch.cuda.Stream:
 
 
 @_on_its_device
+def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False) -> None:
+    """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape) = rowsum(dO * O) - dlse;
+    with ``dout_scaled`` (a bias is present, so rows may be soft-masked: common.SOFT_LSE) dO scaled per row into
+    it; with ``row_stats`` (``hopper.row_stats_buffer``) the Hopper dK/dV kernel's copy of the log2-domain LSE
+    offsets and delta. Varlen: packed rows are one long batch row for this row-wise kernel."""
+    o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
+    d_batch, d_rows, n_heads, head_dim = o4.shape
+    if d_batch * n_heads == 0 or d_rows == 0:
+        return
+    block = 32 if _INTERPRET else 64
+    dummy = delta
+    _attn_bwd_delta_kernel[(triton.cdiv(d_rows, block), n_heads, d_batch)](
+        o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), delta,
+        dummy if dout_scaled is None else dout_scaled, dummy if row_stats is None else row_stats,
+        o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0), do4.stride(1), do4.stride(2),
+        *(dout_scaled.stride()[:3] if dout_scaled is not None else (0, 0, 0)), n_heads, d_rows, head_dim,
+        0 if row_stats is None else row_stats.shape[2], HAS_DLSE=dlse is not None, SOFT_ROWS=dout_scaled is not None,
+        ROW_STATS=row_stats is not None, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    )
+
+
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
              dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, bias_rows=None):
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or empty).
@@ -335,18 +356,6 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     dout_in = dout
     if soft_rows:
         dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
-    # delta has the LSE's layout; packed varlen rows are one long batch row for this row-wise kernel
-    o4, do4 = (out.unsqueeze(0), dout_in.unsqueeze(0)) if varlen else (out, dout_in)
-    d_batch, d_rows = (1, q.shape[0]) if varlen else (batch, s_q)
-    if d_batch * n_heads > 0 and d_rows > 0:
-        block = 32 if _INTERPRET else 64
-        dlse_arg = q if dlse is None else dlse.float().contiguous()
-        _attn_bwd_delta_kernel[(triton.cdiv(d_rows, block), n_heads, d_batch)](
-            o4, do4, lse, dlse_arg, delta, dout, o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0),
-            do4.stride(1), do4.stride(2), *(dout.stride()[:3] if soft_rows else (0, 0, 0)), n_heads, d_rows,
-            head_dim, HAS_DLSE=dlse is not None, SOFT_ROWS=soft_rows, BLOCK_M=block,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        )
     # gradients in their inputs' layout (dense ones keep their strides, e.g. SDPA's (B, H, S, D) passed
     # transposed), so autograd hands them to the caller's tensors without a transposing copy each
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -397,6 +406,10 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         dbias_full.zero_()
     use_hopper = fused_dq or not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p,
                                                                   causal, varlen, dout) is None
+    # the Hopper kernel's loader copies each step's row terms (log2-domain LSE offset, delta) beside Q and dO,
+    # so the consumers read them from shared memory instead of waiting on global loads every step
+    row_stats = hopper.row_stats_buffer(batch, n_heads, s_q, q.device) if use_hopper else None
+    _row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen)
     # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
     # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
     atomic = deterministic is False and not use_hopper and not ds_gemm
@@ -432,7 +445,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
 
         def launch_dkdv():
             if use_hopper:
-                hopper.backward_dkdv(q, k, v, dout, lse, delta, dk, dv, bias_in, slopes, softmax_scale, causal,
+                hopper.backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, softmax_scale, causal,
                                      _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None,
                                      dbias_full if fused_dq and bias_mode == 2 else None)
             else:
