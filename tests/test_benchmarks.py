@@ -20,7 +20,7 @@ def _load_script(name):
 
 @pytest.mark.parametrize("script", ["bench_attention", "tune_blocks", "tune_dkdv", "fwd_variants", "summarize",
                                     "host_overhead", "bwd_kernels", "bias_row", "ab_summary", "head_dims",
-                                    "fused_dq", "dense_bias"])
+                                    "fused_dq", "dense_bias", "sass_hotspots"])
 def test_benchmark_scripts_import(script):
     pytest.importorskip("triton")
     if script == "tune_dkdv":  # runs its sweep at import: only check it compiles
@@ -57,6 +57,27 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
     module.main(str(path))
     assert "widest spread (max - min) / median: 5.0% (fa4-alibi, B1 H1/1 S8 D16)" in capsys.readouterr().out
+
+
+def test_sass_hotspots_reads_ncu_source_csv(tmp_path, capsys):
+    """ncu's source page as benchmarks/ncu_sass.sh exports it: a kernel-name line, a header, one row per SASS
+    instruction; regions start at USETMAXREG; numbers may carry thousands separators."""
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+              "L1 Wavefronts Shared", "L1 Wavefronts Shared Ideal", "stall_barrier", "stall_long_sb",
+              "stall_barrier (Not Issued)"]
+    rows = [["0x0", "LDC R1, c[0x0][0x28]", "2", "8", "0", "0", "2", "0", "2"],
+            ["0x10", "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xd8", "0", "4", "0", "0", "0", "0", "0"],
+            ["0x20", "HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24", "10", "1,000,000", "6,000,000", "6,000,000", "0", "10", "0"],
+            ["0x30", "@!P0  BRA 0x20", "88", "1,000", "0", "0", "8", "80", "8"]]
+    lines = ['"Kernel Name","k",'] + [",".join(f'"{c}"' for c in r) for r in [header] + rows]
+    path = tmp_path / "k-sass.csv"
+    path.write_text("\n".join(lines) + "\n")
+    _load_script("sass_hotspots").report(str(path), top=2)
+    out = capsys.readouterr().out
+    assert "HGMMA.64x32x16.F32.BF16                 6.0M (ideal 6.0M) over 1.0M warp instructions" in out
+    assert "long_sb 90%  barrier 10%" in out  # 90 of the 100 samples
+    assert "[    1,     4)  98.0% of samples" in out
+    assert "    3  88.0% long_sb        @!P0  BRA 0x20" in out
 
 
 def test_ab_script_prepares_packages_and_alternates_them(tmp_path):
