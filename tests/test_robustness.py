@@ -211,3 +211,13 @@ def test_triton_grids_keep_batch_and_heads_on_separate_axes(monkeypatch):
         assert max(grid[1:], default=1) <= 65535, (name, grid)
         rows = 2 if name == "_attn_bwd_dkdv_kernel" else n_heads
         assert grid[1:] == (rows, batch), (name, grid)
+
+
+@pytest.mark.parametrize("name", ["forward", "backward", "log2_bias_row", "dropout_keep_mask"])
+def test_triton_launchers_run_on_their_tensors_device(name):
+    """Triton launches on torch's current device whatever device the tensors are on; a model split over
+    GPUs calls layers on cuda:1 with cuda:0 current. Every launcher that takes tensors sets their device
+    (``launch._on_its_device``): checked here by its wrapper, run on two GPUs in tests/test_gpu.py."""
+    from mpt_attention.impl.triton import launch
+
+    assert getattr(getattr(launch, name), "__wrapped__", None) is not None, f"launch.{name} is not _on_its_device"

@@ -310,7 +310,6 @@ def _side_stream(device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-@_on_its_device
 def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False) -> None:
     """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape) = rowsum(dO * O) - dlse;
     with ``dout_scaled`` (a bias is present, so rows may be soft-masked: common.SOFT_LSE) dO scaled per row into
@@ -332,6 +331,7 @@ def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, va
     )
 
 
+@_on_its_device
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
              dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, bias_rows=None):
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or empty).
