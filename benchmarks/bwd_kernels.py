@@ -26,12 +26,9 @@ def measure(batch, heads, seq, dim):
     slopes = M.gen_slopes(heads, return_1d=True, device="cuda")
     scale = dim**-0.5
     out, lse = launch.forward(q, k, v, None, slopes, None, None, None, None, scale, True, 0.0)
-    # the Hopper kernel's row terms (hopper.row_stats_buffer): log2-domain LSE offsets (no bias here, so no
-    # soft-masked rows; a row without keys reads +inf) and delta
+    # the Hopper kernel's row terms (log2-domain LSE offsets and delta), as the backward writes them
     row_stats = hopper.row_stats_buffer(batch, heads, seq, q.device)
-    lse2 = (lse * 1.4426950408889634).masked_fill(lse == float("-inf"), float("inf"))
-    row_stats[:, 0, :seq] = lse2.reshape(batch * heads, seq)
-    row_stats[:, 1, :seq] = (out.float() * dout.float()).sum(-1).transpose(1, 2).reshape(batch * heads, seq)
+    launch._row_terms(out, dout, lse, None, torch.empty_like(lse), row_stats=row_stats)
 
     def whole(enabled):
         hopper.ENABLED = enabled
