@@ -120,23 +120,24 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes)
 
 
-def _compile_dq_staging_probe(block_m: int):
+def _compile_dq_staging_probe():
     """A kernel that compiles only if ``hopper_backward``'s dQ staging store has no bank conflicts (Gluon's
     compile-time count for the accumulator layout and the staging tiles' shared layout)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from mpt_attention.impl.triton.hopper_backward import DQ_CHUNK, DQ_COLS, DQ_TILE_LAYOUT, dq_chunk_tiles, dqt_layout
+    from mpt_attention.impl.triton.hopper_backward import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT, dq_chunk_tiles
+    from mpt_attention.impl.triton.hopper_backward import dqt_layout
 
     @gluon.jit
-    def probe(BLOCK_M: gl.constexpr):
-        tiles = dq_chunk_tiles(gl.zeros([DQ_CHUNK, BLOCK_M], gl.float32, dqt_layout(BLOCK_M)), BLOCK_M)
-        smem = gl.allocate_shared_memory(gl.float32, [DQ_CHUNK // DQ_COLS, BLOCK_M, DQ_COLS], DQ_TILE_LAYOUT)
+    def probe():
+        tiles = dq_chunk_tiles(gl.zeros([DQ_CHUNK, DQ_ROWS], gl.float32, dqt_layout()))
+        smem = gl.allocate_shared_memory(gl.float32, [DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS], DQ_TILE_LAYOUT)
         gl.static_assert(gl.bank_conflicts(tiles.type, smem.type) == 0, "bank conflicts in the dQ staging store")
         smem.store(tiles)
 
-    src = GluonASTSource(fn=probe, signature={"BLOCK_M": "constexpr"}, constexprs={(0,): block_m})
+    src = GluonASTSource(fn=probe, signature={}, constexprs={})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
@@ -216,10 +217,9 @@ def main() -> int:
         name = f"hopper-fused-dq bias matrix D={head_dim} causal={causal} alibi={alibi} {dtype} dbias={store_ds}"
         failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype, fused_dq=True,
                                   full_bias=True, store_ds=store_ds)
-    # the dQ warpgroup's staging stores (its accumulator, transposed, into swizzled float32 tiles): no bank conflicts
-    # (one unswizzled tile had 4-way conflicts, and its stores bound the kernel: benchmarks/NOTES.md session 20)
-    for block_m in (32, 64):
-        failures += _report_gluon(f"dq-staging BLOCK_M={block_m}: no bank conflicts", _compile_dq_staging_probe, block_m)
+    # the dQ warpgroup's staging stores (its accumulator into swizzled float32 tiles): no bank conflicts (one
+    # unswizzled tile had 4-way conflicts, and its stores bound the kernel: benchmarks/NOTES.md session 20)
+    failures += _report_gluon("dq-staging: no bank conflicts", _compile_dq_staging_probe)
     flag_sets = [
         dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
         dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True, VARLEN=False),

@@ -31,12 +31,14 @@ vs 2.14 ms, B2 H16 S8192). V in registers as well spills 268 bytes and makes ptx
 
 The program owns the dK, dV rows it writes: no atomics there. dQ comes one of two ways:
 - ``FUSED_DQ`` (dQ in any order: the default unless reproducibility is asked for; tiles of 64 or 128): a fourth
-  warpgroup. Each consumer stores its dS^T half ([64 keys, BLOCK_M]) in a ring of ``_DS_SLOTS`` steps
-  under its dK product and signals; the dQ warpgroup forms dQ^T = K^T dS^T over all 128 keys (K from
-  shared memory, D in chunks of 64) and adds it into a float32 buffer by bulk tensor reductions, one per 32
-  columns: each [BLOCK_M, 32] staging tile is one 128-byte swizzled row per query, so the transposed store from
-  the accumulator layout has no bank conflicts (one unswizzled [BLOCK_M, D] tile had 4-way conflicts, and its
-  stores kept the load/store pipe 86% busy: the kernel 2.90 -> 2.56 ms at B2 H16 S8192, benchmarks/NOTES.md
+  warpgroup. Each consumer stores its dS half, transposed back to queries as rows ([BLOCK_M, 64 keys]), in a
+  ring of ``_ds_slots`` steps under its dK product and signals; the dQ warpgroup forms dQ^T = K^T dS^T over all
+  128 keys for 64 queries at a time (two steps at D128: an m64n64 product reads 4 KB of shared memory per 32
+  tensor-core cycles where m64n32 read 3 KB per 16; the backward 1.02-1.04x, benchmarks/NOTES.md session 22),
+  D in chunks of 64, K from shared memory, and adds it into a float32 buffer by bulk tensor reductions of
+  [BLOCK_M, 32] boxes: each [64, 32] staging tile is one 128-byte swizzled row per query, so the transposed store
+  from the accumulator layout has no bank conflicts (one unswizzled [BLOCK_M, D] tile had 4-way conflicts, and
+  its stores kept the load/store pipe 86% busy: the kernel 2.90 -> 2.56 ms at B2 H16 S8192, benchmarks/NOTES.md
   session 20). The consumers wait on nothing of it unless it falls a whole ring behind; they give K's
   registers to it (K is read from shared memory then). Five GEMMs per step instead of the split's seven: the backward
   1.07-1.19x the split on an H200 with as many KV heads as query heads (benchmarks/NOTES.md, session 15).
@@ -69,15 +71,16 @@ _LOG2E = gl.constexpr(1.4426950408889634)
 # a barrier over the calling partition's warps: gl.thread_barrier in Triton 3.6, renamed gl.barrier in 3.7
 _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
-# fused dQ: the dQ warpgroup's product forms D in chunks of DQ_CHUNK columns (at D=128 16 accumulator registers
-# live, not 32), each staged as tiles of DQ_COLS float32 columns, one 128-byte swizzled row (the copy engine's
-# widest swizzle span; also the dQ buffer descriptor's box width, hopper.backward_dkdv)
+# fused dQ: the dQ warpgroup forms dQ = dS K for DQ_ROWS queries at once (two steps at 32 queries per step, one at
+# 64), D in chunks of DQ_CHUNK columns (a [64, 64] float32 accumulator: 32 registers), each staged as tiles of
+# DQ_COLS float32 columns, one 128-byte swizzled row (the copy engine's widest swizzle span; also the dQ buffer
+# descriptor's box width, hopper.backward_dkdv)
+DQ_ROWS = gl.constexpr(64)
 DQ_CHUNK = gl.constexpr(64)
 DQ_COLS = gl.constexpr(32)
 DQ_TILE_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3))
 # a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector
 _ROWS_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-_DS_SLOTS = gl.constexpr(4)  # fused dQ: steps of dS^T the consumers may run ahead of the dQ warpgroup
 
 
 @gluon.constexpr_function
@@ -90,27 +93,38 @@ def _stages(block_m, bias_full):
 
 
 @gluon.constexpr_function
-def _fused_regs(head_dim, which):
-    """Registers per thread with the dQ warpgroup: ``which`` 0 the second consumer, 1 the dQ warpgroup
-    (the first consumer, the default partition, gets what the four warpgroups leave of 64K, the loader's
-    one warp rounded up to a warpgroup of 24 each). The fewest spills under Triton 3.6's ptxas: at D128
-    216 and 56 (D in two [64, 32] products), at D64 208 and 72 (one [64, 64] product)."""
-    return (216, 56)[which] if head_dim == 128 else (208, 72)[which]
+def _ds_slots(block_m):
+    """Fused dQ: steps of dS the consumers may run ahead of the dQ warpgroup (even: a product takes two at 32
+    queries per step). 6 there: with 4 the consumers could run only a step or two ahead of a product's start;
+    the backward at B2 H16 S8192 D128 2.782 ms with 4, 2.765 with 6, 2.724 with 8 (benchmarks/NOTES.md session
+    22; 8 does not fit beside a bias matrix)."""
+    return 6 if block_m == 32 else 4
 
 
 @gluon.constexpr_function
-def dqt_layout(block_m):
-    """The dQ warpgroup's accumulator: a [64 columns of D, BLOCK_M queries] chunk of dQ^T."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, block_m, 16])
+def _fused_regs(head_dim, which):
+    """Registers per thread with the dQ warpgroup: ``which`` 0 the second consumer, 1 the dQ warpgroup
+    (the first consumer, the default partition, gets what the four warpgroups leave of 64K, the loader's
+    one warp rounded up to a warpgroup of 24 each). The fewest spills in the consumers' loops under Triton
+    3.6's ptxas with the dQ warpgroup's [64, 64] float32 accumulator: at D128 216 and 64 (the first consumer
+    208; at 56 the dQ warpgroup spills ~2 KB), at D64 208 and 72."""
+    return (216, 64)[which] if head_dim == 128 else (208, 72)[which]
+
+
+@gluon.constexpr_function
+def dqt_layout():
+    """The dQ warpgroup's accumulator: a [DQ_CHUNK columns of D, DQ_ROWS queries] chunk of dQ^T."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DQ_ROWS, 16])
 
 
 @gluon.jit
-def dq_chunk_tiles(dqt, BLOCK_M: gl.constexpr):
-    """A [DQ_CHUNK, BLOCK_M] chunk of dQ^T as its staging tiles, [DQ_CHUNK // DQ_COLS, BLOCK_M, DQ_COLS]
-    (queries as rows: dQ's layout). Stored into ``DQ_TILE_LAYOUT`` tiles without bank conflicts
-    (tools/compile_kernels.py checks it)."""
-    dq = gl.permute(dqt, (1, 0))  # [BLOCK_M, DQ_CHUNK]
-    return gl.permute(gl.reshape(dq, [BLOCK_M, DQ_CHUNK // DQ_COLS, DQ_COLS]), (1, 0, 2))
+def dq_chunk_tiles(dqt):
+    """A [DQ_CHUNK, DQ_ROWS] chunk of dQ^T as its staging tiles, [DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS] (queries
+    as rows: dQ's layout). Stored into ``DQ_TILE_LAYOUT`` tiles without bank conflicts (tools/compile_kernels.py
+    checks it; dQ itself from an m64n64 product, queries as its rows, would not be: each phase of its 8-byte
+    stores puts two rows' 32 bytes on the same banks of the 128-byte swizzle)."""
+    dq = gl.permute(dqt, (1, 0))  # [DQ_ROWS, DQ_CHUNK]
+    return gl.permute(gl.reshape(dq, [DQ_ROWS, DQ_CHUNK // DQ_COLS, DQ_COLS]), (1, 0, 2))
 
 
 @builtin
@@ -171,15 +185,15 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr,
-                            BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, STORE_DS: gl.constexpr,
-                            TAIL: gl.constexpr):
+                            BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, TAIL: gl.constexpr):
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV. With
-    ``FUSED_DQ`` it also leaves each step's dS^T in a shared ring for the dQ warpgroup (``STORE_DS``:
-    transposed, queries as rows, the layout of the bias gradient the dQ warpgroup stores from there).
+    ``FUSED_DQ`` it also leaves each step's dS in a shared ring for the dQ warpgroup, transposed back to queries
+    as rows (the A operand of dQ = dS K, and the layout of the bias gradient the dQ warpgroup stores from there).
     ``TAIL`` (with ``FUSED_DQ``, D 72-96): the products take 64 + ``TAIL`` of the tile's columns, dK and dV
     two accumulators each."""
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
+    SLOTS: gl.constexpr = _ds_slots(BLOCK_M)
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     N_G: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per product
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -284,13 +298,11 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             else:
                 dk_tok = warpgroup_mma(ds_op, q.slice(0, MAIN, dim=1), dk, is_async=True)
                 dk_t_tok = warpgroup_mma(ds_op, q.slice(MAIN, TAIL, dim=1), dk_t, is_async=True)
-            if FUSED_DQ:  # under the dK product: this half of dS^T into the ring, once its slot is free
-                slot = t % _DS_SLOTS
-                mbarrier.wait(ds_free.index(slot), (t // _DS_SLOTS) % 2 ^ 1)  # a fresh barrier counts as free
-                if STORE_DS:
-                    ds_smem.index(2 * slot + half).reshape([BLOCK_M, _HALF_N]).store(gl.permute(ds.to(dtype), (1, 0)))
-                else:
-                    ds_smem.index(2 * slot + half).store(ds.to(dtype))
+            if FUSED_DQ:  # under the dK product: this half of dS into the ring, queries as rows, once its slot is free
+                slot = t % SLOTS
+                mbarrier.wait(ds_free.index(slot), (t // SLOTS) % 2 ^ 1)  # a fresh barrier counts as free
+                ring = ds_smem.index(half * SLOTS + slot).reshape([BLOCK_M, _HALF_N])
+                ring.store(gl.permute(ds.to(dtype), (1, 0)))
                 fence_async_shared()
                 _partition_barrier()  # Triton 3.6's arrive is one thread's: every warp's part must be stored
                 mbarrier.arrive(ds_ready.index(slot))
@@ -340,17 +352,27 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
 def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, dbias_desc,
                       b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr,
                       BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr):
-    """One warpgroup (``FUSED_DQ``): per step dQ^T = K^T dS^T over the program's 128 keys ([D, BLOCK_M], both
-    consumers' halves of dS^T from the ring), added into the float32 dQ buffer by bulk reductions, one per staging
-    tile. The consumers never wait for it unless it falls ``_DS_SLOTS`` steps behind. ``STORE_DS``: dS is the bias
-    gradient too (a full-shape bias in q's dtype), bulk-stored from the ring into ``dbias_desc``; causal, the
-    tiles above the diagonal that the program skips are stored as zeros from ``zero_smem`` (no memset of the
-    whole gradient before the kernel)."""
-    # [DQ_CHUNK, BLOCK_M] per product: D in chunks one after the other
-    dqt_zero = gl.zeros([DQ_CHUNK, BLOCK_M], gl.float32, dqt_layout(BLOCK_M))
+    """One warpgroup (``FUSED_DQ``): dQ^T = K^T dS^T over the program's 128 keys for ``DQ_ROWS`` queries at a time,
+    D in chunks of ``DQ_CHUNK``, added into the float32 dQ buffer by bulk reductions of [BLOCK_M, DQ_COLS] boxes.
+    At 32 queries per step a product takes two steps: a half's adjacent ring slots are one [64 queries, 64 keys]
+    tile, read transposed as the B operand. Each step's rows go to its own head and queries (the two steps may
+    belong to two heads); a program's odd last step runs the product on whatever the other slot holds and reduces
+    only its own rows (the product's rows do not mix). The consumers never wait for it unless it falls
+    ``_ds_slots`` steps behind. ``STORE_DS``: dS is the bias gradient too (a full-shape bias in q's dtype),
+    bulk-stored from the ring into ``dbias_desc``; causal, the tiles above the diagonal that the program skips are
+    stored as zeros from ``zero_smem`` (no memset of the whole gradient before the kernel).
+
+    Why two steps: one step's product, m64n32k16, reads 3 KB of shared operands per 16 tensor-core cycles, where
+    the load/store pipe moves 128 bytes per cycle (it bound the kernel: ~80% busy, mostly with these operands,
+    benchmarks/NOTES.md session 21); m64n64k16 reads 4 KB per 32 cycles."""
+    PAIR: gl.constexpr = DQ_ROWS // BLOCK_M  # steps per product
+    SLOTS: gl.constexpr = _ds_slots(BLOCK_M)
     N_CHUNKS: gl.constexpr = HEAD_DIM // DQ_CHUNK
-    TILES_PER_CHUNK: gl.constexpr = DQ_CHUNK // DQ_COLS
-    N_TILES: gl.constexpr = HEAD_DIM // DQ_COLS
+    TILES: gl.constexpr = DQ_CHUNK // DQ_COLS  # staging tiles per chunk
+    DS_BOXES: gl.constexpr = 2 if STORE_DS else 0  # bias-gradient stores per step (one per half)
+    dqt_zero = gl.zeros([DQ_CHUNK, DQ_ROWS], gl.float32, dqt_layout())
+    # the ring ([half * SLOTS + slot] of [BLOCK_M, 64]) seen as [half * SLOTS / PAIR + pair] of [DQ_ROWS, 64]
+    pairs = ds_smem._reinterpret(ds_smem.dtype, [2 * SLOTS // PAIR, 1, DQ_ROWS, _HALF_N], ds_smem.layout)
     if STORE_DS and IS_CAUSAL:
         if lo > 0:  # queries [0, lo) see none of these keys; issued before the first step, drained by its wait
             fill: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -363,47 +385,65 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
                         tma.async_copy_shared_to_global(dbias_desc, [b * n_heads + h0 + g, start_m,
                                                                      start_n + half * _HALF_N], zero_smem)
     mbarrier.wait(kv_bar, 0)
-    t = 0
-    for g in range(n_g):
-        ds_row = b * n_heads + h0 + g  # of the bias gradient seen as (B * H, S_q, S_k)
-        for start_m in range(lo, seqlen_q, BLOCK_M):
-            slot = t % _DS_SLOTS
-            stage = t % 2
-            mbarrier.wait(ds_ready.index(slot), (t // _DS_SLOTS) % 2)
-            if STORE_DS:
-                # both halves out first; the previous step waited for every earlier reduction (below)
-                for half in gl.static_range(2):
-                    tma.async_copy_shared_to_global(dbias_desc, [ds_row, start_m, start_n + half * _HALF_N],
-                                                    ds_smem.index(2 * slot + half))
-                ds0 = ds_smem.index(2 * slot).reshape([BLOCK_M, _HALF_N]).permute((1, 0))
-                ds1 = ds_smem.index(2 * slot + 1).reshape([BLOCK_M, _HALF_N]).permute((1, 0))
+    n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
+    total = n_g * n_mblocks
+    for t in range(0, total, PAIR):
+        slot = t % SLOTS  # even with pairs: slots slot and slot + 1 hold steps t and t + 1
+        steps = gl.minimum(total - t, PAIR)
+        mbarrier.wait(ds_ready.index(slot), (t // SLOTS) % 2)
+        if PAIR == 2:
+            if steps == 2:
+                mbarrier.wait(ds_ready.index(slot + 1), (t // SLOTS) % 2)
+        if STORE_DS:
+            for i in gl.static_range(PAIR):
+                if i < steps:
+                    g = (t + i) // n_mblocks
+                    start_m = lo + ((t + i) - g * n_mblocks) * BLOCK_M
+                    for half in gl.static_range(2):
+                        tma.async_copy_shared_to_global(dbias_desc, [b * n_heads + h0 + g, start_m,
+                                                                     start_n + half * _HALF_N],
+                                                        ds_smem.index(half * SLOTS + slot + i))
+        for dc in gl.static_range(N_CHUNKS):
+            ds0 = pairs.index(slot // PAIR).reshape([DQ_ROWS, _HALF_N]).permute((1, 0))
+            ds1 = pairs.index((SLOTS + slot) // PAIR).reshape([DQ_ROWS, _HALF_N]).permute((1, 0))
+            k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(dc * DQ_CHUNK, DQ_CHUNK, dim=1).permute((1, 0))
+            k1t = k_smem.index(1).reshape([_HALF_N, HEAD_DIM]).slice(dc * DQ_CHUNK, DQ_CHUNK, dim=1).permute((1, 0))
+            dqt = warpgroup_mma(k0t, ds0, dqt_zero, use_acc=False, is_async=True)
+            dqt = warpgroup_mma(k1t, ds1, dqt, is_async=True)
+            dqt = warpgroup_mma_wait(0, deps=[dqt])
+            # before the staging store: the previous product's reductions from this chunk's tiles must have read
+            # them (the previous product always had PAIR steps), and on the last chunk the bias-gradient stores
+            # must have read the ring (they precede this product's reductions). Bulk groups complete in order;
+            # counted is what was issued since: the previous product's later chunks, this one's bias-gradient
+            # stores, its earlier chunks.
+            if steps == PAIR:
+                if STORE_DS and dc == N_CHUNKS - 1:
+                    tma.store_wait(dc * TILES * PAIR)
+                else:
+                    tma.store_wait((N_CHUNKS - 1 - dc) * TILES * PAIR + DS_BOXES * PAIR + dc * TILES * PAIR)
             else:
-                # the reduction issued from this buffer two steps ago must have read it; bulk-group state is
-                # the issuing thread's, so the barrier holds the other threads until it has drained
-                tma.store_wait(N_TILES)
-                _partition_barrier()
-                ds0 = ds_smem.index(2 * slot)
-                ds1 = ds_smem.index(2 * slot + 1)
-            for dc in gl.static_range(N_CHUNKS):
-                k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(dc * DQ_CHUNK, DQ_CHUNK, dim=1)
-                k1t = k_smem.index(1).reshape([_HALF_N, HEAD_DIM]).slice(dc * DQ_CHUNK, DQ_CHUNK, dim=1)
-                k0t, k1t = k0t.permute((1, 0)), k1t.permute((1, 0))
-                dqt = warpgroup_mma(k0t, ds0, dqt_zero, use_acc=False, is_async=True)
-                dqt = warpgroup_mma(k1t, ds1, dqt, is_async=True)
-                dqt = warpgroup_mma_wait(0, deps=[dqt])
-                dq_smem.index(stage * N_CHUNKS + dc).store(dq_chunk_tiles(dqt * softmax_scale, BLOCK_M))
+                if STORE_DS and dc == N_CHUNKS - 1:
+                    tma.store_wait(dc * TILES)
+                else:
+                    tma.store_wait((N_CHUNKS - 1 - dc) * TILES * PAIR + DS_BOXES + dc * TILES)
+            _partition_barrier()  # every warp's products done; the issuing thread's waits above hold the others
+            if dc == N_CHUNKS - 1:
+                for i in gl.static_range(PAIR):
+                    if i < steps:
+                        mbarrier.arrive(ds_free.index(slot + i))
+            dq_smem.index(dc).store(dq_chunk_tiles(dqt * softmax_scale))
             fence_async_shared()
-            if STORE_DS:  # the slot is free once the dS stores have read it (and, before them, the reductions)
-                tma.store_wait(0)
-            _partition_barrier()  # every warp's products are done and its part of the tile stored
-            mbarrier.arrive(ds_free.index(slot))
-            for qi in gl.static_range(N_TILES):
-                # the chunk's tiles as the descriptor's [1, BLOCK_M, 1, DQ_COLS] boxes (the same bytes and swizzle)
-                tiles = dq_smem.index(stage * N_CHUNKS + qi // TILES_PER_CHUNK)._reinterpret(
-                    gl.float32, [TILES_PER_CHUNK, 1, BLOCK_M, 1, DQ_COLS], dq_desc.layout)
-                tile = tiles.index(qi % TILES_PER_CHUNK)
-                _tma_reduce_add(dq_desc, [b, start_m, h0 + g, qi * DQ_COLS], tile)
-            t += 1
+            _partition_barrier()  # every warp's part of the tiles stored
+            # the chunk's tiles as the descriptor's [1, BLOCK_M, 1, DQ_COLS] boxes (the same bytes and swizzle)
+            boxes = dq_smem.index(dc)._reinterpret(gl.float32, [TILES * PAIR, 1, BLOCK_M, 1, DQ_COLS],
+                                                   dq_desc.layout)
+            for i in gl.static_range(PAIR):
+                if i < steps:
+                    g = (t + i) // n_mblocks
+                    start_m = lo + ((t + i) - g * n_mblocks) * BLOCK_M
+                    for ti in gl.static_range(TILES):
+                        _tma_reduce_add(dq_desc, [b, start_m, h0 + g, (dc * TILES + ti) * DQ_COLS],
+                                        boxes.index(ti * PAIR + i))
     _partition_barrier()
     mbarrier.arrive(dq_done)
     tma.store_wait(0)
@@ -431,6 +471,7 @@ def _hopper_bwd_dkdv_kernel(
     where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k)."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
+    SLOTS: gl.constexpr = _ds_slots(BLOCK_M)
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     # bias matrix, its gradient and the zero tile: (B' * H', S_q, S_k) boxes
     mat_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
@@ -473,11 +514,9 @@ def _hopper_bwd_dkdv_kernel(
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
 
     if FUSED_DQ:
-        if STORE_DS:  # queries as rows, keys contiguous: the bias gradient's layout, stored from here
-            ds_smem = gl.allocate_shared_memory(dtype, [2 * _DS_SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
-        else:
-            ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_HALF_N, BLOCK_M], dtype)
-            ds_smem = gl.allocate_shared_memory(dtype, [2 * _DS_SLOTS, _HALF_N, BLOCK_M], ds_layout)  # [slot, half]
+        # [half, slot]: queries as rows, keys contiguous (the bias gradient's layout, stored from here); a half's
+        # adjacent slots form one [DQ_ROWS, 64] tile (the swizzle repeats every 8 rows)
+        ds_smem = gl.allocate_shared_memory(dtype, [2 * SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
         zero_smem = ds_smem  # never read
         if STORE_DS and IS_CAUSAL:  # a zero tile for the skipped tiles of the bias gradient
             zero_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, _HALF_N], mat_layout)
@@ -485,15 +524,14 @@ def _hopper_bwd_dkdv_kernel(
             bias_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, 1, BLOCK_M, _HALF_N], mat_layout)
         else:
             bias_smem = q_smem  # never read
-        # [stage * chunk, tile]: each DQ_CHUNK-column chunk of dQ as DQ_COLS-column tiles, 128-byte swizzled (the
-        # transposed store from the accumulator layout without bank conflicts)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2 * HEAD_DIM // DQ_CHUNK, DQ_CHUNK // DQ_COLS, BLOCK_M,
-                                                         DQ_COLS], DQ_TILE_LAYOUT)
-        ds_ready = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
-        ds_free = gl.allocate_shared_memory(gl.int64, [_DS_SLOTS, 1], bar_layout)
+        # [chunk, tile]: each DQ_CHUNK-column chunk of dQ as DQ_COLS-column tiles, 128-byte swizzled
+        dq_smem = gl.allocate_shared_memory(gl.float32, [HEAD_DIM // DQ_CHUNK, DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS],
+                                            DQ_TILE_LAYOUT)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
+        ds_free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
         dq_done = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
         mbarrier.init(dq_done, count=1)
-        for i in gl.static_range(_DS_SLOTS):
+        for i in gl.static_range(SLOTS):
             mbarrier.init(ds_ready.index(i), count=2)  # one arrival per consumer warpgroup
             mbarrier.init(ds_free.index(i), count=1)
         gl.warp_specialize(
@@ -504,14 +542,14 @@ def _hopper_bwd_dkdv_kernel(
                                            lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
                                            dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, stats_smem, Slopes,
                                            Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
                                            lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g,
                                        n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M,
@@ -532,14 +570,14 @@ def _hopper_bwd_dkdv_kernel(
                                            lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
                                            dk_desc, dv_desc, q_smem, ready, empty, kv_bar, stats_smem, Slopes,
                                            Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
                                            lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, STORE_DS, TAIL)),
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g,
                                        n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M,
