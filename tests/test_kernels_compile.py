@@ -29,8 +29,8 @@ def test_all_kernels_compile_for_sm90():
     # seven with the dQ warpgroup, five more of them with a bias matrix (and its gradient)
     assert result.stdout.count("ok   hopper-fused-dq") == 12
     assert result.stdout.count("ok   hopper-fused-dq bias matrix") == 5
-    # the dQ warpgroup's staging stores compile only without bank conflicts
-    assert result.stdout.count("ok   dq-staging") == 2
+    # the dQ warpgroup's staging stores compile only without bank conflicts (one accumulator shape: 64 queries)
+    assert result.stdout.count("ok   dq-staging") == 1
 
 
 def test_ptx_schedule_tool_runs_and_reads_the_loop():

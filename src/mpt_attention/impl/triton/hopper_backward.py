@@ -71,8 +71,8 @@ _LOG2E = gl.constexpr(1.4426950408889634)
 # a barrier over the calling partition's warps: gl.thread_barrier in Triton 3.6, renamed gl.barrier in 3.7
 _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
-# fused dQ: the dQ warpgroup forms dQ = dS K for DQ_ROWS queries at once (two steps at 32 queries per step, one at
-# 64), D in chunks of DQ_CHUNK columns (a [64, 64] float32 accumulator: 32 registers), each staged as tiles of
+# fused dQ: the dQ warpgroup forms dQ^T = K^T dS^T for DQ_ROWS queries at once (two steps at 32 queries per step,
+# one at 64), D in chunks of DQ_CHUNK columns (a [64, 64] float32 accumulator: 32 registers), each staged as tiles of
 # DQ_COLS float32 columns, one 128-byte swizzled row (the copy engine's widest swizzle span; also the dQ buffer
 # descriptor's box width, hopper.backward_dkdv)
 DQ_ROWS = gl.constexpr(64)
@@ -188,7 +188,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                             BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, TAIL: gl.constexpr):
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV. With
     ``FUSED_DQ`` it also leaves each step's dS in a shared ring for the dQ warpgroup, transposed back to queries
-    as rows (the A operand of dQ = dS K, and the layout of the bias gradient the dQ warpgroup stores from there).
+    as rows (the layout of the bias gradient the dQ warpgroup stores from there, and in which two steps' tiles
+    are adjacent: one B operand of its product).
     ``TAIL`` (with ``FUSED_DQ``, D 72-96): the products take 64 + ``TAIL`` of the tile's columns, dK and dV
     two accumulators each."""
     dtype: gl.constexpr = q_smem.dtype
