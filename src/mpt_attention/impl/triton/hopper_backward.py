@@ -350,6 +350,27 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
 
 
 @gluon.jit
+def _step_origin(step, lo, n_mblocks, BLOCK_M: gl.constexpr):
+    """A program's step as (query head of the program's group, first query row): query blocks from ``lo``, head
+    after head, as the loader runs them."""
+    g = step // n_mblocks
+    return g, lo + (step - g * n_mblocks) * BLOCK_M
+
+
+@gluon.constexpr_function
+def _staging_pending(dc, steps, pair, n_chunks, tiles, ds_boxes):
+    """Bulk groups the dQ warpgroup may leave in flight before it stores chunk ``dc`` of a product of ``steps``
+    steps into that chunk's staging tiles: those issued after the previous product's reductions from the same
+    tiles (its later chunks, whole: only a program's last product can be short; this product's bias-gradient
+    stores and its earlier chunks). Before the last chunk with a bias gradient, none issued before this product's
+    own bias-gradient stores either, since the ring slots they read are released there. Bulk groups complete
+    in issue order."""
+    if ds_boxes and dc == n_chunks - 1:
+        return dc * tiles * steps
+    return (n_chunks - 1 - dc) * tiles * pair + (ds_boxes + dc * tiles) * steps
+
+
+@gluon.jit
 def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, dbias_desc,
                       b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr,
                       BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr):
@@ -398,8 +419,7 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
         if STORE_DS:
             for i in gl.static_range(PAIR):
                 if i < steps:
-                    g = (t + i) // n_mblocks
-                    start_m = lo + ((t + i) - g * n_mblocks) * BLOCK_M
+                    g, start_m = _step_origin(t + i, lo, n_mblocks, BLOCK_M)
                     for half in gl.static_range(2):
                         tma.async_copy_shared_to_global(dbias_desc, [b * n_heads + h0 + g, start_m,
                                                                      start_n + half * _HALF_N],
@@ -412,21 +432,11 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
             dqt = warpgroup_mma(k0t, ds0, dqt_zero, use_acc=False, is_async=True)
             dqt = warpgroup_mma(k1t, ds1, dqt, is_async=True)
             dqt = warpgroup_mma_wait(0, deps=[dqt])
-            # before the staging store: the previous product's reductions from this chunk's tiles must have read
-            # them (the previous product always had PAIR steps), and on the last chunk the bias-gradient stores
-            # must have read the ring (they precede this product's reductions). Bulk groups complete in order;
-            # counted is what was issued since: the previous product's later chunks, this one's bias-gradient
-            # stores, its earlier chunks.
+            # the staging tiles (and, on the last chunk, the ring slots) free of earlier bulk groups' reads
             if steps == PAIR:
-                if STORE_DS and dc == N_CHUNKS - 1:
-                    tma.store_wait(dc * TILES * PAIR)
-                else:
-                    tma.store_wait((N_CHUNKS - 1 - dc) * TILES * PAIR + DS_BOXES * PAIR + dc * TILES * PAIR)
+                tma.store_wait(_staging_pending(dc, PAIR, PAIR, N_CHUNKS, TILES, DS_BOXES))
             else:
-                if STORE_DS and dc == N_CHUNKS - 1:
-                    tma.store_wait(dc * TILES)
-                else:
-                    tma.store_wait((N_CHUNKS - 1 - dc) * TILES * PAIR + DS_BOXES + dc * TILES)
+                tma.store_wait(_staging_pending(dc, 1, PAIR, N_CHUNKS, TILES, DS_BOXES))
             _partition_barrier()  # every warp's products done; the issuing thread's waits above hold the others
             if dc == N_CHUNKS - 1:
                 for i in gl.static_range(PAIR):
@@ -440,8 +450,7 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
                                                    dq_desc.layout)
             for i in gl.static_range(PAIR):
                 if i < steps:
-                    g = (t + i) // n_mblocks
-                    start_m = lo + ((t + i) - g * n_mblocks) * BLOCK_M
+                    g, start_m = _step_origin(t + i, lo, n_mblocks, BLOCK_M)
                     for ti in gl.static_range(TILES):
                         _tma_reduce_add(dq_desc, [b, start_m, h0 + g, (dc * TILES + ti) * DQ_COLS],
                                         boxes.index(ti * PAIR + i))
