@@ -16,6 +16,11 @@ compiling FlexAttention: the benchmark's process holds both.
    forward+backward step (tiny shape, Hopper path; causal ALiBi, and a dense bias with its gradient) with the
    Triton/Gluon launches real and with them replaced by no-ops: the launches' share of the host's time against
    everything else (our Python, torch's allocations and small kernels, autograd).
+8. With ``--launch`` (alone): one Gluon launch of the Hopper forward taken apart (descriptors, Triton's
+   argument binder, its cache key, the compiled kernel's own ``run``), and cProfile of the launch.
+9. With ``--timers`` (alone): host microseconds per forward+backward step (tiny shape, Hopper path, launches real)
+   spent inside each of our layers and Triton's launch, timed by wrappers (inclusive; cheaper than cProfile).
+10. With ``--host-ab`` (alone): 1 and 6 only (what an A/B of package versions with benchmarks/ab.sh compares).
 """
 
 from __future__ import annotations
@@ -232,7 +237,118 @@ def stubbed_table():
             stats.sort_stats("cumulative").print_stats(50)
 
 
+def launch_breakdown():
+    """Host microseconds of the parts of one Hopper forward launch (tiny shape): where a launch's time goes."""
+    from triton.runtime import driver
+    from triton.runtime.jit import compute_cache_key
+    from triton import knobs
+
+    from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel as fn
+
+    q, k, v, slopes = (x.detach() for x in inputs(1, 16, 128, 128))
+    out, lse = torch.empty_like(q), torch.empty(1, 16, 128, device=DEV)
+    tiles = torch.zeros(16 + 16 * 16, dtype=torch.int32, device=DEV)
+
+    def descriptors():
+        return (hopper._descriptor(q, 64), hopper._descriptor(k, 128), hopper._descriptor(v, 128),
+                hopper._descriptor(out, 64))
+
+    descs = descriptors()
+    args = (*descs, None, lse, slopes, tiles, 16 * 128, 128, 0, 1, 16, 1, 16, 128, 128, 0.1, 0, 0, 16)
+    kw = dict(IS_CAUSAL=True, ALIBI=1, BLOCK_N=128, HEAD_DIM=128, BIAS_ROW=False, TAIL=0, BIAS_FULL=False,
+              num_warps=4)
+    grid = (1,)
+    kernel = fn[grid](*args, **kw)
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+    _, key_cache, _, _, binder = fn.device_caches[device]
+    kw_run = dict(kw, debug=fn.debug or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    bound, spec, options = binder(*args, **kw_run)
+    values = tuple(bound.values())
+    from triton.backends.nvidia.driver import make_tensordesc_arg
+    metas = getattr(kernel.metadata, "tensordesc_meta", None) or [None] * 4
+    parts = {
+        "4 descriptors (TensorDescriptor)": descriptors,
+        "fn[grid](...) (prebuilt descriptors)": lambda: fn[grid](*args, **kw),
+        "binder": lambda: binder(*args, **kw_run),
+        "compute_cache_key": lambda: compute_cache_key(key_cache, spec, options),
+        "current device + stream": lambda: driver.active.get_current_stream(driver.active.get_current_device()),
+        "4 x make_tensordesc_arg": lambda: [make_tensordesc_arg(d, m) for d, m in zip(descs, metas)],
+        "kernel.run (bound args)": lambda: kernel.run(1, 1, 1, stream, kernel.function, kernel.packed_metadata, None,
+                                                       None, None, *values),
+        "hopper.forward": lambda: hopper.forward(q, k, v, None, slopes, 128**-0.5, True, 1),
+    }
+    for name, part in parts.items():
+        print(f"[launch] host us  {name:38s} {host_us(part, 2000):7.1f}", flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(1000):
+        fn[grid](*args, **kw)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def timers_table():
+    import functools
+
+    from triton.runtime import jit
+
+    from mpt_attention import api, ops
+    from mpt_attention.impl.triton import launch
+
+    totals = {}
+
+    def timed(owner, name, label):
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
+        setattr(owner, name, wrapper)
+
+    targets = (
+        (api, "_validate", "api._validate"), (ops, "triton_attention", "ops.triton_attention"),
+        (ops._EagerTritonAttention, "forward", "autograd forward (ours)"), (launch, "forward", "launch.forward"),
+        (launch, "backward", "launch.backward"), (hopper, "forward", "hopper.forward"),
+        (hopper, "backward_dkdv", "hopper.backward_dkdv"), (hopper, "unsupported", "hopper.unsupported"),
+        (launch, "_row_terms", "launch._row_terms"), (hopper, "_descriptor", "hopper._descriptor"),
+        (hopper, "launch_kernel", "launches (hopper)"), (launch, "launch_kernel", "launches (launch.py)"),
+        (jit.JITFunction, "run", "JITFunction.run"),
+    )
+    for owner, name, label in targets:
+        timed(owner, name, label)
+    q, k, v, slopes = inputs(1, 16, 128, 128)
+    dout = torch.randn_like(q)
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes).backward(dout)
+
+    for rep in range(3):
+        host_us(step, 50)
+        totals.clear()
+        per_step = host_us(step, 500)
+        print(f"[timers] round {rep}: {per_step:7.1f} us per step; inside: " + ", ".join(
+            f"{name} {sec / 520 * 1e6:.1f}" for name, sec in totals.items()), flush=True)
+
+
 def main():
+    if sys.argv[1:] == ["--host-ab"]:  # for benchmarks/ab.sh: tables that every package version can run
+        host_table("plain")
+        graph_table()
+        return
+    if sys.argv[1:] == ["--timers"]:
+        timers_table()
+        return
+    if sys.argv[1:] == ["--launch"]:
+        launch_breakdown()
+        return
     if sys.argv[1:] == ["--graph"]:  # alone: skip the host tables
         graph_table()
         return

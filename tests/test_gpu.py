@@ -319,3 +319,41 @@ def test_backward_replays_in_a_cuda_graph(head_dim, n_kv, deterministic):
                 torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-2)
             else:
                 assert torch.equal(g, e), name
+
+
+@pytest.mark.parametrize("deterministic", [None, True], ids=["dq-warpgroup-or-default", "reproducible"])
+def test_the_lean_launcher_runs_repeated_steps_from_its_cache(monkeypatch, deterministic):
+    """A training step's kernels launch through Triton's own path the first time, from the lean launcher's
+    cache after (impl/triton/lean_launch.py), with the same results; with a profiler's launch hook installed
+    every launch is Triton's again, and the hook sees each."""
+    from triton import knobs
+    from triton.runtime import jit
+
+    from mpt_attention.impl.triton import lean_launch
+
+    triton_runs, real_run = [], jit.JITFunction.run
+    monkeypatch.setattr(jit.JITFunction, "run",
+                        lambda self, *a, **kw: (triton_runs.append(1), real_run(self, *a, **kw))[1])
+    monkeypatch.setattr(lean_launch, "_KERNELS", {})
+    (q, k, v), kw = make_inputs(AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=True), device="cuda",
+                                dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(q)
+
+    def step():
+        out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+        return (out, *_grads(out, [q, k, v], dout))
+
+    first = step()
+    assert triton_runs and len(lean_launch._KERNELS) == len(triton_runs)
+    triton_runs.clear()
+    second = step()
+    assert not triton_runs
+    for a, b in zip(first, second):  # dQ from the warpgroup's float32 reductions: any order, so closely
+        torch.testing.assert_close(a, b, atol=0 if deterministic else 1e-2, rtol=0 if deterministic else 1e-2)
+    seen = []
+    knobs.runtime.launch_enter_hook.add(seen.append)
+    try:
+        step()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(seen.append)
+    assert len(seen) == len(triton_runs) == len(lean_launch._KERNELS)

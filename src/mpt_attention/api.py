@@ -33,6 +33,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# the triton backend's status per CUDA device index: asked on every call (api._validate), and the availability
+# query alone cost ~10 us of host time on the H200 machine's CPU
+_CUDA_TRITON_STATUS: dict[int, str | None] = {}
+
+
 def backend_status(backend: str, device: torch.device | str | None = None) -> str | None:
     """``None`` if ``backend`` can run on ``device`` here, else the reason it cannot."""
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -47,10 +52,14 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> st
     except ImportError as exc:
         return f"cannot import triton ({exc}); pip install 'mpt-attention[triton]'"
     if device.type == "cuda":
+        if device.index in _CUDA_TRITON_STATUS:
+            return _CUDA_TRITON_STATUS[device.index]
         if not torch.cuda.is_available():
             return "CUDA is not available to torch"
-        major = sm_major(device.index if device.index is not None else torch.cuda.current_device())
-        return None if major >= 8 else f"needs a GPU of compute capability >= 8.0, got {major}.x"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major = sm_major(index)
+        _CUDA_TRITON_STATUS[index] = None if major >= 8 else f"needs a GPU of compute capability >= 8.0, got {major}.x"
+        return _CUDA_TRITON_STATUS[index]
     if device.type == "cpu":
         return None if triton_interpreting() else "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing"
     return f"device type {device.type!r} is not supported by the triton backend"

@@ -56,9 +56,11 @@ def _triton_bwd(
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     deterministic: bool | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch().backward(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id,
-                              prefix_mask, seed, softmax_scale, causal, dropout_p, bias_grad,
-                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic)
+    dq, dk, dv, dbias = _launch().backward(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask,
+                                           sequence_id, prefix_mask, seed, softmax_scale, causal, dropout_p,
+                                           bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           deterministic)
+    return dq, dk, dv, (q.new_empty(0) if dbias is None else dbias)  # an op returns tensors
 
 
 @_triton_bwd.register_fake
@@ -114,7 +116,7 @@ class _EagerTritonAttention(torch.autograd.Function):
         launch = _launch()
         # an internal buffer, so not saved for backward: a change to the bias in between fails the bias's
         # own saved-tensor check first
-        ctx.bias_rows = launch.log2_bias_row(inputs[3])
+        ctx.bias_rows = None if inputs[3] is None else launch.log2_bias_row(inputs[3])
         output = launch.forward(*inputs[:16], bias_rows=ctx.bias_rows)  # ``deterministic`` is the backward's
         ctx.set_materialize_grads(False)  # None for an unused output, as the op's backward expects
         _setup_context(ctx, inputs, output)

@@ -34,13 +34,14 @@ def _row_stats(lse_row, delta_row, rows, row_ok, BIAS: tl.constexpr):
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    Out, DO, Lse, DLse, Delta, DOScaled, RowStats,
+    Out, DO, Lse, DLse, Delta, DOScaled, RowStats, DQAcc,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
     stride_sb, stride_ss, stride_sh,
+    stride_ab, stride_as, stride_ah,
     n_heads, seqlen_q, head_dim, stats_cols,
-    HAS_DLSE: tl.constexpr, SOFT_ROWS: tl.constexpr, ROW_STATS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_DLSE: tl.constexpr, SOFT_ROWS: tl.constexpr, ROW_STATS: tl.constexpr, STORE_DELTA: tl.constexpr,
+    ZERO_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse in float32, (B, H, S_q): one read of each, no float32 copies.
 
@@ -50,7 +51,12 @@ def _attn_bwd_delta_kernel(
     (unchanged where the scale is 1), which the backward kernels then read instead of dO.
 
     ROW_STATS (the Hopper dK/dV kernel's input): also the row's log2-domain offset (common.decode_lse2) and
-    delta side by side in ``RowStats``, (B * H, 2, ``stats_cols``) float32, for the kernel's copy engine."""
+    delta side by side in ``RowStats``, (B * H, 2, ``stats_cols``) float32, for the kernel's copy engine;
+    ``STORE_DELTA`` False where no kernel reads ``Delta`` (that kernel's dQ warpgroup takes both from there).
+
+    ZERO_DQ: zeros in the float32 dQ sums ``DQAcc`` (q's shape) that the dK/dV kernels then add into, instead
+    of a fill kernel of their own before this one (a launch less: ~30 us of host time per step on the H200
+    machine's CPU, where a short step is host-bound, benchmarks/NOTES.md session 23)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = grid_row()
     b64 = (bh // n_heads).to(tl.int64)
@@ -74,7 +80,11 @@ def _attn_bwd_delta_kernel(
         do_scaled = (do.to(tl.float32) * scale[:, None]).to(do.dtype)
         tl.store(DOScaled + b64 * stride_sb + h64 * stride_sh + rows64 * stride_ss + offs_d[None, :], do_scaled,
                  mask=mask)
-    tl.store(Delta + stats, delta, mask=row_ok)
+    if STORE_DELTA:
+        tl.store(Delta + stats, delta, mask=row_ok)
+    if ZERO_DQ:
+        tl.store(DQAcc + b64 * stride_ab + h64 * stride_ah + rows64 * stride_as + offs_d[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=mask)
     if ROW_STATS:
         row_stats = RowStats + bh.to(tl.int64) * 2 * stats_cols + rows
         tl.store(row_stats, decode_lse2(lse, SOFT_ROWS), mask=row_ok)

@@ -9,12 +9,14 @@ kernels everywhere: tests and benchmarks compare the two that way.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 import triton
 
 from mpt_attention.impl.device import sm_count, sm_major
+from mpt_attention.impl.triton.lean_launch import launch_kernel
 
 try:
     from triton.experimental.gluon import language as gl
@@ -93,10 +95,17 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         # decode and short chunks: most of a 128-row tile would be idle, and the per-launch host work
         # (four copy-engine descriptors encoded) is not hidden behind so short a kernel
         return f"fewer than {BLOCK_M} query rows"
-    tensors = (q, k, v) if dout is None else (q, k, v, dout)
-    if not all(tma_aligned(t) for t in tensors):
+    # one pass over each tensor's strides (this runs on every call: host time)
+    aligned, expanded = True, False
+    for t in (q, k, v) if dout is None else (q, k, v, dout):
+        sb, ss, sh, sd = t.stride()
+        size = t.element_size()
+        aligned = aligned and sd == 1 and t.data_ptr() % 16 == 0 and (sb * size) % 16 == 0 and (
+            ss * size) % 16 == 0 and (sh * size) % 16 == 0
+        expanded = expanded or 0 in (sb, ss, sh, sd) and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+    if not aligned:
         return "strides not 16-byte aligned"
-    if any(st == 0 and n > 1 for t in tensors for st, n in zip(t.stride(), t.shape)):
+    if expanded:
         # e.g. K, V expanded over the query heads: the general kernels read them; a copy-engine descriptor
         # with a zero stride is untried on the hardware
         return "a dim expanded with stride 0"
@@ -122,10 +131,40 @@ def product_tail(head_dim: int) -> int:
     return 16 if 64 < head_dim <= 80 else 32 if 80 < head_dim <= 96 else 0
 
 
+def _unchecked_descriptors() -> bool:
+    """Whether ``descriptor`` may build a ``TensorDescriptor`` without its ``__post_init__``: a plain dataclass
+    whose fields are the ones set there (else every descriptor is built, and checked, by the constructor)."""
+    if _hopper_fwd_kernel is None or not dataclasses.is_dataclass(TensorDescriptor):
+        return False
+    names = {f.name for f in dataclasses.fields(TensorDescriptor)}
+    required = {f.name for f in dataclasses.fields(TensorDescriptor) if f.default is dataclasses.MISSING}
+    return "__slots__" not in vars(TensorDescriptor) and required == {"base", "shape", "strides", "block_shape",
+                                                                      "layout"} <= names
+
+
+_UNCHECKED = _unchecked_descriptors()
+_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TensorDescriptor)
+                        if f.default is not dataclasses.MISSING} if _UNCHECKED else {}
+
+
+def descriptor(base: torch.Tensor, shape, strides, block_shape, layout) -> "TensorDescriptor":
+    """``TensorDescriptor(base, shape, strides, block_shape, layout)`` without the constructor's checks (16-byte
+    aligned base and strides, unit last stride, positive sizes): ``unsupported`` and the views here have made them
+    for every tensor the launches describe (tests/test_hopper_dispatch.py builds each launch's descriptors through
+    the constructor too). The checks were ~5 us of host time per descriptor on the H200 machine's CPU, and a
+    training step builds twelve."""
+    if not _UNCHECKED:
+        return TensorDescriptor(base, shape, strides, block_shape, layout)
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=base, shape=shape, strides=strides, block_shape=block_shape,
+                         layout=layout)
+    return desc
+
+
 def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     """Copy-engine descriptor of ``x`` (B, S, H, D), any 16-byte aligned strides, boxes of [1, rows, 1,
     tile_dim(D)]."""
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, tile_dim(x.shape[3])], _TILE_LAYOUT)
+    return descriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, tile_dim(x.shape[3])], _TILE_LAYOUT)
 
 
 def bias_dims_on(bias: torch.Tensor) -> tuple[int, int]:
@@ -227,17 +266,18 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     bias_full = bias is not None and bias.shape[2] != 1
     if bias_full:  # in q's dtype, read in [64, BLOCK_N] boxes, one per consumer warpgroup
         shape, strides, b_on, h_on = bias_matrix_view(bias)
-        bias_desc = TensorDescriptor(bias, shape, strides, [1, HALF_M, BLOCK_N], _MATRIX_LAYOUT)
+        bias_desc = descriptor(bias, shape, strides, [1, HALF_M, BLOCK_N], _MATRIX_LAYOUT)
     elif bias is not None:  # launch.forward has converted it (launch._log2_bias_rows): float32, aligned rows
         shape, strides, b_on, h_on = _bias_view(bias)
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
-        bias_desc = TensorDescriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
+        bias_desc = descriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
     # Persistent: a program's registers fill an SM (ncu: one per SM), so one program per SM at most, taking
     # tiles until none is left. ``tiles``: [0] counts the tiles taken after the first round; from 16 on, 8 per
     # (program, Q buffer) for the coordinates the loader publishes to the consumers (hopper_forward).
     grid = (min(triton.cdiv(s_q, BLOCK_M) * batch * n_heads, sm_count(q.device.index)),)
     tiles = torch.zeros(16 + grid[0] * 16, dtype=torch.int32, device=q.device)
-    _hopper_fwd_kernel[grid](
+    launch_kernel(
+        _hopper_fwd_kernel, grid,
         _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M), bias_desc,
         lse, slopes, tiles, n_heads * s_q, s_q, *slope_strides,
         n_heads, n_heads // n_kv, batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
@@ -277,23 +317,23 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     slopes, slope_strides = slope_args(slopes, row_stats)
     width = tile_dim(head_dim)
     block_m = bwd_block_m(width)
-    stats_desc = TensorDescriptor(row_stats, [batch * n_heads, 2, s_q], list(row_stats.stride()), [1, 2, block_m],
+    stats_desc = descriptor(row_stats, [batch * n_heads, 2, s_q], list(row_stats.stride()), [1, 2, block_m],
                                   _ROW_STATS_LAYOUT)
     bias_args, b_on, h_on = (row_stats, 0, 0, 0), 0, 0  # a never-read dummy without a bias
     bias_desc = dbias_desc = None
     bias_full = bias is not None and bias.shape[2] != 1
     if bias_full:  # boxes of one step's queries x one consumer's 64 keys
         shape, strides, b_on, h_on = bias_matrix_view(bias)
-        bias_desc = TensorDescriptor(bias, shape, strides, [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
+        bias_desc = descriptor(bias, shape, strides, [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
         if dbias is not None:
-            dbias_desc = TensorDescriptor(dbias, [batch * n_heads, s_q, s_k], [s_q * s_k, s_k, 1],
+            dbias_desc = descriptor(dbias, [batch * n_heads, s_q, s_k], [s_q * s_k, s_k, 1],
                                           [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
     elif bias is not None:  # read with plain loads here (one value per tile row): any strides do
         b_on, h_on = bias_dims_on(bias)
         bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
     dq_desc = None  # boxes of one step's queries x DQ_COLS columns
     if dq_acc is not None:
-        dq_desc = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, block_m, 1, DQ_COLS.value],
+        dq_desc = descriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, block_m, 1, DQ_COLS.value],
                                    _DQ_LAYOUT)
     # grouped heads with the dQ warpgroup: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
     # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
@@ -305,7 +345,8 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
         parts = torch.empty((2, n_splits, batch, s_k, n_kv, width), dtype=torch.float32, device=q.device)
     n_rows = batch * n_kv * n_splits
     grid = (triton.cdiv(s_k, BWD_BLOCK_N) * n_rows,)
-    _hopper_bwd_dkdv_kernel[grid](
+    launch_kernel(
+        _hopper_bwd_dkdv_kernel, grid,
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),
         _descriptor(dout, block_m), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N), dq_desc,
         bias_desc, dbias_desc, stats_desc, slopes, bias_args[0], parts, *slope_strides,

@@ -17,6 +17,7 @@ from mpt_attention.impl.triton import hopper
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
+from mpt_attention.impl.triton.lean_launch import launch_kernel
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # A full-shape bias gradient in q's dtype: dQ as one GEMM on the stored dS instead of the dQ kernel
@@ -133,7 +134,7 @@ def _log2_bias_rows(bias: torch.Tensor) -> torch.Tensor:
     padded = torch.empty((rows_b, rows_h, 1, hopper.aligned_row(s_k, 4)), dtype=torch.float32, device=bias.device)
     if rows_b * rows_h and s_k:
         block = min(1024, max(16, triton.next_power_of_2(s_k)))
-        log2_bias_rows_kernel[(triton.cdiv(s_k, block), rows_h, rows_b)](
+        launch_kernel(log2_bias_rows_kernel, (triton.cdiv(s_k, block), rows_h, rows_b),
             bias, padded, bias.stride(0) * b_on, bias.stride(1) * h_on, bias.stride(3), padded.stride(0),
             padded.stride(1), rows_h, s_k, BLOCK=block,
         )
@@ -286,7 +287,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     row_desc = bias is not None and bias.shape[2] == 1 and not varlen and _descriptors_ok(bias)
     if kv_desc or row_desc:
         _ensure_allocator()
-    _attn_fwd_kernel[grid](
+    launch_kernel(_attn_fwd_kernel, grid,
         q, k, v, out, lse, *pointers, seed if seed is not None else q, kv_range, seq_range,
         cu_q if varlen else q, cu_k if varlen else q,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *geo.lse_strides,
@@ -310,31 +311,37 @@ def _side_stream(device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False) -> None:
-    """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape) = rowsum(dO * O) - dlse;
-    with ``dout_scaled`` (a bias is present, so rows may be soft-masked: common.SOFT_LSE) dO scaled per row into
-    it; with ``row_stats`` (``hopper.row_stats_buffer``) the Hopper dK/dV kernel's copy of the log2-domain LSE
-    offsets and delta. Varlen: packed rows are one long batch row for this row-wise kernel."""
+def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False, dq_zero=None) -> None:
+    """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape; None where no kernel
+    reads it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked:
+    common.SOFT_LSE) dO scaled per row into it; with ``row_stats`` (``hopper.row_stats_buffer``) the Hopper dK/dV
+    kernel's copy of the log2-domain LSE offsets and delta; with ``dq_zero`` (float32, q's shape and strides)
+    zeros written into it. Varlen: packed rows are one long batch row for this row-wise kernel."""
     o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
+    dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
     d_batch, d_rows, n_heads, head_dim = o4.shape
     if d_batch * n_heads == 0 or d_rows == 0:
         return
     block = 32 if _INTERPRET else 64
-    dummy = delta
-    _attn_bwd_delta_kernel[(triton.cdiv(d_rows, block), n_heads, d_batch)](
-        o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), delta,
+    dummy = lse
+
+    def strides3(t):
+        return t.stride()[:3] if t is not None else (0, 0, 0)
+
+    launch_kernel(_attn_bwd_delta_kernel, (triton.cdiv(d_rows, block), n_heads, d_batch),
+        o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), dummy if delta is None else delta,
         dummy if dout_scaled is None else dout_scaled, dummy if row_stats is None else row_stats,
-        o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0), do4.stride(1), do4.stride(2),
-        *(dout_scaled.stride()[:3] if dout_scaled is not None else (0, 0, 0)), n_heads, d_rows, head_dim,
-        0 if row_stats is None else row_stats.shape[2], HAS_DLSE=dlse is not None, SOFT_ROWS=dout_scaled is not None,
-        ROW_STATS=row_stats is not None, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        dummy if dq4 is None else dq4, *strides3(o4), *strides3(do4), *strides3(dout_scaled), *strides3(dq4),
+        n_heads, d_rows, head_dim, 0 if row_stats is None else row_stats.shape[2], HAS_DLSE=dlse is not None,
+        SOFT_ROWS=dout_scaled is not None, ROW_STATS=row_stats is not None, STORE_DELTA=delta is not None,
+        ZERO_DQ=dq4 is not None, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
     )
 
 
 @_on_its_device
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
              dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, bias_rows=None):
-    """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or empty).
+    """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or None without ``bias_grad``).
 
     ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
     it folds into ``delta``: dS = P * (dP - (delta - dlse)).
@@ -350,7 +357,6 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     varlen = geo.varlen
-    delta = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
     # a bias can soft-mask whole rows (common.SOFT_LSE): the delta kernel then writes dO scaled per row
     soft_rows = bias is not None
     dout_in = dout
@@ -361,7 +367,6 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # the kernels read a bias row converted (float32, log2 units); dbias keeps the caller's shape and dtype
     bias_in = _kernel_bias(bias, bias_rows)
-    pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
     bias_mode = 0
     dbias_rows = dbias_full = q  # dummies
     if bias_grad:
@@ -378,14 +383,6 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # A full dS in q's dtype is the input dQ = dS K takes anyway: with it stored by the dK/dV kernel, one
     # batched GEMM replaces the dQ kernel, which would recompute S, P and dP and read the bias again
     ds_gemm = DQ_FROM_STORED_DS and bias_mode == 2 and dbias_full.dtype == q.dtype and not varlen
-    common = dict(
-        DROPOUT=dropout_p > 0.0, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags,
-    )
-    sizes = (n_heads, n_heads // n_kv, s_q, s_k, head_dim, softmax_scale, softmax_scale * LOG2E, dropout_p)
-    in_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
-    seed_arg = seed if seed is not None else q
-    cu_args = (cu_q, cu_k) if varlen else (q, q)
     # Without determinism the Hopper kernel also forms dQ (a fourth warpgroup, float32 bulk reductions):
     # 1.0-1.19x the reproducible split on an H200 (benchmarks/NOTES.md session 15). Grouped heads: a group's
     # query heads split over programs (hopper.FUSED_GROUP_HEADS per program); with all of them in one
@@ -409,16 +406,30 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # the Hopper kernel's loader copies each step's row terms (log2-domain LSE offset, delta) beside Q and dO,
     # so the consumers read them from shared memory instead of waiting on global loads every step
     row_stats = hopper.row_stats_buffer(batch, n_heads, s_q, q.device) if use_hopper else None
-    _row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen)
     # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
     # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
     atomic = deterministic is False and not use_hopper and not ds_gemm
+    # dQ summed in float32 by atomics or the dQ warpgroup's bulk reductions, into zeros the delta kernel writes
+    dq_acc = torch.empty_like(q, dtype=torch.float32) if atomic or fused_dq else None  # dq's layout (see below)
+    # the dQ warpgroup reads delta from row_stats: nothing reads the (B, H, S_q) copy then
+    delta = None if fused_dq else torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
+    _row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen, dq_acc)
     # who writes dS for a full bias gradient: the dK/dV kernel (atomic dQ, or dQ from the stored dS), else
     # the dQ kernel
     dkdv_bias_grad = bias_mode if bias_mode == 1 or atomic or ds_gemm else 0
     # the dK/dV kernel stores dS tiles through a descriptor where the buffer's rows allow (TMA stores)
     ds_desc = dkdv_bias_grad == 2 and _descriptors_ok(dbias_full)
-    if batch * n_heads > 0 and s_k > 0:
+    if batch * n_heads > 0 and s_k > 0 and not fused_dq:
+        # what the general kernels take (with the dQ warpgroup only the Hopper kernel runs: a shorter host path)
+        pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
+        common = dict(
+            DROPOUT=dropout_p > 0.0, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags,
+        )
+        sizes = (n_heads, n_heads // n_kv, s_q, s_k, head_dim, softmax_scale, softmax_scale * LOG2E, dropout_p)
+        in_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
+        seed_arg = seed if seed is not None else q
+        cu_args = (cu_q, cu_k) if varlen else (q, q)
         kv_cfg, q_cfg = _bwd_config(head_dim, atomic_dq=atomic)
         # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
         dkdv_desc = _descriptors_ok(q, dout)
@@ -434,9 +445,10 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             kv_spans = _key_block_query_spans(spans, s_q, kv_cfg["BLOCK_N"])
             if not atomic:
                 q_spans = _query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
-        dq_acc, atomic_dq = q, 0  # dummy; 0: the dQ kernel, 1: scalar atomics, 2: bulk (TMA) reductions
-        if atomic or fused_dq:
-            dq_acc = torch.zeros_like(q, dtype=torch.float32)  # dq's layout: its copy below is elementwise
+    if batch * n_heads > 0 and s_k > 0:
+        atomic_dq = 0  # 0: the dQ kernel, 1: scalar atomics, 2: bulk (TMA) reductions
+        if dq_acc is None:
+            dq_acc = q  # a never-read dummy
         if atomic:
             # the interpreter has no descriptor reductions: CPU tests run the scalar atomics
             atomic_dq = 2 if not _INTERPRET and _descriptors_ok(dq_acc) else 1
@@ -449,7 +461,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                                      _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None,
                                      dbias_full if fused_dq and bias_mode == 2 else None)
             else:
-                _attn_bwd_dkdv_kernel[(triton.cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch)](
+                launch_kernel(_attn_bwd_dkdv_kernel, (triton.cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
                     kv_spans, *cu_args, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen),
                     *_strides(dq_acc, varlen), *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc,
@@ -457,7 +469,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                 )
 
         def launch_dq():
-            _attn_bwd_dq_kernel[(triton.cdiv(s_q, q_cfg["BLOCK_M"]), n_heads, batch)](
+            launch_kernel(_attn_bwd_dq_kernel, (triton.cdiv(s_q, q_cfg["BLOCK_M"]), n_heads, batch),
                 q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args,
                 *in_strides, *_strides(dq, varlen), *geo.lse_strides,
                 *aux_strides, *sizes, DESC=dq_desc, ROW_DESC=dq_row_desc, BIAS_GRAD=bias_mode, **common, **q_cfg,
@@ -487,7 +499,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                 launch_dq()
     else:  # nothing to attend to or from: every gradient is zero
         dq.zero_(), dk.zero_(), dv.zero_()
-    dbias = q.new_empty(0)
+    dbias = None
     if bias_mode:
         dbias = _reduce_to_shape(dbias_rows if bias_mode == 1 else dbias_full, bias.shape).to(bias.dtype)
     return dq, dk, dv, dbias
@@ -517,7 +529,7 @@ def dropout_keep_mask(batch, n_heads, s_q, s_k, seed, dropout_p, device) -> torc
     """The bool keep-mask ``(B, H, S_q, S_k)`` the kernels draw for ``seed`` (testing aid)."""
     mask = torch.empty((batch * n_heads, s_q, s_k), dtype=torch.uint8, device=device)
     block = 32 if _INTERPRET else 64
-    _dropout_mask_kernel[(triton.cdiv(s_q, block), n_heads, batch)](
+    launch_kernel(_dropout_mask_kernel, (triton.cdiv(s_q, block), n_heads, batch),
         mask, seed, mask.stride(0), mask.stride(1), s_q, s_k, dropout_p, BLOCK_M=block, BLOCK_N=block,
     )
     return mask.view(batch, n_heads, s_q, s_k).bool()

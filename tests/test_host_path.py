@@ -1,0 +1,193 @@
+"""The host side of a training step, checked without a GPU: the copy-engine descriptors the Hopper launches
+build without TensorDescriptor's own checks (hopper.descriptor) would pass them, and the lean launcher
+(impl/triton/lean_launch.py) picks a compiled kernel by Triton's specialisation and falls back to Triton's
+own launch where it must. The kernels themselves run in tests/test_gpu_hopper.py; the lean launcher against
+real Triton kernels in tests/test_gpu.py."""
+
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from mpt_attention.impl.triton import hopper, launch, lean_launch  # noqa: E402
+
+if hopper._IMPORT_ERROR is None:
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+
+@pytest.fixture
+def hopper_launches(monkeypatch):
+    """The Hopper kernels' launches during the test as ``(kernel name, args)``, not run (no GPU here); the
+    route to them forced for CPU tensors (every other reason of ``hopper.unsupported`` still applies). The
+    delta kernel before the backward's still runs (in the interpreter)."""
+    real = hopper.unsupported
+
+    def unsupported(*args, **kwargs):
+        reason = real(*args, **kwargs)
+        return None if reason == "not an sm_90 GPU" else reason
+
+    calls = []
+    monkeypatch.setattr(hopper, "unsupported", unsupported)
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    monkeypatch.setattr(hopper, "launch_kernel", lambda fn, grid, *args, **kw: calls.append((fn.__name__, args)))
+    return calls
+
+
+def _layouts(d, h, h_kv, layout):
+    if layout == "packed-qkv":  # the seed's (B, S, 3 * H * D) projection, heads adjacent
+        qkv = torch.randn(2, 128, 3 * h * d, dtype=torch.bfloat16)
+        return [t.unflatten(-1, (h, d)) for t in qkv.chunk(3, dim=-1)]
+    q, k, v = (torch.randn(2, 128, n, d, dtype=torch.bfloat16) for n in (h, h_kv, h_kv))
+    if layout == "bhsd":  # SDPA's (B, H, S, D) tensors passed transposed
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    return q, k, v
+
+
+def _storage_elements(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+
+
+@pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
+@pytest.mark.parametrize("d, h, h_kv, layout, bias", [
+    pytest.param(128, 4, 4, "dense", None, id="d128"),
+    pytest.param(64, 4, 2, "bhsd", None, id="d64-gqa-bhsd"),
+    pytest.param(80, 4, 4, "packed-qkv", None, id="d80-packed-qkv"),
+    pytest.param(112, 4, 1, "dense", "row", id="d112-mqa-bias-row"),
+    pytest.param(128, 4, 4, "dense", "matrix", id="d128-bias-matrix-with-grad"),
+    pytest.param(64, 4, 2, "dense", "matrix-broadcast", id="d64-gqa-bias-matrix-over-heads"),
+])
+def test_every_descriptor_a_step_builds_passes_the_constructors_checks(hopper_launches, d, h, h_kv, layout, bias):
+    """A forward and a backward with the dQ warpgroup through the Hopper launches: each copy-engine descriptor
+    (built without TensorDescriptor's checks) passes them when rebuilt through the constructor, equals the
+    rebuilt one, and spans no element past its tensor's storage."""
+    q, k, v = _layouts(d, h, h_kv, layout)
+    slopes = torch.rand(h) if bias is None else None
+    bias_t = None
+    if bias == "row":
+        bias_t = torch.randn(1, h, 1, 128)
+    elif bias is not None:
+        bias_t = torch.randn(2, h if bias == "matrix" else 1, 128, 128, dtype=torch.bfloat16).requires_grad_(
+            bias == "matrix")
+    out, lse = launch.forward(q, k, v, bias_t, slopes, None, None, None, None, d**-0.5, True, 0.0)
+    out.copy_(torch.randn_like(out))  # the launch did not run: give the delta kernel finite rows
+    lse.copy_(torch.randn_like(lse))
+    bias_grad = bias_t is not None and bias_t.requires_grad
+    launch.backward(torch.randn_like(out), q, k, v, out, lse, None, bias_t, slopes, None, None, None, None,
+                    d**-0.5, True, 0.0, bias_grad, deterministic=None)
+    assert [name for name, _ in hopper_launches] == ["_hopper_fwd_kernel", "_hopper_bwd_dkdv_kernel"]
+    descriptors = [a for _, args in hopper_launches for a in args if isinstance(a, TensorDescriptor)]
+    matrix = bias is not None and bias.startswith("matrix")
+    # forward: q, k, v, out and a bias; backward: k, v, q, dO, dK, dV, dQ sums, row terms, a bias matrix, dbias
+    assert len(descriptors) == 4 + (bias is not None) + 8 + matrix + bias_grad
+    for desc in descriptors:
+        checked = TensorDescriptor(desc.base, desc.shape, desc.strides, desc.block_shape, desc.layout)
+        assert desc == checked
+        assert sum((n - 1) * st for n, st in zip(desc.shape, desc.strides)) < _storage_elements(desc.base)
+
+
+def test_the_backward_with_the_dq_warpgroup_zeroes_dq_in_the_delta_kernel(hopper_launches, monkeypatch):
+    """The float32 dQ sums start as zeros written by the delta kernel (no fill kernel of their own), and no
+    (B, H, S_q) delta is allocated: the dQ warpgroup reads it from the row terms."""
+    q, k, v = _layouts(128, 4, 4, "dense")
+    out, lse, dout = torch.randn_like(q), torch.randn(2, 4, 128), torch.randn_like(q)
+    zero_fills, row_terms = [], []
+    real_zeros_like, real_row_terms = torch.zeros_like, launch._row_terms
+    monkeypatch.setattr(torch, "zeros_like", lambda *a, **kw: (zero_fills.append(1), real_zeros_like(*a, **kw))[1])
+
+    def record(*args, **kwargs):
+        row_terms.append((args[4], args[-1]))  # delta, dq_zero
+        return real_row_terms(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "_row_terms", record)
+    launch.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, True, 0.0, False,
+                    deterministic=None)
+    (delta, dq_acc), = row_terms
+    assert delta is None and not zero_fills
+    assert dq_acc.dtype == torch.float32 and dq_acc.shape == q.shape and dq_acc.stride() == q.stride()
+    assert torch.equal(dq_acc, torch.zeros_like(dq_acc))  # NaN-poisoned when allocated (conftest)
+    args = dict(hopper_launches)["_hopper_bwd_dkdv_kernel"]
+    assert any(isinstance(a, TensorDescriptor) and a.base is dq_acc for a in args)
+
+
+class _FakeKernel:
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class _FakeJITFunction:
+    """What lean_launch uses of a JITFunction: ``device_caches[device][4]`` the binder, ``fn[grid]``,
+    ``pre_run_hooks``, ``debug``. Its binder specialises ints on divisibility by 16, as Triton's does."""
+
+    pre_run_hooks, debug = [], False
+
+    def __init__(self):
+        self.kernels, self.triton_launches = {}, []
+        self.device_caches = {0: (None, None, None, None, self.binder)}
+
+    def binder(self, x, n, BLOCK, **options):
+        bound = dict(x=x, n=n, BLOCK=BLOCK)
+        return bound, [("*fp32", "D"), ("i32", "D" if n % 16 == 0 else ""), ("constexpr", BLOCK)], options
+
+    def __getitem__(self, grid):
+        def triton_launch(*args, **kwargs):
+            self.triton_launches.append((grid, args, kwargs))
+            _, spec, options = self.binder(*args, **kwargs)
+            return self.kernels.setdefault((tuple(spec), str(options)), _FakeKernel())
+        return triton_launch
+
+
+@pytest.fixture
+def lean(monkeypatch):
+    """lean_launch as on a GPU with no hooks: a fake driver (device 0, stream 7) and knobs."""
+    hooks = types.SimpleNamespace(launch_enter_hook=types.SimpleNamespace(calls=[]),
+                                  launch_exit_hook=types.SimpleNamespace(calls=[]), debug=False)
+    knobs = types.SimpleNamespace(runtime=hooks, compilation=types.SimpleNamespace(instrumentation_mode=""))
+    driver = types.SimpleNamespace(active=types.SimpleNamespace(get_current_device=lambda: 0,
+                                                                get_current_stream=lambda device: 7))
+    monkeypatch.setattr(lean_launch, "_AVAILABLE", True)
+    monkeypatch.setattr(lean_launch, "knobs", knobs, raising=False)
+    monkeypatch.setattr(lean_launch, "driver", driver, raising=False)
+    monkeypatch.setattr(lean_launch, "_KERNELS", {})
+    return knobs
+
+
+def test_the_lean_launcher_runs_the_kernel_triton_compiled_for_the_same_specialisation(lean):
+    fn, x = _FakeJITFunction(), object()
+    lean_launch.launch_kernel(fn, (3,), x, 32, BLOCK=64, num_warps=4)  # first: Triton's own launch
+    assert len(fn.triton_launches) == 1
+    lean_launch.launch_kernel(fn, (5, 2), x, 48, BLOCK=64, num_warps=4)  # same specialisation: the cached kernel
+    assert len(fn.triton_launches) == 1
+    (kernel,) = fn.kernels.values()
+    assert kernel.runs == [(5, 2, 1, 7, "function", "metadata", None, None, None, x, 48, 64)]
+    lean_launch.launch_kernel(fn, (3,), x, 40, BLOCK=64, num_warps=4)  # 40 is not a multiple of 16: a new one
+    lean_launch.launch_kernel(fn, (3,), x, 32, BLOCK=128, num_warps=4)  # another constexpr
+    lean_launch.launch_kernel(fn, (3,), x, 32, BLOCK=64, num_warps=8)  # other options
+    assert len(fn.triton_launches) == 4 and len(kernel.runs) == 1
+    lean.runtime.debug = True  # Triton's debug mode compiles other kernels: its own launch first, again
+    lean_launch.launch_kernel(fn, (3,), x, 32, BLOCK=64, num_warps=4)
+    assert len(fn.triton_launches) == 5 and fn.triton_launches[-1][2]["debug"] is True
+
+
+@pytest.mark.parametrize("what", ["enter-hook", "exit-hook", "pre-run-hook", "not-available", "other-caches"])
+def test_the_lean_launcher_leaves_to_triton_what_it_does_not_model(lean, monkeypatch, what):
+    """A profiler's launch hooks (they need launch metadata), a kernel's pre-run hooks, the interpreter, and a
+    Triton whose per-device caches are not the 5-tuple this was written against: every launch is Triton's."""
+    fn, x = _FakeJITFunction(), object()
+    lean_launch.launch_kernel(fn, (1,), x, 16, BLOCK=64)
+    if what.endswith("-hook") and what != "pre-run-hook":
+        getattr(lean.runtime, f"launch_{what.split('-')[0]}_hook").calls.append(print)
+    elif what == "pre-run-hook":
+        fn.pre_run_hooks = [print]
+    elif what == "not-available":
+        monkeypatch.setattr(lean_launch, "_AVAILABLE", False)
+    else:
+        fn.device_caches = {0: (None, fn.binder)}
+    lean_launch.launch_kernel(fn, (1,), x, 16, BLOCK=64)
+    assert len(fn.triton_launches) == 2
+    assert not next(iter(fn.kernels.values())).runs
