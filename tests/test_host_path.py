@@ -191,3 +191,14 @@ def test_the_lean_launcher_leaves_to_triton_what_it_does_not_model(lean, monkeyp
     lean_launch.launch_kernel(fn, (1,), x, 16, BLOCK=64)
     assert len(fn.triton_launches) == 2
     assert not next(iter(fn.kernels.values())).runs
+
+
+def test_the_host_grid_arithmetic_is_tritons():
+    """lean_launch's plain-Python ``cdiv`` and ``next_power_of_2`` (Triton's are ``ConstexprFunction``s, slower to
+    call from the host) give Triton's values."""
+    import triton
+
+    for n in [*range(0, 300), 1023, 1024, 1025, 65535, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert lean_launch.next_power_of_2(n) == triton.next_power_of_2(n)
+        for block in (1, 3, 16, 64, 128, 1024):
+            assert lean_launch.cdiv(n, block) == triton.cdiv(n, block)

@@ -13,10 +13,9 @@ import dataclasses
 import os
 
 import torch
-import triton
 
 from mpt_attention.impl.device import sm_count, sm_major
-from mpt_attention.impl.triton.lean_launch import launch_kernel
+from mpt_attention.impl.triton.lean_launch import cdiv, launch_kernel
 
 try:
     from triton.experimental.gluon import language as gl
@@ -274,7 +273,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     # Persistent: a program's registers fill an SM (ncu: one per SM), so one program per SM at most, taking
     # tiles until none is left. ``tiles``: [0] counts the tiles taken after the first round; from 16 on, 8 per
     # (program, Q buffer) for the coordinates the loader publishes to the consumers (hopper_forward).
-    grid = (min(triton.cdiv(s_q, BLOCK_M) * batch * n_heads, sm_count(q.device.index)),)
+    grid = (min(cdiv(s_q, BLOCK_M) * batch * n_heads, sm_count(q.device.index)),)
     tiles = torch.zeros(16 + grid[0] * 16, dtype=torch.int32, device=q.device)
     launch_kernel(
         _hopper_fwd_kernel, grid,
@@ -344,7 +343,7 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     if n_splits > 1:
         parts = torch.empty((2, n_splits, batch, s_k, n_kv, width), dtype=torch.float32, device=q.device)
     n_rows = batch * n_kv * n_splits
-    grid = (triton.cdiv(s_k, BWD_BLOCK_N) * n_rows,)
+    grid = (cdiv(s_k, BWD_BLOCK_N) * n_rows,)
     launch_kernel(
         _hopper_bwd_dkdv_kernel, grid,
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),

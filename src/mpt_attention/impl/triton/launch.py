@@ -17,7 +17,7 @@ from mpt_attention.impl.triton import hopper
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
-from mpt_attention.impl.triton.lean_launch import launch_kernel
+from mpt_attention.impl.triton.lean_launch import cdiv, launch_kernel, next_power_of_2
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # A full-shape bias gradient in q's dtype: dQ as one GEMM on the stored dS instead of the dQ kernel
@@ -133,8 +133,8 @@ def _log2_bias_rows(bias: torch.Tensor) -> torch.Tensor:
     rows_b, rows_h = (n_b if b_on else 1), (n_h if h_on else 1)
     padded = torch.empty((rows_b, rows_h, 1, hopper.aligned_row(s_k, 4)), dtype=torch.float32, device=bias.device)
     if rows_b * rows_h and s_k:
-        block = min(1024, max(16, triton.next_power_of_2(s_k)))
-        launch_kernel(log2_bias_rows_kernel, (triton.cdiv(s_k, block), rows_h, rows_b),
+        block = min(1024, max(16, next_power_of_2(s_k)))
+        launch_kernel(log2_bias_rows_kernel, (cdiv(s_k, block), rows_h, rows_b),
             bias, padded, bias.stride(0) * b_on, bias.stride(1) * h_on, bias.stride(3), padded.stride(0),
             padded.stride(1), rows_h, s_k, BLOCK=block,
         )
@@ -275,7 +275,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
     pointers, kv_range, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
     cfg = _fwd_config(head_dim, full_bias=bias is not None and bias.shape[2] != 1)
-    grid = (triton.cdiv(s_q, cfg["BLOCK_M"]), n_heads, batch)  # common.grid_row
+    grid = (cdiv(s_q, cfg["BLOCK_M"]), n_heads, batch)  # common.grid_row
     if s_q == 0 or batch * n_heads == 0:
         return out, lse
     seq_range = q
@@ -296,7 +296,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
         softmax_scale * LOG2E, dropout_p,
         DROPOUT=dropout_p > 0.0, VARLEN=varlen, KV_DESC=kv_desc, ROW_DESC=row_desc,
         DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags, **cfg,
+        BLOCK_D=max(16, next_power_of_2(head_dim)), **flags, **cfg,
     )
     return out, lse
 
@@ -328,13 +328,13 @@ def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, va
     def strides3(t):
         return t.stride()[:3] if t is not None else (0, 0, 0)
 
-    launch_kernel(_attn_bwd_delta_kernel, (triton.cdiv(d_rows, block), n_heads, d_batch),
+    launch_kernel(_attn_bwd_delta_kernel, (cdiv(d_rows, block), n_heads, d_batch),
         o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), dummy if delta is None else delta,
         dummy if dout_scaled is None else dout_scaled, dummy if row_stats is None else row_stats,
         dummy if dq4 is None else dq4, *strides3(o4), *strides3(do4), *strides3(dout_scaled), *strides3(dq4),
         n_heads, d_rows, head_dim, 0 if row_stats is None else row_stats.shape[2], HAS_DLSE=dlse is not None,
         SOFT_ROWS=dout_scaled is not None, ROW_STATS=row_stats is not None, STORE_DELTA=delta is not None,
-        ZERO_DQ=dq4 is not None, BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        ZERO_DQ=dq4 is not None, BLOCK_M=block, BLOCK_D=max(16, next_power_of_2(head_dim)),
     )
 
 
@@ -424,7 +424,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
         common = dict(
             DROPOUT=dropout_p > 0.0, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), **flags,
+            BLOCK_D=max(16, next_power_of_2(head_dim)), **flags,
         )
         sizes = (n_heads, n_heads // n_kv, s_q, s_k, head_dim, softmax_scale, softmax_scale * LOG2E, dropout_p)
         in_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
@@ -461,7 +461,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                                      _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None,
                                      dbias_full if fused_dq and bias_mode == 2 else None)
             else:
-                launch_kernel(_attn_bwd_dkdv_kernel, (triton.cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
+                launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
                     kv_spans, *cu_args, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen),
                     *_strides(dq_acc, varlen), *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc,
@@ -469,7 +469,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                 )
 
         def launch_dq():
-            launch_kernel(_attn_bwd_dq_kernel, (triton.cdiv(s_q, q_cfg["BLOCK_M"]), n_heads, batch),
+            launch_kernel(_attn_bwd_dq_kernel, (cdiv(s_q, q_cfg["BLOCK_M"]), n_heads, batch),
                 q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args,
                 *in_strides, *_strides(dq, varlen), *geo.lse_strides,
                 *aux_strides, *sizes, DESC=dq_desc, ROW_DESC=dq_row_desc, BIAS_GRAD=bias_mode, **common, **q_cfg,
@@ -529,7 +529,7 @@ def dropout_keep_mask(batch, n_heads, s_q, s_k, seed, dropout_p, device) -> torc
     """The bool keep-mask ``(B, H, S_q, S_k)`` the kernels draw for ``seed`` (testing aid)."""
     mask = torch.empty((batch * n_heads, s_q, s_k), dtype=torch.uint8, device=device)
     block = 32 if _INTERPRET else 64
-    launch_kernel(_dropout_mask_kernel, (triton.cdiv(s_q, block), n_heads, batch),
+    launch_kernel(_dropout_mask_kernel, (cdiv(s_q, block), n_heads, batch),
         mask, seed, mask.stride(0), mask.stride(1), s_q, s_k, dropout_p, BLOCK_M=block, BLOCK_N=block,
     )
     return mask.view(batch, n_heads, s_q, s_k).bool()

@@ -63,3 +63,13 @@ def launch_kernel(fn, grid, *args, **kwargs) -> None:
     kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata, None, None, None,
                *bound.values())
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host code: that one is a ``ConstexprFunction``, a few microseconds per host call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` for host code (n >= 0), as ``cdiv``."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
