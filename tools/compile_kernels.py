@@ -22,7 +22,7 @@ _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32",
-                  "Tiles": "*i32", "DKVPart": "*fp32"}
+                  "Tiles": "*i32", "DKVPart": "*fp32", "RowStats": "*fp32", "DOScaled": "*bf16"}
 
 
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
@@ -257,7 +257,13 @@ def main() -> int:
             except Exception as exc:  # report every failure, not just the first
                 failures += 1
                 print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")
-    extra = [("delta", _attn_bwd_delta_kernel, dict(HAS_DLSE=True, SOFT_ROWS=True, BLOCK_M=64, BLOCK_D=128),
+    delta_consts = dict(BLOCK_M=64, BLOCK_D=128)
+    extra = [("delta", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=True, SOFT_ROWS=True, ROW_STATS=False,
+                                                    STORE_DELTA=True, ZERO_DQ=False),
+              dict(num_warps=4, num_stages=1), "bf16"),
+             # the Hopper backward with the dQ warpgroup: row terms, no (B, H, S_q) delta, the dQ sums zeroed
+             ("delta-dq-warpgroup", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=False, SOFT_ROWS=False,
+                                                                 ROW_STATS=True, STORE_DELTA=False, ZERO_DQ=True),
               dict(num_warps=4, num_stages=1), "bf16"),
              ("fwd-fp32", _attn_fwd_kernel, dict(flag_sets[0], KV_DESC=False, ROW_DESC=False, DOT_PRECISION="ieee",
                                                  BLOCK_D=64,

@@ -410,7 +410,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
     atomic = deterministic is False and not use_hopper and not ds_gemm
     # dQ summed in float32 by atomics or the dQ warpgroup's bulk reductions, into zeros the delta kernel writes
-    dq_acc = torch.empty_like(q, dtype=torch.float32) if atomic or fused_dq else None  # dq's layout (see below)
+    # (in dq's layout, so that the copy into dq at the end is elementwise)
+    dq_acc = torch.empty_like(q, dtype=torch.float32) if atomic or fused_dq else None
     # the dQ warpgroup reads delta from row_stats: nothing reads the (B, H, S_q) copy then
     delta = None if fused_dq else torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
     _row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen, dq_acc)
