@@ -49,9 +49,16 @@ LOG2E = 1.4426950408889634
 
 
 def tma_aligned(t: torch.Tensor) -> bool:
-    """The copy engine's rules: unit last stride, 16-byte aligned base and strides (also launch.py's)."""
+    """The copy engine's rules: unit last stride, 16-byte aligned base and strides (also launch.py's). Runs on
+    every call for each input: written for host time (no generator)."""
+    *outer, last = t.stride()
+    if last != 1 or t.data_ptr() % 16:
+        return False
     size = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
+    for st in outer:
+        if (st * size) % 16:
+            return False
+    return True
 
 
 def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, dout=None,
@@ -94,17 +101,11 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         # decode and short chunks: most of a 128-row tile would be idle, and the per-launch host work
         # (four copy-engine descriptors encoded) is not hidden behind so short a kernel
         return f"fewer than {BLOCK_M} query rows"
-    # one pass over each tensor's strides (this runs on every call: host time)
-    aligned, expanded = True, False
-    for t in (q, k, v) if dout is None else (q, k, v, dout):
-        sb, ss, sh, sd = t.stride()
-        size = t.element_size()
-        aligned = aligned and sd == 1 and t.data_ptr() % 16 == 0 and (sb * size) % 16 == 0 and (
-            ss * size) % 16 == 0 and (sh * size) % 16 == 0
-        expanded = expanded or 0 in (sb, ss, sh, sd) and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
-    if not aligned:
-        return "strides not 16-byte aligned"
-    if expanded:
+    tensors = (q, k, v) if dout is None else (q, k, v, dout)
+    for t in tensors:
+        if not tma_aligned(t):
+            return "strides not 16-byte aligned"
+    if any(0 in t.stride() and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)) for t in tensors):
         # e.g. K, V expanded over the query heads: the general kernels read them; a copy-engine descriptor
         # with a zero stride is untried on the hardware
         return "a dim expanded with stride 0"
