@@ -136,8 +136,9 @@ def _unchecked_descriptors() -> bool:
     whose fields are the ones set there (else every descriptor is built, and checked, by the constructor)."""
     if _hopper_fwd_kernel is None or not dataclasses.is_dataclass(TensorDescriptor):
         return False
-    names = {f.name for f in dataclasses.fields(TensorDescriptor)}
-    required = {f.name for f in dataclasses.fields(TensorDescriptor) if f.default is dataclasses.MISSING}
+    fields = dataclasses.fields(TensorDescriptor)
+    names = {f.name for f in fields}
+    required = {f.name for f in fields if f.default is dataclasses.MISSING}
     return "__slots__" not in vars(TensorDescriptor) and required == {"base", "shape", "strides", "block_shape",
                                                                       "layout"} <= names
 
@@ -150,8 +151,8 @@ _DESCRIPTOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TensorDesc
 def descriptor(base: torch.Tensor, shape, strides, block_shape, layout) -> "TensorDescriptor":
     """``TensorDescriptor(base, shape, strides, block_shape, layout)`` without the constructor's checks (16-byte
     aligned base and strides, unit last stride, positive sizes): ``unsupported`` and the views here have made them
-    for every tensor the launches describe (tests/test_hopper_dispatch.py builds each launch's descriptors through
-    the constructor too). The checks were ~5 us of host time per descriptor on the H200 machine's CPU, and a
+    for every tensor the launches describe (tests/test_host_path.py rebuilds each launch's descriptors through the
+    constructor). The checks were ~5 us of host time per descriptor on the H200 machine's CPU, and a
     training step builds twelve."""
     if not _UNCHECKED:
         return TensorDescriptor(base, shape, strides, block_shape, layout)
@@ -318,7 +319,7 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     width = tile_dim(head_dim)
     block_m = bwd_block_m(width)
     stats_desc = descriptor(row_stats, [batch * n_heads, 2, s_q], list(row_stats.stride()), [1, 2, block_m],
-                                  _ROW_STATS_LAYOUT)
+                            _ROW_STATS_LAYOUT)
     bias_args, b_on, h_on = (row_stats, 0, 0, 0), 0, 0  # a never-read dummy without a bias
     bias_desc = dbias_desc = None
     bias_full = bias is not None and bias.shape[2] != 1
@@ -327,14 +328,14 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
         bias_desc = descriptor(bias, shape, strides, [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
         if dbias is not None:
             dbias_desc = descriptor(dbias, [batch * n_heads, s_q, s_k], [s_q * s_k, s_k, 1],
-                                          [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
+                                    [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
     elif bias is not None:  # read with plain loads here (one value per tile row): any strides do
         b_on, h_on = bias_dims_on(bias)
         bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
     dq_desc = None  # boxes of one step's queries x DQ_COLS columns
     if dq_acc is not None:
         dq_desc = descriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, block_m, 1, DQ_COLS.value],
-                                   _DQ_LAYOUT)
+                             _DQ_LAYOUT)
     # grouped heads with the dQ warpgroup: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
     # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
     n_groups = n_heads // n_kv
