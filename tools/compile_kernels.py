@@ -109,13 +109,14 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
-    rows = {"q_desc": bwd_block_m(head_dim), "do_desc": bwd_block_m(head_dim), "k_desc": BWD_HALF_N, "v_desc": BWD_HALF_N,
+    block_m = bwd_block_m(head_dim, full_bias, tail, fused_dq)
+    rows = {"q_desc": block_m, "do_desc": block_m, "k_desc": BWD_HALF_N, "v_desc": BWD_HALF_N,
             "dk_desc": BWD_HALF_N, "dv_desc": BWD_HALF_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim,
               # one bias-row variant among the five
               "BIAS_ROW": alibi == 0 and causal and not full_bias, "FUSED_DQ": fused_dq, "PARTIAL_DKV": partial,
-              "BLOCK_M": bwd_block_m(head_dim), "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail}
-    box = [1, bwd_block_m(head_dim), BWD_HALF_N]
+              "BLOCK_M": block_m, "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail}
+    box = [1, block_m, BWD_HALF_N]
     boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes)
 

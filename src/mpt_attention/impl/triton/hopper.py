@@ -292,10 +292,15 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
 BWD_BLOCK_N, BWD_HALF_N = 128, 64  # hopper_backward: keys per program / per consumer warpgroup
 
 
-def bwd_block_m(head_dim: int) -> int:
-    """Queries per step of the Hopper dK/dV kernel: at D128 the registers hold 32 (hopper_backward); at D64,
-    64 (its kernel 1.76 -> 1.37 ms at B4 H32 S4096, benchmarks/NOTES.md session 14)."""
-    return 64 if head_dim <= 64 else 32
+def bwd_block_m(head_dim: int, bias_full: bool = False, tail: int = 0, fused_dq: bool = True) -> int:
+    """Queries per step of the Hopper dK/dV kernel (``head_dim``: the tile width). 64 at D64 (its kernel 1.76 ->
+    1.37 ms at B4 H32 S4096, benchmarks/NOTES.md session 14). At 128, 64 with the dQ sums (``fused_dq``) where
+    the consumers form dQ themselves (hopper_backward's FA3 layout: the backward 1.03-1.05x the dQ warpgroup's
+    at 32, session 24); 32 with a bias matrix, a product ``tail`` or the split dQ kernel, whose consumers'
+    registers hold no more beside a dQ warpgroup or K's registers."""
+    if head_dim <= 64 or (fused_dq and not bias_full and tail == 0):
+        return 64
+    return 32
 
 
 def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
@@ -317,7 +322,8 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     s_k, n_kv = k.shape[1], k.shape[2]
     slopes, slope_strides = slope_args(slopes, row_stats)
     width = tile_dim(head_dim)
-    block_m = bwd_block_m(width)
+    block_m = bwd_block_m(width, bias is not None and bias.shape[2] != 1,
+                          product_tail(head_dim) if dq_acc is not None else 0, dq_acc is not None)
     stats_desc = descriptor(row_stats, [batch * n_heads, 2, s_q], list(row_stats.stride()), [1, 2, block_m],
                             _ROW_STATS_LAYOUT)
     bias_args, b_on, h_on = (row_stats, 0, 0, 0), 0, 0  # a never-read dummy without a bias

@@ -45,13 +45,21 @@ The program owns the dK, dV rows it writes: no atomics there. dQ comes one of tw
   Grouped heads: a program takes ``n_groups / n_splits`` of its group's query heads (two: 1.05x the split
   at GQA 32:4 S8192, against 0.86x with the whole group in one program, whose few, long programs left a
   tail); with ``PARTIAL_DKV`` each writes float32 dK, dV partial sums that the host adds in a fixed order.
-  An earlier fused version with the consumers themselves forming dQ in turns lost (0.93x): every step
-  made one consumer wait for the other.
+  An earlier fused version with the consumers themselves forming dQ in turns lost (0.93x at 32 queries per
+  step): every step made one consumer wait for the other.
+- ``FUSED_DQ`` at 64 queries per step and tile width 128 (``_consumers_dq``; without a bias matrix or a product
+  tail: FA3's structure): no dQ warpgroup, the consumers at 240 registers. Each stores its dS half into a
+  double-buffered pair, waits for the other half, forms its 64 columns of dQ^T over all 128 keys and
+  bulk-reduces them itself. The wait between the consumers now comes once per 64 queries, and S^T and dP^T are
+  m64n64 products (a third less shared-memory operand traffic per query than at 32); step t+1's S^T is not
+  issued ahead (no registers left for it). The backward 1.03-1.05x the dQ warpgroup's at 32 queries per step
+  (benchmarks/NOTES.md session 24).
 - Otherwise the general Triton dQ kernel, on a second stream beside this one (a Gluon dQ kernel in this
   layout measured 1.3x slower than it, branch ``wip/hopper-dq``). Dispatched at tiles of 128 only there, where
   it was already 12% faster than the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms,
   B2 H16 S8192; at D=64 it is slower, 0.84x the general kernel when measured in session 3).
-Queries per step (``BLOCK_M``): 32 at D128, where the registers hold no more; 64 at D64. D 72-96 run in tiles of
+Queries per step (``BLOCK_M``, ``hopper.bwd_block_m``): 64 at D64, and at D128 where the consumers form dQ;
+otherwise 32 at D128, where the registers hold no more beside a dQ warpgroup or K. D 72-96 run in tiles of
 128 whose consumer products take 64 + ``TAIL`` columns with the dQ warpgroup (``hopper.product_tail``): D80
 forward+backward 1.12x against all 128 (benchmarks/NOTES.md session 18).
 Scope otherwise as the Hopper forward (``hopper.py``).
@@ -84,20 +92,32 @@ _ROWS_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
 
 @gluon.constexpr_function
-def _stages(block_m, bias_full):
+def _consumers_dq(block_m, head_dim):
+    """64 queries per step at tile width 128 (with the dQ sums only, hopper.bwd_block_m): FA3's structure. There
+    is no dQ warpgroup: the two consumers (240 registers each) form dQ themselves from both halves of a step's dS,
+    and step t+1's S^T is not issued ahead (its 32 registers do not fit beside dK, dV, dP^T and P)."""
+    return block_m == 64 and head_dim == 128
+
+
+@gluon.constexpr_function
+def _stages(block_m, bias_full, head_dim=64):
     """Stages of the (Q, dO, row terms) ring: 3, or 2 where a third does not fit (a bias matrix at 64 queries
     per step: 231 KB). With 2 the consumers waited on the copy engine for the next step's tiles (13% of the
     fused kernel's warp samples once the row terms no longer waited on global loads, benchmarks/NOTES.md
     session 21): the loader may refill a stage only after both consumers finished the step that used it."""
+    if _consumers_dq(block_m, head_dim):  # 32 KB per stage, 2 x 16 KB of dS and 32 KB of dQ staging beside K, V
+        return 3
     return 2 if bias_full and block_m == 64 else 3
 
 
 @gluon.constexpr_function
-def _ds_slots(block_m):
+def _ds_slots(block_m, head_dim=64):
     """Fused dQ: steps of dS the consumers may run ahead of the dQ warpgroup (even: a product takes two at 32
     queries per step). 6 there: with 4 the consumers could run only a step or two ahead of a product's start;
     the backward at B2 H16 S8192 D128 2.782 ms with 4, 2.765 with 6, 2.724 with 8 (benchmarks/NOTES.md session
     22; 8 does not fit beside a bias matrix)."""
+    if _consumers_dq(block_m, head_dim):  # a pair of dS halves per step, double-buffered
+        return 2
     return 6 if block_m == 32 else 4
 
 
@@ -148,7 +168,7 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, 
     for half in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [b, start_n + half * _HALF_N, kv_h, 0], kv_bar, k_smem.index(half))
         tma.async_copy_global_to_shared(v_desc, [b, start_n + half * _HALF_N, kv_h, 0], kv_bar, v_smem.index(half))
-    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
+    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL, HEAD_DIM)
     tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL
                                                                                 else 0)
     count = 0
@@ -179,8 +199,8 @@ def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk
 
 @gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                            ds_smem, ds_ready, ds_free, dq_done, stats_smem, Slopes, Bias, DKVPart, part_base,
-                            part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
+                            ds_smem, ds_ready, ds_free, dq_done, dq_smem, dq_desc, stats_smem, Slopes, Bias,
+                            DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                             stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -189,12 +209,13 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV. With
     ``FUSED_DQ`` it also leaves each step's dS in a shared ring for the dQ warpgroup, transposed back to queries
     as rows (the layout of the bias gradient the dQ warpgroup stores from there, and in which two steps' tiles
-    are adjacent: one B operand of its product).
+    are adjacent: one B operand of its product); at 64 queries per step and tile width 128 (``_consumers_dq``)
+    it forms dQ with the other consumer instead, each its 64 of the 128 columns.
     ``TAIL`` (with ``FUSED_DQ``, D 72-96): the products take 64 + ``TAIL`` of the tile's columns, dK and dV
     two accumulators each."""
     dtype: gl.constexpr = q_smem.dtype
-    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
-    SLOTS: gl.constexpr = _ds_slots(BLOCK_M)
+    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL, HEAD_DIM)
+    SLOTS: gl.constexpr = _ds_slots(BLOCK_M, HEAD_DIM)
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     N_G: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per product
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -227,17 +248,26 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     # Steps run query block after query block, head after head of the group (the loader's order); the
     # head's per-key score terms (causal ALiBi column, bias row) are read once per head, not per step.
     # Step t+1's S^T is issued before step t's dK product, also across heads, so its latency hides
-    # behind the dS arithmetic instead of opening every step.
+    # behind the dS arithmetic instead of opening every step (not where the consumers form dQ: no registers).
     n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
     total = n_g * n_mblocks
     mbarrier.wait(kv_bar, 0)
-    if FUSED_DQ:  # K from shared memory: with it in registers ptxas spills more, at both head dims
+    CONSUMER_DQ: gl.constexpr = _consumers_dq(BLOCK_M, HEAD_DIM)
+    gl.static_assert(FUSED_DQ or not CONSUMER_DQ, "64 queries per step at tile width 128 only with the dQ sums")
+    PREFETCH: gl.constexpr = not CONSUMER_DQ  # step t+1's S^T issued during step t
+    if FUSED_DQ:  # K from shared memory: with it in registers ptxas spills more
         k_a = k
     else:
         k_a = k.load(st_op_layout)
-    mbarrier.wait(ready.index(0), 0)
-    st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
-    st = warpgroup_mma_wait(0, deps=[st_tok])
+    if CONSUMER_DQ:
+        TILES: gl.constexpr = DQ_CHUNK // DQ_COLS
+        dqt_zero = gl.zeros([DQ_CHUNK, DQ_ROWS], gl.float32, dqt_layout())
+    if PREFETCH:
+        mbarrier.wait(ready.index(0), 0)
+        st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
+        st = warpgroup_mma_wait(0, deps=[st_tok])
+    else:
+        st = st_zero
     t = 0
     for g in range(n_g):
         h = h0 + g
@@ -259,10 +289,16 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             # the offsets come decoded (common.decode_lse2: +inf for a row that saw no key); rows past S_q read
             # as zeros: +inf makes their P (and so dS) zero
             row_terms = stats_smem.index(stage)._reinterpret(gl.float32, [2 * BLOCK_M], _ROWS_LAYOUT)
-            lse2 = gl.where(q_ok, row_terms.slice(0, BLOCK_M).load(query_layout), float("inf"))
-            delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+            if PREFETCH:  # the previous step waited for this stage
+                lse2 = gl.where(q_ok, row_terms.slice(0, BLOCK_M).load(query_layout), float("inf"))
+                delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
+            else:  # the row terms only after the stage's ready wait
+                mbarrier.wait(ready.index(stage), (t // STAGES) % 2)
+                st_tok = issue_over_d(k_a, q, st_zero, MAIN, TAIL)
+                st = warpgroup_mma_wait(0, deps=[st_tok])
+                lse2 = gl.where(q_ok, row_terms.slice(0, BLOCK_M).load(query_layout), float("inf"))
             s2 = st * qk_scale2
             if ALIBI == 1 or BIAS_ROW:
                 s2 = s2 + key_terms[:, None]
@@ -283,15 +319,21 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             else:
                 dv_tok = warpgroup_mma(p_op, do.slice(0, MAIN, dim=1), dv, is_async=True)
                 dv_t_tok = warpgroup_mma(p_op, do.slice(MAIN, TAIL, dim=1), dv_t, is_async=True)
-            # step t+1's scores; on the last step a discarded product of this stage's (still valid) tiles
-            nxt = (t + 1) % STAGES
-            if t + 1 < total:
-                mbarrier.wait(ready.index(nxt), ((t + 1) // STAGES) % 2)
-            else:
-                nxt = stage
-            q_next = q_smem.index(nxt).reshape([BLOCK_M, HEAD_DIM])
-            st_tok = issue_over_d(k_a, q_next, st_zero, MAIN, TAIL)
-            dpt = warpgroup_mma_wait(2 * N_G, deps=[dpt_tok])  # in issue order dP^T, dV, S^T_{t+1}: the first is done
+            if PREFETCH:
+                # step t+1's scores; on the last step a discarded product of this stage's (still valid) tiles
+                nxt = (t + 1) % STAGES
+                if t + 1 < total:
+                    mbarrier.wait(ready.index(nxt), ((t + 1) // STAGES) % 2)
+                else:
+                    nxt = stage
+                q_next = q_smem.index(nxt).reshape([BLOCK_M, HEAD_DIM])
+                st_tok = issue_over_d(k_a, q_next, st_zero, MAIN, TAIL)
+                # in issue order dP^T, dV, S^T_{t+1}: the first is done
+                dpt = warpgroup_mma_wait(2 * N_G, deps=[dpt_tok])
+            else:  # dV's product done as well: P^T's operand registers free before dS is formed
+                dpt, dv, p_op = warpgroup_mma_wait(0, deps=[dpt_tok, dv_tok, p_op])
+            if not PREFETCH:  # loaded where it is used: ptxas spills less (at 32 queries the split ran 3% slower)
+                delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
             ds = p * (dpt - delta[None, :])
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             if TAIL == 0:
@@ -299,7 +341,34 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             else:
                 dk_tok = warpgroup_mma(ds_op, q.slice(0, MAIN, dim=1), dk, is_async=True)
                 dk_t_tok = warpgroup_mma(ds_op, q.slice(MAIN, TAIL, dim=1), dk_t, is_async=True)
-            if FUSED_DQ:  # under the dK product: this half of dS into the ring, queries as rows, once its slot is free
+            if CONSUMER_DQ:
+                # this half of dS beside the other consumer's (queries as rows, double-buffered), then this
+                # warpgroup's 64 columns of dQ^T = K^T dS^T over all 128 keys, added into the float32 dQ sums
+                buf = t % 2
+                mbarrier.wait(ds_free.index(buf), (t // 2) % 2 ^ 1)  # both consumers' products of step t - 2 done
+                ds_smem.index(2 * buf + half).reshape([BLOCK_M, _HALF_N]).store(gl.permute(ds.to(dtype), (1, 0)))
+                fence_async_shared()
+                _partition_barrier()
+                mbarrier.arrive(ds_ready.index(buf))
+                mbarrier.wait(ds_ready.index(buf), (t // 2) % 2)  # the other half stored too
+                k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
+                k1t = k_smem.index(1).reshape([_HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
+                ds0 = ds_smem.index(2 * buf).reshape([DQ_ROWS, _HALF_N]).permute((1, 0))
+                ds1 = ds_smem.index(2 * buf + 1).reshape([DQ_ROWS, _HALF_N]).permute((1, 0))
+                dqt = warpgroup_mma(k0t.permute((1, 0)), ds0, dqt_zero, use_acc=False, is_async=True)
+                dqt = warpgroup_mma(k1t.permute((1, 0)), ds1, dqt, is_async=True)
+                dqt, dk, ds_op = warpgroup_mma_wait(0, deps=[dqt, dk_tok, ds_op])
+                _partition_barrier()  # every warp's reads of the two halves done
+                mbarrier.arrive(ds_free.index(buf))
+                tma.store_wait(0)  # this warpgroup's reductions of step t - 1 have read the staging tiles
+                _partition_barrier()
+                dq_smem.index(half).store(dq_chunk_tiles(dqt * softmax_scale))
+                fence_async_shared()
+                _partition_barrier()
+                boxes = dq_smem.index(half)._reinterpret(gl.float32, [TILES, 1, BLOCK_M, 1, DQ_COLS], dq_desc.layout)
+                for ti in gl.static_range(TILES):
+                    _tma_reduce_add(dq_desc, [b, start_m, h, (half * TILES + ti) * DQ_COLS], boxes.index(ti))
+            elif FUSED_DQ:  # under the dK product: this half of dS into the ring, queries as rows, once its slot's free
                 slot = t % SLOTS
                 mbarrier.wait(ds_free.index(slot), (t // SLOTS) % 2 ^ 1)  # a fresh barrier counts as free
                 ring = ds_smem.index(half * SLOTS + slot).reshape([BLOCK_M, _HALF_N])
@@ -307,7 +376,9 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 fence_async_shared()
                 _partition_barrier()  # Triton 3.6's arrive is one thread's: every warp's part must be stored
                 mbarrier.arrive(ds_ready.index(slot))
-            if TAIL == 0:
+            if CONSUMER_DQ:
+                pass  # dK waited above, with dQ^T
+            elif TAIL == 0:
                 dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])
             else:
                 dv, dv_t, st, dk, dk_t, p_op, ds_op = warpgroup_mma_wait(
@@ -331,8 +402,13 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             keep_t = (rows_t < seqlen_k)[:, None]
             gl.store(dst_t, dk_t * softmax_scale, mask=keep_t)
             gl.store(dst_t + part_dv, dv_t, mask=keep_t)
+        if CONSUMER_DQ:  # the dQ reductions' reads of the staging tiles, before the program's shared memory goes
+            tma.store_wait(0)
     else:
-        if FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
+        if CONSUMER_DQ:  # the other consumer reads both halves of K until its last step
+            if total > 0:
+                mbarrier.wait(ds_free.index((total - 1) % 2), ((total - 1) // 2) % 2)
+        elif FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
             mbarrier.wait(dq_done, 0)
         # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
         if TAIL == 0:
@@ -388,7 +464,7 @@ def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_
     the load/store pipe moves 128 bytes per cycle (it bound the kernel: ~80% busy, mostly with these operands,
     benchmarks/NOTES.md session 21); m64n64k16 reads 4 KB per 32 cycles."""
     PAIR: gl.constexpr = DQ_ROWS // BLOCK_M  # steps per product
-    SLOTS: gl.constexpr = _ds_slots(BLOCK_M)
+    SLOTS: gl.constexpr = _ds_slots(BLOCK_M, HEAD_DIM)
     N_CHUNKS: gl.constexpr = HEAD_DIM // DQ_CHUNK
     TILES: gl.constexpr = DQ_CHUNK // DQ_COLS  # staging tiles per chunk
     DS_BOXES: gl.constexpr = 2 if STORE_DS else 0  # bias-gradient stores per step (one per half)
@@ -480,8 +556,8 @@ def _hopper_bwd_dkdv_kernel(
     view with boxes [1, BLOCK_M, 64], row ``b * bias_b_on + h * bias_h_on`` (the host's multipliers: 0
     where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k)."""
     dtype: gl.constexpr = q_desc.dtype
-    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
-    SLOTS: gl.constexpr = _ds_slots(BLOCK_M)
+    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL, HEAD_DIM)
+    SLOTS: gl.constexpr = _ds_slots(BLOCK_M, HEAD_DIM)
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     # bias matrix, its gradient and the zero tile: (B' * H', S_q, S_k) boxes
     mat_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
@@ -523,7 +599,7 @@ def _hopper_bwd_dkdv_kernel(
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
 
-    if FUSED_DQ:
+    if FUSED_DQ and not _consumers_dq(BLOCK_M, HEAD_DIM):
         # [half, slot]: queries as rows, keys contiguous (the bias gradient's layout, stored from here); a half's
         # adjacent slots form one [DQ_ROWS, 64] tile (the swizzle repeats every 8 rows)
         ds_smem = gl.allocate_shared_memory(dtype, [2 * SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
@@ -547,16 +623,16 @@ def _hopper_bwd_dkdv_kernel(
         gl.warp_specialize(
             [
                 (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, stats_smem, Slopes,
-                                           Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
-                                           lo, stride_slb, stride_slh,
+                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, dq_smem, dq_desc,
+                                           stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
+                                           kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, stats_smem, Slopes,
-                                           Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
-                                           lo, stride_slb, stride_slh,
+                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, dq_smem, dq_desc,
+                                           stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
+                                           kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
@@ -570,21 +646,34 @@ def _hopper_bwd_dkdv_kernel(
             ],
             [4, 1, 4], [_fused_regs(HEAD_DIM, 0), 24, _fused_regs(HEAD_DIM, 1)],
         )
-    else:  # the ring's arguments are never read: any of the right kinds will do
-        bias_smem = q_smem
+    else:
+        bias_smem = q_smem  # never read (a bias matrix takes the dQ warpgroup)
+        if FUSED_DQ:
+            # the consumers form dQ: dS halves [buffer, half], double-buffered; each consumer's [2 tiles of 32
+            # columns] of float32 dQ staged for its bulk reductions
+            ds_smem = gl.allocate_shared_memory(dtype, [4, 1, BLOCK_M, _HALF_N], mat_layout)
+            dq_smem = gl.allocate_shared_memory(gl.float32, [2, DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS],
+                                                DQ_TILE_LAYOUT)
+            ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+            ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+            for i in gl.static_range(2):
+                mbarrier.init(ds_ready.index(i), count=2)  # one arrival per consumer warpgroup
+                mbarrier.init(ds_free.index(i), count=2)
+        else:  # the dS buffers' arguments are never read: any of the right kinds will do
+            ds_smem, dq_smem, ds_ready, ds_free = q_smem, q_smem, ready, empty
         gl.warp_specialize(
             [
                 (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, q_smem, ready, empty, kv_bar, stats_smem, Slopes,
-                                           Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
-                                           lo, stride_slb, stride_slh,
+                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, kv_bar, dq_smem, dq_desc,
+                                           stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
+                                           kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, q_smem, ready, empty, kv_bar, stats_smem, Slopes,
-                                           Bias, DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n,
-                                           lo, stride_slb, stride_slh,
+                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, kv_bar, dq_smem, dq_desc,
+                                           stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
+                                           kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
