@@ -344,13 +344,14 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             if CONSUMER_DQ:
                 # this half of dS beside the other consumer's (queries as rows, double-buffered), then this
                 # warpgroup's 64 columns of dQ^T = K^T dS^T over all 128 keys, added into the float32 dQ sums
-                buf = t % 2
-                mbarrier.wait(ds_free.index(buf), (t // 2) % 2 ^ 1)  # both consumers' products of step t - 2 done
+                buf = t % SLOTS
+                # both consumers' products of step t - SLOTS done (a fresh barrier counts as free)
+                mbarrier.wait(ds_free.index(buf), (t // SLOTS) % 2 ^ 1)
                 ds_smem.index(2 * buf + half).reshape([BLOCK_M, _HALF_N]).store(gl.permute(ds.to(dtype), (1, 0)))
                 fence_async_shared()
                 _partition_barrier()
                 mbarrier.arrive(ds_ready.index(buf))
-                mbarrier.wait(ds_ready.index(buf), (t // 2) % 2)  # the other half stored too
+                mbarrier.wait(ds_ready.index(buf), (t // SLOTS) % 2)  # the other half stored too
                 k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
                 k1t = k_smem.index(1).reshape([_HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
                 ds0 = ds_smem.index(2 * buf).reshape([DQ_ROWS, _HALF_N]).permute((1, 0))
@@ -407,7 +408,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     else:
         if CONSUMER_DQ:  # the other consumer reads both halves of K until its last step
             if total > 0:
-                mbarrier.wait(ds_free.index((total - 1) % 2), ((total - 1) // 2) % 2)
+                mbarrier.wait(ds_free.index((total - 1) % SLOTS), ((total - 1) // SLOTS) % 2)
         elif FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
             mbarrier.wait(dq_done, 0)
         # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
@@ -649,14 +650,14 @@ def _hopper_bwd_dkdv_kernel(
     else:
         bias_smem = q_smem  # never read (a bias matrix takes the dQ warpgroup)
         if FUSED_DQ:
-            # the consumers form dQ: dS halves [buffer, half], double-buffered; each consumer's [2 tiles of 32
+            # the consumers form dQ: dS halves [slot, half]; each consumer's [2 tiles of 32
             # columns] of float32 dQ staged for its bulk reductions
-            ds_smem = gl.allocate_shared_memory(dtype, [4, 1, BLOCK_M, _HALF_N], mat_layout)
+            ds_smem = gl.allocate_shared_memory(dtype, [2 * SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
             dq_smem = gl.allocate_shared_memory(gl.float32, [2, DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS],
                                                 DQ_TILE_LAYOUT)
-            ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-            ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-            for i in gl.static_range(2):
+            ds_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
+            ds_free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
+            for i in gl.static_range(SLOTS):
                 mbarrier.init(ds_ready.index(i), count=2)  # one arrival per consumer warpgroup
                 mbarrier.init(ds_free.index(i), count=2)
         else:  # the dS buffers' arguments are never read: any of the right kinds will do
