@@ -71,7 +71,7 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             sig[name] = f"tensordesc<{bias}[1, 1, {consts['BLOCK_N']}],{row_layout!r}>"
         elif name == "dq_desc":  # the fused backward's float32 dQ buffer: 128-byte swizzled [1, BLOCK_M, 1, 32] boxes
             from mpt_attention.impl.triton.hopper import _DQ_LAYOUT
-            from mpt_attention.impl.triton.hopper_backward import DQ_COLS
+            from mpt_attention.impl.triton.hopper_dq import DQ_COLS
             sig[name] = f"tensordesc<fp32[1, {rows['q_desc']}, 1, {DQ_COLS.value}],{_DQ_LAYOUT!r}>"
         elif name == "stats_desc":  # the dK/dV kernel's row terms: float32 [1, 2, BLOCK_M] boxes
             from mpt_attention.impl.triton.hopper import _ROW_STATS_LAYOUT
@@ -128,8 +128,7 @@ def _compile_dq_staging_probe():
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from mpt_attention.impl.triton.hopper_backward import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT, dq_chunk_tiles
-    from mpt_attention.impl.triton.hopper_backward import dqt_layout
+    from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT, dq_chunk_tiles, dqt_layout
 
     @gluon.jit
     def probe():

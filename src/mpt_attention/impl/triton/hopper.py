@@ -21,7 +21,8 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from mpt_attention.impl.triton.hopper_backward import DQ_COLS, _hopper_bwd_dkdv_kernel
+    from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
+    from mpt_attention.impl.triton.hopper_dq import DQ_COLS
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
     _IMPORT_ERROR = None
     # the kernels' shared-memory layouts (hopper_forward/hopper_backward), built once: frozen. Tiles of q, k, v

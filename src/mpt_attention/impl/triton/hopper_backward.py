@@ -32,7 +32,7 @@ vs 2.14 ms, B2 H16 S8192). V in registers as well spills 268 bytes and makes ptx
 The program owns the dK, dV rows it writes: no atomics there. dQ comes one of two ways:
 - ``FUSED_DQ`` (dQ in any order: the default unless reproducibility is asked for; tiles of 64 or 128): a fourth
   warpgroup. Each consumer stores its dS half, transposed back to queries as rows ([BLOCK_M, 64 keys]), in a
-  ring of ``_ds_slots`` steps under its dK product and signals; the dQ warpgroup forms dQ^T = K^T dS^T over all
+  ring of ``ds_slots`` steps under its dK product and signals; the dQ warpgroup forms dQ^T = K^T dS^T over all
   128 keys for 64 queries at a time (two steps at D128: an m64n64 product reads 4 KB of shared memory per 32
   tensor-core cycles where m64n32 read 3 KB per 16; the backward 1.02-1.04x, benchmarks/NOTES.md session 22),
   D in chunks of 64, K from shared memory, and adds it into a float32 buffer by bulk tensor reductions of
@@ -47,13 +47,15 @@ The program owns the dK, dV rows it writes: no atomics there. dQ comes one of tw
   tail); with ``PARTIAL_DKV`` each writes float32 dK, dV partial sums that the host adds in a fixed order.
   An earlier fused version with the consumers themselves forming dQ in turns lost (0.93x at 32 queries per
   step): every step made one consumer wait for the other.
-- ``FUSED_DQ`` at 64 queries per step and tile width 128 (``_consumers_dq``; without a bias matrix or a product
+- ``FUSED_DQ`` at 64 queries per step and tile width 128 (``consumers_dq``; without a bias matrix or a product
   tail: FA3's structure): no dQ warpgroup, the consumers at 240 registers. Each stores its dS half into a
-  double-buffered pair, waits for the other half, forms its 64 columns of dQ^T over all 128 keys and
-  bulk-reduces them itself. The wait between the consumers now comes once per 64 queries, and S^T and dP^T are
-  m64n64 products (a third less shared-memory operand traffic per query than at 32); step t+1's S^T is not
-  issued ahead (no registers left for it). The backward 1.03-1.05x the dQ warpgroup's at 32 queries per step
+  double-buffered pair, waits for the other half, forms its 64 columns of dQ^T over all 128 keys and stages
+  them for a one-warp writer that issues their bulk reductions. The wait between the consumers now comes once
+  per 64 queries, and S^T and dP^T are m64n64 products (a third less shared-memory operand traffic per query
+  than at 32); step t+1's S^T is not issued ahead (no registers left for it). The backward 1.03-1.05x the dQ
+  warpgroup's at 32 queries per step, and the writer (the consumers had issued the reductions) 1.04-1.09x more
   (benchmarks/NOTES.md session 24).
+The dQ partitions and their staging: ``hopper_dq.py``.
 - Otherwise the general Triton dQ kernel, on a second stream beside this one (a Gluon dQ kernel in this
   layout measured 1.3x slower than it, branch ``wip/hopper-dq``). Dispatched at tiles of 128 only there, where
   it was already 12% faster than the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms,
@@ -65,38 +67,21 @@ forward+backward 1.12x against all 128 (benchmarks/NOTES.md session 18).
 Scope otherwise as the Hopper forward (``hopper.py``).
 """
 
-from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.common import _log2_bias
+from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT
+from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
+from mpt_attention.impl.triton.hopper_dq import consumers_dq, dq_chunk_tiles, dq_warpgroup_partition
+from mpt_attention.impl.triton.hopper_dq import dq_writer_partition, dqt_layout, ds_slots, partition_barrier
 from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
-# a barrier over the calling partition's warps: gl.thread_barrier in Triton 3.6, renamed gl.barrier in 3.7
-_partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-_HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
-# fused dQ: the dQ warpgroup forms dQ^T = K^T dS^T for DQ_ROWS queries at once (two steps at 32 queries per step,
-# one at 64), D in chunks of DQ_CHUNK columns (a [64, 64] float32 accumulator: 32 registers), each staged as tiles of
-# DQ_COLS float32 columns, one 128-byte swizzled row (the copy engine's widest swizzle span; also the dQ buffer
-# descriptor's box width, hopper.backward_dkdv)
-DQ_ROWS = gl.constexpr(64)
-DQ_CHUNK = gl.constexpr(64)
-DQ_COLS = gl.constexpr(32)
-DQ_TILE_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3))
 # a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector
 _ROWS_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-
-
-@gluon.constexpr_function
-def _consumers_dq(block_m, head_dim):
-    """64 queries per step at tile width 128 (with the dQ sums only, hopper.bwd_block_m): FA3's structure. There
-    is no dQ warpgroup: the two consumers (240 registers each) form dQ themselves from both halves of a step's dS,
-    and step t+1's S^T is not issued ahead (its 32 registers do not fit beside dK, dV, dP^T and P)."""
-    return block_m == 64 and head_dim == 128
 
 
 @gluon.constexpr_function
@@ -105,20 +90,9 @@ def _stages(block_m, bias_full, head_dim=64):
     per step: 231 KB). With 2 the consumers waited on the copy engine for the next step's tiles (13% of the
     fused kernel's warp samples once the row terms no longer waited on global loads, benchmarks/NOTES.md
     session 21): the loader may refill a stage only after both consumers finished the step that used it."""
-    if _consumers_dq(block_m, head_dim):  # 32 KB per stage, 2 x 16 KB of dS and 32 KB of dQ staging beside K, V
+    if consumers_dq(block_m, head_dim):  # 32 KB per stage, 2 x 16 KB of dS and 32 KB of dQ staging beside K, V
         return 3
     return 2 if bias_full and block_m == 64 else 3
-
-
-@gluon.constexpr_function
-def _ds_slots(block_m, head_dim=64):
-    """Fused dQ: steps of dS the consumers may run ahead of the dQ warpgroup (even: a product takes two at 32
-    queries per step). 6 there: with 4 the consumers could run only a step or two ahead of a product's start;
-    the backward at B2 H16 S8192 D128 2.782 ms with 4, 2.765 with 6, 2.724 with 8 (benchmarks/NOTES.md session
-    22; 8 does not fit beside a bias matrix)."""
-    if _consumers_dq(block_m, head_dim):  # a pair of dS halves per step, double-buffered
-        return 2
-    return 6 if block_m == 32 else 4
 
 
 @gluon.constexpr_function
@@ -129,31 +103,6 @@ def _fused_regs(head_dim, which):
     3.6's ptxas with the dQ warpgroup's [64, 64] float32 accumulator: at D128 216 and 64 (the first consumer
     208; at 56 the dQ warpgroup spills ~2 KB), at D64 208 and 72."""
     return (216, 64)[which] if head_dim == 128 else (208, 72)[which]
-
-
-@gluon.constexpr_function
-def dqt_layout():
-    """The dQ warpgroup's accumulator: a [DQ_CHUNK columns of D, DQ_ROWS queries] chunk of dQ^T."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DQ_ROWS, 16])
-
-
-@gluon.jit
-def dq_chunk_tiles(dqt):
-    """A [DQ_CHUNK, DQ_ROWS] chunk of dQ^T as its staging tiles, [DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS] (queries
-    as rows: dQ's layout). Stored into ``DQ_TILE_LAYOUT`` tiles without bank conflicts (tools/compile_kernels.py
-    checks it; dQ itself from an m64n64 product, queries as its rows, would not be: each phase of its 8-byte
-    stores puts two rows' 32 bytes on the same banks of the 128-byte swizzle)."""
-    dq = gl.permute(dqt, (1, 0))  # [DQ_ROWS, DQ_CHUNK]
-    return gl.permute(gl.reshape(dq, [DQ_ROWS, DQ_CHUNK // DQ_COLS, DQ_COLS]), (1, 0, 2))
-
-
-@builtin
-def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
-    """Add the shared tile ``src`` into global memory at ``coord`` (``cp.reduce.async.bulk.tensor``,
-    completion tracked like a bulk store: ``tma.store_wait``). Gluon's builder has the op in Triton 3.6
-    and 3.7; its Python layer does not expose it."""
-    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
 
 
 @gluon.jit
@@ -199,7 +148,7 @@ def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk
 
 @gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc, dv_desc,
-                            ds_smem, ds_ready, ds_free, dq_done, dq_smem, dq_desc, stats_smem, Slopes, Bias,
+                            ds_smem, ds_ready, ds_free, dq_bars, dq_smem, dq_desc, stats_smem, Slopes, Bias,
                             DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                             stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
@@ -209,13 +158,13 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV. With
     ``FUSED_DQ`` it also leaves each step's dS in a shared ring for the dQ warpgroup, transposed back to queries
     as rows (the layout of the bias gradient the dQ warpgroup stores from there, and in which two steps' tiles
-    are adjacent: one B operand of its product); at 64 queries per step and tile width 128 (``_consumers_dq``)
+    are adjacent: one B operand of its product); at 64 queries per step and tile width 128 (``consumers_dq``)
     it forms dQ with the other consumer instead, each its 64 of the 128 columns.
     ``TAIL`` (with ``FUSED_DQ``, D 72-96): the products take 64 + ``TAIL`` of the tile's columns, dK and dV
     two accumulators each."""
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL, HEAD_DIM)
-    SLOTS: gl.constexpr = _ds_slots(BLOCK_M, HEAD_DIM)
+    SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     N_G: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per product
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -252,7 +201,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
     total = n_g * n_mblocks
     mbarrier.wait(kv_bar, 0)
-    CONSUMER_DQ: gl.constexpr = _consumers_dq(BLOCK_M, HEAD_DIM)
+    CONSUMER_DQ: gl.constexpr = consumers_dq(BLOCK_M, HEAD_DIM)
     gl.static_assert(FUSED_DQ or not CONSUMER_DQ, "64 queries per step at tile width 128 only with the dQ sums")
     PREFETCH: gl.constexpr = not CONSUMER_DQ  # step t+1's S^T issued during step t
     if FUSED_DQ:  # K from shared memory: with it in registers ptxas spills more
@@ -260,7 +209,6 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     else:
         k_a = k.load(st_op_layout)
     if CONSUMER_DQ:
-        TILES: gl.constexpr = DQ_CHUNK // DQ_COLS
         dqt_zero = gl.zeros([DQ_CHUNK, DQ_ROWS], gl.float32, dqt_layout())
     if PREFETCH:
         mbarrier.wait(ready.index(0), 0)
@@ -349,7 +297,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 mbarrier.wait(ds_free.index(buf), (t // SLOTS) % 2 ^ 1)
                 ds_smem.index(2 * buf + half).reshape([BLOCK_M, _HALF_N]).store(gl.permute(ds.to(dtype), (1, 0)))
                 fence_async_shared()
-                _partition_barrier()
+                partition_barrier()
                 mbarrier.arrive(ds_ready.index(buf))
                 mbarrier.wait(ds_ready.index(buf), (t // SLOTS) % 2)  # the other half stored too
                 k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
@@ -359,23 +307,21 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 dqt = warpgroup_mma(k0t.permute((1, 0)), ds0, dqt_zero, use_acc=False, is_async=True)
                 dqt = warpgroup_mma(k1t.permute((1, 0)), ds1, dqt, is_async=True)
                 dqt, dk, ds_op = warpgroup_mma_wait(0, deps=[dqt, dk_tok, ds_op])
-                _partition_barrier()  # every warp's reads of the two halves done
+                partition_barrier()  # every warp's reads of the two halves done
                 mbarrier.arrive(ds_free.index(buf))
-                tma.store_wait(0)  # this warpgroup's reductions of step t - 1 have read the staging tiles
-                _partition_barrier()
+                # into this half's staging tiles once the writer's reductions of step t - 1 have read them
+                mbarrier.wait(dq_bars.index(2 + half), t % 2 ^ 1)
                 dq_smem.index(half).store(dq_chunk_tiles(dqt * softmax_scale))
                 fence_async_shared()
-                _partition_barrier()
-                boxes = dq_smem.index(half)._reinterpret(gl.float32, [TILES, 1, BLOCK_M, 1, DQ_COLS], dq_desc.layout)
-                for ti in gl.static_range(TILES):
-                    _tma_reduce_add(dq_desc, [b, start_m, h, (half * TILES + ti) * DQ_COLS], boxes.index(ti))
+                partition_barrier()
+                mbarrier.arrive(dq_bars.index(half))
             elif FUSED_DQ:  # under the dK product: this half of dS into the ring, queries as rows, once its slot's free
                 slot = t % SLOTS
                 mbarrier.wait(ds_free.index(slot), (t // SLOTS) % 2 ^ 1)  # a fresh barrier counts as free
                 ring = ds_smem.index(half * SLOTS + slot).reshape([BLOCK_M, _HALF_N])
                 ring.store(gl.permute(ds.to(dtype), (1, 0)))
                 fence_async_shared()
-                _partition_barrier()  # Triton 3.6's arrive is one thread's: every warp's part must be stored
+                partition_barrier()  # Triton 3.6's arrive is one thread's: every warp's part must be stored
                 mbarrier.arrive(ds_ready.index(slot))
             if CONSUMER_DQ:
                 pass  # dK waited above, with dQ^T
@@ -403,14 +349,12 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             keep_t = (rows_t < seqlen_k)[:, None]
             gl.store(dst_t, dk_t * softmax_scale, mask=keep_t)
             gl.store(dst_t + part_dv, dv_t, mask=keep_t)
-        if CONSUMER_DQ:  # the dQ reductions' reads of the staging tiles, before the program's shared memory goes
-            tma.store_wait(0)
     else:
         if CONSUMER_DQ:  # the other consumer reads both halves of K until its last step
             if total > 0:
                 mbarrier.wait(ds_free.index((total - 1) % SLOTS), ((total - 1) // SLOTS) % 2)
         elif FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
-            mbarrier.wait(dq_done, 0)
+            mbarrier.wait(dq_bars, 0)
         # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
         if TAIL == 0:
             k.store((dk * softmax_scale).to(dtype))
@@ -424,116 +368,6 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
         tma.async_copy_shared_to_global(dk_desc, [b, row0, kv_h, 0], k3)
         tma.async_copy_shared_to_global(dv_desc, [b, row0, kv_h, 0], v3)
         tma.store_wait(0)
-
-
-@gluon.jit
-def _step_origin(step, lo, n_mblocks, BLOCK_M: gl.constexpr):
-    """A program's step as (query head of the program's group, first query row): query blocks from ``lo``, head
-    after head, as the loader runs them."""
-    g = step // n_mblocks
-    return g, lo + (step - g * n_mblocks) * BLOCK_M
-
-
-@gluon.constexpr_function
-def _staging_pending(dc, steps, pair, n_chunks, tiles, ds_boxes):
-    """Bulk groups the dQ warpgroup may leave in flight before it stores chunk ``dc`` of a product of ``steps``
-    steps into that chunk's staging tiles: those issued after the previous product's reductions from the same
-    tiles (its later chunks, whole: only a program's last product can be short; this product's bias-gradient
-    stores and its earlier chunks). Before the last chunk with a bias gradient, none issued before this product's
-    own bias-gradient stores either, since the ring slots they read are released there. Bulk groups complete
-    in issue order."""
-    if ds_boxes and dc == n_chunks - 1:
-        return dc * tiles * steps
-    return (n_chunks - 1 - dc) * tiles * pair + (ds_boxes + dc * tiles) * steps
-
-
-@gluon.jit
-def _bwd_dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, dbias_desc,
-                      b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr,
-                      BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr):
-    """One warpgroup (``FUSED_DQ``): dQ^T = K^T dS^T over the program's 128 keys for ``DQ_ROWS`` queries at a time,
-    D in chunks of ``DQ_CHUNK``, added into the float32 dQ buffer by bulk reductions of [BLOCK_M, DQ_COLS] boxes.
-    At 32 queries per step a product takes two steps: a half's adjacent ring slots are one [64 queries, 64 keys]
-    tile, read transposed as the B operand. Each step's rows go to its own head and queries (the two steps may
-    belong to two heads); a program's odd last step runs the product on whatever the other slot holds and reduces
-    only its own rows (the product's rows do not mix). The consumers never wait for it unless it falls
-    ``_ds_slots`` steps behind. ``STORE_DS``: dS is the bias gradient too (a full-shape bias in q's dtype),
-    bulk-stored from the ring into ``dbias_desc``; causal, the tiles above the diagonal that the program skips are
-    stored as zeros from ``zero_smem`` (no memset of the whole gradient before the kernel).
-
-    Why two steps: one step's product, m64n32k16, reads 3 KB of shared operands per 16 tensor-core cycles, where
-    the load/store pipe moves 128 bytes per cycle (it bound the kernel: ~80% busy, mostly with these operands,
-    benchmarks/NOTES.md session 21); m64n64k16 reads 4 KB per 32 cycles."""
-    PAIR: gl.constexpr = DQ_ROWS // BLOCK_M  # steps per product
-    SLOTS: gl.constexpr = _ds_slots(BLOCK_M, HEAD_DIM)
-    N_CHUNKS: gl.constexpr = HEAD_DIM // DQ_CHUNK
-    TILES: gl.constexpr = DQ_CHUNK // DQ_COLS  # staging tiles per chunk
-    DS_BOXES: gl.constexpr = 2 if STORE_DS else 0  # bias-gradient stores per step (one per half)
-    dqt_zero = gl.zeros([DQ_CHUNK, DQ_ROWS], gl.float32, dqt_layout())
-    # the ring ([half * SLOTS + slot] of [BLOCK_M, 64]) seen as [half * SLOTS / PAIR + pair] of [DQ_ROWS, 64]
-    pairs = ds_smem._reinterpret(ds_smem.dtype, [2 * SLOTS // PAIR, 1, DQ_ROWS, _HALF_N], ds_smem.layout)
-    if STORE_DS and IS_CAUSAL:
-        if lo > 0:  # queries [0, lo) see none of these keys; issued before the first step, drained by its wait
-            fill: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-            zero_smem.reshape([BLOCK_M, _HALF_N]).store(gl.zeros([BLOCK_M, _HALF_N], zero_smem.dtype, fill))
-            fence_async_shared()
-            _partition_barrier()
-            for g in range(n_g):
-                for start_m in range(0, lo, BLOCK_M):
-                    for half in gl.static_range(2):
-                        tma.async_copy_shared_to_global(dbias_desc, [b * n_heads + h0 + g, start_m,
-                                                                     start_n + half * _HALF_N], zero_smem)
-    mbarrier.wait(kv_bar, 0)
-    n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
-    total = n_g * n_mblocks
-    for t in range(0, total, PAIR):
-        slot = t % SLOTS  # even with pairs: slots slot and slot + 1 hold steps t and t + 1
-        steps = gl.minimum(total - t, PAIR)
-        mbarrier.wait(ds_ready.index(slot), (t // SLOTS) % 2)
-        if PAIR == 2:
-            if steps == 2:
-                mbarrier.wait(ds_ready.index(slot + 1), (t // SLOTS) % 2)
-        if STORE_DS:
-            for i in gl.static_range(PAIR):
-                if i < steps:
-                    g, start_m = _step_origin(t + i, lo, n_mblocks, BLOCK_M)
-                    for half in gl.static_range(2):
-                        tma.async_copy_shared_to_global(dbias_desc, [b * n_heads + h0 + g, start_m,
-                                                                     start_n + half * _HALF_N],
-                                                        ds_smem.index(half * SLOTS + slot + i))
-        for dc in gl.static_range(N_CHUNKS):
-            ds0 = pairs.index(slot // PAIR).reshape([DQ_ROWS, _HALF_N]).permute((1, 0))
-            ds1 = pairs.index((SLOTS + slot) // PAIR).reshape([DQ_ROWS, _HALF_N]).permute((1, 0))
-            k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(dc * DQ_CHUNK, DQ_CHUNK, dim=1).permute((1, 0))
-            k1t = k_smem.index(1).reshape([_HALF_N, HEAD_DIM]).slice(dc * DQ_CHUNK, DQ_CHUNK, dim=1).permute((1, 0))
-            dqt = warpgroup_mma(k0t, ds0, dqt_zero, use_acc=False, is_async=True)
-            dqt = warpgroup_mma(k1t, ds1, dqt, is_async=True)
-            dqt = warpgroup_mma_wait(0, deps=[dqt])
-            # the staging tiles (and, on the last chunk, the ring slots) free of earlier bulk groups' reads
-            if steps == PAIR:
-                tma.store_wait(_staging_pending(dc, PAIR, PAIR, N_CHUNKS, TILES, DS_BOXES))
-            else:
-                tma.store_wait(_staging_pending(dc, 1, PAIR, N_CHUNKS, TILES, DS_BOXES))
-            _partition_barrier()  # every warp's products done; the issuing thread's waits above hold the others
-            if dc == N_CHUNKS - 1:
-                for i in gl.static_range(PAIR):
-                    if i < steps:
-                        mbarrier.arrive(ds_free.index(slot + i))
-            dq_smem.index(dc).store(dq_chunk_tiles(dqt * softmax_scale))
-            fence_async_shared()
-            _partition_barrier()  # every warp's part of the tiles stored
-            # the chunk's tiles as the descriptor's [1, BLOCK_M, 1, DQ_COLS] boxes (the same bytes and swizzle)
-            boxes = dq_smem.index(dc)._reinterpret(gl.float32, [TILES * PAIR, 1, BLOCK_M, 1, DQ_COLS],
-                                                   dq_desc.layout)
-            for i in gl.static_range(PAIR):
-                if i < steps:
-                    g, start_m = _step_origin(t + i, lo, n_mblocks, BLOCK_M)
-                    for ti in gl.static_range(TILES):
-                        _tma_reduce_add(dq_desc, [b, start_m, h0 + g, (dc * TILES + ti) * DQ_COLS],
-                                        boxes.index(ti * PAIR + i))
-    _partition_barrier()
-    mbarrier.arrive(dq_done)
-    tma.store_wait(0)
 
 
 @gluon.jit
@@ -558,7 +392,7 @@ def _hopper_bwd_dkdv_kernel(
     where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k)."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL, HEAD_DIM)
-    SLOTS: gl.constexpr = _ds_slots(BLOCK_M, HEAD_DIM)
+    SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     # bias matrix, its gradient and the zero tile: (B' * H', S_q, S_k) boxes
     mat_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
@@ -600,7 +434,7 @@ def _hopper_bwd_dkdv_kernel(
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
 
-    if FUSED_DQ and not _consumers_dq(BLOCK_M, HEAD_DIM):
+    if FUSED_DQ and not consumers_dq(BLOCK_M, HEAD_DIM):
         # [half, slot]: queries as rows, keys contiguous (the bias gradient's layout, stored from here); a half's
         # adjacent slots form one [DQ_ROWS, 64] tile (the swizzle repeats every 8 rows)
         ds_smem = gl.allocate_shared_memory(dtype, [2 * SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
@@ -641,38 +475,63 @@ def _hopper_bwd_dkdv_kernel(
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g,
                                        n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M,
                                        BIAS_FULL)),
-                (_bwd_dq_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done,
+                (dq_warpgroup_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done,
                                      dq_desc, dbias_desc, b, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q,
                                      softmax_scale, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL)),
             ],
             [4, 1, 4], [_fused_regs(HEAD_DIM, 0), 24, _fused_regs(HEAD_DIM, 1)],
         )
-    else:
+    elif FUSED_DQ:
+        # the consumers form dQ: dS halves [slot, half]; each consumer's [2 tiles of 32 columns] of float32 dQ
+        # staged for the writer's bulk reductions
         bias_smem = q_smem  # never read (a bias matrix takes the dQ warpgroup)
-        if FUSED_DQ:
-            # the consumers form dQ: dS halves [slot, half]; each consumer's [2 tiles of 32
-            # columns] of float32 dQ staged for its bulk reductions
-            ds_smem = gl.allocate_shared_memory(dtype, [2 * SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
-            dq_smem = gl.allocate_shared_memory(gl.float32, [2, DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS],
-                                                DQ_TILE_LAYOUT)
-            ds_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
-            ds_free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
-            for i in gl.static_range(SLOTS):
-                mbarrier.init(ds_ready.index(i), count=2)  # one arrival per consumer warpgroup
-                mbarrier.init(ds_free.index(i), count=2)
-        else:  # the dS buffers' arguments are never read: any of the right kinds will do
-            ds_smem, dq_smem, ds_ready, ds_free = q_smem, q_smem, ready, empty
+        ds_smem = gl.allocate_shared_memory(dtype, [2 * SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS], DQ_TILE_LAYOUT)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
+        ds_free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
+        for i in gl.static_range(SLOTS):
+            mbarrier.init(ds_ready.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(ds_free.index(i), count=2)
+        dq_bars = gl.allocate_shared_memory(gl.int64, [4, 1], bar_layout)
+        for i in gl.static_range(4):
+            mbarrier.init(dq_bars.index(i), count=1)
         gl.warp_specialize(
             [
                 (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, kv_bar, dq_smem, dq_desc,
+                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_bars, dq_smem, dq_desc,
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
                                            PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, kv_bar, dq_smem, dq_desc,
+                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_bars, dq_smem, dq_desc,
+                                           stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
+                                           kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
+                                           stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
+                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
+                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
+                                       do_smem, bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g,
+                                       n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M,
+                                       BIAS_FULL)),
+                (dq_writer_partition, (dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, BLOCK_M)),
+            ],
+            [4, 1, 1], [240, 24, 24],
+        )
+    else:  # the ring's arguments are never read: any of the right kinds will do
+        bias_smem = q_smem
+        gl.warp_specialize(
+            [
+                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
+                                           dk_desc, dv_desc, q_smem, ready, empty, kv_bar, q_smem, dq_desc,
+                                           stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
+                                           kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
+                                           stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
+                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
+                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
+                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
+                                           dk_desc, dv_desc, q_smem, ready, empty, kv_bar, q_smem, dq_desc,
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
