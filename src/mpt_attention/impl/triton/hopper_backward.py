@@ -290,8 +290,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 dk_tok = warpgroup_mma(ds_op, q.slice(0, MAIN, dim=1), dk, is_async=True)
                 dk_t_tok = warpgroup_mma(ds_op, q.slice(MAIN, TAIL, dim=1), dk_t, is_async=True)
             if CONSUMER_DQ:
-                # this half of dS beside the other consumer's (queries as rows, double-buffered), then this
-                # warpgroup's 64 columns of dQ^T = K^T dS^T over all 128 keys, added into the float32 dQ sums
+                # this half of dS beside the other consumer's (queries as rows), then this warpgroup's 64 columns
+                # of dQ^T = K^T dS^T over all 128 keys, staged for the writer's reductions into the float32 dQ sums
                 buf = t % SLOTS
                 # both consumers' products of step t - SLOTS done (a fresh barrier counts as free)
                 mbarrier.wait(ds_free.index(buf), (t // SLOTS) % 2 ^ 1)
@@ -323,13 +323,12 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 fence_async_shared()
                 partition_barrier()  # Triton 3.6's arrive is one thread's: every warp's part must be stored
                 mbarrier.arrive(ds_ready.index(slot))
-            if CONSUMER_DQ:
-                pass  # dK waited above, with dQ^T
-            elif TAIL == 0:
-                dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])
-            else:
-                dv, dv_t, st, dk, dk_t, p_op, ds_op = warpgroup_mma_wait(
-                    0, deps=[dv_tok, dv_t_tok, st_tok, dk_tok, dk_t_tok, p_op, ds_op])
+            if PREFETCH:  # (without it dV was waited before dS, and dK above with dQ^T)
+                if TAIL == 0:
+                    dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])
+                else:
+                    dv, dv_t, st, dk, dk_t, p_op, ds_op = warpgroup_mma_wait(
+                        0, deps=[dv_tok, dv_t_tok, st_tok, dk_tok, dk_t_tok, p_op, ds_op])
             mbarrier.arrive(empty.index(stage))
             t += 1
 
