@@ -103,7 +103,8 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False,
                                partial: bool = False, full_bias: bool = False, store_ds: bool = False, tail: int = 0):
-    """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: with the dQ warpgroup;
+    """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: forming dQ too (the dQ warpgroup,
+    or at tile width 128 without a bias matrix or tail the consumers and the writer warp);
     ``partial``: grouped heads split over programs (float32 dK, dV partial sums); ``full_bias``: a bias
     matrix, ``store_ds`` with its gradient; ``tail``: the products' second piece of columns (with ``fused_dq``)."""
     from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m

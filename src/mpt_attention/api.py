@@ -119,9 +119,9 @@ def attention(
         deterministic: ``triton`` only: whether the backward must be bitwise reproducible. None (the
             default) follows ``torch.use_deterministic_algorithms``: reproducible while it is on; while
             it is off, dQ may be summed in any order where that is the fastest backward (on Hopper, D 64
-            or 72-128: the dK/dV kernel's dQ warpgroup adds dQ by float32 bulk reductions, 1.0-1.19x
-            the reproducible backward on an H200), so dQ's last bits vary between runs there; elsewhere
-            the reproducible passes run. True: always
+            or 72-128: the dK/dV kernel forms dQ too and adds it by float32 bulk reductions; forward+backward
+            1.09-1.23x the reproducible one on an H200), so dQ's last bits vary between runs there;
+            elsewhere the reproducible passes run. True: always
             reproducible (no atomics; two passes). False: as None when off, and the general kernels
             may also fold dQ into one pass with float32 atomics (slower than the default on an H200,
             benchmarks/NOTES.md). dK, dV, dbias and the forward are reproducible in every mode.

@@ -39,7 +39,8 @@ ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
 # tile widths (``tile_dim``) the backward sends to the Hopper dK/dV kernel: at 64 the general one is faster
 # (benchmarks/NOTES.md); benchmarks/bwd_kernels.py widens it to time the whole backward both ways
 BWD_HEAD_DIMS = (128,)
-# with the dQ warpgroup (dQ in any order) the Hopper kernel replaces the dQ kernel too: D64 as well
+# with dQ in any order the Hopper kernel forms dQ too (its dQ warpgroup, or at D 104-128 its consumers), replacing
+# the dQ kernel: D64 as well
 FUSED_BWD_HEAD_DIMS = (64, 128)
 # query heads per program with the dQ warpgroup and grouped heads (a group's heads split over programs, their
 # dK, dV partials summed after; 1 when the group size is not a multiple); launch.py decides whether grouped
@@ -65,7 +66,7 @@ def tma_aligned(t: torch.Tensor) -> bool:
 def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, dout=None,
                 fused_dq=False) -> str | None:
     """Why the Hopper kernels do not apply to these inputs (None: they do); ``dout`` for the backward,
-    ``fused_dq`` for its dQ warpgroup."""
+    ``fused_dq`` for its dQ sums (the dK/dV kernel forming dQ too)."""
     if not ENABLED:
         return "disabled"
     if _hopper_fwd_kernel is None:
