@@ -75,8 +75,8 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from mpt_attention.impl.triton.common import _log2_bias
 from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
-from mpt_attention.impl.triton.hopper_dq import consumers_dq, dq_chunk_tiles, dq_warpgroup_partition
-from mpt_attention.impl.triton.hopper_dq import dq_writer_partition, dqt_layout, ds_slots, partition_barrier
+from mpt_attention.impl.triton.hopper_dq import consumers_dq, dq_chunk_tiles, dq_partition, dqt_layout, ds_slots
+from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
@@ -96,13 +96,21 @@ def _stages(block_m, bias_full, head_dim=64):
 
 
 @gluon.constexpr_function
-def _fused_regs(head_dim, which):
-    """Registers per thread with the dQ warpgroup: ``which`` 0 the second consumer, 1 the dQ warpgroup
-    (the first consumer, the default partition, gets what the four warpgroups leave of 64K, the loader's
-    one warp rounded up to a warpgroup of 24 each). The fewest spills in the consumers' loops under Triton
-    3.6's ptxas with the dQ warpgroup's [64, 64] float32 accumulator: at D128 216 and 64 (the first consumer
-    208; at 56 the dQ warpgroup spills ~2 KB), at D64 208 and 72."""
+def _fused_regs(block_m, head_dim, which):
+    """Registers per thread with the dQ sums: ``which`` 0 the second consumer, 1 the dQ partition (the first
+    consumer, the default partition, gets what the others leave of 64K; the loader's and the writer's warps
+    count as a warpgroup of 24). Where the consumers form dQ: 240 each, the writer 24. With the dQ warpgroup,
+    the fewest spills in the consumers' loops under Triton 3.6's ptxas beside its [64, 64] float32 accumulator:
+    at D128 216 and 64 (the first consumer 208; at 56 the dQ warpgroup spills ~2 KB), at D64 208 and 72."""
+    if consumers_dq(block_m, head_dim):
+        return (240, 24)[which]
     return (216, 64)[which] if head_dim == 128 else (208, 72)[which]
+
+
+@gluon.constexpr_function
+def _dq_warps(block_m, head_dim):
+    """Warps of the dQ partition: the writer's one where the consumers form dQ, else the dQ warpgroup's four."""
+    return 1 if consumers_dq(block_m, head_dim) else 4
 
 
 @gluon.jit
@@ -433,67 +441,44 @@ def _hopper_bwd_dkdv_kernel(
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
 
-    if FUSED_DQ and not consumers_dq(BLOCK_M, HEAD_DIM):
-        # [half, slot]: queries as rows, keys contiguous (the bias gradient's layout, stored from here); a half's
-        # adjacent slots form one [DQ_ROWS, 64] tile (the swizzle repeats every 8 rows)
-        ds_smem = gl.allocate_shared_memory(dtype, [2 * SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
-        zero_smem = ds_smem  # never read
-        if STORE_DS and IS_CAUSAL:  # a zero tile for the skipped tiles of the bias gradient
-            zero_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, _HALF_N], mat_layout)
-        if BIAS_FULL:  # [stage, half]
-            bias_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, 1, BLOCK_M, _HALF_N], mat_layout)
+    if FUSED_DQ:
+        if consumers_dq(BLOCK_M, HEAD_DIM):
+            # the consumers form dQ: dS halves [slot, half]; each consumer's [2 tiles of 32 columns] of float32 dQ
+            # staged for the writer's bulk reductions
+            bias_smem = q_smem  # never read (a bias matrix takes the dQ warpgroup)
+            ds_smem = gl.allocate_shared_memory(dtype, [2 * SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
+            dq_smem = gl.allocate_shared_memory(gl.float32, [2, DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS], DQ_TILE_LAYOUT)
+            ds_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
+            ds_free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
+            for i in gl.static_range(SLOTS):
+                mbarrier.init(ds_ready.index(i), count=2)  # one arrival per consumer warpgroup
+                mbarrier.init(ds_free.index(i), count=2)
+            dq_bars = gl.allocate_shared_memory(gl.int64, [4, 1], bar_layout)
+            for i in gl.static_range(4):
+                mbarrier.init(dq_bars.index(i), count=1)
+            zero_smem = ds_smem  # never read
         else:
-            bias_smem = q_smem  # never read
-        # [chunk, tile]: each DQ_CHUNK-column chunk of dQ as DQ_COLS-column tiles, 128-byte swizzled
-        dq_smem = gl.allocate_shared_memory(gl.float32, [HEAD_DIM // DQ_CHUNK, DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS],
-                                            DQ_TILE_LAYOUT)
-        ds_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
-        ds_free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
-        dq_done = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
-        mbarrier.init(dq_done, count=1)
-        for i in gl.static_range(SLOTS):
-            mbarrier.init(ds_ready.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(ds_free.index(i), count=1)
-        gl.warp_specialize(
-            [
-                (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, dq_smem, dq_desc,
-                                           stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
-                                           kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
-                                           stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
-                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
-                (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
-                                           dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_done, dq_smem, dq_desc,
-                                           stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
-                                           kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
-                                           stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
-                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
-                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
-                                       do_smem, bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g,
-                                       n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M,
-                                       BIAS_FULL)),
-                (dq_warpgroup_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done,
-                                     dq_desc, dbias_desc, b, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q,
-                                     softmax_scale, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL)),
-            ],
-            [4, 1, 4], [_fused_regs(HEAD_DIM, 0), 24, _fused_regs(HEAD_DIM, 1)],
-        )
-    elif FUSED_DQ:
-        # the consumers form dQ: dS halves [slot, half]; each consumer's [2 tiles of 32 columns] of float32 dQ
-        # staged for the writer's bulk reductions
-        bias_smem = q_smem  # never read (a bias matrix takes the dQ warpgroup)
-        ds_smem = gl.allocate_shared_memory(dtype, [2 * SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS], DQ_TILE_LAYOUT)
-        ds_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
-        ds_free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
-        for i in gl.static_range(SLOTS):
-            mbarrier.init(ds_ready.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(ds_free.index(i), count=2)
-        dq_bars = gl.allocate_shared_memory(gl.int64, [4, 1], bar_layout)
-        for i in gl.static_range(4):
-            mbarrier.init(dq_bars.index(i), count=1)
+            # [half, slot]: queries as rows, keys contiguous (the bias gradient's layout, stored from here); a half's
+            # adjacent slots form one [DQ_ROWS, 64] tile (the swizzle repeats every 8 rows)
+            ds_smem = gl.allocate_shared_memory(dtype, [2 * SLOTS, 1, BLOCK_M, _HALF_N], mat_layout)
+            zero_smem = ds_smem  # never read
+            if STORE_DS and IS_CAUSAL:  # a zero tile for the skipped tiles of the bias gradient
+                zero_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, _HALF_N], mat_layout)
+            if BIAS_FULL:  # [stage, half]
+                bias_smem = gl.allocate_shared_memory(dtype, [2 * STAGES, 1, BLOCK_M, _HALF_N], mat_layout)
+            else:
+                bias_smem = q_smem  # never read
+            # [chunk, tile]: each DQ_CHUNK-column chunk of dQ as DQ_COLS-column tiles, 128-byte swizzled
+            dq_smem = gl.allocate_shared_memory(gl.float32,
+                                                [HEAD_DIM // DQ_CHUNK, DQ_CHUNK // DQ_COLS, DQ_ROWS, DQ_COLS],
+                                                DQ_TILE_LAYOUT)
+            ds_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
+            ds_free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], bar_layout)
+            dq_bars = gl.allocate_shared_memory(gl.int64, [1], bar_layout)  # the dQ warpgroup done with K
+            mbarrier.init(dq_bars, count=1)
+            for i in gl.static_range(SLOTS):
+                mbarrier.init(ds_ready.index(i), count=2)  # one arrival per consumer warpgroup
+                mbarrier.init(ds_free.index(i), count=1)
         gl.warp_specialize(
             [
                 (_bwd_consumer_partition, (0, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
@@ -514,9 +499,12 @@ def _hopper_bwd_dkdv_kernel(
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g,
                                        n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M,
                                        BIAS_FULL)),
-                (dq_writer_partition, (dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, BLOCK_M)),
+                (dq_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
+                                dbias_desc, b, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM,
+                                BLOCK_M, STORE_DS, IS_CAUSAL)),
             ],
-            [4, 1, 1], [240, 24, 24],
+            [4, 1, _dq_warps(BLOCK_M, HEAD_DIM)],
+            [_fused_regs(BLOCK_M, HEAD_DIM, 0), 24, _fused_regs(BLOCK_M, HEAD_DIM, 1)],
         )
     else:  # the ring's arguments are never read: any of the right kinds will do
         bias_smem = q_smem

@@ -202,3 +202,17 @@ def dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, BLO
         tma.store_wait(0)
         partition_barrier()
         mbarrier.arrive(dq_bars.index(3))
+
+
+@gluon.jit
+def dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc, dbias_desc, b, h0,
+                 n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                 STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """The dK/dV kernel's dQ partition: the writer where the consumers form dQ (``consumers_dq``), else the dQ
+    warpgroup (``dq_bars`` its done barrier)."""
+    if consumers_dq(BLOCK_M, HEAD_DIM):
+        dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, BLOCK_M)
+    else:
+        dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
+                               dbias_desc, b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM,
+                               BLOCK_M, STORE_DS, IS_CAUSAL)
