@@ -10,6 +10,7 @@ difference from the split's relative to its largest value; at D128 dK and dV com
 in both modes and must agree bitwise (at D64 the split runs the general kernels).
 ``--fwd-bwd`` times forward+backward through the public op instead, as bench_attention.py does.
 ``--gqa 1 2 4``: grouped-head shapes, the warpgroup with 1, 2 and 4 query heads per program.
+``--padded``: head dims run in tiles of 128 (replit-code's D80, D96, MPT-30B's D112 with its 56 heads).
 """
 
 import argparse
@@ -22,6 +23,7 @@ import mpt_attention as M
 from mpt_attention.impl.triton import hopper, launch
 
 SHAPES = [(8, 16, 16, 2048, 128), (2, 16, 16, 8192, 128), (1, 16, 16, 16384, 128), (4, 32, 32, 4096, 64)]
+PADDED_SHAPES = [(4, 32, 32, 4096, 80), (2, 16, 16, 8192, 96), (2, 56, 56, 4096, 112)]
 GQA_SHAPES = [(2, 32, 4, 8192, 128), (8, 32, 4, 2048, 128), (4, 32, 8, 4096, 64)]  # (B, H_q, H_kv, S, D)
 
 
@@ -86,11 +88,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fwd-bwd", action="store_true")
+    parser.add_argument("--padded", action="store_true", help="D 80, 96, 112 (tiles of 128) instead")
     parser.add_argument("--gqa", type=int, nargs="*", help="grouped-head shapes instead, the warpgroup with each of "
                         "these query heads per program (hopper.FUSED_GROUP_HEADS)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for shape in GQA_SHAPES if args.gqa else SHAPES:
+    for shape in GQA_SHAPES if args.gqa else PADDED_SHAPES if args.padded else SHAPES:
         measure(shape, args.rounds, args.fwd_bwd, tuple(args.gqa or ()))
 
 
