@@ -92,9 +92,10 @@ def _staging_pending(dc, steps, pair, n_chunks, tiles, ds_boxes):
 
 
 @gluon.jit
-def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc, dbias_desc,
-                      b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr,
-                      BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr):
+def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc,
+                           dbias_desc, b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale,
+                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr,
+                           IS_CAUSAL: gl.constexpr):
     """One warpgroup (``FUSED_DQ``): dQ^T = K^T dS^T over the program's 128 keys for ``DQ_ROWS`` queries at a time,
     D in chunks of ``DQ_CHUNK``, added into the float32 dQ buffer by bulk reductions of [BLOCK_M, DQ_COLS] boxes.
     At 32 queries per step a product takes two steps: a half's adjacent ring slots are one [64 queries, 64 keys]
@@ -174,7 +175,7 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
                     g, start_m = step_origin(t + i, lo, n_mblocks, BLOCK_M)
                     for ti in gl.static_range(TILES):
                         tma_reduce_add(dq_desc, [b, start_m, h0 + g, (dc * TILES + ti) * DQ_COLS],
-                                        boxes.index(ti * PAIR + i))
+                                       boxes.index(ti * PAIR + i))
     partition_barrier()
     mbarrier.arrive(dq_done)
     tma.store_wait(0)
