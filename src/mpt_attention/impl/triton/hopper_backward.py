@@ -85,13 +85,12 @@ _ROWS_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
 
 @gluon.constexpr_function
-def _stages(block_m, bias_full, head_dim=64):
+def _stages(block_m, bias_full):
     """Stages of the (Q, dO, row terms) ring: 3, or 2 where a third does not fit (a bias matrix at 64 queries
-    per step: 231 KB). With 2 the consumers waited on the copy engine for the next step's tiles (13% of the
-    fused kernel's warp samples once the row terms no longer waited on global loads, benchmarks/NOTES.md
-    session 21): the loader may refill a stage only after both consumers finished the step that used it."""
-    if consumers_dq(block_m, head_dim):  # 32 KB per stage, 2 x 16 KB of dS and 32 KB of dQ staging beside K, V
-        return 3
+    per step: 231 KB; where the consumers form dQ, 3 fit beside 2 x 16 KB of dS and 32 KB of dQ staging). With 2
+    the consumers waited on the copy engine for the next step's tiles (13% of the fused kernel's warp samples once
+    the row terms no longer waited on global loads, benchmarks/NOTES.md session 21): the loader may refill a stage
+    only after both consumers finished the step that used it."""
     return 2 if bias_full and block_m == 64 else 3
 
 
@@ -125,7 +124,7 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, 
     for half in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [b, start_n + half * _HALF_N, kv_h, 0], kv_bar, k_smem.index(half))
         tma.async_copy_global_to_shared(v_desc, [b, start_n + half * _HALF_N, kv_h, 0], kv_bar, v_smem.index(half))
-    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL, HEAD_DIM)
+    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL
                                                                                 else 0)
     count = 0
@@ -171,7 +170,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     ``TAIL`` (with ``FUSED_DQ``, D 72-96): the products take 64 + ``TAIL`` of the tile's columns, dK and dV
     two accumulators each."""
     dtype: gl.constexpr = q_smem.dtype
-    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL, HEAD_DIM)
+    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     N_G: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per product
@@ -211,6 +210,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     mbarrier.wait(kv_bar, 0)
     CONSUMER_DQ: gl.constexpr = consumers_dq(BLOCK_M, HEAD_DIM)
     gl.static_assert(FUSED_DQ or not CONSUMER_DQ, "64 queries per step at tile width 128 only with the dQ sums")
+    gl.static_assert(not (CONSUMER_DQ and BIAS_FULL), "a bias matrix takes the dQ warpgroup (no room for its tiles)")
     PREFETCH: gl.constexpr = not CONSUMER_DQ  # step t+1's S^T issued during step t
     if FUSED_DQ:  # K from shared memory: with it in registers ptxas spills more
         k_a = k
@@ -398,7 +398,7 @@ def _hopper_bwd_dkdv_kernel(
     view with boxes [1, BLOCK_M, 64], row ``b * bias_b_on + h * bias_h_on`` (the host's multipliers: 0
     where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k)."""
     dtype: gl.constexpr = q_desc.dtype
-    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL, HEAD_DIM)
+    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     # bias matrix, its gradient and the zero tile: (B' * H', S_q, S_k) boxes

@@ -35,7 +35,7 @@ def consumers_dq(block_m, head_dim):
 
 
 @gluon.constexpr_function
-def ds_slots(block_m, head_dim=64):
+def ds_slots(block_m, head_dim):
     """Fused dQ: steps of dS the consumers may run ahead of the dQ warpgroup (even: a product takes two at 32
     queries per step). 6 there: with 4 the consumers could run only a step or two ahead of a product's start;
     the backward at B2 H16 S8192 D128 2.782 ms with 4, 2.765 with 6, 2.724 with 8 (benchmarks/NOTES.md session
