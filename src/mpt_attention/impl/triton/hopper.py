@@ -294,7 +294,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
 BWD_BLOCK_N, BWD_HALF_N = 128, 64  # hopper_backward: keys per program / per consumer warpgroup
 
 
-def bwd_block_m(head_dim: int, bias_full: bool = False, tail: int = 0, fused_dq: bool = True) -> int:
+def bwd_block_m(head_dim: int, bias_full: bool, tail: int, fused_dq: bool) -> int:
     """Queries per step of the Hopper dK/dV kernel (``head_dim``: the tile width). 64 at D64 (its kernel 1.76 ->
     1.37 ms at B4 H32 S4096, benchmarks/NOTES.md session 14). At 128, 64 with the dQ sums (``fused_dq``) where
     the consumers form dQ themselves (hopper_backward's FA3 layout: the backward 1.03-1.05x the dQ warpgroup's
