@@ -7,7 +7,7 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src
 timeout 300 python3 -m pytest tests/test_gpu_hopper.py -m gpu -q -x -p no:cacheprovider \
-  -k "backward or dq_warpgroup or dkdv or grouped" 2>&1 | tail -3
+  -k "backward or dq_warpgroup or dkdv or grouped or padded or bias_row" 2>&1 | tail -3
 log=${OUT:-/tmp}/wip-ab.log
 bash benchmarks/ab.sh run 2 "timeout 100 python3 benchmarks/fused_dq.py" ab/main src > "$log" 2>&1
 python3 benchmarks/ab_summary.py "$log"
