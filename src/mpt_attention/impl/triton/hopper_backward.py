@@ -75,7 +75,7 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from mpt_attention.impl.triton.common import _log2_bias
 from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
-from mpt_attention.impl.triton.hopper_dq import consumers_dq, dq_chunk_tiles, dq_partition, dqt_layout, ds_slots
+from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, tile_order
 
@@ -298,8 +298,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 dk_tok = warpgroup_mma(ds_op, q.slice(0, MAIN, dim=1), dk, is_async=True)
                 dk_t_tok = warpgroup_mma(ds_op, q.slice(MAIN, TAIL, dim=1), dk_t, is_async=True)
             if CONSUMER_DQ:
-                # this half of dS beside the other consumer's (queries as rows), then this warpgroup's 64 columns
-                # of dQ^T = K^T dS^T over all 128 keys, staged for the writer's reductions into the float32 dQ sums
+                # this half of dS beside the other consumer's (queries as rows), then step t - 1's dQ: its other
+                # half was stored a step ago, so the consumers rarely wait for each other (at step t they did)
                 buf = t % SLOTS
                 # both consumers' products of step t - SLOTS done (a fresh barrier counts as free)
                 mbarrier.wait(ds_free.index(buf), (t // SLOTS) % 2 ^ 1)
@@ -307,22 +307,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 fence_async_shared()
                 partition_barrier()
                 mbarrier.arrive(ds_ready.index(buf))
-                mbarrier.wait(ds_ready.index(buf), (t // SLOTS) % 2)  # the other half stored too
-                k0t = k_smem.index(0).reshape([_HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
-                k1t = k_smem.index(1).reshape([_HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
-                ds0 = ds_smem.index(2 * buf).reshape([DQ_ROWS, _HALF_N]).permute((1, 0))
-                ds1 = ds_smem.index(2 * buf + 1).reshape([DQ_ROWS, _HALF_N]).permute((1, 0))
-                dqt = warpgroup_mma(k0t.permute((1, 0)), ds0, dqt_zero, use_acc=False, is_async=True)
-                dqt = warpgroup_mma(k1t.permute((1, 0)), ds1, dqt, is_async=True)
-                dqt, dk, ds_op = warpgroup_mma_wait(0, deps=[dqt, dk_tok, ds_op])
-                partition_barrier()  # every warp's reads of the two halves done
-                mbarrier.arrive(ds_free.index(buf))
-                # into this half's staging tiles once the writer's reductions of step t - 1 have read them
-                mbarrier.wait(dq_bars.index(2 + half), t % 2 ^ 1)
-                dq_smem.index(half).store(dq_chunk_tiles(dqt * softmax_scale))
-                fence_async_shared()
-                partition_barrier()
-                mbarrier.arrive(dq_bars.index(half))
+                if t > 0:
+                    consumer_dq_step(t - 1, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero,
+                                     softmax_scale, SLOTS, BLOCK_M, HEAD_DIM)
+                dk, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, ds_op])
             elif FUSED_DQ:  # under the dK product: this half of dS into the ring, queries as rows, once its slot's free
                 slot = t % SLOTS
                 mbarrier.wait(ds_free.index(slot), (t // SLOTS) % 2 ^ 1)  # a fresh barrier counts as free
@@ -331,7 +319,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 fence_async_shared()
                 partition_barrier()  # Triton 3.6's arrive is one thread's: every warp's part must be stored
                 mbarrier.arrive(ds_ready.index(slot))
-            if PREFETCH:  # (without it dV was waited before dS, and dK above with dQ^T)
+            if PREFETCH:  # (without it dV was waited before dS, and dK above)
                 if TAIL == 0:
                     dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])
                 else:
@@ -340,6 +328,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             mbarrier.arrive(empty.index(stage))
             t += 1
 
+    if CONSUMER_DQ:  # the last step's dQ
+        if total > 0:
+            consumer_dq_step(total - 1, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero,
+                             softmax_scale, SLOTS, BLOCK_M, HEAD_DIM)
     if PARTIAL_DKV:
         # this program's share of the group's sums, float32, into its split's slice of the partials (rows of
         # H_kv * D), which the host adds in a fixed order; 32-byte row segments per warp store

@@ -182,6 +182,31 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
 
 
 @gluon.jit
+def consumer_dq_step(u, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero, softmax_scale,
+                     SLOTS: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """A consumer's share of step ``u``'s dQ where the consumers form it (``consumers_dq``): once both halves of
+    the step's dS are in slot ``u % SLOTS``, its 64 columns of dQ^T = K^T dS^T over all 128 keys, staged for
+    ``dq_writer_partition`` once the writer has read its staging tiles of step ``u - 1``. Waits for every
+    ``wgmma`` in flight (the caller's dK product too)."""
+    buf = u % SLOTS
+    mbarrier.wait(ds_ready.index(buf), (u // SLOTS) % 2)  # both halves stored
+    k0t = k_smem.index(0).reshape([HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
+    k1t = k_smem.index(1).reshape([HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
+    ds0 = ds_smem.index(2 * buf).reshape([DQ_ROWS, HALF_N]).permute((1, 0))
+    ds1 = ds_smem.index(2 * buf + 1).reshape([DQ_ROWS, HALF_N]).permute((1, 0))
+    dqt = warpgroup_mma(k0t.permute((1, 0)), ds0, dqt_zero, use_acc=False, is_async=True)
+    dqt = warpgroup_mma(k1t.permute((1, 0)), ds1, dqt, is_async=True)
+    dqt = warpgroup_mma_wait(0, deps=[dqt])
+    partition_barrier()  # every warp's reads of the two halves done
+    mbarrier.arrive(ds_free.index(buf))
+    mbarrier.wait(dq_bars.index(2 + half), u % 2 ^ 1)
+    dq_smem.index(half).store(dq_chunk_tiles(dqt * softmax_scale))
+    fence_async_shared()
+    partition_barrier()
+    mbarrier.arrive(dq_bars.index(half))
+
+
+@gluon.jit
 def dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, BLOCK_M: gl.constexpr):
     """One warp where the consumers form dQ (``consumers_dq``): each step's two staged halves of dQ (a consumer's
     64 columns each, ``dq_bars`` [full 0, full 1, empty 0, empty 1]) added into the float32 dQ sums by bulk
