@@ -51,15 +51,15 @@ def test_head_dims_between_64_and_128_run_in_tiles_of_128(head_dim, width):
     pytest.param(128, False, True, 64, id="D128-consumers-form-dQ"),
     pytest.param(112, False, True, 64, id="D112-consumers-form-dQ"),
     pytest.param(128, True, True, 32, id="D128-bias-matrix-dQ-warpgroup"),
-    pytest.param(80, False, True, 32, id="D80-product-tail-dQ-warpgroup"),
-    pytest.param(96, False, True, 32, id="D96-product-tail-dQ-warpgroup"),
+    pytest.param(80, True, True, 32, id="D80-bias-matrix-dQ-warpgroup"),
+    pytest.param(80, False, True, 64, id="D80-product-tail-consumers-form-dQ"),
+    pytest.param(96, False, True, 64, id="D96-product-tail-consumers-form-dQ"),
     pytest.param(128, False, False, 32, id="D128-split-dQ-kernel"),
 ])
 def test_backward_queries_per_step(head_dim, bias_matrix, fused_dq, block_m):
     """64 queries per step of the dK/dV kernel at tile width 128 only where its consumers form dQ (the dQ sums,
-    no bias matrix, no product tail: hopper_dq.consumers_dq); 32 beside the dQ warpgroup or the split dQ kernel."""
-    tail = hopper.product_tail(head_dim) if fused_dq else 0
-    assert hopper.bwd_block_m(hopper.tile_dim(head_dim), bias_matrix, tail, fused_dq) == block_m
+    no bias matrix: hopper_dq.consumers_dq); 32 beside the dQ warpgroup or the split dQ kernel."""
+    assert hopper.bwd_block_m(hopper.tile_dim(head_dim), bias_matrix, fused_dq) == block_m
 
 
 @pytest.mark.parametrize("what, expected", [

@@ -39,7 +39,7 @@ ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
 # tile widths (``tile_dim``) the backward sends to the Hopper dK/dV kernel: at 64 the general one is faster
 # (benchmarks/NOTES.md); benchmarks/bwd_kernels.py widens it to time the whole backward both ways
 BWD_HEAD_DIMS = (128,)
-# with dQ in any order the Hopper kernel forms dQ too (its dQ warpgroup, or at D 104-128 its consumers), replacing
+# with dQ in any order the Hopper kernel forms dQ too (its dQ warpgroup, or at D 72-128 its consumers), replacing
 # the dQ kernel: D64 as well
 FUSED_BWD_HEAD_DIMS = (64, 128)
 # query heads per program with the dQ warpgroup and grouped heads (a group's heads split over programs, their
@@ -294,13 +294,13 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
 BWD_BLOCK_N, BWD_HALF_N = 128, 64  # hopper_backward: keys per program / per consumer warpgroup
 
 
-def bwd_block_m(head_dim: int, bias_full: bool, tail: int, fused_dq: bool) -> int:
+def bwd_block_m(head_dim: int, bias_full: bool, fused_dq: bool) -> int:
     """Queries per step of the Hopper dK/dV kernel (``head_dim``: the tile width). 64 at D64 (its kernel 1.76 ->
     1.37 ms at B4 H32 S4096, benchmarks/NOTES.md session 14). At 128, 64 with the dQ sums (``fused_dq``) where
-    the consumers form dQ themselves (hopper_backward's FA3 layout: the backward 1.03-1.05x the dQ warpgroup's
-    at 32, session 24); 32 with a bias matrix, a product ``tail`` or the split dQ kernel, whose consumers'
-    registers hold no more beside a dQ warpgroup or K's registers."""
-    if head_dim <= 64 or (fused_dq and not bias_full and tail == 0):
+    the consumers form dQ themselves (hopper_backward's FA3 layout, D 72-128 without a bias matrix: the D128
+    backward 1.03-1.05x the dQ warpgroup's at 32, session 24); 32 with a bias matrix or
+    the split dQ kernel, whose consumers' registers hold no more beside a dQ warpgroup or K's registers."""
+    if head_dim <= 64 or (fused_dq and not bias_full):
         return 64
     return 32
 
@@ -324,8 +324,7 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     s_k, n_kv = k.shape[1], k.shape[2]
     slopes, slope_strides = slope_args(slopes, row_stats)
     width = tile_dim(head_dim)
-    block_m = bwd_block_m(width, bias is not None and bias.shape[2] != 1,
-                          product_tail(head_dim) if dq_acc is not None else 0, dq_acc is not None)
+    block_m = bwd_block_m(width, bias is not None and bias.shape[2] != 1, dq_acc is not None)
     stats_desc = descriptor(row_stats, [batch * n_heads, 2, s_q], list(row_stats.stride()), [1, 2, block_m],
                             _ROW_STATS_LAYOUT)
     bias_args, b_on, h_on = (row_stats, 0, 0, 0), 0, 0  # a never-read dummy without a bias

@@ -47,8 +47,8 @@ The program owns the dK, dV rows it writes: no atomics there. dQ comes one of tw
   tail); with ``PARTIAL_DKV`` each writes float32 dK, dV partial sums that the host adds in a fixed order.
   An earlier fused version with the consumers themselves forming dQ in turns lost (0.93x at 32 queries per
   step): every step made one consumer wait for the other.
-- ``FUSED_DQ`` at 64 queries per step and tile width 128 (``consumers_dq``; without a bias matrix or a product
-  tail: FA3's structure): no dQ warpgroup, the consumers at 240 registers. Each stores its dS half into a
+- ``FUSED_DQ`` at 64 queries per step and tile width 128 (``consumers_dq``; without a bias matrix: FA3's
+  structure): no dQ warpgroup, the consumers at 240 registers. Each stores its dS half into a
   double-buffered pair, waits for the other half, forms its 64 columns of dQ^T over all 128 keys and stages
   them for a one-warp writer that issues their bulk reductions. The wait between the consumers now comes once
   per 64 queries, and S^T and dP^T are m64n64 products (a third less shared-memory operand traffic per query
@@ -60,9 +60,9 @@ The dQ partitions and their staging: ``hopper_dq.py``.
   layout measured 1.3x slower than it, branch ``wip/hopper-dq``). Dispatched at tiles of 128 only there, where
   it was already 12% faster than the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms,
   B2 H16 S8192; at D=64 it is slower, 0.84x the general kernel when measured in session 3).
-Queries per step (``BLOCK_M``, ``hopper.bwd_block_m``): 64 at D64, and at D128 where the consumers form dQ;
-otherwise 32 at D128, where the registers hold no more beside a dQ warpgroup or K. D 72-96 run in tiles of
-128 whose consumer products take 64 + ``TAIL`` columns with the dQ warpgroup (``hopper.product_tail``): D80
+Queries per step (``BLOCK_M``, ``hopper.bwd_block_m``): 64 at D64, and at tile width 128 where the consumers
+form dQ; otherwise 32 there, where the registers hold no more beside a dQ warpgroup or K. D 72-96 run in tiles of
+128 whose consumer products take 64 + ``TAIL`` columns with the dQ sums (``hopper.product_tail``): D80
 forward+backward 1.12x against all 128 (benchmarks/NOTES.md session 18).
 Scope otherwise as the Hopper forward (``hopper.py``).
 """
@@ -286,8 +286,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 st_tok = issue_over_d(k_a, q_next, st_zero, MAIN, TAIL)
                 # in issue order dP^T, dV, S^T_{t+1}: the first is done
                 dpt = warpgroup_mma_wait(2 * N_G, deps=[dpt_tok])
-            else:  # dV's product done as well: P^T's operand registers free before dS is formed
+            elif TAIL == 0:  # dV's product done as well: P^T's operand registers free before dS is formed
                 dpt, dv, p_op = warpgroup_mma_wait(0, deps=[dpt_tok, dv_tok, p_op])
+            else:
+                dpt, dv, dv_t, p_op = warpgroup_mma_wait(0, deps=[dpt_tok, dv_tok, dv_t_tok, p_op])
             if not PREFETCH:  # loaded where it is used: ptxas spills less (at 32 queries the split ran 3% slower)
                 delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
             ds = p * (dpt - delta[None, :])
@@ -310,7 +312,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 if t > 0:
                     consumer_dq_step(t - 1, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero,
                                      softmax_scale, SLOTS, BLOCK_M, HEAD_DIM)
-                dk, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, ds_op])
+                if TAIL == 0:
+                    dk, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, ds_op])
+                else:
+                    dk, dk_t, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, dk_t_tok, ds_op])
             elif FUSED_DQ:  # under the dK product: this half of dS into the ring, queries as rows, once its slot's free
                 slot = t % SLOTS
                 mbarrier.wait(ds_free.index(slot), (t // SLOTS) % 2 ^ 1)  # a fresh barrier counts as free

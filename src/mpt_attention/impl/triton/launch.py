@@ -346,7 +346,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
     it folds into ``delta``: dS = P * (dP - (delta - dlse)).
     ``deterministic``: True sums dQ in a fixed order (bitwise reproducible). None lets the Hopper dK/dV
-    kernel form dQ too (in a dQ warpgroup, or at D 104-128 in its consumers) and add it by float32 bulk
+    kernel form dQ too (in a dQ warpgroup, or at D 72-128 in its consumers) and add it by float32 bulk
     reductions where it applies (D 64 or 72-128: the fastest backward there; dK, dV still in a fixed order),
     and keeps the fixed-order passes elsewhere. False also folds dQ into the general dK/dV kernel with
     float32 atomics (one pass) where neither that kernel's dQ nor
