@@ -298,8 +298,8 @@ def bwd_block_m(head_dim: int, bias_full: bool, fused_dq: bool) -> int:
     """Queries per step of the Hopper dK/dV kernel (``head_dim``: the tile width). 64 at D64 (its kernel 1.76 ->
     1.37 ms at B4 H32 S4096, benchmarks/NOTES.md session 14). At 128, 64 with the dQ sums (``fused_dq``) where
     the consumers form dQ themselves (hopper_backward's FA3 layout, D 72-128 without a bias matrix: the D128
-    backward 1.03-1.05x the dQ warpgroup's at 32, session 24); 32 with a bias matrix or
-    the split dQ kernel, whose consumers' registers hold no more beside a dQ warpgroup or K's registers."""
+    backward 1.03-1.05x the dQ warpgroup's at 32, session 24; D80, D96 1.08-1.09x, session 25); 32 with a bias
+    matrix or the split dQ kernel, whose consumers' registers hold no more beside a dQ warpgroup or K's."""
     if head_dim <= 64 or (fused_dq and not bias_full):
         return 64
     return 32

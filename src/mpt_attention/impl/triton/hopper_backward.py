@@ -48,22 +48,24 @@ The program owns the dK, dV rows it writes: no atomics there. dQ comes one of tw
   An earlier fused version with the consumers themselves forming dQ in turns lost (0.93x at 32 queries per
   step): every step made one consumer wait for the other.
 - ``FUSED_DQ`` at 64 queries per step and tile width 128 (``consumers_dq``; without a bias matrix: FA3's
-  structure): no dQ warpgroup, the consumers at 240 registers. Each stores its dS half into a
-  double-buffered pair, waits for the other half, forms its 64 columns of dQ^T over all 128 keys and stages
-  them for a one-warp writer that issues their bulk reductions. The wait between the consumers now comes once
-  per 64 queries, and S^T and dP^T are m64n64 products (a third less shared-memory operand traffic per query
-  than at 32); step t+1's S^T is not issued ahead (no registers left for it). The backward 1.03-1.05x the dQ
-  warpgroup's at 32 queries per step, and the writer (the consumers had issued the reductions) 1.04-1.09x more
-  (benchmarks/NOTES.md session 24).
+  structure; D 72-96 too, their products 64 + ``TAIL`` columns): no dQ warpgroup, the consumers at 240
+  registers. Each stores step t's dS half into a double-buffered pair, then forms step t-1's dQ: its 64
+  columns of dQ^T over all 128 keys from both halves of that step (stored a step ago, so the consumers rarely
+  wait for each other), staged for a one-warp writer that issues their bulk reductions; the last step's dQ
+  after the loop. S^T and dP^T are m64n64 products (a third less shared-memory operand traffic per query than
+  at 32); step t+1's S^T is not issued ahead (no registers left for it). The D128 backward 1.03-1.05x the dQ
+  warpgroup's at 32 queries per step, the writer (the consumers had issued the reductions) 1.04-1.09x more
+  (benchmarks/NOTES.md session 24), dQ a step late another 1.02x; D80 and D96 1.08-1.09x the dQ warpgroup's
+  (session 25).
 The dQ partitions and their staging: ``hopper_dq.py``.
 - Otherwise the general Triton dQ kernel, on a second stream beside this one (a Gluon dQ kernel in this
   layout measured 1.3x slower than it, branch ``wip/hopper-dq``). Dispatched at tiles of 128 only there, where
   it was already 12% faster than the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms,
   B2 H16 S8192; at D=64 it is slower, 0.84x the general kernel when measured in session 3).
 Queries per step (``BLOCK_M``, ``hopper.bwd_block_m``): 64 at D64, and at tile width 128 where the consumers
-form dQ; otherwise 32 there, where the registers hold no more beside a dQ warpgroup or K. D 72-96 run in tiles of
-128 whose consumer products take 64 + ``TAIL`` columns with the dQ sums (``hopper.product_tail``): D80
-forward+backward 1.12x against all 128 (benchmarks/NOTES.md session 18).
+form dQ; otherwise 32 there, where the registers hold no more beside a dQ warpgroup or K. D 72-96 run in tiles
+of 128 whose consumer products take 64 + ``TAIL`` columns (``hopper.product_tail``): D80 forward+backward
+1.12x against all 128 (benchmarks/NOTES.md session 18).
 Scope otherwise as the Hopper forward (``hopper.py``).
 """
 

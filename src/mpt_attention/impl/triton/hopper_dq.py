@@ -28,9 +28,9 @@ DQ_TILE_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, eleme
 @gluon.constexpr_function
 def consumers_dq(block_m, head_dim):
     """64 queries per step at tile width 128 (with the dQ sums only, hopper.bwd_block_m): FA3's structure. There
-    is no dQ warpgroup: the two consumers (240 registers each) form dQ themselves from both halves of a step's dS
-    and stage it for ``dq_writer_partition``; step t+1's S^T is not issued ahead (its 32 registers do not fit
-    beside dK, dV, dP^T and P)."""
+    is no dQ warpgroup: the two consumers (240 registers each) form dQ themselves from both halves of a step's dS,
+    a step late (``consumer_dq_step``), and stage it for ``dq_writer_partition``; step t+1's S^T is not issued
+    ahead (its 32 registers do not fit beside dK, dV, dP^T and P)."""
     return block_m == 64 and head_dim == 128
 
 
