@@ -120,7 +120,7 @@ def attention(
             default) follows ``torch.use_deterministic_algorithms``: reproducible while it is on; while
             it is off, dQ may be summed in any order where that is the fastest backward (on Hopper, D 64
             or 72-128: the dK/dV kernel forms dQ too and adds it by float32 bulk reductions; forward+backward
-            1.09-1.23x the reproducible one on an H200), so dQ's last bits vary between runs there;
+            1.11-1.25x the reproducible one on an H200), so dQ's last bits vary between runs there;
             elsewhere the reproducible passes run. True: always
             reproducible (no atomics; two passes). False: as None when off, and the general kernels
             may also fold dQ into one pass with float32 atomics (slower than the default on an H200,
