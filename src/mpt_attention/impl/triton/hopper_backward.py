@@ -313,7 +313,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 mbarrier.arrive(ds_ready.index(buf))
                 if t > 0:
                     consumer_dq_step(t - 1, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero,
-                                     softmax_scale, SLOTS, BLOCK_M, HEAD_DIM)
+                                     softmax_scale, SLOTS, HEAD_DIM)
                 if TAIL == 0:
                     dk, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, ds_op])
                 else:
@@ -338,7 +338,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     if CONSUMER_DQ:  # the last step's dQ
         if total > 0:
             consumer_dq_step(total - 1, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero,
-                             softmax_scale, SLOTS, BLOCK_M, HEAD_DIM)
+                             softmax_scale, SLOTS, HEAD_DIM)
     if PARTIAL_DKV:
         # this program's share of the group's sums, float32, into its split's slice of the partials (rows of
         # H_kv * D), which the host adds in a fixed order; 32-byte row segments per warp store

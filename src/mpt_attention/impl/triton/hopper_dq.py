@@ -183,7 +183,7 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
 
 @gluon.jit
 def consumer_dq_step(u, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero, softmax_scale,
-                     SLOTS: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+                     SLOTS: gl.constexpr, HEAD_DIM: gl.constexpr):
     """A consumer's share of step ``u``'s dQ where the consumers form it (``consumers_dq``): once both halves of
     the step's dS are in slot ``u % SLOTS``, its 64 columns of dQ^T = K^T dS^T over all 128 keys, staged for
     ``dq_writer_partition`` once the writer has read its staging tiles of step ``u - 1``. Waits for every
