@@ -58,7 +58,7 @@ def test_hopper_backward_matches_float64_reference(case):
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
-DQ_WARPGROUP_CASES = [  # where deterministic=False takes the dQ warpgroup
+FUSED_DQ_CASES = [  # deterministic=False: dQ formed in the dK/dV kernel (D128: its consumers; D64: its dQ warpgroup)
     AttnCase(2, 1024, 1024, 8, 8, 128, causal=True, alibi=True),
     AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True),  # groups of 4: two programs per group
     AttnCase(2, 197, 197, 4, 1, 128, alibi=True),  # MQA, non-causal
@@ -74,10 +74,10 @@ DQ_WARPGROUP_CASES = [  # where deterministic=False takes the dQ warpgroup
 ]
 
 
-@pytest.mark.parametrize("case", DQ_WARPGROUP_CASES, ids=lambda c: c.id())
-def test_hopper_dq_warpgroup_matches_float64_reference(case):
-    """deterministic=False: dQ, dK and dV all from the Hopper kernel (its dQ warpgroup adds dQ by float32 bulk
-    reductions), D64 and D128, against float64."""
+@pytest.mark.parametrize("case", FUSED_DQ_CASES, ids=lambda c: c.id())
+def test_hopper_fused_dq_matches_float64_reference(case):
+    """deterministic=False: dQ, dK and dV all from the Hopper kernel (dQ added by float32 bulk reductions: formed
+    by its consumers at D128, by its dQ warpgroup at D64), D64 and D128, against float64."""
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False, dout, fused_dq=True) is None
@@ -104,7 +104,7 @@ def _nan_beyond_head_dim(x, width=128):
     return buf[..., :x.shape[3]].requires_grad_(x.requires_grad)
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["dq-warpgroup", "split"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused-dq", "split"])
 @pytest.mark.parametrize("case", PADDED_HEAD_DIM_CASES, ids=lambda c: c.id())
 def test_head_dims_below_128_run_padded_on_the_hopper_kernels(case, deterministic, hopper_dkdv_launches):
     """Forward and backward at D 80-120 on the Hopper kernels against float64, inputs and dO read from rows
@@ -315,9 +315,9 @@ def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatc
             assert_close_to_reference(name, out, ref, low)
 
 
-def test_bias_row_in_the_dq_warpgroup_backward_at_a_padded_head_dim(hopper_dkdv_launches):
-    """MPT's bias row without its gradient at D80: the dQ warpgroup's backward, its products on 64 + 16 columns
-    (``hopper.product_tail``), against float64."""
+def test_bias_row_in_the_fused_dq_backward_at_a_padded_head_dim(hopper_dkdv_launches):
+    """MPT's bias row without its gradient at D80: the backward with dQ formed in the dK/dV kernel (by its
+    consumers), its products on 64 + 16 columns (``hopper.product_tail``), against float64."""
     (q, k, v), kw = make_inputs(AttnCase(2, 300, 300, 4, 2, 80, causal=True, alibi=True, bias="vector"),
                                 dtype=torch.bfloat16, device="cuda", requires_grad=True)
     kw["attn_bias"].requires_grad_(False)  # with its gradient the general backward takes it (dbias)
@@ -391,10 +391,10 @@ def test_rows_masked_only_by_float32_min_on_every_kernel_route(bias_dtype, route
                                         torch.bfloat16, dlse=dlse)
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "dq-warpgroup"])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "fused-dq"])
 def test_hopper_dkdv_with_a_bias_row_that_masks_whole_rows(monkeypatch, deterministic):
-    """Keys 0-2 at -inf: causal query rows 0-2 see nothing (LSE -inf). The Hopper dK/dV kernel (and its
-    dQ warpgroup) must give them zero probability, as the general one does, not NaN."""
+    """Keys 0-2 at -inf: causal query rows 0-2 see nothing (LSE -inf). The Hopper dK/dV kernel (and the dQ
+    it forms) must give them zero probability, as the general one does, not NaN."""
     b, s, h, d = 2, 300, 4, 128
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, h, 1, s, device="cuda")
@@ -423,7 +423,7 @@ def test_hopper_forward_runs_every_tile_in_any_head_grouping(monkeypatch, group)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16], ids=["row-after-row", "groups-of-3-rows", "one-group"])
-@pytest.mark.parametrize("deterministic", [True, None], ids=["split", "dq-warpgroup"])
+@pytest.mark.parametrize("deterministic", [True, None], ids=["split", "fused-dq"])
 def test_hopper_backward_runs_every_key_block_in_any_row_grouping(monkeypatch, rows, deterministic):
     """The dK/dV kernel's grid order (hopper_forward.tile_order over (key block, row)): key blocks of a group
     of rows interleaved, first first. 3 key blocks by 8 rows (batch, KV head) on the split, with the dQ
@@ -511,9 +511,9 @@ def test_empty_batch_or_heads_on_an_otherwise_eligible_input(shape_q, heads_kv):
 
 def test_non_deterministic_backward_changes_only_the_order_of_dq_sums():
     """deterministic=False on the Hopper path, as many KV heads as query heads: dQ comes from the dK/dV
-    kernel's dQ warpgroup (float32 bulk reductions in no fixed order); dK and dV come from the same
+    kernel (its consumers at D128; float32 bulk reductions in no fixed order); dK and dV come from the same
     consumers as the reproducible backward's, bitwise."""
-    (q, k, v), kw = make_inputs(DQ_WARPGROUP_CASES[0], dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    (q, k, v), kw = make_inputs(FUSED_DQ_CASES[0], dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, False, dout) is None
     grads = [torch.autograd.grad(M.attention(q, k, v, backend="triton", deterministic=det, **kw), [q, k, v], dout)
@@ -524,8 +524,8 @@ def test_non_deterministic_backward_changes_only_the_order_of_dq_sums():
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4], ids=["1-head-per-program", "2-heads-per-program", "4-heads-per-program"])
-def test_grouped_heads_with_the_dq_warpgroup_keep_dk_dv_reproducible(monkeypatch, heads):
-    """Grouped heads on the dQ warpgroup: a group's query heads split over programs whose float32 dK, dV
+def test_grouped_heads_with_fused_dq_keep_dk_dv_reproducible(monkeypatch, heads):
+    """Grouped heads with dQ formed in the dK/dV kernel: a group's query heads split over programs whose float32 dK, dV
     partials are added after the kernel in a fixed order, so dK and dV are bitwise the same between runs
     (dQ is not) and agree with the reproducible split's."""
     monkeypatch.setattr(hopper, "FUSED_GROUP_HEADS", heads)
