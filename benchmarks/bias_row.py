@@ -7,6 +7,8 @@ Per shape (bf16, causal), TFLOP/s of: ALiBi from slopes, MPT's bias row in float
 kernel (the Hopper kernels off), and no bias; then the bias row's ratio to slopes (target >= 0.97).
 ``--mode fwd_bwd``: forward and backward (q, k, v need gradients; the bias does not, as in MPT).
 ``--kernels``: instead, each GPU kernel's time inside one forward+backward, slopes against the float32 row.
+``--variants slopes,no-bias``: only those columns (an A/B of one path compiles and times less);
+``--shape B,H,H_KV,S,D`` (repeatable): those shapes instead of the four below.
 """
 
 import argparse
@@ -21,7 +23,7 @@ from mpt_attention.testing import attention_flops, profile_kernels
 SHAPES = [(8, 16, 16, 2048, 128), (2, 16, 16, 8192, 128), (4, 32, 32, 4096, 64), (2, 32, 4, 8192, 128)]
 
 
-def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd"):
+def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None):
     grad = mode == "fwd_bwd"
     q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
     k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
@@ -32,6 +34,8 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd"):
     variants = {"slopes": ({"alibi_slopes": slopes}, True), "row-fp32": ({"attn_bias": row}, True),
                 "row-bf16": ({"attn_bias": row.to(torch.bfloat16)}, True),
                 "row-fp32-general": ({"attn_bias": row}, False), "no-bias": ({}, True)}
+    if only:
+        variants = {name: variants[name] for name in only}
     flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=True, mode=mode)
     tflops = {}
 
@@ -45,9 +49,10 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd"):
         ms = do_bench(lambda kw=kw: step(kw), warmup=25, rep=100, return_mode="median")
         tflops[name] = flops / ms / 1e9
     hopper.ENABLED = True
+    ratios = "  ".join(f"{row.split('-')[1]} {tflops[row] / tflops['slopes']:.3f}" for row in ("row-fp32", "row-bf16")
+                       if row in tflops and "slopes" in tflops)
     print(f"{mode} B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}  " + "  ".join(f"{n} {t:.0f}" for n, t in tflops.items())
-          + f"  | row / slopes: fp32 {tflops['row-fp32'] / tflops['slopes']:.3f}"
-          f" bf16 {tflops['row-bf16'] / tflops['slopes']:.3f}", flush=True)
+          + (f"  | row / slopes: {ratios}" if ratios else ""), flush=True)
 
 
 def kernels(batch, n_heads, n_kv, seq, head_dim):
@@ -71,12 +76,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd")
     parser.add_argument("--kernels", action="store_true", help="per-kernel times of forward+backward instead")
+    parser.add_argument("--variants", help="comma-separated columns to time (default: all)")
+    parser.add_argument("--shape", action="append", help="B,H,H_KV,S,D (repeatable; default: the four SHAPES)")
     args = parser.parse_args()
-    for shape in SHAPES:
+    only = args.variants.split(",") if args.variants else None
+    shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] if args.shape else SHAPES
+    for shape in shapes:
         if args.kernels:
             kernels(*shape)
         else:
-            measure(*shape, mode=args.mode)
+            measure(*shape, mode=args.mode, only=only)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,26 @@ def test_hopper_forward_matches_float64_reference(case, dtype):
     _assert_forward_matches_reference(q, k, v, **kw)
 
 
+SCALE_CASES = [  # softmax scales the other forward tests never use, with and without a score term
+    AttnCase(2, 211, 300, 4, 2, 64, causal=True),  # masked blocks: the diagonal and a partial last key block
+    AttnCase(1, 333, 333, 4, 4, 128),  # non-causal, a ragged last key block
+    AttnCase(2, 257, 257, 4, 4, 80, causal=True),  # 64 + 16 columns
+    AttnCase(2, 211, 300, 4, 4, 64, causal=True, alibi=True),  # ALiBi: the scale leaves the slopes' term alone
+]
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.3, 0.02], ids=["scale-0", "negative-scale", "scale-0.02"])
+@pytest.mark.parametrize("case", SCALE_CASES, ids=lambda c: c.id())
+def test_hopper_forward_softmax_scale_sign_and_zero(case, scale):
+    """A softmax scale of 0 (every visible key weighs the same), a negative one (the row's smallest product is
+    its largest score) and a small one, through the Hopper forward against float64: masked keys (causal, past
+    the last key) must stay out at scale 0, and a kernel that took the row maximum of the unscaled products
+    (FA3's form, tried in benchmarks/NOTES.md session 26) must take the minimum for a negative scale."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False) is None
+    _assert_forward_matches_reference(q, k, v, softmax_scale=scale, **kw)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.head_dim == 128], ids=lambda c: c.id())
 def test_hopper_backward_matches_float64_reference(case):
     """dK, dV from the Hopper dK/dV kernel (dQ from the general one) against float64; D=128, the head dim
@@ -268,6 +288,8 @@ BIAS_ROW_CASES = [  # (case, bias dtype): the bias is a (1, H, 1, S_k) row as MP
     (AttnCase(2, 211, 300, 4, 4, 64, causal=True, bias="vector"), torch.float32),  # chunked prefill, ragged
     (AttnCase(1, 1000, 1000, 4, 1, 128, alibi=True, bias="vector"), torch.float16),  # symmetric ALiBi, MQA
     (AttnCase(2, 300, 300, 4, 2, 80, causal=True, alibi=True, bias="vector"), torch.float32),  # 64 + 16 columns
+    (AttnCase(2, 1024, 1024, 8, 8, 64, causal=True, alibi=True, bias="vector"), torch.float32),  # D64, both
+    (AttnCase(1, 777, 777, 4, 2, 64, alibi=True, bias="vector"), torch.bfloat16),  # D64 symmetric, ragged
 ]
 
 
