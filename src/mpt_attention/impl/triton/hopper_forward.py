@@ -31,10 +31,12 @@ B8 S2048, +9% at D64, -2% at S8192 (session 12, benchmarks/NOTES.md).
 A bias row over keys (MPT's ``(1, H, 1, S_k)`` tensor, any ``(B|1, H|1, 1, S_k)``) rides with V, into
 a slot beside V's stage under V's barrier, and is added in the softmax's fused multiply-add with the
 scale. Which block's slice rides with V_j depends on the head dim (``_row_ahead``):
-- D64: block j+1's (block 0's comes with the tile's Q). The consumer has waited for V_j before it
-  issues P_j V_j, so it reads block j+1's slice right there, before that warpgroup-wide product (every
-  warp has then read it when the stage goes back). With block j's own slice the softmax of block j
-  waited for V_j, which the loader issues a block after K_j: row / slopes 0.89-0.94 -> 0.93-0.98.
+- D64: block j+1's (block 0's comes with the tile's Q). The consumer reads block j's slice at the top of
+  block j, after waiting for V_{j-1} and before issuing S_j: loads issued behind a product wait until its
+  shared-memory operands are read (read after S_j's issue: row / slopes 0.93; first: 0.95-0.96). V_{j-1}'s
+  stage goes back only after P_{j-1} V_{j-1}, so every warp has read the slice by then. With block j's own
+  slice the softmax of block j waited for V_j, which the loader issues a block after K_j: row / slopes
+  0.89-0.94 -> 0.93-0.98.
 - D128: block j's own, read after S_j's wait. Reading one block ahead keeps the slice's 32 registers
   live across that wait; ptxas spills at D128 and the row cells fell 4-13% (session 14).
 A first version loaded the row from global memory per block: 0.52-0.76x.
@@ -346,6 +348,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     # block 0 (the launcher guarantees every tile at least one block)
     stage0 = g & 1
     phase0 = (g >> 1) & 1
+    if ROW_AHEAD:  # block 0's slice came with Q; read before any product is issued (see the loop)
+        col_terms = _col_terms(alibi_cols, bias_smem, 2 + buf, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
     mbarrier.wait(k_ready.index(stage0), phase0)
     s_tok = issue_over_d(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]), s_zero, MAIN, TAIL)
     s = warpgroup_mma_wait(0, deps=[s_tok])
@@ -353,9 +357,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     mbarrier.arrive(k_empty.index(stage0))
     m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
-    if ROW_AHEAD:
-        col_terms = _col_terms(alibi_cols, bias_smem, 2 + buf, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
-    else:
+    if not ROW_AHEAD:
         if BIAS_ROW:
             mbarrier.wait(v_ready.index(stage0), phase0)
         col_terms = _col_terms(alibi_cols, bias_smem, stage0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
@@ -372,13 +374,17 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     for j in range(1, n_blocks):
         stage = (g + j) & 1
         prev = 1 - stage
+        if ROW_AHEAD and BIAS_ROW:
+            # block j's bias slice came with V_{j-1}: read before S_j is issued. Issued after it (and before
+            # P_{j-1} V_{j-1}), the loads returned only after both products had read their shared-memory operands:
+            # the softmax's first use of the slice then held the consumers for 9% of their stall samples (ncu),
+            # and row / slopes was 0.93 against 0.95-0.96 read first (benchmarks/NOTES.md session 26)
+            mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
+            col_terms = _col_terms(alibi_cols, bias_smem, prev, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
         mbarrier.wait(k_ready.index(stage), ((g + j) >> 1) & 1)
         s_tok = issue_over_d(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), s_zero, MAIN, TAIL)
-        mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
-        if ROW_AHEAD:
-            # block j's bias slice came with V_{j-1}: read before the warpgroup-wide product below, after
-            # which V's stage (and the slice) can go back to the loader
-            col_terms = _col_terms(alibi_cols, bias_smem, prev, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+        if not (ROW_AHEAD and BIAS_ROW):
+            mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
         v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
         if TAIL == 0:
             acc_tok = warpgroup_mma(p_op, v, acc, is_async=True)
