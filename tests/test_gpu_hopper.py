@@ -303,12 +303,13 @@ def test_hopper_bias_row_matches_float64_reference(case, bias_dtype):
     _assert_forward_matches_reference(q, k, v, **kw)
 
 
-def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatch):
+@pytest.mark.parametrize("d", [64, 128])
+def test_hopper_bias_row_broadcasts_and_masks_like_the_general_kernel(monkeypatch, d):
     """Per-batch rows, a row expanded over the batch by stride 0, rows sliced out of longer ones (MPT
     slices its max_seq_len bias; unaligned ones and a strided one reach the kernel as an aligned copy),
     and -inf keys: key 0 masked too, so query 0 of the causal tile sees nothing (output 0, LSE -inf,
-    never NaN) and the rest see fewer keys."""
-    b, s, h, d = 2, 400, 4, 128
+    never NaN) and the rest see fewer keys. D64 and D128 read the row in different orders."""
+    b, s, h = 2, 400, 4
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     masked = torch.randn(1, h, 1, s, device="cuda")
     masked[..., :3] = float("-inf")
