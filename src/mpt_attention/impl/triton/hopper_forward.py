@@ -33,7 +33,7 @@ a slot beside V's stage under V's barrier, and is added in the softmax's fused m
 scale. Which block's slice rides with V_j depends on the head dim (``_row_ahead``):
 - D64: block j+1's (block 0's comes with the tile's Q). The consumer reads block j's slice at the top of
   block j, after waiting for V_{j-1} and before issuing S_j: loads issued behind a product wait until its
-  shared-memory operands are read (read after S_j's issue: row / slopes 0.93; first: 0.95-0.96). V_{j-1}'s
+  shared-memory operands are read (read after S_j's issue: row / slopes 0.93; first: 0.95-0.97). V_{j-1}'s
   stage goes back only after P_{j-1} V_{j-1}, so every warp has read the slice by then. With block j's own
   slice the softmax of block j waited for V_j, which the loader issues a block after K_j: row / slopes
   0.89-0.94 -> 0.93-0.98.
@@ -326,6 +326,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     HAS_COLS: gl.constexpr = BIAS_ROW or ALIBI == 1
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
+    ROW_FIRST: gl.constexpr = ROW_AHEAD and BIAS_ROW  # a slice to read before the block's first product
 
     # the coordinates come from memory before and again after the key loop, so that no register holds
     # them through it (the second consumer's loop rematerialised its column indices otherwise)
@@ -374,16 +375,16 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     for j in range(1, n_blocks):
         stage = (g + j) & 1
         prev = 1 - stage
-        if ROW_AHEAD and BIAS_ROW:
+        if ROW_FIRST:
             # block j's bias slice came with V_{j-1}: read before S_j is issued. Issued after it (and before
             # P_{j-1} V_{j-1}), the loads returned only after both products had read their shared-memory operands:
             # the softmax's first use of the slice then held the consumers for 9% of their stall samples (ncu),
-            # and row / slopes was 0.93 against 0.95-0.96 read first (benchmarks/NOTES.md session 26)
+            # and row / slopes was 0.93 against 0.95-0.97 read first (benchmarks/NOTES.md session 26)
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
             col_terms = _col_terms(alibi_cols, bias_smem, prev, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
         mbarrier.wait(k_ready.index(stage), ((g + j) >> 1) & 1)
         s_tok = issue_over_d(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), s_zero, MAIN, TAIL)
-        if not (ROW_AHEAD and BIAS_ROW):
+        if not ROW_FIRST:
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
         v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
         if TAIL == 0:
