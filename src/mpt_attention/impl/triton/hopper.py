@@ -42,9 +42,9 @@ BWD_HEAD_DIMS = (128,)
 # with dQ in any order the Hopper kernel forms dQ too (its dQ warpgroup, or at D 72-128 its consumers), replacing
 # the dQ kernel: D64 as well
 FUSED_BWD_HEAD_DIMS = (64, 128)
-# query heads per program with the dQ warpgroup and grouped heads (a group's heads split over programs, their
+# query heads per program with the fused dQ and grouped heads (a group's heads split over programs, their
 # dK, dV partials summed after; 1 when the group size is not a multiple); launch.py decides whether grouped
-# heads take the dQ warpgroup at all
+# heads take the fused dQ at all
 FUSED_GROUP_HEADS = 2
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
 LOG2E = 1.4426950408889634
@@ -238,7 +238,7 @@ def heads_per_group(k, n_heads, n_bh):
 
 def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
     """How many rows (batch, KV head, split) of the dK/dV kernel's grid interleave their key blocks
-    (``hopper_forward.tile_order``, first key block first) with the dQ warpgroup: as many as keep what
+    (``hopper_forward.tile_order``, first key block first) with the fused dQ: as many as keep what
     their programs share, Q, dO and the float32 dQ sums of the row's ``heads_per_row`` query heads, within
     ``L2_GROUP_BYTES``. Row after row, the last row's long first blocks start near the end and finish
     last: grouped, the backward took 2.9% less at B8 S2048, 4.2-4.3% less for grouped heads there and at
@@ -343,7 +343,7 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     if dq_acc is not None:
         dq_desc = descriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, block_m, 1, DQ_COLS.value],
                              _DQ_LAYOUT)
-    # grouped heads with the dQ warpgroup: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
+    # grouped heads with the fused dQ: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
     # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
     n_groups = n_heads // n_kv
     heads = FUSED_GROUP_HEADS if n_groups % FUSED_GROUP_HEADS == 0 else 1

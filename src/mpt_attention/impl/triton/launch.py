@@ -410,10 +410,10 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
     # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
     atomic = deterministic is False and not use_hopper and not ds_gemm
-    # dQ summed in float32 by atomics or the dQ warpgroup's bulk reductions, into zeros the delta kernel writes
+    # dQ summed in float32 by atomics or the Hopper kernel's bulk reductions, into zeros the delta kernel writes
     # (in dq's layout, so that the copy into dq at the end is elementwise)
     dq_acc = torch.empty_like(q, dtype=torch.float32) if atomic or fused_dq else None
-    # the dQ warpgroup reads delta from row_stats: nothing reads the (B, H, S_q) copy then
+    # the fused dQ's kernel reads delta from row_stats: nothing reads the (B, H, S_q) copy then
     delta = None if fused_dq else torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
     _row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen, dq_acc)
     # who writes dS for a full bias gradient: the dK/dV kernel (atomic dQ, or dQ from the stored dS), else
@@ -422,7 +422,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # the dK/dV kernel stores dS tiles through a descriptor where the buffer's rows allow (TMA stores)
     ds_desc = dkdv_bias_grad == 2 and _descriptors_ok(dbias_full)
     if batch * n_heads > 0 and s_k > 0 and not fused_dq:
-        # what the general kernels take (with the dQ warpgroup only the Hopper kernel runs: a shorter host path)
+        # what the general kernels take (with the fused dQ only the Hopper kernel runs: a shorter host path)
         pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
         common = dict(
             DROPOUT=dropout_p > 0.0, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
@@ -479,7 +479,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
 
         if atomic or fused_dq:
             launch_dkdv()
-            dq.copy_(dq_acc if fused_dq else dq_acc.mul_(softmax_scale))  # the dQ warpgroup scales its own
+            dq.copy_(dq_acc if fused_dq else dq_acc.mul_(softmax_scale))  # the Hopper kernel scales its own
         elif ds_gemm:
             launch_dkdv()
             _dq_from_ds(dbias_full, k, dq, softmax_scale)
