@@ -7,8 +7,11 @@ Per shape (bf16, causal), TFLOP/s of: ALiBi from slopes, MPT's bias row in float
 kernel (the Hopper kernels off), and no bias; then the bias row's ratio to slopes (target >= 0.97).
 ``--mode fwd_bwd``: forward and backward (q, k, v need gradients; the bias does not, as in MPT).
 ``--kernels``: instead, each GPU kernel's time inside one forward+backward, slopes against the float32 row.
-``--variants slopes,no-bias``: only those columns (an A/B of one path compiles and times less);
+``--variants slopes,no-bias``: only those columns (an A/B of one path compiles and times less; also
+``slopes-general``, ``no-bias-general``: the general kernel, which the default columns leave out);
 ``--shape B,H,H_KV,S,D`` (repeatable): those shapes instead of the four below.
+``--non-causal``: without the causal mask (ALiBi's symmetric form -slope * |i - j| from slopes; the bias row is
+MPT's causal form either way).
 """
 
 import argparse
@@ -23,7 +26,7 @@ from mpt_attention.testing import attention_flops, profile_kernels
 SHAPES = [(8, 16, 16, 2048, 128), (2, 16, 16, 8192, 128), (4, 32, 32, 4096, 64), (2, 32, 4, 8192, 128)]
 
 
-def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None):
+def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=True):
     grad = mode == "fwd_bwd"
     q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
     k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
@@ -33,14 +36,17 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None):
     row = M.build_alibi_bias(n_heads, seq, device="cuda")
     variants = {"slopes": ({"alibi_slopes": slopes}, True), "row-fp32": ({"attn_bias": row}, True),
                 "row-bf16": ({"attn_bias": row.to(torch.bfloat16)}, True),
-                "row-fp32-general": ({"attn_bias": row}, False), "no-bias": ({}, True)}
+                "row-fp32-general": ({"attn_bias": row}, False), "no-bias": ({}, True),
+                "slopes-general": ({"alibi_slopes": slopes}, False), "no-bias-general": ({}, False)}
+    if not only:  # the general kernel's own columns only when asked for
+        variants = {name: v for name, v in variants.items() if name not in ("slopes-general", "no-bias-general")}
     if only:
         variants = {name: variants[name] for name in only}
-    flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=True, mode=mode)
+    flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=causal, mode=mode)
     tflops = {}
 
     def step(kw):
-        out = M.attention(q, k, v, backend="triton", causal=True, **kw)
+        out = M.attention(q, k, v, backend="triton", causal=causal, **kw)
         if grad:
             torch.autograd.grad(out, [q, k, v], dout)
 
@@ -51,7 +57,8 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None):
     hopper.ENABLED = True
     ratios = "  ".join(f"{row.split('-')[1]} {tflops[row] / tflops['slopes']:.3f}" for row in ("row-fp32", "row-bf16")
                        if row in tflops and "slopes" in tflops)
-    print(f"{mode} B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}  " + "  ".join(f"{n} {t:.0f}" for n, t in tflops.items())
+    label = f"{mode}{'' if causal else ' non-causal'} B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}"
+    print(f"{label}  " + "  ".join(f"{n} {t:.0f}" for n, t in tflops.items())
           + (f"  | row / slopes: {ratios}" if ratios else ""), flush=True)
 
 
@@ -78,6 +85,7 @@ def main():
     parser.add_argument("--kernels", action="store_true", help="per-kernel times of forward+backward instead")
     parser.add_argument("--variants", help="comma-separated columns to time (default: all)")
     parser.add_argument("--shape", action="append", help="B,H,H_KV,S,D (repeatable; default: the four SHAPES)")
+    parser.add_argument("--non-causal", action="store_true", help="no causal mask (symmetric ALiBi)")
     args = parser.parse_args()
     only = args.variants.split(",") if args.variants else None
     shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] if args.shape else SHAPES
@@ -85,7 +93,7 @@ def main():
         if args.kernels:
             kernels(*shape)
         else:
-            measure(*shape, mode=args.mode, only=only)
+            measure(*shape, mode=args.mode, only=only, causal=not args.non_causal)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ CASES = [
     AttnCase(1, 4096, 4096, 8, 8, 64, causal=True, alibi=True),
     AttnCase(2, 1024, 1024, 8, 2, 80, causal=True, alibi=True),  # replit-code's head dim: 64 + 16 columns
     AttnCase(2, 211, 300, 4, 4, 96, causal=True, alibi=True),  # 64 + 32 columns, chunked prefill
+    # symmetric ALiBi on key blocks wholly before, across and after each warpgroup's rows
+    AttnCase(1, 1000, 1000, 4, 2, 64, alibi=True),
+    AttnCase(2, 640, 1000, 4, 4, 128, alibi=True),  # fewer queries than keys: positions shifted by S_k - S_q
+    AttnCase(1, 1000, 384, 4, 4, 64, alibi=True),  # more queries than keys: a negative shift
 ]
 
 
@@ -91,6 +95,10 @@ FUSED_DQ_CASES = [  # deterministic=False: dQ formed in the dK/dV kernel (D128: 
     AttnCase(2, 257, 257, 4, 4, 64, causal=True),  # no bias, causal
     AttnCase(2, 128, 4097, 8, 8, 128, causal=True, alibi=True),  # one tile of queries against a long cache
     AttnCase(1, 2048, 2048, 8, 8, 64, causal=True, alibi=True),
+    # symmetric ALiBi on query steps wholly before, across and after each warpgroup's keys
+    AttnCase(1, 1000, 1000, 4, 2, 64, alibi=True),
+    AttnCase(2, 640, 1000, 4, 4, 128, alibi=True),  # fewer queries than keys
+    AttnCase(1, 1000, 384, 4, 4, 128, alibi=True),  # more queries than keys
 ]
 
 

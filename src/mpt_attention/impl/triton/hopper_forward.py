@@ -234,20 +234,57 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, masked,
-                  IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr, BIAS_FULL: gl.constexpr):
+def _alibi_side(start_n, first_row, BLOCK_N: gl.constexpr):
+    """Where key block ``start_n`` lies against a consumer's query positions ``[first_row, first_row + 64)``
+    (absolute: row + S_k - S_q), for symmetric ALiBi: 1.0 if every key is at or before every position, -1.0 if at
+    or after, 0.0 across (at most two blocks per consumer and tile)."""
+    side = 0.0
+    if start_n + BLOCK_N - 1 <= first_row:
+        side = 1.0
+    elif start_n >= first_row + _HALF_M - 1:
+        side = -1.0
+    return side
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, side, tile_terms, qk_scale2, slope2, diag,
+                  seqlen_k, masked, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr,
+                  BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr):
     """Online-softmax update for the score tile of key block ``start_n``: ``(p, alpha, m_new, l_new)``.
-    Scores stay relative to the block's causal-ALiBi constant ``shift``; ``m`` is absolute."""
+    Scores stay relative to the block's ALiBi ``shift`` (causal: one constant; symmetric: one per row);
+    ``m`` is absolute.
+
+    Symmetric ALiBi, -slope * |i + diag - j|, on a block wholly on one ``side`` of the rows' positions (``_alibi_side``)
+    is side * slope * (j - start_n) + side * slope * (start_n - i - diag): a column term and a per-row shift, one
+    fused multiply-add per score as in the causal form. Per score (an integer distance, its absolute value and its
+    conversion to float: three more instructions) a block cost 41% more than with causal ALiBi (session 11); only
+    blocks across the diagonal and the last partial block take that form now: the non-causal ALiBi forward 1.16-1.27x
+    (benchmarks/NOTES.md session 27). Not beside a bias matrix, whose tile left no registers for the split."""
     cols = start_n + offs_n
-    if masked:
-        s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
-                    HAS_COLS, BIAS_FULL, True)
-    else:
-        s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
-                    HAS_COLS, BIAS_FULL, False)
     shift = 0.0
-    if ALIBI == 1:
-        shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
+    if ALIBI == 2 and not BIAS_FULL:
+        if masked:  # the last partial block takes the per-score form whatever its side
+            side = 0.0
+        shift = side * slope2 * (start_n - diag - rows).to(gl.float32)
+        if side == 0.0:
+            s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
+                        HAS_COLS, BIAS_FULL, True)
+        else:
+            if BIAS_ROW:
+                side_cols = col_terms + side * alibi_cols
+            else:
+                side_cols = side * alibi_cols
+            s = _scores(s, rows, cols, side_cols, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, 0,
+                        True, BIAS_FULL, False)
+    else:
+        if masked:
+            s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
+                        HAS_COLS, BIAS_FULL, True)
+        else:
+            s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
+                        HAS_COLS, BIAS_FULL, False)
+        if ALIBI == 1:
+            shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
     m_new = gl.maximum(m_i, gl.max(s, 1) + shift)
     # A row that has seen only masked keys (or -inf bias) keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
     m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -342,6 +379,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     rows = row0 + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     diag = seqlen_k - seqlen_q
+    first_pos = row0 + diag  # this warpgroup's first query position (symmetric ALiBi's block sides)
     s_zero = gl.zeros([_HALF_M, BLOCK_N], gl.float32, s_layout)
     alibi_cols = slope2 * offs_n.to(gl.float32)
     q = q3.reshape([_HALF_M, HEAD_DIM])
@@ -362,8 +400,12 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
         if BIAS_ROW:
             mbarrier.wait(v_ready.index(stage0), phase0)
         col_terms = _col_terms(alibi_cols, bias_smem, stage0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, tile_terms, qk_scale2, slope2, diag,
-                                       seqlen_k, lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS, BIAS_FULL)
+    side = 0.0
+    if ALIBI == 2:
+        side = _alibi_side(0, first_pos, BLOCK_N)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, alibi_cols, side, tile_terms, qk_scale2,
+                                       slope2, diag, seqlen_k, lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW,
+                                       BIAS_FULL)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([_HALF_M, MAIN], gl.float32, o_layout)
     if TAIL > 0:
@@ -399,9 +441,12 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
             if BIAS_ROW:  # block j's slice comes with V_j
                 mbarrier.wait(v_ready.index(stage), ((g + j) >> 1) & 1)
             col_terms = _col_terms(alibi_cols, bias_smem, stage, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, tile_terms, qk_scale2,
-                                           slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI,
-                                           HAS_COLS, BIAS_FULL)
+        side = 0.0
+        if ALIBI == 2:
+            side = _alibi_side(j * BLOCK_N, first_pos, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, alibi_cols, side,
+                                           tile_terms, qk_scale2, slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked,
+                                           IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW, BIAS_FULL)
         if TAIL == 0:
             acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
         else:
