@@ -1,6 +1,6 @@
 """Causal attention on the GPU: our Triton kernels beside every peer, in one run, on one card.
 
-    python benchmarks/bench_attention.py --out DIR [--modes fwd,fwd_bwd] [--suite main,extras] [--quick]
+    python benchmarks/bench_attention.py --out DIR [--modes fwd,fwd_bwd] [--suite main,extras,noncausal] [--quick]
 
 Providers (bf16, causal): ``triton-alibi`` (ours, slopes in-kernel; the Hopper kernel on sm_90),
 ``triton-alibi-general`` (the same with the general Triton forward kernel), ``triton`` (ours, no bias),
@@ -8,6 +8,10 @@ Providers (bf16, causal): ``triton-alibi`` (ours, slopes in-kernel; the Hopper k
 ``flex-alibi`` (compiled FlexAttention with an ALiBi score_mod), ``fa4`` / ``fa4-alibi``
 (flash-attn-4, if importable), ``memeff-dense`` (SDPA memory-efficient with the dense ALiBi bias
 MPT users materialise) and ``eager`` (the seed's torch path; small shapes only).
+
+Suite ``noncausal``: the main suite's shapes without the causal mask, ALiBi in its symmetric form
+-slope * |i - j| (MPT's full bias; BERT-style encoders) for ``triton-alibi``, ``flex-alibi``, ``fa4-alibi`` and
+``memeff-dense``; ``triton-vecbias`` and ``eager`` (MPT's causal-form row) are left out.
 
 Writes ``results.csv``, ``results.json`` and ``tflops.png`` under ``--out`` and prints a table last.
 Main suite: every provider of a shape is measured ``--rounds`` times (3), the rounds alternated, and
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import operator
 import os
 import statistics
 import subprocess
@@ -53,8 +58,9 @@ def _fa4():
     return flash_attn_func, None
 
 
-def _fa4_alibi_mods(n_heads: int):
-    """ALiBi as a flash-attn-4 score_mod: + slope_h * (kv - q), slope_h = 2^(-8 (h+1) / H)."""
+def _fa4_alibi_mods(n_heads: int, causal: bool = True):
+    """ALiBi as a flash-attn-4 score_mod: + slope_h * (kv - q) (causal), - slope_h * |kv - q| (not),
+    slope_h = 2^(-8 (h+1) / H)."""
     import cutlass
     import cutlass.cute as cute
 
@@ -68,10 +74,18 @@ def _fa4_alibi_mods(n_heads: int):
         return s + slope * (kv_idx - q_idx).to(cutlass.Float32)
 
     @cute.jit
+    def alibi_symmetric(scores, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
+        s = scores.to(cutlass.Float32)
+        heads = (h_idx + cute.full_like(h_idx, 1)).to(cutlass.Float32)
+        slope = cute.math.exp2(heads * cute.full_like(s, step))
+        dist = cute.where(operator.ge(q_idx, kv_idx), q_idx - kv_idx, kv_idx - q_idx)
+        return s - slope * dist.to(cutlass.Float32)
+
+    @cute.jit
     def alibi_bwd(grad, scores, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
         return grad  # d(score + bias)/d(score) = 1
 
-    return alibi, alibi_bwd
+    return (alibi if causal else alibi_symmetric), alibi_bwd
 
 
 def _general_kernel(fn):
@@ -87,9 +101,10 @@ def _general_kernel(fn):
     return run
 
 
-def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16, dense_bias=True):
+def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16, dense_bias=True, causal=True):
     """name -> (fn returning the output, list of tensors that get gradients) or an error string;
-    ``dense_bias=False`` leaves out ``memeff-dense`` (its (H, S, S) bias is not built)."""
+    ``dense_bias=False`` leaves out ``memeff-dense`` (its (H, S, S) bias is not built); ``causal=False``: the
+    noncausal suite (symmetric ALiBi; no MPT bias row, no eager path)."""
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, device=dev, dtype=dtype, generator=gen).requires_grad_()
@@ -99,17 +114,20 @@ def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16, de
     vec_bias = M.build_alibi_bias(n_heads, seq, device=dev)  # (1, H, 1, S) float32, MPT's tensor
     gqa = n_kv != n_heads
     providers = {
-        "triton-alibi": (lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes), [q, k, v]),
+        "triton-alibi": (lambda: M.attention(q, k, v, backend="triton", causal=causal, alibi_slopes=slopes),
+                         [q, k, v]),
         # the same call with the Hopper (Gluon) forward kernel switched off: the general Triton kernel
-        "triton-alibi-general": (_general_kernel(lambda: M.attention(q, k, v, backend="triton", causal=True,
+        "triton-alibi-general": (_general_kernel(lambda: M.attention(q, k, v, backend="triton", causal=causal,
                                                                      alibi_slopes=slopes)), [q, k, v]),
-        "triton": (lambda: M.attention(q, k, v, backend="triton", causal=True), [q, k, v]),
+        "triton": (lambda: M.attention(q, k, v, backend="triton", causal=causal), [q, k, v]),
         "triton-vecbias": (lambda: M.attention(q, k, v, backend="triton", causal=True, attn_bias=vec_bias), [q, k, v]),
         # the price of a bitwise-reproducible backward (issue 4; the default's dQ order is free where that
         # is faster): fwd_bwd only, its forward is the same
-        "triton-alibi-deterministic": (lambda: M.attention(q, k, v, backend="triton", causal=True,
+        "triton-alibi-deterministic": (lambda: M.attention(q, k, v, backend="triton", causal=causal,
                                                            alibi_slopes=slopes, deterministic=True), [q, k, v]),
     }
+    if not causal:
+        del providers["triton-vecbias"]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa_with(backend, **kw):
@@ -118,21 +136,28 @@ def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16, de
                 return F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa, **kw)
         return run
 
-    providers["cudnn"] = (sdpa_with(SDPBackend.CUDNN_ATTENTION, is_causal=True), [qh, kh, vh])
-    providers["fa2"] = (sdpa_with(SDPBackend.FLASH_ATTENTION, is_causal=True), [qh, kh, vh])
+    providers["cudnn"] = (sdpa_with(SDPBackend.CUDNN_ATTENTION, is_causal=causal), [qh, kh, vh])
+    providers["fa2"] = (sdpa_with(SDPBackend.FLASH_ATTENTION, is_causal=causal), [qh, kh, vh])
     if seq <= 8192 and dense_bias:
-        causal_bias = M.build_alibi_bias(n_heads, seq, full=False, device=dev).expand(1, n_heads, seq, seq)
-        causal_bias = causal_bias.masked_fill(torch.ones(seq, seq, dtype=torch.bool, device=dev).triu(1), float("-inf"))
-        dense = causal_bias.to(dtype).contiguous()
+        if causal:
+            dense = M.build_alibi_bias(n_heads, seq, full=False, device=dev).expand(1, n_heads, seq, seq)
+            dense = dense.masked_fill(torch.ones(seq, seq, dtype=torch.bool, device=dev).triu(1), float("-inf"))
+        else:  # MPT's full form: -slope * |i - j|
+            dense = M.build_alibi_bias(n_heads, seq, full=True, device=dev)
+        dense = dense.to(dtype).contiguous()
         providers["memeff-dense"] = (sdpa_with(SDPBackend.EFFICIENT_ATTENTION, attn_mask=dense), [qh, kh, vh])
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)
-        block_mask = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, seq, seq, device=dev)
+        block_mask = None
+        if causal:
+            block_mask = create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, seq, seq, device=dev)
 
         def alibi_mod(score, b, h, qi, kv):
-            return score + slopes[h] * (kv - qi)
+            if causal:
+                return score + slopes[h] * (kv - qi)
+            return score - slopes[h] * torch.abs(kv - qi)
 
         providers["flex-alibi"] = (lambda: flex(qh, kh, vh, score_mod=alibi_mod, block_mask=block_mask,
                                                 enable_gqa=gqa), [qh, kh, vh])
@@ -142,11 +167,12 @@ def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16, de
     if fa4 is None:
         providers["fa4"] = providers["fa4-alibi"] = why
     else:
-        mod, mod_bwd = _fa4_alibi_mods(n_heads)
+        mod, mod_bwd = _fa4_alibi_mods(n_heads, causal)
         first = lambda out: out[0] if isinstance(out, tuple) else out
-        providers["fa4"] = (lambda: first(fa4(q, k, v, causal=True)), [q, k, v])
-        providers["fa4-alibi"] = (lambda: first(fa4(q, k, v, causal=True, score_mod=mod, score_mod_bwd=mod_bwd)), [q, k, v])
-    if batch * n_heads * seq * seq <= 2**31:
+        providers["fa4"] = (lambda: first(fa4(q, k, v, causal=causal)), [q, k, v])
+        providers["fa4-alibi"] = (lambda: first(fa4(q, k, v, causal=causal, score_mod=mod, score_mod_bwd=mod_bwd)),
+                                  [q, k, v])
+    if causal and batch * n_heads * seq * seq <= 2**31:
         packed = [x.detach().reshape(batch, seq, -1).requires_grad_() for x in (q, k, v)]
         providers["eager"] = (lambda: M.scaled_multihead_dot_product_attention(
             *packed, n_heads, attn_bias=vec_bias, is_causal=True, kv_n_heads=n_kv)[0], packed)
@@ -191,14 +217,15 @@ def summarize_rounds(samples):
     return ms, (max(samples) - min(samples)) / ms
 
 
-def run_main(args, rows):
+def run_main(args, rows, causal=True):
     shapes = MAIN_SHAPES[:2] if args.quick else MAIN_SHAPES
+    suite = "main" if causal else "noncausal"
     warm_up()
     for batch, n_heads, n_kv, seq, head_dim in shapes:
-        providers = make_providers(batch, n_heads, n_kv, seq, head_dim)
+        providers = make_providers(batch, n_heads, n_kv, seq, head_dim, causal=causal)
         shape = f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}"
         for mode in args.modes:
-            flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=True, mode=mode)
+            flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=causal, mode=mode)
             names = [n for n in providers if not (n.endswith("-deterministic") and mode == "fwd")]
             samples, errors = {n: [] for n in names}, {n: e for n, e in providers.items() if isinstance(e, str)}
             for name in alternation([n for n in names if n not in errors], args.rounds):
@@ -209,7 +236,7 @@ def run_main(args, rows):
                 except Exception as exc:
                     errors[name] = f"{type(exc).__name__}: {exc}"[:160]
             for name in names:
-                row = dict(suite="main", shape=shape, mode=mode, provider=name)
+                row = dict(suite=suite, shape=shape, mode=mode, provider=name)
                 if name in errors:
                     row.update(ms=None, tflops=None, spread=None, note=errors[name])
                 else:
@@ -379,6 +406,8 @@ def main():
     try:
         if "main" in args.suite:
             run_main(args, rows)
+        if "noncausal" in args.suite:
+            run_main(args, rows, causal=False)
         if "extras" in args.suite:
             run_extras(args, rows)
             run_packed(rows)

@@ -3,7 +3,8 @@
     python benchmarks/summarize.py benchmarks/results/<run>.json
 
 Per mode, a row per shape and a column per provider (TFLOP/s), then the ratios the issue's targets are
-stated in; every ratio compares providers measured in the same run.
+stated in (the main suite; the noncausal one, if run, gets the same table); every ratio compares providers
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ RATIOS = (  # (column title, numerator, denominator)
 )
 
 
-def pivot(rows, mode):
-    main = [r for r in rows if r["suite"] == "main" and r["mode"] == mode]
+def pivot(rows, mode, suite="main"):
+    main = [r for r in rows if r["suite"] == suite and r["mode"] == mode]
     shapes = list(dict.fromkeys(r["shape"] for r in main))
     providers = list(dict.fromkeys(r["provider"] for r in main))
     value = {(r["shape"], r["provider"]): r["tflops"] for r in main}
@@ -42,10 +43,13 @@ def pivot(rows, mode):
     return lines
 
 
+PIVOTED = ("main", "noncausal")  # suites shown as a table per mode (the others: a row per measurement)
+
+
 def extras(rows):
     lines = ["| suite | shape | mode | provider | ms | TFLOP/s | note |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["suite"] != "main":
+        if r["suite"] not in PIVOTED:
             lines.append(f"| {r['suite']} | {r['shape']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} "
                          f"| {r['tflops']:.1f} | {r['note']} |")
     return lines
@@ -59,7 +63,9 @@ def main(path):
            "", "bf16, causal. TFLOP/s (4·B·H·S_q·S_k_visible·D per forward, x3.5 for fwd+bwd).", ""]
     for mode in dict.fromkeys(r["mode"] for r in rows if r["suite"] == "main"):
         out += [f"### {mode}", "", *pivot(rows, mode), ""]
-    if any(r["suite"] != "main" for r in rows):
+    for mode in dict.fromkeys(r["mode"] for r in rows if r["suite"] == "noncausal"):
+        out += [f"### {mode}, not causal (symmetric ALiBi)", "", *pivot(rows, mode, "noncausal"), ""]
+    if any(r["suite"] not in PIVOTED for r in rows):
         out += ["### extras", "", *extras(rows), ""]
     print("\n".join(out))
 

@@ -57,6 +57,15 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
     module.main(str(path))
     assert "widest spread (max - min) / median: 5.0% (fa4-alibi, B1 H1/1 S8 D16)" in capsys.readouterr().out
+    # the noncausal suite gets its own ratio table, not a row per measurement
+    rows += [dict(suite="noncausal", shape="B1 H1/1 S8 D16", mode="fwd", provider=p, ms=1.0, tflops=t, note="")
+             for p, t in (("triton-alibi", 450.0), ("flex-alibi", 300.0))]
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    module.main(str(path))
+    out = capsys.readouterr().out
+    assert "### fwd, not causal (symmetric ALiBi)" in out
+    assert "| B1 H1/1 S8 D16 | 450 | 300 | - | 1.50 | - | - | - | - |" in out
+    assert "| noncausal |" not in out
 
 
 def test_sass_hotspots_reads_ncu_source_csv(tmp_path, capsys):
