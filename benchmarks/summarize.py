@@ -60,7 +60,7 @@ def main(path):
         data = json.load(f)
     meta, rows = data["meta"], data["rows"]
     out = [f"## {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}, commit {meta['commit']}, {meta['date']}",
-           "", "bf16, causal. TFLOP/s (4·B·H·S_q·S_k_visible·D per forward, x3.5 for fwd+bwd).", ""]
+           "", "bf16; the main suite causal. TFLOP/s (4·B·H·S_q·S_k_visible·D per forward, x3.5 for fwd+bwd).", ""]
     for mode in dict.fromkeys(r["mode"] for r in rows if r["suite"] == "main"):
         out += [f"### {mode}", "", *pivot(rows, mode), ""]
     for mode in dict.fromkeys(r["mode"] for r in rows if r["suite"] == "noncausal"):

@@ -258,7 +258,7 @@ def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, sid
     is side * slope * (j - start_n) + side * slope * (start_n - i - diag): a column term and a per-row shift, one
     fused multiply-add per score as in the causal form. Per score (an integer distance, its absolute value and its
     conversion to float: three more instructions) a block cost 41% more than with causal ALiBi (session 11); only
-    blocks across the diagonal and the last partial block take that form now: the non-causal ALiBi forward 1.16-1.27x
+    blocks across the diagonal and the last partial block take that form now: the non-causal ALiBi forward 1.15-1.28x
     (benchmarks/NOTES.md session 27). Not beside a bias matrix, whose tile left no registers for the split."""
     cols = start_n + offs_n
     shift = 0.0
