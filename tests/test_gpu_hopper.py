@@ -8,7 +8,8 @@ import torch
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper
 from mpt_attention.testing import (
-    AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, make_inputs, reference_attention,
+    AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, make_inputs, make_varlen_inputs,
+    reference_attention, reference_attention_varlen,
 )
 
 _SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -48,6 +49,37 @@ def test_hopper_forward_matches_float64_reference(case, dtype):
     (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda")
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False) is None
     _assert_forward_matches_reference(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("head_dim,n_kv,causal,alibi,dtype", [
+    pytest.param(128, 2, True, True, torch.bfloat16, id="D128-GQA-causal-alibi"),
+    pytest.param(64, 4, False, True, torch.float16, id="D64-non-causal-symmetric-alibi-fp16"),
+    pytest.param(96, 1, True, False, torch.bfloat16, id="D96-MQA-causal"),
+    pytest.param(112, 4, False, False, torch.bfloat16, id="D112-non-causal"),
+])
+def test_hopper_forward_runs_packed_sequences(head_dim, n_kv, causal, alibi, dtype):
+    """attention_varlen's forward on the Hopper kernel: more tiles than SMs over 48 sequences (empty ones, one
+    query row, a tile and one row, more queries than keys: causal rows without keys, queries without any key),
+    each against the float64 reference on its own, the log-sum-exp too. Every packed row is compared, so a row
+    that another sequence's tile overwrote (the last tile's rows past its sequence) or that no tile wrote fails."""
+    gen = torch.Generator().manual_seed(5)
+    lens_q = [0, 1, 1000, 64, 129, 300, 700, 128] + torch.randint(0, 600, (40,), generator=gen).tolist()
+    lens_k = [40, 1, 1000, 63, 0, 300, 900, 128] + [n + int(e) for n, e in
+                                                     zip(lens_q[8:], torch.randint(0, 200, (40,), generator=gen))]
+    n_heads = 8
+    q, k, v, cu_q, cu_k = make_varlen_inputs(lens_q, lens_k, n_heads, n_kv, head_dim, dtype=dtype, device="cuda",
+                                             seed=7)
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, causal, True, max_q=max(lens_q)) is None
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda") if alibi else None
+    out, lse = M.attention_varlen(q, k, v, cu_q, cu_k, backend="triton", causal=causal, alibi_slopes=slopes,
+                                  return_lse=True)
+    ref, ref_lse = reference_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=causal,
+                                              alibi_slopes=slopes)
+    low, _ = reference_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, alibi_slopes=slopes, compute_dtype=dtype)
+    assert_close_to_reference("out", out, ref, low)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+    no_keys = slice(int(cu_q[4]), int(cu_q[5]))  # 129 queries, no key: zeros and -inf
+    assert (out[no_keys] == 0).all() and (lse[:, no_keys] == float("-inf")).all()
 
 
 SCALE_CASES = [  # softmax scales the other forward tests never use, with and without a score term
@@ -443,7 +475,7 @@ def test_hopper_dkdv_with_a_bias_row_that_masks_whole_rows(monkeypatch, determin
 
 @pytest.mark.parametrize("group", [1, 3, 8], ids=["a-group-per-head", "groups-of-3-of-8-heads", "one-group"])
 def test_hopper_forward_runs_every_tile_in_any_head_grouping(monkeypatch, group):
-    # the grid's order (hopper_forward.tile_order): longest tiles first within groups of heads, the one
+    # the grid's order (hopper_tiles.tile_order): longest tiles first within groups of heads, the one
     # smaller group first; 3 query tiles by 8 (batch, head) rows here
     case = AttnCase(2, 300, 300, 4, 2, 64, causal=True, alibi=True)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
@@ -456,7 +488,7 @@ def test_hopper_forward_runs_every_tile_in_any_head_grouping(monkeypatch, group)
 @pytest.mark.parametrize("rows", [1, 3, 16], ids=["row-after-row", "groups-of-3-rows", "one-group"])
 @pytest.mark.parametrize("deterministic", [True, None], ids=["split", "fused-dq"])
 def test_hopper_backward_runs_every_key_block_in_any_row_grouping(monkeypatch, rows, deterministic):
-    """The dK/dV kernel's grid order (hopper_forward.tile_order over (key block, row)): key blocks of a group
+    """The dK/dV kernel's grid order (hopper_tiles.tile_order over (key block, row)): key blocks of a group
     of rows interleaved, first first. 3 key blocks by 8 rows (batch, KV head) on the split, with the dQ
     warpgroup 16 rows (batch, KV head, split: two programs per group of 4 query heads); 3 leaves a smaller
     first group."""

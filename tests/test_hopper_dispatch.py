@@ -14,8 +14,14 @@ def _qkv(s_q=128, s_k=128, d=128, dtype=torch.bfloat16, h=4, h_kv=2):
             torch.randn(2, s_k, h_kv, d, dtype=dtype))
 
 
-def _why(q, k, v, bias=None, kpm=None, dropout_p=0.0, causal=True, varlen=False):
-    return hopper.unsupported(q, k, v, bias, kpm, None, None, dropout_p, causal, varlen)
+def _why(q, k, v, bias=None, kpm=None, dropout_p=0.0, causal=True, varlen=False, dout=None, max_q=0):
+    return hopper.unsupported(q, k, v, bias, kpm, None, None, dropout_p, causal, varlen, dout, max_q=max_q)
+
+
+def _packed(total_q=1000, total_k=1200, d=128):
+    """Packed (T, H, D) sequences, as attention_varlen passes them."""
+    return (torch.randn(total_q, 4, d, dtype=torch.bfloat16), torch.randn(total_k, 2, d, dtype=torch.bfloat16),
+            torch.randn(total_k, 2, d, dtype=torch.bfloat16))
 
 
 def test_gluon_kernel_imports_with_this_triton():
@@ -29,6 +35,10 @@ def test_an_eligible_input_is_refused_only_for_the_device():
     assert _why(*(t.unflatten(-1, (4, 128)) for t in qkv.chunk(3, dim=-1))) == "not an sm_90 GPU"
     # SDPA's (B, H, S, D) tensors seen as (B, S, H, D): the copy engine takes any aligned strides
     assert _why(*(t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv())) == "not an sm_90 GPU"
+    # packed sequences in the forward, the longest at least one tile of queries (causal or not: a packed tile
+    # whose rows see no key runs a fully masked block)
+    assert _why(*_packed(), varlen=True, max_q=700) == "not an sm_90 GPU"
+    assert _why(*_packed(d=80), varlen=True, max_q=128, causal=False) == "not an sm_90 GPU"
 
 
 @pytest.mark.parametrize("head_dim, width", [(64, 64), (72, 128), (80, 128), (96, 128), (112, 128), (120, 128),
@@ -68,9 +78,11 @@ def test_backward_queries_per_step(head_dim, bias_matrix, fused_dq, block_m):
     ("bias-matrix-float32", "bias matrix of dtype torch.float32 (the Hopper kernels read one in q's dtype, "
                             "torch.bfloat16)"),
     ("bias-float64", "bias dtype torch.float64"),
-    ("key-padding", "varlen, masks or dropout"),
-    ("dropout", "varlen, masks or dropout"),
-    ("varlen", "varlen, masks or dropout"),
+    ("key-padding", "masks or dropout"),
+    ("dropout", "masks or dropout"),
+    ("varlen-backward", "packed sequences in the backward"),
+    ("varlen-short", "fewer than 128 query rows"),
+    ("varlen-no-keys", "no rows, keys or query heads"),
     ("causal-more-queries-than-keys", "rows without keys"),
     ("no-keys", "rows without keys"),
     ("empty-batch", "no batch rows or no query heads"),
@@ -91,8 +103,15 @@ def test_reasons(what, expected):
         kw["kpm"] = torch.ones(2, 128, dtype=torch.bool)
     elif what == "dropout":
         kw["dropout_p"] = 0.1
-    elif what == "varlen":
-        kw["varlen"] = True
+    elif what == "varlen-backward":
+        q, k, v = _packed()
+        kw.update(varlen=True, max_q=700, dout=torch.randn_like(q))
+    elif what == "varlen-short":
+        q, k, v = _packed()
+        kw.update(varlen=True, max_q=127)
+    elif what == "varlen-no-keys":
+        q, k, v = _packed(total_k=0)
+        kw.update(varlen=True, max_q=700)
     elif what == "causal-more-queries-than-keys":
         q, k, v = _qkv(s_q=200, s_k=100)
     elif what == "no-keys":
@@ -286,3 +305,11 @@ def test_row_terms_for_the_hopper_backward(soft_rows):
     torch.testing.assert_close(row_stats[:, 1, :s_q], want_delta.reshape(batch * heads, s_q))
     if soft_rows:
         torch.testing.assert_close(dout_scaled, dout * scale.transpose(1, 2)[..., None])
+
+
+def test_packed_sequences_count_their_query_tiles_on_the_device():
+    """hopper_tiles.forward_tile finds a tile's sequence in these cumulative counts of 128-row tiles (an empty
+    sequence holds none)."""
+    cu_q = torch.tensor([0, 0, 1, 130, 130, 386], dtype=torch.int32)  # lengths 0, 1, 129, 0, 256
+    tiles = hopper._packed_tiles(cu_q)
+    assert tiles.dtype == torch.int32 and tiles.tolist() == [0, 0, 1, 3, 3, 5]

@@ -22,7 +22,7 @@ _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32",
-                  "Tiles": "*i32", "DKVPart": "*fp32", "RowStats": "*fp32", "DOScaled": "*bf16"}
+                  "Tiles": "*i32", "DKVPart": "*fp32", "RowStats": "*fp32", "DOScaled": "*bf16", "CuTiles": "*i32"}
 
 
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
@@ -78,6 +78,8 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             sig[name] = f"tensordesc<fp32[1, 2, {rows['q_desc']}],{_ROW_STATS_LAYOUT!r}>"
         elif name in rows:
             sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, 1, {head_dim}],{layout!r}>"
+        elif name == "Out":  # the forward's packed output (VARLEN), in q's dtype
+            sig[name] = f"*{dtype}"
         elif name[0].isupper():
             sig[name] = _POINTER_TYPES.get(name, "*fp32")
         else:
@@ -87,16 +89,16 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None,
-                          tail: int = 0, bias_matrix: bool = False):
+                          tail: int = 0, bias_matrix: bool = False, varlen: bool = False):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None;
     ``tail``: the products' second piece of columns (``hopper.product_tail``); ``bias_matrix``: a bias matrix
-    in q's dtype instead."""
+    in q's dtype instead; ``varlen``: packed sequences."""
     from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
     rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim,
-              "BIAS_ROW": bias is not None, "TAIL": tail, "BIAS_FULL": bias_matrix}
+              "BIAS_ROW": bias is not None, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen}
     boxes = {"bias_desc": [1, HALF_M, BLOCK_N]} if bias_matrix else None
     return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias, boxes)
 
@@ -192,6 +194,11 @@ def main() -> int:
     for tail, causal, alibi, bias in [(16, True, 1, None), (32, False, 2, None), (16, True, 0, "fp32")]:
         failures += _report_gluon(f"hopper-fwd-tail={tail} D=128 causal={causal} alibi={alibi} bias={bias}",
                                   compile_hopper_kernel, 128, causal, alibi, "bf16", bias, tail)
+    # packed sequences (attention_varlen): the forward only
+    for head_dim, tail, causal, alibi, dtype in [(128, 0, True, 1, "bf16"), (64, 0, False, 2, "fp16"),
+                                                 (128, 32, True, 0, "bf16")]:
+        failures += _report_gluon(f"hopper-fwd-varlen D={head_dim} tail={tail} causal={causal} alibi={alibi} {dtype}",
+                                  compile_hopper_kernel, head_dim, causal, alibi, dtype, None, tail, False, True)
     for head_dim, causal, alibi, dtype in [(128, True, 1, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16"),
                                            (128, False, 0, "bf16"), (64, True, 0, "fp16")]:
         for kind, build in (("fwd", compile_hopper_kernel), ("dkdv", compile_hopper_dkdv_kernel)):

@@ -64,9 +64,10 @@ def tma_aligned(t: torch.Tensor) -> bool:
 
 
 def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, dout=None,
-                fused_dq=False) -> str | None:
+                fused_dq=False, max_q=0) -> str | None:
     """Why the Hopper kernels do not apply to these inputs (None: they do); ``dout`` for the backward,
-    ``fused_dq`` for its dQ sums (the dK/dV kernel forming dQ too)."""
+    ``fused_dq`` for its dQ sums (the dK/dV kernel forming dQ too); ``varlen``: packed (T, H, D) sequences, the
+    longest ``max_q`` queries long (the forward only)."""
     if not ENABLED:
         return "disabled"
     if _hopper_fwd_kernel is None:
@@ -77,8 +78,10 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return f"head dim {q.shape[-1]}"
     if dout is not None and tile_dim(q.shape[-1]) not in (FUSED_BWD_HEAD_DIMS if fused_dq else BWD_HEAD_DIMS):
         return f"head dim {q.shape[-1]} in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
-    if varlen or kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
-        return "varlen, masks or dropout"
+    if kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
+        return "masks or dropout"
+    if varlen and (dout is not None or bias is not None):
+        return "packed sequences in the backward"  # (attention_varlen takes no bias)
     if bias is not None and bias.shape[2] != 1 and (dout is None or fused_dq):
         # the forward (its [64, 128] tiles ride with K; at tile width 128 it keeps one Q buffer instead of two to
         # make room: hopper_forward._q_buffers) and the backward with the dQ warpgroup read a bias matrix through
@@ -94,11 +97,16 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
             return f"bias of shape {tuple(bias.shape)}: only rows over the keys, (B|1, H|1, 1, S_k)"
         if bias.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"bias dtype {bias.dtype}"
-    s_q, s_k = q.shape[1], k.shape[1]
-    if q.shape[0] == 0 or q.shape[2] == 0:
-        return "no batch rows or no query heads"  # the general launchers return at once; a descriptor needs dims > 0
-    if s_q == 0 or s_k == 0 or (causal and s_q > s_k):
-        return "rows without keys"  # the kernel assumes every row sees a key
+    if varlen:  # (T, H, D): a packed tile with no key runs one fully masked block (hopper_tiles.forward_tile)
+        s_q = max_q
+        if q.shape[0] == 0 or q.shape[1] == 0 or k.shape[0] == 0:
+            return "no rows, keys or query heads"
+    else:
+        s_q, s_k = q.shape[1], k.shape[1]
+        if q.shape[0] == 0 or q.shape[2] == 0:
+            return "no batch rows or no query heads"  # the general launchers return at once; descriptors need dims > 0
+        if s_q == 0 or s_k == 0 or (causal and s_q > s_k):
+            return "rows without keys"  # the kernel assumes every row sees a key
     if s_q < BLOCK_M:
         # decode and short chunks: most of a 128-row tile would be idle, and the per-launch host work
         # (four copy-engine descriptors encoded) is not hidden behind so short a kernel
@@ -238,7 +246,7 @@ def heads_per_group(k, n_heads, n_bh):
 
 def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
     """How many rows (batch, KV head, split) of the dK/dV kernel's grid interleave their key blocks
-    (``hopper_forward.tile_order``, first key block first) with the fused dQ: as many as keep what
+    (``hopper_tiles.tile_order``, first key block first) with the fused dQ: as many as keep what
     their programs share, Q, dO and the float32 dQ sums of the row's ``heads_per_row`` query heads, within
     ``L2_GROUP_BYTES``. Row after row, the last row's long first blocks start near the end and finish
     last: grouped, the backward took 2.9% less at B8 S2048, 4.2-4.3% less for grouped heads there and at
@@ -258,12 +266,37 @@ def slope_args(slopes, dummy):
     return slopes, ((0, slopes.stride(0)) if slopes.dim() == 1 else slopes.stride())
 
 
-def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
-    """``out`` (q's shape, contiguous) and ``lse`` ``(B, H, S_q)`` float32; inputs as ``unsupported`` allows."""
-    batch, s_q, n_heads, head_dim = q.shape
-    s_k, n_kv = k.shape[1], k.shape[2]
+def _packed_tiles(cu_q: torch.Tensor) -> torch.Tensor:
+    """(B + 1,) int32: query tiles of 128 rows before each packed sequence, the total last (``hopper_tiles``), on the
+    device: no host sync."""
+    tiles = torch.zeros(cu_q.numel(), dtype=torch.int32, device=cu_q.device)
+    torch.cumsum(torch.div(cu_q[1:] - cu_q[:-1] + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
+                 out=tiles[1:])
+    return tiles
+
+
+def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, cu_k=None, max_q=0, max_k=0):
+    """``out`` (q's shape, contiguous) and ``lse`` ``(B, H, S_q)`` float32; inputs as ``unsupported`` allows.
+    Packed sequences (``cu_q``, ``cu_k``: int32 cumulative lengths, the longest ``max_q``/``max_k``): q, k, v
+    ``(T, H, D)``, ``lse`` ``(H, T_q)``."""
+    varlen = cu_q is not None
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
+    packed = (cu_q, cu_k, None)
+    if varlen:  # the packed tensors as one batch row (1, T, H, D); a grid row per (sequence, head)
+        n_tokens, n_heads, head_dim = q.shape
+        n_kv, batch, s_q, s_k = k.shape[1], cu_q.numel() - 1, max_q, max_k
+        lse = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
+        lse_strides = (0, n_tokens)
+        packed = (cu_q, cu_k, _packed_tiles(cu_q))
+        q, k, v, out4 = (x.unsqueeze(0) for x in (q, k, v, out))
+        n_tiles = (cdiv(n_tokens, BLOCK_M) + batch) * n_heads  # at most
+    else:
+        batch, s_q, n_heads, head_dim = q.shape
+        s_k, n_kv = k.shape[1], k.shape[2]
+        lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
+        lse_strides = (n_heads * s_q, s_q)
+        out4 = out
+        n_tiles = cdiv(s_q, BLOCK_M) * batch * n_heads
     slopes, slope_strides = slope_args(slopes, lse)
     bias_desc, b_on, h_on = None, 0, 0
     bias_full = bias is not None and bias.shape[2] != 1
@@ -277,16 +310,17 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode):
     # Persistent: a program's registers fill an SM (ncu: one per SM), so one program per SM at most, taking
     # tiles until none is left. ``tiles``: [0] counts the tiles taken after the first round; from 16 on, 8 per
     # (program, Q buffer) for the coordinates the loader publishes to the consumers (hopper_forward).
-    grid = (min(cdiv(s_q, BLOCK_M) * batch * n_heads, sm_count(q.device.index)),)
+    grid = (max(1, min(n_tiles, sm_count(q.device.index))),)
     tiles = torch.zeros(16 + grid[0] * 16, dtype=torch.int32, device=q.device)
+    cu_q, cu_k, cu_tiles = (t if t is not None else tiles for t in packed)  # never-read dummies when dense
     launch_kernel(
         _hopper_fwd_kernel, grid,
-        _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out, HALF_M), bias_desc,
-        lse, slopes, tiles, n_heads * s_q, s_q, *slope_strides,
+        _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out4, HALF_M), bias_desc,
+        lse, slopes, tiles, out, cu_q, cu_k, cu_tiles, *lse_strides, *slope_strides, out4.stride(1), out4.stride(2),
         n_heads, n_heads // n_kv, batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
-        heads_per_group(k, n_heads, batch * n_heads), IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N,
+        heads_per_group(k, n_heads, batch * n_heads), head_dim, IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N,
         HEAD_DIM=tile_dim(head_dim), BIAS_ROW=bias is not None and not bias_full, TAIL=product_tail(head_dim),
-        BIAS_FULL=bias_full, num_warps=4,
+        BIAS_FULL=bias_full, VARLEN=varlen, num_warps=4,
     )
     return out, lse
 

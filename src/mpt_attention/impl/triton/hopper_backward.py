@@ -79,7 +79,8 @@ from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_T
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
-from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, tile_order
+from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols
+from mpt_attention.impl.triton.hopper_tiles import tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 # a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector

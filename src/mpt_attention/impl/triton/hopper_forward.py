@@ -55,6 +55,13 @@ columns past D as zeros and drops them on stores; at D 72-96 the products take o
 form) and/or a bias row or a bias matrix in q's dtype, no masks besides causal, no dropout, (B, S, H, D) inputs with
 16-byte aligned strides (SDPA's (B, H, S, D) tensors transposed included), ``S_k > 0`` and, when causal,
 ``S_q <= S_k`` (every tile sees a block).
+
+Packed sequences (``VARLEN``, ``attention_varlen``'s (T, H, D) tensors): tiles of 128 queries per sequence, counted
+on the device (``hopper_tiles``), each with its sequence's lengths; Q, K and V boxes start at the sequence's first
+row and run into the next sequence's (masked as keys, dropped as queries); the output leaves by masked plain
+stores, since a box would overwrite the next sequence's rows. A tile whose rows see no key runs one masked block.
+Against the general kernel on a ~50%-padded batch packed: forward 1.22x (D128), 1.11x (D64), 1.24x (non-causal)
+(benchmarks/NOTES.md session 27).
 """
 
 from triton.experimental import gluon
@@ -63,6 +70,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.common import _log2_bias, encode_lse
+from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 _HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
@@ -94,45 +102,6 @@ def _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqle
     return s
 
 
-@gluon.jit
-def tile_order(t, n_m, n_bh, heads_per_group):
-    """(query tile, batch * head) of tile ``t``: tiles run longest first across a group of heads.
-    Causal tiles near the bottom see the most keys; run per head, the last head's longest tiles would start
-    near the end and finish last (8% of the kernel at S 8192, benchmarks/NOTES.md). A group's K and V fit in
-    L2 together (``heads_per_group``, hopper.py); the one smaller group goes first, so the last group spreads
-    over every SM."""
-    pad = (heads_per_group - n_bh % heads_per_group) % heads_per_group
-    group = (t + pad * n_m) // (heads_per_group * n_m)
-    first = gl.maximum(group * heads_per_group - pad, 0)
-    size = group * heads_per_group + heads_per_group - pad - first
-    r = t - first * n_m
-    return n_m - 1 - r // size, first + r % size
-
-
-@gluon.jit
-def _tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, IS_CAUSAL: gl.constexpr,
-          BLOCK_N: gl.constexpr):
-    """Tile ``t``'s ``(b, h, kv_h, start_m, n_blocks, lo_masked)``: key blocks ``[0, n_blocks)`` are visible to
-    some row of the tile, those before ``lo_masked`` to every row."""
-    m, bh = tile_order(t, n_m, n_bh, heads_per_group)
-    start_m = m * 2 * _HALF_M
-    h = bh % n_heads
-    diag = seqlen_k - seqlen_q
-    hi = seqlen_k
-    lo_masked = seqlen_k // BLOCK_N * BLOCK_N
-    if IS_CAUSAL:
-        hi = gl.minimum(hi, start_m + 2 * _HALF_M + diag)
-        lo_masked = gl.minimum((start_m + diag + 1) // BLOCK_N * BLOCK_N, lo_masked)
-    return bh // n_heads, h, h // n_groups, start_m, gl.cdiv(hi, BLOCK_N), lo_masked
-
-
-@gluon.jit
-def _info_slot(Tiles, buf):
-    """This program's slot for the tile in Q buffer ``buf``: ``(b, h, start_m, n_blocks, lo_masked)`` from the
-    loader (the launcher sizes ``Tiles`` as 16 + 16 per program; ``Tiles[0]`` is the tile counter)."""
-    return Tiles + 16 + (gl.program_id(0) * 2 + buf) * 8
-
-
 @gluon.constexpr_function
 def _q_buffers(head_dim, bias_full):
     """Q buffers per program: two (the next tile's Q lands under this tile's last blocks), one at D128 with a bias
@@ -158,53 +127,64 @@ def _row_ahead(head_dim):
 @gluon.jit
 def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty,
                     k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
-                    seqlen_k, bias_b_on, bias_h_on, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                    HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr):
+                    seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, IS_CAUSAL: gl.constexpr,
+                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr,
+                    VARLEN: gl.constexpr):
     """One warp: per tile, its Q into buffer ``round % 2`` (buffer 0 with one, ``_q_buffers``) once the
     consumers have stored the output of the tile that used the buffer before, then K_j and V_j into stage
     ``g % 2`` (``g`` counts key blocks over all of the program's tiles) as soon as the consumers have released
-    it: the next tile's first loads run under this tile's last blocks. Tiles are addressed as [batch, row, head, 0] in (B, S, H, D). With
-    ``BIAS_FULL`` the bias tile of K_j's block rides with K_j: one [64, BLOCK_N] box per consumer, at row
-    ``b * bias_b_on + h * bias_h_on`` of the (B' * H', S_q, S_k) matrix."""
+    it: the next tile's first loads run under this tile's last blocks. Tiles are addressed as [batch, row, head, 0]
+    in (B, S, H, D), packed sequences (``VARLEN``) as [0, first row + row, head, 0] in (1, T, H, D): rows past a
+    sequence's end are its neighbour's, masked as keys and never stored as queries. With ``BIAS_FULL`` the bias
+    tile of K_j's block rides with K_j: one [64, BLOCK_N] box per consumer, at row ``b * bias_b_on + h *
+    bias_h_on`` of the (B' * H', S_q, S_k) matrix."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
     k_bytes: gl.constexpr = kv_bytes + (2 * _HALF_M * bias_bytes if BIAS_FULL else 0)
     Q_BUFS: gl.constexpr = _q_buffers(HEAD_DIM, BIAS_FULL)
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
-    n_tiles = n_m * n_bh
+    n_tiles = n_forward_tiles(n_m, n_bh, n_heads, CuTiles, VARLEN)
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     g = 0
     r = 0
     t = pid  # the first round is fixed; then whichever program is ready first takes the next tile
     while t < n_tiles:
-        b, h, kv_h, start_m, n_blocks, lo_masked = _tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
-                                                         seqlen_k, IS_CAUSAL, BLOCK_N)
+        b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k = forward_tile(
+            t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, CuTiles, CuSeqQ, CuSeqK, IS_CAUSAL,
+            BLOCK_N, VARLEN)
+        tb = b  # the descriptors' batch coordinate: 0 in the packed (1, T, H, D) view
+        if VARLEN:
+            tb = 0
         buf, q_phase = _q_buffer(r, Q_BUFS)
         mbarrier.wait(q_empty.index(buf), q_phase ^ 1)  # a fresh barrier counts as released
         # the tile's coordinates for the consumers, published by the arrive in Q's expect below
-        info = _info_slot(Tiles, buf)
+        info = info_slot(Tiles, buf)
         gl.store(info, b)
         gl.store(info + 1, h)
         gl.store(info + 2, start_m)
         gl.store(info + 3, n_blocks)
         gl.store(info + 4, lo_masked)
+        if VARLEN:
+            gl.store(info + 5, q_start)
+            gl.store(info + 6, len_q)
+            gl.store(info + 7, len_k)
         if BIAS_ROW and ROW_AHEAD:  # block 0's bias slice comes with Q, into slot 2 + buf
             mbarrier.expect(q_ready.index(buf), 2 * _HALF_M * HEAD_DIM * 2 + bias_bytes)
             tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, 0], q_ready.index(buf),
                                             bias_smem.index(2 + buf))
         else:
             mbarrier.expect(q_ready.index(buf), 2 * _HALF_M * HEAD_DIM * 2)
-        tma.async_copy_global_to_shared(q_desc, [b, start_m, h, 0], q_ready.index(buf),
+        tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m, h, 0], q_ready.index(buf),
                                         q_smem.index(2 * buf))
-        tma.async_copy_global_to_shared(q_desc, [b, start_m + _HALF_M, h, 0], q_ready.index(buf),
+        tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m + _HALF_M, h, 0], q_ready.index(buf),
                                         q_smem.index(2 * buf + 1))
         for j in range(n_blocks):
             stage = (g + j) & 1
             free_phase = ((g + j) >> 1) & 1 ^ 1
             mbarrier.wait(k_empty.index(stage), free_phase)
             mbarrier.expect(k_ready.index(stage), k_bytes)
-            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, kv_h, 0], k_ready.index(stage),
+            tma.async_copy_global_to_shared(k_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], k_ready.index(stage),
                                             k_smem.index(stage))
             if BIAS_FULL:
                 for half in gl.static_range(2):
@@ -221,7 +201,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
                                                 v_ready.index(stage), bias_smem.index(stage))
             else:
                 mbarrier.expect(v_ready.index(stage), kv_bytes)
-            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, kv_h, 0], v_ready.index(stage),
+            tma.async_copy_global_to_shared(v_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], v_ready.index(stage),
                                             v_smem.index(stage))
         g += n_blocks
         r += 1
@@ -229,7 +209,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     # no tile left: an empty one (n_blocks 0) tells the consumers to stop
     buf, q_phase = _q_buffer(r, Q_BUFS)
     mbarrier.wait(q_empty.index(buf), q_phase ^ 1)
-    gl.store(_info_slot(Tiles, buf) + 3, 0)
+    gl.store(info_slot(Tiles, buf) + 3, 0)
     mbarrier.arrive(q_ready.index(buf))
 
 
@@ -344,13 +324,26 @@ def issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr):
 
 
 @gluon.jit
+def _store_rows(Out, vals, first_row, n_rows, h, stride_os, stride_oh, col0, head_dim, layout: gl.constexpr):
+    """Rows ``[first_row, first_row + n_rows)`` of head ``h`` of the packed output from ``vals`` ([64, width] in
+    ``layout``, columns from ``col0``; those past ``head_dim`` dropped): plain masked stores, for a packed
+    sequence's last tile, whose copy-engine box would overwrite the next sequence's rows."""
+    rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, layout))
+    cols = col0 + gl.arange(0, vals.shape[1], layout=gl.SliceLayout(0, layout))
+    ptrs = Out + (first_row + rows).to(gl.int64)[:, None] * stride_os + h.to(gl.int64) * stride_oh + cols[None, :]
+    gl.store(ptrs, vals, mask=(rows < n_rows)[:, None] & (cols < head_dim)[None, :])
+
+
+@gluon.jit
 def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes,
                    g, info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
-                   qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
-                   HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr, BIAS_FULL: gl.constexpr):
+                   qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
+                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr,
+                   BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
-    landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``.
-    With a ``TAIL`` the output is two accumulators, columns [0, 64) and [64, 64 + TAIL)."""
+    landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``
+    (``VARLEN``: stored from registers, ``_store_rows``). With a ``TAIL`` the output is two accumulators, columns
+    [0, 64) and [64, 64 + TAIL)."""
     dtype: gl.constexpr = q3.dtype
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -372,6 +365,9 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     start_m = gl.load(info + 2, volatile=True)
     n_blocks = gl.load(info + 3, volatile=True)
     lo_masked = gl.load(info + 4, volatile=True)
+    if VARLEN:  # the tile's sequence
+        seqlen_q = gl.load(info + 6, volatile=True)
+        seqlen_k = gl.load(info + 7, volatile=True)
     slope2 = 0.0
     if ALIBI != 0:
         slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32) * _LOG2E
@@ -476,26 +472,37 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     # Rows that saw no key are defined as 0 with a log-sum-exp of -inf (as in forward.py).
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
-    # this warpgroup's Q is no longer read: its buffer stages the output (with a tail, the columns past it keep
-    # the copy engine's zeros, dropped by the store)
-    if TAIL == 0:
-        q.store(out.to(dtype))
+    if VARLEN:
+        q_start = gl.load(info + 5, volatile=True)
+        seqlen_q = gl.load(info + 6, volatile=True)
+        lse_offset += q_start
+        _store_rows(Out, out.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, 0, head_dim,
+                    o_layout)
+        if TAIL > 0:
+            _store_rows(Out, (acc_t / gl.convert_layout(l_safe, t_rows)[:, None]).to(dtype), q_start + row0,
+                        seqlen_q - row0, h, stride_os, stride_oh, MAIN, head_dim, t_layout)
     else:
-        q.slice(0, MAIN, dim=1).store(out.to(dtype))
-        q.slice(MAIN, TAIL, dim=1).store((acc_t / gl.convert_layout(l_safe, t_rows)[:, None]).to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], q3)
+        # this warpgroup's Q is no longer read: its buffer stages the output (with a tail, the columns past it keep
+        # the copy engine's zeros, dropped by the store)
+        if TAIL == 0:
+            q.store(out.to(dtype))
+        else:
+            q.slice(0, MAIN, dim=1).store(out.to(dtype))
+            q.slice(MAIN, TAIL, dim=1).store((acc_t / gl.convert_layout(l_safe, t_rows)[:, None]).to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], q3)
     lse = encode_lse(m_i, l_i, BIAS_ROW or BIAS_FULL)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
-    tma.store_wait(0)
+    if not VARLEN:
+        tma.store_wait(0)
 
 
 @gluon.jit
 def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                         v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q,
-                        seqlen_k, qk_scale2, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr,
-                        HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr,
-                        BIAS_FULL: gl.constexpr):
+                        seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr,
+                        ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
+                        TAIL: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr):
     """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
     g = 0
@@ -504,35 +511,40 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready,
     while n_blocks > 0:
         buf, q_phase = _q_buffer(r, _q_buffers(HEAD_DIM, BIAS_FULL))
         mbarrier.wait(q_ready.index(buf), q_phase)
-        info = _info_slot(Tiles, buf)
+        info = info_slot(Tiles, buf)
         n_blocks = gl.load(info + 3, volatile=True)
         if n_blocks > 0:
             _consumer_tile(half, q_smem.index(2 * buf + half), buf, k_smem, v_smem, bias_smem, k_ready, k_empty,
                            v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh,
-                           seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL,
-                           BIAS_FULL)
-            mbarrier.arrive(q_empty.index(buf))  # after the tile's output store has completed (tma.store_wait)
+                           seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL, ALIBI,
+                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN)
+            # after the tile's output store has completed (tma.store_wait; VARLEN: stored from registers)
+            mbarrier.arrive(q_empty.index(buf))
             g += n_blocks
         r += 1
 
 
 @gluon.jit
 def _hopper_fwd_kernel(
-    q_desc, k_desc, v_desc, o_desc, bias_desc, Lse, Slopes, Tiles,
-    stride_lb, stride_lh, stride_slb, stride_slh,
-    n_heads, n_groups, n_bh, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group,
+    q_desc, k_desc, v_desc, o_desc, bias_desc, Lse, Slopes, Tiles, Out, CuSeqQ, CuSeqK, CuTiles,
+    stride_lb, stride_lh, stride_slb, stride_slh, stride_os, stride_oh,
+    n_heads, n_groups, n_bh, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group, head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-    BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0, BIAS_FULL: gl.constexpr = False,
+    BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0, BIAS_FULL: gl.constexpr = False, VARLEN: gl.constexpr = False,
 ):
-    """Persistent: each program runs query tiles of 128 rows (``_tile``: ``n_m`` per (batch, head) row, ``n_bh``
-    rows) until none is left; launched with num_warps=4 (the first consumer warpgroup), the second
+    """Persistent: each program runs query tiles of 128 rows (``hopper_tiles.forward_tile``: ``n_m`` per (batch,
+    head) row, ``n_bh`` rows; ``VARLEN``: ``n_bh`` = sequences * heads, tiles counted by ``CuTiles``) until none is
+    left; launched with num_warps=4 (the first consumer warpgroup), the second
     consumer and the loader come from ``warp_specialize``. The descriptors
     (host-built, see hopper.py) are q/o (B, S_q, H, D) and k/v (B, S_k, H_kv, D) with their strides, boxes
     [1, 64, 1, HEAD_DIM] for q/o and [1, BLOCK_N, 1, HEAD_DIM] for k/v: rows past a sequence's end and
     columns past D read as zeros and are never written. ``bias_desc`` (``BIAS_ROW``) views the bias row as
     (B|1, H|1, S_k) with boxes [1, 1, BLOCK_N]; ``bias_b_on``/``bias_h_on`` are 0 where it broadcasts.
     ``BIAS_FULL`` (D64 only: the shared memory): ``bias_desc`` views a bias matrix in q's dtype as (B' * H', S_q,
-    S_k) with boxes [1, 64, BLOCK_N], batch b and head h at ``b * bias_b_on + h * bias_h_on``."""
+    S_k) with boxes [1, 64, BLOCK_N], batch b and head h at ``b * bias_b_on + h * bias_h_on``. ``VARLEN``: q/o and
+    k/v are packed sequences viewed as (1, T, H, D), ``CuSeqQ``/``CuSeqK`` their int32 cumulative lengths, and the
+    output goes to ``Out`` ((T, H, D), strides ``stride_os``, ``stride_oh``; ``head_dim`` columns) by plain stores;
+    the LSE is (H, T_q) (``stride_lb`` 0)."""
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -572,16 +584,16 @@ def _hopper_fwd_kernel(
         [
             (_consumer_partition, (0, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty,
                                    v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
-                                   stride_slh, seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM,
-                                   BIAS_ROW, TAIL, BIAS_FULL)),
+                                   stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
+                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN)),
             (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty,
                                    v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
-                                   stride_slh, seqlen_q, seqlen_k, qk_scale2, IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM,
-                                   BIAS_ROW, TAIL, BIAS_FULL)),
+                                   stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
+                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN)),
             (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
-                               n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                               BIAS_ROW, BIAS_FULL)),
+                               n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK,
+                               IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN)),
         ],
         [4, 1], [240, 24],
     )

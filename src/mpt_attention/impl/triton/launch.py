@@ -268,8 +268,9 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     bias = _kernel_bias(bias, bias_rows)
-    if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen) is None:
-        return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix))
+    if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen, max_q=geo.s_q) is None:
+        return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix),
+                              cu_q, cu_k, geo.s_q, geo.s_k)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)

@@ -1,0 +1,63 @@
+"""Packed sequences (``attention_varlen``) on the GPU: the Hopper forward kernel against the general one.
+
+    python benchmarks/varlen.py
+
+Per shape (bf16; a batch of sequences of random lengths between a quarter and three quarters of S, the padded
+batch of bench_attention.py's extras), real-token TFLOP/s of the forward and of forward+backward (the backward
+runs the general kernels either way) with the Hopper kernels on and off, alternated over two rounds, and the
+dense padded batch beside them.
+"""
+
+import torch
+from triton.testing import do_bench
+
+import mpt_attention as M
+from mpt_attention.impl.triton import hopper
+from mpt_attention.padding import unpad
+from mpt_attention.testing import attention_flops
+
+SHAPES = [(8, 16, 4096, 128, True), (8, 32, 4096, 64, True), (8, 16, 4096, 128, False)]  # B, H, S, D, causal
+
+
+def measure(batch, n_heads, seq, head_dim, causal, rounds=2):
+    dev = "cuda"
+    gen = torch.Generator().manual_seed(2)
+    lengths = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=gen)
+    mask = (torch.arange(seq).view(1, seq) < lengths.view(batch, 1)).to(dev)
+    q, k, v = (torch.randn(batch, seq, n_heads, head_dim, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    (qp, kp, vp), (_, cu, max_len) = [unpad(t, mask)[0] for t in (q, k, v)], unpad(q, mask)[1:]
+    qp, kp, vp = (t.contiguous().requires_grad_() for t in (qp, kp, vp))
+    slopes = M.gen_slopes(n_heads, return_1d=True, device=dev)
+    real = sum(attention_flops(1, n_heads, int(n), int(n), head_dim, causal=causal) for n in lengths)
+    dout = torch.randn_like(qp)
+
+    def fwd():
+        return M.attention_varlen(qp, kp, vp, cu, cu, max_len, max_len, backend="triton", causal=causal,
+                                  alibi_slopes=slopes)
+
+    def fwd_bwd():
+        fwd().backward(dout)
+
+    results = {}
+    for _ in range(rounds):
+        for use_hopper in (True, False):
+            hopper.ENABLED = use_hopper
+            for mode, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.5)):
+                ms = do_bench(fn, warmup=25, rep=100, grad_to_none=[qp, kp, vp], return_mode="median")
+                results.setdefault((mode, use_hopper), []).append(mult * real / ms / 1e9)
+    hopper.ENABLED = True
+    label = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, ~50% padding"
+    for mode in ("fwd", "fwd_bwd"):
+        on = sorted(results[mode, True])[len(results[mode, True]) // 2]
+        off = sorted(results[mode, False])[len(results[mode, False]) // 2]
+        print(f"{label:52s} {mode:7s} hopper {on:6.1f}  general {off:6.1f}  ratio {on / off:.3f} TFLOP/s (real tokens)",
+              flush=True)
+
+
+def main():
+    for shape in SHAPES:
+        measure(*shape)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Which tile a persistent Hopper program runs next (Gluon): the order of the forward's query tiles and of the
+dK/dV kernel's key blocks, and each forward tile's key-block range, dense or over packed sequences.
+
+A forward tile is 128 query rows of one (batch or sequence, head). Dense inputs have ``n_m`` tiles per
+(batch, head) row; packed sequences (``attention_varlen``) have ``cdiv(len_q, 128)`` per sequence, counted by
+``CuTiles`` (cumulative over the sequences, built on the device by ``hopper.forward``: no host sync).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+BLOCK_M = gl.constexpr(128)  # query rows per forward tile (two consumer warpgroups of 64)
+
+
+@gluon.jit
+def tile_order(t, n_m, n_bh, heads_per_group):
+    """(query tile, batch * head) of tile ``t``: tiles run longest first across a group of heads.
+    Causal tiles near the bottom see the most keys; run per head, the last head's longest tiles would start
+    near the end and finish last (8% of the kernel at S 8192, benchmarks/NOTES.md). A group's K and V fit in
+    L2 together (``heads_per_group``, hopper.py); the one smaller group goes first, so the last group spreads
+    over every SM."""
+    pad = (heads_per_group - n_bh % heads_per_group) % heads_per_group
+    group = (t + pad * n_m) // (heads_per_group * n_m)
+    first = gl.maximum(group * heads_per_group - pad, 0)
+    size = group * heads_per_group + heads_per_group - pad - first
+    r = t - first * n_m
+    return n_m - 1 - r // size, first + r % size
+
+
+@gluon.jit
+def _sequence_of(r, n_seq, CuTiles):
+    """The sequence that holds per-head tile ``r``: the last ``b`` with ``CuTiles[b] <= r`` (sequences without
+    queries hold no tile and are passed over), by bisection."""
+    lo = 0
+    hi = n_seq  # CuTiles[lo] <= r < CuTiles[hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if gl.load(CuTiles + mid) <= r:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@gluon.jit
+def n_forward_tiles(n_m, n_bh, n_heads, CuTiles, VARLEN: gl.constexpr):
+    """Tiles of the forward grid: ``n_m`` per (batch, head) row, or over packed sequences ``CuTiles[n_seq]``
+    per head."""
+    if VARLEN:
+        return gl.load(CuTiles + n_bh // n_heads) * n_heads
+    else:
+        return n_m * n_bh
+
+
+@gluon.jit
+def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, CuTiles, CuSeqQ, CuSeqK,
+                 IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):
+    """Tile ``t``'s ``(b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k)``: key blocks
+    ``[0, n_blocks)`` are visible to some row of the tile, those before ``lo_masked`` to every row; ``q_start``,
+    ``k_start`` the sequence's first rows in the packed tensors (0 for dense inputs) and ``len_q``, ``len_k`` its
+    lengths. Packed: heads outermost, then sequences, each one's tiles longest first (K and V of a sequence stay
+    in L2 across its tiles). A packed tile none of whose rows sees a key (causal with ``len_q > len_k``, or no
+    keys) runs one fully masked block: its rows come out 0 with a log-sum-exp of -inf, and 0 blocks is the
+    loader's stop signal to the consumers."""
+    if VARLEN:
+        total = gl.load(CuTiles + n_bh // n_heads)
+        h = t // total
+        r = t - h * total
+        b = _sequence_of(r, n_bh // n_heads, CuTiles)
+        m = gl.load(CuTiles + b + 1) - 1 - r  # the sequence's last tile first
+        q_start = gl.load(CuSeqQ + b)
+        len_q = gl.load(CuSeqQ + b + 1) - q_start
+        k_start = gl.load(CuSeqK + b)
+        len_k = gl.load(CuSeqK + b + 1) - k_start
+    else:
+        m, bh = tile_order(t, n_m, n_bh, heads_per_group)
+        b = bh // n_heads
+        h = bh % n_heads
+        q_start = 0
+        k_start = 0
+        len_q = seqlen_q
+        len_k = seqlen_k
+    start_m = m * BLOCK_M
+    diag = len_k - len_q
+    hi = len_k
+    lo_masked = len_k // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        hi = gl.minimum(hi, start_m + BLOCK_M + diag)
+        lo_masked = gl.minimum((start_m + diag + 1) // BLOCK_N * BLOCK_N, lo_masked)
+    n_blocks = gl.cdiv(hi, BLOCK_N)
+    if VARLEN:  # (the consumers take block 0 as masked when lo_masked is 0; negative with more queries than keys)
+        n_blocks = gl.maximum(n_blocks, 1)
+        lo_masked = gl.maximum(lo_masked, 0)
+    return b, h, h // n_groups, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k
+
+
+@gluon.jit
+def info_slot(Tiles, buf):
+    """This program's slot for the tile in Q buffer ``buf``, which the loader fills for the consumers: ``(b, h,
+    start_m, n_blocks, lo_masked, q_start, len_q, len_k)`` (the launcher sizes ``Tiles`` as 16 + 16 per program;
+    ``Tiles[0]`` is the tile counter)."""
+    return Tiles + 16 + (gl.program_id(0) * 2 + buf) * 8
