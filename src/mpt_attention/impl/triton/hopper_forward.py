@@ -326,8 +326,8 @@ def issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr):
 @gluon.jit
 def _store_rows(Out, vals, first_row, n_rows, h, stride_os, stride_oh, col0, head_dim, layout: gl.constexpr):
     """Rows ``[first_row, first_row + n_rows)`` of head ``h`` of the packed output from ``vals`` ([64, width] in
-    ``layout``, columns from ``col0``; those past ``head_dim`` dropped): plain masked stores, for a packed
-    sequence's last tile, whose copy-engine box would overwrite the next sequence's rows."""
+    ``layout``, columns from ``col0``; those past ``head_dim`` dropped): plain masked stores for packed sequences,
+    where a copy-engine box of a sequence's last tile would overwrite the next sequence's rows."""
     rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, layout))
     cols = col0 + gl.arange(0, vals.shape[1], layout=gl.SliceLayout(0, layout))
     ptrs = Out + (first_row + rows).to(gl.int64)[:, None] * stride_os + h.to(gl.int64) * stride_oh + cols[None, :]
