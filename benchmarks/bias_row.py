@@ -38,10 +38,10 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=T
                 "row-bf16": ({"attn_bias": row.to(torch.bfloat16)}, True),
                 "row-fp32-general": ({"attn_bias": row}, False), "no-bias": ({}, True),
                 "slopes-general": ({"alibi_slopes": slopes}, False), "no-bias-general": ({}, False)}
-    if not only:  # the general kernel's own columns only when asked for
-        variants = {name: v for name, v in variants.items() if name not in ("slopes-general", "no-bias-general")}
     if only:
         variants = {name: variants[name] for name in only}
+    else:  # the general kernel's own columns only when asked for
+        variants = {name: v for name, v in variants.items() if name not in ("slopes-general", "no-bias-general")}
     flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=causal, mode=mode)
     tflops = {}
 

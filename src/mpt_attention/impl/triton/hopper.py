@@ -281,13 +281,12 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None,
     ``(T, H, D)``, ``lse`` ``(H, T_q)``."""
     varlen = cu_q is not None
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    packed = (cu_q, cu_k, None)
     if varlen:  # the packed tensors as one batch row (1, T, H, D); a grid row per (sequence, head)
         n_tokens, n_heads, head_dim = q.shape
         n_kv, batch, s_q, s_k = k.shape[1], cu_q.numel() - 1, max_q, max_k
         lse = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
         lse_strides = (0, n_tokens)
-        packed = (cu_q, cu_k, _packed_tiles(cu_q))
+        cu_tiles = _packed_tiles(cu_q)
         q, k, v, out4 = (x.unsqueeze(0) for x in (q, k, v, out))
         n_tiles = (cdiv(n_tokens, BLOCK_M) + batch) * n_heads  # at most
     else:
@@ -312,7 +311,8 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None,
     # (program, Q buffer) for the coordinates the loader publishes to the consumers (hopper_forward).
     grid = (max(1, min(n_tiles, sm_count(q.device.index))),)
     tiles = torch.zeros(16 + grid[0] * 16, dtype=torch.int32, device=q.device)
-    cu_q, cu_k, cu_tiles = (t if t is not None else tiles for t in packed)  # never-read dummies when dense
+    if not varlen:
+        cu_q = cu_k = cu_tiles = tiles  # never read
     launch_kernel(
         _hopper_fwd_kernel, grid,
         _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out4, HALF_M), bias_desc,
