@@ -8,8 +8,8 @@ import torch
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper
 from mpt_attention.testing import (
-    AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, make_inputs, make_varlen_inputs,
-    reference_attention, reference_attention_varlen,
+    AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, capture_cuda_graph, make_inputs,
+    make_varlen_inputs, reference_attention, reference_attention_varlen,
 )
 
 _SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -80,6 +80,66 @@ def test_hopper_forward_runs_packed_sequences(head_dim, n_kv, causal, alibi, dty
     torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
     no_keys = slice(int(cu_q[4]), int(cu_q[5]))  # 129 queries, no key: zeros and -inf
     assert (out[no_keys] == 0).all() and (lse[:, no_keys] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("head_dim,n_kv,causal,alibi", [
+    pytest.param(128, 2, True, True, id="D128-GQA-causal-alibi-consumers-form-dQ"),
+    pytest.param(64, 4, False, True, id="D64-non-causal-symmetric-alibi-dQ-warpgroup"),
+    pytest.param(96, 1, True, False, id="D96-MQA-causal-tail"),
+])
+def test_hopper_backward_runs_packed_sequences(head_dim, n_kv, causal, alibi, hopper_dkdv_launches):
+    """attention_varlen's default backward on the Hopper dK/dV kernel (dQ summed in it): the sequences of the
+    forward test above (keys past a sequence are its neighbour's in the same boxes and must stay out of its dQ;
+    dK and dV rows of a sequence without queries are zeros), every gradient against float64."""
+    gen = torch.Generator().manual_seed(6)
+    lens_q = [0, 1, 700, 64, 129, 300, 128] + torch.randint(0, 400, (20,), generator=gen).tolist()
+    lens_k = [40, 1, 900, 63, 1, 300, 128] + [n + int(e) for n, e in
+                                              zip(lens_q[7:], torch.randint(0, 150, (20,), generator=gen))]
+    n_heads = 8
+    q, k, v, cu_q, cu_k = make_varlen_inputs(lens_q, lens_k, n_heads, n_kv, head_dim, dtype=torch.bfloat16,
+                                             device="cuda", seed=8, requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda") if alibi else None
+    out = M.attention_varlen(q, k, v, cu_q, cu_k, backend="triton", causal=causal, alibi_slopes=slopes)
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    assert [call[1] for call in hopper_dkdv_launches] == [True]  # one launch, with the dQ sums
+    ins = [x.detach() for x in (q, k, v)]
+    ref_in = [x.double().requires_grad_() for x in ins]
+    low_in = [x.clone().requires_grad_() for x in ins]
+    ref, _ = reference_attention_varlen(*ref_in, cu_q, cu_k, causal=causal, alibi_slopes=slopes)
+    low, _ = reference_attention_varlen(*low_in, cu_q, cu_k, causal=causal, alibi_slopes=slopes,
+                                        compute_dtype=torch.bfloat16)
+    assert_close_to_reference("out", out, ref, low)
+    ref_g = torch.autograd.grad(ref, ref_in, dout.double())
+    low_g = torch.autograd.grad(low, low_in, dout)
+    for name, g, r, lo in zip(("dq", "dk", "dv"), grads, ref_g, low_g):
+        assert_close_to_reference(name, g, r, lo)
+
+
+def test_hopper_packed_tiles_follow_cu_seqlens_updated_in_place():
+    """The per-sequence tile counts are kept on the ``cu_seqlens`` tensor between calls (``hopper._packed_tiles``):
+    new lengths written into the same tensor must be seen, eagerly and by a CUDA graph captured after the counts
+    were kept (serving loops update lengths in place and replay)."""
+    n_heads, head_dim = 4, 128
+    q, k, v, cu, _ = make_varlen_inputs([300, 200, 500], [300, 200, 500], n_heads, n_heads, head_dim,
+                                        dtype=torch.bfloat16, device="cuda", seed=9)
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
+
+    def run():
+        return M.attention_varlen(q, k, v, cu, cu, 1000, 1000, backend="triton", causal=True, alibi_slopes=slopes)
+
+    run()  # the counts of [300, 200, 500] kept on cu
+    graph, out = capture_cuda_graph(run)
+    for lengths in ([100, 700, 200], [1000, 0, 0]):
+        cu.copy_(torch.tensor([0] + lengths, device="cuda").cumsum(0))
+        eager = run()
+        graph.replay()
+        ref, _ = reference_attention_varlen(q.double(), k.double(), v.double(), cu, cu, causal=True,
+                                            alibi_slopes=slopes)
+        low, _ = reference_attention_varlen(q, k, v, cu, cu, causal=True, alibi_slopes=slopes,
+                                            compute_dtype=torch.bfloat16)
+        assert_close_to_reference(f"eager {lengths}", eager, ref, low)
+        assert_close_to_reference(f"graph replay {lengths}", out, ref, low)
 
 
 SCALE_CASES = [  # softmax scales the other forward tests never use, with and without a score term

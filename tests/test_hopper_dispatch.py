@@ -39,6 +39,10 @@ def test_an_eligible_input_is_refused_only_for_the_device():
     # whose rows see no key runs a fully masked block)
     assert _why(*_packed(), varlen=True, max_q=700) == "not an sm_90 GPU"
     assert _why(*_packed(d=80), varlen=True, max_q=128, causal=False) == "not an sm_90 GPU"
+    # and in the backward with the dQ sums (the default, deterministic=None)
+    q, k, v = _packed()
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, True, True, torch.randn_like(q), fused_dq=True,
+                              max_q=700) == "not an sm_90 GPU"
 
 
 @pytest.mark.parametrize("head_dim, width", [(64, 64), (72, 128), (80, 128), (96, 128), (112, 128), (120, 128),
@@ -80,7 +84,7 @@ def test_backward_queries_per_step(head_dim, bias_matrix, fused_dq, block_m):
     ("bias-float64", "bias dtype torch.float64"),
     ("key-padding", "masks or dropout"),
     ("dropout", "masks or dropout"),
-    ("varlen-backward", "packed sequences in the backward"),
+    ("varlen-reproducible-backward", "packed sequences in the reproducible backward"),
     ("varlen-short", "fewer than 128 query rows"),
     ("varlen-no-keys", "no rows, keys or query heads"),
     ("causal-more-queries-than-keys", "rows without keys"),
@@ -103,7 +107,7 @@ def test_reasons(what, expected):
         kw["kpm"] = torch.ones(2, 128, dtype=torch.bool)
     elif what == "dropout":
         kw["dropout_p"] = 0.1
-    elif what == "varlen-backward":
+    elif what == "varlen-reproducible-backward":
         q, k, v = _packed()
         kw.update(varlen=True, max_q=700, dout=torch.randn_like(q))
     elif what == "varlen-short":

@@ -26,7 +26,7 @@ def test_all_kernels_compile_for_sm90():
     assert result.stdout.count("ok   hopper-fwd-bias-matrix") == 6
     # D 72-96: products on 64 + 16 or 32 columns
     assert result.stdout.count("ok   hopper-fwd-tail") == 3 and result.stdout.count("ok   hopper-bwd-tail") == 4
-    assert result.stdout.count("ok   hopper-fwd-varlen") == 3  # packed sequences
+    assert result.stdout.count("ok   hopper-fwd-varlen") == 3 and result.stdout.count("ok   hopper-bwd-varlen") == 3
     # seven with the dQ sums (at D128 the consumers form dQ, at D64 the dQ warpgroup), five more with a bias matrix
     # (and its gradient: the dQ warpgroup at both head dims)
     assert result.stdout.count("ok   hopper-fused-dq") == 12

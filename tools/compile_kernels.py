@@ -22,7 +22,8 @@ _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32",
-                  "Tiles": "*i32", "DKVPart": "*fp32", "RowStats": "*fp32", "DOScaled": "*bf16", "CuTiles": "*i32"}
+                  "Tiles": "*i32", "DKVPart": "*fp32", "RowStats": "*fp32", "DOScaled": "*bf16", "CuTiles": "*i32",
+                  "CuKTiles": "*i32"}
 
 
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
@@ -78,7 +79,7 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             sig[name] = f"tensordesc<fp32[1, 2, {rows['q_desc']}],{_ROW_STATS_LAYOUT!r}>"
         elif name in rows:
             sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, 1, {head_dim}],{layout!r}>"
-        elif name == "Out":  # the forward's packed output (VARLEN), in q's dtype
+        elif name in ("Out", "DK", "DV"):  # packed outputs (VARLEN), in q's dtype
             sig[name] = f"*{dtype}"
         elif name[0].isupper():
             sig[name] = _POINTER_TYPES.get(name, "*fp32")
@@ -104,11 +105,13 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False,
-                               partial: bool = False, full_bias: bool = False, store_ds: bool = False, tail: int = 0):
+                               partial: bool = False, full_bias: bool = False, store_ds: bool = False, tail: int = 0,
+                               varlen: bool = False):
     """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: forming dQ too (the dQ warpgroup,
     or at tile width 128 without a bias matrix or tail the consumers and the writer warp);
     ``partial``: grouped heads split over programs (float32 dK, dV partial sums); ``full_bias``: a bias
-    matrix, ``store_ds`` with its gradient; ``tail``: the products' second piece of columns (with ``fused_dq``)."""
+    matrix, ``store_ds`` with its gradient; ``tail``: the products' second piece of columns (with ``fused_dq``);
+    ``varlen``: packed sequences (with ``fused_dq``; no bias row)."""
     from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
@@ -117,8 +120,9 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
             "dk_desc": BWD_HALF_N, "dv_desc": BWD_HALF_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim,
               # one bias-row variant among the five
-              "BIAS_ROW": alibi == 0 and causal and not full_bias, "FUSED_DQ": fused_dq, "PARTIAL_DKV": partial,
-              "BLOCK_M": block_m, "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail}
+              "BIAS_ROW": alibi == 0 and causal and not full_bias and not varlen, "FUSED_DQ": fused_dq,
+              "PARTIAL_DKV": partial, "BLOCK_M": block_m, "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail,
+              "VARLEN": varlen}
     box = [1, block_m, BWD_HALF_N]
     boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes)
@@ -218,6 +222,12 @@ def main() -> int:
         name = f"hopper-bwd-tail={tail} D=128 causal={causal} alibi={alibi} partial={partial} bias matrix={full_bias}"
         failures += _report_gluon(name, compile_hopper_dkdv_kernel, 128, causal, alibi, "bf16", fused_dq=True,
                                   partial=partial, full_bias=full_bias, store_ds=full_bias, tail=tail)
+    # packed sequences in the fused backward (the consumers forming dQ at D128, the dQ warpgroup at D64, a tail)
+    for head_dim, tail, causal, alibi, dtype in [(128, 0, True, 1, "bf16"), (64, 0, False, 2, "fp16"),
+                                                 (128, 32, True, 0, "bf16")]:
+        name = f"hopper-bwd-varlen D={head_dim} tail={tail} causal={causal} alibi={alibi} {dtype}"
+        failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype, fused_dq=True,
+                                  tail=tail, varlen=True)
     # a bias matrix (+ its gradient) in the fused backward
     for head_dim, causal, alibi, dtype, store_ds in [(128, False, 0, "bf16", True), (128, True, 1, "bf16", True),
                                                      (64, False, 2, "fp16", True), (128, False, 0, "fp16", False),

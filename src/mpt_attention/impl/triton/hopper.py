@@ -80,8 +80,10 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return f"head dim {q.shape[-1]} in the backward (the general dK/dV kernel is faster there, benchmarks/NOTES.md)"
     if kpm is not None or seqid is not None or prefix is not None or dropout_p > 0:
         return "masks or dropout"
-    if varlen and (dout is not None or bias is not None):
-        return "packed sequences in the backward"  # (attention_varlen takes no bias)
+    if varlen and bias is not None:
+        return "packed sequences with a bias"  # (attention_varlen takes none)
+    if varlen and dout is not None and not fused_dq:
+        return "packed sequences in the reproducible backward"
     if bias is not None and bias.shape[2] != 1 and (dout is None or fused_dq):
         # the forward (its [64, 128] tiles ride with K; at tile width 128 it keeps one Q buffer instead of two to
         # make room: hopper_forward._q_buffers) and the backward with the dQ warpgroup read a bias matrix through
@@ -266,12 +268,21 @@ def slope_args(slopes, dummy):
     return slopes, ((0, slopes.stride(0)) if slopes.dim() == 1 else slopes.stride())
 
 
-def _packed_tiles(cu_q: torch.Tensor) -> torch.Tensor:
-    """(B + 1,) int32: query tiles of 128 rows before each packed sequence, the total last (``hopper_tiles``), on the
-    device: no host sync."""
-    tiles = torch.zeros(cu_q.numel(), dtype=torch.int32, device=cu_q.device)
-    torch.cumsum(torch.div(cu_q[1:] - cu_q[:-1] + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
+def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
+    """(B + 1,) int32: tiles of 128 rows before each packed sequence, the total last (``hopper_tiles``; the
+    forward's query tiles, the backward's key blocks), on the device: no host sync. Kept on ``cu`` until it is
+    modified (as ``api._length_stats`` keeps its lengths): the forward and the backward, and a model's layers, share
+    one ``cu_seqlens``, and these four small kernels cost more host time than they take on the GPU. Not while a
+    CUDA graph is captured: the graph must recompute them from the lengths a replay finds (updated in place)."""
+    tracked = not cu.is_inference() and not (cu.is_cuda and torch.cuda.is_current_stream_capturing())
+    cached = getattr(cu, "_mpt_attention_packed_tiles", None) if tracked else None
+    if cached is not None and cached[0] == cu._version:
+        return cached[1]
+    tiles = torch.zeros(cu.numel(), dtype=torch.int32, device=cu.device)
+    torch.cumsum(torch.div(cu[1:] - cu[:-1] + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
                  out=tiles[1:])
+    if tracked:
+        cu._mpt_attention_packed_tiles = (cu._version, tiles)
     return tiles
 
 
@@ -326,6 +337,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None,
 
 
 BWD_BLOCK_N, BWD_HALF_N = 128, 64  # hopper_backward: keys per program / per consumer warpgroup
+assert BWD_BLOCK_N == BLOCK_M  # _packed_tiles' counts serve both kernels
 
 
 def bwd_block_m(head_dim: int, bias_full: bool, fused_dq: bool) -> int:
@@ -347,13 +359,20 @@ def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor
 
 
 def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-                  dq_acc=None, dbias=None) -> None:
+                  dq_acc=None, dbias=None, cu_q=None, cu_k=None) -> None:
     """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel;
     ``row_stats`` as ``row_stats_buffer`` gives it, filled. With ``dq_acc`` (float32 zeros,
     q's shape, 16-byte aligned strides) a fourth warpgroup of the same kernel adds dQ into it by bulk reductions, in
     no fixed order (the backward unless reproducibility is asked for: ``launch.backward``). A bias matrix
     (``dq_acc`` only) is read in q's dtype; ``dbias`` (contiguous ``(B, H, S_q, S_k)`` in q's dtype, rows
-    of 16-byte multiples) receives its gradient dS."""
+    of 16-byte multiples) receives its gradient dS. Packed sequences (``cu_q``, ``cu_k``, with ``dq_acc``): q, k,
+    v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it."""
+    varlen = cu_q is not None
+    dk_out, dv_out = dk, dv  # (varlen: stored from registers, any strides)
+    if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
+        n_seq, n_tokens_k = cu_q.numel() - 1, k.shape[0]
+        q, k, v, dout, dk, dv = (x.unsqueeze(0) for x in (q, k, v, dout, dk, dv))
+        dq_acc = dq_acc.unsqueeze(0)
     batch, s_q, n_heads, head_dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     slopes, slope_strides = slope_args(slopes, row_stats)
@@ -381,12 +400,16 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
     n_groups = n_heads // n_kv
     heads = FUSED_GROUP_HEADS if n_groups % FUSED_GROUP_HEADS == 0 else 1
-    n_splits = n_groups // heads if dq_acc is not None else 1
+    n_splits = n_groups // heads if dq_acc is not None and not varlen else 1
     parts = row_stats  # a never-read dummy with one split
     if n_splits > 1:
         parts = torch.empty((2, n_splits, batch, s_k, n_kv, width), dtype=torch.float32, device=q.device)
     n_rows = batch * n_kv * n_splits
     grid = (cdiv(s_k, BWD_BLOCK_N) * n_rows,)
+    cu_q_arg = cu_k_arg = cu_kb = row_stats  # never-read dummies when dense
+    if varlen:  # key blocks of 128 counted per sequence on the device; the grid an upper bound
+        grid = ((cdiv(n_tokens_k, BWD_BLOCK_N) + n_seq) * n_kv,)
+        cu_q_arg, cu_k_arg, cu_kb = cu_q, cu_k, _packed_tiles(cu_k)
     launch_kernel(
         _hopper_bwd_dkdv_kernel, grid,
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),
@@ -395,9 +418,12 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
         *bias_args[1:], b_on, h_on,
         n_kv, n_groups, n_splits, n_rows, bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None),
         s_q, s_k, softmax_scale * LOG2E, softmax_scale,
+        dk_out, dv_out, cu_q_arg, cu_k_arg, cu_kb, dk_out.stride(-3), dk_out.stride(-2), dv_out.stride(-3),
+        dv_out.stride(-2), batch if not varlen else n_seq, head_dim,
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
-        STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, num_warps=4,
+        STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, VARLEN=varlen,
+        num_warps=4,
     )
     if n_splits > 1:
         dk.copy_(parts[0].sum(0)[..., :head_dim])  # the columns past D are zeros

@@ -79,8 +79,8 @@ from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_T
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
-from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols
-from mpt_attention.impl.triton.hopper_tiles import tile_order
+from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, store_rows
+from mpt_attention.impl.triton.hopper_tiles import sequence_of, tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 # a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector
@@ -118,15 +118,19 @@ def _dq_warps(block_m, head_dim):
 @gluon.jit
 def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem, do_smem,
                         bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, n_heads, start_n, lo, seqlen_q,
-                        bias_bm, bias_hm, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr):
+                        bias_bm, bias_hm, q_off, k_off, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                        BIAS_FULL: gl.constexpr):
     """One warp: this program's K and V once, then (Q, dO) of query block after query block, head after
     head of the program's ``n_g`` query heads from ``h0``, each into stage ``count % STAGES`` once the consumers
     have released it, with the queries' row terms (LSE offset and delta: 2 x BLOCK_M float32); with
-    ``BIAS_FULL`` the step's bias tile too, one [BLOCK_M, 64] box per consumer."""
+    ``BIAS_FULL`` the step's bias tile too, one [BLOCK_M, 64] box per consumer. ``b`` is the descriptors' batch
+    coordinate; ``q_off``, ``k_off`` a packed sequence's first rows (0 for dense inputs)."""
     mbarrier.expect(kv_bar, 4 * _HALF_N * HEAD_DIM * 2)
     for half in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [b, start_n + half * _HALF_N, kv_h, 0], kv_bar, k_smem.index(half))
-        tma.async_copy_global_to_shared(v_desc, [b, start_n + half * _HALF_N, kv_h, 0], kv_bar, v_smem.index(half))
+        tma.async_copy_global_to_shared(k_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
+                                        k_smem.index(half))
+        tma.async_copy_global_to_shared(v_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
+                                        v_smem.index(half))
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL
                                                                                 else 0)
@@ -137,9 +141,11 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, 
             stage = count % STAGES
             mbarrier.wait(empty.index(stage), (count // STAGES) % 2 ^ 1)  # a fresh barrier counts as released
             mbarrier.expect(ready.index(stage), tile_bytes)
-            tma.async_copy_global_to_shared(q_desc, [b, start_m, h0 + g, 0], ready.index(stage), q_smem.index(stage))
-            tma.async_copy_global_to_shared(do_desc, [b, start_m, h0 + g, 0], ready.index(stage), do_smem.index(stage))
-            tma.async_copy_global_to_shared(stats_desc, [b * n_heads + h0 + g, 0, start_m], ready.index(stage),
+            tma.async_copy_global_to_shared(q_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
+                                            q_smem.index(stage))
+            tma.async_copy_global_to_shared(do_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
+                                            do_smem.index(stage))
+            tma.async_copy_global_to_shared(stats_desc, [b * n_heads + h0 + g, 0, q_off + start_m], ready.index(stage),
                                             stats_smem.index(stage))
             if BIAS_FULL:
                 for half in gl.static_range(2):
@@ -162,16 +168,20 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                             DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                             stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+                            DK, DV, k_off, stride_dks, stride_dkh, stride_dvs, stride_dvh, head_dim,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr,
-                            BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, TAIL: gl.constexpr):
+                            BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, TAIL: gl.constexpr,
+                            VARLEN: gl.constexpr):
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV. With
     ``FUSED_DQ`` it also leaves each step's dS in a shared ring for the dQ warpgroup, transposed back to queries
     as rows (the layout of the bias gradient the dQ warpgroup stores from there, and in which two steps' tiles
     are adjacent: one B operand of its product); at 64 queries per step and tile width 128 (``consumers_dq``)
     it forms dQ with the other consumer instead, each its 64 of the 128 columns.
     ``TAIL`` (with ``FUSED_DQ``, D 72-96): the products take 64 + ``TAIL`` of the tile's columns, dK and dV
-    two accumulators each."""
+    two accumulators each. ``VARLEN`` (packed sequences): keys past the sequence (its neighbour's, in the same
+    boxes) are masked, and dK, dV leave by masked plain stores into ``DK``, ``DV`` ((T_k, H_kv, D), ``head_dim``
+    columns) from the sequence's row ``k_off``."""
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
@@ -222,9 +232,16 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     if CONSUMER_DQ:
         dqt_zero = gl.zeros([DQ_CHUNK, DQ_ROWS], gl.float32, dqt_layout())
     if PREFETCH:
-        mbarrier.wait(ready.index(0), 0)
-        st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
-        st = warpgroup_mma_wait(0, deps=[st_tok])
+        if VARLEN:  # a packed program may have no step (a sequence without queries): nothing to wait for
+            st = st_zero
+            if total > 0:
+                mbarrier.wait(ready.index(0), 0)
+                st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
+                st = warpgroup_mma_wait(0, deps=[st_tok])
+        else:
+            mbarrier.wait(ready.index(0), 0)
+            st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
+            st = warpgroup_mma_wait(0, deps=[st_tok])
     else:
         st = st_zero
     t = 0
@@ -240,11 +257,15 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
         if BIAS_ROW:  # a row over the keys: one value per key, i.e. per row of this tile
             key_terms = key_terms + _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk,
                                                keys, seqlen_k)
+        if VARLEN:  # keys past the sequence are its neighbour's (dense inputs read zeros there)
+            key_terms = gl.where(keys < seqlen_k, key_terms, float("-inf"))
         for mb in range(n_mblocks):
             stage = t % STAGES
             start_m = lo + mb * BLOCK_M
             queries = start_m + offs_m
             q_ok = queries < seqlen_q
+            if VARLEN:  # (the previous sequence's last rows: ``lo``)
+                q_ok = q_ok & (queries >= 0)
             # the offsets come decoded (common.decode_lse2: +inf for a row that saw no key); rows past S_q read
             # as zeros: +inf makes their P (and so dS) zero
             row_terms = stats_smem.index(stage)._reinterpret(gl.float32, [2 * BLOCK_M], _ROWS_LAYOUT)
@@ -259,7 +280,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 st = warpgroup_mma_wait(0, deps=[st_tok])
                 lse2 = gl.where(q_ok, row_terms.slice(0, BLOCK_M).load(query_layout), float("inf"))
             s2 = st * qk_scale2
-            if ALIBI == 1 or BIAS_ROW:
+            if ALIBI == 1 or BIAS_ROW or VARLEN:
                 s2 = s2 + key_terms[:, None]
             if ALIBI == 2:  # symmetric: -slope * |query + diag - key|
                 dist = queries[None, :] + diag - keys[:, None]
@@ -356,6 +377,16 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             keep_t = (rows_t < seqlen_k)[:, None]
             gl.store(dst_t, dk_t * softmax_scale, mask=keep_t)
             gl.store(dst_t + part_dv, dv_t, mask=keep_t)
+    elif VARLEN:  # from registers: a box would overwrite the next sequence's rows
+        n_keys = seqlen_k - row0
+        store_rows(DK, (dk * softmax_scale).to(dtype), k_off + row0, n_keys, kv_h, stride_dks, stride_dkh, 0,
+                        head_dim, acc_layout)
+        store_rows(DV, dv.to(dtype), k_off + row0, n_keys, kv_h, stride_dvs, stride_dvh, 0, head_dim, acc_layout)
+        if TAIL > 0:
+            store_rows(DK, (dk_t * softmax_scale).to(dtype), k_off + row0, n_keys, kv_h, stride_dks, stride_dkh,
+                            MAIN, head_dim, tail_layout)
+            store_rows(DV, dv_t.to(dtype), k_off + row0, n_keys, kv_h, stride_dvs, stride_dvh, MAIN, head_dim,
+                            tail_layout)
     else:
         if CONSUMER_DQ:  # the other consumer reads both halves of K until its last step
             if total > 0:
@@ -382,9 +413,10 @@ def _hopper_bwd_dkdv_kernel(
     k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, bias_desc, dbias_desc, stats_desc, Slopes, Bias,
     DKVPart, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
+    DK, DV, CuSeqQ, CuSeqK, CuKTiles, stride_dks, stride_dkh, stride_dvs, stride_dvh, n_seq, head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
-    STORE_DS: gl.constexpr, TAIL: gl.constexpr = 0,
+    STORE_DS: gl.constexpr, TAIL: gl.constexpr = 0, VARLEN: gl.constexpr = False,
 ):
     """Program: (key block of 128, row = (batch, KV head, split)), ``n_rows`` rows, in ``tile_order``: the
     key blocks of a group of ``rows_per_group`` rows interleaved, first (longest, when causal) first, so that
@@ -396,7 +428,11 @@ def _hopper_bwd_dkdv_kernel(
     ``DKVPart``, (2, n_splits, B, S_k, H_kv, HEAD_DIM), instead of dK and dV.
     ``BIAS_FULL`` (with ``FUSED_DQ``): a bias matrix in q's dtype through ``bias_desc``, a (B' * H', S_q, S_k)
     view with boxes [1, BLOCK_M, 64], row ``b * bias_b_on + h * bias_h_on`` (the host's multipliers: 0
-    where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k)."""
+    where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k).
+    ``VARLEN`` (with ``FUSED_DQ``, one split, no bias): packed sequences, the descriptors over (1, T, H, D) views,
+    programs over KV heads and then each sequence's key blocks (``CuKTiles``: cumulative counts of 128-key
+    blocks, ``n_seq`` sequences; the grid may run past the last: those programs have no keys and no queries),
+    the row terms (H, 2, T_q), dK and dV stored into ``DK``, ``DV`` by the consumers from registers."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
@@ -405,13 +441,33 @@ def _hopper_bwd_dkdv_kernel(
     mat_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
 
-    n_kb = gl.cdiv(seqlen_k, 2 * _HALF_N)
-    last_kb, row = tile_order(gl.program_id(0), n_kb, n_rows, rows_per_group)
-    start_n = (n_kb - 1 - last_kb) * 2 * _HALF_N
-    split = row % n_splits
-    bkv = row // n_splits
-    b = bkv // n_kv
-    kv_h = bkv % n_kv
+    if VARLEN:
+        total_kb = gl.load(CuKTiles + n_seq)
+        kv_h = gl.program_id(0) // total_kb
+        r = gl.program_id(0) - kv_h * total_kb
+        b = sequence_of(r, n_seq, CuKTiles)
+        start_n = (r - gl.load(CuKTiles + b)) * 2 * _HALF_N
+        q_off = gl.load(CuSeqQ + b)
+        seqlen_q = gl.load(CuSeqQ + b + 1) - q_off
+        k_off = gl.load(CuSeqK + b)
+        seqlen_k = gl.load(CuSeqK + b + 1) - k_off
+        if kv_h >= n_kv:  # past the grid's last key block
+            kv_h = 0
+            seqlen_q = 0
+            seqlen_k = 0
+        split = 0
+        tb = 0  # the descriptors' batch coordinate in the (1, T, H, D) views
+    else:
+        n_kb = gl.cdiv(seqlen_k, 2 * _HALF_N)
+        last_kb, row = tile_order(gl.program_id(0), n_kb, n_rows, rows_per_group)
+        start_n = (n_kb - 1 - last_kb) * 2 * _HALF_N
+        split = row % n_splits
+        bkv = row // n_splits
+        b = bkv // n_kv
+        kv_h = bkv % n_kv
+        q_off = 0
+        k_off = 0
+        tb = b
     b64 = b.to(gl.int64)
     n_g = n_groups // n_splits  # this program's query heads: h0, h0 + 1, ...
     h0 = kv_h * n_groups + split * n_g
@@ -427,6 +483,11 @@ def _hopper_bwd_dkdv_kernel(
     lo = 0
     if IS_CAUSAL:  # queries i with i + diag >= start_n are the first to see this block
         lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
+    if VARLEN and lo < seqlen_q:
+        # the row terms' boxes run along their innermost dimension, where the copy engine takes only 16-byte
+        # aligned starts (others raised an illegal instruction on an H200): query blocks start on a packed row
+        # that is a multiple of 4, the rows before the sequence's first masked like those past its last
+        lo = lo - q_off % 4
 
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, 1, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, 1, HEAD_DIM], tile_layout)
@@ -486,22 +547,24 @@ def _hopper_bwd_dkdv_kernel(
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
-                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
+                                           qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
+                                           stride_dvs, stride_dvh, head_dim, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW,
+                                           FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
                                            dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_bars, dq_smem, dq_desc,
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
-                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
+                                           qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
+                                           stride_dvs, stride_dvh, head_dim, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW,
+                                           FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
-                                       do_smem, bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g,
-                                       n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M,
-                                       BIAS_FULL)),
+                                       do_smem, bias_smem, stats_smem, kv_bar, ready, empty, tb, kv_h, h0, n_g,
+                                       n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, q_off, k_off,
+                                       HEAD_DIM, BLOCK_M, BIAS_FULL)),
                 (dq_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
-                                dbias_desc, b, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM,
-                                BLOCK_M, STORE_DS, IS_CAUSAL)),
+                                dbias_desc, tb, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q, softmax_scale, q_off,
+                                HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL)),
             ],
             [4, 1, _dq_warps(BLOCK_M, HEAD_DIM)],
             [_fused_regs(BLOCK_M, HEAD_DIM, 0), 24, _fused_regs(BLOCK_M, HEAD_DIM, 1)],
@@ -515,19 +578,21 @@ def _hopper_bwd_dkdv_kernel(
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
-                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
+                                           qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
+                                           stride_dvs, stride_dvh, head_dim, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW,
+                                           FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
                                            dk_desc, dv_desc, q_smem, ready, empty, kv_bar, q_smem, dq_desc,
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
-                                           qk_scale2, softmax_scale, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW, FUSED_DQ,
-                                           PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL)),
+                                           qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
+                                           stride_dvs, stride_dvh, head_dim, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW,
+                                           FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
-                                       do_smem, bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g,
-                                       n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, HEAD_DIM, BLOCK_M,
-                                       BIAS_FULL)),
+                                       do_smem, bias_smem, stats_smem, kv_bar, ready, empty, tb, kv_h, h0, n_g,
+                                       n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, q_off, k_off,
+                                       HEAD_DIM, BLOCK_M, BIAS_FULL)),
             ],
             [4, 1], [240, 24],
         )

@@ -93,7 +93,7 @@ def _staging_pending(dc, steps, pair, n_chunks, tiles, ds_boxes):
 
 @gluon.jit
 def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_done, dq_desc,
-                           dbias_desc, b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale,
+                           dbias_desc, b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, q_off,
                            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr,
                            IS_CAUSAL: gl.constexpr):
     """One warpgroup (``FUSED_DQ``): dQ^T = K^T dS^T over the program's 128 keys for ``DQ_ROWS`` queries at a time,
@@ -174,7 +174,7 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
                 if i < steps:
                     g, start_m = step_origin(t + i, lo, n_mblocks, BLOCK_M)
                     for ti in gl.static_range(TILES):
-                        tma_reduce_add(dq_desc, [b, start_m, h0 + g, (dc * TILES + ti) * DQ_COLS],
+                        tma_reduce_add(dq_desc, [b, q_off + start_m, h0 + g, (dc * TILES + ti) * DQ_COLS],
                                        boxes.index(ti * PAIR + i))
     partition_barrier()
     mbarrier.arrive(dq_done)
@@ -207,7 +207,7 @@ def consumer_dq_step(u, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_ba
 
 
 @gluon.jit
-def dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, BLOCK_M: gl.constexpr):
+def dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, q_off, BLOCK_M: gl.constexpr):
     """One warp where the consumers form dQ (``consumers_dq``): each step's two staged halves of dQ (a consumer's
     64 columns each, ``dq_bars`` [full 0, full 1, empty 0, empty 1]) added into the float32 dQ sums by bulk
     tensor reductions, each half released once the copy engine has read it. Issued from the consumers, the
@@ -221,7 +221,7 @@ def dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, BLO
             mbarrier.wait(dq_bars.index(half), t % 2)
             boxes = dq_smem.index(half)._reinterpret(gl.float32, [TILES, 1, BLOCK_M, 1, DQ_COLS], dq_desc.layout)
             for ti in gl.static_range(TILES):
-                tma_reduce_add(dq_desc, [b, start_m, h0 + g, (half * TILES + ti) * DQ_COLS], boxes.index(ti))
+                tma_reduce_add(dq_desc, [b, q_off + start_m, h0 + g, (half * TILES + ti) * DQ_COLS], boxes.index(ti))
         tma.store_wait(TILES)  # bulk groups complete in issue order: the first half's are read
         partition_barrier()  # (the issuing thread's wait holds the others)
         mbarrier.arrive(dq_bars.index(2))
@@ -232,13 +232,14 @@ def dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, BLO
 
 @gluon.jit
 def dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc, dbias_desc, b, h0,
-                 n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                 STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr):
+                 n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, q_off, HEAD_DIM: gl.constexpr,
+                 BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr):
     """The dK/dV kernel's dQ partition: the writer where the consumers form dQ (``consumers_dq``), else the dQ
-    warpgroup (``dq_bars`` its done barrier)."""
+    warpgroup (``dq_bars`` its done barrier). ``b`` is the dQ sums' batch coordinate, ``q_off`` a packed
+    sequence's first row (0 for dense inputs)."""
     if consumers_dq(BLOCK_M, HEAD_DIM):
-        dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, BLOCK_M)
+        dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, q_off, BLOCK_M)
     else:
         dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
-                               dbias_desc, b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, HEAD_DIM,
+                               dbias_desc, b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, q_off, HEAD_DIM,
                                BLOCK_M, STORE_DS, IS_CAUSAL)

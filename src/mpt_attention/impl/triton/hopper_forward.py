@@ -324,10 +324,11 @@ def issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr):
 
 
 @gluon.jit
-def _store_rows(Out, vals, first_row, n_rows, h, stride_os, stride_oh, col0, head_dim, layout: gl.constexpr):
-    """Rows ``[first_row, first_row + n_rows)`` of head ``h`` of the packed output from ``vals`` ([64, width] in
-    ``layout``, columns from ``col0``; those past ``head_dim`` dropped): plain masked stores for packed sequences,
-    where a copy-engine box of a sequence's last tile would overwrite the next sequence's rows."""
+def store_rows(Out, vals, first_row, n_rows, h, stride_os, stride_oh, col0, head_dim, layout: gl.constexpr):
+    """Rows ``[first_row, first_row + n_rows)`` of head ``h`` of a packed (T, H, D) output from ``vals`` ([64, width]
+    in ``layout``, columns from ``col0``; those past ``head_dim`` dropped): plain masked stores for packed sequences,
+    where a copy-engine box of a sequence's last tile would overwrite the next sequence's rows (also the dK/dV
+    kernel's dK and dV, 64 keys per consumer)."""
     rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, layout))
     cols = col0 + gl.arange(0, vals.shape[1], layout=gl.SliceLayout(0, layout))
     ptrs = Out + (first_row + rows).to(gl.int64)[:, None] * stride_os + h.to(gl.int64) * stride_oh + cols[None, :]
@@ -342,7 +343,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
                    BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
     landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``
-    (``VARLEN``: stored from registers, ``_store_rows``). With a ``TAIL`` the output is two accumulators, columns
+    (``VARLEN``: stored from registers, ``store_rows``). With a ``TAIL`` the output is two accumulators, columns
     [0, 64) and [64, 64 + TAIL)."""
     dtype: gl.constexpr = q3.dtype
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
@@ -476,10 +477,10 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
         q_start = gl.load(info + 5, volatile=True)
         seqlen_q = gl.load(info + 6, volatile=True)
         lse_offset += q_start
-        _store_rows(Out, out.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, 0, head_dim,
+        store_rows(Out, out.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, 0, head_dim,
                     o_layout)
         if TAIL > 0:
-            _store_rows(Out, (acc_t / gl.convert_layout(l_safe, t_rows)[:, None]).to(dtype), q_start + row0,
+            store_rows(Out, (acc_t / gl.convert_layout(l_safe, t_rows)[:, None]).to(dtype), q_start + row0,
                         seqlen_q - row0, h, stride_os, stride_oh, MAIN, head_dim, t_layout)
     else:
         # this warpgroup's Q is no longer read: its buffer stages the output (with a tail, the columns past it keep

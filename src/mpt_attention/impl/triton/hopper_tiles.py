@@ -28,9 +28,9 @@ def tile_order(t, n_m, n_bh, heads_per_group):
 
 
 @gluon.jit
-def _sequence_of(r, n_seq, CuTiles):
-    """The sequence that holds per-head tile ``r``: the last ``b`` with ``CuTiles[b] <= r`` (sequences without
-    queries hold no tile and are passed over), by bisection."""
+def sequence_of(r, n_seq, CuTiles):
+    """The sequence that holds tile ``r`` (of one head): the last ``b`` with ``CuTiles[b] <= r`` (sequences
+    without tiles are passed over), by bisection; also the dK/dV kernel's key blocks."""
     lo = 0
     hi = n_seq  # CuTiles[lo] <= r < CuTiles[hi]
     while hi - lo > 1:
@@ -66,7 +66,7 @@ def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seq
         total = gl.load(CuTiles + n_bh // n_heads)
         h = t // total
         r = t - h * total
-        b = _sequence_of(r, n_bh // n_heads, CuTiles)
+        b = sequence_of(r, n_bh // n_heads, CuTiles)
         m = gl.load(CuTiles + b + 1) - 1 - r  # the sequence's last tile first
         q_start = gl.load(CuSeqQ + b)
         len_q = gl.load(CuSeqQ + b + 1) - q_start

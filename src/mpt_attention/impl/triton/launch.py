@@ -398,16 +398,20 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         and _descriptors_ok(dbias_full)
     fused_dq = FUSED_DQ and deterministic is not True and (not bias_grad or ds_from_ring) and (
         n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
-        q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True) is None
+        q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True, max_q=s_q) is None
     # tiles the general backward skips (causal, padding, other sequences) must read as zero; the Hopper kernel
     # stores zero tiles itself
     if bias_mode == 2 and not fused_dq and (causal or kpm is not None or seqid is not None):
         dbias_full.zero_()
     use_hopper = fused_dq or not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p,
-                                                                  causal, varlen, dout) is None
+                                                                  causal, varlen, dout, max_q=s_q) is None
     # the Hopper kernel's loader copies each step's row terms (log2-domain LSE offset, delta) beside Q and dO,
     # so the consumers read them from shared memory instead of waiting on global loads every step
-    row_stats = hopper.row_stats_buffer(batch, n_heads, s_q, q.device) if use_hopper else None
+    # (packed sequences: one long row per head, as the delta kernel writes them)
+    row_stats = None
+    if use_hopper:
+        row_stats = hopper.row_stats_buffer(1, n_heads, q.shape[0], q.device) if varlen else \
+            hopper.row_stats_buffer(batch, n_heads, s_q, q.device)
     # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
     # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
     atomic = deterministic is False and not use_hopper and not ds_gemm
@@ -462,7 +466,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             if use_hopper:
                 hopper.backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, softmax_scale, causal,
                                      _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None,
-                                     dbias_full if fused_dq and bias_mode == 2 else None)
+                                     dbias_full if fused_dq and bias_mode == 2 else None,
+                                     cu_q if varlen else None, cu_k if varlen else None)
             else:
                 launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
