@@ -1,13 +1,17 @@
 """Packed sequences (``attention_varlen``) on the GPU: the Hopper kernels against the general ones.
 
-    python benchmarks/varlen.py
+    python benchmarks/varlen.py [--against-dense]
 
 Per shape (bf16; a batch of sequences of random lengths between a quarter and three quarters of S, the padded
 batch of bench_attention.py's extras), real-token TFLOP/s of the forward and of forward+backward with the Hopper
 kernels on and off, alternated over three rounds (the median), each timed eagerly and replayed from a CUDA graph.
-The eager calls are host-bound at these sizes (the packed forward's host path takes ~0.6 ms on the GPU machine,
-its kernel 0.3 ms at D128): the replay is the kernels' ratio, the eager one what a loop of single calls sees.
+The eager calls can be host-bound at these sizes (the packed forward's host path took 0.60 ms on the GPU machine
+before its tile counts were kept per ``cu_seqlens``, 0.38 after; its kernel 0.3 ms at D128): the replay is the
+kernels' ratio, the eager one what a loop of single calls sees.
+``--against-dense``: equal sequences, packed against the same batch dense (``against_dense``).
 """
+
+import sys
 
 import torch
 from triton.testing import do_bench
@@ -63,7 +67,35 @@ def measure(batch, n_heads, seq, head_dim, causal, rounds=3):
                   "TFLOP/s (real tokens)", flush=True)
 
 
+def against_dense(batch, n_heads, seq, head_dim, causal=True):
+    """The same batch of equal sequences packed and dense, Hopper kernels both (CUDA-graph replays, ms): what
+    packing costs where it saves nothing (tile order, masked stores, per-tile lengths)."""
+    dev = "cuda"
+    slopes = M.gen_slopes(n_heads, return_1d=True, device=dev)
+    qp, kp, vp = (torch.randn(batch * seq, n_heads, head_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                  for _ in range(3))
+    dout = torch.randn_like(qp)
+    cu = torch.arange(0, batch * seq + 1, seq, device=dev, dtype=torch.int32)
+    qd, kd, vd = (x.detach().view(batch, seq, n_heads, head_dim).requires_grad_() for x in (qp, kp, vp))
+    runs = {"packed": (lambda: M.attention_varlen(qp, kp, vp, cu, cu, seq, seq, backend="triton", causal=causal,
+                                                  alibi_slopes=slopes), [qp, kp, vp], dout),
+            "dense": (lambda: M.attention(qd, kd, vd, backend="triton", causal=causal, alibi_slopes=slopes),
+                      [qd, kd, vd], dout.view(batch, seq, n_heads, head_dim))}
+    line = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, equal lengths:"
+    for name, (fwd, leaves, grad) in runs.items():
+        for mode, fn in (("fwd", fwd), ("fwd_bwd", lambda fwd=fwd, leaves=leaves, grad=grad:
+                                             torch.autograd.grad(fwd(), leaves, grad))):
+            graph, _ = capture_cuda_graph(fn)
+            line += f" {name}-{mode} {do_bench(graph.replay, warmup=25, rep=100, return_mode='median'):.3f} ms"
+            del graph
+    print(line, flush=True)
+
+
 def main():
+    if "--against-dense" in sys.argv:
+        for shape in ((8, 16, 2048, 128), (8, 32, 2048, 64)):
+            against_dense(*shape)
+        return
     for shape in SHAPES:
         measure(*shape)
 

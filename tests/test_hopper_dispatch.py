@@ -317,3 +317,18 @@ def test_packed_sequences_count_their_query_tiles_on_the_device():
     cu_q = torch.tensor([0, 0, 1, 130, 130, 386], dtype=torch.int32)  # lengths 0, 1, 129, 0, 256
     tiles = hopper._packed_tiles(cu_q)
     assert tiles.dtype == torch.int32 and tiles.tolist() == [0, 0, 1, 3, 3, 5]
+    cu_q.copy_(torch.tensor([0, 128, 128, 129, 129, 129], dtype=torch.int32))  # kept on cu_q until it changes
+    assert hopper._packed_tiles(cu_q).tolist() == [0, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("n_heads, bytes_per_head, expected", [
+    pytest.param(16, 2 << 20, 8, id="16-heads-2MB: 12 fit, the largest divisor of 16 below is 8"),
+    pytest.param(16, 1 << 20, 16, id="16-heads-1MB: all"),
+    pytest.param(12, 5 << 20, 4, id="12-heads-5MB: 4 fit and divide 12"),
+    pytest.param(7, 4 << 20, 1, id="7-heads: a prime head count runs head after head"),
+    pytest.param(4, 64 << 20, 1, id="one head over the budget"),
+])
+def test_packed_head_groups_divide_the_heads_and_keep_within_the_l2_budget(n_heads, bytes_per_head, expected):
+    """hopper_tiles.packed_tile interleaves the tiles of a group of heads per sequence; groups must divide the
+    head count (the mapping has no ragged last group)."""
+    assert hopper.packed_heads_per_group(n_heads, bytes_per_head) == expected

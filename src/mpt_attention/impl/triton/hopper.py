@@ -246,6 +246,13 @@ def heads_per_group(k, n_heads, n_bh):
     return max(1, min(n_bh, int(L2_GROUP_BYTES // max(per_head, 1))))
 
 
+def packed_heads_per_group(n_heads: int, bytes_per_head: float) -> int:
+    """Packed sequences: how many heads' tiles (``hopper_tiles.packed_tile``) run side by side, the largest divisor
+    of ``n_heads`` whose heads share at most ``L2_GROUP_BYTES`` over the longest sequence (``bytes_per_head``)."""
+    fit = max(1, int(L2_GROUP_BYTES // max(bytes_per_head, 1)))
+    return max(d for d in range(1, min(n_heads, fit) + 1) if n_heads % d == 0)
+
+
 def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
     """How many rows (batch, KV head, split) of the dK/dV kernel's grid interleave their key blocks
     (``hopper_tiles.tile_order``, first key block first) with the fused dQ: as many as keep what
@@ -298,6 +305,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None,
         lse = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
         lse_strides = (0, n_tokens)
         cu_tiles = _packed_tiles(cu_q)
+        group = packed_heads_per_group(n_heads, 2 * max_k * head_dim * q.element_size() * n_kv / n_heads)
         q, k, v, out4 = (x.unsqueeze(0) for x in (q, k, v, out))
         n_tiles = (cdiv(n_tokens, BLOCK_M) + batch) * n_heads  # at most
     else:
@@ -307,6 +315,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None,
         lse_strides = (n_heads * s_q, s_q)
         out4 = out
         n_tiles = cdiv(s_q, BLOCK_M) * batch * n_heads
+        group = heads_per_group(k, n_heads, batch * n_heads)
     slopes, slope_strides = slope_args(slopes, lse)
     bias_desc, b_on, h_on = None, 0, 0
     bias_full = bias is not None and bias.shape[2] != 1
@@ -329,7 +338,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None,
         _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out4, HALF_M), bias_desc,
         lse, slopes, tiles, out, cu_q, cu_k, cu_tiles, *lse_strides, *slope_strides, out4.stride(1), out4.stride(2),
         n_heads, n_heads // n_kv, batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
-        heads_per_group(k, n_heads, batch * n_heads), head_dim, IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N,
+        group, head_dim, IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N,
         HEAD_DIM=tile_dim(head_dim), BIAS_ROW=bias is not None and not bias_full, TAIL=product_tail(head_dim),
         BIAS_FULL=bias_full, VARLEN=varlen, num_warps=4,
     )
@@ -359,14 +368,15 @@ def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor
 
 
 def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-                  dq_acc=None, dbias=None, cu_q=None, cu_k=None) -> None:
+                  dq_acc=None, dbias=None, cu_q=None, cu_k=None, max_q=0) -> None:
     """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel;
     ``row_stats`` as ``row_stats_buffer`` gives it, filled. With ``dq_acc`` (float32 zeros,
     q's shape, 16-byte aligned strides) a fourth warpgroup of the same kernel adds dQ into it by bulk reductions, in
     no fixed order (the backward unless reproducibility is asked for: ``launch.backward``). A bias matrix
     (``dq_acc`` only) is read in q's dtype; ``dbias`` (contiguous ``(B, H, S_q, S_k)`` in q's dtype, rows
     of 16-byte multiples) receives its gradient dS. Packed sequences (``cu_q``, ``cu_k``, with ``dq_acc``): q, k,
-    v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it."""
+    v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it, the
+    longest sequence ``max_q`` queries long."""
     varlen = cu_q is not None
     dk_out, dv_out = dk, dv  # (varlen: stored from registers, any strides)
     if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
@@ -410,13 +420,16 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     if varlen:  # key blocks of 128 counted per sequence on the device; the grid an upper bound
         grid = ((cdiv(n_tokens_k, BWD_BLOCK_N) + n_seq) * n_kv,)
         cu_q_arg, cu_k_arg, cu_kb = cu_q, cu_k, _packed_tiles(cu_k)
+        group = packed_heads_per_group(n_kv, max_q * head_dim * (2 * q.element_size() + 4) * n_groups)
+    else:
+        group = bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None)
     launch_kernel(
         _hopper_bwd_dkdv_kernel, grid,
         _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),
         _descriptor(dout, block_m), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N), dq_desc,
         bias_desc, dbias_desc, stats_desc, slopes, bias_args[0], parts, *slope_strides,
         *bias_args[1:], b_on, h_on,
-        n_kv, n_groups, n_splits, n_rows, bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None),
+        n_kv, n_groups, n_splits, n_rows, group,
         s_q, s_k, softmax_scale * LOG2E, softmax_scale,
         dk_out, dv_out, cu_q_arg, cu_k_arg, cu_kb, dk_out.stride(-3), dk_out.stride(-2), dv_out.stride(-3),
         dv_out.stride(-2), batch if not varlen else n_seq, head_dim,

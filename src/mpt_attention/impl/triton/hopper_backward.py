@@ -80,7 +80,7 @@ from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, store_rows
-from mpt_attention.impl.triton.hopper_tiles import sequence_of, tile_order
+from mpt_attention.impl.triton.hopper_tiles import packed_tile, sequence_of, tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 # a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector
@@ -430,8 +430,9 @@ def _hopper_bwd_dkdv_kernel(
     view with boxes [1, BLOCK_M, 64], row ``b * bias_b_on + h * bias_h_on`` (the host's multipliers: 0
     where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k).
     ``VARLEN`` (with ``FUSED_DQ``, one split, no bias): packed sequences, the descriptors over (1, T, H, D) views,
-    programs over KV heads and then each sequence's key blocks (``CuKTiles``: cumulative counts of 128-key
-    blocks, ``n_seq`` sequences; the grid may run past the last: those programs have no keys and no queries),
+    programs over each sequence's key blocks (``CuKTiles``: cumulative counts of 128-key blocks, ``n_seq``
+    sequences) in ``hopper_tiles.packed_tile``'s order, ``rows_per_group`` KV heads innermost (the grid may run
+    past the last: those programs have no keys and no queries),
     the row terms (H, 2, T_q), dK and dV stored into ``DK``, ``DV`` by the consumers from registers."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
@@ -443,8 +444,7 @@ def _hopper_bwd_dkdv_kernel(
 
     if VARLEN:
         total_kb = gl.load(CuKTiles + n_seq)
-        kv_h = gl.program_id(0) // total_kb
-        r = gl.program_id(0) - kv_h * total_kb
+        kv_h, r = packed_tile(gl.program_id(0), total_kb, rows_per_group)
         b = sequence_of(r, n_seq, CuKTiles)
         start_n = (r - gl.load(CuKTiles + b)) * 2 * _HALF_N
         q_off = gl.load(CuSeqQ + b)

@@ -467,7 +467,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                 hopper.backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, softmax_scale, causal,
                                      _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None,
                                      dbias_full if fused_dq and bias_mode == 2 else None,
-                                     cu_q if varlen else None, cu_k if varlen else None)
+                                     cu_q if varlen else None, cu_k if varlen else None, s_q)
             else:
                 launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
