@@ -1,6 +1,6 @@
 """Packed sequences (``attention_varlen``) on the GPU: the Hopper kernels against the general ones.
 
-    python benchmarks/varlen.py [--against-dense]
+    python benchmarks/varlen.py [--against-dense | --sequence-id]
 
 Per shape (bf16; a batch of sequences of random lengths between a quarter and three quarters of S, the padded
 batch of bench_attention.py's extras), real-token TFLOP/s of the forward and of forward+backward with the Hopper
@@ -9,6 +9,7 @@ The eager calls can be host-bound at these sizes (the packed forward's host path
 before its tile counts were kept per ``cu_seqlens``, 0.38 after; its kernel 0.3 ms at D128): the replay is the
 kernels' ratio, the eager one what a loop of single calls sees.
 ``--against-dense``: equal sequences, packed against the same batch dense (``against_dense``).
+``--sequence-id``: MPT's packed rows, as packed sequences against the masked dense kernels (``sequence_id_rows``).
 """
 
 import sys
@@ -91,7 +92,56 @@ def against_dense(batch, n_heads, seq, head_dim, causal=True):
     print(line, flush=True)
 
 
+def sequence_id_rows(batch, n_heads, seq, head_dim, causal=True, rounds=3):
+    """MPT's packed rows, ``attention(sequence_id=...)`` (sorted ids, runs of random lengths between S/8 and S/2):
+    as packed sequences (``packed_rows``, the default on an H100/H200) against the masked dense kernels
+    (``packed_rows.ROUTE = False``), eager (a CUDA graph capture takes the masked path), TFLOP/s of the real
+    (within-run) work."""
+    from mpt_attention import packed_rows
+
+    dev = "cuda"
+    gen = torch.Generator().manual_seed(3)
+    rows, real = [], 0.0
+    for _ in range(batch):
+        cuts, at = [], 0
+        while at < seq:
+            n = min(int(torch.randint(seq // 8, seq // 2, (1,), generator=gen)), seq - at)
+            cuts.append(n)
+            at += n
+        rows.append(torch.cat([torch.full((n,), i) for i, n in enumerate(cuts)]))
+        real += sum(attention_flops(1, n_heads, n, n, head_dim, causal=causal) for n in cuts)
+    ids = torch.stack(rows).to(dev)
+    q, k, v = (torch.randn(batch, seq, n_heads, head_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    slopes = M.gen_slopes(n_heads, return_1d=True, device=dev)
+    dout = torch.randn_like(q)
+
+    def fwd():
+        return M.attention(q, k, v, backend="triton", causal=causal, alibi_slopes=slopes, sequence_id=ids)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fwd(), [q, k, v], dout)
+
+    results = {}
+    for _ in range(rounds):
+        for route in (None, False):
+            packed_rows.ROUTE = route
+            for mode, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.5)):
+                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                results.setdefault((mode, route), []).append(mult * real / ms / 1e9)
+    packed_rows.ROUTE = None
+    label = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, sequence_id runs"
+    for mode in ("fwd", "fwd_bwd"):
+        on, off = (sorted(results[mode, r])[len(results[mode, r]) // 2] for r in (None, False))
+        print(f"{label:52s} {mode:7s} packed {on:6.1f}  masked {off:6.1f}  ratio {on / off:.3f} TFLOP/s (real work)",
+              flush=True)
+
+
 def main():
+    if "--sequence-id" in sys.argv:
+        for shape in ((4, 16, 8192, 128), (8, 32, 2048, 64)):
+            sequence_id_rows(*shape)
+        return
     if "--against-dense" in sys.argv:
         for shape in ((8, 16, 2048, 128), (8, 32, 2048, 64)):
             against_dense(*shape)

@@ -116,6 +116,39 @@ def test_hopper_backward_runs_packed_sequences(head_dim, n_kv, causal, alibi, ho
         assert_close_to_reference(name, g, r, lo)
 
 
+@pytest.mark.parametrize("head_dim,n_kv,causal,alibi", [
+    pytest.param(128, 2, True, "heads", id="D128-GQA-causal-alibi"),
+    pytest.param(64, 4, True, "batch", id="D64-causal-alibi-per-batch-row"),
+    pytest.param(128, 4, False, "heads", id="D128-non-causal-symmetric-alibi"),
+])
+def test_sequence_id_rows_run_as_packed_sequences_on_the_hopper_kernels(head_dim, n_kv, causal, alibi,
+                                                                       hopper_dkdv_launches, monkeypatch):
+    """attention(sequence_id=...) with sorted ids (MPT's packed rows) goes to the Hopper kernels as packed
+    sequences (``packed_rows``: the default where the Hopper forward applies), and gives what the float64
+    reference gives with the ids as a mask: output, log-sum-exp (MPT's causal ALiBi is relative to the row's
+    last key, the packed kernels' to the run's) and every gradient."""
+    from mpt_attention import ops
+
+    seen, real = [], ops.triton_attention
+    monkeypatch.setattr(ops, "triton_attention", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    seq, n_heads = 1000, 4
+    ids = torch.tensor([[0] * 300 + [1] * 1 + [2] * 571 + [3] * 128, [0] * 999 + [1]], device="cuda")
+    (q, k, v), _ = make_inputs(AttnCase(2, seq, seq, n_heads, n_kv, head_dim), dtype=torch.bfloat16, device="cuda",
+                               requires_grad=True)
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
+    if alibi == "batch":
+        slopes = torch.stack([slopes, M.gen_slopes(n_heads, alibi_bias_max=4, return_1d=True, device="cuda")])
+    kw = dict(causal=causal, alibi_slopes=slopes, sequence_id=ids)
+    out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v], dout)
+    assert [c.get("cu_seqlens_q") is not None for c in seen] == [True]
+    assert [call[1] for call in hopper_dkdv_launches] == [True]
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
 def test_hopper_packed_tiles_follow_cu_seqlens_updated_in_place():
     """The per-sequence tile counts are kept on the ``cu_seqlens`` tensor between calls (``hopper._packed_tiles``):
     new lengths written into the same tensor must be seen, eagerly and by a CUDA graph captured after the counts

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from mpt_attention import ops
+from mpt_attention import ops, packed_rows
 from mpt_attention.impl import reference, sdpa
 from mpt_attention.impl.device import sm_major
 
@@ -144,7 +144,10 @@ def attention(
     if backend == "sdpa":
         return sdpa.attention(q, k, v, **kwargs)
     if backend == "triton":
-        out, lse = ops.triton_attention(q, k, v, deterministic=deterministic, **kwargs)
+        # MPT's packed rows as packed sequences where that is exact and faster (packed_rows.py)
+        packed = packed_rows.attention(q, k, v, deterministic=deterministic, return_lse=return_lse, **kwargs)
+        out, lse = packed if packed is not None else ops.triton_attention(q, k, v, deterministic=deterministic,
+                                                                          **kwargs)
         return (out, lse) if return_lse else out
     raise NotImplementedError(_FLASH_MISSING)
 
