@@ -343,8 +343,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
                    BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
     landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``
-    (``VARLEN``: stored from registers, ``store_rows``). With a ``TAIL`` the output is two accumulators, columns
-    [0, 64) and [64, 64 + TAIL)."""
+    (``VARLEN``: a sequence's last rows from registers, ``store_rows``). With a ``TAIL`` the output is two
+    accumulators, columns [0, 64) and [64, 64 + TAIL)."""
     dtype: gl.constexpr = q3.dtype
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -473,29 +473,40 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     # Rows that saw no key are defined as 0 with a log-sum-exp of -inf (as in forward.py).
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
+    out_t = out  # (no tail: never used)
+    if TAIL > 0:
+        out_t = acc_t / gl.convert_layout(l_safe, t_rows)[:, None]
     if VARLEN:
         q_start = gl.load(info + 5, volatile=True)
         seqlen_q = gl.load(info + 6, volatile=True)
         lse_offset += q_start
-        store_rows(Out, out.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, 0, head_dim,
-                    o_layout)
-        if TAIL > 0:
-            store_rows(Out, (acc_t / gl.convert_layout(l_safe, t_rows)[:, None]).to(dtype), q_start + row0,
-                        seqlen_q - row0, h, stride_os, stride_oh, MAIN, head_dim, t_layout)
+        if seqlen_q - row0 >= _HALF_M:  # rows wholly inside the sequence: the copy engine's store, as dense
+            _store_through_q(q, q3, out, out_t, o_desc, 0, q_start + row0, h, MAIN, TAIL)
+        else:  # the sequence's last rows: a box would overwrite the next sequence's
+            store_rows(Out, out.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, 0, head_dim,
+                       o_layout)
+            if TAIL > 0:
+                store_rows(Out, out_t.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, MAIN,
+                           head_dim, t_layout)
     else:
-        # this warpgroup's Q is no longer read: its buffer stages the output (with a tail, the columns past it keep
-        # the copy engine's zeros, dropped by the store)
-        if TAIL == 0:
-            q.store(out.to(dtype))
-        else:
-            q.slice(0, MAIN, dim=1).store(out.to(dtype))
-            q.slice(MAIN, TAIL, dim=1).store((acc_t / gl.convert_layout(l_safe, t_rows)[:, None]).to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], q3)
+        _store_through_q(q, q3, out, out_t, o_desc, b, row0, h, MAIN, TAIL)
     lse = encode_lse(m_i, l_i, BIAS_ROW or BIAS_FULL)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
-    if not VARLEN:
-        tma.store_wait(0)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _store_through_q(q, q3, out, out_t, o_desc, b, row, h, MAIN: gl.constexpr, TAIL: gl.constexpr):
+    """This warpgroup's output rows staged in its Q buffer (Q is no longer read) and bulk-stored from there at
+    ``[b, row, h, 0]``; with a tail, the columns past it keep the copy engine's zeros, dropped by the store."""
+    dtype: gl.constexpr = q.dtype
+    if TAIL == 0:
+        q.store(out.to(dtype))
+    else:
+        q.slice(0, MAIN, dim=1).store(out.to(dtype))
+        q.slice(MAIN, TAIL, dim=1).store(out_t.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], q3)
 
 
 @gluon.jit
@@ -519,7 +530,7 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready,
                            v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh,
                            seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL, ALIBI,
                            BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN)
-            # after the tile's output store has completed (tma.store_wait; VARLEN: stored from registers)
+            # after the tile's output store has completed (tma.store_wait)
             mbarrier.arrive(q_empty.index(buf))
             g += n_blocks
         r += 1
