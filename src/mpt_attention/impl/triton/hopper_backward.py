@@ -380,13 +380,13 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     elif VARLEN:  # from registers: a box would overwrite the next sequence's rows
         n_keys = seqlen_k - row0
         store_rows(DK, (dk * softmax_scale).to(dtype), k_off + row0, n_keys, kv_h, stride_dks, stride_dkh, 0,
-                        head_dim, acc_layout)
+                   head_dim, acc_layout)
         store_rows(DV, dv.to(dtype), k_off + row0, n_keys, kv_h, stride_dvs, stride_dvh, 0, head_dim, acc_layout)
         if TAIL > 0:
             store_rows(DK, (dk_t * softmax_scale).to(dtype), k_off + row0, n_keys, kv_h, stride_dks, stride_dkh,
-                            MAIN, head_dim, tail_layout)
+                       MAIN, head_dim, tail_layout)
             store_rows(DV, dv_t.to(dtype), k_off + row0, n_keys, kv_h, stride_dvs, stride_dvh, MAIN, head_dim,
-                            tail_layout)
+                       tail_layout)
     else:
         if CONSUMER_DQ:  # the other consumer reads both halves of K until its last step
             if total > 0:
@@ -432,8 +432,8 @@ def _hopper_bwd_dkdv_kernel(
     ``VARLEN`` (with ``FUSED_DQ``, one split, no bias): packed sequences, the descriptors over (1, T, H, D) views,
     programs over each sequence's key blocks (``CuKTiles``: cumulative counts of 128-key blocks, ``n_seq``
     sequences) in ``hopper_tiles.packed_tile``'s order, ``rows_per_group`` KV heads innermost (the grid may run
-    past the last: those programs have no keys and no queries),
-    the row terms (H, 2, T_q), dK and dV stored into ``DK``, ``DV`` by the consumers from registers."""
+    past the last: those programs have no keys and no queries), the row terms (H, 2, T_q), dK and dV stored into
+    ``DK``, ``DV`` by the consumers from registers."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
