@@ -378,7 +378,7 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it, the
     longest sequence ``max_q`` queries long."""
     varlen = cu_q is not None
-    dk_out, dv_out = dk, dv  # (varlen: stored from registers, any strides)
+    dk_out, dv_out = dk, dv  # (varlen: a sequence's last keys stored from registers)
     if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
         n_seq, n_tokens_k = cu_q.numel() - 1, k.shape[0]
         q, k, v, dout, dk, dv = (x.unsqueeze(0) for x in (q, k, v, dout, dk, dv))

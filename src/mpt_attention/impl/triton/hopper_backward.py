@@ -180,8 +180,9 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     it forms dQ with the other consumer instead, each its 64 of the 128 columns.
     ``TAIL`` (with ``FUSED_DQ``, D 72-96): the products take 64 + ``TAIL`` of the tile's columns, dK and dV
     two accumulators each. ``VARLEN`` (packed sequences): keys past the sequence (its neighbour's, in the same
-    boxes) are masked, and dK, dV leave by masked plain stores into ``DK``, ``DV`` ((T_k, H_kv, D), ``head_dim``
-    columns) from the sequence's row ``k_off``."""
+    boxes) are masked; dK, dV of keys wholly inside the sequence leave through the copy engine as dense (from
+    the sequence's row ``k_off``), those of its last keys by masked plain stores into ``DK``, ``DV`` ((T_k, H_kv,
+    D), ``head_dim`` columns), since a box would overwrite the next sequence's rows."""
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
@@ -361,6 +362,9 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
         if total > 0:
             consumer_dq_step(total - 1, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero,
                              softmax_scale, SLOTS, HEAD_DIM)
+    if TAIL == 0:  # (the store helper's tail arguments, never read)
+        dk_t = dk
+        dv_t = dv
     if PARTIAL_DKV:
         # this program's share of the group's sums, float32, into its split's slice of the partials (rows of
         # H_kv * D), which the host adds in a fixed order; 32-byte row segments per warp store
@@ -377,35 +381,49 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             keep_t = (rows_t < seqlen_k)[:, None]
             gl.store(dst_t, dk_t * softmax_scale, mask=keep_t)
             gl.store(dst_t + part_dv, dv_t, mask=keep_t)
-    elif VARLEN:  # from registers: a box would overwrite the next sequence's rows
+    elif VARLEN:
         n_keys = seqlen_k - row0
-        store_rows(DK, (dk * softmax_scale).to(dtype), k_off + row0, n_keys, kv_h, stride_dks, stride_dkh, 0,
-                   head_dim, acc_layout)
-        store_rows(DV, dv.to(dtype), k_off + row0, n_keys, kv_h, stride_dvs, stride_dvh, 0, head_dim, acc_layout)
-        if TAIL > 0:
-            store_rows(DK, (dk_t * softmax_scale).to(dtype), k_off + row0, n_keys, kv_h, stride_dks, stride_dkh,
-                       MAIN, head_dim, tail_layout)
-            store_rows(DV, dv_t.to(dtype), k_off + row0, n_keys, kv_h, stride_dvs, stride_dvh, MAIN, head_dim,
-                       tail_layout)
+        if n_keys >= _HALF_N:  # keys wholly inside the sequence: the copy engine's stores, as dense
+            _store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, 0, k_off + row0, kv_h, softmax_scale,
+                        ds_free, dq_bars, total, SLOTS, CONSUMER_DQ, FUSED_DQ, MAIN, TAIL)
+        else:  # the sequence's last keys, from registers: a box would overwrite the next sequence's rows
+            store_rows(DK, (dk * softmax_scale).to(dtype), k_off + row0, n_keys, kv_h, stride_dks, stride_dkh, 0,
+                       head_dim, acc_layout)
+            store_rows(DV, dv.to(dtype), k_off + row0, n_keys, kv_h, stride_dvs, stride_dvh, 0, head_dim, acc_layout)
+            if TAIL > 0:
+                store_rows(DK, (dk_t * softmax_scale).to(dtype), k_off + row0, n_keys, kv_h, stride_dks, stride_dkh,
+                           MAIN, head_dim, tail_layout)
+                store_rows(DV, dv_t.to(dtype), k_off + row0, n_keys, kv_h, stride_dvs, stride_dvh, MAIN, head_dim,
+                           tail_layout)
     else:
-        if CONSUMER_DQ:  # the other consumer reads both halves of K until its last step
-            if total > 0:
-                mbarrier.wait(ds_free.index((total - 1) % SLOTS), ((total - 1) // SLOTS) % 2)
-        elif FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
-            mbarrier.wait(dq_bars, 0)
-        # K and V of this warpgroup are no longer read: their buffers stage dK and dV for bulk stores
-        if TAIL == 0:
-            k.store((dk * softmax_scale).to(dtype))
-            v.store(dv.to(dtype))
-        else:  # the columns past 64 + TAIL keep K's and V's zeros, dropped by the stores
-            k.slice(0, MAIN, dim=1).store((dk * softmax_scale).to(dtype))
-            k.slice(MAIN, TAIL, dim=1).store((dk_t * softmax_scale).to(dtype))
-            v.slice(0, MAIN, dim=1).store(dv.to(dtype))
-            v.slice(MAIN, TAIL, dim=1).store(dv_t.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(dk_desc, [b, row0, kv_h, 0], k3)
-        tma.async_copy_shared_to_global(dv_desc, [b, row0, kv_h, 0], v3)
-        tma.store_wait(0)
+        _store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, b, row0, kv_h, softmax_scale, ds_free,
+                    dq_bars, total, SLOTS, CONSUMER_DQ, FUSED_DQ, MAIN, TAIL)
+
+
+@gluon.jit
+def _store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, b, row, kv_h, softmax_scale, ds_free, dq_bars,
+                total, SLOTS: gl.constexpr, CONSUMER_DQ: gl.constexpr, FUSED_DQ: gl.constexpr, MAIN: gl.constexpr,
+                TAIL: gl.constexpr):
+    """This warpgroup's dK, dV staged in its K and V buffers and bulk-stored from there at ``[b, row, kv_h, 0]``,
+    once nothing reads K any more."""
+    dtype: gl.constexpr = k.dtype
+    if CONSUMER_DQ:  # the other consumer reads both halves of K until its last step
+        if total > 0:
+            mbarrier.wait(ds_free.index((total - 1) % SLOTS), ((total - 1) // SLOTS) % 2)
+    elif FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
+        mbarrier.wait(dq_bars, 0)
+    if TAIL == 0:
+        k.store((dk * softmax_scale).to(dtype))
+        v.store(dv.to(dtype))
+    else:  # the columns past 64 + TAIL keep K's and V's zeros, dropped by the stores
+        k.slice(0, MAIN, dim=1).store((dk * softmax_scale).to(dtype))
+        k.slice(MAIN, TAIL, dim=1).store((dk_t * softmax_scale).to(dtype))
+        v.slice(0, MAIN, dim=1).store(dv.to(dtype))
+        v.slice(MAIN, TAIL, dim=1).store(dv_t.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [b, row, kv_h, 0], k3)
+    tma.async_copy_shared_to_global(dv_desc, [b, row, kv_h, 0], v3)
+    tma.store_wait(0)
 
 
 @gluon.jit
@@ -432,8 +450,8 @@ def _hopper_bwd_dkdv_kernel(
     ``VARLEN`` (with ``FUSED_DQ``, one split, no bias): packed sequences, the descriptors over (1, T, H, D) views,
     programs over each sequence's key blocks (``CuKTiles``: cumulative counts of 128-key blocks, ``n_seq``
     sequences) in ``hopper_tiles.packed_tile``'s order, ``rows_per_group`` KV heads innermost (the grid may run
-    past the last: those programs have no keys and no queries), the row terms (H, 2, T_q), dK and dV stored into
-    ``DK``, ``DV`` by the consumers from registers."""
+    past the last: those programs have no keys and no queries), the row terms (H, 2, T_q), a sequence's last keys'
+    dK and dV stored into ``DK``, ``DV`` by plain stores."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)

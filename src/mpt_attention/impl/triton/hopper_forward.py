@@ -58,10 +58,11 @@ form) and/or a bias row or a bias matrix in q's dtype, no masks besides causal, 
 
 Packed sequences (``VARLEN``, ``attention_varlen``'s (T, H, D) tensors): tiles of 128 queries per sequence, counted
 on the device (``hopper_tiles``), each with its sequence's lengths; Q, K and V boxes start at the sequence's first
-row and run into the next sequence's (masked as keys, dropped as queries); the output leaves by masked plain
-stores, since a box would overwrite the next sequence's rows. A tile whose rows see no key runs one masked block.
-Against the general kernel on a ~50%-padded batch packed: forward 1.22x (D128), 1.11x (D64), 1.24x (non-causal)
-(benchmarks/NOTES.md session 27).
+row and run into the next sequence's (masked as keys, dropped as queries); output rows wholly inside the sequence
+leave through the copy engine as dense, its last rows by masked plain stores, since a box would overwrite the next
+sequence's rows. A tile whose rows see no key runs one masked block.
+Against the general kernel on a ~50%-padded batch packed: forward 1.28x (D128), 1.23x (D64), 1.25x (non-causal)
+(benchmarks/NOTES.md session 29).
 """
 
 from triton.experimental import gluon
@@ -555,7 +556,8 @@ def _hopper_fwd_kernel(
     ``BIAS_FULL`` (D64 only: the shared memory): ``bias_desc`` views a bias matrix in q's dtype as (B' * H', S_q,
     S_k) with boxes [1, 64, BLOCK_N], batch b and head h at ``b * bias_b_on + h * bias_h_on``. ``VARLEN``: q/o and
     k/v are packed sequences viewed as (1, T, H, D), ``CuSeqQ``/``CuSeqK`` their int32 cumulative lengths, and the
-    output goes to ``Out`` ((T, H, D), strides ``stride_os``, ``stride_oh``; ``head_dim`` columns) by plain stores;
+    output rows reaching past their sequence's end go to ``Out`` ((T, H, D), strides ``stride_os``, ``stride_oh``;
+    ``head_dim`` columns) by plain stores;
     the LSE is (H, T_q) (``stride_lb`` 0)."""
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
