@@ -25,6 +25,35 @@ from mpt_attention.testing import attention_flops, capture_cuda_graph
 SHAPES = [(8, 16, 4096, 128, True), (8, 32, 4096, 64, True), (8, 16, 4096, 128, False)]  # B, H, S, D, causal
 
 
+def alternate(settings, steps, rounds, graph):
+    """``{(mode, "eager" or "graph", setting): [TFLOP/s per round]}``: each of ``steps`` (``(mode, fn, flops)``)
+    timed under each of ``settings`` (``{name: apply}``, applied in turn; the first again at the end),
+    alternated over ``rounds``; eagerly, and with ``graph`` also replayed from a CUDA graph (a path that cannot be captured is
+    reported, not timed)."""
+    results = {}
+    for _ in range(rounds):
+        for name, apply in settings.items():
+            apply()
+            for mode, fn, flops in steps:
+                timings = {"eager": do_bench(fn, warmup=25, rep=100, return_mode="median")}
+                if graph:
+                    try:
+                        captured, _ = capture_cuda_graph(fn)
+                        timings["graph"] = do_bench(captured.replay, warmup=25, rep=100, return_mode="median")
+                        del captured
+                    except RuntimeError as err:
+                        print(f"no graph ({name} {mode}): {err}", flush=True)
+                        timings["graph"] = float("nan")
+                for timing, ms in timings.items():
+                    results.setdefault((mode, timing, name), []).append(flops / ms / 1e9)
+    next(iter(settings.values()))()
+    return results
+
+
+def _median(values):
+    return sorted(values)[len(values) // 2]
+
+
 def measure(batch, n_heads, seq, head_dim, causal, rounds=3):
     dev = "cuda"
     gen = torch.Generator().manual_seed(2)
@@ -44,26 +73,13 @@ def measure(batch, n_heads, seq, head_dim, causal, rounds=3):
     def fwd_bwd():
         return torch.autograd.grad(fwd(), [qp, kp, vp], dout)
 
-    results = {}
-    for _ in range(rounds):
-        for use_hopper in (True, False):
-            hopper.ENABLED = use_hopper
-            for mode, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.5)):
-                eager = do_bench(fn, warmup=25, rep=100, return_mode="median")
-                try:
-                    graph, _ = capture_cuda_graph(fn)
-                    replay = do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
-                    del graph
-                except RuntimeError as err:  # a path that cannot be captured is reported, not timed
-                    print(f"no graph ({'hopper' if use_hopper else 'general'} {mode}): {err}", flush=True)
-                    replay = float("nan")
-                for timing, ms in (("eager", eager), ("graph", replay)):
-                    results.setdefault((mode, timing, use_hopper), []).append(mult * real / ms / 1e9)
-    hopper.ENABLED = True
+    results = alternate({True: lambda: setattr(hopper, "ENABLED", True),
+                         False: lambda: setattr(hopper, "ENABLED", False)},
+                        (("fwd", fwd, real), ("fwd_bwd", fwd_bwd, 3.5 * real)), rounds, graph=True)
     label = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, ~50% padding"
     for mode in ("fwd", "fwd_bwd"):
         for timing in ("eager", "graph"):
-            on, off = (sorted(results[mode, timing, h])[len(results[mode, timing, h]) // 2] for h in (True, False))
+            on, off = (_median(results[mode, timing, h]) for h in (True, False))
             print(f"{label:52s} {mode:7s} {timing} hopper {on:6.1f}  general {off:6.1f}  ratio {on / off:.3f} "
                   "TFLOP/s (real tokens)", flush=True)
 
@@ -122,17 +138,12 @@ def sequence_id_rows(batch, n_heads, seq, head_dim, causal=True, rounds=3):
     def fwd_bwd():
         return torch.autograd.grad(fwd(), [q, k, v], dout)
 
-    results = {}
-    for _ in range(rounds):
-        for route in (None, False):
-            packed_rows.ROUTE = route
-            for mode, fn, mult in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.5)):
-                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-                results.setdefault((mode, route), []).append(mult * real / ms / 1e9)
-    packed_rows.ROUTE = None
+    results = alternate({None: lambda: setattr(packed_rows, "ROUTE", None),
+                         False: lambda: setattr(packed_rows, "ROUTE", False)},
+                        (("fwd", fwd, real), ("fwd_bwd", fwd_bwd, 3.5 * real)), rounds, graph=False)
     label = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, sequence_id runs"
     for mode in ("fwd", "fwd_bwd"):
-        on, off = (sorted(results[mode, r])[len(results[mode, r]) // 2] for r in (None, False))
+        on, off = (_median(results[mode, "eager", r]) for r in (None, False))
         print(f"{label:52s} {mode:7s} packed {on:6.1f}  masked {off:6.1f}  ratio {on / off:.3f} TFLOP/s (real work)",
               flush=True)
 
