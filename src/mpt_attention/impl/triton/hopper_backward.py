@@ -264,9 +264,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             stage = t % STAGES
             start_m = lo + mb * BLOCK_M
             queries = start_m + offs_m
-            q_ok = queries < seqlen_q
-            if VARLEN:  # (the previous sequence's last rows: ``lo``)
-                q_ok = q_ok & (queries >= 0)
+            if VARLEN:  # the previous sequence's last rows (``lo``) are negative: past any length as unsigned
+                q_ok = queries.to(gl.uint32, bitcast=True) < seqlen_q.to(gl.uint32)
+            else:
+                q_ok = queries < seqlen_q
             # the offsets come decoded (common.decode_lse2: +inf for a row that saw no key); rows past S_q read
             # as zeros: +inf makes their P (and so dS) zero
             row_terms = stats_smem.index(stage)._reinterpret(gl.float32, [2 * BLOCK_M], _ROWS_LAYOUT)
