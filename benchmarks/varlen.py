@@ -1,6 +1,6 @@
 """Packed sequences (``attention_varlen``) on the GPU: the Hopper kernels against the general ones.
 
-    python benchmarks/varlen.py [--against-dense | --sequence-id]
+    python benchmarks/varlen.py [--against-dense | --sequence-id | --packed]
 
 Per shape (bf16; a batch of sequences of random lengths between a quarter and three quarters of S, the padded
 batch of bench_attention.py's extras), real-token TFLOP/s of the forward and of forward+backward with the Hopper
@@ -10,6 +10,7 @@ before its tile counts were kept per ``cu_seqlens``, 0.38 after; its kernel 0.3 
 kernels' ratio, the eager one what a loop of single calls sees.
 ``--against-dense``: equal sequences, packed against the same batch dense (``against_dense``).
 ``--sequence-id``: MPT's packed rows, as packed sequences against the masked dense kernels (``sequence_id_rows``).
+``--packed``: the packed forward+backward alone, graph replays in ms, for A/Bs of the packed kernels (``packed_fwd_bwd``).
 """
 
 import sys
@@ -23,6 +24,7 @@ from mpt_attention.padding import unpad
 from mpt_attention.testing import attention_flops, capture_cuda_graph
 
 SHAPES = [(8, 16, 4096, 128, True), (8, 32, 4096, 64, True), (8, 16, 4096, 128, False)]  # B, H, S, D, causal
+EQUAL_SHAPES = [(8, 16, 2048, 128), (8, 32, 2048, 64)]  # B sequences of S: packed against dense
 
 
 def alternate(settings, steps, rounds, graph):
@@ -54,15 +56,21 @@ def _median(values):
     return sorted(values)[len(values) // 2]
 
 
-def measure(batch, n_heads, seq, head_dim, causal, rounds=3):
-    dev = "cuda"
+def padded_batch(batch, n_heads, seq, head_dim):
+    """A batch of sequences of random lengths in [S/4, 3S/4) (bf16, fixed seed) packed: ``(q, k, v, cu_seqlens,
+    longest, lengths)``, q/k/v (T, H, D) leaves."""
     gen = torch.Generator().manual_seed(2)
     lengths = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=gen)
-    mask = (torch.arange(seq).view(1, seq) < lengths.view(batch, 1)).to(dev)
-    q, k, v = (torch.randn(batch, seq, n_heads, head_dim, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    mask = (torch.arange(seq).view(1, seq) < lengths.view(batch, 1)).to("cuda")
+    q, k, v = (torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     (qp, kp, vp), (_, cu, max_len) = [unpad(t, mask)[0] for t in (q, k, v)], unpad(q, mask)[1:]
     qp, kp, vp = (t.contiguous().requires_grad_() for t in (qp, kp, vp))
-    slopes = M.gen_slopes(n_heads, return_1d=True, device=dev)
+    return qp, kp, vp, cu, max_len, lengths
+
+
+def measure(batch, n_heads, seq, head_dim, causal, rounds=3):
+    qp, kp, vp, cu, max_len, lengths = padded_batch(batch, n_heads, seq, head_dim)
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     real = sum(attention_flops(1, n_heads, int(n), int(n), head_dim, causal=causal) for n in lengths)
     dout = torch.randn_like(qp)
 
@@ -148,14 +156,41 @@ def sequence_id_rows(batch, n_heads, seq, head_dim, causal=True, rounds=3):
               flush=True)
 
 
+def packed_fwd_bwd():
+    """The packed forward+backward alone, CUDA-graph replays (ms), for ``ab.sh`` A/Bs of the packed kernels:
+    equal sequences (``against_dense``'s batches) and the padded batches of ``SHAPES``, causal ALiBi."""
+    def replay_ms(qp, kp, vp, cu, max_len, n_heads, causal):
+        slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
+        dout = torch.randn_like(qp)
+        graph, _ = capture_cuda_graph(lambda: torch.autograd.grad(
+            M.attention_varlen(qp, kp, vp, cu, cu, max_len, max_len, backend="triton", causal=causal,
+                               alibi_slopes=slopes), [qp, kp, vp], dout))
+        return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+    for batch, n_heads, seq, head_dim in EQUAL_SHAPES:
+        qp, kp, vp = (torch.randn(batch * seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16,
+                                  requires_grad=True) for _ in range(3))
+        cu = torch.arange(0, batch * seq + 1, seq, device="cuda", dtype=torch.int32)
+        print(f"B{batch} H{n_heads} S{seq} D{head_dim} equal fwdbwd "
+              f"{replay_ms(qp, kp, vp, cu, seq, n_heads, True):.4f} ms", flush=True)
+    for batch, n_heads, seq, head_dim, causal in SHAPES:
+        qp, kp, vp, cu, max_len, _ = padded_batch(batch, n_heads, seq, head_dim)
+        name = "padded" if causal else "padded-noncausal"
+        print(f"B{batch} H{n_heads} S{seq} D{head_dim} {name} "
+              f"{replay_ms(qp, kp, vp, cu, max_len, n_heads, causal):.4f} ms", flush=True)
+
+
 def main():
     if "--sequence-id" in sys.argv:
         for shape in ((4, 16, 8192, 128), (8, 32, 2048, 64)):
             sequence_id_rows(*shape)
         return
     if "--against-dense" in sys.argv:
-        for shape in ((8, 16, 2048, 128), (8, 32, 2048, 64)):
+        for shape in EQUAL_SHAPES:
             against_dense(*shape)
+        return
+    if "--packed" in sys.argv:
+        packed_fwd_bwd()
         return
     for shape in SHAPES:
         measure(*shape)
