@@ -27,16 +27,19 @@ SHAPES = [(8, 16, 4096, 128, True), (8, 32, 4096, 64, True), (8, 16, 4096, 128, 
 EQUAL_SHAPES = [(8, 16, 2048, 128), (8, 32, 2048, 64)]  # B sequences of S: packed against dense
 
 
-def alternate(settings, steps, rounds, graph):
-    """``{(mode, "eager" or "graph", setting): [TFLOP/s per round]}``: each of ``steps`` (``(mode, fn, flops)``)
-    timed under each of ``settings`` (``{name: apply}``, applied in turn; the first again at the end),
-    alternated over ``rounds``; eagerly, and with ``graph`` also replayed from a CUDA graph (a path that cannot be captured is
-    reported, not timed)."""
+def alternate(module, attr, values, fwd, leaves, dout, flops, rounds, graph):
+    """``{(mode, "eager" or "graph", value): [TFLOP/s per round]}``: ``fwd`` (``flops``) and forward+backward
+    (gradients of ``leaves`` for ``dout``, 3.5x the FLOPs) timed with ``module.attr`` set to each of ``values`` in
+    turn (the first again at the end), alternated over ``rounds``; eagerly, and with ``graph`` also replayed from a
+    CUDA graph (a path that cannot be captured is reported, not timed)."""
+    def fwd_bwd():
+        return torch.autograd.grad(fwd(), leaves, dout)
+
     results = {}
     for _ in range(rounds):
-        for name, apply in settings.items():
-            apply()
-            for mode, fn, flops in steps:
+        for value in values:
+            setattr(module, attr, value)
+            for mode, fn, work in (("fwd", fwd, flops), ("fwd_bwd", fwd_bwd, 3.5 * flops)):
                 timings = {"eager": do_bench(fn, warmup=25, rep=100, return_mode="median")}
                 if graph:
                     try:
@@ -44,11 +47,11 @@ def alternate(settings, steps, rounds, graph):
                         timings["graph"] = do_bench(captured.replay, warmup=25, rep=100, return_mode="median")
                         del captured
                     except RuntimeError as err:
-                        print(f"no graph ({name} {mode}): {err}", flush=True)
+                        print(f"no graph ({attr}={value} {mode}): {err}", flush=True)
                         timings["graph"] = float("nan")
                 for timing, ms in timings.items():
-                    results.setdefault((mode, timing, name), []).append(flops / ms / 1e9)
-    next(iter(settings.values()))()
+                    results.setdefault((mode, timing, value), []).append(work / ms / 1e9)
+    setattr(module, attr, values[0])
     return results
 
 
@@ -78,12 +81,7 @@ def measure(batch, n_heads, seq, head_dim, causal, rounds=3):
         return M.attention_varlen(qp, kp, vp, cu, cu, max_len, max_len, backend="triton", causal=causal,
                                   alibi_slopes=slopes)
 
-    def fwd_bwd():
-        return torch.autograd.grad(fwd(), [qp, kp, vp], dout)
-
-    results = alternate({True: lambda: setattr(hopper, "ENABLED", True),
-                         False: lambda: setattr(hopper, "ENABLED", False)},
-                        (("fwd", fwd, real), ("fwd_bwd", fwd_bwd, 3.5 * real)), rounds, graph=True)
+    results = alternate(hopper, "ENABLED", (True, False), fwd, [qp, kp, vp], dout, real, rounds, graph=True)
     label = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, ~50% padding"
     for mode in ("fwd", "fwd_bwd"):
         for timing in ("eager", "graph"):
@@ -143,12 +141,7 @@ def sequence_id_rows(batch, n_heads, seq, head_dim, causal=True, rounds=3):
     def fwd():
         return M.attention(q, k, v, backend="triton", causal=causal, alibi_slopes=slopes, sequence_id=ids)
 
-    def fwd_bwd():
-        return torch.autograd.grad(fwd(), [q, k, v], dout)
-
-    results = alternate({None: lambda: setattr(packed_rows, "ROUTE", None),
-                         False: lambda: setattr(packed_rows, "ROUTE", False)},
-                        (("fwd", fwd, real), ("fwd_bwd", fwd_bwd, 3.5 * real)), rounds, graph=False)
+    results = alternate(packed_rows, "ROUTE", (None, False), fwd, [q, k, v], dout, real, rounds, graph=False)
     label = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, sequence_id runs"
     for mode in ("fwd", "fwd_bwd"):
         on, off = (_median(results[mode, "eager", r]) for r in (None, False))
