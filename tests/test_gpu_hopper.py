@@ -149,6 +149,36 @@ def test_sequence_id_rows_run_as_packed_sequences_on_the_hopper_kernels(head_dim
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
+def test_sequence_id_runs_are_read_with_one_device_sync():
+    """``packed_rows`` reads a ``sequence_id`` tensor's runs with one device sync (a new batch per training step
+    costs one), then none while the tensor is unchanged; ids that decrease somewhere are refused with that one too."""
+    import warnings
+
+    from mpt_attention import packed_rows
+
+    def syncs(fn):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return result, sum("synchronizing" in str(w.message) for w in seen)
+
+    ids = torch.tensor([[0] * 3 + [1] * 5, [4] * 2 + [9] * 6], device="cuda")
+    runs, n = syncs(lambda: packed_rows._runs(ids))
+    assert n == 1 and runs[0].tolist() == [0, 3, 8, 10, 16] and runs[1] == 6
+    assert runs[2].tolist() == [0, 0, 1, 1]
+    assert runs[3].tolist() == [[-5] * 3 + [0] * 5, [-6] * 2 + [0] * 6]
+    _, n = syncs(lambda: packed_rows._runs(ids))
+    assert n == 0
+    decreasing = torch.tensor([[0, 1, 0, 2]], device="cuda")  # (made outside: its copy to the device counts too)
+    refused, n = syncs(lambda: packed_rows._runs(decreasing))
+    assert refused is None and n == 1
+
+
 def test_hopper_packed_tiles_follow_cu_seqlens_updated_in_place():
     """The per-sequence tile counts are kept on the ``cu_seqlens`` tensor between calls (``hopper._packed_tiles``):
     new lengths written into the same tensor must be seen, eagerly and by a CUDA graph captured after the counts

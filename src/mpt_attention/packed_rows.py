@@ -84,7 +84,7 @@ def _hopper_forward_takes(flat, causal, seq) -> bool:
 def _runs(sequence_id: torch.Tensor):
     """``(cu_seqlens, longest, each sequence's batch row, end shift)`` of the runs of equal ids over the flattened
     positions, or None if some row's ids decrease (an id might come back: not one run). ``end shift`` (B, S)
-    float32: the end of the position's run less S (at most 0). Read on the host once per tensor version."""
+    float32: the end of the position's run less S (at most 0). One host read (a device sync) per tensor version."""
     tracked = not sequence_id.is_inference()
     cached = getattr(sequence_id, "_mpt_attention_runs", None) if tracked else None
     if cached is not None and cached[0] == sequence_id._version:
@@ -93,16 +93,20 @@ def _runs(sequence_id: torch.Tensor):
     ids = sequence_id.long()
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    first = torch.nonzero(starts.flatten()).flatten()  # (a sync)
+    starts = starts.flatten()
+    positions = torch.arange(batch * seq, device=ids.device)
+    run_start = torch.cummax(torch.where(starts, positions, 0), 0).values  # each position's run's first
+    in_order = (ids[:, 1:] >= ids[:, :-1]).all() if seq > 1 else torch.ones((), dtype=torch.bool, device=ids.device)
+    # the one host read: whether each row's ids are sorted, how many runs, the longest
+    ordered, n_runs, longest = torch.stack([in_order.long(), starts.sum(), (positions - run_start).max() + 1]).tolist()
     runs = None
-    if seq < 2 or bool((ids[:, 1:] >= ids[:, :-1]).all()):
+    if ordered:
+        first = torch.nonzero_static(starts, size=n_runs).flatten()
         cu = torch.cat([first, first.new_full((1,), batch * seq)])
-        lengths = cu.diff()
-        run_of = torch.cumsum(starts.flatten().long(), 0) - 1  # each position's run
+        run_of = torch.cumsum(starts.long(), 0) - 1
         ends = cu[1:].index_select(0, run_of).view(batch, seq)
         row_ends = torch.arange(1, batch + 1, device=ids.device).view(batch, 1) * seq
-        runs = (cu.to(torch.int32), int(lengths.max()), torch.div(first, seq, rounding_mode="floor"),
-                (ends - row_ends).float())
+        runs = (cu.to(torch.int32), longest, torch.div(first, seq, rounding_mode="floor"), (ends - row_ends).float())
     if tracked:
         sequence_id._mpt_attention_runs = (sequence_id._version, runs)
     return runs
