@@ -79,7 +79,7 @@ from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_T
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
-from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, store_rows
+from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, store_rows, store_through_buffer
 from mpt_attention.impl.triton.hopper_tiles import packed_tile, sequence_of, tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
@@ -405,25 +405,15 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
 def _store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, b, row, kv_h, softmax_scale, ds_free, dq_bars,
                 total, SLOTS: gl.constexpr, CONSUMER_DQ: gl.constexpr, FUSED_DQ: gl.constexpr, MAIN: gl.constexpr,
                 TAIL: gl.constexpr):
-    """This warpgroup's dK, dV staged in its K and V buffers and bulk-stored from there at ``[b, row, kv_h, 0]``,
-    once nothing reads K any more."""
-    dtype: gl.constexpr = k.dtype
+    """This warpgroup's dK, dV staged in its K and V buffers and bulk-stored from there at ``[b, row, kv_h, 0]``
+    (as the forward stores its output through Q's), once nothing reads K any more."""
     if CONSUMER_DQ:  # the other consumer reads both halves of K until its last step
         if total > 0:
             mbarrier.wait(ds_free.index((total - 1) % SLOTS), ((total - 1) // SLOTS) % 2)
     elif FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
         mbarrier.wait(dq_bars, 0)
-    if TAIL == 0:
-        k.store((dk * softmax_scale).to(dtype))
-        v.store(dv.to(dtype))
-    else:  # the columns past 64 + TAIL keep K's and V's zeros, dropped by the stores
-        k.slice(0, MAIN, dim=1).store((dk * softmax_scale).to(dtype))
-        k.slice(MAIN, TAIL, dim=1).store((dk_t * softmax_scale).to(dtype))
-        v.slice(0, MAIN, dim=1).store(dv.to(dtype))
-        v.slice(MAIN, TAIL, dim=1).store(dv_t.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [b, row, kv_h, 0], k3)
-    tma.async_copy_shared_to_global(dv_desc, [b, row, kv_h, 0], v3)
+    store_through_buffer(k, k3, dk * softmax_scale, dk_t * softmax_scale, dk_desc, b, row, kv_h, MAIN, TAIL)
+    store_through_buffer(v, v3, dv, dv_t, dv_desc, b, row, kv_h, MAIN, TAIL)
     tma.store_wait(0)
 
 

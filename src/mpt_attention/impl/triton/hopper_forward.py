@@ -482,7 +482,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
         seqlen_q = gl.load(info + 6, volatile=True)
         lse_offset += q_start
         if seqlen_q - row0 >= _HALF_M:  # rows wholly inside the sequence: the copy engine's store, as dense
-            _store_through_q(q, q3, out, out_t, o_desc, 0, q_start + row0, h, MAIN, TAIL)
+            store_through_buffer(q, q3, out, out_t, o_desc, 0, q_start + row0, h, MAIN, TAIL)
         else:  # the sequence's last rows: a box would overwrite the next sequence's
             store_rows(Out, out.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, 0, head_dim,
                        o_layout)
@@ -490,16 +490,17 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
                 store_rows(Out, out_t.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, MAIN,
                            head_dim, t_layout)
     else:
-        _store_through_q(q, q3, out, out_t, o_desc, b, row0, h, MAIN, TAIL)
+        store_through_buffer(q, q3, out, out_t, o_desc, b, row0, h, MAIN, TAIL)
     lse = encode_lse(m_i, l_i, BIAS_ROW or BIAS_FULL)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _store_through_q(q, q3, out, out_t, o_desc, b, row, h, MAIN: gl.constexpr, TAIL: gl.constexpr):
+def store_through_buffer(q, q3, out, out_t, o_desc, b, row, h, MAIN: gl.constexpr, TAIL: gl.constexpr):
     """This warpgroup's output rows staged in its Q buffer (Q is no longer read) and bulk-stored from there at
-    ``[b, row, h, 0]``; with a tail, the columns past it keep the copy engine's zeros, dropped by the store."""
+    ``[b, row, h, 0]``; with a tail, the columns past it keep the copy engine's zeros, dropped by the store (also
+    the dK/dV kernel's dK and dV, through its K and V buffers)."""
     dtype: gl.constexpr = q.dtype
     if TAIL == 0:
         q.store(out.to(dtype))
