@@ -252,26 +252,27 @@ def stubbed_table():
 
 
 def launch_breakdown():
-    """Host microseconds of the parts of one Hopper forward launch (tiny shape): where a launch's time goes."""
+    """Host microseconds of the parts of one Hopper forward launch (tiny shape): where a launch's time goes. The
+    launch's arguments are the ones ``hopper.forward`` passes (recorded from a real call), so this follows the
+    kernel's signature."""
+    from triton import knobs
+    from triton.backends.nvidia.driver import make_tensordesc_arg
     from triton.runtime import driver
     from triton.runtime.jit import compute_cache_key
-    from triton import knobs
 
-    from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel as fn
+    from mpt_attention.impl.triton import lean_launch
 
     q, k, v, slopes = (x.detach() for x in inputs(1, 16, 128, 128))
-    out, lse = torch.empty_like(q), torch.empty(1, 16, 128, device=DEV)
-    tiles = torch.zeros(16 + 16 * 16, dtype=torch.int32, device=DEV)
-
-    def descriptors():
-        return (hopper._descriptor(q, 64), hopper._descriptor(k, 128), hopper._descriptor(v, 128),
-                hopper._descriptor(out, 64))
-
-    descs = descriptors()
-    args = (*descs, None, lse, slopes, tiles, 16 * 128, 128, 0, 1, 16, 1, 16, 128, 128, 0.1, 0, 0, 16)
-    kw = dict(IS_CAUSAL=True, ALIBI=1, BLOCK_N=128, HEAD_DIM=128, BIAS_ROW=False, TAIL=0, BIAS_FULL=False,
-              num_warps=4)
-    grid = (1,)
+    recorded = []
+    real_launch = hopper.launch_kernel
+    hopper.launch_kernel = lambda fn, grid, *a, **kw: recorded.append((fn, grid, a, kw)) or real_launch(fn, grid, *a,
+                                                                                                          **kw)
+    try:
+        hopper.forward(q, k, v, None, slopes, 128**-0.5, True, 1)
+    finally:
+        hopper.launch_kernel = real_launch
+    fn, grid, args, kw = recorded[0]
+    descs = [a for a in args if type(a).__name__ == "TensorDescriptor"]
     kernel = fn[grid](*args, **kw)
     device = driver.active.get_current_device()
     stream = driver.active.get_current_stream(device)
@@ -280,17 +281,18 @@ def launch_breakdown():
                   instrumentation_mode=knobs.compilation.instrumentation_mode)
     bound, spec, options = binder(*args, **kw_run)
     values = tuple(bound.values())
-    from triton.backends.nvidia.driver import make_tensordesc_arg
-    metas = getattr(kernel.metadata, "tensordesc_meta", None) or [None] * 4
+    metas = getattr(kernel.metadata, "tensordesc_meta", None) or [None] * len(descs)
     parts = {
-        "4 descriptors (TensorDescriptor)": descriptors,
+        "4 descriptors (hopper._descriptor)": lambda: [hopper._descriptor(x, rows) for x, rows in
+                                                       ((q, 64), (k, 128), (v, 128), (q, 64))],
         "fn[grid](...) (prebuilt descriptors)": lambda: fn[grid](*args, **kw),
+        "lean_launch.launch_kernel": lambda: lean_launch.launch_kernel(fn, grid, *args, **kw),
         "binder": lambda: binder(*args, **kw_run),
         "compute_cache_key": lambda: compute_cache_key(key_cache, spec, options),
         "current device + stream": lambda: driver.active.get_current_stream(driver.active.get_current_device()),
-        "4 x make_tensordesc_arg": lambda: [make_tensordesc_arg(d, m) for d, m in zip(descs, metas)],
-        "kernel.run (bound args)": lambda: kernel.run(1, 1, 1, stream, kernel.function, kernel.packed_metadata, None,
-                                                       None, None, *values),
+        f"{len(descs)} x make_tensordesc_arg": lambda: [make_tensordesc_arg(d, m) for d, m in zip(descs, metas)],
+        "kernel.run (bound args)": lambda: kernel.run(grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata,
+                                                       None, None, None, *values),
         "hopper.forward": lambda: hopper.forward(q, k, v, None, slopes, 128**-0.5, True, 1),
     }
     for name, part in parts.items():
@@ -298,7 +300,7 @@ def launch_breakdown():
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(1000):
-        fn[grid](*args, **kw)
+        lean_launch.launch_kernel(fn, grid, *args, **kw)
     prof.disable()
     torch.cuda.synchronize()
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)

@@ -13,19 +13,27 @@ if not torch.cuda.is_available():
 _real_empty, _real_empty_like = torch.empty, torch.empty_like
 
 
+def _poison(out):
+    """NaN in float tensors, a large negative in integer ones (never a valid count, index or zero)."""
+    if out.is_floating_point():
+        return out.fill_(float("nan"))
+    if out.dtype in (torch.int32, torch.int64):
+        return out.fill_(-(2**30) - 7)
+    return out
+
+
 def _poisoned_empty(*args, **kwargs):
-    out = _real_empty(*args, **kwargs)
-    return out.fill_(float("nan")) if out.is_floating_point() else out
+    return _poison(_real_empty(*args, **kwargs))
 
 
 def _poisoned_empty_like(*args, **kwargs):
-    out = _real_empty_like(*args, **kwargs)
-    return out.fill_(float("nan")) if out.is_floating_point() else out
+    return _poison(_real_empty_like(*args, **kwargs))
 
 
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch):
-    """Every float tensor our code allocates with empty/empty_like starts as NaN: unwritten outputs fail."""
+    """Every float or int32/int64 tensor our code allocates with empty/empty_like starts poisoned: unwritten outputs
+    fail."""
     monkeypatch.setattr(torch, "empty", _poisoned_empty)
     monkeypatch.setattr(torch, "empty_like", _poisoned_empty_like)
     torch.manual_seed(0)
