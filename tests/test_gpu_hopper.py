@@ -709,6 +709,34 @@ def test_non_deterministic_backward_changes_only_the_order_of_dq_sums():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("case", [
+    pytest.param(AttnCase(4, 4096, 4096, 8, 8, 128, causal=True, alibi=True), id="causal-32-key-blocks"),
+    pytest.param(AttnCase(2, 2048, 2048, 16, 4, 128, causal=True, alibi=True), id="gqa-16-4"),
+    pytest.param(AttnCase(2, 2000, 2000, 8, 8, 96, alibi=True), id="non-causal-d96-ragged"),
+])
+def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case):
+    """Where the consumers form dQ, each 64-query block's first program stores its part into unzeroed float32 sums
+    and the others add after its stores complete (hopper_dq): dQ matches the zeroed sums' up to the order of the
+    additions, in every run, with many programs per block (a lost or early addition would be off by a whole
+    program's part; a block nobody stored stays NaN-poisoned); dK and dV are bitwise the same."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    assert hopper.first_write_dq(case.head_dim, False, False)
+
+    def grads():
+        return torch.autograd.grad(M.attention(q, k, v, backend="triton", deterministic=None, **kw), [q, k, v], dout)
+
+    monkeypatch.setattr(hopper, "FIRST_WRITE_DQ", False)
+    zeroed = grads()
+    monkeypatch.setattr(hopper, "FIRST_WRITE_DQ", True)
+    scale = zeroed[0].float().abs().max()
+    for _ in range(3):
+        dq, dk, dv = grads()
+        assert not dq.isnan().any()
+        assert (dq.float() - zeroed[0].float()).abs().max() <= 4e-3 * scale
+        assert torch.equal(dk, zeroed[1]) and torch.equal(dv, zeroed[2])
+
+
 @pytest.mark.parametrize("heads", [1, 2, 4], ids=["1-head-per-program", "2-heads-per-program", "4-heads-per-program"])
 def test_grouped_heads_with_fused_dq_keep_dk_dv_reproducible(monkeypatch, heads):
     """Grouped heads with dQ formed in the dK/dV kernel: a group's query heads split over programs whose float32 dK, dV

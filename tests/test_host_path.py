@@ -89,25 +89,56 @@ def test_every_descriptor_a_step_builds_passes_the_constructors_checks(hopper_la
 def test_the_backward_with_the_dq_warpgroup_zeroes_dq_in_the_delta_kernel(hopper_launches, monkeypatch):
     """The float32 dQ sums start as zeros written by the delta kernel (no fill kernel of their own), and no
     (B, H, S_q) delta is allocated: the dQ warpgroup reads it from the row terms."""
-    q, k, v = _layouts(128, 4, 4, "dense")
+    q, k, v = _layouts(64, 4, 4, "dense")
     out, lse, dout = torch.randn_like(q), torch.randn(2, 4, 128), torch.randn_like(q)
     zero_fills, row_terms = [], []
     real_zeros_like, real_row_terms = torch.zeros_like, launch._row_terms
     monkeypatch.setattr(torch, "zeros_like", lambda *a, **kw: (zero_fills.append(1), real_zeros_like(*a, **kw))[1])
 
     def record(*args, **kwargs):
-        row_terms.append((args[4], args[-1]))  # delta, dq_zero
+        row_terms.append((args[4], *args[8:]))  # delta, dq_zero, dq_sync
         return real_row_terms(*args, **kwargs)
 
     monkeypatch.setattr(launch, "_row_terms", record)
     launch.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, True, 0.0, False,
                     deterministic=None)
-    (delta, dq_acc), = row_terms
+    (delta, dq_acc, _), = row_terms
     assert delta is None and not zero_fills
     assert dq_acc.dtype == torch.float32 and dq_acc.shape == q.shape and dq_acc.stride() == q.stride()
     assert torch.equal(dq_acc, torch.zeros_like(dq_acc))  # NaN-poisoned when allocated (conftest)
     args = dict(hopper_launches)["_hopper_bwd_dkdv_kernel"]
     assert any(isinstance(a, TensorDescriptor) and a.base is dq_acc for a in args)
+
+
+@pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
+@pytest.mark.parametrize("s_q, s_k, causal", [
+    pytest.param(128, 128, True, id="causal"),
+    pytest.param(200, 64, False, id="non-causal-more-queries"),
+])
+def test_the_first_write_backward_zeroes_no_dq_sums_but_the_block_words(hopper_launches, monkeypatch, s_q, s_k, causal):
+    """Where the consumers form dQ (D128), each 64-query block's first program stores into the dQ sums: the delta
+    kernel writes no zeros there but zeros each block's int32 word, which the dK/dV launch gets beside the sums."""
+    q = torch.randn(2, s_q, 4, 128, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, s_k, 4, 128, dtype=torch.bfloat16) for _ in range(2))
+    out, lse, dout = torch.randn_like(q), torch.randn(2, 4, s_q), torch.randn_like(q)
+    row_terms, real_row_terms = [], launch._row_terms
+
+    def record(*args, **kwargs):
+        row_terms.append(args[8:])  # dq_zero, dq_sync
+        return real_row_terms(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "_row_terms", record)
+    launch.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, causal, 0.0, False,
+                    deterministic=None)
+    (dq_zero, dq_sync), = row_terms
+    assert dq_zero is None
+    assert dq_sync.shape == (2, 4, -(-s_q // 64)) and dq_sync.dtype == torch.int32
+    assert torch.equal(dq_sync, torch.zeros_like(dq_sync))  # poisoned when allocated (conftest)
+    args = dict(hopper_launches)["_hopper_bwd_dkdv_kernel"]
+    assert any(a is dq_sync for a in args)
+    dq_acc = next(a.base for a in args if isinstance(a, TensorDescriptor) and a.base.dtype == torch.float32
+                  and a.base.shape == q.shape)
+    assert dq_acc.isnan().all()  # NaN-poisoned, unwritten: the kernel's first programs write it
 
 
 class _FakeKernel:

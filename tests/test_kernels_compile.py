@@ -33,8 +33,9 @@ def test_all_kernels_compile_for_sm90():
     assert result.stdout.count("ok   hopper-fused-dq bias matrix") == 5
     # the dQ warpgroup's staging stores compile only without bank conflicts (one accumulator shape: 64 queries)
     assert result.stdout.count("ok   dq-staging") == 1
-    # the backward's delta kernel as the general kernels and as the dQ warpgroup take it
+    # the backward's delta kernel as the general kernels, the dQ warpgroup and the first-write dQ sums take it
     assert result.stdout.count("ok   delta\n") == 1 and result.stdout.count("ok   delta-dq-warpgroup") == 1
+    assert result.stdout.count("ok   delta-first-write") == 1
 
 
 def test_ptx_schedule_tool_runs_and_reads_the_loop():

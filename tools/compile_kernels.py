@@ -23,7 +23,7 @@ _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32",
                   "Tiles": "*i32", "DKVPart": "*fp32", "RowStats": "*fp32", "DOScaled": "*bf16", "CuTiles": "*i32",
-                  "CuKTiles": "*i32"}
+                  "CuKTiles": "*i32", "DQSync": "*i32"}
 
 
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
@@ -111,8 +111,9 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     or at tile width 128 without a bias matrix or tail the consumers and the writer warp);
     ``partial``: grouped heads split over programs (float32 dK, dV partial sums); ``full_bias``: a bias
     matrix, ``store_ds`` with its gradient; ``tail``: the products' second piece of columns (with ``fused_dq``);
-    ``varlen``: packed sequences (with ``fused_dq``; no bias row)."""
-    from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m
+    ``varlen``: packed sequences (with ``fused_dq``; no bias row). Each 64-query block's first program stores its
+    dQ part where the launcher has it do so (``hopper.first_write_dq``)."""
+    from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m, first_write_dq
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
     block_m = bwd_block_m(head_dim, full_bias, fused_dq)
@@ -122,7 +123,7 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
               # one bias-row variant among the five
               "BIAS_ROW": alibi == 0 and causal and not full_bias and not varlen, "FUSED_DQ": fused_dq,
               "PARTIAL_DKV": partial, "BLOCK_M": block_m, "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail,
-              "VARLEN": varlen}
+              "VARLEN": varlen, "FIRST_WRITE": fused_dq and first_write_dq(head_dim, full_bias, varlen)}
     box = [1, block_m, BWD_HALF_N]
     boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes)
@@ -277,11 +278,17 @@ def main() -> int:
                 print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")
     delta_consts = dict(BLOCK_M=64, BLOCK_D=128)
     extra = [("delta", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=True, SOFT_ROWS=True, ROW_STATS=False,
-                                                    STORE_DELTA=True, ZERO_DQ=False),
+                                                    STORE_DELTA=True, ZERO_DQ=False, ZERO_SYNC=False),
               dict(num_warps=4, num_stages=1), "bf16"),
              # the Hopper backward with the dQ warpgroup: row terms, no (B, H, S_q) delta, the dQ sums zeroed
              ("delta-dq-warpgroup", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=False, SOFT_ROWS=False,
-                                                                 ROW_STATS=True, STORE_DELTA=False, ZERO_DQ=True),
+                                                                 ROW_STATS=True, STORE_DELTA=False, ZERO_DQ=True,
+                                                                 ZERO_SYNC=False),
+              dict(num_warps=4, num_stages=1), "bf16"),
+             # where each block's first program stores its dQ part: no zeros there, the blocks' words zeroed
+             ("delta-first-write", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=False, SOFT_ROWS=False,
+                                                                ROW_STATS=True, STORE_DELTA=False, ZERO_DQ=False,
+                                                                ZERO_SYNC=True),
               dict(num_warps=4, num_stages=1), "bf16"),
              ("fwd-fp32", _attn_fwd_kernel, dict(flag_sets[0], KV_DESC=False, ROW_DESC=False, DOT_PRECISION="ieee",
                                                  BLOCK_D=64,

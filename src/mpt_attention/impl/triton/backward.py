@@ -34,14 +34,14 @@ def _row_stats(lse_row, delta_row, rows, row_ok, BIAS: tl.constexpr):
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    Out, DO, Lse, DLse, Delta, DOScaled, RowStats, DQAcc,
+    Out, DO, Lse, DLse, Delta, DOScaled, RowStats, DQAcc, DQSync,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
     stride_sb, stride_ss, stride_sh,
     stride_ab, stride_as, stride_ah,
     n_heads, seqlen_q, head_dim, stats_cols,
     HAS_DLSE: tl.constexpr, SOFT_ROWS: tl.constexpr, ROW_STATS: tl.constexpr, STORE_DELTA: tl.constexpr,
-    ZERO_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ZERO_DQ: tl.constexpr, ZERO_SYNC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse in float32, (B, H, S_q): one read of each, no float32 copies.
 
@@ -56,7 +56,9 @@ def _attn_bwd_delta_kernel(
 
     ZERO_DQ: zeros in the float32 dQ sums ``DQAcc`` (q's shape) that the dK/dV kernels then add into, instead
     of a fill kernel of their own before this one (a launch less: ~30 us of host time per step on the H200
-    machine's CPU, where a short step is host-bound, benchmarks/NOTES.md session 23)."""
+    machine's CPU, where a short step is host-bound, benchmarks/NOTES.md session 23). Where the Hopper kernel's
+    first program per 64-row block stores into the sums instead (hopper_dq), ZERO_SYNC zeros that kernel's word
+    per block, ``DQSync`` (B, H, cdiv(S_q, 64)) int32."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = grid_row()
     b64 = (bh // n_heads).to(tl.int64)
@@ -85,6 +87,9 @@ def _attn_bwd_delta_kernel(
     if ZERO_DQ:
         tl.store(DQAcc + b64 * stride_ab + h64 * stride_ah + rows64 * stride_as + offs_d[None, :],
                  tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=mask)
+    if ZERO_SYNC:
+        if start_m % 64 == 0:  # one word per 64 rows (BLOCK_M is 64, or 32 in the interpreter)
+            tl.store(DQSync + bh.to(tl.int64) * tl.cdiv(seqlen_q, 64) + start_m // 64, 0)
     if ROW_STATS:
         row_stats = RowStats + bh.to(tl.int64) * 2 * stats_cols + rows
         tl.store(row_stats, decode_lse2(lse, SOFT_ROWS), mask=row_ok)

@@ -46,6 +46,9 @@ FUSED_BWD_HEAD_DIMS = (64, 128)
 # dK, dV partials summed after; 1 when the group size is not a multiple); launch.py decides whether grouped
 # heads take the fused dQ at all
 FUSED_GROUP_HEADS = 2
+# where the consumers form dQ, each 64-query block's first program stores its part of the dQ sums and the others add
+# after it, so the delta kernel writes no zeros there (``first_write_dq``)
+FIRST_WRITE_DQ = True
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
 LOG2E = 1.4426950408889634
 
@@ -360,6 +363,20 @@ def bwd_block_m(head_dim: int, bias_full: bool, fused_dq: bool) -> int:
     return 32
 
 
+def first_write_dq(head_dim: int, bias_full: bool, varlen: bool) -> bool:
+    """Whether the dK/dV kernel with the dQ sums stores each 64-query block's first part instead of adding it into
+    zeros (``FIRST_WRITE``, hopper_dq): dense inputs where the consumers form dQ (``hopper_dq.consumers_dq``). Every
+    block is reached, by the first key block's programs (``unsupported`` leaves no row without keys), so the
+    buffer needs no zeros, only a zeroed ``dq_sync_buffer``."""
+    width = tile_dim(head_dim)
+    return FIRST_WRITE_DQ and not varlen and width == 128 and bwd_block_m(width, bias_full, True) == 64
+
+
+def dq_sync_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
+    """``FIRST_WRITE``'s int32 word per (batch, head, 64-query block), zeroed by the backward's delta kernel."""
+    return torch.empty((batch, n_heads, -(-s_q // 64)), dtype=torch.int32, device=device)
+
+
 def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
     """The dK/dV kernel's per-query terms, written by the backward's delta kernel: (B * H, 2, S_q rounded up to
     4) float32, each (batch, head) row's log2-domain LSE offset (``common.decode_lse2``) then its delta, rows
@@ -368,15 +385,16 @@ def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor
 
 
 def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-                  dq_acc=None, dbias=None, cu_q=None, cu_k=None, max_q=0) -> None:
+                  dq_acc=None, dbias=None, cu_q=None, cu_k=None, max_q=0, dq_sync=None) -> None:
     """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel;
-    ``row_stats`` as ``row_stats_buffer`` gives it, filled. With ``dq_acc`` (float32 zeros,
-    q's shape, 16-byte aligned strides) a fourth warpgroup of the same kernel adds dQ into it by bulk reductions, in
+    ``row_stats`` as ``row_stats_buffer`` gives it, filled. With ``dq_acc`` (float32 zeros, or unwritten with
+    ``dq_sync``; q's shape, 16-byte aligned strides) the same kernel adds dQ into it by bulk reductions, in
     no fixed order (the backward unless reproducibility is asked for: ``launch.backward``). A bias matrix
     (``dq_acc`` only) is read in q's dtype; ``dbias`` (contiguous ``(B, H, S_q, S_k)`` in q's dtype, rows
     of 16-byte multiples) receives its gradient dS. Packed sequences (``cu_q``, ``cu_k``, with ``dq_acc``): q, k,
     v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it, the
-    longest sequence ``max_q`` queries long."""
+    longest sequence ``max_q`` queries long. ``dq_sync`` (``dq_sync_buffer``, zeroed; where ``first_write_dq``):
+    ``dq_acc`` is not zeroed, each block's first program writes it."""
     varlen = cu_q is not None
     dk_out, dv_out = dk, dv  # (varlen: a sequence's last keys stored from registers)
     if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
@@ -431,12 +449,12 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
         *bias_args[1:], b_on, h_on,
         n_kv, n_groups, n_splits, n_rows, group,
         s_q, s_k, softmax_scale * LOG2E, softmax_scale,
-        dk_out, dv_out, cu_q_arg, cu_k_arg, cu_kb, dk_out.stride(-3), dk_out.stride(-2), dv_out.stride(-3),
-        dv_out.stride(-2), batch if not varlen else n_seq, head_dim,
+        dk_out, dv_out, cu_q_arg, cu_k_arg, cu_kb, row_stats if dq_sync is None else dq_sync, dk_out.stride(-3),
+        dk_out.stride(-2), dv_out.stride(-3), dv_out.stride(-2), batch if not varlen else n_seq, head_dim,
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
         STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, VARLEN=varlen,
-        num_warps=4,
+        FIRST_WRITE=dq_sync is not None, num_warps=4,
     )
     if n_splits > 1:
         dk.copy_(parts[0].sum(0)[..., :head_dim])  # the columns past D are zeros

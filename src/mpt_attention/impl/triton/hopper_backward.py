@@ -422,10 +422,10 @@ def _hopper_bwd_dkdv_kernel(
     k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, bias_desc, dbias_desc, stats_desc, Slopes, Bias,
     DKVPart, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-    DK, DV, CuSeqQ, CuSeqK, CuKTiles, stride_dks, stride_dkh, stride_dvs, stride_dvh, n_seq, head_dim,
+    DK, DV, CuSeqQ, CuSeqK, CuKTiles, DQSync, stride_dks, stride_dkh, stride_dvs, stride_dvh, n_seq, head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
-    STORE_DS: gl.constexpr, TAIL: gl.constexpr = 0, VARLEN: gl.constexpr = False,
+    STORE_DS: gl.constexpr, TAIL: gl.constexpr = 0, VARLEN: gl.constexpr = False, FIRST_WRITE: gl.constexpr = False,
 ):
     """Program: (key block of 128, row = (batch, KV head, split)), ``n_rows`` rows, in ``tile_order``: the
     key blocks of a group of ``rows_per_group`` rows interleaved, first (longest, when causal) first, so that
@@ -442,7 +442,9 @@ def _hopper_bwd_dkdv_kernel(
     programs over each sequence's key blocks (``CuKTiles``: cumulative counts of 128-key blocks, ``n_seq``
     sequences) in ``hopper_tiles.packed_tile``'s order, ``rows_per_group`` KV heads innermost (the grid may run
     past the last: those programs have no keys and no queries), the row terms (H, 2, T_q), a sequence's last keys'
-    dK and dV stored into ``DK``, ``DV`` by plain stores."""
+    dK and dV stored into ``DK``, ``DV`` by plain stores. ``FIRST_WRITE`` (dense, where the consumers form dQ): the
+    dQ sums unzeroed, each 64-query block's first program storing into it (``hopper_dq``; ``DQSync`` the blocks'
+    (B, H, S_q / 64) int32 words, zeroed)."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
@@ -572,8 +574,8 @@ def _hopper_bwd_dkdv_kernel(
                                        n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, q_off, k_off,
                                        HEAD_DIM, BLOCK_M, BIAS_FULL)),
                 (dq_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
-                                dbias_desc, tb, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q, softmax_scale, q_off,
-                                HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL)),
+                                dbias_desc, DQSync, tb, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q, softmax_scale,
+                                q_off, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL, FIRST_WRITE)),
             ],
             [4, 1, _dq_warps(BLOCK_M, HEAD_DIM)],
             [_fused_regs(BLOCK_M, HEAD_DIM, 0), 24, _fused_regs(BLOCK_M, HEAD_DIM, 1)],

@@ -2,7 +2,17 @@
 consumers form dQ themselves the one-warp writer of their reductions; the staging layout and the bulk tensor
 reductions both use. dQ^T = K^T dS^T is formed transposed (D as the ``wgmma`` M dimension: K^T and dS^T come
 from shared memory as they lie) and added into a float32 (B, S_q, H, D) buffer by ``cp.reduce.async.bulk.tensor``
-of [BLOCK_M, DQ_COLS] boxes, in any order (the delta kernel zeroes it; the host converts it to dQ).
+of [BLOCK_M, DQ_COLS] boxes, in any order (the host converts it to dQ).
+
+Where the consumers form dQ (``FIRST_WRITE``, dense inputs) the buffer is not zeroed beforehand: the first program
+to reach a 64-query block stores its part there and the others add theirs after it. Each block has an int32 word
+in ``DQSync`` (zeroed by the delta kernel): the writer takes a ticket from it (``_claim_block``) once its step's
+first half is staged; ticket 0 stores with the copy engine and, once the stores have completed, sets the word's
+ready bit (``_publish_block``); any other ticket waits for that bit before its reductions. The first program
+holds its data when it takes the ticket, so it depends on no other program (no cycle of waits) and the others
+wait at most for its stores. This spares the zero fill of the float32 buffer (the delta kernel 0.070 -> 0.039 ms
+at B8 H16 S2048 D128) for 1.5% more in the dK/dV kernel: the backward 1.016-1.037x (benchmarks/NOTES.md session
+30). Tickets taken at the step's start (before the data) made later programs wait up to a step: the kernel +6%.
 """
 
 from triton._C.libtriton import ir
@@ -59,6 +69,54 @@ def dq_chunk_tiles(dqt):
     stores puts two rows' 32 bytes on the same banks of the 128-byte swizzle)."""
     dq = gl.permute(dqt, (1, 0))  # [DQ_ROWS, DQ_CHUNK]
     return gl.permute(gl.reshape(dq, [DQ_ROWS, DQ_CHUNK // DQ_COLS, DQ_COLS]), (1, 0, 2))
+
+
+_READY = gl.constexpr(1 << 30)  # a DQSync word: the first program's stores have completed
+_TICKETS = gl.constexpr((1 << 30) - 1)  # the tickets taken
+# One warp's access to a DQSync word, as PTX: lane 0 reads or adds, the warp gets the old value by a shuffle.
+# (Gluon's scalar atomics broadcast their result through shared memory and a barrier.) The ticket is relaxed and
+# a later ticket acquires with a load (LDG.STRONG + CCTL.IVALL in SASS): an acq_rel atomic or fence is MEMBAR.GPU
+# with ERRBAR, which waits for the warp's bulk reductions still in flight; on every step that cost the dK/dV
+# kernel 7-10% (benchmarks/NOTES.md session 30).
+_WARP_ADD = gl.constexpr("{\n\t.reg .pred p;\n\t.reg .b32 lane, old;\n\tmov.u32 lane, %laneid;\n\t"
+                         "setp.eq.u32 p, lane, 0;\n\tmov.u32 old, 0;\n\t"
+                         "@p atom.relaxed.gpu.global.add.u32 old, [$1], $2;\n\t"
+                         "shfl.sync.idx.b32 $0, old, 0, 0x1f, 0xffffffff;\n\t}")
+_WARP_ACQUIRE = gl.constexpr("{\n\t.reg .pred p;\n\t.reg .b32 lane, old;\n\tmov.u32 lane, %laneid;\n\t"
+                             "setp.eq.u32 p, lane, 0;\n\tmov.u32 old, 0;\n\t"
+                             "@p ld.acquire.gpu.global.u32 old, [$1];\n\t"
+                             "shfl.sync.idx.b32 $0, old, 0, 0x1f, 0xffffffff;\n\t}")
+# the warp's generic accesses (the acquire) ordered before its later bulk copies (the async proxy)
+_PROXY_FENCE = gl.constexpr("fence.proxy.async.global;\n\tmov.b32 $0, $1;")
+# the warp's bulk copies complete (their writes, not only their reads: tma.store_wait is the .read form) and
+# ordered before its generic accesses; every lane's before lane 0's release of the word's ready bit
+_WARP_PUBLISH = gl.constexpr("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\t"
+                             "bar.warp.sync 0xffffffff;\n\t{\n\t.reg .pred p;\n\t.reg .b32 lane, old;\n\t"
+                             "mov.u32 lane, %laneid;\n\tsetp.eq.u32 p, lane, 0;\n\t"
+                             "@p atom.release.gpu.global.add.u32 old, [$1], $2;\n\t}\n\tmov.b32 $0, 0;")
+
+
+@gluon.jit
+def _claim_block(sync):
+    """One warp takes a ticket for a 64-query block of the dQ sums (its ``DQSync`` word at ``sync``): True for the
+    first, which stores; any other returns once the first's stores have completed (acquired), ready to add."""
+    addr = sync.to(gl.int64, bitcast=True)
+    old = gl.inline_asm_elementwise(_WARP_ADD, "=r,l,r", [addr, 1], dtype=gl.int32, is_pure=False, pack=1)
+    first = (old & _TICKETS) == 0
+    if not first:
+        old = gl.inline_asm_elementwise(_WARP_ACQUIRE, "=r,l", [addr], dtype=gl.int32, is_pure=False, pack=1)
+        while (old & _READY) == 0:
+            old = gl.inline_asm_elementwise(_WARP_ACQUIRE, "=r,l", [addr], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise(_PROXY_FENCE, "=r,r", [old], dtype=gl.int32, is_pure=False, pack=1)
+    return first
+
+
+@gluon.jit
+def _publish_block(sync):
+    """One warp, the block's first program, right after its stores into the block: once they have completed,
+    let the others add theirs (release)."""
+    addr = sync.to(gl.int64, bitcast=True)
+    gl.inline_asm_elementwise(_WARP_PUBLISH, "=r,l,r", [addr, _READY], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @builtin
@@ -207,38 +265,53 @@ def consumer_dq_step(u, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_ba
 
 
 @gluon.jit
-def dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, q_off, BLOCK_M: gl.constexpr):
+def dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, lo, seqlen_q, q_off,
+                        BLOCK_M: gl.constexpr, FIRST_WRITE: gl.constexpr):
     """One warp where the consumers form dQ (``consumers_dq``): each step's two staged halves of dQ (a consumer's
     64 columns each, ``dq_bars`` [full 0, full 1, empty 0, empty 1]) added into the float32 dQ sums by bulk
-    tensor reductions, each half released once the copy engine has read it. Issued from the consumers, the
-    reductions and the waits for their reads held them for 7-13% of their stall samples (benchmarks/NOTES.md
-    session 24)."""
+    tensor reductions, each half released once the copy engine has read it; with ``FIRST_WRITE`` stored instead
+    by the block's first program (module docstring). Issued from the consumers, the reductions and the waits for
+    their reads held them for 7-13% of their stall samples (benchmarks/NOTES.md session 24)."""
     TILES: gl.constexpr = DQ_CHUNK // DQ_COLS
     n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
+    n_sync = gl.cdiv(seqlen_q, BLOCK_M)  # DQSync words per (batch, head): (B, H, n_sync)
     for t in range(n_g * n_mblocks):
         g, start_m = step_origin(t, lo, n_mblocks, BLOCK_M)
+        first = False
         for half in gl.static_range(2):
             mbarrier.wait(dq_bars.index(half), t % 2)
+            if FIRST_WRITE:
+                if half == 0:  # claimed once the step's first half is staged: its first stores follow at once
+                    sync = DQSync + ((b * n_heads + h0 + g) * n_sync + start_m // BLOCK_M)  # lo % 64 == 0 here
+                    first = _claim_block(sync)
             boxes = dq_smem.index(half)._reinterpret(gl.float32, [TILES, 1, BLOCK_M, 1, DQ_COLS], dq_desc.layout)
             for ti in gl.static_range(TILES):
-                tma_reduce_add(dq_desc, [b, q_off + start_m, h0 + g, (half * TILES + ti) * DQ_COLS], boxes.index(ti))
+                coord = [b, q_off + start_m, h0 + g, (half * TILES + ti) * DQ_COLS]
+                if first:
+                    tma.async_copy_shared_to_global(dq_desc, coord, boxes.index(ti))
+                else:
+                    tma_reduce_add(dq_desc, coord, boxes.index(ti))
         tma.store_wait(TILES)  # bulk groups complete in issue order: the first half's are read
         partition_barrier()  # (the issuing thread's wait holds the others)
         mbarrier.arrive(dq_bars.index(2))
         tma.store_wait(0)
         partition_barrier()
         mbarrier.arrive(dq_bars.index(3))
+        if FIRST_WRITE:
+            if first:
+                _publish_block(sync)
 
 
 @gluon.jit
-def dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc, dbias_desc, b, h0,
-                 n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, q_off, HEAD_DIM: gl.constexpr,
-                 BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr):
-    """The dK/dV kernel's dQ partition: the writer where the consumers form dQ (``consumers_dq``), else the dQ
-    warpgroup (``dq_bars`` its done barrier). ``b`` is the dQ sums' batch coordinate, ``q_off`` a packed
-    sequence's first row (0 for dense inputs)."""
+def dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc, dbias_desc, DQSync,
+                 b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, q_off, HEAD_DIM: gl.constexpr,
+                 BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr, FIRST_WRITE: gl.constexpr):
+    """The dK/dV kernel's dQ partition: the writer where the consumers form dQ (``consumers_dq``; ``FIRST_WRITE``
+    there only), else the dQ warpgroup (``dq_bars`` its done barrier). ``b`` is the dQ sums' batch coordinate,
+    ``q_off`` a packed sequence's first row (0 for dense inputs)."""
     if consumers_dq(BLOCK_M, HEAD_DIM):
-        dq_writer_partition(dq_desc, dq_smem, dq_bars, b, h0, n_g, lo, seqlen_q, q_off, BLOCK_M)
+        dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, lo, seqlen_q, q_off, BLOCK_M,
+                            FIRST_WRITE)
     else:
         dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
                                dbias_desc, b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, q_off, HEAD_DIM,

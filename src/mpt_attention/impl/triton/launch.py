@@ -312,12 +312,14 @@ def _side_stream(device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False, dq_zero=None) -> None:
+def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False, dq_zero=None,
+               dq_sync=None) -> None:
     """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape; None where no kernel
     reads it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked:
     common.SOFT_LSE) dO scaled per row into it; with ``row_stats`` (``hopper.row_stats_buffer``) the Hopper dK/dV
     kernel's copy of the log2-domain LSE offsets and delta; with ``dq_zero`` (float32, q's shape and strides)
-    zeros written into it. Varlen: packed rows are one long batch row for this row-wise kernel."""
+    zeros written into it; with ``dq_sync`` (``hopper.dq_sync_buffer``) zeros there. Varlen: packed rows are one
+    long batch row for this row-wise kernel."""
     o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
     dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
     d_batch, d_rows, n_heads, head_dim = o4.shape
@@ -332,10 +334,12 @@ def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, va
     launch_kernel(_attn_bwd_delta_kernel, (cdiv(d_rows, block), n_heads, d_batch),
         o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), dummy if delta is None else delta,
         dummy if dout_scaled is None else dout_scaled, dummy if row_stats is None else row_stats,
-        dummy if dq4 is None else dq4, *strides3(o4), *strides3(do4), *strides3(dout_scaled), *strides3(dq4),
-        n_heads, d_rows, head_dim, 0 if row_stats is None else row_stats.shape[2], HAS_DLSE=dlse is not None,
+        dummy if dq4 is None else dq4, dummy if dq_sync is None else dq_sync, *strides3(o4), *strides3(do4),
+        *strides3(dout_scaled), *strides3(dq4), n_heads, d_rows, head_dim,
+        0 if row_stats is None else row_stats.shape[2], HAS_DLSE=dlse is not None,
         SOFT_ROWS=dout_scaled is not None, ROW_STATS=row_stats is not None, STORE_DELTA=delta is not None,
-        ZERO_DQ=dq4 is not None, BLOCK_M=block, BLOCK_D=max(16, next_power_of_2(head_dim)),
+        ZERO_DQ=dq4 is not None, ZERO_SYNC=dq_sync is not None, BLOCK_M=block,
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
     )
 
 
@@ -415,12 +419,19 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
     # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
     atomic = deterministic is False and not use_hopper and not ds_gemm
-    # dQ summed in float32 by atomics or the Hopper kernel's bulk reductions, into zeros the delta kernel writes
-    # (in dq's layout, so that the copy into dq at the end is elementwise)
+    # dQ summed in float32 by atomics or the Hopper kernel's bulk reductions, into zeros the delta kernel writes or,
+    # with ``dq_sync`` below, into what each block's first program stores (in dq's layout, so that the copy into dq
+    # at the end is elementwise)
     dq_acc = torch.empty_like(q, dtype=torch.float32) if atomic or fused_dq else None
     # the fused dQ's kernel reads delta from row_stats: nothing reads the (B, H, S_q) copy then
     delta = None if fused_dq else torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
-    _row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen, dq_acc)
+    # where each 64-query block's first program stores its part of the dQ sums, the sums need no zeros, only a
+    # zeroed word per block for the programs' tickets (hopper_dq)
+    dq_sync = None
+    if fused_dq and hopper.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen):
+        dq_sync = hopper.dq_sync_buffer(batch, n_heads, s_q, q.device)
+    _row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen,
+               dq_acc if dq_sync is None else None, dq_sync)
     # who writes dS for a full bias gradient: the dK/dV kernel (atomic dQ, or dQ from the stored dS), else
     # the dQ kernel
     dkdv_bias_grad = bias_mode if bias_mode == 1 or atomic or ds_gemm else 0
@@ -467,7 +478,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                 hopper.backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, softmax_scale, causal,
                                      _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None,
                                      dbias_full if fused_dq and bias_mode == 2 else None,
-                                     cu_q if varlen else None, cu_k if varlen else None, s_q)
+                                     cu_q if varlen else None, cu_k if varlen else None, s_q, dq_sync)
             else:
                 launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
