@@ -22,7 +22,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
-    from mpt_attention.impl.triton.hopper_dq import DQ_COLS
+    from mpt_attention.impl.triton.hopper_dq import DQ_COLS, consumers_dq
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
     _IMPORT_ERROR = None
     # the kernels' shared-memory layouts (hopper_forward/hopper_backward), built once: frozen. Tiles of q, k, v
@@ -369,7 +369,7 @@ def first_write_dq(head_dim: int, bias_full: bool, varlen: bool) -> bool:
     block is reached, by the first key block's programs (``unsupported`` leaves no row without keys), so the
     buffer needs no zeros, only a zeroed ``dq_sync_buffer``."""
     width = tile_dim(head_dim)
-    return FIRST_WRITE_DQ and not varlen and width == 128 and bwd_block_m(width, bias_full, True) == 64
+    return FIRST_WRITE_DQ and not varlen and consumers_dq(bwd_block_m(width, bias_full, True), width)
 
 
 def dq_sync_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:

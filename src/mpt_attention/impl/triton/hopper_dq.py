@@ -11,7 +11,7 @@ first half is staged; ticket 0 stores with the copy engine and, once the stores 
 ready bit (``_publish_block``); any other ticket waits for that bit before its reductions. The first program
 holds its data when it takes the ticket, so it depends on no other program (no cycle of waits) and the others
 wait at most for its stores. This spares the zero fill of the float32 buffer (the delta kernel 0.070 -> 0.039 ms
-at B8 H16 S2048 D128) for 1.5% more in the dK/dV kernel: the backward 1.016-1.037x (benchmarks/NOTES.md session
+at B8 H16 S2048 D128) for 1.5% more in the dK/dV kernel: the backward 1.013-1.053x (benchmarks/NOTES.md session
 30). Tickets taken at the step's start (before the data) made later programs wait up to a step: the kernel +6%.
 """
 
@@ -71,6 +71,13 @@ def dq_chunk_tiles(dqt):
     return gl.permute(gl.reshape(dq, [DQ_ROWS, DQ_CHUNK // DQ_COLS, DQ_COLS]), (1, 0, 2))
 
 
+def _lane0_asm(access):
+    """PTX for one warp: lane 0 runs ``access`` (a memory instruction on the word at ``$1``, its old value into
+    ``old``), the warp gets ``old`` by a shuffle into ``$0``."""
+    return ("{\n\t.reg .pred p;\n\t.reg .b32 lane, old;\n\tmov.u32 lane, %laneid;\n\tsetp.eq.u32 p, lane, 0;\n\t"
+            f"mov.u32 old, 0;\n\t@p {access};\n\tshfl.sync.idx.b32 $0, old, 0, 0x1f, 0xffffffff;\n\t}}")
+
+
 _READY = gl.constexpr(1 << 30)  # a DQSync word: the first program's stores have completed
 _TICKETS = gl.constexpr((1 << 30) - 1)  # the tickets taken
 # One warp's access to a DQSync word, as PTX: lane 0 reads or adds, the warp gets the old value by a shuffle.
@@ -78,22 +85,14 @@ _TICKETS = gl.constexpr((1 << 30) - 1)  # the tickets taken
 # a later ticket acquires with a load (LDG.STRONG + CCTL.IVALL in SASS): an acq_rel atomic or fence is MEMBAR.GPU
 # with ERRBAR, which waits for the warp's bulk reductions still in flight; on every step that cost the dK/dV
 # kernel 7-10% (benchmarks/NOTES.md session 30).
-_WARP_ADD = gl.constexpr("{\n\t.reg .pred p;\n\t.reg .b32 lane, old;\n\tmov.u32 lane, %laneid;\n\t"
-                         "setp.eq.u32 p, lane, 0;\n\tmov.u32 old, 0;\n\t"
-                         "@p atom.relaxed.gpu.global.add.u32 old, [$1], $2;\n\t"
-                         "shfl.sync.idx.b32 $0, old, 0, 0x1f, 0xffffffff;\n\t}")
-_WARP_ACQUIRE = gl.constexpr("{\n\t.reg .pred p;\n\t.reg .b32 lane, old;\n\tmov.u32 lane, %laneid;\n\t"
-                             "setp.eq.u32 p, lane, 0;\n\tmov.u32 old, 0;\n\t"
-                             "@p ld.acquire.gpu.global.u32 old, [$1];\n\t"
-                             "shfl.sync.idx.b32 $0, old, 0, 0x1f, 0xffffffff;\n\t}")
+_WARP_ADD = gl.constexpr(_lane0_asm("atom.relaxed.gpu.global.add.u32 old, [$1], $2"))
+_WARP_ACQUIRE = gl.constexpr(_lane0_asm("ld.acquire.gpu.global.u32 old, [$1]"))
 # the warp's generic accesses (the acquire) ordered before its later bulk copies (the async proxy)
 _PROXY_FENCE = gl.constexpr("fence.proxy.async.global;\n\tmov.b32 $0, $1;")
 # the warp's bulk copies complete (their writes, not only their reads: tma.store_wait is the .read form) and
 # ordered before its generic accesses; every lane's before lane 0's release of the word's ready bit
-_WARP_PUBLISH = gl.constexpr("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\t"
-                             "bar.warp.sync 0xffffffff;\n\t{\n\t.reg .pred p;\n\t.reg .b32 lane, old;\n\t"
-                             "mov.u32 lane, %laneid;\n\tsetp.eq.u32 p, lane, 0;\n\t"
-                             "@p atom.release.gpu.global.add.u32 old, [$1], $2;\n\t}\n\tmov.b32 $0, 0;")
+_WARP_PUBLISH = gl.constexpr("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tbar.warp.sync 0xffffffff;"
+                             "\n\t" + _lane0_asm("atom.release.gpu.global.add.u32 old, [$1], $2"))
 
 
 @gluon.jit
@@ -104,7 +103,7 @@ def _claim_block(sync):
     old = gl.inline_asm_elementwise(_WARP_ADD, "=r,l,r", [addr, 1], dtype=gl.int32, is_pure=False, pack=1)
     first = (old & _TICKETS) == 0
     if not first:
-        old = gl.inline_asm_elementwise(_WARP_ACQUIRE, "=r,l", [addr], dtype=gl.int32, is_pure=False, pack=1)
+        old = 0  # the ticket's read is relaxed: the bit counts once an acquiring load has seen it
         while (old & _READY) == 0:
             old = gl.inline_asm_elementwise(_WARP_ACQUIRE, "=r,l", [addr], dtype=gl.int32, is_pure=False, pack=1)
         gl.inline_asm_elementwise(_PROXY_FENCE, "=r,r", [old], dtype=gl.int32, is_pure=False, pack=1)
