@@ -1,0 +1,139 @@
+"""Where a kernel launch's host time goes inside a training step, against the same launches in a loop of
+forwards (tiny shape, Hopper path, causal ALiBi; benchmarks/NOTES.md session 31):
+
+    python benchmarks/launch_in_step.py
+
+``--timers`` (session 30) read 67-173 us per launch inside a step on the GPU machine's CPU, against 34.5 us for the
+forward's launch in a tight loop. This splits each launch as ``lean_launch.launch_kernel`` does it: Triton's binder
+(the specialisation), the stream query, the compiled kernel's ``run`` (the C launcher), per kernel, for forwards
+alone, for forward+backward steps (the backward on the device's autograd thread, torch's default) and for steps
+with the backward on the calling thread. ``--profile``: instead, cProfile of ``launch.backward`` on the thread it runs on
+(the device's autograd thread), 300 steps.
+"""
+
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+from triton import knobs
+from triton.runtime import driver
+
+import mpt_attention as M
+from mpt_attention.impl.triton import hopper, launch, lean_launch
+
+TOTALS: dict = {}
+COUNTS: dict = {}
+
+
+def _add(name, part, seconds):
+    TOTALS[(name, part)] = TOTALS.get((name, part), 0.0) + seconds
+
+
+def timed_launch(fn, grid, *args, **kwargs):
+    """``lean_launch.launch_kernel`` with a clock around each part (the cached path only)."""
+    start = time.perf_counter()
+    device = driver.active.get_current_device()
+    caches = fn.device_caches[device]
+    kw = dict(kwargs)
+    kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug
+    kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    t0 = time.perf_counter()
+    bound, specialization, options = caches[4](*args, **kw)
+    t1 = time.perf_counter()
+    kernel = lean_launch._KERNELS.get((fn, device, tuple(specialization), tuple(options.items())))
+    if kernel is None:
+        lean_launch.launch_kernel(fn, grid, *args, **kwargs)
+        return
+    stream = driver.active.get_current_stream(device)
+    t2 = time.perf_counter()
+    kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, kernel.function,
+               kernel.packed_metadata, None, None, None, *bound.values())
+    t3 = time.perf_counter()
+    name = fn.__name__
+    COUNTS[name] = COUNTS.get(name, 0) + 1
+    _add(name, "before binder", t0 - start)
+    _add(name, "binder", t1 - t0)
+    _add(name, "cache + stream", t2 - t1)
+    _add(name, "kernel.run", t3 - t2)
+    _add(name, "total", t3 - start)
+
+
+def report(label, calls, seconds):
+    print(f"[{label}] {seconds / calls * 1e6:7.1f} us per call")
+    for name, count in COUNTS.items():
+        parts = ", ".join(f"{part} {TOTALS[(name, part)] / count * 1e6:5.1f}"
+                          for part in ("before binder", "binder", "cache + stream", "kernel.run", "total"))
+        print(f"    {name:32s} x{count / calls:.0f} per call: {parts}")
+    TOTALS.clear()
+    COUNTS.clear()
+
+
+def run(label, fn, calls=400):
+    for _ in range(30):
+        fn()
+    torch.cuda.synchronize()
+    TOTALS.clear()
+    COUNTS.clear()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    report(label, calls, time.perf_counter() - start)
+
+
+def profile_backward(step):
+    """cProfile enabled inside ``launch.backward`` itself: a profiler only sees the thread that enables it."""
+    prof = cProfile.Profile()
+    real = launch.backward
+    on = []
+
+    def profiled(*args, **kwargs):
+        if not on:
+            return real(*args, **kwargs)
+        prof.enable()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            prof.disable()
+
+    launch.backward = profiled
+    run("warm-up steps", step, calls=50)  # compiles outside the profile
+    on.append(True)
+    run("profiled steps", step, calls=300)
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(30)
+
+
+def main():
+    hopper.launch_kernel = timed_launch
+    launch.launch_kernel = timed_launch
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 128, 16, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for _ in range(3))
+    slopes = M.gen_slopes(16, return_1d=True, device="cuda")
+    dout = torch.randn_like(q)
+
+    def forward():
+        with torch.no_grad():
+            M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes)
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes).backward(dout)
+
+    if "--profile" in sys.argv:
+        profile_backward(step)
+        return
+    for rnd in range(2):
+        run(f"round {rnd} forwards", forward)
+        run(f"round {rnd} steps", step)
+        torch.autograd.set_multithreading_enabled(False)
+        run(f"round {rnd} steps, backward on the calling thread", step)
+        torch.autograd.set_multithreading_enabled(True)
+
+
+if __name__ == "__main__":
+    main()
