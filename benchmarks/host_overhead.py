@@ -255,7 +255,6 @@ def launch_breakdown():
     """Host microseconds of the parts of one Hopper forward launch (tiny shape): where a launch's time goes. The
     launch's arguments are the ones ``hopper.forward`` passes (recorded from a real call), so this follows the
     kernel's signature."""
-    from triton import knobs
     from triton.backends.nvidia.driver import make_tensordesc_arg
     from triton.runtime import driver
     from triton.runtime.jit import compute_cache_key
@@ -275,24 +274,20 @@ def launch_breakdown():
     descs = [a for a in args if type(a).__name__ == "TensorDescriptor"]
     kernel = fn[grid](*args, **kw)
     device = driver.active.get_current_device()
-    stream = driver.active.get_current_stream(device)
     _, key_cache, _, _, binder = fn.device_caches[device]
-    kw_run = dict(kw, debug=fn.debug or knobs.runtime.debug,
-                  instrumentation_mode=knobs.compilation.instrumentation_mode)
-    bound, spec, options = binder(*args, **kw_run)
-    values = tuple(bound.values())
+    bound, key = lean_launch.bind(fn, device, binder, args, dict(kw))
+    spec, options = list(key[2]), dict(key[3])
     metas = getattr(kernel.metadata, "tensordesc_meta", None) or [None] * len(descs)
     parts = {
         "4 descriptors (hopper._descriptor)": lambda: [hopper._descriptor(x, rows) for x, rows in
                                                        ((q, 64), (k, 128), (v, 128), (q, 64))],
         "fn[grid](...) (prebuilt descriptors)": lambda: fn[grid](*args, **kw),
         "lean_launch.launch_kernel": lambda: lean_launch.launch_kernel(fn, grid, *args, **kw),
-        "binder": lambda: binder(*args, **kw_run),
+        "lean_launch.bind (Triton's binder)": lambda: lean_launch.bind(fn, device, binder, args, dict(kw)),
         "compute_cache_key": lambda: compute_cache_key(key_cache, spec, options),
         "current device + stream": lambda: driver.active.get_current_stream(driver.active.get_current_device()),
         f"{len(descs)} x make_tensordesc_arg": lambda: [make_tensordesc_arg(d, m) for d, m in zip(descs, metas)],
-        "kernel.run (bound args)": lambda: kernel.run(grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata,
-                                                       None, None, None, *values),
+        "lean_launch.run_compiled (kernel.run)": lambda: lean_launch.run_compiled(kernel, grid, device, bound),
         "hopper.forward": lambda: hopper.forward(q, k, v, None, slopes, 128**-0.5, True, 1),
     }
     for name, part in parts.items():

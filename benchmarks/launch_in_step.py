@@ -4,8 +4,8 @@ forwards (tiny shape, Hopper path, causal ALiBi; benchmarks/NOTES.md session 31)
     python benchmarks/launch_in_step.py
 
 ``--timers`` (session 30) read 67-173 us per launch inside a step on the GPU machine's CPU, against 34.5 us for the
-forward's launch in a tight loop. This splits each launch as ``lean_launch.launch_kernel`` does it: Triton's binder
-(the specialisation), the stream query, the compiled kernel's ``run`` (the C launcher), per kernel, for forwards
+forward's launch in a tight loop. This times each launch's parts as ``lean_launch.launch_kernel`` runs them: Triton's
+binder (the specialisation) and the compiled kernel's ``run`` (the launcher), per kernel, for forwards
 alone, for forward+backward steps (the backward on the device's autograd thread, torch's default) and for steps
 with the backward on the calling thread. ``--profile``: instead, cProfile of ``launch.backward`` on the thread it runs on
 (the device's autograd thread), 300 steps.
@@ -17,54 +17,50 @@ import sys
 import time
 
 import torch
-from triton import knobs
-from triton.runtime import driver
 
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper, launch, lean_launch
 
 TOTALS: dict = {}
 COUNTS: dict = {}
+CURRENT = [""]  # the kernel whose launch is running
 
 
 def _add(name, part, seconds):
     TOTALS[(name, part)] = TOTALS.get((name, part), 0.0) + seconds
 
 
-def timed_launch(fn, grid, *args, **kwargs):
-    """``lean_launch.launch_kernel`` with a clock around each part (the cached path only)."""
-    start = time.perf_counter()
-    device = driver.active.get_current_device()
-    caches = fn.device_caches[device]
-    kw = dict(kwargs)
-    kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug
-    kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    t0 = time.perf_counter()
-    bound, specialization, options = caches[4](*args, **kw)
-    t1 = time.perf_counter()
-    kernel = lean_launch._KERNELS.get((fn, device, tuple(specialization), tuple(options.items())))
-    if kernel is None:
-        lean_launch.launch_kernel(fn, grid, *args, **kwargs)
-        return
-    stream = driver.active.get_current_stream(device)
-    t2 = time.perf_counter()
-    kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, kernel.function,
-               kernel.packed_metadata, None, None, None, *bound.values())
-    t3 = time.perf_counter()
-    name = fn.__name__
-    COUNTS[name] = COUNTS.get(name, 0) + 1
-    _add(name, "before binder", t0 - start)
-    _add(name, "binder", t1 - t0)
-    _add(name, "cache + stream", t2 - t1)
-    _add(name, "kernel.run", t3 - t2)
-    _add(name, "total", t3 - start)
+def _timed(label, real):
+    """``real`` with its time added to ``TOTALS`` under (the kernel being launched, ``label``)."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            _add(CURRENT[0], label, time.perf_counter() - start)
+    return wrapper
+
+
+def install_timers():
+    """Clocks around the lean launcher's parts (``lean_launch.bind``: Triton's binder; ``run_compiled``: the compiled
+    kernel's ``run``) and around each whole launch; counts launches per kernel."""
+    real_launch = lean_launch.launch_kernel
+
+    def counted_launch(fn, grid, *args, **kwargs):
+        CURRENT[0] = fn.__name__
+        COUNTS[fn.__name__] = COUNTS.get(fn.__name__, 0) + 1
+        return real_launch(fn, grid, *args, **kwargs)
+
+    hopper.launch_kernel = launch.launch_kernel = _timed("total", counted_launch)
+    lean_launch.bind = _timed("binder", lean_launch.bind)
+    lean_launch.run_compiled = _timed("kernel.run", lean_launch.run_compiled)
 
 
 def report(label, calls, seconds):
     print(f"[{label}] {seconds / calls * 1e6:7.1f} us per call")
     for name, count in COUNTS.items():
-        parts = ", ".join(f"{part} {TOTALS[(name, part)] / count * 1e6:5.1f}"
-                          for part in ("before binder", "binder", "cache + stream", "kernel.run", "total"))
+        parts = ", ".join(f"{part} {TOTALS.get((name, part), 0.0) / count * 1e6:5.1f}"
+                          for part in ("binder", "kernel.run", "total"))
         print(f"    {name:32s} x{count / calls:.0f} per call: {parts}")
     TOTALS.clear()
     COUNTS.clear()
@@ -108,8 +104,7 @@ def profile_backward(step):
 
 
 def main():
-    hopper.launch_kernel = timed_launch
-    launch.launch_kernel = timed_launch
+    install_timers()
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 128, 16, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
                for _ in range(3))

@@ -47,11 +47,7 @@ def launch_kernel(fn, grid, *args, **kwargs) -> None:
     if not (isinstance(caches, tuple) and len(caches) == 5):
         fn[grid](*args, **kwargs)
         return
-    # the options JITFunction.run adds before binding, so the specialisation and options are its own
-    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    bound, specialization, options = caches[4](*args, **kwargs)
-    key = (fn, device, tuple(specialization), tuple(options.items()))
+    bound, key = bind(fn, device, caches[4], args, kwargs)
     kernel = _KERNELS.get(key)
     if kernel is None:
         kernel = fn[grid](*args, **kwargs)
@@ -60,6 +56,20 @@ def launch_kernel(fn, grid, *args, **kwargs) -> None:
         if hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):
             _KERNELS[key] = kernel
         return
+    run_compiled(kernel, grid, device, bound)
+
+
+def bind(fn, device, binder, args, kwargs: dict):
+    """Triton's ``binder`` (of ``fn`` on ``device``) on the arguments: ``(bound arguments, cache key)``. Adds to
+    ``kwargs`` the options ``JITFunction.run`` adds before binding, so the specialisation and options are its own."""
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    bound, specialization, options = binder(*args, **kwargs)
+    return bound, (fn, device, tuple(specialization), tuple(options.items()))
+
+
+def run_compiled(kernel, grid, device, bound) -> None:
+    """Launch a compiled kernel on the device's current stream with ``bind``'s bound arguments."""
     kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata, None, None, None,
                *bound.values())
