@@ -180,7 +180,11 @@ def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16, de
 
 
 def time_provider(fn, grads, mode):
+    start = time.perf_counter()
     out = fn()
+    torch.cuda.synchronize()
+    if time.perf_counter() - start > 0.05:  # a compile or a large first allocation left the card idle
+        warm_up(0.3)
     if mode == "fwd":
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
     dout = torch.randn_like(out)
@@ -193,7 +197,9 @@ def time_provider(fn, grads, mode):
 
 def warm_up(seconds: float = 2.0) -> None:
     """Busy the GPU before the first measurement: the card idles at a low clock after the tests, and
-    the first provider of the first shape measured 20% low in two runs without this."""
+    the first provider of the first shape measured 20% low in two runs without this. Also (shorter) after each
+    shape's set-up and after a provider's first call when that took long (FlexAttention and FA4 compile per
+    shape): the first provider of each shape read up to 8% low in one round of three (session 31)."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -223,6 +229,7 @@ def run_main(args, rows, causal=True):
     warm_up()
     for batch, n_heads, n_kv, seq, head_dim in shapes:
         providers = make_providers(batch, n_heads, n_kv, seq, head_dim, causal=causal)
+        warm_up(0.3)
         shape = f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}"
         for mode in args.modes:
             flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=causal, mode=mode)
@@ -241,7 +248,7 @@ def run_main(args, rows, causal=True):
                     row.update(ms=None, tflops=None, spread=None, note=errors[name])
                 else:
                     ms, spread = summarize_rounds(samples[name])
-                    row.update(ms=ms, tflops=flops / ms / 1e9, spread=spread,
+                    row.update(ms=ms, tflops=flops / ms / 1e9, spread=spread, samples_ms=samples[name],
                                note=f"median of {len(samples[name])}" if len(samples[name]) > 1 else "")
                 rows.append(row)
                 spread = "" if row["spread"] is None else f"spread {row['spread']:.1%}"
@@ -342,7 +349,7 @@ def write_outputs(rows, out_dir, meta):
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["suite", "shape", "mode", "provider", "ms", "tflops", "spread",
-                                                "note"])
+                                                "note"], extrasaction="ignore")  # per-round samples: JSON only
         writer.writeheader()
         writer.writerows(rows)
     try:
