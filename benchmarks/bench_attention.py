@@ -199,7 +199,8 @@ def warm_up(seconds: float = 2.0) -> None:
     """Busy the GPU before the first measurement: the card idles at a low clock after the tests, and
     the first provider of the first shape measured 20% low in two runs without this. Also (shorter) after each
     shape's set-up and after a provider's first call when that took long (FlexAttention and FA4 compile per
-    shape): the first provider of each shape read up to 8% low in one round of three (session 31)."""
+    shape), so that no measurement starts on an idle card. (The low rounds of our first-measured cells in
+    session 31 persisted with these: they are slow windows of our kernels, benchmarks/window_probe.py.)"""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:

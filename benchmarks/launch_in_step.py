@@ -7,8 +7,8 @@ forwards (tiny shape, Hopper path, causal ALiBi; benchmarks/NOTES.md session 31)
 forward's launch in a tight loop. This times each launch's parts as ``lean_launch.launch_kernel`` runs them: Triton's
 binder (the specialisation) and the compiled kernel's ``run`` (the launcher), per kernel, for forwards
 alone, for forward+backward steps (the backward on the device's autograd thread, torch's default) and for steps
-with the backward on the calling thread. ``--profile``: instead, cProfile of ``launch.backward`` on the thread it runs on
-(the device's autograd thread), 300 steps.
+with the backward on the calling thread. ``--profile``: instead, cProfile of ``launch.backward`` on the thread it
+runs on (the device's autograd thread), 300 steps.
 """
 
 import cProfile
