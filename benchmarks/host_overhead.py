@@ -284,10 +284,13 @@ def launch_breakdown():
         "fn[grid](...) (prebuilt descriptors)": lambda: fn[grid](*args, **kw),
         "lean_launch.launch_kernel": lambda: lean_launch.launch_kernel(fn, grid, *args, **kw),
         "lean_launch.bind (Triton's binder)": lambda: lean_launch.bind(fn, device, binder, args, dict(kw)),
+        "lean_launch.argument_key": lambda: lean_launch.argument_key(fn, device, args, kw),
+        "lean_launch.ordered_arguments": lambda: lean_launch.ordered_arguments(fn, args, kw),
         "compute_cache_key": lambda: compute_cache_key(key_cache, spec, options),
         "current device + stream": lambda: driver.active.get_current_stream(driver.active.get_current_device()),
         f"{len(descs)} x make_tensordesc_arg": lambda: [make_tensordesc_arg(d, m) for d, m in zip(descs, metas)],
-        "lean_launch.run_compiled (kernel.run)": lambda: lean_launch.run_compiled(kernel, grid, device, bound),
+        "lean_launch.run_compiled (kernel.run)": lambda: lean_launch.run_compiled(kernel, grid, device,
+                                                                                             bound.values()),
         "hopper.forward": lambda: hopper.forward(q, k, v, None, slopes, 128**-0.5, True, 1),
     }
     for name, part in parts.items():

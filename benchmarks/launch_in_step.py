@@ -8,7 +8,8 @@ forward's launch in a tight loop. This times each launch's parts as ``lean_launc
 binder (the specialisation) and the compiled kernel's ``run`` (the launcher), per kernel, for forwards
 alone, for forward+backward steps (the backward on the device's autograd thread, torch's default) and for steps
 with the backward on the calling thread. ``--profile``: instead, cProfile of ``launch.backward`` on the thread it
-runs on (the device's autograd thread), 300 steps.
+runs on (the device's autograd thread), 300 steps; ``--profile-step``: cProfile of whole steps, the backward on the
+calling thread.
 """
 
 import cProfile
@@ -42,8 +43,9 @@ def _timed(label, real):
 
 
 def install_timers():
-    """Clocks around the lean launcher's parts (``lean_launch.bind``: Triton's binder; ``run_compiled``: the compiled
-    kernel's ``run``) and around each whole launch; counts launches per kernel."""
+    """Clocks around the lean launcher's parts (``argument_key``: its key of the arguments; ``bind``: Triton's binder,
+    where that key is new; ``run_compiled``: the compiled kernel's ``run``) and around each whole launch; counts
+    launches per kernel."""
     real_launch = lean_launch.launch_kernel
 
     def counted_launch(fn, grid, *args, **kwargs):
@@ -52,6 +54,7 @@ def install_timers():
         return real_launch(fn, grid, *args, **kwargs)
 
     hopper.launch_kernel = launch.launch_kernel = _timed("total", counted_launch)
+    lean_launch.argument_key = _timed("argument key", lean_launch.argument_key)
     lean_launch.bind = _timed("binder", lean_launch.bind)
     lean_launch.run_compiled = _timed("kernel.run", lean_launch.run_compiled)
 
@@ -60,7 +63,7 @@ def report(label, calls, seconds):
     print(f"[{label}] {seconds / calls * 1e6:7.1f} us per call")
     for name, count in COUNTS.items():
         parts = ", ".join(f"{part} {TOTALS.get((name, part), 0.0) / count * 1e6:5.1f}"
-                          for part in ("binder", "kernel.run", "total"))
+                          for part in ("argument key", "binder", "kernel.run", "total"))
         print(f"    {name:32s} x{count / calls:.0f} per call: {parts}")
     TOTALS.clear()
     COUNTS.clear()
@@ -103,6 +106,19 @@ def profile_backward(step):
     stats.sort_stats("cumulative").print_stats(30)
 
 
+def profile_step(step):
+    """cProfile of whole steps with the backward on the calling thread (so one profiler sees all of it)."""
+    torch.autograd.set_multithreading_enabled(False)
+    run("warm-up steps, backward on the calling thread", step, calls=50)
+    prof = cProfile.Profile()
+    prof.enable()
+    run("profiled steps, backward on the calling thread", step, calls=300)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(35)
+    stats.sort_stats("cumulative").print_stats(45)
+
+
 def main():
     install_timers()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -121,6 +137,9 @@ def main():
 
     if "--profile" in sys.argv:
         profile_backward(step)
+        return
+    if "--profile-step" in sys.argv:
+        profile_step(step)
         return
     for rnd in range(2):
         run(f"round {rnd} forwards", forward)

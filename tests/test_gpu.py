@@ -321,11 +321,15 @@ def test_backward_replays_in_a_cuda_graph(head_dim, n_kv, deterministic):
                 assert torch.equal(g, e), name
 
 
-@pytest.mark.parametrize("deterministic", [None, True], ids=["dq-warpgroup-or-default", "reproducible"])
-def test_the_lean_launcher_runs_repeated_steps_from_its_cache(monkeypatch, deterministic):
+@pytest.mark.parametrize("deterministic, bias", [
+    pytest.param(None, None, id="dq-warpgroup-or-default"),
+    pytest.param(True, None, id="reproducible"),
+    pytest.param(None, "vector", id="bias-row"),
+])
+def test_the_lean_launcher_runs_repeated_steps_from_its_cache(monkeypatch, deterministic, bias):
     """A training step's kernels launch through Triton's own path the first time, from the lean launcher's
-    cache after (impl/triton/lean_launch.py), with the same results; with a profiler's launch hook installed
-    every launch is Triton's again, and the hook sees each."""
+    cache after (impl/triton/lean_launch.py), found by their arguments without Triton's binder, with the same
+    results; with a profiler's launch hook installed every launch is Triton's again, and the hook sees each."""
     from triton import knobs
     from triton.runtime import jit
 
@@ -334,9 +338,12 @@ def test_the_lean_launcher_runs_repeated_steps_from_its_cache(monkeypatch, deter
     triton_runs, real_run = [], jit.JITFunction.run
     monkeypatch.setattr(jit.JITFunction, "run",
                         lambda self, *a, **kw: (triton_runs.append(1), real_run(self, *a, **kw))[1])
+    binds, real_bind = [], lean_launch.bind
+    monkeypatch.setattr(lean_launch, "bind", lambda *a, **kw: (binds.append(1), real_bind(*a, **kw))[1])
     monkeypatch.setattr(lean_launch, "_KERNELS", {})
-    (q, k, v), kw = make_inputs(AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=True), device="cuda",
-                                dtype=torch.bfloat16, requires_grad=True)
+    monkeypatch.setattr(lean_launch, "_BY_ARGUMENTS", {})
+    (q, k, v), kw = make_inputs(AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=bias is None, bias=bias),
+                                device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn_like(q)
 
     def step():
@@ -346,8 +353,9 @@ def test_the_lean_launcher_runs_repeated_steps_from_its_cache(monkeypatch, deter
     first = step()
     assert triton_runs and len(lean_launch._KERNELS) == len(triton_runs)
     triton_runs.clear()
+    binds.clear()
     second = step()
-    assert not triton_runs
+    assert not triton_runs and not binds  # every launch found by its arguments (lean_launch.argument_key)
     for a, b in zip(first, second):  # dQ from the warpgroup's float32 reductions: any order, so closely
         torch.testing.assert_close(a, b, atol=0 if deterministic else 1e-2, rtol=0 if deterministic else 1e-2)
     seen = []

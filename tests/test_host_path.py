@@ -4,6 +4,7 @@ build without TensorDescriptor's own checks (hopper.descriptor) would pass them,
 own launch where it must. The kernels themselves run in tests/test_gpu_hopper.py; the lean launcher against
 real Triton kernels in tests/test_gpu.py."""
 
+import inspect
 import types
 
 import pytest
@@ -153,17 +154,22 @@ class _FakeKernel:
 
 class _FakeJITFunction:
     """What lean_launch uses of a JITFunction: ``device_caches[device][4]`` the binder, ``fn[grid]``,
-    ``pre_run_hooks``, ``debug``. Its binder specialises ints on divisibility by 16, as Triton's does."""
+    ``pre_run_hooks``, ``debug``, ``signature``. Its binder specialises ints on divisibility by 16, bools apart and
+    tensors on 16-byte alignment, as Triton's does."""
 
     pre_run_hooks, debug = [], False
+    signature = inspect.signature(lambda x, n, BLOCK=32: None)
 
     def __init__(self):
-        self.kernels, self.triton_launches = {}, []
+        self.kernels, self.triton_launches, self.binds = {}, [], 0
         self.device_caches = {0: (None, None, None, None, self.binder)}
 
-    def binder(self, x, n, BLOCK, **options):
+    def binder(self, x, n, BLOCK=32, **options):
+        self.binds += 1
         bound = dict(x=x, n=n, BLOCK=BLOCK)
-        return bound, [("*fp32", "D"), ("i32", "D" if n % 16 == 0 else ""), ("constexpr", BLOCK)], options
+        aligned = "D" if getattr(x, "data_ptr", lambda: 0)() % 16 == 0 else ""
+        spec_n = ("u1", None) if isinstance(n, bool) else ("i32", "D" if n % 16 == 0 else "")
+        return bound, [("*fp32", aligned), spec_n, ("constexpr", BLOCK)], options
 
     def __getitem__(self, grid):
         def triton_launch(*args, **kwargs):
@@ -185,6 +191,7 @@ def lean(monkeypatch):
     monkeypatch.setattr(lean_launch, "knobs", knobs, raising=False)
     monkeypatch.setattr(lean_launch, "driver", driver, raising=False)
     monkeypatch.setattr(lean_launch, "_KERNELS", {})
+    monkeypatch.setattr(lean_launch, "_BY_ARGUMENTS", {})
     return knobs
 
 
@@ -203,6 +210,27 @@ def test_the_lean_launcher_runs_the_kernel_triton_compiled_for_the_same_speciali
     lean.runtime.debug = True  # Triton's debug mode compiles other kernels: its own launch first, again
     lean_launch.launch_kernel(fn, (3,), x, 32, BLOCK=64, num_warps=4)
     assert len(fn.triton_launches) == 5 and fn.triton_launches[-1][2]["debug"] is True
+
+
+def test_the_lean_launcher_skips_the_binder_for_arguments_keyed_before(lean):
+    """Arguments whose ``argument_key`` was seen launch the same compiled kernel without Triton's binder, with every
+    parameter's value (a keyword's default too); another key goes through the binder, whose specialisation picks
+    a compiled kernel or Triton's own launch."""
+    fn, x = _FakeJITFunction(), torch.zeros(64)
+    lean_launch.launch_kernel(fn, (3,), x, 32, num_warps=4)  # Triton's own launch, filed under both keys
+    assert len(fn.triton_launches) == 1
+    binds = fn.binds
+    lean_launch.launch_kernel(fn, (2,), torch.ones(7), 32, num_warps=4)  # another tensor, same dtype and alignment
+    (kernel,) = fn.kernels.values()
+    assert fn.binds == binds and kernel.runs[-1][9:] == (kernel.runs[-1][9], 32, 32)
+    lean_launch.launch_kernel(fn, (2,), x, 48, num_warps=4)  # a new key: the binder, the same specialisation
+    assert fn.binds == binds + 1 and len(fn.triton_launches) == 1 and kernel.runs[-1][10] == 48
+    lean_launch.launch_kernel(fn, (2,), x, 48, num_warps=4)
+    assert fn.binds == binds + 1 and len(kernel.runs) == 3
+    lean_launch.launch_kernel(fn, (2,), x[1:], 48, num_warps=4)  # not 16-byte aligned: another specialisation
+    lean_launch.launch_kernel(fn, (2,), x, True, num_warps=4)  # a bool is not the int 1
+    lean_launch.launch_kernel(fn, (2,), x, 32, BLOCK=32, num_warps=4)  # the default passed: another key, same kernel
+    assert len(fn.triton_launches) == 3 and len(kernel.runs) == 4
 
 
 @pytest.mark.parametrize("what", ["enter-hook", "exit-hook", "pre-run-hook", "not-available", "other-caches"])
@@ -233,3 +261,107 @@ def test_the_host_grid_arithmetic_is_tritons():
         assert lean_launch.next_power_of_2(n) == triton.next_power_of_2(n)
         for block in (1, 3, 16, 64, 128, 1024):
             assert lean_launch.cdiv(n, block) == triton.cdiv(n, block)
+
+
+def _tritons_binder(fn):
+    """``fn`` as a JITFunction and the binder Triton builds for it on an sm_90 target (no GPU needed): the
+    specialisation a launch compiles for. Skips where this Triton's internals differ."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+    except ImportError as exc:
+        pytest.skip(f"Triton's binder is not where lean_launch expects it: {exc}")
+    if not hasattr(fn, "params"):  # the interpreter's wrapper of a Triton kernel
+        fn = JITFunction(fn.fn)
+    return fn, create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
+
+
+def _like(t: torch.Tensor, salt: int, shift: int = 0) -> torch.Tensor:
+    """Another tensor of ``t``'s dtype with its address modulo 16 moved by ``shift`` elements, and another size,
+    shape and strides."""
+    elem = t.element_size()
+    base = torch.zeros(t.numel() + 64 + salt * 16, dtype=t.dtype)
+    start = next(i for i in range(16) if (base.data_ptr() + i * elem) % 16 == (t.data_ptr() + shift * elem) % 16)
+    return base[start:start + t.numel() + salt].reshape(-1, 1)
+
+
+def _variant(arg, salt: int, what: str):
+    """What the argument key leaves out changed (tensors and descriptors' bases, shapes and strides), and with
+    ``what`` one thing it keeps: tensors' alignment ("misaligned"), ints' values ("ints") or descriptors' block
+    shapes ("blocks")."""
+    if type(arg) is torch.Tensor:
+        return _like(arg, salt, what == "misaligned")
+    if type(arg) is int and what == "ints":
+        return arg + 1
+    if hopper._IMPORT_ERROR is None and type(arg) is TensorDescriptor:
+        block = [max(1, n // 2) for n in arg.block_shape] if what == "blocks" else arg.block_shape
+        return hopper.descriptor(_like(arg.base, salt), [n + salt for n in arg.shape],
+                                 [st * (salt + 1) for st in arg.strides[:-1]] + [1], block, arg.layout)
+    return arg
+
+
+@pytest.fixture
+def all_launches(monkeypatch):
+    """Every kernel launch of the general and the Hopper paths as ``(fn, args, kwargs)``, not run (outputs keep
+    their poison); the Hopper route forced for CPU tensors as in ``hopper_launches``."""
+    real = hopper.unsupported
+    calls = []
+    monkeypatch.setattr(hopper, "unsupported", lambda *a, **kw: None if real(*a, **kw) == "not an sm_90 GPU"
+                        else real(*a, **kw))
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    for module in (hopper, launch):
+        monkeypatch.setattr(module, "launch_kernel", lambda fn, grid, *args, **kw: calls.append((fn, args, kw)))
+    return calls
+
+
+@pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
+def test_launches_with_equal_argument_keys_are_specialised_alike_by_tritons_binder(all_launches):
+    """lean_launch's first cache: every launch a forward and a backward make (Hopper and general kernels, biases,
+    masks, grouped heads, fp16/bf16/fp32) keyed by ``argument_key``; again with every tensor and descriptor
+    replaced by one of another shape, strides and size (what the key leaves out: these find their original's
+    key); and again with the tensors' alignment, the ints' values or the descriptors' block shapes moved too. No
+    key is shared by two specialisations or options of Triton's binder, and ``ordered_arguments`` gives the
+    binder's bound values."""
+    from triton import knobs
+
+    cases = [  # (D, H, H_kv, dtype, bias, key padding)
+        (128, 4, 4, torch.bfloat16, None, False), (64, 4, 2, torch.bfloat16, None, False),
+        (80, 4, 1, torch.float16, "row", False), (128, 2, 2, torch.bfloat16, "matrix", False),
+        (32, 2, 1, torch.float32, None, True), (64, 2, 2, torch.float16, "row", True),
+    ]
+    for d, h, h_kv, dtype, bias, padded in cases:
+        q = torch.randn(2, 128, h, d, dtype=dtype)
+        k, v = (torch.randn(2, 128, h_kv, d, dtype=dtype) for _ in range(2))
+        bias_t = None if bias is None else torch.randn(2, h, 1 if bias == "row" else 128, 128, dtype=dtype)
+        if bias == "matrix":
+            bias_t.requires_grad_()
+        kpm = torch.rand(2, 128) > 0.2 if padded else None
+        slopes = torch.rand(h) if bias is None else None
+        out, lse = launch.forward(q, k, v, bias_t, slopes, kpm, None, None, None, d**-0.5, True, 0.0)
+        out, lse = torch.randn_like(out), torch.randn_like(lse)
+        launch.backward(torch.randn_like(out), q, k, v, out, lse, None, bias_t, slopes, kpm, None, None, None,
+                        d**-0.5, True, 0.0, bias == "matrix", deterministic=None)
+    names = {fn.__name__ for fn, _, _ in all_launches}
+    assert {"_hopper_fwd_kernel", "_hopper_bwd_dkdv_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"} <= names
+    specialised, binders, keys = {}, {}, []
+    variants = ("original", "same", "misaligned", "ints", "blocks")
+    for salt, (fn, args, kwargs) in enumerate(all_launches * len(variants)):
+        if id(fn) not in binders:  # by id: a Gluon kernel's hash is its source hash, which fails in the interpreter
+            binders[id(fn)] = _tritons_binder(fn)
+        jit_fn, binder = binders[id(fn)]
+        if salt >= len(all_launches):
+            args = tuple(_variant(a, salt, variants[salt // len(all_launches)]) for a in args)
+        key = lean_launch.argument_key(jit_fn, 0, args, kwargs)
+        assert key is not None, fn.__name__
+        keys.append(key)
+        options = dict(kwargs, debug=jit_fn.debug or knobs.runtime.debug,
+                       instrumentation_mode=knobs.compilation.instrumentation_mode)
+        bound, specialization, options = binder(*args, **options)
+        assert all(a is b for a, b in zip(lean_launch.ordered_arguments(jit_fn, args, kwargs), bound.values(),
+                                          strict=True))
+        seen = specialised.setdefault(key, (specialization, options))
+        assert seen == (specialization, options), fn.__name__
+    n = len(all_launches)
+    assert keys[n:2 * n] == keys[:n]  # the same specialisation found by another step's tensors
+    assert len(specialised) >= 10

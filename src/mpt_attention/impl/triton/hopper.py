@@ -31,6 +31,9 @@ try:
     _MATRIX_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     _DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=4)  # fused dQ buffer
     _ROW_STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)  # row_stats_buffer
+    # the forward's (B', H', S_k) bias rows, by element bits; one object each, as lean_launch keys a layout by id
+    _BIAS_ROW_LAYOUTS = {bits: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=3)
+                         for bits in (16, 32)}
 except Exception as exc:  # a Triton without Gluon's Hopper module
     _hopper_fwd_kernel = _hopper_bwd_dkdv_kernel = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -327,8 +330,7 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None,
         bias_desc = descriptor(bias, shape, strides, [1, HALF_M, BLOCK_N], _MATRIX_LAYOUT)
     elif bias is not None:  # launch.forward has converted it (launch._log2_bias_rows): float32, aligned rows
         shape, strides, b_on, h_on = _bias_view(bias)
-        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * bias.element_size(), rank=3)
-        bias_desc = descriptor(bias, shape, strides, [1, 1, BLOCK_N], layout)
+        bias_desc = descriptor(bias, shape, strides, [1, 1, BLOCK_N], _BIAS_ROW_LAYOUTS[8 * bias.element_size()])
     # Persistent: a program's registers fill an SM (ncu: one per SM), so one program per SM at most, taking
     # tiles until none is left. ``tiles``: [0] counts the tiles taken after the first round; from 16 on, 8 per
     # (program, Q buffer) for the coordinates the loader publishes to the consumers (hopper_forward).

@@ -7,26 +7,58 @@ check that the kernel's globals are unchanged, launch metadata for profiler hook
 kernel's own ``run`` (16 us). Where the step's GPU work is short (B8 S2048: 1.15 ms) the host then sets
 the pace (benchmarks/NOTES.md session 23).
 
-``launch_kernel`` keeps the binder, so a kernel is chosen by exactly the specialisation Triton computes,
-and caches the compiled kernel under it: the first launch of a specialisation goes through
-``fn[grid](...)`` (compiling, checking, launching), later ones call the compiled kernel directly. It
-falls back to ``fn[grid](...)`` whenever a profiler hook is active, the kernel has pre-run hooks, in the
-interpreter, or if this Triton's internals differ from the two versions it was written against (3.6,
-3.7), so its only effect is less host time.
+``launch_kernel`` picks a compiled kernel by exactly the specialisation Triton computes. The first launch of
+a specialisation goes through ``fn[grid](...)`` (compiling, checking, launching); later ones call the compiled
+kernel directly. Two caches lead there:
+
+* by the arguments themselves (``argument_key``): a key that only equal specialisations share, because it
+  keeps everything the binder reads of an argument and more (an int's or a float's exact value, a tensor's dtype
+  and address modulo 16, a descriptor's dtype, block shape, layout and options). Found there, a launch skips the
+  binder, most of whose time is spent on the descriptors' layout reprs (benchmarks/NOTES.md session 32);
+* by Triton's own specialisation (the binder run), for arguments the first cache does not key: an int subclass,
+  a tensor subclass, anything but ints, floats, bools, None, tensors and Gluon descriptors.
+
+It falls back to ``fn[grid](...)`` whenever a profiler hook is active, the kernel has pre-run hooks, in the
+interpreter, or if this Triton's internals differ from the two versions it was written against (3.6, 3.7), so
+its only effect is less host time. tests/test_host_path.py checks on the CPU that equal argument keys mean equal
+specialisations by Triton's own binder for each of our kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from operator import attrgetter
+
+import torch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _KERNELS: dict = {}  # (kernel function, device, specialisation, options) -> compiled kernel
+# argument_key -> (compiled kernel, the kernel function and the descriptors' layouts, kept alive because the key
+# holds their ids); cleared when it reaches _MAX_BY_ARGUMENTS (an int's exact value is in the key: varying
+# sequence lengths add entries)
+_BY_ARGUMENTS: dict = {}
+_MAX_BY_ARGUMENTS = 4096
+# id(kernel function) -> (kernel function, ((name, default), ...) of its parameters in the binder's order)
+_PARAMETERS: dict = {}
 try:
     from triton import knobs
     from triton.runtime import driver
     _AVAILABLE = not _INTERPRET and hasattr(knobs, "runtime") and hasattr(knobs, "compilation")
 except ImportError:  # a Triton without knobs: every launch takes Triton's own path
     _AVAILABLE = False
+try:
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _Descriptor
+
+    # what the binder may read of a descriptor besides its base's dtype, block shape and layout: every field but
+    # the runtime ones (base address, shape, strides), so options a later Triton adds (3.7: round_f32_to_tf32)
+    # are keyed too
+    _DESCRIPTOR_OPTIONS = tuple(f.name for f in dataclasses.fields(_Descriptor)
+                                if f.name not in ("base", "shape", "strides", "block_shape", "layout"))
+    _descriptor_options = attrgetter(*_DESCRIPTOR_OPTIONS) if _DESCRIPTOR_OPTIONS else (lambda desc: None)
+except Exception:  # no Gluon: no descriptor is keyed (they cannot occur)
+    _Descriptor = None
+_TENSOR = torch.Tensor
 
 
 def _hooks_active() -> bool:
@@ -43,6 +75,15 @@ def launch_kernel(fn, grid, *args, **kwargs) -> None:
         fn[grid](*args, **kwargs)
         return
     device = driver.active.get_current_device()
+    by_arguments = argument_key(fn, device, args, kwargs)
+    if by_arguments is not None:
+        try:
+            entry = _BY_ARGUMENTS.get(by_arguments)
+        except TypeError:  # an unhashable keyword argument
+            entry = by_arguments = None
+        if entry is not None:
+            run_compiled(entry[0], grid, device, ordered_arguments(fn, args, kwargs))
+            return
     caches = fn.device_caches[device]
     if not (isinstance(caches, tuple) and len(caches) == 5):
         fn[grid](*args, **kwargs)
@@ -55,8 +96,59 @@ def launch_kernel(fn, grid, *args, **kwargs) -> None:
             kernel = kernel.result()
         if hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):
             _KERNELS[key] = kernel
+            _remember(by_arguments, fn, kernel, args)
         return
-    run_compiled(kernel, grid, device, bound)
+    _remember(by_arguments, fn, kernel, args)
+    run_compiled(kernel, grid, device, bound.values())
+
+
+def argument_key(fn, device, args, kwargs: dict):
+    """A key of ``fn``'s launch on ``device`` with these arguments that only launches Triton specialises alike share,
+    or None where an argument is of a type it does not key. It holds ``fn`` by id (its hash is its source hash,
+    behind a lock), Triton's global options and, per argument, more than the binder reads: ints by value (the
+    binder: 1, divisibility by 16, 32 or 64 bits), floats by value, bools and None tagged, tensors by dtype and
+    address modulo 16 (the binder: its dtype, and 16-byte alignment), Gluon descriptors by their base's dtype,
+    block shape, layout (by id: ``_remember`` keeps it alive) and options; keyword arguments (constexprs,
+    num_warps) by name, type and value. Written for host time: one comprehension, no call per argument."""
+    try:
+        return (id(fn), device, knobs.runtime.debug, fn.debug, knobs.compilation.instrumentation_mode,
+                tuple(kwargs.items()), tuple(map(type, kwargs.values())),
+                *[arg if (kind := type(arg)) is int or arg is None
+                  else (arg.dtype, arg.data_ptr() & 15) if kind is _TENSOR
+                  else (kind, arg.base.dtype, tuple(arg.block_shape), id(arg.layout), _descriptor_options(arg))
+                  if kind is _Descriptor
+                  else (kind, arg) if kind is float or kind is bool
+                  else _unkeyed(arg) for arg in args])
+    except _Unkeyed:
+        return None
+
+
+class _Unkeyed(Exception):
+    """An argument of a type ``argument_key`` does not key."""
+
+
+def _unkeyed(arg):
+    raise _Unkeyed(type(arg).__name__)
+
+
+def _remember(by_arguments, fn, kernel, args) -> None:
+    """Files ``kernel`` under its argument key, with the kernel function and the descriptors' layouts whose ids
+    the key holds."""
+    if by_arguments is None:
+        return
+    if len(_BY_ARGUMENTS) >= _MAX_BY_ARGUMENTS:
+        _BY_ARGUMENTS.clear()
+    _BY_ARGUMENTS[by_arguments] = (kernel, fn, tuple(arg.layout for arg in args if type(arg) is _Descriptor))
+
+
+def ordered_arguments(fn, args, kwargs: dict) -> tuple:
+    """Every parameter's value in the signature's order, as the binder's bound arguments hold them: the positional
+    ones, then the keyword ones or their defaults (keywords that are not parameters are options, not passed)."""
+    known = _PARAMETERS.get(id(fn))
+    if known is None or known[0] is not fn:
+        known = _PARAMETERS[id(fn)] = (fn, tuple((p.name, p.default) for p in fn.signature.parameters.values()))
+    params = known[1]
+    return (*args, *[kwargs.get(name, default) for name, default in params[len(args):]])
 
 
 def bind(fn, device, binder, args, kwargs: dict):
@@ -68,11 +160,12 @@ def bind(fn, device, binder, args, kwargs: dict):
     return bound, (fn, device, tuple(specialization), tuple(options.items()))
 
 
-def run_compiled(kernel, grid, device, bound) -> None:
-    """Launch a compiled kernel on the device's current stream with ``bind``'s bound arguments."""
+def run_compiled(kernel, grid, device, values) -> None:
+    """Launch a compiled kernel on the device's current stream with every parameter's value (``bind``'s bound
+    arguments' values, or ``ordered_arguments``)."""
     kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata, None, None, None,
-               *bound.values())
+               *values)
 
 
 def cdiv(a: int, b: int) -> int:
