@@ -184,7 +184,7 @@ def time_provider(fn, grads, mode):
     out = fn()
     torch.cuda.synchronize()
     if time.perf_counter() - start > 0.05:  # a compile or a large first allocation left the card idle
-        warm_up(0.3)
+        warm_up(SETTLE_S)
     if mode == "fwd":
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
     dout = torch.randn_like(out)
@@ -195,12 +195,18 @@ def time_provider(fn, grads, mode):
     return do_bench(step, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
 
+# seconds of load after a shape's set-up and after a compile, before the next measurement. The H200 runs these
+# kernels at its 700 W power limit, and its clock dips when the load resumes after a pause: to 1518-1575 MHz
+# about a second in, against 1650-1730 after (benchmarks/window_probe.py --clocks, session 32; each kernel's
+# slow windows were these dips). 0.3 s left the first-measured provider of a shape in the dip.
+SETTLE_S = 1.5
+
+
 def warm_up(seconds: float = 2.0) -> None:
     """Busy the GPU before the first measurement: the card idles at a low clock after the tests, and
-    the first provider of the first shape measured 20% low in two runs without this. Also (shorter) after each
-    shape's set-up and after a provider's first call when that took long (FlexAttention and FA4 compile per
-    shape), so that no measurement starts on an idle card. (The low rounds of our first-measured cells in
-    session 31 persisted with these: they are slow windows of our kernels, benchmarks/window_probe.py.)"""
+    the first provider of the first shape measured 20% low in two runs without this. Also (``SETTLE_S``) after
+    each shape's set-up and after a provider's first call when that took long (FlexAttention and FA4 compile per
+    shape), so that no measurement starts on an idle card or in the clock's dip when the load resumes."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -230,7 +236,7 @@ def run_main(args, rows, causal=True):
     warm_up()
     for batch, n_heads, n_kv, seq, head_dim in shapes:
         providers = make_providers(batch, n_heads, n_kv, seq, head_dim, causal=causal)
-        warm_up(0.3)
+        warm_up(SETTLE_S)
         shape = f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}"
         for mode in args.modes:
             flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=causal, mode=mode)
