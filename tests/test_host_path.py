@@ -154,11 +154,12 @@ class _FakeKernel:
 
 class _FakeJITFunction:
     """What lean_launch uses of a JITFunction: ``device_caches[device][4]`` the binder, ``fn[grid]``,
-    ``pre_run_hooks``, ``debug``, ``signature``. Its binder specialises ints on divisibility by 16, bools apart and
-    tensors on 16-byte alignment, as Triton's does."""
+    ``pre_run_hooks``, ``debug``, ``signature``, ``params``. Its binder specialises ints on divisibility by 16,
+    bools apart and tensors on 16-byte alignment, as Triton's does."""
 
     pre_run_hooks, debug = [], False
     signature = inspect.signature(lambda x, n, BLOCK=32: None)
+    params = [types.SimpleNamespace(is_constexpr=False)] * 2 + [types.SimpleNamespace(is_constexpr=True)]
 
     def __init__(self):
         self.kernels, self.triton_launches, self.binds = {}, [], 0
@@ -223,14 +224,37 @@ def test_the_lean_launcher_skips_the_binder_for_arguments_keyed_before(lean):
     lean_launch.launch_kernel(fn, (2,), torch.ones(7), 32, num_warps=4)  # another tensor, same dtype and alignment
     (kernel,) = fn.kernels.values()
     assert fn.binds == binds and kernel.runs[-1][9:] == (kernel.runs[-1][9], 32, 32)
-    lean_launch.launch_kernel(fn, (2,), x, 48, num_warps=4)  # a new key: the binder, the same specialisation
-    assert fn.binds == binds + 1 and len(fn.triton_launches) == 1 and kernel.runs[-1][10] == 48
-    lean_launch.launch_kernel(fn, (2,), x, 48, num_warps=4)
-    assert fn.binds == binds + 1 and len(kernel.runs) == 3
+    lean_launch.launch_kernel(fn, (2,), x, 48, num_warps=4)  # an int of the same class (a multiple of 16)
+    assert fn.binds == binds and len(kernel.runs) == 2 and kernel.runs[-1][10] == 48
+    lean_launch.launch_kernel(fn, (2,), x, 40, num_warps=4)  # another class: the binder, another specialisation
+    assert fn.binds > binds and len(fn.triton_launches) == 2
+    binds = fn.binds
+    lean_launch.launch_kernel(fn, (2,), x, 56, num_warps=4)  # 40's class
+    assert fn.binds == binds and len(fn.triton_launches) == 2
     lean_launch.launch_kernel(fn, (2,), x[1:], 48, num_warps=4)  # not 16-byte aligned: another specialisation
     lean_launch.launch_kernel(fn, (2,), x, True, num_warps=4)  # a bool is not the int 1
     lean_launch.launch_kernel(fn, (2,), x, 32, BLOCK=32, num_warps=4)  # the default passed: another key, same kernel
-    assert len(fn.triton_launches) == 3 and len(kernel.runs) == 4
+    assert len(fn.triton_launches) == 4 and len(kernel.runs) == 3
+    lean_launch.launch_kernel(fn, (2,), x, 32, 64, num_warps=4)  # a constexpr by position: keyed by its value
+    lean_launch.launch_kernel(fn, (2,), x, 32, 128, num_warps=4)
+    assert len(fn.triton_launches) == 6
+
+
+def test_argument_keys_class_ints_as_tritons_binder_does():
+    """An int's part of the key against Triton's own specialisation of it (``native_specialize_impl``, Triton 3.6
+    and 3.7), over values around every boundary it draws: equal parts, equal specialisations; and the reverse."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    fn = _FakeJITFunction()
+    values = [0, 1, 2, -1, 8, 15, 16, 17, 31, 32, 48, 100, -16, -17, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, -2**31,
+              -2**31 - 1, -2**31 - 16, 2**32, 2**63 - 16, 2**63 - 1, 2**63, 2**63 + 16, 2**64 - 16, 2**64 - 1]
+    classes = {}
+    for v in values:
+        part = lean_launch.argument_key(fn, 0, (v,), {})[-1]
+        classes.setdefault(part, set()).add(native_specialize_impl(BaseBackend, v, False, True, True))
+    assert all(len(specs) == 1 for specs in classes.values()), classes
+    assert len({next(iter(specs)) for specs in classes.values()}) == len(classes) >= 7
 
 
 @pytest.mark.parametrize("what", ["enter-hook", "exit-hook", "pre-run-hook", "not-available", "other-caches"])
@@ -288,12 +312,12 @@ def _like(t: torch.Tensor, salt: int, shift: int = 0) -> torch.Tensor:
 
 def _variant(arg, salt: int, what: str):
     """What the argument key leaves out changed (tensors and descriptors' bases, shapes and strides), and with
-    ``what`` one thing it keeps: tensors' alignment ("misaligned"), ints' values ("ints") or descriptors' block
-    shapes ("blocks")."""
+    ``what`` one thing it keeps: tensors' alignment ("misaligned"), ints' classes ("ints": plus 1; "ints-x16":
+    multiples of 16; "ints-1": all 1; "ints-i64": past 32 bits) or descriptors' block shapes ("blocks")."""
     if type(arg) is torch.Tensor:
         return _like(arg, salt, what == "misaligned")
-    if type(arg) is int and what == "ints":
-        return arg + 1
+    if type(arg) is int and what.startswith("ints"):
+        return {"ints": arg + 1, "ints-x16": 16 * arg + 16, "ints-1": 1, "ints-i64": arg + 2**32}[what]
     if hopper._IMPORT_ERROR is None and type(arg) is TensorDescriptor:
         block = [max(1, n // 2) for n in arg.block_shape] if what == "blocks" else arg.block_shape
         return hopper.descriptor(_like(arg.base, salt), [n + salt for n in arg.shape],
@@ -345,7 +369,7 @@ def test_launches_with_equal_argument_keys_are_specialised_alike_by_tritons_bind
     names = {fn.__name__ for fn, _, _ in all_launches}
     assert {"_hopper_fwd_kernel", "_hopper_bwd_dkdv_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"} <= names
     specialised, binders, keys = {}, {}, []
-    variants = ("original", "same", "misaligned", "ints", "blocks")
+    variants = ("original", "same", "misaligned", "ints", "ints-x16", "ints-1", "ints-i64", "blocks")
     for salt, (fn, args, kwargs) in enumerate(all_launches * len(variants)):
         if id(fn) not in binders:  # by id: a Gluon kernel's hash is its source hash, which fails in the interpreter
             binders[id(fn)] = _tritons_binder(fn)

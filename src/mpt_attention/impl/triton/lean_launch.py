@@ -12,9 +12,10 @@ a specialisation goes through ``fn[grid](...)`` (compiling, checking, launching)
 kernel directly. Two caches lead there:
 
 * by the arguments themselves (``argument_key``): a key that only equal specialisations share, because it
-  keeps everything the binder reads of an argument and more (an int's or a float's exact value, a tensor's dtype
-  and address modulo 16, a descriptor's dtype, block shape, layout and options). Found there, a launch skips the
-  binder, most of whose time is spent on the descriptors' layout reprs (benchmarks/NOTES.md session 32);
+  keeps what the binder reads of an argument, or more (an int's class: 1, divisible by 16, its range; a float's
+  value; a tensor's dtype and address modulo 16; a descriptor's dtype, block shape, layout and options). Found
+  there, a launch skips the binder, most of whose time is spent on the descriptors' layout reprs
+  (benchmarks/NOTES.md session 32);
 * by Triton's own specialisation (the binder run), for arguments the first cache does not key: an int subclass,
   a tensor subclass, anything but ints, floats, bools, None, tensors and Gluon descriptors.
 
@@ -35,11 +36,10 @@ import torch
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _KERNELS: dict = {}  # (kernel function, device, specialisation, options) -> compiled kernel
 # argument_key -> (compiled kernel, the kernel function and the descriptors' layouts, kept alive because the key
-# holds their ids); cleared when it reaches _MAX_BY_ARGUMENTS (an int's exact value is in the key: varying
-# sequence lengths add entries)
+# holds their ids); cleared when it reaches _MAX_BY_ARGUMENTS (floats and constexprs are keyed by value)
 _BY_ARGUMENTS: dict = {}
 _MAX_BY_ARGUMENTS = 4096
-# id(kernel function) -> (kernel function, ((name, default), ...) of its parameters in the binder's order)
+# id(kernel function) -> (kernel function, _parameters(kernel function))
 _PARAMETERS: dict = {}
 try:
     from triton import knobs
@@ -105,15 +105,23 @@ def launch_kernel(fn, grid, *args, **kwargs) -> None:
 def argument_key(fn, device, args, kwargs: dict):
     """A key of ``fn``'s launch on ``device`` with these arguments that only launches Triton specialises alike share,
     or None where an argument is of a type it does not key. It holds ``fn`` by id (its hash is its source hash,
-    behind a lock), Triton's global options and, per argument, more than the binder reads: ints by value (the
-    binder: 1, divisibility by 16, 32 or 64 bits), floats by value, bools and None tagged, tensors by dtype and
+    behind a lock), Triton's global options and, per argument, what the binder reads (Triton 3.6 and 3.7): an int's
+    class (equal to 1, divisible by 16, and its range: 32 or 64 bits signed, 64 unsigned; as a small negative int),
+    so that sequence lengths that vary keep hitting; a float by value, bools and None tagged, tensors by dtype and
     address modulo 16 (the binder: its dtype, and 16-byte alignment), Gluon descriptors by their base's dtype,
-    block shape, layout (by id: ``_remember`` keeps it alive) and options; keyword arguments (constexprs,
-    num_warps) by name, type and value. Written for host time: one comprehension, no call per argument."""
+    block shape, layout (by id: ``_remember`` keeps it alive) and options; constexpr parameters passed by position
+    by value, as keyword arguments (constexprs, num_warps) are, with their types. Written for host time: one
+    comprehension, no call per argument."""
+    constexprs = _parameters(fn)[1]
     try:
         return (id(fn), device, knobs.runtime.debug, fn.debug, knobs.compilation.instrumentation_mode,
                 tuple(kwargs.items()), tuple(map(type, kwargs.values())),
-                *[arg if (kind := type(arg)) is int or arg is None
+                tuple([args[i] for i in constexprs if i < len(args)]),
+                *[~((arg == 1) | (arg & 15 == 0) << 1  # (literal bounds: 32, 64 bits signed, 64 unsigned)
+                    | (0 if -0x80000000 <= arg <= 0x7FFFFFFF else 1 if -0x8000000000000000 <= arg <= 0x7FFFFFFFFFFFFFFF
+                       else 2 if 0 <= arg <= 0xFFFFFFFFFFFFFFFF else 3) << 2)
+                  if (kind := type(arg)) is int
+                  else None if arg is None
                   else (arg.dtype, arg.data_ptr() & 15) if kind is _TENSOR
                   else (kind, arg.base.dtype, tuple(arg.block_shape), id(arg.layout), _descriptor_options(arg))
                   if kind is _Descriptor
@@ -141,13 +149,20 @@ def _remember(by_arguments, fn, kernel, args) -> None:
     _BY_ARGUMENTS[by_arguments] = (kernel, fn, tuple(arg.layout for arg in args if type(arg) is _Descriptor))
 
 
+def _parameters(fn):
+    """``(((name, default), ...) of fn's parameters in the binder's order, positions of its constexpr parameters)``."""
+    known = _PARAMETERS.get(id(fn))
+    if known is None or known[0] is not fn:
+        params = tuple((p.name, p.default) for p in fn.signature.parameters.values())
+        constexprs = tuple(i for i, p in enumerate(fn.params) if p.is_constexpr)
+        known = _PARAMETERS[id(fn)] = (fn, (params, constexprs))
+    return known[1]
+
+
 def ordered_arguments(fn, args, kwargs: dict) -> tuple:
     """Every parameter's value in the signature's order, as the binder's bound arguments hold them: the positional
     ones, then the keyword ones or their defaults (keywords that are not parameters are options, not passed)."""
-    known = _PARAMETERS.get(id(fn))
-    if known is None or known[0] is not fn:
-        known = _PARAMETERS[id(fn)] = (fn, tuple((p.name, p.default) for p in fn.signature.parameters.values()))
-    params = known[1]
+    params = _parameters(fn)[0]
     return (*args, *[kwargs.get(name, default) for name, default in params[len(args):]])
 
 
