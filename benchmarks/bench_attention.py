@@ -216,11 +216,21 @@ def warm_up(seconds: float = 2.0) -> None:
 
 
 def alternation(names, rounds):
-    """The order of a shape's measurements: every provider once per round, reversed on odd rounds, so
-    that a drift of the card's clock over the shape's minute weighs on every provider alike."""
+    """The order of a shape's measurements: every provider once per round, each round's order rotated by
+    ceil(n / rounds) more, so that a drift of the card's clock over the shape's minute weighs on every provider
+    alike and no provider takes a round's first place twice (up to n rounds). The first place reads low: with
+    the earlier order (reversed on odd rounds) the first provider, ours with ALiBi, took it in two of three rounds,
+    and the suite read ALiBi / no bias 0.95-0.97 and vector bias / slopes 1.01-1.06 at D128 where alternated
+    focused runs (bias_row.py) read 0.98-0.99 and 0.97-1.01, one window in a clock dip aside (benchmarks/NOTES.md
+    session 32)."""
+    names = list(names)
+    if not names:
+        return []
+    step = -(-len(names) // max(1, rounds))
     order = []
     for r in range(rounds):
-        order += list(names) if r % 2 == 0 else list(reversed(names))
+        shift = r * step % len(names)
+        order += names[shift:] + names[:shift]
     return order
 
 

@@ -152,8 +152,15 @@ fwd B2 H16/16 S8192 D128  slopes 520  no-bias 520  | row / slopes: fp32 0.950
 def test_main_suite_alternates_providers_over_rounds_and_reports_the_median():
     pytest.importorskip("triton")
     module = _load_script("bench_attention")
-    assert module.alternation(["a", "b", "c"], 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert module.alternation(["a", "b", "c"], 3) == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert module.alternation(["a"], 1) == ["a"]
+    assert module.alternation([], 3) == []
+    names = [f"p{i}" for i in range(11)]  # the main suite's providers: each once per round, never first twice
+    order = module.alternation(names, 3)
+    rounds = [order[i * 11:(i + 1) * 11] for i in range(3)]
+    assert all(sorted(r) == sorted(names) for r in rounds)
+    assert len({r[0] for r in rounds}) == 3
+    assert all(len({r.index(n) for r in rounds}) == 3 for n in names)  # three places for every provider
     ms, spread = module.summarize_rounds([1.0, 1.2, 0.9])
     assert ms == 1.0 and spread == pytest.approx(0.3)
 
