@@ -389,3 +389,20 @@ def test_launches_with_equal_argument_keys_are_specialised_alike_by_tritons_bind
     n = len(all_launches)
     assert keys[n:2 * n] == keys[:n]  # the same specialisation found by another step's tensors
     assert len(specialised) >= 10
+
+
+@pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
+def test_first_write_dq_calls_the_constexpr_functions_body_to_the_same_answer():
+    """``hopper.first_write_dq`` calls ``consumers_dq``'s plain body (``.fn``) for host time; the ConstexprFunction
+    itself gives the same answer for every tile width and bias kind."""
+    from mpt_attention.impl.triton.hopper_dq import consumers_dq
+
+    answers = set()
+    for head_dim in (64, 72, 80, 96, 112, 128):
+        for bias_full in (False, True):
+            width = hopper.tile_dim(head_dim)
+            expected = hopper.FIRST_WRITE_DQ and bool(consumers_dq(hopper.bwd_block_m(width, bias_full, True), width))
+            assert hopper.first_write_dq(head_dim, bias_full, False) == expected
+            assert not hopper.first_write_dq(head_dim, bias_full, True)  # packed sequences keep the zero fill
+            answers.add(expected)
+    assert answers == {True, False}

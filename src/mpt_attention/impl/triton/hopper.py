@@ -371,7 +371,9 @@ def first_write_dq(head_dim: int, bias_full: bool, varlen: bool) -> bool:
     block is reached, by the first key block's programs (``unsupported`` leaves no row without keys), so the
     buffer needs no zeros, only a zeroed ``dq_sync_buffer``."""
     width = tile_dim(head_dim)
-    return FIRST_WRITE_DQ and not varlen and consumers_dq(bwd_block_m(width, bias_full, True), width)
+    # (the constexpr function's plain Python body: called as a ConstexprFunction it took ~1.4 us of host time per
+    # backward on the development CPU, ~10x the body)
+    return FIRST_WRITE_DQ and not varlen and consumers_dq.fn(bwd_block_m(width, bias_full, True), width)
 
 
 def dq_sync_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
