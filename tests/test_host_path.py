@@ -17,20 +17,24 @@ if hopper._IMPORT_ERROR is None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 
-@pytest.fixture
-def hopper_launches(monkeypatch):
-    """The Hopper kernels' launches during the test as ``(kernel name, args)``, not run (no GPU here); the
-    route to them forced for CPU tensors (every other reason of ``hopper.unsupported`` still applies). The
-    delta kernel before the backward's still runs (in the interpreter)."""
+def _force_hopper_route(monkeypatch):
+    """The Hopper kernels' route taken for CPU tensors: every other reason of ``hopper.unsupported`` still applies."""
     real = hopper.unsupported
 
     def unsupported(*args, **kwargs):
         reason = real(*args, **kwargs)
         return None if reason == "not an sm_90 GPU" else reason
 
-    calls = []
     monkeypatch.setattr(hopper, "unsupported", unsupported)
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+
+
+@pytest.fixture
+def hopper_launches(monkeypatch):
+    """The Hopper kernels' launches during the test as ``(kernel name, args)``, not run (no GPU here); the
+    route to them forced for CPU tensors. The delta kernel before the backward's still runs (in the interpreter)."""
+    _force_hopper_route(monkeypatch)
+    calls = []
     monkeypatch.setattr(hopper, "launch_kernel", lambda fn, grid, *args, **kw: calls.append((fn.__name__, args)))
     return calls
 
@@ -328,12 +332,9 @@ def _variant(arg, salt: int, what: str):
 @pytest.fixture
 def all_launches(monkeypatch):
     """Every kernel launch of the general and the Hopper paths as ``(fn, args, kwargs)``, not run (outputs keep
-    their poison); the Hopper route forced for CPU tensors as in ``hopper_launches``."""
-    real = hopper.unsupported
+    their poison); the Hopper route forced for CPU tensors."""
+    _force_hopper_route(monkeypatch)
     calls = []
-    monkeypatch.setattr(hopper, "unsupported", lambda *a, **kw: None if real(*a, **kw) == "not an sm_90 GPU"
-                        else real(*a, **kw))
-    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
     for module in (hopper, launch):
         monkeypatch.setattr(module, "launch_kernel", lambda fn, grid, *args, **kw: calls.append((fn, args, kw)))
     return calls
