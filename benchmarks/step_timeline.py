@@ -1,0 +1,122 @@
+"""Where a training step's host time goes, on both threads: a timeline of one forward+backward through the public
+op, as host timestamps taken at fixed points (benchmarks/NOTES.md session 33):
+
+    python benchmarks/step_timeline.py [--shape B,H,S,D] [--steps N]
+
+Points: the step's start, ``mpt_attention.attention`` entered, ``launch.forward`` entered, each kernel launch
+entered and done, ``launch.forward`` done, ``attention`` returned, ``Tensor.backward`` called, ``launch.backward``
+entered (on the device's autograd thread: the gap before it is the handoff), its launches, ``launch.backward`` done,
+``Tensor.backward`` returned (the gap before it is the handoff back). Each gap is the median over the steps, in
+microseconds, with the thread it ran on. The steps run as ``do_bench`` runs them (an L2-clearing memset and CUDA
+events around each, no synchronisation between steps), so the GPU's time per step is printed beside the host's:
+where the host's is longer the step is host-bound. Runs torch's default autograd threads, then the backward on the calling thread.
+"""
+
+import argparse
+import statistics
+import threading
+import time
+
+import torch
+
+import mpt_attention as M
+from mpt_attention import api, ops
+from mpt_attention.impl.triton import hopper, launch
+
+STAMPS: list = []  # (label, perf_counter_ns, thread ident) of the running step
+
+
+def stamp(label: str) -> None:
+    STAMPS.append((label, time.perf_counter_ns(), threading.get_ident()))
+
+
+def around(label: str, real):
+    """``real`` with a stamp as it is entered and as it returns."""
+    def wrapper(*args, **kwargs):
+        stamp(f"{label} entered")
+        try:
+            return real(*args, **kwargs)
+        finally:
+            stamp(f"{label} done")
+    return wrapper
+
+
+def install() -> None:
+    launch.forward = around("launch.forward", launch.forward)
+    launch.backward = around("launch.backward", launch.backward)
+    api._validate = around("api._validate", api._validate)
+    ops._EagerTritonAttention.forward = staticmethod(around("Function.forward", ops._EagerTritonAttention.forward))
+    hopper.unsupported = around("hopper.unsupported", hopper.unsupported)
+    hopper.forward = around("hopper.forward", hopper.forward)
+    hopper.backward_dkdv = around("hopper.backward_dkdv", hopper.backward_dkdv)
+    launch._row_terms = around("launch._row_terms", launch._row_terms)
+    real_launch = launch.launch_kernel
+
+    def stamped_launch(fn, grid, *args, **kwargs):
+        stamp(f"launch {fn.__name__}")
+        real_launch(fn, grid, *args, **kwargs)
+        stamp(f"launched {fn.__name__}")
+
+    hopper.launch_kernel = launch.launch_kernel = stamped_launch
+
+
+def run(label: str, shape, steps: int, main_thread: int) -> None:
+    batch, n_heads, seq, head_dim = shape
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+               .requires_grad_() for _ in range(3))
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
+    dout = torch.randn_like(q)
+    cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # as triton.testing.do_bench clears L2
+    attend = around("attention", M.attention)
+    timelines, events = [], []
+    for i in range(steps + 20):
+        q.grad = k.grad = v.grad = None
+        cache.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        STAMPS.clear()
+        stamp("step")
+        out = attend(q, k, v, backend="triton", causal=True, alibi_slopes=slopes)
+        stamp("backward called")
+        out.backward(dout)
+        stamp("backward returned")
+        end.record()
+        if i >= 20:
+            timelines.append(list(STAMPS))
+            events.append((start, end))
+        if i == 19:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    gpu_ms = [s.elapsed_time(e) for s, e in events]
+    labels = [s[0] for s in timelines[0]]
+    if any([s[0] for s in t] != labels for t in timelines):
+        print(f"[{label}] the steps' points differ; first step's: {labels}")
+        return
+    print(f"\n[{label}] B{batch} H{n_heads} S{seq} D{head_dim}, {steps} steps: medians, us since the previous point")
+    for j, name in enumerate(labels):
+        gaps = [(t[j][1] - t[j - 1][1]) / 1e3 for t in timelines] if j else [0.0]
+        since = [(t[j][1] - t[0][1]) / 1e3 for t in timelines]
+        thread = "main" if timelines[0][j][2] == main_thread else "other"
+        print(f"    {name:42s} {thread:5s} +{statistics.median(gaps):8.1f}   at {statistics.median(since):8.1f}")
+    host = [(t[-1][1] - t[0][1]) / 1e3 for t in timelines]
+    print(f"    host per step {statistics.median(host):.1f} us (min {min(host):.1f}); GPU per step (events) "
+          f"{statistics.median(gpu_ms) * 1e3:.1f} us (min {min(gpu_ms) * 1e3:.1f})")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", action="append", default=None, help="B,H,S,D (repeatable)")
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shape or ["1,16,128,128", "8,16,2048,128"])]
+    install()
+    main_thread = threading.get_ident()
+    for shape in shapes:
+        run("default autograd threads", shape, args.steps, main_thread)
+        with torch.autograd.set_multithreading_enabled(False):
+            run("backward on the calling thread", shape, args.steps, main_thread)
+
+
+if __name__ == "__main__":
+    main()
