@@ -10,6 +10,10 @@ entered (on the device's autograd thread: the gap before it is the handoff), its
 microseconds, with the thread it ran on. The steps run as ``do_bench`` runs them (an L2-clearing memset and CUDA
 events around each, no synchronisation between steps), so the GPU's time per step is printed beside the host's:
 where the host's is longer the step is host-bound. Runs torch's default autograd threads, then the backward on the calling thread.
+
+``--peers NAME,...``: instead, for providers of ``bench_attention.make_providers`` (e.g.
+``triton-alibi,cudnn,fa4-alibi``; no timeline points, torch's default threads), each step's host time beside its GPU
+time in the same loop: how much host time a peer's training step takes on the same machine.
 """
 
 import argparse
@@ -104,12 +108,58 @@ def run(label: str, shape, steps: int, main_thread: int) -> None:
           f"{statistics.median(gpu_ms) * 1e3:.1f} us (min {min(gpu_ms) * 1e3:.1f})")
 
 
+def peers(names, shape, steps: int) -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_attention import make_providers
+
+    batch, n_heads, seq, head_dim = shape
+    providers = make_providers(batch, n_heads, n_heads, seq, head_dim, dense_bias=False)
+    cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    print(f"\n[peers] B{batch} H{n_heads} S{seq} D{head_dim}, {steps} steps, torch's default autograd threads")
+    for _ in range(2):  # two alternated rounds
+        for name in names:
+            entry = providers.get(name, f"no provider {name!r}")
+            if isinstance(entry, str):
+                print(f"    {name:20s} {entry}")
+                continue
+            fn, grads = entry
+            dout = torch.randn_like(fn())
+            host, events = [], []
+            for i in range(steps + 20):
+                for g in grads:
+                    g.grad = None
+                cache.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                began = time.perf_counter_ns()
+                fn().backward(dout)
+                took = time.perf_counter_ns() - began
+                end.record()
+                if i >= 20:
+                    host.append(took / 1e3)
+                    events.append((start, end))
+                if i == 19:
+                    torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            gpu = [s.elapsed_time(e) * 1e3 for s, e in events]
+            print(f"    {name:20s} host per step {statistics.median(host):7.1f} us (min {min(host):7.1f}); "
+                  f"GPU per step {statistics.median(gpu):7.1f} us (min {min(gpu):7.1f})", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", action="append", default=None, help="B,H,S,D (repeatable)")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--peers", help="comma-separated bench_attention providers: host and GPU time per step only")
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in (args.shape or ["1,16,128,128", "8,16,2048,128"])]
+    if args.peers:
+        for shape in shapes:
+            peers(args.peers.split(","), shape, args.steps)
+        return
     install()
     main_thread = threading.get_ident()
     for shape in shapes:
