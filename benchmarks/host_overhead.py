@@ -19,7 +19,9 @@ compiling FlexAttention: the benchmark's process holds both.
    with the backward run on the calling thread (``torch.autograd.set_multithreading_enabled(False)``: the
    handoff to the device's autograd thread). cProfile runs the backward on the calling thread to see it.
 8. With ``--launch`` (alone): one Gluon launch of the Hopper forward taken apart (descriptors, Triton's
-   argument binder, its cache key, the compiled kernel's own ``run``), and cProfile of the launch.
+   argument binder, its cache key, the compiled kernel's own ``run``), and cProfile of the launch. With Triton 3.6
+   also a probe of a direct launch (``_raw_launcher``: the compiled launcher module called with the arguments
+   expanded in one loop, tensors as addresses), its outputs checked bitwise against ``kernel.run``'s.
 9. With ``--timers`` (alone): host microseconds per forward+backward step (tiny shape, Hopper path, launches real)
    spent inside each of our layers and Triton's launch, timed by wrappers (inclusive; cheaper than cProfile).
 10. With ``--host-ab`` (alone): 1 and 6 only (what an A/B of package versions with benchmarks/ab.sh compares).
@@ -251,6 +253,50 @@ def stubbed_table():
             stats.sort_stats("cumulative").print_stats(60)
 
 
+def _raw_launcher(kernel):
+    """``(C launch function, expand(grid, stream, values) -> its argument tuple)`` for a kernel compiled by Triton 3.6
+    (a compiled launcher module per signature, wrapped by ``wrap_handle_tensordesc``'s ``inner``), or None: what
+    ``kernel.run`` does minus its Python (scratch allocation, the wrapper's loop), tensors passed as addresses (the
+    launcher then skips its ``cuPointerGetAttribute`` check). A probe of how much a direct launch would save."""
+    from triton.backends.nvidia import driver as nvidia
+    from triton.runtime import driver
+
+    run = kernel.run
+    if getattr(nvidia, "_BASE_ARGS_FORMAT", None) != "iiiKKppOOOOOO" or run.global_scratch_size \
+            or run.profile_scratch_size:
+        return None
+    launch, indices, metas = run.launch, frozenset(), []
+    if getattr(launch, "__code__", None) is not None:  # the descriptor wrapper: its closure holds the module's launch
+        cells = dict(zip(launch.__code__.co_freevars, (c.cell_contents for c in launch.__closure__)))
+        launch, indices, metas = cells["launcher"], cells["tensordesc_indices"], cells["tensordesc_meta"]
+        if not metas or any(m is None or m.get("fp4_padded") for m in metas):  # not copy-engine descriptors
+            return None
+    fill = driver.active.utils.fill_tma_descriptor
+    host_dtype = nvidia.TMA_DTYPE_DEVICE_TO_HOST
+    base = (run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata, None, None, None)
+    tensor = torch.Tensor
+
+    def expand(grid, stream, values):
+        final = [grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, kernel.function,
+                 *base]
+        at = 0
+        for i, v in enumerate(values):
+            if i in indices:
+                meta = metas[at]
+                at += 1
+                final.append(fill(v.base.data_ptr(), meta["swizzle"], meta["elem_size"], host_dtype[meta["elem_type"]],
+                                  meta["block_size"], v.shape, v.strides, int(v.padding == "nan")))
+                final.extend(v.shape)
+                final.extend(v.strides)
+            elif type(v) is tensor:
+                final.append(v.data_ptr())
+            else:
+                final.append(v)
+        return final
+
+    return launch, expand
+
+
 def launch_breakdown():
     """Host microseconds of the parts of one Hopper forward launch (tiny shape): where a launch's time goes. The
     launch's arguments are the ones ``hopper.forward`` passes (recorded from a real call), so this follows the
@@ -293,6 +339,26 @@ def launch_breakdown():
                                                                                              bound.values()),
         "hopper.forward": lambda: hopper.forward(q, k, v, None, slopes, 128**-0.5, True, 1),
     }
+    raw = _raw_launcher(kernel)
+    if raw is None:
+        print("[launch] no raw-launch probe: this Triton's launcher is not 3.6's compiled module")
+    else:
+        stream = driver.active.get_current_stream(device)
+        values = tuple(bound.values())
+        prebuilt = raw[1](grid, stream, values)
+        parts["raw: args expanded + C launch"] = lambda: raw[0](*raw[1](grid, stream, values))
+        parts["raw: args expanded only"] = lambda: raw[1](grid, stream, values)
+        parts["raw: C launch, prebuilt args"] = lambda: raw[0](*prebuilt)
+        out, lse, tiles = args[8], args[5], args[7]  # hopper.forward's launch: the outputs and the tile counter
+        results = []
+        for launch in (lambda: lean_launch.run_compiled(kernel, grid, device, values),
+                       lambda: raw[0](*raw[1](grid, stream, values))):
+            out.fill_(float("nan")), lse.fill_(float("nan")), tiles.zero_()
+            launch()
+            torch.cuda.synchronize()
+            results.append((out.clone(), lse.clone()))
+        same = all(torch.equal(a, b) for a, b in zip(*results)) and not results[0][0].isnan().any()
+        print(f"[launch] raw launch's out and lse bitwise equal to kernel.run's: {same}")
     for name, part in parts.items():
         print(f"[launch] host us  {name:38s} {host_us(part, 2000):7.1f}", flush=True)
     prof = cProfile.Profile()
