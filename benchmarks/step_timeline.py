@@ -9,7 +9,8 @@ entered (on the device's autograd thread: the gap before it is the handoff), its
 ``Tensor.backward`` returned (the gap before it is the handoff back). Each gap is the median over the steps, in
 microseconds, with the thread it ran on. The steps run as ``do_bench`` runs them (an L2-clearing memset and CUDA
 events around each, no synchronisation between steps), so the GPU's time per step is printed beside the host's:
-where the host's is longer the step is host-bound. Runs torch's default autograd threads, then the backward on the calling thread.
+where the host's is longer the step is host-bound. Runs torch's default autograd threads, then the backward on the
+calling thread.
 
 ``--peers NAME,...``: instead, for providers of ``bench_attention.make_providers`` (e.g.
 ``triton-alibi,cudnn,fa4-alibi``; no timeline points, torch's default threads), each step's host time beside its GPU
@@ -64,6 +65,32 @@ def install() -> None:
     hopper.launch_kernel = launch.launch_kernel = stamped_launch
 
 
+WARM_UP = 20  # steps run before the timed ones (compiles, allocator warm-up)
+
+
+def time_steps(step, grads, steps: int):
+    """``step()`` run ``WARM_UP + steps`` times as ``do_bench`` runs it: the gradients of ``grads`` set to None, L2
+    cleared by a memset, CUDA events around the call, no synchronisation between steps. Returns what the timed
+    steps returned and each one's GPU time in us."""
+    cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # as triton.testing.do_bench clears L2
+    results, events = [], []
+    for i in range(WARM_UP + steps):
+        for g in grads:
+            g.grad = None
+        cache.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = step()
+        end.record()
+        if i >= WARM_UP:
+            results.append(result)
+            events.append((start, end))
+        elif i == WARM_UP - 1:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return results, [s.elapsed_time(e) * 1e3 for s, e in events]
+
+
 def run(label: str, shape, steps: int, main_thread: int) -> None:
     batch, n_heads, seq, head_dim = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -71,28 +98,18 @@ def run(label: str, shape, steps: int, main_thread: int) -> None:
                .requires_grad_() for _ in range(3))
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     dout = torch.randn_like(q)
-    cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # as triton.testing.do_bench clears L2
     attend = around("attention", M.attention)
-    timelines, events = [], []
-    for i in range(steps + 20):
-        q.grad = k.grad = v.grad = None
-        cache.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def step():
         STAMPS.clear()
         stamp("step")
         out = attend(q, k, v, backend="triton", causal=True, alibi_slopes=slopes)
         stamp("backward called")
         out.backward(dout)
         stamp("backward returned")
-        end.record()
-        if i >= 20:
-            timelines.append(list(STAMPS))
-            events.append((start, end))
-        if i == 19:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
-    gpu_ms = [s.elapsed_time(e) for s, e in events]
+        return list(STAMPS)
+
+    timelines, gpu_us = time_steps(step, (q, k, v), steps)
     labels = [s[0] for s in timelines[0]]
     if any([s[0] for s in t] != labels for t in timelines):
         print(f"[{label}] the steps' points differ; first step's: {labels}")
@@ -105,7 +122,7 @@ def run(label: str, shape, steps: int, main_thread: int) -> None:
         print(f"    {name:42s} {thread:5s} +{statistics.median(gaps):8.1f}   at {statistics.median(since):8.1f}")
     host = [(t[-1][1] - t[0][1]) / 1e3 for t in timelines]
     print(f"    host per step {statistics.median(host):.1f} us (min {min(host):.1f}); GPU per step (events) "
-          f"{statistics.median(gpu_ms) * 1e3:.1f} us (min {min(gpu_ms) * 1e3:.1f})")
+          f"{statistics.median(gpu_us):.1f} us (min {min(gpu_us):.1f})")
 
 
 def peers(names, shape, steps: int) -> None:
@@ -117,7 +134,6 @@ def peers(names, shape, steps: int) -> None:
 
     batch, n_heads, seq, head_dim = shape
     providers = make_providers(batch, n_heads, n_heads, seq, head_dim, dense_bias=False)
-    cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     print(f"\n[peers] B{batch} H{n_heads} S{seq} D{head_dim}, {steps} steps, torch's default autograd threads")
     for _ in range(2):  # two alternated rounds
         for name in names:
@@ -127,24 +143,13 @@ def peers(names, shape, steps: int) -> None:
                 continue
             fn, grads = entry
             dout = torch.randn_like(fn())
-            host, events = [], []
-            for i in range(steps + 20):
-                for g in grads:
-                    g.grad = None
-                cache.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+
+            def step(fn=fn, dout=dout):
                 began = time.perf_counter_ns()
                 fn().backward(dout)
-                took = time.perf_counter_ns() - began
-                end.record()
-                if i >= 20:
-                    host.append(took / 1e3)
-                    events.append((start, end))
-                if i == 19:
-                    torch.cuda.synchronize()
-            torch.cuda.synchronize()
-            gpu = [s.elapsed_time(e) * 1e3 for s, e in events]
+                return (time.perf_counter_ns() - began) / 1e3
+
+            host, gpu = time_steps(step, grads, steps)
             print(f"    {name:20s} host per step {statistics.median(host):7.1f} us (min {min(host):7.1f}); "
                   f"GPU per step {statistics.median(gpu):7.1f} us (min {min(gpu):7.1f})", flush=True)
 
