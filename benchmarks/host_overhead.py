@@ -212,11 +212,14 @@ def stubbed_table():
         "dense bias, dbias": (lambda: M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias),
                               [q, k, v, bias]),
     }
-    # every kernel of the Triton backend launches through lean_launch.launch_kernel, imported under these two names
-    real = launch.launch_kernel
+    # the general kernels launch through launch.launch_kernel, the Hopper route's through its plans
+    from mpt_attention.impl.triton import lean_launch
+
+    real, real_call = launch.launch_kernel, lean_launch.PlannedLaunch.__call__
 
     def stub(on):
-        hopper.launch_kernel = launch.launch_kernel = (lambda *a, **kw: None) if on else real
+        launch.launch_kernel = (lambda *a, **kw: None) if on else real
+        lean_launch.PlannedLaunch.__call__ = (lambda self, *a: None) if on else real_call
 
     for name, (fn, leaves) in steps.items():
         dout = torch.randn_like(fn())
@@ -309,13 +312,14 @@ def launch_breakdown():
 
     q, k, v, slopes = (x.detach() for x in inputs(1, 16, 128, 128))
     recorded = []
-    real_launch = hopper.launch_kernel
-    hopper.launch_kernel = lambda fn, grid, *a, **kw: recorded.append((fn, grid, a, kw)) or real_launch(fn, grid, *a,
-                                                                                                          **kw)
+    real_launch = lean_launch.launch_kernel  # a plan's first launch goes through it
+    lean_launch.launch_kernel = lambda fn, grid, *a, **kw: recorded.append((fn, grid, a, kw)) or real_launch(
+        fn, grid, *a, **kw)
     try:
-        hopper.forward(q, k, v, None, slopes, 128**-0.5, True, 1)
+        plan = hopper.forward_plan(q, k, v, None, slopes, 128**-0.5, True, 1)
+        hopper.run_forward(plan, q, k, v, None, slopes)
     finally:
-        hopper.launch_kernel = real_launch
+        lean_launch.launch_kernel = real_launch
     fn, grid, args, kw = recorded[0]
     descs = [a for a in args if type(a).__name__ == "TensorDescriptor"]
     kernel = fn[grid](*args, **kw)
@@ -325,8 +329,10 @@ def launch_breakdown():
     spec, options = list(key[2]), dict(key[3])
     metas = getattr(kernel.metadata, "tensordesc_meta", None) or [None] * len(descs)
     parts = {
-        "4 descriptors (hopper._descriptor)": lambda: [hopper._descriptor(x, rows) for x, rows in
-                                                       ((q, 64), (k, 128), (v, 128), (q, 64))],
+        "4 descriptors (a plan's, hopper.descriptor)": lambda: [hopper.descriptor(x, *static) for x, static in
+                                                                zip((q, k, v, q), plan.descs)],
+        "hopper.forward_plan": lambda: hopper.forward_plan(q, k, v, None, slopes, 128**-0.5, True, 1),
+        "hopper.run_forward (planned launch)": lambda: hopper.run_forward(plan, q, k, v, None, slopes),
         "fn[grid](...) (prebuilt descriptors)": lambda: fn[grid](*args, **kw),
         "lean_launch.launch_kernel": lambda: lean_launch.launch_kernel(fn, grid, *args, **kw),
         "lean_launch.bind (Triton's binder)": lambda: lean_launch.bind(fn, device, binder, args, dict(kw)),
@@ -376,7 +382,7 @@ def timers_table():
     from triton.runtime import jit
 
     from mpt_attention import api, ops
-    from mpt_attention.impl.triton import launch
+    from mpt_attention.impl.triton import launch, lean_launch
 
     totals = {}
 
@@ -395,11 +401,11 @@ def timers_table():
     targets = (
         (api, "_validate", "api._validate"), (ops, "triton_attention", "ops.triton_attention"),
         (ops._EagerTritonAttention, "forward", "autograd forward (ours)"), (launch, "forward", "launch.forward"),
-        (launch, "backward", "launch.backward"), (hopper, "forward", "hopper.forward"),
-        (hopper, "backward_dkdv", "hopper.backward_dkdv"), (hopper, "unsupported", "hopper.unsupported"),
-        (launch, "_row_terms", "launch._row_terms"), (hopper, "_descriptor", "hopper._descriptor"),
-        (hopper, "launch_kernel", "launches (hopper)"), (launch, "launch_kernel", "launches (launch.py)"),
-        (jit.JITFunction, "run", "JITFunction.run"),
+        (launch, "backward", "launch.backward"), (hopper, "run_forward", "hopper.run_forward"),
+        (launch, "_run_fused", "launch._run_fused"), (hopper, "run_dkdv", "hopper.run_dkdv"),
+        (hopper, "unsupported", "hopper.unsupported"), (launch, "_row_terms", "launch._row_terms"),
+        (hopper, "descriptor", "hopper.descriptor"), (lean_launch.PlannedLaunch, "__call__", "planned launches"),
+        (launch, "launch_kernel", "launches (launch.py)"), (jit.JITFunction, "run", "JITFunction.run"),
     )
     for owner, name, label in targets:
         timed(owner, name, label)

@@ -26,7 +26,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention import api, ops
-from mpt_attention.impl.triton import hopper, launch
+from mpt_attention.impl.triton import hopper, launch, lean_launch
 
 STAMPS: list = []  # (label, perf_counter_ns, thread ident) of the running step
 
@@ -51,18 +51,25 @@ def install() -> None:
     launch.backward = around("launch.backward", launch.backward)
     api._validate = around("api._validate", api._validate)
     ops._EagerTritonAttention.forward = staticmethod(around("Function.forward", ops._EagerTritonAttention.forward))
-    hopper.unsupported = around("hopper.unsupported", hopper.unsupported)
-    hopper.forward = around("hopper.forward", hopper.forward)
-    hopper.backward_dkdv = around("hopper.backward_dkdv", hopper.backward_dkdv)
+    hopper.unsupported = around("hopper.unsupported", hopper.unsupported)  # (a planned call makes none)
+    hopper.run_forward = around("hopper.run_forward", hopper.run_forward)
+    launch._run_fused = around("launch._run_fused", launch._run_fused)
+    hopper.run_dkdv = around("hopper.run_dkdv", hopper.run_dkdv)
     launch._row_terms = around("launch._row_terms", launch._row_terms)
-    real_launch = launch.launch_kernel
+    real_launch, real_call = launch.launch_kernel, lean_launch.PlannedLaunch.__call__
 
-    def stamped_launch(fn, grid, *args, **kwargs):
+    def stamped_launch(fn, grid, *args, **kwargs):  # the general kernels' launches
         stamp(f"launch {fn.__name__}")
         real_launch(fn, grid, *args, **kwargs)
         stamp(f"launched {fn.__name__}")
 
-    hopper.launch_kernel = launch.launch_kernel = stamped_launch
+    def stamped_call(self, *args):  # the Hopper route's planned launches
+        stamp(f"launch {self.fn.__name__}")
+        real_call(self, *args)
+        stamp(f"launched {self.fn.__name__}")
+
+    launch.launch_kernel = stamped_launch
+    lean_launch.PlannedLaunch.__call__ = stamped_call
 
 
 WARM_UP = 20  # steps run before the timed ones (compiles, allocator warm-up)

@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import sys
 
 import pytest
 import torch
@@ -40,6 +41,16 @@ def poison_empty(monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def fresh_launch_plans():
+    """Each test plans its own launches (``launch.PLANS``): a plan kept from another test would hold what that
+    test patched (an SM count, a switch)."""
+    launch = sys.modules.get("mpt_attention.impl.triton.launch")
+    if launch is not None:
+        launch._PLANS.clear()
+    yield
+
+
 @pytest.fixture
 def dq_gemm_calls(monkeypatch):
     """One entry per call of the Triton backend's dQ GEMM on a stored dS (``launch._dq_from_ds``) during
@@ -57,7 +68,7 @@ def hopper_dkdv_launches(monkeypatch):
     (``hopper.backward_dkdv``) during the test; each launch still runs."""
     from mpt_attention.impl.triton import hopper
 
-    calls, real = [], hopper.backward_dkdv
+    calls, real = [], hopper.run_dkdv
 
     def record(*args, **kwargs):
         call = inspect.signature(real).bind(*args, **kwargs)
@@ -66,7 +77,7 @@ def hopper_dkdv_launches(monkeypatch):
         calls.append((bias is not None and bias.shape[2] != 1, dq_acc is not None, dbias is not None))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hopper, "backward_dkdv", record)
+    monkeypatch.setattr(hopper, "run_dkdv", record)
     return calls
 
 
@@ -76,13 +87,13 @@ def hopper_forward_bias_shapes(monkeypatch):
     test; each launch still runs."""
     from mpt_attention.impl.triton import hopper
 
-    calls, real = [], hopper.forward
+    calls, real = [], hopper.run_forward
 
     def record(*args):
-        calls.append(None if args[3] is None else tuple(args[3].shape))
+        calls.append(None if args[4] is None else tuple(args[4].shape))
         return real(*args)
 
-    monkeypatch.setattr(hopper, "forward", record)
+    monkeypatch.setattr(hopper, "run_forward", record)
     return calls
 
 

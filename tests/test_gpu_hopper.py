@@ -649,6 +649,39 @@ def test_hopper_and_general_kernels_agree_and_gradients_flow(monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
 
 
+@pytest.mark.parametrize("bias", [None, "row", "matrix-with-grad"])
+def test_steps_on_kept_launch_plans_compute_what_fresh_decisions_compute(monkeypatch, bias):
+    """A training step decided afresh (``launch.PLANS`` off), planned, and on the kept plans with other tensors of
+    the same signature: the forward, dK, dV and dbias bitwise equal (dQ's float32 sums may change order)."""
+    from mpt_attention.impl.triton import launch
+
+    case = AttnCase(2, 320, 320, 8, 2 if bias != "matrix-with-grad" else 8, 128 if bias != "row" else 64,
+                    causal=True, alibi=bias is None)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    if bias == "row":
+        kw["attn_bias"] = torch.randn(1, 8, 1, 320, device="cuda")
+    elif bias is not None:  # its gradient stored by the dK/dV kernel (rows of 16-byte multiples)
+        kw["attn_bias"] = torch.randn(2, 8, 320, 320, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for plans in (False, True, True):
+        monkeypatch.setattr(launch, "PLANS", plans)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        extra = dict(kw)
+        if bias == "matrix-with-grad":
+            extra["attn_bias"] = kw["attn_bias"].detach().clone().requires_grad_()
+            leaves.append(extra["attn_bias"])
+        out, lse = M.attention(*leaves[:3], backend="triton", return_lse=True, **extra)
+        runs.append((out, lse, *torch.autograd.grad(out, leaves, dout)))
+    assert len(launch._PLANS) == 2  # the forward's and the backward's
+    for run in runs[1:]:
+        for name, a, b in zip(["out", "lse", "dq", "dk", "dv", "dbias"], runs[0], run):
+            if name == "dq":
+                torch.testing.assert_close(a, b, msg=name)
+            else:
+                assert torch.equal(a, b), name
+
+
 def test_hopper_forward_is_bitwise_deterministic():
     (q, k, v), kw = make_inputs(AttnCase(2, 2048, 2048, 8, 2, 128, causal=True, alibi=True), dtype=torch.bfloat16,
                                 device="cuda")

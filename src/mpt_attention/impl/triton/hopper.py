@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import NamedTuple
 
 import torch
 
 from mpt_attention.impl.device import sm_count, sm_major
-from mpt_attention.impl.triton.lean_launch import cdiv, launch_kernel
+from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv
 
 try:
     from triton.experimental.gluon import language as gl
@@ -180,12 +181,6 @@ def descriptor(base: torch.Tensor, shape, strides, block_shape, layout) -> "Tens
     return desc
 
 
-def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
-    """Copy-engine descriptor of ``x`` (B, S, H, D), any 16-byte aligned strides, boxes of [1, rows, 1,
-    tile_dim(D)]."""
-    return descriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, tile_dim(x.shape[3])], _TILE_LAYOUT)
-
-
 def bias_dims_on(bias: torch.Tensor) -> tuple[int, int]:
     """(b_on, h_on): 1 where the (B|1, H|1, 1, S_k) bias varies over batch / heads, 0 where it broadcasts
     (size 1 or stride 0); the kernels index it with ``b * b_on``, ``h * h_on``."""
@@ -299,55 +294,87 @@ def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
     return tiles
 
 
-def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, cu_k=None, max_q=0, max_k=0):
-    """``out`` (q's shape, contiguous) and ``lse`` ``(B, H, S_q)`` float32; inputs as ``unsupported`` allows.
-    Packed sequences (``cu_q``, ``cu_k``: int32 cumulative lengths, the longest ``max_q``/``max_k``): q, k, v
-    ``(T, H, D)``, ``lse`` ``(H, T_q)``."""
+class ForwardPlan(NamedTuple):
+    """What the Hopper forward's launch takes from its inputs' signature (``forward_plan``). ``descs``: the static
+    part (shape, strides, box, layout) of the descriptors of q, k, v and out, then the bias's (None without one);
+    ``scalars``: the launch's arguments after its tensors."""
+    out_shape: tuple
+    lse_shape: tuple
+    counters: int
+    descs: tuple
+    scalars: tuple
+    launch: PlannedLaunch
+
+
+def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, max_q=0, max_k=0) -> ForwardPlan:
+    """The Hopper forward's launch for inputs as ``forward`` takes them: a function of their signature alone
+    (shapes, strides, dtypes, 16-byte alignment, the scalars; for packed sequences ``cu_q``'s size and the longest
+    lengths), not of their data or addresses, so ``launch.forward`` keeps one per signature."""
     varlen = cu_q is not None
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if varlen:  # the packed tensors as one batch row (1, T, H, D); a grid row per (sequence, head)
         n_tokens, n_heads, head_dim = q.shape
         n_kv, batch, s_q, s_k = k.shape[1], cu_q.numel() - 1, max_q, max_k
-        lse = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
-        lse_strides = (0, n_tokens)
-        cu_tiles = _packed_tiles(cu_q)
+        lse_shape, lse_strides = (n_heads, n_tokens), (0, n_tokens)
         group = packed_heads_per_group(n_heads, 2 * max_k * head_dim * q.element_size() * n_kv / n_heads)
-        q, k, v, out4 = (x.unsqueeze(0) for x in (q, k, v, out))
+        q, k, v = (x.unsqueeze(0) for x in (q, k, v))
         n_tiles = (cdiv(n_tokens, BLOCK_M) + batch) * n_heads  # at most
     else:
         batch, s_q, n_heads, head_dim = q.shape
         s_k, n_kv = k.shape[1], k.shape[2]
-        lse = torch.empty((batch, n_heads, s_q), dtype=torch.float32, device=q.device)
-        lse_strides = (n_heads * s_q, s_q)
-        out4 = out
+        lse_shape, lse_strides = (batch, n_heads, s_q), (n_heads * s_q, s_q)
         n_tiles = cdiv(s_q, BLOCK_M) * batch * n_heads
         group = heads_per_group(k, n_heads, batch * n_heads)
-    slopes, slope_strides = slope_args(slopes, lse)
+    out_shape = tuple(q.shape)  # contiguous; (1, T, H, D) packed
+    out_strides = [out_shape[1] * n_heads * head_dim, n_heads * head_dim, head_dim, 1]
+    width = tile_dim(head_dim)
+    descs = [(list(x.shape), list(x.stride()), [1, rows, 1, width], _TILE_LAYOUT)
+             for x, rows in ((q, HALF_M), (k, BLOCK_N), (v, BLOCK_N))]
+    descs.append((list(out_shape), out_strides, [1, HALF_M, 1, width], _TILE_LAYOUT))
     bias_desc, b_on, h_on = None, 0, 0
     bias_full = bias is not None and bias.shape[2] != 1
     if bias_full:  # in q's dtype, read in [64, BLOCK_N] boxes, one per consumer warpgroup
         shape, strides, b_on, h_on = bias_matrix_view(bias)
-        bias_desc = descriptor(bias, shape, strides, [1, HALF_M, BLOCK_N], _MATRIX_LAYOUT)
+        bias_desc = (shape, strides, [1, HALF_M, BLOCK_N], _MATRIX_LAYOUT)
     elif bias is not None:  # launch.forward has converted it (launch._log2_bias_rows): float32, aligned rows
         shape, strides, b_on, h_on = _bias_view(bias)
-        bias_desc = descriptor(bias, shape, strides, [1, 1, BLOCK_N], _BIAS_ROW_LAYOUTS[8 * bias.element_size()])
+        bias_desc = (shape, strides, [1, 1, BLOCK_N], _BIAS_ROW_LAYOUTS[8 * bias.element_size()])
+    descs.append(bias_desc)
     # Persistent: a program's registers fill an SM (ncu: one per SM), so one program per SM at most, taking
     # tiles until none is left. ``tiles``: [0] counts the tiles taken after the first round; from 16 on, 8 per
     # (program, Q buffer) for the coordinates the loader publishes to the consumers (hopper_forward).
     grid = (max(1, min(n_tiles, sm_count(q.device.index))),)
-    tiles = torch.zeros(16 + grid[0] * 16, dtype=torch.int32, device=q.device)
-    if not varlen:
+    scalars = (*lse_strides, *slope_args(slopes, None)[1], out_strides[1], out_strides[2], n_heads, n_heads // n_kv,
+               batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on, group, head_dim)
+    launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
+        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
+        TAIL=product_tail(head_dim), BIAS_FULL=bias_full, VARLEN=varlen, num_warps=4))
+    return ForwardPlan(out_shape, lse_shape, 16 + grid[0] * 16, tuple(descs), scalars, launch)
+
+
+def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
+    """``out`` and ``lse`` of inputs of ``plan``'s signature (``forward``)."""
+    device, varlen = q.device, cu_q is not None
+    out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
+    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
+    tiles = torch.zeros(plan.counters, dtype=torch.int32, device=device)
+    if varlen:
+        cu_tiles = _packed_tiles(cu_q)
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    else:
         cu_q = cu_k = cu_tiles = tiles  # never read
-    launch_kernel(
-        _hopper_fwd_kernel, grid,
-        _descriptor(q, HALF_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(out4, HALF_M), bias_desc,
-        lse, slopes, tiles, out, cu_q, cu_k, cu_tiles, *lse_strides, *slope_strides, out4.stride(1), out4.stride(2),
-        n_heads, n_heads // n_kv, batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on,
-        group, head_dim, IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N,
-        HEAD_DIM=tile_dim(head_dim), BIAS_ROW=bias is not None and not bias_full, TAIL=product_tail(head_dim),
-        BIAS_FULL=bias_full, VARLEN=varlen, num_warps=4,
-    )
-    return out, lse
+    dq, dk, dv, do, db = plan.descs
+    plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
+                None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
+                out, cu_q, cu_k, cu_tiles, *plan.scalars)
+    return (out[0] if varlen else out), lse  # (T, H, D) packed
+
+
+def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, cu_k=None, max_q=0, max_k=0):
+    """``out`` (q's shape, contiguous) and ``lse`` ``(B, H, S_q)`` float32; inputs as ``unsupported`` allows.
+    Packed sequences (``cu_q``, ``cu_k``: int32 cumulative lengths, the longest ``max_q``/``max_k``): q, k, v
+    ``(T, H, D)``, ``lse`` ``(H, T_q)``. The plan is built for this call (``launch.forward`` keeps them)."""
+    plan = forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q, max_q, max_k)
+    return run_forward(plan, q, k, v, bias, slopes, cu_q, cu_k)
 
 
 BWD_BLOCK_N, BWD_HALF_N = 128, 64  # hopper_backward: keys per program / per consumer warpgroup
@@ -388,6 +415,106 @@ def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor
     return torch.empty((batch * n_heads, 2, -(-s_q // 4) * 4), dtype=torch.float32, device=device)
 
 
+class DkdvPlan(NamedTuple):
+    """What the Hopper dK/dV kernel's launch takes from its inputs' signature (``dkdv_plan``). ``descs``: the static
+    parts of the descriptors of k, v, q, dO, dK, dV, the dQ sums, the bias matrix, dbias and the row terms (None for
+    those absent); ``before``, ``after``: the launch's scalar arguments either side of its pointers; ``parts``: the
+    shape of the float32 dK, dV partial sums of grouped heads split over programs, or None."""
+    descs: tuple
+    bias_row: bool
+    before: tuple
+    after: tuple
+    parts: tuple | None
+    launch: PlannedLaunch
+
+
+def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
+              dq_acc=None, dbias=None, cu_q=None, max_q=0, first_write=False) -> DkdvPlan:
+    """``backward_dkdv``'s launch for inputs of this signature (as ``forward_plan``, a function of it alone);
+    ``first_write``: with a ``dq_sync`` buffer."""
+    varlen = cu_q is not None
+    dk_out, dv_out = dk, dv  # (varlen: a sequence's last keys stored from registers)
+    if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
+        n_seq = cu_q.numel() - 1
+        n_tokens_k = k.shape[0]
+        q, k, v, dout, dk, dv = (x.unsqueeze(0) for x in (q, k, v, dout, dk, dv))
+        dq_acc = dq_acc.unsqueeze(0)
+    batch, s_q, n_heads, head_dim = q.shape
+    s_k, n_kv = k.shape[1], k.shape[2]
+    width = tile_dim(head_dim)
+    block_m = bwd_block_m(width, bias is not None and bias.shape[2] != 1, dq_acc is not None)
+    descs = [(list(x.shape), list(x.stride()), [1, rows, 1, width], _TILE_LAYOUT)
+             for x, rows in ((k, BWD_HALF_N), (v, BWD_HALF_N), (q, block_m), (dout, block_m), (dk, BWD_HALF_N),
+                             (dv, BWD_HALF_N))]
+    # boxes of one step's queries x DQ_COLS columns
+    descs.append(None if dq_acc is None else (list(dq_acc.shape), list(dq_acc.stride()),
+                                              [1, block_m, 1, DQ_COLS.value], _DQ_LAYOUT))
+    bias_strides, b_on, h_on = (0, 0, 0), 0, 0
+    bias_desc = dbias_desc = None
+    bias_full = bias is not None and bias.shape[2] != 1
+    if bias_full:  # boxes of one step's queries x one consumer's 64 keys
+        shape, strides, b_on, h_on = bias_matrix_view(bias)
+        bias_desc = (shape, strides, [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
+        if dbias is not None:
+            dbias_desc = ([batch * n_heads, s_q, s_k], [s_q * s_k, s_k, 1], [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
+    elif bias is not None:  # read with plain loads here (one value per tile row): any strides do
+        b_on, h_on = bias_dims_on(bias)
+        bias_strides = (bias.stride(0), bias.stride(1), bias.stride(3))
+    descs += [bias_desc, dbias_desc,
+              ([batch * n_heads, 2, s_q], list(row_stats.stride()), [1, 2, block_m], _ROW_STATS_LAYOUT)]
+    # grouped heads with the fused dQ: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
+    # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
+    n_groups = n_heads // n_kv
+    heads = FUSED_GROUP_HEADS if n_groups % FUSED_GROUP_HEADS == 0 else 1
+    n_splits = n_groups // heads if dq_acc is not None and not varlen else 1
+    n_rows = batch * n_kv * n_splits
+    grid = (cdiv(s_k, BWD_BLOCK_N) * n_rows,)
+    if varlen:  # key blocks of 128 counted per sequence on the device; the grid an upper bound
+        grid = ((cdiv(n_tokens_k, BWD_BLOCK_N) + n_seq) * n_kv,)
+        group = packed_heads_per_group(n_kv, max_q * head_dim * (2 * q.element_size() + 4) * n_groups)
+    else:
+        group = bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None)
+    before = (*slope_args(slopes, None)[1], *bias_strides, b_on, h_on, n_kv, n_groups, n_splits, n_rows, group, s_q,
+              s_k, softmax_scale * LOG2E, softmax_scale)
+    after = (dk_out.stride(-3), dk_out.stride(-2), dv_out.stride(-3), dv_out.stride(-2),
+             batch if not varlen else n_seq, head_dim)
+    launch = PlannedLaunch(_hopper_bwd_dkdv_kernel, grid, dict(
+        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
+        FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
+        STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, VARLEN=varlen,
+        FIRST_WRITE=first_write, num_warps=4))
+    parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
+    return DkdvPlan(tuple(descs), bias is not None and not bias_full, before, after, parts, launch)
+
+
+def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc=None, dbias=None, cu_q=None,
+             cu_k=None, dq_sync=None) -> None:
+    """``backward_dkdv`` for inputs of ``plan``'s signature."""
+    dk_out, dv_out = dk, dv
+    if cu_q is not None:
+        q, k, v, dout, dk, dv = (x.unsqueeze(0) for x in (q, k, v, dout, dk, dv))
+        dq_acc = dq_acc.unsqueeze(0)
+        cu_kb = _packed_tiles(cu_k)
+    else:
+        cu_q = cu_k = cu_kb = row_stats  # never-read dummies
+    parts = row_stats  # a never-read dummy with one split
+    if plan.parts is not None:
+        parts = torch.empty(plan.parts, dtype=torch.float32, device=q.device)
+    d_k, d_v, d_q, d_o, d_dk, d_dv, d_dq, d_bias, d_dbias, d_stats = plan.descs
+    plan.launch(
+        descriptor(k, *d_k), descriptor(v, *d_v), descriptor(q, *d_q), descriptor(dout, *d_o), descriptor(dk, *d_dk),
+        descriptor(dv, *d_dv), None if d_dq is None else descriptor(dq_acc, *d_dq),
+        None if d_bias is None else descriptor(bias, *d_bias), None if d_dbias is None else descriptor(dbias, *d_dbias),
+        descriptor(row_stats, *d_stats), row_stats if slopes is None else slopes, bias if plan.bias_row else row_stats,
+        parts, *plan.before, dk_out, dv_out, cu_q, cu_k, cu_kb, row_stats if dq_sync is None else dq_sync,
+        *plan.after,
+    )
+    if plan.parts is not None:
+        head_dim = dk.shape[-1]
+        dk.copy_(parts[0].sum(0)[..., :head_dim])  # the columns past D are zeros
+        dv.copy_(parts[1].sum(0)[..., :head_dim])
+
+
 def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
                   dq_acc=None, dbias=None, cu_q=None, cu_k=None, max_q=0, dq_sync=None) -> None:
     """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel;
@@ -399,68 +526,6 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it, the
     longest sequence ``max_q`` queries long. ``dq_sync`` (``dq_sync_buffer``, zeroed; where ``first_write_dq``):
     ``dq_acc`` is not zeroed, each block's first program writes it."""
-    varlen = cu_q is not None
-    dk_out, dv_out = dk, dv  # (varlen: a sequence's last keys stored from registers)
-    if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
-        n_seq, n_tokens_k = cu_q.numel() - 1, k.shape[0]
-        q, k, v, dout, dk, dv = (x.unsqueeze(0) for x in (q, k, v, dout, dk, dv))
-        dq_acc = dq_acc.unsqueeze(0)
-    batch, s_q, n_heads, head_dim = q.shape
-    s_k, n_kv = k.shape[1], k.shape[2]
-    slopes, slope_strides = slope_args(slopes, row_stats)
-    width = tile_dim(head_dim)
-    block_m = bwd_block_m(width, bias is not None and bias.shape[2] != 1, dq_acc is not None)
-    stats_desc = descriptor(row_stats, [batch * n_heads, 2, s_q], list(row_stats.stride()), [1, 2, block_m],
-                            _ROW_STATS_LAYOUT)
-    bias_args, b_on, h_on = (row_stats, 0, 0, 0), 0, 0  # a never-read dummy without a bias
-    bias_desc = dbias_desc = None
-    bias_full = bias is not None and bias.shape[2] != 1
-    if bias_full:  # boxes of one step's queries x one consumer's 64 keys
-        shape, strides, b_on, h_on = bias_matrix_view(bias)
-        bias_desc = descriptor(bias, shape, strides, [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
-        if dbias is not None:
-            dbias_desc = descriptor(dbias, [batch * n_heads, s_q, s_k], [s_q * s_k, s_k, 1],
-                                    [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
-    elif bias is not None:  # read with plain loads here (one value per tile row): any strides do
-        b_on, h_on = bias_dims_on(bias)
-        bias_args = (bias, bias.stride(0), bias.stride(1), bias.stride(3))
-    dq_desc = None  # boxes of one step's queries x DQ_COLS columns
-    if dq_acc is not None:
-        dq_desc = descriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, block_m, 1, DQ_COLS.value],
-                             _DQ_LAYOUT)
-    # grouped heads with the fused dQ: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
-    # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
-    n_groups = n_heads // n_kv
-    heads = FUSED_GROUP_HEADS if n_groups % FUSED_GROUP_HEADS == 0 else 1
-    n_splits = n_groups // heads if dq_acc is not None and not varlen else 1
-    parts = row_stats  # a never-read dummy with one split
-    if n_splits > 1:
-        parts = torch.empty((2, n_splits, batch, s_k, n_kv, width), dtype=torch.float32, device=q.device)
-    n_rows = batch * n_kv * n_splits
-    grid = (cdiv(s_k, BWD_BLOCK_N) * n_rows,)
-    cu_q_arg = cu_k_arg = cu_kb = row_stats  # never-read dummies when dense
-    if varlen:  # key blocks of 128 counted per sequence on the device; the grid an upper bound
-        grid = ((cdiv(n_tokens_k, BWD_BLOCK_N) + n_seq) * n_kv,)
-        cu_q_arg, cu_k_arg, cu_kb = cu_q, cu_k, _packed_tiles(cu_k)
-        group = packed_heads_per_group(n_kv, max_q * head_dim * (2 * q.element_size() + 4) * n_groups)
-    else:
-        group = bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None)
-    launch_kernel(
-        _hopper_bwd_dkdv_kernel, grid,
-        _descriptor(k, BWD_HALF_N), _descriptor(v, BWD_HALF_N), _descriptor(q, block_m),
-        _descriptor(dout, block_m), _descriptor(dk, BWD_HALF_N), _descriptor(dv, BWD_HALF_N), dq_desc,
-        bias_desc, dbias_desc, stats_desc, slopes, bias_args[0], parts, *slope_strides,
-        *bias_args[1:], b_on, h_on,
-        n_kv, n_groups, n_splits, n_rows, group,
-        s_q, s_k, softmax_scale * LOG2E, softmax_scale,
-        dk_out, dv_out, cu_q_arg, cu_k_arg, cu_kb, row_stats if dq_sync is None else dq_sync, dk_out.stride(-3),
-        dk_out.stride(-2), dv_out.stride(-3), dv_out.stride(-2), batch if not varlen else n_seq, head_dim,
-        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
-        FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
-        STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, VARLEN=varlen,
-        FIRST_WRITE=dq_sync is not None, num_warps=4,
-    )
-    if n_splits > 1:
-        dk.copy_(parts[0].sum(0)[..., :head_dim])  # the columns past D are zeros
-        dv.copy_(parts[1].sum(0)[..., :head_dim])
-
+    plan = dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode, dq_acc,
+                     dbias, cu_q, max_q, dq_sync is not None)
+    run_dkdv(plan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync)

@@ -17,7 +17,7 @@ from mpt_attention.impl.triton import hopper
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
-from mpt_attention.impl.triton.lean_launch import cdiv, launch_kernel, next_power_of_2
+from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, launch_kernel, next_power_of_2
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # A full-shape bias gradient in q's dtype: dQ as one GEMM on the stored dS instead of the dQ kernel
@@ -258,16 +258,56 @@ class _Geometry:
             self.lse_strides = (self.n_heads * self.s_q, self.s_q)
 
 
+# Launch plans of the Hopper route, per signature of a call's inputs (shapes, strides, dtypes, addresses modulo 16,
+# the scalars and the switches the route reads): what the host decides before a launch (the route, grids, groups,
+# the descriptors' static parts, the compiled kernel) made once per signature instead of on every call, as FA4
+# and cuDNN plan theirs. A B8 S2048 training step spent ~1 ms of host time on the H200 machine's CPU, about the
+# GPU's time (benchmarks/NOTES.md session 33). Dense inputs without masks or dropout; None for a signature that
+# takes another route. False: every call decides afresh (the plans are the same functions of the same inputs)
+PLANS = True
+_PLANS: dict = {}
+_MAX_PLANS = 256
+_MISSING = object()
+
+
+def _signature(t: torch.Tensor | None):
+    """What a plan may read of a tensor (never its data): shape, strides, dtype and address modulo 16."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
+
+
+def _keep_plan(key, plan):
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal):
+    """The Hopper forward's plan for dense inputs without masks or dropout, or None where they take another route
+    (``forward`` then decides as for any input)."""
+    if hopper.unsupported(q, k, v, bias, None, None, None, 0.0, causal, False, max_q=q.shape[1]) is not None:
+        return None
+    return hopper.forward_plan(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, None))
+
+
 @_on_its_device
 def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
             cu_q=None, cu_k=None, max_q=0, max_k=0, bias_rows=None):
     """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
     for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``).
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already."""
+    bias = _kernel_bias(bias, bias_rows)
+    if PLANS and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p:
+        key = ("forward", q.get_device(), _signature(q), _signature(k), _signature(v), _signature(bias),
+               _signature(slopes), softmax_scale, causal, hopper.ENABLED, hopper.L2_GROUP_BYTES)
+        plan = _PLANS.get(key, _MISSING)
+        if plan is _MISSING:
+            plan = _keep_plan(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal))
+        if plan is not None:
+            return hopper.run_forward(plan, q, k, v, bias, slopes)
     q, k, v = (head_contiguous(x) for x in (q, k, v))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
-    bias = _kernel_bias(bias, bias_rows)
     if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen, max_q=geo.s_q) is None:
         return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix),
                               cu_q, cu_k, geo.s_q, geo.s_k)
@@ -313,34 +353,85 @@ def _side_stream(device) -> torch.cuda.Stream:
 
 
 def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False, dq_zero=None,
-               dq_sync=None) -> None:
+               dq_sync=None, owner=None) -> None:
     """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape; None where no kernel
     reads it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked:
     common.SOFT_LSE) dO scaled per row into it; with ``row_stats`` (``hopper.row_stats_buffer``) the Hopper dK/dV
     kernel's copy of the log2-domain LSE offsets and delta; with ``dq_zero`` (float32, q's shape and strides)
     zeros written into it; with ``dq_sync`` (``hopper.dq_sync_buffer``) zeros there. Varlen: packed rows are one
-    long batch row for this row-wise kernel."""
+    long batch row for this row-wise kernel. ``owner``: a plan (``_FusedBackward``) that keeps this launch's plan
+    for inputs of its signature."""
     o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
     dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
+    plan = owner.row_terms if owner is not None else None
+    if plan is None:
+        plan = _row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync)
+        if owner is not None:
+            owner.row_terms = plan
+    if plan is None:
+        return
+    dummy = lse
+    plan[0](o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), dummy if delta is None else delta,
+            dummy if dout_scaled is None else dout_scaled, dummy if row_stats is None else row_stats,
+            dummy if dq4 is None else dq4, dummy if dq_sync is None else dq_sync, *plan[1])
+
+
+def _row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync):
+    """``_row_terms``' launch (the delta kernel's) and its scalar arguments for inputs of this signature, or None
+    where there are no rows."""
     d_batch, d_rows, n_heads, head_dim = o4.shape
     if d_batch * n_heads == 0 or d_rows == 0:
-        return
+        return None
     block = 32 if _INTERPRET else 64
-    dummy = lse
 
     def strides3(t):
         return t.stride()[:3] if t is not None else (0, 0, 0)
 
-    launch_kernel(_attn_bwd_delta_kernel, (cdiv(d_rows, block), n_heads, d_batch),
-        o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), dummy if delta is None else delta,
-        dummy if dout_scaled is None else dout_scaled, dummy if row_stats is None else row_stats,
-        dummy if dq4 is None else dq4, dummy if dq_sync is None else dq_sync, *strides3(o4), *strides3(do4),
-        *strides3(dout_scaled), *strides3(dq4), n_heads, d_rows, head_dim,
-        0 if row_stats is None else row_stats.shape[2], HAS_DLSE=dlse is not None,
-        SOFT_ROWS=dout_scaled is not None, ROW_STATS=row_stats is not None, STORE_DELTA=delta is not None,
-        ZERO_DQ=dq4 is not None, ZERO_SYNC=dq_sync is not None, BLOCK_M=block,
-        BLOCK_D=max(16, next_power_of_2(head_dim)),
-    )
+    scalars = (*strides3(o4), *strides3(do4), *strides3(dout_scaled), *strides3(dq4), n_heads, d_rows, head_dim,
+               0 if row_stats is None else row_stats.shape[2])
+    return PlannedLaunch(_attn_bwd_delta_kernel, (cdiv(d_rows, block), n_heads, d_batch), dict(
+        HAS_DLSE=dlse is not None, SOFT_ROWS=dout_scaled is not None, ROW_STATS=row_stats is not None,
+        STORE_DELTA=delta is not None, ZERO_DQ=dq4 is not None, ZERO_SYNC=dq_sync is not None, BLOCK_M=block,
+        BLOCK_D=max(16, next_power_of_2(head_dim)))), scalars
+
+
+class _FusedBackward:
+    """The backward's fused Hopper route (the dK/dV kernel forms dQ too) for one signature of its inputs: what
+    ``backward`` decided, and the plans of its delta and dK/dV launches (``_row_terms_plan``, ``hopper.dkdv_plan``),
+    made by the first run. ``dbias``: the full bias gradient's shape (the kernel stores dS), or None; ``row_stats``:
+    ``hopper.row_stats_buffer``'s sizes; ``dq_sync``: ``hopper.dq_sync_buffer``'s where each dQ block's first program
+    stores its sums, or None; ``dkdv_args``: (softmax scale, causal, ALiBi mode, S_q)."""
+
+    __slots__ = ("varlen", "soft_rows", "dbias", "row_stats", "dq_sync", "dkdv_args", "dkdv", "row_terms")
+
+    def __init__(self, varlen, soft_rows, dbias, row_stats, dq_sync, dkdv_args):
+        self.varlen, self.soft_rows, self.dbias, self.row_stats = varlen, soft_rows, dbias, row_stats
+        self.dq_sync, self.dkdv_args, self.dkdv, self.row_terms = dq_sync, dkdv_args, None, None
+
+
+def _run_fused(plan: _FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q=None, cu_k=None):
+    """``backward``'s gradients by ``plan``'s route for inputs of its signature (q, k, v, dout with D innermost)."""
+    device = q.device
+    dout_in = dout
+    if plan.soft_rows:  # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row (as backward)
+        dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias = None if plan.dbias is None else torch.empty(plan.dbias, dtype=q.dtype, device=device)
+    row_stats = hopper.row_stats_buffer(*plan.row_stats, device)
+    # dQ summed in float32 by the kernel's bulk reductions, into zeros the delta kernel writes or, with ``dq_sync``,
+    # into what each 64-query block's first program stores (the delta kernel zeroes a word per block instead)
+    dq_acc = torch.empty_like(q, dtype=torch.float32)
+    dq_sync = None if plan.dq_sync is None else hopper.dq_sync_buffer(*plan.dq_sync, device)
+    # the kernel reads delta from the row terms: no (B, H, S_q) copy
+    _row_terms(out, dout_in, lse, dlse, None, dout if plan.soft_rows else None, row_stats, plan.varlen,
+               dq_acc if dq_sync is None else None, dq_sync, owner=plan)
+    if plan.dkdv is None:
+        scale, causal, alibi_mode, s_q = plan.dkdv_args
+        plan.dkdv = hopper.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal, alibi_mode,
+                                     dq_acc, dbias, cu_q, s_q, dq_sync is not None)
+    hopper.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync)
+    dq.copy_(dq_acc)  # the kernel scales its own
+    return dq, dk, dv, dbias
 
 
 @_on_its_device
@@ -358,37 +449,26 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     dQ from a stored full dS (a full bias in q's dtype with its gradient) applies.
     ``bias_rows``: as for ``forward``.
     """
+    bias_in = _kernel_bias(bias, bias_rows)
+    key = None  # the plan's key, where this call may take a kept plan (``PLANS``)
+    if PLANS and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p and \
+            deterministic is not True and q.stride(-1) == k.stride(-1) == v.stride(-1) == dout.stride(-1) == 1:
+        key = ("backward", q.get_device(), _signature(dout), _signature(q), _signature(k), _signature(v),
+               _signature(out), _signature(lse), _signature(dlse), _signature(bias), _signature(bias_in),
+               _signature(slopes), softmax_scale, causal, bias_grad, deterministic, hopper.ENABLED, hopper.BWD_HEAD_DIMS,
+               hopper.FUSED_BWD_HEAD_DIMS, hopper.FUSED_GROUP_HEADS, hopper.FIRST_WRITE_DQ, hopper.L2_GROUP_BYTES,
+               FUSED_DQ, FUSED_DQ_GROUPED)
+        plan = _PLANS.get(key, _MISSING)
+        if plan is not _MISSING:
+            if plan is not None:
+                return _run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes)
+            key = None  # another route, decided below
     q, k, v, dout = (head_contiguous(x) for x in (q, k, v, dout))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     varlen = geo.varlen
-    # a bias can soft-mask whole rows (common.SOFT_LSE): the delta kernel then writes dO scaled per row
-    soft_rows = bias is not None
-    dout_in = dout
-    if soft_rows:
-        dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
-    # gradients in their inputs' layout (dense ones keep their strides, e.g. SDPA's (B, H, S, D) passed
-    # transposed), so autograd hands them to the caller's tensors without a transposing copy each
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    # the kernels read a bias row converted (float32, log2 units); dbias keeps the caller's shape and dtype
-    bias_in = _kernel_bias(bias, bias_rows)
-    bias_mode = 0
-    dbias_rows = dbias_full = q  # dummies
-    if bias_grad:
-        if bias.shape[2] == 1:
-            bias_mode = 1
-            dbias_rows = torch.empty((batch, n_heads, 1, s_k), dtype=torch.float32, device=q.device)
-        else:
-            bias_mode = 2
-            full = (batch, n_heads, s_q, s_k)
-            # dS is the gradient itself when the bias has the full shape: store it in the bias dtype
-            # (the one rounding the result gets anyway); a broadcast bias sums it, in float32.
-            dtype = bias.dtype if tuple(bias.shape) == full else torch.float32
-            dbias_full = torch.empty(full, dtype=dtype, device=q.device)
-    # A full dS in q's dtype is the input dQ = dS K takes anyway: with it stored by the dK/dV kernel, one
-    # batched GEMM replaces the dQ kernel, which would recompute S, P and dP and read the bias again
-    ds_gemm = DQ_FROM_STORED_DS and bias_mode == 2 and dbias_full.dtype == q.dtype and not varlen
+    full = (batch, n_heads, s_q, s_k)
     # Without determinism the Hopper kernel also forms dQ (a fourth warpgroup, float32 bulk reductions):
     # 1.0-1.19x the reproducible split on an H200 (benchmarks/NOTES.md session 15). Grouped heads: a group's
     # query heads split over programs (hopper.FUSED_GROUP_HEADS per program); with all of them in one
@@ -397,48 +477,72 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # where the warpgroup does not apply: dQ folded into the general dK/dV kernel with float32 reductions
     # measured 0.61-0.70x of it at D128 on an H200
     # With a full-shape bias matrix in q's dtype the warpgroup's ring of dS tiles is its gradient: the kernel
-    # reads the bias and stores dS from the ring (one pass for dK, dV, dQ and dbias)
-    ds_from_ring = bias_mode == 2 and dbias_full.dtype == q.dtype and tuple(bias.shape) == dbias_full.shape \
-        and _descriptors_ok(dbias_full)
+    # reads the bias and stores dS from the ring (one pass for dK, dV, dQ and dbias) into a contiguous buffer whose
+    # rows the copy engine can write
+    ds_from_ring = bias_grad and bias.shape[2] != 1 and tuple(bias.shape) == full and bias.dtype == q.dtype and \
+        s_k * bias.element_size() % 16 == 0
     fused_dq = FUSED_DQ and deterministic is not True and (not bias_grad or ds_from_ring) and (
         n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
         q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True, max_q=s_q) is None
+    if fused_dq:  # the route of a plan (kept for this signature where ``key`` is set)
+        first_write = hopper.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen)
+        plan = _FusedBackward(varlen, bias is not None, full if bias_grad else None,
+                              (1, n_heads, q.shape[0]) if varlen else (batch, n_heads, s_q),
+                              (batch, n_heads, s_q) if first_write else None,
+                              (softmax_scale, causal, _alibi_mode(slopes, causal, prefix), s_q))
+        if key is not None:
+            _keep_plan(key, plan)
+        return _run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k)
+    if key is not None:
+        _keep_plan(key, None)
+    # a bias can soft-mask whole rows (common.SOFT_LSE): the delta kernel then writes dO scaled per row
+    soft_rows = bias is not None
+    dout_in = dout
+    if soft_rows:
+        dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
+    # gradients in their inputs' layout (dense ones keep their strides, e.g. SDPA's (B, H, S, D) passed
+    # transposed), so autograd hands them to the caller's tensors without a transposing copy each
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the kernels read a bias row converted (float32, log2 units: ``bias_in``); dbias keeps the caller's shape and dtype
+    bias_mode = 0
+    dbias_rows = dbias_full = q  # dummies
+    if bias_grad:
+        if bias.shape[2] == 1:
+            bias_mode = 1
+            dbias_rows = torch.empty((batch, n_heads, 1, s_k), dtype=torch.float32, device=q.device)
+        else:
+            bias_mode = 2
+            # dS is the gradient itself when the bias has the full shape: store it in the bias dtype
+            # (the one rounding the result gets anyway); a broadcast bias sums it, in float32.
+            dtype = bias.dtype if tuple(bias.shape) == full else torch.float32
+            dbias_full = torch.empty(full, dtype=dtype, device=q.device)
+    # A full dS in q's dtype is the input dQ = dS K takes anyway: with it stored by the dK/dV kernel, one
+    # batched GEMM replaces the dQ kernel, which would recompute S, P and dP and read the bias again
+    ds_gemm = DQ_FROM_STORED_DS and bias_mode == 2 and dbias_full.dtype == q.dtype and not varlen
     # tiles the general backward skips (causal, padding, other sequences) must read as zero; the Hopper kernel
     # stores zero tiles itself
-    if bias_mode == 2 and not fused_dq and (causal or kpm is not None or seqid is not None):
+    if bias_mode == 2 and (causal or kpm is not None or seqid is not None):
         dbias_full.zero_()
-    use_hopper = fused_dq or not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p,
-                                                                  causal, varlen, dout, max_q=s_q) is None
+    use_hopper = not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen,
+                                                      dout, max_q=s_q) is None
     # the Hopper kernel's loader copies each step's row terms (log2-domain LSE offset, delta) beside Q and dO,
     # so the consumers read them from shared memory instead of waiting on global loads every step
     # (packed sequences: one long row per head, as the delta kernel writes them)
-    row_stats = None
-    if use_hopper:
-        row_stats = hopper.row_stats_buffer(1, n_heads, q.shape[0], q.device) if varlen else \
-            hopper.row_stats_buffer(batch, n_heads, s_q, q.device)
+    row_stats = hopper.row_stats_buffer(batch, n_heads, s_q, q.device) if use_hopper else None
     # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
     # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
     atomic = deterministic is False and not use_hopper and not ds_gemm
-    # dQ summed in float32 by atomics or the Hopper kernel's bulk reductions, into zeros the delta kernel writes or,
-    # with ``dq_sync`` below, into what each block's first program stores (in dq's layout, so that the copy into dq
-    # at the end is elementwise)
-    dq_acc = torch.empty_like(q, dtype=torch.float32) if atomic or fused_dq else None
-    # the fused dQ's kernel reads delta from row_stats: nothing reads the (B, H, S_q) copy then
-    delta = None if fused_dq else torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
-    # where each 64-query block's first program stores its part of the dQ sums, the sums need no zeros, only a
-    # zeroed word per block for the programs' tickets (hopper_dq)
-    dq_sync = None
-    if fused_dq and hopper.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen):
-        dq_sync = hopper.dq_sync_buffer(batch, n_heads, s_q, q.device)
-    _row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen,
-               dq_acc if dq_sync is None else None, dq_sync)
+    # dQ summed in float32 by atomics into zeros the delta kernel writes (in dq's layout, so that the copy into dq at
+    # the end is elementwise)
+    dq_acc = torch.empty_like(q, dtype=torch.float32) if atomic else None
+    delta = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
+    _row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen, dq_acc)
     # who writes dS for a full bias gradient: the dK/dV kernel (atomic dQ, or dQ from the stored dS), else
     # the dQ kernel
     dkdv_bias_grad = bias_mode if bias_mode == 1 or atomic or ds_gemm else 0
     # the dK/dV kernel stores dS tiles through a descriptor where the buffer's rows allow (TMA stores)
     ds_desc = dkdv_bias_grad == 2 and _descriptors_ok(dbias_full)
-    if batch * n_heads > 0 and s_k > 0 and not fused_dq:
-        # what the general kernels take (with the fused dQ only the Hopper kernel runs: a shorter host path)
+    if batch * n_heads > 0 and s_k > 0:  # what the general kernels take
         pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
         common = dict(
             DROPOUT=dropout_p > 0.0, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
@@ -476,9 +580,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         def launch_dkdv():
             if use_hopper:
                 hopper.backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, softmax_scale, causal,
-                                     _alibi_mode(slopes, causal, prefix), dq_acc if fused_dq else None,
-                                     dbias_full if fused_dq and bias_mode == 2 else None,
-                                     cu_q if varlen else None, cu_k if varlen else None, s_q, dq_sync)
+                                     _alibi_mode(slopes, causal, prefix))
             else:
                 launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
@@ -494,9 +596,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                 *aux_strides, *sizes, DESC=dq_desc, ROW_DESC=dq_row_desc, BIAS_GRAD=bias_mode, **common, **q_cfg,
             )
 
-        if atomic or fused_dq:
+        if atomic:
             launch_dkdv()
-            dq.copy_(dq_acc if fused_dq else dq_acc.mul_(softmax_scale))  # the Hopper kernel scales its own
+            dq.copy_(dq_acc.mul_(softmax_scale))
         elif ds_gemm:
             launch_dkdv()
             _dq_from_ds(dbias_full, k, dq, softmax_scale)

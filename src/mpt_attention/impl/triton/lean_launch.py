@@ -69,11 +69,13 @@ def _hooks_active() -> bool:
     return False
 
 
-def launch_kernel(fn, grid, *args, **kwargs) -> None:
-    """``fn[grid](*args, **kwargs)``: the same kernel, arguments and stream, with less host work."""
+def launch_kernel(fn, grid, *args, **kwargs):
+    """``fn[grid](*args, **kwargs)``: the same kernel, arguments and stream, with less host work. Returns the
+    compiled kernel it launched, or None where it left the launch to Triton without one (hooks, the interpreter,
+    other internals)."""
     if not _AVAILABLE or fn.pre_run_hooks or _hooks_active():
         fn[grid](*args, **kwargs)
-        return
+        return None
     device = driver.active.get_current_device()
     by_arguments = argument_key(fn, device, args, kwargs)
     if by_arguments is not None:
@@ -83,11 +85,11 @@ def launch_kernel(fn, grid, *args, **kwargs) -> None:
             entry = by_arguments = None
         if entry is not None:
             run_compiled(entry[0], grid, device, ordered_arguments(fn, args, kwargs))
-            return
+            return entry[0]
     caches = fn.device_caches[device]
     if not (isinstance(caches, tuple) and len(caches) == 5):
         fn[grid](*args, **kwargs)
-        return
+        return None
     bound, key = bind(fn, device, caches[4], args, kwargs)
     kernel = _KERNELS.get(key)
     if kernel is None:
@@ -97,9 +99,38 @@ def launch_kernel(fn, grid, *args, **kwargs) -> None:
         if hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):
             _KERNELS[key] = kernel
             _remember(by_arguments, fn, kernel, args)
-        return
+            return kernel
+        return None
     _remember(by_arguments, fn, kernel, args)
     run_compiled(kernel, grid, device, bound.values())
+    return kernel
+
+
+class PlannedLaunch:
+    """Launches of ``fn`` on ``grid`` with the constexpr and option keywords ``kwargs`` whose other arguments are
+    fixed but for tensors and Gluon descriptors' bases, with the tensors' dtypes and 16-byte alignment and the
+    descriptors' block shapes, layouts and options fixed too: what a launch plan holds (``hopper.forward_plan``).
+    The compiled kernel ``launch_kernel`` finds on the first call serves the later ones directly, without an
+    argument key per call; while Triton's global options, hooks or the kernel's pre-run hooks differ from the first
+    call's, each call is ``launch_kernel``'s."""
+
+    __slots__ = ("fn", "grid", "kwargs", "kernel", "device", "tail", "options")
+
+    def __init__(self, fn, grid, kwargs: dict):
+        self.fn, self.grid, self.kwargs = fn, grid, kwargs
+        self.kernel = self.device = self.tail = self.options = None
+
+    def __call__(self, *args) -> None:
+        kernel, fn = self.kernel, self.fn
+        if kernel is not None and not fn.pre_run_hooks and not _hooks_active() and self.options == (
+                knobs.runtime.debug, fn.debug, knobs.compilation.instrumentation_mode):
+            run_compiled(kernel, self.grid, self.device, (*args, *self.tail))
+            return
+        self.kernel = kernel = launch_kernel(fn, self.grid, *args, **self.kwargs)
+        if kernel is not None:
+            self.device = driver.active.get_current_device()
+            self.tail = ordered_arguments(fn, args, self.kwargs)[len(args):]
+            self.options = (knobs.runtime.debug, fn.debug, knobs.compilation.instrumentation_mode)
 
 
 def argument_key(fn, device, args, kwargs: dict):

@@ -1,0 +1,160 @@
+"""The Hopper route's launch plans (``launch.PLANS``), checked without a GPU: a call that takes a plan kept for its
+inputs' signature launches exactly what a call deciding afresh launches (kernels, grids, options, every scalar,
+every descriptor's static part, and each tensor argument in the same role), over inputs whose signatures differ in
+one thing each, in one shared set of plans, so a key that left out something a plan reads would hand one input
+another's plan. The kernels themselves run with plans in tests/test_gpu_hopper.py."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from mpt_attention.impl.triton import hopper, launch, lean_launch  # noqa: E402
+
+pytestmark = pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
+
+
+class _Launches(list):
+    checks: list
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every launch as ``(kernel name, grid, args, kwargs)``, not run; the Hopper route forced for CPU tensors, and
+    ``hopper.unsupported``'s calls counted (``recorded.checks``)."""
+    real = hopper.unsupported
+    checks = []
+
+    def unsupported(*args, **kwargs):
+        checks.append(1)
+        reason = real(*args, **kwargs)
+        return None if reason == "not an sm_90 GPU" else reason
+
+    monkeypatch.setattr(hopper, "unsupported", unsupported)
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 8)
+    calls = _Launches()
+    for module in (lean_launch, launch):
+        monkeypatch.setattr(module, "launch_kernel",
+                            lambda fn, grid, *args, **kw: calls.append((fn.__name__, tuple(grid), args, kw)))
+    calls.checks = checks
+    return calls
+
+
+def _inputs(case: dict) -> dict:
+    """Fresh tensors of the case's signature: every call makes new ones (other addresses, same alignment)."""
+    d, h, h_kv, s = case.get("d", 128), case.get("h", 4), case.get("h_kv", 4), case.get("s", 128)
+    dtype = case.get("dtype", torch.bfloat16)
+    if case.get("layout") == "packed-qkv":  # the seed's (B, S, 3 * H * D) projection
+        qkv = torch.randn(2, s, 3 * h * d, dtype=dtype)
+        q, k, v = (t.unflatten(-1, (h, d)) for t in qkv.chunk(3, dim=-1))
+    else:
+        q = torch.randn(2, s, h, d, dtype=dtype)
+        k, v = (torch.randn(2, s, h_kv, d, dtype=dtype) for _ in range(2))
+        if case.get("layout") == "bhsd":
+            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    if case.get("offset"):  # q 8 bytes past a 16-byte boundary
+        q = torch.randn(q.numel() + 4, dtype=dtype)[4:].view(q.shape)
+    slopes = {"heads": torch.rand(h), "batch": torch.rand(2, h), None: None}[case.get("slopes", "heads")]
+    bias = None
+    if case.get("bias") == "row":
+        bias = torch.randn(1, h, 1, s, dtype=case.get("bias_dtype", torch.float32))
+    elif case.get("bias") == "matrix":
+        bias = torch.randn(2, h, s, s, dtype=dtype).requires_grad_(case.get("bias_grad", False))
+    out = torch.randn(q.shape, dtype=dtype)
+    return dict(q=q, k=k, v=v, bias=bias, slopes=slopes, out=out, lse=torch.randn(2, h, s), dout=torch.randn_like(out),
+                dlse=torch.randn(2, h, s) if case.get("dlse") else None)
+
+
+def _step(case: dict, t: dict):
+    """A forward and a backward through ``launch`` (as the eager op calls them); returns their outputs."""
+    scale, causal = case.get("scale", 0.125), case.get("causal", True)
+    fwd = launch.forward(t["q"], t["k"], t["v"], t["bias"], t["slopes"], None, None, None, None, scale, causal, 0.0)
+    bias_grad = t["bias"] is not None and t["bias"].requires_grad
+    bwd = launch.backward(t["dout"], t["q"], t["k"], t["v"], t["out"], t["lse"], t["dlse"], t["bias"], t["slopes"],
+                          None, None, None, None, scale, causal, 0.0, bias_grad,
+                          deterministic=case.get("deterministic"))
+    return (*fwd, *bwd)
+
+
+def _described(x, roles: dict):
+    """An argument as the comparison sees it: tensors by role (which input, or the n-th new buffer) and layout;
+    descriptors by their static fields and their base's role; anything else as it is."""
+    if isinstance(x, torch.Tensor):
+        role = next((name for name, t in roles["inputs"].items() if t is not None and t.data_ptr() == x.data_ptr()
+                     and x.numel()), None)
+        if role is None:
+            role = roles["new"].setdefault(x.data_ptr(), f"new{len(roles['new'])}")
+        return ("tensor", role, tuple(x.shape), x.stride(), x.dtype)
+    if hopper._IMPORT_ERROR is None and type(x).__name__ == "TensorDescriptor":
+        return ("descriptor", _described(x.base, roles), list(x.shape), list(x.strides), list(x.block_shape),
+                id(x.layout), {name: value for name, value in vars(x).items()
+                               if name not in ("base", "shape", "strides", "block_shape", "layout")})
+    return x
+
+
+def _launches(recorded, case: dict, planned: bool, monkeypatch):
+    monkeypatch.setattr(launch, "PLANS", planned)
+    for name, value in case.get("switches", {}).items():
+        monkeypatch.setattr(hopper, name, value)
+    start = len(recorded)
+    tensors = _inputs(case)
+    outputs = _step(case, tensors)
+    roles = {"inputs": {k: v for k, v in tensors.items()}, "new": {}}
+    launches = [(name, grid, [_described(a, roles) for a in args], kw) for name, grid, args, kw in recorded[start:]]
+    return launches, [_described(o, roles) for o in outputs]
+
+
+CASES = [
+    pytest.param(dict(), id="d128-alibi"),
+    pytest.param(dict(scale=0.25), id="another-scale"),
+    pytest.param(dict(causal=False), id="non-causal"),
+    pytest.param(dict(slopes="batch"), id="slopes-per-batch"),
+    pytest.param(dict(slopes=None), id="no-bias"),
+    pytest.param(dict(d=64, h_kv=2), id="d64-gqa"),
+    pytest.param(dict(d=64, h=4, h_kv=1), id="d64-mqa"),
+    pytest.param(dict(d=80, h_kv=2, layout="bhsd"), id="d80-gqa-bhsd"),
+    pytest.param(dict(d=128, layout="packed-qkv"), id="packed-qkv"),
+    pytest.param(dict(offset=True), id="q-misaligned"),
+    pytest.param(dict(s=200), id="s200"),
+    pytest.param(dict(dtype=torch.float16), id="fp16"),
+    pytest.param(dict(slopes=None, bias="row"), id="bias-row"),
+    pytest.param(dict(slopes=None, bias="row", bias_dtype=torch.bfloat16), id="bias-row-bf16"),
+    pytest.param(dict(slopes=None, bias="matrix"), id="bias-matrix"),
+    pytest.param(dict(slopes=None, bias="matrix", bias_grad=True), id="bias-matrix-with-grad"),
+    pytest.param(dict(dlse=True), id="lse-gradient"),
+    # (deterministic=True on the Hopper route runs the dQ kernel on a side stream: CUDA only; it takes no plan)
+    pytest.param(dict(deterministic=False), id="any-order"),
+    pytest.param(dict(switches=dict(FIRST_WRITE_DQ=False)), id="first-write-off"),
+    pytest.param(dict(h=8, h_kv=2, switches=dict(FUSED_GROUP_HEADS=4)), id="four-heads-per-program"),
+    pytest.param(dict(switches=dict(ENABLED=False)), id="hopper-off"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_kept_plan_launches_what_a_fresh_decision_launches(recorded, monkeypatch, case):
+    """The same step three times on fresh tensors of one signature: deciding afresh, planning, then taking the plan
+    kept (no route check left): identical launches and outputs, role for role."""
+    fresh = _launches(recorded, case, False, monkeypatch)
+    cold = _launches(recorded, case, True, monkeypatch)
+    checks = len(recorded.checks)
+    warm = _launches(recorded, case, True, monkeypatch)
+    assert cold == fresh
+    assert warm == fresh
+    hopper_route = any(name.startswith("_hopper") for name, *_ in fresh[0])
+    if hopper_route and not case.get("deterministic"):
+        assert len(recorded.checks) == checks  # both directions planned: no route decided again
+    assert len(launch._PLANS) >= 1
+
+
+def test_plans_kept_side_by_side_hand_each_signature_its_own(recorded, monkeypatch):
+    """Every case's step planned in one set of plans, twice over (the second pass takes kept plans only), against
+    each case decided afresh: a key missing something a plan reads would hand a case another's launches."""
+    cases = [p.values[0] for p in CASES]
+    expected = []
+    for case in cases:
+        with monkeypatch.context() as patch:
+            expected.append(_launches(recorded, case, False, patch))
+    monkeypatch.setattr(launch, "_PLANS", {})
+    for _ in range(2):
+        for case, want in zip(cases, expected):
+            with monkeypatch.context() as patch:
+                assert _launches(recorded, case, True, patch) == want, case
