@@ -127,18 +127,33 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
 def _log2_bias_rows(bias: torch.Tensor) -> torch.Tensor:
     """A bias row ``(B|1, H|1, 1, S_k)`` (any strides, dtype) as the kernels read it: float32 log2 units
     (common.log2_bias_rows_kernel), broadcast dims kept at size 1, rows padded to 16 bytes so the copy
-    engine can read them. O(B' * H' * S_k), once per call."""
+    engine can read them. O(B' * H' * S_k), once per call; its launch planned per signature (``PLANS``)."""
+    key = ("bias rows", bias.get_device(), _signature(bias)) if PLANS else None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _bias_rows_plan(bias)
+        if key is not None:
+            _keep_plan(key, plan)
+    shape, s_k, convert = plan
+    padded = torch.empty(shape, dtype=torch.float32, device=bias.device)
+    if convert is not None:
+        convert[0](bias, padded, *convert[1])
+    return padded[..., :s_k]
+
+
+def _bias_rows_plan(bias: torch.Tensor):
+    """``_log2_bias_rows``' buffer shape, S_k, and its launch with the launch's scalar arguments (None: nothing to
+    convert) for a bias of this signature."""
     n_b, n_h, _, s_k = bias.shape
     b_on, h_on = hopper.bias_dims_on(bias)
     rows_b, rows_h = (n_b if b_on else 1), (n_h if h_on else 1)
-    padded = torch.empty((rows_b, rows_h, 1, hopper.aligned_row(s_k, 4)), dtype=torch.float32, device=bias.device)
+    row = hopper.aligned_row(s_k, 4)
+    convert = None
     if rows_b * rows_h and s_k:
         block = min(1024, max(16, next_power_of_2(s_k)))
-        launch_kernel(log2_bias_rows_kernel, (cdiv(s_k, block), rows_h, rows_b),
-            bias, padded, bias.stride(0) * b_on, bias.stride(1) * h_on, bias.stride(3), padded.stride(0),
-            padded.stride(1), rows_h, s_k, BLOCK=block,
-        )
-    return padded[..., :s_k]
+        convert = (PlannedLaunch(log2_bias_rows_kernel, (cdiv(s_k, block), rows_h, rows_b), dict(BLOCK=block)),
+                   (bias.stride(0) * b_on, bias.stride(1) * h_on, bias.stride(3), rows_h * row, row, rows_h, s_k))
+    return (rows_b, rows_h, 1, row), s_k, convert
 
 
 @_on_its_device
