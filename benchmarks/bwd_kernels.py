@@ -14,7 +14,7 @@ import torch
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, launch
+from mpt_attention.impl.triton import hopper, launch, plans
 
 SHAPES = [(2, 16, 8192, 128), (4, 32, 4096, 64), (8, 16, 2048, 128)]
 
@@ -28,7 +28,7 @@ def measure(batch, heads, seq, dim):
     out, lse = launch.forward(q, k, v, None, slopes, None, None, None, None, scale, True, 0.0)
     # the Hopper kernel's row terms (log2-domain LSE offsets and delta), as the backward writes them
     row_stats = hopper.row_stats_buffer(batch, heads, seq, q.device)
-    launch._row_terms(out, dout, lse, None, torch.empty_like(lse), row_stats=row_stats)
+    plans.row_terms(out, dout, lse, None, torch.empty_like(lse), row_stats=row_stats)
 
     def whole(enabled):
         hopper.ENABLED = enabled

@@ -382,7 +382,7 @@ def timers_table():
     from triton.runtime import jit
 
     from mpt_attention import api, ops
-    from mpt_attention.impl.triton import launch, lean_launch
+    from mpt_attention.impl.triton import launch, lean_launch, plans
 
     totals = {}
 
@@ -402,8 +402,8 @@ def timers_table():
         (api, "_validate", "api._validate"), (ops, "triton_attention", "ops.triton_attention"),
         (ops._EagerTritonAttention, "forward", "autograd forward (ours)"), (launch, "forward", "launch.forward"),
         (launch, "backward", "launch.backward"), (hopper, "run_forward", "hopper.run_forward"),
-        (launch, "_run_fused", "launch._run_fused"), (hopper, "run_dkdv", "hopper.run_dkdv"),
-        (hopper, "unsupported", "hopper.unsupported"), (launch, "_row_terms", "launch._row_terms"),
+        (plans, "run_fused", "plans.run_fused"), (hopper, "run_dkdv", "hopper.run_dkdv"),
+        (hopper, "unsupported", "hopper.unsupported"), (plans, "row_terms", "plans.row_terms"),
         (hopper, "descriptor", "hopper.descriptor"), (lean_launch.PlannedLaunch, "__call__", "planned launches"),
         (launch, "launch_kernel", "launches (launch.py)"), (jit.JITFunction, "run", "JITFunction.run"),
     )

@@ -26,7 +26,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention import api, ops
-from mpt_attention.impl.triton import hopper, launch, lean_launch
+from mpt_attention.impl.triton import hopper, launch, lean_launch, plans
 
 STAMPS: list = []  # (label, perf_counter_ns, thread ident) of the running step
 
@@ -53,9 +53,9 @@ def install() -> None:
     ops._EagerTritonAttention.forward = staticmethod(around("Function.forward", ops._EagerTritonAttention.forward))
     hopper.unsupported = around("hopper.unsupported", hopper.unsupported)  # (a planned call makes none)
     hopper.run_forward = around("hopper.run_forward", hopper.run_forward)
-    launch._run_fused = around("launch._run_fused", launch._run_fused)
+    plans.run_fused = around("plans.run_fused", plans.run_fused)
     hopper.run_dkdv = around("hopper.run_dkdv", hopper.run_dkdv)
-    launch._row_terms = around("launch._row_terms", launch._row_terms)
+    plans.row_terms = around("plans.row_terms", plans.row_terms)
     real_launch, real_call = launch.launch_kernel, lean_launch.PlannedLaunch.__call__
 
     def stamped_launch(fn, grid, *args, **kwargs):  # the general kernels' launches

@@ -43,11 +43,11 @@ def poison_empty(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def fresh_launch_plans():
-    """Each test plans its own launches (``launch.PLANS``): a plan kept from another test would hold what that
+    """Each test plans its own launches (``impl.triton.plans``): a plan kept from another test would hold what that
     test patched (an SM count, a switch)."""
-    launch = sys.modules.get("mpt_attention.impl.triton.launch")
-    if launch is not None:
-        launch._PLANS.clear()
+    plans = sys.modules.get("mpt_attention.impl.triton.plans")
+    if plans is not None:
+        plans.KEPT.clear()
     yield
 
 

@@ -651,9 +651,9 @@ def test_hopper_and_general_kernels_agree_and_gradients_flow(monkeypatch):
 
 @pytest.mark.parametrize("bias", [None, "row", "matrix-with-grad"])
 def test_steps_on_kept_launch_plans_compute_what_fresh_decisions_compute(monkeypatch, bias):
-    """A training step decided afresh (``launch.PLANS`` off), planned, and on the kept plans with other tensors of
+    """A training step decided afresh (``plans.ENABLED`` off), planned, and on the kept plans with other tensors of
     the same signature: the forward, dK, dV and dbias bitwise equal (dQ's float32 sums may change order)."""
-    from mpt_attention.impl.triton import launch
+    from mpt_attention.impl.triton import plans
 
     case = AttnCase(2, 320, 320, 8, 2 if bias != "matrix-with-grad" else 8, 128 if bias != "row" else 64,
                     causal=True, alibi=bias is None)
@@ -664,8 +664,8 @@ def test_steps_on_kept_launch_plans_compute_what_fresh_decisions_compute(monkeyp
         kw["attn_bias"] = torch.randn(2, 8, 320, 320, device="cuda", dtype=torch.bfloat16)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     runs = []
-    for plans in (False, True, True):
-        monkeypatch.setattr(launch, "PLANS", plans)
+    for enabled in (False, True, True):
+        monkeypatch.setattr(plans, "ENABLED", enabled)
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         extra = dict(kw)
         if bias == "matrix-with-grad":
@@ -673,7 +673,7 @@ def test_steps_on_kept_launch_plans_compute_what_fresh_decisions_compute(monkeyp
             leaves.append(extra["attn_bias"])
         out, lse = M.attention(*leaves[:3], backend="triton", return_lse=True, **extra)
         runs.append((out, lse, *torch.autograd.grad(out, leaves, dout)))
-    assert len(launch._PLANS) == 2  # the forward's and the backward's
+    assert {key[0] for key in plans.KEPT} >= {"forward", "backward"}
     for run in runs[1:]:
         for name, a, b in zip(["out", "lse", "dq", "dk", "dv", "dbias"], runs[0], run):
             if name == "dq":

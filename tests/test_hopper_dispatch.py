@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, launch  # noqa: E402
+from mpt_attention.impl.triton import hopper, launch, plans  # noqa: E402
 
 
 def _qkv(s_q=128, s_k=128, d=128, dtype=torch.bfloat16, h=4, h_kv=2):
@@ -295,7 +295,7 @@ def test_row_terms_for_the_hopper_backward(soft_rows):
     row_stats = hopper.row_stats_buffer(batch, heads, s_q, "cpu").fill_(float("nan"))
     assert row_stats.shape == (batch * heads, 2, 40)
     dout_scaled = torch.full_like(dout, float("nan")) if soft_rows else None
-    launch._row_terms(out, dout, lse, dlse, delta, dout_scaled, row_stats)
+    plans.row_terms(out, dout, lse, dlse, delta, dout_scaled, row_stats)
 
     scale = torch.ones_like(lse)
     lse2 = lse * 1.4426950408889634

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, launch, lean_launch  # noqa: E402
+from mpt_attention.impl.triton import hopper, launch, lean_launch, plans  # noqa: E402
 
 if hopper._IMPORT_ERROR is None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -105,14 +105,14 @@ def test_the_backward_with_the_dq_warpgroup_zeroes_dq_in_the_delta_kernel(hopper
     q, k, v = _layouts(64, 4, 4, "dense")
     out, lse, dout = torch.randn_like(q), torch.randn(2, 4, 128), torch.randn_like(q)
     zero_fills, row_terms = [], []
-    real_zeros_like, real_row_terms = torch.zeros_like, launch._row_terms
+    real_zeros_like, real_row_terms = torch.zeros_like, plans.row_terms
     monkeypatch.setattr(torch, "zeros_like", lambda *a, **kw: (zero_fills.append(1), real_zeros_like(*a, **kw))[1])
 
     def record(*args, **kwargs):
         row_terms.append((args[4], *args[8:]))  # delta, dq_zero, dq_sync
         return real_row_terms(*args, **kwargs)
 
-    monkeypatch.setattr(launch, "_row_terms", record)
+    monkeypatch.setattr(plans, "row_terms", record)
     launch.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, True, 0.0, False,
                     deterministic=None)
     (delta, dq_acc, _), = row_terms
@@ -134,13 +134,13 @@ def test_the_first_write_backward_zeroes_no_dq_sums_but_the_block_words(hopper_l
     q = torch.randn(2, s_q, 4, 128, dtype=torch.bfloat16)
     k, v = (torch.randn(2, s_k, 4, 128, dtype=torch.bfloat16) for _ in range(2))
     out, lse, dout = torch.randn_like(q), torch.randn(2, 4, s_q), torch.randn_like(q)
-    row_terms, real_row_terms = [], launch._row_terms
+    row_terms, real_row_terms = [], plans.row_terms
 
     def record(*args, **kwargs):
         row_terms.append(args[8:])  # dq_zero, dq_sync
         return real_row_terms(*args, **kwargs)
 
-    monkeypatch.setattr(launch, "_row_terms", record)
+    monkeypatch.setattr(plans, "row_terms", record)
     launch.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, causal, 0.0, False,
                     deterministic=None)
     (dq_zero, dq_sync), = row_terms

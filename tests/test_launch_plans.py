@@ -1,14 +1,14 @@
-"""The Hopper route's launch plans (``launch.PLANS``), checked without a GPU: a call that takes a plan kept for its
-inputs' signature launches exactly what a call deciding afresh launches (kernels, grids, options, every scalar,
-every descriptor's static part, and each tensor argument in the same role), over inputs whose signatures differ in
-one thing each, in one shared set of plans, so a key that left out something a plan reads would hand one input
-another's plan. The kernels themselves run with plans in tests/test_gpu_hopper.py."""
+"""The Hopper route's launch plans (``impl/triton/plans.py``), checked without a GPU: a call that takes a plan kept
+for its inputs' signature launches exactly what a call deciding afresh launches (kernels, grids, options, every
+scalar, every descriptor's static part, and each tensor argument in the same role), over inputs whose signatures
+differ in one thing each, in one shared set of plans, so a key that left out something a plan reads would hand one
+input another's plan. The kernels themselves run with plans in tests/test_gpu_hopper.py."""
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, launch, lean_launch  # noqa: E402
+from mpt_attention.impl.triton import hopper, launch, lean_launch, plans  # noqa: E402
 
 pytestmark = pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
 
@@ -92,7 +92,7 @@ def _described(x, roles: dict):
 
 
 def _launches(recorded, case: dict, planned: bool, monkeypatch):
-    monkeypatch.setattr(launch, "PLANS", planned)
+    monkeypatch.setattr(plans, "ENABLED", planned)
     for name, value in case.get("switches", {}).items():
         monkeypatch.setattr(hopper, name, value)
     start = len(recorded)
@@ -142,7 +142,7 @@ def test_a_kept_plan_launches_what_a_fresh_decision_launches(recorded, monkeypat
     hopper_route = any(name.startswith("_hopper") for name, *_ in fresh[0])
     if hopper_route and not case.get("deterministic"):
         assert len(recorded.checks) == checks  # both directions planned: no route decided again
-    assert len(launch._PLANS) >= 1
+    assert len(plans.KEPT) >= 1
 
 
 def test_plans_kept_side_by_side_hand_each_signature_its_own(recorded, monkeypatch):
@@ -153,7 +153,7 @@ def test_plans_kept_side_by_side_hand_each_signature_its_own(recorded, monkeypat
     for case in cases:
         with monkeypatch.context() as patch:
             expected.append(_launches(recorded, case, False, patch))
-    monkeypatch.setattr(launch, "_PLANS", {})
+    monkeypatch.setattr(plans, "KEPT", {})
     for _ in range(2):
         for case, want in zip(cases, expected):
             with monkeypatch.context() as patch:

@@ -346,8 +346,9 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     scalars = (*lse_strides, *slope_args(slopes, None)[1], out_strides[1], out_strides[2], n_heads, n_heads // n_kv,
                batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on, group, head_dim)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
-        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
-        TAIL=product_tail(head_dim), BIAS_FULL=bias_full, VARLEN=varlen, num_warps=4))
+        IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
+        BIAS_ROW=bias is not None and not bias_full, TAIL=product_tail(head_dim), BIAS_FULL=bias_full, VARLEN=varlen,
+        num_warps=4))
     return ForwardPlan(out_shape, lse_shape, 16 + grid[0] * 16, tuple(descs), scalars, launch)
 
 

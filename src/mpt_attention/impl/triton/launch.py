@@ -13,8 +13,8 @@ import os
 import torch
 import triton
 
-from mpt_attention.impl.triton import hopper
-from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from mpt_attention.impl.triton import hopper, plans
+from mpt_attention.impl.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, launch_kernel, next_power_of_2
@@ -127,13 +127,13 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
 def _log2_bias_rows(bias: torch.Tensor) -> torch.Tensor:
     """A bias row ``(B|1, H|1, 1, S_k)`` (any strides, dtype) as the kernels read it: float32 log2 units
     (common.log2_bias_rows_kernel), broadcast dims kept at size 1, rows padded to 16 bytes so the copy
-    engine can read them. O(B' * H' * S_k), once per call; its launch planned per signature (``PLANS``)."""
-    key = ("bias rows", bias.get_device(), _signature(bias)) if PLANS else None
-    plan = _PLANS.get(key) if key is not None else None
+    engine can read them. O(B' * H' * S_k), once per call; its launch planned per signature (``plans``)."""
+    key = ("bias rows", bias.get_device(), plans.signature(bias)) if plans.ENABLED else None
+    plan = plans.KEPT.get(key) if key is not None else None
     if plan is None:
         plan = _bias_rows_plan(bias)
         if key is not None:
-            _keep_plan(key, plan)
+            plans.keep(key, plan)
     shape, s_k, convert = plan
     padded = torch.empty(shape, dtype=torch.float32, device=bias.device)
     if convert is not None:
@@ -273,30 +273,6 @@ class _Geometry:
             self.lse_strides = (self.n_heads * self.s_q, self.s_q)
 
 
-# Launch plans of the Hopper route, per signature of a call's inputs (shapes, strides, dtypes, addresses modulo 16,
-# the scalars and the switches the route reads): what the host decides before a launch (the route, grids, groups,
-# the descriptors' static parts, the compiled kernel) made once per signature instead of on every call, as FA4
-# and cuDNN plan theirs. A B8 S2048 training step spent ~1 ms of host time on the H200 machine's CPU, about the
-# GPU's time (benchmarks/NOTES.md session 33). Dense inputs without masks or dropout; None for a signature that
-# takes another route. False: every call decides afresh (the plans are the same functions of the same inputs)
-PLANS = True
-_PLANS: dict = {}
-_MAX_PLANS = 256
-_MISSING = object()
-
-
-def _signature(t: torch.Tensor | None):
-    """What a plan may read of a tensor (never its data): shape, strides, dtype and address modulo 16."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
-
-
-def _keep_plan(key, plan):
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = plan
-    return plan
-
-
 def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal):
     """The Hopper forward's plan for dense inputs without masks or dropout, or None where they take another route
     (``forward`` then decides as for any input)."""
@@ -312,12 +288,13 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``).
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already."""
     bias = _kernel_bias(bias, bias_rows)
-    if PLANS and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p:
-        key = ("forward", q.get_device(), _signature(q), _signature(k), _signature(v), _signature(bias),
-               _signature(slopes), softmax_scale, causal, hopper.ENABLED, hopper.L2_GROUP_BYTES)
-        plan = _PLANS.get(key, _MISSING)
-        if plan is _MISSING:
-            plan = _keep_plan(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal))
+    if plans.ENABLED and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p:
+        sig = plans.signature
+        key = ("forward", q.get_device(), sig(q), sig(k), sig(v), sig(bias), sig(slopes), softmax_scale, causal,
+               hopper.ENABLED, hopper.L2_GROUP_BYTES)
+        plan = plans.KEPT.get(key, plans.MISSING)
+        if plan is plans.MISSING:
+            plan = plans.keep(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal))
         if plan is not None:
             return hopper.run_forward(plan, q, k, v, bias, slopes)
     q, k, v = (head_contiguous(x) for x in (q, k, v))
@@ -367,88 +344,6 @@ def _side_stream(device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-def _row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False, dq_zero=None,
-               dq_sync=None, owner=None) -> None:
-    """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape; None where no kernel
-    reads it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked:
-    common.SOFT_LSE) dO scaled per row into it; with ``row_stats`` (``hopper.row_stats_buffer``) the Hopper dK/dV
-    kernel's copy of the log2-domain LSE offsets and delta; with ``dq_zero`` (float32, q's shape and strides)
-    zeros written into it; with ``dq_sync`` (``hopper.dq_sync_buffer``) zeros there. Varlen: packed rows are one
-    long batch row for this row-wise kernel. ``owner``: a plan (``_FusedBackward``) that keeps this launch's plan
-    for inputs of its signature."""
-    o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
-    dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
-    plan = owner.row_terms if owner is not None else None
-    if plan is None:
-        plan = _row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync)
-        if owner is not None:
-            owner.row_terms = plan
-    if plan is None:
-        return
-    dummy = lse
-    plan[0](o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), dummy if delta is None else delta,
-            dummy if dout_scaled is None else dout_scaled, dummy if row_stats is None else row_stats,
-            dummy if dq4 is None else dq4, dummy if dq_sync is None else dq_sync, *plan[1])
-
-
-def _row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync):
-    """``_row_terms``' launch (the delta kernel's) and its scalar arguments for inputs of this signature, or None
-    where there are no rows."""
-    d_batch, d_rows, n_heads, head_dim = o4.shape
-    if d_batch * n_heads == 0 or d_rows == 0:
-        return None
-    block = 32 if _INTERPRET else 64
-
-    def strides3(t):
-        return t.stride()[:3] if t is not None else (0, 0, 0)
-
-    scalars = (*strides3(o4), *strides3(do4), *strides3(dout_scaled), *strides3(dq4), n_heads, d_rows, head_dim,
-               0 if row_stats is None else row_stats.shape[2])
-    return PlannedLaunch(_attn_bwd_delta_kernel, (cdiv(d_rows, block), n_heads, d_batch), dict(
-        HAS_DLSE=dlse is not None, SOFT_ROWS=dout_scaled is not None, ROW_STATS=row_stats is not None,
-        STORE_DELTA=delta is not None, ZERO_DQ=dq4 is not None, ZERO_SYNC=dq_sync is not None, BLOCK_M=block,
-        BLOCK_D=max(16, next_power_of_2(head_dim)))), scalars
-
-
-class _FusedBackward:
-    """The backward's fused Hopper route (the dK/dV kernel forms dQ too) for one signature of its inputs: what
-    ``backward`` decided, and the plans of its delta and dK/dV launches (``_row_terms_plan``, ``hopper.dkdv_plan``),
-    made by the first run. ``dbias``: the full bias gradient's shape (the kernel stores dS), or None; ``row_stats``:
-    ``hopper.row_stats_buffer``'s sizes; ``dq_sync``: ``hopper.dq_sync_buffer``'s where each dQ block's first program
-    stores its sums, or None; ``dkdv_args``: (softmax scale, causal, ALiBi mode, S_q)."""
-
-    __slots__ = ("varlen", "soft_rows", "dbias", "row_stats", "dq_sync", "dkdv_args", "dkdv", "row_terms")
-
-    def __init__(self, varlen, soft_rows, dbias, row_stats, dq_sync, dkdv_args):
-        self.varlen, self.soft_rows, self.dbias, self.row_stats = varlen, soft_rows, dbias, row_stats
-        self.dq_sync, self.dkdv_args, self.dkdv, self.row_terms = dq_sync, dkdv_args, None, None
-
-
-def _run_fused(plan: _FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q=None, cu_k=None):
-    """``backward``'s gradients by ``plan``'s route for inputs of its signature (q, k, v, dout with D innermost)."""
-    device = q.device
-    dout_in = dout
-    if plan.soft_rows:  # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row (as backward)
-        dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dbias = None if plan.dbias is None else torch.empty(plan.dbias, dtype=q.dtype, device=device)
-    row_stats = hopper.row_stats_buffer(*plan.row_stats, device)
-    # dQ summed in float32 by the kernel's bulk reductions, into zeros the delta kernel writes or, with ``dq_sync``,
-    # into what each 64-query block's first program stores (the delta kernel zeroes a word per block instead)
-    dq_acc = torch.empty_like(q, dtype=torch.float32)
-    dq_sync = None if plan.dq_sync is None else hopper.dq_sync_buffer(*plan.dq_sync, device)
-    # the kernel reads delta from the row terms: no (B, H, S_q) copy
-    _row_terms(out, dout_in, lse, dlse, None, dout if plan.soft_rows else None, row_stats, plan.varlen,
-               dq_acc if dq_sync is None else None, dq_sync, owner=plan)
-    if plan.dkdv is None:
-        scale, causal, alibi_mode, s_q = plan.dkdv_args
-        plan.dkdv = hopper.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal, alibi_mode,
-                                     dq_acc, dbias, cu_q, s_q, dq_sync is not None)
-    hopper.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync)
-    dq.copy_(dq_acc)  # the kernel scales its own
-    return dq, dk, dv, dbias
-
-
 @_on_its_device
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
              dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, bias_rows=None):
@@ -465,18 +360,18 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     ``bias_rows``: as for ``forward``.
     """
     bias_in = _kernel_bias(bias, bias_rows)
-    key = None  # the plan's key, where this call may take a kept plan (``PLANS``)
-    if PLANS and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p and \
+    key = None  # the plan's key, where this call may take a kept plan (``plans``)
+    if plans.ENABLED and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p and \
             deterministic is not True and q.stride(-1) == k.stride(-1) == v.stride(-1) == dout.stride(-1) == 1:
-        key = ("backward", q.get_device(), _signature(dout), _signature(q), _signature(k), _signature(v),
-               _signature(out), _signature(lse), _signature(dlse), _signature(bias), _signature(bias_in),
-               _signature(slopes), softmax_scale, causal, bias_grad, deterministic, hopper.ENABLED, hopper.BWD_HEAD_DIMS,
-               hopper.FUSED_BWD_HEAD_DIMS, hopper.FUSED_GROUP_HEADS, hopper.FIRST_WRITE_DQ, hopper.L2_GROUP_BYTES,
-               FUSED_DQ, FUSED_DQ_GROUPED)
-        plan = _PLANS.get(key, _MISSING)
-        if plan is not _MISSING:
+        sig = plans.signature
+        key = ("backward", q.get_device(), sig(dout), sig(q), sig(k), sig(v), sig(out), sig(lse), sig(dlse), sig(bias),
+               sig(bias_in), sig(slopes), softmax_scale, causal, bias_grad, deterministic, hopper.ENABLED,
+               hopper.BWD_HEAD_DIMS, hopper.FUSED_BWD_HEAD_DIMS, hopper.FUSED_GROUP_HEADS, hopper.FIRST_WRITE_DQ,
+               hopper.L2_GROUP_BYTES, FUSED_DQ, FUSED_DQ_GROUPED)
+        plan = plans.KEPT.get(key, plans.MISSING)
+        if plan is not plans.MISSING:
             if plan is not None:
-                return _run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes)
+                return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes)
             key = None  # another route, decided below
     q, k, v, dout = (head_contiguous(x) for x in (q, k, v, dout))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
@@ -501,15 +396,15 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True, max_q=s_q) is None
     if fused_dq:  # the route of a plan (kept for this signature where ``key`` is set)
         first_write = hopper.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen)
-        plan = _FusedBackward(varlen, bias is not None, full if bias_grad else None,
+        plan = plans.FusedBackward(varlen, bias is not None, full if bias_grad else None,
                               (1, n_heads, q.shape[0]) if varlen else (batch, n_heads, s_q),
                               (batch, n_heads, s_q) if first_write else None,
                               (softmax_scale, causal, _alibi_mode(slopes, causal, prefix), s_q))
         if key is not None:
-            _keep_plan(key, plan)
-        return _run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k)
+            plans.keep(key, plan)
+        return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k)
     if key is not None:
-        _keep_plan(key, None)
+        plans.keep(key, None)
     # a bias can soft-mask whole rows (common.SOFT_LSE): the delta kernel then writes dO scaled per row
     soft_rows = bias is not None
     dout_in = dout
@@ -551,7 +446,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # the end is elementwise)
     dq_acc = torch.empty_like(q, dtype=torch.float32) if atomic else None
     delta = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
-    _row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen, dq_acc)
+    plans.row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen, dq_acc)
     # who writes dS for a full bias gradient: the dK/dV kernel (atomic dQ, or dQ from the stored dS), else
     # the dQ kernel
     dkdv_bias_grad = bias_mode if bias_mode == 1 or atomic or ds_gemm else 0

@@ -1,0 +1,125 @@
+"""Launch plans: what the host decides before a launch, made once per signature of a call's inputs.
+
+A call's route (which kernels), grids, groups, the copy-engine descriptors' static parts and the compiled kernels
+are functions of its inputs' shapes, strides, dtypes and addresses modulo 16, its scalars and the module switches
+the route reads, never of the data. ``launch.forward`` and ``launch.backward`` key their Hopper routes by exactly
+those (``signature``) and keep the plan (``keep``), so a repeated call skips the decisions and Triton's per-launch
+argument handling (``lean_launch.PlannedLaunch``). A B8 S2048 training step spent ~1 ms of host time on the H200
+machine's CPU, as long as its GPU work, before plans (benchmarks/NOTES.md sessions 33-34). ``ENABLED = False``:
+every call decides afresh (the same functions of the same inputs; tests/test_launch_plans.py compares the two).
+
+Also here: the backward's row terms (the delta kernel, both routes) and its fused Hopper route as a plan.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mpt_attention.impl.triton import hopper
+from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel
+from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+ENABLED = True
+KEPT: dict = {}  # key -> plan, or None for a signature that takes a route without one
+_MAX_KEPT = 256
+MISSING = object()
+
+
+def signature(t: torch.Tensor | None):
+    """What a plan may read of a tensor (never its data): shape, strides, dtype and address modulo 16."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() & 15)
+
+
+def keep(key, plan):
+    """Keeps ``plan`` (or None) under ``key``; all are dropped when the store is full (keys come from the shapes a
+    program uses: a handful in training)."""
+    if len(KEPT) >= _MAX_KEPT:
+        KEPT.clear()
+    KEPT[key] = plan
+    return plan
+
+
+def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False, dq_zero=None,
+              dq_sync=None, owner=None) -> None:
+    """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape; None where no kernel
+    reads it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked:
+    common.SOFT_LSE) dO scaled per row into it; with ``row_stats`` (``hopper.row_stats_buffer``) the Hopper dK/dV
+    kernel's copy of the log2-domain LSE offsets and delta; with ``dq_zero`` (float32, q's shape and strides)
+    zeros written into it; with ``dq_sync`` (``hopper.dq_sync_buffer``) zeros there. Varlen: packed rows are one
+    long batch row for this row-wise kernel. ``owner``: a plan (``FusedBackward``) that keeps this launch's plan
+    for inputs of its signature."""
+    o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
+    dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
+    plan = owner.row_terms if owner is not None else None
+    if plan is None:
+        plan = row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync)
+        if owner is not None:
+            owner.row_terms = plan
+    if plan is None:
+        return
+    dummy = lse
+    plan[0](o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), dummy if delta is None else delta,
+            dummy if dout_scaled is None else dout_scaled, dummy if row_stats is None else row_stats,
+            dummy if dq4 is None else dq4, dummy if dq_sync is None else dq_sync, *plan[1])
+
+
+def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync):
+    """``row_terms``' launch (the delta kernel's) and its scalar arguments for inputs of this signature, or None
+    where there are no rows."""
+    d_batch, d_rows, n_heads, head_dim = o4.shape
+    if d_batch * n_heads == 0 or d_rows == 0:
+        return None
+    block = 32 if _INTERPRET else 64
+
+    def strides3(t):
+        return t.stride()[:3] if t is not None else (0, 0, 0)
+
+    scalars = (*strides3(o4), *strides3(do4), *strides3(dout_scaled), *strides3(dq4), n_heads, d_rows, head_dim,
+               0 if row_stats is None else row_stats.shape[2])
+    return PlannedLaunch(_attn_bwd_delta_kernel, (cdiv(d_rows, block), n_heads, d_batch), dict(
+        HAS_DLSE=dlse is not None, SOFT_ROWS=dout_scaled is not None, ROW_STATS=row_stats is not None,
+        STORE_DELTA=delta is not None, ZERO_DQ=dq4 is not None, ZERO_SYNC=dq_sync is not None, BLOCK_M=block,
+        BLOCK_D=max(16, next_power_of_2(head_dim)))), scalars
+
+
+class FusedBackward:
+    """The backward's fused Hopper route (the dK/dV kernel forms dQ too) for one signature of its inputs: what
+    ``launch.backward`` decided, and the plans of its delta and dK/dV launches (``row_terms_plan``,
+    ``hopper.dkdv_plan``), made by the first run. ``dbias``: the full bias gradient's shape (the kernel stores dS), or
+    None; ``row_stats``: ``hopper.row_stats_buffer``'s sizes; ``dq_sync``: ``hopper.dq_sync_buffer``'s where each dQ
+    block's first program stores its sums, or None; ``dkdv_args``: (softmax scale, causal, ALiBi mode, S_q)."""
+
+    __slots__ = ("varlen", "soft_rows", "dbias", "row_stats", "dq_sync", "dkdv_args", "dkdv", "row_terms")
+
+    def __init__(self, varlen, soft_rows, dbias, row_stats, dq_sync, dkdv_args):
+        self.varlen, self.soft_rows, self.dbias, self.row_stats = varlen, soft_rows, dbias, row_stats
+        self.dq_sync, self.dkdv_args, self.dkdv, self.row_terms = dq_sync, dkdv_args, None, None
+
+
+def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q=None, cu_k=None):
+    """``launch.backward``'s gradients by ``plan``'s route for inputs of its signature (D innermost in q, k, v and
+    dout)."""
+    device = q.device
+    dout_in = dout
+    if plan.soft_rows:  # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row
+        dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias = None if plan.dbias is None else torch.empty(plan.dbias, dtype=q.dtype, device=device)
+    row_stats = hopper.row_stats_buffer(*plan.row_stats, device)
+    # dQ summed in float32 by the kernel's bulk reductions, into zeros the delta kernel writes or, with ``dq_sync``,
+    # into what each 64-query block's first program stores (the delta kernel zeroes a word per block instead)
+    dq_acc = torch.empty_like(q, dtype=torch.float32)
+    dq_sync = None if plan.dq_sync is None else hopper.dq_sync_buffer(*plan.dq_sync, device)
+    # the kernel reads delta from the row terms: no (B, H, S_q) copy
+    row_terms(out, dout_in, lse, dlse, None, dout if plan.soft_rows else None, row_stats, plan.varlen,
+              dq_acc if dq_sync is None else None, dq_sync, owner=plan)
+    if plan.dkdv is None:
+        scale, causal, alibi_mode, s_q = plan.dkdv_args
+        plan.dkdv = hopper.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal, alibi_mode,
+                                     dq_acc, dbias, cu_q, s_q, dq_sync is not None)
+    hopper.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync)
+    dq.copy_(dq_acc)  # the kernel scales its own
+    return dq, dk, dv, dbias
