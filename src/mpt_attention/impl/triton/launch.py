@@ -397,9 +397,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     if fused_dq:  # the route of a plan (kept for this signature where ``key`` is set)
         first_write = hopper.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen)
         plan = plans.FusedBackward(varlen, bias is not None, full if bias_grad else None,
-                              (1, n_heads, q.shape[0]) if varlen else (batch, n_heads, s_q),
-                              (batch, n_heads, s_q) if first_write else None,
-                              (softmax_scale, causal, _alibi_mode(slopes, causal, prefix), s_q))
+                                   (1, n_heads, q.shape[0]) if varlen else (batch, n_heads, s_q),
+                                   (batch, n_heads, s_q) if first_write else None,
+                                   (softmax_scale, causal, _alibi_mode(slopes, causal, prefix), s_q))
         if key is not None:
             plans.keep(key, plan)
         return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k)
