@@ -288,6 +288,46 @@ def test_the_lean_launcher_leaves_to_triton_what_it_does_not_model(lean, monkeyp
     assert not next(iter(fn.kernels.values())).runs
 
 
+def test_a_planned_launch_runs_its_first_launchs_kernel_without_keys_or_binder(lean, monkeypatch):
+    """``PlannedLaunch``: the first call is ``launch_kernel``'s (Triton's own launch here); later calls run the kernel
+    it found directly, on the plan's grid, with the keyword parameters' values appended, computing no argument key
+    and binding nothing; Triton's debug mode switched on sends calls back to ``launch_kernel``."""
+    fn, x = _FakeJITFunction(), torch.zeros(64)
+    keys = []
+    real_key = lean_launch.argument_key
+    monkeypatch.setattr(lean_launch, "argument_key", lambda *a: keys.append(1) or real_key(*a))
+    planned = lean_launch.PlannedLaunch(fn, (3, 2), dict(BLOCK=64, num_warps=4))
+    planned(x, 32)
+    assert len(fn.triton_launches) == 1 and len(keys) == 1
+    binds = fn.binds
+    other = torch.ones(7)  # another tensor of the same dtype and alignment: what a plan's later calls pass
+    planned(other, 32)
+    planned(x, 32)
+    (kernel,) = fn.kernels.values()
+    assert kernel.runs == [(3, 2, 1, 7, "function", "metadata", None, None, None, t, 32, 64) for t in (other, x)]
+    assert fn.binds == binds and len(keys) == 1 and len(fn.triton_launches) == 1
+    lean.runtime.debug = True
+    planned(x, 32)
+    assert len(fn.triton_launches) == 2 and len(kernel.runs) == 2
+
+
+@pytest.mark.parametrize("what", ["enter-hook", "pre-run-hook", "not-available"])
+def test_a_planned_launch_leaves_to_triton_what_the_lean_launcher_does(lean, monkeypatch, what):
+    """Hooks and the interpreter: a plan's every call goes to Triton's own launch, as ``launch_kernel``'s do."""
+    fn, x = _FakeJITFunction(), object()
+    planned = lean_launch.PlannedLaunch(fn, (1,), dict(BLOCK=64))
+    planned(x, 16)
+    if what == "enter-hook":
+        lean.runtime.launch_enter_hook.calls.append(print)
+    elif what == "pre-run-hook":
+        fn.pre_run_hooks = [print]
+    else:
+        monkeypatch.setattr(lean_launch, "_AVAILABLE", False)
+    planned(x, 16)
+    assert len(fn.triton_launches) == 2
+    assert not next(iter(fn.kernels.values())).runs
+
+
 def test_the_host_grid_arithmetic_is_tritons():
     """lean_launch's plain-Python ``cdiv`` and ``next_power_of_2`` (Triton's are ``ConstexprFunction``s, slower to
     call from the host) give Triton's values."""

@@ -122,14 +122,15 @@ class PlannedLaunch:
 
     def __call__(self, *args) -> None:
         kernel, fn = self.kernel, self.fn
-        if kernel is not None and not fn.pre_run_hooks and not _hooks_active() and self.options == (
+        if kernel is not None and _AVAILABLE and not fn.pre_run_hooks and not _hooks_active() and self.options == (
                 knobs.runtime.debug, fn.debug, knobs.compilation.instrumentation_mode):
+            if self.tail is None:  # made by the second call: a plan made per call (packed sequences) never needs it
+                self.tail = ordered_arguments(fn, args, self.kwargs)[len(args):]
             run_compiled(kernel, self.grid, self.device, (*args, *self.tail))
             return
         self.kernel = kernel = launch_kernel(fn, self.grid, *args, **self.kwargs)
         if kernel is not None:
             self.device = driver.active.get_current_device()
-            self.tail = ordered_arguments(fn, args, self.kwargs)[len(args):]
             self.options = (knobs.runtime.debug, fn.debug, knobs.compilation.instrumentation_mode)
 
 
