@@ -294,6 +294,14 @@ def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
     return tiles
 
 
+def _as_rows(x: torch.Tensor, packed: bool):
+    """``(shape, strides)`` lists of a (B, S, H, D) tensor for its copy-engine descriptor, or of a packed (T, H, D) one
+    as the batch row (1, T, H, D) (``x.unsqueeze(0)``'s: no view made per call, the descriptor takes ``x`` as base)."""
+    if not packed:
+        return list(x.shape), list(x.stride())
+    return [1, *x.shape], [x.shape[0] * x.stride(0), *x.stride()]
+
+
 class ForwardPlan(NamedTuple):
     """What the Hopper forward's launch takes from its inputs' signature (``forward_plan``). ``descs``: the static
     part (shape, strides, box, layout) of the descriptors of q, k, v and out, then the bias's (None without one);
@@ -316,7 +324,6 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         n_kv, batch, s_q, s_k = k.shape[1], cu_q.numel() - 1, max_q, max_k
         lse_shape, lse_strides = (n_heads, n_tokens), (0, n_tokens)
         group = packed_heads_per_group(n_heads, 2 * max_k * head_dim * q.element_size() * n_kv / n_heads)
-        q, k, v = (x.unsqueeze(0) for x in (q, k, v))
         n_tiles = (cdiv(n_tokens, BLOCK_M) + batch) * n_heads  # at most
     else:
         batch, s_q, n_heads, head_dim = q.shape
@@ -324,12 +331,12 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         lse_shape, lse_strides = (batch, n_heads, s_q), (n_heads * s_q, s_q)
         n_tiles = cdiv(s_q, BLOCK_M) * batch * n_heads
         group = heads_per_group(k, n_heads, batch * n_heads)
-    out_shape = tuple(q.shape)  # contiguous; (1, T, H, D) packed
-    out_strides = [out_shape[1] * n_heads * head_dim, n_heads * head_dim, head_dim, 1]
+    out_shape = tuple(q.shape)  # contiguous
+    out_strides = [q.shape[-3] * n_heads * head_dim, n_heads * head_dim, head_dim, 1]  # as a (B|1, S|T, H, D) row
     width = tile_dim(head_dim)
-    descs = [(list(x.shape), list(x.stride()), [1, rows, 1, width], _TILE_LAYOUT)
+    descs = [(*_as_rows(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
              for x, rows in ((q, HALF_M), (k, BLOCK_N), (v, BLOCK_N))]
-    descs.append((list(out_shape), out_strides, [1, HALF_M, 1, width], _TILE_LAYOUT))
+    descs.append(([1, *out_shape] if varlen else list(out_shape), out_strides, [1, HALF_M, 1, width], _TILE_LAYOUT))
     bias_desc, b_on, h_on = None, 0, 0
     bias_full = bias is not None and bias.shape[2] != 1
     if bias_full:  # in q's dtype, read in [64, BLOCK_N] boxes, one per consumer warpgroup
@@ -354,20 +361,19 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
 
 def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
     """``out`` and ``lse`` of inputs of ``plan``'s signature (``forward``)."""
-    device, varlen = q.device, cu_q is not None
+    device = q.device
     out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
     tiles = torch.zeros(plan.counters, dtype=torch.int32, device=device)
-    if varlen:
+    if cu_q is not None:
         cu_tiles = _packed_tiles(cu_q)
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     else:
         cu_q = cu_k = cu_tiles = tiles  # never read
     dq, dk, dv, do, db = plan.descs
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
                 out, cu_q, cu_k, cu_tiles, *plan.scalars)
-    return (out[0] if varlen else out), lse  # (T, H, D) packed
+    return out, lse
 
 
 def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, cu_k=None, max_q=0, max_k=0):
@@ -434,22 +440,20 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
     """``backward_dkdv``'s launch for inputs of this signature (as ``forward_plan``, a function of it alone);
     ``first_write``: with a ``dq_sync`` buffer."""
     varlen = cu_q is not None
-    dk_out, dv_out = dk, dv  # (varlen: a sequence's last keys stored from registers)
     if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
-        n_seq = cu_q.numel() - 1
-        n_tokens_k = k.shape[0]
-        q, k, v, dout, dk, dv = (x.unsqueeze(0) for x in (q, k, v, dout, dk, dv))
-        dq_acc = dq_acc.unsqueeze(0)
-    batch, s_q, n_heads, head_dim = q.shape
-    s_k, n_kv = k.shape[1], k.shape[2]
+        n_seq, batch = cu_q.numel() - 1, 1
+        (s_q, n_heads, head_dim), (s_k, n_kv) = q.shape, k.shape[:2]
+        n_tokens_k = s_k
+    else:
+        batch, s_q, n_heads, head_dim = q.shape
+        s_k, n_kv = k.shape[1], k.shape[2]
     width = tile_dim(head_dim)
     block_m = bwd_block_m(width, bias is not None and bias.shape[2] != 1, dq_acc is not None)
-    descs = [(list(x.shape), list(x.stride()), [1, rows, 1, width], _TILE_LAYOUT)
+    descs = [(*_as_rows(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
              for x, rows in ((k, BWD_HALF_N), (v, BWD_HALF_N), (q, block_m), (dout, block_m), (dk, BWD_HALF_N),
                              (dv, BWD_HALF_N))]
     # boxes of one step's queries x DQ_COLS columns
-    descs.append(None if dq_acc is None else (list(dq_acc.shape), list(dq_acc.stride()),
-                                              [1, block_m, 1, DQ_COLS.value], _DQ_LAYOUT))
+    descs.append(None if dq_acc is None else (*_as_rows(dq_acc, varlen), [1, block_m, 1, DQ_COLS.value], _DQ_LAYOUT))
     bias_strides, b_on, h_on = (0, 0, 0), 0, 0
     bias_desc = dbias_desc = None
     bias_full = bias is not None and bias.shape[2] != 1
@@ -477,8 +481,7 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         group = bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None)
     before = (*slope_args(slopes, None)[1], *bias_strides, b_on, h_on, n_kv, n_groups, n_splits, n_rows, group, s_q,
               s_k, softmax_scale * LOG2E, softmax_scale)
-    after = (dk_out.stride(-3), dk_out.stride(-2), dv_out.stride(-3), dv_out.stride(-2),
-             batch if not varlen else n_seq, head_dim)
+    after = (dk.stride(-3), dk.stride(-2), dv.stride(-3), dv.stride(-2), batch if not varlen else n_seq, head_dim)
     launch = PlannedLaunch(_hopper_bwd_dkdv_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
@@ -491,10 +494,7 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
 def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc=None, dbias=None, cu_q=None,
              cu_k=None, dq_sync=None) -> None:
     """``backward_dkdv`` for inputs of ``plan``'s signature."""
-    dk_out, dv_out = dk, dv
-    if cu_q is not None:
-        q, k, v, dout, dk, dv = (x.unsqueeze(0) for x in (q, k, v, dout, dk, dv))
-        dq_acc = dq_acc.unsqueeze(0)
+    if cu_q is not None:  # (varlen: a sequence's last keys stored from registers, through dk and dv)
         cu_kb = _packed_tiles(cu_k)
     else:
         cu_q = cu_k = cu_kb = row_stats  # never-read dummies
@@ -507,7 +507,7 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
         descriptor(dv, *d_dv), None if d_dq is None else descriptor(dq_acc, *d_dq),
         None if d_bias is None else descriptor(bias, *d_bias), None if d_dbias is None else descriptor(dbias, *d_dbias),
         descriptor(row_stats, *d_stats), row_stats if slopes is None else slopes, bias if plan.bias_row else row_stats,
-        parts, *plan.before, dk_out, dv_out, cu_q, cu_k, cu_kb, row_stats if dq_sync is None else dq_sync,
+        parts, *plan.before, dk, dv, cu_q, cu_k, cu_kb, row_stats if dq_sync is None else dq_sync,
         *plan.after,
     )
     if plan.parts is not None:
