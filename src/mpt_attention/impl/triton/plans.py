@@ -13,15 +13,12 @@ Also here: the backward's row terms (the delta kernel, both routes) and its fuse
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from mpt_attention.impl.triton import hopper
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel
-from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
+from mpt_attention.impl.triton.lean_launch import _INTERPRET, PlannedLaunch, cdiv, next_power_of_2
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 ENABLED = True
 KEPT: dict = {}  # key -> plan, or None for a signature that takes a route without one
 _MAX_KEPT = 256
