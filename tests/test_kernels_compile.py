@@ -46,9 +46,10 @@ def test_ptx_schedule_tool_runs_and_reads_the_loop():
     # each forward has a loop whose QK^T (wgmma) and softmax (ex2) the tool found
     assert result.stdout.count("forward D=") == 2 and "[M8]" in result.stdout and "[e" in result.stdout
     # in the PTX the Gluon kernel keeps the P V product in flight (W1) into the softmax (ptxas then hoists
-    # the W0 wait above it: the --sass test below)
+    # the W0 wait above it: the --sass test below); with causal ALiBi the scores take one more product, the
+    # extension that adds ALiBi's columns (MC)
     hopper_schedule = result.stdout[result.stdout.index("gluon hopper kernel"):]
-    assert "[M8]C[M8]CW1" in hopper_schedule
+    assert "[M8]CMC[M8]CW1" in hopper_schedule
 
 
 def test_ptx_schedule_tool_reads_the_sass_ptxas_makes():

@@ -90,16 +90,20 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None,
-                          tail: int = 0, bias_matrix: bool = False, varlen: bool = False):
+                          tail: int = 0, bias_matrix: bool = False, varlen: bool = False, raw: bool | None = None):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None;
     ``tail``: the products' second piece of columns (``hopper.product_tail``); ``bias_matrix``: a bias matrix
-    in q's dtype instead; ``varlen``: packed sequences."""
-    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
+    in q's dtype instead; ``varlen``: packed sequences; ``raw``: maxima over unscaled scores (``hopper.raw_scores``;
+    None: as the launcher chooses for a positive scale)."""
+    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M, raw_scores
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
+
+    if raw is None:
+        raw = raw_scores(1.0, bias if bias is not None else True if bias_matrix else None, alibi)
 
     rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim,
-              "BIAS_ROW": bias is not None, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen}
+              "BIAS_ROW": bias is not None, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen, "RAW": raw}
     boxes = {"bias_desc": [1, HALF_M, BLOCK_N]} if bias_matrix else None
     return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias, boxes)
 
@@ -199,6 +203,10 @@ def main() -> int:
     for tail, causal, alibi, bias in [(16, True, 1, None), (32, False, 2, None), (16, True, 0, "fp32")]:
         failures += _report_gluon(f"hopper-fwd-tail={tail} D=128 causal={causal} alibi={alibi} bias={bias}",
                                   compile_hopper_kernel, 128, causal, alibi, "bf16", bias, tail)
+    # a zero or negative scale: maxima over the scaled scores
+    for head_dim, causal, alibi, dtype in [(128, True, 1, "bf16"), (64, True, 0, "fp16"), (128, False, 1, "bf16")]:
+        failures += _report_gluon(f"hopper-fwd-scaled-max D={head_dim} causal={causal} alibi={alibi} {dtype}",
+                                  compile_hopper_kernel, head_dim, causal, alibi, dtype, raw=False)
     # packed sequences (attention_varlen): the forward only
     for head_dim, tail, causal, alibi, dtype in [(128, 0, True, 1, "bf16"), (64, 0, False, 2, "fp16"),
                                                  (128, 32, True, 0, "bf16")]:

@@ -294,6 +294,14 @@ def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
     return tiles
 
 
+def raw_scores(softmax_scale, bias, alibi_mode) -> bool:
+    """Whether the Hopper forward takes each row's maximum over unscaled scores and folds the scale into the
+    exponentials' fused multiply-adds (``hopper_forward``'s ``RAW``): a positive scale (the maximum of the scaled
+    scores is then the scaled maximum; a zero scale would make masked scores NaN), no bias, no or causal ALiBi
+    (whose columns a tensor-core product adds, ``hopper_forward._alibi_operand``)."""
+    return softmax_scale > 0 and bias is None and alibi_mode != 2
+
+
 def _as_rows(x: torch.Tensor, packed: bool):
     """``(shape, strides)`` lists of a (B, S, H, D) tensor for its copy-engine descriptor, or of a packed (T, H, D) one
     as the batch row (1, T, H, D) (``x.unsqueeze(0)``'s: no view made per call, the descriptor takes ``x`` as base)."""
@@ -355,7 +363,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
         BIAS_ROW=bias is not None and not bias_full, TAIL=product_tail(head_dim), BIAS_FULL=bias_full, VARLEN=varlen,
-        num_warps=4))
+        RAW=raw_scores(softmax_scale, bias, alibi_mode), num_warps=4))
     return ForwardPlan(out_shape, lse_shape, 16 + grid[0] * 16, tuple(descs), scalars, launch)
 
 

@@ -28,6 +28,15 @@ blocks) tells the consumers to stop. Counting key blocks over all of a program's
 lives in stage g % 2 and its barriers' phase is (g // 2) % 2. Against one program per tile: +8% at
 B8 S2048, +9% at D64, -2% at S8192 (session 12, benchmarks/NOTES.md).
 
+Softmax (``RAW``, a positive scale without a bias): each row's maximum is taken over the unscaled scores and the
+scale enters every exponential's fused multiply-add, ``exp2(s * c - m)`` (FA3's form: no separate scaling pass,
+64 instructions fewer per thread and block). Causal ALiBi's column term, slope * (j - first key of the block),
+joins the scores in the tensor core: a k=16 product of a per-tile operand ``[c_hi, c_mid, c_lo, 0...]`` (c = slope /
+scale in three bfloat16 parts) against constant rows ``[n, n, n, 0...]`` (the key's place in its block), accumulated
+onto Q K^T (``_alibi_operand``). Against the scaled maxima with the column in each score's FMA: no bias +2-4%,
+ALiBi +2-5% at D64 and +0-2% at D128, where the extra product is 1/16 of the block's tensor-core work
+(benchmarks/NOTES.md session 35). A zero or negative scale keeps the scaled maxima.
+
 A bias row over keys (MPT's ``(1, H, 1, S_k)`` tensor, any ``(B|1, H|1, 1, S_k)``) rides with V, into
 a slot beside V's stage under V's barrier, and is added in the softmax's fused multiply-add with the
 scale. Which block's slice rides with V_j depends on the head dim (``_row_ahead``):
@@ -74,19 +83,24 @@ from mpt_attention.impl.triton.common import _log2_bias, encode_lse
 from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles
 
 _LOG2E = gl.constexpr(1.4426950408889634)
+# a barrier over the partition's warps: ``gl.thread_barrier`` in Triton 3.6, ``gl.barrier`` from 3.7
+_partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
 _ROW_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
 
 
 @gluon.jit
 def _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL: gl.constexpr,
-            ALIBI: gl.constexpr, HAS_COLS: gl.constexpr, BIAS_FULL: gl.constexpr, APPLY_MASK: gl.constexpr):
+            ALIBI: gl.constexpr, HAS_COLS: gl.constexpr, BIAS_FULL: gl.constexpr, APPLY_MASK: gl.constexpr,
+            RAW: gl.constexpr = False):
     """Log2-domain scores of one ``[64, BLOCK_N]`` tile, the formula of common.score_tile except that
     the per-key terms arrive as one vector ``col_terms`` (``HAS_COLS``): the bias row, and MPT's causal
     ALiBi slope * (j - (S_k - 1)) as slope * (j - first key of the block), so one fused multiply-add per
     score; the ALiBi block's constant rides on the row maximum. ``tile_terms`` (``BIAS_FULL``): the block's
-    bias tile in log2 units."""
-    if HAS_COLS:
+    bias tile in log2 units. ``RAW``: the masks alone, the scores left unscaled."""
+    if RAW:
+        s = s
+    elif HAS_COLS:
         s = s * qk_scale2 + col_terms[None, :]
     else:
         s = s * qk_scale2
@@ -230,7 +244,7 @@ def _alibi_side(start_n, first_row, BLOCK_N: gl.constexpr):
 @gluon.jit
 def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, side, tile_terms, qk_scale2, slope2, diag,
                   seqlen_k, masked, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr,
-                  BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr):
+                  BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr, RAW: gl.constexpr):
     """Online-softmax update for the score tile of key block ``start_n``: ``(p, alpha, m_new, l_new)``.
     Scores stay relative to the block's ALiBi ``shift`` (causal: one constant; symmetric: one per row);
     ``m`` is absolute.
@@ -243,6 +257,19 @@ def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, sid
     (benchmarks/NOTES.md session 27). Not beside a bias matrix, whose tile left no registers for the split."""
     cols = start_n + offs_n
     shift = 0.0
+    if RAW:
+        # raw scores (with ALiBi's block-relative columns from the extension product, ``_alibi_operand``): the
+        # maximum is taken before scaling, and the scale enters each exponential's fused multiply-add
+        if masked:
+            s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, 0,
+                        False, False, True, RAW)
+        if ALIBI == 1:
+            shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale2 + shift)
+        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_ref)
+        p = gl.exp2(gl.fma(s, qk_scale2, (shift - m_ref)[:, None]))
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
     if ALIBI == 2 and not BIAS_FULL:
         if masked:  # the last partial block takes the per-score form whatever its side
             side = 0.0
@@ -325,6 +352,47 @@ def issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr):
 
 
 @gluon.jit
+def _alibi_operand(c):
+    """The [64, 16] A operand of the scores' extension product (``RAW`` with causal ALiBi; each consumer writes it
+    to shared memory once per tile): every row ``[c_hi, c_mid, c_lo, 0, ...]``, ``c`` (ALiBi's slope over the
+    scale, per key) split into three bfloat16 parts whose sum is ``c`` to float32's precision (bfloat16 whatever
+    q's dtype: float32's range; the product is one of its own, accumulating in float32 like the main one). Against
+    ``_key_positions``' rows ``[n, n, n, 0, ...]`` (exact small integers) it adds ``c * n`` to the raw score of the
+    block's key ``n``: the tensor core adds ALiBi's column term instead of a fused multiply-add per score. Held in
+    registers through the key loop instead, its 4 registers made the D128 loop spill (benchmarks/NOTES.md
+    session 35)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
+    hi = c.to(gl.bfloat16).to(gl.float32)
+    rest = c - hi
+    mid = rest.to(gl.bfloat16).to(gl.float32)
+    lo = rest - mid
+    k = gl.arange(0, 16, layout=gl.SliceLayout(0, layout))[None, :] + gl.zeros([_HALF_M, 16], gl.int32, layout)
+    return gl.where(k == 0, hi, gl.where(k == 1, mid, gl.where(k == 2, lo, 0.0))).to(gl.bfloat16)
+
+
+@gluon.jit
+def _key_positions(kx, BLOCK_N: gl.constexpr):
+    """Fill ``kx`` ([BLOCK_N, 16] in shared memory) with rows ``[n, n, n, 0, ...]``, n the key's place in its block
+    (``_alibi_operand``), for this warpgroup's products to read."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [4, 1], [1, 0])
+    n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))[:, None] + gl.zeros([BLOCK_N, 16], gl.int32, layout)
+    k = gl.arange(0, 16, layout=gl.SliceLayout(0, layout))[None, :] + gl.zeros([BLOCK_N, 16], gl.int32, layout)
+    kx.store(gl.where(k < 3, n, 0).to(kx.dtype))
+    fence_async_shared()
+    _partition_barrier()
+
+
+@gluon.jit
+def _issue_scores(q, k_rows, ext, kx, zero, MAIN: gl.constexpr, TAIL: gl.constexpr, ALIBI_MMA: gl.constexpr):
+    """Issue a block's scores (``issue_over_d``), then with ``ALIBI_MMA`` the extension product that adds ALiBi's
+    block-relative columns (``_alibi_operand``) into the same accumulator."""
+    tok = issue_over_d(q, k_rows, zero, MAIN, TAIL)
+    if ALIBI_MMA:
+        tok = warpgroup_mma(ext, kx.permute((1, 0)), tok, is_async=True)
+    return tok
+
+
+@gluon.jit
 def store_rows(Out, vals, first_row, n_rows, h, stride_os, stride_oh, col0, head_dim, layout: gl.constexpr):
     """Rows ``[first_row, first_row + n_rows)`` of head ``h`` of a packed (T, H, D) output from ``vals`` ([64, width]
     in ``layout``, columns from ``col0``; those past ``head_dim`` dropped): plain masked stores for packed sequences,
@@ -337,11 +405,11 @@ def store_rows(Out, vals, first_row, n_rows, h, stride_os, stride_oh, col0, head
 
 
 @gluon.jit
-def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes,
-                   g, info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
+def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, kx_full, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
+                   Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
                    qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr,
-                   BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr):
+                   BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
     landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``
     (``VARLEN``: a sequence's last rows from registers, ``store_rows``). With a ``TAIL`` the output is two
@@ -356,7 +424,11 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     N_PV: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per P V product (per S product likewise)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-    HAS_COLS: gl.constexpr = BIAS_ROW or ALIBI == 1
+    HAS_COLS: gl.constexpr = (BIAS_ROW or ALIBI == 1) and not RAW
+    ALIBI_MMA: gl.constexpr = RAW and ALIBI == 1
+    kx = kx_full  # (without ALIBI_MMA: never read)
+    if ALIBI_MMA:
+        kx = kx_full.slice(0, BLOCK_N)
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
     ROW_FIRST: gl.constexpr = ROW_AHEAD and BIAS_ROW  # a slice to read before the block's first product
 
@@ -380,6 +452,12 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     first_pos = row0 + diag  # this warpgroup's first query position (symmetric ALiBi's block sides)
     s_zero = gl.zeros([_HALF_M, BLOCK_N], gl.float32, s_layout)
     alibi_cols = slope2 * offs_n.to(gl.float32)
+    ext = s_zero  # (without ALIBI_MMA: never read)
+    if ALIBI_MMA:
+        ext = kx_full.slice(BLOCK_N, _HALF_M)
+        ext.store(_alibi_operand(slope2 / qk_scale2))
+        fence_async_shared()
+        _partition_barrier()  # every warp's rows written before the warpgroup's first product reads them
     q = q3.reshape([_HALF_M, HEAD_DIM])
 
     # block 0 (the launcher guarantees every tile at least one block)
@@ -388,7 +466,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
     if ROW_AHEAD:  # block 0's slice came with Q; read before any product is issued (see the loop)
         col_terms = _col_terms(alibi_cols, bias_smem, 2 + buf, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
     mbarrier.wait(k_ready.index(stage0), phase0)
-    s_tok = issue_over_d(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]), s_zero, MAIN, TAIL)
+    s_tok = _issue_scores(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]), ext, kx, s_zero, MAIN, TAIL,
+                          ALIBI_MMA)
     s = warpgroup_mma_wait(0, deps=[s_tok])
     tile_terms = _tile_terms(bias_smem, 2 * stage0 + half, s_layout, s_zero, BIAS_FULL)
     mbarrier.arrive(k_empty.index(stage0))
@@ -403,7 +482,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
         side = _alibi_side(0, first_pos, BLOCK_N)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, alibi_cols, side, tile_terms, qk_scale2,
                                        slope2, diag, seqlen_k, lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW,
-                                       BIAS_FULL)
+                                       BIAS_FULL, RAW)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([_HALF_M, MAIN], gl.float32, o_layout)
     if TAIL > 0:
@@ -423,7 +502,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
             col_terms = _col_terms(alibi_cols, bias_smem, prev, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
         mbarrier.wait(k_ready.index(stage), ((g + j) >> 1) & 1)
-        s_tok = issue_over_d(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), s_zero, MAIN, TAIL)
+        s_tok = _issue_scores(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), ext, kx, s_zero, MAIN, TAIL,
+                              ALIBI_MMA)
         if not ROW_FIRST:
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
         v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
@@ -444,7 +524,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, k_ready, k_empty, v
             side = _alibi_side(j * BLOCK_N, first_pos, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, alibi_cols, side,
                                            tile_terms, qk_scale2, slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked,
-                                           IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW, BIAS_FULL)
+                                           IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW, BIAS_FULL, RAW)
         if TAIL == 0:
             acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
         else:
@@ -512,13 +592,16 @@ def store_through_buffer(q, q3, out, out_t, o_desc, b, row, h, MAIN: gl.constexp
 
 
 @gluon.jit
-def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-                        v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q,
+def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, kx_smem, q_ready, q_empty, k_ready, k_empty,
+                        v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q,
                         seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr,
                         ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
-                        TAIL: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr):
+                        TAIL: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr):
     """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
+    kx = kx_smem.index(half)
+    if RAW and ALIBI == 1:
+        _key_positions(kx.slice(0, BLOCK_N), BLOCK_N)
     g = 0
     r = 0
     n_blocks = 1
@@ -528,10 +611,10 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready,
         info = info_slot(Tiles, buf)
         n_blocks = gl.load(info + 3, volatile=True)
         if n_blocks > 0:
-            _consumer_tile(half, q_smem.index(2 * buf + half), buf, k_smem, v_smem, bias_smem, k_ready, k_empty,
+            _consumer_tile(half, q_smem.index(2 * buf + half), buf, k_smem, v_smem, bias_smem, kx, k_ready, k_empty,
                            v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh,
                            seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL, ALIBI,
-                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN)
+                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW)
             # after the tile's output store has completed (tma.store_wait)
             mbarrier.arrive(q_empty.index(buf))
             g += n_blocks
@@ -545,6 +628,7 @@ def _hopper_fwd_kernel(
     n_heads, n_groups, n_bh, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group, head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0, BIAS_FULL: gl.constexpr = False, VARLEN: gl.constexpr = False,
+    RAW: gl.constexpr = False,
 ):
     """Persistent: each program runs query tiles of 128 rows (``hopper_tiles.forward_tile``: ``n_m`` per (batch,
     head) row, ``n_bh`` rows; ``VARLEN``: ``n_bh`` = sequences * heads, tiles counted by ``CuTiles``) until none is
@@ -581,6 +665,11 @@ def _hopper_fwd_kernel(
         bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [4, 1, _HALF_M, BLOCK_N], bias_desc.layout)
     else:
         bias_smem = v_smem  # never read
+    if RAW and ALIBI == 1:  # each consumer's key positions for the ALiBi extension product (_key_positions)
+        kx_smem = gl.allocate_shared_memory(gl.bfloat16, [2, 2 * BLOCK_N, 16],
+                                            gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2))
+    else:
+        kx_smem = v_smem  # never read
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
@@ -597,14 +686,14 @@ def _hopper_fwd_kernel(
 
     gl.warp_specialize(
         [
-            (_consumer_partition, (0, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty,
-                                   v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
+            (_consumer_partition, (0, Tiles, q_smem, k_smem, v_smem, bias_smem, kx_smem, q_ready, q_empty, k_ready,
+                                   k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                    stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
-                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN)),
-            (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty, k_ready, k_empty,
-                                   v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
+                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW)),
+            (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, kx_smem, q_ready, q_empty, k_ready,
+                                   k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                    stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
-                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN)),
+                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW)),
             (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK,
