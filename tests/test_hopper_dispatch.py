@@ -332,3 +332,54 @@ def test_packed_head_groups_divide_the_heads_and_keep_within_the_l2_budget(n_hea
     """hopper_tiles.packed_tile interleaves the tiles of a group of heads per sequence; groups must divide the
     head count (the mapping has no ragged last group)."""
     assert hopper.packed_heads_per_group(n_heads, bytes_per_head) == expected
+
+
+@pytest.mark.parametrize("bias", [
+    pytest.param(torch.randn(1, 4, 1, 300) * 30, id="one-row-per-head"),
+    pytest.param(torch.randn(2, 1, 1, 130)[..., 2:] * 1e4, id="per-batch-large-values-sliced"),
+])
+@pytest.mark.parametrize("scale", [0.125, 0.0883883, 3.0], ids=lambda s: f"scale-{s}")
+def test_bias_rows_become_the_forwards_key_terms_in_three_bfloat16_parts(monkeypatch, bias, scale):
+    """With a positive scale the Hopper forward adds a bias row to the unscaled scores through a tensor-core
+    product (hopper_forward ROW_KEYS): each key's term t = row / (scale * log2 e) as three bfloat16 parts summing to
+    t within float32's precision; -inf as [-inf, 0, 0]; a soft mask as one power of 2 whose product with the scale
+    is exact and at or below -2^100, so every soft-masked key of a row scores the same."""
+    bias = bias.clone()
+    bias[..., :3] = torch.tensor([float("-inf"), torch.finfo(torch.float32).min, -1e9])
+    rows = launch._log2_bias_rows(bias)
+    q, k, v = _qkv(s_q=128, s_k=bias.shape[-1], h=4, h_kv=4)
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 8)  # (the grid's size: no GPU here)
+    plan = hopper.forward_plan(q, k, v, rows, None, scale, True, 0)
+    assert plan.launch.kwargs["ROW_KEYS"] and plan.launch.kwargs["RAW"] and not plan.launch.kwargs["BIAS_ROW"]
+    shape, convert, args = plan.row_keys
+    keys = torch.full(shape, float("nan"), dtype=torch.bfloat16)
+    convert(rows, keys, *args)
+    keys = keys.double()
+    assert keys.shape == (bias.shape[0], bias.shape[1], bias.shape[3], 16)
+    assert (keys[..., 3:] == 0).all()
+    qk_scale2 = scale * 1.4426950408889634
+    t = rows.double().squeeze(2) / qk_scale2
+    live = torch.isfinite(t) & (rows.squeeze(2) > -(2.0**20))
+    torch.testing.assert_close(keys[..., :3].sum(-1)[live], t[live], rtol=2.0**-22, atol=0)
+    assert (keys[..., 0, 0] == float("-inf")).all() and (keys[..., 0, 1:] == 0).all()
+    soft = keys[..., 1:3, :]  # finfo.min and -1e9 are soft masks
+    assert (soft[..., 1:] == 0).all() and (soft[..., 0] == hopper.soft_row_key(qk_scale2)).all()
+    kernel_scale2 = torch.tensor(qk_scale2, dtype=torch.float32).item()  # as the kernel takes it
+    top = hopper.soft_row_key(qk_scale2) * kernel_scale2  # a soft-masked row's maximum: exact in float32
+    assert -(2.0**101) <= top <= -(2.0**100) and torch.tensor(top, dtype=torch.float32).item() == top
+
+
+@pytest.mark.parametrize("scale, slopes, bias_shape, raw", [
+    pytest.param(0.125, False, None, True, id="no-bias"),
+    pytest.param(0.125, True, None, True, id="causal-alibi"),
+    pytest.param(0.125, False, (1, 4, 1, 128), True, id="bias-row"),
+    pytest.param(0.125, True, (1, 4, 1, 128), False, id="bias-row-with-alibi"),
+    pytest.param(0.125, False, (1, 4, 128, 128), False, id="bias-matrix"),
+    pytest.param(0.0, False, None, False, id="scale-0"),
+    pytest.param(-0.3, True, None, False, id="negative-scale"),
+    pytest.param(1e-9, False, (1, 4, 1, 128), False, id="bias-row-at-a-tiny-scale"),
+])
+def test_which_forwards_take_row_maxima_over_unscaled_scores(scale, slopes, bias_shape, raw):
+    bias = None if bias_shape is None else torch.randn(bias_shape)
+    assert hopper.raw_scores(scale, bias, 1 if slopes else 0) == raw
+    assert not hopper.raw_scores(0.125, None, 2)  # symmetric ALiBi: per-row terms

@@ -59,6 +59,10 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
         if name in boxes:
             if boxes[name] is None:
                 consts[name] = None
+            elif isinstance(boxes[name], tuple):  # (box, dtype, layout)
+                box, box_dtype, box_layout = boxes[name]
+                sig[name] = f"tensordesc<{box_dtype}{list(box)},{box_layout!r}>"
+                continue
             else:
                 sig[name] = f"tensordesc<{dtype}{list(boxes[name])},{matrix_layout!r}>"
                 continue
@@ -95,16 +99,21 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
     ``tail``: the products' second piece of columns (``hopper.product_tail``); ``bias_matrix``: a bias matrix
     in q's dtype instead; ``varlen``: packed sequences; ``raw``: maxima over unscaled scores (``hopper.raw_scores``;
     None: as the launcher chooses for a positive scale)."""
-    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M, raw_scores
+    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
-    if raw is None:
-        raw = raw_scores(1.0, bias if bias is not None else True if bias_matrix else None, alibi)
+    if raw is None:  # as the launcher chooses for a positive scale
+        raw = not bias_matrix and alibi != 2 and (bias is None or alibi == 0)
+    row_keys = raw and bias is not None
 
     rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim,
-              "BIAS_ROW": bias is not None, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen, "RAW": raw}
+              "BIAS_ROW": bias is not None and not row_keys, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen,
+              "RAW": raw, "ROW_KEYS": row_keys}
     boxes = {"bias_desc": [1, HALF_M, BLOCK_N]} if bias_matrix else None
+    if row_keys:  # the row's per-key terms (hopper.row_keys): bfloat16 [1, 1, BLOCK_N, 16] boxes
+        from mpt_attention.impl.triton.hopper import _ROW_KEYS_LAYOUT
+        boxes, bias = {"bias_desc": ([1, 1, BLOCK_N, 16], "bf16", _ROW_KEYS_LAYOUT)}, None
     return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias, boxes)
 
 
@@ -204,9 +213,10 @@ def main() -> int:
         failures += _report_gluon(f"hopper-fwd-tail={tail} D=128 causal={causal} alibi={alibi} bias={bias}",
                                   compile_hopper_kernel, 128, causal, alibi, "bf16", bias, tail)
     # a zero or negative scale: maxima over the scaled scores
-    for head_dim, causal, alibi, dtype in [(128, True, 1, "bf16"), (64, True, 0, "fp16"), (128, False, 1, "bf16")]:
-        failures += _report_gluon(f"hopper-fwd-scaled-max D={head_dim} causal={causal} alibi={alibi} {dtype}",
-                                  compile_hopper_kernel, head_dim, causal, alibi, dtype, raw=False)
+    for head_dim, causal, alibi, dtype, bias in [(128, True, 1, "bf16", None), (64, True, 0, "fp16", None),
+                                                 (128, False, 1, "bf16", None), (64, True, 0, "bf16", "fp32")]:
+        failures += _report_gluon(f"hopper-fwd-scaled-max D={head_dim} causal={causal} alibi={alibi} {dtype} "
+                                  f"bias={bias}", compile_hopper_kernel, head_dim, causal, alibi, dtype, bias, raw=False)
     # packed sequences (attention_varlen): the forward only
     for head_dim, tail, causal, alibi, dtype in [(128, 0, True, 1, "bf16"), (64, 0, False, 2, "fp16"),
                                                  (128, 32, True, 0, "bf16")]:

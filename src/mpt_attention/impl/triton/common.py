@@ -105,6 +105,34 @@ def log2_bias_rows_kernel(
 
 
 @triton.jit
+def row_keys_kernel(
+    Rows, Out,
+    stride_rb, stride_rh,
+    seqlen_k, qk_scale2, soft_raw,
+    BLOCK: tl.constexpr,
+):
+    """A converted bias row (``log2_bias_rows_kernel``'s float32 log2 units, ``(B', H', 1, S_k)``) as the Hopper
+    forward's per-key terms for its scores' extension product (hopper_forward ``ROW_KEYS``): key j's row of 16
+    bfloat16 ``[t_hi, t_mid, t_lo, 0, ...]`` in ``Out`` ``(B', H', S_k, 16)``, three parts whose sum is t = row / scale
+    to float32's precision (the forward adds them to the unscaled score, then scales). A soft mask (SOFT_SCORE)
+    becomes ``soft_raw``, a power of 2 whose product with the scale is exact, so every soft-masked key of a row
+    scores the same; -inf stays -inf in the first part, 0 in the others."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b64, h64 = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
+    ok = cols < seqlen_k
+    x = tl.load(Rows + b64 * stride_rb + h64 * stride_rh + cols, mask=ok, other=0.0)
+    t = tl.where(x == SOFT_SCORE, soft_raw, x / qk_scale2)
+    hi = t.to(tl.bfloat16).to(tl.float32)
+    rest = tl.where(t == float("-inf"), 0.0, t - hi)
+    mid = rest.to(tl.bfloat16).to(tl.float32)
+    lo = rest - mid
+    part = tl.arange(0, 16)[None, :]
+    vals = tl.where(part == 0, hi[:, None], tl.where(part == 1, mid[:, None], tl.where(part == 2, lo[:, None], 0.0)))
+    row = (b64 * tl.num_programs(1) + h64) * seqlen_k
+    tl.store(Out + (row + cols.to(tl.int64))[:, None] * 16 + part, vals.to(tl.bfloat16), mask=ok[:, None])
+
+
+@triton.jit
 def encode_lse(m2, l_i, BIAS: tl.constexpr):
     """Natural-unit log-sum-exp from the row maximum ``m2`` (log2 units) and the sum ``l_i``; -inf
     for a row that saw no key, the encoded count for a soft-masked row (SOFT_LSE above)."""

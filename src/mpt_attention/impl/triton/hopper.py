@@ -10,12 +10,14 @@ kernels everywhere: tests and benchmarks compare the two that way.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import NamedTuple
 
 import torch
 
 from mpt_attention.impl.device import sm_count, sm_major
+from mpt_attention.impl.triton.common import row_keys_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv
 
 try:
@@ -35,6 +37,8 @@ try:
     # the forward's (B', H', S_k) bias rows, by element bits; one object each, as lean_launch keys a layout by id
     _BIAS_ROW_LAYOUTS = {bits: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=3)
                          for bits in (16, 32)}
+    # a bias row's per-key terms (row_keys): [1, 1, BLOCK_N, 16] boxes of a (B', H', S_k, 16) bfloat16 tensor
+    _ROW_KEYS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=4)
 except Exception as exc:  # a Triton without Gluon's Hopper module
     _hopper_fwd_kernel = _hopper_bwd_dkdv_kernel = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -297,9 +301,21 @@ def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
 def raw_scores(softmax_scale, bias, alibi_mode) -> bool:
     """Whether the Hopper forward takes each row's maximum over unscaled scores and folds the scale into the
     exponentials' fused multiply-adds (``hopper_forward``'s ``RAW``): a positive scale (the maximum of the scaled
-    scores is then the scaled maximum; a zero scale would make masked scores NaN), no bias, no or causal ALiBi
-    (whose columns a tensor-core product adds, ``hopper_forward._alibi_operand``)."""
-    return softmax_scale > 0 and bias is None and alibi_mode != 2
+    scores is then the scaled maximum; a zero scale would make masked scores NaN), and per-key terms that a
+    tensor-core product can add to the unscaled scores: none, causal ALiBi (``hopper_forward._alibi_operand``), or a
+    bias row without ALiBi (``row_keys``; for scales above 2^-26, so its soft mask's power of 2 fits bfloat16)."""
+    if not softmax_scale > 0 or alibi_mode == 2:
+        return False
+    if bias is None:
+        return True
+    return bias.shape[2] == 1 and alibi_mode == 0 and softmax_scale * LOG2E > 2.0 ** -26
+
+
+def soft_row_key(qk_scale2: float) -> float:
+    """What a soft-masked key's term becomes in ``row_keys`` (unscaled units): -2^100 over the largest power of 2
+    not above the scale, a power of 2 whose product with the scale (the row's maximum if every key it sees is
+    soft-masked, in [-2^101, -2^100)) is exact; ``hopper_forward`` reads such a maximum as SOFT_SCORE."""
+    return -math.ldexp(1.0, 100 - math.floor(math.log2(qk_scale2)))
 
 
 def _as_rows(x: torch.Tensor, packed: bool):
@@ -320,6 +336,7 @@ class ForwardPlan(NamedTuple):
     descs: tuple
     scalars: tuple
     launch: PlannedLaunch
+    row_keys: tuple | None = None
 
 
 def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, max_q=0, max_k=0) -> ForwardPlan:
@@ -345,9 +362,20 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     descs = [(*_as_rows(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
              for x, rows in ((q, HALF_M), (k, BLOCK_N), (v, BLOCK_N))]
     descs.append(([1, *out_shape] if varlen else list(out_shape), out_strides, [1, HALF_M, 1, width], _TILE_LAYOUT))
-    bias_desc, b_on, h_on = None, 0, 0
+    bias_desc, b_on, h_on, keys = None, 0, 0, None
     bias_full = bias is not None and bias.shape[2] != 1
-    if bias_full:  # in q's dtype, read in [64, BLOCK_N] boxes, one per consumer warpgroup
+    raw = raw_scores(softmax_scale, bias, alibi_mode)
+    row_keys = raw and bias is not None
+    if row_keys:  # the row's per-key terms (row_keys_kernel), read with K in [1, 1, BLOCK_N, 16] boxes
+        b_on, h_on = bias_dims_on(bias)
+        shape = [bias.shape[0] if b_on else 1, bias.shape[1] if h_on else 1, bias.shape[3], 16]
+        bias_desc = (shape, [shape[1] * shape[2] * 16, shape[2] * 16, 16, 1], [1, 1, BLOCK_N, 16], _ROW_KEYS_LAYOUT)
+        block = min(256, max(16, 1 << (shape[2] - 1).bit_length()))
+        qk_scale2 = softmax_scale * LOG2E
+        keys = (tuple(shape), PlannedLaunch(row_keys_kernel, (cdiv(shape[2], block), shape[1], shape[0]),
+                                            dict(BLOCK=block)),
+                (bias.stride(0) * b_on, bias.stride(1) * h_on, shape[2], qk_scale2, soft_row_key(qk_scale2)))
+    elif bias_full:  # in q's dtype, read in [64, BLOCK_N] boxes, one per consumer warpgroup
         shape, strides, b_on, h_on = bias_matrix_view(bias)
         bias_desc = (shape, strides, [1, HALF_M, BLOCK_N], _MATRIX_LAYOUT)
     elif bias is not None:  # launch.forward has converted it (launch._log2_bias_rows): float32, aligned rows
@@ -362,9 +390,9 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
                batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on, group, head_dim)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
-        BIAS_ROW=bias is not None and not bias_full, TAIL=product_tail(head_dim), BIAS_FULL=bias_full, VARLEN=varlen,
-        RAW=raw_scores(softmax_scale, bias, alibi_mode), num_warps=4))
-    return ForwardPlan(out_shape, lse_shape, 16 + grid[0] * 16, tuple(descs), scalars, launch)
+        BIAS_ROW=bias is not None and not bias_full and not row_keys, TAIL=product_tail(head_dim), BIAS_FULL=bias_full,
+        VARLEN=varlen, RAW=raw, ROW_KEYS=row_keys, num_warps=4))
+    return ForwardPlan(out_shape, lse_shape, 16 + grid[0] * 16, tuple(descs), scalars, launch, keys)
 
 
 def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
@@ -378,6 +406,11 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
     else:
         cu_q = cu_k = cu_tiles = tiles  # never read
     dq, dk, dv, do, db = plan.descs
+    if plan.row_keys is not None:  # the bias row as its per-key terms (row_keys_kernel)
+        shape, convert, args = plan.row_keys
+        keys = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        convert(bias, keys, *args)
+        bias = keys
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
                 out, cu_q, cu_k, cu_tiles, *plan.scalars)

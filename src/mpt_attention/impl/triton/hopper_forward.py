@@ -79,13 +79,16 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from mpt_attention.impl.triton.common import _log2_bias, encode_lse
+from mpt_attention.impl.triton.common import SOFT_SCORE, _log2_bias, encode_lse
 from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 # a barrier over the partition's warps: ``gl.thread_barrier`` in Triton 3.6, ``gl.barrier`` from 3.7
 _partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 _HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
+# the extension product's B operand: [BLOCK_N, 16] bfloat16 rows of 32 bytes (hopper.row_keys' copy-engine boxes)
+_EXT_B_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=4))
+_SOFT_ROW = gl.constexpr(-1.2379400392853803e27)  # -2^90: below it a row's maximum is a soft mask's (ROW_KEYS)
 _ROW_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
 
 
@@ -142,9 +145,9 @@ def _row_ahead(head_dim):
 @gluon.jit
 def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty,
                     k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
-                    seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, IS_CAUSAL: gl.constexpr,
+                    seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b, IS_CAUSAL: gl.constexpr,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr,
-                    VARLEN: gl.constexpr):
+                    VARLEN: gl.constexpr, ROW_KEYS: gl.constexpr):
     """One warp: per tile, its Q into buffer ``round % 2`` (buffer 0 with one, ``_q_buffers``) once the
     consumers have stored the output of the tile that used the buffer before, then K_j and V_j into stage
     ``g % 2`` (``g`` counts key blocks over all of the program's tiles) as soon as the consumers have released
@@ -152,10 +155,12 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     in (B, S, H, D), packed sequences (``VARLEN``) as [0, first row + row, head, 0] in (1, T, H, D): rows past a
     sequence's end are its neighbour's, masked as keys and never stored as queries. With ``BIAS_FULL`` the bias
     tile of K_j's block rides with K_j: one [64, BLOCK_N] box per consumer, at row ``b * bias_b_on + h *
-    bias_h_on`` of the (B' * H', S_q, S_k) matrix."""
+    bias_h_on`` of the (B' * H', S_q, S_k) matrix. With ``ROW_KEYS`` the bias row's key terms of K_j's block
+    (``hopper.row_keys``: [BLOCK_N, 16]) ride with K_j into ``ext_b``'s stage."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
-    k_bytes: gl.constexpr = kv_bytes + (2 * _HALF_M * bias_bytes if BIAS_FULL else 0)
+    k_bytes: gl.constexpr = kv_bytes + (2 * _HALF_M * bias_bytes if BIAS_FULL else 0) + (
+        BLOCK_N * 16 * 2 if ROW_KEYS else 0)
     Q_BUFS: gl.constexpr = _q_buffers(HEAD_DIM, BIAS_FULL)
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
     n_tiles = n_forward_tiles(n_m, n_bh, n_heads, CuTiles, VARLEN)
@@ -201,6 +206,9 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
             mbarrier.expect(k_ready.index(stage), k_bytes)
             tma.async_copy_global_to_shared(k_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], k_ready.index(stage),
                                             k_smem.index(stage))
+            if ROW_KEYS:
+                tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, j * BLOCK_N, 0],
+                                                k_ready.index(stage), ext_b.index(stage))
             if BIAS_FULL:
                 for half in gl.static_range(2):
                     tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on + h * bias_h_on,
@@ -383,12 +391,36 @@ def _key_positions(kx, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _issue_scores(q, k_rows, ext, kx, zero, MAIN: gl.constexpr, TAIL: gl.constexpr, ALIBI_MMA: gl.constexpr):
-    """Issue a block's scores (``issue_over_d``), then with ``ALIBI_MMA`` the extension product that adds ALiBi's
-    block-relative columns (``_alibi_operand``) into the same accumulator."""
+def _ones_operand(ext_a):
+    """Fill ``ext_a`` ([64, 16] in shared memory) with rows ``[1, 1, 1, 0, ...]``: against ``hopper.row_keys``' rows
+    of a bias row's key terms ``[t_hi, t_mid, t_lo, 0, ...]`` the extension product adds each key's term."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
+    k = gl.arange(0, 16, layout=gl.SliceLayout(0, layout))[None, :] + gl.zeros([_HALF_M, 16], gl.int32, layout)
+    ext_a.store(gl.where(k < 3, 1.0, 0.0).to(ext_a.dtype))
+    fence_async_shared()
+    _partition_barrier()
+
+
+@gluon.jit
+def _ext_keys(ext_b, half, stage, BLOCK_N: gl.constexpr, ROW_KEYS: gl.constexpr):
+    """The [BLOCK_N, 16] B operand of a block's extension product: the bias row's key terms in K's ``stage``
+    (``ROW_KEYS``), else this consumer's key positions (``_key_positions``)."""
+    if ROW_KEYS:
+        return ext_b.index(stage).reshape([BLOCK_N, 16])
+    else:
+        return ext_b.index(half).reshape([BLOCK_N, 16])
+
+
+@gluon.jit
+def _issue_scores(q, k_rows, ext_a, ext_b, half, stage, zero, MAIN: gl.constexpr, TAIL: gl.constexpr,
+                  EXT: gl.constexpr, ROW_KEYS: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Issue a block's scores (``issue_over_d``), then with ``EXT`` the extension product ``ext_a @ keys^T``
+    (``_ext_keys``) that adds per-key terms (ALiBi's block-relative columns, ``_alibi_operand``, or a bias row's,
+    ``_ones_operand``) into the same accumulator."""
     tok = issue_over_d(q, k_rows, zero, MAIN, TAIL)
-    if ALIBI_MMA:
-        tok = warpgroup_mma(ext, kx.permute((1, 0)), tok, is_async=True)
+    if EXT:
+        tok = warpgroup_mma(ext_a, _ext_keys(ext_b, half, stage, BLOCK_N, ROW_KEYS).permute((1, 0)), tok,
+                            is_async=True)
     return tok
 
 
@@ -405,11 +437,11 @@ def store_rows(Out, vals, first_row, n_rows, h, stride_os, stride_oh, col0, head
 
 
 @gluon.jit
-def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, kx_full, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
+def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
                    Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
                    qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr,
-                   BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr):
+                   BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr, ROW_KEYS: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
     landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``
     (``VARLEN``: a sequence's last rows from registers, ``store_rows``). With a ``TAIL`` the output is two
@@ -426,9 +458,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, kx_full, k_ready, k
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     HAS_COLS: gl.constexpr = (BIAS_ROW or ALIBI == 1) and not RAW
     ALIBI_MMA: gl.constexpr = RAW and ALIBI == 1
-    kx = kx_full  # (without ALIBI_MMA: never read)
-    if ALIBI_MMA:
-        kx = kx_full.slice(0, BLOCK_N)
+    EXT: gl.constexpr = ALIBI_MMA or ROW_KEYS  # an extension product adds per-key terms to the scores
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
     ROW_FIRST: gl.constexpr = ROW_AHEAD and BIAS_ROW  # a slice to read before the block's first product
 
@@ -452,10 +482,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, kx_full, k_ready, k
     first_pos = row0 + diag  # this warpgroup's first query position (symmetric ALiBi's block sides)
     s_zero = gl.zeros([_HALF_M, BLOCK_N], gl.float32, s_layout)
     alibi_cols = slope2 * offs_n.to(gl.float32)
-    ext = s_zero  # (without ALIBI_MMA: never read)
     if ALIBI_MMA:
-        ext = kx_full.slice(BLOCK_N, _HALF_M)
-        ext.store(_alibi_operand(slope2 / qk_scale2))
+        ext_a.store(_alibi_operand(slope2 / qk_scale2))
         fence_async_shared()
         _partition_barrier()  # every warp's rows written before the warpgroup's first product reads them
     q = q3.reshape([_HALF_M, HEAD_DIM])
@@ -466,8 +494,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, kx_full, k_ready, k
     if ROW_AHEAD:  # block 0's slice came with Q; read before any product is issued (see the loop)
         col_terms = _col_terms(alibi_cols, bias_smem, 2 + buf, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
     mbarrier.wait(k_ready.index(stage0), phase0)
-    s_tok = _issue_scores(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]), ext, kx, s_zero, MAIN, TAIL,
-                          ALIBI_MMA)
+    s_tok = _issue_scores(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]), ext_a, ext_b, half, stage0, s_zero,
+                          MAIN, TAIL, EXT, ROW_KEYS, BLOCK_N)
     s = warpgroup_mma_wait(0, deps=[s_tok])
     tile_terms = _tile_terms(bias_smem, 2 * stage0 + half, s_layout, s_zero, BIAS_FULL)
     mbarrier.arrive(k_empty.index(stage0))
@@ -502,8 +530,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, kx_full, k_ready, k
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
             col_terms = _col_terms(alibi_cols, bias_smem, prev, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
         mbarrier.wait(k_ready.index(stage), ((g + j) >> 1) & 1)
-        s_tok = _issue_scores(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), ext, kx, s_zero, MAIN, TAIL,
-                              ALIBI_MMA)
+        s_tok = _issue_scores(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), ext_a, ext_b, half, stage,
+                              s_zero, MAIN, TAIL, EXT, ROW_KEYS, BLOCK_N)
         if not ROW_FIRST:
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
         v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
@@ -571,7 +599,9 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, kx_full, k_ready, k
                            head_dim, t_layout)
     else:
         store_through_buffer(q, q3, out, out_t, o_desc, b, row0, h, MAIN, TAIL)
-    lse = encode_lse(m_i, l_i, BIAS_ROW or BIAS_FULL)  # a soft-masked row keeps its key count
+    if ROW_KEYS:  # a soft-masked row's maximum is SOFT_SCORE times (scale / its power of 2): hopper.row_keys
+        m_i = gl.where(m_i < _SOFT_ROW, SOFT_SCORE, m_i)
+    lse = encode_lse(m_i, l_i, BIAS_ROW or BIAS_FULL or ROW_KEYS)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
     tma.store_wait(0)
 
@@ -592,16 +622,19 @@ def store_through_buffer(q, q3, out, out_t, o_desc, b, row, h, MAIN: gl.constexp
 
 
 @gluon.jit
-def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, kx_smem, q_ready, q_empty, k_ready, k_empty,
+def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready, k_empty,
                         v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q,
                         seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr,
                         ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
-                        TAIL: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr):
+                        TAIL: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr,
+                        ROW_KEYS: gl.constexpr):
     """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
-    kx = kx_smem.index(half)
+    my_ext_a = ext_a.index(half)
     if RAW and ALIBI == 1:
-        _key_positions(kx.slice(0, BLOCK_N), BLOCK_N)
+        _key_positions(ext_b.index(half).reshape([BLOCK_N, 16]), BLOCK_N)
+    if ROW_KEYS:
+        _ones_operand(my_ext_a)
     g = 0
     r = 0
     n_blocks = 1
@@ -611,10 +644,11 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, kx_smem,
         info = info_slot(Tiles, buf)
         n_blocks = gl.load(info + 3, volatile=True)
         if n_blocks > 0:
-            _consumer_tile(half, q_smem.index(2 * buf + half), buf, k_smem, v_smem, bias_smem, kx, k_ready, k_empty,
+            _consumer_tile(half, q_smem.index(2 * buf + half), buf, k_smem, v_smem, bias_smem, my_ext_a, ext_b,
+                           k_ready, k_empty,
                            v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh,
                            seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL, ALIBI,
-                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW)
+                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS)
             # after the tile's output store has completed (tma.store_wait)
             mbarrier.arrive(q_empty.index(buf))
             g += n_blocks
@@ -628,7 +662,7 @@ def _hopper_fwd_kernel(
     n_heads, n_groups, n_bh, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group, head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0, BIAS_FULL: gl.constexpr = False, VARLEN: gl.constexpr = False,
-    RAW: gl.constexpr = False,
+    RAW: gl.constexpr = False, ROW_KEYS: gl.constexpr = False,
 ):
     """Persistent: each program runs query tiles of 128 rows (``hopper_tiles.forward_tile``: ``n_m`` per (batch,
     head) row, ``n_bh`` rows; ``VARLEN``: ``n_bh`` = sequences * heads, tiles counted by ``CuTiles``) until none is
@@ -665,11 +699,18 @@ def _hopper_fwd_kernel(
         bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [4, 1, _HALF_M, BLOCK_N], bias_desc.layout)
     else:
         bias_smem = v_smem  # never read
-    if RAW and ALIBI == 1:  # each consumer's key positions for the ALiBi extension product (_key_positions)
-        kx_smem = gl.allocate_shared_memory(gl.bfloat16, [2, 2 * BLOCK_N, 16],
-                                            gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2))
+    # the extension product's operands (RAW): A per consumer (ALiBi's slope parts, or ones against a bias row's
+    # terms), B per consumer (ALiBi: the key positions) or per K stage (ROW_KEYS: the row's terms, with K)
+    if (RAW and ALIBI == 1) or ROW_KEYS:
+        ext_a = gl.allocate_shared_memory(gl.bfloat16, [2, _HALF_M, 16],
+                                          gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2))
+        if ROW_KEYS:  # the copy engine's boxes: the descriptor's layout (hopper._ROW_KEYS_LAYOUT, the same)
+            ext_b = gl.allocate_shared_memory(gl.bfloat16, [2, 1, 1, BLOCK_N, 16], bias_desc.layout)
+        else:
+            ext_b = gl.allocate_shared_memory(gl.bfloat16, [2, 1, 1, BLOCK_N, 16], _EXT_B_LAYOUT)
     else:
-        kx_smem = v_smem  # never read
+        ext_a = v_smem  # never read
+        ext_b = v_smem
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
@@ -686,18 +727,20 @@ def _hopper_fwd_kernel(
 
     gl.warp_specialize(
         [
-            (_consumer_partition, (0, Tiles, q_smem, k_smem, v_smem, bias_smem, kx_smem, q_ready, q_empty, k_ready,
+            (_consumer_partition, (0, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                    k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                    stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
-                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW)),
-            (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, kx_smem, q_ready, q_empty, k_ready,
+                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
+                                   ROW_KEYS)),
+            (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                    k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                    stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
-                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW)),
+                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
+                                   ROW_KEYS)),
             (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK,
-                               IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN)),
+                               ext_b, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS)),
         ],
         [4, 1], [240, 24],
     )
