@@ -79,7 +79,8 @@ from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_T
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
-from mpt_attention.impl.triton.hopper_forward import issue_over_d, main_cols, store_rows, store_through_buffer
+from mpt_attention.impl.triton.hopper_forward import store_rows, store_through_buffer
+from mpt_attention.impl.triton.hopper_scores import issue_over_d, main_cols
 from mpt_attention.impl.triton.hopper_tiles import packed_tile, sequence_of, tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)

@@ -28,16 +28,16 @@ blocks) tells the consumers to stop. Counting key blocks over all of a program's
 lives in stage g % 2 and its barriers' phase is (g // 2) % 2. Against one program per tile: +8% at
 B8 S2048, +9% at D64, -2% at S8192 (session 12, benchmarks/NOTES.md).
 
-Softmax (``RAW``, a positive scale without a bias): each row's maximum is taken over the unscaled scores and the
-scale enters every exponential's fused multiply-add, ``exp2(s * c - m)`` (FA3's form: no separate scaling pass,
-64 instructions fewer per thread and block). Causal ALiBi's column term, slope * (j - first key of the block),
-joins the scores in the tensor core: a k=16 product of a per-tile operand ``[c_hi, c_mid, c_lo, 0...]`` (c = slope /
-scale in three bfloat16 parts) against constant rows ``[n, n, n, 0...]`` (the key's place in its block), accumulated
-onto Q K^T (``_alibi_operand``). Against the scaled maxima with the column in each score's FMA: no bias +2-4%,
-ALiBi +2-5% at D64 and +0-2% at D128, where the extra product is 1/16 of the block's tensor-core work
-(benchmarks/NOTES.md session 35). A zero or negative scale keeps the scaled maxima.
+Scores (``hopper_scores``): with a positive scale and per-key terms a tensor-core product can add (none, causal
+ALiBi, or a bias row without ALiBi: ``RAW``, ``hopper.raw_scores``) the terms join Q K^T through a k=16 extension
+product and the row maximum is taken over the unscaled scores, the scale entering each exponential's fused
+multiply-add (FA3's form). Against scaling every score and adding its terms in an FMA: no bias +2-4%, ALiBi +2-5%
+at D64 and +0-2% at D128 (the extra product is 1/17 of a block's tensor-core work there), the bias row +4-6% at
+D64 and +1-4% at D128 (benchmarks/NOTES.md session 35). Otherwise the scores are scaled first.
 
-A bias row over keys (MPT's ``(1, H, 1, S_k)`` tensor, any ``(B|1, H|1, 1, S_k)``) rides with V, into
+A bias row over keys (MPT's ``(1, H, 1, S_k)`` tensor, any ``(B|1, H|1, 1, S_k)``) with ``RAW`` (``ROW_KEYS``):
+its per-key terms (``common.row_keys_kernel``, [BLOCK_N, 16] per block) ride with K_j into a stage of their own.
+Otherwise (with ALiBi, or a scale the extension cannot take) the row, as float32 log2 units, rides with V, into
 a slot beside V's stage under V's barrier, and is added in the softmax's fused multiply-add with the
 scale. Which block's slice rides with V_j depends on the head dim (``_row_ahead``):
 - D64: block j+1's (block 0's comes with the tile's Q). The consumer reads block j's slice at the top of
@@ -79,45 +79,15 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from mpt_attention.impl.triton.common import SOFT_SCORE, _log2_bias, encode_lse
+from mpt_attention.impl.triton.common import SOFT_SCORE, encode_lse
+from mpt_attention.impl.triton.hopper_dq import partition_barrier
+from mpt_attention.impl.triton.hopper_scores import EXT_B_LAYOUT, HALF_M, alibi_operand, alibi_side, issue_scores
+from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
+from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
 from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles
 
 _LOG2E = gl.constexpr(1.4426950408889634)
-# a barrier over the partition's warps: ``gl.thread_barrier`` in Triton 3.6, ``gl.barrier`` from 3.7
-_partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-_HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
-# the extension product's B operand: [BLOCK_N, 16] bfloat16 rows of 32 bytes (hopper.row_keys' copy-engine boxes)
-_EXT_B_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=4))
 _SOFT_ROW = gl.constexpr(-1.2379400392853803e27)  # -2^90: below it a row's maximum is a soft mask's (ROW_KEYS)
-_ROW_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
-
-
-@gluon.jit
-def _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL: gl.constexpr,
-            ALIBI: gl.constexpr, HAS_COLS: gl.constexpr, BIAS_FULL: gl.constexpr, APPLY_MASK: gl.constexpr,
-            RAW: gl.constexpr = False):
-    """Log2-domain scores of one ``[64, BLOCK_N]`` tile, the formula of common.score_tile except that
-    the per-key terms arrive as one vector ``col_terms`` (``HAS_COLS``): the bias row, and MPT's causal
-    ALiBi slope * (j - (S_k - 1)) as slope * (j - first key of the block), so one fused multiply-add per
-    score; the ALiBi block's constant rides on the row maximum. ``tile_terms`` (``BIAS_FULL``): the block's
-    bias tile in log2 units. ``RAW``: the masks alone, the scores left unscaled."""
-    if RAW:
-        s = s
-    elif HAS_COLS:
-        s = s * qk_scale2 + col_terms[None, :]
-    else:
-        s = s * qk_scale2
-    if BIAS_FULL:
-        s = s + tile_terms
-    if ALIBI == 2:  # symmetric: -slope * |i - j|, query i at absolute position i + diag
-        dist = rows[:, None] + diag - cols[None, :]
-        s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
-    if APPLY_MASK:
-        keep = (cols < seqlen_k)[None, :]
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + diag)
-        s = gl.where(keep, s, float("-inf"))
-    return s
 
 
 @gluon.constexpr_function
@@ -156,10 +126,10 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     sequence's end are its neighbour's, masked as keys and never stored as queries. With ``BIAS_FULL`` the bias
     tile of K_j's block rides with K_j: one [64, BLOCK_N] box per consumer, at row ``b * bias_b_on + h *
     bias_h_on`` of the (B' * H', S_q, S_k) matrix. With ``ROW_KEYS`` the bias row's key terms of K_j's block
-    (``hopper.row_keys``: [BLOCK_N, 16]) ride with K_j into ``ext_b``'s stage."""
+    (``common.row_keys_kernel``: [BLOCK_N, 16]) ride with K_j into ``ext_b``'s stage."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
-    k_bytes: gl.constexpr = kv_bytes + (2 * _HALF_M * bias_bytes if BIAS_FULL else 0) + (
+    k_bytes: gl.constexpr = kv_bytes + (2 * HALF_M * bias_bytes if BIAS_FULL else 0) + (
         BLOCK_N * 16 * 2 if ROW_KEYS else 0)
     Q_BUFS: gl.constexpr = _q_buffers(HEAD_DIM, BIAS_FULL)
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
@@ -190,14 +160,14 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
             gl.store(info + 6, len_q)
             gl.store(info + 7, len_k)
         if BIAS_ROW and ROW_AHEAD:  # block 0's bias slice comes with Q, into slot 2 + buf
-            mbarrier.expect(q_ready.index(buf), 2 * _HALF_M * HEAD_DIM * 2 + bias_bytes)
+            mbarrier.expect(q_ready.index(buf), 2 * HALF_M * HEAD_DIM * 2 + bias_bytes)
             tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, 0], q_ready.index(buf),
                                             bias_smem.index(2 + buf))
         else:
-            mbarrier.expect(q_ready.index(buf), 2 * _HALF_M * HEAD_DIM * 2)
+            mbarrier.expect(q_ready.index(buf), 2 * HALF_M * HEAD_DIM * 2)
         tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m, h, 0], q_ready.index(buf),
                                         q_smem.index(2 * buf))
-        tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m + _HALF_M, h, 0], q_ready.index(buf),
+        tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m + HALF_M, h, 0], q_ready.index(buf),
                                         q_smem.index(2 * buf + 1))
         for j in range(n_blocks):
             stage = (g + j) & 1
@@ -212,7 +182,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
             if BIAS_FULL:
                 for half in gl.static_range(2):
                     tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on + h * bias_h_on,
-                                                                start_m + half * _HALF_M, j * BLOCK_N],
+                                                                start_m + half * HALF_M, j * BLOCK_N],
                                                     k_ready.index(stage), bias_smem.index(2 * stage + half))
             mbarrier.wait(v_empty.index(stage), free_phase)
             row_block = j  # the block whose bias slice rides with V_j, into V's stage's slot
@@ -237,209 +207,21 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
 
 
 @gluon.jit
-def _alibi_side(start_n, first_row, BLOCK_N: gl.constexpr):
-    """Where key block ``start_n`` lies against a consumer's query positions ``[first_row, first_row + 64)``
-    (absolute: row + S_k - S_q), for symmetric ALiBi: 1.0 if every key is at or before every position, -1.0 if at
-    or after, 0.0 across (at most two blocks per consumer and tile)."""
-    side = 0.0
-    if start_n + BLOCK_N - 1 <= first_row:
-        side = 1.0
-    elif start_n >= first_row + _HALF_M - 1:
-        side = -1.0
-    return side
-
-
-@gluon.jit
-def _softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, side, tile_terms, qk_scale2, slope2, diag,
-                  seqlen_k, masked, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr,
-                  BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr, RAW: gl.constexpr):
-    """Online-softmax update for the score tile of key block ``start_n``: ``(p, alpha, m_new, l_new)``.
-    Scores stay relative to the block's ALiBi ``shift`` (causal: one constant; symmetric: one per row);
-    ``m`` is absolute.
-
-    Symmetric ALiBi, -slope * |i + diag - j|, on a block wholly on one ``side`` of the rows' positions (``_alibi_side``)
-    is side * slope * (j - start_n) + side * slope * (start_n - i - diag): a column term and a per-row shift, one
-    fused multiply-add per score as in the causal form. Per score (an integer distance, its absolute value and its
-    conversion to float: three more instructions) a block cost 41% more than with causal ALiBi (session 11); only
-    blocks across the diagonal and the last partial block take that form now: the non-causal ALiBi forward 1.15-1.28x
-    (benchmarks/NOTES.md session 27). Not beside a bias matrix, whose tile left no registers for the split."""
-    cols = start_n + offs_n
-    shift = 0.0
-    if RAW:
-        # raw scores (with ALiBi's block-relative columns from the extension product, ``_alibi_operand``): the
-        # maximum is taken before scaling, and the scale enters each exponential's fused multiply-add
-        if masked:
-            s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, 0,
-                        False, False, True, RAW)
-        if ALIBI == 1:
-            shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale2 + shift)
-        m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_ref)
-        p = gl.exp2(gl.fma(s, qk_scale2, (shift - m_ref)[:, None]))
-        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
-    if ALIBI == 2 and not BIAS_FULL:
-        if masked:  # the last partial block takes the per-score form whatever its side
-            side = 0.0
-        shift = side * slope2 * (start_n - diag - rows).to(gl.float32)
-        if side == 0.0:
-            s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
-                        HAS_COLS, BIAS_FULL, True)
-        else:
-            if BIAS_ROW:
-                side_cols = col_terms + side * alibi_cols
-            else:
-                side_cols = side * alibi_cols
-            s = _scores(s, rows, cols, side_cols, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, 0,
-                        True, BIAS_FULL, False)
-    else:
-        if masked:
-            s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
-                        HAS_COLS, BIAS_FULL, True)
-        else:
-            s = _scores(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, ALIBI,
-                        HAS_COLS, BIAS_FULL, False)
-        if ALIBI == 1:
-            shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
-    m_new = gl.maximum(m_i, gl.max(s, 1) + shift)
-    # A row that has seen only masked keys (or -inf bias) keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
-    m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.exp2(m_i - m_ref)
-    p = gl.exp2(s - (m_ref - shift)[:, None])
-    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
-
-
-@gluon.jit
-def _col_terms(alibi_cols, bias_smem, slot, col_layout: gl.constexpr, ALIBI: gl.constexpr, BIAS_ROW: gl.constexpr,
-               BLOCK_N: gl.constexpr):
-    """The per-key vector of a block's scores (log2 units): its bias slice, read from ``slot`` (landed:
-    the caller has waited for the barrier it came under), plus the block-relative causal ALiBi columns."""
-    terms = alibi_cols
-    if BIAS_ROW:
-        # unswizzled (swizzle_byte_width=0), so the [1, 1, BLOCK_N] box is a plain row of BLOCK_N values
-        row = bias_smem.index(slot)._reinterpret(bias_smem.dtype, [BLOCK_N], _ROW_LAYOUT)
-        bias2 = row.load(col_layout)  # float32, log2 units already (launch._log2_bias_rows)
-        if ALIBI == 1:
-            terms = alibi_cols + bias2
-        else:
-            terms = bias2
-    return terms
-
-
-@gluon.jit
-def _tile_terms(bias_smem, slot, s_layout: gl.constexpr, none, BIAS_FULL: gl.constexpr):
-    """The bias tile of a block in log2 units, read from ``slot`` (landed: it came with K), in the score
-    tile's layout; ``none`` without ``BIAS_FULL``."""
-    if BIAS_FULL:
-        raw = bias_smem.index(slot).reshape([_HALF_M, bias_smem.shape[-1]]).load(s_layout)
-        return _log2_bias(raw)  # -inf stays, MPT's finfo.min becomes the soft mask (common.py)
-    else:
-        return none
-
-
-@gluon.constexpr_function
-def main_cols(head_dim, tail):
-    """Columns of the tile in the products' first piece: all of them, or 64 with a ``tail`` of 16 or 32 after
-    (also hopper_backward's)."""
-    return head_dim if tail == 0 else 64
-
-
-@gluon.jit
-def issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr):
-    """Issue ``a @ b_rows^T`` (async), contracting the tiles' D columns: all of them, or ``MAIN`` (64) and a
-    ``TAIL`` (16, 32) chained after, where the rest are the copy engine's zeros (D 72-96: they take no
-    tensor-core time). Also hopper_backward's S^T and dP^T."""
-    if TAIL == 0:
-        tok = warpgroup_mma(a, b_rows.permute((1, 0)), zero, use_acc=False, is_async=True)
-    else:
-        tok = warpgroup_mma(a.slice(0, MAIN, dim=1), b_rows.slice(0, MAIN, dim=1).permute((1, 0)), zero,
-                            use_acc=False, is_async=True)
-        tok = warpgroup_mma(a.slice(MAIN, TAIL, dim=1), b_rows.slice(MAIN, TAIL, dim=1).permute((1, 0)), tok,
-                            is_async=True)
-    return tok
-
-
-@gluon.jit
-def _alibi_operand(c):
-    """The [64, 16] A operand of the scores' extension product (``RAW`` with causal ALiBi; each consumer writes it
-    to shared memory once per tile): every row ``[c_hi, c_mid, c_lo, 0, ...]``, ``c`` (ALiBi's slope over the
-    scale, per key) split into three bfloat16 parts whose sum is ``c`` to float32's precision (bfloat16 whatever
-    q's dtype: float32's range; the product is one of its own, accumulating in float32 like the main one). Against
-    ``_key_positions``' rows ``[n, n, n, 0, ...]`` (exact small integers) it adds ``c * n`` to the raw score of the
-    block's key ``n``: the tensor core adds ALiBi's column term instead of a fused multiply-add per score. Held in
-    registers through the key loop instead, its 4 registers made the D128 loop spill (benchmarks/NOTES.md
-    session 35)."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
-    hi = c.to(gl.bfloat16).to(gl.float32)
-    rest = c - hi
-    mid = rest.to(gl.bfloat16).to(gl.float32)
-    lo = rest - mid
-    k = gl.arange(0, 16, layout=gl.SliceLayout(0, layout))[None, :] + gl.zeros([_HALF_M, 16], gl.int32, layout)
-    return gl.where(k == 0, hi, gl.where(k == 1, mid, gl.where(k == 2, lo, 0.0))).to(gl.bfloat16)
-
-
-@gluon.jit
-def _key_positions(kx, BLOCK_N: gl.constexpr):
-    """Fill ``kx`` ([BLOCK_N, 16] in shared memory) with rows ``[n, n, n, 0, ...]``, n the key's place in its block
-    (``_alibi_operand``), for this warpgroup's products to read."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [4, 1], [1, 0])
-    n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))[:, None] + gl.zeros([BLOCK_N, 16], gl.int32, layout)
-    k = gl.arange(0, 16, layout=gl.SliceLayout(0, layout))[None, :] + gl.zeros([BLOCK_N, 16], gl.int32, layout)
-    kx.store(gl.where(k < 3, n, 0).to(kx.dtype))
-    fence_async_shared()
-    _partition_barrier()
-
-
-@gluon.jit
-def _ones_operand(ext_a):
-    """Fill ``ext_a`` ([64, 16] in shared memory) with rows ``[1, 1, 1, 0, ...]``: against ``hopper.row_keys``' rows
-    of a bias row's key terms ``[t_hi, t_mid, t_lo, 0, ...]`` the extension product adds each key's term."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0])
-    k = gl.arange(0, 16, layout=gl.SliceLayout(0, layout))[None, :] + gl.zeros([_HALF_M, 16], gl.int32, layout)
-    ext_a.store(gl.where(k < 3, 1.0, 0.0).to(ext_a.dtype))
-    fence_async_shared()
-    _partition_barrier()
-
-
-@gluon.jit
-def _ext_keys(ext_b, half, stage, BLOCK_N: gl.constexpr, ROW_KEYS: gl.constexpr):
-    """The [BLOCK_N, 16] B operand of a block's extension product: the bias row's key terms in K's ``stage``
-    (``ROW_KEYS``), else this consumer's key positions (``_key_positions``)."""
-    if ROW_KEYS:
-        return ext_b.index(stage).reshape([BLOCK_N, 16])
-    else:
-        return ext_b.index(half).reshape([BLOCK_N, 16])
-
-
-@gluon.jit
-def _issue_scores(q, k_rows, ext_a, ext_b, half, stage, zero, MAIN: gl.constexpr, TAIL: gl.constexpr,
-                  EXT: gl.constexpr, ROW_KEYS: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Issue a block's scores (``issue_over_d``), then with ``EXT`` the extension product ``ext_a @ keys^T``
-    (``_ext_keys``) that adds per-key terms (ALiBi's block-relative columns, ``_alibi_operand``, or a bias row's,
-    ``_ones_operand``) into the same accumulator."""
-    tok = issue_over_d(q, k_rows, zero, MAIN, TAIL)
-    if EXT:
-        tok = warpgroup_mma(ext_a, _ext_keys(ext_b, half, stage, BLOCK_N, ROW_KEYS).permute((1, 0)), tok,
-                            is_async=True)
-    return tok
-
-
-@gluon.jit
 def store_rows(Out, vals, first_row, n_rows, h, stride_os, stride_oh, col0, head_dim, layout: gl.constexpr):
     """Rows ``[first_row, first_row + n_rows)`` of head ``h`` of a packed (T, H, D) output from ``vals`` ([64, width]
     in ``layout``, columns from ``col0``; those past ``head_dim`` dropped): plain masked stores for packed sequences,
     where a copy-engine box of a sequence's last tile would overwrite the next sequence's rows (also the dK/dV
     kernel's dK and dV, 64 keys per consumer)."""
-    rows = gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, layout))
+    rows = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, layout))
     cols = col0 + gl.arange(0, vals.shape[1], layout=gl.SliceLayout(0, layout))
     ptrs = Out + (first_row + rows).to(gl.int64)[:, None] * stride_os + h.to(gl.int64) * stride_oh + cols[None, :]
     gl.store(ptrs, vals, mask=(rows < n_rows)[:, None] & (cols < head_dim)[None, :])
 
 
 @gluon.jit
-def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_ready, k_empty, v_ready, v_empty, o_desc, Lse,
-                   Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k,
-                   qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
+def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_ready, k_empty, v_ready, v_empty, o_desc,
+                   Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2,
+                   Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr,
                    BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr, ROW_KEYS: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
@@ -475,49 +257,49 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     slope2 = 0.0
     if ALIBI != 0:
         slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32) * _LOG2E
-    row0 = start_m + half * _HALF_M
-    rows = row0 + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, s_layout))
+    row0 = start_m + half * HALF_M
+    rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     diag = seqlen_k - seqlen_q
     first_pos = row0 + diag  # this warpgroup's first query position (symmetric ALiBi's block sides)
-    s_zero = gl.zeros([_HALF_M, BLOCK_N], gl.float32, s_layout)
+    s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
     alibi_cols = slope2 * offs_n.to(gl.float32)
     if ALIBI_MMA:
-        ext_a.store(_alibi_operand(slope2 / qk_scale2))
+        ext_a.store(alibi_operand(slope2 / qk_scale2))
         fence_async_shared()
-        _partition_barrier()  # every warp's rows written before the warpgroup's first product reads them
-    q = q3.reshape([_HALF_M, HEAD_DIM])
+        partition_barrier()  # every warp's rows written before the warpgroup's first product reads them
+    q = q3.reshape([HALF_M, HEAD_DIM])
 
     # block 0 (the launcher guarantees every tile at least one block)
     stage0 = g & 1
     phase0 = (g >> 1) & 1
     if ROW_AHEAD:  # block 0's slice came with Q; read before any product is issued (see the loop)
-        col_terms = _col_terms(alibi_cols, bias_smem, 2 + buf, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+        col_terms = read_col_terms(alibi_cols, bias_smem, 2 + buf, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
     mbarrier.wait(k_ready.index(stage0), phase0)
-    s_tok = _issue_scores(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]), ext_a, ext_b, half, stage0, s_zero,
-                          MAIN, TAIL, EXT, ROW_KEYS, BLOCK_N)
+    s_tok = issue_scores(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]), ext_a, ext_b, half, stage0, s_zero,
+                         MAIN, TAIL, EXT, ROW_KEYS, BLOCK_N)
     s = warpgroup_mma_wait(0, deps=[s_tok])
-    tile_terms = _tile_terms(bias_smem, 2 * stage0 + half, s_layout, s_zero, BIAS_FULL)
+    tile_terms = read_tile_terms(bias_smem, 2 * stage0 + half, s_layout, s_zero, BIAS_FULL)
     mbarrier.arrive(k_empty.index(stage0))
-    m_i = gl.full([_HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([_HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
+    m_i = gl.full([HALF_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
     if not ROW_AHEAD:
         if BIAS_ROW:
             mbarrier.wait(v_ready.index(stage0), phase0)
-        col_terms = _col_terms(alibi_cols, bias_smem, stage0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+        col_terms = read_col_terms(alibi_cols, bias_smem, stage0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
     side = 0.0
     if ALIBI == 2:
-        side = _alibi_side(0, first_pos, BLOCK_N)
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, alibi_cols, side, tile_terms, qk_scale2,
-                                       slope2, diag, seqlen_k, lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW,
-                                       BIAS_FULL, RAW)
+        side = alibi_side(0, first_pos, BLOCK_N)
+    p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, alibi_cols, side, tile_terms, qk_scale2,
+                                      slope2, diag, seqlen_k, lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW,
+                                      BIAS_FULL, RAW)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
-    acc = gl.zeros([_HALF_M, MAIN], gl.float32, o_layout)
+    acc = gl.zeros([HALF_M, MAIN], gl.float32, o_layout)
     if TAIL > 0:
         t_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, TAIL, 16])
         t_rows: gl.constexpr = gl.SliceLayout(1, t_layout)
-        acc_t = gl.zeros([_HALF_M, TAIL], gl.float32, t_layout)
+        acc_t = gl.zeros([HALF_M, TAIL], gl.float32, t_layout)
 
     for j in range(1, n_blocks):
         stage = (g + j) & 1
@@ -528,10 +310,10 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
             # the softmax's first use of the slice then held the consumers for 9% of their stall samples (ncu),
             # and row / slopes was 0.93 against 0.95-0.97 read first (benchmarks/NOTES.md session 26)
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
-            col_terms = _col_terms(alibi_cols, bias_smem, prev, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+            col_terms = read_col_terms(alibi_cols, bias_smem, prev, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
         mbarrier.wait(k_ready.index(stage), ((g + j) >> 1) & 1)
-        s_tok = _issue_scores(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), ext_a, ext_b, half, stage,
-                              s_zero, MAIN, TAIL, EXT, ROW_KEYS, BLOCK_N)
+        s_tok = issue_scores(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), ext_a, ext_b, half, stage,
+                             s_zero, MAIN, TAIL, EXT, ROW_KEYS, BLOCK_N)
         if not ROW_FIRST:
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
         v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
@@ -541,18 +323,18 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
             acc_tok = warpgroup_mma(p_op, v.slice(0, MAIN, dim=1), acc, is_async=True)
             acc_t_tok = warpgroup_mma(p_op, v.slice(MAIN, TAIL, dim=1), acc_t, is_async=True)
         s = warpgroup_mma_wait(N_PV, deps=[s_tok])
-        tile_terms = _tile_terms(bias_smem, 2 * stage + half, s_layout, s_zero, BIAS_FULL)
+        tile_terms = read_tile_terms(bias_smem, 2 * stage + half, s_layout, s_zero, BIAS_FULL)
         mbarrier.arrive(k_empty.index(stage))
         if not ROW_AHEAD:
             if BIAS_ROW:  # block j's slice comes with V_j
                 mbarrier.wait(v_ready.index(stage), ((g + j) >> 1) & 1)
-            col_terms = _col_terms(alibi_cols, bias_smem, stage, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
+            col_terms = read_col_terms(alibi_cols, bias_smem, stage, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
         side = 0.0
         if ALIBI == 2:
-            side = _alibi_side(j * BLOCK_N, first_pos, BLOCK_N)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, alibi_cols, side,
-                                           tile_terms, qk_scale2, slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked,
-                                           IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW, BIAS_FULL, RAW)
+            side = alibi_side(j * BLOCK_N, first_pos, BLOCK_N)
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, alibi_cols, side,
+                                          tile_terms, qk_scale2, slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked,
+                                          IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW, BIAS_FULL, RAW)
         if TAIL == 0:
             acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
         else:
@@ -576,8 +358,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
 
     b = gl.load(info, volatile=True)
     h = gl.load(info + 1, volatile=True)
-    row0 = gl.load(info + 2, volatile=True) + half * _HALF_M
-    rows = row0 + gl.arange(0, _HALF_M, layout=gl.SliceLayout(1, s_layout))
+    row0 = gl.load(info + 2, volatile=True) + half * HALF_M
+    rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
     lse_offset = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
     # Rows that saw no key are defined as 0 with a log-sum-exp of -inf (as in forward.py).
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
@@ -589,7 +371,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         q_start = gl.load(info + 5, volatile=True)
         seqlen_q = gl.load(info + 6, volatile=True)
         lse_offset += q_start
-        if seqlen_q - row0 >= _HALF_M:  # rows wholly inside the sequence: the copy engine's store, as dense
+        if seqlen_q - row0 >= HALF_M:  # rows wholly inside the sequence: the copy engine's store, as dense
             store_through_buffer(q, q3, out, out_t, o_desc, 0, q_start + row0, h, MAIN, TAIL)
         else:  # the sequence's last rows: a box would overwrite the next sequence's
             store_rows(Out, out.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, 0, head_dim,
@@ -599,7 +381,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
                            head_dim, t_layout)
     else:
         store_through_buffer(q, q3, out, out_t, o_desc, b, row0, h, MAIN, TAIL)
-    if ROW_KEYS:  # a soft-masked row's maximum is SOFT_SCORE times (scale / its power of 2): hopper.row_keys
+    if ROW_KEYS:  # a soft-masked row's maximum is SOFT_SCORE times (scale / its power of 2): common.row_keys_kernel
         m_i = gl.where(m_i < _SOFT_ROW, SOFT_SCORE, m_i)
     lse = encode_lse(m_i, l_i, BIAS_ROW or BIAS_FULL or ROW_KEYS)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
@@ -622,9 +404,9 @@ def store_through_buffer(q, q3, out, out_t, o_desc, b, row, h, MAIN: gl.constexp
 
 
 @gluon.jit
-def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready, k_empty,
-                        v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q,
-                        seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr,
+def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
+                        k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb, stride_slh,
+                        seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr,
                         ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
                         TAIL: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr,
                         ROW_KEYS: gl.constexpr):
@@ -632,9 +414,9 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
     my_ext_a = ext_a.index(half)
     if RAW and ALIBI == 1:
-        _key_positions(ext_b.index(half).reshape([BLOCK_N, 16]), BLOCK_N)
+        write_key_positions(ext_b.index(half).reshape([BLOCK_N, 16]), BLOCK_N)
     if ROW_KEYS:
-        _ones_operand(my_ext_a)
+        write_ones_operand(my_ext_a)
     g = 0
     r = 0
     n_blocks = 1
@@ -681,11 +463,11 @@ def _hopper_fwd_kernel(
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    BLOCK_M: gl.constexpr = 2 * _HALF_M
+    BLOCK_M: gl.constexpr = 2 * HALF_M
 
     n_m = gl.cdiv(seqlen_q, BLOCK_M)
     # Q: two buffers (this tile's and the next; one with a D128 bias matrix), each two warpgroup halves
-    q_smem = gl.allocate_shared_memory(dtype, [2 * _q_buffers(HEAD_DIM, BIAS_FULL), 1, _HALF_M, 1, HEAD_DIM],
+    q_smem = gl.allocate_shared_memory(dtype, [2 * _q_buffers(HEAD_DIM, BIAS_FULL), 1, HALF_M, 1, HEAD_DIM],
                                        tile_layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, 1, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, 1, HEAD_DIM], tile_layout)
@@ -696,18 +478,18 @@ def _hopper_fwd_kernel(
         else:
             bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [2, 1, 1, BLOCK_N], bias_desc.layout)
     elif BIAS_FULL:  # [stage, consumer]: the block's tile rows of each consumer warpgroup
-        bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [4, 1, _HALF_M, BLOCK_N], bias_desc.layout)
+        bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [4, 1, HALF_M, BLOCK_N], bias_desc.layout)
     else:
         bias_smem = v_smem  # never read
     # the extension product's operands (RAW): A per consumer (ALiBi's slope parts, or ones against a bias row's
     # terms), B per consumer (ALiBi: the key positions) or per K stage (ROW_KEYS: the row's terms, with K)
     if (RAW and ALIBI == 1) or ROW_KEYS:
-        ext_a = gl.allocate_shared_memory(gl.bfloat16, [2, _HALF_M, 16],
+        ext_a = gl.allocate_shared_memory(gl.bfloat16, [2, HALF_M, 16],
                                           gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2))
         if ROW_KEYS:  # the copy engine's boxes: the descriptor's layout (hopper._ROW_KEYS_LAYOUT, the same)
             ext_b = gl.allocate_shared_memory(gl.bfloat16, [2, 1, 1, BLOCK_N, 16], bias_desc.layout)
         else:
-            ext_b = gl.allocate_shared_memory(gl.bfloat16, [2, 1, 1, BLOCK_N, 16], _EXT_B_LAYOUT)
+            ext_b = gl.allocate_shared_memory(gl.bfloat16, [2, 1, 1, BLOCK_N, 16], EXT_B_LAYOUT)
     else:
         ext_a = v_smem  # never read
         ext_b = v_smem
