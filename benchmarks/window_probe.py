@@ -1,10 +1,11 @@
 """Do our kernels have slow measurement windows that the peers do not? (benchmarks/NOTES.md session 31)
 
     python benchmarks/window_probe.py [--windows 8] [--peer cudnn] [--mode fwd] [--seq 8192] [--clocks]
+                                      [--heads 16] [--head-dim 128]
 
 The main suite's rounds (``samples_ms`` in its JSON) showed our D128 forward up to 8% slower in some rounds than in
 others while FA4+ALiBi held within 1%; one window of ~100 ms (``do_bench``'s median) read ~13% low in a quiet process
-too, with no peer run before it. This times B2 H16 S8192 D128 causal: ours with ALiBi, ours without bias, and one
+too, with no peer run before it. This times B2 H16 S8192 D128 causal (by default): ours with ALiBi, ours without bias, and one
 peer, window after window, as the suite does (``bench_attention.time_provider``), and prints every window.
 """
 
@@ -51,11 +52,13 @@ def main():
     parser.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd")
     parser.add_argument("--seq", type=int, default=8192, help="S (16k tokens per batch: B = 16384 // S)")
     parser.add_argument("--clocks", action="store_true", help="each window's mean SM clock, power, temperature")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
     args = parser.parse_args()
     batch = max(1, 16384 // args.seq)
     bench.warm_up(2.0)
-    providers = bench.make_providers(batch, 16, 16, args.seq, 128, dense_bias=False)
-    flops = attention_flops(batch, 16, args.seq, args.seq, 128, causal=True, mode=args.mode)
+    providers = bench.make_providers(batch, args.heads, args.heads, args.seq, args.head_dim, dense_bias=False)
+    flops = attention_flops(batch, args.heads, args.seq, args.seq, args.head_dim, causal=True, mode=args.mode)
     names = ["triton-alibi", "triton", args.peer]
     for name in names:  # compiles and first calls outside the windows
         bench.time_provider(*providers[name], args.mode)

@@ -453,6 +453,10 @@ BIAS_ROW_CASES = [  # (case, bias dtype): the bias is a (1, H, 1, S_k) row as MP
     (AttnCase(2, 300, 300, 4, 2, 80, causal=True, alibi=True, bias="vector"), torch.float32),  # 64 + 16 columns
     (AttnCase(2, 1024, 1024, 8, 8, 64, causal=True, alibi=True, bias="vector"), torch.float32),  # D64, both
     (AttnCase(1, 777, 777, 4, 2, 64, alibi=True, bias="vector"), torch.bfloat16),  # D64 symmetric, ragged
+    # without ALiBi the row joins the unscaled scores through the bfloat16 extension product (ROW_KEYS):
+    # beside fp16 products, and non-causal
+    (AttnCase(2, 257, 300, 4, 2, 64, causal=True, bias="vector"), torch.float16),
+    (AttnCase(1, 333, 333, 4, 4, 128, bias="vector"), torch.float32),
 ]
 
 
