@@ -302,8 +302,9 @@ def raw_scores(softmax_scale, bias, alibi_mode) -> bool:
     """Whether the Hopper forward takes each row's maximum over unscaled scores and folds the scale into the
     exponentials' fused multiply-adds (``hopper_forward``'s ``RAW``): a positive scale (the maximum of the scaled
     scores is then the scaled maximum; a zero scale would make masked scores NaN), and per-key terms that a
-    tensor-core product can add to the unscaled scores: none, causal ALiBi (``hopper_forward._alibi_operand``), or a
-    bias row without ALiBi (``row_keys``; for scales above 2^-26, so its soft mask's power of 2 fits bfloat16)."""
+    tensor-core product can add to the unscaled scores (``hopper_scores``): none, causal ALiBi, or a bias row without
+    ALiBi (its terms from ``common.row_keys_kernel``; for scales above 2^-26, so that its soft mask's power of 2,
+    ``soft_row_key``, fits bfloat16)."""
     if not softmax_scale > 0 or alibi_mode == 2:
         return False
     if bias is None:
@@ -312,7 +313,7 @@ def raw_scores(softmax_scale, bias, alibi_mode) -> bool:
 
 
 def soft_row_key(qk_scale2: float) -> float:
-    """What a soft-masked key's term becomes in ``row_keys`` (unscaled units): -2^100 over the largest power of 2
+    """What a soft-masked key's term becomes in ``common.row_keys_kernel`` (unscaled units): -2^100 over the largest power of 2
     not above the scale, a power of 2 whose product with the scale (the row's maximum if every key it sees is
     soft-masked, in [-2^101, -2^100)) is exact; ``hopper_forward`` reads such a maximum as SOFT_SCORE."""
     return -math.ldexp(1.0, 100 - math.floor(math.log2(qk_scale2)))

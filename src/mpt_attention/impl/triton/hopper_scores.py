@@ -37,12 +37,11 @@ def score_terms(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, s
     ALiBi slope * (j - (S_k - 1)) as slope * (j - first key of the block), so one fused multiply-add per
     score; the ALiBi block's constant rides on the row maximum. ``tile_terms`` (``BIAS_FULL``): the block's
     bias tile in log2 units. ``RAW``: the masks alone, the scores left unscaled."""
-    if RAW:
-        s = s
-    elif HAS_COLS:
-        s = s * qk_scale2 + col_terms[None, :]
-    else:
-        s = s * qk_scale2
+    if not RAW:
+        if HAS_COLS:
+            s = s * qk_scale2 + col_terms[None, :]
+        else:
+            s = s * qk_scale2
     if BIAS_FULL:
         s = s + tile_terms
     if ALIBI == 2:  # symmetric: -slope * |i - j|, query i at absolute position i + diag
@@ -73,7 +72,7 @@ def softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, side
     cols = start_n + offs_n
     shift = 0.0
     if RAW:
-        # raw scores (with ALiBi's block-relative columns from the extension product, ``alibi_operand``): the
+        # unscaled scores (their per-key terms already added by the extension product, ``issue_scores``): the
         # maximum is taken before scaling, and the scale enters each exponential's fused multiply-add
         if masked:
             s = score_terms(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, seqlen_k, IS_CAUSAL, 0,
