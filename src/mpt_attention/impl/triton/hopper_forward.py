@@ -81,7 +81,8 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.common import SOFT_SCORE, encode_lse
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
-from mpt_attention.impl.triton.hopper_scores import EXT_B_LAYOUT, HALF_M, alibi_operand, alibi_side, issue_scores
+from mpt_attention.impl.triton.hopper_scores import EXT_A_LAYOUT, EXT_B_LAYOUT, HALF_M, alibi_operand, alibi_side
+from mpt_attention.impl.triton.hopper_scores import issue_scores
 from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
 from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles
@@ -427,9 +428,9 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
         n_blocks = gl.load(info + 3, volatile=True)
         if n_blocks > 0:
             _consumer_tile(half, q_smem.index(2 * buf + half), buf, k_smem, v_smem, bias_smem, my_ext_a, ext_b,
-                           k_ready, k_empty,
-                           v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh,
-                           seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL, ALIBI,
+                           k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh,
+                           stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
+                           IS_CAUSAL, ALIBI,
                            BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS)
             # after the tile's output store has completed (tma.store_wait)
             mbarrier.arrive(q_empty.index(buf))
@@ -484,8 +485,7 @@ def _hopper_fwd_kernel(
     # the extension product's operands (RAW): A per consumer (ALiBi's slope parts, or ones against a bias row's
     # terms), B per consumer (ALiBi: the key positions) or per K stage (ROW_KEYS: the row's terms, with K)
     if (RAW and ALIBI == 1) or ROW_KEYS:
-        ext_a = gl.allocate_shared_memory(gl.bfloat16, [2, HALF_M, 16],
-                                          gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2))
+        ext_a = gl.allocate_shared_memory(gl.bfloat16, [2, HALF_M, 16], EXT_A_LAYOUT)
         if ROW_KEYS:  # the copy engine's boxes: the descriptor's layout (hopper._ROW_KEYS_LAYOUT, the same)
             ext_b = gl.allocate_shared_memory(gl.bfloat16, [2, 1, 1, BLOCK_N, 16], bias_desc.layout)
         else:

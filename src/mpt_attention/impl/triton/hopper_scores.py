@@ -22,7 +22,9 @@ from mpt_attention.impl.triton.common import _log2_bias
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
 
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
-# the extension product's B operand: [BLOCK_N, 16] bfloat16 rows of 32 bytes (hopper._ROW_KEYS_LAYOUT's boxes)
+# the extension product's operands in shared memory: A [64, 16] per consumer, B [BLOCK_N, 16] bfloat16 rows of 32 bytes
+# (hopper._ROW_KEYS_LAYOUT's boxes)
+EXT_A_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=2))
 EXT_B_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=4))
 # a bias row's slice, unswizzled: a plain row of BLOCK_N values
 ROW_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0]))
