@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -99,11 +100,12 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
     ``tail``: the products' second piece of columns (``hopper.product_tail``); ``bias_matrix``: a bias matrix
     in q's dtype instead; ``varlen``: packed sequences; ``raw``: maxima over unscaled scores (``hopper.raw_scores``;
     None: as the launcher chooses for a positive scale)."""
-    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M
+    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M, raw_scores
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
-    if raw is None:  # as the launcher chooses for a positive scale
-        raw = not bias_matrix and alibi != 2 and (bias is None or alibi == 0)
+    if raw is None:  # as the launcher chooses for a positive scale (a stand-in of the bias's shape: a row or a matrix)
+        stand_in = None if bias is None and not bias_matrix else torch.empty(1, 1, 2 if bias_matrix else 1, 1)
+        raw = raw_scores(1.0, stand_in, alibi)
     row_keys = raw and bias is not None
 
     rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
@@ -111,7 +113,7 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
               "BIAS_ROW": bias is not None and not row_keys, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen,
               "RAW": raw, "ROW_KEYS": row_keys}
     boxes = {"bias_desc": [1, HALF_M, BLOCK_N]} if bias_matrix else None
-    if row_keys:  # the row's per-key terms (hopper.row_keys): bfloat16 [1, 1, BLOCK_N, 16] boxes
+    if row_keys:  # the row's per-key terms (common.row_keys_kernel): bfloat16 [1, 1, BLOCK_N, 16] boxes
         from mpt_attention.impl.triton.hopper import _ROW_KEYS_LAYOUT
         boxes, bias = {"bias_desc": ([1, 1, BLOCK_N, 16], "bf16", _ROW_KEYS_LAYOUT)}, None
     return _compile_gluon(_hopper_fwd_kernel, consts, rows, head_dim, dtype, bias, boxes)

@@ -18,7 +18,7 @@ import torch
 
 from mpt_attention.impl.device import sm_count, sm_major
 from mpt_attention.impl.triton.common import row_keys_kernel
-from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv
+from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
 
 try:
     from triton.experimental.gluon import language as gl
@@ -367,12 +367,12 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     bias_full = bias is not None and bias.shape[2] != 1
     raw = raw_scores(softmax_scale, bias, alibi_mode)
     row_keys = raw and bias is not None
+    qk_scale2 = softmax_scale * LOG2E
     if row_keys:  # the row's per-key terms (row_keys_kernel), read with K in [1, 1, BLOCK_N, 16] boxes
         b_on, h_on = bias_dims_on(bias)
         shape = [bias.shape[0] if b_on else 1, bias.shape[1] if h_on else 1, bias.shape[3], 16]
         bias_desc = (shape, [shape[1] * shape[2] * 16, shape[2] * 16, 16, 1], [1, 1, BLOCK_N, 16], _ROW_KEYS_LAYOUT)
-        block = min(256, max(16, 1 << (shape[2] - 1).bit_length()))
-        qk_scale2 = softmax_scale * LOG2E
+        block = min(256, max(16, next_power_of_2(shape[2])))
         keys = (tuple(shape), PlannedLaunch(row_keys_kernel, (cdiv(shape[2], block), shape[1], shape[0]),
                                             dict(BLOCK=block)),
                 (bias.stride(0) * b_on, bias.stride(1) * h_on, shape[2], qk_scale2, soft_row_key(qk_scale2)))
@@ -388,7 +388,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     # (program, Q buffer) for the coordinates the loader publishes to the consumers (hopper_forward).
     grid = (max(1, min(n_tiles, sm_count(q.device.index))),)
     scalars = (*lse_strides, *slope_args(slopes, None)[1], out_strides[1], out_strides[2], n_heads, n_heads // n_kv,
-               batch * n_heads, s_q, s_k, softmax_scale * LOG2E, b_on, h_on, group, head_dim)
+               batch * n_heads, s_q, s_k, qk_scale2, b_on, h_on, group, head_dim)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
         BIAS_ROW=bias is not None and not bias_full and not row_keys, TAIL=product_tail(head_dim), BIAS_FULL=bias_full,
