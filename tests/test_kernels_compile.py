@@ -21,17 +21,20 @@ def test_all_kernels_compile_for_sm90():
                             text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert result.stdout.count("ok ") >= 75
-    assert result.stdout.count("ok   hopper-fwd ") == 5 and result.stdout.count("ok   hopper-dkdv") == 5
-    assert result.stdout.count("ok   hopper-fwd-bias-row") == 3
+    assert result.stdout.count("ok   hopper-fwd ") == 6 and result.stdout.count("ok   hopper-dkdv") == 5
+    assert result.stdout.count("ok   hopper-fwd-two-consumers") == 1
+    assert result.stdout.count("ok   hopper-fwd-bias-row") == 4
     assert result.stdout.count("ok   hopper-fwd-bias-matrix") == 6
     # a zero or negative scale: row maxima over the scaled scores (the others take them over the unscaled ones)
     assert result.stdout.count("ok   hopper-fwd-scaled-max") == 4
     # causal ALiBi through the scores' extension product without spills: holding its A operand in registers
-    # instead spilled in the D128 loop and cost 1.3% (benchmarks/NOTES.md session 35)
-    for head_dim in (64, 128):
-        line = next(row for row in result.stdout.splitlines()
-                    if row.startswith(f"ok   hopper-fwd D={head_dim} causal=True alibi=1 bf16 "))
-        assert "0 bytes spill stores, 0 bytes spill loads" in line, line
+    # instead spilled in the D128 loop and cost 1.3% (benchmarks/NOTES.md session 35). D64's three consumers have 160
+    # registers per thread (the first 168): one register of the first consumer's loop spills, a store and a load per
+    # block of ~650 instructions; the two-consumer kernel (240) spills none
+    expected = {"hopper-fwd D=128": 0, "hopper-fwd D=64": 8, "hopper-fwd-two-consumers D=64": 0}
+    for name, spilled in expected.items():
+        line = next(row for row in result.stdout.splitlines() if row.startswith(f"ok   {name} causal=True alibi=1 bf16 "))
+        assert f"{spilled} bytes spill stores, {spilled} bytes spill loads" in line, line
     # D 72-96: products on 64 + 16 or 32 columns
     assert result.stdout.count("ok   hopper-fwd-tail") == 3 and result.stdout.count("ok   hopper-bwd-tail") == 4
     assert result.stdout.count("ok   hopper-fwd-varlen") == 3 and result.stdout.count("ok   hopper-bwd-varlen") == 3

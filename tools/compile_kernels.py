@@ -95,23 +95,28 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None,
-                          tail: int = 0, bias_matrix: bool = False, varlen: bool = False, raw: bool | None = None):
+                          tail: int = 0, bias_matrix: bool = False, varlen: bool = False, raw: bool | None = None,
+                          consumers: int | None = None):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None;
     ``tail``: the products' second piece of columns (``hopper.product_tail``); ``bias_matrix``: a bias matrix
     in q's dtype instead; ``varlen``: packed sequences; ``raw``: maxima over unscaled scores (``hopper.raw_scores``;
-    None: as the launcher chooses for a positive scale)."""
-    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M, raw_scores
+    None: as the launcher chooses for a positive scale); ``consumers``: consumer warpgroups (None: as the launcher
+    chooses, ``hopper.forward_consumers``)."""
+    from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M, forward_consumers, raw_scores
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
     if raw is None:  # as the launcher chooses for a positive scale (a stand-in of the bias's shape: a row or a matrix)
         stand_in = None if bias is None and not bias_matrix else torch.empty(1, 1, 2 if bias_matrix else 1, 1)
         raw = raw_scores(1.0, stand_in, alibi)
     row_keys = raw and bias is not None
+    bias_row = bias is not None and not row_keys
+    if consumers is None:  # as the launcher chooses
+        consumers = forward_consumers(head_dim, varlen, raw)
 
     rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim,
-              "BIAS_ROW": bias is not None and not row_keys, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen,
-              "RAW": raw, "ROW_KEYS": row_keys}
+              "BIAS_ROW": bias_row, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen, "RAW": raw,
+              "ROW_KEYS": row_keys, "CONSUMERS": consumers}
     boxes = {"bias_desc": [1, HALF_M, BLOCK_N]} if bias_matrix else None
     if row_keys:  # the row's per-key terms (common.row_keys_kernel): bfloat16 [1, 1, BLOCK_N, 16] boxes
         from mpt_attention.impl.triton.hopper import _ROW_KEYS_LAYOUT
@@ -201,7 +206,9 @@ def _report_gluon(name: str, build, *args, **kwargs) -> int:
 def main() -> int:
     failures = 0
     # bias rows reach the kernels as float32 log2 units (launch._log2_bias_rows), whatever the caller's dtype
-    for head_dim, causal, alibi, dtype in [(128, True, 0, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16")]:
+    # (without ALiBi through the extension product: three consumers at D64)
+    for head_dim, causal, alibi, dtype in [(128, True, 0, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16"),
+                                           (64, True, 0, "bf16")]:
         failures += _report_gluon(f"hopper-fwd-bias-row D={head_dim} causal={causal} alibi={alibi} {dtype}",
                                   compile_hopper_kernel, head_dim, causal, alibi, dtype, "fp32")
     # a bias matrix in q's dtype (at tile width 128 with one Q buffer)
@@ -229,6 +236,10 @@ def main() -> int:
         for kind, build in (("fwd", compile_hopper_kernel), ("dkdv", compile_hopper_dkdv_kernel)):
             failures += _report_gluon(f"hopper-{kind} D={head_dim} causal={causal} alibi={alibi} {dtype}",
                                       build, head_dim, causal, alibi, dtype)
+    # D64's three consumers without a causal mask, and two where raw maxima would take three
+    failures += _report_gluon("hopper-fwd D=64 causal=False alibi=0 bf16", compile_hopper_kernel, 64, False, 0)
+    failures += _report_gluon("hopper-fwd-two-consumers D=64 causal=True alibi=1 bf16", compile_hopper_kernel, 64, True,
+                              1, consumers=2)
     for head_dim, causal, alibi, dtype, partial in [(128, True, 1, "bf16", False), (128, False, 2, "fp16", False),
                                                     (128, True, 0, "bf16", False), (64, True, 1, "bf16", False),
                                                     (64, True, 0, "fp16", False), (128, True, 1, "bf16", True),

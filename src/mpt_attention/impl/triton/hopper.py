@@ -57,7 +57,7 @@ FUSED_GROUP_HEADS = 2
 # where the consumers form dQ, each 64-query block's first program stores its part of the dQ sums and the others add
 # after it, so the delta kernel writes no zeros there (``first_write_dq``)
 FIRST_WRITE_DQ = True
-BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # two consumer warpgroups of 64 query rows (hopper_forward._HALF_M)
+BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # 64 query rows per consumer, two per tile (or three: forward_consumers)
 LOG2E = 1.4426950408889634
 
 
@@ -312,6 +312,16 @@ def raw_scores(softmax_scale, bias, alibi_mode) -> bool:
     return bias.shape[2] == 1 and alibi_mode == 0 and softmax_scale * LOG2E > 2.0 ** -26
 
 
+def forward_consumers(width: int, varlen: bool, raw: bool) -> int:
+    """Consumer warpgroups of the Hopper forward, each of 64 query rows of a tile (``hopper_forward``'s ``CONSUMERS``):
+    three at tile width 64 with maxima over unscaled scores (``raw_scores``), FA3's 192-row tiles there: one more warp
+    per scheduler hides more of the softmax's latency (a dense D64 forward 1.00-1.09x against two, benchmarks/NOTES.md
+    session 36). Otherwise two: at width 128 a third would not fit the register file; the scaled form holds per-key
+    terms in registers (a bias row, symmetric ALiBi), and a bias matrix's boxes fill shared memory, so they spill at
+    three's 160 registers per thread; packed sequences count their tiles in 128 rows."""
+    return 3 if width == 64 and raw and not varlen else 2
+
+
 def soft_row_key(qk_scale2: float) -> float:
     """What a soft-masked key's term becomes in ``common.row_keys_kernel`` (unscaled units): -2^100 over the largest power of 2
     not above the scale, a power of 2 whose product with the scale (the row's maximum if every key it sees is
@@ -345,6 +355,12 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     (shapes, strides, dtypes, 16-byte alignment, the scalars; for packed sequences ``cu_q``'s size and the longest
     lengths), not of their data or addresses, so ``launch.forward`` keeps one per signature."""
     varlen = cu_q is not None
+    bias_full = bias is not None and bias.shape[2] != 1
+    raw = raw_scores(softmax_scale, bias, alibi_mode)
+    row_keys = raw and bias is not None
+    bias_row = bias is not None and not bias_full and not row_keys
+    width = tile_dim(q.shape[-1])
+    consumers = forward_consumers(width, varlen, raw)
     if varlen:  # the packed tensors as one batch row (1, T, H, D); a grid row per (sequence, head)
         n_tokens, n_heads, head_dim = q.shape
         n_kv, batch, s_q, s_k = k.shape[1], cu_q.numel() - 1, max_q, max_k
@@ -355,18 +371,14 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         batch, s_q, n_heads, head_dim = q.shape
         s_k, n_kv = k.shape[1], k.shape[2]
         lse_shape, lse_strides = (batch, n_heads, s_q), (n_heads * s_q, s_q)
-        n_tiles = cdiv(s_q, BLOCK_M) * batch * n_heads
+        n_tiles = cdiv(s_q, HALF_M * consumers) * batch * n_heads
         group = heads_per_group(k, n_heads, batch * n_heads)
     out_shape = tuple(q.shape)  # contiguous
     out_strides = [q.shape[-3] * n_heads * head_dim, n_heads * head_dim, head_dim, 1]  # as a (B|1, S|T, H, D) row
-    width = tile_dim(head_dim)
     descs = [(*_as_rows(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
              for x, rows in ((q, HALF_M), (k, BLOCK_N), (v, BLOCK_N))]
     descs.append(([1, *out_shape] if varlen else list(out_shape), out_strides, [1, HALF_M, 1, width], _TILE_LAYOUT))
     bias_desc, b_on, h_on, keys = None, 0, 0, None
-    bias_full = bias is not None and bias.shape[2] != 1
-    raw = raw_scores(softmax_scale, bias, alibi_mode)
-    row_keys = raw and bias is not None
     qk_scale2 = softmax_scale * LOG2E
     if row_keys:  # the row's per-key terms (row_keys_kernel), read with K in [1, 1, BLOCK_N, 16] boxes
         b_on, h_on = bias_dims_on(bias)
@@ -391,8 +403,8 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
                batch * n_heads, s_q, s_k, qk_scale2, b_on, h_on, group, head_dim)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
-        BIAS_ROW=bias is not None and not bias_full and not row_keys, TAIL=product_tail(head_dim), BIAS_FULL=bias_full,
-        VARLEN=varlen, RAW=raw, ROW_KEYS=row_keys, num_warps=4))
+        BIAS_ROW=bias_row, TAIL=product_tail(head_dim), BIAS_FULL=bias_full,
+        VARLEN=varlen, RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, num_warps=4))
     return ForwardPlan(out_shape, lse_shape, 16 + grid[0] * 16, tuple(descs), scalars, launch, keys)
 
 

@@ -2,13 +2,14 @@
 the softmax.
 
 Plain Triton waits for every ``Q @ K^T`` right after issuing it (``tools/ptx_schedule.py``) and runs
-all warps in lockstep, so the tensor cores idle through each softmax. Here a program of 12 warps
-splits into three roles (FlashAttention-3's layout):
+all warps in lockstep, so the tensor cores idle through each softmax. Here a program splits into three roles
+(FlashAttention-3's layout):
 
 * a loader warp streams K and V tiles through the copy engine (TMA) into two shared-memory stages,
   waiting on an "empty" mbarrier per stage before reusing it and signalling a "ready" one;
-* two consumer warpgroups each own 64 query rows. They run independently (no CTA-wide barrier in
-  the loop), so one warpgroup's softmax overlaps the other's matrix products:
+* consumer warpgroups each own 64 query rows of a tile: three at tile width 64 (192-row tiles), two at 128
+  (``CONSUMERS``, ``hopper.forward_consumers``). They run independently (no CTA-wide barrier in the loop), so one
+  warpgroup's softmax overlaps another's matrix products:
 
       block j:  issue S_j = Q K_j^T (async);  issue O += P_{j-1} V_{j-1} (async)
                 wait for S_j; release K_j's stage;  softmax of S_j -> P_j, alpha_j
@@ -16,7 +17,10 @@ splits into three roles (FlashAttention-3's layout):
 
   ptxas moves the second wait (and the release after it) above the softmax, so within a warpgroup
   S_j and P_{j-1} V_{j-1} run back to back and the softmax after them. Forcing the overlap measured
-  7% slower (session 9, benchmarks/NOTES.md).
+  7% slower (session 9, benchmarks/NOTES.md). A warpgroup's softmax is a chain of dependent instructions
+  (~620 per thread and block at D64), so a third consumer, one more warp per scheduler, hides more of its latency:
+  at D64 (160 registers per thread, FA3's 192-row tiles) 1.00-1.09x against two (session 36). With a causal mask
+  each consumer runs only the blocks its own rows see and hands the tile's later ones back unread.
 
 Persistent: one program per SM (``hopper.py`` launches min(tiles, SMs)) runs tile after tile. The first
 round is tile = program id; after that the loader takes the next tile in ``tile_order`` from an atomic
@@ -118,7 +122,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
                     k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
                     seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b, IS_CAUSAL: gl.constexpr,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr,
-                    VARLEN: gl.constexpr, ROW_KEYS: gl.constexpr):
+                    VARLEN: gl.constexpr, ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr):
     """One warp: per tile, its Q into buffer ``round % 2`` (buffer 0 with one, ``_q_buffers``) once the
     consumers have stored the output of the tile that used the buffer before, then K_j and V_j into stage
     ``g % 2`` (``g`` counts key blocks over all of the program's tiles) as soon as the consumers have released
@@ -143,7 +147,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     while t < n_tiles:
         b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k = forward_tile(
             t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, CuTiles, CuSeqQ, CuSeqK, IS_CAUSAL,
-            BLOCK_N, VARLEN)
+            BLOCK_N, VARLEN, CONSUMERS * HALF_M)
         tb = b  # the descriptors' batch coordinate: 0 in the packed (1, T, H, D) view
         if VARLEN:
             tb = 0
@@ -161,15 +165,14 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
             gl.store(info + 6, len_q)
             gl.store(info + 7, len_k)
         if BIAS_ROW and ROW_AHEAD:  # block 0's bias slice comes with Q, into slot 2 + buf
-            mbarrier.expect(q_ready.index(buf), 2 * HALF_M * HEAD_DIM * 2 + bias_bytes)
+            mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2 + bias_bytes)
             tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, 0], q_ready.index(buf),
                                             bias_smem.index(2 + buf))
         else:
-            mbarrier.expect(q_ready.index(buf), 2 * HALF_M * HEAD_DIM * 2)
-        tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m, h, 0], q_ready.index(buf),
-                                        q_smem.index(2 * buf))
-        tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m + HALF_M, h, 0], q_ready.index(buf),
-                                        q_smem.index(2 * buf + 1))
+            mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2)
+        for part in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m + part * HALF_M, h, 0], q_ready.index(buf),
+                                            q_smem.index(CONSUMERS * buf + part))
         for j in range(n_blocks):
             stage = (g + j) & 1
             free_phase = ((g + j) >> 1) & 1 ^ 1
@@ -224,7 +227,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
                    Lse, Slopes, g, info, stride_lb, stride_lh, stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2,
                    Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr,
-                   BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr, ROW_KEYS: gl.constexpr):
+                   BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr, ROW_KEYS: gl.constexpr,
+                   CONSUMERS: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
     landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``
     (``VARLEN``: a sequence's last rows from registers, ``store_rows``). With a ``TAIL`` the output is two
@@ -262,6 +266,12 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     diag = seqlen_k - seqlen_q
+    if CONSUMERS == 3:  # this warpgroup's own blocks of the tile's (the rest it hands back unread, below)
+        if IS_CAUSAL:
+            n_blocks = gl.minimum(n_blocks, gl.cdiv(row0 + HALF_M + diag, BLOCK_N))
+            lo_masked = gl.minimum((row0 + diag + 1) // BLOCK_N * BLOCK_N, seqlen_k // BLOCK_N * BLOCK_N)
+        if row0 >= seqlen_q:  # the last tile's rows past the end: one block, never stored
+            n_blocks = 1
     first_pos = row0 + diag  # this warpgroup's first query position (symmetric ALiBi's block sides)
     s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
     alibi_cols = slope2 * offs_n.to(gl.float32)
@@ -356,6 +366,14 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         acc_t_tok = warpgroup_mma(p_op, v.slice(MAIN, TAIL, dim=1), acc_t, is_async=True)
         acc, acc_t, p_done = warpgroup_mma_wait(0, deps=[acc_tok, acc_t_tok, p_op])
     mbarrier.arrive(v_empty.index(last))  # the loader refills this stage for the program's next tile
+    if CONSUMERS == 3:  # the tile's blocks past this warpgroup's rows: released as they land
+        for j in range(n_blocks, gl.load(info + 3, volatile=True)):
+            stage = (g + j) & 1
+            phase = ((g + j) >> 1) & 1
+            mbarrier.wait(k_ready.index(stage), phase)
+            mbarrier.arrive(k_empty.index(stage))
+            mbarrier.wait(v_ready.index(stage), phase)
+            mbarrier.arrive(v_empty.index(stage))
 
     b = gl.load(info, volatile=True)
     h = gl.load(info + 1, volatile=True)
@@ -410,7 +428,7 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
                         seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr,
                         ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
                         TAIL: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr,
-                        ROW_KEYS: gl.constexpr):
+                        ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr):
     """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
     my_ext_a = ext_a.index(half)
@@ -427,11 +445,11 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
         info = info_slot(Tiles, buf)
         n_blocks = gl.load(info + 3, volatile=True)
         if n_blocks > 0:
-            _consumer_tile(half, q_smem.index(2 * buf + half), buf, k_smem, v_smem, bias_smem, my_ext_a, ext_b,
+            _consumer_tile(half, q_smem.index(CONSUMERS * buf + half), buf, k_smem, v_smem, bias_smem, my_ext_a, ext_b,
                            k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh,
                            stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                            IS_CAUSAL, ALIBI,
-                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS)
+                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS, CONSUMERS)
             # after the tile's output store has completed (tma.store_wait)
             mbarrier.arrive(q_empty.index(buf))
             g += n_blocks
@@ -445,7 +463,7 @@ def _hopper_fwd_kernel(
     n_heads, n_groups, n_bh, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group, head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0, BIAS_FULL: gl.constexpr = False, VARLEN: gl.constexpr = False,
-    RAW: gl.constexpr = False, ROW_KEYS: gl.constexpr = False,
+    RAW: gl.constexpr = False, ROW_KEYS: gl.constexpr = False, CONSUMERS: gl.constexpr = 2,
 ):
     """Persistent: each program runs query tiles of 128 rows (``hopper_tiles.forward_tile``: ``n_m`` per (batch,
     head) row, ``n_bh`` rows; ``VARLEN``: ``n_bh`` = sequences * heads, tiles counted by ``CuTiles``) until none is
@@ -464,11 +482,11 @@ def _hopper_fwd_kernel(
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    BLOCK_M: gl.constexpr = 2 * HALF_M
+    BLOCK_M: gl.constexpr = CONSUMERS * HALF_M
 
     n_m = gl.cdiv(seqlen_q, BLOCK_M)
     # Q: two buffers (this tile's and the next; one with a D128 bias matrix), each two warpgroup halves
-    q_smem = gl.allocate_shared_memory(dtype, [2 * _q_buffers(HEAD_DIM, BIAS_FULL), 1, HALF_M, 1, HEAD_DIM],
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS * _q_buffers(HEAD_DIM, BIAS_FULL), 1, HALF_M, 1, HEAD_DIM],
                                        tile_layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, 1, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, 1, HEAD_DIM], tile_layout)
@@ -485,11 +503,11 @@ def _hopper_fwd_kernel(
     # the extension product's operands (RAW): A per consumer (ALiBi's slope parts, or ones against a bias row's
     # terms), B per consumer (ALiBi: the key positions) or per K stage (ROW_KEYS: the row's terms, with K)
     if (RAW and ALIBI == 1) or ROW_KEYS:
-        ext_a = gl.allocate_shared_memory(gl.bfloat16, [2, HALF_M, 16], EXT_A_LAYOUT)
+        ext_a = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, HALF_M, 16], EXT_A_LAYOUT)
         if ROW_KEYS:  # the copy engine's boxes: the descriptor's layout (hopper._ROW_KEYS_LAYOUT, the same)
             ext_b = gl.allocate_shared_memory(gl.bfloat16, [2, 1, 1, BLOCK_N, 16], bias_desc.layout)
         else:
-            ext_b = gl.allocate_shared_memory(gl.bfloat16, [2, 1, 1, BLOCK_N, 16], EXT_B_LAYOUT)
+            ext_b = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, 1, 1, BLOCK_N, 16], EXT_B_LAYOUT)
     else:
         ext_a = v_smem  # never read
         ext_b = v_smem
@@ -503,26 +521,49 @@ def _hopper_fwd_kernel(
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
+        mbarrier.init(q_empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
 
-    gl.warp_specialize(
-        [
+    # (the partitions' arguments are spelled out: constexprs stored in a tuple variable become tensors)
+    if CONSUMERS == 3:
+        # setmaxnreg shares the register file among four warpgroups (the loader's warp takes one): 24 for the
+        # loader, 160 for two consumers and what is left, 168, for the first
+        gl.warp_specialize([
             (_consumer_partition, (0, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
-                                   k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
-                                   stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
-                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                   ROW_KEYS)),
+                                      k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
+                                      stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
+                                      IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
+                                      ROW_KEYS, CONSUMERS)),
             (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
-                                   k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
-                                   stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
-                                   IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                   ROW_KEYS)),
+                                      k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
+                                      stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
+                                      IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
+                                      ROW_KEYS, CONSUMERS)),
+            (_consumer_partition, (2, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
+                                      k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
+                                      stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
+                                      IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
+                                      ROW_KEYS, CONSUMERS)),
             (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
-                               n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK,
-                               ext_b, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS)),
-        ],
-        [4, 1], [240, 24],
-    )
+                               n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b,
+                               IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS)),
+        ], [4, 4, 1], [160, 160, 24])
+    else:
+        gl.warp_specialize([
+            (_consumer_partition, (0, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
+                                      k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
+                                      stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
+                                      IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
+                                      ROW_KEYS, CONSUMERS)),
+            (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
+                                      k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
+                                      stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
+                                      IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
+                                      ROW_KEYS, CONSUMERS)),
+            (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
+                               q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
+                               n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b,
+                               IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS)),
+        ], [4, 1], [240, 24])

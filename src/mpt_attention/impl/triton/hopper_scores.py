@@ -49,11 +49,11 @@ def score_terms(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, s
     if ALIBI == 2:  # symmetric: -slope * |i - j|, query i at absolute position i + diag
         dist = rows[:, None] + diag - cols[None, :]
         s = s - slope2 * gl.where(dist < 0, -dist, dist).to(gl.float32)
-    if APPLY_MASK:
-        keep = (cols < seqlen_k)[None, :]
+    if APPLY_MASK:  # one comparison per score: against each row's last visible key
         if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + diag)
-        s = gl.where(keep, s, float("-inf"))
+            s = gl.where(cols[None, :] <= gl.minimum(rows + diag, seqlen_k - 1)[:, None], s, float("-inf"))
+        else:
+            s = gl.where((cols < seqlen_k)[None, :], s, float("-inf"))
     return s
 
 

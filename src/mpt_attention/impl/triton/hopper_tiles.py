@@ -1,15 +1,16 @@
 """Which tile a persistent Hopper program runs next (Gluon): the order of the forward's query tiles and of the
 dK/dV kernel's key blocks, and each forward tile's key-block range, dense or over packed sequences.
 
-A forward tile is 128 query rows of one (batch or sequence, head). Dense inputs have ``n_m`` tiles per
-(batch, head) row; packed sequences (``attention_varlen``) have ``cdiv(len_q, 128)`` per sequence, counted by
-``CuTiles`` (cumulative over the sequences, built on the device by ``hopper.forward``: no host sync).
+A forward tile is 128 query rows of one (batch or sequence, head), 192 with three consumer warpgroups (dense D64,
+``hopper.forward_consumers``). Dense inputs have ``n_m`` tiles per (batch, head) row; packed sequences
+(``attention_varlen``) have ``cdiv(len_q, 128)`` per sequence, counted by ``CuTiles`` (cumulative over the
+sequences, built on the device by ``hopper.forward``: no host sync).
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-BLOCK_M = gl.constexpr(128)  # query rows per forward tile (two consumer warpgroups of 64)
+BLOCK_M = gl.constexpr(128)  # query rows per forward tile of two consumer warpgroups (three: forward_tile's BLOCK_M)
 
 
 @gluon.jit
@@ -68,7 +69,8 @@ def n_forward_tiles(n_m, n_bh, n_heads, CuTiles, VARLEN: gl.constexpr):
 
 @gluon.jit
 def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, CuTiles, CuSeqQ, CuSeqK,
-                 IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr):
+                 IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr,
+                 BLOCK_M: gl.constexpr = BLOCK_M):
     """Tile ``t``'s ``(b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k)``: key blocks
     ``[0, n_blocks)`` are visible to some row of the tile, those before ``lo_masked`` to every row; ``q_start``,
     ``k_start`` the sequence's first rows in the packed tensors (0 for dense inputs) and ``len_q``, ``len_k`` its
