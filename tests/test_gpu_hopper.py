@@ -26,6 +26,7 @@ CASES = [
     AttnCase(1, 4096, 4096, 8, 8, 64, causal=True, alibi=True),
     # D64's 192-row tiles: each consumer's own last block and first masked one, S_k - S_q not a block multiple
     AttnCase(2, 600, 1100, 4, 1, 64, causal=True),
+    AttnCase(1, 1000, 384, 4, 2, 64),  # no bias, non-causal, more queries than keys: three consumers
     AttnCase(2, 1024, 1024, 8, 2, 80, causal=True, alibi=True),  # replit-code's head dim: 64 + 16 columns
     AttnCase(2, 211, 300, 4, 4, 96, causal=True, alibi=True),  # 64 + 32 columns, chunked prefill
     # symmetric ALiBi on key blocks wholly before, across and after each warpgroup's rows

@@ -383,3 +383,14 @@ def test_which_forwards_take_row_maxima_over_unscaled_scores(scale, slopes, bias
     bias = None if bias_shape is None else torch.randn(bias_shape)
     assert hopper.raw_scores(scale, bias, 1 if slopes else 0) == raw
     assert not hopper.raw_scores(0.125, None, 2)  # symmetric ALiBi: per-row terms
+
+
+@pytest.mark.parametrize("width, varlen, raw, consumers", [
+    pytest.param(64, False, True, 3, id="D64-raw-maxima"),
+    pytest.param(64, False, False, 2, id="D64-scaled-form"),
+    pytest.param(64, True, True, 2, id="D64-packed-sequences"),
+    pytest.param(128, False, True, 2, id="width-128"),
+])
+def test_consumer_warpgroups_of_the_forward(width, varlen, raw, consumers):
+    # three only where their 160 registers hold the block without spilling and the tiles are dense
+    assert hopper.forward_consumers(width, varlen, raw) == consumers
