@@ -18,9 +18,9 @@ all warps in lockstep, so the tensor cores idle through each softmax. Here a pro
   ptxas moves the second wait (and the release after it) above the softmax, so within a warpgroup
   S_j and P_{j-1} V_{j-1} run back to back and the softmax after them. Forcing the overlap measured
   7% slower (session 9, benchmarks/NOTES.md). A warpgroup's softmax is a chain of dependent instructions
-  (~620 per thread and block at D64), so a third consumer, one more warp per scheduler, hides more of its latency:
-  at D64 (160 registers per thread, FA3's 192-row tiles) 1.00-1.09x against two (session 36). With a causal mask
-  each consumer runs only the blocks its own rows see and hands the tile's later ones back unread.
+  (~430 per thread and unmasked block at D64), so a third consumer, one more warp per scheduler, hides more of its
+  latency: at D64 (160 registers per thread, FA3's 192-row tiles) 1.02-1.11x against two (session 36). With a causal
+  mask each consumer runs only the blocks its own rows see and hands the tile's later ones back unread.
 
 Persistent: one program per SM (``hopper.py`` launches min(tiles, SMs)) runs tile after tile. The first
 round is tile = program id; after that the loader takes the next tile in ``tile_order`` from an atomic
@@ -230,7 +230,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
                    BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr, ROW_KEYS: gl.constexpr,
                    CONSUMERS: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
-    landed), all key blocks (block j in stage ``(g + j) % 2``), then its output rows, staged through ``q3``
+    landed), the key blocks they see (block j in stage ``(g + j) % 2``; with three consumers and a causal mask the
+    tile's later blocks are released unread), then its output rows, staged through ``q3``
     (``VARLEN``: a sequence's last rows from registers, ``store_rows``). With a ``TAIL`` the output is two
     accumulators, columns [0, 64) and [64, 64 + TAIL)."""
     dtype: gl.constexpr = q3.dtype
@@ -465,10 +466,10 @@ def _hopper_fwd_kernel(
     BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0, BIAS_FULL: gl.constexpr = False, VARLEN: gl.constexpr = False,
     RAW: gl.constexpr = False, ROW_KEYS: gl.constexpr = False, CONSUMERS: gl.constexpr = 2,
 ):
-    """Persistent: each program runs query tiles of 128 rows (``hopper_tiles.forward_tile``: ``n_m`` per (batch,
-    head) row, ``n_bh`` rows; ``VARLEN``: ``n_bh`` = sequences * heads, tiles counted by ``CuTiles``) until none is
-    left; launched with num_warps=4 (the first consumer warpgroup), the second
-    consumer and the loader come from ``warp_specialize``. The descriptors
+    """Persistent: each program runs query tiles of ``CONSUMERS`` * 64 rows (``hopper_tiles.forward_tile``: ``n_m`` per
+    (batch, head) row, ``n_bh`` rows; ``VARLEN``: ``n_bh`` = sequences * heads, tiles counted by ``CuTiles``) until
+    none is left; launched with num_warps=4 (the first consumer warpgroup), the other consumers and the loader come
+    from ``warp_specialize``. The descriptors
     (host-built, see hopper.py) are q/o (B, S_q, H, D) and k/v (B, S_k, H_kv, D) with their strides, boxes
     [1, 64, 1, HEAD_DIM] for q/o and [1, BLOCK_N, 1, HEAD_DIM] for k/v: rows past a sequence's end and
     columns past D read as zeros and are never written. ``bias_desc`` (``BIAS_ROW``) views the bias row as
