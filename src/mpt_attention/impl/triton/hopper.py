@@ -317,8 +317,8 @@ def forward_consumers(width: int, varlen: bool, raw: bool) -> int:
     three at tile width 64 with maxima over unscaled scores (``raw_scores``), FA3's 192-row tiles there: one more warp
     per scheduler hides more of the softmax's latency (a dense D64 forward 1.02-1.11x against two, benchmarks/NOTES.md
     session 36). Otherwise two: at width 128 a third would not fit the register file; the scaled form holds per-key
-    terms in registers (a bias row, symmetric ALiBi), and a bias matrix's boxes fill shared memory, so they spill at
-    three's 160 registers per thread; packed sequences count their tiles in 128 rows."""
+    terms in registers (a bias row, symmetric ALiBi) and spills at three's 160 registers per thread (symmetric ALiBi
+    ran 0.76x); a bias matrix's boxes fill shared memory; packed sequences count their tiles in 128 rows."""
     return 3 if width == 64 and raw and not varlen else 2
 
 
