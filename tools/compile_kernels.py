@@ -185,10 +185,13 @@ def assemble(ptx: str, workdir: str, *flags: str) -> tuple[str, str]:
 
 
 def _spills(kernel) -> str:
-    """ptxas's spill report for a compiled kernel (the PTX is re-assembled with Triton's own ptxas)."""
+    """ptxas's spill report for a compiled kernel (the PTX is re-assembled with Triton's own ptxas), and
+    ``WGMMA-SERIALISED`` where ptxas warns that it made every tensor-core product wait for the one before (C7514:
+    a register of a product in flight read by another instruction; hopper_forward.py's early ALiBi product)."""
     with tempfile.TemporaryDirectory() as tmp:
         log = assemble(kernel.asm["ptx"], tmp, "-v")[1]
-    return next((line.strip() for line in log.splitlines() if "spill" in line), "no report")
+    report = next((line.strip() for line in log.splitlines() if "spill" in line), "no report")
+    return report + (" WGMMA-SERIALISED" if "C7514" in log else "")
 
 
 def _report_gluon(name: str, build, *args, **kwargs) -> int:

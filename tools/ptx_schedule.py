@@ -7,8 +7,8 @@ outstanding wgmma, ``[e34]`` 34 ex2 (the softmax), ``T`` a TMA copy, ``|`` a CTA
 style overlap would show the next block's QK^T wgmma still in flight (``W1``) while the ex2 run; Triton
 3.6/3.7 emit ``[M8] C W0 [e..]``: the tensor cores idle during the softmax (benchmarks/NOTES.md).
 The Gluon Hopper kernel (impl/triton/hopper_forward.py) is printed last: its consumer loop issues
-``[M8] C`` twice (next scores, then P V; with causal ALiBi the scores' extension product ``M C`` between them)
-and waits with ``W1`` before the softmax's ex2.
+``[M8] C`` twice (next scores, then P V) and waits with ``W1`` before the softmax's ex2; with causal ALiBi
+the next block's extension product ``M C`` follows the softmax and is waited for (``W0``) before the scores.
 
 ``--sass``: the same order after ptxas (assembled with the ptxas and cuobjdump that ship with Triton),
 which is what runs. ptxas reschedules within a basic block and puts a wait as early as it may: in the Gluon

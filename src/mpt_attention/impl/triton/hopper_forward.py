@@ -14,6 +14,7 @@ all warps in lockstep, so the tensor cores idle through each softmax. Here a pro
       block j:  issue S_j = Q K_j^T (async);  issue O += P_{j-1} V_{j-1} (async)
                 wait for S_j; release K_j's stage;  softmax of S_j -> P_j, alpha_j
                 wait for the P V product; release V_{j-1}'s stage;  O *= alpha_j
+                (causal ALiBi: issue block j+1's extension product, ``hopper_scores.issue_alibi_ext``)
 
   ptxas moves the second wait (and the release after it) above the softmax, so within a warpgroup
   S_j and P_{j-1} V_{j-1} run back to back and the softmax after them. Forcing the overlap measured
@@ -37,7 +38,11 @@ ALiBi, or a bias row without ALiBi: ``RAW``, ``hopper.raw_scores``) the terms jo
 product and the row maximum is taken over the unscaled scores, the scale entering each exponential's fused
 multiply-add (FA3's form). Against scaling every score and adding its terms in an FMA: no bias +2-4%, ALiBi +2-5%
 at D64 and +0-2% at D128 (the extra product is 1/17 of a block's tensor-core work there), the bias row +4-6% at
-D64 and +1-4% at D128 (benchmarks/NOTES.md session 35). Otherwise the scores are scaled first.
+D64 and +1-4% at D128 (benchmarks/NOTES.md session 35). Otherwise the scores are scaled first. ALiBi's extension
+product reads no K, so it is issued at the end of the block before and Q K^T accumulates onto it: its latency
+leaves the scores' path (D64 +1.8-3.2%, session 37). The same term as one FMA per score with the key's place as
+an immediate (no registers: a thread's keys are its lane's base plus constants) measured 2-6% slower than the
+product: the softmax's dependent chain, not the tensor cores, sets the D64 block's time.
 
 A bias row over keys (MPT's ``(1, H, 1, S_k)`` tensor, any ``(B|1, H|1, 1, S_k)``) with ``RAW`` (``ROW_KEYS``):
 its per-key terms (``common.row_keys_kernel``, [BLOCK_N, 16] per block) ride with K_j into a stage of their own.
@@ -86,7 +91,7 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 from mpt_attention.impl.triton.common import SOFT_SCORE, encode_lse
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_scores import EXT_A_LAYOUT, EXT_B_LAYOUT, HALF_M, alibi_operand, alibi_side
-from mpt_attention.impl.triton.hopper_scores import issue_scores
+from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_d, issue_scores
 from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
 from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles
@@ -247,6 +252,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     HAS_COLS: gl.constexpr = (BIAS_ROW or ALIBI == 1) and not RAW
     ALIBI_MMA: gl.constexpr = RAW and ALIBI == 1
     EXT: gl.constexpr = ALIBI_MMA or ROW_KEYS  # an extension product adds per-key terms to the scores
+    EARLY_EXT: gl.constexpr = ALIBI_MMA  # ALiBi's reads no K: issued a block early, Q K^T accumulates onto it
     ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
     ROW_FIRST: gl.constexpr = ROW_AHEAD and BIAS_ROW  # a slice to read before the block's first product
 
@@ -312,6 +318,14 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
                                                            instr_shape=[16, TAIL, 16])
         t_rows: gl.constexpr = gl.SliceLayout(1, t_layout)
         acc_t = gl.zeros([HALF_M, TAIL], gl.float32, t_layout)
+    s_ext = s_zero  # (EARLY_EXT: the next block's extension product, in flight from the end of the block before)
+    if EARLY_EXT:
+        # O's zeros must not be copied from one register after this product is issued (LLVM puts the loop's
+        # initial copies there): ptxas takes such copies for reads of an accumulator under a product in flight
+        # and serialises every product of the kernel (warning C7514). One opaque zero per register is written in
+        # place instead.
+        acc = gl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [acc], dtype=gl.float32, is_pure=False, pack=1)
+        s_ext = issue_alibi_ext(ext_a, ext_b, half, s_zero, BLOCK_N)
 
     for j in range(1, n_blocks):
         stage = (g + j) & 1
@@ -324,8 +338,14 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
             col_terms = read_col_terms(alibi_cols, bias_smem, prev, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
         mbarrier.wait(k_ready.index(stage), ((g + j) >> 1) & 1)
-        s_tok = issue_scores(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), ext_a, ext_b, half, stage,
-                             s_zero, MAIN, TAIL, EXT, ROW_KEYS, BLOCK_N)
+        if EARLY_EXT:  # Q K^T onto the extension product issued at the end of the block before
+            # waited here, under the loop's turn and K's barrier: left in flight across the loop's back edge,
+            # ptxas again serialised every product (C7514)
+            s_ext = warpgroup_mma_wait(0, deps=[s_ext])
+            s_tok = issue_over_d(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), s_ext, MAIN, TAIL, True)
+        else:
+            s_tok = issue_scores(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), ext_a, ext_b, half, stage,
+                                 s_zero, MAIN, TAIL, EXT, ROW_KEYS, BLOCK_N)
         if not ROW_FIRST:
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
         v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
@@ -355,6 +375,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         mbarrier.arrive(v_empty.index(prev))
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if EARLY_EXT:  # the next block's, off its scores' path (after the last block: waited for, unused)
+            s_ext = issue_alibi_ext(ext_a, ext_b, half, s_zero, BLOCK_N)
 
     last = (g + n_blocks - 1) & 1
     mbarrier.wait(v_ready.index(last), ((g + n_blocks - 1) >> 1) & 1)

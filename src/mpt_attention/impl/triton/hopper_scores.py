@@ -166,15 +166,16 @@ def main_cols(head_dim, tail):
 
 
 @gluon.jit
-def issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr):
+def issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr, ONTO: gl.constexpr = False):
     """Issue ``a @ b_rows^T`` (async), contracting the tiles' D columns: all of them, or ``MAIN`` (64) and a
     ``TAIL`` (16, 32) chained after, where the rest are the copy engine's zeros (D 72-96: they take no
-    tensor-core time). Also hopper_backward's S^T and dP^T."""
+    tensor-core time); ``ONTO``: added to ``zero``'s values instead (``issue_alibi_ext``). Also hopper_backward's
+    S^T and dP^T."""
     if TAIL == 0:
-        tok = warpgroup_mma(a, b_rows.permute((1, 0)), zero, use_acc=False, is_async=True)
+        tok = warpgroup_mma(a, b_rows.permute((1, 0)), zero, use_acc=ONTO, is_async=True)
     else:
         tok = warpgroup_mma(a.slice(0, MAIN, dim=1), b_rows.slice(0, MAIN, dim=1).permute((1, 0)), zero,
-                            use_acc=False, is_async=True)
+                            use_acc=ONTO, is_async=True)
         tok = warpgroup_mma(a.slice(MAIN, TAIL, dim=1), b_rows.slice(MAIN, TAIL, dim=1).permute((1, 0)), tok,
                             is_async=True)
     return tok
@@ -191,6 +192,15 @@ def issue_scores(q, k_rows, ext_a, ext_b, half, stage, zero, MAIN: gl.constexpr,
         tok = warpgroup_mma(ext_a, ext_keys(ext_b, half, stage, BLOCK_N, ROW_KEYS).permute((1, 0)), tok,
                                             is_async=True)
     return tok
+
+
+@gluon.jit
+def issue_alibi_ext(ext_a, ext_b, half, zero, BLOCK_N: gl.constexpr):
+    """Issue causal ALiBi's extension product alone (async, onto nothing): it reads no K, so the forward issues a
+    block's at the end of the block before and lets Q K^T accumulate onto it (``issue_over_d``'s ``ONTO``), keeping
+    it off the scores' path."""
+    return warpgroup_mma(ext_a, ext_keys(ext_b, half, 0, BLOCK_N, False).permute((1, 0)), zero, use_acc=False,
+                         is_async=True)
 
 
 @gluon.jit
