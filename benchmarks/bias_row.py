@@ -12,6 +12,9 @@ kernel (the Hopper kernels off), and no bias; then the bias row's ratio to slope
 ``--shape B,H,H_KV,S,D`` (repeatable): those shapes instead of the four below.
 ``--non-causal``: without the causal mask (ALiBi's symmetric form -slope * |i - j| from slopes; the bias row is
 MPT's causal form either way).
+``--grad-inputs``: the forward on q, k, v that require gradients, as ``bench_attention.py``'s suite times it (the
+op then records its autograd node and saves its tensors); its D64 cells read ~3.5% below this script's
+(benchmarks/NOTES.md session 37).
 """
 
 import argparse
@@ -26,11 +29,12 @@ from mpt_attention.testing import attention_flops, profile_kernels
 SHAPES = [(8, 16, 16, 2048, 128), (2, 16, 16, 8192, 128), (4, 32, 32, 4096, 64), (2, 32, 4, 8192, 128)]
 
 
-def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=True):
+def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=True, grad_inputs=False):
     grad = mode == "fwd_bwd"
-    q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
-    k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
-            for _ in range(2))
+    q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=grad or grad_inputs)
+    k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16,
+                        requires_grad=grad or grad_inputs) for _ in range(2))
     dout = torch.randn_like(q)
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     row = M.build_alibi_bias(n_heads, seq, device="cuda")
@@ -86,6 +90,7 @@ def main():
     parser.add_argument("--variants", help="comma-separated columns to time (default: all)")
     parser.add_argument("--shape", action="append", help="B,H,H_KV,S,D (repeatable; default: the four SHAPES)")
     parser.add_argument("--non-causal", action="store_true", help="no causal mask (symmetric ALiBi)")
+    parser.add_argument("--grad-inputs", action="store_true", help="forward on inputs that require gradients")
     args = parser.parse_args()
     only = args.variants.split(",") if args.variants else None
     shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] if args.shape else SHAPES
@@ -93,7 +98,7 @@ def main():
         if args.kernels:
             kernels(*shape)
         else:
-            measure(*shape, mode=args.mode, only=only, causal=not args.non_causal)
+            measure(*shape, mode=args.mode, only=only, causal=not args.non_causal, grad_inputs=args.grad_inputs)
 
 
 if __name__ == "__main__":
