@@ -6,7 +6,8 @@ Per shape (bf16, causal), TFLOP/s of: ALiBi from slopes, MPT's bias row in float
 ``build_alibi_bias`` makes it) and in bf16 (as MPT casts it), the float32 row through the general
 kernel (the Hopper kernels off), and no bias; then the bias row's ratio to slopes (target >= 0.97).
 ``--mode fwd_bwd``: forward and backward (q, k, v need gradients; the bias does not, as in MPT).
-``--kernels``: instead, each GPU kernel's time inside one forward+backward, slopes against the float32 row.
+``--kernels``: instead, each GPU kernel's time inside one forward+backward (``--mode fwd``: one forward), slopes
+against the float32 row.
 ``--variants slopes,no-bias``: only those columns (an A/B of one path compiles and times less; also
 ``slopes-general``, ``no-bias-general``: the general kernel, which the default columns leave out);
 ``--shape B,H,H_KV,S,D`` (repeatable): those shapes instead of the four below.
@@ -66,8 +67,8 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=T
           + (f"  | row / slopes: {ratios}" if ratios else ""), flush=True)
 
 
-def kernels(batch, n_heads, n_kv, seq, head_dim):
-    """Where a forward+backward's time goes with slopes and with the float32 bias row."""
+def kernels(batch, n_heads, n_kv, seq, head_dim, mode="fwd_bwd"):
+    """Where a forward+backward's (or a forward's) time goes with slopes and with the float32 bias row."""
     q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
@@ -77,8 +78,9 @@ def kernels(batch, n_heads, n_kv, seq, head_dim):
     for name, kw in variants.items():
         def step(kw=kw):
             out = M.attention(q, k, v, backend="triton", causal=True, **kw)
-            torch.autograd.grad(out, [q, k, v], dout)
-        print(f"== fwd_bwd kernels, B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}, {name}")
+            if mode == "fwd_bwd":
+                torch.autograd.grad(out, [q, k, v], dout)
+        print(f"== {mode} kernels, B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}, {name}")
         for ms, count, kernel in profile_kernels(step)[:8]:
             print(f"  {ms:8.3f} ms/step  {count:3d}x  {kernel[:90]}", flush=True)
 
@@ -86,7 +88,7 @@ def kernels(batch, n_heads, n_kv, seq, head_dim):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd")
-    parser.add_argument("--kernels", action="store_true", help="per-kernel times of forward+backward instead")
+    parser.add_argument("--kernels", action="store_true", help="per-kernel times of one step instead")
     parser.add_argument("--variants", help="comma-separated columns to time (default: all)")
     parser.add_argument("--shape", action="append", help="B,H,H_KV,S,D (repeatable; default: the four SHAPES)")
     parser.add_argument("--non-causal", action="store_true", help="no causal mask (symmetric ALiBi)")
@@ -96,7 +98,7 @@ def main():
     shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] if args.shape else SHAPES
     for shape in shapes:
         if args.kernels:
-            kernels(*shape)
+            kernels(*shape, mode=args.mode)
         else:
             measure(*shape, mode=args.mode, only=only, causal=not args.non_causal, grad_inputs=args.grad_inputs)
 

@@ -391,6 +391,35 @@ def test_hopper_forward_reads_a_bias_matrix(monkeypatch, hopper_forward_bias_sha
 
 
 @pytest.mark.parametrize("d", [64, 128])
+def test_hopper_bias_row_terms_follow_writes_scales_and_graphs(d):
+    """MPT's bias row reaches the Hopper forward as per-key terms (``row_keys_kernel``) kept on its converted row,
+    itself kept on the bias (``kept.kept_on``): made once for repeated calls, made again after a write to the bias
+    and for another softmax scale, and recomputed inside a CUDA graph captured after they were kept."""
+    case = AttnCase(2, 300, 300, 4, 2, d, causal=True, bias="vector")
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    bias = kw["attn_bias"]
+    run = lambda scale=None: M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias,  # noqa: E731
+                                         softmax_scale=scale)
+    kept = lambda t, name: list(getattr(t if t._base is None else t._base, name)[1].values())  # noqa: E731
+    run()
+    [rows] = kept(bias, "_mpt_attention_bias_rows")
+    [keys] = kept(rows, "_mpt_attention_row_keys")
+    run()
+    again = kept(bias, "_mpt_attention_bias_rows") + kept(rows, "_mpt_attention_row_keys")
+    assert len(again) == 2 and again[0] is rows and again[1] is keys
+    graph, captured = capture_cuda_graph(run)
+    for step, scale in enumerate((None, 0.3)):
+        bias[..., 40 * step:40 * step + 90].mul_(-2.5)
+        _assert_forward_matches_reference(q, k, v, causal=True, attn_bias=bias, softmax_scale=scale)
+        if scale is None:
+            graph.replay()
+            _assert_forward_matches_reference(q, k, v, causal=True, attn_bias=bias)
+            ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, attn_bias=bias)
+            low, _ = reference_attention(q, k, v, causal=True, attn_bias=bias, compute_dtype=q.dtype)
+            assert_close_to_reference("graph replay", captured, ref, low)
+
+
+@pytest.mark.parametrize("d", [64, 128])
 def test_hopper_forward_bias_matrix_masks_rows_with_inf_and_float_min(hopper_forward_bias_shapes, d):
     """A bias matrix that removes keys with -inf (batch row 0: queries 0-39 see no key, output 0) and
     masks them with bf16's min (batch row 1: queries 0-39 take the plain average of the keys they see, as

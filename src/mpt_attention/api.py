@@ -14,6 +14,7 @@ import torch
 from mpt_attention import ops, packed_rows
 from mpt_attention.impl import reference, sdpa
 from mpt_attention.impl.device import sm_major
+from mpt_attention.kept import kept_on
 
 __all__ = ["BACKENDS", "attention", "attention_varlen", "backend_status", "TRITON_MAX_HEAD_DIM"]
 
@@ -263,18 +264,14 @@ def _validate_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes):
 
 def _length_stats(cu: torch.Tensor) -> tuple[int, int, int, int]:
     """(first, last, shortest, longest) of cumulative lengths: one device-to-host copy (a sync), kept on
-    the tensor until it is modified, so a model's layers sharing one ``cu_seqlens`` pay it once. Tensors
-    made under ``torch.inference_mode`` have no version counter to tell: those are checked every call."""
-    tracked = not cu.is_inference()
-    cached = getattr(cu, "_mpt_attention_length_stats", None) if tracked else None
-    if cached is not None and cached[0] == cu._version:
-        return cached[1]
-    c = cu.long()
-    lengths = c.diff() if c.numel() > 1 else c.new_zeros(1)
-    stats = tuple(torch.stack([c[0], c[-1], lengths.min(), lengths.max()]).tolist())
-    if tracked:
-        cu._mpt_attention_length_stats = (cu._version, stats)
-    return stats
+    the tensor until it is modified (``kept.kept_on``), so a model's layers sharing one ``cu_seqlens`` pay it
+    once. Tensors made under ``torch.inference_mode`` have no version counter to tell: those are checked every
+    call."""
+    def stats():
+        c = cu.long()
+        lengths = c.diff() if c.numel() > 1 else c.new_zeros(1)
+        return tuple(torch.stack([c[0], c[-1], lengths.min(), lengths.max()]).tolist())
+    return kept_on(cu, "_mpt_attention_length_stats", stats)
 
 
 def _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, key_padding_mask,

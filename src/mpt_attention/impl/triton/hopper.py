@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from mpt_attention.impl.device import sm_count, sm_major
+from mpt_attention.kept import kept_on
 from mpt_attention.impl.triton.common import row_keys_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
 
@@ -283,19 +284,16 @@ def slope_args(slopes, dummy):
 def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
     """(B + 1,) int32: tiles of 128 rows before each packed sequence, the total last (``hopper_tiles``; the
     forward's query tiles, the backward's key blocks), on the device: no host sync. Kept on ``cu`` until it is
-    modified (as ``api._length_stats`` keeps its lengths): the forward and the backward, and a model's layers, share
-    one ``cu_seqlens``, and these four small kernels cost more host time than they take on the GPU. Not while a
-    CUDA graph is captured: the graph must recompute them from the lengths a replay finds (updated in place)."""
-    tracked = not cu.is_inference() and not (cu.is_cuda and torch.cuda.is_current_stream_capturing())
-    cached = getattr(cu, "_mpt_attention_packed_tiles", None) if tracked else None
-    if cached is not None and cached[0] == cu._version:
-        return cached[1]
-    tiles = torch.zeros(cu.numel(), dtype=torch.int32, device=cu.device)
-    torch.cumsum(torch.div(cu[1:] - cu[:-1] + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
-                 out=tiles[1:])
-    if tracked:
-        cu._mpt_attention_packed_tiles = (cu._version, tiles)
-    return tiles
+    modified (``kept.kept_on``, as ``api._length_stats`` keeps its lengths): the forward and the backward, and a
+    model's layers, share one ``cu_seqlens``, and these four small kernels cost more host time than they take on
+    the GPU. Not while a CUDA graph is captured: the graph must recompute them from the lengths a replay finds
+    (updated in place)."""
+    def tiles():
+        counts = torch.zeros(cu.numel(), dtype=torch.int32, device=cu.device)
+        torch.cumsum(torch.div(cu[1:] - cu[:-1] + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
+                     out=counts[1:])
+        return counts
+    return kept_on(cu, "_mpt_attention_packed_tiles", tiles, on_device=True)
 
 
 def raw_scores(softmax_scale, bias, alibi_mode) -> bool:
@@ -421,9 +419,14 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
     dq, dk, dv, do, db = plan.descs
     if plan.row_keys is not None:  # the bias row as its per-key terms (row_keys_kernel)
         shape, convert, args = plan.row_keys
-        keys = torch.empty(shape, dtype=torch.bfloat16, device=device)
-        convert(bias, keys, *args)
-        bias = keys
+
+        def row_keys(rows=bias):
+            keys = torch.empty(shape, dtype=torch.bfloat16, device=device)
+            convert(rows, keys, *args)
+            return keys
+        # kept on the converted row, itself kept on the caller's bias (launch._log2_bias_rows): made once for a
+        # model's layers, which share MPT's bias row
+        bias = kept_on(bias, "_mpt_attention_row_keys", row_keys, key=args, on_device=True)
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
                 out, cu_q, cu_k, cu_tiles, *plan.scalars)

@@ -18,6 +18,7 @@ from mpt_attention.impl.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, launch_kernel, next_power_of_2
+from mpt_attention.kept import kept_on
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # A full-shape bias gradient in q's dtype: dQ as one GEMM on the stored dS instead of the dQ kernel
@@ -127,18 +128,22 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
 def _log2_bias_rows(bias: torch.Tensor) -> torch.Tensor:
     """A bias row ``(B|1, H|1, 1, S_k)`` (any strides, dtype) as the kernels read it: float32 log2 units
     (common.log2_bias_rows_kernel), broadcast dims kept at size 1, rows padded to 16 bytes so the copy
-    engine can read them. O(B' * H' * S_k), once per call; its launch planned per signature (``plans``)."""
-    key = ("bias rows", bias.get_device(), plans.signature(bias)) if plans.ENABLED else None
-    plan = plans.KEPT.get(key) if key is not None else None
-    if plan is None:
-        plan = _bias_rows_plan(bias)
-        if key is not None:
-            plans.keep(key, plan)
-    shape, s_k, convert = plan
-    padded = torch.empty(shape, dtype=torch.float32, device=bias.device)
-    if convert is not None:
-        convert[0](bias, padded, *convert[1])
-    return padded[..., :s_k]
+    engine can read them. O(B' * H' * S_k); its launch planned per signature (``plans``). Kept on ``bias`` until
+    ``bias`` is modified (``kept.kept_on``): MPT hands one bias row to all of a model's layers, which convert it
+    once, not once per layer and again in each backward."""
+    def convert_row():
+        key = ("bias rows", bias.get_device(), plans.signature(bias)) if plans.ENABLED else None
+        plan = plans.KEPT.get(key) if key is not None else None
+        if plan is None:
+            plan = _bias_rows_plan(bias)
+            if key is not None:
+                plans.keep(key, plan)
+        shape, s_k, convert = plan
+        padded = torch.empty(shape, dtype=torch.float32, device=bias.device)
+        if convert is not None:
+            convert[0](bias, padded, *convert[1])
+        return padded[..., :s_k]
+    return kept_on(bias, "_mpt_attention_bias_rows", convert_row, on_device=True)
 
 
 def _bias_rows_plan(bias: torch.Tensor):
