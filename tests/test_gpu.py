@@ -347,9 +347,9 @@ def test_the_lean_launcher_runs_repeated_steps_from_its_cache(monkeypatch, deter
     dout = torch.randn_like(q)
 
     def step():
-        # MPT slices its bias buffer anew each step: a new view, converted again (kept.kept_on keeps the conversion
-        # on the view for the step's other layers), so every step launches the same kernels
-        given = kw if bias is None else dict(kw, attn_bias=kw["attn_bias"][..., :])
+        # a bias tensor new to each step (a copy), so that its conversion launches again (kept.kept_on keeps it on
+        # the tensor for later calls) and every step launches the same kernels
+        given = kw if bias is None else dict(kw, attn_bias=kw["attn_bias"].clone())
         out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **given)
         return (out, *_grads(out, [q, k, v], dout))
 
