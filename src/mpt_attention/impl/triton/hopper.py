@@ -17,9 +17,9 @@ from typing import NamedTuple
 import torch
 
 from mpt_attention.impl.device import sm_count, sm_major
-from mpt_attention.kept import kept_on
 from mpt_attention.impl.triton.common import row_keys_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
+from mpt_attention.kept import kept_on
 
 try:
     from triton.experimental.gluon import language as gl
