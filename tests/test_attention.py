@@ -342,7 +342,8 @@ def test_deterministic_default_follows_torch_use_deterministic_algorithms():
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-op"])
 def test_a_bias_row_is_converted_once_per_eager_step(monkeypatch, compiled):
     """MPT's (1, H, 1, S) bias row reaches the kernels converted (float32 log2 units): the eager path
-    converts it once and hands it to the backward; the custom op (torch.compile) converts it in each."""
+    converts it once and hands it to the backward; the custom op (torch.compile) asks for it in each, and the
+    backward finds the forward's conversion kept on the bias (``kept.kept_on``)."""
     from mpt_attention.impl.triton import launch
 
     conversions = []

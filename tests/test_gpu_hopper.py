@@ -7,6 +7,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper
+from mpt_attention.kept import kept_values
 from mpt_attention.testing import (
     AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, capture_cuda_graph, make_inputs,
     make_varlen_inputs, reference_attention, reference_attention_varlen,
@@ -400,12 +401,11 @@ def test_hopper_bias_row_terms_follow_writes_scales_and_graphs(d):
     bias = kw["attn_bias"]
     run = lambda scale=None: M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias,  # noqa: E731
                                          softmax_scale=scale)
-    kept = lambda t, name: list(getattr(t if t._base is None else t._base, name)[1].values())  # noqa: E731
     run()
-    [rows] = kept(bias, "_mpt_attention_bias_rows")
-    [keys] = kept(rows, "_mpt_attention_row_keys")
+    [rows] = kept_values(bias, "_mpt_attention_bias_rows")
+    [keys] = kept_values(rows, "_mpt_attention_row_keys")
     run()
-    again = kept(bias, "_mpt_attention_bias_rows") + kept(rows, "_mpt_attention_row_keys")
+    again = kept_values(bias, "_mpt_attention_bias_rows") + kept_values(rows, "_mpt_attention_row_keys")
     assert len(again) == 2 and again[0] is rows and again[1] is keys
     graph, captured = capture_cuda_graph(run)
     for step, scale in enumerate((None, 0.3)):

@@ -5,19 +5,13 @@ import pytest
 import torch
 
 import mpt_attention as M
-from mpt_attention.kept import kept_on
+from mpt_attention.kept import kept_on, kept_values
 from mpt_attention.testing import AttnCase, make_inputs, reference_attention
 
 
 def _counter():
     made = []
     return lambda: made.append(1) or len(made)
-
-
-def kept_values(t, name):
-    """The values kept under ``name`` on ``t``'s base (any view geometry and key)."""
-    owner = t if t._base is None else t._base
-    return list(getattr(owner, name, (None, {}))[1].values())
 
 
 def test_a_kept_value_is_reused_until_the_tensor_or_the_key_changes():

@@ -6,6 +6,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention import ops
+from mpt_attention.kept import kept_values
 from mpt_attention.padding import pad, unpad
 from mpt_attention.testing import (
     assert_close_to_reference, assert_compiled_matches_eager, make_varlen_inputs, reference_attention, reference_attention_varlen,
@@ -211,7 +212,7 @@ def test_key_block_range_is_empty_for_tiles_past_a_sequence_end():
 def test_length_checks_are_cached_until_the_lengths_change():
     q, k, v, cu_q, cu_k = make_varlen_inputs([5, 6], [5, 6], 2, 2, 8)
     M.attention_varlen(q, k, v, cu_q, cu_k, backend="torch")
-    assert list(cu_q._mpt_attention_length_stats[1].values()) == [(0, 11, 5, 6)]
+    assert kept_values(cu_q, "_mpt_attention_length_stats") == [(0, 11, 5, 6)]
     cu_q[1] = 12  # in place: the cached check no longer holds and must not be trusted
     with pytest.raises(ValueError, match=r"cu_seqlens_q must start at 0, never decrease"):
         M.attention_varlen(q, k, v, cu_q, cu_k, backend="torch")

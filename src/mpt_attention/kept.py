@@ -42,3 +42,10 @@ def kept_on(t: torch.Tensor, name: str, make, key=None, on_device: bool = False)
     if slot not in kept[1]:
         kept[1][slot] = make()
     return kept[1][slot]
+
+
+def kept_values(t: torch.Tensor, name: str) -> list:
+    """What ``kept_on`` keeps under ``name`` on ``t``'s base now (every view geometry, key and stream; stale ones
+    included until the next ``kept_on`` call sees the new version): for tests and debugging."""
+    owner = t if t._base is None else t._base
+    return list(getattr(owner, name, (None, {}))[1].values())
