@@ -2,8 +2,10 @@
 
     python benchmarks/bench_attention.py --out DIR [--modes fwd,fwd_bwd] [--suite main,extras,noncausal] [--quick]
 
-Providers (bf16, causal): ``triton-alibi`` (ours, slopes in-kernel; the Hopper kernel on sm_90),
-``triton-alibi-general`` (the same with the general Triton forward kernel), ``triton`` (ours, no bias),
+Providers (bf16, causal): ``triton-alibi`` (ours, slopes in-kernel; the Hopper kernel on sm_90, which skips the key
+blocks past causal ALiBi's reach at S >= ``hopper.REACH_MIN_KEYS``: impl/triton/reach.py), ``triton-alibi-all-blocks``
+(the same computing every visible block: what the ALiBi term itself costs), ``triton-alibi-general`` (the same with
+the general Triton forward kernel), ``triton`` (ours, no bias),
 ``triton-vecbias`` (ours, MPT's (1, H, 1, S) bias tensor), ``cudnn`` and ``fa2`` (SDPA, no bias),
 ``flex-alibi`` (compiled FlexAttention with an ALiBi score_mod), ``fa4`` / ``fa4-alibi``
 (flash-attn-4, if importable), ``memeff-dense`` (SDPA memory-efficient with the dense ALiBi bias
@@ -23,6 +25,7 @@ TFLOP/s use 4*B*H*S_q*S_k_visible*D per forward (causal counted per row), 3.5x f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import operator
@@ -88,6 +91,26 @@ def _fa4_alibi_mods(n_heads: int, causal: bool = True):
     return (alibi if causal else alibi_symmetric), alibi_bwd
 
 
+@contextlib.contextmanager
+def _every_block():
+    """The Hopper kernels computing every visible key block, none skipped past causal ALiBi's reach."""
+    from mpt_attention.impl.triton import hopper
+
+    min_keys, hopper.REACH_MIN_KEYS = hopper.REACH_MIN_KEYS, 1 << 62
+    try:
+        yield
+    finally:
+        hopper.REACH_MIN_KEYS = min_keys
+
+
+def _all_blocks(fn):
+    """``fn`` whose timed steps, forward and backward, run under ``_every_block`` (``time_provider``)."""
+    def run():
+        return fn()
+    run.around = _every_block
+    return run
+
+
 def _general_kernel(fn):
     """``fn`` run with the Hopper forward kernel disabled (impl/triton/hopper.py)."""
     from mpt_attention.impl.triton import hopper
@@ -116,6 +139,8 @@ def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16, de
     providers = {
         "triton-alibi": (lambda: M.attention(q, k, v, backend="triton", causal=causal, alibi_slopes=slopes),
                          [q, k, v]),
+        "triton-alibi-all-blocks": (_all_blocks(lambda: M.attention(q, k, v, backend="triton", causal=causal,
+                                                                    alibi_slopes=slopes)), [q, k, v]),
         # the same call with the Hopper (Gluon) forward kernel switched off: the general Triton kernel
         "triton-alibi-general": (_general_kernel(lambda: M.attention(q, k, v, backend="triton", causal=causal,
                                                                      alibi_slopes=slopes)), [q, k, v]),
@@ -180,6 +205,12 @@ def make_providers(batch, n_heads, n_kv, seq, head_dim, dtype=torch.bfloat16, de
 
 
 def time_provider(fn, grads, mode):
+    """Median ms of ``fn``'s forward (``mode`` "fwd") or forward+backward; inside ``fn.around()`` where it has one."""
+    with getattr(fn, "around", contextlib.nullcontext)():
+        return _time_provider(fn, grads, mode)
+
+
+def _time_provider(fn, grads, mode):
     start = time.perf_counter()
     out = fn()
     torch.cuda.synchronize()
@@ -242,6 +273,8 @@ def summarize_rounds(samples):
 
 def run_main(args, rows, causal=True):
     shapes = MAIN_SHAPES[:2] if args.quick else MAIN_SHAPES
+    if args.shapes:
+        shapes = [MAIN_SHAPES[int(i)] for i in args.shapes.split(",")]
     suite = "main" if causal else "noncausal"
     warm_up()
     for batch, n_heads, n_kv, seq, head_dim in shapes:
@@ -413,6 +446,7 @@ def main():
     parser.add_argument("--modes", default="fwd,fwd_bwd")
     parser.add_argument("--suite", default="main,extras")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shapes", help="comma-separated indices into MAIN_SHAPES (default: all; --quick: 0,1)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="main suite: measurements per provider, alternated; the median is reported")
     args = parser.parse_args()

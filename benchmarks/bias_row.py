@@ -13,6 +13,9 @@ against the float32 row.
 ``--shape B,H,H_KV,S,D`` (repeatable): those shapes instead of the four below.
 ``--non-causal``: without the causal mask (ALiBi's symmetric form -slope * |i - j| from slopes; the bias row is
 MPT's causal form either way).
+``slopes-all-blocks``: slopes with every visible key block computed (``hopper.REACH_MIN_KEYS`` past the length: the
+blocks past causal ALiBi's reach, ``reach.py``, are not skipped); the default columns include it.
+``--norm-scale X``: q and k drawn with standard deviation X instead of 1 (larger norms: a longer reach).
 ``--grad-inputs``: the forward on q, k, v that require gradients, as ``bench_attention.py``'s suite times it (the
 op then records its autograd node and saves its tensors); its D64 cells read ~3.5% below this script's
 (benchmarks/NOTES.md session 37).
@@ -30,17 +33,16 @@ from mpt_attention.testing import attention_flops, profile_kernels
 SHAPES = [(8, 16, 16, 2048, 128), (2, 16, 16, 8192, 128), (4, 32, 32, 4096, 64), (2, 32, 4, 8192, 128)]
 
 
-def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=True, grad_inputs=False):
+def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=True, grad_inputs=False, norm_scale=1.0):
     grad = mode == "fwd_bwd"
-    q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16,
-                    requires_grad=grad or grad_inputs)
-    k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16,
-                        requires_grad=grad or grad_inputs) for _ in range(2))
+    q, k, v = ((torch.randn(batch, seq, h, head_dim, device="cuda") * scale).to(torch.bfloat16)
+               .requires_grad_(grad or grad_inputs)
+               for h, scale in ((n_heads, norm_scale), (n_kv, norm_scale), (n_kv, 1.0)))
     dout = torch.randn_like(q)
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     row = M.build_alibi_bias(n_heads, seq, device="cuda")
-    variants = {"slopes": ({"alibi_slopes": slopes}, True), "row-fp32": ({"attn_bias": row}, True),
-                "row-bf16": ({"attn_bias": row.to(torch.bfloat16)}, True),
+    variants = {"slopes": ({"alibi_slopes": slopes}, True), "slopes-all-blocks": ({"alibi_slopes": slopes}, None),
+                "row-fp32": ({"attn_bias": row}, True), "row-bf16": ({"attn_bias": row.to(torch.bfloat16)}, True),
                 "row-fp32-general": ({"attn_bias": row}, False), "no-bias": ({}, True),
                 "slopes-general": ({"alibi_slopes": slopes}, False), "no-bias-general": ({}, False)}
     if only:
@@ -55,27 +57,37 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=T
         if grad:
             torch.autograd.grad(out, [q, k, v], dout)
 
+    reach_min_keys = hopper.REACH_MIN_KEYS
     for name, (kw, use_hopper) in variants.items():
-        hopper.ENABLED = use_hopper
+        hopper.ENABLED = use_hopper is not False
+        hopper.REACH_MIN_KEYS = reach_min_keys if use_hopper is not None else 1 << 62  # None: every block
         ms = do_bench(lambda kw=kw: step(kw), warmup=25, rep=100, return_mode="median")
         tflops[name] = flops / ms / 1e9
-    hopper.ENABLED = True
-    ratios = "  ".join(f"{row.split('-')[1]} {tflops[row] / tflops['slopes']:.3f}" for row in ("row-fp32", "row-bf16")
-                       if row in tflops and "slopes" in tflops)
+    hopper.ENABLED, hopper.REACH_MIN_KEYS = True, reach_min_keys
+    base = "slopes-all-blocks" if "slopes-all-blocks" in tflops else "slopes"  # the bias row reads every block
+    ratios = "  ".join(f"{row.split('-')[1]} {tflops[row] / tflops[base]:.3f}" for row in ("row-fp32", "row-bf16")
+                       if row in tflops and base in tflops)
+    if "slopes" in tflops and "slopes-all-blocks" in tflops:
+        ratios += f"  | slopes / all blocks {tflops['slopes'] / tflops['slopes-all-blocks']:.3f}"
     label = f"{mode}{'' if causal else ' non-causal'} B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}"
     print(f"{label}  " + "  ".join(f"{n} {t:.0f}" for n, t in tflops.items())
-          + (f"  | row / slopes: {ratios}" if ratios else ""), flush=True)
+          + (f"  | row / {base}: {ratios}" if ratios else ""), flush=True)
 
 
-def kernels(batch, n_heads, n_kv, seq, head_dim, mode="fwd_bwd"):
-    """Where a forward+backward's (or a forward's) time goes with slopes and with the float32 bias row."""
+def kernels(batch, n_heads, n_kv, seq, head_dim, mode="fwd_bwd", only=None):
+    """Where a forward+backward's (or a forward's) time goes with slopes and with the float32 bias row (``only``:
+    those of slopes, slopes-all-blocks, row-fp32)."""
     q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
     dout = torch.randn_like(q)
-    variants = {"slopes": {"alibi_slopes": M.gen_slopes(n_heads, return_1d=True, device="cuda")},
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
+    variants = {"slopes": {"alibi_slopes": slopes}, "slopes-all-blocks": {"alibi_slopes": slopes},
                 "row-fp32": {"attn_bias": M.build_alibi_bias(n_heads, seq, device="cuda")}}
-    for name, kw in variants.items():
+    reach_min_keys = hopper.REACH_MIN_KEYS
+    for name in only or ("slopes", "row-fp32"):
+        kw = variants[name]
+        hopper.REACH_MIN_KEYS = 1 << 62 if name == "slopes-all-blocks" else reach_min_keys
         def step(kw=kw):
             out = M.attention(q, k, v, backend="triton", causal=True, **kw)
             if mode == "fwd_bwd":
@@ -83,6 +95,7 @@ def kernels(batch, n_heads, n_kv, seq, head_dim, mode="fwd_bwd"):
         print(f"== {mode} kernels, B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}, {name}")
         for ms, count, kernel in profile_kernels(step)[:8]:
             print(f"  {ms:8.3f} ms/step  {count:3d}x  {kernel[:90]}", flush=True)
+    hopper.REACH_MIN_KEYS = reach_min_keys
 
 
 def main():
@@ -93,14 +106,16 @@ def main():
     parser.add_argument("--shape", action="append", help="B,H,H_KV,S,D (repeatable; default: the four SHAPES)")
     parser.add_argument("--non-causal", action="store_true", help="no causal mask (symmetric ALiBi)")
     parser.add_argument("--grad-inputs", action="store_true", help="forward on inputs that require gradients")
+    parser.add_argument("--norm-scale", type=float, default=1.0, help="standard deviation of q and k (default 1)")
     args = parser.parse_args()
     only = args.variants.split(",") if args.variants else None
     shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] if args.shape else SHAPES
     for shape in shapes:
         if args.kernels:
-            kernels(*shape, mode=args.mode)
+            kernels(*shape, mode=args.mode, only=only)
         else:
-            measure(*shape, mode=args.mode, only=only, causal=not args.non_causal, grad_inputs=args.grad_inputs)
+            measure(*shape, mode=args.mode, only=only, causal=not args.non_causal, grad_inputs=args.grad_inputs,
+                    norm_scale=args.norm_scale)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import sys
 
-RATIOS = (  # (column title, numerator, denominator)
+RATIOS = (  # (column title, numerator, denominator); "all blocks": ours without skipping blocks past ALiBi's reach
     ("ours+ALiBi / FA4+ALiBi", "triton-alibi", "fa4-alibi"),
     ("/ Flex+ALiBi", "triton-alibi", "flex-alibi"),
+    ("all blocks / FA4+ALiBi", "triton-alibi-all-blocks", "fa4-alibi"),
+    ("all blocks / Flex+ALiBi", "triton-alibi-all-blocks", "flex-alibi"),
     ("ours / cuDNN", "triton", "cudnn"),
-    ("ALiBi / no bias", "triton-alibi", "triton"),
-    ("vec bias / slopes", "triton-vecbias", "triton-alibi"),
+    ("ALiBi all blocks / no bias", "triton-alibi-all-blocks", "triton"),
+    ("vec bias / slopes all blocks", "triton-vecbias", "triton-alibi-all-blocks"),
+    ("reach skip gain", "triton-alibi", "triton-alibi-all-blocks"),
     ("deterministic / default", "triton-alibi-deterministic", "triton-alibi"),
 )
 

@@ -43,17 +43,19 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
 
     module = _load_script("summarize")
     rows = [dict(suite="main", shape="B1 H1/1 S8 D16", mode="fwd", provider=p, ms=1.0, tflops=t, note="")
-            for p, t in (("triton-alibi", 300.0), ("fa4-alibi", 400.0), ("triton", 310.0))]
+            for p, t in (("triton-alibi", 300.0), ("fa4-alibi", 400.0), ("triton", 310.0),
+                         ("triton-alibi-all-blocks", 280.0))]
     rows.append(dict(suite="padding", shape="x", mode="fwd", provider="triton-varlen", ms=0.5, tflops=90.0, note="n"))
     path = tmp_path / "run.json"
     meta = {"gpu": "G", "torch": "t", "triton": "tr", "commit": "c", "date": "d"}
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
     module.main(str(path))
     out = capsys.readouterr().out
-    assert "| B1 H1/1 S8 D16 | 300 | 400 | 310 | 0.75 | - | - | 0.97 | - | - |" in out
+    # ALiBi's cost and the vector bias against the kernel on every visible block; the skip's gain beside them
+    assert "| B1 H1/1 S8 D16 | 300 | 400 | 310 | 280 | 0.75 | - | 0.70 | - | - | 0.90 | - | 1.07 | - |" in out
     assert "| padding | x | fwd | triton-varlen | 0.500 | 90.0 | n |" in out
     assert "spread" not in out  # single-measurement runs (before --rounds) have none to report
-    for row, spread in zip(rows, (0.02, 0.05, 0.01)):
+    for row, spread in zip(rows, (0.02, 0.05, 0.01, 0.01)):
         row["spread"] = spread
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
     module.main(str(path))
@@ -65,7 +67,7 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     module.main(str(path))
     out = capsys.readouterr().out
     assert "### fwd, not causal (symmetric ALiBi)" in out
-    assert "| B1 H1/1 S8 D16 | 450 | 300 | - | 1.50 | - | - | - | - |" in out
+    assert "| B1 H1/1 S8 D16 | 450 | 300 | - | 1.50 | - | - | - | - | - | - | - |" in out
     assert "| noncausal |" not in out
 
 

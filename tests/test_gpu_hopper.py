@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper
+from mpt_attention.impl.triton import hopper, reach
 from mpt_attention.kept import kept_values
 from mpt_attention.testing import (
     AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, capture_cuda_graph, make_inputs,
@@ -788,6 +788,7 @@ def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case):
     and the others add after its stores complete (hopper_dq): dQ matches the zeroed sums' up to the order of the
     additions, in every run, with many programs per block (a lost or early addition would be off by a whole
     program's part; a block nobody stored stays NaN-poisoned); dK and dV are bitwise the same."""
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)  # (past ALiBi's reach the first program skips blocks)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     assert hopper.first_write_dq(case.head_dim, False, False)
@@ -822,3 +823,140 @@ def test_grouped_heads_with_fused_dq_keep_dk_dv_reproducible(monkeypatch, heads)
         if name != "dq":
             assert torch.equal(a, b), name
         torch.testing.assert_close(a, ref, rtol=1e-2, atol=1e-2, msg=name)
+
+
+def _reach_keys(q, k, slopes, scale):
+    """Per head, the reach of reach.py's bound in keys (the kernels round it up): past it every probability is
+    below 2^-128."""
+    q_max = q.float().norm(dim=-1).amax(dim=1)[0]  # (H,)
+    k_max = k.float().norm(dim=-1).amax(dim=1)[0].repeat_interleave(q.shape[2] // k.shape[2])
+    c, a = scale * hopper.LOG2E, slopes.float() * hopper.LOG2E
+    return (reach.VANISH2.value + 2 * reach.NORM_SLACK.value * c * q_max * k_max) / a
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_causal_alibi_never_reads_key_blocks_past_its_reach(monkeypatch, d):
+    """Causal ALiBi with a steep slope: the first key block's V is NaN. Its probabilities underflow for rows far
+    enough behind it, so those rows must not read it at all (finite, and the reference without that block), while
+    rows within its reach, and every row of a head whose slope reaches past the sequence, read it (NaN, as in the
+    reference). A kernel that reads every block makes every row NaN."""
+    s, n_heads = 3000, 2
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
+    scale = d ** -0.5
+    far_off = _reach_keys(q, k, slopes, scale)
+    assert far_off[0] < 1000 and far_off[1] > s
+    v_nan = v.clone()
+    v_nan[:, :128] = float("nan")
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    out = M.attention(q, k, v_nan, backend="triton", causal=True, alibi_slopes=slopes)
+    far = int(far_off[0]) + 128 + 192 + 1  # past the reach of the last key of the block, and of every row of its tile
+    assert out[0, far:, 0].isfinite().all()
+    assert out[0, :int(far_off[0]), 0].isnan().all()
+    assert out[0, :, 1].isnan().all()
+    v_zero = v.clone()
+    v_zero[:, :128] = 0
+    ref, _ = reference_attention(q.double(), k.double(), v_zero.double(), causal=True, alibi_slopes=slopes)
+    low, _ = reference_attention(q, k, v_zero, causal=True, alibi_slopes=slopes, compute_dtype=torch.bfloat16)
+    assert_close_to_reference("rows past the reach", out[:, far:, :1], ref[:, far:, :1], low[:, far:, :1])
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_causal_alibi_reach_keeps_far_keys_whose_scores_outweigh_the_slope(d):
+    """One early key aligned with every query and forty times longer than the others: ALiBi's penalty does
+    not outweigh its score, so every row attends to it. The reach grows with the heads' norms (reach.py), so the
+    kernel reads its block; a reach from the slope alone would skip it."""
+    s, n_heads = 2048, 4
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    base = torch.randn(d, device="cuda", generator=gen)
+    q = (base + 0.3 * torch.randn(1, s, n_heads, d, device="cuda", generator=gen)).to(torch.bfloat16)
+    k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2))
+    k[0, 5] = (40 * base).to(torch.bfloat16)
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
+    assert (_reach_keys(q, k, slopes, d ** -0.5) > s).all()
+    _assert_forward_matches_reference(q, k, v, causal=True, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("case", [AttnCase(2, 4096, 4096, 8, 2, 64, causal=True, alibi=True),
+                                  AttnCase(1, 1500, 3000, 8, 8, 128, causal=True, alibi=True),
+                                  AttnCase(2, 2000, 2000, 16, 16, 96, causal=True, alibi=True)],
+                         ids=lambda c: c.id())
+def test_skipping_key_blocks_past_the_reach_computes_what_every_block_computes(monkeypatch, case):
+    """The same forward with the blocks past causal ALiBi's reach skipped and with every visible block computed:
+    the skipped probabilities are 0 either way, so the outputs agree to float32's rounding before the cast (one
+    unit in the last place of q's dtype) and so do the log-sum-exps; also against the float64 reference."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)
+    every, every_lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    diff = (out.float() - every.float()).abs()
+    assert (diff <= every.float().abs() * 2.0 ** -7 + 1e-6).all(), diff.max()
+    torch.testing.assert_close(lse, every_lse, rtol=0, atol=1e-5)
+    _assert_forward_matches_reference(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("d, deterministic", [(64, None), (128, None), (128, True)],
+                         ids=["D64-fused-dq", "D128-fused-dq", "D128-split"])
+def test_causal_alibi_backward_never_reads_query_blocks_past_its_reach(monkeypatch, d, deterministic):
+    """The backward's key blocks visit only the query blocks within their reach: dO of the last 128 queries is NaN,
+    so every key block that reads them gets NaN dK and dV (those within the steep head's reach, and all of the head
+    whose slope reaches past the sequence), while the steep head's key blocks far before them stay finite and
+    match the float64 reference's gradients with those dO rows zeroed."""
+    s, n_heads = 3000, 2
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
+    far_off = _reach_keys(q.detach(), k.detach(), slopes, d ** -0.5)
+    assert far_off[0] < 1000 and far_off[1] > s
+    dout = torch.randn(q.shape, device="cuda", generator=gen).to(torch.bfloat16)
+    dout_nan = dout.clone()
+    dout_nan[:, -128:] = float("nan")
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    kw = dict(causal=True, alibi_slopes=slopes)
+    out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], dout_nan)
+    reach = int(far_off[0])
+    far = s - 128 - reach - 256  # key blocks ending at least the reach before the first NaN row
+    for name, g in (("dk", dk), ("dv", dv)):
+        assert g[0, :far, 0].isfinite().all(), name
+        assert g[0, s - 128 - reach:, 0].isnan().all(), name
+        assert g[0, :, 1].isnan().all(), name
+    assert dq[0, :s - 128, 0].isfinite().all() and dq[0, -128:].isnan().all()
+    dout_zero = dout.clone()
+    dout_zero[:, -128:] = 0
+    refs = []
+    for dtype in (torch.float64, torch.bfloat16):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention(*xs, **kw, compute_dtype=dtype)
+        refs.append(torch.autograd.grad(ref, xs, dout_zero.to(dtype)))
+    for i, name in ((1, "dk"), (2, "dv")):
+        got = (dk, dv)[i - 1][:, :far, :1]
+        assert_close_to_reference(name, got, refs[0][i][:, :far, :1], refs[1][i][:, :far, :1])
+
+
+@pytest.mark.parametrize("case, deterministic", [
+    pytest.param(AttnCase(2, 2048, 2048, 8, 8, 128, causal=True, alibi=True), None, id="D128-fused-dq"),
+    pytest.param(AttnCase(1, 2048, 2048, 8, 2, 128, causal=True, alibi=True), None, id="D128-GQA-split-heads"),
+    pytest.param(AttnCase(2, 2048, 2048, 8, 8, 64, causal=True, alibi=True), None, id="D64-fused-dq"),
+    pytest.param(AttnCase(1, 1500, 2500, 8, 8, 128, causal=True, alibi=True), True, id="D128-split-chunked"),
+    pytest.param(AttnCase(1, 2000, 2000, 16, 16, 96, causal=True, alibi=True), None, id="D96-tail"),
+])
+def test_backward_past_the_reach_matches_float64_reference_and_every_block(monkeypatch, case, deterministic):
+    """Gradients with the query blocks past causal ALiBi's reach skipped: against the float64 reference, and
+    against the same backward computing every visible block (the skipped probabilities are 0 either way)."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def run(min_keys):
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
+        out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+        return out, torch.autograd.grad(out, [q, k, v], dout)
+
+    every = run(1 << 62)[1]
+    out, grads = run(1024)
+    for name, a, b in zip(["dq", "dk", "dv"], grads, every):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)

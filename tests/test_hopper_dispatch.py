@@ -394,3 +394,49 @@ def test_which_forwards_take_row_maxima_over_unscaled_scores(scale, slopes, bias
 def test_consumer_warpgroups_of_the_forward(width, varlen, raw, consumers):
     # three only where their 160 registers hold the block without spilling and the tiles are dense
     assert hopper.forward_consumers(width, varlen, raw) == consumers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_row_norm_maxima_for_causal_alibis_reach(monkeypatch, dtype):
+    """The Hopper forward's plan for causal ALiBi from slopes over at least REACH_MIN_KEYS keys reads q's and k's
+    norm maxima first (reach.py): per head, the largest Euclidean norm over the rows, as float32 bit patterns past
+    the program slots, q's (B, H) then k's (B, H_kv); a NaN row gives +inf. Also through strided views (an SDPA
+    (B, H, S, D) tensor transposed)."""
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 100)
+    gen = torch.Generator().manual_seed(0)
+    q = (torch.randn(2, 4, 150, 64, generator=gen) * torch.arange(1, 5).view(1, 4, 1, 1)).to(dtype).transpose(1, 2)
+    k = torch.randn(2, 170, 2, 64, generator=gen).to(dtype)  # more keys than queries (chunked prefill)
+    k[1, 77, 1, 3] = float("nan")
+    slopes = torch.rand(4) + 0.1
+    plan = hopper.forward_plan(q, k, k, None, slopes, 0.125, True, 1)
+    assert plan.launch.kwargs["REACH"] and plan.norms is not None
+    first = 16 + 4 * 16
+    assert plan.counters == first + 2 * 4 + 2 * 2
+    tiles = torch.zeros(plan.counters, dtype=torch.int32)
+    norms, args = plan.norms
+    norms(q, k, tiles, *args)
+    got = tiles[first:].view(torch.float32)
+    expected = torch.cat([q.float().norm(dim=-1).amax(dim=1).flatten(), k.float().norm(dim=-1).amax(dim=1).flatten()])
+    assert got[-1] == float("inf") and expected[-1].isnan()
+    torch.testing.assert_close(got[:-1], expected[:-1], rtol=1e-6, atol=0)
+    assert (tiles[:first] == 0).all()
+
+
+@pytest.mark.parametrize("what, applies", [
+    pytest.param("causal-alibi", True, id="causal-alibi"),
+    pytest.param("short", False, id="fewer-keys-than-REACH_MIN_KEYS"),
+    pytest.param("no-alibi", False, id="no-alibi"),
+    pytest.param("symmetric", False, id="symmetric-alibi"),
+    pytest.param("bias-row", False, id="alibi-with-a-bias-row"),
+])
+def test_which_forwards_skip_key_blocks_past_alibis_reach(monkeypatch, what, applies):
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    s_k = 500 if what == "short" else hopper.REACH_MIN_KEYS
+    q, k, v = _qkv(s_q=128, s_k=s_k, d=64)
+    slopes = None if what == "no-alibi" else torch.rand(4)
+    bias = torch.randn(1, 4, 1, s_k) if what == "bias-row" else None
+    causal = what != "symmetric"
+    mode = 0 if slopes is None else 1 if causal else 2
+    plan = hopper.forward_plan(q, k, v, bias, slopes, 0.125, causal, mode)
+    assert plan.launch.kwargs["REACH"] == applies and (plan.norms is not None) == applies

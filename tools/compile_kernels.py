@@ -96,12 +96,13 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None,
                           tail: int = 0, bias_matrix: bool = False, varlen: bool = False, raw: bool | None = None,
-                          consumers: int | None = None):
+                          consumers: int | None = None, reach: bool = False):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None;
     ``tail``: the products' second piece of columns (``hopper.product_tail``); ``bias_matrix``: a bias matrix
     in q's dtype instead; ``varlen``: packed sequences; ``raw``: maxima over unscaled scores (``hopper.raw_scores``;
     None: as the launcher chooses for a positive scale); ``consumers``: consumer warpgroups (None: as the launcher
-    chooses, ``hopper.forward_consumers``)."""
+    chooses, ``hopper.forward_consumers``); ``reach``: causal ALiBi's key blocks past every query's reach skipped
+    (``hopper.reach_applies``)."""
     from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M, forward_consumers, raw_scores
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
@@ -116,7 +117,7 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
     rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim,
               "BIAS_ROW": bias_row, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen, "RAW": raw,
-              "ROW_KEYS": row_keys, "CONSUMERS": consumers}
+              "ROW_KEYS": row_keys, "CONSUMERS": consumers, "REACH": reach}
     boxes = {"bias_desc": [1, HALF_M, BLOCK_N]} if bias_matrix else None
     if row_keys:  # the row's per-key terms (common.row_keys_kernel): bfloat16 [1, 1, BLOCK_N, 16] boxes
         from mpt_attention.impl.triton.hopper import _ROW_KEYS_LAYOUT
@@ -126,13 +127,14 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False,
                                partial: bool = False, full_bias: bool = False, store_ds: bool = False, tail: int = 0,
-                               varlen: bool = False):
+                               varlen: bool = False, reach: bool = False):
     """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: forming dQ too (the dQ warpgroup,
     or at tile width 128 without a bias matrix or tail the consumers and the writer warp);
     ``partial``: grouped heads split over programs (float32 dK, dV partial sums); ``full_bias``: a bias
     matrix, ``store_ds`` with its gradient; ``tail``: the products' second piece of columns (with ``fused_dq``);
     ``varlen``: packed sequences (with ``fused_dq``; no bias row). Each 64-query block's first program stores its
-    dQ part where the launcher has it do so (``hopper.first_write_dq``)."""
+    dQ part where the launcher has it do so (``hopper.first_write_dq``); ``reach``: query blocks past causal ALiBi's
+    reach skipped (``hopper.reach_applies``)."""
     from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m, first_write_dq
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
@@ -143,7 +145,8 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
               # one bias-row variant among the five
               "BIAS_ROW": alibi == 0 and causal and not full_bias and not varlen, "FUSED_DQ": fused_dq,
               "PARTIAL_DKV": partial, "BLOCK_M": block_m, "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail,
-              "VARLEN": varlen, "FIRST_WRITE": fused_dq and first_write_dq(head_dim, full_bias, varlen)}
+              "VARLEN": varlen, "FIRST_WRITE": fused_dq and first_write_dq(head_dim, full_bias, varlen, reach),
+              "REACH": reach}
     box = [1, block_m, BWD_HALF_N]
     boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes)
@@ -239,6 +242,14 @@ def main() -> int:
         for kind, build in (("fwd", compile_hopper_kernel), ("dkdv", compile_hopper_dkdv_kernel)):
             failures += _report_gluon(f"hopper-{kind} D={head_dim} causal={causal} alibi={alibi} {dtype}",
                                       build, head_dim, causal, alibi, dtype)
+    # causal ALiBi past its reach (dense, slopes alone)
+    for head_dim, dtype in [(64, "bf16"), (128, "fp16")]:
+        failures += _report_gluon(f"hopper-fwd-reach D={head_dim} causal=True alibi=1 {dtype}", compile_hopper_kernel,
+                                  head_dim, True, 1, dtype, reach=True)
+    for head_dim, fused_dq, partial in [(64, True, False), (128, True, False), (128, True, True), (128, False, False)]:
+        failures += _report_gluon(f"hopper-dkdv-reach D={head_dim} causal=True alibi=1 fused_dq={fused_dq} "
+                                  f"partial={partial}", compile_hopper_dkdv_kernel, head_dim, True, 1, fused_dq=fused_dq,
+                                  partial=partial, reach=True)
     # D64's three consumers without a causal mask, and two where raw maxima would take three
     failures += _report_gluon("hopper-fwd D=64 causal=False alibi=0 bf16", compile_hopper_kernel, 64, False, 0)
     failures += _report_gluon("hopper-fwd-two-consumers D=64 causal=True alibi=1 bf16", compile_hopper_kernel, 64, True,

@@ -19,6 +19,7 @@ import torch
 from mpt_attention.impl.device import sm_count, sm_major
 from mpt_attention.impl.triton.common import row_keys_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
+from mpt_attention.impl.triton.reach import row_norm_max_kernel
 from mpt_attention.kept import kept_on
 
 try:
@@ -59,6 +60,11 @@ FUSED_GROUP_HEADS = 2
 # after it, so the delta kernel writes no zeros there (``first_write_dq``)
 FIRST_WRITE_DQ = True
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # 64 query rows per consumer, two per tile (or three: forward_consumers)
+# causal ALiBi forwards over at least this many keys skip the key blocks past every query's reach (``reach.py``).
+# Shorter ones would spend about what the skipped blocks save on reading q's and k's norms: at S 2048 the kernel
+# took 12% less but the norms cost as much (0.98-0.99x), at 4096 1.16-1.30x (H200, benchmarks/NOTES.md session 39).
+# Benchmarks set it past any length to time the kernel on every visible block
+REACH_MIN_KEYS = 4096
 LOG2E = 1.4426950408889634
 
 
@@ -346,6 +352,26 @@ class ForwardPlan(NamedTuple):
     scalars: tuple
     launch: PlannedLaunch
     row_keys: tuple | None = None
+    norms: tuple | None = None  # (PlannedLaunch, its scalars) of ``row_norm_max_kernel`` (``reach_applies``)
+
+
+def reach_applies(bias, slopes, causal, alibi_mode, varlen, batch, s_k) -> bool:
+    """Whether the Hopper forward skips key blocks past causal ALiBi's reach (``reach.py``): MPT's causal ALiBi from
+    slopes alone (a bias row or matrix could raise any key), dense inputs, at least ``REACH_MIN_KEYS`` keys, and a
+    batch the norms' grid takes (its third axis)."""
+    return (causal and alibi_mode == 1 and slopes is not None and bias is None and not varlen
+            and s_k >= REACH_MIN_KEYS and batch <= 65535)
+
+
+def _norm_launch(q, k, first):
+    """``row_norm_max_kernel``'s launch over (B, S, H, D) tensors like ``q`` and ``k``, writing from ``first``."""
+    batch, s_q, n_heads, dim = q.shape
+    s_k, n_kv = k.shape[1], k.shape[2]
+    block_d = next_power_of_2(dim)
+    block_s = max(16, 8192 // block_d)
+    return (PlannedLaunch(row_norm_max_kernel, (cdiv(s_q, block_s) + cdiv(s_k, block_s), n_heads, batch),
+                          dict(BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)),
+            (*q.stride()[:3], *k.stride()[:3], s_q, s_k, n_kv, dim, first))
 
 
 def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, max_q=0, max_k=0) -> ForwardPlan:
@@ -399,11 +425,17 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     grid = (max(1, min(n_tiles, sm_count(q.device.index))),)
     scalars = (*lse_strides, *slope_args(slopes, None)[1], out_strides[1], out_strides[2], n_heads, n_heads // n_kv,
                batch * n_heads, s_q, s_k, qk_scale2, b_on, h_on, group, head_dim)
+    reach = reach_applies(bias, slopes, causal, alibi_mode, varlen, batch, s_k)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
         BIAS_ROW=bias_row, TAIL=product_tail(head_dim), BIAS_FULL=bias_full,
-        VARLEN=varlen, RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, num_warps=4))
-    return ForwardPlan(out_shape, lse_shape, 16 + grid[0] * 16, tuple(descs), scalars, launch, keys)
+        VARLEN=varlen, RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, REACH=reach, num_warps=4))
+    counters = 16 + grid[0] * 16
+    norms = None
+    if reach:  # the heads' norm maxima after the program slots (hopper_tiles.reach_first_block): q's, then k's
+        norms = _norm_launch(q, k, counters)
+        counters += batch * (n_heads + n_kv)
+    return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms)
 
 
 def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
@@ -427,6 +459,9 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
         # kept on the converted row, itself kept on the caller's bias (launch._log2_bias_rows): made once for a
         # model's layers, which share MPT's bias row
         bias = kept_on(bias, "_mpt_attention_row_keys", row_keys, key=args, on_device=True)
+    if plan.norms is not None:
+        norms, args = plan.norms
+        norms(q, k, tiles, *args)
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
                 out, cu_q, cu_k, cu_tiles, *plan.scalars)
@@ -456,15 +491,16 @@ def bwd_block_m(head_dim: int, bias_full: bool, fused_dq: bool) -> int:
     return 32
 
 
-def first_write_dq(head_dim: int, bias_full: bool, varlen: bool) -> bool:
+def first_write_dq(head_dim: int, bias_full: bool, varlen: bool, reach: bool = False) -> bool:
     """Whether the dK/dV kernel with the dQ sums stores each 64-query block's first part instead of adding it into
     zeros (``FIRST_WRITE``, hopper_dq): dense inputs where the consumers form dQ (``hopper_dq.consumers_dq``). Every
     block is reached, by the first key block's programs (``unsupported`` leaves no row without keys), so the
-    buffer needs no zeros, only a zeroed ``dq_sync_buffer``."""
+    buffer needs no zeros, only a zeroed ``dq_sync_buffer``. Not with causal ALiBi's reach (``reach``: the first key
+    block's programs then skip the query blocks past it)."""
     width = tile_dim(head_dim)
     # (the constexpr function's plain Python body: called as a ConstexprFunction it took ~1.4 us of host time per
     # backward on the development CPU, ~10x the body)
-    return FIRST_WRITE_DQ and not varlen and consumers_dq.fn(bwd_block_m(width, bias_full, True), width)
+    return FIRST_WRITE_DQ and not varlen and not reach and consumers_dq.fn(bwd_block_m(width, bias_full, True), width)
 
 
 def dq_sync_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
@@ -483,13 +519,15 @@ class DkdvPlan(NamedTuple):
     """What the Hopper dK/dV kernel's launch takes from its inputs' signature (``dkdv_plan``). ``descs``: the static
     parts of the descriptors of k, v, q, dO, dK, dV, the dQ sums, the bias matrix, dbias and the row terms (None for
     those absent); ``before``, ``after``: the launch's scalar arguments either side of its pointers; ``parts``: the
-    shape of the float32 dK, dV partial sums of grouped heads split over programs, or None."""
+    shape of the float32 dK, dV partial sums of grouped heads split over programs, or None; ``norms``: the words of the
+    heads' norm maxima and ``row_norm_max_kernel``'s launch with its scalars (``reach_applies``), or None."""
     descs: tuple
     bias_row: bool
     before: tuple
     after: tuple
     parts: tuple | None
     launch: PlannedLaunch
+    norms: tuple | None = None
 
 
 def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
@@ -543,9 +581,11 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
         STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, VARLEN=varlen,
-        FIRST_WRITE=first_write, num_warps=4))
+        FIRST_WRITE=first_write, REACH=not first_write and reach_applies(bias, slopes, causal, alibi_mode, varlen,
+                                                                          batch, s_k), num_warps=4))
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
-    return DkdvPlan(tuple(descs), bias is not None and not bias_full, before, after, parts, launch)
+    norms = (batch * (n_heads + n_kv), *_norm_launch(q, k, 0)) if launch.kwargs["REACH"] else None
+    return DkdvPlan(tuple(descs), bias is not None and not bias_full, before, after, parts, launch, norms)
 
 
 def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc=None, dbias=None, cu_q=None,
@@ -558,13 +598,18 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
     parts = row_stats  # a never-read dummy with one split
     if plan.parts is not None:
         parts = torch.empty(plan.parts, dtype=torch.float32, device=q.device)
+    norms = row_stats  # a never-read dummy without the reach
+    if plan.norms is not None:
+        n_words, norm_launch, norm_args = plan.norms
+        norms = torch.zeros(n_words, dtype=torch.int32, device=q.device)
+        norm_launch(q, k, norms, *norm_args)
     d_k, d_v, d_q, d_o, d_dk, d_dv, d_dq, d_bias, d_dbias, d_stats = plan.descs
     plan.launch(
         descriptor(k, *d_k), descriptor(v, *d_v), descriptor(q, *d_q), descriptor(dout, *d_o), descriptor(dk, *d_dk),
         descriptor(dv, *d_dv), None if d_dq is None else descriptor(dq_acc, *d_dq),
         None if d_bias is None else descriptor(bias, *d_bias), None if d_dbias is None else descriptor(dbias, *d_dbias),
         descriptor(row_stats, *d_stats), row_stats if slopes is None else slopes, bias if plan.bias_row else row_stats,
-        parts, *plan.before, dk, dv, cu_q, cu_k, cu_kb, row_stats if dq_sync is None else dq_sync,
+        parts, *plan.before, dk, dv, cu_q, cu_k, cu_kb, row_stats if dq_sync is None else dq_sync, norms,
         *plan.after,
     )
     if plan.parts is not None:

@@ -81,7 +81,7 @@ from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, 
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_forward import store_rows, store_through_buffer
 from mpt_attention.impl.triton.hopper_scores import issue_over_d, main_cols
-from mpt_attention.impl.triton.hopper_tiles import packed_tile, sequence_of, tile_order
+from mpt_attention.impl.triton.hopper_tiles import packed_tile, reach_query_end, sequence_of, tile_order
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 # a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector
@@ -169,7 +169,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                             DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                             stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-                            DK, DV, k_off, stride_dks, stride_dkh, stride_dvs, stride_dvh, head_dim,
+                            DK, DV, k_off, stride_dks, stride_dkh, stride_dvs, stride_dvh, head_dim, q_end,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr,
                             BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, TAIL: gl.constexpr,
@@ -183,7 +183,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     two accumulators each. ``VARLEN`` (packed sequences): keys past the sequence (its neighbour's, in the same
     boxes) are masked; dK, dV of keys wholly inside the sequence leave through the copy engine as dense (from
     the sequence's row ``k_off``), those of its last keys by masked plain stores into ``DK``, ``DV`` ((T_k, H_kv,
-    D), ``head_dim`` columns), since a box would overwrite the next sequence's rows."""
+    D), ``head_dim`` columns), since a box would overwrite the next sequence's rows. Query blocks run from ``lo``
+    to ``q_end`` (``seqlen_q``, or less past causal ALiBi's reach: ``hopper_tiles.reach_query_end``)."""
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
@@ -220,7 +221,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     # head's per-key score terms (causal ALiBi column, bias row) are read once per head, not per step.
     # Step t+1's S^T is issued before step t's dK product, also across heads, so its latency hides
     # behind the dS arithmetic instead of opening every step (not where the consumers form dQ: no registers).
-    n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
+    n_mblocks = gl.cdiv(q_end - lo, BLOCK_M)
     total = n_g * n_mblocks
     mbarrier.wait(kv_bar, 0)
     CONSUMER_DQ: gl.constexpr = consumers_dq(BLOCK_M, HEAD_DIM)
@@ -423,10 +424,11 @@ def _hopper_bwd_dkdv_kernel(
     k_desc, v_desc, q_desc, do_desc, dk_desc, dv_desc, dq_desc, bias_desc, dbias_desc, stats_desc, Slopes, Bias,
     DKVPart, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-    DK, DV, CuSeqQ, CuSeqK, CuKTiles, DQSync, stride_dks, stride_dkh, stride_dvs, stride_dvh, n_seq, head_dim,
+    DK, DV, CuSeqQ, CuSeqK, CuKTiles, DQSync, Norms, stride_dks, stride_dkh, stride_dvs, stride_dvh, n_seq, head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
     STORE_DS: gl.constexpr, TAIL: gl.constexpr = 0, VARLEN: gl.constexpr = False, FIRST_WRITE: gl.constexpr = False,
+    REACH: gl.constexpr = False,
 ):
     """Program: (key block of 128, row = (batch, KV head, split)), ``n_rows`` rows, in ``tile_order``: the
     key blocks of a group of ``rows_per_group`` rows interleaved, first (longest, when causal) first, so that
@@ -445,7 +447,9 @@ def _hopper_bwd_dkdv_kernel(
     past the last: those programs have no keys and no queries), the row terms (H, 2, T_q), a sequence's last keys'
     dK and dV stored into ``DK``, ``DV`` by plain stores. ``FIRST_WRITE`` (dense, where the consumers form dQ): the
     dQ sums unzeroed, each 64-query block's first program storing into it (``hopper_dq``; ``DQSync`` the blocks'
-    (B, H, S_q / 64) int32 words, zeroed)."""
+    (B, H, S_q / 64) int32 words, zeroed). ``REACH`` (dense, causal ALiBi from slopes, not with ``FIRST_WRITE``):
+    each key block visits only the query blocks within its heads' reach (``reach.py``; ``Norms``: the heads' q
+    then k norm maxima, float32 bit patterns, (B * H) + (B * H_kv))."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
@@ -495,6 +499,15 @@ def _hopper_bwd_dkdv_kernel(
     lo = 0
     if IS_CAUSAL:  # queries i with i + diag >= start_n are the first to see this block
         lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
+    q_end = seqlen_q
+    if REACH:
+        gl.static_assert(not FIRST_WRITE and not VARLEN, "the reach only where every query block's dQ is zeroed")
+        q_end = reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, h0, n_g, kv_h, n_kv * n_groups, n_kv,
+                                n_rows // (n_splits * n_kv), start_n + 2 * _HALF_N - 1, seqlen_k - seqlen_q, seqlen_q,
+                                qk_scale2)
+        # at least one step: the consumers wait for the first stage unconditionally (with a cache longer than the
+        # reach, S_k - S_q past it, no query reaches the first key blocks: one step of zero probabilities)
+        q_end = gl.maximum(q_end, lo + 1)
     if VARLEN and lo < seqlen_q:
         # the row terms' boxes run along their innermost dimension, where the copy engine takes only 16-byte
         # aligned starts (others raised an illegal instruction on an H200): query blocks start on a packed row
@@ -560,7 +573,8 @@ def _hopper_bwd_dkdv_kernel(
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
-                                           stride_dvs, stride_dvh, head_dim, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW,
+                                           stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
+                                           BIAS_ROW,
                                            FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
                                            dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_bars, dq_smem, dq_desc,
@@ -568,14 +582,15 @@ def _hopper_bwd_dkdv_kernel(
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
-                                           stride_dvs, stride_dvh, head_dim, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW,
+                                           stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
+                                           BIAS_ROW,
                                            FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, tb, kv_h, h0, n_g,
-                                       n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, q_off, k_off,
+                                       n_kv * n_groups, start_n, lo, q_end, bias_b_on, bias_h_on, q_off, k_off,
                                        HEAD_DIM, BLOCK_M, BIAS_FULL)),
                 (dq_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
-                                dbias_desc, DQSync, tb, h0, n_g, n_kv * n_groups, start_n, lo, seqlen_q, softmax_scale,
+                                dbias_desc, DQSync, tb, h0, n_g, n_kv * n_groups, start_n, lo, q_end, softmax_scale,
                                 q_off, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL, FIRST_WRITE)),
             ],
             [4, 1, _dq_warps(BLOCK_M, HEAD_DIM)],
@@ -591,7 +606,8 @@ def _hopper_bwd_dkdv_kernel(
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
-                                           stride_dvs, stride_dvh, head_dim, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW,
+                                           stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
+                                           BIAS_ROW,
                                            FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
                                            dk_desc, dv_desc, q_smem, ready, empty, kv_bar, q_smem, dq_desc,
@@ -599,11 +615,12 @@ def _hopper_bwd_dkdv_kernel(
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
-                                           stride_dvs, stride_dvh, head_dim, IS_CAUSAL, ALIBI, HEAD_DIM, BIAS_ROW,
+                                           stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
+                                           BIAS_ROW,
                                            FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
                 (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, tb, kv_h, h0, n_g,
-                                       n_kv * n_groups, start_n, lo, seqlen_q, bias_b_on, bias_h_on, q_off, k_off,
+                                       n_kv * n_groups, start_n, lo, q_end, bias_b_on, bias_h_on, q_off, k_off,
                                        HEAD_DIM, BLOCK_M, BIAS_FULL)),
             ],
             [4, 1], [240, 24],

@@ -94,7 +94,7 @@ from mpt_attention.impl.triton.hopper_scores import EXT_A_LAYOUT, EXT_B_LAYOUT, 
 from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_d, issue_scores
 from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
-from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles
+from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles, reach_first_block
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 _SOFT_ROW = gl.constexpr(-1.2379400392853803e27)  # -2^90: below it a row's maximum is a soft mask's (ROW_KEYS)
@@ -125,9 +125,10 @@ def _row_ahead(head_dim):
 @gluon.jit
 def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty,
                     k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
-                    seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b, IS_CAUSAL: gl.constexpr,
-                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr,
-                    VARLEN: gl.constexpr, ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr):
+                    seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b, Slopes, stride_slb, stride_slh,
+                    qk_scale2, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                    BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, ROW_KEYS: gl.constexpr,
+                    CONSUMERS: gl.constexpr, REACH: gl.constexpr):
     """One warp: per tile, its Q into buffer ``round % 2`` (buffer 0 with one, ``_q_buffers``) once the
     consumers have stored the output of the tile that used the buffer before, then K_j and V_j into stage
     ``g % 2`` (``g`` counts key blocks over all of the program's tiles) as soon as the consumers have released
@@ -136,7 +137,8 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     sequence's end are its neighbour's, masked as keys and never stored as queries. With ``BIAS_FULL`` the bias
     tile of K_j's block rides with K_j: one [64, BLOCK_N] box per consumer, at row ``b * bias_b_on + h *
     bias_h_on`` of the (B' * H', S_q, S_k) matrix. With ``ROW_KEYS`` the bias row's key terms of K_j's block
-    (``common.row_keys_kernel``: [BLOCK_N, 16]) ride with K_j into ``ext_b``'s stage."""
+    (``common.row_keys_kernel``: [BLOCK_N, 16]) ride with K_j into ``ext_b``'s stage. With ``REACH`` the tile's
+    blocks start at ``hopper_tiles.reach_first_block``'s, published with the coordinates."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
     k_bytes: gl.constexpr = kv_bytes + (2 * HALF_M * bias_bytes if BIAS_FULL else 0) + (
@@ -156,6 +158,11 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
         tb = b  # the descriptors' batch coordinate: 0 in the packed (1, T, H, D) view
         if VARLEN:
             tb = 0
+        j0 = 0
+        if REACH:  # (dense: slot 5 is free)
+            slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32)
+            j0 = reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, start_m + seqlen_k - seqlen_q,
+                                   n_blocks, slope2 * _LOG2E, qk_scale2, BLOCK_N)
         buf, q_phase = _q_buffer(r, Q_BUFS)
         mbarrier.wait(q_empty.index(buf), q_phase ^ 1)  # a fresh barrier counts as released
         # the tile's coordinates for the consumers, published by the arrive in Q's expect below
@@ -169,6 +176,8 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
             gl.store(info + 5, q_start)
             gl.store(info + 6, len_q)
             gl.store(info + 7, len_k)
+        if REACH:
+            gl.store(info + 5, j0)
         if BIAS_ROW and ROW_AHEAD:  # block 0's bias slice comes with Q, into slot 2 + buf
             mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2 + bias_bytes)
             tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, 0], q_ready.index(buf),
@@ -178,7 +187,8 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
         for part in gl.static_range(CONSUMERS):
             tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m + part * HALF_M, h, 0], q_ready.index(buf),
                                             q_smem.index(CONSUMERS * buf + part))
-        for j in range(n_blocks):
+        g -= j0  # the tile's block j is the program's block g + j
+        for j in range(j0, n_blocks):
             stage = (g + j) & 1
             free_phase = ((g + j) >> 1) & 1 ^ 1
             mbarrier.wait(k_empty.index(stage), free_phase)
@@ -233,12 +243,13 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
                    Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr,
                    BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr, ROW_KEYS: gl.constexpr,
-                   CONSUMERS: gl.constexpr):
+                   CONSUMERS: gl.constexpr, REACH: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
     landed), the key blocks they see (block j in stage ``(g + j) % 2``; with three consumers and a causal mask the
     tile's later blocks are released unread), then its output rows, staged through ``q3``
     (``VARLEN``: a sequence's last rows from registers, ``store_rows``). With a ``TAIL`` the output is two
-    accumulators, columns [0, 64) and [64, 64 + TAIL)."""
+    accumulators, columns [0, 64) and [64, 64 + TAIL). With ``REACH`` the tile's first block is the loader's
+    ``first`` (slot 5): the blocks before it lie past causal ALiBi's reach (``reach.py``) and were never loaded."""
     dtype: gl.constexpr = q3.dtype
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -263,6 +274,9 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     start_m = gl.load(info + 2, volatile=True)
     n_blocks = gl.load(info + 3, volatile=True)
     lo_masked = gl.load(info + 4, volatile=True)
+    first = 0
+    if REACH:
+        first = gl.load(info + 5, volatile=True)
     if VARLEN:  # the tile's sequence
         seqlen_q = gl.load(info + 6, volatile=True)
         seqlen_k = gl.load(info + 7, volatile=True)
@@ -278,7 +292,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
             n_blocks = gl.minimum(n_blocks, gl.cdiv(row0 + HALF_M + diag, BLOCK_N))
             lo_masked = gl.minimum((row0 + diag + 1) // BLOCK_N * BLOCK_N, seqlen_k // BLOCK_N * BLOCK_N)
         if row0 >= seqlen_q:  # the last tile's rows past the end: one block, never stored
-            n_blocks = 1
+            n_blocks = first + 1
     first_pos = row0 + diag  # this warpgroup's first query position (symmetric ALiBi's block sides)
     s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
     alibi_cols = slope2 * offs_n.to(gl.float32)
@@ -288,7 +302,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         partition_barrier()  # every warp's rows written before the warpgroup's first product reads them
     q = q3.reshape([HALF_M, HEAD_DIM])
 
-    # block 0 (the launcher guarantees every tile at least one block)
+    # block ``first`` (the launcher guarantees every tile at least one block)
     stage0 = g & 1
     phase0 = (g >> 1) & 1
     if ROW_AHEAD:  # block 0's slice came with Q; read before any product is issued (see the loop)
@@ -307,9 +321,10 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         col_terms = read_col_terms(alibi_cols, bias_smem, stage0, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
     side = 0.0
     if ALIBI == 2:
-        side = alibi_side(0, first_pos, BLOCK_N)
-    p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, rows, 0, offs_n, col_terms, alibi_cols, side, tile_terms, qk_scale2,
-                                      slope2, diag, seqlen_k, lo_masked == 0, IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW,
+        side = alibi_side(first * BLOCK_N, first_pos, BLOCK_N)
+    p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, rows, first * BLOCK_N, offs_n, col_terms, alibi_cols, side,
+                                      tile_terms, qk_scale2, slope2, diag, seqlen_k, first * BLOCK_N >= lo_masked,
+                                      IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW,
                                       BIAS_FULL, RAW)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([HALF_M, MAIN], gl.float32, o_layout)
@@ -327,7 +342,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         acc = gl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [acc], dtype=gl.float32, is_pure=False, pack=1)
         s_ext = issue_alibi_ext(ext_a, ext_b, half, s_zero, BLOCK_N)
 
-    for j in range(1, n_blocks):
+    g -= first  # the tile's block j is the program's block g + j
+    for j in range(first + 1, n_blocks):
         stage = (g + j) & 1
         prev = 1 - stage
         if ROW_FIRST:
@@ -451,7 +467,7 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
                         seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr,
                         ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
                         TAIL: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr,
-                        ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr):
+                        ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr, REACH: gl.constexpr):
     """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
     my_ext_a = ext_a.index(half)
@@ -472,10 +488,12 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
                            k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh,
                            stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                            IS_CAUSAL, ALIBI,
-                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS, CONSUMERS)
+                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS, CONSUMERS, REACH)
             # after the tile's output store has completed (tma.store_wait)
             mbarrier.arrive(q_empty.index(buf))
             g += n_blocks
+            if REACH:
+                g -= gl.load(info + 5, volatile=True)
         r += 1
 
 
@@ -487,6 +505,7 @@ def _hopper_fwd_kernel(
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0, BIAS_FULL: gl.constexpr = False, VARLEN: gl.constexpr = False,
     RAW: gl.constexpr = False, ROW_KEYS: gl.constexpr = False, CONSUMERS: gl.constexpr = 2,
+    REACH: gl.constexpr = False,
 ):
     """Persistent: each program runs query tiles of ``CONSUMERS`` * 64 rows (``hopper_tiles.forward_tile``: ``n_m`` per
     (batch, head) row, ``n_bh`` rows; ``VARLEN``: ``n_bh`` = sequences * heads, tiles counted by ``CuTiles``) until
@@ -557,21 +576,22 @@ def _hopper_fwd_kernel(
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS)),
+                                      ROW_KEYS, CONSUMERS, REACH)),
             (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS)),
+                                      ROW_KEYS, CONSUMERS, REACH)),
             (_consumer_partition, (2, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS)),
+                                      ROW_KEYS, CONSUMERS, REACH)),
             (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b,
-                               IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS)),
+                               Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW,
+                               BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH)),
         ], [4, 4, 1], [160, 160, 24])
     else:
         gl.warp_specialize([
@@ -579,14 +599,15 @@ def _hopper_fwd_kernel(
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS)),
+                                      ROW_KEYS, CONSUMERS, REACH)),
             (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS)),
+                                      ROW_KEYS, CONSUMERS, REACH)),
             (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b,
-                               IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS)),
+                               Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW,
+                               BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH)),
         ], [4, 1], [240, 24])

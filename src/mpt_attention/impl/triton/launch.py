@@ -296,7 +296,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     if plans.ENABLED and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p:
         sig = plans.signature
         key = ("forward", q.get_device(), sig(q), sig(k), sig(v), sig(bias), sig(slopes), softmax_scale, causal,
-               hopper.ENABLED, hopper.L2_GROUP_BYTES)
+               hopper.ENABLED, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS)
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is plans.MISSING:
             plan = plans.keep(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal))
@@ -372,7 +372,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         key = ("backward", q.get_device(), sig(dout), sig(q), sig(k), sig(v), sig(out), sig(lse), sig(dlse), sig(bias),
                sig(bias_in), sig(slopes), softmax_scale, causal, bias_grad, deterministic, hopper.ENABLED,
                hopper.BWD_HEAD_DIMS, hopper.FUSED_BWD_HEAD_DIMS, hopper.FUSED_GROUP_HEADS, hopper.FIRST_WRITE_DQ,
-               hopper.L2_GROUP_BYTES, FUSED_DQ, FUSED_DQ_GROUPED)
+               hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, FUSED_DQ, FUSED_DQ_GROUPED)
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is not plans.MISSING:
             if plan is not None:
@@ -400,7 +400,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
         q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True, max_q=s_q) is None
     if fused_dq:  # the route of a plan (kept for this signature where ``key`` is set)
-        first_write = hopper.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen)
+        first_write = hopper.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen,
+                                            hopper.reach_applies(bias_in, slopes, causal, _alibi_mode(slopes, causal,
+                                                                 prefix), varlen, batch, s_k))
         plan = plans.FusedBackward(varlen, bias is not None, full if bias_grad else None,
                                    (1, n_heads, q.shape[0]) if varlen else (batch, n_heads, s_q),
                                    (batch, n_heads, s_q) if first_write else None,
