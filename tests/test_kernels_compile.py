@@ -42,6 +42,9 @@ def test_all_kernels_compile_for_sm90():
     # D 72-96: products on 64 + 16 or 32 columns
     assert result.stdout.count("ok   hopper-fwd-tail") == 3 and result.stdout.count("ok   hopper-bwd-tail") == 4
     assert result.stdout.count("ok   hopper-fwd-varlen") == 3 and result.stdout.count("ok   hopper-bwd-varlen") == 3
+    # causal ALiBi's key blocks past its reach skipped (reach.py): the forward at both widths, the dK/dV kernel with
+    # the dQ warpgroup, the consumers' dQ, split heads' partial sums and the reproducible split
+    assert result.stdout.count("ok   hopper-fwd-reach") == 2 and result.stdout.count("ok   hopper-bwd-reach") == 4
     # seven with the dQ sums (at D128 the consumers form dQ, at D64 the dQ warpgroup), five more with a bias matrix
     # (and its gradient: the dQ warpgroup at both head dims)
     assert result.stdout.count("ok   hopper-fused-dq") == 12

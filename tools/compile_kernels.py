@@ -247,7 +247,7 @@ def main() -> int:
         failures += _report_gluon(f"hopper-fwd-reach D={head_dim} causal=True alibi=1 {dtype}", compile_hopper_kernel,
                                   head_dim, True, 1, dtype, reach=True)
     for head_dim, fused_dq, partial in [(64, True, False), (128, True, False), (128, True, True), (128, False, False)]:
-        failures += _report_gluon(f"hopper-dkdv-reach D={head_dim} causal=True alibi=1 fused_dq={fused_dq} "
+        failures += _report_gluon(f"hopper-bwd-reach D={head_dim} causal=True alibi=1 fused_dq={fused_dq} "
                                   f"partial={partial}", compile_hopper_dkdv_kernel, head_dim, True, 1, fused_dq=fused_dq,
                                   partial=partial, reach=True)
     # D64's three consumers without a causal mask, and two where raw maxima would take three
