@@ -113,21 +113,29 @@ def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seq
 
 
 @gluon.jit
+def head_reach(Norms, b, h, kv_h, n_bh, n_heads, n_kv, slope2, qk_scale2):
+    """How many keys causal ALiBi reaches behind a query of head ``h`` (``reach.py``; float, +inf or NaN where the
+    bound gives nothing). ``Norms``: the queries' (B, H) norm maxima, then the keys' (B, H_kv), as float32 bit
+    patterns (``n_bh`` = B * H words before the keys'); ``slope2`` the head's slope in log2 units."""
+    q_max = gl.load(Norms + b * n_heads + h).to(gl.float32, bitcast=True)
+    k_max = gl.load(Norms + n_bh + b * n_kv + kv_h).to(gl.float32, bitcast=True)
+    return (VANISH2 + 2.0 * NORM_SLACK * gl.abs(qk_scale2) * q_max * k_max) / slope2
+
+
+@gluon.jit
 def reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, first_pos, n_blocks, slope2, qk_scale2,
                       BLOCK_N: gl.constexpr):
-    """The first key block that a causal ALiBi tile whose first query sits at key position ``first_pos`` must read
-    (``reach``): the blocks before it end at least the reach behind every query of the tile. The head's norm maxima
-    are float32 bit patterns in ``Tiles`` past the program slots (``info_slot``): the queries' (B, H), then the
-    keys' (B, H_kv). 0 where the bound gives nothing (slope <= 0, an infinite or NaN norm, a reach past the tile)."""
-    norms = Tiles + 16 + gl.num_programs(0) * 16
-    q_max = gl.load(norms + b * n_heads + h).to(gl.float32, bitcast=True)
-    k_max = gl.load(norms + n_bh + b * (n_heads // n_groups) + kv_h).to(gl.float32, bitcast=True)
-    bound = 2.0 * NORM_SLACK * gl.abs(qk_scale2) * q_max * k_max
-    reach = (VANISH2 + bound) / slope2
+    """The first key block that a causal ALiBi tile whose first query sits at key position ``first_pos`` must read:
+    the blocks before it end at least the head's reach (``head_reach``) behind every query of the tile. The norm
+    maxima lie in ``Tiles`` past the program slots (``info_slot``). 0 where the bound gives nothing (slope <= 0, an
+    infinite or NaN norm, a reach past the tile)."""
+    reach = head_reach(Tiles + 16 + gl.num_programs(0) * 16, b, h, kv_h, n_bh, n_heads, n_heads // n_groups, slope2,
+                       qk_scale2)
     first = 0
-    # (the comparisons are false for NaN; a reach below 2^30 keys converts exactly enough: rounded up by one)
+    # (the comparisons are false for NaN; below first_pos the reach converts exactly enough, and its integer part
+    # plus one is at least the reach: keys from first_pos - that on are kept)
     if slope2 > 0.0 and reach < first_pos.to(gl.float32):
-        keep_from = first_pos + 1 - (reach.to(gl.int32) + 1)  # the first key less than the reach behind first_pos
+        keep_from = first_pos - reach.to(gl.int32)
         if keep_from > 0:
             first = gl.minimum(keep_from // BLOCK_N, n_blocks - 1)
     return first
@@ -137,18 +145,15 @@ def reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, first_pos, n_b
 def reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, h0, n_g, kv_h, n_heads, n_kv, batch, last_key, diag,
                     seqlen_q, qk_scale2):
     """The dK/dV kernel's end of the query rows a key block ending at ``last_key`` must visit for query heads
-    ``[h0, h0 + n_g)`` (``reach``): rows from it on sit at least every head's reach past the block's last key, so
-    their probabilities there are 0. ``Norms``: the queries' (B, H) norm maxima, then the keys' (B, H_kv), as
-    float32 bit patterns. ``seqlen_q`` where the bound gives nothing for some head."""
-    k_max = gl.load(Norms + batch * n_heads + b * n_kv + kv_h).to(gl.float32, bitcast=True)
+    ``[h0, h0 + n_g)``: rows from it on sit at least every head's reach (``head_reach``) past the block's last key,
+    so their probabilities there are 0. ``seqlen_q`` where the bound gives nothing for some head."""
     end = 0
     for g in range(n_g):
         h = h0 + g
-        q_max = gl.load(Norms + b * n_heads + h).to(gl.float32, bitcast=True)
         slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32) * _LOG2E
-        reach = (VANISH2 + 2.0 * NORM_SLACK * gl.abs(qk_scale2) * q_max * k_max) / slope2
+        reach = head_reach(Norms, b, h, kv_h, batch * n_heads, n_heads, n_kv, slope2, qk_scale2)
         head_end = seqlen_q
-        # (the comparisons are false for NaN; below S_q the reach converts exactly enough: rounded up by one)
+        # (the comparisons are false for NaN; below S_q the reach converts exactly enough, rounded up by one)
         if slope2 > 0.0 and reach < seqlen_q.to(gl.float32):
             head_end = gl.minimum(last_key + reach.to(gl.int32) + 1 - diag, seqlen_q)
         end = gl.maximum(end, head_end)
