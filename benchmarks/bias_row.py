@@ -4,7 +4,7 @@
 
 Per shape (bf16, causal), TFLOP/s of: ALiBi from slopes, MPT's bias row in float32 (as
 ``build_alibi_bias`` makes it) and in bf16 (as MPT casts it), the float32 row through the general
-kernel (the Hopper kernels off), and no bias; then the bias row's ratio to slopes (target >= 0.97).
+kernel (the Hopper kernels off), and no bias; then the bias row's ratios to slopes (target >= 0.97).
 ``--mode fwd_bwd``: forward and backward (q, k, v need gradients; the bias does not, as in MPT).
 ``--kernels``: instead, each GPU kernel's time inside one forward+backward (``--mode fwd``: one forward), slopes
 against the float32 row.
@@ -13,8 +13,9 @@ against the float32 row.
 ``--shape B,H,H_KV,S,D`` (repeatable): those shapes instead of the four below.
 ``--non-causal``: without the causal mask (ALiBi's symmetric form -slope * |i - j| from slopes; the bias row is
 MPT's causal form either way).
-``slopes-all-blocks``: slopes with every visible key block computed (``hopper.REACH_MIN_KEYS`` past the length: the
-blocks past causal ALiBi's reach, ``reach.py``, are not skipped); the default columns include it.
+``slopes-all-blocks``, ``row-fp32-all-blocks``: every visible key block computed (``hopper.REACH_MIN_KEYS`` past the
+length: the blocks past causal ALiBi's reach, ``reach.py``, are not skipped); the default columns include them. The
+ratios: the bias row against slopes with both skipping, and with both computing every block.
 ``--norm-scale X``: q and k drawn with standard deviation X instead of 1 (larger norms: a longer reach).
 ``--grad-inputs``: the forward on q, k, v that require gradients, as ``bench_attention.py``'s suite times it (the
 op then records its autograd node and saves its tensors); its D64 cells read ~3.5% below this script's
@@ -43,6 +44,7 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=T
     row = M.build_alibi_bias(n_heads, seq, device="cuda")
     variants = {"slopes": ({"alibi_slopes": slopes}, True), "slopes-all-blocks": ({"alibi_slopes": slopes}, None),
                 "row-fp32": ({"attn_bias": row}, True), "row-bf16": ({"attn_bias": row.to(torch.bfloat16)}, True),
+                "row-fp32-all-blocks": ({"attn_bias": row}, None),
                 "row-fp32-general": ({"attn_bias": row}, False), "no-bias": ({}, True),
                 "slopes-general": ({"alibi_slopes": slopes}, False), "no-bias-general": ({}, False)}
     if only:
@@ -64,19 +66,18 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=T
         ms = do_bench(lambda kw=kw: step(kw), warmup=25, rep=100, return_mode="median")
         tflops[name] = flops / ms / 1e9
     hopper.ENABLED, hopper.REACH_MIN_KEYS = True, reach_min_keys
-    base = "slopes-all-blocks" if "slopes-all-blocks" in tflops else "slopes"  # the bias row reads every block
-    ratios = "  ".join(f"{row.split('-')[1]} {tflops[row] / tflops[base]:.3f}" for row in ("row-fp32", "row-bf16")
-                       if row in tflops and base in tflops)
-    if "slopes" in tflops and "slopes-all-blocks" in tflops:
-        ratios += f"  | slopes / all blocks {tflops['slopes'] / tflops['slopes-all-blocks']:.3f}"
+    # the bias row against slopes, both skipping past their reach (reach.py) and both computing every block
+    pairs = (("row-fp32", "slopes"), ("row-bf16", "slopes"), ("row-fp32-all-blocks", "slopes-all-blocks"),
+             ("slopes", "slopes-all-blocks"))
+    ratios = "  ".join(f"{a} / {b} {tflops[a] / tflops[b]:.3f}" for a, b in pairs if a in tflops and b in tflops)
     label = f"{mode}{'' if causal else ' non-causal'} B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim}"
     print(f"{label}  " + "  ".join(f"{n} {t:.0f}" for n, t in tflops.items())
-          + (f"  | row / {base}: {ratios}" if ratios else ""), flush=True)
+          + (f"  | {ratios}" if ratios else ""), flush=True)
 
 
 def kernels(batch, n_heads, n_kv, seq, head_dim, mode="fwd_bwd", only=None):
     """Where a forward+backward's (or a forward's) time goes with slopes and with the float32 bias row (``only``:
-    those of slopes, slopes-all-blocks, row-fp32)."""
+    those of slopes, slopes-all-blocks, row-fp32, row-fp32-all-blocks)."""
     q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
@@ -84,10 +85,11 @@ def kernels(batch, n_heads, n_kv, seq, head_dim, mode="fwd_bwd", only=None):
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     variants = {"slopes": {"alibi_slopes": slopes}, "slopes-all-blocks": {"alibi_slopes": slopes},
                 "row-fp32": {"attn_bias": M.build_alibi_bias(n_heads, seq, device="cuda")}}
+    variants["row-fp32-all-blocks"] = variants["row-fp32"]
     reach_min_keys = hopper.REACH_MIN_KEYS
     for name in only or ("slopes", "row-fp32"):
         kw = variants[name]
-        hopper.REACH_MIN_KEYS = 1 << 62 if name == "slopes-all-blocks" else reach_min_keys
+        hopper.REACH_MIN_KEYS = 1 << 62 if name.endswith("all-blocks") else reach_min_keys
         def step(kw=kw):
             out = M.attention(q, k, v, backend="triton", causal=True, **kw)
             if mode == "fwd_bwd":

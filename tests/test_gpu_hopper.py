@@ -960,3 +960,109 @@ def test_backward_past_the_reach_matches_float64_reference_and_every_block(monke
     for name, a, b in zip(["dq", "dk", "dv"], grads, every):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+def _mpt_row(slopes, s_k):
+    """MPT's (1, H, 1, S_k) ALiBi bias row, float32: slope * (j - (S_k - 1))."""
+    return (slopes.float().view(1, -1, 1, 1) * (torch.arange(s_k, device=slopes.device) - (s_k - 1))).view(
+        1, -1, 1, s_k)
+
+
+@pytest.mark.parametrize("d, scale", [(64, None), (128, None), (64, 0.0)], ids=["D64", "D128", "D64-scale-0"])
+def test_causal_bias_row_never_reads_key_blocks_past_its_reach(monkeypatch, d, scale):
+    """MPT's ALiBi as a bias tensor (no slopes): the first key block's V is NaN. Rows far enough behind it must not
+    read it (finite, and the float64 reference without that block), rows within its reach and every row of the head
+    whose slope reaches past the sequence do (NaN). A zero scale takes the row scaled first, its slices read ahead
+    from the tile's first block."""
+    s, n_heads = 3000, 2
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
+    bias = _mpt_row(slopes, s)
+    far_off = _reach_keys(q, k, slopes, d ** -0.5 if scale is None else scale)
+    assert far_off[0] < 1000 and far_off[1] > s
+    v_nan = v.clone()
+    v_nan[:, :128] = float("nan")
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    kw = dict(causal=True, attn_bias=bias, softmax_scale=scale)
+    out = M.attention(q, k, v_nan, backend="triton", **kw)
+    # past the reach of the block's last key from every row of its tile, and the slack of the row's rounding
+    far = int(far_off[0]) + 128 + 192 + 8
+    assert out[0, far:, 0].isfinite().all()
+    assert out[0, :int(far_off[0]), 0].isnan().all()
+    assert out[0, :, 1].isnan().all()
+    v_zero = v.clone()
+    v_zero[:, :128] = 0
+    ref, _ = reference_attention(q.double(), k.double(), v_zero.double(), **kw)
+    low, _ = reference_attention(q, k, v_zero, compute_dtype=torch.bfloat16, **kw)
+    assert_close_to_reference("rows past the reach", out[:, far:, :1], ref[:, far:, :1], low[:, far:, :1])
+
+
+@pytest.mark.parametrize("b, s_q, s_k, h, h_kv, d, deterministic", [
+    pytest.param(2, 4096, 4096, 8, 2, 64, None, id="D64-GQA-fused-dq"),
+    pytest.param(1, 1500, 3000, 8, 8, 128, None, id="D128-chunked-fused-dq"),
+    pytest.param(1, 2048, 2048, 8, 2, 128, True, id="D128-GQA-split"),
+    pytest.param(1, 2000, 2000, 16, 16, 96, None, id="D96-tail"),
+])
+def test_bias_row_past_its_reach_matches_every_block_and_float64_reference(monkeypatch, b, s_q, s_k, h, h_kv, d,
+                                                                           deterministic):
+    """MPT's bias row with the blocks past its reach skipped, forward and backward: against the same calls
+    computing every visible block (the skipped probabilities are 0 either way) and against the float64 reference."""
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    q = torch.randn(b, s_q, h, d, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(b, s_k, h_kv, d, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+            for _ in range(2))
+    kw = dict(causal=True, attn_bias=_mpt_row(M.gen_slopes(h, return_1d=True, device="cuda"), s_k))
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def run(min_keys):
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
+        out, lse = M.attention(q, k, v, backend="triton", deterministic=deterministic, return_lse=True, **kw)
+        return out, lse, torch.autograd.grad(out, [q, k, v], dout)
+
+    every, every_lse, every_grads = run(1 << 62)
+    out, lse, grads = run(1024)
+    diff = (out.float() - every.float()).abs()
+    assert (diff <= every.float().abs() * 2.0 ** -7 + 1e-6).all(), diff.max()
+    torch.testing.assert_close(lse, every_lse, rtol=0, atol=1e-5)
+    for name, x, y in zip(["dq", "dk", "dv"], grads, every_grads):
+        torch.testing.assert_close(x, y, rtol=2e-2, atol=2e-2, msg=name)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+@pytest.mark.parametrize("d, deterministic", [(64, None), (128, None), (128, True)],
+                         ids=["D64-fused-dq", "D128-fused-dq", "D128-split"])
+def test_causal_bias_row_backward_never_reads_query_blocks_past_its_reach(monkeypatch, d, deterministic):
+    """The backward's key blocks visit only the query blocks within a bias row's reach: dO of the last 128 queries
+    is NaN, so the key blocks that read them get NaN dK and dV, while the steep head's key blocks far before them stay
+    finite and match the float64 reference with those dO rows zeroed."""
+    s, n_heads = 3000, 2
+    gen = torch.Generator(device="cuda").manual_seed(15)
+    q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
+    far_off = _reach_keys(q.detach(), k.detach(), slopes, d ** -0.5)
+    assert far_off[0] < 1000 and far_off[1] > s
+    dout = torch.randn(q.shape, device="cuda", generator=gen).to(torch.bfloat16)
+    dout_nan = dout.clone()
+    dout_nan[:, -128:] = float("nan")
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    kw = dict(causal=True, attn_bias=_mpt_row(slopes, s))
+    out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], dout_nan)
+    reach_keys = int(far_off[0])
+    far = s - 128 - reach_keys - 256 - reach.ROW_STEP  # key blocks ending at least the reach before the NaN rows
+    for name, g in (("dk", dk), ("dv", dv)):
+        assert g[0, :far, 0].isfinite().all(), name
+        assert g[0, s - 128 - reach_keys:, 0].isnan().all(), name
+        assert g[0, :, 1].isnan().all(), name
+    dout_zero = dout.clone()
+    dout_zero[:, -128:] = 0
+    refs = []
+    for dtype in (torch.float64, torch.bfloat16):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention(*xs, **kw, compute_dtype=dtype)
+        refs.append(torch.autograd.grad(ref, xs, dout_zero.to(dtype)))
+    for i, name in ((1, "dk"), (2, "dv")):
+        got = (dk, dv)[i - 1][:, :far, :1]
+        assert_close_to_reference(name, got, refs[0][i][:, :far, :1], refs[1][i][:, :far, :1])

@@ -429,14 +429,23 @@ def test_row_norm_maxima_for_causal_alibis_reach(monkeypatch, dtype):
     pytest.param("no-alibi", False, id="no-alibi"),
     pytest.param("symmetric", False, id="symmetric-alibi"),
     pytest.param("bias-row", False, id="alibi-with-a-bias-row"),
+    pytest.param("row-alone", 2, id="a-bias-row-alone"),
+    pytest.param("row-not-causal", False, id="a-bias-row-not-causal"),
+    pytest.param("matrix", False, id="a-bias-matrix"),
 ])
 def test_which_forwards_skip_key_blocks_past_alibis_reach(monkeypatch, what, applies):
+    """From the slopes (REACH_SLOPES) or from a bias row without slopes (REACH_ROW, with its table's launch)."""
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
     s_k = 500 if what == "short" else hopper.REACH_MIN_KEYS
     q, k, v = _qkv(s_q=128, s_k=s_k, d=64)
-    slopes = None if what == "no-alibi" else torch.rand(4)
-    bias = torch.randn(1, 4, 1, s_k) if what == "bias-row" else None
-    causal = what != "symmetric"
+    slopes = None if what in ("no-alibi", "row-alone", "row-not-causal", "matrix") else torch.rand(4)
+    bias = None
+    if what in ("bias-row", "row-alone", "row-not-causal"):
+        bias = launch._log2_bias_rows(torch.randn(1, 4, 1, s_k))
+    elif what == "matrix":
+        bias = torch.randn(1, 4, 128, s_k, dtype=q.dtype)
+    causal = what not in ("symmetric", "row-not-causal")
     mode = 0 if slopes is None else 1 if causal else 2
     plan = hopper.forward_plan(q, k, v, bias, slopes, 0.125, causal, mode)
-    assert plan.launch.kwargs["REACH"] == applies and (plan.norms is not None) == applies
+    assert plan.launch.kwargs["REACH"] == applies and (plan.norms is not None) == bool(applies)
+    assert (plan.row_table is not None) == (applies == 2)

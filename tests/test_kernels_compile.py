@@ -45,6 +45,9 @@ def test_all_kernels_compile_for_sm90():
     # causal ALiBi's key blocks past its reach skipped (reach.py): the forward at both widths, the dK/dV kernel with
     # the dQ warpgroup, the consumers' dQ, split heads' partial sums and the reproducible split
     assert result.stdout.count("ok   hopper-fwd-reach") == 2 and result.stdout.count("ok   hopper-bwd-reach") == 4
+    # the same from a causal bias row's prefix maxima: the forward through the extension product at both widths and
+    # scaled first, the dK/dV kernel with the dQ warpgroup, the consumers' dQ and split heads
+    assert result.stdout.count("ok   hopper-fwd-row-reach") == 3 and result.stdout.count("ok   hopper-bwd-row-reach") == 3
     # seven with the dQ sums (at D128 the consumers form dQ, at D64 the dQ warpgroup), five more with a bias matrix
     # (and its gradient: the dQ warpgroup at both head dims)
     assert result.stdout.count("ok   hopper-fused-dq") == 12

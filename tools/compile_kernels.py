@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mpt_attention.impl.triton import launch
+from mpt_attention.impl.triton.reach import REACH_ROW
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
@@ -24,7 +25,7 @@ _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32",
                   "Tiles": "*i32", "DKVPart": "*fp32", "RowStats": "*fp32", "DOScaled": "*bf16", "CuTiles": "*i32",
-                  "CuKTiles": "*i32", "DQSync": "*i32"}
+                  "CuKTiles": "*i32", "DQSync": "*i32", "Norms": "*i32"}
 
 
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
@@ -96,13 +97,13 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None,
                           tail: int = 0, bias_matrix: bool = False, varlen: bool = False, raw: bool | None = None,
-                          consumers: int | None = None, reach: bool = False):
+                          consumers: int | None = None, reach: int = 0):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None;
     ``tail``: the products' second piece of columns (``hopper.product_tail``); ``bias_matrix``: a bias matrix
     in q's dtype instead; ``varlen``: packed sequences; ``raw``: maxima over unscaled scores (``hopper.raw_scores``;
     None: as the launcher chooses for a positive scale); ``consumers``: consumer warpgroups (None: as the launcher
     chooses, ``hopper.forward_consumers``); ``reach``: causal ALiBi's key blocks past every query's reach skipped
-    (``hopper.reach_applies``)."""
+    (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row)."""
     from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M, forward_consumers, raw_scores
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
@@ -127,14 +128,14 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False,
                                partial: bool = False, full_bias: bool = False, store_ds: bool = False, tail: int = 0,
-                               varlen: bool = False, reach: bool = False):
+                               varlen: bool = False, reach: int = 0):
     """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: forming dQ too (the dQ warpgroup,
     or at tile width 128 without a bias matrix or tail the consumers and the writer warp);
     ``partial``: grouped heads split over programs (float32 dK, dV partial sums); ``full_bias``: a bias
     matrix, ``store_ds`` with its gradient; ``tail``: the products' second piece of columns (with ``fused_dq``);
     ``varlen``: packed sequences (with ``fused_dq``; no bias row). Each 64-query block's first program stores its
     dQ part where the launcher has it do so (``hopper.first_write_dq``); ``reach``: query blocks past causal ALiBi's
-    reach skipped (``hopper.reach_applies``)."""
+    reach skipped (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row)."""
     from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m, first_write_dq
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
@@ -250,6 +251,15 @@ def main() -> int:
         failures += _report_gluon(f"hopper-bwd-reach D={head_dim} causal=True alibi=1 fused_dq={fused_dq} "
                                   f"partial={partial}", compile_hopper_dkdv_kernel, head_dim, True, 1, fused_dq=fused_dq,
                                   partial=partial, reach=True)
+    # a causal bias row past its reach (reach.row_reach_kernel's tables): through the extension product at both
+    # widths, and scaled first (a zero scale: the row's slices come ahead, from the tile's first block)
+    for head_dim, raw in [(64, None), (128, None), (64, False)]:
+        failures += _report_gluon(f"hopper-fwd-row-reach D={head_dim} causal=True alibi=0 raw={raw} bf16",
+                                  compile_hopper_kernel, head_dim, True, 0, "bf16", "fp32", raw=raw, reach=REACH_ROW)
+    for head_dim, fused_dq, partial in [(64, True, False), (128, True, False), (128, True, True)]:
+        failures += _report_gluon(f"hopper-bwd-row-reach D={head_dim} causal=True alibi=0 fused_dq={fused_dq} "
+                                  f"partial={partial}", compile_hopper_dkdv_kernel, head_dim, True, 0, fused_dq=fused_dq,
+                                  partial=partial, reach=REACH_ROW)
     # D64's three consumers without a causal mask, and two where raw maxima would take three
     failures += _report_gluon("hopper-fwd D=64 causal=False alibi=0 bf16", compile_hopper_kernel, 64, False, 0)
     failures += _report_gluon("hopper-fwd-two-consumers D=64 causal=True alibi=1 bf16", compile_hopper_kernel, 64, True,

@@ -19,7 +19,7 @@ import torch
 from mpt_attention.impl.device import sm_count, sm_major
 from mpt_attention.impl.triton.common import row_keys_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
-from mpt_attention.impl.triton.reach import row_norm_max_kernel
+from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, norm_launch, row_prefix_max, row_reach_launch
 from mpt_attention.kept import kept_on
 
 try:
@@ -353,25 +353,21 @@ class ForwardPlan(NamedTuple):
     launch: PlannedLaunch
     row_keys: tuple | None = None
     norms: tuple | None = None  # (PlannedLaunch, its scalars) of ``row_norm_max_kernel`` (``reach_applies``)
+    row_table: tuple | None = None  # the same of ``row_reach_kernel`` (``REACH_ROW``)
 
 
-def reach_applies(bias, slopes, causal, alibi_mode, varlen, batch, s_k) -> bool:
-    """Whether the Hopper forward skips key blocks past causal ALiBi's reach (``reach.py``): MPT's causal ALiBi from
-    slopes alone (a bias row or matrix could raise any key), dense inputs, at least ``REACH_MIN_KEYS`` keys, and a
-    batch the norms' grid takes (its third axis)."""
-    return (causal and alibi_mode == 1 and slopes is not None and bias is None and not varlen
-            and s_k >= REACH_MIN_KEYS and batch <= 65535)
-
-
-def _norm_launch(q, k, first):
-    """``row_norm_max_kernel``'s launch over (B, S, H, D) tensors like ``q`` and ``k``, writing from ``first``."""
-    batch, s_q, n_heads, dim = q.shape
-    s_k, n_kv = k.shape[1], k.shape[2]
-    block_d = next_power_of_2(dim)
-    block_s = max(16, 8192 // block_d)
-    return (PlannedLaunch(row_norm_max_kernel, (cdiv(s_q, block_s) + cdiv(s_k, block_s), n_heads, batch),
-                          dict(BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)),
-            (*q.stride()[:3], *k.stride()[:3], s_q, s_k, n_kv, dim, first))
+def reach_applies(bias, slopes, causal, alibi_mode, varlen, batch, s_k) -> int:
+    """Whether the Hopper kernels skip key blocks past causal ALiBi's reach (``reach.py``), and from what: 0 (no),
+    ``REACH_SLOPES`` (MPT's causal ALiBi from slopes alone) or ``REACH_ROW`` (a bias row over the keys without
+    slopes, e.g. MPT's (1, H, 1, S_k) ALiBi tensor; a bias matrix could raise any key of any row). Dense causal
+    inputs, at least ``REACH_MIN_KEYS`` keys, and a batch the norms' grid takes (its third axis)."""
+    if not causal or varlen or s_k < REACH_MIN_KEYS or batch > 65535:
+        return 0
+    if alibi_mode == 1 and slopes is not None and bias is None:
+        return REACH_SLOPES
+    if alibi_mode == 0 and bias is not None and bias.shape[2] == 1:
+        return REACH_ROW
+    return 0
 
 
 def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, max_q=0, max_k=0) -> ForwardPlan:
@@ -431,11 +427,16 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         BIAS_ROW=bias_row, TAIL=product_tail(head_dim), BIAS_FULL=bias_full,
         VARLEN=varlen, RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, REACH=reach, num_warps=4))
     counters = 16 + grid[0] * 16
-    norms = None
+    norms = row_table = None
     if reach:  # the heads' norm maxima after the program slots (hopper_tiles.reach_first_block): q's, then k's
-        norms = _norm_launch(q, k, counters)
+        norms = norm_launch(q, k, counters)
         counters += batch * (n_heads + n_kv)
-    return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms)
+    if reach == REACH_ROW:  # then each tile's first key block (hopper_tiles.row_reach_first_block)
+        n_m = cdiv(s_q, HALF_M * consumers)
+        row_table = row_reach_launch(bias, bias_dims_on(bias), q, k, qk_scale2, n_m, HALF_M * consumers, BLOCK_N,
+                                     norms[1][-1], counters, False)
+        counters += batch * n_heads * n_m
+    return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms, row_table)
 
 
 def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
@@ -449,6 +450,7 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
     else:
         cu_q = cu_k = cu_tiles = tiles  # never read
     dq, dk, dv, do, db = plan.descs
+    prefix = None if plan.row_table is None else row_prefix_max(bias)  # (of the converted row, before row_keys)
     if plan.row_keys is not None:  # the bias row as its per-key terms (row_keys_kernel)
         shape, convert, args = plan.row_keys
 
@@ -462,6 +464,9 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
     if plan.norms is not None:
         norms, args = plan.norms
         norms(q, k, tiles, *args)
+    if plan.row_table is not None:
+        table, args = plan.row_table
+        table(tiles, prefix, tiles, *args)
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
                 out, cu_q, cu_k, cu_tiles, *plan.scalars)
@@ -520,7 +525,8 @@ class DkdvPlan(NamedTuple):
     parts of the descriptors of k, v, q, dO, dK, dV, the dQ sums, the bias matrix, dbias and the row terms (None for
     those absent); ``before``, ``after``: the launch's scalar arguments either side of its pointers; ``parts``: the
     shape of the float32 dK, dV partial sums of grouped heads split over programs, or None; ``norms``: the words of the
-    heads' norm maxima and ``row_norm_max_kernel``'s launch with its scalars (``reach_applies``), or None."""
+    heads' norm maxima (and a bias row's table) and ``row_norm_max_kernel``'s launch with its scalars
+    (``reach_applies``), or None."""
     descs: tuple
     bias_row: bool
     before: tuple
@@ -528,6 +534,7 @@ class DkdvPlan(NamedTuple):
     parts: tuple | None
     launch: PlannedLaunch
     norms: tuple | None = None
+    row_table: tuple | None = None  # ``row_reach_kernel``'s launch with its scalars (``REACH_ROW``), or None
 
 
 def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
@@ -581,11 +588,18 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
         STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, VARLEN=varlen,
-        FIRST_WRITE=first_write, REACH=not first_write and reach_applies(bias, slopes, causal, alibi_mode, varlen,
-                                                                          batch, s_k), num_warps=4))
+        FIRST_WRITE=first_write, REACH=0 if first_write else reach_applies(bias, slopes, causal, alibi_mode, varlen,
+                                                                            batch, s_k), num_warps=4))
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
-    norms = (batch * (n_heads + n_kv), *_norm_launch(q, k, 0)) if launch.kwargs["REACH"] else None
-    return DkdvPlan(tuple(descs), bias is not None and not bias_full, before, after, parts, launch, norms)
+    norms = row_table = None
+    if launch.kwargs["REACH"]:
+        norms = (batch * (n_heads + n_kv), *norm_launch(q, k, 0))
+    if launch.kwargs["REACH"] == REACH_ROW:  # each key block's end of queries, past the norms (row_reach_query_end)
+        n_kb = cdiv(s_k, BWD_BLOCK_N)
+        row_table = row_reach_launch(bias, bias_dims_on(bias), q, k, softmax_scale * LOG2E, n_kb, 0, BWD_BLOCK_N, 0,
+                                     norms[0], True)
+        norms = (norms[0] + batch * n_heads * n_kb, *norms[1:])
+    return DkdvPlan(tuple(descs), bias is not None and not bias_full, before, after, parts, launch, norms, row_table)
 
 
 def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc=None, dbias=None, cu_q=None,
@@ -603,6 +617,9 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
         n_words, norm_launch, norm_args = plan.norms
         norms = torch.zeros(n_words, dtype=torch.int32, device=q.device)
         norm_launch(q, k, norms, *norm_args)
+    if plan.row_table is not None:
+        table, args = plan.row_table
+        table(norms, row_prefix_max(bias), norms, *args)
     d_k, d_v, d_q, d_o, d_dk, d_dv, d_dq, d_bias, d_dbias, d_stats = plan.descs
     plan.launch(
         descriptor(k, *d_k), descriptor(v, *d_v), descriptor(q, *d_q), descriptor(dout, *d_o), descriptor(dk, *d_dk),

@@ -68,7 +68,8 @@ of 128 whose consumer products take 64 + ``TAIL`` columns (``hopper.product_tail
 1.12x against all 128 (benchmarks/NOTES.md session 18).
 With causal ALiBi from slopes over at least ``hopper.REACH_MIN_KEYS`` keys (``REACH``) a key block's queries end
 at its heads' reach (``reach.py``, ``hopper_tiles.reach_query_end``): past it every probability, and so every
-gradient term, is 0.
+gradient term, is 0. A causal bias row (``REACH == REACH_ROW``) ends them where ``reach.row_reach_kernel``'s table
+says, from the row's prefix maxima.
 Scope otherwise as the Hopper forward (``hopper.py``).
 """
 
@@ -84,7 +85,9 @@ from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, 
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_forward import store_rows, store_through_buffer
 from mpt_attention.impl.triton.hopper_scores import issue_over_d, main_cols
-from mpt_attention.impl.triton.hopper_tiles import packed_tile, reach_query_end, sequence_of, tile_order
+from mpt_attention.impl.triton.hopper_tiles import packed_tile, reach_query_end, row_reach_query_end, sequence_of
+from mpt_attention.impl.triton.hopper_tiles import tile_order
+from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 # a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector
@@ -452,7 +455,8 @@ def _hopper_bwd_dkdv_kernel(
     dQ sums unzeroed, each 64-query block's first program storing into it (``hopper_dq``; ``DQSync`` the blocks'
     (B, H, S_q / 64) int32 words, zeroed). ``REACH`` (dense, causal ALiBi from slopes, not with ``FIRST_WRITE``):
     each key block visits only the query blocks within its heads' reach (``reach.py``; ``Norms``: the heads' q
-    then k norm maxima, float32 bit patterns, (B * H) + (B * H_kv))."""
+    then k norm maxima, float32 bit patterns, (B * H) + (B * H_kv); with ``REACH_ROW`` then the bias row's table,
+    (B, H, key blocks) query ends)."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
@@ -505,9 +509,13 @@ def _hopper_bwd_dkdv_kernel(
     q_end = seqlen_q
     if REACH:
         gl.static_assert(not FIRST_WRITE and not VARLEN, "the reach only where every query block's dQ is zeroed")
-        q_end = reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, h0, n_g, kv_h, n_kv * n_groups, n_kv,
-                                n_rows // (n_splits * n_kv), start_n + 2 * _HALF_N - 1, seqlen_k - seqlen_q, seqlen_q,
-                                qk_scale2)
+        batch = n_rows // (n_splits * n_kv)
+        if REACH == KERNEL_REACH_ROW:  # the table past the norm maxima
+            q_end = row_reach_query_end(Norms + batch * n_kv * (n_groups + 1), b, h0, n_g, n_kv * n_groups,
+                                        start_n // (2 * _HALF_N), gl.cdiv(seqlen_k, 2 * _HALF_N))
+        else:
+            q_end = reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, h0, n_g, kv_h, n_kv * n_groups, n_kv,
+                                    batch, start_n + 2 * _HALF_N - 1, seqlen_k - seqlen_q, seqlen_q, qk_scale2)
         # at least one step: the consumers wait for the first stage unconditionally (with a cache longer than the
         # reach, S_k - S_q past it, no query reaches the first key blocks: one step of zero probabilities)
         q_end = gl.maximum(q_end, lo + 1)

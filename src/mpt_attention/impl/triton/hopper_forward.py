@@ -35,7 +35,9 @@ B8 S2048, +9% at D64, -2% at S8192 (session 12, benchmarks/NOTES.md).
 
 Causal ALiBi from slopes over at least ``hopper.REACH_MIN_KEYS`` keys (``REACH``): a tile starts at the first key
 block within ALiBi's reach of its first query (``reach.py``: past it every probability is 0 in this kernel's
-exponential), which the loader computes from the heads' norm maxima and publishes with the tile's coordinates.
+exponential), which the loader computes from the heads' norm maxima and publishes with the tile's coordinates. A
+causal bias row (``REACH == REACH_ROW``) does the same from its prefix maxima: the loader reads the tile's first block
+from ``reach.row_reach_kernel``'s table.
 
 Scores (``hopper_scores``): with a positive scale and per-key terms a tensor-core product can add (none, causal
 ALiBi, or a bias row without ALiBi: ``RAW``, ``hopper.raw_scores``) the terms join Q K^T through a k=16 extension
@@ -99,6 +101,8 @@ from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_
 from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
 from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles, reach_first_block
+from mpt_attention.impl.triton.hopper_tiles import row_reach_first_block
+from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 _SOFT_ROW = gl.constexpr(-1.2379400392853803e27)  # -2^90: below it a row's maximum is a soft mask's (ROW_KEYS)
@@ -163,7 +167,10 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
         if VARLEN:
             tb = 0
         j0 = 0
-        if REACH:  # (dense: slot 5 is free)
+        if REACH == KERNEL_REACH_ROW:  # (dense: slot 5 is free)
+            j0 = row_reach_first_block(Tiles, b, h, n_bh, n_heads, n_groups, start_m // (CONSUMERS * HALF_M), n_m,
+                                       n_blocks)
+        elif REACH:
             slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32)
             j0 = reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, start_m + seqlen_k - seqlen_q,
                                    n_blocks, slope2 * _LOG2E, qk_scale2, BLOCK_N)
@@ -182,10 +189,10 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
             gl.store(info + 7, len_k)
         if REACH:
             gl.store(info + 5, j0)
-        if BIAS_ROW and ROW_AHEAD:  # block 0's bias slice comes with Q, into slot 2 + buf
+        if BIAS_ROW and ROW_AHEAD:  # the first block's bias slice comes with Q, into slot 2 + buf
             mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2 + bias_bytes)
-            tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, 0], q_ready.index(buf),
-                                            bias_smem.index(2 + buf))
+            tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, j0 * BLOCK_N],
+                                            q_ready.index(buf), bias_smem.index(2 + buf))
         else:
             mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2)
         for part in gl.static_range(CONSUMERS):

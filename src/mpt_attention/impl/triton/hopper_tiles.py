@@ -142,6 +142,24 @@ def reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, first_pos, n_b
 
 
 @gluon.jit
+def row_reach_first_block(Tiles, b, h, n_bh, n_heads, n_groups, m, n_m, n_blocks):
+    """A causal bias row's first key block for query tile ``m`` of ``n_m`` (``reach.row_reach_kernel``'s forward
+    table, past the program slots and the norm maxima in ``Tiles``), at most the tile's last block."""
+    table = Tiles + 16 + gl.num_programs(0) * 16 + n_bh + n_bh // n_groups
+    return gl.minimum(gl.load(table + (b * n_heads + h) * n_m + m), n_blocks - 1)
+
+
+@gluon.jit
+def row_reach_query_end(Table, b, h0, n_g, n_heads, key_block, n_kb):
+    """The dK/dV kernel's end of the query rows for key block ``key_block`` of ``n_kb`` and query heads ``[h0, h0 +
+    n_g)`` under a causal bias row: the largest of ``reach.row_reach_kernel``'s backward table's entries."""
+    end = 0
+    for g in range(n_g):
+        end = gl.maximum(end, gl.load(Table + (b * n_heads + h0 + g) * n_kb + key_block))
+    return end
+
+
+@gluon.jit
 def reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, h0, n_g, kv_h, n_heads, n_kv, batch, last_key, diag,
                     seqlen_q, qk_scale2):
     """The dK/dV kernel's end of the query rows a key block ending at ``last_key`` must visit for query heads

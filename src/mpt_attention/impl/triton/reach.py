@@ -20,19 +20,46 @@ kernel (memory-bound) and keeps the maxima as float32 bit patterns, whose intege
 non-negative values, so an atomic maximum over int32 takes them. A NaN norm (a NaN or infinite input) is kept as
 +inf: the head then reads every key, as without the bound. Slopes <= 0 (no decay) read every key too.
 
-What it saves depends on the data, never what is computed: see benchmarks/NOTES.md session 39 for N(0, 1) and
+A bias row over the keys (MPT's ``(1, H, 1, S_k)`` ALiBi tensor, or any ``(B|1, H|1, 1, S_k)`` row) takes the same
+bound with the row in place of the slope. In log2 units (``launch._log2_bias_rows``) key j scores ``x_j = c * q.k_j +
+r_j``; with ``P(p) = max(r_0 .. r_p)`` the row's prefix maximum, a causal query at position ``p`` keeps a key scoring at
+least ``P(p) - |c| Q K``, so::
+
+    x_j - m  <=  2 |c| Q K + r_j - P(p)
+
+and a key block whose prefix maximum at its last key, raised by 2^-12 of its magnitude, plus ``R = VANISH2 + 2 |c| Q
+K`` is at most ``P(p0)`` lowered by 2^-12 of its magnitude is past the reach of every query from ``p0`` on (the 2^-12
+cover the float32 rounding of the row's terms in the kernels' scores, far below it). ``P`` is kept on the converted
+row (``kept.kept_on``: made once for a model's layers); ``row_reach_kernel`` turns it and the norms into a table per
+call: each forward tile's first key block, or each backward key block's end of queries. Queries whose prefix maximum
+is not a finite score above the soft mask (``common.SOFT_SCORE``) take nothing from it. A table costs one small launch
+(3 us at S 8192) and leaves the kernels one load per tile or key block.
+
+What it saves depends on the data, never what is computed: see benchmarks/NOTES.md sessions 39-40 for N(0, 1) and
 wider inputs at MPT's slopes, and for the lengths below which reading the norms costs more than the skipped blocks
 (``hopper.REACH_MIN_KEYS``).
 """
 
+import torch
 import triton
 import triton.language as tl
+
+from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
+from mpt_attention.kept import kept_on
 
 # log2 units below a row's maximum past which the kernels' exponential gives 0: its results below 2^-126 are flushed,
 # two more for the rounding of the scores and of the ALiBi term (float32), and the norms' product, whose float32
 # sums of products round too, is scaled by 1 + 2^-8 where the kernels use it
 VANISH2 = tl.constexpr(128.0)
 NORM_SLACK = tl.constexpr(1.00390625)  # 1 + 2^-8
+# a bias row's scores round with its terms' magnitude (row_keys_kernel's three bfloat16 parts sum to float32's
+# precision; the backward adds the float32 term): this share of a prefix maximum covers them many times over
+ROW_SLACK = tl.constexpr(0.000244140625)  # 2^-12
+# what ``hopper.reach_applies`` returns: the reach from the slopes, or from a bias row's prefix maxima
+REACH_SLOPES, REACH_ROW = 1, 2
+ROW_STEP = 64  # a bias row's reach ends the backward's queries at a multiple of this (row_reach_kernel)
+KERNEL_REACH_ROW = tl.constexpr(REACH_ROW)  # (what a kernel compares its REACH with)
+_SOFT_SCORE = tl.constexpr(-1.2676506002282294e30)  # common.SOFT_SCORE: -2^100, the soft mask
 
 
 @triton.jit
@@ -71,3 +98,117 @@ def row_norm_max_kernel(
     norms = tl.where(norms == norms, norms, float("inf"))  # NaN: the head's bound gives no reach
     if tl.sum(ok.to(tl.int32), 0) > 0:
         tl.atomic_max(out, tl.max(norms, 0).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _head_reach2(Norms, b, h, n_heads, n_kv, batch, qk_scale2):
+    """``R = VANISH2 + 2 |c| Q K`` of head ``h`` of batch row ``b`` (log2 units; +inf for an infinite norm)."""
+    q_max = tl.load(Norms + b * n_heads + h).to(tl.float32, bitcast=True)
+    k_max = tl.load(Norms + batch * n_heads + b * n_kv + h // (n_heads // n_kv)).to(tl.float32, bitcast=True)
+    return VANISH2 + 2.0 * NORM_SLACK * tl.abs(qk_scale2) * q_max * k_max
+
+
+@triton.jit
+def _row_floor(prefix, reach2):
+    """``(floor, live)``: a key block whose ``_row_top`` is at most ``floor`` lies past the reach of a query whose
+    position's prefix maximum is ``prefix``; ``live`` is False where that prefix gives nothing (NaN, infinite, soft
+    mask, or an infinite reach)."""
+    reach2 = tl.zeros_like(prefix) + reach2  # (the interpreter takes no `&` of a vector and a scalar)
+    live = (prefix > _SOFT_SCORE) & (prefix < float("inf")) & (reach2 < float("inf"))
+    return tl.where(prefix < 0, prefix * (1 + ROW_SLACK), prefix * (1 - ROW_SLACK)) - reach2, live
+
+
+@triton.jit
+def _row_top(prefix):
+    """A key block's prefix maximum raised by its rounding slack (-inf stays -inf: every key so far is removed)."""
+    return tl.where(prefix < 0, prefix * (1 - ROW_SLACK), prefix * (1 + ROW_SLACK))
+
+
+@triton.jit
+def row_reach_kernel(
+    Norms, Prefix, Table,
+    stride_pb, stride_ph,
+    seqlen_q, seqlen_k, n_kv, qk_scale2, n_entries, norms_first, table_first,
+    FOR_BACKWARD: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_STEP: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """A causal bias row's reach as a table the Hopper kernels read, ``Table[table_first + (b * H + h) * n_entries +
+    e]`` (int32). Forward: entry ``e`` is the query tile of ``TILE_M`` rows from ``e * TILE_M``; the value its first key
+    block of ``BLOCK_N`` to read (the kernel clamps it to the tile's last). Backward (``FOR_BACKWARD``): entry ``e`` is
+    the key block ``[e * BLOCK_N, (e + 1) * BLOCK_N)``; the value the end of the queries it must visit, a multiple of
+    ``ROW_STEP`` (or ``seqlen_q``): the rows from it on lie past its reach. ``Prefix``: the row's prefix maxima (log2
+    units; (B', H', S_k) with strides ``stride_pb``, ``stride_ph``, 0 where it broadcasts); ``Norms``: the heads' norm
+    maxima (``row_norm_max_kernel``, q's (B, H) then k's (B, H_kv), from word ``norms_first``). Grid ``(cdiv(n_entries, BLOCK_E), H, B)``."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    n_heads = tl.num_programs(1)
+    reach2 = _head_reach2(Norms + norms_first, b, h, n_heads, n_kv, tl.num_programs(2), qk_scale2)
+    row = Prefix + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+    diag = seqlen_k - seqlen_q
+    entries = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = entries < n_entries
+    scan = tl.arange(0, BLOCK_S)
+    if FOR_BACKWARD:
+        # [BLOCK_E] the key block's prefix maximum at its last key
+        top = _row_top(tl.load(row + tl.minimum(entries * BLOCK_N + BLOCK_N - 1, seqlen_k - 1), mask=e_ok,
+                               other=float("nan")))
+        keep_to = tl.zeros([BLOCK_E], tl.int32)  # grid rows up to which some row still reads the block
+        for s0 in range(0, tl.cdiv(seqlen_q, ROW_STEP), BLOCK_S):
+            grid_rows = (s0 + scan) * ROW_STEP
+            pos = grid_rows + diag
+            ok = (grid_rows < seqlen_q) & (pos >= 0)
+            floor, live = _row_floor(tl.load(row + pos, mask=ok, other=float("nan")), reach2)
+            # [BLOCK_E, BLOCK_S]
+            past = (live[None, :] & (top[:, None] <= floor[None, :])) | (grid_rows >= seqlen_q)[None, :]
+            keep_to = tl.maximum(keep_to, tl.max(tl.where(past, 0, (s0 + scan + 1)[None, :]), 1))
+        value = tl.minimum(keep_to * ROW_STEP, seqlen_q)
+    else:
+        pos = entries * TILE_M + diag  # the tile's first query's position
+        floor, live = _row_floor(tl.load(row + pos, mask=e_ok & (pos >= 0), other=float("nan")), reach2)
+        n_blocks = tl.cdiv(seqlen_k, BLOCK_N)
+        value = tl.full([BLOCK_E], n_blocks, tl.int32)  # the first block the tile must read
+        for s0 in range(0, n_blocks, BLOCK_S):
+            blocks = s0 + scan
+            top = _row_top(tl.load(row + tl.minimum(blocks * BLOCK_N + BLOCK_N - 1, seqlen_k - 1),
+                                   mask=blocks < n_blocks, other=float("nan")))
+            # [BLOCK_E, BLOCK_S]
+            past = live[:, None] & (top[None, :] <= floor[:, None])
+            value = tl.minimum(value, tl.min(tl.where(past, n_blocks, blocks[None, :]), 1))
+    tl.store(Table + table_first + (b * n_heads + h) * n_entries + entries, value, mask=e_ok)
+
+
+def norm_launch(q, k, first):
+    """``row_norm_max_kernel``'s launch over (B, S, H, D) tensors like ``q`` and ``k``, writing from word ``first``:
+    ``(PlannedLaunch, its scalars)``."""
+    batch, s_q, n_heads, dim = q.shape
+    s_k, n_kv = k.shape[1], k.shape[2]
+    block_d = next_power_of_2(dim)
+    block_s = max(16, 8192 // block_d)
+    return (PlannedLaunch(row_norm_max_kernel, (cdiv(s_q, block_s) + cdiv(s_k, block_s), n_heads, batch),
+                          dict(BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)),
+            (*q.stride()[:3], *k.stride()[:3], s_q, s_k, n_kv, dim, first))
+
+
+def row_reach_launch(rows, dims_on, q, k, qk_scale2, n_entries, tile_m, block_n, norms_first, first, for_backward):
+    """``row_reach_kernel``'s launch for a converted bias row like ``rows`` (varying over batch and heads as
+    ``dims_on``, ``hopper.bias_dims_on``) and q, k like ``q``, ``k`` (B, S, H, D): reading the norm maxima from word
+    ``norms_first``, writing ``n_entries`` entries per (batch, head) from word ``first`` (forward: query tiles of
+    ``tile_m`` rows; backward: key blocks), key blocks of ``block_n``. ``(PlannedLaunch, its scalars)``; the prefix
+    maxima (``row_prefix_max``) come first among its tensors."""
+    batch, s_q, n_heads = q.shape[:3]
+    s_k, n_kv = k.shape[1], k.shape[2]
+    b_on, h_on = dims_on
+    rows_h = rows.shape[1] if h_on else 1
+    block_e = 16 if for_backward else 32
+    return (PlannedLaunch(row_reach_kernel, (cdiv(n_entries, block_e), n_heads, batch),
+                          dict(FOR_BACKWARD=for_backward, TILE_M=tile_m, BLOCK_N=block_n, ROW_STEP=ROW_STEP,
+                               BLOCK_E=block_e, BLOCK_S=64, num_warps=4)),
+            (rows_h * s_k * b_on, s_k * h_on, s_q, s_k, n_kv, qk_scale2, n_entries, norms_first, first))
+
+
+def row_prefix_max(rows: torch.Tensor) -> torch.Tensor:
+    """A converted bias row's (``launch._log2_bias_rows``: (B', H', 1, S_k) float32) prefix maxima over the keys,
+    contiguous (B', H', S_k); NaN from a NaN on. Kept on the row (``kept.kept_on``): made once for a model's layers
+    and again for the backward only if the row changed."""
+    return kept_on(rows, "_mpt_attention_row_prefix_max", lambda: torch.cummax(rows[:, :, 0], dim=-1).values,
+                   on_device=True)

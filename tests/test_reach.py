@@ -1,0 +1,138 @@
+"""A causal bias row's reach (reach.row_reach_kernel): the tables the Hopper kernels read to skip key blocks, run under
+the interpreter on the CPU. The property that matters is exactness: every block a table skips holds only
+probabilities below 2^-128 of the float64 softmax, for every query it is skipped for; the tables must also skip
+something where ALiBi decays, and nothing where the row gives no bound (NaN, soft masks, infinite norms)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from mpt_attention.impl.triton import hopper, launch, reach  # noqa: E402
+
+LOG2E = 1.4426950408889634
+
+
+def _inputs(s_q, s_k, h, h_kv, d, steep, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, s_q, h, d, generator=gen)
+    k = torch.randn(2, s_k, h_kv, d, generator=gen)
+    slopes = torch.tensor([steep / 2 ** i for i in range(h)])
+    bias = (slopes.view(1, h, 1, 1) * (torch.arange(s_k) - (s_k - 1)).view(1, 1, 1, s_k))  # MPT's (1, H, 1, S_k) row
+    return q, k, bias
+
+
+def _tables(q, k, bias, scale, monkeypatch):
+    """The forward's first block per query tile and the backward's query end per key block, as the launches make
+    them (the norm maxima, the converted row's prefix maxima, then the table)."""
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 16)
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    rows = launch._log2_bias_rows(bias)
+    plan = hopper.forward_plan(q, k, k, rows, None, scale, True, 0)
+    assert plan.launch.kwargs["REACH"] == reach.REACH_ROW and plan.row_table is not None
+    tiles = torch.zeros(plan.counters, dtype=torch.int32)
+    norms, args = plan.norms
+    norms(q, k, tiles, *args)
+    table, args = plan.row_table
+    table(tiles, reach.row_prefix_max(rows), tiles, *args)
+    batch, s_q, n_heads = q.shape[:3]
+    tile_m = plan.launch.kwargs["CONSUMERS"] * hopper.HALF_M
+    n_m = -(-s_q // tile_m)
+    first = tiles[-batch * n_heads * n_m:].view(batch, n_heads, n_m)
+    n_kb = -(-k.shape[1] // hopper.BWD_BLOCK_N)
+    n_words = batch * (n_heads + k.shape[2])
+    words = torch.zeros(n_words + batch * n_heads * n_kb, dtype=torch.int32)
+    norm_launch, norm_args = reach.norm_launch(q, k, 0)
+    norm_launch(q, k, words, *norm_args)
+    table, args = reach.row_reach_launch(rows, hopper.bias_dims_on(rows), q, k, scale * LOG2E, n_kb, 0,
+                                          hopper.BWD_BLOCK_N, 0, n_words, True)
+    table(words, reach.row_prefix_max(rows), words, *args)
+    assert torch.equal(words[:n_words], tiles[16 + 4 * 16:16 + 4 * 16 + n_words])
+    return first, tile_m, words[n_words:].view(batch, n_heads, n_kb)
+
+
+def _log2_probabilities(q, k, bias, scale):
+    """(B, H, S_q, S_k) float64 log2 probabilities of causal attention with the bias row (bottom-right aligned)."""
+    s_q, s_k = q.shape[1], k.shape[1]
+    groups = q.shape[2] // k.shape[2]
+    kk = k.double().repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk) * scale + bias.double()
+    visible = torch.arange(s_k)[None, :] <= torch.arange(s_q)[:, None] + (s_k - s_q)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores - torch.logsumexp(scores, -1, keepdim=True)) * LOG2E
+
+
+def _assert_sound(first, tile_m, q_end, logp):
+    """Every block a table skips holds only log2 probabilities below -128 for the queries it is skipped for; returns
+    how many (tile, head) and (key block, head) entries skip anything."""
+    batch, n_heads, s_q, s_k = logp.shape
+    block = hopper.BLOCK_N
+    skipped_fwd = skipped_bwd = 0
+    for b in range(batch):
+        for h in range(n_heads):
+            for m in range(first.shape[2]):
+                rows = slice(m * tile_m, min((m + 1) * tile_m, s_q))
+                keys = int(first[b, h, m]) * block
+                assert keys <= max(0, m * tile_m + s_k - s_q)  # never past the tile's first query
+                assert (logp[b, h, rows, :keys] < -128).all(), (b, h, m)
+                skipped_fwd += keys > 0
+            for kb in range(q_end.shape[2]):
+                end = int(q_end[b, h, kb])
+                assert end == s_q or end % reach.ROW_STEP == 0
+                assert (logp[b, h, end:, kb * block:(kb + 1) * block] < -128).all(), (b, h, kb)
+                skipped_bwd += end < s_q
+    return skipped_fwd, skipped_bwd
+
+
+@pytest.mark.parametrize("s_q, s_k, h, h_kv, d", [
+    pytest.param(600, 600, 4, 2, 32, id="gqa-4-2"),
+    pytest.param(300, 700, 2, 2, 64, id="chunked-prefill"),
+    pytest.param(97, 611, 3, 1, 16, id="odd-lengths-mqa"),
+])
+def test_row_reach_tables_skip_only_vanishing_probabilities(monkeypatch, s_q, s_k, h, h_kv, d):
+    q, k, bias = _inputs(s_q, s_k, h, h_kv, d, steep=2.0)
+    scale = d ** -0.5
+    first, tile_m, q_end = _tables(q, k, bias, scale, monkeypatch)
+    skipped_fwd, skipped_bwd = _assert_sound(first, tile_m, q_end, _log2_probabilities(q, k, bias, scale))
+    assert skipped_fwd > 0 and skipped_bwd > 0
+
+
+def test_row_reach_tables_follow_the_data_not_the_slope(monkeypatch):
+    """The same steep row, with one key per head made to dominate: the tables keep its block for every later query;
+    and query and key norms large enough to outweigh the row keep every block."""
+    q, k, bias = _inputs(600, 600, 2, 2, 32, steep=2.0, seed=1)
+    scale = 32 ** -0.5
+    first, _, q_end = _tables(q, k, bias, scale, monkeypatch)
+    assert (first[:, 0, -1] > 0).all() and (q_end[:, 0, 0] < 600).all()
+    lifted = bias.clone()
+    lifted[..., 5] = 0.0  # key 5 scores like the diagonal: never out of reach
+    first, _, q_end = _tables(q, k, lifted, scale, monkeypatch)
+    assert (first == 0).all() and (q_end[:, :, 0] == 600).all()
+    first, _, q_end = _tables(q * 40, k * 40, bias, scale, monkeypatch)
+    assert (first == 0).all() and (q_end == 600).all()
+
+
+@pytest.mark.parametrize("what", ["nan-query", "nan-key", "soft-masked-start", "removed-start"])
+def test_row_reach_tables_take_nothing_from_rows_without_a_bound(monkeypatch, what):
+    """A NaN in q or k makes its head's norm bound infinite: no reach (the reference's rows are NaN). Keys soft-masked
+    by MPT's finfo.min bias or removed by -inf are skipped only behind a real score, and a query whose prefix is all
+    soft or removed takes nothing. (A NaN in the bias row is a soft mask to the kernels: common._log2_bias.)"""
+    q, k, bias = _inputs(600, 600, 2, 2, 32, steep=2.0, seed=2)
+    if what == "nan-query":
+        q[1, 30, 1, 3] = float("nan")
+    elif what == "nan-key":
+        k[0, 7, 0, 3] = float("nan")
+    elif what == "soft-masked-start":
+        bias[..., :200] = torch.finfo(torch.float32).min
+    elif what == "removed-start":
+        bias[..., :200] = float("-inf")
+    scale = 32 ** -0.5
+    first, tile_m, q_end = _tables(q, k, bias, scale, monkeypatch)
+    if what.startswith("nan"):  # the head with the NaN takes nothing; the others still skip
+        nan_row = (1, 1) if what == "nan-query" else (0, 0)
+        assert (first[nan_row] == 0).all() and (q_end[nan_row] == 600).all()
+        assert (first[0, 1, -1] > 0) and (q_end[1, 0, 0] < 600)
+        return
+    # no real score before key 200: the queries before it skip nothing, later ones the masked blocks and more
+    assert (first[..., 0] == 0).all() and (first[:, 0, -1] >= 2).all() and (q_end[:, 0, 0] < 600).all()
+    logp = _log2_probabilities(q, k, bias, scale)
+    _assert_sound(first, tile_m, q_end, logp.nan_to_num(nan=0.0))  # (a row with every key removed: never skipped)
