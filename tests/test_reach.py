@@ -12,13 +12,16 @@ from mpt_attention.impl.triton import hopper, launch, reach  # noqa: E402
 LOG2E = 1.4426950408889634
 
 
-def _inputs(s_q, s_k, h, h_kv, d, steep, seed=0):
+def _inputs(s_q, s_k, h, h_kv, d, steep, seed=0, per_batch=False):
+    """q, k and MPT's (1, H, 1, S_k) ALiBi row with slopes ``steep / 2^h``; ``per_batch``: a (B, 1, 1, S_k) row
+    instead, slopes ``steep / 4^b``."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(2, s_q, h, d, generator=gen)
     k = torch.randn(2, s_k, h_kv, d, generator=gen)
-    slopes = torch.tensor([steep / 2 ** i for i in range(h)])
-    bias = (slopes.view(1, h, 1, 1) * (torch.arange(s_k) - (s_k - 1)).view(1, 1, 1, s_k))  # MPT's (1, H, 1, S_k) row
-    return q, k, bias
+    n = 2 if per_batch else h
+    slopes = torch.tensor([steep / (4 if per_batch else 2) ** i for i in range(n)])
+    slopes = slopes.view((n, 1, 1, 1) if per_batch else (1, n, 1, 1))
+    return q, k, slopes * (torch.arange(s_k) - (s_k - 1)).view(1, 1, 1, s_k)
 
 
 def _tables(q, k, bias, scale, monkeypatch):
@@ -83,17 +86,20 @@ def _assert_sound(first, tile_m, q_end, logp):
     return skipped_fwd, skipped_bwd
 
 
-@pytest.mark.parametrize("s_q, s_k, h, h_kv, d", [
-    pytest.param(600, 600, 4, 2, 32, id="gqa-4-2"),
-    pytest.param(300, 700, 2, 2, 64, id="chunked-prefill"),
-    pytest.param(97, 611, 3, 1, 16, id="odd-lengths-mqa"),
+@pytest.mark.parametrize("s_q, s_k, h, h_kv, d, per_batch", [
+    pytest.param(600, 600, 4, 2, 32, False, id="gqa-4-2"),
+    pytest.param(300, 700, 2, 2, 64, False, id="chunked-prefill"),
+    pytest.param(97, 611, 3, 1, 16, False, id="odd-lengths-mqa"),
+    pytest.param(600, 600, 2, 2, 32, True, id="row-per-batch"),
 ])
-def test_row_reach_tables_skip_only_vanishing_probabilities(monkeypatch, s_q, s_k, h, h_kv, d):
-    q, k, bias = _inputs(s_q, s_k, h, h_kv, d, steep=2.0)
+def test_row_reach_tables_skip_only_vanishing_probabilities(monkeypatch, s_q, s_k, h, h_kv, d, per_batch):
+    q, k, bias = _inputs(s_q, s_k, h, h_kv, d, steep=2.0, per_batch=per_batch)
     scale = d ** -0.5
     first, tile_m, q_end = _tables(q, k, bias, scale, monkeypatch)
     skipped_fwd, skipped_bwd = _assert_sound(first, tile_m, q_end, _log2_probabilities(q, k, bias, scale))
     assert skipped_fwd > 0 and skipped_bwd > 0
+    if per_batch:  # the steep batch row skips more than the flatter one, for every head
+        assert (first[0].sum(-1) > first[1].sum(-1)).all() and (q_end[0].sum(-1) < q_end[1].sum(-1)).all()
 
 
 def test_row_reach_tables_follow_the_data_not_the_slope(monkeypatch):
