@@ -51,8 +51,8 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
     module.main(str(path))
     out = capsys.readouterr().out
-    # ALiBi's cost and the vector bias against the kernel on every visible block; the skip's gain beside them
-    assert "| B1 H1/1 S8 D16 | 300 | 400 | 310 | 280 | 0.75 | - | 0.70 | - | - | 0.90 | - | 1.07 | - |" in out
+    # ALiBi against no bias as run (skipping past the reach) and on every visible block; the skip's gain beside them
+    assert "| B1 H1/1 S8 D16 | 300 | 400 | 310 | 280 | 0.75 | - | 0.70 | - | - | 0.97 | 0.90 | - | 1.07 | - |" in out
     assert "| padding | x | fwd | triton-varlen | 0.500 | 90.0 | n |" in out
     assert "spread" not in out  # single-measurement runs (before --rounds) have none to report
     for row, spread in zip(rows, (0.02, 0.05, 0.01, 0.01)):
