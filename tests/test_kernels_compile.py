@@ -47,7 +47,8 @@ def test_all_kernels_compile_for_sm90():
     assert result.stdout.count("ok   hopper-fwd-reach") == 2 and result.stdout.count("ok   hopper-bwd-reach") == 4
     # the same from a causal bias row's prefix maxima: the forward through the extension product at both widths and
     # scaled first, the dK/dV kernel with the dQ warpgroup, the consumers' dQ and split heads
-    assert result.stdout.count("ok   hopper-fwd-row-reach") == 3 and result.stdout.count("ok   hopper-bwd-row-reach") == 3
+    assert result.stdout.count("ok   hopper-fwd-row-reach") == 3
+    assert result.stdout.count("ok   hopper-bwd-row-reach") == 3
     # seven with the dQ sums (at D128 the consumers form dQ, at D64 the dQ warpgroup), five more with a bias matrix
     # (and its gradient: the dQ warpgroup at both head dims)
     assert result.stdout.count("ok   hopper-fused-dq") == 12

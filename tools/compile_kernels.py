@@ -258,8 +258,8 @@ def main() -> int:
                                   compile_hopper_kernel, head_dim, True, 0, "bf16", "fp32", raw=raw, reach=REACH_ROW)
     for head_dim, fused_dq, partial in [(64, True, False), (128, True, False), (128, True, True)]:
         failures += _report_gluon(f"hopper-bwd-row-reach D={head_dim} causal=True alibi=0 fused_dq={fused_dq} "
-                                  f"partial={partial}", compile_hopper_dkdv_kernel, head_dim, True, 0, fused_dq=fused_dq,
-                                  partial=partial, reach=REACH_ROW)
+                                  f"partial={partial}", compile_hopper_dkdv_kernel, head_dim, True, 0,
+                                  fused_dq=fused_dq, partial=partial, reach=REACH_ROW)
     # D64's three consumers without a causal mask, and two where raw maxima would take three
     failures += _report_gluon("hopper-fwd D=64 causal=False alibi=0 bf16", compile_hopper_kernel, 64, False, 0)
     failures += _report_gluon("hopper-fwd-two-consumers D=64 causal=True alibi=1 bf16", compile_hopper_kernel, 64, True,

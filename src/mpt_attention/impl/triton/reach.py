@@ -138,7 +138,8 @@ def row_reach_kernel(
     the key block ``[e * BLOCK_N, (e + 1) * BLOCK_N)``; the value the end of the queries it must visit, a multiple of
     ``ROW_STEP`` (or ``seqlen_q``): the rows from it on lie past its reach. ``Prefix``: the row's prefix maxima (log2
     units; (B', H', S_k) with strides ``stride_pb``, ``stride_ph``, 0 where it broadcasts); ``Norms``: the heads' norm
-    maxima (``row_norm_max_kernel``, q's (B, H) then k's (B, H_kv), from word ``norms_first``). Grid ``(cdiv(n_entries, BLOCK_E), H, B)``."""
+    maxima (``row_norm_max_kernel``, q's (B, H) then k's (B, H_kv), from word ``norms_first``). Grid
+    ``(cdiv(n_entries, BLOCK_E), H, B)``."""
     h = tl.program_id(1)
     b = tl.program_id(2)
     n_heads = tl.num_programs(1)
@@ -183,7 +184,8 @@ def norm_launch(q, k, first):
     batch, s_q, n_heads, dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     block_d = next_power_of_2(dim)
-    block_s = max(16, 8192 // block_d)
+    # 32 KB of bfloat16 per program: 8-10% faster than 16 KB at S 2048-8192 (benchmarks/norm_pass.py, session 40)
+    block_s = max(16, 16384 // block_d)
     return (PlannedLaunch(row_norm_max_kernel, (cdiv(s_q, block_s) + cdiv(s_k, block_s), n_heads, batch),
                           dict(BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)),
             (*q.stride()[:3], *k.stride()[:3], s_q, s_k, n_kv, dim, first))
