@@ -89,9 +89,9 @@ def hopper_forward_bias_shapes(monkeypatch):
 
     calls, real = [], hopper.run_forward
 
-    def record(*args):
+    def record(*args, **kwargs):
         calls.append(None if args[4] is None else tuple(args[4].shape))
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(hopper, "run_forward", record)
     return calls

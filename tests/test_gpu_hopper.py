@@ -10,7 +10,7 @@ from mpt_attention.impl.triton import hopper, reach
 from mpt_attention.kept import kept_values
 from mpt_attention.testing import (
     AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, capture_cuda_graph, make_inputs,
-    make_varlen_inputs, reference_attention, reference_attention_varlen,
+    make_varlen_inputs, profile_kernels, reference_attention, reference_attention_varlen,
 )
 
 _SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -1066,3 +1066,27 @@ def test_causal_bias_row_backward_never_reads_query_blocks_past_its_reach(monkey
     for i, name in ((1, "dk"), (2, "dv")):
         got = (dk, dv)[i - 1][:, :far, :1]
         assert_close_to_reference(name, got, refs[0][i][:, :far, :1], refs[1][i][:, :far, :1])
+
+
+@pytest.mark.parametrize("what, deterministic", [("slopes", None), ("bias-row", None), ("slopes", True)],
+                         ids=["slopes", "bias-row", "slopes-reproducible"])
+def test_a_training_step_reads_the_reach_norms_once(monkeypatch, what, deterministic):
+    """The eager autograd path hands the forward's norm maxima to the backward: one norms pass per forward+backward
+    (a bias row's table is still made per pass); the gradients as the float64 reference's."""
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    gen = torch.Generator(device="cuda").manual_seed(16)
+    q, k, v = (torch.randn(1, 2048, h, 128, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+               for h in (8, 2, 2))
+    slopes = M.gen_slopes(8, return_1d=True, device="cuda")
+    kw = dict(causal=True, **({"alibi_slopes": slopes} if what == "slopes" else {"attn_bias": _mpt_row(slopes, 2048)}))
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+        return out, torch.autograd.grad(out, [q, k, v], dout)
+
+    launches = {name: count for _, count, name in profile_kernels(step)}
+    assert sum(n for name, n in launches.items() if "row_norm_max_kernel" in name) == 1, launches
+    assert sum(n for name, n in launches.items() if "row_reach_kernel" in name) == (2 if what == "bias-row" else 0)
+    out, grads = step()
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)

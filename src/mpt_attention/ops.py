@@ -92,7 +92,7 @@ def _backward_with(bwd, eager=False):
         softmax_scale, causal, dropout_p = ctx.args
         if dout is None:  # only the log-sum-exp was used
             dout = torch.zeros_like(out)
-        extra = {"bias_rows": ctx.bias_rows} if eager else {}
+        extra = {"bias_rows": ctx.bias_rows, "reach_norms": ctx.reach_norms.get("norms")} if eager else {}
         dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
                                 softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens,
                                 ctx.deterministic, **extra)
@@ -103,13 +103,14 @@ def _backward_with(bwd, eager=False):
 torch.library.register_autograd("mpt_attention::triton_fwd", _backward_with(_triton_bwd), setup_context=_setup_context)
 
 
-def _launch_backward(*args, bias_rows=None):
-    return _launch().backward(*args, bias_rows=bias_rows)
+def _launch_backward(*args, bias_rows=None, reach_norms=None):
+    return _launch().backward(*args, bias_rows=bias_rows, reach_norms=reach_norms)
 
 
 class _EagerTritonAttention(torch.autograd.Function):
     """``triton_fwd`` and its backward without the dispatcher (see the module docstring). MPT's bias row
-    is converted for the kernels once per step here, not in the forward and again in the backward."""
+    is converted for the kernels once per step here, not in the forward and again in the backward, and the heads'
+    norm maxima of causal ALiBi's reach are read once per step."""
 
     @staticmethod
     def forward(ctx, *inputs):  # ctx first: a separate setup_context costs a signature binding per call
@@ -117,7 +118,11 @@ class _EagerTritonAttention(torch.autograd.Function):
         # an internal buffer, so not saved for backward: a change to the bias in between fails the bias's
         # own saved-tensor check first
         ctx.bias_rows = None if inputs[3] is None else launch.log2_bias_row(inputs[3])
-        output = launch.forward(*inputs[:16], bias_rows=ctx.bias_rows)  # ``deterministic`` is the backward's
+        # the heads' norm maxima, where the forward reads them for causal ALiBi's reach, for the backward's reach
+        # (q and k are saved for backward: a change to them in between fails their saved-tensor check)
+        ctx.reach_norms = {}
+        output = launch.forward(*inputs[:16], bias_rows=ctx.bias_rows,  # ``deterministic`` is the backward's
+                                reach_norms=ctx.reach_norms)
         ctx.set_materialize_grads(False)  # None for an unused output, as the op's backward expects
         _setup_context(ctx, inputs, output)
         return output

@@ -439,8 +439,10 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms, row_table)
 
 
-def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
-    """``out`` and ``lse`` of inputs of ``plan``'s signature (``forward``)."""
+def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, reach_norms: dict | None = None):
+    """``out`` and ``lse`` of inputs of ``plan``'s signature (``forward``). ``reach_norms``: where the reach applies,
+    receives the heads' norm maxima under ``"norms"`` (a view of this call's buffer) for the backward of the same
+    q and k (``run_dkdv``)."""
     device = q.device
     out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
@@ -464,6 +466,9 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
     if plan.norms is not None:
         norms, args = plan.norms
         norms(q, k, tiles, *args)
+        if reach_norms is not None:
+            first = args[-1]
+            reach_norms["norms"] = tiles[first:first + q.shape[0] * (q.shape[2] + k.shape[2])]
     if plan.row_table is not None:
         table, args = plan.row_table
         table(tiles, prefix, tiles, *args)
@@ -473,12 +478,13 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None):
     return out, lse
 
 
-def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, cu_k=None, max_q=0, max_k=0):
+def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, cu_k=None, max_q=0, max_k=0,
+            reach_norms=None):
     """``out`` (q's shape, contiguous) and ``lse`` ``(B, H, S_q)`` float32; inputs as ``unsupported`` allows.
     Packed sequences (``cu_q``, ``cu_k``: int32 cumulative lengths, the longest ``max_q``/``max_k``): q, k, v
     ``(T, H, D)``, ``lse`` ``(H, T_q)``. The plan is built for this call (``launch.forward`` keeps them)."""
     plan = forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q, max_q, max_k)
-    return run_forward(plan, q, k, v, bias, slopes, cu_q, cu_k)
+    return run_forward(plan, q, k, v, bias, slopes, cu_q, cu_k, reach_norms)
 
 
 BWD_BLOCK_N, BWD_HALF_N = 128, 64  # hopper_backward: keys per program / per consumer warpgroup
@@ -603,8 +609,9 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
 
 
 def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc=None, dbias=None, cu_q=None,
-             cu_k=None, dq_sync=None) -> None:
-    """``backward_dkdv`` for inputs of ``plan``'s signature."""
+             cu_k=None, dq_sync=None, reach_norms=None) -> None:
+    """``backward_dkdv`` for inputs of ``plan``'s signature; ``reach_norms``: the forward's norm maxima of the same q
+    and k (``run_forward``), read instead of a pass of their own where the reach applies."""
     if cu_q is not None:  # (varlen: a sequence's last keys stored from registers, through dk and dv)
         cu_kb = _packed_tiles(cu_k)
     else:
@@ -615,8 +622,12 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
     norms = row_stats  # a never-read dummy without the reach
     if plan.norms is not None:
         n_words, norm_launch, norm_args = plan.norms
-        norms = torch.zeros(n_words, dtype=torch.int32, device=q.device)
-        norm_launch(q, k, norms, *norm_args)
+        if reach_norms is not None and reach_norms.numel() == q.shape[0] * (q.shape[2] + k.shape[2]):
+            norms = torch.empty(n_words, dtype=torch.int32, device=q.device)  # (the rest: the row's table)
+            norms[:reach_norms.numel()].copy_(reach_norms)
+        else:
+            norms = torch.zeros(n_words, dtype=torch.int32, device=q.device)
+            norm_launch(q, k, norms, *norm_args)
     if plan.row_table is not None:
         table, args = plan.row_table
         table(norms, row_prefix_max(bias), norms, *args)
@@ -636,7 +647,7 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
 
 
 def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-                  dq_acc=None, dbias=None, cu_q=None, cu_k=None, max_q=0, dq_sync=None) -> None:
+                  dq_acc=None, dbias=None, cu_q=None, cu_k=None, max_q=0, dq_sync=None, reach_norms=None) -> None:
     """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel;
     ``row_stats`` as ``row_stats_buffer`` gives it, filled. With ``dq_acc`` (float32 zeros, or unwritten with
     ``dq_sync``; q's shape, 16-byte aligned strides) the same kernel adds dQ into it by bulk reductions, in
@@ -645,7 +656,7 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     of 16-byte multiples) receives its gradient dS. Packed sequences (``cu_q``, ``cu_k``, with ``dq_acc``): q, k,
     v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it, the
     longest sequence ``max_q`` queries long. ``dq_sync`` (``dq_sync_buffer``, zeroed; where ``first_write_dq``):
-    ``dq_acc`` is not zeroed, each block's first program writes it."""
+    ``dq_acc`` is not zeroed, each block's first program writes it. ``reach_norms``: as ``run_dkdv`` takes them."""
     plan = dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode, dq_acc,
                      dbias, cu_q, max_q, dq_sync is not None)
-    run_dkdv(plan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync)
+    run_dkdv(plan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync, reach_norms)

@@ -288,10 +288,12 @@ def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal):
 
 @_on_its_device
 def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
-            cu_q=None, cu_k=None, max_q=0, max_k=0, bias_rows=None):
+            cu_q=None, cu_k=None, max_q=0, max_k=0, bias_rows=None, reach_norms=None):
     """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
     for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``).
-    ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already."""
+    ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already. ``reach_norms``: a dict that receives
+    the heads' norm maxima where the Hopper forward reads them for causal ALiBi's reach (``hopper.run_forward``),
+    for ``backward`` of the same q and k."""
     bias = _kernel_bias(bias, bias_rows)
     if plans.ENABLED and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p:
         sig = plans.signature
@@ -301,13 +303,13 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
         if plan is plans.MISSING:
             plan = plans.keep(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal))
         if plan is not None:
-            return hopper.run_forward(plan, q, k, v, bias, slopes)
+            return hopper.run_forward(plan, q, k, v, bias, slopes, reach_norms=reach_norms)
     q, k, v = (head_contiguous(x) for x in (q, k, v))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen, max_q=geo.s_q) is None:
         return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix),
-                              cu_q, cu_k, geo.s_q, geo.s_k)
+                              cu_q, cu_k, geo.s_q, geo.s_k, reach_norms)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
@@ -351,7 +353,8 @@ def _side_stream(device) -> torch.cuda.Stream:
 
 @_on_its_device
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
-             dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, bias_rows=None):
+             dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, bias_rows=None,
+             reach_norms=None):
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or None without ``bias_grad``).
 
     ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
@@ -362,7 +365,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     and keeps the fixed-order passes elsewhere. False also folds dQ into the general dK/dV kernel with
     float32 atomics (one pass) where neither that kernel's dQ nor
     dQ from a stored full dS (a full bias in q's dtype with its gradient) applies.
-    ``bias_rows``: as for ``forward``.
+    ``bias_rows``: as for ``forward``; ``reach_norms``: the norm maxima ``forward``'s ``reach_norms`` received for
+    these q and k, or None (the Hopper dK/dV kernel then reads them itself where the reach applies).
     """
     bias_in = _kernel_bias(bias, bias_rows)
     key = None  # the plan's key, where this call may take a kept plan (``plans``)
@@ -376,7 +380,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is not plans.MISSING:
             if plan is not None:
-                return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes)
+                return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, reach_norms=reach_norms)
             key = None  # another route, decided below
     q, k, v, dout = (head_contiguous(x) for x in (q, k, v, dout))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
@@ -409,7 +413,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                                    (softmax_scale, causal, _alibi_mode(slopes, causal, prefix), s_q))
         if key is not None:
             plans.keep(key, plan)
-        return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k)
+        return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k, reach_norms)
     if key is not None:
         plans.keep(key, None)
     # a bias can soft-mask whole rows (common.SOFT_LSE): the delta kernel then writes dO scaled per row
@@ -497,7 +501,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         def launch_dkdv():
             if use_hopper:
                 hopper.backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, softmax_scale, causal,
-                                     _alibi_mode(slopes, causal, prefix))
+                                     _alibi_mode(slopes, causal, prefix), reach_norms=reach_norms)
             else:
                 launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,

@@ -96,9 +96,10 @@ class FusedBackward:
         self.dq_sync, self.dkdv_args, self.dkdv, self.row_terms = dq_sync, dkdv_args, None, None
 
 
-def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q=None, cu_k=None):
+def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q=None, cu_k=None,
+              reach_norms=None):
     """``launch.backward``'s gradients by ``plan``'s route for inputs of its signature (D innermost in q, k, v and
-    dout)."""
+    dout); ``reach_norms`` as ``hopper.run_dkdv`` takes them."""
     device = q.device
     dout_in = dout
     if plan.soft_rows:  # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row
@@ -117,6 +118,7 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
         scale, causal, alibi_mode, s_q = plan.dkdv_args
         plan.dkdv = hopper.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal, alibi_mode,
                                      dq_acc, dbias, cu_q, s_q, dq_sync is not None)
-    hopper.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync)
+    hopper.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync,
+                    reach_norms)
     dq.copy_(dq_acc)  # the kernel scales its own
     return dq, dk, dv, dbias
