@@ -834,31 +834,42 @@ def _reach_keys(q, k, slopes, scale):
     return (reach.VANISH2.value + 2 * reach.NORM_SLACK.value * c * q_max * k_max) / a
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_causal_alibi_never_reads_key_blocks_past_its_reach(monkeypatch, d):
-    """Causal ALiBi with a steep slope: the first key block's V is NaN. Its probabilities underflow for rows far
-    enough behind it, so those rows must not read it at all (finite, and the reference without that block), while
-    rows within its reach, and every row of a head whose slope reaches past the sequence, read it (NaN, as in the
-    reference). A kernel that reads every block makes every row NaN."""
+def _mpt_row(slopes, s_k):
+    """MPT's (1, H, 1, S_k) ALiBi bias row, float32: slope * (j - (S_k - 1))."""
+    return (slopes.float().view(1, -1, 1, 1) * (torch.arange(s_k, device=slopes.device) - (s_k - 1))).view(
+        1, -1, 1, s_k)
+
+
+@pytest.mark.parametrize("what, d, scale", [("slopes", 64, None), ("slopes", 128, None), ("bias-row", 64, None),
+                                             ("bias-row", 128, None), ("bias-row", 64, 0.0)],
+                         ids=["slopes-D64", "slopes-D128", "bias-row-D64", "bias-row-D128", "bias-row-D64-scale-0"])
+def test_causal_alibi_never_reads_key_blocks_past_its_reach(monkeypatch, what, d, scale):
+    """Causal ALiBi with a steep slope, from slopes or as MPT's bias tensor: the first key block's V is NaN. Its
+    probabilities underflow for rows far enough behind it, so those rows must not read it at all (finite, and the
+    reference without that block), while rows within its reach, and every row of a head whose slope reaches past the
+    sequence, read it (NaN, as in the reference). A kernel that reads every block makes every row NaN. A zero scale
+    takes the bias row scaled first, its slices read ahead from the tile's first block."""
     s, n_heads = 3000, 2
     gen = torch.Generator(device="cuda").manual_seed(3)
     q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
     slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
-    scale = d ** -0.5
-    far_off = _reach_keys(q, k, slopes, scale)
+    far_off = _reach_keys(q, k, slopes, d ** -0.5 if scale is None else scale)
     assert far_off[0] < 1000 and far_off[1] > s
     v_nan = v.clone()
     v_nan[:, :128] = float("nan")
     monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
-    out = M.attention(q, k, v_nan, backend="triton", causal=True, alibi_slopes=slopes)
-    far = int(far_off[0]) + 128 + 192 + 1  # past the reach of the last key of the block, and of every row of its tile
+    kw = dict(causal=True, softmax_scale=scale,
+              **({"alibi_slopes": slopes} if what == "slopes" else {"attn_bias": _mpt_row(slopes, s)}))
+    out = M.attention(q, k, v_nan, backend="triton", **kw)
+    # past the reach of the block's last key from every row of its tile, and the slack of a bias row's rounding
+    far = int(far_off[0]) + 128 + 192 + 8
     assert out[0, far:, 0].isfinite().all()
     assert out[0, :int(far_off[0]), 0].isnan().all()
     assert out[0, :, 1].isnan().all()
     v_zero = v.clone()
     v_zero[:, :128] = 0
-    ref, _ = reference_attention(q.double(), k.double(), v_zero.double(), causal=True, alibi_slopes=slopes)
-    low, _ = reference_attention(q, k, v_zero, causal=True, alibi_slopes=slopes, compute_dtype=torch.bfloat16)
+    ref, _ = reference_attention(q.double(), k.double(), v_zero.double(), **kw)
+    low, _ = reference_attention(q, k, v_zero, compute_dtype=torch.bfloat16, **kw)
     assert_close_to_reference("rows past the reach", out[:, far:, :1], ref[:, far:, :1], low[:, far:, :1])
 
 
@@ -897,13 +908,14 @@ def test_skipping_key_blocks_past_the_reach_computes_what_every_block_computes(m
     _assert_forward_matches_reference(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("what", ["slopes", "bias-row"])
 @pytest.mark.parametrize("d, deterministic", [(64, None), (128, None), (128, True)],
                          ids=["D64-fused-dq", "D128-fused-dq", "D128-split"])
-def test_causal_alibi_backward_never_reads_query_blocks_past_its_reach(monkeypatch, d, deterministic):
-    """The backward's key blocks visit only the query blocks within their reach: dO of the last 128 queries is NaN,
-    so every key block that reads them gets NaN dK and dV (those within the steep head's reach, and all of the head
-    whose slope reaches past the sequence), while the steep head's key blocks far before them stay finite and
-    match the float64 reference's gradients with those dO rows zeroed."""
+def test_causal_alibi_backward_never_reads_query_blocks_past_its_reach(monkeypatch, d, deterministic, what):
+    """The backward's key blocks visit only the query blocks within their reach (from slopes or MPT's bias tensor):
+    dO of the last 128 queries is NaN, so every key block that reads them gets NaN dK and dV (those within the steep
+    head's reach, and all of the head whose slope reaches past the sequence), while the steep head's key blocks far
+    before them stay finite and match the float64 reference's gradients with those dO rows zeroed."""
     s, n_heads = 3000, 2
     gen = torch.Generator(device="cuda").manual_seed(6)
     q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
@@ -915,14 +927,15 @@ def test_causal_alibi_backward_never_reads_query_blocks_past_its_reach(monkeypat
     dout_nan = dout.clone()
     dout_nan[:, -128:] = float("nan")
     monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
-    kw = dict(causal=True, alibi_slopes=slopes)
+    kw = dict(causal=True, **({"alibi_slopes": slopes} if what == "slopes" else {"attn_bias": _mpt_row(slopes, s)}))
     out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
     dq, dk, dv = torch.autograd.grad(out, [q, k, v], dout_nan)
-    reach = int(far_off[0])
-    far = s - 128 - reach - 256  # key blocks ending at least the reach before the first NaN row
+    reach_keys = int(far_off[0])
+    # key blocks ending at least the reach before the first NaN row (a bias row's query ends: multiples of ROW_STEP)
+    far = s - 128 - reach_keys - 256 - reach.ROW_STEP
     for name, g in (("dk", dk), ("dv", dv)):
         assert g[0, :far, 0].isfinite().all(), name
-        assert g[0, s - 128 - reach:, 0].isnan().all(), name
+        assert g[0, s - 128 - reach_keys:, 0].isnan().all(), name
         assert g[0, :, 1].isnan().all(), name
     assert dq[0, :s - 128, 0].isfinite().all() and dq[0, -128:].isnan().all()
     dout_zero = dout.clone()
@@ -962,42 +975,6 @@ def test_backward_past_the_reach_matches_float64_reference_and_every_block(monke
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
-def _mpt_row(slopes, s_k):
-    """MPT's (1, H, 1, S_k) ALiBi bias row, float32: slope * (j - (S_k - 1))."""
-    return (slopes.float().view(1, -1, 1, 1) * (torch.arange(s_k, device=slopes.device) - (s_k - 1))).view(
-        1, -1, 1, s_k)
-
-
-@pytest.mark.parametrize("d, scale", [(64, None), (128, None), (64, 0.0)], ids=["D64", "D128", "D64-scale-0"])
-def test_causal_bias_row_never_reads_key_blocks_past_its_reach(monkeypatch, d, scale):
-    """MPT's ALiBi as a bias tensor (no slopes): the first key block's V is NaN. Rows far enough behind it must not
-    read it (finite, and the float64 reference without that block), rows within its reach and every row of the head
-    whose slope reaches past the sequence do (NaN). A zero scale takes the row scaled first, its slices read ahead
-    from the tile's first block."""
-    s, n_heads = 3000, 2
-    gen = torch.Generator(device="cuda").manual_seed(13)
-    q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
-    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
-    bias = _mpt_row(slopes, s)
-    far_off = _reach_keys(q, k, slopes, d ** -0.5 if scale is None else scale)
-    assert far_off[0] < 1000 and far_off[1] > s
-    v_nan = v.clone()
-    v_nan[:, :128] = float("nan")
-    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
-    kw = dict(causal=True, attn_bias=bias, softmax_scale=scale)
-    out = M.attention(q, k, v_nan, backend="triton", **kw)
-    # past the reach of the block's last key from every row of its tile, and the slack of the row's rounding
-    far = int(far_off[0]) + 128 + 192 + 8
-    assert out[0, far:, 0].isfinite().all()
-    assert out[0, :int(far_off[0]), 0].isnan().all()
-    assert out[0, :, 1].isnan().all()
-    v_zero = v.clone()
-    v_zero[:, :128] = 0
-    ref, _ = reference_attention(q.double(), k.double(), v_zero.double(), **kw)
-    low, _ = reference_attention(q, k, v_zero, compute_dtype=torch.bfloat16, **kw)
-    assert_close_to_reference("rows past the reach", out[:, far:, :1], ref[:, far:, :1], low[:, far:, :1])
-
-
 @pytest.mark.parametrize("b, s_q, s_k, h, h_kv, d, deterministic", [
     pytest.param(2, 4096, 4096, 8, 2, 64, None, id="D64-GQA-fused-dq"),
     pytest.param(1, 1500, 3000, 8, 8, 128, None, id="D128-chunked-fused-dq"),
@@ -1028,44 +1005,6 @@ def test_bias_row_past_its_reach_matches_every_block_and_float64_reference(monke
     for name, x, y in zip(["dq", "dk", "dv"], grads, every_grads):
         torch.testing.assert_close(x, y, rtol=2e-2, atol=2e-2, msg=name)
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
-
-
-@pytest.mark.parametrize("d, deterministic", [(64, None), (128, None), (128, True)],
-                         ids=["D64-fused-dq", "D128-fused-dq", "D128-split"])
-def test_causal_bias_row_backward_never_reads_query_blocks_past_its_reach(monkeypatch, d, deterministic):
-    """The backward's key blocks visit only the query blocks within a bias row's reach: dO of the last 128 queries
-    is NaN, so the key blocks that read them get NaN dK and dV, while the steep head's key blocks far before them stay
-    finite and match the float64 reference with those dO rows zeroed."""
-    s, n_heads = 3000, 2
-    gen = torch.Generator(device="cuda").manual_seed(15)
-    q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
-               for _ in range(3))
-    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
-    far_off = _reach_keys(q.detach(), k.detach(), slopes, d ** -0.5)
-    assert far_off[0] < 1000 and far_off[1] > s
-    dout = torch.randn(q.shape, device="cuda", generator=gen).to(torch.bfloat16)
-    dout_nan = dout.clone()
-    dout_nan[:, -128:] = float("nan")
-    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
-    kw = dict(causal=True, attn_bias=_mpt_row(slopes, s))
-    out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
-    dq, dk, dv = torch.autograd.grad(out, [q, k, v], dout_nan)
-    reach_keys = int(far_off[0])
-    far = s - 128 - reach_keys - 256 - reach.ROW_STEP  # key blocks ending at least the reach before the NaN rows
-    for name, g in (("dk", dk), ("dv", dv)):
-        assert g[0, :far, 0].isfinite().all(), name
-        assert g[0, s - 128 - reach_keys:, 0].isnan().all(), name
-        assert g[0, :, 1].isnan().all(), name
-    dout_zero = dout.clone()
-    dout_zero[:, -128:] = 0
-    refs = []
-    for dtype in (torch.float64, torch.bfloat16):
-        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        ref, _ = reference_attention(*xs, **kw, compute_dtype=dtype)
-        refs.append(torch.autograd.grad(ref, xs, dout_zero.to(dtype)))
-    for i, name in ((1, "dk"), (2, "dv")):
-        got = (dk, dv)[i - 1][:, :far, :1]
-        assert_close_to_reference(name, got, refs[0][i][:, :far, :1], refs[1][i][:, :far, :1])
 
 
 @pytest.mark.parametrize("what, deterministic", [("slopes", None), ("bias-row", None), ("slopes", True)],
