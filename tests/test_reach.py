@@ -3,8 +3,12 @@ the interpreter on the CPU. The property that matters is exactness: every block 
 probabilities below 2^-128 of the float64 softmax, for every query it is skipped for; the tables must also skip
 something where ALiBi decays, and nothing where the row gives no bound (NaN, soft masks, infinite norms)."""
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 from mpt_attention.impl.triton import hopper, launch, reach  # noqa: E402
@@ -141,4 +145,47 @@ def test_row_reach_tables_take_nothing_from_rows_without_a_bound(monkeypatch, wh
     # no real score before key 200: the queries before it skip nothing, later ones the masked blocks and more
     assert (first[..., 0] == 0).all() and (first[:, 0, -1] >= 2).all() and (q_end[:, 0, 0] < 600).all()
     logp = _log2_probabilities(q, k, bias, scale)
+    _assert_sound(first, tile_m, q_end, logp.nan_to_num(nan=0.0))  # (a row with every key removed: never skipped)
+
+
+@st.composite
+def _rows(draw):
+    """Any bias row over the keys, not only ALiBi's line: a line, a random walk that drifts upwards (not monotone), or
+    plateaus with jumps; per head, per batch row or shared; some keys soft-masked (MPT's finfo.min) or removed."""
+    s_k = draw(st.integers(130, 700))
+    s_q = draw(st.sampled_from([s_k, draw(st.integers(1, s_k))]))
+    h_kv = draw(st.sampled_from([1, 2]))
+    h = h_kv * draw(st.sampled_from([1, 2]))
+    d = draw(st.sampled_from([16, 32]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    n_b, n_h = draw(st.sampled_from([(1, h), (2, 1), (1, 1)]))
+    kind = draw(st.sampled_from(["line", "walk", "plateaus"]))
+    keys = torch.arange(s_k, dtype=torch.float64)
+    if kind == "line":
+        row = draw(st.floats(0.05, 4.0)) * (keys - (s_k - 1)).expand(n_b, n_h, 1, s_k)
+    elif kind == "walk":
+        steps = draw(st.floats(0.1, 3.0)) + draw(st.floats(0.0, 5.0)) * torch.randn(n_b, n_h, 1, s_k, generator=gen,
+                                                                                     dtype=torch.float64)
+        row = steps.cumsum(-1)
+    else:
+        jumps = (torch.rand(n_b, n_h, 1, s_k, generator=gen, dtype=torch.float64) < 0.02) * 200.0
+        row = jumps.cumsum(-1) + 0.01 * torch.randn(n_b, n_h, 1, s_k, generator=gen, dtype=torch.float64)
+    row = (row - row.amax(-1, keepdim=True)).float().contiguous()
+    masked = torch.rand(row.shape, generator=gen) < draw(st.sampled_from([0.0, 0.1, 0.5]))
+    row = row.masked_fill(masked, draw(st.sampled_from([torch.finfo(torch.float32).min, float("-inf")])))
+    spread = draw(st.floats(0.3, 3.0))
+    q = torch.randn(2, s_q, h, d, generator=gen) * spread
+    k = torch.randn(2, s_k, h_kv, d, generator=gen) * spread
+    return q, k, row, draw(st.sampled_from([d ** -0.5, 0.0, 1.0]))
+
+
+@settings(max_examples=int(os.environ.get("MPT_ATTENTION_FUZZ_EXAMPLES", "30")) // 2, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(_rows())
+def test_row_reach_tables_are_exact_for_any_row(monkeypatch, drawn):
+    """Randomized rows, masks, lengths, head groupings and scales: every block the tables skip holds only log2
+    probabilities below -128 of the float64 softmax, for every query it is skipped for."""
+    q, k, row, scale = drawn
+    first, tile_m, q_end = _tables(q, k, row, scale, monkeypatch)
+    logp = _log2_probabilities(q, k, row, scale)
     _assert_sound(first, tile_m, q_end, logp.nan_to_num(nan=0.0))  # (a row with every key removed: never skipped)
