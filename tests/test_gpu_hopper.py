@@ -1029,3 +1029,18 @@ def test_a_training_step_reads_the_reach_norms_once(monkeypatch, what, determini
     assert sum(n for name, n in launches.items() if "row_reach_kernel" in name) == (2 if what == "bias-row" else 0)
     out, grads = step()
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 1, 512), (2, 4, 512, 512)], ids=["bias-row", "bias-matrix"])
+def test_nan_in_a_bias_reaches_exactly_the_rows_that_see_it(hopper_forward_bias_shapes, shape):
+    """On the Hopper forward (a bias row through its extension product, a matrix with K's tiles): a NaN bias value is
+    not a soft mask; the rows that see it are NaN, the others match the float64 reference."""
+    (q, k, v), kw = make_inputs(AttnCase(2, 512, 512, 4, 2, 64, causal=True), dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(shape, device="cuda", dtype=torch.float32 if shape[2] == 1 else torch.bfloat16)
+    bias[..., 300] = float("nan")
+    out = M.attention(q, k, v, backend="triton", attn_bias=bias, **kw)
+    assert hopper_forward_bias_shapes == [shape]
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), attn_bias=bias.double(), **kw)
+    low, _ = reference_attention(q, k, v, attn_bias=bias, compute_dtype=torch.bfloat16, **kw)
+    assert torch.equal(out.isnan(), ref.isnan()) and ref[:, 300:].isnan().all()
+    assert_close_to_reference("rows before the NaN key", out[:, :300], ref[:, :300], low[:, :300])

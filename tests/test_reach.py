@@ -121,16 +121,18 @@ def test_row_reach_tables_follow_the_data_not_the_slope(monkeypatch):
     assert (first == 0).all() and (q_end == 600).all()
 
 
-@pytest.mark.parametrize("what", ["nan-query", "nan-key", "soft-masked-start", "removed-start"])
+@pytest.mark.parametrize("what", ["nan-query", "nan-key", "nan-bias", "soft-masked-start", "removed-start"])
 def test_row_reach_tables_take_nothing_from_rows_without_a_bound(monkeypatch, what):
-    """A NaN in q or k makes its head's norm bound infinite: no reach (the reference's rows are NaN). Keys soft-masked
-    by MPT's finfo.min bias or removed by -inf are skipped only behind a real score, and a query whose prefix is all
-    soft or removed takes nothing. (A NaN in the bias row is a soft mask to the kernels: common._log2_bias.)"""
+    """A NaN in q or k makes its head's norm bound infinite: no reach (the reference's rows are NaN); a NaN in the
+    row makes every prefix from it NaN: no skip from it on. Keys soft-masked by MPT's finfo.min bias or removed by
+    -inf are skipped only behind a real score, and a query whose prefix is all soft or removed takes nothing."""
     q, k, bias = _inputs(600, 600, 2, 2, 32, steep=2.0, seed=2)
     if what == "nan-query":
         q[1, 30, 1, 3] = float("nan")
     elif what == "nan-key":
         k[0, 7, 0, 3] = float("nan")
+    elif what == "nan-bias":
+        bias[0, 1, 0, 40] = float("nan")
     elif what == "soft-masked-start":
         bias[..., :200] = torch.finfo(torch.float32).min
     elif what == "removed-start":
@@ -138,9 +140,9 @@ def test_row_reach_tables_take_nothing_from_rows_without_a_bound(monkeypatch, wh
     scale = 32 ** -0.5
     first, tile_m, q_end = _tables(q, k, bias, scale, monkeypatch)
     if what.startswith("nan"):  # the head with the NaN takes nothing; the others still skip
-        nan_row = (1, 1) if what == "nan-query" else (0, 0)
-        assert (first[nan_row] == 0).all() and (q_end[nan_row] == 600).all()
-        assert (first[0, 1, -1] > 0) and (q_end[1, 0, 0] < 600)
+        nan_head = {"nan-query": (1, 1), "nan-key": (0, 0), "nan-bias": (slice(None), 1)}[what]
+        assert (first[nan_head] == 0).all() and (q_end[nan_head] == 600).all()
+        assert (first[0, 0 if what == "nan-bias" else 1, -1] > 0) and (q_end[1, 0, 0] < 600)
         return
     # no real score before key 200: the queries before it skip nothing, later ones the masked blocks and more
     assert (first[..., 0] == 0).all() and (first[:, 0, -1] >= 2).all() and (q_end[:, 0, 0] < 600).all()

@@ -133,6 +133,30 @@ def test_soft_masked_rows_on_triton():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["bias-row", "bias-matrix", "query", "key"])
+def test_nan_reaches_exactly_the_rows_that_see_it(backend, where):
+    """A NaN in the bias (or in a query or key) is not a mask: the rows whose softmax includes it are NaN, as in the
+    float64 reference (the kernels take finfo.min-like bias values as a soft mask, never NaN; the torch path keeps
+    only rows with no key at all out of its softmax); causal rows before the NaN key, and other queries, stay right."""
+    if backend == "sdpa" and where == "key":
+        pytest.skip("torch's SDPA adds its causal mask to every score: a NaN key reaches the rows before it too")
+    (q, k, v), kw = make_inputs(AttnCase(2, 37, 37, 2, 2, 16, causal=True))
+    bias = torch.randn((1, 2, 1, 37) if where == "bias-row" else (2, 2, 37, 37))
+    if where == "query":
+        q[1, 25, 0, 3] = float("nan")
+    elif where == "key":
+        k[0, 20, 1, 3] = float("nan")
+    else:
+        bias[..., 20] = float("nan")
+    out = M.attention(q, k, v, backend=backend, attn_bias=bias, **kw)
+    ref = _ref(q, k, v, attn_bias=bias, **kw)
+    nan_rows = ref.isnan()
+    assert nan_rows.any() and not nan_rows[:, :20].any()
+    assert torch.equal(out.isnan(), nan_rows)
+    assert (out.double() - ref).nan_to_num(0.0).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("clip", [1e-6, 1e4], ids=["tiny-clip", "huge-clip"])
 def test_clip_qkv_limits(backend, clip):
     torch.manual_seed(1)

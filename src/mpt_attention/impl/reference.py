@@ -124,7 +124,7 @@ def attention(
     # exp/logsumexp so neither the values nor the gradients see -inf - -inf = NaN, and give it 0.
     # the shift is a constant for autograd: d lse / d s must be P, not P plus the argmax indicator
     row_max = scores.amax(dim=-1, keepdim=True).detach()
-    live = row_max > float("-inf")
+    live = row_max != float("-inf")  # (a NaN score is not a mask: its row stays NaN, as every backend's)
     # normalise by the sum rather than exp(scores - lse): at float32's min, min + log(n) rounds to min
     weights = torch.exp(scores - torch.where(live, row_max, 0.0))
     total = weights.sum(dim=-1, keepdim=True)

@@ -80,9 +80,10 @@ def block_bias(row_src, bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn
 def _log2_bias(raw):
     """Bias in log2 units. -inf stays -inf (the key is removed); values below SOFT_MASK2 become the
     soft mask SOFT_SCORE (MPT's finfo(float32).min times log2(e) would otherwise overflow to -inf and
-    empty a row that natural-unit softmax keeps as a uniform average over its equally-masked keys)."""
+    empty a row that natural-unit softmax keeps as a uniform average over its equally-masked keys); NaN stays
+    NaN (the comparison is false for it), so the rows that see it are NaN, as in the reference."""
     scaled = raw.to(tl.float32) * LOG2E
-    return tl.where(scaled >= SOFT_MASK2, scaled, tl.where(raw == float("-inf"), float("-inf"), SOFT_SCORE))
+    return tl.where(scaled < SOFT_MASK2, tl.where(raw == float("-inf"), float("-inf"), SOFT_SCORE), scaled)
 
 
 @triton.jit
