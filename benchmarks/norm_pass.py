@@ -32,7 +32,7 @@ def measure(batch, n_heads, n_kv, seq, head_dim, blocks, warps):
     read = (q.numel() + k.numel()) * q.element_size()
     q2, k2 = torch.empty_like(q), torch.empty_like(k)
     copy_ms = kernel_ms(lambda: (q2.copy_(q), k2.copy_(k)))
-    default, args = reach.norm_launch(q, k, 0)
+    default, args, _ = reach.norm_launch(q, k, 0)
     cells = [f"copy {2 * read / copy_ms / 1e6:.0f} GB/s"]
     block_d = next_power_of_2(head_dim)
     for block_s in blocks:

@@ -613,6 +613,43 @@ def test_rows_masked_only_by_float32_min_on_every_kernel_route(bias_dtype, route
                                         torch.bfloat16, dlse=dlse)
 
 
+@pytest.mark.parametrize("d, n_kv, pad, matrix", [
+    pytest.param(64, 2, 100, False, id="D64-GQA-rows-0-99-soft: blocks 0 and 1 scaled, 2-5 read from dO"),
+    pytest.param(64, 8, 0, False, id="D64-no-soft-row: nothing scaled"),
+    pytest.param(128, 8, 64, True, id="D128-bias-matrix-rows-0-63-soft: block 0 scaled"),
+    pytest.param(128, 8, 70, False, id="D128-row: every row copied (the consumers form dQ)"),
+])
+def test_fused_backward_reads_scaled_do_only_in_blocks_with_a_soft_masked_row(d, n_kv, pad, matrix, monkeypatch,
+                                                                              hopper_dkdv_launches):
+    """The fused Hopper backward with MPT's bias (row, or expanded to a matrix): where the dQ warpgroup forms dQ
+    (``hopper.scaled_dout_blocks``) the delta kernel writes dO scaled only in the 64-query blocks holding a row that
+    sees only finfo.min keys, and the loader reads the other blocks from dO itself. The copy's other rows are NaN
+    here, so a block read from the wrong source poisons the gradients; q's, k's and v's gradients (through the output
+    and the LSE) against float64."""
+    from mpt_attention.impl.triton import plans
+
+    monkeypatch.setattr(plans, "scaled_dout_buffer", lambda dout: torch.full_like(dout, float("nan")))
+    b, s, h = 2, 336 if matrix else 333, 8  # (a matrix's rows of 16-byte multiples, for the copy engine)
+    q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(b, s, n_kv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    keep = torch.ones(b, s, dtype=torch.bool, device="cuda")
+    keep[1, :pad] = False  # left padding: batch row 1's first ``pad`` causal rows see only padding
+    bias = M.build_mpt_attn_bias("triton", h, s, alibi=True, attention_mask=keep,
+                                 dtype=torch.bfloat16 if matrix else torch.float32, device="cuda")
+    if matrix:
+        bias = bias.expand(b, h, s, s).contiguous()
+    assert hopper.scaled_dout_blocks(d, matrix) == (d == 64 or matrix)
+    dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    dlse = torch.randn(b, h, s, device="cuda")
+    out, lse = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias, return_lse=True,
+                           deterministic=False)
+    grads = torch.autograd.grad([out, lse], [q, k, v], [dout, dlse])
+    assert hopper_dkdv_launches == [(matrix, True, False)]  # the fused route
+    assert not any(g.isnan().any() for g in grads)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], dict(causal=True, attn_bias=bias), dout,
+                                        torch.bfloat16, dlse=dlse)
+
+
 @pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "fused-dq"])
 def test_hopper_dkdv_with_a_bias_row_that_masks_whole_rows(monkeypatch, deterministic):
     """Keys 0-2 at -inf: causal query rows 0-2 see nothing (LSE -inf). The Hopper dK/dV kernel (and the dQ

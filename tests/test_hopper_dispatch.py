@@ -311,6 +311,40 @@ def test_row_terms_for_the_hopper_backward(soft_rows):
         torch.testing.assert_close(dout_scaled, dout * scale.transpose(1, 2)[..., None])
 
 
+def test_row_terms_scale_only_the_blocks_holding_a_soft_masked_row():
+    """With ``soft_blocks`` (the fused Hopper backward with a bias) the delta kernel writes dO scaled only in the
+    64-query blocks that hold a soft-masked row, and one word per (batch, head, block) saying which: the dK/dV
+    kernel's loader reads those blocks from the copy and every other block from dO itself (no copy of dO for a bias
+    that soft-masks no whole row, as MPT's ALiBi row)."""
+    from mpt_attention.impl.triton import common
+
+    batch, s_q, heads, dim = 2, 150, 3, 16  # blocks of 64: 0-63, 64-127, 128-149
+    out, dout = torch.randn(batch, s_q, heads, dim), torch.randn(batch, s_q, heads, dim)
+    lse = torch.randn(batch, heads, s_q)
+    lse[0, 1, 70] = common.SOFT_LSE.value - 3 * common.SOFT_COUNT_UNIT.value  # soft-masked, 3 keys
+    lse[1, 2, 149] = common.SOFT_LSE.value - 5 * common.SOFT_COUNT_UNIT.value  # in the last, partial block
+    lse[1, 0, 3] = float("-inf")  # a row that saw no key is not soft-masked
+    row_stats = hopper.row_stats_buffer(batch, heads, s_q, "cpu").fill_(float("nan"))
+    dout_scaled = torch.full_like(dout, float("nan"))
+    soft_blocks = plans.soft_blocks_buffer(batch, heads, s_q, "cpu").fill_(-1)
+    assert soft_blocks.shape == (batch * heads * 3,)
+    plans.row_terms(out, dout, lse, None, None, dout_scaled, row_stats, soft_blocks=soft_blocks)
+
+    want_words = torch.zeros(batch, heads, 3, dtype=torch.int32)
+    want_words[0, 1, 1] = want_words[1, 2, 2] = 1
+    assert torch.equal(soft_blocks.view(batch, heads, 3), want_words)
+    scale = torch.ones_like(lse)
+    scale[0, 1, 70], scale[1, 2, 149] = 1 / 3, 1 / 5
+    want = dout * scale.transpose(1, 2)[..., None]
+    torch.testing.assert_close(dout_scaled[0, 64:128, 1], want[0, 64:128, 1])  # the whole block, scaled where soft
+    torch.testing.assert_close(dout_scaled[1, 128:, 2], want[1, 128:, 2])
+    written = torch.zeros(batch, s_q, heads, dtype=torch.bool)
+    written[0, 64:128, 1] = written[1, 128:, 2] = True
+    assert dout_scaled[~written].isnan().all()  # no other block is copied
+    want_delta = (out * dout).sum(-1).transpose(1, 2) * scale
+    torch.testing.assert_close(row_stats[:, 1, :s_q], want_delta.reshape(batch * heads, s_q))
+
+
 def test_packed_sequences_count_their_query_tiles_on_the_device():
     """hopper_tiles.forward_tile finds a tile's sequence in these cumulative counts of 128-row tiles (an empty
     sequence holds none)."""
@@ -414,7 +448,8 @@ def test_row_norm_maxima_for_causal_alibis_reach(monkeypatch, dtype):
     first = 16 + 4 * 16
     assert plan.counters == first + 2 * 4 + 2 * 2
     tiles = torch.zeros(plan.counters, dtype=torch.int32)
-    norms, args = plan.norms
+    norms, args, n_words = plan.norms
+    assert n_words == 2 * 4 + 2 * 2
     norms(q, k, tiles, *args)
     got = tiles[first:].view(torch.float32)
     expected = torch.cat([q.float().norm(dim=-1).amax(dim=1).flatten(), k.float().norm(dim=-1).amax(dim=1).flatten()])

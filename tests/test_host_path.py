@@ -91,8 +91,10 @@ def test_every_descriptor_a_step_builds_passes_the_constructors_checks(hopper_la
     assert [name for name, _ in hopper_launches] == ["_hopper_fwd_kernel", "_hopper_bwd_dkdv_kernel"]
     descriptors = [a for _, args in hopper_launches for a in args if isinstance(a, TensorDescriptor)]
     matrix = bias is not None and bias.startswith("matrix")
-    # forward: q, k, v, out and a bias; backward: k, v, q, dO, dK, dV, dQ sums, row terms, a bias matrix, dbias
-    assert len(descriptors) == 4 + (bias is not None) + 8 + matrix + bias_grad
+    # forward: q, k, v, out and a bias; backward: k, v, q, dO, dK, dV, dQ sums, row terms, dO's scaled blocks (a
+    # bias, where the loader picks dO's source per block), a bias matrix, dbias
+    scaled_blocks = bias is not None and hopper.scaled_dout_blocks(d, matrix)
+    assert len(descriptors) == 4 + (bias is not None) + 8 + scaled_blocks + matrix + bias_grad
     for desc in descriptors:
         checked = TensorDescriptor(desc.base, desc.shape, desc.strides, desc.block_shape, desc.layout)
         assert desc == checked

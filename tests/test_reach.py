@@ -37,7 +37,7 @@ def _tables(q, k, bias, scale, monkeypatch):
     plan = hopper.forward_plan(q, k, k, rows, None, scale, True, 0)
     assert plan.launch.kwargs["REACH"] == reach.REACH_ROW and plan.row_table is not None
     tiles = torch.zeros(plan.counters, dtype=torch.int32)
-    norms, args = plan.norms
+    norms, args, _ = plan.norms
     norms(q, k, tiles, *args)
     table, args = plan.row_table
     table(tiles, reach.row_prefix_max(rows), tiles, *args)
@@ -48,7 +48,8 @@ def _tables(q, k, bias, scale, monkeypatch):
     n_kb = -(-k.shape[1] // hopper.BWD_BLOCK_N)
     n_words = batch * (n_heads + k.shape[2])
     words = torch.zeros(n_words + batch * n_heads * n_kb, dtype=torch.int32)
-    norm_launch, norm_args = reach.norm_launch(q, k, 0)
+    norm_launch, norm_args, norm_words = reach.norm_launch(q, k, 0)
+    assert norm_words == n_words
     norm_launch(q, k, words, *norm_args)
     table, args = reach.row_reach_launch(rows, hopper.bias_dims_on(rows), q, k, scale * LOG2E, n_kb, 0,
                                           hopper.BWD_BLOCK_N, 0, n_words, True)

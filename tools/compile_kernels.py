@@ -25,7 +25,7 @@ _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32",
                   "Tiles": "*i32", "DKVPart": "*fp32", "RowStats": "*fp32", "DOScaled": "*bf16", "CuTiles": "*i32",
-                  "CuKTiles": "*i32", "DQSync": "*i32", "Norms": "*i32"}
+                  "CuKTiles": "*i32", "DQSync": "*i32", "Norms": "*i32", "SoftBlocks": "*i32"}
 
 
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
@@ -136,20 +136,26 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     ``varlen``: packed sequences (with ``fused_dq``; no bias row). Each 64-query block's first program stores its
     dQ part where the launcher has it do so (``hopper.first_write_dq``); ``reach``: query blocks past causal ALiBi's
     reach skipped (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row)."""
-    from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m, first_write_dq
+    from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m, first_write_dq, scaled_dout_blocks
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
     block_m = bwd_block_m(head_dim, full_bias, fused_dq)
+    bias_row = alibi == 0 and causal and not full_bias and not varlen  # one bias-row variant among the five
+    # with a bias, the fused route's loader reads dO's soft-masked blocks from the scaled copy (plans.run_fused)
+    soft_blocks = fused_dq and (bias_row or full_bias) and scaled_dout_blocks(head_dim, full_bias)
     rows = {"q_desc": block_m, "do_desc": block_m, "k_desc": BWD_HALF_N, "v_desc": BWD_HALF_N,
             "dk_desc": BWD_HALF_N, "dv_desc": BWD_HALF_N}
-    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim,
-              # one bias-row variant among the five
-              "BIAS_ROW": alibi == 0 and causal and not full_bias and not varlen, "FUSED_DQ": fused_dq,
+    if soft_blocks:
+        rows["dos_desc"] = block_m
+    consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim, "SOFT_BLOCKS": soft_blocks,
+              "BIAS_ROW": bias_row, "FUSED_DQ": fused_dq,
               "PARTIAL_DKV": partial, "BLOCK_M": block_m, "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail,
               "VARLEN": varlen, "FIRST_WRITE": fused_dq and first_write_dq(head_dim, full_bias, varlen, reach),
               "REACH": reach}
     box = [1, block_m, BWD_HALF_N]
     boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}
+    if not soft_blocks:
+        boxes["dos_desc"] = None
     return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes)
 
 
@@ -332,16 +338,21 @@ def main() -> int:
                 failures += 1
                 print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")
     delta_consts = dict(BLOCK_M=64, BLOCK_D=128)
-    extra = [("delta", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=True, SOFT_ROWS=True, ROW_STATS=False,
+    extra = [("delta", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=True, SOFT_ROWS=1, ROW_STATS=False,
                                                     STORE_DELTA=True, ZERO_DQ=False, ZERO_SYNC=False),
               dict(num_warps=4, num_stages=1), "bf16"),
              # the Hopper backward with the dQ warpgroup: row terms, no (B, H, S_q) delta, the dQ sums zeroed
-             ("delta-dq-warpgroup", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=False, SOFT_ROWS=False,
+             ("delta-dq-warpgroup", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=False, SOFT_ROWS=0,
                                                                  ROW_STATS=True, STORE_DELTA=False, ZERO_DQ=True,
                                                                  ZERO_SYNC=False),
               dict(num_warps=4, num_stages=1), "bf16"),
+             # the fused Hopper backward with a bias: dO scaled only in the blocks holding a soft-masked row
+             ("delta-soft-blocks", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=False, SOFT_ROWS=2,
+                                                                ROW_STATS=True, STORE_DELTA=False, ZERO_DQ=True,
+                                                                ZERO_SYNC=False),
+              dict(num_warps=4, num_stages=1), "bf16"),
              # where each block's first program stores its dQ part: no zeros there, the blocks' words zeroed
-             ("delta-first-write", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=False, SOFT_ROWS=False,
+             ("delta-first-write", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=False, SOFT_ROWS=0,
                                                                 ROW_STATS=True, STORE_DELTA=False, ZERO_DQ=False,
                                                                 ZERO_SYNC=True),
               dict(num_warps=4, num_stages=1), "bf16"),

@@ -430,7 +430,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     norms = row_table = None
     if reach:  # the heads' norm maxima after the program slots (hopper_tiles.reach_first_block): q's, then k's
         norms = norm_launch(q, k, counters)
-        counters += batch * (n_heads + n_kv)
+        counters += norms[2]
     if reach == REACH_ROW:  # then each tile's first key block (hopper_tiles.row_reach_first_block)
         n_m = cdiv(s_q, HALF_M * consumers)
         row_table = row_reach_launch(bias, bias_dims_on(bias), q, k, qk_scale2, n_m, HALF_M * consumers, BLOCK_N,
@@ -464,11 +464,11 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
         # model's layers, which share MPT's bias row
         bias = kept_on(bias, "_mpt_attention_row_keys", row_keys, key=args, on_device=True)
     if plan.norms is not None:
-        norms, args = plan.norms
+        norms, args, n_words = plan.norms
         norms(q, k, tiles, *args)
         if reach_norms is not None:
             first = args[-1]
-            reach_norms["norms"] = tiles[first:first + q.shape[0] * (q.shape[2] + k.shape[2])]
+            reach_norms["norms"] = tiles[first:first + n_words]
     if plan.row_table is not None:
         table, args = plan.row_table
         table(tiles, prefix, tiles, *args)
@@ -514,6 +514,16 @@ def first_write_dq(head_dim: int, bias_full: bool, varlen: bool, reach: bool = F
     return FIRST_WRITE_DQ and not varlen and not reach and consumers_dq.fn(bwd_block_m(width, bias_full, True), width)
 
 
+def scaled_dout_blocks(head_dim: int, bias_full: bool) -> bool:
+    """Whether the fused backward with a bias reads dO's 64-query blocks from the delta kernel's scaled copy only where
+    they hold a soft-masked row (``SOFT_BLOCKS``; the loader picks each block's source) instead of a scaled copy of
+    every row: where the dQ warpgroup forms dQ (D up to 64, a bias matrix). Where the consumers form dQ
+    (``hopper_dq.consumers_dq``) the loader's choice cost the consumers' loop a spill under their 240 registers (D128
+    S8192: the dK/dV kernel 1.5-1.8% slower, more than the 17 us copy it saves; benchmarks/NOTES.md session 41)."""
+    width = tile_dim(head_dim)
+    return width is not None and not consumers_dq.fn(bwd_block_m(width, bias_full, True), width)
+
+
 def dq_sync_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
     """``FIRST_WRITE``'s int32 word per (batch, head, 64-query block), zeroed by the backward's delta kernel."""
     return torch.empty((batch, n_heads, -(-s_q // 64)), dtype=torch.int32, device=device)
@@ -528,7 +538,7 @@ def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor
 
 class DkdvPlan(NamedTuple):
     """What the Hopper dK/dV kernel's launch takes from its inputs' signature (``dkdv_plan``). ``descs``: the static
-    parts of the descriptors of k, v, q, dO, dK, dV, the dQ sums, the bias matrix, dbias and the row terms (None for
+    parts of the descriptors of k, v, q, dO, dK, dV, dO's scaled blocks, the dQ sums, the bias matrix, dbias and the row terms (None for
     those absent); ``before``, ``after``: the launch's scalar arguments either side of its pointers; ``parts``: the
     shape of the float32 dK, dV partial sums of grouped heads split over programs, or None; ``norms``: the words of the
     heads' norm maxima (and a bias row's table) and ``row_norm_max_kernel``'s launch with its scalars
@@ -544,9 +554,9 @@ class DkdvPlan(NamedTuple):
 
 
 def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-              dq_acc=None, dbias=None, cu_q=None, max_q=0, first_write=False) -> DkdvPlan:
+              dq_acc=None, dbias=None, cu_q=None, max_q=0, first_write=False, dout_scaled=None) -> DkdvPlan:
     """``backward_dkdv``'s launch for inputs of this signature (as ``forward_plan``, a function of it alone);
-    ``first_write``: with a ``dq_sync`` buffer."""
+    ``first_write``: with a ``dq_sync`` buffer; ``dout_scaled``: dO's soft-masked blocks scaled (``run_dkdv``)."""
     varlen = cu_q is not None
     if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
         n_seq, batch = cu_q.numel() - 1, 1
@@ -560,6 +570,7 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
     descs = [(*_as_rows(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
              for x, rows in ((k, BWD_HALF_N), (v, BWD_HALF_N), (q, block_m), (dout, block_m), (dk, BWD_HALF_N),
                              (dv, BWD_HALF_N))]
+    descs.append(None if dout_scaled is None else (*_as_rows(dout_scaled, varlen), [1, block_m, 1, width], _TILE_LAYOUT))
     # boxes of one step's queries x DQ_COLS columns
     descs.append(None if dq_acc is None else (*_as_rows(dq_acc, varlen), [1, block_m, 1, DQ_COLS.value], _DQ_LAYOUT))
     bias_strides, b_on, h_on = (0, 0, 0), 0, 0
@@ -595,23 +606,27 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
         STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, VARLEN=varlen,
         FIRST_WRITE=first_write, REACH=0 if first_write else reach_applies(bias, slopes, causal, alibi_mode, varlen,
-                                                                            batch, s_k), num_warps=4))
+                                                                            batch, s_k),
+        SOFT_BLOCKS=dout_scaled is not None, num_warps=4))
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
     norms = row_table = None
-    if launch.kwargs["REACH"]:
-        norms = (batch * (n_heads + n_kv), *norm_launch(q, k, 0))
+    if launch.kwargs["REACH"]:  # (all words, the norm maxima's words, their launch, its scalars)
+        norm_pass, args, n_words = norm_launch(q, k, 0)
+        norms = (n_words, n_words, norm_pass, args)
     if launch.kwargs["REACH"] == REACH_ROW:  # each key block's end of queries, past the norms (row_reach_query_end)
         n_kb = cdiv(s_k, BWD_BLOCK_N)
         row_table = row_reach_launch(bias, bias_dims_on(bias), q, k, softmax_scale * LOG2E, n_kb, 0, BWD_BLOCK_N, 0,
-                                     norms[0], True)
-        norms = (norms[0] + batch * n_heads * n_kb, *norms[1:])
+                                     n_words, True)
+        norms = (n_words + batch * n_heads * n_kb, *norms[1:])
     return DkdvPlan(tuple(descs), bias is not None and not bias_full, before, after, parts, launch, norms, row_table)
 
 
 def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc=None, dbias=None, cu_q=None,
-             cu_k=None, dq_sync=None, reach_norms=None) -> None:
+             cu_k=None, dq_sync=None, reach_norms=None, dout_scaled=None, soft_blocks=None) -> None:
     """``backward_dkdv`` for inputs of ``plan``'s signature; ``reach_norms``: the forward's norm maxima of the same q
-    and k (``run_forward``), read instead of a pass of their own where the reach applies."""
+    and k (``run_forward``), read instead of a pass of their own where the reach applies; ``dout_scaled`` with
+    ``soft_blocks`` (a bias that may soft-mask whole rows; dense inputs): the 64-query blocks of dO whose word in
+    ``soft_blocks`` is 1 are read from ``dout_scaled`` instead (``plans.row_terms`` writes both)."""
     if cu_q is not None:  # (varlen: a sequence's last keys stored from registers, through dk and dv)
         cu_kb = _packed_tiles(cu_k)
     else:
@@ -621,24 +636,25 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
         parts = torch.empty(plan.parts, dtype=torch.float32, device=q.device)
     norms = row_stats  # a never-read dummy without the reach
     if plan.norms is not None:
-        n_words, norm_launch, norm_args = plan.norms
-        if reach_norms is not None and reach_norms.numel() == q.shape[0] * (q.shape[2] + k.shape[2]):
+        n_words, norm_words, norm_launch, norm_args = plan.norms
+        if reach_norms is not None and reach_norms.numel() == norm_words:
             norms = torch.empty(n_words, dtype=torch.int32, device=q.device)  # (the rest: the row's table)
-            norms[:reach_norms.numel()].copy_(reach_norms)
+            norms[:norm_words].copy_(reach_norms)
         else:
             norms = torch.zeros(n_words, dtype=torch.int32, device=q.device)
             norm_launch(q, k, norms, *norm_args)
     if plan.row_table is not None:
         table, args = plan.row_table
         table(norms, row_prefix_max(bias), norms, *args)
-    d_k, d_v, d_q, d_o, d_dk, d_dv, d_dq, d_bias, d_dbias, d_stats = plan.descs
+    d_k, d_v, d_q, d_o, d_dk, d_dv, d_dos, d_dq, d_bias, d_dbias, d_stats = plan.descs
     plan.launch(
-        descriptor(k, *d_k), descriptor(v, *d_v), descriptor(q, *d_q), descriptor(dout, *d_o), descriptor(dk, *d_dk),
+        descriptor(k, *d_k), descriptor(v, *d_v), descriptor(q, *d_q), descriptor(dout, *d_o),
+        None if d_dos is None else descriptor(dout_scaled, *d_dos), descriptor(dk, *d_dk),
         descriptor(dv, *d_dv), None if d_dq is None else descriptor(dq_acc, *d_dq),
         None if d_bias is None else descriptor(bias, *d_bias), None if d_dbias is None else descriptor(dbias, *d_dbias),
         descriptor(row_stats, *d_stats), row_stats if slopes is None else slopes, bias if plan.bias_row else row_stats,
         parts, *plan.before, dk, dv, cu_q, cu_k, cu_kb, row_stats if dq_sync is None else dq_sync, norms,
-        *plan.after,
+        row_stats if soft_blocks is None else soft_blocks, *plan.after,
     )
     if plan.parts is not None:
         head_dim = dk.shape[-1]

@@ -407,7 +407,10 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         first_write = hopper.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen,
                                             hopper.reach_applies(bias_in, slopes, causal, _alibi_mode(slopes, causal,
                                                                  prefix), varlen, batch, s_k))
-        plan = plans.FusedBackward(varlen, bias is not None, full if bias_grad else None,
+        soft_rows = 0  # a bias can soft-mask whole rows: dO scaled for them, every row or the blocks holding one
+        if bias is not None:
+            soft_rows = 2 if hopper.scaled_dout_blocks(head_dim, bias_in.shape[2] != 1) else 1
+        plan = plans.FusedBackward(varlen, soft_rows, full if bias_grad else None,
                                    (1, n_heads, q.shape[0]) if varlen else (batch, n_heads, s_q),
                                    (batch, n_heads, s_q) if first_write else None,
                                    (softmax_scale, causal, _alibi_mode(slopes, causal, prefix), s_q))

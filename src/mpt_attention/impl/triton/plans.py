@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from mpt_attention.impl.triton import hopper
-from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel
+from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS, SOFT_BLOCKS, SOFT_EVERY_ROW, _attn_bwd_delta_kernel
 from mpt_attention.impl.triton.lean_launch import _INTERPRET, PlannedLaunch, cdiv, next_power_of_2
 
 ENABLED = True
@@ -40,10 +40,11 @@ def keep(key, plan):
 
 
 def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False, dq_zero=None,
-              dq_sync=None, owner=None) -> None:
+              dq_sync=None, owner=None, soft_blocks=None) -> None:
     """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape; None where no kernel
     reads it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked:
-    common.SOFT_LSE) dO scaled per row into it; with ``row_stats`` (``hopper.row_stats_buffer``) the Hopper dK/dV
+    common.SOFT_LSE) dO scaled per row into it, every row, or with ``soft_blocks`` (``soft_blocks_buffer``) only
+    the 64-row blocks holding a soft-masked row, the buffer's word per block saying which; with ``row_stats`` (``hopper.row_stats_buffer``) the Hopper dK/dV
     kernel's copy of the log2-domain LSE offsets and delta; with ``dq_zero`` (float32, q's shape and strides)
     zeros written into it; with ``dq_sync`` (``hopper.dq_sync_buffer``) zeros there. Varlen: packed rows are one
     long batch row for this row-wise kernel. ``owner``: a plan (``FusedBackward``) that keeps this launch's plan
@@ -52,7 +53,7 @@ def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, var
     dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
     plan = owner.row_terms if owner is not None else None
     if plan is None:
-        plan = row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync)
+        plan = row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, soft_blocks is not None)
         if owner is not None:
             owner.row_terms = plan
     if plan is None:
@@ -60,16 +61,30 @@ def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, var
     dummy = lse
     plan[0](o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), dummy if delta is None else delta,
             dummy if dout_scaled is None else dout_scaled, dummy if row_stats is None else row_stats,
-            dummy if dq4 is None else dq4, dummy if dq_sync is None else dq_sync, *plan[1])
+            dummy if dq4 is None else dq4, dummy if dq_sync is None else dq_sync,
+            dummy if soft_blocks is None else soft_blocks, *plan[1])
 
 
-def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync):
+def soft_blocks_buffer(batch, n_heads, s_q, device) -> torch.Tensor:
+    """``row_terms``' word per (batch, head, 64-query block): 1 where the block's dO was written scaled (it holds a
+    soft-masked row), else 0; every word written by the delta kernel."""
+    return torch.empty(batch * n_heads * cdiv(s_q, SOFT_BLOCK_ROWS.value), dtype=torch.int32, device=device)
+
+
+def scaled_dout_buffer(dout) -> torch.Tensor:
+    """Where ``row_terms`` writes dO's soft-masked blocks scaled (the other blocks are never written or read)."""
+    return torch.empty_like(dout, memory_format=torch.contiguous_format)
+
+
+def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, soft_blocks=False):
     """``row_terms``' launch (the delta kernel's) and its scalar arguments for inputs of this signature, or None
     where there are no rows."""
     d_batch, d_rows, n_heads, head_dim = o4.shape
     if d_batch * n_heads == 0 or d_rows == 0:
         return None
-    block = 32 if _INTERPRET else 64
+    # one program per flagged block where the words are written (the interpreter's tiles are smaller otherwise)
+    block = SOFT_BLOCK_ROWS.value if soft_blocks or not _INTERPRET else 32
+    soft_rows = 0 if dout_scaled is None else SOFT_BLOCKS.value if soft_blocks else SOFT_EVERY_ROW.value
 
     def strides3(t):
         return t.stride()[:3] if t is not None else (0, 0, 0)
@@ -77,7 +92,7 @@ def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync):
     scalars = (*strides3(o4), *strides3(do4), *strides3(dout_scaled), *strides3(dq4), n_heads, d_rows, head_dim,
                0 if row_stats is None else row_stats.shape[2])
     return PlannedLaunch(_attn_bwd_delta_kernel, (cdiv(d_rows, block), n_heads, d_batch), dict(
-        HAS_DLSE=dlse is not None, SOFT_ROWS=dout_scaled is not None, ROW_STATS=row_stats is not None,
+        HAS_DLSE=dlse is not None, SOFT_ROWS=soft_rows, ROW_STATS=row_stats is not None,
         STORE_DELTA=delta is not None, ZERO_DQ=dq4 is not None, ZERO_SYNC=dq_sync is not None, BLOCK_M=block,
         BLOCK_D=max(16, next_power_of_2(head_dim)))), scalars
 
@@ -86,7 +101,9 @@ class FusedBackward:
     """The backward's fused Hopper route (the dK/dV kernel forms dQ too) for one signature of its inputs: what
     ``launch.backward`` decided, and the plans of its delta and dK/dV launches (``row_terms_plan``,
     ``hopper.dkdv_plan``), made by the first run. ``dbias``: the full bias gradient's shape (the kernel stores dS), or
-    None; ``row_stats``: ``hopper.row_stats_buffer``'s sizes; ``dq_sync``: ``hopper.dq_sync_buffer``'s where each dQ
+    None; ``soft_rows``: 0 without a bias, else where dO is read scaled for soft-masked rows: 1 a copy of every row,
+    2 only the 64-query blocks holding one (``hopper.scaled_dout_blocks``); ``row_stats``: ``hopper.row_stats_buffer``'s
+    sizes; ``dq_sync``: ``hopper.dq_sync_buffer``'s where each dQ
     block's first program stores its sums, or None; ``dkdv_args``: (softmax scale, causal, ALiBi mode, S_q)."""
 
     __slots__ = ("varlen", "soft_rows", "dbias", "row_stats", "dq_sync", "dkdv_args", "dkdv", "row_terms")
@@ -101,9 +118,15 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
     """``launch.backward``'s gradients by ``plan``'s route for inputs of its signature (D innermost in q, k, v and
     dout); ``reach_norms`` as ``hopper.run_dkdv`` takes them."""
     device = q.device
-    dout_in = dout
-    if plan.soft_rows:  # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row
-        dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
+    # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row, for every row or (``soft_rows`` 2)
+    # for the 64-query blocks holding one, which the kernel's loader then reads from there
+    dout_in, dout_scaled, soft_blocks = dout, None, None
+    if plan.soft_rows:
+        dout_scaled = scaled_dout_buffer(dout)
+    if plan.soft_rows == 2:
+        soft_blocks = soft_blocks_buffer(*plan.row_stats, device)
+    elif plan.soft_rows:
+        dout = dout_scaled
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = None if plan.dbias is None else torch.empty(plan.dbias, dtype=q.dtype, device=device)
     row_stats = hopper.row_stats_buffer(*plan.row_stats, device)
@@ -112,13 +135,14 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
     dq_acc = torch.empty_like(q, dtype=torch.float32)
     dq_sync = None if plan.dq_sync is None else hopper.dq_sync_buffer(*plan.dq_sync, device)
     # the kernel reads delta from the row terms: no (B, H, S_q) copy
-    row_terms(out, dout_in, lse, dlse, None, dout if plan.soft_rows else None, row_stats, plan.varlen,
-              dq_acc if dq_sync is None else None, dq_sync, owner=plan)
+    row_terms(out, dout_in, lse, dlse, None, dout_scaled, row_stats, plan.varlen,
+              dq_acc if dq_sync is None else None, dq_sync, owner=plan, soft_blocks=soft_blocks)
+    dout_blocks = dout_scaled if soft_blocks is not None else None
     if plan.dkdv is None:
         scale, causal, alibi_mode, s_q = plan.dkdv_args
         plan.dkdv = hopper.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal, alibi_mode,
-                                     dq_acc, dbias, cu_q, s_q, dq_sync is not None)
+                                     dq_acc, dbias, cu_q, s_q, dq_sync is not None, dout_blocks)
     hopper.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync,
-                    reach_norms)
+                    reach_norms, dout_blocks, soft_blocks)
     dq.copy_(dq_acc)  # the kernel scales its own
     return dq, dk, dv, dbias

@@ -180,7 +180,7 @@ def row_reach_kernel(
 
 def norm_launch(q, k, first):
     """``row_norm_max_kernel``'s launch over (B, S, H, D) tensors like ``q`` and ``k``, writing from word ``first``:
-    ``(PlannedLaunch, its scalars)``."""
+    ``(PlannedLaunch, its scalars, the words it writes)``: B * H of q's maxima, then B * H_kv of k's."""
     batch, s_q, n_heads, dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     block_d = next_power_of_2(dim)
@@ -188,7 +188,7 @@ def norm_launch(q, k, first):
     block_s = max(16, 16384 // block_d)
     return (PlannedLaunch(row_norm_max_kernel, (cdiv(s_q, block_s) + cdiv(s_k, block_s), n_heads, batch),
                           dict(BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)),
-            (*q.stride()[:3], *k.stride()[:3], s_q, s_k, n_kv, dim, first))
+            (*q.stride()[:3], *k.stride()[:3], s_q, s_k, n_kv, dim, first), batch * (n_heads + n_kv))
 
 
 def row_reach_launch(rows, dims_on, q, k, qk_scale2, n_entries, tile_m, block_n, norms_first, first, for_backward):
