@@ -538,10 +538,10 @@ def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor
 
 class DkdvPlan(NamedTuple):
     """What the Hopper dK/dV kernel's launch takes from its inputs' signature (``dkdv_plan``). ``descs``: the static
-    parts of the descriptors of k, v, q, dO, dK, dV, dO's scaled blocks, the dQ sums, the bias matrix, dbias and the row terms (None for
-    those absent); ``before``, ``after``: the launch's scalar arguments either side of its pointers; ``parts``: the
-    shape of the float32 dK, dV partial sums of grouped heads split over programs, or None; ``norms``: the words of the
-    heads' norm maxima (and a bias row's table) and ``row_norm_max_kernel``'s launch with its scalars
+    parts of the descriptors of k, v, q, dO, dK, dV, dO's scaled blocks, the dQ sums, the bias matrix, dbias and the row
+    terms (None for those absent); ``before``, ``after``: the launch's scalar arguments either side of its pointers;
+    ``parts``: the shape of the float32 dK, dV partial sums of grouped heads split over programs, or None; ``norms``:
+    the words of the heads' norm maxima (and a bias row's table) and ``row_norm_max_kernel``'s launch with its scalars
     (``reach_applies``), or None."""
     descs: tuple
     bias_row: bool
@@ -570,7 +570,8 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
     descs = [(*_as_rows(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
              for x, rows in ((k, BWD_HALF_N), (v, BWD_HALF_N), (q, block_m), (dout, block_m), (dk, BWD_HALF_N),
                              (dv, BWD_HALF_N))]
-    descs.append(None if dout_scaled is None else (*_as_rows(dout_scaled, varlen), [1, block_m, 1, width], _TILE_LAYOUT))
+    scaled = None if dout_scaled is None else (*_as_rows(dout_scaled, varlen), [1, block_m, 1, width], _TILE_LAYOUT)
+    descs.append(scaled)
     # boxes of one step's queries x DQ_COLS columns
     descs.append(None if dq_acc is None else (*_as_rows(dq_acc, varlen), [1, block_m, 1, DQ_COLS.value], _DQ_LAYOUT))
     bias_strides, b_on, h_on = (0, 0, 0), 0, 0

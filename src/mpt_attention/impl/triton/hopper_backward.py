@@ -78,6 +78,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
+from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS
 from mpt_attention.impl.triton.common import _log2_bias
 from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
@@ -132,14 +133,12 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, 
     have released it, with the queries' row terms (LSE offset and delta: 2 x BLOCK_M float32); with
     ``BIAS_FULL`` the step's bias tile too, one [BLOCK_M, 64] box per consumer. ``b`` is the descriptors' batch
     coordinate; ``q_off``, ``k_off`` a packed sequence's first rows (0 for dense inputs). ``SOFT_BLOCKS``: dO from
-    ``dos_desc`` for the 64-query blocks whose word in ``SoftBlocks`` (cdiv(``n_queries``, 64) per head) is 1: each word read a
-    step ahead (the first before K's and V's loads), so its latency never delays a step's loads (read at the step
-    itself, the first steps of a program, which do not wait for a stage, waited for it: the D128 S8192 dK/dV kernel
-    1.5% slower)."""
+    ``dos_desc`` for the 64-query blocks whose word in ``SoftBlocks`` (cdiv(``n_queries``, 64) per head) is 1, each
+    word read a step ahead (the first before K's and V's loads)."""
     if SOFT_BLOCKS:  # the words of head h0's query blocks, then h0 + 1's, ...
-        soft_words = gl.cdiv(n_queries, 64)
+        soft_words = gl.cdiv(n_queries, SOFT_BLOCK_ROWS)
         words = SoftBlocks + ((b * n_heads + h0) * soft_words).to(gl.int64)
-        scaled = gl.load(words + lo // 64)  # (lo < S_q: a causal key block's first query is a real one)
+        scaled = gl.load(words + lo // SOFT_BLOCK_ROWS)  # (lo < S_q: a causal key block's first query is a real one)
     mbarrier.expect(kv_bar, 4 * _HALF_N * HEAD_DIM * 2)
     for half in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
@@ -163,7 +162,7 @@ def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, 
                 if next_g >= n_g:
                     next_m = start_m
                     next_g = g
-                next_scaled = gl.load(words + next_g * soft_words + next_m // 64)
+                next_scaled = gl.load(words + next_g * soft_words + next_m // SOFT_BLOCK_ROWS)
             mbarrier.wait(empty.index(stage), (count // STAGES) % 2 ^ 1)  # a fresh barrier counts as released
             mbarrier.expect(ready.index(stage), tile_bytes)
             tma.async_copy_global_to_shared(q_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
@@ -454,10 +453,11 @@ def _store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, b, row, kv_h
 
 @gluon.jit
 def _hopper_bwd_dkdv_kernel(
-    k_desc, v_desc, q_desc, do_desc, dos_desc, dk_desc, dv_desc, dq_desc, bias_desc, dbias_desc, stats_desc, Slopes, Bias,
-    DKVPart, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
+    k_desc, v_desc, q_desc, do_desc, dos_desc, dk_desc, dv_desc, dq_desc, bias_desc, dbias_desc, stats_desc, Slopes,
+    Bias, DKVPart, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-    DK, DV, CuSeqQ, CuSeqK, CuKTiles, DQSync, Norms, SoftBlocks, stride_dks, stride_dkh, stride_dvs, stride_dvh, n_seq, head_dim,
+    DK, DV, CuSeqQ, CuSeqK, CuKTiles, DQSync, Norms, SoftBlocks, stride_dks, stride_dkh, stride_dvs, stride_dvh, n_seq,
+    head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
     STORE_DS: gl.constexpr, TAIL: gl.constexpr = 0, VARLEN: gl.constexpr = False, FIRST_WRITE: gl.constexpr = False,
@@ -548,8 +548,8 @@ def _hopper_bwd_dkdv_kernel(
         # at least one step: the consumers wait for the first stage unconditionally (with a cache longer than the
         # reach, S_k - S_q past it, no query reaches the first key blocks: one step of zero probabilities)
         q_end = gl.maximum(q_end, lo + 1)
-    if SOFT_BLOCKS:  # the delta kernel's word per 64 queries (backward.SOFT_BLOCK_ROWS)
-        gl.static_assert(not VARLEN and BLOCK_M <= 64, "a step's queries within one flagged block")
+    if SOFT_BLOCKS:  # the delta kernel's word per SOFT_BLOCK_ROWS queries
+        gl.static_assert(not VARLEN and BLOCK_M <= SOFT_BLOCK_ROWS, "a step's queries within one flagged block")
     if VARLEN and lo < seqlen_q:
         # the row terms' boxes run along their innermost dimension, where the copy engine takes only 16-byte
         # aligned starts (others raised an illegal instruction on an H200): query blocks start on a packed row

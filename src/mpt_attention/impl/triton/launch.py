@@ -14,7 +14,7 @@ import torch
 import triton
 
 from mpt_attention.impl.triton import hopper, plans
-from mpt_attention.impl.triton.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from mpt_attention.impl.triton.backward import SOFT_BLOCKS, SOFT_EVERY_ROW, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, launch_kernel, next_power_of_2
@@ -409,7 +409,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                                                                  prefix), varlen, batch, s_k))
         soft_rows = 0  # a bias can soft-mask whole rows: dO scaled for them, every row or the blocks holding one
         if bias is not None:
-            soft_rows = 2 if hopper.scaled_dout_blocks(head_dim, bias_in.shape[2] != 1) else 1
+            soft_rows = SOFT_BLOCKS.value if hopper.scaled_dout_blocks(head_dim, bias_in.shape[2] != 1) else \
+                SOFT_EVERY_ROW.value
         plan = plans.FusedBackward(varlen, soft_rows, full if bias_grad else None,
                                    (1, n_heads, q.shape[0]) if varlen else (batch, n_heads, s_q),
                                    (batch, n_heads, s_q) if first_write else None,

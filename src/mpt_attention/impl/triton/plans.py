@@ -41,14 +41,14 @@ def keep(key, plan):
 
 def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False, dq_zero=None,
               dq_sync=None, owner=None, soft_blocks=None) -> None:
-    """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape; None where no kernel
-    reads it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked:
-    common.SOFT_LSE) dO scaled per row into it, every row, or with ``soft_blocks`` (``soft_blocks_buffer``) only
-    the 64-row blocks holding a soft-masked row, the buffer's word per block saying which; with ``row_stats`` (``hopper.row_stats_buffer``) the Hopper dK/dV
-    kernel's copy of the log2-domain LSE offsets and delta; with ``dq_zero`` (float32, q's shape and strides)
-    zeros written into it; with ``dq_sync`` (``hopper.dq_sync_buffer``) zeros there. Varlen: packed rows are one
-    long batch row for this row-wise kernel. ``owner``: a plan (``FusedBackward``) that keeps this launch's plan
-    for inputs of its signature."""
+    """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape; None where no kernel reads
+    it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked: common.SOFT_LSE)
+    dO scaled per row into it, every row, or with ``soft_blocks`` (``soft_blocks_buffer``) only the 64-row blocks
+    holding a soft-masked row, the buffer's word per block saying which; with ``row_stats``
+    (``hopper.row_stats_buffer``) the Hopper dK/dV kernel's copy of the log2-domain LSE offsets and delta; with
+    ``dq_zero`` (float32, q's shape and strides) zeros written into it; with ``dq_sync`` (``hopper.dq_sync_buffer``)
+    zeros there. Varlen: packed rows are one long batch row for this row-wise kernel. ``owner``: a plan
+    (``FusedBackward``) that keeps this launch's plan for inputs of its signature."""
     o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
     dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
     plan = owner.row_terms if owner is not None else None
@@ -101,10 +101,10 @@ class FusedBackward:
     """The backward's fused Hopper route (the dK/dV kernel forms dQ too) for one signature of its inputs: what
     ``launch.backward`` decided, and the plans of its delta and dK/dV launches (``row_terms_plan``,
     ``hopper.dkdv_plan``), made by the first run. ``dbias``: the full bias gradient's shape (the kernel stores dS), or
-    None; ``soft_rows``: 0 without a bias, else where dO is read scaled for soft-masked rows: 1 a copy of every row,
-    2 only the 64-query blocks holding one (``hopper.scaled_dout_blocks``); ``row_stats``: ``hopper.row_stats_buffer``'s
-    sizes; ``dq_sync``: ``hopper.dq_sync_buffer``'s where each dQ
-    block's first program stores its sums, or None; ``dkdv_args``: (softmax scale, causal, ALiBi mode, S_q)."""
+    None; ``soft_rows``: 0 without a bias, else where dO is read scaled for soft-masked rows: ``SOFT_EVERY_ROW`` a
+    copy of every row, ``SOFT_BLOCKS`` only the 64-query blocks holding one (``hopper.scaled_dout_blocks``);
+    ``row_stats``: ``hopper.row_stats_buffer``'s sizes; ``dq_sync``: ``hopper.dq_sync_buffer``'s where each dQ block's
+    first program stores its sums, or None; ``dkdv_args``: (softmax scale, causal, ALiBi mode, S_q)."""
 
     __slots__ = ("varlen", "soft_rows", "dbias", "row_stats", "dq_sync", "dkdv_args", "dkdv", "row_terms")
 
@@ -118,12 +118,12 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
     """``launch.backward``'s gradients by ``plan``'s route for inputs of its signature (D innermost in q, k, v and
     dout); ``reach_norms`` as ``hopper.run_dkdv`` takes them."""
     device = q.device
-    # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row, for every row or (``soft_rows`` 2)
+    # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row, for every row or (``SOFT_BLOCKS``)
     # for the 64-query blocks holding one, which the kernel's loader then reads from there
     dout_in, dout_scaled, soft_blocks = dout, None, None
     if plan.soft_rows:
         dout_scaled = scaled_dout_buffer(dout)
-    if plan.soft_rows == 2:
+    if plan.soft_rows == SOFT_BLOCKS.value:
         soft_blocks = soft_blocks_buffer(*plan.row_stats, device)
     elif plan.soft_rows:
         dout = dout_scaled
