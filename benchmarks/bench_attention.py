@@ -18,7 +18,9 @@ Suite ``noncausal``: the main suite's shapes without the causal mask, ALiBi in i
 Writes ``results.csv``, ``results.json`` and ``tflops.png`` under ``--out`` and prints a table last.
 Main suite: every provider of a shape is measured ``--rounds`` times (3), the rounds alternated, and
 the median is reported with its spread ((max - min) / median); a single measurement per cell moved by
-several percent between runs (benchmarks/NOTES.md, session 13).
+several percent between runs (benchmarks/NOTES.md, session 13). The ratios whose targets are a few percent (ALiBi
+against no bias, MPT's bias row against slopes: ``PAIRS``) are also measured paired, the two providers' calls
+interleaved (``paired_ratio``).
 TFLOP/s use 4*B*H*S_q*S_k_visible*D per forward (causal counted per row), 3.5x for forward+backward.
 """
 
@@ -226,6 +228,60 @@ def _time_provider(fn, grads, mode):
     return do_bench(step, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
 
+# our own providers whose targets are a ratio of a few percent (benchmarks/summarize.py's paired columns)
+PAIRS = (("triton-alibi", "triton"), ("triton-vecbias", "triton-alibi"))
+PAIRED_SAMPLES = 40  # pairs of calls per ratio
+
+
+def paired_ratio(a, b, mode, samples=PAIRED_SAMPLES):
+    """Provider ``a``'s speed over ``b``'s (their time ``b`` / ``a``) from calls interleaved A B B A A B ..., each
+    after the same cache flush as ``do_bench``'s: the median of the per-pair ratios, and its quartiles. Adjacent
+    calls share the card's clock, so its drift over a round, which moves the medians of separately timed providers
+    by as much as a few-percent target (NOTES.md sessions 32 and 41), cancels; ``a`` and ``b`` are (fn, grads)."""
+    steps = []
+    for fn, grads in (a, b):
+        around = getattr(fn, "around", contextlib.nullcontext)
+        with around():
+            out = fn()
+        dout = torch.randn_like(out) if mode == "fwd_bwd" else None
+
+        def step(fn=fn, grads=grads, around=around, dout=dout):
+            for x in grads:
+                x.grad = None
+            with around():
+                if dout is None:
+                    fn()
+                else:
+                    fn().backward(dout)
+        step()
+        steps.append(step)
+    torch.cuda.synchronize()
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    events = [[], []]
+    for which in interleaved(samples):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        steps[which]()
+        end.record()
+        events[which].append((start, end))
+    torch.cuda.synchronize()
+    return pair_ratios(*([s.elapsed_time(e) for s, e in pairs] for pairs in events))
+
+
+def interleaved(samples):
+    """Which of two providers each call times: A B B A A B B A ..., pair k being calls 2k and 2k + 1 (a drift that
+    is linear over four calls weighs on both alike)."""
+    return [(i + i // 2) % 2 for i in range(2 * samples)]
+
+
+def pair_ratios(ms_a, ms_b):
+    """A's speed over B's per pair (B's ms / A's ms): (median, lower quartile, upper quartile)."""
+    ratios = sorted(tb / ta for ta, tb in zip(ms_a, ms_b, strict=True))
+    quartile = lambda f: ratios[round(f * (len(ratios) - 1))]  # noqa: E731
+    return statistics.median(ratios), quartile(0.25), quartile(0.75)
+
+
 # seconds of load after a shape's set-up and after a compile, before the next measurement. The H200 runs these
 # kernels at its 700 W power limit, and its clock dips when the load resumes after a pause: to 1518-1575 MHz
 # about a second in, against 1650-1730 after (benchmarks/window_probe.py --clocks, session 32; each kernel's
@@ -303,6 +359,13 @@ def run_main(args, rows, causal=True):
                 rows.append(row)
                 spread = "" if row["spread"] is None else f"spread {row['spread']:.1%}"
                 print(f"{shape:24s} {mode:7s} {name:22s} {row['tflops'] or 0:8.1f}  {spread}  {row['note']}", flush=True)
+            for num, den in PAIRS:
+                if num in samples and den in samples and num not in errors and den not in errors:
+                    ratio, low, high = paired_ratio(providers[num], providers[den], mode)
+                    rows.append(dict(suite=suite, shape=shape, mode=mode, provider=f"{num} / {den}", ms=None,
+                                     tflops=None, spread=None, ratio=ratio, quartiles=[low, high],
+                                     note=f"paired: {ratio:.3f} (quartiles {low:.3f}-{high:.3f})"))
+                    print(f"{shape:24s} {mode:7s} {num} / {den} {rows[-1]['note']}", flush=True)
             torch.cuda.empty_cache()
 
 

@@ -24,26 +24,36 @@ RATIOS = (  # (column title, numerator, denominator); "all blocks": ours without
     ("reach skip gain", "triton-alibi", "triton-alibi-all-blocks"),
     ("deterministic / default", "triton-alibi-deterministic", "triton-alibi"),
 )
+# measured paired (bench_attention.paired_ratio: calls interleaved), a row of their own in the results
+PAIRED = (("ALiBi / no bias, paired", "triton-alibi / triton"),
+          ("vec bias / slopes, paired", "triton-vecbias / triton-alibi"))
 
 
 def pivot(rows, mode, suite="main"):
     main = [r for r in rows if r["suite"] == suite and r["mode"] == mode]
     shapes = list(dict.fromkeys(r["shape"] for r in main))
-    providers = list(dict.fromkeys(r["provider"] for r in main))
+    providers = list(dict.fromkeys(r["provider"] for r in main if "ratio" not in r))
     value = {(r["shape"], r["provider"]): r["tflops"] for r in main}
-    head = ["shape (B, H_q/H_kv, S, D)", *providers, *(title for title, _, _ in RATIOS)]
+    paired = {(r["shape"], r["provider"]): r["ratio"] for r in main if "ratio" in r}
+    titles = [title for title, pair in PAIRED if any(key[1] == pair for key in paired)]
+    head = ["shape (B, H_q/H_kv, S, D)", *providers, *(title for title, _, _ in RATIOS), *titles]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for shape in shapes:
         cells = [shape] + [f"{value[shape, p]:.0f}" if value.get((shape, p)) else "-" for p in providers]
         for _, num, den in RATIOS:
             a, b = value.get((shape, num)), value.get((shape, den))
             cells.append(f"{a / b:.2f}" if a and b else "-")
+        for title, pair in PAIRED:
+            if title in titles:
+                cells.append(f"{paired[shape, pair]:.3f}" if (shape, pair) in paired else "-")
         lines.append("| " + " | ".join(cells) + " |")
     spreads = [(r["spread"], r["shape"], r["provider"]) for r in main if r.get("spread") is not None]
     if spreads:  # runs with several alternated rounds per cell (bench_attention.py --rounds)
         worst = max(spreads)
         note = f"Cells are medians of alternated rounds; widest spread (max - min) / median: {worst[0]:.1%}"
         lines += ["", f"{note} ({worst[2]}, {worst[1]})."]
+    if titles:
+        lines += ["", "Paired columns: the median of per-pair ratios from interleaved calls (bench_attention.paired_ratio)."]
     return lines
 
 

@@ -69,6 +69,16 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     assert "### fwd, not causal (symmetric ALiBi)" in out
     assert "| B1 H1/1 S8 D16 | 450 | 300 | - | 1.50 | - | - | - | - | - | - | - |" in out
     assert "| noncausal |" not in out
+    # ratios measured paired get columns of their own after the others, and no provider column
+    rows.append(dict(suite="main", shape="B1 H1/1 S8 D16", mode="fwd", provider="triton-alibi / triton", ms=None,
+                     tflops=None, spread=None, ratio=0.981, quartiles=[0.97, 0.99], note="paired"))
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    module.main(str(path))
+    out = capsys.readouterr().out
+    assert "| vec bias / slopes | reach skip gain | deterministic / default | ALiBi / no bias, paired |" in out
+    assert "vec bias / slopes, paired" not in out  # not measured in this run
+    assert "| 1.07 | - | 0.981 |" in out
+    assert "| triton-alibi / triton |" not in out
 
 
 def test_sass_hotspots_reads_ncu_source_csv(tmp_path, capsys):
@@ -165,6 +175,20 @@ def test_main_suite_alternates_providers_over_rounds_and_reports_the_median():
     assert all(len({r.index(n) for r in rounds}) == 3 for n in names)  # three places for every provider
     ms, spread = module.summarize_rounds([1.0, 1.2, 0.9])
     assert ms == 1.0 and spread == pytest.approx(0.3)
+
+
+def test_paired_ratios_interleave_the_two_providers_and_take_the_median_per_pair():
+    pytest.importorskip("triton")
+    module = _load_script("bench_attention")
+    assert module.interleaved(3) == [0, 1, 1, 0, 0, 1]
+    # the card slows down over the calls: each pair sees it alike, the ratio stays B / A = 1.02
+    ms_a = [1.0, 1.1, 1.2, 1.3, 1.4]
+    ratio, low, high = module.pair_ratios(ms_a, [1.02 * t for t in ms_a])
+    assert ratio == pytest.approx(1.02) and low == pytest.approx(1.02) and high == pytest.approx(1.02)
+    ratio, low, high = module.pair_ratios([1.0] * 5, [0.9, 1.0, 1.1, 1.2, 1.3])
+    assert (ratio, low, high) == pytest.approx((1.1, 1.0, 1.2))
+    with pytest.raises(ValueError):
+        module.pair_ratios([1.0, 1.0], [1.0])
 
 
 def test_main_suite_refuses_zero_rounds():
