@@ -53,7 +53,8 @@ def pivot(rows, mode, suite="main"):
         note = f"Cells are medians of alternated rounds; widest spread (max - min) / median: {worst[0]:.1%}"
         lines += ["", f"{note} ({worst[2]}, {worst[1]})."]
     if titles:
-        lines += ["", "Paired columns: the median of per-pair ratios from interleaved calls (bench_attention.paired_ratio)."]
+        lines += ["", "Paired columns: the median of per-pair ratios from interleaved calls "
+                  "(bench_attention.paired_ratio)."]
     return lines
 
 
