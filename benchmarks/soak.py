@@ -5,7 +5,8 @@
 Session 42 (benchmarks/NOTES.md) saw two processes stop making progress (the card idle at ~123 W, no error, until
 the command's limit) while running MPT's (1, H, 1, S) float32 bias row forward+backward at B4 H32 S4096 D64 back to
 back, after ALiBi slopes had run on the same q, k, v (once after ~1200 slopes steps, within ~2 s of the row's).
-The main suite, which runs each provider a few hundred steps per shape, never stopped. This script repeats that
+The main suite, which runs each provider a few hundred steps per shape, never stopped. A race in the forward past
+the reach, found afterwards in the SASS and fixed the same session (NOTES.md), explains it. This script repeats that
 pattern: ``--before N`` steps of slopes first (the default 800, as then), then ``--variant`` until ``--seconds``
 have passed. Every step is armed with ``faulthandler``'s watchdog (``--watchdog`` seconds): a step that does not
 return prints every thread's Python stack and exits with status 1. With ``CUDA_LAUNCH_BLOCKING=1`` each launch

@@ -761,6 +761,26 @@ def test_hopper_forward_is_bitwise_deterministic():
     assert torch.equal(M.attention(q, k, v, backend="triton", **kw), M.attention(q, k, v, backend="triton", **kw))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("bias", ["slopes", "row"])
+def test_reach_forward_gives_one_answer_over_many_calls(bias, head_dim):
+    """Past the reach, each consumer takes its tile's first block from the loader's slot. Until session 42 one
+    read of it came after the slot went back to the loader, which then wrote the next tile's there: rarely a
+    consumer counted its blocks wrong and waited on a stage phase that never came (two stops of long runs at D64,
+    benchmarks/NOTES.md) or read a stage early. 1000 calls of the persistent forward (tiles taken in a different
+    order each call) must each finish and give the first call's output bit for bit."""
+    batch, heads = (4, 32) if head_dim == 64 else (2, 16)
+    (q, k, v), kw = make_inputs(AttnCase(batch, 4096, 4096, heads, heads, head_dim, causal=True, alibi=True),
+                                dtype=torch.bfloat16, device="cuda")
+    if bias == "row":
+        kw = {"causal": True, "attn_bias": _mpt_row(kw["alibi_slopes"], 4096)}
+    assert hopper.reach_applies(kw.get("attn_bias"), kw.get("alibi_slopes"), True, 1 if bias == "slopes" else 0,
+                                False, batch, 4096)
+    first = M.attention(q, k, v, backend="triton", **kw)
+    differs = [(M.attention(q, k, v, backend="triton", **kw) != first).any() for _ in range(1000)]
+    assert not torch.stack(differs).any()
+
+
 @pytest.mark.parametrize("what", ["padding", "dropout", "head-dim-48", "more-queries-than-keys", "misaligned",
                                   "bias-matrix", "decode"])
 def test_inputs_outside_its_scope_take_the_general_kernel(what):

@@ -500,11 +500,17 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
                            stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                            IS_CAUSAL, ALIBI,
                            BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS, CONSUMERS, REACH)
-            # after the tile's output store has completed (tma.store_wait)
-            mbarrier.arrive(q_empty.index(buf))
-            g += n_blocks
+            first = 0
             if REACH:
-                g -= gl.load(info + 5, volatile=True)
+                first = gl.load(info + 5, volatile=True)
+            # After the tile's output store has completed (tma.store_wait), and after every warp's last read of
+            # the tile's slot: the arrive is one thread's (Triton 3.6), and once the slot is back the loader writes
+            # the next tile's coordinates there. The reach's first block was read here after the arrive until
+            # session 42: a warp that read the next tile's then counted its blocks wrong and waited on a stage phase
+            # that never came (a stop seen with MPT's bias row at D64, benchmarks/NOTES.md session 42).
+            partition_barrier()
+            mbarrier.arrive(q_empty.index(buf))
+            g += n_blocks - first
         r += 1
 
 
