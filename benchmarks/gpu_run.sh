@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine call: the gpu-marked tests, then the benchmark, with the table printed last.
-#   GIT_COMMIT=<sha> [PROBES=1] [HEAD_DIMS=1] [SKIP_TESTS=1] bash benchmarks/gpu_run.sh [benchmark args...]
+#   GIT_COMMIT=<sha> [PROBES=1] [HEAD_DIMS=1] [SKIP_TESTS=1] [SOAK=<seconds>] bash benchmarks/gpu_run.sh [benchmark args...]
 # HEAD_DIMS=1 adds benchmarks/head_dims.py (D 80-112 and (B, H, S, D) views, peers included; about two minutes).
+# SOAK=<seconds> runs benchmarks/soak.py first, MPT's bias row then slopes back to back for that long each (the
+# stops of session 42); a step that does not return within its watchdog prints the stacks and ends that run.
 # flash-attn-4 is used when ../shared/tools/fa4-wheels.sh has put its wheels under .peers/ (see there).
 set -uo pipefail
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
@@ -11,6 +13,11 @@ if [[ -f /tmp/fa4/part_aa && -d .peers/b ]]; then
   bash .peers/b/fa4-wheels.sh install || echo "flash-attn-4: install failed"
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+if [[ -n "${SOAK:-}" ]]; then
+  for variant in row slopes; do
+    python3 benchmarks/soak.py --variant "$variant" --seconds "$SOAK" 2>&1 | tee -a "$OUT/soak.log" | tail -4
+  done
+fi
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   # six workers where pytest-xdist is installed: the tests are bound by compiling (the whole Hopper file
   # 83 s instead of ~8 min on the H200 machine's 16 cores, session 25)
