@@ -27,7 +27,7 @@ import torch
 import mpt_attention as M
 
 
-def make_step(variant, batch, n_heads, n_kv, seq, head_dim, mode, inputs):
+def make_step(variant, n_heads, seq, mode, inputs):
     """One call of ``variant`` (``slopes``, ``row``: MPT's float32 bias row, ``no-bias``) on the shared ``inputs``."""
     q, k, v, dout = inputs
     kwargs = {"slopes": {"alibi_slopes": M.gen_slopes(n_heads, return_1d=True, device="cuda")},
@@ -43,21 +43,20 @@ def make_step(variant, batch, n_heads, n_kv, seq, head_dim, mode, inputs):
 
 
 def run(step, name, n_steps, deadline, watchdog, every):
+    """``step`` up to ``n_steps`` times or until ``deadline``, each under the watchdog; the steps run."""
     start = time.perf_counter()
-    for i in range(n_steps):
+    done = 0
+    while done < n_steps and time.perf_counter() <= deadline:
         faulthandler.dump_traceback_later(watchdog, exit=True)
         step()
-        if (i + 1) % every == 0:
+        done += 1
+        if done % every == 0:
             torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
-            print(f"{name}: {i + 1} steps, {elapsed / (i + 1) * 1e3:.3f} ms/step", flush=True)
-        if time.perf_counter() > deadline:
-            torch.cuda.synchronize()
-            faulthandler.cancel_dump_traceback_later()
-            return i + 1
+            print(f"{name}: {done} steps, {elapsed / done * 1e3:.3f} ms/step", flush=True)
     torch.cuda.synchronize()
     faulthandler.cancel_dump_traceback_later()
-    return n_steps
+    return done
 
 
 def main():
@@ -76,8 +75,7 @@ def main():
     k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
             for _ in range(2))
     inputs = (q, k, v, torch.randn_like(q))
-    shape = (batch, n_heads, n_kv, seq, head_dim, args.mode, inputs)
-    steps = {name: make_step(name, *shape) for name in {"slopes", args.variant}}
+    steps = {name: make_step(name, n_heads, seq, args.mode, inputs) for name in {"slopes", args.variant}}
     for name, step in steps.items():  # compiles: outside the watchdog's short limit
         faulthandler.dump_traceback_later(600, exit=True)
         step()
