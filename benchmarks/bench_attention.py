@@ -416,7 +416,8 @@ def run_extras(args, rows):
         ("triton-varlen", varlen, "packed (cu_seqlens), no padded row computed"),
         ("triton-varlen+unpad/pad", varlen_with_copies, "padded in and out: gathers and the scatter counted"),
         ("triton-padded", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes,
-                                              key_padding_mask=kpm), "key_padding_mask: padded keys skipped"),
+                                              key_padding_mask=kpm),
+         "key_padding_mask (Hopper: a bias row and K, V copies; general kernels: padded keys skipped)"),
         ("triton-dense", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes),
          "the padded batch run dense"),
     )

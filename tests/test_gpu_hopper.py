@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, reach
+from mpt_attention.impl.triton import hopper, key_padding, reach
 from mpt_attention.kept import kept_values
 from mpt_attention.testing import (
     AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, capture_cuda_graph, make_inputs,
@@ -781,12 +781,14 @@ def test_reach_forward_gives_one_answer_over_many_calls(bias, head_dim):
     assert not torch.stack(differs).any()
 
 
-@pytest.mark.parametrize("what", ["padding", "dropout", "head-dim-48", "more-queries-than-keys", "misaligned",
-                                  "bias-matrix", "decode"])
+@pytest.mark.parametrize("what", ["padding-symmetric-alibi", "dropout", "head-dim-48", "more-queries-than-keys",
+                                  "misaligned", "bias-matrix", "decode"])
 def test_inputs_outside_its_scope_take_the_general_kernel(what):
     """Each of these has a reason; the call still gives the reference's answer (general kernel)."""
     case = AttnCase(2, 200, 200, 4, 2, 48 if what == "head-dim-48" else 64, causal=True, alibi=True,
-                    padding=what == "padding", bias="matrix" if what == "bias-matrix" else None)
+                    bias="matrix" if what == "bias-matrix" else None)
+    if what == "padding-symmetric-alibi":  # (causal padding goes to the Hopper kernels as a bias row: below)
+        case = AttnCase(2, 200, 200, 4, 2, 64, alibi=True, padding=True)
     if what == "more-queries-than-keys":
         case = AttnCase(2, 200, 150, 4, 2, 64, causal=True, alibi=True)
     if what == "decode":
@@ -795,13 +797,51 @@ def test_inputs_outside_its_scope_take_the_general_kernel(what):
     if what == "misaligned":
         q = torch.randn(2, 200, 4, 65, device="cuda", dtype=torch.bfloat16)[..., 1:]
     why = hopper.unsupported(q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), None, None,
-                             0.1 if what == "dropout" else 0.0, True, False)
+                             0.1 if what == "dropout" else 0.0, case.causal, False)
     assert why is not None
+    assert not key_padding.takes_hopper(q, k, v, kw.get("attn_bias"), kw.get("alibi_slopes"),
+                                        kw.get("key_padding_mask"), None, None, 0.0, case.causal, None)
     if what != "dropout":
         out = M.attention(q, k, v, backend="triton", **kw)
         ref, _ = reference_attention(q.double(), k.double(), v.double(), **kw)
         low, _ = reference_attention(q, k, v, compute_dtype=torch.bfloat16, **kw)
         assert_close_to_reference("out", out, ref, low)
+
+
+KEY_PADDING_CASES = [
+    AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True, padding=True),
+    AttnCase(3, 600, 600, 4, 4, 64, causal=True, alibi=True, padding="left"),  # rows that see no key: 0, LSE -inf
+    AttnCase(2, 300, 700, 4, 2, 64, causal=True, padding=True),  # chunked prefill after a cache
+    AttnCase(2, 500, 500, 4, 1, 128, padding=True),  # non-causal without ALiBi, MQA
+    AttnCase(2, 4096, 4096, 4, 4, 64, causal=True, alibi=True, padding="left"),  # the row's reach past removed keys
+    AttnCase(1, 4096, 4096, 4, 2, 128, causal=True, alibi=True, padding=True),
+]
+
+
+@pytest.mark.parametrize("deterministic", [None, True], ids=["fused-dq", "split"])
+@pytest.mark.parametrize("case", KEY_PADDING_CASES, ids=lambda c: c.id())
+def test_key_padding_mask_runs_on_the_hopper_kernels(case, deterministic, hopper_forward_bias_shapes,
+                                                     hopper_dkdv_launches):
+    """``key_padding_mask`` (with causal ALiBi from slopes, or alone) reaches the Hopper kernels as a bias row
+    (impl/triton/key_padding.py), forward and backward, against float64; the padded keys of K and V hold NaN and
+    inf, which must not reach any output or gradient (the kernels read zeroed copies)."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    pad = ~kw["key_padding_mask"].view(case.batch, case.s_k, 1, 1)
+    dirty = (q, k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf")))
+    _assert_forward_matches_reference(*dirty, **kw)  # (the reference never reads a padded key either)
+    inputs = [x.clone().requires_grad_() for x in dirty]
+    rows = (case.batch, case.n_heads if case.alibi else 1, 1, case.s_k)
+    assert hopper_forward_bias_shapes == [rows]
+    out = M.attention(*inputs, backend="triton", deterministic=deterministic, **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout)
+    # (the reproducible backward keeps the general kernels at D64: hopper.BWD_HEAD_DIMS)
+    assert hopper_forward_bias_shapes == [rows, rows]
+    assert len(hopper_dkdv_launches) == (0 if deterministic and case.head_dim == 64 else 1)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    for g in grads[1:]:
+        assert (g.masked_select(pad.expand_as(g)) == 0).all()
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
 @pytest.mark.parametrize("shape_q, heads_kv", [((0, 256, 4, 128), 2), ((2, 256, 0, 64), 1)],

@@ -13,7 +13,7 @@ import os
 import torch
 import triton
 
-from mpt_attention.impl.triton import hopper, plans
+from mpt_attention.impl.triton import hopper, key_padding, plans
 from mpt_attention.impl.triton.backward import SOFT_BLOCKS, SOFT_EVERY_ROW, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
@@ -294,6 +294,10 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already. ``reach_norms``: a dict that receives
     the heads' norm maxima where the Hopper forward reads them for causal ALiBi's reach (``hopper.run_forward``),
     for ``backward`` of the same q and k."""
+    if key_padding.takes_hopper(q, k, v, bias, slopes, kpm, seqid, prefix, dropout_p, causal, cu_q):
+        k, v, rows = key_padding.as_bias_row(k, v, kpm, slopes, q.shape[2])
+        return forward(q, k, v, rows, None, None, None, None, seed, softmax_scale, causal, dropout_p, bias_rows=rows,
+                       reach_norms=reach_norms)
     bias = _kernel_bias(bias, bias_rows)
     if plans.ENABLED and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p:
         sig = plans.signature
@@ -368,6 +372,10 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     ``bias_rows``: as for ``forward``; ``reach_norms``: the norm maxima ``forward``'s ``reach_norms`` received for
     these q and k, or None (the Hopper dK/dV kernel then reads them itself where the reach applies).
     """
+    if key_padding.takes_hopper(q, k, v, bias, slopes, kpm, seqid, prefix, dropout_p, causal, cu_q):  # as forward
+        k, v, rows = key_padding.as_bias_row(k, v, kpm, slopes, q.shape[2])
+        return backward(dout, q, k, v, out, lse, dlse, rows, None, None, None, None, seed, softmax_scale, causal,
+                        dropout_p, False, deterministic=deterministic, bias_rows=rows, reach_norms=reach_norms)
     bias_in = _kernel_bias(bias, bias_rows)
     key = None  # the plan's key, where this call may take a kept plan (``plans``)
     if plans.ENABLED and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p and \

@@ -1,0 +1,95 @@
+"""``key_padding_mask`` as a bias row over the keys (impl/triton/key_padding.py: the route that takes the mask to
+the Hopper kernels, which read no mask). On the CPU the route is forced onto the general kernels (interpreter):
+they then read the row and the zeroed K and V instead of the mask, and must give the mask's answer, garbage in the
+padded keys included."""
+
+import pytest
+import torch
+
+import mpt_attention as M
+from mpt_attention.impl.triton import key_padding, launch
+from mpt_attention.testing import AttnCase, assert_gradients_close_to_reference, make_inputs
+
+pytest.importorskip("triton")
+
+LOG2E = 1.4426950408889634
+
+ROUTE_CASES = [
+    AttnCase(2, 37, 37, 4, 4, 32, causal=True, alibi=True, padding=True),
+    AttnCase(3, 45, 45, 4, 2, 16, causal=True, alibi=True, padding="left"),  # rows that see no key: 0
+    AttnCase(2, 17, 45, 4, 2, 32, causal=True, alibi=True, padding=True),  # chunked prefill after a cache
+    AttnCase(2, 33, 33, 2, 1, 16, padding=True),  # non-causal without ALiBi, MQA
+    AttnCase(2, 29, 29, 4, 2, 16, causal=True, padding="left"),
+]
+
+
+@pytest.fixture
+def forced_route(monkeypatch):
+    """The route taken wherever its inputs allow, whatever the device; its calls counted."""
+    calls = []
+    as_bias_row = key_padding.as_bias_row
+
+    def counted(*args):
+        calls.append(args[2].shape)
+        return as_bias_row(*args)
+    monkeypatch.setattr(key_padding, "hopper_applies", lambda *args: True)
+    monkeypatch.setattr(key_padding, "as_bias_row", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=lambda c: c.id())
+def test_key_padding_as_a_bias_row_gives_the_masks_answer_and_gradients(forced_route, case, dtype):
+    (q, k, v), kw = make_inputs(case, dtype=dtype)
+    kpm = kw["key_padding_mask"]
+    # garbage in the padded keys: the route reads them (zeroed copies), the mask's kernels never do
+    pad = ~kpm.view(case.batch, case.s_k, 1, 1)
+    k_dirty, v_dirty = k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf"))
+    inputs = [x.clone().requires_grad_() for x in (q, k_dirty, v_dirty)]
+    out = M.attention(*inputs, backend="triton", **kw)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout)
+    assert len(forced_route) == 2  # forward and backward took the route
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    for g in grads[1:]:  # a padded key's probability is exactly 0: so are its gradients
+        assert (g.masked_select(pad.expand_as(g)) == 0).all()
+    clean = [x.detach() for x in (q, k, v)]  # the reference reads the clean tensors: the same answer
+    assert_gradients_close_to_reference(out, grads, clean, kw, dout, dtype)
+
+
+def test_route_is_taken_only_where_a_row_expresses_the_call(forced_route):
+    (q, k, v), kw = make_inputs(AttnCase(2, 37, 37, 4, 2, 16, causal=True, alibi=True, padding=True))
+    kpm, slopes = kw["key_padding_mask"], kw["alibi_slopes"]
+    takes = key_padding.takes_hopper
+    assert takes(q, k, v, None, slopes, kpm, None, None, 0.0, True, None)
+    assert takes(q, k, v, None, None, kpm, None, None, 0.0, False, None)
+    assert not takes(q, k, v, None, slopes, kpm, None, None, 0.0, False, None)  # symmetric ALiBi: not per key
+    assert not takes(q, k, v, None, None, None, None, None, 0.0, True, None)  # no mask
+    bias = torch.zeros(1, 4, 1, 37)
+    assert not takes(q, k, v, bias, None, kpm, None, None, 0.0, True, None)  # another bias (its gradient)
+    assert not takes(q, k, v, None, None, kpm, torch.zeros(2, 37, dtype=torch.long), None, 0.0, True, None)
+    assert not takes(q, k, v, None, None, kpm, None, torch.ones(2, 37, dtype=torch.bool), 0.0, True, None)
+    assert not takes(q, k, v, None, None, kpm, None, None, 0.1, True, None)  # dropout
+
+
+@pytest.mark.parametrize("slopes_shape", [None, (4,), (2, 4)], ids=["no-alibi", "slopes-per-head", "slopes-per-batch"])
+def test_bias_row_holds_the_kernels_alibi_terms_and_removes_padded_keys(slopes_shape):
+    batch, s_k, n_heads, n_kv, dim = 2, 37, 4, 2, 16
+    k, v = (torch.randn(batch, s_k, n_kv, dim) for _ in range(2))
+    kpm = torch.ones(batch, s_k, dtype=torch.bool)
+    kpm[0, 30:] = False
+    kpm[1, :5] = False
+    slopes = None if slopes_shape is None else torch.rand(slopes_shape)
+    k_kept, v_kept, rows = key_padding.as_bias_row(k, v, kpm, slopes, n_heads)
+    assert rows.shape == (batch, 1 if slopes is None else n_heads, 1, s_k) and rows.dtype == torch.float32
+    assert rows.stride(-2) % 4 == 0  # rows of 16-byte multiples, as the copy engine reads them
+    dist = torch.arange(s_k, dtype=torch.float32) - (s_k - 1)
+    expected = torch.zeros(batch, rows.shape[1], 1, s_k)
+    if slopes is not None:  # as the kernels form it: the slope in log2 units, then times the distance
+        expected = (slopes.float() * LOG2E).view(-1, n_heads, 1, 1) * dist + expected
+    expected = expected.masked_fill(~kpm.view(batch, 1, 1, s_k), float("-inf"))
+    assert torch.equal(rows, expected)
+    pad = ~kpm.view(batch, s_k, 1, 1)
+    for kept, x in ((k_kept, k), (v_kept, v)):
+        assert torch.equal(kept, x.masked_fill(pad, 0.0))
+        assert kept.stride() == launch.head_contiguous(x).stride()
