@@ -425,9 +425,12 @@ def run_extras(args, rows):
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
         rows.append(dict(suite="padding", shape=f"B{batch} H{n_heads} S{seq} D{head_dim} ~50% pad", mode="fwd",
                          provider=name, ms=ms, tflops=real / ms / 1e9, note=f"real-token TFLOP/s; {what}"))
-    # forward+backward, packed against dense
+    # forward+backward: packed, masked and dense
     grads = [t.requires_grad_() for t in (q, k, v, qp, kp, vp)]
     for name, fn, inputs in (("triton-varlen", varlen, grads[3:]),
+                             ("triton-padded", lambda: M.attention(q, k, v, backend="triton", causal=True,
+                                                                   alibi_slopes=slopes, key_padding_mask=kpm),
+                              grads[:3]),
                              ("triton-dense", lambda: M.attention(q, k, v, backend="triton", causal=True,
                                                                   alibi_slopes=slopes), grads[:3])):
         ms = time_provider(fn, inputs, "fwd_bwd")

@@ -814,7 +814,7 @@ KEY_PADDING_CASES = [
     AttnCase(2, 300, 700, 4, 2, 64, causal=True, padding=True),  # chunked prefill after a cache
     AttnCase(2, 500, 500, 4, 1, 128, padding=True),  # non-causal without ALiBi, MQA
     AttnCase(2, 4096, 4096, 4, 4, 64, causal=True, alibi=True, padding="left"),  # the row's reach past removed keys
-    AttnCase(1, 4096, 4096, 4, 2, 128, causal=True, alibi=True, padding=True),
+    AttnCase(2, 4096, 4096, 4, 2, 128, causal=True, alibi=True, padding=True),
 ]
 
 
@@ -824,11 +824,16 @@ def test_key_padding_mask_runs_on_the_hopper_kernels(case, deterministic, hopper
                                                      hopper_dkdv_launches):
     """``key_padding_mask`` (with causal ALiBi from slopes, or alone) reaches the Hopper kernels as a bias row
     (impl/triton/key_padding.py), forward and backward, against float64; the padded keys of K and V hold NaN and
-    inf, which must not reach any output or gradient (the kernels read zeroed copies)."""
+    inf, which must not reach any output or gradient (the kernels read zeroed copies). The references read the
+    clean K and V: their P V would turn a padded key's 0 * inf into NaN."""
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
     pad = ~kw["key_padding_mask"].view(case.batch, case.s_k, 1, 1)
+    assert pad.any()
     dirty = (q, k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("inf")))
-    _assert_forward_matches_reference(*dirty, **kw)  # (the reference never reads a padded key either)
+    out, lse = M.attention(*dirty, backend="triton", return_lse=True, **kw)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw)
+    assert_close_to_reference("out", out, ref, reference_attention(q, k, v, compute_dtype=q.dtype, **kw)[0])
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-3)
     inputs = [x.clone().requires_grad_() for x in dirty]
     rows = (case.batch, case.n_heads if case.alibi else 1, 1, case.s_k)
     assert hopper_forward_bias_shapes == [rows]

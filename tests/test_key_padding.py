@@ -93,3 +93,24 @@ def test_bias_row_holds_the_kernels_alibi_terms_and_removes_padded_keys(slopes_s
     for kept, x in ((k_kept, k), (v_kept, v)):
         assert torch.equal(kept, x.masked_fill(pad, 0.0))
         assert kept.stride() == launch.head_contiguous(x).stride()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "heads-first", "cache-slice"])
+def test_kept_keys_zero_padded_rows_in_any_layout(layout):
+    """kept_keys_kernel on K and V views as callers hand them: (B, H, S, D) memory seen as (B, S, H, D), and a slice
+    of a longer cache; D not a power of 2, S odd; NaN and inf in the padded rows never reach the copies."""
+    batch, s_k, n_kv, dim = 3, 37, 2, 24
+    if layout == "heads-first":
+        k, v = (torch.randn(batch, n_kv, s_k, dim).transpose(1, 2) for _ in range(2))
+    elif layout == "cache-slice":
+        k, v = (torch.randn(batch, 50, n_kv, dim)[:, 5:5 + s_k] for _ in range(2))
+    else:
+        k, v = (torch.randn(batch, s_k, n_kv, dim) for _ in range(2))
+    kpm = torch.rand(batch, s_k, generator=torch.Generator().manual_seed(0)) < 0.6
+    pad = ~kpm.view(batch, s_k, 1, 1)
+    k.masked_fill_(pad, float("nan"))
+    v.masked_fill_(pad, float("inf"))
+    k_kept, v_kept = key_padding.kept_keys(k, v, kpm)
+    for kept, x in ((k_kept, k), (v_kept, v)):
+        assert kept.stride() == torch.empty_like(x).stride()
+        assert torch.equal(kept, x.masked_fill(pad, 0.0))

@@ -40,11 +40,13 @@ def _tables(q, k, bias, scale, monkeypatch):
     norms, args, _ = plan.norms
     norms(q, k, tiles, *args)
     table, args = plan.row_table
-    table(tiles, reach.row_prefix_max(rows), tiles, *args)
+    table(tiles, reach.row_prefix_max(rows), rows, tiles, *args)
     batch, s_q, n_heads = q.shape[:3]
     tile_m = plan.launch.kwargs["CONSUMERS"] * hopper.HALF_M
     n_m = -(-s_q // tile_m)
-    first = tiles[-batch * n_heads * n_m:].view(batch, n_heads, n_m)
+    n_bh = batch * n_heads
+    first = tiles[-n_bh * (n_m + 1):-n_bh].view(batch, n_heads, n_m)
+    ends = tiles[-n_bh:].view(batch, n_heads)
     n_kb = -(-k.shape[1] // hopper.BWD_BLOCK_N)
     n_words = batch * (n_heads + k.shape[2])
     words = torch.zeros(n_words + batch * n_heads * n_kb, dtype=torch.int32)
@@ -53,9 +55,9 @@ def _tables(q, k, bias, scale, monkeypatch):
     norm_launch(q, k, words, *norm_args)
     table, args = reach.row_reach_launch(rows, hopper.bias_dims_on(rows), q, k, scale * LOG2E, n_kb, 0,
                                           hopper.BWD_BLOCK_N, 0, n_words, True)
-    table(words, reach.row_prefix_max(rows), words, *args)
+    table(words, reach.row_prefix_max(rows), rows, words, *args)
     assert torch.equal(words[:n_words], tiles[16 + 4 * 16:16 + 4 * 16 + n_words])
-    return first, tile_m, words[n_words:].view(batch, n_heads, n_kb)
+    return first, tile_m, words[n_words:].view(batch, n_heads, n_kb), ends
 
 
 def _log2_probabilities(q, k, bias, scale):
@@ -67,6 +69,20 @@ def _log2_probabilities(q, k, bias, scale):
     visible = torch.arange(s_k)[None, :] <= torch.arange(s_q)[:, None] + (s_k - s_q)
     scores = scores.masked_fill(~visible, float("-inf"))
     return (scores - torch.logsumexp(scores, -1, keepdim=True)) * LOG2E
+
+
+def _assert_ends(ends, bias):
+    """The forward's end per (batch, head) is the block after the row's last key that is not removed: every key from
+    it on is -inf in the row (its probability exactly 0 for every query, its block adds nothing), the block before it
+    holds a key that is not."""
+    batch, n_heads = ends.shape
+    row = bias.expand(batch, n_heads, 1, bias.shape[-1])[:, :, 0]
+    block = hopper.BLOCK_N
+    for b in range(batch):
+        for h in range(n_heads):
+            end = int(ends[b, h]) * block
+            assert (row[b, h, end:] == float("-inf")).all(), (b, h)
+            assert end == 0 or (row[b, h, end - block:end] != float("-inf")).any(), (b, h)
 
 
 def _assert_sound(first, tile_m, q_end, logp):
@@ -100,8 +116,9 @@ def _assert_sound(first, tile_m, q_end, logp):
 def test_row_reach_tables_skip_only_vanishing_probabilities(monkeypatch, s_q, s_k, h, h_kv, d, per_batch):
     q, k, bias = _inputs(s_q, s_k, h, h_kv, d, steep=2.0, per_batch=per_batch)
     scale = d ** -0.5
-    first, tile_m, q_end = _tables(q, k, bias, scale, monkeypatch)
+    first, tile_m, q_end, ends = _tables(q, k, bias, scale, monkeypatch)
     skipped_fwd, skipped_bwd = _assert_sound(first, tile_m, q_end, _log2_probabilities(q, k, bias, scale))
+    assert (ends == -(-s_k // hopper.BLOCK_N)).all()  # (no key removed)
     assert skipped_fwd > 0 and skipped_bwd > 0
     if per_batch:  # the steep batch row skips more than the flatter one, for every head
         assert (first[0].sum(-1) > first[1].sum(-1)).all() and (q_end[0].sum(-1) < q_end[1].sum(-1)).all()
@@ -112,13 +129,13 @@ def test_row_reach_tables_follow_the_data_not_the_slope(monkeypatch):
     and query and key norms large enough to outweigh the row keep every block."""
     q, k, bias = _inputs(600, 600, 2, 2, 32, steep=2.0, seed=1)
     scale = 32 ** -0.5
-    first, _, q_end = _tables(q, k, bias, scale, monkeypatch)
+    first, _, q_end, _ = _tables(q, k, bias, scale, monkeypatch)
     assert (first[:, 0, -1] > 0).all() and (q_end[:, 0, 0] < 600).all()
     lifted = bias.clone()
     lifted[..., 5] = 0.0  # key 5 scores like the diagonal: never out of reach
-    first, _, q_end = _tables(q, k, lifted, scale, monkeypatch)
+    first, _, q_end, _ = _tables(q, k, lifted, scale, monkeypatch)
     assert (first == 0).all() and (q_end[:, :, 0] == 600).all()
-    first, _, q_end = _tables(q * 40, k * 40, bias, scale, monkeypatch)
+    first, _, q_end, _ = _tables(q * 40, k * 40, bias, scale, monkeypatch)
     assert (first == 0).all() and (q_end == 600).all()
 
 
@@ -139,7 +156,7 @@ def test_row_reach_tables_take_nothing_from_rows_without_a_bound(monkeypatch, wh
     elif what == "removed-start":
         bias[..., :200] = float("-inf")
     scale = 32 ** -0.5
-    first, tile_m, q_end = _tables(q, k, bias, scale, monkeypatch)
+    first, tile_m, q_end, ends = _tables(q, k, bias, scale, monkeypatch)
     if what.startswith("nan"):  # the head with the NaN takes nothing; the others still skip
         nan_head = {"nan-query": (1, 1), "nan-key": (0, 0), "nan-bias": (slice(None), 1)}[what]
         assert (first[nan_head] == 0).all() and (q_end[nan_head] == 600).all()
@@ -149,6 +166,29 @@ def test_row_reach_tables_take_nothing_from_rows_without_a_bound(monkeypatch, wh
     assert (first[..., 0] == 0).all() and (first[:, 0, -1] >= 2).all() and (q_end[:, 0, 0] < 600).all()
     logp = _log2_probabilities(q, k, bias, scale)
     _assert_sound(first, tile_m, q_end, logp.nan_to_num(nan=0.0))  # (a row with every key removed: never skipped)
+    _assert_ends(ends, bias)
+
+
+@pytest.mark.parametrize("removed", ["-inf", "soft"])
+def test_backward_table_ends_a_block_of_removed_keys_at_once(monkeypatch, removed):
+    """A padded batch row's end (key_padding_mask on the Hopper kernels: launch.forward's bias row) or keys
+    soft-masked after real ones: a key block holding nothing else weighs 0 for every query that saw a real key, so
+    its backward query end is 0 (the kernel still takes one step), where the prefix maximum at its last key would
+    keep it for every later query; blocks whose queries ended before the cut keep their end. The forward's tiles end
+    after the last block with a key not removed (a soft-masked key still counts for a query that sees only such)."""
+    q, k, bias = _inputs(600, 600, 2, 2, 32, steep=2.0, seed=3)
+    scale = 32 ** -0.5
+    _, _, q_end, _ = _tables(q, k, bias, scale, monkeypatch)
+    cut = bias.clone()
+    cut[..., 400:] = float("-inf") if removed == "-inf" else torch.finfo(torch.float32).min
+    first, tile_m, cut_end, ends = _tables(q, k, cut, scale, monkeypatch)
+    whole = -(-400 // hopper.BWD_BLOCK_N)  # key blocks from here on hold only removed keys
+    assert (cut_end[..., whole:] == 0).all()
+    before = q_end[..., :whole] <= 400  # blocks whose queries ended before the cut: as they were
+    assert before.any() and torch.equal(cut_end[..., :whole][before], q_end[..., :whole][before])
+    _assert_sound(first, tile_m, cut_end, _log2_probabilities(q, k, cut, scale))
+    _assert_ends(ends, cut)
+    assert (ends == (whole if removed == "-inf" else -(-600 // hopper.BLOCK_N))).all()  # (soft: not removed)
 
 
 @st.composite
@@ -189,6 +229,7 @@ def test_row_reach_tables_are_exact_for_any_row(monkeypatch, drawn):
     """Randomized rows, masks, lengths, head groupings and scales: every block the tables skip holds only log2
     probabilities below -128 of the float64 softmax, for every query it is skipped for."""
     q, k, row, scale = drawn
-    first, tile_m, q_end = _tables(q, k, row, scale, monkeypatch)
+    first, tile_m, q_end, ends = _tables(q, k, row, scale, monkeypatch)
     logp = _log2_probabilities(q, k, row, scale)
     _assert_sound(first, tile_m, q_end, logp.nan_to_num(nan=0.0))  # (a row with every key removed: never skipped)
+    _assert_ends(ends, row)

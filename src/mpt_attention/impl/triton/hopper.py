@@ -435,7 +435,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         n_m = cdiv(s_q, HALF_M * consumers)
         row_table = row_reach_launch(bias, bias_dims_on(bias), q, k, qk_scale2, n_m, HALF_M * consumers, BLOCK_N,
                                      norms[1][-1], counters, False)
-        counters += batch * n_heads * n_m
+        counters += batch * n_heads * (n_m + 1)  # (and the row's end: hopper_tiles.row_reach_end_block)
     return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms, row_table)
 
 
@@ -452,7 +452,8 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
     else:
         cu_q = cu_k = cu_tiles = tiles  # never read
     dq, dk, dv, do, db = plan.descs
-    prefix = None if plan.row_table is None else row_prefix_max(bias)  # (of the converted row, before row_keys)
+    rows = bias  # (the converted row, before row_keys)
+    prefix = None if plan.row_table is None else row_prefix_max(rows)
     if plan.row_keys is not None:  # the bias row as its per-key terms (row_keys_kernel)
         shape, convert, args = plan.row_keys
 
@@ -471,7 +472,7 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
             reach_norms["norms"] = tiles[first:first + n_words]
     if plan.row_table is not None:
         table, args = plan.row_table
-        table(tiles, prefix, tiles, *args)
+        table(tiles, prefix, rows, tiles, *args)
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
                 out, cu_q, cu_k, cu_tiles, *plan.scalars)
@@ -646,7 +647,7 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
             norm_launch(q, k, norms, *norm_args)
     if plan.row_table is not None:
         table, args = plan.row_table
-        table(norms, row_prefix_max(bias), norms, *args)
+        table(norms, row_prefix_max(bias), bias, norms, *args)
     d_k, d_v, d_q, d_o, d_dk, d_dv, d_dos, d_dq, d_bias, d_dbias, d_stats = plan.descs
     plan.launch(
         descriptor(k, *d_k), descriptor(v, *d_v), descriptor(q, *d_q), descriptor(dout, *d_o),

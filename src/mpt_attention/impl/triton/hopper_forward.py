@@ -101,7 +101,7 @@ from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_
 from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
 from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles, reach_first_block
-from mpt_attention.impl.triton.hopper_tiles import row_reach_first_block
+from mpt_attention.impl.triton.hopper_tiles import row_reach_end_block, row_reach_first_block
 from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
 
 _LOG2E = gl.constexpr(1.4426950408889634)
@@ -146,7 +146,8 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
     tile of K_j's block rides with K_j: one [64, BLOCK_N] box per consumer, at row ``b * bias_b_on + h *
     bias_h_on`` of the (B' * H', S_q, S_k) matrix. With ``ROW_KEYS`` the bias row's key terms of K_j's block
     (``common.row_keys_kernel``: [BLOCK_N, 16]) ride with K_j into ``ext_b``'s stage. With ``REACH`` the tile's
-    blocks start at ``hopper_tiles.reach_first_block``'s, published with the coordinates."""
+    blocks start at ``hopper_tiles.reach_first_block``'s, published with the coordinates (a bias row's also end at
+    ``hopper_tiles.row_reach_end_block``'s)."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
     k_bytes: gl.constexpr = kv_bytes + (2 * HALF_M * bias_bytes if BIAS_FULL else 0) + (
@@ -170,6 +171,7 @@ def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_
         if REACH == KERNEL_REACH_ROW:  # (dense: slot 5 is free)
             j0 = row_reach_first_block(Tiles, b, h, n_bh, n_heads, n_groups, start_m // (CONSUMERS * HALF_M), n_m,
                                        n_blocks)
+            n_blocks = row_reach_end_block(Tiles, b, h, n_bh, n_heads, n_groups, n_m, n_blocks, j0)
         elif REACH:
             slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32)
             j0 = reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, start_m + seqlen_k - seqlen_q,

@@ -150,6 +150,14 @@ def row_reach_first_block(Tiles, b, h, n_bh, n_heads, n_groups, m, n_m, n_blocks
 
 
 @gluon.jit
+def row_reach_end_block(Tiles, b, h, n_bh, n_heads, n_groups, n_m, n_blocks, first):
+    """A tile's block count under a causal bias row: none past the row's last key that is not removed
+    (``reach.row_reach_kernel``'s ends, after its forward table), at least one past its ``first``."""
+    ends = Tiles + 16 + gl.num_programs(0) * 16 + n_bh + n_bh // n_groups + n_bh * n_m
+    return gl.maximum(gl.minimum(n_blocks, gl.load(ends + b * n_heads + h)), first + 1)
+
+
+@gluon.jit
 def row_reach_query_end(Table, b, h0, n_g, n_heads, key_block, n_kb):
     """The dK/dV kernel's end of the query rows for key block ``key_block`` of ``n_kb`` and query heads ``[h0, h0 +
     n_g)`` under a causal bias row: the largest of ``reach.row_reach_kernel``'s backward table's entries."""

@@ -9,15 +9,24 @@ and its log-sum-exp -inf, as the general kernels give it.
 The general kernels never read a padded key; the Hopper kernels read K and V in blocks through the copy engine, the
 padded rows of a block that also holds kept keys included, and garbage there (NaN, inf in unwritten cache slots)
 would pass through ``score + (-inf)`` and ``0 * NaN`` in P V. So the route reads copies of K and V with the padded
-rows zeroed (two elementwise passes, O(B * S_k * H_kv * D)). Their gradients are those of K and V: a padded key's
-probability is exactly 0, so its dK and dV rows are 0, as the mask's gradient would make them.
+rows zeroed (``kept_keys_kernel``: one pass that reads the kept rows and writes every row, O(B * S_k * H_kv * D)).
+Their gradients are those of K and V: a padded key's probability is exactly 0, so its dK and dV rows are 0, as the
+mask's gradient would make them.
+
+Over at least ``hopper.REACH_MIN_KEYS`` keys the row's reach tables (``reach.row_reach_kernel``) skip what the mask
+removes: forward tiles end after the row's last kept key's block (a right-padded batch row's padding is not read),
+and the dK/dV kernel bounds each key block by its own maximum, so a block of padded keys takes one query step. Padded
+query rows are still computed: they are rows of the output (over the kept keys).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from mpt_attention.impl.triton import hopper
+from mpt_attention.impl.triton.lean_launch import cdiv, launch_kernel, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -39,6 +48,48 @@ def hopper_applies(q, k, v, causal) -> bool:
     return hopper.unsupported(q, k, v, None, None, None, None, 0.0, causal, False, max_q=q.shape[1]) is None
 
 
+@triton.jit
+def kept_keys_kernel(
+    K, V, Kpm, KOut, VOut,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_wb, stride_ws, stride_wh, stride_mb,
+    seqlen_k, head_dim,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``KOut``, ``VOut`` (B, S_k, H_kv, D): K and V where ``Kpm`` (B, S_k) uint8 is nonzero, 0 where it is 0. A
+    padded row is only written, never read (garbage there may be NaN). Grid ``(cdiv(S_k, BLOCK_S), H_kv, B)``."""
+    keys = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    in_seq = keys < seqlen_k
+    kept = tl.load(Kpm + b * stride_mb + keys, mask=in_seq, other=0) != 0
+    rows = keys.to(tl.int64)[:, None]
+    # [BLOCK_S, BLOCK_D]
+    written = in_seq[:, None] & (cols < head_dim)
+    read = written & kept[:, None]
+    x = tl.load(K + b * stride_kb + rows * stride_ks + h * stride_kh + cols, mask=read, other=0.0)
+    tl.store(KOut + b * stride_ob + rows * stride_os + h * stride_oh + cols, x, mask=written)
+    x = tl.load(V + b * stride_vb + rows * stride_vs + h * stride_vh + cols, mask=read, other=0.0)
+    tl.store(VOut + b * stride_wb + rows * stride_ws + h * stride_wh + cols, x, mask=written)
+
+
+def kept_keys(k, v, kpm):
+    """``(k_kept, v_kept)``: K and V (B, S_k, H_kv, D), D innermost, with the padded keys' rows zeroed, each laid
+    out as its source (``torch.empty_like``; gradients then keep the layout ``launch.backward`` gives K's and V's)."""
+    batch, s_k, n_kv, head_dim = k.shape
+    k_kept, v_kept = torch.empty_like(k), torch.empty_like(v)
+    if k.numel() == 0:
+        return k_kept, v_kept
+    mask = kpm.contiguous().view(torch.uint8)
+    block_d = next_power_of_2(head_dim)
+    block_s = max(16, min(64, 8192 // block_d))
+    launch_kernel(kept_keys_kernel, (cdiv(s_k, block_s), n_kv, batch), k, v, mask, k_kept, v_kept,
+                  *k.stride()[:3], *v.stride()[:3], *k_kept.stride()[:3], *v_kept.stride()[:3], mask.stride(0),
+                  s_k, head_dim, BLOCK_S=block_s, BLOCK_D=block_d)
+    return k_kept, v_kept
+
+
 def as_bias_row(k, v, kpm, slopes, n_heads):
     """``(k, v, rows)``: K and V with the padded keys' rows zeroed, in the layout the kernels take them in (so their
     gradients keep the layout ``launch.backward`` gives K's and V's), and the mask (with MPT's causal ALiBi from
@@ -48,9 +99,7 @@ def as_bias_row(k, v, kpm, slopes, n_heads):
     from mpt_attention.impl.triton.launch import head_contiguous  # (launch imports this module)
 
     batch, s_k = kpm.shape
-    keep = kpm.view(batch, s_k, 1, 1)
-    zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    k_kept, v_kept = (torch.where(keep, x, zero, out=torch.empty_like(head_contiguous(x))) for x in (k, v))
+    k_kept, v_kept = kept_keys(head_contiguous(k), head_contiguous(v), kpm)
     heads = 1 if slopes is None else n_heads
     rows = torch.empty(batch, heads, 1, hopper.aligned_row(s_k, 4), dtype=torch.float32, device=k.device)[..., :s_k]
     if slopes is None:

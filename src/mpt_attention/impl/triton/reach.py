@@ -59,6 +59,7 @@ ROW_SLACK = tl.constexpr(0.000244140625)  # 2^-12
 REACH_SLOPES, REACH_ROW = 1, 2
 ROW_STEP = 64  # a bias row's reach ends the backward's queries at a multiple of this (row_reach_kernel)
 KERNEL_REACH_ROW = tl.constexpr(REACH_ROW)  # (what a kernel compares its REACH with)
+_END_SCAN = tl.constexpr(1024)  # keys per step of the forward's scan for a row's last key
 _SOFT_SCORE = tl.constexpr(-1.2676506002282294e30)  # common.SOFT_SCORE: -2^100, the soft mask
 
 
@@ -126,20 +127,25 @@ def _row_top(prefix):
 
 @triton.jit
 def row_reach_kernel(
-    Norms, Prefix, Table,
-    stride_pb, stride_ph,
+    Norms, Prefix, Rows, Table,
+    stride_pb, stride_ph, stride_rb, stride_rh,
     seqlen_q, seqlen_k, n_kv, qk_scale2, n_entries, norms_first, table_first,
     FOR_BACKWARD: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_STEP: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """A causal bias row's reach as a table the Hopper kernels read, ``Table[table_first + (b * H + h) * n_entries +
     e]`` (int32). Forward: entry ``e`` is the query tile of ``TILE_M`` rows from ``e * TILE_M``; the value its first key
-    block of ``BLOCK_N`` to read (the kernel clamps it to the tile's last). Backward (``FOR_BACKWARD``): entry ``e`` is
-    the key block ``[e * BLOCK_N, (e + 1) * BLOCK_N)``; the value the end of the queries it must visit, a multiple of
-    ``ROW_STEP`` (or ``seqlen_q``): the rows from it on lie past its reach. ``Prefix``: the row's prefix maxima (log2
-    units; (B', H', S_k) with strides ``stride_pb``, ``stride_ph``, 0 where it broadcasts); ``Norms``: the heads' norm
-    maxima (``row_norm_max_kernel``, q's (B, H) then k's (B, H_kv), from word ``norms_first``). Grid
-    ``(cdiv(n_entries, BLOCK_E), H, B)``."""
+    block of ``BLOCK_N`` to read (the kernel clamps it to the tile's last). After the B * H * ``n_entries`` entries,
+    one per (b, h): the end of the blocks any tile must read. Blocks past the row's last key that is not removed
+    (-inf; a padded batch row's end, launch.forward's bias row for a key padding mask) add nothing to any query's
+    result, not even to its rescales. Backward (``FOR_BACKWARD``): entry ``e`` is the key block ``[e * BLOCK_N, (e +
+    1) * BLOCK_N)``; the value the end of the queries it must visit, a multiple of ``ROW_STEP`` (or ``seqlen_q``): the
+    rows from it on lie past its reach. ``Prefix``: the row's prefix maxima (log2 units; (B', H', S_k) with strides
+    ``stride_pb``, ``stride_ph``, 0 where it broadcasts). ``Rows``: the row itself (strides ``stride_rb``,
+    ``stride_rh``), read for the forward's ends and the backward's key blocks, whose bound is their own maximum: a
+    block of removed keys after kept ones is past every query's reach, where the prefix at its last key would keep
+    it for every later query. ``Norms``: the heads' norm maxima (``row_norm_max_kernel``, q's (B, H) then k's (B,
+    H_kv), from word ``norms_first``). Grid ``(cdiv(n_entries, BLOCK_E), H, B)``."""
     h = tl.program_id(1)
     b = tl.program_id(2)
     n_heads = tl.num_programs(1)
@@ -150,9 +156,12 @@ def row_reach_kernel(
     e_ok = entries < n_entries
     scan = tl.arange(0, BLOCK_S)
     if FOR_BACKWARD:
-        # [BLOCK_E] the key block's prefix maximum at its last key
-        top = _row_top(tl.load(row + tl.minimum(entries * BLOCK_N + BLOCK_N - 1, seqlen_k - 1), mask=e_ok,
-                               other=float("nan")))
+        # [BLOCK_E, BLOCK_N] the key block's terms; [BLOCK_E] their maximum, NaN if any is NaN (never past)
+        keys = entries[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        terms = tl.load(Rows + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh + keys,
+                        mask=e_ok[:, None] & (keys < seqlen_k), other=float("-inf"))
+        has_nan = tl.max((terms != terms).to(tl.int32), 1) > 0
+        top = tl.where(has_nan | ~e_ok, float("nan"), _row_top(tl.max(terms, 1)))
         keep_to = tl.zeros([BLOCK_E], tl.int32)  # grid rows up to which some row still reads the block
         for s0 in range(0, tl.cdiv(seqlen_q, ROW_STEP), BLOCK_S):
             grid_rows = (s0 + scan) * ROW_STEP
@@ -175,6 +184,15 @@ def row_reach_kernel(
             # [BLOCK_E, BLOCK_S]
             past = live[:, None] & (top[None, :] <= floor[:, None])
             value = tl.minimum(value, tl.min(tl.where(past, n_blocks, blocks[None, :]), 1))
+        if tl.program_id(0) == 0:  # and the row's end: the blocks past its last key not removed (-inf)
+            last = tl.zeros([], tl.int32) - 1
+            for k0 in range(0, seqlen_k, _END_SCAN):
+                keys = k0 + tl.arange(0, _END_SCAN)
+                terms = tl.load(Rows + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh + keys,
+                                mask=keys < seqlen_k, other=float("-inf"))
+                last = tl.maximum(last, tl.max(tl.where(terms != float("-inf"), keys, -1), 0))  # (NaN counts)
+            ends = Table + table_first + n_heads * tl.num_programs(2) * n_entries
+            tl.store(ends + b * n_heads + h, tl.cdiv(last + 1, BLOCK_N))
     tl.store(Table + table_first + (b * n_heads + h) * n_entries + entries, value, mask=e_ok)
 
 
@@ -196,7 +214,7 @@ def row_reach_launch(rows, dims_on, q, k, qk_scale2, n_entries, tile_m, block_n,
     ``dims_on``, ``hopper.bias_dims_on``) and q, k like ``q``, ``k`` (B, S, H, D): reading the norm maxima from word
     ``norms_first``, writing ``n_entries`` entries per (batch, head) from word ``first`` (forward: query tiles of
     ``tile_m`` rows; backward: key blocks), key blocks of ``block_n``. ``(PlannedLaunch, its scalars)``; the prefix
-    maxima (``row_prefix_max``) come first among its tensors."""
+    maxima (``row_prefix_max``), then the row, come first among its tensors."""
     batch, s_q, n_heads = q.shape[:3]
     s_k, n_kv = k.shape[1], k.shape[2]
     b_on, h_on = dims_on
@@ -205,7 +223,8 @@ def row_reach_launch(rows, dims_on, q, k, qk_scale2, n_entries, tile_m, block_n,
     return (PlannedLaunch(row_reach_kernel, (cdiv(n_entries, block_e), n_heads, batch),
                           dict(FOR_BACKWARD=for_backward, TILE_M=tile_m, BLOCK_N=block_n, ROW_STEP=ROW_STEP,
                                BLOCK_E=block_e, BLOCK_S=64, num_warps=4)),
-            (rows_h * s_k * b_on, s_k * h_on, s_q, s_k, n_kv, qk_scale2, n_entries, norms_first, first))
+            (rows_h * s_k * b_on, s_k * h_on, rows.stride(0) * b_on, rows.stride(1) * h_on, s_q, s_k, n_kv,
+             qk_scale2, n_entries, norms_first, first))
 
 
 def row_prefix_max(rows: torch.Tensor) -> torch.Tensor:

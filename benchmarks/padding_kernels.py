@@ -1,0 +1,61 @@
+"""Where the time of a padded batch's ``key_padding_mask`` call goes, beside the same batch run dense:
+
+    python benchmarks/padding_kernels.py [B H S D]
+
+The extras' padded batch (bench_attention.run_padding: ~50% right padding, causal ALiBi from slopes, default
+B8 H16 S4096 D128). For the masked call and the dense one, forward and forward+backward: each GPU kernel's time per
+call (torch.profiler, ``testing.profile_kernels``) and the host's microseconds per call with the GPU queue kept
+full (a call whose host time exceeds its kernels' is bound by the host, not the GPU).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+import mpt_attention as M
+from mpt_attention.testing import profile_kernels
+
+
+def host_us(fn, calls=30):
+    """Mean host microseconds per call of ``fn`` (no synchronisation between calls)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main():
+    batch, heads, seq, dim = (int(x) for x in (sys.argv[1:5] if len(sys.argv) > 4 else (8, 16, 4096, 128)))
+    q, k, v = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    lengths = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=torch.Generator().manual_seed(2))
+    kpm = (torch.arange(seq).view(1, seq) < lengths.view(batch, 1)).cuda()
+    slopes = M.gen_slopes(heads, return_1d=True, device="cuda")
+    dout = torch.randn_like(q)
+    calls = {"masked": dict(key_padding_mask=kpm), "dense": {}}
+    for name, extra in calls.items():
+        def fwd(extra=extra):
+            with torch.no_grad():
+                return M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes, **extra)
+
+        def fwd_bwd(extra=extra):
+            out = M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes, **extra)
+            torch.autograd.grad(out, (q, k, v), dout)
+
+        for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            kernels = profile_kernels(fn, steps=5)
+            total = sum(ms for ms, _, _ in kernels)
+            print(f"\n{name} {mode}: kernels {total:.3f} ms per call, host {host_us(fn):.0f} us per call", flush=True)
+            for ms, count, kernel in kernels:
+                print(f"  {ms:8.3f} ms  x{count:<3d} {kernel[:100]}")
+
+
+if __name__ == "__main__":
+    main()
