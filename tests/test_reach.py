@@ -40,7 +40,7 @@ def _tables(q, k, bias, scale, monkeypatch):
     norms, args, _ = plan.norms
     norms(q, k, tiles, *args)
     table, args = plan.row_table
-    table(tiles, reach.row_prefix_max(rows), rows, tiles, *args)
+    table(tiles, reach.row_prefix_max(rows), rows, reach.row_ends(rows, hopper.BLOCK_N), tiles, *args)
     batch, s_q, n_heads = q.shape[:3]
     tile_m = plan.launch.kwargs["CONSUMERS"] * hopper.HALF_M
     n_m = -(-s_q // tile_m)
@@ -55,7 +55,7 @@ def _tables(q, k, bias, scale, monkeypatch):
     norm_launch(q, k, words, *norm_args)
     table, args = reach.row_reach_launch(rows, hopper.bias_dims_on(rows), q, k, scale * LOG2E, n_kb, 0,
                                           hopper.BWD_BLOCK_N, 0, n_words, True)
-    table(words, reach.row_prefix_max(rows), rows, words, *args)
+    table(words, reach.row_prefix_max(rows), rows, words, words, *args)
     assert torch.equal(words[:n_words], tiles[16 + 4 * 16:16 + 4 * 16 + n_words])
     return first, tile_m, words[n_words:].view(batch, n_heads, n_kb), ends
 

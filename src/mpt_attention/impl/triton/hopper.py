@@ -19,7 +19,8 @@ import torch
 from mpt_attention.impl.device import sm_count, sm_major
 from mpt_attention.impl.triton.common import row_keys_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
-from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, norm_launch, row_prefix_max, row_reach_launch
+from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, norm_launch, row_ends, row_prefix_max
+from mpt_attention.impl.triton.reach import row_reach_launch
 from mpt_attention.kept import kept_on
 
 try:
@@ -472,7 +473,7 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
             reach_norms["norms"] = tiles[first:first + n_words]
     if plan.row_table is not None:
         table, args = plan.row_table
-        table(tiles, prefix, rows, tiles, *args)
+        table(tiles, prefix, rows, row_ends(rows, BLOCK_N), tiles, *args)
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
                 out, cu_q, cu_k, cu_tiles, *plan.scalars)
@@ -647,7 +648,7 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
             norm_launch(q, k, norms, *norm_args)
     if plan.row_table is not None:
         table, args = plan.row_table
-        table(norms, row_prefix_max(bias), bias, norms, *args)
+        table(norms, row_prefix_max(bias), bias, norms, norms, *args)  # (the backward reads no ends)
     d_k, d_v, d_q, d_o, d_dk, d_dv, d_dos, d_dq, d_bias, d_dbias, d_stats = plan.descs
     plan.launch(
         descriptor(k, *d_k), descriptor(v, *d_v), descriptor(q, *d_q), descriptor(dout, *d_o),

@@ -59,7 +59,6 @@ ROW_SLACK = tl.constexpr(0.000244140625)  # 2^-12
 REACH_SLOPES, REACH_ROW = 1, 2
 ROW_STEP = 64  # a bias row's reach ends the backward's queries at a multiple of this (row_reach_kernel)
 KERNEL_REACH_ROW = tl.constexpr(REACH_ROW)  # (what a kernel compares its REACH with)
-_END_SCAN = tl.constexpr(1024)  # keys per step of the forward's scan for a row's last key
 _SOFT_SCORE = tl.constexpr(-1.2676506002282294e30)  # common.SOFT_SCORE: -2^100, the soft mask
 
 
@@ -127,8 +126,8 @@ def _row_top(prefix):
 
 @triton.jit
 def row_reach_kernel(
-    Norms, Prefix, Rows, Table,
-    stride_pb, stride_ph, stride_rb, stride_rh,
+    Norms, Prefix, Rows, Ends, Table,
+    stride_pb, stride_ph, stride_rb, stride_rh, stride_eb, stride_eh,
     seqlen_q, seqlen_k, n_kv, qk_scale2, n_entries, norms_first, table_first,
     FOR_BACKWARD: tl.constexpr, TILE_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_STEP: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -141,10 +140,10 @@ def row_reach_kernel(
     result, not even to its rescales. Backward (``FOR_BACKWARD``): entry ``e`` is the key block ``[e * BLOCK_N, (e +
     1) * BLOCK_N)``; the value the end of the queries it must visit, a multiple of ``ROW_STEP`` (or ``seqlen_q``): the
     rows from it on lie past its reach. ``Prefix``: the row's prefix maxima (log2 units; (B', H', S_k) with strides
-    ``stride_pb``, ``stride_ph``, 0 where it broadcasts). ``Rows``: the row itself (strides ``stride_rb``,
-    ``stride_rh``), read for the forward's ends and the backward's key blocks, whose bound is their own maximum: a
-    block of removed keys after kept ones is past every query's reach, where the prefix at its last key would keep
-    it for every later query. ``Norms``: the heads' norm maxima (``row_norm_max_kernel``, q's (B, H) then k's (B,
+    ``stride_pb``, ``stride_ph``, 0 where it broadcasts). ``Ends``: the forward's ends (``row_ends``: (B', H') int32,
+    strides ``stride_eb``, ``stride_eh``). ``Rows``: the row itself (strides ``stride_rb``, ``stride_rh``), read for
+    the backward's key blocks, whose bound is their own maximum: a block of removed keys after kept ones is past
+    every query's reach, where the prefix at its last key would keep it for every later query. ``Norms``: the heads' norm maxima (``row_norm_max_kernel``, q's (B, H) then k's (B,
     H_kv), from word ``norms_first``). Grid ``(cdiv(n_entries, BLOCK_E), H, B)``."""
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -184,15 +183,9 @@ def row_reach_kernel(
             # [BLOCK_E, BLOCK_S]
             past = live[:, None] & (top[None, :] <= floor[:, None])
             value = tl.minimum(value, tl.min(tl.where(past, n_blocks, blocks[None, :]), 1))
-        if tl.program_id(0) == 0:  # and the row's end: the blocks past its last key not removed (-inf)
-            last = tl.zeros([], tl.int32) - 1
-            for k0 in range(0, seqlen_k, _END_SCAN):
-                keys = k0 + tl.arange(0, _END_SCAN)
-                terms = tl.load(Rows + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh + keys,
-                                mask=keys < seqlen_k, other=float("-inf"))
-                last = tl.maximum(last, tl.max(tl.where(terms != float("-inf"), keys, -1), 0))  # (NaN counts)
+        if tl.program_id(0) == 0:  # and the row's end (row_ends)
             ends = Table + table_first + n_heads * tl.num_programs(2) * n_entries
-            tl.store(ends + b * n_heads + h, tl.cdiv(last + 1, BLOCK_N))
+            tl.store(ends + b * n_heads + h, tl.load(Ends + b * stride_eb + h * stride_eh))
     tl.store(Table + table_first + (b * n_heads + h) * n_entries + entries, value, mask=e_ok)
 
 
@@ -214,7 +207,7 @@ def row_reach_launch(rows, dims_on, q, k, qk_scale2, n_entries, tile_m, block_n,
     ``dims_on``, ``hopper.bias_dims_on``) and q, k like ``q``, ``k`` (B, S, H, D): reading the norm maxima from word
     ``norms_first``, writing ``n_entries`` entries per (batch, head) from word ``first`` (forward: query tiles of
     ``tile_m`` rows; backward: key blocks), key blocks of ``block_n``. ``(PlannedLaunch, its scalars)``; the prefix
-    maxima (``row_prefix_max``), then the row, come first among its tensors."""
+    maxima (``row_prefix_max``), the row, then the forward's ends (``row_ends``) come first among its tensors."""
     batch, s_q, n_heads = q.shape[:3]
     s_k, n_kv = k.shape[1], k.shape[2]
     b_on, h_on = dims_on
@@ -223,8 +216,8 @@ def row_reach_launch(rows, dims_on, q, k, qk_scale2, n_entries, tile_m, block_n,
     return (PlannedLaunch(row_reach_kernel, (cdiv(n_entries, block_e), n_heads, batch),
                           dict(FOR_BACKWARD=for_backward, TILE_M=tile_m, BLOCK_N=block_n, ROW_STEP=ROW_STEP,
                                BLOCK_E=block_e, BLOCK_S=64, num_warps=4)),
-            (rows_h * s_k * b_on, s_k * h_on, rows.stride(0) * b_on, rows.stride(1) * h_on, s_q, s_k, n_kv,
-             qk_scale2, n_entries, norms_first, first))
+            (rows_h * s_k * b_on, s_k * h_on, rows.stride(0) * b_on, rows.stride(1) * h_on, rows_h * b_on, h_on,
+             s_q, s_k, n_kv, qk_scale2, n_entries, norms_first, first))
 
 
 def row_prefix_max(rows: torch.Tensor) -> torch.Tensor:
@@ -233,3 +226,16 @@ def row_prefix_max(rows: torch.Tensor) -> torch.Tensor:
     and again for the backward only if the row changed."""
     return kept_on(rows, "_mpt_attention_row_prefix_max", lambda: torch.cummax(rows[:, :, 0], dim=-1).values,
                    on_device=True)
+
+
+def row_ends(rows: torch.Tensor, block_n: int) -> torch.Tensor:
+    """A converted bias row's (``launch._log2_bias_rows``: (B', H', 1, S_k) float32) end for the forward's key blocks
+    of ``block_n``: per (B', H'), the blocks up to its last key that is not removed (-inf; NaN counts as kept),
+    contiguous int32 (B', H'). Kept on the row like ``row_prefix_max`` (MPT's row: once for a model's layers)."""
+    def ends():
+        s_k = rows.shape[-1]
+        keys = torch.arange(s_k, dtype=torch.int32, device=rows.device)
+        kept = torch.where(rows[:, :, 0] != float("-inf"), keys, -1)
+        last = kept.amax(-1) if s_k else kept.new_full(kept.shape[:2], -1)
+        return torch.div(last + block_n, block_n, rounding_mode="floor").to(torch.int32).contiguous()
+    return kept_on(rows, "_mpt_attention_row_ends", ends, key=block_n, on_device=True)
