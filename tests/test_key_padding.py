@@ -8,7 +8,9 @@ import torch
 
 import mpt_attention as M
 from mpt_attention.impl.triton import key_padding, launch
-from mpt_attention.testing import AttnCase, assert_gradients_close_to_reference, make_inputs
+from mpt_attention.kept import kept_values
+from mpt_attention.testing import (AttnCase, assert_close_to_reference, assert_gradients_close_to_reference,
+                                   make_inputs, reference_attention)
 
 pytest.importorskip("triton")
 
@@ -114,3 +116,28 @@ def test_kept_keys_zero_padded_rows_in_any_layout(layout):
     for kept, x in ((k_kept, k), (v_kept, v)):
         assert kept.stride() == torch.empty_like(x).stride()
         assert torch.equal(kept, x.masked_fill(pad, 0.0))
+
+
+def test_route_keeps_one_row_per_mask_and_slopes(forced_route):
+    """A model hands one mask and one slopes tensor to all its layers: the route's row is made once and kept on the
+    mask (with its prefix maxima, ends and key terms kept on the row); a change to the slopes, in place or another
+    tensor, makes a new one, and every call keeps the mask's answer."""
+    (q, k, v), kw = make_inputs(AttnCase(2, 37, 37, 4, 2, 16, causal=True, alibi=True, padding=True))
+    kpm, slopes = kw["key_padding_mask"], kw["alibi_slopes"]
+
+    def check(k, slopes):
+        out = M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes, key_padding_mask=kpm)
+        ref, _ = reference_attention(q.double(), k.double(), v.double(), causal=True, alibi_slopes=slopes,
+                                     key_padding_mask=kpm)
+        low, _ = reference_attention(q, k, v, causal=True, alibi_slopes=slopes, key_padding_mask=kpm,
+                                     compute_dtype=q.dtype)
+        assert_close_to_reference("out", out, ref, low)
+        return kept_values(kpm, "_mpt_attention_kpm_row")
+
+    first = check(k, slopes)
+    assert len(first) == 1
+    again = check(2 * k, slopes)  # another layer: the same row object
+    assert len(again) == 1 and again[0] is first[0]
+    slopes.mul_(0.5)
+    assert len(check(k, slopes)) == 2
+    assert len(check(k, slopes.clone())) == 3

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from mpt_attention.impl.triton import hopper
 from mpt_attention.impl.triton.lean_launch import cdiv, launch_kernel, next_power_of_2
+from mpt_attention.kept import kept_on
 
 LOG2E = 1.4426950408889634
 
@@ -98,15 +99,39 @@ def as_bias_row(k, v, kpm, slopes, n_heads):
     are (``launch._log2_bias_rows``)."""
     from mpt_attention.impl.triton.launch import head_contiguous  # (launch imports this module)
 
-    batch, s_k = kpm.shape
     k_kept, v_kept = kept_keys(head_contiguous(k), head_contiguous(v), kpm)
+    key = (n_heads, _Same(slopes), None if slopes is None else slopes._version)
+    return k_kept, v_kept, kept_on(kpm, "_mpt_attention_kpm_row", lambda: _bias_row(kpm, slopes, n_heads), key=key,
+                                   on_device=True)
+
+
+class _Same:
+    """A tensor (or None) in a key by identity; the key keeps it alive, so its id is not reused while kept."""
+    __slots__ = ("t",)
+
+    def __init__(self, t):
+        self.t = t
+
+    def __hash__(self):
+        return id(self.t)
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.t is self.t
+
+
+def _bias_row(kpm, slopes, n_heads):
+    """``as_bias_row``'s row. Kept on the mask (``kept.kept_on``, per slopes tensor and version): a model hands one
+    mask to all its layers, which then share one row, and with it the row's prefix maxima, ends and per-key terms,
+    each kept on the row (``reach.row_prefix_max``, ``reach.row_ends``, ``hopper.run_forward``), forward and
+    backward."""
+    batch, s_k = kpm.shape
     heads = 1 if slopes is None else n_heads
-    rows = torch.empty(batch, heads, 1, hopper.aligned_row(s_k, 4), dtype=torch.float32, device=k.device)[..., :s_k]
+    rows = torch.empty(batch, heads, 1, hopper.aligned_row(s_k, 4), dtype=torch.float32, device=kpm.device)[..., :s_k]
     if slopes is None:
         rows.zero_()
     else:
         slope2 = slopes.to(torch.float32) * LOG2E
-        dist = torch.arange(1 - s_k, 1, device=k.device, dtype=torch.float32)  # key - (S_k - 1), exact
+        dist = torch.arange(1 - s_k, 1, device=kpm.device, dtype=torch.float32)  # key - (S_k - 1), exact
         torch.mul(slope2.view(-1, n_heads, 1, 1).expand(batch, n_heads, 1, 1), dist, out=rows)
     rows.masked_fill_(~kpm.view(batch, 1, 1, s_k), float("-inf"))
-    return k_kept, v_kept, rows
+    return rows
