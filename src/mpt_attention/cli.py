@@ -48,11 +48,16 @@ def _case_check(backend: str, device: str, dtype, case) -> dict:
     low, _ = reference_attention(qc, kc, vc, compute_dtype=dtype, **cpu_kw)
     verdict = _verdict(out, ref, low, dtype)
     if backend == "triton":
-        from mpt_attention.impl.triton import hopper
+        from mpt_attention.impl.triton import hopper, key_padding
 
-        why = hopper.unsupported(q, k, v, kw.get("attn_bias"), kw.get("key_padding_mask"), None, None, 0.0,
-                                 case.causal, False)
-        verdict["kernel"] = "hopper (Gluon, sm_90)" if why is None else f"general ({why})"
+        bias, kpm = kw.get("attn_bias"), kw.get("key_padding_mask")
+        why = hopper.unsupported(q, k, v, bias, kpm, None, None, 0.0, case.causal, False)
+        if why is None:
+            verdict["kernel"] = "hopper (Gluon, sm_90)"
+        elif key_padding.takes_hopper(q, k, v, bias, kw.get("alibi_slopes"), kpm, None, None, 0.0, case.causal, None):
+            verdict["kernel"] = "hopper (Gluon, sm_90; key padding as a bias row)"
+        else:
+            verdict["kernel"] = f"general ({why})"
     return verdict
 
 
