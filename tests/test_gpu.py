@@ -368,3 +368,29 @@ def test_the_lean_launcher_runs_repeated_steps_from_its_cache(monkeypatch, deter
     finally:
         knobs.runtime.launch_enter_hook.remove(seen.append)
     assert len(seen) == len(triton_runs) == len(lean_launch._KERNELS)
+
+
+@pytest.mark.parametrize("case, deterministic", [
+    pytest.param(AttnCase(2, 4096, 4096, 8, 2, 64, causal=True, alibi=True), True, id="D64-GQA"),
+    pytest.param(AttnCase(1, 2500, 4500, 4, 4, 128, causal=True, alibi=True), False, id="D128-chunked-atomic-dq"),
+])
+def test_general_kernels_past_the_reach_match_every_block(monkeypatch, case, deterministic):
+    """The general kernels (the Hopper kernels off, as on other GPUs) skip key blocks past causal ALiBi's reach
+    (forward and dQ from the tile's first query, dK/dV's queries after the block's last key; launch._general_reach):
+    against the same kernels computing every block, and against the float64 reference."""
+    monkeypatch.setattr(hopper, "ENABLED", False)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def run(min_keys):
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
+        out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+        return out, _grads(out, [q, k, v], dout)
+
+    every_out, every = run(1 << 62)
+    out, grads = run(1024)
+    diff = (out.float() - every_out.float()).abs()
+    assert (diff <= every_out.float().abs() * 2.0 ** -7 + 1e-6).all(), diff.max()
+    for name, a, b in zip(["dq", "dk", "dv"], grads, every):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)

@@ -233,3 +233,57 @@ def test_row_reach_tables_are_exact_for_any_row(monkeypatch, drawn):
     logp = _log2_probabilities(q, k, row, scale)
     _assert_sound(first, tile_m, q_end, logp.nan_to_num(nan=0.0))  # (a row with every key removed: never skipped)
     _assert_ends(ends, row)
+
+
+def _general_case(seed=7):
+    """q, k, v (1, 256, 2, 16) and slopes of a steep head (its reach ~50 keys) and a flat one (past the sequence)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 256, 2, 16, generator=gen) for _ in range(3))
+    return q, k, v, torch.tensor([2.0, 2.0 ** -8])
+
+
+def test_general_kernels_skip_only_blocks_past_the_reach(monkeypatch):
+    """The general kernels (the interpreter's, as on GPUs without the Hopper kernels) with causal ALiBi from slopes
+    skip key blocks past each head's reach: forward and dQ (query tiles start there) and dK/dV (key blocks end their
+    queries there). NaN in V's first 64 keys reaches only the steep head's early rows and every row of the flat head;
+    NaN in dO's last 32 rows reaches only the steep head's late key blocks; the clean results match computing every
+    block and the float64 reference."""
+    import mpt_attention as M
+    from mpt_attention.testing import assert_close_to_reference, reference_attention
+
+    q, k, v, slopes = _general_case()
+    kw = dict(backend="triton", causal=True, alibi_slopes=slopes)
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 16)
+    assert launch._general_reach(None, slopes, None, None, None, True, False, 1, 256)
+    v_nan = v.clone()
+    v_nan[:, :64] = float("nan")
+    out = M.attention(q, k, v_nan, **kw)
+    assert out[0, 192:, 0].isfinite().all() and out[0, :64, 0].isnan().all() and out[0, :, 1].isnan().all()
+    xs = [x.clone().requires_grad_() for x in (q, k, v_nan)]
+    dq = torch.autograd.grad(M.attention(*xs, **kw), xs[0], torch.randn(q.shape))[0]
+    assert dq[0, 192:, 0].isfinite().all() and dq[0, :, 1].isnan().all()
+    dout_nan = torch.randn(q.shape)
+    dout_nan[:, -32:] = float("nan")
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    _, dk, dv = torch.autograd.grad(M.attention(*xs, **kw), xs, dout_nan)
+    for g in (dk, dv):
+        assert g[0, :96, 0].isfinite().all() and g[0, -32:, 0].isnan().all() and g[0, :, 1].isnan().all()
+
+    dout = torch.randn(q.shape)
+
+    def run(min_keys, dtype=torch.float32):
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = M.attention(*xs, **kw)
+        return [out.detach(), *torch.autograd.grad(out, xs, dout.to(dtype))]
+
+    skipped, every = run(16), run(1 << 62)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], skipped, every):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    refs = []
+    for dtype in (torch.float64, torch.float16):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention(*xs, causal=True, alibi_slopes=slopes, compute_dtype=dtype)
+        refs.append([ref.detach(), *torch.autograd.grad(ref, xs, dout.to(dtype))])
+    for name, got, ref, low in zip(["out", "dq", "dk", "dv"], run(16, torch.float16), *refs):
+        assert_close_to_reference(name, got, ref, low)

@@ -21,6 +21,7 @@ from mpt_attention.impl.triton.common import (
     BIAS_ROW, BIAS_ROW_VALUES, LOG2E, bias_pointers, bias_row_source, block_bias, decode_lse2, dropout_keep,
     grid_row, key_block_range, live_keys, score_tile, sequence_bounds, soft_row_scale,
 )
+from mpt_attention.impl.triton.reach import reach_first_key, reach_query_end
 
 
 # how the delta kernel writes dO scaled for soft-masked rows (SOFT_ROWS): not at all, every row, or only the
@@ -224,7 +225,7 @@ def _dkdv_blocks(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, DBiasCols, DQAcc, DBias,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK, Norms,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -241,9 +242,11 @@ def _attn_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr, DESC: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, DS_DESC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DS_DESC: tl.constexpr, REACH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """``REACH`` (causal ALiBi from slopes, no mask or bias): each head's query rows end past its reach behind the
+    block's last key (reach.py; the heads' norm maxima in ``Norms``)."""
     start_n = tl.program_id(0) * BLOCK_N
     bkv = grid_row()
     n_kv = n_heads // n_groups
@@ -320,11 +323,16 @@ def _attn_bwd_dkdv_kernel(
             ds_head = tl.make_tensor_descriptor(ds_head, shape=[seqlen_q, seqlen_k - start_n], strides=[seqlen_k, 1],
                                                 block_shape=[BLOCK_M, BLOCK_N])
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
+        head_end, head_split = m_end, q_split
+        if REACH:
+            head_end = tl.minimum(m_end, reach_query_end(Norms, b, h, n_heads, n_kv, tl.num_programs(2), slope2,
+                                                         qk_scale2, start_n + BLOCK_N - 1, diag, seqlen_q))
+            head_split = tl.minimum(q_split, head_end)
         dk, dv, dbias_cols = _dkdv_blocks(
             dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse + stats, Delta + stats, kpm_ptr, seqid_ptr,
             prefix_ptr, dq_head, ds_head, stride_dqs,
             stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
-            seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, q_split,
+            seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, lo, head_split,
             IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, True, DESC, ATOMIC_DQ, DS_DESC,
             DOT_PRECISION, BLOCK_M, BLOCK_D,
         )
@@ -332,7 +340,7 @@ def _attn_bwd_dkdv_kernel(
             dk, dv, dbias_cols, k, v, q_head, do_head, bias_head, Lse + stats, Delta + stats, kpm_ptr, seqid_ptr,
             prefix_ptr, dq_head, ds_head, stride_dqs,
             stride_qs, stride_dos, stride_bm, stride_bn, cols, offs_m, offs_n, offs_d, slope2, qk_scale2,
-            seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, q_split, m_end,
+            seed, bh, dropout_p, rng_q, rng_k, seqlen_q, seqlen_k, head_dim, head_split, head_end,
             IS_CAUSAL, ALIBI, BIAS, HAS_KPM, HAS_SEQID, HAS_PREFIX, DROPOUT, BIAS_GRAD, False, DESC, ATOMIC_DQ, DS_DESC,
             DOT_PRECISION, BLOCK_M, BLOCK_D,
         )
@@ -398,7 +406,7 @@ def _dq_blocks(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, DBias,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK, Norms,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -413,9 +421,10 @@ def _attn_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr, DESC: tl.constexpr,
-    ROW_DESC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ROW_DESC: tl.constexpr, REACH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """``REACH``: as the forward's (forward.py), key blocks past the head's reach are skipped."""
     # Causal rows near the bottom see the most keys: start those first so they do not finish last.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = grid_row()
@@ -462,6 +471,9 @@ def _attn_bwd_dq_kernel(
         seed = tl.load(Seed)
     lo, lo_masked, hi = key_block_range(start_m, b64, KvRange, SeqRange, seqlen_q, seqlen_k,
                                         IS_CAUSAL, HAS_KPM, HAS_SEQID, HAS_PREFIX, BLOCK_M, BLOCK_N)
+    if REACH:
+        lo = tl.minimum(reach_first_key(Norms, b, h, n_heads, n_heads // n_groups, tl.num_programs(2), slope2,
+                                        qk_scale2, start_m + diag, BLOCK_N), lo_masked)
     # dS is the bias gradient; a (B, H, S_q, S_k) buffer for BIAS_GRAD == 2 (zero-initialised).
     dbias_base = DBias + bh.to(tl.int64) * seqlen_q * seqlen_k + m64 * seqlen_k
     dq = _dq_blocks(

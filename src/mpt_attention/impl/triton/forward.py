@@ -12,6 +12,7 @@ from mpt_attention.impl.triton.common import (
     BIAS_ROW_VALUES, LOG2E, bias_row_source, block_bias, dropout_keep, encode_lse, grid_row, key_block_range,
     live_keys, score_tile, sequence_bounds,
 )
+from mpt_attention.impl.triton.reach import reach_first_key
 
 
 @triton.jit
@@ -78,7 +79,7 @@ def _fwd_blocks(
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK, Norms,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -92,10 +93,13 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, ALIBI: tl.constexpr, BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr, HAS_SEQID: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, VARLEN: tl.constexpr, KV_DESC: tl.constexpr, ROW_DESC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    REACH: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """``seqlen_q, seqlen_k``: the lengths of every batch row, or under VARLEN the longest sequence's
-    (the grid's extent and the dropout counter's dims); each sequence's own come from ``CuSeqQ/K``."""
+    (the grid's extent and the dropout counter's dims); each sequence's own come from ``CuSeqQ/K``.
+    ``REACH`` (causal ALiBi from slopes, no mask or bias): key blocks past the head's reach are skipped
+    (reach.py), from the heads' norm maxima in ``Norms`` (``reach.norm_launch``'s words)."""
     # Causal rows near the bottom see the most keys: start those first so they do not finish last.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = grid_row()
@@ -140,6 +144,9 @@ def _attn_fwd_kernel(
 
     lo, lo_masked, hi = key_block_range(start_m, b64, KvRange, SeqRange, seqlen_q, seqlen_k,
                                         IS_CAUSAL, HAS_KPM, HAS_SEQID, HAS_PREFIX, BLOCK_M, BLOCK_N)
+    if REACH:
+        lo = tl.minimum(reach_first_key(Norms, b, h, n_heads, n_heads // n_groups, tl.num_programs(2), slope2,
+                                        qk_scale2, start_m + seqlen_k - seqlen_q, BLOCK_N), lo_masked)
     if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, k_base, v_base, bias_base, kpm_ptr, seqid_ptr, prefix_ptr,

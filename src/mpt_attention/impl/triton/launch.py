@@ -18,6 +18,7 @@ from mpt_attention.impl.triton.backward import SOFT_BLOCKS, SOFT_EVERY_ROW, _att
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, launch_kernel, next_power_of_2
+from mpt_attention.impl.triton.reach import REACH_SLOPES, norm_launch
 from mpt_attention.kept import kept_on
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -331,18 +332,42 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     row_desc = bias is not None and bias.shape[2] == 1 and not varlen and _descriptors_ok(bias)
     if kv_desc or row_desc:
         _ensure_allocator()
+    reach = _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
+    norms = _reach_norms(q, k, None) if reach else q
+    if reach and reach_norms is not None:
+        reach_norms["norms"] = norms
     launch_kernel(_attn_fwd_kernel, grid,
         q, k, v, out, lse, *pointers, seed if seed is not None else q, kv_range, seq_range,
-        cu_q if varlen else q, cu_k if varlen else q,
+        cu_q if varlen else q, cu_k if varlen else q, norms,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *geo.lse_strides,
         *aux_strides,
         n_heads, n_heads // n_kv, s_q, s_k, head_dim,
         softmax_scale * LOG2E, dropout_p,
-        DROPOUT=dropout_p > 0.0, VARLEN=varlen, KV_DESC=kv_desc, ROW_DESC=row_desc,
+        DROPOUT=dropout_p > 0.0, VARLEN=varlen, KV_DESC=kv_desc, ROW_DESC=row_desc, REACH=reach,
         DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_D=max(16, next_power_of_2(head_dim)), **flags, **cfg,
     )
     return out, lse
+
+
+def _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k) -> bool:
+    """Whether the general kernels skip key blocks past causal ALiBi's reach (their ``REACH``; reach.py): causal
+    ALiBi from slopes without a bias or mask, as the Hopper kernels' ``REACH_SLOPES``."""
+    if kpm is not None or seqid is not None or prefix is not None:
+        return False
+    alibi_mode = _alibi_mode(slopes, causal, prefix)
+    return hopper.reach_applies(bias, slopes, causal, alibi_mode, varlen, batch, s_k) == REACH_SLOPES
+
+
+def _reach_norms(q, k, kept):
+    """The heads' norm maxima the reach reads (``reach.norm_launch``'s words: q's (B, H), then k's (B, H_kv)):
+    ``kept`` (the forward's, handed to the backward) where it has their size, else one pass over q and k."""
+    norm_pass, args, n_words = norm_launch(q, k, 0)
+    if kept is not None and kept.numel() == n_words:
+        return kept
+    norms = torch.zeros(n_words, dtype=torch.int32, device=q.device)
+    norm_pass(q, k, norms, *args)
+    return norms
 
 
 _SIDE_STREAMS: dict = {}
@@ -494,6 +519,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             and _descriptors_ok(bias_in)
         if dkdv_desc or dq_desc or ds_desc:
             _ensure_allocator()
+        reach = _general_reach(bias_in, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
+        norms = _reach_norms(q, k, reach_norms) if reach else q
         kv_spans = q_spans = q
         if seqid is not None:  # one pass over the ids serves both kernels
             spans = _sequence_spans(seqid)
@@ -517,16 +544,16 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             else:
                 launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
-                    kv_spans, *cu_args, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen),
+                    kv_spans, *cu_args, norms, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen),
                     *_strides(dq_acc, varlen), *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc,
-                    ATOMIC_DQ=atomic_dq, BIAS_GRAD=dkdv_bias_grad, DS_DESC=ds_desc, **common, **kv_cfg,
+                    ATOMIC_DQ=atomic_dq, BIAS_GRAD=dkdv_bias_grad, DS_DESC=ds_desc, REACH=reach, **common, **kv_cfg,
                 )
 
         def launch_dq():
             launch_kernel(_attn_bwd_dq_kernel, (cdiv(s_q, q_cfg["BLOCK_M"]), n_heads, batch),
-                q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args,
-                *in_strides, *_strides(dq, varlen), *geo.lse_strides,
-                *aux_strides, *sizes, DESC=dq_desc, ROW_DESC=dq_row_desc, BIAS_GRAD=bias_mode, **common, **q_cfg,
+                q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args, norms,
+                *in_strides, *_strides(dq, varlen), *geo.lse_strides, *aux_strides, *sizes, DESC=dq_desc,
+                ROW_DESC=dq_row_desc, BIAS_GRAD=bias_mode, REACH=reach, **common, **q_cfg,
             )
 
         if atomic:

@@ -109,6 +109,38 @@ def _head_reach2(Norms, b, h, n_heads, n_kv, batch, qk_scale2):
 
 
 @triton.jit
+def slope_reach(Norms, b, h, n_heads, n_kv, batch, slope2, qk_scale2):
+    """How many keys causal ALiBi of log2 slope ``slope2`` reaches behind a query of head ``h`` of batch row ``b``
+    (the general kernels' form of ``hopper_tiles.head_reach``): +inf where the bound gives nothing (slope <= 0, a NaN
+    or infinite norm)."""
+    reach = _head_reach2(Norms, b, h, n_heads, n_kv, batch, qk_scale2) / slope2
+    return tl.where((slope2 > 0.0) & (reach == reach), reach, float("inf"))
+
+
+@triton.jit
+def reach_first_key(Norms, b, h, n_heads, n_kv, batch, slope2, qk_scale2, first_pos, BLOCK_N: tl.constexpr):
+    """The first key, a multiple of ``BLOCK_N``, that a causal ALiBi query tile whose first query sits at key position
+    ``first_pos`` must read: every key before it lies more than the head's reach behind every query of the tile
+    (``hopper_tiles.reach_first_block``'s rule). 0 where the bound gives nothing."""
+    reach = slope_reach(Norms, b, h, n_heads, n_kv, batch, slope2, qk_scale2)
+    # (below first_pos the reach converts exactly enough; its integer part plus one is at least the reach)
+    ok = reach < first_pos.to(tl.float32)
+    keep_from = first_pos - tl.where(ok, reach, 0.0).to(tl.int32)
+    return tl.where(ok, keep_from // BLOCK_N * BLOCK_N, 0)
+
+
+@triton.jit
+def reach_query_end(Norms, b, h, n_heads, n_kv, batch, slope2, qk_scale2, last_key, diag, seqlen_q):
+    """The end of the query rows a key block ending at ``last_key`` must visit for head ``h``: rows from it on sit
+    more than the head's reach past the block (``hopper_tiles.reach_query_end``'s rule). ``seqlen_q`` where the
+    bound gives nothing."""
+    reach = slope_reach(Norms, b, h, n_heads, n_kv, batch, slope2, qk_scale2)
+    ok = reach < seqlen_q.to(tl.float32)
+    end = last_key + tl.where(ok, reach, 0.0).to(tl.int32) + 1 - diag
+    return tl.where(ok, tl.minimum(end, seqlen_q), seqlen_q)
+
+
+@triton.jit
 def _row_floor(prefix, reach2):
     """``(floor, live)``: a key block whose ``_row_top`` is at most ``floor`` lies past the reach of a query whose
     position's prefix maximum is ``prefix``; ``live`` is False where that prefix gives nothing (NaN, infinite, soft
