@@ -175,8 +175,9 @@ def row_reach_kernel(
     ``stride_pb``, ``stride_ph``, 0 where it broadcasts). ``Ends``: the forward's ends (``row_ends``: (B', H') int32,
     strides ``stride_eb``, ``stride_eh``). ``Rows``: the row itself (strides ``stride_rb``, ``stride_rh``), read for
     the backward's key blocks, whose bound is their own maximum: a block of removed keys after kept ones is past
-    every query's reach, where the prefix at its last key would keep it for every later query. ``Norms``: the heads' norm maxima (``row_norm_max_kernel``, q's (B, H) then k's (B,
-    H_kv), from word ``norms_first``). Grid ``(cdiv(n_entries, BLOCK_E), H, B)``."""
+    every query's reach, where the prefix at its last key would keep it for every later query. ``Norms``: the heads'
+    norm maxima (``row_norm_max_kernel``, q's (B, H) then k's (B, H_kv), from word ``norms_first``). Grid
+    ``(cdiv(n_entries, BLOCK_E), H, B)``."""
     h = tl.program_id(1)
     b = tl.program_id(2)
     n_heads = tl.num_programs(1)
