@@ -2,8 +2,11 @@
 
 Catches compile errors and shows shared-memory use and local-memory traffic (spills) before spending GPU time:
     python tools/compile_kernels.py            (must run without TRITON_INTERPRET)
+Each ``ok`` line ends with ``ptx=`` and a digest of the kernel's PTX without its source locations: a change that only
+moves code between files (or renames a helper) leaves every digest as it was, so two runs' outputs diffed show it.
 """
 
+import hashlib
 import itertools
 import os
 import subprocess
@@ -204,6 +207,22 @@ def _spills(kernel) -> str:
     return report + (" WGMMA-SERIALISED" if "C7514" in log else "")
 
 
+def ptx_digest(kernel) -> str:
+    """12 hex digits of a SHA-256 of the kernel's PTX without what names source files and lines (``.file``,
+    ``.loc`` and the DWARF sections), which moving code changes while the instructions stay the same."""
+    lines, in_debug = [], False
+    for line in kernel.asm["ptx"].splitlines():
+        stripped = line.strip()
+        if stripped.startswith(".section") and ".debug" in stripped:
+            in_debug = True
+        if in_debug:
+            in_debug = stripped != "}"
+            continue
+        if not stripped.startswith((".file", ".loc", "//")):
+            lines.append(stripped)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+
+
 def _report_gluon(name: str, build, *args, **kwargs) -> int:
     """Compile a Gluon kernel with ``build(*args, **kwargs)`` and print ``ok`` with its shared memory and spills,
     or ``FAIL`` with the error's tail; returns the number of failures (0 or 1)."""
@@ -212,7 +231,7 @@ def _report_gluon(name: str, build, *args, **kwargs) -> int:
     except Exception as exc:
         print(f"FAIL {name}: {str(exc)[-1500:]}")
         return 1
-    print(f"ok   {name} smem={k.metadata.shared} {_spills(k)}")
+    print(f"ok   {name} smem={k.metadata.shared} {_spills(k)} ptx={ptx_digest(k)}")
     return 0
 
 
@@ -336,7 +355,8 @@ def main() -> int:
                 k = compile_kernel(fn, consts, opts)
                 local = k.asm["ptx"].count("ld.local") + k.asm["ptx"].count("st.local")
                 tma = k.asm["ptx"].count("cp.async.bulk.tensor")
-                print(f"ok   {name:14s} D={head_dim:3d} {cfg} smem={k.metadata.shared} local-mem ops={local} tma loads={tma}")
+                print(f"ok   {name:14s} D={head_dim:3d} {cfg} smem={k.metadata.shared} local-mem ops={local} "
+                      f"tma loads={tma} ptx={ptx_digest(k)}")
             except Exception as exc:  # report every failure, not just the first
                 failures += 1
                 print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")
@@ -368,8 +388,7 @@ def main() -> int:
         if opts is None:
             opts = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
         try:
-            compile_kernel(fn, consts, opts, dtype)
-            print(f"ok   {name}")
+            print(f"ok   {name} ptx={ptx_digest(compile_kernel(fn, consts, opts, dtype))}")
         except Exception as exc:
             failures += 1
             print(f"FAIL {name}: {str(exc)[-1500:]}")
