@@ -42,7 +42,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper
+from mpt_attention.impl.triton import hopper, hopper_views
 from mpt_attention.testing import capture_cuda_graph, profile_kernels
 
 DEV, DTYPE = "cuda", torch.bfloat16
@@ -329,8 +329,8 @@ def launch_breakdown():
     spec, options = list(key[2]), dict(key[3])
     metas = getattr(kernel.metadata, "tensordesc_meta", None) or [None] * len(descs)
     parts = {
-        "4 descriptors (a plan's, hopper.descriptor)": lambda: [hopper.descriptor(x, *static) for x, static in
-                                                                zip((q, k, v, q), plan.descs)],
+        "4 descriptors (a plan's, hopper_views.descriptor)": lambda: [hopper_views.descriptor(x, *static)
+                                                                      for x, static in zip((q, k, v, q), plan.descs)],
         "hopper.forward_plan": lambda: hopper.forward_plan(q, k, v, None, slopes, 128**-0.5, True, 1),
         "hopper.run_forward (planned launch)": lambda: hopper.run_forward(plan, q, k, v, None, slopes),
         "fn[grid](...) (prebuilt descriptors)": lambda: fn[grid](*args, **kw),

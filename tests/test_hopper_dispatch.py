@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, launch, plans  # noqa: E402
+from mpt_attention.impl.triton import hopper, hopper_views, launch, plans  # noqa: E402
 
 
 def _qkv(s_q=128, s_k=128, d=128, dtype=torch.bfloat16, h=4, h_kv=2):
@@ -141,7 +141,7 @@ def test_reasons(what, expected):
 ])
 def test_bias_rows_over_the_keys_are_taken(bias):
     assert _why(*_qkv(), bias=bias) == "not an sm_90 GPU"
-    shape, strides, b_on, h_on = hopper._bias_view(bias)
+    shape, strides, b_on, h_on = hopper_views.bias_row_view(bias)
     assert shape[2] == 128 and strides[2] == 1
     assert (shape[0], b_on) == ((2, 1) if bias.shape[0] == 2 and bias.stride(0) else (1, 0))
     assert (shape[1], h_on) == ((4, 1) if bias.shape[1] == 4 else (1, 0))
@@ -165,7 +165,7 @@ def test_bias_rows_reach_the_kernels_converted_and_aligned(bias):
                                            else -6e4])
     rows = launch._log2_bias_rows(bias)
     assert rows.dtype == torch.float32 and rows.shape[2:] == bias.shape[2:]
-    assert hopper._bias_view(rows) is not None
+    assert hopper_views.bias_row_view(rows) is not None
     expected = bias.float() * 1.4426950408889634
     soft = (expected < -2.0**20) & (bias != float("-inf"))
     expected = torch.where(soft, -(2.0**100), expected)
@@ -203,7 +203,7 @@ def test_the_backward_with_the_dq_warpgroup_takes_a_bias_matrix(bias, rows, mult
     """A bias matrix in q's dtype reaches the Hopper dK/dV kernel with the dQ warpgroup as a (B' * H', S_q, S_k)
     copy-engine view, (b, h) at row b * b_mult + h * h_mult."""
     assert _fused_why(bias) == "not an sm_90 GPU"
-    shape, strides, b_mult, h_mult = hopper.bias_matrix_view(bias)
+    shape, strides, b_mult, h_mult = hopper_views.bias_matrix_view(bias)
     assert shape == [rows, 128, 128] and strides[1:] == [bias.stride(2), 1] and (b_mult, h_mult) == mults
     for b, h in [(0, 0), (1, 3), (1, 0)]:  # each (batch, head) row's first element sits where the view says
         assert (b * b_mult + h * h_mult) * strides[0] == (b * bias.stride(0) if bias.shape[0] > 1 else 0) + (

@@ -1,5 +1,5 @@
 """The host side of a training step, checked without a GPU: the copy-engine descriptors the Hopper launches
-build without TensorDescriptor's own checks (hopper.descriptor) would pass them, and the lean launcher
+build without TensorDescriptor's own checks (hopper_views.descriptor) would pass them, and the lean launcher
 (impl/triton/lean_launch.py) picks a compiled kernel by Triton's specialisation and falls back to Triton's
 own launch where it must. The kernels themselves run in tests/test_gpu_hopper.py; the lean launcher against
 real Triton kernels in tests/test_gpu.py."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, launch, lean_launch, plans  # noqa: E402
+from mpt_attention.impl.triton import hopper, hopper_views, launch, lean_launch, plans  # noqa: E402
 
 if hopper._IMPORT_ERROR is None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -374,7 +374,7 @@ def _variant(arg, salt: int, what: str):
         return {"ints": arg + 1, "ints-x16": 16 * arg + 16, "ints-1": 1, "ints-i64": arg + 2**32}[what]
     if hopper._IMPORT_ERROR is None and type(arg) is TensorDescriptor:
         block = [max(1, n // 2) for n in arg.block_shape] if what == "blocks" else arg.block_shape
-        return hopper.descriptor(_like(arg.base, salt), [n + salt for n in arg.shape],
+        return hopper_views.descriptor(_like(arg.base, salt), [n + salt for n in arg.shape],
                                  [st * (salt + 1) for st in arg.strides[:-1]] + [1], block, arg.layout)
     return arg
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, launch, reach  # noqa: E402
+from mpt_attention.impl.triton import hopper, hopper_views, launch, reach  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -53,7 +53,7 @@ def _tables(q, k, bias, scale, monkeypatch):
     norm_launch, norm_args, norm_words = reach.norm_launch(q, k, 0)
     assert norm_words == n_words
     norm_launch(q, k, words, *norm_args)
-    table, args = reach.row_reach_launch(rows, hopper.bias_dims_on(rows), q, k, scale * LOG2E, n_kb, 0,
+    table, args = reach.row_reach_launch(rows, hopper_views.bias_dims_on(rows), q, k, scale * LOG2E, n_kb, 0,
                                           hopper.BWD_BLOCK_N, 0, n_words, True)
     table(words, reach.row_prefix_max(rows), rows, words, words, *args)
     assert torch.equal(words[:n_words], tiles[16 + 4 * 16:16 + 4 * 16 + n_words])
@@ -287,3 +287,4 @@ def test_general_kernels_skip_only_blocks_past_the_reach(monkeypatch):
         refs.append([ref.detach(), *torch.autograd.grad(ref, xs, dout.to(dtype))])
     for name, got, ref, low in zip(["out", "dq", "dk", "dv"], run(16, torch.float16), *refs):
         assert_close_to_reference(name, got, ref, low)
+

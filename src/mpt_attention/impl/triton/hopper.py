@@ -4,12 +4,12 @@
 The general kernels (``forward.py``, ``backward.py``) compute the same functions for every input; these
 are faster on sm_90 for the common case and are chosen automatically where they apply. ``ENABLED =
 False`` (or the environment variable ``MPT_ATTENTION_HOPPER_KERNEL=0`` at import) keeps the general
-kernels everywhere: tests and benchmarks compare the two that way.
+kernels everywhere: tests and benchmarks compare the two that way. The descriptors these launches build, and the
+views of tensors they describe, are ``hopper_views.py``'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import NamedTuple
@@ -18,6 +18,8 @@ import torch
 
 from mpt_attention.impl.device import sm_count, sm_major
 from mpt_attention.impl.triton.common import row_keys_kernel
+from mpt_attention.impl.triton.hopper_views import bias_dims_on, bias_matrix_view, bias_row_view, descriptor, rows_view
+from mpt_attention.impl.triton.hopper_views import slope_args, tma_aligned
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
 from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, norm_launch, row_ends, row_prefix_max
 from mpt_attention.impl.triton.reach import row_reach_launch
@@ -25,7 +27,6 @@ from mpt_attention.kept import kept_on
 
 try:
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
     from mpt_attention.impl.triton.hopper_dq import DQ_COLS, consumers_dq
@@ -69,19 +70,6 @@ REACH_MIN_KEYS = 4096
 LOG2E = 1.4426950408889634
 
 
-def tma_aligned(t: torch.Tensor) -> bool:
-    """The copy engine's rules: unit last stride, 16-byte aligned base and strides (also launch.py's). Runs on
-    every call for each input: written for host time (no generator)."""
-    *outer, last = t.stride()
-    if last != 1 or t.data_ptr() % 16:
-        return False
-    size = t.element_size()
-    for st in outer:
-        if (st * size) % 16:
-            return False
-    return True
-
-
 def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, dout=None,
                 fused_dq=False, max_q=0) -> str | None:
     """Why the Hopper kernels do not apply to these inputs (None: they do); ``dout`` for the backward,
@@ -105,7 +93,7 @@ def unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, varlen, do
         return "packed sequences in the reproducible backward"
     if bias is not None and bias.shape[2] != 1 and (dout is None or fused_dq):
         # the forward (its [64, 128] tiles ride with K; at tile width 128 it keeps one Q buffer instead of two to
-        # make room: hopper_forward._q_buffers) and the backward with the dQ warpgroup read a bias matrix through
+        # make room: hopper_loaders.q_buffers) and the backward with the dQ warpgroup read a bias matrix through
         # the copy engine
         if bias.shape[2:] != (q.shape[1], k.shape[1]):
             return f"bias of shape {tuple(bias.shape)}: a matrix must span (S_q, S_k) = {(q.shape[1], k.shape[1])}"
@@ -162,92 +150,6 @@ def product_tail(head_dim: int) -> int:
     return 16 if 64 < head_dim <= 80 else 32 if 80 < head_dim <= 96 else 0
 
 
-def _unchecked_descriptors() -> bool:
-    """Whether ``descriptor`` may build a ``TensorDescriptor`` without its ``__post_init__``: a plain dataclass
-    whose fields are the ones set there (else every descriptor is built, and checked, by the constructor)."""
-    if _hopper_fwd_kernel is None or not dataclasses.is_dataclass(TensorDescriptor):
-        return False
-    fields = dataclasses.fields(TensorDescriptor)
-    names = {f.name for f in fields}
-    required = {f.name for f in fields if f.default is dataclasses.MISSING}
-    return "__slots__" not in vars(TensorDescriptor) and required == {"base", "shape", "strides", "block_shape",
-                                                                      "layout"} <= names
-
-
-_UNCHECKED = _unchecked_descriptors()
-_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TensorDescriptor)
-                        if f.default is not dataclasses.MISSING} if _UNCHECKED else {}
-
-
-def descriptor(base: torch.Tensor, shape, strides, block_shape, layout) -> "TensorDescriptor":
-    """``TensorDescriptor(base, shape, strides, block_shape, layout)`` without the constructor's checks (16-byte
-    aligned base and strides, unit last stride, positive sizes): ``unsupported`` and the views here have made them
-    for every tensor the launches describe (tests/test_host_path.py rebuilds each launch's descriptors through the
-    constructor). The checks were ~5 us of host time per descriptor on the H200 machine's CPU, and a
-    training step builds twelve."""
-    if not _UNCHECKED:
-        return TensorDescriptor(base, shape, strides, block_shape, layout)
-    desc = object.__new__(TensorDescriptor)
-    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=base, shape=shape, strides=strides, block_shape=block_shape,
-                         layout=layout)
-    return desc
-
-
-def bias_dims_on(bias: torch.Tensor) -> tuple[int, int]:
-    """(b_on, h_on): 1 where the (B|1, H|1, 1, S_k) bias varies over batch / heads, 0 where it broadcasts
-    (size 1 or stride 0); the kernels index it with ``b * b_on``, ``h * h_on``."""
-    return int(bias.shape[0] > 1 and bias.stride(0) != 0), int(bias.shape[1] > 1 and bias.stride(1) != 0)
-
-
-def aligned_row(n: int, elem: int) -> int:
-    """Elements in the shortest 16-byte multiple that holds ``n`` of ``elem`` bytes: a stride the copy engine
-    accepts for a dim of size 1, or a row padded for it."""
-    return -(-n * elem // 16) * 16 // elem
-
-
-def _bias_view(bias: torch.Tensor):
-    """``(shape, strides, b_on, h_on)`` of a (B|1, H|1, 1, S_k) bias seen as (B', H', S_k) for the copy
-    engine: a broadcast batch/head dim (size 1 or stride 0) becomes size 1 with a stride the engine
-    accepts, and its coordinate 0 (``b_on``/``h_on`` = 0). None where the engine cannot read it."""
-    n_b, n_h, _, s_k = bias.shape
-    elem = bias.element_size()
-    if (s_k > 1 and bias.stride(3) != 1) or bias.data_ptr() % 16:
-        return None
-    b_on, h_on = bias_dims_on(bias)
-    row = aligned_row(s_k, elem)
-    stride_h = bias.stride(1) if h_on else row
-    stride_b = bias.stride(0) if b_on else stride_h * (n_h if h_on else 1)
-    if (stride_h * elem) % 16 or (stride_b * elem) % 16:
-        return None
-    return [n_b if b_on else 1, n_h if h_on else 1, s_k], [stride_b, stride_h, 1], b_on, h_on
-
-
-def bias_matrix_view(bias: torch.Tensor):
-    """``(shape, strides, b_mult, h_mult)`` of a (B|1, H|1, S_q, S_k) bias seen as (B' * H', S_q, S_k) for the
-    copy engine, (batch b, head h) at row ``b * b_mult + h * h_mult`` (0 where it broadcasts). None where the
-    engine cannot read it: the last stride not 1, the base or a stride not 16-byte aligned, a row expanded over
-    the queries (stride 0: the general kernels read it), or batch and heads that do not flatten into one axis
-    (batch stride != H * head stride)."""
-    n_b, n_h, s_q, s_k = bias.shape
-    elem = bias.element_size()
-    b_on, h_on = bias_dims_on(bias)
-    stride_q = bias.stride(2) if s_q > 1 else aligned_row(s_k, elem)
-    if (s_k > 1 and bias.stride(3) != 1) or bias.data_ptr() % 16 or (stride_q * elem) % 16 or stride_q == 0:
-        return None
-    if b_on and h_on:
-        if bias.stride(0) != n_h * bias.stride(1):
-            return None
-        rows, stride_row, mults = n_b * n_h, bias.stride(1), (n_h, 1)
-    elif b_on or h_on:
-        dim = 0 if b_on else 1
-        rows, stride_row, mults = bias.shape[dim], bias.stride(dim), (int(b_on), int(h_on))
-    else:
-        rows, stride_row, mults = 1, stride_q * s_q, (0, 0)
-    if (stride_row * elem) % 16:
-        return None
-    return [rows, s_q, s_k], [stride_row, stride_q, 1], *mults
-
-
 L2_GROUP_BYTES = 24 << 20  # what a group of grid rows shares (forward: K, V; backward: Q, dO, dQ sums)
 
 
@@ -279,13 +181,6 @@ def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
         return 1
     per_head = q.shape[1] * q.shape[3] * (2 * q.element_size() + 4)
     return max(1, min(n_rows, int(L2_GROUP_BYTES // max(per_head * heads_per_row, 1))))
-
-
-def slope_args(slopes, dummy):
-    """(pointer, (batch stride, head stride)) for (H,) or (B, H) slopes; a never-read dummy without."""
-    if slopes is None:
-        return dummy, (0, 0)
-    return slopes, ((0, slopes.stride(0)) if slopes.dim() == 1 else slopes.stride())
 
 
 def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
@@ -328,18 +223,10 @@ def forward_consumers(width: int, varlen: bool, raw: bool) -> int:
 
 
 def soft_row_key(qk_scale2: float) -> float:
-    """What a soft-masked key's term becomes in ``common.row_keys_kernel`` (unscaled units): -2^100 over the largest power of 2
-    not above the scale, a power of 2 whose product with the scale (the row's maximum if every key it sees is
-    soft-masked, in [-2^101, -2^100)) is exact; ``hopper_forward`` reads such a maximum as SOFT_SCORE."""
+    """What a soft-masked key's term becomes in ``common.row_keys_kernel`` (unscaled units): -2^100 over the largest
+    power of 2 not above the scale, a power of 2 whose product with the scale (the row's maximum if every key it sees
+    is soft-masked, in [-2^101, -2^100)) is exact; ``hopper_forward`` reads such a maximum as SOFT_SCORE."""
     return -math.ldexp(1.0, 100 - math.floor(math.log2(qk_scale2)))
-
-
-def _as_rows(x: torch.Tensor, packed: bool):
-    """``(shape, strides)`` lists of a (B, S, H, D) tensor for its copy-engine descriptor, or of a packed (T, H, D) one
-    as the batch row (1, T, H, D) (``x.unsqueeze(0)``'s: no view made per call, the descriptor takes ``x`` as base)."""
-    if not packed:
-        return list(x.shape), list(x.stride())
-    return [1, *x.shape], [x.shape[0] * x.stride(0), *x.stride()]
 
 
 class ForwardPlan(NamedTuple):
@@ -396,7 +283,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         group = heads_per_group(k, n_heads, batch * n_heads)
     out_shape = tuple(q.shape)  # contiguous
     out_strides = [q.shape[-3] * n_heads * head_dim, n_heads * head_dim, head_dim, 1]  # as a (B|1, S|T, H, D) row
-    descs = [(*_as_rows(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
+    descs = [(*rows_view(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
              for x, rows in ((q, HALF_M), (k, BLOCK_N), (v, BLOCK_N))]
     descs.append(([1, *out_shape] if varlen else list(out_shape), out_strides, [1, HALF_M, 1, width], _TILE_LAYOUT))
     bias_desc, b_on, h_on, keys = None, 0, 0, None
@@ -413,7 +300,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         shape, strides, b_on, h_on = bias_matrix_view(bias)
         bias_desc = (shape, strides, [1, HALF_M, BLOCK_N], _MATRIX_LAYOUT)
     elif bias is not None:  # launch.forward has converted it (launch._log2_bias_rows): float32, aligned rows
-        shape, strides, b_on, h_on = _bias_view(bias)
+        shape, strides, b_on, h_on = bias_row_view(bias)
         bias_desc = (shape, strides, [1, 1, BLOCK_N], _BIAS_ROW_LAYOUTS[8 * bias.element_size()])
     descs.append(bias_desc)
     # Persistent: a program's registers fill an SM (ncu: one per SM), so one program per SM at most, taking
@@ -569,13 +456,13 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         s_k, n_kv = k.shape[1], k.shape[2]
     width = tile_dim(head_dim)
     block_m = bwd_block_m(width, bias is not None and bias.shape[2] != 1, dq_acc is not None)
-    descs = [(*_as_rows(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
+    descs = [(*rows_view(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
              for x, rows in ((k, BWD_HALF_N), (v, BWD_HALF_N), (q, block_m), (dout, block_m), (dk, BWD_HALF_N),
                              (dv, BWD_HALF_N))]
-    scaled = None if dout_scaled is None else (*_as_rows(dout_scaled, varlen), [1, block_m, 1, width], _TILE_LAYOUT)
+    scaled = None if dout_scaled is None else (*rows_view(dout_scaled, varlen), [1, block_m, 1, width], _TILE_LAYOUT)
     descs.append(scaled)
     # boxes of one step's queries x DQ_COLS columns
-    descs.append(None if dq_acc is None else (*_as_rows(dq_acc, varlen), [1, block_m, 1, DQ_COLS.value], _DQ_LAYOUT))
+    descs.append(None if dq_acc is None else (*rows_view(dq_acc, varlen), [1, block_m, 1, DQ_COLS.value], _DQ_LAYOUT))
     bias_strides, b_on, h_on = (0, 0, 0), 0, 0
     bias_desc = dbias_desc = None
     bias_full = bias is not None and bias.shape[2] != 1

@@ -1,12 +1,12 @@
 """Hopper (sm_90) dK/dV kernel in Gluon, the backward counterpart of ``hopper_forward.py``.
 
 A program owns 128 keys of one (batch, KV head): each of two consumer warpgroups keeps 64 keys and
-their dK, dV accumulators in registers, while a loader warp streams the (Q, dO) tiles of every query
-block of every query head in the group through three TMA stages (``_stages``), each with the block's row
-terms (LSE offset and delta, written side by side by the delta kernel: ``hopper.row_stats_buffer``), so no
-step waits on a global load (that wait was ~20% of the consumers' warp samples at D128; reading them from
-shared memory made forward+backward 1.10x faster at D64, benchmarks/NOTES.md session 21). Tiles are computed
-transposed, keys as rows (the ``wgmma`` M dimension):
+their dK, dV accumulators in registers, while a loader warp (``hopper_loaders.backward_loader``) streams the
+(Q, dO) tiles of every query block of every query head in the group through three TMA stages (``bwd_stages``),
+each with the block's row terms (LSE offset and delta, written side by side by the delta kernel:
+``hopper.row_stats_buffer``), so no step waits on a global load (that wait was ~20% of the consumers' warp samples
+at D128; reading them from shared memory made forward+backward 1.10x faster at D64, benchmarks/NOTES.md session
+21). Tiles are computed transposed, keys as rows (the ``wgmma`` M dimension):
 
     S^T  = K Q^T                      (K from registers, loaded once: see below)
     P^T  = exp2(S^T * scale * log2e + (ALiBi + bias row) * log2e - lse * log2e)   (lse per query: per column)
@@ -85,6 +85,7 @@ from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_forward import store_rows, store_through_buffer
+from mpt_attention.impl.triton.hopper_loaders import backward_loader, bwd_stages
 from mpt_attention.impl.triton.hopper_scores import issue_over_d, main_cols
 from mpt_attention.impl.triton.hopper_tiles import packed_tile, reach_query_end, row_reach_query_end, sequence_of
 from mpt_attention.impl.triton.hopper_tiles import tile_order
@@ -93,16 +94,6 @@ from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
 _LOG2E = gl.constexpr(1.4426950408889634)
 # a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector
 _ROWS_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-
-
-@gluon.constexpr_function
-def _stages(block_m, bias_full):
-    """Stages of the (Q, dO, row terms) ring: 3, or 2 where a third does not fit (a bias matrix at 64 queries
-    per step: 231 KB; where the consumers form dQ, 3 fit beside 2 x 16 KB of dS and 32 KB of dQ staging). With 2
-    the consumers waited on the copy engine for the next step's tiles (13% of the fused kernel's warp samples once
-    the row terms no longer waited on global loads, benchmarks/NOTES.md session 21): the loader may refill a stage
-    only after both consumers finished the step that used it."""
-    return 2 if bias_full and block_m == 64 else 3
 
 
 @gluon.constexpr_function
@@ -121,70 +112,6 @@ def _fused_regs(block_m, head_dim, which):
 def _dq_warps(block_m, head_dim):
     """Warps of the dQ partition: the writer's one where the consumers form dQ, else the dQ warpgroup's four."""
     return 1 if consumers_dq(block_m, head_dim) else 4
-
-
-@gluon.jit
-def _bwd_load_partition(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem, do_smem,
-                        bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, n_heads, start_n, lo, seqlen_q,
-                        bias_bm, bias_hm, q_off, k_off, dos_desc, SoftBlocks, n_queries, HEAD_DIM: gl.constexpr,
-                        BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, SOFT_BLOCKS: gl.constexpr):
-    """One warp: this program's K and V once, then (Q, dO) of query block after query block, head after
-    head of the program's ``n_g`` query heads from ``h0``, each into stage ``count % STAGES`` once the consumers
-    have released it, with the queries' row terms (LSE offset and delta: 2 x BLOCK_M float32); with
-    ``BIAS_FULL`` the step's bias tile too, one [BLOCK_M, 64] box per consumer. ``b`` is the descriptors' batch
-    coordinate; ``q_off``, ``k_off`` a packed sequence's first rows (0 for dense inputs). ``SOFT_BLOCKS``: dO from
-    ``dos_desc`` for the 64-query blocks whose word in ``SoftBlocks`` (cdiv(``n_queries``, 64) per head) is 1, each
-    word read a step ahead (the first before K's and V's loads)."""
-    if SOFT_BLOCKS:  # the words of head h0's query blocks, then h0 + 1's, ...
-        soft_words = gl.cdiv(n_queries, SOFT_BLOCK_ROWS)
-        words = SoftBlocks + ((b * n_heads + h0) * soft_words).to(gl.int64)
-        scaled = gl.load(words + lo // SOFT_BLOCK_ROWS)  # (lo < S_q: a causal key block's first query is a real one)
-    mbarrier.expect(kv_bar, 4 * _HALF_N * HEAD_DIM * 2)
-    for half in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
-                                        k_smem.index(half))
-        tma.async_copy_global_to_shared(v_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
-                                        v_smem.index(half))
-    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
-    tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL
-                                                                                else 0)
-    count = 0
-    for g in range(n_g):
-        bias_row = b * bias_bm + (h0 + g) * bias_hm
-        for start_m in range(lo, seqlen_q, BLOCK_M):
-            stage = count % STAGES
-            if SOFT_BLOCKS:  # the next step's word (this step's again after the last)
-                next_m = start_m + BLOCK_M
-                next_g = g
-                if next_m >= seqlen_q:
-                    next_m = lo
-                    next_g = g + 1
-                if next_g >= n_g:
-                    next_m = start_m
-                    next_g = g
-                next_scaled = gl.load(words + next_g * soft_words + next_m // SOFT_BLOCK_ROWS)
-            mbarrier.wait(empty.index(stage), (count // STAGES) % 2 ^ 1)  # a fresh barrier counts as released
-            mbarrier.expect(ready.index(stage), tile_bytes)
-            tma.async_copy_global_to_shared(q_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
-                                            q_smem.index(stage))
-            tma.async_copy_global_to_shared(stats_desc, [b * n_heads + h0 + g, 0, q_off + start_m], ready.index(stage),
-                                            stats_smem.index(stage))
-            if BIAS_FULL:
-                for half in gl.static_range(2):
-                    tma.async_copy_global_to_shared(bias_desc, [bias_row, start_m, start_n + half * _HALF_N],
-                                                    ready.index(stage), bias_smem.index(2 * stage + half))
-            if SOFT_BLOCKS:
-                if scaled != 0:
-                    tma.async_copy_global_to_shared(dos_desc, [b, start_m, h0 + g, 0], ready.index(stage),
-                                                    do_smem.index(stage))
-                else:
-                    tma.async_copy_global_to_shared(do_desc, [b, start_m, h0 + g, 0], ready.index(stage),
-                                                    do_smem.index(stage))
-                scaled = next_scaled
-            else:
-                tma.async_copy_global_to_shared(do_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
-                                                do_smem.index(stage))
-            count += 1
 
 
 @gluon.jit
@@ -218,7 +145,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     D), ``head_dim`` columns), since a box would overwrite the next sequence's rows. Query blocks run from ``lo``
     to ``q_end`` (``seqlen_q``, or less past causal ALiBi's reach: ``hopper_tiles.reach_query_end``)."""
     dtype: gl.constexpr = q_smem.dtype
-    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
+    STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     N_G: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per product
@@ -487,7 +414,7 @@ def _hopper_bwd_dkdv_kernel(
     64-query block's dO through ``dos_desc`` (the delta kernel's scaled copy) where its word in ``SoftBlocks``, (B,
     H, cdiv(S_q, 64)) int32, is 1."""
     dtype: gl.constexpr = q_desc.dtype
-    STAGES: gl.constexpr = _stages(BLOCK_M, BIAS_FULL)
+    STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     # bias matrix, its gradient and the zero tile: (B' * H', S_q, S_k) boxes
@@ -627,7 +554,7 @@ def _hopper_bwd_dkdv_kernel(
                                            stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
                                            BIAS_ROW,
                                            FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
-                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
+                (backward_loader, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, tb, kv_h, h0, n_g,
                                        n_kv * n_groups, start_n, lo, q_end, bias_b_on, bias_h_on, q_off, k_off,
                                        dos_desc, SoftBlocks, seqlen_q, HEAD_DIM, BLOCK_M, BIAS_FULL, SOFT_BLOCKS)),
@@ -660,7 +587,7 @@ def _hopper_bwd_dkdv_kernel(
                                            stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
                                            BIAS_ROW,
                                            FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
-                (_bwd_load_partition, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
+                (backward_loader, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, tb, kv_h, h0, n_g,
                                        n_kv * n_groups, start_n, lo, q_end, bias_b_on, bias_h_on, q_off, k_off,
                                        dos_desc, SoftBlocks, seqlen_q, HEAD_DIM, BLOCK_M, BIAS_FULL, SOFT_BLOCKS)),

@@ -6,7 +6,8 @@ all warps in lockstep, so the tensor cores idle through each softmax. Here a pro
 (FlashAttention-3's layout):
 
 * a loader warp streams K and V tiles through the copy engine (TMA) into two shared-memory stages,
-  waiting on an "empty" mbarrier per stage before reusing it and signalling a "ready" one;
+  waiting on an "empty" mbarrier per stage before reusing it and signalling a "ready" one
+  (``hopper_loaders.forward_loader``);
 * consumer warpgroups each own 64 query rows of a tile: three at tile width 64 (192-row tiles), two at 128
   (``CONSUMERS``, ``hopper.forward_consumers``). They run independently (no CTA-wide barrier in the loop), so one
   warpgroup's softmax overlaps another's matrix products:
@@ -54,7 +55,7 @@ A bias row over keys (MPT's ``(1, H, 1, S_k)`` tensor, any ``(B|1, H|1, 1, S_k)`
 its per-key terms (``common.row_keys_kernel``, [BLOCK_N, 16] per block) ride with K_j into a stage of their own.
 Otherwise (with ALiBi, or a scale the extension cannot take) the row, as float32 log2 units, rides with V, into
 a slot beside V's stage under V's barrier, and is added in the softmax's fused multiply-add with the
-scale. Which block's slice rides with V_j depends on the head dim (``_row_ahead``):
+scale. Which block's slice rides with V_j depends on the head dim (``row_ahead``):
 - D64: block j+1's (block 0's comes with the tile's Q). The consumer reads block j's slice at the top of
   block j, after waiting for V_{j-1} and before issuing S_j: loads issued behind a product wait until its
   shared-memory operands are read (read after S_j's issue: row / slopes 0.93; first: 0.95-0.97). V_{j-1}'s
@@ -68,7 +69,7 @@ A first version loaded the row from global memory per block: 0.52-0.76x.
 A bias matrix in q's dtype (``BIAS_FULL``) rides with K instead: the loader copies each consumer's [64, BLOCK_N]
 box of block j with K_j, the consumer reads it into the score tile's layout after S_j's wait and releases K's
 stage after that (two stages x two boxes: 64 KB). At tile width 128 that only fits with one Q buffer per program
-(``_q_buffers``: 224 KB of 227), so the next tile's Q loads once this tile's output has left. The dense-bias
+(``q_buffers``: 224 KB of 227), so the next tile's Q loads once this tile's output has left. The dense-bias
 forward against the general kernel (session 19): 0.73 -> 0.59 ms at B4 H32 S2048 D64, 0.48 -> 0.37 ms at B4 H16
 S2048 D128.
 
@@ -96,146 +97,15 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.common import SOFT_SCORE, encode_lse
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
+from mpt_attention.impl.triton.hopper_loaders import forward_loader, q_buffer, q_buffers, row_ahead
 from mpt_attention.impl.triton.hopper_scores import EXT_A_LAYOUT, EXT_B_LAYOUT, HALF_M, alibi_operand, alibi_side
 from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_d, issue_scores
 from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
-from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles, reach_first_block
-from mpt_attention.impl.triton.hopper_tiles import row_reach_end_block, row_reach_first_block
-from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
+from mpt_attention.impl.triton.hopper_tiles import info_slot
 
 _LOG2E = gl.constexpr(1.4426950408889634)
 _SOFT_ROW = gl.constexpr(-1.2379400392853803e27)  # -2^90: below it a row's maximum is a soft mask's (ROW_KEYS)
-
-
-@gluon.constexpr_function
-def _q_buffers(head_dim, bias_full):
-    """Q buffers per program: two (the next tile's Q lands under this tile's last blocks), one at D128 with a bias
-    matrix, whose two stages of [128, 128] tiles take the second buffer's shared memory."""
-    return 1 if bias_full and head_dim == 128 else 2
-
-
-@gluon.jit
-def _q_buffer(r, Q_BUFS: gl.constexpr):
-    """``(buffer, phase)`` of the Q of a program's ``r``-th tile."""
-    if Q_BUFS == 2:
-        return r & 1, (r >> 1) & 1
-    else:
-        return 0, r & 1
-
-
-@gluon.constexpr_function
-def _row_ahead(head_dim):
-    """Whether V_j carries block j+1's bias slice (else block j's): see the module docstring."""
-    return head_dim == 64
-
-
-@gluon.jit
-def _load_partition(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty,
-                    k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
-                    seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b, Slopes, stride_slb, stride_slh,
-                    qk_scale2, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                    BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, ROW_KEYS: gl.constexpr,
-                    CONSUMERS: gl.constexpr, REACH: gl.constexpr):
-    """One warp: per tile, its Q into buffer ``round % 2`` (buffer 0 with one, ``_q_buffers``) once the
-    consumers have stored the output of the tile that used the buffer before, then K_j and V_j into stage
-    ``g % 2`` (``g`` counts key blocks over all of the program's tiles) as soon as the consumers have released
-    it: the next tile's first loads run under this tile's last blocks. Tiles are addressed as [batch, row, head, 0]
-    in (B, S, H, D), packed sequences (``VARLEN``) as [0, first row + row, head, 0] in (1, T, H, D): rows past a
-    sequence's end are its neighbour's, masked as keys and never stored as queries. With ``BIAS_FULL`` the bias
-    tile of K_j's block rides with K_j: one [64, BLOCK_N] box per consumer, at row ``b * bias_b_on + h *
-    bias_h_on`` of the (B' * H', S_q, S_k) matrix. With ``ROW_KEYS`` the bias row's key terms of K_j's block
-    (``common.row_keys_kernel``: [BLOCK_N, 16]) ride with K_j into ``ext_b``'s stage. With ``REACH`` the tile's
-    blocks start at ``hopper_tiles.reach_first_block``'s, published with the coordinates (a bias row's also end at
-    ``hopper_tiles.row_reach_end_block``'s)."""
-    kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
-    bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
-    k_bytes: gl.constexpr = kv_bytes + (2 * HALF_M * bias_bytes if BIAS_FULL else 0) + (
-        BLOCK_N * 16 * 2 if ROW_KEYS else 0)
-    Q_BUFS: gl.constexpr = _q_buffers(HEAD_DIM, BIAS_FULL)
-    ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
-    n_tiles = n_forward_tiles(n_m, n_bh, n_heads, CuTiles, VARLEN)
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    g = 0
-    r = 0
-    t = pid  # the first round is fixed; then whichever program is ready first takes the next tile
-    while t < n_tiles:
-        b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k = forward_tile(
-            t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, CuTiles, CuSeqQ, CuSeqK, IS_CAUSAL,
-            BLOCK_N, VARLEN, CONSUMERS * HALF_M)
-        tb = b  # the descriptors' batch coordinate: 0 in the packed (1, T, H, D) view
-        if VARLEN:
-            tb = 0
-        j0 = 0
-        if REACH == KERNEL_REACH_ROW:  # (dense: slot 5 is free)
-            j0 = row_reach_first_block(Tiles, b, h, n_bh, n_heads, n_groups, start_m // (CONSUMERS * HALF_M), n_m,
-                                       n_blocks)
-            n_blocks = row_reach_end_block(Tiles, b, h, n_bh, n_heads, n_groups, n_m, n_blocks, j0)
-        elif REACH:
-            slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32)
-            j0 = reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, start_m + seqlen_k - seqlen_q,
-                                   n_blocks, slope2 * _LOG2E, qk_scale2, BLOCK_N)
-        buf, q_phase = _q_buffer(r, Q_BUFS)
-        mbarrier.wait(q_empty.index(buf), q_phase ^ 1)  # a fresh barrier counts as released
-        # the tile's coordinates for the consumers, published by the arrive in Q's expect below
-        info = info_slot(Tiles, buf)
-        gl.store(info, b)
-        gl.store(info + 1, h)
-        gl.store(info + 2, start_m)
-        gl.store(info + 3, n_blocks)
-        gl.store(info + 4, lo_masked)
-        if VARLEN:
-            gl.store(info + 5, q_start)
-            gl.store(info + 6, len_q)
-            gl.store(info + 7, len_k)
-        if REACH:
-            gl.store(info + 5, j0)
-        if BIAS_ROW and ROW_AHEAD:  # the first block's bias slice comes with Q, into slot 2 + buf
-            mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2 + bias_bytes)
-            tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, j0 * BLOCK_N],
-                                            q_ready.index(buf), bias_smem.index(2 + buf))
-        else:
-            mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2)
-        for part in gl.static_range(CONSUMERS):
-            tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m + part * HALF_M, h, 0], q_ready.index(buf),
-                                            q_smem.index(CONSUMERS * buf + part))
-        g -= j0  # the tile's block j is the program's block g + j
-        for j in range(j0, n_blocks):
-            stage = (g + j) & 1
-            free_phase = ((g + j) >> 1) & 1 ^ 1
-            mbarrier.wait(k_empty.index(stage), free_phase)
-            mbarrier.expect(k_ready.index(stage), k_bytes)
-            tma.async_copy_global_to_shared(k_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], k_ready.index(stage),
-                                            k_smem.index(stage))
-            if ROW_KEYS:
-                tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, j * BLOCK_N, 0],
-                                                k_ready.index(stage), ext_b.index(stage))
-            if BIAS_FULL:
-                for half in gl.static_range(2):
-                    tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on + h * bias_h_on,
-                                                                start_m + half * HALF_M, j * BLOCK_N],
-                                                    k_ready.index(stage), bias_smem.index(2 * stage + half))
-            mbarrier.wait(v_empty.index(stage), free_phase)
-            row_block = j  # the block whose bias slice rides with V_j, into V's stage's slot
-            if ROW_AHEAD:
-                row_block = j + 1
-            if BIAS_ROW and row_block < n_blocks:
-                mbarrier.expect(v_ready.index(stage), kv_bytes + bias_bytes)
-                tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, row_block * BLOCK_N],
-                                                v_ready.index(stage), bias_smem.index(stage))
-            else:
-                mbarrier.expect(v_ready.index(stage), kv_bytes)
-            tma.async_copy_global_to_shared(v_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], v_ready.index(stage),
-                                            v_smem.index(stage))
-        g += n_blocks
-        r += 1
-        t = nprog + gl.atomic_add(Tiles, 1)  # Tiles[0] counts the tiles taken after the first round
-    # no tile left: an empty one (n_blocks 0) tells the consumers to stop
-    buf, q_phase = _q_buffer(r, Q_BUFS)
-    mbarrier.wait(q_empty.index(buf), q_phase ^ 1)
-    gl.store(info_slot(Tiles, buf) + 3, 0)
-    mbarrier.arrive(q_ready.index(buf))
 
 
 @gluon.jit
@@ -277,7 +147,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     ALIBI_MMA: gl.constexpr = RAW and ALIBI == 1
     EXT: gl.constexpr = ALIBI_MMA or ROW_KEYS  # an extension product adds per-key terms to the scores
     EARLY_EXT: gl.constexpr = ALIBI_MMA  # ALiBi's reads no K: issued a block early, Q K^T accumulates onto it
-    ROW_AHEAD: gl.constexpr = _row_ahead(HEAD_DIM)
+    ROW_AHEAD: gl.constexpr = row_ahead(HEAD_DIM)
     ROW_FIRST: gl.constexpr = ROW_AHEAD and BIAS_ROW  # a slice to read before the block's first product
 
     # the coordinates come from memory before and again after the key loop, so that no register holds
@@ -492,7 +362,7 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
     r = 0
     n_blocks = 1
     while n_blocks > 0:
-        buf, q_phase = _q_buffer(r, _q_buffers(HEAD_DIM, BIAS_FULL))
+        buf, q_phase = q_buffer(r, q_buffers(HEAD_DIM, BIAS_FULL))
         mbarrier.wait(q_ready.index(buf), q_phase)
         info = info_slot(Tiles, buf)
         n_blocks = gl.load(info + 3, volatile=True)
@@ -547,13 +417,13 @@ def _hopper_fwd_kernel(
 
     n_m = gl.cdiv(seqlen_q, BLOCK_M)
     # Q: two buffers (this tile's and the next; one with a D128 bias matrix), each two warpgroup halves
-    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS * _q_buffers(HEAD_DIM, BIAS_FULL), 1, HALF_M, 1, HEAD_DIM],
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS * q_buffers(HEAD_DIM, BIAS_FULL), 1, HALF_M, 1, HEAD_DIM],
                                        tile_layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, 1, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, BLOCK_N, 1, HEAD_DIM], tile_layout)
     if BIAS_ROW:
-        # slots 0, 1 beside V's stages; with _row_ahead also 2, 3 beside Q's buffers (block 0's slice)
-        if _row_ahead(HEAD_DIM):
+        # slots 0, 1 beside V's stages; with row_ahead also 2, 3 beside Q's buffers (block 0's slice)
+        if row_ahead(HEAD_DIM):
             bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [4, 1, 1, BLOCK_N], bias_desc.layout)
         else:
             bias_smem = gl.allocate_shared_memory(bias_desc.dtype, [2, 1, 1, BLOCK_N], bias_desc.layout)
@@ -606,7 +476,7 @@ def _hopper_fwd_kernel(
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
                                       ROW_KEYS, CONSUMERS, REACH)),
-            (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
+            (forward_loader, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b,
                                Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW,
@@ -624,7 +494,7 @@ def _hopper_fwd_kernel(
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
                                       ROW_KEYS, CONSUMERS, REACH)),
-            (_load_partition, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
+            (forward_loader, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b,
                                Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW,

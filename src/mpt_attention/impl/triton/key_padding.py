@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from mpt_attention.impl.triton import hopper
+from mpt_attention.impl.triton.hopper_views import aligned_row
 from mpt_attention.impl.triton.lean_launch import cdiv, launch_kernel, next_power_of_2
 from mpt_attention.kept import kept_on
 
@@ -126,7 +127,7 @@ def _bias_row(kpm, slopes, n_heads):
     backward."""
     batch, s_k = kpm.shape
     heads = 1 if slopes is None else n_heads
-    rows = torch.empty(batch, heads, 1, hopper.aligned_row(s_k, 4), dtype=torch.float32, device=kpm.device)[..., :s_k]
+    rows = torch.empty(batch, heads, 1, aligned_row(s_k, 4), dtype=torch.float32, device=kpm.device)[..., :s_k]
     if slopes is None:
         rows.zero_()
     else:

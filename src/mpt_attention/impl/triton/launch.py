@@ -13,7 +13,7 @@ import os
 import torch
 import triton
 
-from mpt_attention.impl.triton import hopper, key_padding, plans
+from mpt_attention.impl.triton import hopper, hopper_views, key_padding, plans
 from mpt_attention.impl.triton.backward import SOFT_BLOCKS, SOFT_EVERY_ROW, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
@@ -110,7 +110,7 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
         bias_strides = [0 if size == 1 else stride for size, stride in zip(bias.shape, bias.stride())]
     else:
         bias_strides = [0, 0, 0, 0]
-    slope_strides = list(hopper.slope_args(slopes, dummy)[1])
+    slope_strides = list(hopper_views.slope_args(slopes, dummy)[1])
     alibi = _alibi_mode(slopes, causal, prefix)
     # bool masks are read as bytes; (B, S_k) rows with unit stride along keys
     kpm = kpm.contiguous().view(torch.uint8) if kpm is not None else None
@@ -151,9 +151,9 @@ def _bias_rows_plan(bias: torch.Tensor):
     """``_log2_bias_rows``' buffer shape, S_k, and its launch with the launch's scalar arguments (None: nothing to
     convert) for a bias of this signature."""
     n_b, n_h, _, s_k = bias.shape
-    b_on, h_on = hopper.bias_dims_on(bias)
+    b_on, h_on = hopper_views.bias_dims_on(bias)
     rows_b, rows_h = (n_b if b_on else 1), (n_h if h_on else 1)
-    row = hopper.aligned_row(s_k, 4)
+    row = hopper_views.aligned_row(s_k, 4)
     convert = None
     if rows_b * rows_h and s_k:
         block = min(1024, max(16, next_power_of_2(s_k)))
@@ -238,7 +238,7 @@ def _descriptors_ok(*tensors: torch.Tensor) -> bool:
     device = tensors[0].device
     if not _INTERPRET and (device.type != "cuda" or hopper.sm_major(device.index) < 9):
         return False
-    return all(hopper.tma_aligned(t) for t in tensors)
+    return all(hopper_views.tma_aligned(t) for t in tensors)
 
 
 def _ensure_allocator() -> None:

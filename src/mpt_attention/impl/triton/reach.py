@@ -237,10 +237,11 @@ def norm_launch(q, k, first):
 
 def row_reach_launch(rows, dims_on, q, k, qk_scale2, n_entries, tile_m, block_n, norms_first, first, for_backward):
     """``row_reach_kernel``'s launch for a converted bias row like ``rows`` (varying over batch and heads as
-    ``dims_on``, ``hopper.bias_dims_on``) and q, k like ``q``, ``k`` (B, S, H, D): reading the norm maxima from word
-    ``norms_first``, writing ``n_entries`` entries per (batch, head) from word ``first`` (forward: query tiles of
-    ``tile_m`` rows; backward: key blocks), key blocks of ``block_n``. ``(PlannedLaunch, its scalars)``; the prefix
-    maxima (``row_prefix_max``), the row, then the forward's ends (``row_ends``) come first among its tensors."""
+    ``dims_on``, ``hopper_views.bias_dims_on``) and q, k like ``q``, ``k`` (B, S, H, D): reading the norm maxima
+    from word ``norms_first``, writing ``n_entries`` entries per (batch, head) from word ``first`` (forward: query
+    tiles of ``tile_m`` rows; backward: key blocks), key blocks of ``block_n``. ``(PlannedLaunch, its scalars)``;
+    the prefix maxima (``row_prefix_max``), the row, then the forward's ends (``row_ends``) come first among its
+    tensors."""
     batch, s_q, n_heads = q.shape[:3]
     s_k, n_kv = k.shape[1], k.shape[2]
     b_on, h_on = dims_on
