@@ -56,8 +56,11 @@ def test_all_kernels_compile_for_sm90():
     # the dQ warpgroup's staging stores compile only without bank conflicts (one accumulator shape: 64 queries)
     assert result.stdout.count("ok   dq-staging") == 1
     # the backward's delta kernel as the general kernels, the dQ warpgroup and the first-write dQ sums take it
-    assert result.stdout.count("ok   delta\n") == 1 and result.stdout.count("ok   delta-dq-warpgroup") == 1
+    assert result.stdout.count("ok   delta ptx=") == 1 and result.stdout.count("ok   delta-dq-warpgroup") == 1
     assert result.stdout.count("ok   delta-first-write") == 1
+    # each kernel's PTX digest (source locations left out), which a change meant only to move code must keep
+    oks = [row for row in result.stdout.splitlines() if row.startswith("ok ")]
+    assert all(re.search(r" ptx=[0-9a-f]{12}$", row) for row in oks), [row for row in oks if " ptx=" not in row]
 
 
 def test_ptx_schedule_tool_runs_and_reads_the_loop():
