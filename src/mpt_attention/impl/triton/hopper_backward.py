@@ -79,7 +79,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS
-from mpt_attention.impl.triton.common import _log2_bias
+from mpt_attention.impl.triton.common import LOG2E, _log2_bias
 from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
@@ -91,7 +91,6 @@ from mpt_attention.impl.triton.hopper_tiles import packed_tile, reach_query_end,
 from mpt_attention.impl.triton.hopper_tiles import tile_order
 from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
 
-_LOG2E = gl.constexpr(1.4426950408889634)
 # a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector
 _ROWS_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
@@ -213,7 +212,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
         slope2 = 0.0
         key_terms = gl.zeros([_HALF_N], gl.float32, key_layout)
         if ALIBI != 0:
-            slope2 = gl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(gl.float32) * _LOG2E
+            slope2 = gl.load(Slopes + b64 * stride_slb + h64 * stride_slh).to(gl.float32) * LOG2E
         if ALIBI == 1:  # MPT's causal form: slope * (key - (S_k - 1)), one value per row here
             key_terms = slope2 * (keys - (seqlen_k - 1)).to(gl.float32)
         if BIAS_ROW:  # a row over the keys: one value per key, i.e. per row of this tile

@@ -13,13 +13,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS
+from mpt_attention.impl.triton.common import LOG2E
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_scores import HALF_M
 from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles, reach_first_block
 from mpt_attention.impl.triton.hopper_tiles import row_reach_end_block, row_reach_first_block
 from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
-
-_LOG2E = gl.constexpr(1.4426950408889634)
 
 
 @gluon.constexpr_function
@@ -89,7 +88,7 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
         elif REACH:
             slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32)
             j0 = reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, start_m + seqlen_k - seqlen_q,
-                                   n_blocks, slope2 * _LOG2E, qk_scale2, BLOCK_N)
+                                   n_blocks, slope2 * LOG2E, qk_scale2, BLOCK_N)
         buf, q_phase = q_buffer(r, Q_BUFS)
         mbarrier.wait(q_empty.index(buf), q_phase ^ 1)  # a fresh barrier counts as released
         # the tile's coordinates for the consumers, published by the arrive in Q's expect below

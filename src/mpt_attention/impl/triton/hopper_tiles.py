@@ -10,10 +10,10 @@ sequences, built on the device by ``hopper.forward``: no host sync).
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from mpt_attention.impl.triton.common import LOG2E
 from mpt_attention.impl.triton.reach import NORM_SLACK, VANISH2
 
 BLOCK_M = gl.constexpr(128)  # query rows per forward tile of two consumer warpgroups (three: forward_tile's BLOCK_M)
-_LOG2E = gl.constexpr(1.4426950408889634)
 
 
 @gluon.jit
@@ -176,7 +176,7 @@ def reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, h0, n_g, kv_h, n_h
     end = 0
     for g in range(n_g):
         h = h0 + g
-        slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32) * _LOG2E
+        slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32) * LOG2E
         reach = head_reach(Norms, b, h, kv_h, batch * n_heads, n_heads, n_kv, slope2, qk_scale2)
         head_end = seqlen_q
         # (the comparisons are false for NaN; below S_q the reach converts exactly enough, rounded up by one)

@@ -1,5 +1,6 @@
 """How the Hopper launches (``hopper.py``) show tensors to the copy engine: its alignment rules, the
-``TensorDescriptor``s they build on every call, and the views of biases and packed tensors those describe.
+``TensorDescriptor``s they build on every call, and the views of biases and packed tensors those describe. The
+general launches (``launch.py``) use the same rules for their tensor descriptors and bias rows.
 
 Kept apart from the launches' planning so that the rules the descriptors rely on (16-byte aligned bases and strides,
 unit last stride, broadcast dims of size 1) sit beside the one place that builds descriptors without checking them.
