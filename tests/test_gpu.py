@@ -394,3 +394,42 @@ def test_general_kernels_past_the_reach_match_every_block(monkeypatch, case, det
     for name, a, b in zip(["dq", "dk", "dv"], grads, every):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-pass", "atomic-dq"])
+def test_general_kernels_past_the_reach_in_packed_sequences(monkeypatch, deterministic):
+    """``attention_varlen`` on the general kernels (the Hopper kernels off) skips key blocks past causal ALiBi's reach
+    in each sequence (one norm bound per head over all tokens, reach.norm_row): against computing every block, and
+    each sequence against the float64 reference. Sequences of 4096, 3000 queries on 5000 keys, and 700."""
+    from mpt_attention.testing import reference_attention_varlen
+
+    monkeypatch.setattr(hopper, "ENABLED", False)
+    lens_q, lens_k = [4096, 3000, 700], [4096, 5000, 700]
+    cu_q, cu_k = (torch.tensor([0] + lens, dtype=torch.int32, device="cuda").cumsum(0, dtype=torch.int32)
+                  for lens in (lens_q, lens_k))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(sum(lens_q), 8, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
+    k, v = (torch.randn(sum(lens_k), 2, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
+            for _ in range(2))
+    slopes = M.gen_slopes(8, return_1d=True, device="cuda")
+    dout = torch.randn(q.shape, device="cuda", generator=gen).bfloat16()
+    kw = dict(backend="triton", causal=True, alibi_slopes=slopes, deterministic=deterministic)
+
+    def run(min_keys):
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
+        out = M.attention_varlen(q, k, v, cu_q, cu_k, **kw)
+        return out, _grads(out, [q, k, v], dout)
+
+    every_out, every = run(1 << 62)
+    out, grads = run(1024)
+    diff = (out.float() - every_out.float()).abs()
+    assert (diff <= every_out.float().abs() * 2.0 ** -7 + 1e-6).all(), diff.max()
+    for name, a, b in zip(["dq", "dk", "dv"], grads, every):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+    refs = []
+    for dtype in (torch.float64, torch.bfloat16):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention_varlen(*xs, cu_q, cu_k, causal=True, alibi_slopes=slopes, compute_dtype=dtype)
+        refs.append([ref.detach(), *_grads(ref, xs, dout.to(dtype))])
+    for name, got, ref, low in zip(["out", "dq", "dk", "dv"], [out.detach(), *grads], *refs):
+        assert_close_to_reference(name, got, ref, low)

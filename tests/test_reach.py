@@ -289,6 +289,61 @@ def test_general_kernels_skip_only_blocks_past_the_reach(monkeypatch):
         assert_close_to_reference(name, got, ref, low)
 
 
+
+def test_general_kernels_skip_past_the_reach_in_packed_sequences(monkeypatch):
+    """``attention_varlen`` on the general kernels skips key blocks past causal ALiBi's reach in each sequence, the
+    bound from each head's norm maxima over every token (``reach.norm_row``): NaN in every sequence's first 64
+    keys of V reaches only rows within the steep head's reach of them (all rows of the flat head); dO's NaN in each
+    sequence's last 32 rows reaches only the steep head's late key blocks; clean results match computing every
+    block and the float64 reference. Sequences of 256, 200 (chunked prefill: 150 queries) and 90 keys."""
+    import mpt_attention as M
+    from mpt_attention.testing import assert_close_to_reference, reference_attention_varlen
+
+    lens_q, lens_k = [256, 150, 90], [256, 200, 90]
+    cu_q, cu_k = (torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32) for lens in (lens_q, lens_k))
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(sum(lens_q), 2, 16, generator=gen)
+    k, v = (torch.randn(sum(lens_k), 2, 16, generator=gen) for _ in range(2))
+    slopes = torch.tensor([2.0, 2.0 ** -8])
+    kw = dict(backend="triton", causal=True, alibi_slopes=slopes)
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 16)
+    assert launch._general_reach(None, slopes, None, None, None, True, True, 3, max(lens_k))
+    first_keys = torch.cat([torch.arange(int(c), int(c) + 64) for c in cu_k[:-1]])
+    last_rows = torch.cat([torch.arange(int(c) - 32, int(c)) for c in cu_q[1:]])
+    v_nan = v.clone()
+    v_nan[first_keys] = float("nan")
+    out = M.attention_varlen(q, k, v_nan, cu_q, cu_k, **kw)
+    # the first sequence's rows from 192 and the second's from 150 - 32 (their positions past 168) see no key below 64
+    assert out[192:256, 0].isfinite().all() and out[256 + 118:256 + 150, 0].isfinite().all()
+    assert out[:64, 0].isnan().all() and out[:, 1].isnan().all()
+    dout_nan = torch.randn(q.shape, generator=gen)
+    dout_nan[last_rows] = float("nan")
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    _, dk, dv = torch.autograd.grad(M.attention_varlen(*xs, cu_q, cu_k, **kw), xs, dout_nan)
+    for g in (dk, dv):  # keys far behind a sequence's last 32 rows (positions 224 and 168 on) take nothing from them
+        assert g[:96, 0].isfinite().all() and g[256:256 + 64, 0].isfinite().all()
+        assert g[224:256, 0].isnan().all() and g[256 + 168:456, 0].isnan().all() and g[:, 1].isnan().all()
+
+    dout = torch.randn(q.shape, generator=gen)
+
+    def run(min_keys, dtype=torch.float32, deterministic=None):
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = M.attention_varlen(*xs, cu_q, cu_k, deterministic=deterministic, **kw)
+        return [out.detach(), *torch.autograd.grad(out, xs, dout.to(dtype))]
+
+    every = run(1 << 62)
+    for deterministic in (None, False):  # dQ from its own pass, or added by the dK/dV kernel (float32 atomics)
+        for name, a, b in zip(["out", "dq", "dk", "dv"], run(16, deterministic=deterministic), every):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} deterministic={deterministic}")
+    refs = []
+    for dtype in (torch.float64, torch.float16):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention_varlen(*xs, cu_q, cu_k, causal=True, alibi_slopes=slopes, compute_dtype=dtype)
+        refs.append([ref.detach(), *torch.autograd.grad(ref, xs, dout.to(dtype))])
+    for name, got, ref, low in zip(["out", "dq", "dk", "dv"], run(16, torch.float16), *refs):
+        assert_close_to_reference(name, got, ref, low)
+
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "float32 with steep causal ALiBi: the kernels form MPT's slope * (j - (S_k - 1)) in log2 units, whose rounding "
     "far from the last key exceeds the 2x rule (docs/errors.md, 'Precision'); passes once ALiBi is measured from "

@@ -329,8 +329,8 @@ def main() -> int:
         dict(IS_CAUSAL=True, ALIBI=0, BIAS=1, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
     ]
     flag_sets = [dict(flags, REACH=False) for flags in flag_sets]
-    # causal ALiBi from slopes past its reach (launch._general_reach)
-    flag_sets.append(dict(flag_sets[0], REACH=True))
+    # causal ALiBi from slopes past its reach (launch._general_reach), dense and packed (one norm row: reach.norm_row)
+    flag_sets += [dict(flag_sets[0], REACH=True), dict(flag_sets[0], REACH=True, VARLEN=True)]
     for head_dim, flags in itertools.product((64, 128, 256), flag_sets):
         block_d = max(16, triton.next_power_of_2(head_dim))
         desc = not flags["HAS_KPM"]  # tensor-descriptor (TMA) loads wherever the launcher allows them

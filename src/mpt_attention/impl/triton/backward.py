@@ -21,7 +21,7 @@ from mpt_attention.impl.triton.common import (
     BIAS_ROW, BIAS_ROW_VALUES, LOG2E, bias_pointers, bias_row_source, block_bias, decode_lse2, dropout_keep,
     grid_row, key_block_range, live_keys, score_tile, sequence_bounds, soft_row_scale,
 )
-from mpt_attention.impl.triton.reach import reach_first_key, reach_query_end
+from mpt_attention.impl.triton.reach import norm_row, reach_first_key, reach_query_end
 
 
 # how the delta kernel writes dO scaled for soft-masked rows (SOFT_ROWS): not at all, every row, or only the
@@ -325,7 +325,8 @@ def _attn_bwd_dkdv_kernel(
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         head_end, head_split = m_end, q_split
         if REACH:
-            head_end = tl.minimum(m_end, reach_query_end(Norms, b, h, n_heads, n_kv, tl.num_programs(2), slope2,
+            norm_b, norm_rows = norm_row(b, tl.num_programs(2), VARLEN)
+            head_end = tl.minimum(m_end, reach_query_end(Norms, norm_b, h, n_heads, n_kv, norm_rows, slope2,
                                                          qk_scale2, start_n + BLOCK_N - 1, diag, seqlen_q))
             head_split = tl.minimum(q_split, head_end)
         dk, dv, dbias_cols = _dkdv_blocks(
@@ -472,7 +473,8 @@ def _attn_bwd_dq_kernel(
     lo, lo_masked, hi = key_block_range(start_m, b64, KvRange, SeqRange, seqlen_q, seqlen_k,
                                         IS_CAUSAL, HAS_KPM, HAS_SEQID, HAS_PREFIX, BLOCK_M, BLOCK_N)
     if REACH:
-        lo = tl.minimum(reach_first_key(Norms, b, h, n_heads, n_heads // n_groups, tl.num_programs(2), slope2,
+        norm_b, norm_rows = norm_row(b, tl.num_programs(2), VARLEN)
+        lo = tl.minimum(reach_first_key(Norms, norm_b, h, n_heads, n_heads // n_groups, norm_rows, slope2,
                                         qk_scale2, start_m + diag, BLOCK_N), lo_masked)
     # dS is the bias gradient; a (B, H, S_q, S_k) buffer for BIAS_GRAD == 2 (zero-initialised).
     dbias_base = DBias + bh.to(tl.int64) * seqlen_q * seqlen_k + m64 * seqlen_k

@@ -12,7 +12,7 @@ from mpt_attention.impl.triton.common import (
     BIAS_ROW_VALUES, LOG2E, bias_row_source, block_bias, dropout_keep, encode_lse, grid_row, key_block_range,
     live_keys, score_tile, sequence_bounds,
 )
-from mpt_attention.impl.triton.reach import reach_first_key
+from mpt_attention.impl.triton.reach import norm_row, reach_first_key
 
 
 @triton.jit
@@ -145,7 +145,8 @@ def _attn_fwd_kernel(
     lo, lo_masked, hi = key_block_range(start_m, b64, KvRange, SeqRange, seqlen_q, seqlen_k,
                                         IS_CAUSAL, HAS_KPM, HAS_SEQID, HAS_PREFIX, BLOCK_M, BLOCK_N)
     if REACH:
-        lo = tl.minimum(reach_first_key(Norms, b, h, n_heads, n_heads // n_groups, tl.num_programs(2), slope2,
+        norm_b, norm_rows = norm_row(b, tl.num_programs(2), VARLEN)
+        lo = tl.minimum(reach_first_key(Norms, norm_b, h, n_heads, n_heads // n_groups, norm_rows, slope2,
                                         qk_scale2, start_m + seqlen_k - seqlen_q, BLOCK_N), lo_masked)
     if not (HAS_KPM or HAS_SEQID or HAS_PREFIX):
         acc, l_i, m_i = _fwd_blocks(

@@ -352,16 +352,21 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
 
 def _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k) -> bool:
     """Whether the general kernels skip key blocks past causal ALiBi's reach (their ``REACH``; reach.py): causal
-    ALiBi from slopes without a bias or mask, as the Hopper kernels' ``REACH_SLOPES``."""
+    ALiBi from slopes without a bias or mask, as the Hopper kernels' ``REACH_SLOPES``; packed sequences too (``s_k``
+    their longest), whose norm maxima are one row over every token (``_reach_norms``)."""
     if kpm is not None or seqid is not None or prefix is not None:
         return False
     alibi_mode = _alibi_mode(slopes, causal, prefix)
-    return hopper.reach_applies(bias, slopes, causal, alibi_mode, varlen, batch, s_k) == REACH_SLOPES
+    norm_rows = 1 if varlen else batch
+    return hopper.reach_applies(bias, slopes, causal, alibi_mode, False, norm_rows, s_k) == REACH_SLOPES
 
 
 def _reach_norms(q, k, kept):
     """The heads' norm maxima the reach reads (``reach.norm_launch``'s words: q's (B, H), then k's (B, H_kv)):
-    ``kept`` (the forward's, handed to the backward) where it has their size, else one pass over q and k."""
+    ``kept`` (the forward's, handed to the backward) where it has their size, else one pass over q and k. Packed
+    (T, H, D) q and k give one row, each head's maxima over all their sequences' tokens (``reach.norm_row``)."""
+    if q.dim() == 3:
+        q, k = q.unsqueeze(0), k.unsqueeze(0)
     norm_pass, args, n_words = norm_launch(q, k, 0)
     if kept is not None and kept.numel() == n_words:
         return kept

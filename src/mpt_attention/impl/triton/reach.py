@@ -118,6 +118,19 @@ def slope_reach(Norms, b, h, n_heads, n_kv, batch, slope2, qk_scale2):
 
 
 @triton.jit
+def norm_row(b, batch, PACKED: tl.constexpr):
+    """``(row, rows)``: the batch row of norm maxima that a program of batch row ``b`` (of ``batch``) reads, and how
+    many rows there are. Packed sequences share row 0 of 1: each head's maxima over every token
+    (``launch._reach_norms``), a bound for each of its sequences."""
+    row = b
+    rows = batch
+    if PACKED:
+        row = 0
+        rows = 1
+    return row, rows
+
+
+@triton.jit
 def reach_first_key(Norms, b, h, n_heads, n_kv, batch, slope2, qk_scale2, first_pos, BLOCK_N: tl.constexpr):
     """The first key, a multiple of ``BLOCK_N``, that a causal ALiBi query tile whose first query sits at key position
     ``first_pos`` must read: every key before it lies more than the head's reach behind every query of the tile
