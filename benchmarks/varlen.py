@@ -1,6 +1,6 @@
 """Packed sequences (``attention_varlen``) on the GPU: the Hopper kernels against the general ones.
 
-    python benchmarks/varlen.py [--against-dense | --sequence-id | --packed]
+    python benchmarks/varlen.py [--against-dense | --sequence-id | --packed | --general-reach]
 
 Per shape (bf16; a batch of sequences of random lengths between a quarter and three quarters of S, the padded
 batch of bench_attention.py's extras), real-token TFLOP/s of the forward and of forward+backward with the Hopper
@@ -11,6 +11,8 @@ kernels' ratio, the eager one what a loop of single calls sees.
 ``--against-dense``: equal sequences, packed against the same batch dense (``against_dense``).
 ``--sequence-id``: MPT's packed rows, as packed sequences against the masked dense kernels (``sequence_id_rows``).
 ``--packed``: the packed forward+backward alone, graph replays in ms, for A/Bs of the packed kernels (``packed_fwd_bwd``).
+``--general-reach``: the general kernels (Hopper kernels off) on packed sequences with causal ALiBi, key blocks past
+its reach skipped against computed (``general_reach``).
 """
 
 import sys
@@ -173,6 +175,33 @@ def packed_fwd_bwd():
               f"{replay_ms(qp, kp, vp, cu, max_len, n_heads, causal):.4f} ms", flush=True)
 
 
+def general_reach(batch, n_heads, seq, head_dim, rounds=3):
+    """The general kernels (the Hopper kernels off, as on GPUs without them) on a padded batch packed, causal ALiBi:
+    key blocks past ALiBi's reach skipped (``hopper.REACH_MIN_KEYS`` as shipped; one norm bound per head over all
+    tokens, ``reach.norm_row``) against every block computed, real-token TFLOP/s of CUDA-graph replays."""
+    qp, kp, vp, cu, max_len, lengths = padded_batch(batch, n_heads, seq, head_dim)
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
+    real = sum(attention_flops(1, n_heads, int(n), int(n), head_dim, causal=True) for n in lengths)
+    dout = torch.randn_like(qp)
+
+    def fwd():
+        return M.attention_varlen(qp, kp, vp, cu, cu, max_len, max_len, backend="triton", causal=True,
+                                  alibi_slopes=slopes)
+
+    shipped, enabled = hopper.REACH_MIN_KEYS, hopper.ENABLED
+    hopper.ENABLED = False
+    try:
+        results = alternate(hopper, "REACH_MIN_KEYS", (shipped, 1 << 62), fwd, [qp, kp, vp], dout, real, rounds,
+                            graph=True)
+    finally:
+        hopper.ENABLED = enabled
+    label = f"B{batch} H{n_heads} S{seq} D{head_dim} causal ALiBi, ~50% padding, packed"
+    for mode in ("fwd", "fwd_bwd"):
+        skip, every = (_median(results[mode, "graph", m]) for m in (shipped, 1 << 62))
+        print(f"{label:52s} {mode:7s} general: reach {skip:6.1f}  every block {every:6.1f}  ratio {skip / every:.3f} "
+              "TFLOP/s (real tokens)", flush=True)
+
+
 def main():
     if "--sequence-id" in sys.argv:
         for shape in ((4, 16, 8192, 128), (8, 32, 2048, 64)):
@@ -184,6 +213,10 @@ def main():
         return
     if "--packed" in sys.argv:
         packed_fwd_bwd()
+        return
+    if "--general-reach" in sys.argv:  # sequences of 2k-6k keys: most take the reach (hopper.REACH_MIN_KEYS)
+        for shape in ((8, 16, 8192, 128), (8, 32, 8192, 64)):
+            general_reach(*shape)
         return
     for shape in SHAPES:
         measure(*shape)
