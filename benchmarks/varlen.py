@@ -73,17 +73,23 @@ def padded_batch(batch, n_heads, seq, head_dim):
     return qp, kp, vp, cu, max_len, lengths
 
 
-def measure(batch, n_heads, seq, head_dim, causal, rounds=3):
+def packed_case(batch, n_heads, seq, head_dim, causal):
+    """``padded_batch``'s sequences with MPT's slopes: ``(fwd, leaves, dout, real-token FLOPs)``, ``fwd`` the packed
+    forward (``attention_varlen``, triton) of the leaves q, k, v."""
     qp, kp, vp, cu, max_len, lengths = padded_batch(batch, n_heads, seq, head_dim)
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     real = sum(attention_flops(1, n_heads, int(n), int(n), head_dim, causal=causal) for n in lengths)
-    dout = torch.randn_like(qp)
 
     def fwd():
         return M.attention_varlen(qp, kp, vp, cu, cu, max_len, max_len, backend="triton", causal=causal,
                                   alibi_slopes=slopes)
 
-    results = alternate(hopper, "ENABLED", (True, False), fwd, [qp, kp, vp], dout, real, rounds, graph=True)
+    return fwd, [qp, kp, vp], torch.randn_like(qp), real
+
+
+def measure(batch, n_heads, seq, head_dim, causal, rounds=3):
+    fwd, leaves, dout, real = packed_case(batch, n_heads, seq, head_dim, causal)
+    results = alternate(hopper, "ENABLED", (True, False), fwd, leaves, dout, real, rounds, graph=True)
     label = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, ~50% padding"
     for mode in ("fwd", "fwd_bwd"):
         for timing in ("eager", "graph"):
@@ -178,28 +184,21 @@ def packed_fwd_bwd():
 def general_reach(batch, n_heads, seq, head_dim, rounds=3):
     """The general kernels (the Hopper kernels off, as on GPUs without them) on a padded batch packed, causal ALiBi:
     key blocks past ALiBi's reach skipped (``hopper.REACH_MIN_KEYS`` as shipped; one norm bound per head over all
-    tokens, ``reach.norm_row``) against every block computed, real-token TFLOP/s of CUDA-graph replays."""
-    qp, kp, vp, cu, max_len, lengths = padded_batch(batch, n_heads, seq, head_dim)
-    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
-    real = sum(attention_flops(1, n_heads, int(n), int(n), head_dim, causal=True) for n in lengths)
-    dout = torch.randn_like(qp)
-
-    def fwd():
-        return M.attention_varlen(qp, kp, vp, cu, cu, max_len, max_len, backend="triton", causal=True,
-                                  alibi_slopes=slopes)
-
+    tokens, ``reach.norm_row``) against every block computed, real-token TFLOP/s, eager and replayed from a CUDA
+    graph."""
+    fwd, leaves, dout, real = packed_case(batch, n_heads, seq, head_dim, True)
     shipped, enabled = hopper.REACH_MIN_KEYS, hopper.ENABLED
     hopper.ENABLED = False
     try:
-        results = alternate(hopper, "REACH_MIN_KEYS", (shipped, 1 << 62), fwd, [qp, kp, vp], dout, real, rounds,
-                            graph=True)
+        results = alternate(hopper, "REACH_MIN_KEYS", (shipped, 1 << 62), fwd, leaves, dout, real, rounds, graph=True)
     finally:
         hopper.ENABLED = enabled
     label = f"B{batch} H{n_heads} S{seq} D{head_dim} causal ALiBi, ~50% padding, packed"
     for mode in ("fwd", "fwd_bwd"):
-        skip, every = (_median(results[mode, "graph", m]) for m in (shipped, 1 << 62))
-        print(f"{label:52s} {mode:7s} general: reach {skip:6.1f}  every block {every:6.1f}  ratio {skip / every:.3f} "
-              "TFLOP/s (real tokens)", flush=True)
+        for timing in ("eager", "graph"):
+            skip, every = (_median(results[mode, timing, m]) for m in (shipped, 1 << 62))
+            print(f"{label:52s} {mode:7s} {timing} general: reach {skip:6.1f}  every block {every:6.1f}  "
+                  f"ratio {skip / every:.3f} TFLOP/s (real tokens)", flush=True)
 
 
 def main():

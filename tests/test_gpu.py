@@ -381,11 +381,18 @@ def test_general_kernels_past_the_reach_match_every_block(monkeypatch, case, det
     monkeypatch.setattr(hopper, "ENABLED", False)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    out, grads = _reach_matches_every_block(
+        monkeypatch, lambda: M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw), [q, k, v], dout)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
+
+def _reach_matches_every_block(monkeypatch, call, leaves, dout):
+    """``call()``'s output and its gradients with the reach from 1024 keys (``hopper.REACH_MIN_KEYS``), checked
+    against computing every block: the output within bf16's rounding, the gradients within 2e-2."""
     def run(min_keys):
         monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
-        out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
-        return out, _grads(out, [q, k, v], dout)
+        out = call()
+        return out, _grads(out, leaves, dout)
 
     every_out, every = run(1 << 62)
     out, grads = run(1024)
@@ -393,7 +400,7 @@ def test_general_kernels_past_the_reach_match_every_block(monkeypatch, case, det
     assert (diff <= every_out.float().abs() * 2.0 ** -7 + 1e-6).all(), diff.max()
     for name, a, b in zip(["dq", "dk", "dv"], grads, every):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
-    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+    return out, grads
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["two-pass", "atomic-dq"])
@@ -414,18 +421,8 @@ def test_general_kernels_past_the_reach_in_packed_sequences(monkeypatch, determi
     slopes = M.gen_slopes(8, return_1d=True, device="cuda")
     dout = torch.randn(q.shape, device="cuda", generator=gen).bfloat16()
     kw = dict(backend="triton", causal=True, alibi_slopes=slopes, deterministic=deterministic)
-
-    def run(min_keys):
-        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
-        out = M.attention_varlen(q, k, v, cu_q, cu_k, **kw)
-        return out, _grads(out, [q, k, v], dout)
-
-    every_out, every = run(1 << 62)
-    out, grads = run(1024)
-    diff = (out.float() - every_out.float()).abs()
-    assert (diff <= every_out.float().abs() * 2.0 ** -7 + 1e-6).all(), diff.max()
-    for name, a, b in zip(["dq", "dk", "dv"], grads, every):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+    out, grads = _reach_matches_every_block(
+        monkeypatch, lambda: M.attention_varlen(q, k, v, cu_q, cu_k, **kw), [q, k, v], dout)
     refs = []
     for dtype in (torch.float64, torch.bfloat16):
         xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
