@@ -62,6 +62,25 @@ def test_float32_uses_ieee_dots():
     assert (out.double() - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("s_q", [2048, 700], ids=["s2048", "chunked-prefill-700-of-2048"])
+def test_float32_causal_alibi_meets_the_tolerance_rule_at_length(s_q):
+    """Float32 causal ALiBi at MPT's slopes and S 2048, also as a chunked prefill: out, the returned log-sum-exp and
+    the gradients of ``out * dout + lse * dlse`` meet the 2x rule (the kernels measure ALiBi from each row's
+    diagonal; tests/test_reach.py holds the steep case that MPT's own form misses, benchmarks/alibi_precision.py
+    the errors of both forms at length)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, n, 4, 64, device="cuda", generator=gen) for n in (s_q, 2048, 2048))
+    kw = dict(causal=True, alibi_slopes=torch.tensor([2 ** -0.5, 2 ** -1, 2 ** -4, 2 ** -8], device="cuda"))
+    inputs = [x.requires_grad_() for x in (q, k, v)]
+    out, lse = M.attention(*inputs, backend="triton", return_lse=True, **kw)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad([out, lse], inputs, [dout, dlse])
+    _, ref_lse = reference_attention(*(x.detach().double() for x in inputs), **kw)
+    _, low_lse = reference_attention(*(x.detach() for x in inputs), compute_dtype=torch.float32, **kw)
+    assert_close_to_reference("lse", lse, ref_lse, low_lse)
+    assert_gradients_close_to_reference(out, grads, inputs, kw, dout, torch.float32, dlse=dlse)
+
+
 @pytest.mark.parametrize("case", [AttnCase(2, 1500, 1500, 8, 2, 128, causal=True, alibi=True, padding=True),
                                   AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, bias="full")],
                          ids=["alibi-padding", "full-bias-dq-gemm"])

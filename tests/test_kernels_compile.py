@@ -58,6 +58,9 @@ def test_all_kernels_compile_for_sm90():
     # the backward's delta kernel as the general kernels, the dQ warpgroup and the first-write dQ sums take it
     assert result.stdout.count("ok   delta ptx=") == 1 and result.stdout.count("ok   delta-dq-warpgroup") == 1
     assert result.stdout.count("ok   delta-first-write") == 1
+    # float32 in the general kernels, with causal ALiBi measured from each row's diagonal: forward, dK/dV (with and
+    # without the atomic dQ) and dQ
+    assert all(f"ok   {name}-fp32 ptx=" in result.stdout for name in ("fwd", "dkdv", "dkdv-atomic-dq", "dq"))
     # each kernel's PTX digest (source locations left out), which a change meant only to move code must keep
     oks = [row for row in result.stdout.splitlines() if row.startswith("ok ")]
     assert all(re.search(r" ptx=[0-9a-f]{12}$", row) for row in oks), [row for row in oks if " ptx=" not in row]

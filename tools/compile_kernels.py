@@ -379,10 +379,21 @@ def main() -> int:
                                                                 ROW_STATS=True, STORE_DELTA=False, ZERO_DQ=False,
                                                                 ZERO_SYNC=True),
               dict(num_warps=4, num_stages=1), "bf16"),
-             ("fwd-fp32", _attn_fwd_kernel, dict(flag_sets[0], KV_DESC=False, ROW_DESC=False, DOT_PRECISION="ieee",
-                                                 BLOCK_D=64,
-                                                 **launch._fwd_config(64)),
-              None, "fp32")]
+             ]
+    # float32, which only the general kernels take: causal ALiBi measured from each row's diagonal
+    # (launch._kernel_alibi), dots in IEEE float32, the tiles' loads through descriptors as launch.py gives them
+    fp32_flags = dict(flag_sets[0], ALIBI=3, DOT_PRECISION="ieee", BLOCK_D=64)
+    kv_cfg, q_cfg = launch._bwd_config(64)
+    extra += [("fwd-fp32", _attn_fwd_kernel, dict(fp32_flags, KV_DESC=True, ROW_DESC=False, **launch._fwd_config(64)),
+               None, "fp32"),
+              ("dkdv-fp32", _attn_bwd_dkdv_kernel, dict(fp32_flags, BIAS_GRAD=0, DESC=True, ATOMIC_DQ=0, DS_DESC=False,
+                                                        **kv_cfg), None, "fp32"),
+              ("dkdv-atomic-dq-fp32", _attn_bwd_dkdv_kernel, dict(fp32_flags, BIAS_GRAD=0, DESC=True, ATOMIC_DQ=2,
+                                                                  DS_DESC=False,
+                                                                  **launch._bwd_config(64, atomic_dq=True)[0]),
+               None, "fp32"),
+              ("dq-fp32", _attn_bwd_dq_kernel, dict(fp32_flags, BIAS_GRAD=0, DESC=True, ROW_DESC=False, **q_cfg), None,
+               "fp32")]
     for name, fn, consts, opts, dtype in extra:
         consts = dict(consts)
         if opts is None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["triton_attention", "triton_dropout_mask"]
+__all__ = ["alibi_from_diagonal", "public_lse", "triton_attention", "triton_dropout_mask"]
+
+_SOFT_LSE = -2.0 ** 100  # common.SOFT_LSE: at or below it a soft-masked row's encoded count, kept as it is
 
 
 def _launch():
@@ -144,9 +146,41 @@ def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=
         # the device itself: no host-to-device copy per call, and a CUDA graph can capture the draw
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     op = _triton_fwd if torch.compiler.is_compiling() else _EagerTritonAttention.apply
-    return op(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
-              scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-              int(max_seqlen_k), deterministic)
+    out, lse = op(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
+                  scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                  int(max_seqlen_k), deterministic)
+    return out, public_lse(lse, q.dtype, alibi_slopes, causal, prefix_mask, cu_seqlens_q)
+
+
+def alibi_from_diagonal(dtype, slopes, causal, prefix_mask) -> bool:
+    """Whether the kernels measure causal ALiBi from each row's diagonal, ``slope * (j - i - (S_k - S_q))``, instead
+    of MPT's ``slope * (j - (S_k - 1))``: in float32, which only the general kernels take. The softmax is the same;
+    the scores and log-sum-exps that float32 must round stay near 0, where MPT's form makes them large far from the
+    last key and the backward inherits their rounding (docs/errors.md, "Precision")."""
+    return dtype == torch.float32 and slopes is not None and causal and prefix_mask is None
+
+
+def public_lse(lse: Tensor, dtype, slopes, causal, prefix_mask, cu_seqlens_q) -> Tensor:
+    """The kernels' log-sum-exp (the one their backward takes) as MPT's scores give it: where ALiBi was measured
+    from each row's diagonal (``alibi_from_diagonal``), less ``slope * (S_q - 1 - i)`` for query i of a sequence
+    S_q long. Differentiable (the gradient passes through); rows without a key (-inf) and soft-masked rows
+    (an encoded count, ``common.SOFT_LSE``) are kept."""
+    if not alibi_from_diagonal(dtype, slopes, causal, prefix_mask):
+        return lse
+    # in float64, so the result rounds once: its magnitude, up to slope * S, is where float32 rounds coarsely
+    slopes = slopes.double()
+    if cu_seqlens_q is None:  # (B, H, S_q); slopes (H,) or (B, H)
+        s_q = lse.shape[-1]
+        rows_after = torch.arange(s_q - 1, -1, -1, device=lse.device, dtype=torch.float64)
+        shift = slopes.unsqueeze(-1) * rows_after
+    else:  # (H, T_q); slopes (H,) or (sequences, H)
+        tokens = torch.arange(lse.shape[-1], device=lse.device, dtype=cu_seqlens_q.dtype)
+        # (clamped: tokens outside every sequence have no log-sum-exp to convert)
+        sequence = (torch.searchsorted(cu_seqlens_q, tokens, right=True) - 1).clamp(0, cu_seqlens_q.numel() - 2)
+        rows_after = (cu_seqlens_q[sequence + 1] - 1 - tokens).double()
+        per_token = slopes.unsqueeze(-1) if slopes.dim() == 1 else slopes.index_select(0, sequence).t()
+        shift = per_token * rows_after
+    return torch.where(lse > _SOFT_LSE, (lse.double() - shift).float(), lse)
 
 
 def backward_determinism(deterministic: bool | None) -> bool | None:

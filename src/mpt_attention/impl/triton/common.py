@@ -24,10 +24,16 @@ SOFT_LSE = tl.constexpr(-1.2676506002282294e30)  # -2^100
 SOFT_COUNT_UNIT = tl.constexpr(1.5111572745182865e23)  # 2^77: one key in the encoded count
 SOFT_MAX_COUNT = tl.constexpr(8388607.0)  # 2^23 - 1
 
-# ALiBi modes (constexpr): none, MPT's causal form, the symmetric form.
+# ALiBi modes (constexpr): none, MPT's causal form, the symmetric form, and MPT's causal form measured from each
+# row's diagonal, slope * (j - i - (S_k - S_q)): the float32 kernels' (launch._kernel_alibi). The two causal forms
+# differ by slope * (S_q - 1 - i) per row, which the softmax drops; the row's log-sum-exp is larger by it in the
+# diagonal form (ops.public_lse subtracts it). Far from the last key MPT's own form gives scores and log-sum-exps
+# of large magnitude (~ -736 in log2 units at slope 2, S 256; ulp 6e-5) whose float32 rounding the backward's
+# exp2(s - lse) inherits; from the diagonal the terms that carry the softmax stay near 0 (docs/errors.md).
 ALIBI_NONE = tl.constexpr(0)
 ALIBI_CAUSAL = tl.constexpr(1)
 ALIBI_SYMMETRIC = tl.constexpr(2)
+ALIBI_CAUSAL_DIAGONAL = tl.constexpr(3)
 # Bias modes (constexpr): none, one row per (batch, head) broadcast over queries, a full tile. A row
 # reaches the kernels already in log2 units as float32 (log2_bias_rows_kernel, once per call); a full
 # tile is converted as it is read.
@@ -180,6 +186,8 @@ def score_tile(
     s = qk * qk_scale2
     if ALIBI == ALIBI_CAUSAL:
         s += slope2 * (cols - (seqlen_k - 1)).to(tl.float32)[None, :]
+    elif ALIBI == ALIBI_CAUSAL_DIAGONAL:
+        s += slope2 * (cols[None, :] - rows[:, None] - diag).to(tl.float32)
     elif ALIBI == ALIBI_SYMMETRIC:
         s -= slope2 * tl.abs(rows[:, None] + diag - cols[None, :]).to(tl.float32)
     col_ok = cols < seqlen_k

@@ -20,6 +20,7 @@ from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, launch_kernel, next_power_of_2
 from mpt_attention.impl.triton.reach import REACH_SLOPES, norm_launch
 from mpt_attention.kept import kept_on
+from mpt_attention.ops import alibi_from_diagonal
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # A full-shape bias gradient in q's dtype: dQ as one GEMM on the stored dS instead of the dQ kernel
@@ -30,7 +31,7 @@ DQ_FROM_STORED_DS = True
 FUSED_DQ = True
 FUSED_DQ_GROUPED = True
 LOG2E = 1.4426950408889634
-ALIBI_NONE, ALIBI_CAUSAL, ALIBI_SYMMETRIC = 0, 1, 2  # the kernels' ALIBI modes (common.py)
+ALIBI_NONE, ALIBI_CAUSAL, ALIBI_SYMMETRIC, ALIBI_CAUSAL_DIAGONAL = 0, 1, 2, 3  # the kernels' ALIBI modes (common.py)
 
 
 def _fwd_config(head_dim: int, full_bias: bool = False) -> dict:
@@ -103,6 +104,15 @@ def _alibi_mode(slopes, causal, prefix) -> int:
     return ALIBI_CAUSAL if causal and prefix is None else ALIBI_SYMMETRIC
 
 
+def _kernel_alibi(dtype, slopes, causal, prefix) -> int:
+    """The general kernels' ALIBI: MPT's causal form measured from each row's diagonal in float32
+    (``ops.alibi_from_diagonal``; their log-sum-exp then differs from MPT's by a constant per row, which
+    ``ops.public_lse`` removes), else ``_alibi_mode``."""
+    if alibi_from_diagonal(dtype, slopes, causal, prefix):
+        return ALIBI_CAUSAL_DIAGONAL
+    return _alibi_mode(slopes, causal, prefix)
+
+
 def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
     """Pointers, strides and flags for the optional inputs, in kernel argument order."""
     dummy = q
@@ -111,7 +121,7 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
     else:
         bias_strides = [0, 0, 0, 0]
     slope_strides = list(hopper_views.slope_args(slopes, dummy)[1])
-    alibi = _alibi_mode(slopes, causal, prefix)
+    alibi = _kernel_alibi(q.dtype, slopes, causal, prefix)
     # bool masks are read as bytes; (B, S_k) rows with unit stride along keys
     kpm = kpm.contiguous().view(torch.uint8) if kpm is not None else None
     prefix = prefix.contiguous().view(torch.uint8) if prefix is not None else None
@@ -291,7 +301,9 @@ def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal):
 def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
             cu_q=None, cu_k=None, max_q=0, max_k=0, bias_rows=None, reach_norms=None):
     """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
-    for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``).
+    for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``). ``lse`` is the
+    kernels' own, which ``backward`` takes: for float32 causal ALiBi measured from each row's diagonal
+    (``_kernel_alibi``); ``ops.public_lse`` turns it into MPT's.
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already. ``reach_norms``: a dict that receives
     the heads' norm maxima where the Hopper forward reads them for causal ALiBi's reach (``hopper.run_forward``),
     for ``backward`` of the same q and k."""
