@@ -1,6 +1,6 @@
 """Packed sequences (``attention_varlen``) on the GPU: the Hopper kernels against the general ones.
 
-    python benchmarks/varlen.py [--against-dense | --sequence-id | --packed | --general-reach]
+    python benchmarks/varlen.py [--against-dense | --sequence-id | --packed | --general-reach | --hopper-reach]
 
 Per shape (bf16; a batch of sequences of random lengths between a quarter and three quarters of S, the padded
 batch of bench_attention.py's extras), real-token TFLOP/s of the forward and of forward+backward with the Hopper
@@ -12,7 +12,7 @@ kernels' ratio, the eager one what a loop of single calls sees.
 ``--sequence-id``: MPT's packed rows, as packed sequences against the masked dense kernels (``sequence_id_rows``).
 ``--packed``: the packed forward+backward alone, graph replays in ms, for A/Bs of the packed kernels (``packed_fwd_bwd``).
 ``--general-reach``: the general kernels (Hopper kernels off) on packed sequences with causal ALiBi, key blocks past
-its reach skipped against computed (``general_reach``).
+its reach skipped against computed (``packed_reach``); ``--hopper-reach``: the same on the Hopper kernels.
 """
 
 import sys
@@ -181,23 +181,25 @@ def packed_fwd_bwd():
               f"{replay_ms(qp, kp, vp, cu, max_len, n_heads, causal):.4f} ms", flush=True)
 
 
-def general_reach(batch, n_heads, seq, head_dim, rounds=3):
-    """The general kernels (the Hopper kernels off, as on GPUs without them) on a padded batch packed, causal ALiBi:
-    key blocks past ALiBi's reach skipped (``hopper.REACH_MIN_KEYS`` as shipped; one norm bound per head over all
-    tokens, ``reach.norm_row``) against every block computed, real-token TFLOP/s, eager and replayed from a CUDA
-    graph."""
+def packed_reach(batch, n_heads, seq, head_dim, hopper_kernels=False, rounds=3):
+    """A padded batch packed, causal ALiBi: key blocks past ALiBi's reach skipped (``hopper.REACH_MIN_KEYS`` as
+    shipped; one norm bound per head over all tokens, ``reach.norm_row``) against every block computed, real-token
+    TFLOP/s, eager and replayed from a CUDA graph; the general kernels (the Hopper kernels off, as on GPUs without
+    them), or with ``hopper_kernels`` the Hopper ones (whose dK/dV kernel computes every block of a packed
+    sequence)."""
     fwd, leaves, dout, real = packed_case(batch, n_heads, seq, head_dim, True)
     shipped, enabled = hopper.REACH_MIN_KEYS, hopper.ENABLED
-    hopper.ENABLED = False
+    hopper.ENABLED = hopper_kernels and enabled
     try:
         results = alternate(hopper, "REACH_MIN_KEYS", (shipped, 1 << 62), fwd, leaves, dout, real, rounds, graph=True)
     finally:
         hopper.ENABLED = enabled
     label = f"B{batch} H{n_heads} S{seq} D{head_dim} causal ALiBi, ~50% padding, packed"
+    kernels = "hopper" if hopper_kernels else "general"
     for mode in ("fwd", "fwd_bwd"):
         for timing in ("eager", "graph"):
             skip, every = (_median(results[mode, timing, m]) for m in (shipped, 1 << 62))
-            print(f"{label:52s} {mode:7s} {timing} general: reach {skip:6.1f}  every block {every:6.1f}  "
+            print(f"{label:52s} {mode:7s} {timing} {kernels}: reach {skip:6.1f}  every block {every:6.1f}  "
                   f"ratio {skip / every:.3f} TFLOP/s (real tokens)", flush=True)
 
 
@@ -213,10 +215,11 @@ def main():
     if "--packed" in sys.argv:
         packed_fwd_bwd()
         return
-    if "--general-reach" in sys.argv:  # sequences of 2k-6k keys: most take the reach (hopper.REACH_MIN_KEYS)
-        for shape in ((8, 16, 8192, 128), (8, 32, 8192, 64)):
-            general_reach(*shape)
-        return
+    for flag, hopper_kernels in (("--general-reach", False), ("--hopper-reach", True)):
+        if flag in sys.argv:  # sequences of 2k-6k keys: most take the reach (hopper.REACH_MIN_KEYS)
+            for shape in ((8, 16, 8192, 128), (8, 32, 8192, 64)):
+                packed_reach(*shape, hopper_kernels=hopper_kernels)
+            return
     for shape in SHAPES:
         measure(*shape)
 

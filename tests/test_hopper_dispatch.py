@@ -445,7 +445,7 @@ def test_row_norm_maxima_for_causal_alibis_reach(monkeypatch, dtype):
     slopes = torch.rand(4) + 0.1
     plan = hopper.forward_plan(q, k, k, None, slopes, 0.125, True, 1)
     assert plan.launch.kwargs["REACH"] and plan.norms is not None
-    first = 16 + 4 * 16
+    first = 16 + 4 * hopper.PROGRAM_WORDS
     assert plan.counters == first + 2 * 4 + 2 * 2
     tiles = torch.zeros(plan.counters, dtype=torch.int32)
     norms, args, n_words = plan.norms
@@ -484,3 +484,37 @@ def test_which_forwards_skip_key_blocks_past_alibis_reach(monkeypatch, what, app
     plan = hopper.forward_plan(q, k, v, bias, slopes, 0.125, causal, mode)
     assert plan.launch.kwargs["REACH"] == applies and (plan.norms is not None) == bool(applies)
     assert (plan.row_table is not None) == (applies == 2)
+
+
+@pytest.mark.parametrize("longest, applies", [(4096, True), (4095, False)], ids=["longest-4096", "longest-4095"])
+def test_packed_forward_skips_past_the_reach_with_one_norm_row(monkeypatch, longest, applies):
+    """Packed sequences (attention_varlen) on the Hopper forward take causal ALiBi's reach from REACH_MIN_KEYS keys in
+    the longest sequence, with one row of norm maxima per head over every token (q's H words, then k's H_kv): a
+    NaN key of the last sequence gives its head +inf. The program slots hold REACH_WORD past the packed coordinates;
+    the backward's dK/dV kernel takes no reach in packed sequences."""
+    from mpt_attention.impl.triton import hopper_tiles
+
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    lens = [longest, 700, 300]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(lens), 4, 64, generator=gen) * torch.arange(1, 5).view(1, 4, 1)
+    k = torch.randn(sum(lens), 2, 64, generator=gen)
+    k[-1, 1, 5] = float("nan")
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    plan = hopper.forward_plan(q, k, k, None, torch.rand(4) + 0.1, 0.125, True, 1, cu, longest, longest)
+    assert plan.launch.kwargs["VARLEN"] and plan.launch.kwargs["REACH"] == applies
+    assert hopper.PROGRAM_WORDS == hopper_tiles.PROGRAM_WORDS.value == 2 * hopper_tiles.SLOT_WORDS.value
+    assert hopper_tiles.REACH_WORD.value >= 8  # past (b, h, start_m, n_blocks, lo_masked, q_start, len_q, len_k)
+    assert hopper.reach_applies(None, torch.rand(4), True, 1, True, 1, longest) == 0  # (the dK/dV kernel's)
+    if not applies:
+        assert plan.norms is None
+        return
+    first = 16 + 4 * hopper.PROGRAM_WORDS
+    norms, args, n_words = plan.norms
+    assert n_words == 4 + 2 and plan.counters == first + n_words
+    tiles = torch.zeros(plan.counters, dtype=torch.int32)
+    norms(q.unsqueeze(0), k.unsqueeze(0), tiles, *args)
+    got = tiles[first:].view(torch.float32)
+    expected = torch.cat([q.norm(dim=-1).amax(dim=0), k.norm(dim=-1).amax(dim=0)])
+    assert got[-1] == float("inf") and expected[-1].isnan()
+    torch.testing.assert_close(got[:-1], expected[:-1], rtol=1e-6, atol=0)

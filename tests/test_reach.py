@@ -56,7 +56,8 @@ def _tables(q, k, bias, scale, monkeypatch):
     table, args = reach.row_reach_launch(rows, hopper_views.bias_dims_on(rows), q, k, scale * LOG2E, n_kb, 0,
                                           hopper.BWD_BLOCK_N, 0, n_words, True)
     table(words, reach.row_prefix_max(rows), rows, words, words, *args)
-    assert torch.equal(words[:n_words], tiles[16 + 4 * 16:16 + 4 * 16 + n_words])
+    norms_at = 16 + 4 * hopper.PROGRAM_WORDS  # past the counters and the 4 programs' slots
+    assert torch.equal(words[:n_words], tiles[norms_at:norms_at + n_words])
     return first, tile_m, words[n_words:].view(batch, n_heads, n_kb), ends
 
 

@@ -272,6 +272,10 @@ def main() -> int:
     for head_dim, dtype in [(64, "bf16"), (128, "fp16")]:
         failures += _report_gluon(f"hopper-fwd-reach D={head_dim} causal=True alibi=1 {dtype}", compile_hopper_kernel,
                                   head_dim, True, 1, dtype, reach=True)
+    # the same in packed sequences (attention_varlen; one norm row per head), at both widths and with a tail
+    for head_dim, tail in [(64, 0), (128, 0), (128, 32)]:
+        failures += _report_gluon(f"hopper-fwd-packed-reach D={head_dim} tail={tail} causal=True alibi=1 bf16",
+                                  compile_hopper_kernel, head_dim, True, 1, "bf16", None, tail, False, True, reach=True)
     for head_dim, fused_dq, partial in [(64, True, False), (128, True, False), (128, True, True), (128, False, False)]:
         failures += _report_gluon(f"hopper-bwd-reach D={head_dim} causal=True alibi=1 fused_dq={fused_dq} "
                                   f"partial={partial}", compile_hopper_dkdv_kernel, head_dim, True, 1, fused_dq=fused_dq,

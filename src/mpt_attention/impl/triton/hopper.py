@@ -61,6 +61,7 @@ FUSED_GROUP_HEADS = 2
 # where the consumers form dQ, each 64-query block's first program stores its part of the dQ sums and the others add
 # after it, so the delta kernel writes no zeros there (``first_write_dq``)
 FIRST_WRITE_DQ = True
+PROGRAM_WORDS = 32  # the forward's ``Tiles`` words per program (hopper_tiles.PROGRAM_WORDS)
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # 64 query rows per consumer, two per tile (or three: forward_consumers)
 # causal ALiBi forwards over at least this many keys skip the key blocks past every query's reach (``reach.py``).
 # Shorter ones would spend about what the skipped blocks save on reading q's and k's norms: at S 2048 the kernel
@@ -247,8 +248,10 @@ class ForwardPlan(NamedTuple):
 def reach_applies(bias, slopes, causal, alibi_mode, varlen, batch, s_k) -> int:
     """Whether the Hopper kernels skip key blocks past causal ALiBi's reach (``reach.py``), and from what: 0 (no),
     ``REACH_SLOPES`` (MPT's causal ALiBi from slopes alone) or ``REACH_ROW`` (a bias row over the keys without
-    slopes, e.g. MPT's (1, H, 1, S_k) ALiBi tensor; a bias matrix could raise any key of any row). Dense causal
-    inputs, at least ``REACH_MIN_KEYS`` keys, and a batch the norms' grid takes (its third axis)."""
+    slopes, e.g. MPT's (1, H, 1, S_k) ALiBi tensor; a bias matrix could raise any key of any row). Causal inputs, at
+    least ``REACH_MIN_KEYS`` keys, and ``batch`` rows of norm maxima the norms' grid takes (its third axis). ``varlen``
+    (packed sequences) gives 0: the dK/dV kernel has no reach per sequence. The forward and the general kernels take
+    packed sequences with one row of norm maxima (``batch`` 1, ``varlen`` False; reach.norm_row)."""
     if not causal or varlen or s_k < REACH_MIN_KEYS or batch > 65535:
         return 0
     if alibi_mode == 1 and slopes is not None and bias is None:
@@ -304,20 +307,21 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         bias_desc = (shape, strides, [1, 1, BLOCK_N], _BIAS_ROW_LAYOUTS[8 * bias.element_size()])
     descs.append(bias_desc)
     # Persistent: a program's registers fill an SM (ncu: one per SM), so one program per SM at most, taking
-    # tiles until none is left. ``tiles``: [0] counts the tiles taken after the first round; from 16 on, 8 per
-    # (program, Q buffer) for the coordinates the loader publishes to the consumers (hopper_forward).
+    # tiles until none is left. ``tiles``: [0] counts the tiles taken after the first round; from 16 on, PROGRAM_WORDS
+    # per program for the coordinates the loader publishes to the consumers (hopper_tiles.info_slot).
     grid = (max(1, min(n_tiles, sm_count(q.device.index))),)
     scalars = (*lse_strides, *slope_args(slopes, None)[1], out_strides[1], out_strides[2], n_heads, n_heads // n_kv,
                batch * n_heads, s_q, s_k, qk_scale2, b_on, h_on, group, head_dim)
-    reach = reach_applies(bias, slopes, causal, alibi_mode, varlen, batch, s_k)
+    # packed sequences: one row of norm maxima per head over every token (reach.norm_row); s_k the longest sequence
+    reach = reach_applies(bias, slopes, causal, alibi_mode, False, 1 if varlen else batch, s_k)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
         BIAS_ROW=bias_row, TAIL=product_tail(head_dim), BIAS_FULL=bias_full,
         VARLEN=varlen, RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, REACH=reach, num_warps=4))
-    counters = 16 + grid[0] * 16
+    counters = 16 + grid[0] * PROGRAM_WORDS
     norms = row_table = None
     if reach:  # the heads' norm maxima after the program slots (hopper_tiles.reach_first_block): q's, then k's
-        norms = norm_launch(q, k, counters)
+        norms = norm_launch(*(x.unsqueeze(0) if varlen else x for x in (q, k)), counters)
         counters += norms[2]
     if reach == REACH_ROW:  # then each tile's first key block (hopper_tiles.row_reach_first_block)
         n_m = cdiv(s_q, HALF_M * consumers)
@@ -354,7 +358,7 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
         bias = kept_on(bias, "_mpt_attention_row_keys", row_keys, key=args, on_device=True)
     if plan.norms is not None:
         norms, args, n_words = plan.norms
-        norms(q, k, tiles, *args)
+        norms(*(x.unsqueeze(0) if q.dim() == 3 else x for x in (q, k)), tiles, *args)
         if reach_norms is not None:
             first = args[-1]
             reach_norms["norms"] = tiles[first:first + n_words]

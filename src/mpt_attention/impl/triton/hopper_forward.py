@@ -102,7 +102,7 @@ from mpt_attention.impl.triton.hopper_scores import EXT_A_LAYOUT, EXT_B_LAYOUT, 
 from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_d, issue_scores
 from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
-from mpt_attention.impl.triton.hopper_tiles import info_slot
+from mpt_attention.impl.triton.hopper_tiles import REACH_WORD, info_slot
 
 _SOFT_ROW = gl.constexpr(-1.2379400392853803e27)  # -2^90: below it a row's maximum is a soft mask's (ROW_KEYS)
 
@@ -131,7 +131,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     tile's later blocks are released unread), then its output rows, staged through ``q3``
     (``VARLEN``: a sequence's last rows from registers, ``store_rows``). With a ``TAIL`` the output is two
     accumulators, columns [0, 64) and [64, 64 + TAIL). With ``REACH`` the tile's first block is the loader's
-    ``first`` (slot 5): the blocks before it lie past causal ALiBi's reach (``reach.py``) and were never loaded."""
+    ``first`` (``hopper_tiles.REACH_WORD``): the blocks before it lie past causal ALiBi's reach (``reach.py``) and were
+    never loaded."""
     dtype: gl.constexpr = q3.dtype
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -158,7 +159,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     lo_masked = gl.load(info + 4, volatile=True)
     first = 0
     if REACH:
-        first = gl.load(info + 5, volatile=True)
+        first = gl.load(info + REACH_WORD, volatile=True)
     if VARLEN:  # the tile's sequence
         seqlen_q = gl.load(info + 6, volatile=True)
         seqlen_k = gl.load(info + 7, volatile=True)
@@ -373,7 +374,7 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
                            BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS, CONSUMERS, REACH)
             first = 0
             if REACH:
-                first = gl.load(info + 5, volatile=True)
+                first = gl.load(info + REACH_WORD, volatile=True)
             # After the tile's output store has completed (tma.store_wait), and after every warp's last read of
             # the tile's slot: the arrive is one thread's (Triton 3.6), and once the slot is back the loader writes
             # the next tile's coordinates there. The reach's first block was read here after the arrive until

@@ -16,7 +16,8 @@ from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS
 from mpt_attention.impl.triton.common import LOG2E
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_scores import HALF_M
-from mpt_attention.impl.triton.hopper_tiles import forward_tile, info_slot, n_forward_tiles, reach_first_block
+from mpt_attention.impl.triton.hopper_tiles import REACH_WORD, forward_tile, info_slot, n_forward_tiles
+from mpt_attention.impl.triton.hopper_tiles import reach_first_block
 from mpt_attention.impl.triton.hopper_tiles import row_reach_end_block, row_reach_first_block
 from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
 
@@ -81,13 +82,18 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
         if VARLEN:
             tb = 0
         j0 = 0
-        if REACH == KERNEL_REACH_ROW:  # (dense: slot 5 is free)
+        if REACH == KERNEL_REACH_ROW:  # (dense inputs only: packed sequences take no bias)
             j0 = row_reach_first_block(Tiles, b, h, n_bh, n_heads, n_groups, start_m // (CONSUMERS * HALF_M), n_m,
                                        n_blocks)
             n_blocks = row_reach_end_block(Tiles, b, h, n_bh, n_heads, n_groups, n_m, n_blocks, j0)
         elif REACH:
             slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32)
-            j0 = reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, start_m + seqlen_k - seqlen_q,
+            norm_b = b
+            norm_bh = n_bh
+            if VARLEN:  # one row of norm maxima per head over every token (reach.norm_row)
+                norm_b = 0
+                norm_bh = n_heads
+            j0 = reach_first_block(Tiles, norm_b, h, kv_h, norm_bh, n_heads, n_groups, start_m + len_k - len_q,
                                    n_blocks, slope2 * LOG2E, qk_scale2, BLOCK_N)
         buf, q_phase = q_buffer(r, Q_BUFS)
         mbarrier.wait(q_empty.index(buf), q_phase ^ 1)  # a fresh barrier counts as released
@@ -103,7 +109,7 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
             gl.store(info + 6, len_q)
             gl.store(info + 7, len_k)
         if REACH:
-            gl.store(info + 5, j0)
+            gl.store(info + REACH_WORD, j0)
         if BIAS_ROW and ROW_AHEAD:  # the first block's bias slice comes with Q, into slot 2 + buf
             mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2 + bias_bytes)
             tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, j0 * BLOCK_N],

@@ -14,6 +14,11 @@ from mpt_attention.impl.triton.common import LOG2E
 from mpt_attention.impl.triton.reach import NORM_SLACK, VANISH2
 
 BLOCK_M = gl.constexpr(128)  # query rows per forward tile of two consumer warpgroups (three: forward_tile's BLOCK_M)
+# The forward's ``Tiles`` words: 16 counters ([0] the tile counter), then per program a slot of SLOT_WORDS for each of
+# its two Q buffers (``info_slot``; hopper.forward_plan sizes it), then the reach's norm maxima and tables.
+SLOT_WORDS = gl.constexpr(16)
+PROGRAM_WORDS = gl.constexpr(32)
+REACH_WORD = gl.constexpr(8)  # the slot's word holding the tile's first key block past the reach (``REACH``)
 
 
 @gluon.jit
@@ -129,8 +134,8 @@ def reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, first_pos, n_b
     the blocks before it end at least the head's reach (``head_reach``) behind every query of the tile. The norm
     maxima lie in ``Tiles`` past the program slots (``info_slot``). 0 where the bound gives nothing (slope <= 0, an
     infinite or NaN norm, a reach past the tile)."""
-    reach = head_reach(Tiles + 16 + gl.num_programs(0) * 16, b, h, kv_h, n_bh, n_heads, n_heads // n_groups, slope2,
-                       qk_scale2)
+    reach = head_reach(Tiles + 16 + gl.num_programs(0) * PROGRAM_WORDS, b, h, kv_h, n_bh, n_heads, n_heads // n_groups,
+                       slope2, qk_scale2)
     first = 0
     # (the comparisons are false for NaN; below first_pos the reach converts exactly enough, and its integer part
     # plus one is at least the reach: keys from first_pos - that on are kept)
@@ -145,7 +150,7 @@ def reach_first_block(Tiles, b, h, kv_h, n_bh, n_heads, n_groups, first_pos, n_b
 def row_reach_first_block(Tiles, b, h, n_bh, n_heads, n_groups, m, n_m, n_blocks):
     """A causal bias row's first key block for query tile ``m`` of ``n_m`` (``reach.row_reach_kernel``'s forward
     table, past the program slots and the norm maxima in ``Tiles``), at most the tile's last block."""
-    table = Tiles + 16 + gl.num_programs(0) * 16 + n_bh + n_bh // n_groups
+    table = Tiles + 16 + gl.num_programs(0) * PROGRAM_WORDS + n_bh + n_bh // n_groups
     return gl.minimum(gl.load(table + (b * n_heads + h) * n_m + m), n_blocks - 1)
 
 
@@ -153,7 +158,7 @@ def row_reach_first_block(Tiles, b, h, n_bh, n_heads, n_groups, m, n_m, n_blocks
 def row_reach_end_block(Tiles, b, h, n_bh, n_heads, n_groups, n_m, n_blocks, first):
     """A tile's block count under a causal bias row: none past the row's last key that is not removed
     (``reach.row_reach_kernel``'s ends, after its forward table), at least one past its ``first``."""
-    ends = Tiles + 16 + gl.num_programs(0) * 16 + n_bh + n_bh // n_groups + n_bh * n_m
+    ends = Tiles + 16 + gl.num_programs(0) * PROGRAM_WORDS + n_bh + n_bh // n_groups + n_bh * n_m
     return gl.maximum(gl.minimum(n_blocks, gl.load(ends + b * n_heads + h)), first + 1)
 
 
@@ -189,6 +194,6 @@ def reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, h0, n_g, kv_h, n_h
 @gluon.jit
 def info_slot(Tiles, buf):
     """This program's slot for the tile in Q buffer ``buf``, which the loader fills for the consumers: ``(b, h,
-    start_m, n_blocks, lo_masked, q_start, len_q, len_k)`` (the launcher sizes ``Tiles`` as 16 + 16 per program;
-    ``Tiles[0]`` is the tile counter)."""
-    return Tiles + 16 + (gl.program_id(0) * 2 + buf) * 8
+    start_m, n_blocks, lo_masked, q_start, len_q, len_k)``, and at ``REACH_WORD`` the tile's first key block
+    (``REACH``)."""
+    return Tiles + 16 + (gl.program_id(0) * 2 + buf) * SLOT_WORDS
