@@ -1096,6 +1096,58 @@ def test_causal_alibi_backward_never_reads_query_blocks_past_its_reach(monkeypat
         assert_close_to_reference(name, got, refs[0][i][:, :far, :1], refs[1][i][:, :far, :1])
 
 
+@pytest.mark.parametrize("d", [64, 128, 96], ids=["D64", "D128", "D96-tail"])
+def test_packed_backward_never_reads_query_blocks_past_the_reach(monkeypatch, d):
+    """``attention_varlen``'s backward on the Hopper dK/dV kernel (with the dQ sums, as packed sequences take it):
+    sequences of 3000 queries, 2200 on 3000 keys and 500. dO of each sequence's last 128 queries is NaN: the steep
+    head's key blocks far before them stay finite in both long sequences and match the float64 reference with those
+    rows zeroed, its key blocks within their reach are NaN, and so is every key of the flat head. With dO clean the
+    gradients equal those computing every block."""
+    from mpt_attention.testing import reference_attention_varlen
+
+    lens_q, lens_k = [3000, 2200, 500], [3000, 3000, 500]
+    cu_q, cu_k = (torch.tensor([0] + lens, dtype=torch.int32, device="cuda").cumsum(0, dtype=torch.int32)
+                  for lens in (lens_q, lens_k))
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q = torch.randn(sum(lens_q), 2, d, device="cuda", generator=gen).bfloat16().requires_grad_()
+    k, v = (torch.randn(sum(lens_k), 2, d, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(2))
+    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
+    far_off = _reach_keys(q.detach().unsqueeze(0), k.detach().unsqueeze(0), slopes, d ** -0.5)
+    assert far_off[0] < 1000 and far_off[1] > 3000
+    dout = torch.randn(q.shape, device="cuda", generator=gen).bfloat16()
+    dout_nan, dout_zero = dout.clone(), dout.clone()
+    for end in cu_q[1:].tolist():
+        dout_nan[end - 128:end] = float("nan")
+        dout_zero[end - 128:end] = 0
+
+    def grads(min_keys, d_out):
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
+        out = M.attention_varlen(q, k, v, cu_q, cu_k, 3000, 3000, backend="triton", causal=True, alibi_slopes=slopes)
+        return torch.autograd.grad(out, [q, k, v], d_out)
+
+    dq, dk, dv = grads(1024, dout_nan)
+    reach_keys = int(far_off[0])
+    far = 3000 - 128 - reach_keys - 256  # key blocks ending at least the reach before the first NaN row
+    for name, g in (("dk", dk), ("dv", dv)):
+        for start in (0, 3000):  # both long sequences: their NaN rows sit at key positions 2872-2999
+            assert g[start:start + far, 0].isfinite().all(), name
+            assert g[start + 3000 - 128 - reach_keys:start + 3000, 0].isnan().all(), name
+        assert g[:, 1].isnan().all(), name
+    assert dq[:3000 - 128, 0].isfinite().all() and dq[3000 - 128:3000].isnan().all()
+    refs = []
+    for dtype in (torch.float64, torch.bfloat16):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention_varlen(*xs, cu_q, cu_k, causal=True, alibi_slopes=slopes, compute_dtype=dtype)
+        refs.append(torch.autograd.grad(ref, xs, dout_zero.to(dtype)))
+    rows = torch.cat([torch.arange(0, far), torch.arange(3000, 3000 + far)]).cuda()
+    for i, name in ((1, "dk"), (2, "dv")):
+        got = (dk, dv)[i - 1][rows, :1]
+        assert_close_to_reference(name, got, refs[0][i][rows, :1], refs[1][i][rows, :1])
+    every, skipped = grads(1 << 62, dout_zero), grads(1024, dout_zero)
+    for name, a, b in zip(["dq", "dk", "dv"], skipped, every):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+
+
 @pytest.mark.parametrize("case, deterministic", [
     pytest.param(AttnCase(2, 2048, 2048, 8, 8, 128, causal=True, alibi=True), None, id="D128-fused-dq"),
     pytest.param(AttnCase(1, 2048, 2048, 8, 2, 128, causal=True, alibi=True), None, id="D128-GQA-split-heads"),

@@ -487,11 +487,11 @@ def test_which_forwards_skip_key_blocks_past_alibis_reach(monkeypatch, what, app
 
 
 @pytest.mark.parametrize("longest, applies", [(4096, True), (4095, False)], ids=["longest-4096", "longest-4095"])
-def test_packed_forward_skips_past_the_reach_with_one_norm_row(monkeypatch, longest, applies):
+def test_packed_sequences_skip_past_the_reach_with_one_norm_row(monkeypatch, longest, applies):
     """Packed sequences (attention_varlen) on the Hopper forward take causal ALiBi's reach from REACH_MIN_KEYS keys in
     the longest sequence, with one row of norm maxima per head over every token (q's H words, then k's H_kv): a
     NaN key of the last sequence gives its head +inf. The program slots hold REACH_WORD past the packed coordinates;
-    the backward's dK/dV kernel takes no reach in packed sequences."""
+    the backward's dK/dV kernel takes the reach with the same norm row."""
     from mpt_attention.impl.triton import hopper_tiles
 
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
@@ -501,11 +501,17 @@ def test_packed_forward_skips_past_the_reach_with_one_norm_row(monkeypatch, long
     k = torch.randn(sum(lens), 2, 64, generator=gen)
     k[-1, 1, 5] = float("nan")
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-    plan = hopper.forward_plan(q, k, k, None, torch.rand(4) + 0.1, 0.125, True, 1, cu, longest, longest)
+    slopes = torch.rand(4) + 0.1
+    plan = hopper.forward_plan(q, k, k, None, slopes, 0.125, True, 1, cu, longest, longest)
     assert plan.launch.kwargs["VARLEN"] and plan.launch.kwargs["REACH"] == applies
     assert hopper.PROGRAM_WORDS == hopper_tiles.PROGRAM_WORDS.value == 2 * hopper_tiles.SLOT_WORDS.value
     assert hopper_tiles.REACH_WORD.value >= 8  # past (b, h, start_m, n_blocks, lo_masked, q_start, len_q, len_k)
-    assert hopper.reach_applies(None, torch.rand(4), True, 1, True, 1, longest) == 0  # (the dK/dV kernel's)
+    # the dK/dV kernel (with the dQ sums, as packed sequences take it): the same norm row
+    row_stats = hopper.row_stats_buffer(1, 4, q.shape[0], q.device)
+    bwd = hopper.dkdv_plan(q, k, k, q, row_stats, k, k, None, slopes, 0.125, True, 1, torch.empty_like(q), None, cu,
+                           longest, False, None, longest)
+    assert bwd.launch.kwargs["VARLEN"] and bwd.launch.kwargs["REACH"] == applies
+    assert (bwd.norms is not None) == applies and (not applies or bwd.norms[:2] == (4 + 2, 4 + 2))
     if not applies:
         assert plan.norms is None
         return

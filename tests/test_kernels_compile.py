@@ -45,8 +45,9 @@ def test_all_kernels_compile_for_sm90():
     # causal ALiBi's key blocks past its reach skipped (reach.py): the forward at both widths, the dK/dV kernel with
     # the dQ warpgroup, the consumers' dQ, split heads' partial sums and the reproducible split
     assert result.stdout.count("ok   hopper-fwd-reach") == 2 and result.stdout.count("ok   hopper-bwd-reach") == 4
-    # and in packed sequences (the forward; one norm row per head)
+    # and in packed sequences (one norm row per head)
     assert result.stdout.count("ok   hopper-fwd-packed-reach") == 3
+    assert result.stdout.count("ok   hopper-bwd-packed-reach") == 3
     # the same from a causal bias row's prefix maxima: the forward through the extension product at both widths and
     # scaled first, the dK/dV kernel with the dQ warpgroup, the consumers' dQ and split heads
     assert result.stdout.count("ok   hopper-fwd-row-reach") == 3

@@ -313,6 +313,11 @@ def main() -> int:
         name = f"hopper-bwd-varlen D={head_dim} tail={tail} causal={causal} alibi={alibi} {dtype}"
         failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype, fused_dq=True,
                                   tail=tail, varlen=True)
+    # packed sequences past causal ALiBi's reach (one norm row per head): each sequence's key blocks end their queries
+    for head_dim, tail in [(64, 0), (128, 0), (128, 32)]:
+        failures += _report_gluon(f"hopper-bwd-packed-reach D={head_dim} tail={tail} causal=True alibi=1 bf16",
+                                  compile_hopper_dkdv_kernel, head_dim, True, 1, "bf16", fused_dq=True, tail=tail,
+                                  varlen=True, reach=True)
     # a bias matrix (+ its gradient) in the fused backward
     for head_dim, causal, alibi, dtype, store_ds in [(128, False, 0, "bf16", True), (128, True, 1, "bf16", True),
                                                      (64, False, 2, "fp16", True), (128, False, 0, "fp16", False),

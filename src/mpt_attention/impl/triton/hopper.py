@@ -447,9 +447,10 @@ class DkdvPlan(NamedTuple):
 
 
 def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-              dq_acc=None, dbias=None, cu_q=None, max_q=0, first_write=False, dout_scaled=None) -> DkdvPlan:
+              dq_acc=None, dbias=None, cu_q=None, max_q=0, first_write=False, dout_scaled=None, max_k=0) -> DkdvPlan:
     """``backward_dkdv``'s launch for inputs of this signature (as ``forward_plan``, a function of it alone);
-    ``first_write``: with a ``dq_sync`` buffer; ``dout_scaled``: dO's soft-masked blocks scaled (``run_dkdv``)."""
+    ``first_write``: with a ``dq_sync`` buffer; ``dout_scaled``: dO's soft-masked blocks scaled (``run_dkdv``);
+    packed sequences (``cu_q``) the longest ``max_q`` queries and ``max_k`` keys long."""
     varlen = cu_q is not None
     if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
         n_seq, batch = cu_q.numel() - 1, 1
@@ -499,13 +500,14 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
         STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, VARLEN=varlen,
-        FIRST_WRITE=first_write, REACH=0 if first_write else reach_applies(bias, slopes, causal, alibi_mode, varlen,
-                                                                            batch, s_k),
+        # (packed sequences: one row of norm maxima, batch 1, and the longest sequence's keys)
+        FIRST_WRITE=first_write, REACH=0 if first_write else reach_applies(bias, slopes, causal, alibi_mode, False,
+                                                                            batch, max_k if varlen else s_k),
         SOFT_BLOCKS=dout_scaled is not None, num_warps=4))
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
     norms = row_table = None
     if launch.kwargs["REACH"]:  # (all words, the norm maxima's words, their launch, its scalars)
-        norm_pass, args, n_words = norm_launch(q, k, 0)
+        norm_pass, args, n_words = norm_launch(*(x.unsqueeze(0) if varlen else x for x in (q, k)), 0)
         norms = (n_words, n_words, norm_pass, args)
     if launch.kwargs["REACH"] == REACH_ROW:  # each key block's end of queries, past the norms (row_reach_query_end)
         n_kb = cdiv(s_k, BWD_BLOCK_N)
@@ -536,7 +538,7 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
             norms[:norm_words].copy_(reach_norms)
         else:
             norms = torch.zeros(n_words, dtype=torch.int32, device=q.device)
-            norm_launch(q, k, norms, *norm_args)
+            norm_launch(*(x.unsqueeze(0) if q.dim() == 3 else x for x in (q, k)), norms, *norm_args)
     if plan.row_table is not None:
         table, args = plan.row_table
         table(norms, row_prefix_max(bias), bias, norms, norms, *args)  # (the backward reads no ends)
@@ -557,7 +559,8 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
 
 
 def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-                  dq_acc=None, dbias=None, cu_q=None, cu_k=None, max_q=0, dq_sync=None, reach_norms=None) -> None:
+                  dq_acc=None, dbias=None, cu_q=None, cu_k=None, max_q=0, dq_sync=None, reach_norms=None,
+                  max_k=0) -> None:
     """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel;
     ``row_stats`` as ``row_stats_buffer`` gives it, filled. With ``dq_acc`` (float32 zeros, or unwritten with
     ``dq_sync``; q's shape, 16-byte aligned strides) the same kernel adds dQ into it by bulk reductions, in
@@ -565,8 +568,8 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     (``dq_acc`` only) is read in q's dtype; ``dbias`` (contiguous ``(B, H, S_q, S_k)`` in q's dtype, rows
     of 16-byte multiples) receives its gradient dS. Packed sequences (``cu_q``, ``cu_k``, with ``dq_acc``): q, k,
     v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it, the
-    longest sequence ``max_q`` queries long. ``dq_sync`` (``dq_sync_buffer``, zeroed; where ``first_write_dq``):
+    longest sequence ``max_q`` queries and ``max_k`` keys long. ``dq_sync`` (``dq_sync_buffer``, zeroed; where ``first_write_dq``):
     ``dq_acc`` is not zeroed, each block's first program writes it. ``reach_norms``: as ``run_dkdv`` takes them."""
     plan = dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode, dq_acc,
-                     dbias, cu_q, max_q, dq_sync is not None)
+                     dbias, cu_q, max_q, dq_sync is not None, max_k=max_k)
     run_dkdv(plan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync, reach_norms)

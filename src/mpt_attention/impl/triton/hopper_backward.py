@@ -463,17 +463,22 @@ def _hopper_bwd_dkdv_kernel(
         lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
     q_end = seqlen_q
     if REACH:
-        gl.static_assert(not FIRST_WRITE and not VARLEN, "the reach only where every query block's dQ is zeroed")
-        batch = n_rows // (n_splits * n_kv)
+        gl.static_assert(not FIRST_WRITE, "the reach only where every query block's dQ is zeroed")
+        batch = n_rows // (n_splits * n_kv)  # (packed sequences: 1, one row of norm maxima, reach.norm_row)
         if REACH == KERNEL_REACH_ROW:  # the table past the norm maxima
             q_end = row_reach_query_end(Norms + batch * n_kv * (n_groups + 1), b, h0, n_g, n_kv * n_groups,
                                         start_n // (2 * _HALF_N), gl.cdiv(seqlen_k, 2 * _HALF_N))
         else:
-            q_end = reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, h0, n_g, kv_h, n_kv * n_groups, n_kv,
-                                    batch, start_n + 2 * _HALF_N - 1, seqlen_k - seqlen_q, seqlen_q, qk_scale2)
-        # at least one step: the consumers wait for the first stage unconditionally (with a cache longer than the
-        # reach, S_k - S_q past it, no query reaches the first key blocks: one step of zero probabilities)
-        q_end = gl.maximum(q_end, lo + 1)
+            norm_b = b
+            if VARLEN:
+                norm_b = 0
+            q_end = reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, norm_b, h0, n_g, kv_h, n_kv * n_groups,
+                                    n_kv, batch, start_n + 2 * _HALF_N - 1, seqlen_k - seqlen_q, seqlen_q, qk_scale2)
+        if not VARLEN:
+            # at least one step: the consumers wait for the first stage unconditionally (with a cache longer than the
+            # reach, S_k - S_q past it, no query reaches the first key blocks: one step of zero probabilities); a
+            # packed program may have none
+            q_end = gl.maximum(q_end, lo + 1)
     if SOFT_BLOCKS:  # the delta kernel's word per SOFT_BLOCK_ROWS queries
         gl.static_assert(not VARLEN and BLOCK_M <= SOFT_BLOCK_ROWS, "a step's queries within one flagged block")
     if VARLEN and lo < seqlen_q:

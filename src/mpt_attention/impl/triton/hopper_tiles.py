@@ -173,16 +173,17 @@ def row_reach_query_end(Table, b, h0, n_g, n_heads, key_block, n_kb):
 
 
 @gluon.jit
-def reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, h0, n_g, kv_h, n_heads, n_kv, batch, last_key, diag,
-                    seqlen_q, qk_scale2):
+def reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, norm_b, h0, n_g, kv_h, n_heads, n_kv, norm_rows,
+                    last_key, diag, seqlen_q, qk_scale2):
     """The dK/dV kernel's end of the query rows a key block ending at ``last_key`` must visit for query heads
     ``[h0, h0 + n_g)``: rows from it on sit at least every head's reach (``head_reach``) past the block's last key,
-    so their probabilities there are 0. ``seqlen_q`` where the bound gives nothing for some head."""
+    so their probabilities there are 0. ``seqlen_q`` where the bound gives nothing for some head. The slopes' row
+    ``b``; the norm maxima's row ``norm_b`` of ``norm_rows`` (packed sequences: one, ``reach.norm_row``)."""
     end = 0
     for g in range(n_g):
         h = h0 + g
         slope2 = gl.load(Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh).to(gl.float32) * LOG2E
-        reach = head_reach(Norms, b, h, kv_h, batch * n_heads, n_heads, n_kv, slope2, qk_scale2)
+        reach = head_reach(Norms, norm_b, h, kv_h, norm_rows * n_heads, n_heads, n_kv, slope2, qk_scale2)
         head_end = seqlen_q
         # (the comparisons are false for NaN; below S_q the reach converts exactly enough, rounded up by one)
         if slope2 > 0.0 and reach < seqlen_q.to(gl.float32):

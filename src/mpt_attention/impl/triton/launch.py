@@ -464,7 +464,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         plan = plans.FusedBackward(varlen, soft_rows, full if bias_grad else None,
                                    (1, n_heads, q.shape[0]) if varlen else (batch, n_heads, s_q),
                                    (batch, n_heads, s_q) if first_write else None,
-                                   (softmax_scale, causal, _alibi_mode(slopes, causal, prefix), s_q))
+                                   (softmax_scale, causal, _alibi_mode(slopes, causal, prefix), s_q, s_k))
         if key is not None:
             plans.keep(key, plan)
         return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k, reach_norms)

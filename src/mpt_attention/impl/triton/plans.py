@@ -104,7 +104,7 @@ class FusedBackward:
     None; ``soft_rows``: 0 without a bias, else where dO is read scaled for soft-masked rows: ``SOFT_EVERY_ROW`` a
     copy of every row, ``SOFT_BLOCKS`` only the 64-query blocks holding one (``hopper.scaled_dout_blocks``);
     ``row_stats``: ``hopper.row_stats_buffer``'s sizes; ``dq_sync``: ``hopper.dq_sync_buffer``'s where each dQ block's
-    first program stores its sums, or None; ``dkdv_args``: (softmax scale, causal, ALiBi mode, S_q)."""
+    first program stores its sums, or None; ``dkdv_args``: (softmax scale, causal, ALiBi mode, S_q, S_k) (packed: the longest sequence's)."""
 
     __slots__ = ("varlen", "soft_rows", "dbias", "row_stats", "dq_sync", "dkdv_args", "dkdv", "row_terms")
 
@@ -139,9 +139,9 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
               dq_acc if dq_sync is None else None, dq_sync, owner=plan, soft_blocks=soft_blocks)
     dout_blocks = dout_scaled if soft_blocks is not None else None
     if plan.dkdv is None:
-        scale, causal, alibi_mode, s_q = plan.dkdv_args
+        scale, causal, alibi_mode, s_q, s_k = plan.dkdv_args
         plan.dkdv = hopper.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal, alibi_mode,
-                                     dq_acc, dbias, cu_q, s_q, dq_sync is not None, dout_blocks)
+                                     dq_acc, dbias, cu_q, s_q, dq_sync is not None, dout_blocks, s_k)
     hopper.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync,
                     reach_norms, dout_blocks, soft_blocks)
     dq.copy_(dq_acc)  # the kernel scales its own
