@@ -185,8 +185,7 @@ def packed_reach(batch, n_heads, seq, head_dim, hopper_kernels=False, rounds=3):
     """A padded batch packed, causal ALiBi: key blocks past ALiBi's reach skipped (``hopper.REACH_MIN_KEYS`` as
     shipped; one norm bound per head over all tokens, ``reach.norm_row``) against every block computed, real-token
     TFLOP/s, eager and replayed from a CUDA graph; the general kernels (the Hopper kernels off, as on GPUs without
-    them), or with ``hopper_kernels`` the Hopper ones (whose dK/dV kernel computes every block of a packed
-    sequence)."""
+    them), or with ``hopper_kernels`` the Hopper ones."""
     fwd, leaves, dout, real = packed_case(batch, n_heads, seq, head_dim, True)
     shipped, enabled = hopper.REACH_MIN_KEYS, hopper.ENABLED
     hopper.ENABLED = hopper_kernels and enabled
