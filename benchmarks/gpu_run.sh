@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU-machine call: the gpu-marked tests, then the benchmark, with the table printed last.
-#   GIT_COMMIT=<sha> [PROBES=1] [HEAD_DIMS=1] [PADDING=1] [GENERAL_REACH=1] [PRECISION=1] [SKIP_TESTS=1] \
-#     [SOAK=<seconds>] \
+#   GIT_COMMIT=<sha> [PROBES=1] [HEAD_DIMS=1] [PADDING=1] [GENERAL_REACH=1] [HOPPER_REACH=1] [PRECISION=1] \
+#     [SKIP_TESTS=1] [SOAK=<seconds>] \
 #     bash benchmarks/gpu_run.sh [args...]
 # HEAD_DIMS=1 adds benchmarks/head_dims.py (D 80-112 and (B, H, S, D) views, peers included; about two minutes).
 # PADDING=1 adds benchmarks/padding_kernels.py (the key_padding_mask route's kernels and host time per call; ~40 s).
-# GENERAL_REACH=1 adds benchmarks/varlen.py --general-reach (the general kernels' reach in packed sequences).
+# GENERAL_REACH=1 adds benchmarks/varlen.py --general-reach (the general kernels' reach in packed sequences);
+# HOPPER_REACH=1 the same on the Hopper kernels (--hopper-reach).
 # PRECISION=1 adds benchmarks/alibi_precision.py (float32 causal ALiBi's errors in the kernels' two forms; ~20 s).
 # SOAK=<seconds> runs benchmarks/soak.py first, MPT's bias row then slopes back to back for that long each (the
 # stops of session 42); a step that does not return within its watchdog prints the stacks and ends that run.
@@ -44,6 +45,9 @@ if [[ "${PADDING:-0}" == 1 ]]; then
 fi
 if [[ "${GENERAL_REACH:-0}" == 1 ]]; then
   python3 benchmarks/varlen.py --general-reach 2>&1 | grep -v "UserWarning\|_warn_once" | tee "$OUT/general_reach.log"
+fi
+if [[ "${HOPPER_REACH:-0}" == 1 ]]; then
+  python3 benchmarks/varlen.py --hopper-reach 2>&1 | grep -v "UserWarning\|_warn_once" | tee "$OUT/hopper_reach.log"
 fi
 if [[ "${PRECISION:-0}" == 1 ]]; then
   python3 benchmarks/alibi_precision.py 2>&1 | tee "$OUT/alibi_precision.log"
