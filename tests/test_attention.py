@@ -253,16 +253,16 @@ def test_sequence_ids_packed_and_unsorted(ids, s_q):
 
 
 def test_sequence_spans_skip_other_sequences():
-    from mpt_attention.impl.triton import launch
+    from mpt_attention.impl.triton import mask_spans
 
-    packed = launch._sequence_spans(torch.tensor([[0] * 50 + [1] * 30 + [2] * 20]))
-    assert launch._query_tile_key_spans(packed, 100, 32).tolist() == [[[0, 50], [0, 80], [50, 100], [80, 100]]]
+    packed = mask_spans.sequence_spans(torch.tensor([[0] * 50 + [1] * 30 + [2] * 20]))
+    assert mask_spans.query_tile_key_spans(packed, 100, 32).tolist() == [[[0, 50], [0, 80], [50, 100], [80, 100]]]
     # a chunk of the last 37 queries: absolute positions 63..99
-    assert launch._query_tile_key_spans(packed, 37, 32).tolist() == [[[50, 100], [80, 100]]]
-    assert launch._key_block_query_spans(packed, 100, 32).tolist() == [[[0, 50], [0, 80], [50, 100], [80, 100]]]
-    assert launch._key_block_query_spans(packed, 37, 32).tolist() == [[[0, 0], [0, 17], [0, 37], [17, 37]]]
-    unsorted = launch._sequence_spans(torch.tensor([[0, 1, 0, 1] * 25]))
-    assert launch._query_tile_key_spans(unsorted, 100, 64).tolist() == [[[0, 100], [0, 100]]]
+    assert mask_spans.query_tile_key_spans(packed, 37, 32).tolist() == [[[50, 100], [80, 100]]]
+    assert mask_spans.key_block_query_spans(packed, 100, 32).tolist() == [[[0, 50], [0, 80], [50, 100], [80, 100]]]
+    assert mask_spans.key_block_query_spans(packed, 37, 32).tolist() == [[[0, 0], [0, 17], [0, 37], [17, 37]]]
+    unsorted = mask_spans.sequence_spans(torch.tensor([[0, 1, 0, 1] * 25]))
+    assert mask_spans.query_tile_key_spans(unsorted, 100, 64).tolist() == [[[0, 100], [0, 100]]]
 
 
 @pytest.mark.parametrize("case", [AttnCase(2, 45, 45, 4, 2, 16, causal=True, alibi=True),

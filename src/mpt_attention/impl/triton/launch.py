@@ -13,7 +13,7 @@ import os
 import torch
 import triton
 
-from mpt_attention.impl.triton import hopper, hopper_views, key_padding, plans
+from mpt_attention.impl.triton import hopper, hopper_views, key_padding, mask_spans, plans
 from mpt_attention.impl.triton.backward import SOFT_BLOCKS, SOFT_EVERY_ROW, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
@@ -126,7 +126,7 @@ def _aux_args(q, bias, slopes, kpm, seqid, prefix, causal):
     kpm = kpm.contiguous().view(torch.uint8) if kpm is not None else None
     prefix = prefix.contiguous().view(torch.uint8) if prefix is not None else None
     seqid = seqid.contiguous() if seqid is not None else None
-    kv_range = _live_key_range(kpm) if kpm is not None else None
+    kv_range = mask_spans.live_key_range(kpm) if kpm is not None else None
     pointers = [t if t is not None else dummy for t in (bias, slopes, kpm, seqid, prefix)]
     row_strides = [t.stride(0) if t is not None else 0 for t in (kpm, seqid, prefix)]
     flags = dict(
@@ -186,59 +186,6 @@ def _kernel_bias(bias: torch.Tensor | None, bias_rows: torch.Tensor | None) -> t
     if bias is None or bias.shape[2] != 1:
         return bias
     return bias_rows if bias_rows is not None else _log2_bias_rows(bias)
-
-
-def _sequence_spans(seqid: torch.Tensor):
-    """Per position, the [start, end) of its sequence, and whether each batch row's ids are sorted.
-
-    Packed sequences have non-decreasing ids, so a tile only needs the keys its own sequences span;
-    unsorted ids get the whole range. Computed on the device (no synchronisation).
-    """
-    batch, s_k = seqid.shape
-    idx = torch.arange(s_k, device=seqid.device)
-    new_seq = torch.ones_like(seqid, dtype=torch.bool)
-    new_seq[:, 1:] = seqid[:, 1:] != seqid[:, :-1]
-    last_of_seq = torch.ones_like(new_seq)
-    last_of_seq[:, :-1] = new_seq[:, 1:]
-    start = torch.cummax(torch.where(new_seq, idx, 0), dim=1).values
-    end = torch.cummin(torch.where(last_of_seq, idx + 1, s_k).flip(1), dim=1).values.flip(1)
-    ordered = (seqid[:, 1:] >= seqid[:, :-1]).all(dim=1, keepdim=True)
-    return start, end, ordered
-
-
-def _query_tile_key_spans(spans, s_q: int, block_m: int) -> torch.Tensor:
-    """(B, query tiles, 2) int32: the keys a query tile's sequences span (forward and dQ)."""
-    start, end, ordered = spans
-    s_k = start.shape[1]
-    first = torch.arange(0, s_q, block_m, device=start.device) + (s_k - s_q)  # absolute positions
-    last = torch.clamp(first + block_m, max=s_k) - 1
-    lo = torch.where(ordered, start[:, first], 0)
-    hi = torch.where(ordered, end[:, last], s_k)
-    return torch.stack([lo, hi], dim=2).to(torch.int32).contiguous()
-
-
-def _key_block_query_spans(spans, s_q: int, block_n: int) -> torch.Tensor:
-    """(B, key blocks, 2) int32: the query rows whose sequences a key block spans (dK/dV)."""
-    start, end, ordered = spans
-    s_k = start.shape[1]
-    first = torch.arange(0, s_k, block_n, device=start.device)
-    last = torch.clamp(first + block_n, max=s_k) - 1
-    diag = s_k - s_q
-    lo = torch.where(ordered, (start[:, first] - diag).clamp(min=0), 0)
-    hi = torch.where(ordered, (end[:, last] - diag).clamp(min=0), s_q)
-    return torch.stack([lo, hi], dim=2).to(torch.int32).contiguous()
-
-
-def _live_key_range(kpm: torch.Tensor) -> torch.Tensor:
-    """(B, 2) int32: the first live key and one past the last, per batch row (on device, no sync)."""
-    batch, s_k = kpm.shape
-    if s_k == 0:
-        return torch.zeros((batch, 2), dtype=torch.int32, device=kpm.device)
-    idx = torch.arange(s_k, device=kpm.device)
-    live = kpm.bool()
-    first = torch.where(live, idx, s_k).amin(dim=1)
-    last = torch.where(live, idx + 1, 0).amax(dim=1)
-    return torch.stack([first, last], dim=1).to(torch.int32).contiguous()
 
 
 def _descriptors_ok(*tensors: torch.Tensor) -> bool:
@@ -337,7 +284,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
         return out, lse
     seq_range = q
     if seqid is not None and s_k > 0:
-        seq_range = _query_tile_key_spans(_sequence_spans(seqid), s_q, cfg["BLOCK_M"])
+        seq_range = mask_spans.query_tile_key_spans(mask_spans.sequence_spans(seqid), s_q, cfg["BLOCK_M"])
     varlen = geo.varlen
     kv_desc = kpm is None and _descriptors_ok(k, v)
     # a bias row through the copy engine as well (launch._log2_bias_rows pads its rows to 16 bytes)
@@ -540,10 +487,10 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         norms = _reach_norms(q, k, reach_norms) if reach else q
         kv_spans = q_spans = q
         if seqid is not None:  # one pass over the ids serves both kernels
-            spans = _sequence_spans(seqid)
-            kv_spans = _key_block_query_spans(spans, s_q, kv_cfg["BLOCK_N"])
+            spans = mask_spans.sequence_spans(seqid)
+            kv_spans = mask_spans.key_block_query_spans(spans, s_q, kv_cfg["BLOCK_N"])
             if not atomic:
-                q_spans = _query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
+                q_spans = mask_spans.query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
     if batch * n_heads > 0 and s_k > 0:
         atomic_dq = 0  # 0: the dQ kernel, 1: scalar atomics, 2: bulk (TMA) reductions
         if dq_acc is None:
