@@ -775,7 +775,7 @@ def test_reach_forward_gives_one_answer_over_many_calls(bias, head_dim):
     if bias == "row":
         kw = {"causal": True, "attn_bias": _mpt_row(kw["alibi_slopes"], 4096)}
     assert hopper.reach_applies(kw.get("attn_bias"), kw.get("alibi_slopes"), True, 1 if bias == "slopes" else 0,
-                                False, batch, 4096)
+                                batch, 4096)
     first = M.attention(q, k, v, backend="triton", **kw)
     differs = [(M.attention(q, k, v, backend="triton", **kw) != first).any() for _ in range(1000)]
     assert not torch.stack(differs).any()

@@ -519,7 +519,7 @@ def test_packed_sequences_skip_past_the_reach_with_one_norm_row(monkeypatch, lon
     norms, args, n_words = plan.norms
     assert n_words == 4 + 2 and plan.counters == first + n_words
     tiles = torch.zeros(plan.counters, dtype=torch.int32)
-    norms(q.unsqueeze(0), k.unsqueeze(0), tiles, *args)
+    norms(q, k, tiles, *args)  # (the packed tensors as they are: one batch row)
     got = tiles[first:].view(torch.float32)
     expected = torch.cat([q.norm(dim=-1).amax(dim=0), k.norm(dim=-1).amax(dim=0)])
     assert got[-1] == float("inf") and expected[-1].isnan()

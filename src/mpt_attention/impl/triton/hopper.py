@@ -245,14 +245,13 @@ class ForwardPlan(NamedTuple):
     row_table: tuple | None = None  # the same of ``row_reach_kernel`` (``REACH_ROW``)
 
 
-def reach_applies(bias, slopes, causal, alibi_mode, varlen, batch, s_k) -> int:
+def reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k) -> int:
     """Whether the Hopper kernels skip key blocks past causal ALiBi's reach (``reach.py``), and from what: 0 (no),
     ``REACH_SLOPES`` (MPT's causal ALiBi from slopes alone) or ``REACH_ROW`` (a bias row over the keys without
     slopes, e.g. MPT's (1, H, 1, S_k) ALiBi tensor; a bias matrix could raise any key of any row). Causal inputs, at
-    least ``REACH_MIN_KEYS`` keys, and ``batch`` rows of norm maxima the norms' grid takes (its third axis). ``varlen``
-    (packed sequences) gives 0: the dK/dV kernel has no reach per sequence. The forward and the general kernels take
-    packed sequences with one row of norm maxima (``batch`` 1, ``varlen`` False; reach.norm_row)."""
-    if not causal or varlen or s_k < REACH_MIN_KEYS or batch > 65535:
+    least ``REACH_MIN_KEYS`` keys (packed sequences: in the longest), and ``norm_rows`` rows of norm maxima that the
+    norms' grid takes (its third axis): the batch, or 1 for packed sequences (``reach.norm_row``)."""
+    if not causal or s_k < REACH_MIN_KEYS or norm_rows > 65535:
         return 0
     if alibi_mode == 1 and slopes is not None and bias is None:
         return REACH_SLOPES
@@ -313,7 +312,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     scalars = (*lse_strides, *slope_args(slopes, None)[1], out_strides[1], out_strides[2], n_heads, n_heads // n_kv,
                batch * n_heads, s_q, s_k, qk_scale2, b_on, h_on, group, head_dim)
     # packed sequences: one row of norm maxima per head over every token (reach.norm_row); s_k the longest sequence
-    reach = reach_applies(bias, slopes, causal, alibi_mode, False, 1 if varlen else batch, s_k)
+    reach = reach_applies(bias, slopes, causal, alibi_mode, 1 if varlen else batch, s_k)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
         BIAS_ROW=bias_row, TAIL=product_tail(head_dim), BIAS_FULL=bias_full,
@@ -321,7 +320,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     counters = 16 + grid[0] * PROGRAM_WORDS
     norms = row_table = None
     if reach:  # the heads' norm maxima after the program slots (hopper_tiles.reach_first_block): q's, then k's
-        norms = norm_launch(*(x.unsqueeze(0) if varlen else x for x in (q, k)), counters)
+        norms = norm_launch(q, k, counters)
         counters += norms[2]
     if reach == REACH_ROW:  # then each tile's first key block (hopper_tiles.row_reach_first_block)
         n_m = cdiv(s_q, HALF_M * consumers)
@@ -358,7 +357,7 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
         bias = kept_on(bias, "_mpt_attention_row_keys", row_keys, key=args, on_device=True)
     if plan.norms is not None:
         norms, args, n_words = plan.norms
-        norms(*(x.unsqueeze(0) if q.dim() == 3 else x for x in (q, k)), tiles, *args)
+        norms(q, k, tiles, *args)
         if reach_norms is not None:
             first = args[-1]
             reach_norms["norms"] = tiles[first:first + n_words]
@@ -501,13 +500,13 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
         STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, VARLEN=varlen,
         # (packed sequences: one row of norm maxima, batch 1, and the longest sequence's keys)
-        FIRST_WRITE=first_write, REACH=0 if first_write else reach_applies(bias, slopes, causal, alibi_mode, False,
-                                                                            batch, max_k if varlen else s_k),
+        FIRST_WRITE=first_write, REACH=0 if first_write else reach_applies(bias, slopes, causal, alibi_mode, batch,
+                                                                            max_k if varlen else s_k),
         SOFT_BLOCKS=dout_scaled is not None, num_warps=4))
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
     norms = row_table = None
     if launch.kwargs["REACH"]:  # (all words, the norm maxima's words, their launch, its scalars)
-        norm_pass, args, n_words = norm_launch(*(x.unsqueeze(0) if varlen else x for x in (q, k)), 0)
+        norm_pass, args, n_words = norm_launch(q, k, 0)
         norms = (n_words, n_words, norm_pass, args)
     if launch.kwargs["REACH"] == REACH_ROW:  # each key block's end of queries, past the norms (row_reach_query_end)
         n_kb = cdiv(s_k, BWD_BLOCK_N)
@@ -538,7 +537,7 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
             norms[:norm_words].copy_(reach_norms)
         else:
             norms = torch.zeros(n_words, dtype=torch.int32, device=q.device)
-            norm_launch(*(x.unsqueeze(0) if q.dim() == 3 else x for x in (q, k)), norms, *norm_args)
+            norm_launch(q, k, norms, *norm_args)
     if plan.row_table is not None:
         table, args = plan.row_table
         table(norms, row_prefix_max(bias), bias, norms, norms, *args)  # (the backward reads no ends)
@@ -568,8 +567,8 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     (``dq_acc`` only) is read in q's dtype; ``dbias`` (contiguous ``(B, H, S_q, S_k)`` in q's dtype, rows
     of 16-byte multiples) receives its gradient dS. Packed sequences (``cu_q``, ``cu_k``, with ``dq_acc``): q, k,
     v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it, the
-    longest sequence ``max_q`` queries and ``max_k`` keys long. ``dq_sync`` (``dq_sync_buffer``, zeroed; where ``first_write_dq``):
-    ``dq_acc`` is not zeroed, each block's first program writes it. ``reach_norms``: as ``run_dkdv`` takes them."""
+    longest sequence ``max_q`` queries and ``max_k`` keys long. ``dq_sync`` (``dq_sync_buffer``, zeroed; where
+    ``first_write_dq``): ``dq_acc`` is not zeroed, each block's first program writes it. ``reach_norms``: as ``run_dkdv`` takes them."""
     plan = dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode, dq_acc,
                      dbias, cu_q, max_q, dq_sync is not None, max_k=max_k)
     run_dkdv(plan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync, reach_norms)

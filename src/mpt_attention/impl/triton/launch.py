@@ -317,15 +317,13 @@ def _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
         return False
     alibi_mode = _alibi_mode(slopes, causal, prefix)
     norm_rows = 1 if varlen else batch
-    return hopper.reach_applies(bias, slopes, causal, alibi_mode, False, norm_rows, s_k) == REACH_SLOPES
+    return hopper.reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k) == REACH_SLOPES
 
 
 def _reach_norms(q, k, kept):
     """The heads' norm maxima the reach reads (``reach.norm_launch``'s words: q's (B, H), then k's (B, H_kv)):
     ``kept`` (the forward's, handed to the backward) where it has their size, else one pass over q and k. Packed
     (T, H, D) q and k give one row, each head's maxima over all their sequences' tokens (``reach.norm_row``)."""
-    if q.dim() == 3:
-        q, k = q.unsqueeze(0), k.unsqueeze(0)
     norm_pass, args, n_words = norm_launch(q, k, 0)
     if kept is not None and kept.numel() == n_words:
         return kept
@@ -403,7 +401,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     if fused_dq:  # the route of a plan (kept for this signature where ``key`` is set)
         first_write = hopper.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen,
                                             hopper.reach_applies(bias_in, slopes, causal, _alibi_mode(slopes, causal,
-                                                                 prefix), varlen, batch, s_k))
+                                                                 prefix), 1 if varlen else batch, s_k))
         soft_rows = 0  # a bias can soft-mask whole rows: dO scaled for them, every row or the blocks holding one
         if bias is not None:
             soft_rows = SOFT_BLOCKS.value if hopper.scaled_dout_blocks(head_dim, bias_in.shape[2] != 1) else \

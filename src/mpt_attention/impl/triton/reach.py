@@ -237,7 +237,10 @@ def row_reach_kernel(
 
 def norm_launch(q, k, first):
     """``row_norm_max_kernel``'s launch over (B, S, H, D) tensors like ``q`` and ``k``, writing from word ``first``:
-    ``(PlannedLaunch, its scalars, the words it writes)``: B * H of q's maxima, then B * H_kv of k's."""
+    ``(PlannedLaunch, its scalars, the words it writes)``: B * H of q's maxima, then B * H_kv of k's. Packed (T, H, D)
+    tensors (launched as they are) are one batch row: each head's maxima over every token (``norm_row``)."""
+    if q.dim() == 3:
+        q, k = q.unsqueeze(0), k.unsqueeze(0)
     batch, s_q, n_heads, dim = q.shape
     s_k, n_kv = k.shape[1], k.shape[2]
     block_d = next_power_of_2(dim)
