@@ -427,16 +427,12 @@ def test_general_kernels_past_the_reach_in_packed_sequences(monkeypatch, determi
     """``attention_varlen`` on the general kernels (the Hopper kernels off) skips key blocks past causal ALiBi's reach
     in each sequence (one norm bound per head over all tokens, reach.norm_row): against computing every block, and
     each sequence against the float64 reference. Sequences of 4096, 3000 queries on 5000 keys, and 700."""
-    from mpt_attention.testing import reference_attention_varlen
+    from mpt_attention.testing import make_varlen_inputs, reference_attention_varlen
 
     monkeypatch.setattr(hopper, "ENABLED", False)
-    lens_q, lens_k = [4096, 3000, 700], [4096, 5000, 700]
-    cu_q, cu_k = (torch.tensor([0] + lens, dtype=torch.int32, device="cuda").cumsum(0, dtype=torch.int32)
-                  for lens in (lens_q, lens_k))
+    q, k, v, cu_q, cu_k = make_varlen_inputs([4096, 3000, 700], [4096, 5000, 700], 8, 2, 64, torch.bfloat16, "cuda",
+                                             seed=5, requires_grad=True)
     gen = torch.Generator(device="cuda").manual_seed(5)
-    q = torch.randn(sum(lens_q), 8, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
-    k, v = (torch.randn(sum(lens_k), 2, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
-            for _ in range(2))
     slopes = M.gen_slopes(8, return_1d=True, device="cuda")
     dout = torch.randn(q.shape, device="cuda", generator=gen).bfloat16()
     kw = dict(backend="triton", causal=True, alibi_slopes=slopes, deterministic=deterministic)

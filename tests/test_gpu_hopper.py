@@ -984,12 +984,8 @@ def test_packed_forward_never_reads_key_blocks_past_the_reach(monkeypatch, d):
     a forward computing every block gives the same finite rows. (The first sequence's keys end on a block boundary:
     a sequence's last key block also holds the next one's first keys, masked, whose V a NaN would reach through 0 x
     NaN: docs/errors.md.)"""
-    lens_q, lens_k = [3072, 2200, 500], [3072, 3000, 500]
-    cu_q, cu_k = (torch.tensor([0] + lens, dtype=torch.int32, device="cuda").cumsum(0, dtype=torch.int32)
-                  for lens in (lens_q, lens_k))
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    q = torch.randn(sum(lens_q), 2, d, device="cuda", generator=gen).bfloat16()
-    k, v = (torch.randn(sum(lens_k), 2, d, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    q, k, v, cu_q, cu_k = make_varlen_inputs([3072, 2200, 500], [3072, 3000, 500], 2, 2, d, torch.bfloat16, "cuda",
+                                             seed=3)
     slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
     far_off = _reach_keys(q.unsqueeze(0), k.unsqueeze(0), slopes, d ** -0.5)
     assert far_off[0] < 1000 and far_off[1] > 3072
@@ -1005,8 +1001,6 @@ def test_packed_forward_never_reads_key_blocks_past_the_reach(monkeypatch, d):
     far1 = max(far - 800, 0)  # (seq1's first query sits at key 800)
     assert seq0[far:].isfinite().all() and seq1[far1:].isfinite().all()
     assert seq0[:int(far_off[0])].isnan().all() and out[:5272, 1].isnan().all()
-    from mpt_attention.testing import reference_attention_varlen
-
     ref, _ = reference_attention_varlen(q.double(), k.double(), v_zero.double(), cu_q, cu_k, causal=True,
                                         alibi_slopes=slopes)
     low, _ = reference_attention_varlen(q, k, v_zero, cu_q, cu_k, causal=True, alibi_slopes=slopes,
@@ -1105,14 +1099,9 @@ def test_packed_backward_never_reads_query_blocks_past_the_reach(monkeypatch, d)
     head's key blocks far before them stay finite in both long sequences and match the float64 reference with those
     rows zeroed, its key blocks within their reach are NaN, and so is every key of the flat head. With dO clean the
     gradients equal those computing every block."""
-    from mpt_attention.testing import reference_attention_varlen
-
-    lens_q, lens_k = [3000, 2200, 500], [3000, 3000, 500]
-    cu_q, cu_k = (torch.tensor([0] + lens, dtype=torch.int32, device="cuda").cumsum(0, dtype=torch.int32)
-                  for lens in (lens_q, lens_k))
+    q, k, v, cu_q, cu_k = make_varlen_inputs([3000, 2200, 500], [3000, 3000, 500], 2, 2, d, torch.bfloat16, "cuda",
+                                             seed=6, requires_grad=True)
     gen = torch.Generator(device="cuda").manual_seed(6)
-    q = torch.randn(sum(lens_q), 2, d, device="cuda", generator=gen).bfloat16().requires_grad_()
-    k, v = (torch.randn(sum(lens_k), 2, d, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(2))
     slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
     far_off = _reach_keys(q.detach().unsqueeze(0), k.detach().unsqueeze(0), slopes, d ** -0.5)
     assert far_off[0] < 1000 and far_off[1] > 3000

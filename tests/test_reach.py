@@ -298,13 +298,11 @@ def test_general_kernels_skip_past_the_reach_in_packed_sequences(monkeypatch):
     sequence's last 32 rows reaches only the steep head's late key blocks; clean results match computing every
     block and the float64 reference. Sequences of 256, 200 (chunked prefill: 150 queries) and 90 keys."""
     import mpt_attention as M
-    from mpt_attention.testing import assert_close_to_reference, reference_attention_varlen
+    from mpt_attention.testing import assert_close_to_reference, make_varlen_inputs, reference_attention_varlen
 
-    lens_q, lens_k = [256, 150, 90], [256, 200, 90]
-    cu_q, cu_k = (torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32) for lens in (lens_q, lens_k))
     gen = torch.Generator().manual_seed(11)
-    q = torch.randn(sum(lens_q), 2, 16, generator=gen)
-    k, v = (torch.randn(sum(lens_k), 2, 16, generator=gen) for _ in range(2))
+    lens_k = [256, 200, 90]
+    q, k, v, cu_q, cu_k = make_varlen_inputs([256, 150, 90], lens_k, 2, 2, 16, seed=11)
     slopes = torch.tensor([2.0, 2.0 ** -8])
     kw = dict(backend="triton", causal=True, alibi_slopes=slopes)
     monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 16)
