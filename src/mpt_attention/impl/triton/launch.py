@@ -324,9 +324,10 @@ def _reach_norms(q, k, kept):
     """The heads' norm maxima the reach reads (``reach.norm_launch``'s words: q's (B, H), then k's (B, H_kv)):
     ``kept`` (the forward's, handed to the backward) where it has their size, else one pass over q and k. Packed
     (T, H, D) q and k give one row, each head's maxima over all their sequences' tokens (``reach.norm_row``)."""
-    norm_pass, args, n_words = norm_launch(q, k, 0)
-    if kept is not None and kept.numel() == n_words:
+    rows = 1 if q.dim() == 3 else q.shape[0]
+    if kept is not None and kept.numel() == rows * (q.shape[-2] + k.shape[-2]):
         return kept
+    norm_pass, args, n_words = norm_launch(q, k, 0)
     norms = torch.zeros(n_words, dtype=torch.int32, device=q.device)
     norm_pass(q, k, norms, *args)
     return norms
