@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.padding import cu_seqlens_from_sequence_id, pad, unpad
-from mpt_attention.testing import attention_flops
+from mpt_attention.padding import cu_seqlens_from_sequence_id, pad, right_padded, unpad
+from mpt_attention.testing import attention_flops, capture_cuda_graph
 
 MAIN_SHAPES = [  # (B, H_q, H_kv, S, D): 16k tokens per batch
     (8, 16, 16, 2048, 128),
@@ -52,6 +52,8 @@ MAIN_SHAPES = [  # (B, H_q, H_kv, S, D): 16k tokens per batch
     (4, 32, 32, 4096, 64),
     (1, 16, 16, 16384, 128),
     (2, 32, 4, 8192, 128),  # GQA 32:4
+    (8, 32, 32, 2048, 64),  # the issue's lower lengths (S 1k-16k): below hopper.REACH_MIN_KEYS ALiBi's every block
+    (16, 16, 16, 1024, 128),  # is computed, so these show what the ALiBi term itself costs on the shipped path
 ]
 
 
@@ -407,6 +409,13 @@ def run_extras(args, rows):
         return M.attention_varlen(qp, kp, vp, cu, cu, max_len, max_len, backend="triton", causal=True,
                                   alibi_slopes=slopes)
 
+    cu_rows, used, longest = right_padded(kpm)  # once per model step, as the lengths
+    flat = [t.flatten(0, 1) for t in (q, k, v)]
+
+    def in_place():  # the padded batch read where it lies: each row a sequence of which ``used`` rows take part
+        return M.attention_varlen(*flat, cu_rows, cu_rows, longest, longest, backend="triton", causal=True,
+                                  alibi_slopes=slopes, seqused_q=used, seqused_k=used)
+
     def varlen_with_copies():  # from the padded batch and back, as a model that stays padded would do
         packed = [t.flatten(0, 1).index_select(0, idx) for t in (q, k, v)]
         out = M.attention_varlen(*packed, cu, cu, max_len, max_len, backend="triton", causal=True, alibi_slopes=slopes)
@@ -415,6 +424,7 @@ def run_extras(args, rows):
     providers = (
         ("triton-varlen", varlen, "packed (cu_seqlens), no padded row computed"),
         ("triton-varlen+unpad/pad", varlen_with_copies, "padded in and out: gathers and the scatter counted"),
+        ("triton-in-place", in_place, "the padded batch as sequences with seqused (general kernels), no copies"),
         ("triton-padded", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes,
                                               key_padding_mask=kpm),
          "key_padding_mask (Hopper: a bias row and K, V copies; general kernels: padded keys skipped)"),
@@ -427,7 +437,8 @@ def run_extras(args, rows):
                          provider=name, ms=ms, tflops=real / ms / 1e9, note=f"real-token TFLOP/s; {what}"))
     # forward+backward: packed, masked and dense
     grads = [t.requires_grad_() for t in (q, k, v, qp, kp, vp)]
-    for name, fn, inputs in (("triton-varlen", varlen, grads[3:]),
+    flat[:] = [t.flatten(0, 1) for t in (q, k, v)]  # views of the tensors that now require gradients
+    for name, fn, inputs in (("triton-varlen", varlen, grads[3:]), ("triton-in-place", in_place, grads[:3]),
                              ("triton-padded", lambda: M.attention(q, k, v, backend="triton", causal=True,
                                                                    alibi_slopes=slopes, key_padding_mask=kpm),
                               grads[:3]),
@@ -439,7 +450,11 @@ def run_extras(args, rows):
 
 
 def run_packed(rows):
-    """8 sequences of 2048 packed into one 16k row (sequence_id) against attending over the whole row."""
+    """8 sequences of 2048 packed into one 16k row (sequence_id) against attending over the whole row: each call
+    timed eagerly (what a loop of single calls sees; the packed calls' host path, ~0.25-0.5 ms on the H200 machine's
+    CPU, is about their kernel's time, so these cells move with the host: benchmarks/NOTES.md session 46) and replayed
+    from a CUDA graph (the kernels' rate). Under capture ``sequence_id`` is not read on the host, so that call's
+    replay runs the masked whole row (packed_rows.py)."""
     dev, dtype, heads, head_dim, seq, n_seq = "cuda", torch.bfloat16, 16, 128, 16384, 8
     q, k, v = (torch.randn(1, seq, heads, head_dim, device=dev, dtype=dtype) for _ in range(3))
     seq_id = torch.arange(seq, device=dev).div(seq // n_seq, rounding_mode="floor").view(1, seq)
@@ -454,10 +469,16 @@ def run_packed(rows):
                                                                 causal=True, alibi_slopes=slopes)),
         ("triton-whole-row", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes)),
     )
+    shape = f"B1 H{heads} S{seq} D{head_dim} {n_seq} seqs"
     for name, fn in providers:
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-        rows.append(dict(suite="packed", shape=f"B1 H{heads} S{seq} D{head_dim} {n_seq} seqs", mode="fwd",
-                         provider=name, ms=ms, tflops=real / ms / 1e9, note="real-token TFLOP/s"))
+        rows.append(dict(suite="packed", shape=shape, mode="fwd", provider=name, ms=ms, tflops=real / ms / 1e9,
+                         note="real-token TFLOP/s, eager"))
+        graph, _ = capture_cuda_graph(fn)
+        ms = do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+        del graph
+        rows.append(dict(suite="packed", shape=shape, mode="fwd", provider=f"{name}-graph", ms=ms,
+                         tflops=real / ms / 1e9, note="real-token TFLOP/s, CUDA graph replay"))
 
 
 def write_outputs(rows, out_dir, meta):

@@ -10,7 +10,8 @@ from mpt_attention.testing import AttnCase, assert_compiled_matches_eager, make_
 def test_opcheck_forward_op():
     (q, k, v), kw = make_inputs(AttnCase(1, 17, 17, 2, 1, 16, causal=True, alibi=True, bias="vector"),
                                 requires_grad=True)
-    args = (q, k, v, kw["attn_bias"], kw["alibi_slopes"], None, None, None, None, 0.25, True, 0.0, None, None, 0, 0, True)
+    args = (q, k, v, kw["attn_bias"], kw["alibi_slopes"], None, None, None, None, 0.25, True, 0.0, None, None, 0, 0,
+            None, None, True)
     torch.library.opcheck(torch.ops.mpt_attention.triton_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -44,9 +45,9 @@ def test_opcheck_backward_op(layout):
     # a bias matrix with its gradient, laid out transposed: the gradient comes back contiguous
     bias = torch.randn(1, 2, 17, 17).transpose(2, 3)
     out, lse = torch.ops.mpt_attention.triton_fwd(q, k, v, bias, kw["alibi_slopes"], None, None, None, None, 0.25,
-                                                  True, 0.0, None, None, 0, 0, True)
+                                                  True, 0.0, None, None, 0, 0, None, None, True)
     args = (torch.randn_like(out), q, k, v, out, lse, None, bias, kw["alibi_slopes"], None, None, None, None, 0.25,
-            True, 0.0, True, None, None, 0, 0, True)
+            True, 0.0, True, None, None, 0, 0, True, None, None)
     torch.library.opcheck(torch.ops.mpt_attention.triton_bwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

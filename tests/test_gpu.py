@@ -5,10 +5,10 @@ import torch
 
 import mpt_attention as M
 from mpt_attention import ops
-from mpt_attention.impl.triton import hopper
+from mpt_attention.impl.triton import hopper, plans
 from mpt_attention.testing import (
-    AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, capture_cuda_graph, make_inputs,
-    reference_attention,
+    AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, capture_cuda_graph, check_seqused,
+    make_inputs, reference_attention,
 )
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -247,6 +247,24 @@ def test_nan_in_padded_keys_does_not_leak():
         runs.append((out, qq.grad, kk.grad[~pad], vv.grad[~pad]))
     for clean, dirty in zip(*runs):
         assert torch.equal(clean, dirty)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim,n_kv,causal,deterministic", [(128, 2, True, None), (64, 8, False, False)],
+                         ids=["D128-GQA-causal", "D64-MHA-atomic-dq"])
+def test_seqused_matches_float64_reference_on_the_general_kernels(monkeypatch, dtype, head_dim, n_kv, causal,
+                                                                  deterministic):
+    """A right-padded batch read in place (``seqused``; a row with no real token, lengths across block boundaries),
+    the padded rows NaN: the general kernels take it (the Hopper kernels' packed tiles span whole sequences)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("seqused went to a Hopper kernel")
+
+    for module, name in ((hopper, "forward"), (hopper, "backward_dkdv"), (plans, "run_fused")):
+        monkeypatch.setattr(module, name, refuse)
+    rows, used = [1500] * 4, [1500, 1, 0, 777]
+    slopes = M.gen_slopes(8, return_1d=True, device="cuda")
+    check_seqused("triton", rows, used, rows, used, 8, n_kv, head_dim, causal, slopes, dtype, "cuda",
+                  deterministic=deterministic)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -4,7 +4,7 @@ Importing the package needs torch only; Triton is imported when the ``triton`` b
 """
 
 from mpt_attention import padding
-from mpt_attention.api import BACKENDS, attention, attention_varlen, backend_status
+from mpt_attention.api import BACKENDS, attention, backend_status
 from mpt_attention.functional import (
     flash_attn_fn,
     scaled_multihead_dot_product_attention,
@@ -25,6 +25,7 @@ from mpt_attention.modules import (
     MultiQueryAttention,
 )
 from mpt_attention.norm import LPLayerNorm
+from mpt_attention.varlen import attention_varlen
 
 __version__ = "0.1.0"
 

@@ -14,9 +14,8 @@ import torch
 from mpt_attention import ops, packed_rows
 from mpt_attention.impl import reference, sdpa
 from mpt_attention.impl.device import sm_major
-from mpt_attention.kept import kept_on
 
-__all__ = ["BACKENDS", "attention", "attention_varlen", "backend_status", "TRITON_MAX_HEAD_DIM"]
+__all__ = ["BACKENDS", "attention", "backend_status", "TRITON_MAX_HEAD_DIM"]
 
 BACKENDS = ("torch", "sdpa", "flash", "triton")
 TRITON_MAX_HEAD_DIM = 256  # any D up to this; multiples of 16 run fastest
@@ -151,127 +150,6 @@ def attention(
                                                                           **kwargs)
         return (out, lse) if return_lse else out
     raise NotImplementedError(_FLASH_MISSING)
-
-
-def attention_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    *,
-    backend: str,
-    causal: bool = False,
-    softmax_scale: float | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    return_lse: bool = False,
-    deterministic: bool | None = None,
-):
-    """:func:`attention` over a batch of sequences of different lengths, packed without padding.
-
-    Sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of ``q`` and rows
-    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of ``k``/``v``; each attends only within itself, with the
-    semantics of :func:`attention` on that sequence alone (causal aligned to its own bottom-right
-    corner, ALiBi from its own positions). No padded row is stored or computed, so a batch with half
-    its tokens padding costs about half (``mpt_attention.padding.unpad`` packs a padded batch).
-
-    Args:
-        q: ``(T_q, H_q, D)``; k, v: ``(T_k, H_kv, D)``; T = total tokens over the batch.
-        cu_seqlens_q, cu_seqlens_k: int32 ``(B + 1,)``, 0 first, non-decreasing, ``T_q``/``T_k`` last.
-        max_seqlen_q, max_seqlen_k: the longest sequence (at least); ``None`` reads it from the
-            lengths (a device sync; pass them under ``torch.compile``).
-        alibi_slopes: float ``(H_q,)`` or ``(B, H_q)``.
-        deterministic: as for :func:`attention`.
-
-    Returns:
-        ``out (T_q, H_q, D)``, and with ``return_lse`` also ``lse (H_q, T_q)`` float32.
-    """
-    if not torch.compiler.is_compiling():
-        max_seqlen_q, max_seqlen_k = _validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, alibi_slopes)
-        # the per-sequence checks of attention(), on one sequence's worth of shapes
-        one_row = None if alibi_slopes is None or alibi_slopes.numel() == 0 else alibi_slopes.reshape(-1, q.shape[1])[0]
-        _validate(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), backend, causal, softmax_scale, one_row,
-                  None, None, None, None, dropout_p, return_lse)
-        if backend == "triton":
-            _check_triton_grid(cu_seqlens_q.numel() - 1, q.shape[1])
-    elif max_seqlen_q is None or max_seqlen_k is None:
-        raise ValueError("attention_varlen under torch.compile needs max_seqlen_q and max_seqlen_k")
-    if backend == "triton":
-        out, lse = ops.triton_attention(
-            q, k, v, causal=causal, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-            deterministic=deterministic,
-        )
-        return (out, lse) if return_lse else out
-    # torch and sdpa: one call per sequence (readable, not fast; reads the lengths on the host)
-    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs, lses = [], []
-    for b in range(len(cu_q) - 1):
-        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-        kwargs = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
-                      alibi_slopes=alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b])
-        one = (q[rows_q][None], k[rows_k][None], v[rows_k][None])
-        if backend == "torch":
-            out, lse = reference.attention(*one, return_lse=True, **kwargs)
-            lses.append(lse[0])
-        else:
-            out = sdpa.attention(*one, **kwargs)
-        outs.append(out[0])
-    out = torch.cat(outs) if outs else q.new_empty(q.shape)
-    if not return_lse:
-        return out
-    return out, (torch.cat(lses, dim=1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32))
-
-
-def _validate_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes):
-    """Shape/dtype/device checks of the packed inputs and the lengths; returns the max lengths."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"attention_varlen: {name} must be a 3-D packed tensor (T, H, D), got {got}")
-    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        _check_aux(name, cu, q.device)
-        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-            raise ValueError(f"{name} must be int32 (B + 1,) cumulative lengths, got {cu.dtype} {tuple(cu.shape)}")
-    if cu_q.shape != cu_k.shape:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
-                         f"got {cu_q.numel() - 1} and {cu_k.numel() - 1}")
-    stats = [_length_stats(cu_q), _length_stats(cu_k)]
-    maxes = []
-    for name, (first, last, shortest, longest), total, given in zip(
-            ("cu_seqlens_q", "cu_seqlens_k"), stats, (q.shape[0], k.shape[0]), (max_q, max_k)):
-        if first != 0 or last != total or shortest < 0:
-            cu = cu_q if name == "cu_seqlens_q" else cu_k
-            raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}, "
-                             f"got {cu.tolist() if cu.numel() <= 16 else f'first {first}, last {last}'}")
-        max_name = name.replace("cu_seqlens", "max_seqlen")
-        if given is not None and (not isinstance(given, int) or given < longest):
-            raise ValueError(f"{max_name}={given!r} is shorter than the longest sequence ({longest})")
-        maxes.append(longest if given is None else given)
-    batch = cu_q.numel() - 1
-    if alibi_slopes is not None:
-        n_heads = q.shape[1]
-        _check_aux("alibi_slopes", alibi_slopes, q.device)
-        if tuple(alibi_slopes.shape) not in ((n_heads,), (batch, n_heads)):
-            raise ValueError(f"alibi_slopes must be (H_q,)=({n_heads},) or (B, H_q)=({batch}, {n_heads}) "
-                             f"(B = number of sequences), got {tuple(alibi_slopes.shape)}")
-    return maxes[0], maxes[1]
-
-
-def _length_stats(cu: torch.Tensor) -> tuple[int, int, int, int]:
-    """(first, last, shortest, longest) of cumulative lengths: one device-to-host copy (a sync), kept on
-    the tensor until it is modified (``kept.kept_on``), so a model's layers sharing one ``cu_seqlens`` pay it
-    once. Tensors made under ``torch.inference_mode`` have no version counter to tell: those are checked every
-    call."""
-    def stats():
-        c = cu.long()
-        lengths = c.diff() if c.numel() > 1 else c.new_zeros(1)
-        return tuple(torch.stack([c[0], c[-1], lengths.min(), lengths.max()]).tolist())
-    return kept_on(cu, "_mpt_attention_length_stats", stats)
 
 
 def _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, key_padding_mask,

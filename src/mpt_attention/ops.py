@@ -33,15 +33,16 @@ def _triton_fwd(
     sequence_id: Tensor | None, prefix_mask: Tensor | None, seed: Tensor | None,
     softmax_scale: float, causal: bool, dropout_p: float,
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
-    deterministic: bool | None,
+    seqused_q: Tensor | None, seqused_k: Tensor | None, deterministic: bool | None,
 ) -> tuple[Tensor, Tensor]:
     return _launch().forward(q, k, v, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
-                             softmax_scale, causal, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                             softmax_scale, causal, dropout_p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             seqused_q, seqused_k)
 
 
 @_triton_fwd.register_fake
 def _(q, k, v, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed, softmax_scale, causal, dropout_p,
-      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic):
+      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, deterministic):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if cu_seqlens_q is not None:  # packed (T_q, H, D): LSE (H, T_q)
         return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -56,19 +57,19 @@ def _triton_bwd(
     sequence_id: Tensor | None, prefix_mask: Tensor | None, seed: Tensor | None,
     softmax_scale: float, causal: bool, dropout_p: float, bias_grad: bool,
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
-    deterministic: bool | None,
+    deterministic: bool | None, seqused_q: Tensor | None, seqused_k: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dbias = _launch().backward(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask,
                                            sequence_id, prefix_mask, seed, softmax_scale, causal, dropout_p,
                                            bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           deterministic)
+                                           deterministic, seqused_q, seqused_k)
     return dq, dk, dv, (q.new_empty(0) if dbias is None else dbias)  # an op returns tensors
 
 
 @_triton_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
       softmax_scale, causal, dropout_p, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      deterministic):
+      deterministic, seqused_q, seqused_k):
     # the layout launch.backward allocates them in: the inputs' own, once D is innermost
     grads = [torch.empty_like(_launch().head_contiguous(t)) for t in (q, k, v)]
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)  # contiguous, as launch.backward's
@@ -77,9 +78,9 @@ def _(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
-     cu_q, cu_k, max_q, max_k, deterministic) = inputs
+     cu_q, cu_k, max_q, max_k, used_q, used_k, deterministic) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, cu_q, cu_k)
+    ctx.save_for_backward(q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, cu_q, cu_k, used_q, used_k)
     ctx.args = (softmax_scale, causal, dropout_p)
     ctx.max_lens = (max_q, max_k)
     ctx.deterministic = deterministic
@@ -90,15 +91,15 @@ def _backward_with(bwd, eager=False):
     """The backward of both paths; ``bwd`` is the op (compiled graphs) or the launch (eager), which also
     takes the bias row the forward converted."""
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, cu_q, cu_k = ctx.saved_tensors
+        q, k, v, out, lse, bias, slopes, kpm, seqid, prefix, seed, cu_q, cu_k, used_q, used_k = ctx.saved_tensors
         softmax_scale, causal, dropout_p = ctx.args
         if dout is None:  # only the log-sum-exp was used
             dout = torch.zeros_like(out)
         extra = {"bias_rows": ctx.bias_rows, "reach_norms": ctx.reach_norms.get("norms")} if eager else {}
         dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
                                 softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens,
-                                ctx.deterministic, **extra)
-        return (dq, dk, dv, (dbias if ctx.bias_grad else None)) + (None,) * 13
+                                ctx.deterministic, used_q, used_k, **extra)
+        return (dq, dk, dv, (dbias if ctx.bias_grad else None)) + (None,) * 15
     return backward
 
 
@@ -123,7 +124,7 @@ class _EagerTritonAttention(torch.autograd.Function):
         # the heads' norm maxima, where the forward reads them for causal ALiBi's reach, for the backward's reach
         # (q and k are saved for backward: a change to them in between fails their saved-tensor check)
         ctx.reach_norms = {}
-        output = launch.forward(*inputs[:16], bias_rows=ctx.bias_rows,  # ``deterministic`` is the backward's
+        output = launch.forward(*inputs[:18], bias_rows=ctx.bias_rows,  # ``deterministic`` is the backward's
                                 reach_norms=ctx.reach_norms)
         ctx.set_materialize_grads(False)  # None for an unused output, as the op's backward expects
         _setup_context(ctx, inputs, output)
@@ -135,7 +136,7 @@ class _EagerTritonAttention(torch.autograd.Function):
 
 def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=None, key_padding_mask=None,
                      sequence_id=None, prefix_mask=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
-                     max_seqlen_q=0, max_seqlen_k=0, deterministic=None):
+                     max_seqlen_q=0, max_seqlen_k=0, seqused_q=None, seqused_k=None, deterministic=None):
     """Validated inputs in, ``(out, lse)`` out; see :func:`mpt_attention.attention` and
     :func:`mpt_attention.attention_varlen`."""
     deterministic = backward_determinism(deterministic)
@@ -148,8 +149,8 @@ def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=
     op = _triton_fwd if torch.compiler.is_compiling() else _EagerTritonAttention.apply
     out, lse = op(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
                   scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                  int(max_seqlen_k), deterministic)
-    return out, public_lse(lse, q.dtype, alibi_slopes, causal, prefix_mask, cu_seqlens_q)
+                  int(max_seqlen_k), seqused_q, seqused_k, deterministic)
+    return out, public_lse(lse, q.dtype, alibi_slopes, causal, prefix_mask, cu_seqlens_q, seqused_q)
 
 
 def alibi_from_diagonal(dtype, slopes, causal, prefix_mask) -> bool:
@@ -160,10 +161,10 @@ def alibi_from_diagonal(dtype, slopes, causal, prefix_mask) -> bool:
     return dtype == torch.float32 and slopes is not None and causal and prefix_mask is None
 
 
-def public_lse(lse: Tensor, dtype, slopes, causal, prefix_mask, cu_seqlens_q) -> Tensor:
+def public_lse(lse: Tensor, dtype, slopes, causal, prefix_mask, cu_seqlens_q, seqused_q=None) -> Tensor:
     """The kernels' log-sum-exp (the one their backward takes) as MPT's scores give it: where ALiBi was measured
     from each row's diagonal (``alibi_from_diagonal``), less ``slope * (S_q - 1 - i)`` for query i of a sequence
-    S_q long. Differentiable (the gradient passes through); rows without a key (-inf) and soft-masked rows
+    S_q long (packed: its used rows, ``seqused_q``). Differentiable (the gradient passes through); rows without a key (-inf) and soft-masked rows
     (an encoded count, ``common.SOFT_LSE``) are kept."""
     if not alibi_from_diagonal(dtype, slopes, causal, prefix_mask):
         return lse
@@ -177,7 +178,8 @@ def public_lse(lse: Tensor, dtype, slopes, causal, prefix_mask, cu_seqlens_q) ->
         tokens = torch.arange(lse.shape[-1], device=lse.device, dtype=cu_seqlens_q.dtype)
         # (clamped: tokens outside every sequence have no log-sum-exp to convert)
         sequence = (torch.searchsorted(cu_seqlens_q, tokens, right=True) - 1).clamp(0, cu_seqlens_q.numel() - 2)
-        rows_after = (cu_seqlens_q[sequence + 1] - 1 - tokens).double()
+        ends = cu_seqlens_q[1:] if seqused_q is None else cu_seqlens_q[:-1] + seqused_q
+        rows_after = (ends[sequence] - 1 - tokens).double()
         per_token = slopes.unsqueeze(-1) if slopes.dim() == 1 else slopes.index_select(0, sequence).t()
         shift = per_token * rows_after
     return torch.where(lse > _SOFT_LSE, (lse.double() - shift).float(), lse)

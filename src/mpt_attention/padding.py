@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cu_seqlens_from_sequence_id", "pad", "unpad"]
+__all__ = ["cu_seqlens_from_sequence_id", "pad", "right_padded", "unpad"]
 
 
 def unpad(x: torch.Tensor, keep: torch.Tensor):
@@ -35,6 +35,35 @@ def pad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) ->
     out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
     out = out.index_copy(0, indices, packed)
     return out.view(batch, seqlen, *packed.shape[1:])
+
+
+def right_padded(keep: torch.Tensor):
+    """A right-padded batch as :func:`mpt_attention.attention_varlen` takes it without moving its rows: each batch row
+    one sequence of the flattened ``(B * S, ...)`` tensors, of which only the first ``seqused`` rows take part.
+
+    Args:
+        keep: bool ``(B, S)``, True = a real token; each row's real tokens first (MPT trains this way).
+
+    Returns:
+        ``cu_seqlens`` int32 ``(B + 1,)`` (``b * S``), ``seqused`` int32 ``(B,)`` and ``max_seqlen`` (an int: one
+        device sync, which also checks the padding). Pass ``cu_seqlens`` and ``seqused`` for both q and k (and
+        ``max_seqlen`` for both) with ``x.flatten(0, 1)``; the output's padded rows are 0.
+
+    Raises:
+        ValueError: ``keep`` is not bool ``(B, S)``, or a row has a real token after a padded one (use :func:`unpad`).
+    """
+    if keep.dtype != torch.bool or keep.dim() != 2:
+        raise ValueError(f"keep must be bool (B, S), got {keep.dtype} {tuple(keep.shape)}")
+    batch, seq = keep.shape
+    used = keep.sum(dim=1, dtype=torch.int32)
+    prefix = torch.arange(seq, device=keep.device)[None, :] < used[:, None]
+    longest, ok = (torch.stack([used.max().long(), (keep == prefix).all().long()]).tolist() if batch * seq
+                   else (0, 1))
+    if not ok:
+        raise ValueError("keep has a real token after a padded one in some row: not right padding "
+                         "(padding.unpad packs any padding)")
+    cu_seqlens = torch.arange(batch + 1, device=keep.device, dtype=torch.int32) * seq
+    return cu_seqlens, used, longest
 
 
 def cu_seqlens_from_sequence_id(sequence_id: torch.Tensor):

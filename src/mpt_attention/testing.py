@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["AttnCase", "make_inputs", "reference_attention", "assert_close_to_reference", "attention_flops",
-           "make_varlen_inputs", "reference_attention_varlen", "assert_compiled_matches_eager", "capture_cuda_graph"]
+           "make_varlen_inputs", "reference_attention_varlen", "assert_compiled_matches_eager", "capture_cuda_graph",
+           "check_seqused"]
 
 
 @dataclass
@@ -157,6 +158,57 @@ def reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slo
         outs.append(out[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def check_seqused(backend, cap_q, used_q, cap_k, used_k, n_heads, n_kv, head_dim, causal, slopes=None,
+                  dtype=torch.float32, device="cpu", **extra) -> None:
+    """``attention_varlen`` with ``seqused_q``/``seqused_k`` (lists, or None: every row) over sequences of ``cap_q`` /
+    ``cap_k`` rows, the unused rows of q, k, v NaN: the used rows' output, log-sum-exp and gradients against
+    :func:`reference_attention_varlen` run on the used rows alone (float64, and in ``dtype`` for the tolerance);
+    the unused rows' output and gradients exactly 0, their log-sum-exp -inf."""
+    from mpt_attention import attention_varlen
+
+    q, k, v, cu_q, cu_k = make_varlen_inputs(cap_q, cap_k, n_heads, n_kv, head_dim, dtype, device, requires_grad=True)
+
+    def rows(cu, caps, used):
+        used = caps if used is None else used
+        live = torch.zeros(int(cu[-1]), dtype=torch.bool)
+        for start, u in zip(cu[:-1].tolist(), used):
+            live[start:start + u] = True
+        return live.to(device), torch.tensor([0] + list(used), dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+    live_q, cu_used_q = rows(cu_q, cap_q, used_q)
+    live_k, cu_used_k = rows(cu_k, cap_k, used_k)
+    with torch.no_grad():
+        q[~live_q] = float("nan")
+        k[~live_k] = float("nan")
+        v[~live_k] = float("nan")
+    as_tensor = lambda used: None if used is None else torch.tensor(used, dtype=torch.int32, device=device)
+    kw = dict(causal=causal, alibi_slopes=slopes)
+    result = attention_varlen(q, k, v, cu_q, cu_k, backend=backend, seqused_q=as_tensor(used_q),
+                              seqused_k=as_tensor(used_k), return_lse=backend != "sdpa", **kw, **extra)
+    out, lse = result if backend != "sdpa" else (result, None)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    used_inputs = [x.detach()[live] for x, live in ((q, live_q), (k, live_k), (v, live_k))]
+    inputs64 = [x.double().requires_grad_() for x in used_inputs]
+    ref, ref_lse = reference_attention_varlen(*inputs64, cu_used_q, cu_used_k, **kw)
+    ref_grads = torch.autograd.grad(ref, inputs64, dout[live_q].double())
+    low_inputs = [x.clone().requires_grad_() for x in used_inputs]
+    low, low_lse = reference_attention_varlen(*low_inputs, cu_used_q, cu_used_k, compute_dtype=dtype, **kw)
+    low_grads = torch.autograd.grad(low, low_inputs, dout[live_q].to(low.dtype))
+
+    assert_close_to_reference("out", out[live_q], ref, low)
+    assert torch.equal(out[~live_q], torch.zeros_like(out[~live_q])), "unused query rows' output must be 0"
+    for name, g, r, lo, live in zip(["dq", "dk", "dv"], grads, ref_grads, low_grads, (live_q, live_k, live_k)):
+        assert_close_to_reference(name, g[live], r, lo)
+        assert torch.equal(g[~live], torch.zeros_like(g[~live])), f"{name}: unused rows' gradient must be 0"
+    if lse is not None:
+        assert torch.isneginf(lse[:, ~live_q]).all(), "unused query rows' log-sum-exp must be -inf"
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse[:, live_q]), finite)
+        assert_close_to_reference("lse", lse[:, live_q][finite], ref_lse[finite], low_lse[finite])
 
 
 def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -225,7 +225,7 @@ def _dkdv_blocks(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, DBiasCols, DQAcc, DBias,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK, Norms,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, Norms,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -254,7 +254,8 @@ def _attn_bwd_dkdv_kernel(
     kv_h = bkv % n_kv
     b64 = b.to(tl.int64)
     rng_q, rng_k = seqlen_q, seqlen_k
-    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(b64, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(b64, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, seqlen_q, seqlen_k,
+                                                           VARLEN)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -407,7 +408,7 @@ def _dq_blocks(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, DBias,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK, Norms,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, Norms,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -434,7 +435,8 @@ def _attn_bwd_dq_kernel(
     kv_h = h // n_groups
     b64, h64, kv64 = b.to(tl.int64), h.to(tl.int64), kv_h.to(tl.int64)
     rng_q, rng_k = seqlen_q, seqlen_k
-    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(b64, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(b64, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, seqlen_q, seqlen_k,
+                                                           VARLEN)
     m64 = q_start + start_m
 
     offs_m = tl.arange(0, BLOCK_M)

@@ -215,9 +215,10 @@ def score_tile(
 
 
 @triton.jit
-def sequence_bounds(b64, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
-    """``(q_start, k_start, len_q, len_k)`` of sequence ``b``: its first row in the packed tensors and
-    its lengths. Without VARLEN every batch row starts at 0 and has the full lengths."""
+def sequence_bounds(b64, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """``(q_start, k_start, len_q, len_k)`` of sequence ``b``: its first row in the packed tensors and its lengths,
+    up to its end row ``EndSeqQ/K[b]`` (``cu_seqlens[b + 1]``, or ``cu_seqlens[b] + seqused[b]``: launch.py).
+    Without VARLEN every batch row starts at 0 and has the full lengths."""
     q_start = tl.zeros([], dtype=tl.int64)
     k_start = tl.zeros([], dtype=tl.int64)
     len_q = seqlen_q + tl.zeros([], dtype=tl.int32)
@@ -225,8 +226,8 @@ def sequence_bounds(b64, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN: tl.constexp
     if VARLEN:
         q_start = tl.load(CuSeqQ + b64).to(tl.int64)
         k_start = tl.load(CuSeqK + b64).to(tl.int64)
-        len_q = (tl.load(CuSeqQ + b64 + 1) - q_start).to(tl.int32)
-        len_k = (tl.load(CuSeqK + b64 + 1) - k_start).to(tl.int32)
+        len_q = (tl.load(EndSeqQ + b64) - q_start).to(tl.int32)
+        len_k = (tl.load(EndSeqK + b64) - k_start).to(tl.int32)
     return q_start, k_start, len_q, len_k
 
 

@@ -79,7 +79,7 @@ def _fwd_blocks(
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse,
-    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK, Norms,
+    Bias, Slopes, KeyPad, SeqId, Prefix, Seed, KvRange, SeqRange, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, Norms,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -97,7 +97,8 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """``seqlen_q, seqlen_k``: the lengths of every batch row, or under VARLEN the longest sequence's
-    (the grid's extent and the dropout counter's dims); each sequence's own come from ``CuSeqQ/K``.
+    (the grid's extent and the dropout counter's dims); each sequence's own from its first row ``CuSeqQ/K`` and
+    its end ``EndSeqQ/K`` (common.sequence_bounds).
     ``REACH`` (causal ALiBi from slopes, no mask or bias): key blocks past the head's reach are skipped
     (reach.py), from the heads' norm maxima in ``Norms`` (``reach.norm_launch``'s words)."""
     # Causal rows near the bottom see the most keys: start those first so they do not finish last.
@@ -108,7 +109,8 @@ def _attn_fwd_kernel(
     kv_h = h // n_groups
     b64, h64, kv64 = b.to(tl.int64), h.to(tl.int64), kv_h.to(tl.int64)
     rng_q, rng_k = seqlen_q, seqlen_k
-    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(b64, CuSeqQ, CuSeqK, seqlen_q, seqlen_k, VARLEN)
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(b64, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, seqlen_q, seqlen_k,
+                                                           VARLEN)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

@@ -187,7 +187,7 @@ def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
 def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
     """(B + 1,) int32: tiles of 128 rows before each packed sequence, the total last (``hopper_tiles``; the
     forward's query tiles, the backward's key blocks), on the device: no host sync. Kept on ``cu`` until it is
-    modified (``kept.kept_on``, as ``api._length_stats`` keeps its lengths): the forward and the backward, and a
+    modified (``kept.kept_on``, as ``varlen._length_stats`` keeps its lengths): the forward and the backward, and a
     model's layers, share one ``cu_seqlens``, and these four small kernels cost more host time than they take on
     the GPU. Not while a CUDA graph is captured: the graph must recompute them from the lengths a replay finds
     (updated in place)."""

@@ -246,11 +246,12 @@ def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal):
 
 @_on_its_device
 def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
-            cu_q=None, cu_k=None, max_q=0, max_k=0, bias_rows=None, reach_norms=None):
+            cu_q=None, cu_k=None, max_q=0, max_k=0, used_q=None, used_k=None, bias_rows=None, reach_norms=None):
     """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
-    for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``). ``lse`` is the
-    kernels' own, which ``backward`` takes: for float32 causal ALiBi measured from each row's diagonal
-    (``_kernel_alibi``); ``ops.public_lse`` turns it into MPT's.
+    for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``; ``used_q``/``used_k``
+    the rows of each sequence that take part, ``mask_spans.sequence_ends``, on the general kernels: the other rows'
+    output is 0 and their log-sum-exp -inf). ``lse`` is the kernels' own, which ``backward`` takes: for float32
+    causal ALiBi measured from each row's diagonal (``_kernel_alibi``); ``ops.public_lse`` turns it into MPT's.
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already. ``reach_norms``: a dict that receives
     the heads' norm maxima where the Hopper forward reads them for causal ALiBi's reach (``hopper.run_forward``),
     for ``backward`` of the same q and k."""
@@ -271,12 +272,18 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     q, k, v = (head_contiguous(x) for x in (q, k, v))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
-    if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen, max_q=geo.s_q) is None:
+    partial = used_q is not None or used_k is not None  # the Hopper kernels' packed tiles span whole sequences
+    if not partial and hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen,
+                                          max_q=geo.s_q) is None:
         return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix),
                               cu_q, cu_k, geo.s_q, geo.s_k, reach_norms)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
+    if used_q is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
+    else:  # rows past a sequence's used ones are not written
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        lse = torch.full(geo.lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
     pointers, kv_range, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
     cfg = _fwd_config(head_dim, full_bias=bias is not None and bias.shape[2] != 1)
     grid = (cdiv(s_q, cfg["BLOCK_M"]), n_heads, batch)  # common.grid_row
@@ -291,13 +298,14 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     row_desc = bias is not None and bias.shape[2] == 1 and not varlen and _descriptors_ok(bias)
     if kv_desc or row_desc:
         _ensure_allocator()
-    reach = _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
+    # (the reach's norm maxima span every row: not with unused ones, which may hold anything)
+    reach = not partial and _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
     norms = _reach_norms(q, k, None) if reach else q
     if reach and reach_norms is not None:
         reach_norms["norms"] = norms
     launch_kernel(_attn_fwd_kernel, grid,
         q, k, v, out, lse, *pointers, seed if seed is not None else q, kv_range, seq_range,
-        cu_q if varlen else q, cu_k if varlen else q, norms,
+        *mask_spans.sequence_args(q, cu_q, cu_k, used_q, used_k), norms,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen), *geo.lse_strides,
         *aux_strides,
         n_heads, n_heads // n_kv, s_q, s_k, head_dim,
@@ -345,8 +353,8 @@ def _side_stream(device) -> torch.cuda.Stream:
 
 @_on_its_device
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
-             dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, bias_rows=None,
-             reach_norms=None):
+             dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, used_q=None,
+             used_k=None, bias_rows=None, reach_norms=None):
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or None without ``bias_grad``).
 
     ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
@@ -383,6 +391,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     varlen = geo.varlen
+    partial = used_q is not None or used_k is not None  # as forward: the general kernels
     full = (batch, n_heads, s_q, s_k)
     # Without determinism the Hopper kernel also forms dQ (a fourth warpgroup, float32 bulk reductions):
     # 1.0-1.19x the reproducible split on an H200 (benchmarks/NOTES.md session 15). Grouped heads: a group's
@@ -396,7 +405,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # rows the copy engine can write
     ds_from_ring = bias_grad and bias.shape[2] != 1 and tuple(bias.shape) == full and bias.dtype == q.dtype and \
         s_k * bias.element_size() % 16 == 0
-    fused_dq = FUSED_DQ and deterministic is not True and (not bias_grad or ds_from_ring) and (
+    fused_dq = FUSED_DQ and not partial and deterministic is not True and (not bias_grad or ds_from_ring) and (
         n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
         q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True, max_q=s_q) is None
     if fused_dq:  # the route of a plan (kept for this signature where ``key`` is set)
@@ -423,7 +432,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
     # gradients in their inputs' layout (dense ones keep their strides, e.g. SDPA's (B, H, S, D) passed
     # transposed), so autograd hands them to the caller's tensors without a transposing copy each
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # (rows past a sequence's used ones are not written: zeros)
+    dq = torch.empty_like(q) if used_q is None else torch.zeros_like(q)
+    dk, dv = (torch.empty_like(x) if used_k is None else torch.zeros_like(x) for x in (k, v))
     # the kernels read a bias row converted (float32, log2 units: ``bias_in``); dbias keeps the caller's shape and dtype
     bias_mode = 0
     dbias_rows = dbias_full = q  # dummies
@@ -444,8 +455,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # stores zero tiles itself
     if bias_mode == 2 and (causal or kpm is not None or seqid is not None):
         dbias_full.zero_()
-    use_hopper = not bias_grad and hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen,
-                                                      dout, max_q=s_q) is None
+    use_hopper = not bias_grad and not partial and hopper.unsupported(
+        q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, max_q=s_q) is None
     # the Hopper kernel's loader copies each step's row terms (log2-domain LSE offset, delta) beside Q and dO,
     # so the consumers read them from shared memory instead of waiting on global loads every step
     # (packed sequences: one long row per head, as the delta kernel writes them)
@@ -472,7 +483,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         sizes = (n_heads, n_heads // n_kv, s_q, s_k, head_dim, softmax_scale, softmax_scale * LOG2E, dropout_p)
         in_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
         seed_arg = seed if seed is not None else q
-        cu_args = (cu_q, cu_k) if varlen else (q, q)
+        cu_args = mask_spans.sequence_args(q, cu_q, cu_k, used_q, used_k)
         kv_cfg, q_cfg = _bwd_config(head_dim, atomic_dq=atomic)
         # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
         dkdv_desc = _descriptors_ok(q, dout)
@@ -482,7 +493,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             and _descriptors_ok(bias_in)
         if dkdv_desc or dq_desc or ds_desc:
             _ensure_allocator()
-        reach = _general_reach(bias_in, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
+        reach = not partial and _general_reach(bias_in, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
         norms = _reach_norms(q, k, reach_norms) if reach else q
         kv_spans = q_spans = q
         if seqid is not None:  # one pass over the ids serves both kernels

@@ -1,6 +1,6 @@
 """Where masks leave tiles nothing to do, found on the host side before the general kernels run: the keys a query
-tile's sequences span (``sequence_id``), the queries a key block's sequences span, and each batch row's live keys
-(``key_padding_mask``). All on the device, without a synchronisation.
+tile's sequences span (``sequence_id``), the queries a key block's sequences span, each batch row's live keys
+(``key_padding_mask``), and packed sequences' first and end rows. All on the device, without a synchronisation.
 """
 
 import torch
@@ -57,3 +57,17 @@ def live_key_range(kpm: torch.Tensor) -> torch.Tensor:
     first = torch.where(live, idx, s_k).amin(dim=1)
     last = torch.where(live, idx + 1, 0).amax(dim=1)
     return torch.stack([first, last], dim=1).to(torch.int32).contiguous()
+
+
+def sequence_ends(cu: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
+    """Each packed sequence's end row, as the general kernels read it (``common.sequence_bounds``' ``EndSeqQ/K``):
+    ``cu[1:]`` (a view), or with ``used`` (int32 ``(B,)``, FA3's ``seqused``) ``cu[:-1] + used``: only the first
+    ``used[b]`` rows of sequence ``b`` take part; the rest are never read, and their outputs and gradients are 0."""
+    return cu[1:] if used is None else cu[:-1] + used
+
+
+def sequence_args(q, cu_q, cu_k, used_q, used_k) -> tuple:
+    """The general kernels' ``CuSeqQ, CuSeqK, EndSeqQ, EndSeqK`` (never-read dummies without packed sequences)."""
+    if cu_q is None:
+        return q, q, q, q
+    return cu_q, cu_k, sequence_ends(cu_q, used_q), sequence_ends(cu_k, used_k)

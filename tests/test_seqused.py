@@ -1,0 +1,121 @@
+"""``attention_varlen``'s ``seqused_q`` / ``seqused_k``: only the first rows of each sequence take part (a right-padded
+batch run in place, ``padding.right_padded``; a static KV cache's filled lengths). Every backend against the float64
+reference run on the used rows alone, the unused rows NaN-poisoned (``testing.check_seqused``)."""
+
+import pytest
+import torch
+
+import mpt_attention as M
+from mpt_attention.padding import right_padded
+from mpt_attention.testing import assert_compiled_matches_eager, check_seqused
+
+BACKENDS = ["torch", "sdpa", "triton", "triton-atomic-dq"]
+
+CASES = [  # (rows per sequence q, used q, rows per sequence k, used k, H_q, H_kv, D, causal, alibi)
+    pytest.param([37, 37, 37, 37], [37, 20, 0, 5], [37, 37, 37, 37], [37, 20, 0, 5], 4, 4, 16, True, "heads",
+                 id="right-padded-self-causal-alibi"),
+    pytest.param([5, 1, 20, 9], None, [48, 48, 48, 48], [45, 3, 20, 9], 4, 2, 16, True, "batch",
+                 id="static-cache-GQA-alibi-per-sequence"),
+    pytest.param([16, 30], [9, 30], [40, 16], [40, 12], 4, 1, 32, False, "heads", id="cross-MQA-symmetric-alibi"),
+    pytest.param([12, 7], [12, 2], [5, 7], [5, 0], 2, 2, 16, True, None, id="more-queries-than-keys-and-no-keys"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cap_q,used_q,cap_k,used_k,n_heads,n_kv,head_dim,causal,alibi", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_used_rows_match_the_reference_and_the_rest_are_zero(backend, cap_q, used_q, cap_k, used_k, n_heads, n_kv,
+                                                             head_dim, causal, alibi, dtype):
+    extra = {}
+    if backend == "triton-atomic-dq":  # deterministic=False: dQ through atomics
+        backend, extra = "triton", dict(deterministic=False)
+    slopes = None
+    if alibi:
+        slopes = M.gen_slopes(n_heads, return_1d=True)
+        if alibi == "batch":
+            slopes = slopes.view(1, n_heads) * torch.linspace(0.5, 1.5, len(cap_q)).view(-1, 1)
+    check_seqused(backend, cap_q, used_q, cap_k, used_k, n_heads, n_kv, head_dim, causal, slopes, dtype, **extra)
+
+
+def _right_padded_batch(lengths, seq, n_heads=4, head_dim=16):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(len(lengths), seq, n_heads, head_dim, generator=gen) for _ in range(3))
+    keep = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]
+    return q, k, v, keep
+
+
+def test_right_padded_gives_each_row_as_a_sequence():
+    _, _, _, keep = _right_padded_batch([37, 20, 0], 37)
+    cu, used, longest = right_padded(keep)
+    assert cu.dtype == used.dtype == torch.int32
+    assert cu.tolist() == [0, 37, 74, 111] and used.tolist() == [37, 20, 0] and longest == 37
+
+
+@pytest.mark.parametrize("keep", [torch.tensor([[False, True, True]]), torch.tensor([[True, False, True]])],
+                         ids=["left-padding", "a-gap"])
+def test_right_padded_rejects_other_padding(keep):
+    with pytest.raises(ValueError, match="not right padding"):
+        right_padded(keep)
+
+
+def test_right_padded_rejects_a_non_bool_mask():
+    with pytest.raises(ValueError, match=r"keep must be bool \(B, S\), got torch.int64 \(2, 3\)"):
+        right_padded(torch.ones(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_right_padded_batch_in_place_equals_key_padding_on_its_real_rows(backend):
+    """MPT's padded batch: ``attention(key_padding_mask=...)`` computes every row; run in place through ``seqused``,
+    the real rows agree (causal ALiBi's MPT form and each sequence's own differ by a constant per row) and the
+    padded rows are 0."""
+    q, k, v, keep = _right_padded_batch([37, 20, 5], 37)
+    slopes = M.gen_slopes(4, return_1d=True)
+    dense = M.attention(q, k, v, backend=backend, causal=True, alibi_slopes=slopes, key_padding_mask=keep)
+    cu, used, longest = right_padded(keep)
+    flat = [x.flatten(0, 1) for x in (q, k, v)]
+    out = M.attention_varlen(*flat, cu, cu, longest, longest, backend=backend, causal=True, alibi_slopes=slopes,
+                             seqused_q=used, seqused_k=used).view_as(q)
+    torch.testing.assert_close(out[keep], dense[keep], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[~keep], torch.zeros_like(out[~keep]))
+
+
+BAD_SEQUSED = [
+    ("int64", dict(seqused_q=torch.tensor([3, 4])), r"seqused_q must be int32 \(B,\)=\(2,\) \(B = number of "
+     r"sequences\), got torch.int64 \(2,\)"),
+    ("wrong-count", dict(seqused_k=torch.tensor([3], dtype=torch.int32)), r"seqused_k must be int32 \(B,\)=\(2,\)"),
+    ("past-the-end", dict(seqused_k=torch.tensor([4, 7], dtype=torch.int32)),
+     r"seqused_k must be between 0 and each sequence's length .*got \[4, 7\], 1 past a sequence's end"),
+    ("negative", dict(seqused_q=torch.tensor([-1, 2], dtype=torch.int32)),
+     r"seqused_q must be between 0 and each sequence's length .*got \[-1, 2\]"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("override,message", [pytest.param(o, m, id=i) for i, o, m in BAD_SEQUSED])
+def test_bad_seqused_is_refused_before_any_kernel(backend, override, message):
+    q, k, v = torch.randn(10, 2, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)  # lengths 4 and 6
+    with pytest.raises(ValueError, match=message):
+        M.attention_varlen(q, k, v, cu, cu, backend=backend, **override)
+
+
+def test_error_table_in_docs_lists_every_seqused_message():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    for phrase in ["seqused_q must be int32 (B,)", "must be between 0 and each sequence's length",
+                   "past a sequence's end", "not right padding (padding.unpad packs any padding)"]:
+        assert phrase in doc, f"docs/errors.md misses {phrase!r}"
+
+
+def test_seqused_compiles_fullgraph_on_triton():
+    q, k, v = (torch.randn(26, 2, 16).requires_grad_() for _ in range(3))
+    cu = torch.tensor([0, 13, 26], dtype=torch.int32)
+    used = torch.tensor([13, 6], dtype=torch.int32)
+
+    def step(q, k, v):
+        out, lse = M.attention_varlen(q, k, v, cu, cu, 13, 13, backend="triton", causal=True, return_lse=True,
+                                      seqused_q=used, seqused_k=used)
+        return out * 2.0, lse.clamp(min=-1e4)  # -inf rows: a finite stand-in for the comparison
+
+    assert_compiled_matches_eager(step, [q, k, v])
