@@ -68,10 +68,11 @@ def test_a_right_padded_batch_in_place_equals_key_padding_on_its_real_rows(backe
     """MPT's padded batch: ``attention(key_padding_mask=...)`` computes every row; run in place through ``seqused``,
     the real rows agree (causal ALiBi's MPT form and each sequence's own differ by a constant per row) and the
     padded rows are 0."""
-    q, k, v, keep = _right_padded_batch([37, 20, 5], 37)
+    q, k, v, keep = _right_padded_batch([30, 20, 5], 37)  # the longest used rows (30) short of the rows (37)
     slopes = M.gen_slopes(4, return_1d=True)
     dense = M.attention(q, k, v, backend=backend, causal=True, alibi_slopes=slopes, key_padding_mask=keep)
     cu, used, longest = right_padded(keep)
+    assert longest == 30
     flat = [x.flatten(0, 1) for x in (q, k, v)]
     out = M.attention_varlen(*flat, cu, cu, longest, longest, backend=backend, causal=True, alibi_slopes=slopes,
                              seqused_q=used, seqused_k=used).view_as(q)
@@ -87,6 +88,8 @@ BAD_SEQUSED = [
      r"seqused_k must be between 0 and each sequence's length .*got \[4, 7\], 1 past a sequence's end"),
     ("negative", dict(seqused_q=torch.tensor([-1, 2], dtype=torch.int32)),
      r"seqused_q must be between 0 and each sequence's length .*got \[-1, 2\]"),
+    ("max-below-the-used-rows", dict(seqused_q=torch.tensor([4, 5], dtype=torch.int32), max_seqlen_q=4),
+     r"max_seqlen_q=4 is shorter than the most rows a sequence uses \(5\)"),
 ]
 
 

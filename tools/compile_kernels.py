@@ -25,7 +25,8 @@ from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
-                  "CuSeqQ": "*i32", "CuSeqK": "*i32", "EndSeqQ": "*i32", "EndSeqK": "*i32", "Lse": "*fp32", "DLse": "*fp32", "Delta": "*fp32",
+                  "CuSeqQ": "*i32", "CuSeqK": "*i32", "EndSeqQ": "*i32", "EndSeqK": "*i32", "Lse": "*fp32",
+                  "DLse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32",
                   "Tiles": "*i32", "DKVPart": "*fp32", "RowStats": "*fp32", "DOScaled": "*bf16", "CuTiles": "*i32",
                   "CuKTiles": "*i32", "DQSync": "*i32", "Norms": "*i32", "SoftBlocks": "*i32"}

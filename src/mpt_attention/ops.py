@@ -164,8 +164,8 @@ def alibi_from_diagonal(dtype, slopes, causal, prefix_mask) -> bool:
 def public_lse(lse: Tensor, dtype, slopes, causal, prefix_mask, cu_seqlens_q, seqused_q=None) -> Tensor:
     """The kernels' log-sum-exp (the one their backward takes) as MPT's scores give it: where ALiBi was measured
     from each row's diagonal (``alibi_from_diagonal``), less ``slope * (S_q - 1 - i)`` for query i of a sequence
-    S_q long (packed: its used rows, ``seqused_q``). Differentiable (the gradient passes through); rows without a key (-inf) and soft-masked rows
-    (an encoded count, ``common.SOFT_LSE``) are kept."""
+    S_q long (packed: its used rows, ``seqused_q``). Differentiable (the gradient passes through); rows without a
+    key (-inf) and soft-masked rows (an encoded count, ``common.SOFT_LSE``) are kept."""
     if not alibi_from_diagonal(dtype, slopes, causal, prefix_mask):
         return lse
     # in float64, so the result rounds once: its magnitude, up to slope * S, is where float32 rounds coarsely

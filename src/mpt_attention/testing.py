@@ -175,7 +175,8 @@ def check_seqused(backend, cap_q, used_q, cap_k, used_k, n_heads, n_kv, head_dim
         live = torch.zeros(int(cu[-1]), dtype=torch.bool)
         for start, u in zip(cu[:-1].tolist(), used):
             live[start:start + u] = True
-        return live.to(device), torch.tensor([0] + list(used), dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        cu_used = torch.tensor([0] + list(used), dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return live.to(device), cu_used.to(device)
 
     live_q, cu_used_q = rows(cu_q, cap_q, used_q)
     live_k, cu_used_k = rows(cu_k, cap_k, used_k)

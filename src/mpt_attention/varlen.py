@@ -121,31 +121,29 @@ def _validate_varlen(q, k, v, cu_q, cu_k, max_q, max_k, alibi_slopes, used_q=Non
     if cu_q.shape != cu_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                          f"got {cu_q.numel() - 1} and {cu_k.numel() - 1}")
-    stats = [_length_stats(cu_q), _length_stats(cu_k)]
-    maxes = []
-    for name, (first, last, shortest, longest), total, given in zip(
-            ("cu_seqlens_q", "cu_seqlens_k"), stats, (q.shape[0], k.shape[0]), (max_q, max_k)):
-        if first != 0 or last != total or shortest < 0:
-            cu = cu_q if name == "cu_seqlens_q" else cu_k
-            raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}, "
-                             f"got {cu.tolist() if cu.numel() <= 16 else f'first {first}, last {last}'}")
-        max_name = name.replace("cu_seqlens", "max_seqlen")
-        if given is not None and (not isinstance(given, int) or given < longest):
-            raise ValueError(f"{max_name}={given!r} is shorter than the longest sequence ({longest})")
-        maxes.append(longest if given is None else given)
     batch = cu_q.numel() - 1
-    for name, used, cu in (("seqused_q", used_q, cu_q), ("seqused_k", used_k, cu_k)):
-        if used is None:
-            continue
-        _check_aux(name, used, q.device)
-        if used.dtype != torch.int32 or tuple(used.shape) != (batch,):
-            raise ValueError(f"{name} must be int32 (B,)=({batch},) (B = number of sequences), got {used.dtype} "
-                             f"{tuple(used.shape)}")
-        fewest, spare = _used_stats(used, cu)
-        if fewest < 0 or spare < 0:
-            raise ValueError(f"{name} must be between 0 and each sequence's length (cu_seqlens[b + 1] - "
-                             f"cu_seqlens[b]), got {used.tolist() if batch <= 16 else f'smallest {fewest}'}"
-                             + ("" if spare >= 0 else f", {-spare} past a sequence's end"))
+    maxes = []
+    sides = (("q", cu_q, used_q, q.shape[0], max_q), ("k", cu_k, used_k, k.shape[0], max_k))
+    for side, cu, used, total, given in sides:
+        first, last, shortest, longest = _length_stats(cu)
+        if first != 0 or last != total or shortest < 0:
+            raise ValueError(f"cu_seqlens_{side} must start at 0, never decrease and end at the packed length "
+                             f"{total}, got {cu.tolist() if cu.numel() <= 16 else f'first {first}, last {last}'}")
+        what = "the longest sequence"
+        if used is not None:
+            _check_aux(f"seqused_{side}", used, q.device)
+            if used.dtype != torch.int32 or tuple(used.shape) != (batch,):
+                raise ValueError(f"seqused_{side} must be int32 (B,)=({batch},) (B = number of sequences), got "
+                                 f"{used.dtype} {tuple(used.shape)}")
+            fewest, spare, longest = _used_stats(used, cu)
+            if fewest < 0 or spare < 0:
+                raise ValueError(f"seqused_{side} must be between 0 and each sequence's length (cu_seqlens[b + 1] - "
+                                 f"cu_seqlens[b]), got {used.tolist() if batch <= 16 else f'smallest {fewest}'}"
+                                 + ("" if spare >= 0 else f", {-spare} past a sequence's end"))
+            what = "the most rows a sequence uses"
+        if given is not None and (not isinstance(given, int) or given < longest):
+            raise ValueError(f"max_seqlen_{side}={given!r} is shorter than {what} ({longest})")
+        maxes.append(longest if given is None else given)
     if alibi_slopes is not None:
         n_heads = q.shape[1]
         _check_aux("alibi_slopes", alibi_slopes, q.device)
@@ -167,9 +165,11 @@ def _length_stats(cu: torch.Tensor) -> tuple[int, int, int, int]:
     return kept_on(cu, "_mpt_attention_length_stats", stats)
 
 
-def _used_stats(used: torch.Tensor, cu: torch.Tensor) -> tuple[int, int]:
-    """(smallest used length, smallest length - used): one sync, kept on ``used`` per ``cu`` as ``_length_stats``."""
+def _used_stats(used: torch.Tensor, cu: torch.Tensor) -> tuple[int, int, int]:
+    """(fewest used rows, fewest spare rows (length - used), most used rows): one sync, kept on ``used`` per ``cu``
+    as ``_length_stats`` keeps the lengths."""
     def stats():
-        spare = cu.diff().long() - used.long()
-        return tuple(torch.stack([used.long().min(), spare.min()]).tolist()) if used.numel() else (0, 0)
+        used64 = used.long()
+        spare = cu.diff().long() - used64
+        return tuple(torch.stack([used64.min(), spare.min(), used64.max()]).tolist()) if used.numel() else (0, 0, 0)
     return kept_on(used, "_mpt_attention_used_stats", stats, key=(cu.data_ptr(), cu._version))
