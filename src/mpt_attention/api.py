@@ -146,8 +146,8 @@ def attention(
     if backend == "triton":
         # MPT's packed rows as packed sequences where that is exact and faster (packed_rows.py)
         packed = packed_rows.attention(q, k, v, deterministic=deterministic, return_lse=return_lse, **kwargs)
-        out, lse = packed if packed is not None else ops.triton_attention(q, k, v, deterministic=deterministic,
-                                                                          **kwargs)
+        out, lse = packed if packed is not None else ops.triton_attention(
+            q, k, v, deterministic=deterministic, return_lse=return_lse, **kwargs)
         return (out, lse) if return_lse else out
     raise NotImplementedError(_FLASH_MISSING)
 

@@ -136,9 +136,10 @@ class _EagerTritonAttention(torch.autograd.Function):
 
 def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=None, key_padding_mask=None,
                      sequence_id=None, prefix_mask=None, dropout_p=0.0, cu_seqlens_q=None, cu_seqlens_k=None,
-                     max_seqlen_q=0, max_seqlen_k=0, seqused_q=None, seqused_k=None, deterministic=None):
-    """Validated inputs in, ``(out, lse)`` out; see :func:`mpt_attention.attention` and
-    :func:`mpt_attention.attention_varlen`."""
+                     max_seqlen_q=0, max_seqlen_k=0, seqused_q=None, seqused_k=None, deterministic=None,
+                     return_lse=True):
+    """Validated inputs in, ``(out, lse)`` out (``lse`` None without ``return_lse``: float32 causal ALiBi's is then
+    not converted); see :func:`mpt_attention.attention` and :func:`mpt_attention.attention_varlen`."""
     deterministic = backward_determinism(deterministic)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     seed = None
@@ -150,6 +151,8 @@ def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=
     out, lse = op(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
                   scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                   int(max_seqlen_k), seqused_q, seqused_k, deterministic)
+    if not return_lse:
+        return out, None
     return out, public_lse(lse, q.dtype, alibi_slopes, causal, prefix_mask, cu_seqlens_q, seqused_q)
 
 

@@ -47,15 +47,14 @@ def attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias, key_pa
     if cu.numel() - 1 > _MAX_SEQUENCES:  # the general kernels' grid has a sequence axis
         return None
     if cu.numel() - 1 == batch:  # one sequence per row: nothing is masked
-        out, lse = ops.triton_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                        alibi_slopes=alibi_slopes, deterministic=deterministic)
-        return out, lse if return_lse else None
+        return ops.triton_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
+                                    deterministic=deterministic, return_lse=return_lse)
     slopes = alibi_slopes
     if slopes is not None and slopes.dim() == 2:  # (B, H): each sequence its row's
         slopes = slopes.index_select(0, seq_rows)
     out, lse = ops.triton_attention(*flat, causal=causal, softmax_scale=softmax_scale, alibi_slopes=slopes,
                                     cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, return_lse=return_lse)
     out = out.view(batch, seq, n_heads, head_dim)
     if not return_lse:
         return out, None

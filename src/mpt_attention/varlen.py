@@ -78,7 +78,7 @@ def attention_varlen(
         out, lse = ops.triton_attention(
             q, k, v, causal=causal, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-            seqused_q=seqused_q, seqused_k=seqused_k, deterministic=deterministic,
+            seqused_q=seqused_q, seqused_k=seqused_k, deterministic=deterministic, return_lse=return_lse,
         )
         return (out, lse) if return_lse else out
     # torch and sdpa: one call per sequence (readable, not fast; reads the lengths on the host)
