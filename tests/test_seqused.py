@@ -7,7 +7,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention.padding import right_padded
-from mpt_attention.testing import assert_compiled_matches_eager, check_seqused
+from mpt_attention.testing import assert_compiled_matches_eager, check_seqused, varlen_backend_and_slopes
 
 BACKENDS = ["torch", "sdpa", "triton", "triton-atomic-dq"]
 
@@ -26,14 +26,7 @@ CASES = [  # (rows per sequence q, used q, rows per sequence k, used k, H_q, H_k
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_used_rows_match_the_reference_and_the_rest_are_zero(backend, cap_q, used_q, cap_k, used_k, n_heads, n_kv,
                                                              head_dim, causal, alibi, dtype):
-    extra = {}
-    if backend == "triton-atomic-dq":  # deterministic=False: dQ through atomics
-        backend, extra = "triton", dict(deterministic=False)
-    slopes = None
-    if alibi:
-        slopes = M.gen_slopes(n_heads, return_1d=True)
-        if alibi == "batch":
-            slopes = slopes.view(1, n_heads) * torch.linspace(0.5, 1.5, len(cap_q)).view(-1, 1)
+    backend, extra, slopes = varlen_backend_and_slopes(backend, alibi, n_heads, len(cap_q))
     check_seqused(backend, cap_q, used_q, cap_k, used_k, n_heads, n_kv, head_dim, causal, slopes, dtype, **extra)
 
 

@@ -10,6 +10,7 @@ from mpt_attention.kept import kept_values
 from mpt_attention.padding import pad, unpad
 from mpt_attention.testing import (
     assert_close_to_reference, assert_compiled_matches_eager, make_varlen_inputs, reference_attention, reference_attention_varlen,
+    varlen_backend_and_slopes,
 )
 
 BACKENDS = ["torch", "sdpa", "triton"]
@@ -33,14 +34,7 @@ CASES = [  # (lens_q, lens_k, H_q, H_kv, D, causal, alibi)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_varlen_matches_each_sequence_alone(backend, lens_q, lens_k, n_heads, n_kv, head_dim, causal, alibi, dtype):
     q, k, v, cu_q, cu_k = make_varlen_inputs(lens_q, lens_k, n_heads, n_kv, head_dim, dtype, requires_grad=True)
-    extra = {}
-    if backend == "triton-atomic-dq":  # deterministic=False: dQ through atomics
-        backend, extra = "triton", dict(deterministic=False)
-    slopes = None
-    if alibi:
-        slopes = M.gen_slopes(n_heads, return_1d=True)
-        if alibi == "batch":
-            slopes = slopes.view(1, n_heads) * torch.linspace(0.5, 1.5, len(lens_q)).view(-1, 1)
+    backend, extra, slopes = varlen_backend_and_slopes(backend, alibi, n_heads, len(lens_q))
     kw = dict(causal=causal)
     out = M.attention_varlen(q, k, v, cu_q, cu_k, backend=backend, alibi_slopes=slopes, **kw, **extra)
     dout = torch.randn_like(out)

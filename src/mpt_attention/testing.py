@@ -12,7 +12,7 @@ import torch
 
 __all__ = ["AttnCase", "make_inputs", "reference_attention", "assert_close_to_reference", "attention_flops",
            "make_varlen_inputs", "reference_attention_varlen", "assert_compiled_matches_eager", "capture_cuda_graph",
-           "check_seqused"]
+           "check_seqused", "varlen_backend_and_slopes"]
 
 
 @dataclass
@@ -158,6 +158,23 @@ def reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slo
         outs.append(out[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def varlen_backend_and_slopes(backend: str, alibi: str | None, n_heads: int, n_sequences: int):
+    """``(backend, extra keywords, alibi_slopes)`` of a packed-sequence test case: ``"triton-atomic-dq"`` is the
+    triton backend with ``deterministic=False`` (dQ through atomics); ``alibi`` None, ``"heads"`` (MPT's slopes,
+    ``(H,)``) or ``"batch"`` (those scaled per sequence, ``(B, H)``)."""
+    extra = {}
+    if backend == "triton-atomic-dq":
+        backend, extra = "triton", dict(deterministic=False)
+    slopes = None
+    if alibi:
+        from mpt_attention.masks import gen_slopes
+
+        slopes = gen_slopes(n_heads, return_1d=True)
+        if alibi == "batch":
+            slopes = slopes.view(1, n_heads) * torch.linspace(0.5, 1.5, n_sequences).view(-1, 1)
+    return backend, extra, slopes
 
 
 def check_seqused(backend, cap_q, used_q, cap_k, used_k, n_heads, n_kv, head_dim, causal, slopes=None,
