@@ -95,6 +95,24 @@ def test_bad_seqused_is_refused_before_any_kernel(backend, override, message):
         M.attention_varlen(q, k, v, cu, cu, backend=backend, **override)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_seqused_under_inference_mode(backend):
+    """Inference tensors have no version counter: the used rows' check runs every call, and still refuses a
+    ``seqused`` that an in-place write made too long."""
+    with torch.inference_mode():
+        q = torch.randn(26, 2, 16, generator=torch.Generator().manual_seed(0))
+        cu = torch.tensor([0, 13, 26], dtype=torch.int32)
+        used = torch.tensor([13, 6], dtype=torch.int32)
+        out = M.attention_varlen(q, q, q, cu, cu, backend=backend, causal=True, seqused_q=used, seqused_k=used)
+        ref = M.attention_varlen(q[:19], q[:19], q[:19], torch.tensor([0, 13, 19], dtype=torch.int32),
+                                 torch.tensor([0, 13, 19], dtype=torch.int32), backend="torch", causal=True)
+        torch.testing.assert_close(out[:19], ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(out[19:], torch.zeros_like(out[19:]))
+        used[1] = 14
+        with pytest.raises(ValueError, match=r"seqused_q must be between 0 and each sequence's length"):
+            M.attention_varlen(q, q, q, cu, cu, backend=backend, seqused_q=used)
+
+
 def test_error_table_in_docs_lists_every_seqused_message():
     from pathlib import Path
 

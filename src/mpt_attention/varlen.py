@@ -167,9 +167,12 @@ def _length_stats(cu: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _used_stats(used: torch.Tensor, cu: torch.Tensor) -> tuple[int, int, int]:
     """(fewest used rows, fewest spare rows (length - used), most used rows): one sync, kept on ``used`` per ``cu``
-    as ``_length_stats`` keeps the lengths."""
+    and its version as ``_length_stats`` keeps the lengths; made every call where ``cu`` is an inference tensor (no
+    version counter tells its changes)."""
     def stats():
         used64 = used.long()
         spare = cu.diff().long() - used64
         return tuple(torch.stack([used64.min(), spare.min(), used64.max()]).tolist()) if used.numel() else (0, 0, 0)
+    if cu.is_inference():
+        return stats()
     return kept_on(used, "_mpt_attention_used_stats", stats, key=(cu.data_ptr(), cu._version))
