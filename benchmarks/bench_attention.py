@@ -424,7 +424,7 @@ def run_extras(args, rows):
     providers = (
         ("triton-varlen", varlen, "packed (cu_seqlens), no padded row computed"),
         ("triton-varlen+unpad/pad", varlen_with_copies, "padded in and out: gathers and the scatter counted"),
-        ("triton-in-place", in_place, "the padded batch as sequences with seqused (general kernels), no copies"),
+        ("triton-in-place", in_place, "the padded batch as sequences with seqused, no copies"),
         ("triton-padded", lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes,
                                               key_padding_mask=kpm),
          "key_padding_mask (Hopper: a bias row and K, V copies; general kernels: padded keys skipped)"),

@@ -255,16 +255,33 @@ def test_nan_in_padded_keys_does_not_leak():
 def test_seqused_matches_float64_reference_on_the_general_kernels(monkeypatch, dtype, head_dim, n_kv, causal,
                                                                   deterministic):
     """A right-padded batch read in place (``seqused``; a row with no real token, lengths across block boundaries),
-    the padded rows NaN: the general kernels take it (the Hopper kernels' packed tiles span whole sequences)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("seqused went to a Hopper kernel")
-
-    for module, name in ((hopper, "forward"), (hopper, "backward_dkdv"), (plans, "run_fused")):
-        monkeypatch.setattr(module, name, refuse)
+    the padded rows NaN, on the general kernels (the Hopper ones switched off)."""
+    monkeypatch.setattr(hopper, "ENABLED", False)
     rows, used = [1500] * 4, [1500, 1, 0, 777]
     slopes = M.gen_slopes(8, return_1d=True, device="cuda")
     check_seqused("triton", rows, used, rows, used, 8, n_kv, head_dim, causal, slopes, dtype, "cuda",
                   deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim,n_kv,causal,alibi,used_q", [
+    (128, 2, True, True, None), (64, 8, False, True, None), (96, 1, True, False, None),
+    (128, 8, True, True, [300, 1, 0, 700]), (64, 2, True, False, [1501, 129, 0, 5])],
+    ids=["D128-GQA-causal-alibi", "D64-MHA-symmetric-alibi", "D96-MQA-causal", "D128-chunk-at-cache-end",
+         "D64-GQA-causal-chunk"])
+def test_seqused_matches_float64_reference_on_the_hopper_kernels(monkeypatch, dtype, head_dim, n_kv, causal, alibi,
+                                                                 used_q):
+    """``seqused`` on the Hopper forward and fused backward: sequences of odd capacities (query blocks that start
+    inside the previous sequence's unused rows), used lengths across 128-row blocks, one row, none, a full one; every
+    unused row of q, k, v and dO NaN, which the kernels clear where a block reaches them (``clear_rows``)."""
+    calls = []
+    for module, name in ((hopper, "forward"), (plans, "run_fused")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    caps, used_k = [1501, 1500, 1499, 803], [1501, 131, 0, 777]
+    slopes = M.gen_slopes(8, return_1d=True, device="cuda") if alibi else None
+    check_seqused("triton", caps, used_q or used_k, caps, used_k, 8, n_kv, head_dim, causal, slopes, dtype, "cuda")
+    assert calls == ["forward", "run_fused"], calls
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

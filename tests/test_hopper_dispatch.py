@@ -524,3 +524,31 @@ def test_packed_sequences_skip_past_the_reach_with_one_norm_row(monkeypatch, lon
     expected = torch.cat([q.norm(dim=-1).amax(dim=0), k.norm(dim=-1).amax(dim=0)])
     assert got[-1] == float("inf") and expected[-1].isnan()
     torch.testing.assert_close(got[:-1], expected[:-1], rtol=1e-6, atol=0)
+
+
+def test_packed_sequences_with_unused_rows_plan_their_own_kernels_without_the_reach(monkeypatch):
+    """``seqused`` on the Hopper kernels: both plans take ``VARLEN == PACKED_USED`` (the variant that clears rows past
+    the used ones before a product reads them) and no reach, whose norm maxima would span the unused rows; the tile
+    counts come from the used lengths, and each sequence ends at its start plus its used rows."""
+    from mpt_attention.impl.triton import hopper_tiles
+    from mpt_attention.impl.triton.mask_spans import sequence_ends
+
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    cu = torch.tensor([0, 4096, 8192, 12288], dtype=torch.int32)
+    used = torch.tensor([4096, 129, 0], dtype=torch.int32)
+    q = torch.randn(12288, 4, 64)
+    k = torch.randn(12288, 2, 64)
+    slopes = torch.rand(4) + 0.1
+    plain = hopper.forward_plan(q, k, k, None, slopes, 0.125, True, 1, cu, 4096, 4096)
+    plan = hopper.forward_plan(q, k, k, None, slopes, 0.125, True, 1, cu, 4096, 4096, seqused=True)
+    assert plain.launch.kwargs["VARLEN"] == hopper_tiles.PACKED.value and plain.launch.kwargs["REACH"]
+    assert plan.launch.kwargs["VARLEN"] == hopper_tiles.PACKED_USED.value and not plan.launch.kwargs["REACH"]
+    row_stats = hopper.row_stats_buffer(1, 4, q.shape[0], q.device)
+    bwd = hopper.dkdv_plan(q, k, k, q, row_stats, k, k, None, slopes, 0.125, True, 1, torch.empty_like(q), None, cu,
+                           4096, False, None, 4096, seqused=True)
+    assert bwd.launch.kwargs["VARLEN"] == hopper_tiles.PACKED_USED.value and not bwd.launch.kwargs["REACH"]
+    assert bwd.norms is None
+    assert hopper._packed_tiles(cu).tolist() == [0, 32, 64, 96]
+    assert hopper._packed_tiles(cu, used).tolist() == [0, 32, 34, 34]
+    assert sequence_ends(cu, used).tolist() == [4096, 4225, 8192]
+    assert sequence_ends(cu, None).tolist() == [4096, 8192, 12288]

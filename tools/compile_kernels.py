@@ -264,6 +264,16 @@ def main() -> int:
                                                  (128, 32, True, 0, "bf16")]:
         failures += _report_gluon(f"hopper-fwd-varlen D={head_dim} tail={tail} causal={causal} alibi={alibi} {dtype}",
                                   compile_hopper_kernel, head_dim, causal, alibi, dtype, None, tail, False, True)
+    # with unused rows (seqused: PACKED_USED), which the consumers clear where a block reaches them
+    from mpt_attention.impl.triton.hopper_tiles import PACKED_USED
+    for head_dim, tail, causal, alibi, dtype in [(128, 0, True, 1, "bf16"), (64, 0, False, 2, "fp16"),
+                                                 (128, 32, True, 0, "bf16")]:
+        failures += _report_gluon(f"hopper-fwd-seqused D={head_dim} tail={tail} causal={causal} alibi={alibi} "
+                                  f"{dtype}", compile_hopper_kernel, head_dim, causal, alibi, dtype, None, tail, False,
+                                  PACKED_USED)
+        failures += _report_gluon(f"hopper-bwd-seqused D={head_dim} tail={tail} causal={causal} alibi={alibi} "
+                                  f"{dtype}", compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype,
+                                  fused_dq=True, tail=tail, varlen=PACKED_USED)
     for head_dim, causal, alibi, dtype in [(128, True, 1, "bf16"), (64, True, 1, "bf16"), (128, False, 2, "fp16"),
                                            (128, False, 0, "bf16"), (64, True, 0, "fp16")]:
         for kind, build in (("fwd", compile_hopper_kernel), ("dkdv", compile_hopper_dkdv_kernel)):

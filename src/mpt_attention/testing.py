@@ -180,7 +180,7 @@ def varlen_backend_and_slopes(backend: str, alibi: str | None, n_heads: int, n_s
 def check_seqused(backend, cap_q, used_q, cap_k, used_k, n_heads, n_kv, head_dim, causal, slopes=None,
                   dtype=torch.float32, device="cpu", **extra) -> None:
     """``attention_varlen`` with ``seqused_q``/``seqused_k`` (lists, or None: every row) over sequences of ``cap_q`` /
-    ``cap_k`` rows, the unused rows of q, k, v NaN: the used rows' output, log-sum-exp and gradients against
+    ``cap_k`` rows, the unused rows of q, k, v and of the output's gradient NaN: the used rows' output, log-sum-exp and gradients against
     :func:`reference_attention_varlen` run on the used rows alone (float64, and in ``dtype`` for the tolerance);
     the unused rows' output and gradients exactly 0, their log-sum-exp -inf."""
     from mpt_attention import attention_varlen
@@ -207,6 +207,7 @@ def check_seqused(backend, cap_q, used_q, cap_k, used_k, n_heads, n_kv, head_dim
                               seqused_k=as_tensor(used_k), return_lse=backend != "sdpa", **kw, **extra)
     out, lse = result if backend != "sdpa" else (result, None)
     dout = torch.randn_like(out)
+    dout[~live_q] = float("nan")  # never read either
     grads = torch.autograd.grad(out, (q, k, v), dout)
 
     used_inputs = [x.detach()[live] for x, live in ((q, live_q), (k, live_k), (v, live_k))]

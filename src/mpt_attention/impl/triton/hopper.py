@@ -21,6 +21,7 @@ from mpt_attention.impl.triton.common import row_keys_kernel
 from mpt_attention.impl.triton.hopper_views import bias_dims_on, bias_matrix_view, bias_row_view, descriptor, rows_view
 from mpt_attention.impl.triton.hopper_views import slope_args, tma_aligned
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
+from mpt_attention.impl.triton.mask_spans import sequence_ends
 from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, norm_launch, row_ends, row_prefix_max
 from mpt_attention.impl.triton.reach import row_reach_launch
 from mpt_attention.kept import kept_on
@@ -184,19 +185,25 @@ def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
     return max(1, min(n_rows, int(L2_GROUP_BYTES // max(per_head * heads_per_row, 1))))
 
 
-def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
+def _packed_tiles(cu: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
     """(B + 1,) int32: tiles of 128 rows before each packed sequence, the total last (``hopper_tiles``; the
-    forward's query tiles, the backward's key blocks), on the device: no host sync. Kept on ``cu`` until it is
-    modified (``kept.kept_on``, as ``varlen._length_stats`` keeps its lengths): the forward and the backward, and a
-    model's layers, share one ``cu_seqlens``, and these four small kernels cost more host time than they take on
-    the GPU. Not while a CUDA graph is captured: the graph must recompute them from the lengths a replay finds
-    (updated in place)."""
+    forward's query tiles, the backward's key blocks), on the device: no host sync; with ``used`` (``seqused``)
+    over each sequence's used rows. Kept on ``cu`` (or ``used``) until it is modified (``kept.kept_on``, as
+    ``varlen._length_stats`` keeps its lengths): the forward and the backward, and a model's layers, share one
+    ``cu_seqlens``, and these four small kernels cost more host time than they take on the GPU. Not while a CUDA
+    graph is captured: the graph must recompute them from the lengths a replay finds (updated in place)."""
     def tiles():
-        counts = torch.zeros(cu.numel(), dtype=torch.int32, device=cu.device)
-        torch.cumsum(torch.div(cu[1:] - cu[:-1] + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
+        lengths = cu[1:] - cu[:-1] if used is None else used
+        counts = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+        torch.cumsum(torch.div(lengths + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
                      out=counts[1:])
         return counts
-    return kept_on(cu, "_mpt_attention_packed_tiles", tiles, on_device=True)
+    return kept_on(cu if used is None else used, "_mpt_attention_packed_tiles", tiles, on_device=True)
+
+
+def packed_kind(varlen: bool, seqused: bool) -> int:
+    """The kernels' ``VARLEN``: 0 dense, ``hopper_tiles.PACKED``, or ``PACKED_USED`` with unused rows."""
+    return (2 if seqused else 1) if varlen else 0
 
 
 def raw_scores(softmax_scale, bias, alibi_mode) -> bool:
@@ -260,10 +267,12 @@ def reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k) -> int:
     return 0
 
 
-def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, max_q=0, max_k=0) -> ForwardPlan:
+def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, max_q=0, max_k=0,
+                 seqused: bool = False) -> ForwardPlan:
     """The Hopper forward's launch for inputs as ``forward`` takes them: a function of their signature alone
-    (shapes, strides, dtypes, 16-byte alignment, the scalars; for packed sequences ``cu_q``'s size and the longest
-    lengths), not of their data or addresses, so ``launch.forward`` keeps one per signature."""
+    (shapes, strides, dtypes, 16-byte alignment, the scalars; for packed sequences ``cu_q``'s size, the longest
+    lengths and whether some rows are unused, ``seqused``), not of their data or addresses, so ``launch.forward``
+    keeps one per signature."""
     varlen = cu_q is not None
     bias_full = bias is not None and bias.shape[2] != 1
     raw = raw_scores(softmax_scale, bias, alibi_mode)
@@ -311,12 +320,13 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     grid = (max(1, min(n_tiles, sm_count(q.device.index))),)
     scalars = (*lse_strides, *slope_args(slopes, None)[1], out_strides[1], out_strides[2], n_heads, n_heads // n_kv,
                batch * n_heads, s_q, s_k, qk_scale2, b_on, h_on, group, head_dim)
-    # packed sequences: one row of norm maxima per head over every token (reach.norm_row); s_k the longest sequence
-    reach = reach_applies(bias, slopes, causal, alibi_mode, 1 if varlen else batch, s_k)
+    # packed sequences: one row of norm maxima per head over every token (reach.norm_row); s_k the longest sequence.
+    # (not with unused rows, which may hold anything)
+    reach = 0 if seqused else reach_applies(bias, slopes, causal, alibi_mode, 1 if varlen else batch, s_k)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
         BIAS_ROW=bias_row, TAIL=product_tail(head_dim), BIAS_FULL=bias_full,
-        VARLEN=varlen, RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, REACH=reach, num_warps=4))
+        VARLEN=packed_kind(varlen, seqused), RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, REACH=reach, num_warps=4))
     counters = 16 + grid[0] * PROGRAM_WORDS
     norms = row_table = None
     if reach:  # the heads' norm maxima after the program slots (hopper_tiles.reach_first_block): q's, then k's
@@ -330,18 +340,24 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms, row_table)
 
 
-def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, reach_norms: dict | None = None):
+def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, reach_norms: dict | None = None,
+                used_q=None, used_k=None):
     """``out`` and ``lse`` of inputs of ``plan``'s signature (``forward``). ``reach_norms``: where the reach applies,
     receives the heads' norm maxima under ``"norms"`` (a view of this call's buffer) for the backward of the same
-    q and k (``run_dkdv``)."""
+    q and k (``run_dkdv``). ``used_q``, ``used_k``: as ``forward``."""
     device = q.device
-    out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
-    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
+    if used_q is None:
+        out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
+        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
+    else:  # rows past a sequence's used ones are not written
+        out = torch.zeros(plan.out_shape, dtype=q.dtype, device=device)
+        lse = torch.full(plan.lse_shape, float("-inf"), dtype=torch.float32, device=device)
     tiles = torch.zeros(plan.counters, dtype=torch.int32, device=device)
     if cu_q is not None:
-        cu_tiles = _packed_tiles(cu_q)
+        cu_tiles = _packed_tiles(cu_q, used_q)
+        ends_q, ends_k = sequence_ends(cu_q, used_q), sequence_ends(cu_k, used_k)
     else:
-        cu_q = cu_k = cu_tiles = tiles  # never read
+        cu_q = cu_k = cu_tiles = ends_q = ends_k = tiles  # never read
     dq, dk, dv, do, db = plan.descs
     rows = bias  # (the converted row, before row_keys)
     prefix = None if plan.row_table is None else row_prefix_max(rows)
@@ -366,17 +382,20 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
         table(tiles, prefix, rows, row_ends(rows, BLOCK_N), tiles, *args)
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
-                out, cu_q, cu_k, cu_tiles, *plan.scalars)
+                out, cu_q, cu_k, ends_q, ends_k, cu_tiles, *plan.scalars)
     return out, lse
 
 
 def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, cu_k=None, max_q=0, max_k=0,
-            reach_norms=None):
+            reach_norms=None, used_q=None, used_k=None):
     """``out`` (q's shape, contiguous) and ``lse`` ``(B, H, S_q)`` float32; inputs as ``unsupported`` allows.
     Packed sequences (``cu_q``, ``cu_k``: int32 cumulative lengths, the longest ``max_q``/``max_k``): q, k, v
-    ``(T, H, D)``, ``lse`` ``(H, T_q)``. The plan is built for this call (``launch.forward`` keeps them)."""
-    plan = forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q, max_q, max_k)
-    return run_forward(plan, q, k, v, bias, slopes, cu_q, cu_k, reach_norms)
+    ``(T, H, D)``, ``lse`` ``(H, T_q)``; ``used_q``/``used_k`` (int32 ``(B,)``, FA3's ``seqused``, or None): only
+    each sequence's first ``used[b]`` rows take part, the rest are never read (output 0, log-sum-exp -inf), and
+    ``max_q``/``max_k`` bound the used lengths. The plan is built for this call (``launch.forward`` keeps them)."""
+    plan = forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q, max_q, max_k,
+                        used_q is not None or used_k is not None)
+    return run_forward(plan, q, k, v, bias, slopes, cu_q, cu_k, reach_norms, used_q, used_k)
 
 
 BWD_BLOCK_N, BWD_HALF_N = 128, 64  # hopper_backward: keys per program / per consumer warpgroup
@@ -446,10 +465,12 @@ class DkdvPlan(NamedTuple):
 
 
 def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-              dq_acc=None, dbias=None, cu_q=None, max_q=0, first_write=False, dout_scaled=None, max_k=0) -> DkdvPlan:
+              dq_acc=None, dbias=None, cu_q=None, max_q=0, first_write=False, dout_scaled=None, max_k=0,
+              seqused: bool = False) -> DkdvPlan:
     """``backward_dkdv``'s launch for inputs of this signature (as ``forward_plan``, a function of it alone);
     ``first_write``: with a ``dq_sync`` buffer; ``dout_scaled``: dO's soft-masked blocks scaled (``run_dkdv``);
-    packed sequences (``cu_q``) the longest ``max_q`` queries and ``max_k`` keys long."""
+    packed sequences (``cu_q``) the longest ``max_q`` queries and ``max_k`` keys long, ``seqused`` where some of
+    their rows are unused."""
     varlen = cu_q is not None
     if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
         n_seq, batch = cu_q.numel() - 1, 1
@@ -498,9 +519,10 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
     launch = PlannedLaunch(_hopper_bwd_dkdv_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
-        STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0, VARLEN=varlen,
-        # (packed sequences: one row of norm maxima, batch 1, and the longest sequence's keys)
-        FIRST_WRITE=first_write, REACH=0 if first_write else reach_applies(bias, slopes, causal, alibi_mode, batch,
+        STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0,
+        VARLEN=packed_kind(varlen, seqused),
+        # (packed sequences: one row of norm maxima, batch 1, and the longest sequence's keys; none with unused rows)
+        FIRST_WRITE=first_write, REACH=0 if first_write or seqused else reach_applies(bias, slopes, causal, alibi_mode, batch,
                                                                             max_k if varlen else s_k),
         SOFT_BLOCKS=dout_scaled is not None, num_warps=4))
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
@@ -517,15 +539,18 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
 
 
 def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc=None, dbias=None, cu_q=None,
-             cu_k=None, dq_sync=None, reach_norms=None, dout_scaled=None, soft_blocks=None) -> None:
+             cu_k=None, dq_sync=None, reach_norms=None, dout_scaled=None, soft_blocks=None, used_q=None,
+             used_k=None) -> None:
     """``backward_dkdv`` for inputs of ``plan``'s signature; ``reach_norms``: the forward's norm maxima of the same q
     and k (``run_forward``), read instead of a pass of their own where the reach applies; ``dout_scaled`` with
     ``soft_blocks`` (a bias that may soft-mask whole rows; dense inputs): the 64-query blocks of dO whose word in
-    ``soft_blocks`` is 1 are read from ``dout_scaled`` instead (``plans.row_terms`` writes both)."""
+    ``soft_blocks`` is 1 are read from ``dout_scaled`` instead (``plans.row_terms`` writes both). ``used_q``,
+    ``used_k``: as ``forward`` takes them (dk, dv zeros past the used keys: not written there)."""
     if cu_q is not None:  # (varlen: a sequence's last keys stored from registers, through dk and dv)
-        cu_kb = _packed_tiles(cu_k)
+        cu_kb = _packed_tiles(cu_k, used_k)
+        ends_q, ends_k = sequence_ends(cu_q, used_q), sequence_ends(cu_k, used_k)
     else:
-        cu_q = cu_k = cu_kb = row_stats  # never-read dummies
+        cu_q = cu_k = cu_kb = ends_q = ends_k = row_stats  # never-read dummies
     parts = row_stats  # a never-read dummy with one split
     if plan.parts is not None:
         parts = torch.empty(plan.parts, dtype=torch.float32, device=q.device)
@@ -548,7 +573,7 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
         descriptor(dv, *d_dv), None if d_dq is None else descriptor(dq_acc, *d_dq),
         None if d_bias is None else descriptor(bias, *d_bias), None if d_dbias is None else descriptor(dbias, *d_dbias),
         descriptor(row_stats, *d_stats), row_stats if slopes is None else slopes, bias if plan.bias_row else row_stats,
-        parts, *plan.before, dk, dv, cu_q, cu_k, cu_kb, row_stats if dq_sync is None else dq_sync, norms,
+        parts, *plan.before, dk, dv, cu_q, cu_k, ends_q, ends_k, cu_kb, row_stats if dq_sync is None else dq_sync, norms,
         row_stats if soft_blocks is None else soft_blocks, *plan.after,
     )
     if plan.parts is not None:

@@ -85,9 +85,10 @@ from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_forward import store_rows, store_through_buffer
-from mpt_attention.impl.triton.hopper_loaders import backward_loader, bwd_stages
+from mpt_attention.impl.triton.hopper_loaders import backward_loader, bwd_stages, clear_rows
 from mpt_attention.impl.triton.hopper_scores import issue_over_d, main_cols
-from mpt_attention.impl.triton.hopper_tiles import packed_tile, reach_query_end, row_reach_query_end, sequence_of
+from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, packed_tile, reach_query_end, row_reach_query_end
+from mpt_attention.impl.triton.hopper_tiles import sequence_of
 from mpt_attention.impl.triton.hopper_tiles import tile_order
 from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
 
@@ -122,6 +123,14 @@ def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk
 
 
 @gluon.jit
+def _clear_step(q_smem, do_smem, stage, start_m, seqlen_q, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """A step's Q and dO rows outside the sequence's used queries cleared (``PACKED_USED``, ``clear_rows``): its
+    first block may start before the sequence (``lo``'s alignment), its last run past the used rows."""
+    clear_rows(q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]), -start_m, seqlen_q - start_m, BLOCK_M, HEAD_DIM)
+    clear_rows(do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]), -start_m, seqlen_q - start_m, BLOCK_M, HEAD_DIM)
+
+
+@gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc, dv_desc,
                             ds_smem, ds_ready, ds_free, dq_bars, dq_smem, dq_desc, stats_smem, Slopes, Bias,
                             DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
@@ -141,7 +150,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     two accumulators each. ``VARLEN`` (packed sequences): keys past the sequence (its neighbour's, in the same
     boxes) are masked; dK, dV of keys wholly inside the sequence leave through the copy engine as dense (from
     the sequence's row ``k_off``), those of its last keys by masked plain stores into ``DK``, ``DV`` ((T_k, H_kv,
-    D), ``head_dim`` columns), since a box would overwrite the next sequence's rows. Query blocks run from ``lo``
+    D), ``head_dim`` columns), since a box would overwrite the next sequence's rows. ``PACKED_USED`` (unused rows
+    past each sequence's used ones, which may hold anything): this warpgroup's keys past the used ones, and each
+    partial step's Q and dO rows outside them, are cleared before a product reads them (``clear_rows``), and those
+    rows' delta taken as 0. Query blocks run from ``lo``
     to ``q_end`` (``seqlen_q``, or less past causal ALiBi's reach: ``hopper_tiles.reach_query_end``)."""
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
@@ -182,6 +194,9 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     n_mblocks = gl.cdiv(q_end - lo, BLOCK_M)
     total = n_g * n_mblocks
     mbarrier.wait(kv_bar, 0)
+    if VARLEN == PACKED_USED:  # this warpgroup's keys past the used ones, before any product reads them
+        clear_rows(k, 0, seqlen_k - row0, _HALF_N, HEAD_DIM)
+        clear_rows(v, 0, seqlen_k - row0, _HALF_N, HEAD_DIM)
     CONSUMER_DQ: gl.constexpr = consumers_dq(BLOCK_M, HEAD_DIM)
     gl.static_assert(FUSED_DQ or not CONSUMER_DQ, "64 queries per step at tile width 128 only with the dQ sums")
     gl.static_assert(not (CONSUMER_DQ and BIAS_FULL), "a bias matrix takes the dQ warpgroup (no room for its tiles)")
@@ -197,6 +212,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             st = st_zero
             if total > 0:
                 mbarrier.wait(ready.index(0), 0)
+                if VARLEN == PACKED_USED:
+                    _clear_step(q_smem, do_smem, 0, lo, seqlen_q, BLOCK_M, HEAD_DIM)
                 st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
                 st = warpgroup_mma_wait(0, deps=[st_tok])
         else:
@@ -238,6 +255,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
             else:  # the row terms only after the stage's ready wait
                 mbarrier.wait(ready.index(stage), (t // STAGES) % 2)
+                if VARLEN == PACKED_USED:
+                    _clear_step(q_smem, do_smem, stage, start_m, seqlen_q, BLOCK_M, HEAD_DIM)
                 st_tok = issue_over_d(k_a, q, st_zero, MAIN, TAIL)
                 st = warpgroup_mma_wait(0, deps=[st_tok])
                 lse2 = gl.where(q_ok, row_terms.slice(0, BLOCK_M).load(query_layout), float("inf"))
@@ -266,6 +285,11 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 nxt = (t + 1) % STAGES
                 if t + 1 < total:
                     mbarrier.wait(ready.index(nxt), ((t + 1) // STAGES) % 2)
+                    if VARLEN == PACKED_USED:  # step t + 1's first query: the next block's, or the next head's lo
+                        next_m = start_m + BLOCK_M
+                        if mb + 1 == n_mblocks:
+                            next_m = lo
+                        _clear_step(q_smem, do_smem, nxt, next_m, seqlen_q, BLOCK_M, HEAD_DIM)
                 else:
                     nxt = stage
                 q_next = q_smem.index(nxt).reshape([BLOCK_M, HEAD_DIM])
@@ -278,6 +302,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 dpt, dv, dv_t, p_op = warpgroup_mma_wait(0, deps=[dpt_tok, dv_tok, dv_t_tok, p_op])
             if not PREFETCH:  # loaded where it is used: ptxas spills less (at 32 queries the split ran 3% slower)
                 delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
+            if VARLEN == PACKED_USED:  # an unused row's delta may be NaN (its dO may be): P is 0 there, 0 * NaN not
+                delta = gl.where(q_ok, delta, 0.0)
             ds = p * (dpt - delta[None, :])
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             if TAIL == 0:
@@ -382,7 +408,7 @@ def _hopper_bwd_dkdv_kernel(
     k_desc, v_desc, q_desc, do_desc, dos_desc, dk_desc, dv_desc, dq_desc, bias_desc, dbias_desc, stats_desc, Slopes,
     Bias, DKVPart, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-    DK, DV, CuSeqQ, CuSeqK, CuKTiles, DQSync, Norms, SoftBlocks, stride_dks, stride_dkh, stride_dvs, stride_dvh, n_seq,
+    DK, DV, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, CuKTiles, DQSync, Norms, SoftBlocks, stride_dks, stride_dkh, stride_dvs, stride_dvh, n_seq,
     head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
@@ -402,7 +428,7 @@ def _hopper_bwd_dkdv_kernel(
     where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k).
     ``VARLEN`` (with ``FUSED_DQ``, one split, no bias): packed sequences, the descriptors over (1, T, H, D) views,
     programs over each sequence's key blocks (``CuKTiles``: cumulative counts of 128-key blocks, ``n_seq``
-    sequences) in ``hopper_tiles.packed_tile``'s order, ``rows_per_group`` KV heads innermost (the grid may run
+    sequences; each one's rows up to ``EndSeqQ[b]``, ``EndSeqK[b]``, with ``PACKED_USED`` its used rows only) in ``hopper_tiles.packed_tile``'s order, ``rows_per_group`` KV heads innermost (the grid may run
     past the last: those programs have no keys and no queries), the row terms (H, 2, T_q), a sequence's last keys'
     dK and dV stored into ``DK``, ``DV`` by plain stores. ``FIRST_WRITE`` (dense, where the consumers form dQ): the
     dQ sums unzeroed, each 64-query block's first program storing into it (``hopper_dq``; ``DQSync`` the blocks'
@@ -426,9 +452,9 @@ def _hopper_bwd_dkdv_kernel(
         b = sequence_of(r, n_seq, CuKTiles)
         start_n = (r - gl.load(CuKTiles + b)) * 2 * _HALF_N
         q_off = gl.load(CuSeqQ + b)
-        seqlen_q = gl.load(CuSeqQ + b + 1) - q_off
+        seqlen_q = gl.load(EndSeqQ + b) - q_off
         k_off = gl.load(CuSeqK + b)
-        seqlen_k = gl.load(CuSeqK + b + 1) - k_off
+        seqlen_k = gl.load(EndSeqK + b) - k_off
         if kv_h >= n_kv:  # past the grid's last key block
             kv_h = 0
             seqlen_q = 0

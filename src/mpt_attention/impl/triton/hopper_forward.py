@@ -85,7 +85,10 @@ Packed sequences (``VARLEN``, ``attention_varlen``'s (T, H, D) tensors): tiles o
 on the device (``hopper_tiles``), each with its sequence's lengths; Q, K and V boxes start at the sequence's first
 row and run into the next sequence's (masked as keys, dropped as queries); output rows wholly inside the sequence
 leave through the copy engine as dense, its last rows by masked plain stores, since a box would overwrite the next
-sequence's rows. A tile whose rows see no key runs one masked block.
+sequence's rows. A tile whose rows see no key runs one masked block. With unused rows (``PACKED_USED``: FA3's
+``seqused``, e.g. a right-padded batch run in place) the lengths are the used rows' and the rows past them may hold
+anything: a tile's last block clears V's rows past the used keys before its P V (``clear_rows``; K's reach only
+masked scores, Q's only rows never stored).
 Against the general kernel on a ~50%-padded batch packed: forward 1.28x (D128), 1.23x (D64), 1.25x (non-causal)
 (benchmarks/NOTES.md session 29).
 """
@@ -97,12 +100,12 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.common import LOG2E, SOFT_SCORE, encode_lse
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
-from mpt_attention.impl.triton.hopper_loaders import forward_loader, q_buffer, q_buffers, row_ahead
+from mpt_attention.impl.triton.hopper_loaders import clear_rows, forward_loader, q_buffer, q_buffers, row_ahead
 from mpt_attention.impl.triton.hopper_scores import EXT_A_LAYOUT, EXT_B_LAYOUT, HALF_M, alibi_operand, alibi_side
 from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_d, issue_scores
 from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
-from mpt_attention.impl.triton.hopper_tiles import REACH_WORD, info_slot
+from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, REACH_WORD, info_slot
 
 _SOFT_ROW = gl.constexpr(-1.2379400392853803e27)  # -2^90: below it a row's maximum is a soft mask's (ROW_KEYS)
 
@@ -280,6 +283,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     last = (g + n_blocks - 1) & 1
     mbarrier.wait(v_ready.index(last), ((g + n_blocks - 1) >> 1) & 1)
     v = v_smem.index(last).reshape([BLOCK_N, HEAD_DIM])
+    if VARLEN == PACKED_USED:  # only the tile's last block can reach past the used keys: its P V reads them last
+        clear_rows(v, 0, gl.load(info + 7, volatile=True) - (n_blocks - 1) * BLOCK_N, BLOCK_N, HEAD_DIM)
     if TAIL == 0:
         acc_tok = warpgroup_mma(p_op, v, acc, is_async=True)
         acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
@@ -388,7 +393,7 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
 
 @gluon.jit
 def _hopper_fwd_kernel(
-    q_desc, k_desc, v_desc, o_desc, bias_desc, Lse, Slopes, Tiles, Out, CuSeqQ, CuSeqK, CuTiles,
+    q_desc, k_desc, v_desc, o_desc, bias_desc, Lse, Slopes, Tiles, Out, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, CuTiles,
     stride_lb, stride_lh, stride_slb, stride_slh, stride_os, stride_oh,
     n_heads, n_groups, n_bh, seqlen_q, seqlen_k, qk_scale2, bias_b_on, bias_h_on, heads_per_group, head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -406,10 +411,11 @@ def _hopper_fwd_kernel(
     (B|1, H|1, S_k) with boxes [1, 1, BLOCK_N]; ``bias_b_on``/``bias_h_on`` are 0 where it broadcasts.
     ``BIAS_FULL`` (D64 only: the shared memory): ``bias_desc`` views a bias matrix in q's dtype as (B' * H', S_q,
     S_k) with boxes [1, 64, BLOCK_N], batch b and head h at ``b * bias_b_on + h * bias_h_on``. ``VARLEN``: q/o and
-    k/v are packed sequences viewed as (1, T, H, D), ``CuSeqQ``/``CuSeqK`` their int32 cumulative lengths, and the
+    k/v are packed sequences viewed as (1, T, H, D), ``CuSeqQ``/``CuSeqK`` their int32 cumulative lengths and
+    ``EndSeqQ``/``EndSeqK`` each one's end row (``cu[1:]``, or with ``PACKED_USED`` the end of its used rows); the
     output rows reaching past their sequence's end go to ``Out`` ((T, H, D), strides ``stride_os``, ``stride_oh``;
-    ``head_dim`` columns) by plain stores;
-    the LSE is (H, T_q) (``stride_lb`` 0)."""
+    ``head_dim`` columns) by plain stores, and those past it are not written; the LSE is (H, T_q) (``stride_lb``
+    0)."""
     dtype: gl.constexpr = q_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -478,8 +484,8 @@ def _hopper_fwd_kernel(
                                       ROW_KEYS, CONSUMERS, REACH)),
             (forward_loader, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
-                               n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b,
-                               Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW,
+                               n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ,
+                               EndSeqK, ext_b, Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW,
                                BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH)),
         ], [4, 4, 1], [160, 160, 24])
     else:
@@ -496,7 +502,7 @@ def _hopper_fwd_kernel(
                                       ROW_KEYS, CONSUMERS, REACH)),
             (forward_loader, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
-                               n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b,
-                               Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW,
+                               n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ,
+                               EndSeqK, ext_b, Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW,
                                BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH)),
         ], [4, 1], [240, 24])

@@ -5,16 +5,18 @@ again; the consumers (``hopper_forward._consumer_partition``, ``hopper_backward.
 the barriers these loads complete. What each stage holds, and why the rings have the depths they have, is
 explained in ``hopper_forward.py``'s and ``hopper_backward.py``'s docstrings; the ring sizes the consumers index
 with the same arithmetic (``q_buffers``, ``q_buffer``, ``row_ahead``, ``bwd_stages``) live here beside the loops
-that fill them.
+that fill them, and so does ``clear_rows``, the consumers' part of what a landed stage holds for packed sequences
+with unused rows.
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS
 from mpt_attention.impl.triton.common import LOG2E
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
+from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_scores import HALF_M
 from mpt_attention.impl.triton.hopper_tiles import REACH_WORD, forward_tile, info_slot, n_forward_tiles
 from mpt_attention.impl.triton.hopper_tiles import reach_first_block
@@ -44,11 +46,38 @@ def row_ahead(head_dim):
     return head_dim == 64
 
 
+@gluon.constexpr_function
+def _clear_layout(cols):
+    """128 threads over an [8, ``cols``] slice: 8 elements (16 bytes) per thread along a row."""
+    across = max(1, min(4, cols // 32))
+    return gl.BlockedLayout([1, 8], [8, 4], [4 // across, across], [1, 0])
+
+
+@gluon.jit
+def clear_rows(tile, lo, hi, ROWS: gl.constexpr, COLS: gl.constexpr):
+    """Rows of a landed [ROWS, COLS] shared-memory tile outside ``[lo, hi)`` set to zero, eight rows (the swizzle's
+    period) at a time, then made visible to the tensor cores. Packed sequences with unused rows (``PACKED_USED``): a
+    box reaching past a sequence's used rows brings rows that may hold anything, and a masked score does not stop
+    0 * NaN in a product over them (P V, dV += P^T dO, dK += dS^T Q, dQ += dS K). One warpgroup's call; where two
+    read the same stage both clear it, writing the same values."""
+    layout: gl.constexpr = _clear_layout(COLS)
+    if lo > 0 or hi < ROWS:
+        for r in gl.static_range(0, ROWS, 8):
+            if r < lo or r + 8 > hi:
+                part = tile.slice(r, 8, dim=0)
+                x = part.load(layout)
+                rows = r + gl.arange(0, 8, layout=gl.SliceLayout(1, layout))
+                keep = (rows >= lo) & (rows < hi)
+                part.store(gl.where(keep[:, None], x, gl.zeros_like(x)))
+        fence_async_shared()
+        partition_barrier()  # every warp's rows cleared before the warpgroup's next product reads the tile
+
+
 @gluon.jit
 def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty,
                    k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
-                   seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, ext_b, Slopes, stride_slb, stride_slh,
-                   qk_scale2, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, ext_b, Slopes,
+                   stride_slb, stride_slh, qk_scale2, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                    BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, ROW_KEYS: gl.constexpr,
                    CONSUMERS: gl.constexpr, REACH: gl.constexpr):
     """One warp: per tile, its Q into buffer ``round % 2`` (buffer 0 with one, ``q_buffers``) once the
@@ -76,8 +105,8 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
     t = pid  # the first round is fixed; then whichever program is ready first takes the next tile
     while t < n_tiles:
         b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k = forward_tile(
-            t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, CuTiles, CuSeqQ, CuSeqK, IS_CAUSAL,
-            BLOCK_N, VARLEN, CONSUMERS * HALF_M)
+            t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, CuTiles, CuSeqQ, CuSeqK, EndSeqQ,
+            EndSeqK, IS_CAUSAL, BLOCK_N, VARLEN, CONSUMERS * HALF_M)
         tb = b  # the descriptors' batch coordinate: 0 in the packed (1, T, H, D) view
         if VARLEN:
             tb = 0

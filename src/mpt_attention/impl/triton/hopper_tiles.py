@@ -19,6 +19,11 @@ BLOCK_M = gl.constexpr(128)  # query rows per forward tile of two consumer warpg
 SLOT_WORDS = gl.constexpr(16)
 PROGRAM_WORDS = gl.constexpr(32)
 REACH_WORD = gl.constexpr(8)  # the slot's word holding the tile's first key block past the reach (``REACH``)
+# ``VARLEN``'s values: packed sequences whose every row takes part, or only each one's first ``seqused`` rows (FA3's
+# arguments; ``attention_varlen``): the rest, which may hold anything (NaN), are cleared in shared memory before a
+# product reads them (``hopper_loaders.clear_rows``), since 0 * NaN there would reach the used rows
+PACKED = gl.constexpr(1)
+PACKED_USED = gl.constexpr(2)
 
 
 @gluon.jit
@@ -77,12 +82,12 @@ def n_forward_tiles(n_m, n_bh, n_heads, CuTiles, VARLEN: gl.constexpr):
 
 @gluon.jit
 def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, CuTiles, CuSeqQ, CuSeqK,
-                 IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr,
+                 EndSeqQ, EndSeqK, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr,
                  BLOCK_M: gl.constexpr = BLOCK_M):
     """Tile ``t``'s ``(b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k)``: key blocks
     ``[0, n_blocks)`` are visible to some row of the tile, those before ``lo_masked`` to every row; ``q_start``,
     ``k_start`` the sequence's first rows in the packed tensors (0 for dense inputs) and ``len_q``, ``len_k`` its
-    lengths. Packed: ``packed_tile``'s order, each sequence's tiles longest first (``heads_per_group`` heads' K
+    lengths (the rows that take part: up to ``EndSeqQ[b]``, ``EndSeqK[b]``; ``mask_spans.sequence_ends``). Packed: ``packed_tile``'s order, each sequence's tiles longest first (``heads_per_group`` heads' K
     and V of a sequence stay in L2 across its tiles). A packed tile none of whose rows sees a key (causal with
     ``len_q > len_k``, or no keys) runs one fully masked block: its rows come out 0 with a log-sum-exp of -inf, and
     0 blocks is the loader's stop signal to the consumers."""
@@ -92,9 +97,9 @@ def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seq
         b = sequence_of(r, n_bh // n_heads, CuTiles)
         m = gl.load(CuTiles + b + 1) - 1 - r  # the sequence's last tile first
         q_start = gl.load(CuSeqQ + b)
-        len_q = gl.load(CuSeqQ + b + 1) - q_start
+        len_q = gl.load(EndSeqQ + b) - q_start
         k_start = gl.load(CuSeqK + b)
-        len_k = gl.load(CuSeqK + b + 1) - k_start
+        len_k = gl.load(EndSeqK + b) - k_start
     else:
         m, bh = tile_order(t, n_m, n_bh, heads_per_group)
         b = bh // n_heads

@@ -249,7 +249,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
             cu_q=None, cu_k=None, max_q=0, max_k=0, used_q=None, used_k=None, bias_rows=None, reach_norms=None):
     """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
     for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``; ``used_q``/``used_k``
-    the rows of each sequence that take part, ``mask_spans.sequence_ends``, on the general kernels: the other rows'
+    the rows of each sequence that take part, ``mask_spans.sequence_ends``: the other rows'
     output is 0 and their log-sum-exp -inf). ``lse`` is the kernels' own, which ``backward`` takes: for float32
     causal ALiBi measured from each row's diagonal (``_kernel_alibi``); ``ops.public_lse`` turns it into MPT's.
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already. ``reach_norms``: a dict that receives
@@ -272,11 +272,10 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     q, k, v = (head_contiguous(x) for x in (q, k, v))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
-    partial = used_q is not None or used_k is not None  # the Hopper kernels' packed tiles span whole sequences
-    if not partial and hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen,
-                                          max_q=geo.s_q) is None:
+    partial = used_q is not None or used_k is not None
+    if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen, max_q=geo.s_q) is None:
         return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix),
-                              cu_q, cu_k, geo.s_q, geo.s_k, reach_norms)
+                              cu_q, cu_k, geo.s_q, geo.s_k, reach_norms, used_q, used_k)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     if used_q is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -391,7 +390,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     geo = _Geometry(q, k, cu_q, max_q, max_k)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     varlen = geo.varlen
-    partial = used_q is not None or used_k is not None  # as forward: the general kernels
+    partial = used_q is not None or used_k is not None
     full = (batch, n_heads, s_q, s_k)
     # Without determinism the Hopper kernel also forms dQ (a fourth warpgroup, float32 bulk reductions):
     # 1.0-1.19x the reproducible split on an H200 (benchmarks/NOTES.md session 15). Grouped heads: a group's
@@ -405,7 +404,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # rows the copy engine can write
     ds_from_ring = bias_grad and bias.shape[2] != 1 and tuple(bias.shape) == full and bias.dtype == q.dtype and \
         s_k * bias.element_size() % 16 == 0
-    fused_dq = FUSED_DQ and not partial and deterministic is not True and (not bias_grad or ds_from_ring) and (
+    fused_dq = FUSED_DQ and deterministic is not True and (not bias_grad or ds_from_ring) and (
         n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
         q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True, max_q=s_q) is None
     if fused_dq:  # the route of a plan (kept for this signature where ``key`` is set)
@@ -422,7 +421,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                                    (softmax_scale, causal, _alibi_mode(slopes, causal, prefix), s_q, s_k))
         if key is not None:
             plans.keep(key, plan)
-        return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k, reach_norms)
+        return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k, reach_norms, used_q,
+                               used_k)
     if key is not None:
         plans.keep(key, None)
     # a bias can soft-mask whole rows (common.SOFT_LSE): the delta kernel then writes dO scaled per row

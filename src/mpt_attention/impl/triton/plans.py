@@ -114,9 +114,9 @@ class FusedBackward:
 
 
 def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q=None, cu_k=None,
-              reach_norms=None):
+              reach_norms=None, used_q=None, used_k=None):
     """``launch.backward``'s gradients by ``plan``'s route for inputs of its signature (D innermost in q, k, v and
-    dout); ``reach_norms`` as ``hopper.run_dkdv`` takes them."""
+    dout); ``reach_norms``, ``used_q``, ``used_k`` as ``hopper.run_dkdv`` takes them."""
     device = q.device
     # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row, for every row or (``SOFT_BLOCKS``)
     # for the 64-query blocks holding one, which the kernel's loader then reads from there
@@ -127,7 +127,9 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
         soft_blocks = soft_blocks_buffer(*plan.row_stats, device)
     elif plan.soft_rows:
         dout = dout_scaled
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
+    # (rows past a sequence's used keys are not written: zeros)
+    dk, dv = (torch.empty_like(x) if used_k is None else torch.zeros_like(x) for x in (k, v))
     dbias = None if plan.dbias is None else torch.empty(plan.dbias, dtype=q.dtype, device=device)
     row_stats = hopper.row_stats_buffer(*plan.row_stats, device)
     # dQ summed in float32 by the kernel's bulk reductions, into zeros the delta kernel writes or, with ``dq_sync``,
@@ -141,8 +143,9 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
     if plan.dkdv is None:
         scale, causal, alibi_mode, s_q, s_k = plan.dkdv_args
         plan.dkdv = hopper.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal, alibi_mode,
-                                     dq_acc, dbias, cu_q, s_q, dq_sync is not None, dout_blocks, s_k)
+                                     dq_acc, dbias, cu_q, s_q, dq_sync is not None, dout_blocks, s_k,
+                                     used_q is not None or used_k is not None)
     hopper.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync,
-                    reach_norms, dout_blocks, soft_blocks)
+                    reach_norms, dout_blocks, soft_blocks, used_q, used_k)
     dq.copy_(dq_acc)  # the kernel scales its own
     return dq, dk, dv, dbias
