@@ -435,6 +435,15 @@ def run_extras(args, rows):
         ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
         rows.append(dict(suite="padding", shape=f"B{batch} H{n_heads} S{seq} D{head_dim} ~50% pad", mode="fwd",
                          provider=name, ms=ms, tflops=real / ms / 1e9, note=f"real-token TFLOP/s; {what}"))
+        if name in ("triton-varlen", "triton-in-place", "triton-dense"):
+            # replayed from a CUDA graph: the GPU's time alone (an eager forward of ~0.3-0.8 ms is about the host's
+            # time per call on the H200 machine, benchmarks/NOTES.md session 46)
+            graph, _ = capture_cuda_graph(fn)
+            ms = do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+            del graph
+            rows.append(dict(suite="padding", shape=f"B{batch} H{n_heads} S{seq} D{head_dim} ~50% pad", mode="fwd",
+                             provider=f"{name}-graph", ms=ms, tflops=real / ms / 1e9,
+                             note="real-token TFLOP/s, CUDA graph replay"))
     # forward+backward: packed, masked and dense
     grads = [t.requires_grad_() for t in (q, k, v, qp, kp, vp)]
     flat[:] = [t.flatten(0, 1) for t in (q, k, v)]  # views of the tensors that now require gradients

@@ -1,9 +1,10 @@
-"""Where the time of a padded batch's ``key_padding_mask`` call goes, beside the same batch run dense:
+"""Where the time of a padded batch's ``key_padding_mask`` call goes, beside the same batch read in place as
+sequences with ``seqused`` (``attention_varlen``) and run dense:
 
     python benchmarks/padding_kernels.py [B H S D]
 
 The extras' padded batch (bench_attention.run_padding: ~50% right padding, causal ALiBi from slopes, default
-B8 H16 S4096 D128). For the masked call and the dense one, forward and forward+backward: each GPU kernel's time per
+B8 H16 S4096 D128). For each call, forward and forward+backward: each GPU kernel's time per
 call (torch.profiler, ``testing.profile_kernels``) and the host's microseconds per call with the GPU queue kept
 full (a call whose host time exceeds its kernels' is bound by the host, not the GPU).
 """
@@ -16,6 +17,7 @@ import time
 import torch
 
 import mpt_attention as M
+from mpt_attention.padding import right_padded
 from mpt_attention.testing import profile_kernels
 
 
@@ -39,15 +41,23 @@ def main():
     kpm = (torch.arange(seq).view(1, seq) < lengths.view(batch, 1)).cuda()
     slopes = M.gen_slopes(heads, return_1d=True, device="cuda")
     dout = torch.randn_like(q)
-    calls = {"masked": dict(key_padding_mask=kpm), "dense": {}}
-    for name, extra in calls.items():
-        def fwd(extra=extra):
+    cu, used, longest = right_padded(kpm)
+    flat = [t.flatten(0, 1) for t in (q, k, v)]
+    calls = {
+        "masked": lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes,
+                                      key_padding_mask=kpm),
+        "in place (seqused)": lambda: M.attention_varlen(*flat, cu, cu, longest, longest, backend="triton",
+                                                         causal=True, alibi_slopes=slopes, seqused_q=used,
+                                                         seqused_k=used).view_as(q),
+        "dense": lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes),
+    }
+    for name, call in calls.items():
+        def fwd(call=call):
             with torch.no_grad():
-                return M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes, **extra)
+                return call()
 
-        def fwd_bwd(extra=extra):
-            out = M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes, **extra)
-            torch.autograd.grad(out, (q, k, v), dout)
+        def fwd_bwd(call=call):
+            torch.autograd.grad(call(), (q, k, v), dout)
 
         for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
             kernels = profile_kernels(fn, steps=5)
@@ -55,7 +65,6 @@ def main():
             print(f"\n{name} {mode}: kernels {total:.3f} ms per call, host {host_us(fn):.0f} us per call", flush=True)
             for ms, count, kernel in kernels:
                 print(f"  {ms:8.3f} ms  x{count:<3d} {kernel[:100]}")
-
 
 if __name__ == "__main__":
     main()
