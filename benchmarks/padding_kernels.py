@@ -1,16 +1,19 @@
 """Where the time of a padded batch's ``key_padding_mask`` call goes, beside the same batch read in place as
 sequences with ``seqused`` (``attention_varlen``) and run dense:
 
-    python benchmarks/padding_kernels.py [B H S D]
+    python benchmarks/padding_kernels.py [B H S D] [--host-profile]
 
 The extras' padded batch (bench_attention.run_padding: ~50% right padding, causal ALiBi from slopes, default
 B8 H16 S4096 D128). For each call, forward and forward+backward: each GPU kernel's time per
 call (torch.profiler, ``testing.profile_kernels``) and the host's microseconds per call with the GPU queue kept
-full (a call whose host time exceeds its kernels' is bound by the host, not the GPU).
+full (a call whose host time exceeds its kernels' is bound by the host, not the GPU). ``--host-profile``: also
+cProfile's top functions (by own time) over 20 forward+backward calls of each.
 """
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import sys
 import time
 
@@ -34,7 +37,8 @@ def host_us(fn, calls=30):
 
 
 def main():
-    batch, heads, seq, dim = (int(x) for x in (sys.argv[1:5] if len(sys.argv) > 4 else (8, 16, 4096, 128)))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    batch, heads, seq, dim = (int(x) for x in (args[:4] if len(args) > 3 else (8, 16, 4096, 128)))
     q, k, v = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     lengths = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=torch.Generator().manual_seed(2))
@@ -65,6 +69,14 @@ def main():
             print(f"\n{name} {mode}: kernels {total:.3f} ms per call, host {host_us(fn):.0f} us per call", flush=True)
             for ms, count, kernel in kernels:
                 print(f"  {ms:8.3f} ms  x{count:<3d} {kernel[:100]}")
+        if "--host-profile" in sys.argv:
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(20):
+                fwd_bwd()
+            profile.disable()
+            torch.cuda.synchronize()
+            pstats.Stats(profile).sort_stats("tottime").print_stats(18)
 
 if __name__ == "__main__":
     main()
