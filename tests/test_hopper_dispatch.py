@@ -528,8 +528,8 @@ def test_packed_sequences_skip_past_the_reach_with_one_norm_row(monkeypatch, lon
 
 def test_packed_sequences_with_unused_rows_plan_their_own_kernels_without_the_reach(monkeypatch):
     """``seqused`` on the Hopper kernels: both plans take ``VARLEN == PACKED_USED`` (the variant that clears rows past
-    the used ones before a product reads them) and no reach, whose norm maxima would span the unused rows; the tile
-    counts come from the used lengths, and each sequence ends at its start plus its used rows."""
+    the used ones before a product reads them) and no reach, whose norm maxima would span the unused rows; the tiles
+    cover every row (those past the used ones write zeros), and each sequence ends at its start plus its used rows."""
     from mpt_attention.impl.triton import hopper_tiles
     from mpt_attention.impl.triton.mask_spans import sequence_ends
 
@@ -548,7 +548,6 @@ def test_packed_sequences_with_unused_rows_plan_their_own_kernels_without_the_re
                            4096, False, None, 4096, seqused=True)
     assert bwd.launch.kwargs["VARLEN"] == hopper_tiles.PACKED_USED.value and not bwd.launch.kwargs["REACH"]
     assert bwd.norms is None
-    assert hopper._packed_tiles(cu).tolist() == [0, 32, 64, 96]
-    assert hopper._packed_tiles(cu, used).tolist() == [0, 32, 34, 34]
+    assert hopper._packed_tiles(cu).tolist() == [0, 32, 64, 96]  # (every row's tiles: unused ones write zeros)
     assert sequence_ends(cu, used).tolist() == [4096, 4225, 8192]
     assert sequence_ends(cu, None).tolist() == [4096, 8192, 12288]

@@ -133,3 +133,22 @@ def test_seqused_compiles_fullgraph_on_triton():
         return out * 2.0, lse.clamp(min=-1e4)  # -inf rows: a finite stand-in for the comparison
 
     assert_compiled_matches_eager(step, [q, k, v])
+
+
+def test_sequence_ends_follow_lengths_changed_in_place():
+    """The kernels' end rows (``mask_spans.sequence_ends``) are kept on ``seqused`` for its ``cu_seqlens``: a step's
+    forward and backward share them, and lengths or offsets updated in place (a cache filled further, as a decode
+    loop does) give new ones."""
+    from mpt_attention.impl.triton.mask_spans import sequence_ends
+
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+    used = torch.tensor([3, 8], dtype=torch.int32)
+    first = sequence_ends(cu, used)
+    assert first.tolist() == [3, 16] and sequence_ends(cu, used) is first
+    used[0] = 5
+    assert sequence_ends(cu, used).tolist() == [5, 16]
+    cu[1:] += 1
+    assert sequence_ends(cu, used).tolist() == [5, 17]
+    with torch.inference_mode():
+        frozen = torch.tensor([0, 8, 16], dtype=torch.int32)
+    assert sequence_ends(frozen, used).tolist() == [5, 16]

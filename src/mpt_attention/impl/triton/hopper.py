@@ -185,20 +185,20 @@ def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
     return max(1, min(n_rows, int(L2_GROUP_BYTES // max(per_head * heads_per_row, 1))))
 
 
-def _packed_tiles(cu: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
+def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
     """(B + 1,) int32: tiles of 128 rows before each packed sequence, the total last (``hopper_tiles``; the
-    forward's query tiles, the backward's key blocks), on the device: no host sync; with ``used`` (``seqused``)
-    over each sequence's used rows. Kept on ``cu`` (or ``used``) until it is modified (``kept.kept_on``, as
-    ``varlen._length_stats`` keeps its lengths): the forward and the backward, and a model's layers, share one
-    ``cu_seqlens``, and these four small kernels cost more host time than they take on the GPU. Not while a CUDA
-    graph is captured: the graph must recompute them from the lengths a replay finds (updated in place)."""
+    forward's query tiles, the backward's key blocks), on the device: no host sync. With unused rows (``seqused``)
+    the tiles still cover every row: those wholly past the used ones write their zeros (``hopper_tiles.forward_tile``,
+    the dK/dV kernel). Kept on ``cu`` until it is modified (``kept.kept_on``, as ``varlen._length_stats`` keeps its
+    lengths): the forward and the backward, and a model's layers, share one ``cu_seqlens``, and these four small
+    kernels cost more host time than they take on the GPU. Not while a CUDA graph is captured: the graph must
+    recompute them from the lengths a replay finds (updated in place)."""
     def tiles():
-        lengths = cu[1:] - cu[:-1] if used is None else used
-        counts = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
-        torch.cumsum(torch.div(lengths + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
+        counts = torch.zeros(cu.numel(), dtype=torch.int32, device=cu.device)
+        torch.cumsum(torch.div(cu[1:] - cu[:-1] + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
                      out=counts[1:])
         return counts
-    return kept_on(cu if used is None else used, "_mpt_attention_packed_tiles", tiles, on_device=True)
+    return kept_on(cu, "_mpt_attention_packed_tiles", tiles, on_device=True)
 
 
 def packed_kind(varlen: bool, seqused: bool) -> int:
@@ -346,15 +346,12 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
     receives the heads' norm maxima under ``"norms"`` (a view of this call's buffer) for the backward of the same
     q and k (``run_dkdv``). ``used_q``, ``used_k``: as ``forward``."""
     device = q.device
-    if used_q is None:
-        out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
-        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
-    else:  # rows past a sequence's used ones are not written
-        out = torch.zeros(plan.out_shape, dtype=q.dtype, device=device)
-        lse = torch.full(plan.lse_shape, float("-inf"), dtype=torch.float32, device=device)
+    # (with unused rows the kernel writes them too: 0, their log-sum-exp -inf)
+    out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
+    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
     tiles = torch.zeros(plan.counters, dtype=torch.int32, device=device)
     if cu_q is not None:
-        cu_tiles = _packed_tiles(cu_q, used_q)
+        cu_tiles = _packed_tiles(cu_q)
         ends_q, ends_k = sequence_ends(cu_q, used_q), sequence_ends(cu_k, used_k)
     else:
         cu_q = cu_k = cu_tiles = ends_q = ends_k = tiles  # never read
@@ -545,9 +542,9 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
     and k (``run_forward``), read instead of a pass of their own where the reach applies; ``dout_scaled`` with
     ``soft_blocks`` (a bias that may soft-mask whole rows; dense inputs): the 64-query blocks of dO whose word in
     ``soft_blocks`` is 1 are read from ``dout_scaled`` instead (``plans.row_terms`` writes both). ``used_q``,
-    ``used_k``: as ``forward`` takes them (dk, dv zeros past the used keys: not written there)."""
+    ``used_k``: as ``forward`` takes them (the kernel writes dk, dv past the used keys as zeros)."""
     if cu_q is not None:  # (varlen: a sequence's last keys stored from registers, through dk and dv)
-        cu_kb = _packed_tiles(cu_k, used_k)
+        cu_kb = _packed_tiles(cu_k)
         ends_q, ends_k = sequence_ends(cu_q, used_q), sequence_ends(cu_k, used_k)
     else:
         cu_q = cu_k = cu_kb = ends_q = ends_k = row_stats  # never-read dummies

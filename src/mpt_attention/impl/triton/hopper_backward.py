@@ -136,7 +136,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                             DKVPart, part_base, part_dv, part_row, b64, b, kv_h, h0, n_g, start_n, lo,
                             stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-                            DK, DV, k_off, stride_dks, stride_dkh, stride_dvs, stride_dvh, head_dim, q_end,
+                            DK, DV, k_off, cap_k, stride_dks, stride_dkh, stride_dvs, stride_dvh, head_dim, q_end,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr,
                             BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, TAIL: gl.constexpr,
@@ -369,7 +369,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             gl.store(dst_t, dk_t * softmax_scale, mask=keep_t)
             gl.store(dst_t + part_dv, dv_t, mask=keep_t)
     elif VARLEN:
-        n_keys = seqlen_k - row0
+        n_keys = cap_k - row0  # (past the used keys: zeros, as every gradient term there is 0)
         if n_keys >= _HALF_N:  # keys wholly inside the sequence: the copy engine's stores, as dense
             _store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, 0, k_off + row0, kv_h, softmax_scale,
                         ds_free, dq_bars, total, SLOTS, CONSUMER_DQ, FUSED_DQ, MAIN, TAIL)
@@ -455,10 +455,14 @@ def _hopper_bwd_dkdv_kernel(
         seqlen_q = gl.load(EndSeqQ + b) - q_off
         k_off = gl.load(CuSeqK + b)
         seqlen_k = gl.load(EndSeqK + b) - k_off
+        cap_k = seqlen_k  # the sequence's keys, used or not: PACKED_USED's blocks cover them all
+        if VARLEN == PACKED_USED:
+            cap_k = gl.load(CuSeqK + b + 1) - k_off
         if kv_h >= n_kv:  # past the grid's last key block
             kv_h = 0
             seqlen_q = 0
             seqlen_k = 0
+            cap_k = 0
         split = 0
         tb = 0  # the descriptors' batch coordinate in the (1, T, H, D) views
     else:
@@ -471,6 +475,7 @@ def _hopper_bwd_dkdv_kernel(
         kv_h = bkv % n_kv
         q_off = 0
         k_off = 0
+        cap_k = seqlen_k
         tb = b
     b64 = b.to(gl.int64)
     n_g = n_groups // n_splits  # this program's query heads: h0, h0 + 1, ...
@@ -512,6 +517,9 @@ def _hopper_bwd_dkdv_kernel(
         # aligned starts (others raised an illegal instruction on an H200): query blocks start on a packed row
         # that is a multiple of 4, the rows before the sequence's first masked like those past its last
         lo = lo - q_off % 4
+    if VARLEN == PACKED_USED:
+        if start_n >= seqlen_k:  # a block wholly past the used keys: no step, its dK, dV stored as zeros
+            q_end = lo
 
     k_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, 1, HEAD_DIM], tile_layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, 1, _HALF_N, 1, HEAD_DIM], tile_layout)
@@ -571,7 +579,7 @@ def _hopper_bwd_dkdv_kernel(
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
-                                           qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
+                                           qk_scale2, softmax_scale, DK, DV, k_off, cap_k, stride_dks, stride_dkh,
                                            stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
                                            BIAS_ROW,
                                            FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
@@ -580,7 +588,7 @@ def _hopper_bwd_dkdv_kernel(
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
-                                           qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
+                                           qk_scale2, softmax_scale, DK, DV, k_off, cap_k, stride_dks, stride_dkh,
                                            stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
                                            BIAS_ROW,
                                            FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
@@ -604,7 +612,7 @@ def _hopper_bwd_dkdv_kernel(
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
-                                           qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
+                                           qk_scale2, softmax_scale, DK, DV, k_off, cap_k, stride_dks, stride_dkh,
                                            stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
                                            BIAS_ROW,
                                            FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
@@ -613,7 +621,7 @@ def _hopper_bwd_dkdv_kernel(
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
-                                           qk_scale2, softmax_scale, DK, DV, k_off, stride_dks, stride_dkh,
+                                           qk_scale2, softmax_scale, DK, DV, k_off, cap_k, stride_dks, stride_dkh,
                                            stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
                                            BIAS_ROW,
                                            FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),

@@ -127,9 +127,7 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
         soft_blocks = soft_blocks_buffer(*plan.row_stats, device)
     elif plan.soft_rows:
         dout = dout_scaled
-    dq = torch.empty_like(q)
-    # (rows past a sequence's used keys are not written: zeros)
-    dk, dv = (torch.empty_like(x) if used_k is None else torch.zeros_like(x) for x in (k, v))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (unused rows: the kernel's zeros)
     dbias = None if plan.dbias is None else torch.empty(plan.dbias, dtype=q.dtype, device=device)
     row_stats = hopper.row_stats_buffer(*plan.row_stats, device)
     # dQ summed in float32 by the kernel's bulk reductions, into zeros the delta kernel writes or, with ``dq_sync``,
