@@ -152,3 +152,21 @@ def test_sequence_ends_follow_lengths_changed_in_place():
     with torch.inference_mode():
         frozen = torch.tensor([0, 8, 16], dtype=torch.int32)
     assert sequence_ends(frozen, used).tolist() == [5, 16]
+
+
+def test_clear_unused_rows_zeroes_only_rows_past_each_sequences_used_ones():
+    """The Hopper forward's unused output rows (``hopper.clear_unused_rows``, under the interpreter here): rows in
+    ``[cu[b] + used[b], cu[b + 1])`` become 0, every other row (used ones, and rows past the last sequence) keeps its
+    value, over odd lengths, an empty sequence and one wholly unused."""
+    pytest.importorskip("triton")
+    from mpt_attention.impl.triton import hopper
+    from mpt_attention.impl.triton.mask_spans import sequence_ends
+
+    cu = torch.tensor([0, 37, 37, 134, 211, 300], dtype=torch.int32)
+    used = torch.tensor([5, 0, 97, 0, 89], dtype=torch.int32)
+    x = torch.randn(311, 3, 40)
+    expected = x.clone()
+    for start, end, u in zip(cu[:-1].tolist(), cu[1:].tolist(), used.tolist()):
+        expected[start + u:end] = 0
+    hopper.clear_unused_rows(x, cu, sequence_ends(cu, used))
+    assert torch.equal(x, expected)

@@ -140,6 +140,34 @@ def row_keys_kernel(
 
 
 @triton.jit
+def clear_unused_rows_kernel(
+    X, CuSeq, EndSeq,
+    stride_xt, stride_xh,
+    n_rows, n_seq, n_heads, head_dim, search_steps,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Rows of a packed ``(T, H, D)`` tensor past their sequence's used ones, ``[EndSeq[b], CuSeq[b + 1])``
+    (``seqused``), set to 0; the others are not touched. One program per ``BLOCK_ROWS`` rows, each row's sequence
+    found by bisection over ``CuSeq`` in ``search_steps`` halvings. The Hopper forward's tiles cover only used rows:
+    its unused output rows are written here, ~half the bytes of zeroing the whole output first (and a tile wholly
+    past the used rows cost more than either: ~80 us for B8 S4096 H16 D128 half padded, benchmarks/NOTES.md)."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    lo = tl.zeros([BLOCK_ROWS], dtype=tl.int32)
+    hi = tl.full([BLOCK_ROWS], n_seq, dtype=tl.int32)  # CuSeq[lo] <= row < CuSeq[hi] (rows past the last: lo last)
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        right = tl.load(CuSeq + mid) <= rows
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    unused = (rows < n_rows) & (rows >= tl.load(EndSeq + lo)) & (rows < tl.load(CuSeq + lo + 1))
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = X + rows.to(tl.int64)[:, None] * stride_xt + cols[None, :]
+    zero = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=X.dtype.element_ty)
+    for h in range(n_heads):
+        tl.store(ptrs + h * stride_xh, zero, mask=unused[:, None] & (cols < head_dim)[None, :])
+
+
+@triton.jit
 def encode_lse(m2, l_i, BIAS: tl.constexpr):
     """Natural-unit log-sum-exp from the row maximum ``m2`` (log2 units) and the sum ``l_i``; -inf
     for a row that saw no key, the encoded count for a soft-masked row (SOFT_LSE above)."""

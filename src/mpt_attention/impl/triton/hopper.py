@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from mpt_attention.impl.device import sm_count, sm_major
-from mpt_attention.impl.triton.common import row_keys_kernel
+from mpt_attention.impl.triton.common import clear_unused_rows_kernel, row_keys_kernel
 from mpt_attention.impl.triton.hopper_views import bias_dims_on, bias_matrix_view, bias_row_view, descriptor, rows_view
 from mpt_attention.impl.triton.hopper_views import slope_args, tma_aligned
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
@@ -185,20 +185,34 @@ def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
     return max(1, min(n_rows, int(L2_GROUP_BYTES // max(per_head * heads_per_row, 1))))
 
 
-def _packed_tiles(cu: torch.Tensor) -> torch.Tensor:
+def _packed_tiles(cu: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
     """(B + 1,) int32: tiles of 128 rows before each packed sequence, the total last (``hopper_tiles``; the
-    forward's query tiles, the backward's key blocks), on the device: no host sync. With unused rows (``seqused``)
-    the tiles still cover every row: those wholly past the used ones write their zeros (``hopper_tiles.forward_tile``,
-    the dK/dV kernel). Kept on ``cu`` until it is modified (``kept.kept_on``, as ``varlen._length_stats`` keeps its
-    lengths): the forward and the backward, and a model's layers, share one ``cu_seqlens``, and these four small
-    kernels cost more host time than they take on the GPU. Not while a CUDA graph is captured: the graph must
-    recompute them from the lengths a replay finds (updated in place)."""
+    forward's query tiles, the backward's key blocks), on the device: no host sync; with ``used`` (``seqused``)
+    over each sequence's used rows (the forward's tiles; the dK/dV kernel's key blocks cover every row and write
+    zeros past the used ones). Kept on ``cu`` (or ``used``) until it is modified (``kept.kept_on``, as
+    ``varlen._length_stats`` keeps its lengths): the forward and the backward, and a model's layers, share one
+    ``cu_seqlens``, and these four small kernels cost more host time than they take on the GPU. Not while a CUDA
+    graph is captured: the graph must recompute them from the lengths a replay finds (updated in place)."""
     def tiles():
-        counts = torch.zeros(cu.numel(), dtype=torch.int32, device=cu.device)
-        torch.cumsum(torch.div(cu[1:] - cu[:-1] + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
+        lengths = cu[1:] - cu[:-1] if used is None else used
+        counts = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+        torch.cumsum(torch.div(lengths + BLOCK_M - 1, BLOCK_M, rounding_mode="floor"), 0, dtype=torch.int32,
                      out=counts[1:])
         return counts
-    return kept_on(cu, "_mpt_attention_packed_tiles", tiles, on_device=True)
+    return kept_on(cu if used is None else used, "_mpt_attention_packed_tiles", tiles, on_device=True)
+
+
+def clear_unused_rows(x: torch.Tensor, cu: torch.Tensor, ends: torch.Tensor) -> None:
+    """Zeros into the rows of a packed ``(T, H, D)`` tensor past each sequence's used ones (``ends``:
+    ``mask_spans.sequence_ends``), in place (``common.clear_unused_rows_kernel``)."""
+    n_rows, n_heads, head_dim = x.shape
+    n_seq = cu.numel() - 1
+    if n_rows == 0 or n_seq == 0:
+        return
+    steps = max(1, math.ceil(math.log2(n_seq + 1)))
+    clear_unused_rows_kernel[(cdiv(n_rows, 64),)](
+        x, cu, ends, x.stride(0), x.stride(1), n_rows, n_seq, n_heads, head_dim, steps,
+        BLOCK_ROWS=64, BLOCK_D=next_power_of_2(head_dim))
 
 
 def packed_kind(varlen: bool, seqused: bool) -> int:
@@ -346,12 +360,14 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
     receives the heads' norm maxima under ``"norms"`` (a view of this call's buffer) for the backward of the same
     q and k (``run_dkdv``). ``used_q``, ``used_k``: as ``forward``."""
     device = q.device
-    # (with unused rows the kernel writes them too: 0, their log-sum-exp -inf)
     out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
-    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
+    if used_q is None:
+        lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
+    else:  # the kernel writes the used rows (the unused ones' output: clear_unused_rows below)
+        lse = torch.full(plan.lse_shape, float("-inf"), dtype=torch.float32, device=device)
     tiles = torch.zeros(plan.counters, dtype=torch.int32, device=device)
     if cu_q is not None:
-        cu_tiles = _packed_tiles(cu_q)
+        cu_tiles = _packed_tiles(cu_q, used_q)
         ends_q, ends_k = sequence_ends(cu_q, used_q), sequence_ends(cu_k, used_k)
     else:
         cu_q = cu_k = cu_tiles = ends_q = ends_k = tiles  # never read
@@ -380,6 +396,8 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
                 out, cu_q, cu_k, ends_q, ends_k, cu_tiles, *plan.scalars)
+    if used_q is not None:
+        clear_unused_rows(out, cu_q, ends_q)
     return out, lse
 
 

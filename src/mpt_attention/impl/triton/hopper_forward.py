@@ -105,7 +105,7 @@ from mpt_attention.impl.triton.hopper_scores import EXT_A_LAYOUT, EXT_B_LAYOUT, 
 from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_d, issue_scores
 from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
-from mpt_attention.impl.triton.hopper_tiles import CAP_WORD, PACKED_USED, REACH_WORD, info_slot
+from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, REACH_WORD, info_slot
 
 _SOFT_ROW = gl.constexpr(-1.2379400392853803e27)  # -2^90: below it a row's maximum is a soft mask's (ROW_KEYS)
 
@@ -317,29 +317,20 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         q_start = gl.load(info + 5, volatile=True)
         seqlen_q = gl.load(info + 6, volatile=True)
         lse_offset += q_start
-        n_rows = seqlen_q - row0  # this warpgroup's rows to store
-        if VARLEN == PACKED_USED:  # the unused rows up to the sequence's next too, as 0 (their log-sum-exp -inf)
-            out = gl.where((row0 + gl.arange(0, HALF_M, layout=o_rows) < seqlen_q)[:, None], out, 0.0)
-            if TAIL > 0:
-                out_t = gl.where((row0 + gl.arange(0, HALF_M, layout=t_rows) < seqlen_q)[:, None], out_t, 0.0)
-            n_rows = gl.load(info + CAP_WORD, volatile=True) - row0
-        if n_rows >= HALF_M:  # rows wholly inside the sequence: the copy engine's store, as dense
+        if seqlen_q - row0 >= HALF_M:  # rows wholly inside the sequence: the copy engine's store, as dense
             store_through_buffer(q, q3, out, out_t, o_desc, 0, q_start + row0, h, MAIN, TAIL)
         else:  # the sequence's last rows: a box would overwrite the next sequence's
-            store_rows(Out, out.to(dtype), q_start + row0, n_rows, h, stride_os, stride_oh, 0, head_dim, o_layout)
+            store_rows(Out, out.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, 0, head_dim,
+                       o_layout)
             if TAIL > 0:
-                store_rows(Out, out_t.to(dtype), q_start + row0, n_rows, h, stride_os, stride_oh, MAIN, head_dim,
-                           t_layout)
+                store_rows(Out, out_t.to(dtype), q_start + row0, seqlen_q - row0, h, stride_os, stride_oh, MAIN,
+                           head_dim, t_layout)
     else:
         store_through_buffer(q, q3, out, out_t, o_desc, b, row0, h, MAIN, TAIL)
     if ROW_KEYS:  # a soft-masked row's maximum is SOFT_SCORE times (scale / its power of 2): common.row_keys_kernel
         m_i = gl.where(m_i < _SOFT_ROW, SOFT_SCORE, m_i)
     lse = encode_lse(m_i, l_i, BIAS_ROW or BIAS_FULL or ROW_KEYS)  # a soft-masked row keeps its key count
-    if VARLEN == PACKED_USED:
-        gl.store(Lse + lse_offset + rows, gl.where(rows < seqlen_q, lse, float("-inf")),
-                 mask=rows < gl.load(info + CAP_WORD, volatile=True))
-    else:
-        gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
+    gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
     tma.store_wait(0)
 
 

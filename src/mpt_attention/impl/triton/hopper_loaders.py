@@ -18,8 +18,7 @@ from mpt_attention.impl.triton.common import LOG2E
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_scores import HALF_M
-from mpt_attention.impl.triton.hopper_tiles import CAP_WORD, PACKED_USED, REACH_WORD, forward_tile, info_slot
-from mpt_attention.impl.triton.hopper_tiles import n_forward_tiles
+from mpt_attention.impl.triton.hopper_tiles import REACH_WORD, forward_tile, info_slot, n_forward_tiles
 from mpt_attention.impl.triton.hopper_tiles import reach_first_block
 from mpt_attention.impl.triton.hopper_tiles import row_reach_end_block, row_reach_first_block
 from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
@@ -105,7 +104,7 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
     r = 0
     t = pid  # the first round is fixed; then whichever program is ready first takes the next tile
     while t < n_tiles:
-        b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k, cap_q = forward_tile(
+        b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k = forward_tile(
             t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, CuTiles, CuSeqQ, CuSeqK, EndSeqQ,
             EndSeqK, IS_CAUSAL, BLOCK_N, VARLEN, CONSUMERS * HALF_M)
         tb = b  # the descriptors' batch coordinate: 0 in the packed (1, T, H, D) view
@@ -138,8 +137,6 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
             gl.store(info + 5, q_start)
             gl.store(info + 6, len_q)
             gl.store(info + 7, len_k)
-        if VARLEN == PACKED_USED:
-            gl.store(info + CAP_WORD, cap_q)
         if REACH:
             gl.store(info + REACH_WORD, j0)
         if BIAS_ROW and ROW_AHEAD:  # the first block's bias slice comes with Q, into slot 2 + buf

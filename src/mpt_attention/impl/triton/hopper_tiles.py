@@ -19,7 +19,6 @@ BLOCK_M = gl.constexpr(128)  # query rows per forward tile of two consumer warpg
 SLOT_WORDS = gl.constexpr(16)
 PROGRAM_WORDS = gl.constexpr(32)
 REACH_WORD = gl.constexpr(8)  # the slot's word holding the tile's first key block past the reach (``REACH``)
-CAP_WORD = gl.constexpr(9)  # the slot's word holding the sequence's rows, used or not (``PACKED_USED``)
 # ``VARLEN``'s values: packed sequences whose every row takes part, or only each one's first ``seqused`` rows (FA3's
 # arguments; ``attention_varlen``): the rest, which may hold anything (NaN), are cleared in shared memory before a
 # product reads them (``hopper_loaders.clear_rows``), since 0 * NaN there would reach the used rows
@@ -85,12 +84,10 @@ def n_forward_tiles(n_m, n_bh, n_heads, CuTiles, VARLEN: gl.constexpr):
 def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seqlen_k, CuTiles, CuSeqQ, CuSeqK,
                  EndSeqQ, EndSeqK, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, VARLEN: gl.constexpr,
                  BLOCK_M: gl.constexpr = BLOCK_M):
-    """Tile ``t``'s ``(b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k, cap_q)``: key blocks
+    """Tile ``t``'s ``(b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k)``: key blocks
     ``[0, n_blocks)`` are visible to some row of the tile, those before ``lo_masked`` to every row; ``q_start``,
     ``k_start`` the sequence's first rows in the packed tensors (0 for dense inputs) and ``len_q``, ``len_k`` its
-    lengths (the rows that take part: up to ``EndSeqQ[b]``, ``EndSeqK[b]``; ``mask_spans.sequence_ends``), ``cap_q``
-    its query rows used or not: with ``PACKED_USED`` the tiles cover them all, and one wholly past the used rows runs
-    one block and writes its rows as 0 (so that no pass zeroes the output first). Packed: ``packed_tile``'s order, each sequence's tiles longest first (``heads_per_group`` heads' K
+    lengths (the rows that take part: up to ``EndSeqQ[b]``, ``EndSeqK[b]``; ``mask_spans.sequence_ends``). Packed: ``packed_tile``'s order, each sequence's tiles longest first (``heads_per_group`` heads' K
     and V of a sequence stay in L2 across its tiles). A packed tile none of whose rows sees a key (causal with
     ``len_q > len_k``, or no keys) runs one fully masked block: its rows come out 0 with a log-sum-exp of -inf, and
     0 blocks is the loader's stop signal to the consumers."""
@@ -103,9 +100,6 @@ def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seq
         len_q = gl.load(EndSeqQ + b) - q_start
         k_start = gl.load(CuSeqK + b)
         len_k = gl.load(EndSeqK + b) - k_start
-        cap_q = len_q
-        if VARLEN == PACKED_USED:
-            cap_q = gl.load(CuSeqQ + b + 1) - q_start
     else:
         m, bh = tile_order(t, n_m, n_bh, heads_per_group)
         b = bh // n_heads
@@ -114,7 +108,6 @@ def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seq
         k_start = 0
         len_q = seqlen_q
         len_k = seqlen_k
-        cap_q = len_q
     start_m = m * BLOCK_M
     diag = len_k - len_q
     hi = len_k
@@ -126,11 +119,7 @@ def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seq
     if VARLEN:  # (the consumers take block 0 as masked when lo_masked is 0; negative with more queries than keys)
         n_blocks = gl.maximum(n_blocks, 1)
         lo_masked = gl.maximum(lo_masked, 0)
-    if VARLEN == PACKED_USED:
-        if start_m >= len_q:
-            n_blocks = 1
-            lo_masked = 0
-    return b, h, h // n_groups, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k, cap_q
+    return b, h, h // n_groups, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k
 
 
 @gluon.jit
@@ -211,6 +200,6 @@ def reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, norm_b, h0, n_g, k
 @gluon.jit
 def info_slot(Tiles, buf):
     """This program's slot for the tile in Q buffer ``buf``, which the loader fills for the consumers: ``(b, h,
-    start_m, n_blocks, lo_masked, q_start, len_q, len_k)``, at ``REACH_WORD`` the tile's first key block
-    (``REACH``), at ``CAP_WORD`` its sequence's query rows, used or not (``PACKED_USED``)."""
+    start_m, n_blocks, lo_masked, q_start, len_q, len_k)``, and at ``REACH_WORD`` the tile's first key block
+    (``REACH``)."""
     return Tiles + 16 + (gl.program_id(0) * 2 + buf) * SLOT_WORDS
