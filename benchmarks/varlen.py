@@ -1,6 +1,7 @@
 """Packed sequences (``attention_varlen``) on the GPU: the Hopper kernels against the general ones.
 
-    python benchmarks/varlen.py [--against-dense | --sequence-id | --packed | --general-reach | --hopper-reach]
+    python benchmarks/varlen.py [--against-dense | --sequence-id | --packed | --general-reach | --hopper-reach |
+                                 --clears]
 
 Per shape (bf16; a batch of sequences of random lengths between a quarter and three quarters of S, the padded
 batch of bench_attention.py's extras), real-token TFLOP/s of the forward and of forward+backward with the Hopper
@@ -13,6 +14,8 @@ kernels' ratio, the eager one what a loop of single calls sees.
 ``--packed``: the packed forward+backward alone, graph replays in ms, for A/Bs of the packed kernels (``packed_fwd_bwd``).
 ``--general-reach``: the general kernels (Hopper kernels off) on packed sequences with causal ALiBi, key blocks past
 its reach skipped against computed (``packed_reach``); ``--hopper-reach``: the same on the Hopper kernels.
+``--clears``: the Hopper kernels on packed sequences with and without ``hopper.PACKED_CLEARS`` (rows past each
+sequence's end cleared in shared memory, as ``seqused`` calls do), alternated (``packed_clears``).
 """
 
 import sys
@@ -202,7 +205,25 @@ def packed_reach(batch, n_heads, seq, head_dim, hopper_kernels=False, rounds=3):
                   f"ratio {skip / every:.3f} TFLOP/s (real tokens)", flush=True)
 
 
+def packed_clears(batch, n_heads, seq, head_dim, causal, rounds=3):
+    """The padded batch packed, on the Hopper kernels: the variant that clears each sequence's neighbour rows before
+    its products read them (``hopper.PACKED_CLEARS``) against the one that masks them only, real-token TFLOP/s, eager
+    and replayed from a CUDA graph."""
+    fwd, leaves, dout, real = packed_case(batch, n_heads, seq, head_dim, causal)
+    results = alternate(hopper, "PACKED_CLEARS", (False, True), fwd, leaves, dout, real, rounds, graph=True)
+    label = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, ~50% padding"
+    for mode in ("fwd", "fwd_bwd"):
+        for timing in ("eager", "graph"):
+            plain, clears = (_median(results[mode, timing, c]) for c in (False, True))
+            print(f"{label:52s} {mode:7s} {timing} masked {plain:6.1f}  cleared {clears:6.1f}  ratio "
+                  f"{clears / plain:.3f} TFLOP/s (real tokens)", flush=True)
+
+
 def main():
+    if "--clears" in sys.argv:
+        for shape in SHAPES:
+            packed_clears(*shape)
+        return
     if "--sequence-id" in sys.argv:
         for shape in ((4, 16, 8192, 128), (8, 32, 2048, 64)):
             sequence_id_rows(*shape)

@@ -69,6 +69,10 @@ BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # 64 query rows per consumer, two per t
 # took 12% less but the norms cost as much (0.98-0.99x), at 4096 1.16-1.30x (H200, benchmarks/NOTES.md session 39).
 # Benchmarks set it past any length to time the kernel on every visible block
 REACH_MIN_KEYS = 4096
+# Packed sequences without unused rows on the kernels that clear rows past each sequence's end (``PACKED_USED``, as
+# ``seqused`` calls take): a sequence's last blocks then read its neighbour's rows as zeros, so a NaN in one sequence
+# stays there. Off: the neighbour's rows are masked out of the scores but enter P V with weight 0 (docs/errors.md).
+PACKED_CLEARS = False
 LOG2E = 1.4426950408889634
 
 
@@ -216,8 +220,9 @@ def clear_unused_rows(x: torch.Tensor, cu: torch.Tensor, ends: torch.Tensor) -> 
 
 
 def packed_kind(varlen: bool, seqused: bool) -> int:
-    """The kernels' ``VARLEN``: 0 dense, ``hopper_tiles.PACKED``, or ``PACKED_USED`` with unused rows."""
-    return (2 if seqused else 1) if varlen else 0
+    """The kernels' ``VARLEN``: 0 dense, ``hopper_tiles.PACKED``, or ``PACKED_USED`` with unused rows (or with
+    ``PACKED_CLEARS``)."""
+    return (2 if seqused or PACKED_CLEARS else 1) if varlen else 0
 
 
 def raw_scores(softmax_scale, bias, alibi_mode) -> bool:
