@@ -1233,3 +1233,34 @@ def test_nan_in_a_bias_reaches_exactly_the_rows_that_see_it(hopper_forward_bias_
     low, _ = reference_attention(q, k, v, attn_bias=bias, compute_dtype=torch.bfloat16, **kw)
     assert torch.equal(out.isnan(), ref.isnan()) and ref[:, 300:].isnan().all()
     assert_close_to_reference("rows before the NaN key", out[:, :300], ref[:, :300], low[:, :300])
+
+
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_packed_clears_keep_a_sequences_nan_in_that_sequence(monkeypatch, head_dim):
+    """``hopper.PACKED_CLEARS``: packed sequences on the Hopper kernels that clear the rows past each sequence's end
+    before a product reads them. NaN in the V (and K) of a sequence's first keys then reaches only that sequence's
+    rows, forward and backward: the previous sequence's outputs and gradients stay finite and match the general
+    kernels' (docs/errors.md; without the clears the neighbour's V enters P V with weight 0)."""
+    monkeypatch.setattr(hopper, "PACKED_CLEARS", True)
+    calls = []
+    real = hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    lens = [1000, 700, 301]
+    q, k, v, cu_q, cu_k = make_varlen_inputs(lens, lens, 4, 2, head_dim, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        v[1000:1003] = float("nan")
+        k[1001] = float("nan")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    slopes = M.gen_slopes(4, return_1d=True, device="cuda")
+    out = M.attention_varlen(q, k, v, cu_q, cu_k, 1000, 1000, backend="triton", causal=True, alibi_slopes=slopes)
+    grads = torch.autograd.grad(out[:1000].float().sum(), (q, k, v))
+    assert calls, "the packed call did not take the Hopper forward"
+    assert out[:1000].isfinite().all() and out[1000:1700].isnan().any()
+    assert all(g[:1000].isfinite().all() for g in grads)
+    qq, kk, vv = (x.detach()[:1000].clone().requires_grad_() for x in (q, k, v))
+    first = M.attention_varlen(qq, kk, vv, cu_q[:2], cu_k[:2], 1000, 1000, backend="triton", causal=True,
+                               alibi_slopes=slopes)
+    ref_grads = torch.autograd.grad(first.float().sum(), (qq, kk, vv))
+    torch.testing.assert_close(out[:1000], first, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g[:1000], r, rtol=2e-2, atol=2e-2)
