@@ -123,17 +123,6 @@ def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk
 
 
 @gluon.jit
-def _row_delta(row_terms, query_layout: gl.constexpr, BLOCK_M: gl.constexpr, UNUSED_ROWS: gl.constexpr):
-    """A step's delta from its row terms in shared memory. ``UNUSED_ROWS`` (``PACKED_USED``): 0 where the row's LSE
-    offset is +inf (a row that saw no key, an unused row among them, whose dO and so delta may be NaN: its P is 0,
-    but 0 * NaN is not), read again here rather than kept in registers from the step's start (ptxas spilled more)."""
-    delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
-    if UNUSED_ROWS:
-        delta = gl.where(row_terms.slice(0, BLOCK_M).load(query_layout) < float("inf"), delta, 0.0)
-    return delta
-
-
-@gluon.jit
 def _clear_step(q_smem, do_smem, stage, start_m, seqlen_q, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
     """A step's Q and dO rows outside the sequence's used queries cleared (``PACKED_USED``, ``clear_rows``): its
     first block may start before the sequence (``lo``'s alignment), its last run past the used rows."""
@@ -312,10 +301,10 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             else:
                 dpt, dv, dv_t, p_op = warpgroup_mma_wait(0, deps=[dpt_tok, dv_tok, dv_t_tok, p_op])
             if not PREFETCH:  # loaded where it is used: ptxas spills less (at 32 queries the split ran 3% slower)
-                delta = _row_delta(row_terms, query_layout, BLOCK_M, VARLEN == PACKED_USED)
-            if PREFETCH and VARLEN == PACKED_USED:  # as _row_delta (here ptxas spilled least with q_ok kept)
-                delta = gl.where(q_ok, delta, 0.0)
+                delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
             ds = p * (dpt - delta[None, :])
+            if VARLEN == PACKED_USED:  # rows outside the used ones may bring NaN in delta: P is 0 there, 0 * NaN not
+                ds = gl.where(p == 0.0, 0.0, ds)  # (p is live here; q_ok kept this far made ptxas spill more)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             if TAIL == 0:
                 dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
