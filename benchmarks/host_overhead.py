@@ -29,8 +29,6 @@ compiling FlexAttention: the benchmark's process holds both.
 
 from __future__ import annotations
 
-import cProfile
-import pstats
 import site
 import sys
 import time
@@ -43,7 +41,7 @@ from triton.testing import do_bench
 
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper, hopper_views
-from mpt_attention.testing import capture_cuda_graph, profile_kernels
+from mpt_attention.testing import capture_cuda_graph, profile_host, profile_kernels
 
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -133,13 +131,7 @@ def profile_forward():
     q, k, v, slopes = inputs(1, 16, 128, 128)
     fn = ours(q.detach(), k.detach(), v.detach(), slopes, True)
     host_us(fn, 20)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    profile_host(fn, 200, ("cumulative", 30))
 
 
 def profile_backward():
@@ -148,16 +140,12 @@ def profile_backward():
     q, k, v, slopes = inputs(1, 16, 128, 128)
     step = with_backward(ours(q, k, v, slopes, True))
     host_us(step, 20)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(200):
+
+    def fresh_step():
         q.grad = k.grad = v.grad = None  # as the benchmark's grad_to_none: no accumulation kernels
         step()
-    prof.disable()
-    torch.cuda.synchronize()
-    stats = pstats.Stats(prof)
-    stats.sort_stats("cumulative").print_stats(45)
-    stats.sort_stats("tottime").print_stats(25)
+
+    profile_host(fresh_step, 200, ("cumulative", 45), ("tottime", 25))
 
 
 def graph_table():
@@ -244,16 +232,10 @@ def stubbed_table():
         if "--profile" in sys.argv:
             # where the time goes: cProfile of 300 real steps, the backward on this thread so that cProfile sees it
             torch.autograd.set_multithreading_enabled(False)
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(300):
-                step()
-            prof.disable()
-            torch.autograd.set_multithreading_enabled(True)
-            torch.cuda.synchronize()
-            stats = pstats.Stats(prof)
-            stats.sort_stats("tottime").print_stats(45)
-            stats.sort_stats("cumulative").print_stats(60)
+            try:
+                profile_host(step, 300, ("tottime", 45), ("cumulative", 60))
+            finally:
+                torch.autograd.set_multithreading_enabled(True)
 
 
 def _raw_launcher(kernel):
@@ -367,13 +349,7 @@ def launch_breakdown():
         print(f"[launch] raw launch's out and lse bitwise equal to kernel.run's: {same}")
     for name, part in parts.items():
         print(f"[launch] host us  {name:38s} {host_us(part, 2000):7.1f}", flush=True)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(1000):
-        lean_launch.launch_kernel(fn, grid, *args, **kw)
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    profile_host(lambda: lean_launch.launch_kernel(fn, grid, *args, **kw), 1000, ("tottime", 25))
 
 
 def timers_table():

@@ -12,8 +12,6 @@ cProfile's top functions (by own time) over 20 forward+backward calls of each.
 
 from __future__ import annotations
 
-import cProfile
-import pstats
 import sys
 import time
 
@@ -21,7 +19,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention.padding import right_padded
-from mpt_attention.testing import profile_kernels
+from mpt_attention.testing import profile_host, profile_kernels
 
 
 def host_us(fn, calls=30):
@@ -70,13 +68,7 @@ def main():
             for ms, count, kernel in kernels:
                 print(f"  {ms:8.3f} ms  x{count:<3d} {kernel[:100]}")
         if "--host-profile" in sys.argv:
-            profile = cProfile.Profile()
-            profile.enable()
-            for _ in range(20):
-                fwd_bwd()
-            profile.disable()
-            torch.cuda.synchronize()
-            pstats.Stats(profile).sort_stats("tottime").print_stats(18)
+            profile_host(fwd_bwd, 20, ("tottime", 18))
 
 if __name__ == "__main__":
     main()

@@ -64,6 +64,16 @@ def _median(values):
     return sorted(values)[len(values) // 2]
 
 
+def _print_ab(label, results, values, names):
+    """``alternate``'s results as one line per mode and timing: the medians for ``values`` (named ``names``) and the
+    first's ratio to the second."""
+    for mode in ("fwd", "fwd_bwd"):
+        for timing in ("eager", "graph"):
+            first, second = (_median(results[mode, timing, x]) for x in values)
+            print(f"{label:52s} {mode:7s} {timing} {names[0]} {first:6.1f}  {names[1]} {second:6.1f}  ratio "
+                  f"{first / second:.3f} TFLOP/s (real tokens)", flush=True)
+
+
 def padded_batch(batch, n_heads, seq, head_dim):
     """A batch of sequences of random lengths in [S/4, 3S/4) (bf16, fixed seed) packed: ``(q, k, v, cu_seqlens,
     longest, lengths)``, q/k/v (T, H, D) leaves."""
@@ -94,11 +104,7 @@ def measure(batch, n_heads, seq, head_dim, causal, rounds=3):
     fwd, leaves, dout, real = packed_case(batch, n_heads, seq, head_dim, causal)
     results = alternate(hopper, "ENABLED", (True, False), fwd, leaves, dout, real, rounds, graph=True)
     label = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, ~50% padding"
-    for mode in ("fwd", "fwd_bwd"):
-        for timing in ("eager", "graph"):
-            on, off = (_median(results[mode, timing, h]) for h in (True, False))
-            print(f"{label:52s} {mode:7s} {timing} hopper {on:6.1f}  general {off:6.1f}  ratio {on / off:.3f} "
-                  "TFLOP/s (real tokens)", flush=True)
+    _print_ab(label, results, (True, False), ("hopper", "general"))
 
 
 def against_dense(batch, n_heads, seq, head_dim, causal=True):
@@ -198,11 +204,7 @@ def packed_reach(batch, n_heads, seq, head_dim, hopper_kernels=False, rounds=3):
         hopper.ENABLED = enabled
     label = f"B{batch} H{n_heads} S{seq} D{head_dim} causal ALiBi, ~50% padding, packed"
     kernels = "hopper" if hopper_kernels else "general"
-    for mode in ("fwd", "fwd_bwd"):
-        for timing in ("eager", "graph"):
-            skip, every = (_median(results[mode, timing, m]) for m in (shipped, 1 << 62))
-            print(f"{label:52s} {mode:7s} {timing} {kernels}: reach {skip:6.1f}  every block {every:6.1f}  "
-                  f"ratio {skip / every:.3f} TFLOP/s (real tokens)", flush=True)
+    _print_ab(label, results, (shipped, 1 << 62), (f"{kernels}: reach", "every block"))
 
 
 def packed_clears(batch, n_heads, seq, head_dim, causal, rounds=3):
@@ -212,11 +214,7 @@ def packed_clears(batch, n_heads, seq, head_dim, causal, rounds=3):
     fwd, leaves, dout, real = packed_case(batch, n_heads, seq, head_dim, causal)
     results = alternate(hopper, "PACKED_CLEARS", (False, True), fwd, leaves, dout, real, rounds, graph=True)
     label = f"B{batch} H{n_heads} S{seq} D{head_dim} {'causal' if causal else 'non-causal'} ALiBi, ~50% padding"
-    for mode in ("fwd", "fwd_bwd"):
-        for timing in ("eager", "graph"):
-            plain, clears = (_median(results[mode, timing, c]) for c in (False, True))
-            print(f"{label:52s} {mode:7s} {timing} masked {plain:6.1f}  cleared {clears:6.1f}  ratio "
-                  f"{clears / plain:.3f} TFLOP/s (real tokens)", flush=True)
+    _print_ab(label, results, (True, False), ("cleared", "masked"))
 
 
 def main():

@@ -288,6 +288,23 @@ def profile_kernels(step, steps: int = 3) -> list[tuple[float, int, str]]:
             for e in sorted(events, key=lambda e: -e.device_time_total)]
 
 
+def profile_host(fn, calls: int, *orders: tuple[str, int]) -> None:
+    """cProfile of ``calls`` calls of ``fn`` (the device synchronised after them), printed once per ``(sort key,
+    lines)`` of ``orders``: where a call's host time goes (benchmarks' host probes)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    for key, lines in orders:
+        stats.sort_stats(key).print_stats(lines)
+
+
 def capture_cuda_graph(fn):
     """``fn`` captured in a CUDA graph after one warm-up run off the capture (compiles, allocator state):
     ``(graph, what the captured call returned)``. GPU tests replay it; benchmarks time its replay."""
