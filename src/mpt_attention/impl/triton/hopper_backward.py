@@ -152,9 +152,9 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     the sequence's row ``k_off``), those of its last keys by masked plain stores into ``DK``, ``DV`` ((T_k, H_kv,
     D), ``head_dim`` columns), since a box would overwrite the next sequence's rows. ``PACKED_USED`` (unused rows
     past each sequence's used ones, which may hold anything): this warpgroup's keys past the used ones, and each
-    partial step's Q and dO rows outside them, are cleared before a product reads them (``clear_rows``), and those
-    rows' delta taken as 0. Query blocks run from ``lo``
-    to ``q_end`` (``seqlen_q``, or less past causal ALiBi's reach: ``hopper_tiles.reach_query_end``)."""
+    partial step's Q and dO rows outside them, are cleared before a product reads them (``clear_rows``), and dS is 0
+    wherever P is (those rows' delta may be NaN); dK, dV are stored up to ``cap_k``, the sequence's keys used or not
+    (zeros past the used ones). Query blocks run from ``lo`` to ``q_end`` (``seqlen_q``, or less past causal ALiBi's reach: ``hopper_tiles.reach_query_end``)."""
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
@@ -408,8 +408,8 @@ def _hopper_bwd_dkdv_kernel(
     k_desc, v_desc, q_desc, do_desc, dos_desc, dk_desc, dv_desc, dq_desc, bias_desc, dbias_desc, stats_desc, Slopes,
     Bias, DKVPart, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
-    DK, DV, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, CuKTiles, DQSync, Norms, SoftBlocks, stride_dks, stride_dkh, stride_dvs, stride_dvh, n_seq,
-    head_dim,
+    DK, DV, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, CuKTiles, DQSync, Norms, SoftBlocks, stride_dks, stride_dkh, stride_dvs,
+    stride_dvh, n_seq, head_dim,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
     STORE_DS: gl.constexpr, TAIL: gl.constexpr = 0, VARLEN: gl.constexpr = False, FIRST_WRITE: gl.constexpr = False,
@@ -428,8 +428,10 @@ def _hopper_bwd_dkdv_kernel(
     where it broadcasts); ``STORE_DS``: its gradient dS stored through ``dbias_desc``, (B * H, S_q, S_k).
     ``VARLEN`` (with ``FUSED_DQ``, one split, no bias): packed sequences, the descriptors over (1, T, H, D) views,
     programs over each sequence's key blocks (``CuKTiles``: cumulative counts of 128-key blocks, ``n_seq``
-    sequences; each one's rows up to ``EndSeqQ[b]``, ``EndSeqK[b]``, with ``PACKED_USED`` its used rows only) in ``hopper_tiles.packed_tile``'s order, ``rows_per_group`` KV heads innermost (the grid may run
-    past the last: those programs have no keys and no queries), the row terms (H, 2, T_q), a sequence's last keys'
+    sequences; each one's rows up to ``EndSeqQ[b]``, ``EndSeqK[b]``, with ``PACKED_USED`` its used rows only, its key
+    blocks still covering every row: those wholly past the used keys take no step and store zeros) in
+    ``hopper_tiles.packed_tile``'s order, ``rows_per_group`` KV heads innermost (the grid may run past the last:
+    those programs have no keys and no queries), the row terms (H, 2, T_q), a sequence's last keys'
     dK and dV stored into ``DK``, ``DV`` by plain stores. ``FIRST_WRITE`` (dense, where the consumers form dQ): the
     dQ sums unzeroed, each 64-query block's first program storing into it (``hopper_dq``; ``DQSync`` the blocks'
     (B, H, S_q / 64) int32 words, zeroed). ``REACH`` (dense, causal ALiBi from slopes, not with ``FIRST_WRITE``):
