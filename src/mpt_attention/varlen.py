@@ -48,8 +48,9 @@ def attention_varlen(
     part: a right-padded batch ``(B, S, H, D)`` runs flattened to ``(B * S, H, D)`` with ``cu_seqlens = b * S``
     and its lengths as ``seqused`` (``padding.right_padded``), without gathering its rows; a static KV cache
     gives its filled lengths as ``seqused_k``. The other rows are never read (they may hold anything), their
-    output is 0, their log-sum-exp -inf and their gradients 0. On the ``triton`` backend these calls run the
-    general kernels (the Hopper ones take whole sequences).
+    output is 0, their log-sum-exp -inf and their gradients 0. On the ``triton`` backend these calls take the Hopper
+    kernels where they apply (which zero such rows in shared memory where a block reaches them), else the general
+    kernels (which never load them).
 
     Args:
         q: ``(T_q, H_q, D)``; k, v: ``(T_k, H_kv, D)``; T = total tokens over the batch.
