@@ -275,13 +275,13 @@ def test_seqused_matches_float64_reference_on_the_hopper_kernels(monkeypatch, dt
     inside the previous sequence's unused rows), used lengths across 128-row blocks, one row, none, a full one; every
     unused row of q, k, v and dO NaN, which the kernels clear where a block reaches them (``clear_rows``)."""
     calls = []
-    for module, name in ((hopper, "forward"), (plans, "run_fused")):
+    for module, name in ((hopper, "run_forward"), (plans, "run_fused")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     caps, used_k = [1501, 1500, 1499, 803], [1501, 131, 0, 777]
     slopes = M.gen_slopes(8, return_1d=True, device="cuda") if alibi else None
     check_seqused("triton", caps, used_q or used_k, caps, used_k, 8, n_kv, head_dim, causal, slopes, dtype, "cuda")
-    assert calls == ["forward", "run_fused"], calls
+    assert calls == ["run_forward", "run_fused"], calls
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -64,14 +64,42 @@ def _inputs(case: dict) -> dict:
                 dlse=torch.randn(2, h, s) if case.get("dlse") else None)
 
 
+def _packed_inputs(case: dict) -> dict:
+    """Packed sequences of the case's signature: ``n_seq`` of them, the first ``s`` rows long (the longest), the rest
+    of random lengths adding up to a fixed total, so that calls of one signature differ in their lengths (which no
+    plan may read); ``seqused``: random used lengths; ``max_q``, ``max_k``: longest lengths passed larger than any."""
+    d, h, h_kv, s, n_seq = case.get("d", 128), case.get("h", 4), case.get("h_kv", 4), case.get("s", 128), \
+        case.get("n_seq", 3)
+    dtype = case.get("dtype", torch.bfloat16)
+    cuts = sorted(torch.randint(0, s * (n_seq - 1) // 2 + 1, (n_seq - 2,)).tolist())
+    rest = [b - a for a, b in zip([0, *cuts], [*cuts, s * (n_seq - 1) // 2])]
+    lens = [s, *rest]
+    cu = torch.tensor([0, *lens]).cumsum(0, dtype=torch.int32)
+    n_tokens = int(cu[-1])
+    q = torch.randn(n_tokens, h, d, dtype=dtype)
+    k, v = (torch.randn(n_tokens, h_kv, d, dtype=dtype) for _ in range(2))
+    used = None
+    if case.get("seqused"):
+        used = torch.tensor([int(torch.randint(0, n + 1, ())) for n in lens], dtype=torch.int32)
+    slopes = torch.rand(h) if case.get("slopes", "heads") else None
+    out = torch.randn(q.shape, dtype=dtype)
+    return dict(q=q, k=k, v=v, bias=None, slopes=slopes, out=out, lse=torch.randn(h, n_tokens), dout=torch.randn_like(out),
+                dlse=None, cu_q=cu, cu_k=cu.clone(), used_q=used, used_k=None if used is None else used.clone())
+
+
 def _step(case: dict, t: dict):
     """A forward and a backward through ``launch`` (as the eager op calls them); returns their outputs."""
     scale, causal = case.get("scale", 0.125), case.get("causal", True)
-    fwd = launch.forward(t["q"], t["k"], t["v"], t["bias"], t["slopes"], None, None, None, None, scale, causal, 0.0)
+    packed = {}
+    if "cu_q" in t:
+        packed = dict(cu_q=t["cu_q"], cu_k=t["cu_k"], max_q=case.get("max_q", case.get("s", 128)),
+                      max_k=case.get("max_k", case.get("s", 128)), used_q=t["used_q"], used_k=t["used_k"])
+    fwd = launch.forward(t["q"], t["k"], t["v"], t["bias"], t["slopes"], None, None, None, None, scale, causal, 0.0,
+                         **packed)
     bias_grad = t["bias"] is not None and t["bias"].requires_grad
     bwd = launch.backward(t["dout"], t["q"], t["k"], t["v"], t["out"], t["lse"], t["dlse"], t["bias"], t["slopes"],
                           None, None, None, None, scale, causal, 0.0, bias_grad,
-                          deterministic=case.get("deterministic"))
+                          deterministic=case.get("deterministic"), **packed)
     return (*fwd, *bwd)
 
 
@@ -96,7 +124,7 @@ def _launches(recorded, case: dict, planned: bool, monkeypatch):
     for name, value in case.get("switches", {}).items():
         monkeypatch.setattr(hopper, name, value)
     start = len(recorded)
-    tensors = _inputs(case)
+    tensors = _packed_inputs(case) if case.get("packed") else _inputs(case)
     outputs = _step(case, tensors)
     roles = {"inputs": {k: v for k, v in tensors.items()}, "new": {}}
     launches = [(name, grid, [_described(a, roles) for a in args], kw) for name, grid, args, kw in recorded[start:]]
@@ -126,6 +154,17 @@ CASES = [
     pytest.param(dict(switches=dict(FIRST_WRITE_DQ=False)), id="first-write-off"),
     pytest.param(dict(h=8, h_kv=2, switches=dict(FUSED_GROUP_HEADS=4)), id="four-heads-per-program"),
     pytest.param(dict(switches=dict(ENABLED=False)), id="hopper-off"),
+    pytest.param(dict(packed=True), id="packed"),
+    pytest.param(dict(packed=True, n_seq=4), id="packed-more-sequences"),
+    pytest.param(dict(packed=True, d=64, h_kv=2), id="packed-d64-gqa"),
+    pytest.param(dict(packed=True, causal=False), id="packed-non-causal"),
+    pytest.param(dict(packed=True, slopes=None), id="packed-no-alibi"),
+    pytest.param(dict(packed=True, max_q=160), id="packed-longer-max-q"),
+    pytest.param(dict(packed=True, max_k=4096), id="packed-longer-max-k"),
+    pytest.param(dict(packed=True, seqused=True), id="packed-seqused"),
+    pytest.param(dict(packed=True, seqused=True, max_k=4096), id="packed-seqused-longer-max-k"),
+    pytest.param(dict(packed=True, switches=dict(PACKED_CLEARS=True)), id="packed-clears"),
+    pytest.param(dict(packed=True, switches=dict(REACH_MIN_KEYS=64)), id="packed-reach"),
 ]
 
 

@@ -206,17 +206,30 @@ def _packed_tiles(cu: torch.Tensor, used: torch.Tensor | None = None) -> torch.T
     return kept_on(cu if used is None else used, "_mpt_attention_packed_tiles", tiles, on_device=True)
 
 
-def clear_unused_rows(x: torch.Tensor, cu: torch.Tensor, ends: torch.Tensor) -> None:
-    """Zeros into the rows of a packed ``(T, H, D)`` tensor past each sequence's used ones (``ends``:
-    ``mask_spans.sequence_ends``), in place (``common.clear_unused_rows_kernel``)."""
-    n_rows, n_heads, head_dim = x.shape
-    n_seq = cu.numel() - 1
+_UNPLANNED = object()
+
+
+def clear_unused_rows_launch(shape, n_seq: int):
+    """``clear_unused_rows``' launch and its scalar arguments after the strides, for a packed tensor of ``shape``
+    ``(T, H, D)`` in ``n_seq`` sequences, or None where there is nothing to clear (a forward plan keeps it)."""
+    n_rows, n_heads, head_dim = shape
     if n_rows == 0 or n_seq == 0:
-        return
-    steps = max(1, math.ceil(math.log2(n_seq + 1)))
-    clear_unused_rows_kernel[(cdiv(n_rows, 64),)](
-        x, cu, ends, x.stride(0), x.stride(1), n_rows, n_seq, n_heads, head_dim, steps,
-        BLOCK_ROWS=64, BLOCK_D=next_power_of_2(head_dim))
+        return None
+    steps = max(1, math.ceil(math.log2(n_seq + 1)))  # of the binary search for a row's sequence
+    return (PlannedLaunch(clear_unused_rows_kernel, (cdiv(n_rows, 64),),
+                          dict(BLOCK_ROWS=64, BLOCK_D=next_power_of_2(head_dim))),
+            (n_rows, n_seq, n_heads, head_dim, steps))
+
+
+def clear_unused_rows(x: torch.Tensor, cu: torch.Tensor, ends: torch.Tensor, planned=_UNPLANNED) -> None:
+    """Zeros into the rows of a packed ``(T, H, D)`` tensor past each sequence's used ones (``ends``:
+    ``mask_spans.sequence_ends``), in place (``common.clear_unused_rows_kernel``); ``planned``:
+    ``clear_unused_rows_launch`` for x's shape where the caller keeps it."""
+    if planned is _UNPLANNED:
+        planned = clear_unused_rows_launch(x.shape, cu.numel() - 1)
+    if planned is not None:
+        launch, scalars = planned
+        launch(x, cu, ends, x.stride(0), x.stride(1), *scalars)
 
 
 def packed_kind(varlen: bool, seqused: bool) -> int:
@@ -269,6 +282,7 @@ class ForwardPlan(NamedTuple):
     row_keys: tuple | None = None
     norms: tuple | None = None  # (PlannedLaunch, its scalars) of ``row_norm_max_kernel`` (``reach_applies``)
     row_table: tuple | None = None  # the same of ``row_reach_kernel`` (``REACH_ROW``)
+    clear: tuple | None = None  # ``clear_unused_rows_launch`` of the output (packed sequences with unused rows)
 
 
 def reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k) -> int:
@@ -356,7 +370,8 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         row_table = row_reach_launch(bias, bias_dims_on(bias), q, k, qk_scale2, n_m, HALF_M * consumers, BLOCK_N,
                                      norms[1][-1], counters, False)
         counters += batch * n_heads * (n_m + 1)  # (and the row's end: hopper_tiles.row_reach_end_block)
-    return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms, row_table)
+    clear = clear_unused_rows_launch(out_shape, batch) if varlen and seqused else None
+    return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms, row_table, clear)
 
 
 def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, reach_norms: dict | None = None,
@@ -402,7 +417,7 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
                 out, cu_q, cu_k, ends_q, ends_k, cu_tiles, *plan.scalars)
     if used_q is not None:
-        clear_unused_rows(out, cu_q, ends_q)
+        clear_unused_rows(out, cu_q, ends_q, plan.clear)
     return out, lse
 
 

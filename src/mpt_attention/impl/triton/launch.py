@@ -236,12 +236,25 @@ class _Geometry:
             self.lse_strides = (self.n_heads * self.s_q, self.s_q)
 
 
-def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal):
-    """The Hopper forward's plan for dense inputs without masks or dropout, or None where they take another route
-    (``forward`` then decides as for any input)."""
-    if hopper.unsupported(q, k, v, bias, None, None, None, 0.0, causal, False, max_q=q.shape[1]) is not None:
+def _packed_key(cu_q, max_q, max_k, used_q, used_k) -> tuple | None:
+    """What a plan reads of packed sequences beyond the tensors' signatures (None for dense inputs): the number of
+    sequences, the longest lengths (grids, groups, the reach), whether some rows are unused (``seqused``) and
+    ``hopper.PACKED_CLEARS`` (the kernels' ``VARLEN``); never the lengths themselves, which the kernels read on the
+    device."""
+    if cu_q is None:
         return None
-    return hopper.forward_plan(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, None))
+    return cu_q.numel(), max_q, max_k, used_q is not None or used_k is not None, hopper.PACKED_CLEARS
+
+
+def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal, cu_q=None, max_q=0, max_k=0, seqused=False):
+    """The Hopper forward's plan for inputs without masks or dropout (dense, or packed sequences as ``_packed_key``
+    describes them), or None where they take another route (``forward`` then decides as for any input)."""
+    varlen = cu_q is not None
+    if hopper.unsupported(q, k, v, bias, None, None, None, 0.0, causal, varlen,
+                          max_q=max_q if varlen else q.shape[1]) is not None:
+        return None
+    return hopper.forward_plan(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, None),
+                               cu_q, max_q, max_k, seqused)
 
 
 @_on_its_device
@@ -260,15 +273,17 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
         return forward(q, k, v, rows, None, None, None, None, seed, softmax_scale, causal, dropout_p, bias_rows=rows,
                        reach_norms=reach_norms)
     bias = _kernel_bias(bias, bias_rows)
-    if plans.ENABLED and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p:
-        sig = plans.signature
+    if plans.ENABLED and kpm is None and seqid is None and prefix is None and not dropout_p:
+        sig, packed = plans.signature, _packed_key(cu_q, max_q, max_k, used_q, used_k)
         key = ("forward", q.get_device(), sig(q), sig(k), sig(v), sig(bias), sig(slopes), softmax_scale, causal,
-               hopper.ENABLED, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS)
+               hopper.ENABLED, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, packed)
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is plans.MISSING:
-            plan = plans.keep(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal))
+            plan = plans.keep(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal, cu_q, max_q, max_k,
+                                                 packed is not None and packed[3]))
         if plan is not None:
-            return hopper.run_forward(plan, q, k, v, bias, slopes, reach_norms=reach_norms)
+            return hopper.run_forward(plan, q, k, v, bias, slopes, _dense(cu_q), _dense(cu_k), reach_norms, used_q,
+                                      used_k)
     q, k, v = (head_contiguous(x) for x in (q, k, v))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
@@ -373,17 +388,19 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                         dropout_p, False, deterministic=deterministic, bias_rows=rows, reach_norms=reach_norms)
     bias_in = _kernel_bias(bias, bias_rows)
     key = None  # the plan's key, where this call may take a kept plan (``plans``)
-    if plans.ENABLED and cu_q is None and kpm is None and seqid is None and prefix is None and not dropout_p and \
+    if plans.ENABLED and kpm is None and seqid is None and prefix is None and not dropout_p and \
             deterministic is not True and q.stride(-1) == k.stride(-1) == v.stride(-1) == dout.stride(-1) == 1:
         sig = plans.signature
         key = ("backward", q.get_device(), sig(dout), sig(q), sig(k), sig(v), sig(out), sig(lse), sig(dlse), sig(bias),
                sig(bias_in), sig(slopes), softmax_scale, causal, bias_grad, deterministic, hopper.ENABLED,
                hopper.BWD_HEAD_DIMS, hopper.FUSED_BWD_HEAD_DIMS, hopper.FUSED_GROUP_HEADS, hopper.FIRST_WRITE_DQ,
-               hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, FUSED_DQ, FUSED_DQ_GROUPED)
+               hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, FUSED_DQ, FUSED_DQ_GROUPED,
+               _packed_key(cu_q, max_q, max_k, used_q, used_k))
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is not plans.MISSING:
             if plan is not None:
-                return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, reach_norms=reach_norms)
+                return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, _dense(cu_q),
+                                       _dense(cu_k), reach_norms, used_q, used_k)
             key = None  # another route, decided below
     q, k, v, dout = (head_contiguous(x) for x in (q, k, v, dout))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
