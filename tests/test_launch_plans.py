@@ -67,7 +67,7 @@ def _inputs(case: dict) -> dict:
 def _packed_inputs(case: dict) -> dict:
     """Packed sequences of the case's signature: ``n_seq`` of them, the first ``s`` rows long (the longest), the rest
     of random lengths adding up to a fixed total, so that calls of one signature differ in their lengths (which no
-    plan may read); ``seqused``: random used lengths; ``max_q``, ``max_k``: longest lengths passed larger than any."""
+    plan may read); ``seqused``: random used lengths (``"keys"``: of the keys alone); ``max_q``, ``max_k``: longest lengths passed larger than any."""
     d, h, h_kv, s, n_seq = case.get("d", 128), case.get("h", 4), case.get("h_kv", 4), case.get("s", 128), \
         case.get("n_seq", 3)
     dtype = case.get("dtype", torch.bfloat16)
@@ -84,7 +84,8 @@ def _packed_inputs(case: dict) -> dict:
     slopes = torch.rand(h) if case.get("slopes", "heads") else None
     out = torch.randn(q.shape, dtype=dtype)
     return dict(q=q, k=k, v=v, bias=None, slopes=slopes, out=out, lse=torch.randn(h, n_tokens), dout=torch.randn_like(out),
-                dlse=None, cu_q=cu, cu_k=cu.clone(), used_q=used, used_k=None if used is None else used.clone())
+                dlse=None, cu_q=cu, cu_k=cu.clone(), used_q=None if case.get("seqused") == "keys" else used,
+                used_k=None if used is None else used.clone())
 
 
 def _step(case: dict, t: dict):
@@ -163,6 +164,7 @@ CASES = [
     pytest.param(dict(packed=True, max_k=4096), id="packed-longer-max-k"),
     pytest.param(dict(packed=True, seqused=True), id="packed-seqused"),
     pytest.param(dict(packed=True, seqused=True, max_k=4096), id="packed-seqused-longer-max-k"),
+    pytest.param(dict(packed=True, seqused="keys"), id="packed-seqused-keys-only"),
     pytest.param(dict(packed=True, switches=dict(PACKED_CLEARS=True)), id="packed-clears"),
     pytest.param(dict(packed=True, switches=dict(REACH_MIN_KEYS=64)), id="packed-reach"),
 ]

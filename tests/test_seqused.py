@@ -170,3 +170,50 @@ def test_clear_unused_rows_zeroes_only_rows_past_each_sequences_used_ones():
         expected[start + u:end] = 0
     hopper.clear_unused_rows(x, cu, sequence_ends(cu, used))
     assert torch.equal(x, expected)
+
+
+def _packed_lengths():
+    """Odd capacities with an empty sequence, a wholly unused one and rows past the last sequence (T = 311)."""
+    cu = torch.tensor([0, 37, 37, 134, 211, 300], dtype=torch.int32)
+    used = torch.tensor([5, 0, 97, 0, 89], dtype=torch.int32)
+    rows_used = torch.zeros(311, dtype=torch.bool)
+    for start, u in zip(cu[:-1].tolist(), used.tolist()):
+        rows_used[start:start + u] = True
+    return cu, used, rows_used
+
+
+def test_dq_from_sums_casts_the_used_rows_and_zeroes_the_rest():
+    """The fused Hopper backward's dQ with unused query rows (``common.dq_from_sums_kernel``, under the interpreter):
+    each used row's float32 sums in dQ's dtype, zeros everywhere else; the unused rows' sums (never zeroed: NaN
+    here) are not read, and no row of the poisoned output stays unwritten."""
+    pytest.importorskip("triton")
+    from mpt_attention.impl.triton import plans
+    from mpt_attention.impl.triton.mask_spans import sequence_ends
+
+    cu, used, rows_used = _packed_lengths()
+    sums = torch.randn(311, 3, 40)
+    sums[~rows_used] = float("nan")
+    dq = torch.full((311, 3, 40), float("nan"), dtype=torch.float16)
+    cast, scalars = plans.dq_from_sums_launch(dq.shape, cu.numel() - 1)
+    cast(dq, sums, cu, sequence_ends(cu, used), dq.stride(0), dq.stride(1), sums.stride(0), sums.stride(1), *scalars)
+    expected = torch.where(rows_used[:, None, None], sums, 0.0).to(torch.float16)
+    assert torch.equal(dq, expected)
+
+
+def test_delta_kernel_reads_only_the_used_rows():
+    """The backward's row terms for packed queries with unused rows (``USED_ROWS``): used rows' delta rowsum(dO * O)
+    and zeroed dQ sums; the unused rows (O and dO NaN) get delta 0 and keep whatever their sums held."""
+    pytest.importorskip("triton")
+    from mpt_attention.impl.triton import plans
+    from mpt_attention.impl.triton.mask_spans import sequence_ends
+
+    cu, used, rows_used = _packed_lengths()
+    out, dout = torch.randn(311, 3, 40), torch.randn(311, 3, 40)
+    out[~rows_used], dout[~rows_used] = float("nan"), float("nan")
+    lse = torch.randn(3, 311)
+    delta = torch.full((3, 311), float("nan"))
+    sums = torch.full((311, 3, 40), 7.0)
+    plans.row_terms(out, dout, lse, None, delta, varlen=True, dq_zero=sums, used_rows=(cu, sequence_ends(cu, used)))
+    want = torch.where(rows_used[None, :], (out.double() * dout.double()).sum(-1).T.nan_to_num(), 0.0).float()
+    torch.testing.assert_close(delta, want)
+    assert torch.equal(sums, torch.where(rows_used[:, None, None], 0.0, 7.0).expand_as(sums))

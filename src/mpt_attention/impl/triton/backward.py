@@ -19,7 +19,7 @@ import triton.language as tl
 
 from mpt_attention.impl.triton.common import (
     BIAS_ROW, BIAS_ROW_VALUES, LOG2E, bias_pointers, bias_row_source, block_bias, decode_lse2, dropout_keep,
-    grid_row, key_block_range, live_keys, score_tile, sequence_bounds, soft_row_scale,
+    grid_row, key_block_range, live_keys, packed_rows_used, score_tile, sequence_bounds, soft_row_scale,
 )
 from mpt_attention.impl.triton.reach import norm_row, reach_first_key, reach_query_end
 
@@ -42,14 +42,15 @@ def _row_stats(lse_row, delta_row, rows, row_ok, BIAS: tl.constexpr):
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    Out, DO, Lse, DLse, Delta, DOScaled, RowStats, DQAcc, DQSync, SoftBlocks,
+    Out, DO, Lse, DLse, Delta, DOScaled, RowStats, DQAcc, DQSync, SoftBlocks, CuSeq, EndSeq,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
     stride_sb, stride_ss, stride_sh,
     stride_ab, stride_as, stride_ah,
-    n_heads, seqlen_q, head_dim, stats_cols,
+    n_heads, seqlen_q, head_dim, stats_cols, n_seq, search_steps,
     HAS_DLSE: tl.constexpr, SOFT_ROWS: tl.constexpr, ROW_STATS: tl.constexpr, STORE_DELTA: tl.constexpr,
     ZERO_DQ: tl.constexpr, ZERO_SYNC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    USED_ROWS: tl.constexpr = False,
 ):
     """delta = rowsum(dO * O) - dlse in float32, (B, H, S_q): one read of each, no float32 copies.
 
@@ -70,7 +71,12 @@ def _attn_bwd_delta_kernel(
     of a fill kernel of their own before this one (a launch less: ~30 us of host time per step on the H200
     machine's CPU, where a short step is host-bound, benchmarks/NOTES.md session 23). Where the Hopper kernel's
     first program per 64-row block stores into the sums instead (hopper_dq), ZERO_SYNC zeros that kernel's word
-    per block, ``DQSync`` (B, H, cdiv(S_q, 64)) int32."""
+    per block, ``DQSync`` (B, H, cdiv(S_q, 64)) int32.
+
+    USED_ROWS (packed sequences with unused rows, ``seqused``; one batch row): the rows past a sequence's used ones
+    (``common.packed_rows_used`` over ``CuSeq`` and ``EndSeq``) read no O or dO (delta 0) and get no zeros in
+    ``DQAcc`` (``common.dq_from_sums_kernel`` writes their dQ as zeros without reading the sums); half the bytes of
+    a half-padded batch read in place."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = grid_row()
     b64 = (bh // n_heads).to(tl.int64)
@@ -79,6 +85,8 @@ def _attn_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
     mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
+    if USED_ROWS:
+        mask = mask & packed_rows_used(rows, CuSeq, EndSeq, n_seq, search_steps)[:, None]
     rows64 = rows.to(tl.int64)[:, None]
     stats = bh.to(tl.int64) * seqlen_q + rows
     o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows64 * stride_os + offs_d[None, :], mask=mask, other=0.0)

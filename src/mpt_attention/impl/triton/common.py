@@ -140,6 +140,48 @@ def row_keys_kernel(
 
 
 @triton.jit
+def packed_row_sequence(rows, CuSeq, n_seq, search_steps):
+    """The sequence ``b`` of each of ``rows`` (packed, in ``n_seq`` sequences), ``CuSeq[b] <= row < CuSeq[b + 1]``,
+    found by bisection over ``CuSeq`` in ``search_steps`` halvings (rows past the last sequence: the last)."""
+    lo = tl.zeros(rows.shape, dtype=tl.int32)
+    hi = tl.full(rows.shape, n_seq, dtype=tl.int32)  # CuSeq[lo] <= row < CuSeq[hi]
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        right = tl.load(CuSeq + mid) <= rows
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+@triton.jit
+def packed_rows_used(rows, CuSeq, EndSeq, n_seq, search_steps):
+    """Whether each of ``rows`` is one of its sequence's used rows, ``[CuSeq[b], EndSeq[b])`` (``seqused``); rows
+    past the last sequence are not."""
+    return rows < tl.load(EndSeq + packed_row_sequence(rows, CuSeq, n_seq, search_steps))
+
+
+@triton.jit
+def dq_from_sums_kernel(
+    DQ, DQAcc, CuSeq, EndSeq,
+    stride_qt, stride_qh, stride_at, stride_ah,
+    n_rows, n_seq, n_heads, head_dim, search_steps,
+    BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ of packed ``(T, H, D)`` sequences with unused rows (``seqused``) from the float32 sums ``DQAcc`` (the fused
+    Hopper backward's): each used row's sums in dQ's dtype, zeros in every other row, whose sums are never read (the
+    delta kernel zeroes only the used rows' sums: ``USED_ROWS``). One program per ``BLOCK_ROWS`` rows."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    used = packed_rows_used(rows, CuSeq, EndSeq, n_seq, search_steps)
+    cols = tl.arange(0, BLOCK_D)
+    rows64 = rows.to(tl.int64)[:, None]
+    inside = (rows < n_rows)[:, None] & (cols < head_dim)[None, :]
+    for h in range(n_heads):
+        sums = tl.load(DQAcc + rows64 * stride_at + h * stride_ah + cols[None, :], mask=inside & used[:, None],
+                       other=0.0)
+        tl.store(DQ + rows64 * stride_qt + h * stride_qh + cols[None, :], sums.to(DQ.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def clear_unused_rows_kernel(
     X, CuSeq, EndSeq,
     stride_xt, stride_xh,
@@ -147,19 +189,12 @@ def clear_unused_rows_kernel(
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows of a packed ``(T, H, D)`` tensor past their sequence's used ones, ``[EndSeq[b], CuSeq[b + 1])``
-    (``seqused``), set to 0; the others are not touched. One program per ``BLOCK_ROWS`` rows, each row's sequence
-    found by bisection over ``CuSeq`` in ``search_steps`` halvings. The Hopper forward's tiles cover only used rows:
+    (``seqused``), set to 0; the others are not touched. One program per ``BLOCK_ROWS`` rows. The Hopper forward's tiles cover only used rows:
     its unused output rows are written here, ~half the bytes of zeroing the whole output first (and a tile wholly
     past the used rows cost more than either: ~80 us for B8 S4096 H16 D128 half padded, benchmarks/NOTES.md)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    lo = tl.zeros([BLOCK_ROWS], dtype=tl.int32)
-    hi = tl.full([BLOCK_ROWS], n_seq, dtype=tl.int32)  # CuSeq[lo] <= row < CuSeq[hi] (rows past the last: lo last)
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        right = tl.load(CuSeq + mid) <= rows
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    unused = (rows < n_rows) & (rows >= tl.load(EndSeq + lo)) & (rows < tl.load(CuSeq + lo + 1))
+    seq = packed_row_sequence(rows, CuSeq, n_seq, search_steps)
+    unused = (rows < n_rows) & (rows >= tl.load(EndSeq + seq)) & (rows < tl.load(CuSeq + seq + 1))
     cols = tl.arange(0, BLOCK_D)
     ptrs = X + rows.to(tl.int64)[:, None] * stride_xt + cols[None, :]
     zero = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=X.dtype.element_ty)

@@ -215,10 +215,14 @@ def clear_unused_rows_launch(shape, n_seq: int):
     n_rows, n_heads, head_dim = shape
     if n_rows == 0 or n_seq == 0:
         return None
-    steps = max(1, math.ceil(math.log2(n_seq + 1)))  # of the binary search for a row's sequence
     return (PlannedLaunch(clear_unused_rows_kernel, (cdiv(n_rows, 64),),
                           dict(BLOCK_ROWS=64, BLOCK_D=next_power_of_2(head_dim))),
-            (n_rows, n_seq, n_heads, head_dim, steps))
+            (n_rows, n_seq, n_heads, head_dim, bisection_steps(n_seq)))
+
+
+def bisection_steps(n_seq: int) -> int:
+    """Halvings that find a packed row's sequence among ``n_seq`` (``common.packed_rows_used``)."""
+    return max(1, math.ceil(math.log2(n_seq + 1)))
 
 
 def clear_unused_rows(x: torch.Tensor, cu: torch.Tensor, ends: torch.Tensor, planned=_UNPLANNED) -> None:

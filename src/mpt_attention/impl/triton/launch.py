@@ -238,12 +238,13 @@ class _Geometry:
 
 def _packed_key(cu_q, max_q, max_k, used_q, used_k) -> tuple | None:
     """What a plan reads of packed sequences beyond the tensors' signatures (None for dense inputs): the number of
-    sequences, the longest lengths (grids, groups, the reach), whether some rows are unused (``seqused``) and
+    sequences, the longest lengths (grids, groups, the reach), whether some rows are unused (``seqused``, queries and
+    keys apart: the backward's delta kernel and dQ read the queries' alone) and
     ``hopper.PACKED_CLEARS`` (the kernels' ``VARLEN``); never the lengths themselves, which the kernels read on the
     device."""
     if cu_q is None:
         return None
-    return cu_q.numel(), max_q, max_k, used_q is not None or used_k is not None, hopper.PACKED_CLEARS
+    return cu_q.numel(), max_q, max_k, used_q is not None, used_k is not None, hopper.PACKED_CLEARS
 
 
 def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal, cu_q=None, max_q=0, max_k=0, seqused=False):
@@ -280,7 +281,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is plans.MISSING:
             plan = plans.keep(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal, cu_q, max_q, max_k,
-                                                 packed is not None and packed[3]))
+                                                 packed is not None and (packed[3] or packed[4])))
         if plan is not None:
             return hopper.run_forward(plan, q, k, v, bias, slopes, _dense(cu_q), _dense(cu_k), reach_norms, used_q,
                                       used_k)

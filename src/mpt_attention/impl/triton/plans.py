@@ -17,7 +17,9 @@ import torch
 
 from mpt_attention.impl.triton import hopper
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS, SOFT_BLOCKS, SOFT_EVERY_ROW, _attn_bwd_delta_kernel
+from mpt_attention.impl.triton.common import dq_from_sums_kernel
 from mpt_attention.impl.triton.lean_launch import _INTERPRET, PlannedLaunch, cdiv, next_power_of_2
+from mpt_attention.impl.triton.mask_spans import sequence_ends
 
 ENABLED = True
 KEPT: dict = {}  # key -> plan, or None for a signature that takes a route without one
@@ -40,20 +42,23 @@ def keep(key, plan):
 
 
 def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False, dq_zero=None,
-              dq_sync=None, owner=None, soft_blocks=None) -> None:
+              dq_sync=None, owner=None, soft_blocks=None, used_rows=None) -> None:
     """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape; None where no kernel reads
     it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked: common.SOFT_LSE)
     dO scaled per row into it, every row, or with ``soft_blocks`` (``soft_blocks_buffer``) only the 64-row blocks
     holding a soft-masked row, the buffer's word per block saying which; with ``row_stats``
     (``hopper.row_stats_buffer``) the Hopper dK/dV kernel's copy of the log2-domain LSE offsets and delta; with
     ``dq_zero`` (float32, q's shape and strides) zeros written into it; with ``dq_sync`` (``hopper.dq_sync_buffer``)
-    zeros there. Varlen: packed rows are one long batch row for this row-wise kernel. ``owner``: a plan
-    (``FusedBackward``) that keeps this launch's plan for inputs of its signature."""
+    zeros there. Varlen: packed rows are one long batch row for this row-wise kernel; ``used_rows``: (``cu_seqlens``,
+    ``mask_spans.sequence_ends``) of packed queries with unused rows, which then read nothing and get no zeros in
+    ``dq_zero`` (``USED_ROWS``). ``owner``: a plan (``FusedBackward``) that keeps this launch's plan for inputs of its
+    signature."""
     o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
     dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
     plan = owner.row_terms if owner is not None else None
     if plan is None:
-        plan = row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, soft_blocks is not None)
+        plan = row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, soft_blocks is not None,
+                              None if used_rows is None else used_rows[0].numel() - 1)
         if owner is not None:
             owner.row_terms = plan
     if plan is None:
@@ -62,7 +67,8 @@ def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, var
     plan[0](o4, do4, lse, dummy if dlse is None else dlse.float().contiguous(), dummy if delta is None else delta,
             dummy if dout_scaled is None else dout_scaled, dummy if row_stats is None else row_stats,
             dummy if dq4 is None else dq4, dummy if dq_sync is None else dq_sync,
-            dummy if soft_blocks is None else soft_blocks, *plan[1])
+            dummy if soft_blocks is None else soft_blocks, *((dummy, dummy) if used_rows is None else used_rows),
+            *plan[1])
 
 
 def soft_blocks_buffer(batch, n_heads, s_q, device) -> torch.Tensor:
@@ -76,9 +82,9 @@ def scaled_dout_buffer(dout) -> torch.Tensor:
     return torch.empty_like(dout, memory_format=torch.contiguous_format)
 
 
-def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, soft_blocks=False):
+def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, soft_blocks=False, used_of=None):
     """``row_terms``' launch (the delta kernel's) and its scalar arguments for inputs of this signature, or None
-    where there are no rows."""
+    where there are no rows; ``used_of``: the number of packed sequences with unused query rows, or None."""
     d_batch, d_rows, n_heads, head_dim = o4.shape
     if d_batch * n_heads == 0 or d_rows == 0:
         return None
@@ -89,12 +95,22 @@ def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, s
     def strides3(t):
         return t.stride()[:3] if t is not None else (0, 0, 0)
 
+    n_seq = used_of or 0
     scalars = (*strides3(o4), *strides3(do4), *strides3(dout_scaled), *strides3(dq4), n_heads, d_rows, head_dim,
-               0 if row_stats is None else row_stats.shape[2])
+               0 if row_stats is None else row_stats.shape[2], n_seq, hopper.bisection_steps(n_seq))
     return PlannedLaunch(_attn_bwd_delta_kernel, (cdiv(d_rows, block), n_heads, d_batch), dict(
         HAS_DLSE=dlse is not None, SOFT_ROWS=soft_rows, ROW_STATS=row_stats is not None,
         STORE_DELTA=delta is not None, ZERO_DQ=dq4 is not None, ZERO_SYNC=dq_sync is not None, BLOCK_M=block,
-        BLOCK_D=max(16, next_power_of_2(head_dim)))), scalars
+        BLOCK_D=max(16, next_power_of_2(head_dim)), USED_ROWS=used_of is not None)), scalars
+
+
+def dq_from_sums_launch(shape, n_seq: int):
+    """``common.dq_from_sums_kernel``'s launch and its scalar arguments after the strides, for packed ``(T, H, D)``
+    queries in ``n_seq`` sequences."""
+    n_rows, n_heads, head_dim = shape
+    return (PlannedLaunch(dq_from_sums_kernel, (cdiv(n_rows, 64),),
+                          dict(BLOCK_ROWS=64, BLOCK_D=next_power_of_2(head_dim))),
+            (n_rows, n_seq, n_heads, head_dim, hopper.bisection_steps(n_seq)))
 
 
 class FusedBackward:
@@ -106,11 +122,11 @@ class FusedBackward:
     ``row_stats``: ``hopper.row_stats_buffer``'s sizes; ``dq_sync``: ``hopper.dq_sync_buffer``'s where each dQ block's
     first program stores its sums, or None; ``dkdv_args``: (softmax scale, causal, ALiBi mode, S_q, S_k) (packed: the longest sequence's)."""
 
-    __slots__ = ("varlen", "soft_rows", "dbias", "row_stats", "dq_sync", "dkdv_args", "dkdv", "row_terms")
+    __slots__ = ("varlen", "soft_rows", "dbias", "row_stats", "dq_sync", "dkdv_args", "dkdv", "row_terms", "dq_cast")
 
     def __init__(self, varlen, soft_rows, dbias, row_stats, dq_sync, dkdv_args):
         self.varlen, self.soft_rows, self.dbias, self.row_stats = varlen, soft_rows, dbias, row_stats
-        self.dq_sync, self.dkdv_args, self.dkdv, self.row_terms = dq_sync, dkdv_args, None, None
+        self.dq_sync, self.dkdv_args, self.dkdv, self.row_terms, self.dq_cast = dq_sync, dkdv_args, None, None, None
 
 
 def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q=None, cu_k=None,
@@ -134,9 +150,12 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
     # into what each 64-query block's first program stores (the delta kernel zeroes a word per block instead)
     dq_acc = torch.empty_like(q, dtype=torch.float32)
     dq_sync = None if plan.dq_sync is None else hopper.dq_sync_buffer(*plan.dq_sync, device)
+    # packed queries with unused rows: those rows' O and dO are not read and their sums neither zeroed nor read (dQ
+    # zeros there from dq_from_sums_kernel); half the bytes of both passes in a half-padded batch read in place
+    used_rows = None if used_q is None else (cu_q, sequence_ends(cu_q, used_q))
     # the kernel reads delta from the row terms: no (B, H, S_q) copy
     row_terms(out, dout_in, lse, dlse, None, dout_scaled, row_stats, plan.varlen,
-              dq_acc if dq_sync is None else None, dq_sync, owner=plan, soft_blocks=soft_blocks)
+              dq_acc if dq_sync is None else None, dq_sync, owner=plan, soft_blocks=soft_blocks, used_rows=used_rows)
     dout_blocks = dout_scaled if soft_blocks is not None else None
     if plan.dkdv is None:
         scale, causal, alibi_mode, s_q, s_k = plan.dkdv_args
@@ -145,5 +164,11 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
                                      used_q is not None or used_k is not None)
     hopper.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync,
                     reach_norms, dout_blocks, soft_blocks, used_q, used_k)
-    dq.copy_(dq_acc)  # the kernel scales its own
+    if used_rows is None:
+        dq.copy_(dq_acc)  # the kernel scales its own
+    else:
+        if plan.dq_cast is None:
+            plan.dq_cast = dq_from_sums_launch(q.shape, cu_q.numel() - 1)
+        cast, scalars = plan.dq_cast
+        cast(dq, dq_acc, *used_rows, dq.stride(0), dq.stride(1), dq_acc.stride(0), dq_acc.stride(1), *scalars)
     return dq, dk, dv, dbias
