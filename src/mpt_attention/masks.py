@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from mpt_attention.kept import kept_on
+
 __all__ = [
     "gen_slopes",
     "build_alibi_bias",
@@ -246,3 +248,17 @@ def keep_mask(
         same = sequence_id[:, offset:].view(batch, 1, s_q, 1) == sequence_id.view(batch, 1, 1, s_k)
         keep = same if keep is None else keep & same
     return keep
+
+
+def sequence_ends(cu: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
+    """Each packed sequence's end row, as the kernels read it (``common.sequence_bounds``' ``EndSeqQ/K``) and
+    ``ops.public_lse`` counts rows back from it: ``cu[1:]`` (a view), or with ``used`` (int32 ``(B,)``, FA3's ``seqused``) ``cu[:-1] + used``: only the first
+    ``used[b]`` rows of sequence ``b`` take part; the rest are never read, and their outputs and gradients are 0.
+    Kept on ``used`` for this ``cu`` (``kept.kept_on``): a step's forward and backward, and a model's layers, ask for
+    the same ends four times per layer."""
+    if used is None:
+        return cu[1:]
+    if cu.is_inference():  # (no version to key on)
+        return cu[:-1] + used
+    return kept_on(used, "_mpt_attention_sequence_ends", lambda: cu[:-1] + used, key=(cu.data_ptr(), cu._version),
+                   on_device=True)

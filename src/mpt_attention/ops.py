@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mpt_attention.masks import sequence_ends
+
 __all__ = ["alibi_from_diagonal", "public_lse", "triton_attention", "triton_dropout_mask"]
 
 _SOFT_LSE = -2.0 ** 100  # common.SOFT_LSE: at or below it a soft-masked row's encoded count, kept as it is
@@ -181,7 +183,7 @@ def public_lse(lse: Tensor, dtype, slopes, causal, prefix_mask, cu_seqlens_q, se
         tokens = torch.arange(lse.shape[-1], device=lse.device, dtype=cu_seqlens_q.dtype)
         # (clamped: tokens outside every sequence have no log-sum-exp to convert)
         sequence = (torch.searchsorted(cu_seqlens_q, tokens, right=True) - 1).clamp(0, cu_seqlens_q.numel() - 2)
-        ends = cu_seqlens_q[1:] if seqused_q is None else cu_seqlens_q[:-1] + seqused_q
+        ends = sequence_ends(cu_seqlens_q, seqused_q)
         rows_after = (ends[sequence] - 1 - tokens).double()
         per_token = slopes.unsqueeze(-1) if slopes.dim() == 1 else slopes.index_select(0, sequence).t()
         shift = per_token * rows_after

@@ -5,7 +5,7 @@ tile's sequences span (``sequence_id``), the queries a key block's sequences spa
 
 import torch
 
-from mpt_attention.kept import kept_on
+from mpt_attention.masks import sequence_ends  # noqa: F401  (the kernels' callers import it from here)
 
 
 def sequence_spans(seqid: torch.Tensor):
@@ -59,20 +59,6 @@ def live_key_range(kpm: torch.Tensor) -> torch.Tensor:
     first = torch.where(live, idx, s_k).amin(dim=1)
     last = torch.where(live, idx + 1, 0).amax(dim=1)
     return torch.stack([first, last], dim=1).to(torch.int32).contiguous()
-
-
-def sequence_ends(cu: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
-    """Each packed sequence's end row, as the general kernels read it (``common.sequence_bounds``' ``EndSeqQ/K``):
-    ``cu[1:]`` (a view), or with ``used`` (int32 ``(B,)``, FA3's ``seqused``) ``cu[:-1] + used``: only the first
-    ``used[b]`` rows of sequence ``b`` take part; the rest are never read, and their outputs and gradients are 0.
-    Kept on ``used`` for this ``cu`` (``kept.kept_on``): a step's forward and backward, and a model's layers, ask for
-    the same ends four times per layer."""
-    if used is None:
-        return cu[1:]
-    if cu.is_inference():  # (no version to key on)
-        return cu[:-1] + used
-    return kept_on(used, "_mpt_attention_sequence_ends", lambda: cu[:-1] + used, key=(cu.data_ptr(), cu._version),
-                   on_device=True)
 
 
 def sequence_args(q, cu_q, cu_k, used_q, used_k) -> tuple:
