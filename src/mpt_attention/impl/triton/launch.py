@@ -293,17 +293,16 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
         return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix),
                               cu_q, cu_k, geo.s_q, geo.s_k, reach_norms, used_q, used_k)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if used_q is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
-    else:  # rows past a sequence's used ones are not written
-        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    else:  # rows past a sequence's used ones are not written (their output: _clear_unused below)
         lse = torch.full(geo.lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
     pointers, kv_range, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
     cfg = _fwd_config(head_dim, full_bias=bias is not None and bias.shape[2] != 1)
     grid = (cdiv(s_q, cfg["BLOCK_M"]), n_heads, batch)  # common.grid_row
     if s_q == 0 or batch * n_heads == 0:
-        return out, lse
+        return out.zero_(), lse
     seq_range = q
     if seqid is not None and s_k > 0:
         seq_range = mask_spans.query_tile_key_spans(mask_spans.sequence_spans(seqid), s_q, cfg["BLOCK_M"])
@@ -329,7 +328,15 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
         DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_D=max(16, next_power_of_2(head_dim)), **flags, **cfg,
     )
+    _clear_unused(out, cu_q, used_q)
     return out, lse
+
+
+def _clear_unused(x, cu, used) -> None:
+    """Zeros into the rows of packed ``x`` past each sequence's used ones, which the general kernels do not write:
+    only those rows' bytes, where zeroing the whole tensor first wrote all of them."""
+    if used is not None:
+        hopper.clear_unused_rows(x, cu, mask_spans.sequence_ends(cu, used))
 
 
 def _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k) -> bool:
@@ -450,9 +457,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
     # gradients in their inputs' layout (dense ones keep their strides, e.g. SDPA's (B, H, S, D) passed
     # transposed), so autograd hands them to the caller's tensors without a transposing copy each
-    # (rows past a sequence's used ones are not written: zeros)
-    dq = torch.empty_like(q) if used_q is None else torch.zeros_like(q)
-    dk, dv = (torch.empty_like(x) if used_k is None else torch.zeros_like(x) for x in (k, v))
+    # (rows past a sequence's used ones: zeros from _clear_unused after the kernels)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # the kernels read a bias row converted (float32, log2 units: ``bias_in``); dbias keeps the caller's shape and dtype
     bias_mode = 0
     dbias_rows = dbias_full = q  # dummies
@@ -570,6 +576,9 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
             launch_dkdv()
             if s_q > 0:
                 launch_dq()
+        _clear_unused(dq, cu_q, used_q)
+        _clear_unused(dk, cu_k, used_k)
+        _clear_unused(dv, cu_k, used_k)
     else:  # nothing to attend to or from: every gradient is zero
         dq.zero_(), dk.zero_(), dv.zero_()
     dbias = None
