@@ -42,6 +42,7 @@ from triton.testing import do_bench
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper, hopper_views
 from mpt_attention.testing import capture_cuda_graph, profile_host, profile_kernels
+from mpt_attention.testing import host_us as testing_host_us
 
 DEV, DTYPE = "cuda", torch.bfloat16
 
@@ -77,14 +78,8 @@ def with_backward(fn):
 
 
 def host_us(fn, calls=300):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
+    """Microseconds per call until the GPU is idle (``testing.host_us``), after 20 warm-up calls."""
+    return testing_host_us(fn, calls, warmup=20, until_idle=True)
 
 
 def host_table(label):

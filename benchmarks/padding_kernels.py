@@ -13,25 +13,12 @@ cProfile's top functions (by own time) over 20 forward+backward calls of each.
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
 import mpt_attention as M
 from mpt_attention.padding import right_padded
-from mpt_attention.testing import profile_host, profile_kernels
-
-
-def host_us(fn, calls=30):
-    """Mean host microseconds per call of ``fn`` (no synchronisation between calls)."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+from mpt_attention.testing import host_us, profile_host, profile_kernels
 
 
 def main():

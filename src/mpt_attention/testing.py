@@ -288,6 +288,26 @@ def profile_kernels(step, steps: int = 3) -> list[tuple[float, int, str]]:
             for e in sorted(events, key=lambda e: -e.device_time_total)]
 
 
+def host_us(fn, calls: int = 30, warmup: int = 1, until_idle: bool = False) -> float:
+    """Mean microseconds per call of ``fn`` over ``calls`` calls without a synchronisation between them, after
+    ``warmup`` calls and a synchronisation: the host's time per call while the GPU queue stays full (a call whose
+    host time exceeds its kernels' is bound by the host). ``until_idle``: the final synchronisation counted too (the
+    pace of whichever of host and GPU is slower)."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if until_idle:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def profile_host(fn, calls: int, *orders: tuple[str, int]) -> None:
     """cProfile of ``calls`` calls of ``fn`` (the device synchronised after them), printed once per ``(sort key,
     lines)`` of ``orders``: where a call's host time goes (benchmarks' host probes)."""
