@@ -531,7 +531,7 @@ def test_packed_sequences_with_unused_rows_plan_their_own_kernels_without_the_re
     the used ones before a product reads them) and no reach, whose norm maxima would span the unused rows; the tiles
     cover every row (those past the used ones write zeros), and each sequence ends at its start plus its used rows."""
     from mpt_attention.impl.triton import hopper_tiles
-    from mpt_attention.impl.triton.mask_spans import sequence_ends
+    from mpt_attention.masks import sequence_ends
 
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
     cu = torch.tensor([0, 4096, 8192, 12288], dtype=torch.int32)

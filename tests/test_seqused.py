@@ -136,10 +136,10 @@ def test_seqused_compiles_fullgraph_on_triton():
 
 
 def test_sequence_ends_follow_lengths_changed_in_place():
-    """The kernels' end rows (``mask_spans.sequence_ends``) are kept on ``seqused`` for its ``cu_seqlens``: a step's
+    """The kernels' end rows (``masks.sequence_ends``) are kept on ``seqused`` for its ``cu_seqlens``: a step's
     forward and backward share them, and lengths or offsets updated in place (a cache filled further, as a decode
     loop does) give new ones."""
-    from mpt_attention.impl.triton.mask_spans import sequence_ends
+    from mpt_attention.masks import sequence_ends
 
     cu = torch.tensor([0, 8, 16], dtype=torch.int32)
     used = torch.tensor([3, 8], dtype=torch.int32)
@@ -160,7 +160,7 @@ def test_clear_unused_rows_zeroes_only_rows_past_each_sequences_used_ones():
     value, over odd lengths, an empty sequence and one wholly unused."""
     pytest.importorskip("triton")
     from mpt_attention.impl.triton import hopper
-    from mpt_attention.impl.triton.mask_spans import sequence_ends
+    from mpt_attention.masks import sequence_ends
 
     cu = torch.tensor([0, 37, 37, 134, 211, 300], dtype=torch.int32)
     used = torch.tensor([5, 0, 97, 0, 89], dtype=torch.int32)
@@ -187,14 +187,15 @@ def test_dq_from_sums_casts_the_used_rows_and_zeroes_the_rest():
     each used row's float32 sums in dQ's dtype, zeros everywhere else; the unused rows' sums (never zeroed: NaN
     here) are not read, and no row of the poisoned output stays unwritten."""
     pytest.importorskip("triton")
-    from mpt_attention.impl.triton import plans
-    from mpt_attention.impl.triton.mask_spans import sequence_ends
+    from mpt_attention.impl.triton import hopper
+    from mpt_attention.impl.triton.common import dq_from_sums_kernel
+    from mpt_attention.masks import sequence_ends
 
     cu, used, rows_used = _packed_lengths()
     sums = torch.randn(311, 3, 40)
     sums[~rows_used] = float("nan")
     dq = torch.full((311, 3, 40), float("nan"), dtype=torch.float16)
-    cast, scalars = plans.dq_from_sums_launch(dq.shape, cu.numel() - 1)
+    cast, scalars = hopper.packed_rows_launch(dq_from_sums_kernel, dq.shape, cu.numel() - 1)
     cast(dq, sums, cu, sequence_ends(cu, used), dq.stride(0), dq.stride(1), sums.stride(0), sums.stride(1), *scalars)
     expected = torch.where(rows_used[:, None, None], sums, 0.0).to(torch.float16)
     assert torch.equal(dq, expected)
@@ -205,7 +206,7 @@ def test_delta_kernel_reads_only_the_used_rows():
     and zeroed dQ sums; the unused rows (O and dO NaN) get delta 0 and keep whatever their sums held."""
     pytest.importorskip("triton")
     from mpt_attention.impl.triton import plans
-    from mpt_attention.impl.triton.mask_spans import sequence_ends
+    from mpt_attention.masks import sequence_ends
 
     cu, used, rows_used = _packed_lengths()
     out, dout = torch.randn(311, 3, 40), torch.randn(311, 3, 40)

@@ -189,9 +189,10 @@ def clear_unused_rows_kernel(
     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows of a packed ``(T, H, D)`` tensor past their sequence's used ones, ``[EndSeq[b], CuSeq[b + 1])``
-    (``seqused``), set to 0; the others are not touched. One program per ``BLOCK_ROWS`` rows. The Hopper forward's tiles cover only used rows:
-    its unused output rows are written here, ~half the bytes of zeroing the whole output first (and a tile wholly
-    past the used rows cost more than either: ~80 us for B8 S4096 H16 D128 half padded, benchmarks/NOTES.md)."""
+    (``seqused``), set to 0; the others are not touched. One program per ``BLOCK_ROWS`` rows. The Hopper forward's
+    tiles cover only used rows: its unused output rows are written here, ~half the bytes of zeroing the whole output
+    first (and a tile wholly past the used rows cost more than either: ~80 us for B8 S4096 H16 D128 half padded,
+    benchmarks/NOTES.md); the general kernels' unused rows too (``launch._clear_unused``)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     seq = packed_row_sequence(rows, CuSeq, n_seq, search_steps)
     unused = (rows < n_rows) & (rows >= tl.load(EndSeq + seq)) & (rows < tl.load(CuSeq + seq + 1))

@@ -21,10 +21,10 @@ from mpt_attention.impl.triton.common import clear_unused_rows_kernel, row_keys_
 from mpt_attention.impl.triton.hopper_views import bias_dims_on, bias_matrix_view, bias_row_view, descriptor, rows_view
 from mpt_attention.impl.triton.hopper_views import slope_args, tma_aligned
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
-from mpt_attention.impl.triton.mask_spans import sequence_ends
 from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, norm_launch, row_ends, row_prefix_max
 from mpt_attention.impl.triton.reach import row_reach_launch
 from mpt_attention.kept import kept_on
+from mpt_attention.masks import sequence_ends
 
 try:
     from triton.experimental.gluon import language as gl
@@ -209,15 +209,19 @@ def _packed_tiles(cu: torch.Tensor, used: torch.Tensor | None = None) -> torch.T
 _UNPLANNED = object()
 
 
-def clear_unused_rows_launch(shape, n_seq: int):
-    """``clear_unused_rows``' launch and its scalar arguments after the strides, for a packed tensor of ``shape``
-    ``(T, H, D)`` in ``n_seq`` sequences, or None where there is nothing to clear (a forward plan keeps it)."""
+def packed_rows_launch(kernel, shape, n_seq: int):
+    """The launch of a kernel over a packed ``(T, H, D)`` tensor's rows in ``n_seq`` sequences, 64 rows per program,
+    each row's sequence found by bisection (``common.clear_unused_rows_kernel``, ``common.dq_from_sums_kernel``), and
+    its scalar arguments after the strides."""
     n_rows, n_heads, head_dim = shape
-    if n_rows == 0 or n_seq == 0:
-        return None
-    return (PlannedLaunch(clear_unused_rows_kernel, (cdiv(n_rows, 64),),
-                          dict(BLOCK_ROWS=64, BLOCK_D=next_power_of_2(head_dim))),
+    return (PlannedLaunch(kernel, (cdiv(n_rows, 64),), dict(BLOCK_ROWS=64, BLOCK_D=next_power_of_2(head_dim))),
             (n_rows, n_seq, n_heads, head_dim, bisection_steps(n_seq)))
+
+
+def clear_unused_rows_launch(shape, n_seq: int):
+    """``clear_unused_rows``' launch (``packed_rows_launch``) for a packed tensor of ``shape`` in ``n_seq`` sequences,
+    or None where there is nothing to clear (a forward plan keeps it)."""
+    return None if shape[0] == 0 or n_seq == 0 else packed_rows_launch(clear_unused_rows_kernel, shape, n_seq)
 
 
 def bisection_steps(n_seq: int) -> int:
@@ -227,7 +231,7 @@ def bisection_steps(n_seq: int) -> int:
 
 def clear_unused_rows(x: torch.Tensor, cu: torch.Tensor, ends: torch.Tensor, planned=_UNPLANNED) -> None:
     """Zeros into the rows of a packed ``(T, H, D)`` tensor past each sequence's used ones (``ends``:
-    ``mask_spans.sequence_ends``), in place (``common.clear_unused_rows_kernel``); ``planned``:
+    ``masks.sequence_ends``), in place (``common.clear_unused_rows_kernel``); ``planned``:
     ``clear_unused_rows_launch`` for x's shape where the caller keeps it."""
     if planned is _UNPLANNED:
         planned = clear_unused_rows_launch(x.shape, cu.numel() - 1)

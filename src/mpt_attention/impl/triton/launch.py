@@ -20,6 +20,7 @@ from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, launch_kernel, next_power_of_2
 from mpt_attention.impl.triton.reach import REACH_SLOPES, norm_launch
 from mpt_attention.kept import kept_on
+from mpt_attention.masks import sequence_ends
 from mpt_attention.ops import alibi_from_diagonal
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -263,7 +264,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
             cu_q=None, cu_k=None, max_q=0, max_k=0, used_q=None, used_k=None, bias_rows=None, reach_norms=None):
     """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
     for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``; ``used_q``/``used_k``
-    the rows of each sequence that take part, ``mask_spans.sequence_ends``: the other rows'
+    the rows of each sequence that take part, ``masks.sequence_ends``: the other rows'
     output is 0 and their log-sum-exp -inf). ``lse`` is the kernels' own, which ``backward`` takes: for float32
     causal ALiBi measured from each row's diagonal (``_kernel_alibi``); ``ops.public_lse`` turns it into MPT's.
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already. ``reach_norms``: a dict that receives
@@ -336,7 +337,7 @@ def _clear_unused(x, cu, used) -> None:
     """Zeros into the rows of packed ``x`` past each sequence's used ones, which the general kernels do not write:
     only those rows' bytes, where zeroing the whole tensor first wrote all of them."""
     if used is not None:
-        hopper.clear_unused_rows(x, cu, mask_spans.sequence_ends(cu, used))
+        hopper.clear_unused_rows(x, cu, sequence_ends(cu, used))
 
 
 def _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k) -> bool:

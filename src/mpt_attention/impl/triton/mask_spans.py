@@ -5,7 +5,7 @@ tile's sequences span (``sequence_id``), the queries a key block's sequences spa
 
 import torch
 
-from mpt_attention.masks import sequence_ends  # noqa: F401  (the kernels' callers import it from here)
+from mpt_attention.masks import sequence_ends
 
 
 def sequence_spans(seqid: torch.Tensor):

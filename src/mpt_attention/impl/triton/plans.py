@@ -19,7 +19,7 @@ from mpt_attention.impl.triton import hopper
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS, SOFT_BLOCKS, SOFT_EVERY_ROW, _attn_bwd_delta_kernel
 from mpt_attention.impl.triton.common import dq_from_sums_kernel
 from mpt_attention.impl.triton.lean_launch import _INTERPRET, PlannedLaunch, cdiv, next_power_of_2
-from mpt_attention.impl.triton.mask_spans import sequence_ends
+from mpt_attention.masks import sequence_ends
 
 ENABLED = True
 KEPT: dict = {}  # key -> plan, or None for a signature that takes a route without one
@@ -50,7 +50,7 @@ def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, var
     (``hopper.row_stats_buffer``) the Hopper dK/dV kernel's copy of the log2-domain LSE offsets and delta; with
     ``dq_zero`` (float32, q's shape and strides) zeros written into it; with ``dq_sync`` (``hopper.dq_sync_buffer``)
     zeros there. Varlen: packed rows are one long batch row for this row-wise kernel; ``used_rows``: (``cu_seqlens``,
-    ``mask_spans.sequence_ends``) of packed queries with unused rows, which then read nothing and get no zeros in
+    ``masks.sequence_ends``) of packed queries with unused rows, which then read nothing and get no zeros in
     ``dq_zero`` (``USED_ROWS``). ``owner``: a plan (``FusedBackward``) that keeps this launch's plan for inputs of its
     signature."""
     o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
@@ -102,15 +102,6 @@ def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, s
         HAS_DLSE=dlse is not None, SOFT_ROWS=soft_rows, ROW_STATS=row_stats is not None,
         STORE_DELTA=delta is not None, ZERO_DQ=dq4 is not None, ZERO_SYNC=dq_sync is not None, BLOCK_M=block,
         BLOCK_D=max(16, next_power_of_2(head_dim)), USED_ROWS=used_of is not None)), scalars
-
-
-def dq_from_sums_launch(shape, n_seq: int):
-    """``common.dq_from_sums_kernel``'s launch and its scalar arguments after the strides, for packed ``(T, H, D)``
-    queries in ``n_seq`` sequences."""
-    n_rows, n_heads, head_dim = shape
-    return (PlannedLaunch(dq_from_sums_kernel, (cdiv(n_rows, 64),),
-                          dict(BLOCK_ROWS=64, BLOCK_D=next_power_of_2(head_dim))),
-            (n_rows, n_seq, n_heads, head_dim, hopper.bisection_steps(n_seq)))
 
 
 class FusedBackward:
@@ -168,7 +159,7 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
         dq.copy_(dq_acc)  # the kernel scales its own
     else:
         if plan.dq_cast is None:
-            plan.dq_cast = dq_from_sums_launch(q.shape, cu_q.numel() - 1)
+            plan.dq_cast = hopper.packed_rows_launch(dq_from_sums_kernel, q.shape, cu_q.numel() - 1)
         cast, scalars = plan.dq_cast
         cast(dq, dq_acc, *used_rows, dq.stride(0), dq.stride(1), dq_acc.stride(0), dq_acc.stride(1), *scalars)
     return dq, dk, dv, dbias
