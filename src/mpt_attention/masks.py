@@ -252,10 +252,10 @@ def keep_mask(
 
 def sequence_ends(cu: torch.Tensor, used: torch.Tensor | None) -> torch.Tensor:
     """Each packed sequence's end row, as the kernels read it (``common.sequence_bounds``' ``EndSeqQ/K``) and
-    ``ops.public_lse`` counts rows back from it: ``cu[1:]`` (a view), or with ``used`` (int32 ``(B,)``, FA3's ``seqused``) ``cu[:-1] + used``: only the first
-    ``used[b]`` rows of sequence ``b`` take part; the rest are never read, and their outputs and gradients are 0.
-    Kept on ``used`` for this ``cu`` (``kept.kept_on``): a step's forward and backward, and a model's layers, ask for
-    the same ends four times per layer."""
+    ``ops.public_lse`` counts rows back from it: ``cu[1:]`` (a view), or with ``used`` (int32 ``(B,)``, FA3's
+    ``seqused``) ``cu[:-1] + used``: only the first ``used[b]`` rows of sequence ``b`` take part; the rest are never
+    read, and their outputs and gradients are 0. Kept on ``used`` for this ``cu`` (``kept.kept_on``): a step's forward
+    and backward, and a model's layers, ask for the same ends four times per layer."""
     if used is None:
         return cu[1:]
     if cu.is_inference():  # (no version to key on)
