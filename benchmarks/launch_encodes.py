@@ -1,0 +1,102 @@
+"""How much of a planned launch's host time is the copy-engine descriptors' encoding (probe, GPU only):
+
+    python benchmarks/launch_encodes.py [--shape B,H,S,D] [--calls N]
+
+Records the compiled-kernel launches (``lean_launch.run_compiled``) of one causal ALiBi forward+backward through the
+public op, then per launch: the host time of ``run_compiled`` as the step makes it, of Triton's
+``make_tensordesc_arg`` for each of its descriptors, and of the launcher itself with the descriptors encoded
+beforehand (the floor a cache of encoded descriptors could reach). Also ``torch.zeros`` against ``torch.empty`` of
+the forward's tile counters. Triton 3.6's launcher layout only (the GPU machine's); other versions print why not.
+"""
+
+import argparse
+import time
+
+import torch
+
+import mpt_attention as M
+from mpt_attention.impl.triton import lean_launch
+
+
+def per_call_us(fn, calls: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    began = time.perf_counter_ns()
+    for _ in range(calls):
+        fn()
+    spent = (time.perf_counter_ns() - began) / 1e3 / calls
+    torch.cuda.synchronize()
+    return spent
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="16,16,1024,128", help="B,H,S,D")
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args()
+    batch, n_heads, seq, head_dim = map(int, args.shape.split(","))
+    q, k, v = (torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
+    dout = torch.randn_like(q)
+
+    def step():
+        M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes).backward(dout)
+
+    for _ in range(3):
+        step()
+    recorded, real = [], lean_launch.run_compiled
+
+    def record(kernel, grid, device, values):
+        recorded.append((kernel, grid, device, tuple(values)))
+        real(kernel, grid, device, values)
+
+    lean_launch.run_compiled = record
+    step()
+    lean_launch.run_compiled = real
+    torch.cuda.synchronize()
+
+    from triton.backends.nvidia import driver as nv
+    from triton.runtime import driver
+
+    print(f"B{batch} H{n_heads} S{seq} D{head_dim}: {len(recorded)} compiled launches per step; host us per call")
+    for kernel, grid, device, values in recorded:
+        name = kernel.name if hasattr(kernel, "name") else "?"
+        descs = [i for i, x in enumerate(values) if type(x) is lean_launch._Descriptor]
+        run_us = per_call_us(lambda: real(kernel, grid, device, values), args.calls)
+        line = f"  {name[:40]:40s} descriptors {len(descs):2d}  run_compiled {run_us:6.1f}"
+        launch = kernel.run.launch
+        names = getattr(getattr(launch, "__code__", None), "co_freevars", ())
+        if (descs and {"launcher", "tensordesc_meta"} <= set(names) and hasattr(nv, "_BASE_ARGS_FORMAT_LEN")
+                and not kernel.run.global_scratch_size and not kernel.run.profile_scratch_size):
+            cells = dict(zip(names, (c.cell_contents for c in launch.__closure__)))
+            metas = cells["tensordesc_meta"] or [None] * len(descs)
+            encode_us = per_call_us(lambda: [nv.make_tensordesc_arg(values[i], m) for i, m in zip(descs, metas)],
+                                    args.calls * 5)
+            flat, j = [], 0
+            for i, x in enumerate(values):
+                if i in descs:
+                    flat.extend(nv.make_tensordesc_arg(x, metas[j]))
+                    j += 1
+                else:
+                    flat.append(x)
+            stream = driver.active.get_current_stream(device)
+            base = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                    kernel.function, kernel.run.launch_cooperative_grid, kernel.run.launch_pdl, None, None,
+                    kernel.packed_metadata, None, None, None)
+            raw = cells["launcher"]
+            raw_us = per_call_us(lambda: raw(*base, *flat), args.calls)
+            line += f"  encodes {encode_us:6.1f}  launcher with encoded {raw_us:6.1f}"
+        else:
+            line += "  (no descriptors, or not Triton 3.6's launcher)"
+        print(line, flush=True)
+    n = 16 + 132 * 64
+    zeros_us = per_call_us(lambda: torch.zeros(n, dtype=torch.int32, device="cuda"), args.calls)
+    empty_us = per_call_us(lambda: torch.empty(n, dtype=torch.int32, device="cuda"), args.calls)
+    print(f"  tile counters ({n} words): torch.zeros {zeros_us:.1f} us, torch.empty {empty_us:.1f} us")
+    step_us = per_call_us(step, 50)
+    print(f"  the whole step: {step_us:.1f} us of host per call")
+
+
+if __name__ == "__main__":
+    main()
