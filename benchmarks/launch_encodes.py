@@ -10,23 +10,12 @@ the forward's tile counters. Triton 3.6's launcher layout only (the GPU machine'
 """
 
 import argparse
-import time
 
 import torch
 
 import mpt_attention as M
 from mpt_attention.impl.triton import lean_launch
-
-
-def per_call_us(fn, calls: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    began = time.perf_counter_ns()
-    for _ in range(calls):
-        fn()
-    spent = (time.perf_counter_ns() - began) / 1e3 / calls
-    torch.cuda.synchronize()
-    return spent
+from mpt_attention.testing import host_us
 
 
 def main():
@@ -63,7 +52,7 @@ def main():
     for kernel, grid, device, values in recorded:
         name = kernel.name if hasattr(kernel, "name") else "?"
         descs = [i for i, x in enumerate(values) if type(x) is lean_launch._Descriptor]
-        run_us = per_call_us(lambda: real(kernel, grid, device, values), args.calls)
+        run_us = host_us(lambda: real(kernel, grid, device, values), args.calls)
         line = f"  {name[:40]:40s} descriptors {len(descs):2d}  run_compiled {run_us:6.1f}"
         launch = kernel.run.launch
         names = getattr(getattr(launch, "__code__", None), "co_freevars", ())
@@ -71,7 +60,7 @@ def main():
                 and not kernel.run.global_scratch_size and not kernel.run.profile_scratch_size):
             cells = dict(zip(names, (c.cell_contents for c in launch.__closure__)))
             metas = cells["tensordesc_meta"] or [None] * len(descs)
-            encode_us = per_call_us(lambda: [nv.make_tensordesc_arg(values[i], m) for i, m in zip(descs, metas)],
+            encode_us = host_us(lambda: [nv.make_tensordesc_arg(values[i], m) for i, m in zip(descs, metas)],
                                     args.calls * 5)
             flat, j = [], 0
             for i, x in enumerate(values):
@@ -85,16 +74,16 @@ def main():
                     kernel.function, kernel.run.launch_cooperative_grid, kernel.run.launch_pdl, None, None,
                     kernel.packed_metadata, None, None, None)
             raw = cells["launcher"]
-            raw_us = per_call_us(lambda: raw(*base, *flat), args.calls)
+            raw_us = host_us(lambda: raw(*base, *flat), args.calls)
             line += f"  encodes {encode_us:6.1f}  launcher with encoded {raw_us:6.1f}"
         else:
             line += "  (no descriptors, or not Triton 3.6's launcher)"
         print(line, flush=True)
     n = 16 + 132 * 64
-    zeros_us = per_call_us(lambda: torch.zeros(n, dtype=torch.int32, device="cuda"), args.calls)
-    empty_us = per_call_us(lambda: torch.empty(n, dtype=torch.int32, device="cuda"), args.calls)
+    zeros_us = host_us(lambda: torch.zeros(n, dtype=torch.int32, device="cuda"), args.calls)
+    empty_us = host_us(lambda: torch.empty(n, dtype=torch.int32, device="cuda"), args.calls)
     print(f"  tile counters ({n} words): torch.zeros {zeros_us:.1f} us, torch.empty {empty_us:.1f} us")
-    step_us = per_call_us(step, 50)
+    step_us = host_us(step, 50)
     print(f"  the whole step: {step_us:.1f} us of host per call")
 
 
