@@ -457,3 +457,86 @@ def test_first_write_dq_calls_the_constexpr_functions_body_to_the_same_answer():
             assert not hopper.first_write_dq(head_dim, bias_full, True)  # packed sequences keep the zero fill
             answers.add(expected)
     assert answers == {True, False}
+
+
+def _triton36_launcher(module_name, encodes, launched):
+    """A compiled kernel whose ``run`` has Triton 3.6's launcher layout (nvidia ``driver.py``): a ``CudaLauncher``
+    whose ``launch`` wraps the native launcher in a closure over ``launcher``, ``tensordesc_indices`` and
+    ``tensordesc_meta`` that expands each descriptor after the 13 base arguments; ``encodes`` counts
+    ``make_tensordesc_arg`` calls, ``launched`` receives the native launcher's arguments."""
+    module = types.ModuleType(module_name)
+    module._BASE_ARGS_FORMAT_LEN = 13
+
+    def make_tensordesc_arg(arg, meta):
+        encodes.append(arg.base.data_ptr())
+        return [("map", arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), meta), *arg.shape, *arg.strides]
+
+    def wrap(launcher, tensordesc_indices, tensordesc_meta):
+        def inner(*args):
+            final, j = list(args[:13]), 0
+            for i, arg in enumerate(args[13:]):
+                if i in tensordesc_indices:
+                    final.extend(make_tensordesc_arg(arg, tensordesc_meta[j]))
+                    j += 1
+                else:
+                    final.append(arg)
+            return launcher(*final)
+        return inner
+
+    class CudaLauncher:
+        def __init__(self):
+            self.launch = wrap(lambda *args: launched.append(args), {1, 3}, [{"swizzle": 128}, {"swizzle": 64}])
+            self.launch_cooperative_grid, self.launch_pdl = False, True
+            self.global_scratch_size = self.profile_scratch_size = 0
+
+        def __call__(self, gx, gy, gz, stream, function, *args):
+            self.launch(gx, gy, gz, stream, function, False, True, None, None, *args)
+
+    CudaLauncher.__module__ = module_name
+    module.CudaLauncher, module.make_tensordesc_arg = CudaLauncher, make_tensordesc_arg
+    return module, types.SimpleNamespace(run=CudaLauncher(), function="function", packed_metadata="metadata")
+
+
+def test_run_compiled_encodes_each_descriptor_once_and_launches_as_tritons_run(lean, monkeypatch):
+    import sys
+
+    encodes, launched = [], []
+    module, kernel = _triton36_launcher("fake_triton36_driver", encodes, launched)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(lean_launch, "_ENCODED", {})
+
+    def desc(address, rows):
+        return types.SimpleNamespace(base=types.SimpleNamespace(data_ptr=lambda: address), shape=[rows, 64],
+                                     strides=[64, 1], padding="zero")
+
+    def values(q_address, k_address, rows=128):
+        return (0.5, desc(q_address, rows), 7, desc(k_address, rows), None, 64)
+
+    kernel.run(3, 2, 1, 7, "function", "metadata", None, None, None, *values(4096, 8192))  # Triton's own run
+    expected = launched.pop()
+    assert len(encodes) == 2
+    encodes.clear()
+    for _ in range(3):
+        lean_launch.run_compiled(kernel, (3, 2), 0, values(4096, 8192))
+        assert launched.pop() == expected
+    assert encodes == [4096, 8192]  # once per descriptor, on the first call
+    lean_launch.run_compiled(kernel, (3, 2), 0, values(4096, 12288))  # k moved: k's alone encoded again
+    lean_launch.run_compiled(kernel, (3, 2), 0, values(4096, 8192, rows=256))  # another shape: both again
+    assert encodes == [4096, 8192, 12288, 4096, 8192]
+    kernel.run(3, 2, 1, 7, "function", "metadata", None, None, None, *values(4096, 8192, rows=256))
+    assert launched[-1] == launched[-2]
+
+
+def test_run_compiled_leaves_other_launcher_layouts_to_the_kernels_run(lean, monkeypatch):
+    import sys
+
+    encodes, launched = [], []
+    module, kernel = _triton36_launcher("fake_triton37_driver", encodes, launched)
+    module._BASE_ARGS_FORMAT_LEN = None  # e.g. Triton 3.7's, whose launcher takes its kernel arguments as one list
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(lean_launch, "_ENCODED", {})
+    desc = types.SimpleNamespace(base=types.SimpleNamespace(data_ptr=lambda: 4096), shape=[128, 64], strides=[64, 1],
+                                 padding="zero")
+    for _ in range(2):
+        lean_launch.run_compiled(kernel, (3,), 0, (0.5, desc, 7, desc, None, 64))
+    assert len(launched) == 2 and len(encodes) == 4  # Triton's wrapper: every descriptor, every call

@@ -209,10 +209,75 @@ def bind(fn, device, binder, args, kwargs: dict):
 
 def run_compiled(kernel, grid, device, values) -> None:
     """Launch a compiled kernel on the device's current stream with every parameter's value (``bind``'s bound
-    arguments' values, or ``ordered_arguments``)."""
-    kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-               driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata, None, None, None,
-               *values)
+    arguments' values, or ``ordered_arguments``). Copy-engine descriptors are encoded once per address, shape and
+    strides (``_EncodedLaunch``) where Triton's launcher is 3.6's; otherwise the compiled kernel's ``run`` encodes
+    each one per call."""
+    entry = _ENCODED.get(id(kernel))
+    if entry is None or entry[0] is not kernel:
+        entry = _ENCODED[id(kernel)] = (kernel, _EncodedLaunch.of(kernel))
+    gx, gy, gz = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+    stream = driver.active.get_current_stream(device)
+    if entry[1] is not None:
+        entry[1](gx, gy, gz, stream, values)
+        return
+    kernel.run(gx, gy, gz, stream, kernel.function, kernel.packed_metadata, None, None, None, *values)
+
+
+_ENCODED: dict = {}  # id(compiled kernel) -> (the kernel, its _EncodedLaunch or None where Triton's own run serves)
+_MAX_ENCODED = 256  # encoded descriptors kept per kernel (cleared when reached)
+
+
+class _EncodedLaunch:
+    """A compiled kernel's launch through Triton 3.6's native launcher, with its copy-engine descriptors encoded once
+    per (position, base address, shape, strides, padding) instead of per call: Triton's wrapper re-encodes every
+    descriptor at every launch (``make_tensordesc_arg``; 15-16 us of host per Hopper launch on the H200 machine's CPU
+    in a slow round, a training step's two descriptor launches ~20-80 us with the wrapper's own Python;
+    benchmarks/NOTES.md session 51). The encoding is a function of those fields and of the kernel's own descriptor
+    metadata alone, so a cached one is the one Triton would make. Built only where the launcher has 3.6's layout
+    (the wrapper's closure, the base arguments' count, no scratch buffers); other versions keep ``kernel.run``."""
+
+    __slots__ = ("kernel", "launcher", "metas", "head", "cache", "_encode")
+
+    @classmethod
+    def of(cls, kernel):
+        import sys
+
+        run = kernel.run
+        wrapper = getattr(run, "launch", None)
+        names = getattr(getattr(wrapper, "__code__", None), "co_freevars", ())
+        module = sys.modules.get(type(run).__module__)
+        if (type(run).__name__ != "CudaLauncher"
+                or not {"launcher", "tensordesc_indices", "tensordesc_meta"} <= set(names)
+                or getattr(module, "_BASE_ARGS_FORMAT_LEN", None) != 13 or hasattr(run, "arg_annotations")
+                or not hasattr(module, "make_tensordesc_arg") or getattr(run, "global_scratch_size", 1)
+                or getattr(run, "profile_scratch_size", 1)):
+            return None
+        cells = dict(zip(names, (cell.cell_contents for cell in wrapper.__closure__)))
+        indices, metas = sorted(cells["tensordesc_indices"]), cells["tensordesc_meta"]
+        if not metas or len(metas) != len(indices) or any(meta is None for meta in metas):
+            return None
+        self = cls()
+        self.kernel, self.launcher = kernel, cells["launcher"]
+        self.metas = dict(zip(indices, metas))
+        self.head = (run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata, None, None, None)
+        self.cache = {}
+        self._encode = module.make_tensordesc_arg
+        return self
+
+    def __call__(self, gx, gy, gz, stream, values) -> None:
+        flat, metas, cache = [], self.metas, self.cache
+        for i, arg in enumerate(values):
+            if i in metas:
+                key = (i, arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), arg.padding)
+                parts = cache.get(key)
+                if parts is None:
+                    if len(cache) >= _MAX_ENCODED:
+                        cache.clear()
+                    parts = cache[key] = self._encode(arg, metas[i])
+                flat.extend(parts)
+            else:
+                flat.append(arg)
+        self.launcher(gx, gy, gz, stream, self.kernel.function, *self.head, *flat)
 
 
 def cdiv(a: int, b: int) -> int:
