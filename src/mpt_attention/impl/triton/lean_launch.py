@@ -231,9 +231,10 @@ class _EncodedLaunch:
     """A compiled kernel's launch through Triton 3.6's native launcher, with its copy-engine descriptors encoded once
     per (position, base address, shape, strides, padding) instead of per call: Triton's wrapper re-encodes every
     descriptor at every launch (``make_tensordesc_arg``). On the H200 machine's CPU this took a training step's two
-    descriptor launches from 19.1 and 34.3 us of host to 16.5 and 23.6 (benchmarks/NOTES.md session 51). The encoding is a function of those fields and of the kernel's own descriptor
-    metadata alone, so a cached one is the one Triton would make. Built only where the launcher has 3.6's layout
-    (the wrapper's closure, the base arguments' count, no scratch buffers); other versions keep ``kernel.run``."""
+    descriptor launches from 19.1 and 34.3 us of host to 16.5 and 23.6 (benchmarks/NOTES.md session 51). The
+    encoding is a function of those fields and of the kernel's own descriptor metadata alone, so a cached one is the
+    one Triton would make. Built only where the launcher has 3.6's layout (the wrapper's closure, the base arguments'
+    count, no scratch buffers); other versions keep ``kernel.run``."""
 
     __slots__ = ("kernel", "launcher", "metas", "head", "cache", "_encode")
 
