@@ -47,7 +47,6 @@ def main():
     lean_launch.run_compiled = real
     torch.cuda.synchronize()
 
-    from triton.backends.nvidia import driver as nv
     from triton.runtime import driver
 
     print(f"B{batch} H{n_heads} S{seq} D{head_dim}: {len(recorded)} compiled launches per step; host us per call")
@@ -55,36 +54,20 @@ def main():
         name = kernel.name if hasattr(kernel, "name") else "?"
         descs = [i for i, x in enumerate(values) if type(x) is lean_launch._Descriptor]
         run_us = host_us(lambda: real(kernel, grid, device, values), args.calls)
-        cached = lean_launch._ENCODED.get(id(kernel))
+        encoded = lean_launch._ENCODED[id(kernel)][1]  # (run_compiled made the entry)
         lean_launch._ENCODED[id(kernel)] = (kernel, None)  # Triton's own run, its wrapper encoding every call
         wrapper_us = host_us(lambda: real(kernel, grid, device, values), args.calls)
-        if cached is None:
-            del lean_launch._ENCODED[id(kernel)]
-        else:
-            lean_launch._ENCODED[id(kernel)] = cached
+        lean_launch._ENCODED[id(kernel)] = (kernel, encoded)
         line = (f"  {name[:40]:40s} descriptors {len(descs):2d}  run_compiled {run_us:6.1f} "
-                f"(through kernel.run {wrapper_us:6.1f}{'' if cached and cached[1] else ', not encoded once'})")
-        launch = kernel.run.launch
-        names = getattr(getattr(launch, "__code__", None), "co_freevars", ())
-        if (descs and {"launcher", "tensordesc_meta"} <= set(names) and hasattr(nv, "_BASE_ARGS_FORMAT_LEN")
-                and not kernel.run.global_scratch_size and not kernel.run.profile_scratch_size):
-            cells = dict(zip(names, (c.cell_contents for c in launch.__closure__)))
-            metas = cells["tensordesc_meta"] or [None] * len(descs)
-            encode_us = host_us(lambda: [nv.make_tensordesc_arg(values[i], m) for i, m in zip(descs, metas)],
-                                    args.calls * 5)
-            flat, j = [], 0
-            for i, x in enumerate(values):
-                if i in descs:
-                    flat.extend(nv.make_tensordesc_arg(x, metas[j]))
-                    j += 1
-                else:
-                    flat.append(x)
+                f"(through kernel.run {wrapper_us:6.1f}{'' if encoded else ', not encoded once'})")
+        if descs and encoded is not None:
+            encode_us = host_us(lambda: [encoded._encode(values[i], meta) for i, meta in encoded.metas.items()],
+                                args.calls * 5)
+            flat = encoded.arguments(values)
             stream = driver.active.get_current_stream(device)
             base = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                    kernel.function, kernel.run.launch_cooperative_grid, kernel.run.launch_pdl, None, None,
-                    kernel.packed_metadata, None, None, None)
-            raw = cells["launcher"]
-            raw_us = host_us(lambda: raw(*base, *flat), args.calls)
+                    kernel.function, *encoded.head)
+            raw_us = host_us(lambda: encoded.launcher(*base, *flat), args.calls)
             line += f"  encodes {encode_us:6.1f}  launcher with encoded {raw_us:6.1f}"
         else:
             line += "  (no descriptors, or not Triton 3.6's launcher)"

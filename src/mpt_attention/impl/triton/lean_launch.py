@@ -265,6 +265,11 @@ class _EncodedLaunch:
         return self
 
     def __call__(self, gx, gy, gz, stream, values) -> None:
+        self.launcher(gx, gy, gz, stream, self.kernel.function, *self.head, *self.arguments(values))
+
+    def arguments(self, values) -> list:
+        """The kernel's arguments as the native launcher takes them: each descriptor as its encoding and the
+        shape and strides after it (Triton's ``make_tensordesc_arg``), cached."""
         flat, metas, cache = [], self.metas, self.cache
         for i, arg in enumerate(values):
             if i in metas:
@@ -277,7 +282,7 @@ class _EncodedLaunch:
                 flat.extend(parts)
             else:
                 flat.append(arg)
-        self.launcher(gx, gy, gz, stream, self.kernel.function, *self.head, *flat)
+        return flat
 
 
 def cdiv(a: int, b: int) -> int:
