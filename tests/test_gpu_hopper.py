@@ -274,7 +274,8 @@ def test_hopper_fused_dq_matches_float64_reference(case):
 
 
 PADDED_HEAD_DIM_CASES = [  # D 72-120 run in tiles of 128 columns (hopper.tile_dim)
-    AttnCase(2, 1024, 1024, 8, 8, 112, causal=True, alibi=True),  # MPT-30B's head dim
+    AttnCase(2, 1024, 1024, 8, 8, 112, causal=True, alibi=True),  # MPT-30B's head dim: Q K^T on 64 + 32 + 16 columns
+    AttnCase(2, 300, 300, 4, 2, 104, causal=True, alibi=True),  # the same 112 columns, 8 of them zeros; GQA
     AttnCase(2, 211, 300, 6, 2, 96, causal=True, alibi=True),  # chunked prefill, groups of 3, a partial tile
     AttnCase(1, 1000, 1000, 4, 1, 80, alibi=True),  # symmetric ALiBi, MQA, a ragged last key block
     AttnCase(2, 257, 257, 4, 4, 120),  # no bias
@@ -489,6 +490,7 @@ BIAS_ROW_CASES = [  # (case, bias dtype): the bias is a (1, H, 1, S_k) row as MP
     # beside fp16 products, and non-causal
     (AttnCase(2, 257, 300, 4, 2, 64, causal=True, bias="vector"), torch.float16),
     (AttnCase(1, 333, 333, 4, 4, 128, bias="vector"), torch.float32),
+    (AttnCase(2, 300, 300, 4, 2, 104, causal=True, bias="vector"), torch.float32),  # Q K^T on 64 + 32 + 16 columns
 ]
 
 

@@ -39,6 +39,11 @@ def test_all_kernels_compile_for_sm90():
     for name, spilled in expected.items():
         line = next(row for row in result.stdout.splitlines() if row.startswith(f"ok   {name} causal=True alibi=1 bf16 "))
         assert f"{spilled} bytes spill stores, {spilled} bytes spill loads" in line, line
+    # D 104-112: the forward's Q K^T on 64 + 32 + 16 columns; with causal ALiBi it spills none
+    assert result.stdout.count("ok   hopper-fwd-qk-cols=112") == 4
+    start = "ok   hopper-fwd-qk-cols=112 D=128 causal=True alibi=1 "
+    line = next(row for row in result.stdout.splitlines() if row.startswith(start))
+    assert "0 bytes spill stores, 0 bytes spill loads" in line, line
     # D 72-96: products on 64 + 16 or 32 columns
     assert result.stdout.count("ok   hopper-fwd-tail") == 3 and result.stdout.count("ok   hopper-bwd-tail") == 4
     assert result.stdout.count("ok   hopper-fwd-varlen") == 3 and result.stdout.count("ok   hopper-bwd-varlen") == 3

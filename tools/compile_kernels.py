@@ -101,13 +101,14 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None,
                           tail: int = 0, bias_matrix: bool = False, varlen: bool = False, raw: bool | None = None,
-                          consumers: int | None = None, reach: int = 0):
+                          consumers: int | None = None, reach: int = 0, qk_cols: int = 0):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None;
     ``tail``: the products' second piece of columns (``hopper.product_tail``); ``bias_matrix``: a bias matrix
     in q's dtype instead; ``varlen``: packed sequences; ``raw``: maxima over unscaled scores (``hopper.raw_scores``;
     None: as the launcher chooses for a positive scale); ``consumers``: consumer warpgroups (None: as the launcher
     chooses, ``hopper.forward_consumers``); ``reach``: causal ALiBi's key blocks past every query's reach skipped
-    (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row)."""
+    (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row); ``qk_cols``: the columns Q K^T
+    contracts (``hopper.qk_cols``; 0: the tile's, or 64 + ``tail``)."""
     from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M, forward_consumers, raw_scores
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
@@ -122,7 +123,7 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
     rows = {"q_desc": HALF_M, "o_desc": HALF_M, "k_desc": BLOCK_N, "v_desc": BLOCK_N}
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim,
               "BIAS_ROW": bias_row, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen, "RAW": raw,
-              "ROW_KEYS": row_keys, "CONSUMERS": consumers, "REACH": reach}
+              "ROW_KEYS": row_keys, "CONSUMERS": consumers, "REACH": reach, "QK_COLS": qk_cols}
     boxes = {"bias_desc": [1, HALF_M, BLOCK_N]} if bias_matrix else None
     if row_keys:  # the row's per-key terms (common.row_keys_kernel): bfloat16 [1, 1, BLOCK_N, 16] boxes
         from mpt_attention.impl.triton.hopper import _ROW_KEYS_LAYOUT
@@ -254,6 +255,12 @@ def main() -> int:
     for tail, causal, alibi, bias in [(16, True, 1, None), (32, False, 2, None), (16, True, 0, "fp32")]:
         failures += _report_gluon(f"hopper-fwd-tail={tail} D=128 causal={causal} alibi={alibi} bias={bias}",
                                   compile_hopper_kernel, 128, causal, alibi, "bf16", bias, tail)
+    # D 104-112: Q K^T over 64 + 32 + 16 of the tile's 128 columns, P V over all of them
+    for causal, alibi, bias, matrix in [(True, 1, None, False), (False, 2, None, False), (True, 0, "fp32", False),
+                                        (True, 0, None, True)]:
+        failures += _report_gluon(f"hopper-fwd-qk-cols=112 D=128 causal={causal} alibi={alibi} bias={bias} "
+                                  f"matrix={matrix}", compile_hopper_kernel, 128, causal, alibi, "bf16", bias, 0, matrix,
+                                  qk_cols=112)
     # a zero or negative scale: maxima over the scaled scores
     for head_dim, causal, alibi, dtype, bias in [(128, True, 1, "bf16", None), (64, True, 0, "fp16", None),
                                                  (128, False, 1, "bf16", None), (64, True, 0, "bf16", "fp32")]:

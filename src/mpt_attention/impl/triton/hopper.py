@@ -156,6 +156,15 @@ def product_tail(head_dim: int) -> int:
     return 16 if 64 < head_dim <= 80 else 32 if 80 < head_dim <= 96 else 0
 
 
+def qk_cols(head_dim: int) -> int:
+    """Columns the forward's ``Q K^T`` contracts: D rounded up to 16 (the products' k step), the rest of the tile
+    being the copy engine's zeros. Past ``product_tail``'s pieces this also trims D 104-112 (MPT-30B's 112) to 64 +
+    32 + 16 columns of 128, 7 of the 8 k steps (``hopper_scores.issue_over_d``), where ``P V``, whose output columns
+    are D's, still spans the tile: forward 1.01-1.02x at D112 (benchmarks/NOTES.md session 52). The same for the dK/dV
+    kernel's S^T and dP^T measured nothing and spilled more; it keeps ``product_tail``'s pieces."""
+    return -(-head_dim // 16) * 16
+
+
 L2_GROUP_BYTES = 24 << 20  # what a group of grid rows shares (forward: K, V; backward: Q, dO, dQ sums)
 
 
@@ -366,7 +375,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     reach = 0 if seqused else reach_applies(bias, slopes, causal, alibi_mode, 1 if varlen else batch, s_k)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
-        BIAS_ROW=bias_row, TAIL=product_tail(head_dim), BIAS_FULL=bias_full,
+        BIAS_ROW=bias_row, TAIL=product_tail(head_dim), QK_COLS=qk_cols(head_dim), BIAS_FULL=bias_full,
         VARLEN=packed_kind(varlen, seqused), RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, REACH=reach, num_warps=4))
     counters = 16 + grid[0] * PROGRAM_WORDS
     norms = row_table = None

@@ -86,7 +86,7 @@ from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, 
 from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_forward import store_rows, store_through_buffer
 from mpt_attention.impl.triton.hopper_loaders import backward_loader, bwd_stages, clear_rows
-from mpt_attention.impl.triton.hopper_scores import issue_over_d, main_cols
+from mpt_attention.impl.triton.hopper_scores import contracted_cols, issue_over_d, main_cols
 from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, packed_tile, reach_query_end, row_reach_query_end
 from mpt_attention.impl.triton.hopper_tiles import sequence_of
 from mpt_attention.impl.triton.hopper_tiles import tile_order
@@ -159,6 +159,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
+    D_COLS: gl.constexpr = contracted_cols(HEAD_DIM, TAIL, 0)  # S^T's and dP^T's: the output's pieces
     N_G: gl.constexpr = 1 if TAIL == 0 else 2  # async groups per product
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
@@ -214,11 +215,11 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 mbarrier.wait(ready.index(0), 0)
                 if VARLEN == PACKED_USED:
                     _clear_step(q_smem, do_smem, 0, lo, seqlen_q, BLOCK_M, HEAD_DIM)
-                st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
+                st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, D_COLS)
                 st = warpgroup_mma_wait(0, deps=[st_tok])
         else:
             mbarrier.wait(ready.index(0), 0)
-            st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, MAIN, TAIL)
+            st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, D_COLS)
             st = warpgroup_mma_wait(0, deps=[st_tok])
     else:
         st = st_zero
@@ -257,7 +258,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 mbarrier.wait(ready.index(stage), (t // STAGES) % 2)
                 if VARLEN == PACKED_USED:
                     _clear_step(q_smem, do_smem, stage, start_m, seqlen_q, BLOCK_M, HEAD_DIM)
-                st_tok = issue_over_d(k_a, q, st_zero, MAIN, TAIL)
+                st_tok = issue_over_d(k_a, q, st_zero, D_COLS)
                 st = warpgroup_mma_wait(0, deps=[st_tok])
                 lse2 = gl.where(q_ok, row_terms.slice(0, BLOCK_M).load(query_layout), float("inf"))
             s2 = st * qk_scale2
@@ -274,7 +275,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                     s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
             p = gl.exp2(s2 - lse2[None, :])
             p_op = gl.convert_layout(p.to(dtype), op_layout)
-            dpt_tok = issue_over_d(v, do, st_zero, MAIN, TAIL)
+            dpt_tok = issue_over_d(v, do, st_zero, D_COLS)
             if TAIL == 0:
                 dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
             else:
@@ -293,7 +294,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 else:
                     nxt = stage
                 q_next = q_smem.index(nxt).reshape([BLOCK_M, HEAD_DIM])
-                st_tok = issue_over_d(k_a, q_next, st_zero, MAIN, TAIL)
+                st_tok = issue_over_d(k_a, q_next, st_zero, D_COLS)
                 # in issue order dP^T, dV, S^T_{t+1}: the first is done
                 dpt = warpgroup_mma_wait(2 * N_G, deps=[dpt_tok])
             elif TAIL == 0:  # dV's product done as well: P^T's operand registers free before dS is formed

@@ -76,7 +76,8 @@ S2048 D128.
 Scope (the launcher, ``hopper.py``, routes everything else to the general kernel in ``forward.py``):
 bf16/fp16, head dim 64 or 72-128 (``HEAD_DIM``, the tile width, is 64 or 128: the copy engine reads
 columns past D as zeros and drops them on stores; at D 72-96 the products take only 64 + ``TAIL`` columns,
-16 or 32: D80 1.13x, D96 1.07x against all 128, benchmarks/NOTES.md session 18), ALiBi from slopes (either
+16 or 32: D80 1.13x, D96 1.07x against all 128, benchmarks/NOTES.md session 18; at D 104-112 Q K^T takes 112,
+``QK_COLS``, P V all 128: 1.01-1.02x, session 52), ALiBi from slopes (either
 form) and/or a bias row or a bias matrix in q's dtype, no masks besides causal, no dropout, (B, S, H, D) inputs with
 16-byte aligned strides (SDPA's (B, H, S, D) tensors transposed included), ``S_k > 0`` and, when causal,
 ``S_q <= S_k`` (every tile sees a block).
@@ -103,7 +104,8 @@ from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_loaders import clear_rows, forward_loader, q_buffer, q_buffers, row_ahead
 from mpt_attention.impl.triton.hopper_scores import EXT_A_LAYOUT, EXT_B_LAYOUT, HALF_M, alibi_operand, alibi_side
 from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_d, issue_scores
-from mpt_attention.impl.triton.hopper_scores import main_cols, read_col_terms, read_tile_terms, softmax_step
+from mpt_attention.impl.triton.hopper_scores import contracted_cols, main_cols, read_col_terms, read_tile_terms
+from mpt_attention.impl.triton.hopper_scores import softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
 from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, REACH_WORD, info_slot
 
@@ -128,7 +130,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
                    Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr,
                    BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr, ROW_KEYS: gl.constexpr,
-                   CONSUMERS: gl.constexpr, REACH: gl.constexpr):
+                   CONSUMERS: gl.constexpr, REACH: gl.constexpr, QK_COLS: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
     landed), the key blocks they see (block j in stage ``(g + j) % 2``; with three consumers and a causal mask the
     tile's later blocks are released unread), then its output rows, staged through ``q3``
@@ -138,6 +140,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     never loaded."""
     dtype: gl.constexpr = q3.dtype
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
+    D_COLS: gl.constexpr = contracted_cols(HEAD_DIM, TAIL, QK_COLS)  # Q K^T's
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -195,7 +198,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         col_terms = read_col_terms(alibi_cols, bias_smem, 2 + buf, col_layout, ALIBI, BIAS_ROW, BLOCK_N)
     mbarrier.wait(k_ready.index(stage0), phase0)
     s_tok = issue_scores(q, k_smem.index(stage0).reshape([BLOCK_N, HEAD_DIM]), ext_a, ext_b, half, stage0, s_zero,
-                         MAIN, TAIL, EXT, ROW_KEYS, BLOCK_N)
+                         D_COLS, EXT, ROW_KEYS, BLOCK_N)
     s = warpgroup_mma_wait(0, deps=[s_tok])
     tile_terms = read_tile_terms(bias_smem, 2 * stage0 + half, s_layout, s_zero, BIAS_FULL)
     mbarrier.arrive(k_empty.index(stage0))
@@ -244,10 +247,10 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
             # waited here, under the loop's turn and K's barrier: left in flight across the loop's back edge,
             # ptxas again serialised every product (C7514)
             s_ext = warpgroup_mma_wait(0, deps=[s_ext])
-            s_tok = issue_over_d(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), s_ext, MAIN, TAIL, True)
+            s_tok = issue_over_d(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), s_ext, D_COLS, True)
         else:
             s_tok = issue_scores(q, k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM]), ext_a, ext_b, half, stage,
-                                 s_zero, MAIN, TAIL, EXT, ROW_KEYS, BLOCK_N)
+                                 s_zero, D_COLS, EXT, ROW_KEYS, BLOCK_N)
         if not ROW_FIRST:
             mbarrier.wait(v_ready.index(prev), ((g + j - 1) >> 1) & 1)
         v = v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM])
@@ -355,7 +358,8 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
                         seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr,
                         ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
                         TAIL: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr,
-                        ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr, REACH: gl.constexpr):
+                        ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr, REACH: gl.constexpr,
+                        QK_COLS: gl.constexpr):
     """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
     my_ext_a = ext_a.index(half)
@@ -376,7 +380,8 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
                            k_ready, k_empty, v_ready, v_empty, o_desc, Lse, Slopes, g, info, stride_lb, stride_lh,
                            stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                            IS_CAUSAL, ALIBI,
-                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS, CONSUMERS, REACH)
+                           BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS, CONSUMERS, REACH,
+                           QK_COLS)
             first = 0
             if REACH:
                 first = gl.load(info + REACH_WORD, volatile=True)
@@ -399,7 +404,7 @@ def _hopper_fwd_kernel(
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0, BIAS_FULL: gl.constexpr = False, VARLEN: gl.constexpr = False,
     RAW: gl.constexpr = False, ROW_KEYS: gl.constexpr = False, CONSUMERS: gl.constexpr = 2,
-    REACH: gl.constexpr = False,
+    REACH: gl.constexpr = False, QK_COLS: gl.constexpr = 0,
 ):
     """Persistent: each program runs query tiles of ``CONSUMERS`` * 64 rows (``hopper_tiles.forward_tile``: ``n_m`` per
     (batch, head) row, ``n_bh`` rows; ``VARLEN``: ``n_bh`` = sequences * heads, tiles counted by ``CuTiles``) until
@@ -471,17 +476,17 @@ def _hopper_fwd_kernel(
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS, REACH)),
+                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS)),
             (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS, REACH)),
+                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS)),
             (_consumer_partition, (2, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS, REACH)),
+                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS)),
             (forward_loader, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ,
@@ -494,12 +499,12 @@ def _hopper_fwd_kernel(
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS, REACH)),
+                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS)),
             (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS, REACH)),
+                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS)),
             (forward_loader, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ,

@@ -165,29 +165,43 @@ def main_cols(head_dim, tail):
     return head_dim if tail == 0 else 64
 
 
+@gluon.constexpr_function
+def contracted_cols(head_dim, tail, qk_cols):
+    """The columns a product contracting D takes (``Q K^T``; the backward's S^T and dP^T): ``qk_cols`` where the
+    launcher gives them (the forward's ``hopper.qk_cols``: D rounded up to 16), else those of the products' pieces
+    (``main_cols`` and the ``tail``)."""
+    if qk_cols:
+        return qk_cols
+    return head_dim if tail == 0 else 64 + tail
+
+
 @gluon.jit
-def issue_over_d(a, b_rows, zero, MAIN: gl.constexpr, TAIL: gl.constexpr, ONTO: gl.constexpr = False):
-    """Issue ``a @ b_rows^T`` (async), contracting the tiles' D columns: all of them, or ``MAIN`` (64) and a
-    ``TAIL`` (16, 32) chained after, where the rest are the copy engine's zeros (D 72-96: they take no
-    tensor-core time); ``ONTO``: added to ``zero``'s values instead (``issue_alibi_ext``). Also hopper_backward's
-    S^T and dP^T."""
-    if TAIL == 0:
+def issue_over_d(a, b_rows, zero, COLS: gl.constexpr, ONTO: gl.constexpr = False):
+    """Issue ``a @ b_rows^T`` (async), contracting the tiles' first ``COLS`` columns: all of them, or pieces of 64,
+    32 and 16 chained (80 = 64 + 16, 96 = 64 + 32, 112 = 64 + 32 + 16), where the rest are the copy engine's zeros
+    (D 72-112: they take no tensor-core time; Gluon's shapes are powers of 2); ``ONTO``: added to ``zero``'s values
+    instead (``issue_alibi_ext``). Also hopper_backward's S^T and dP^T."""
+    if COLS == a.shape[1]:
         tok = warpgroup_mma(a, b_rows.permute((1, 0)), zero, use_acc=ONTO, is_async=True)
     else:
-        tok = warpgroup_mma(a.slice(0, MAIN, dim=1), b_rows.slice(0, MAIN, dim=1).permute((1, 0)), zero,
+        tok = warpgroup_mma(a.slice(0, 64, dim=1), b_rows.slice(0, 64, dim=1).permute((1, 0)), zero,
                             use_acc=ONTO, is_async=True)
-        tok = warpgroup_mma(a.slice(MAIN, TAIL, dim=1), b_rows.slice(MAIN, TAIL, dim=1).permute((1, 0)), tok,
-                            is_async=True)
+        if (COLS - 64) >= 32:
+            tok = warpgroup_mma(a.slice(64, 32, dim=1), b_rows.slice(64, 32, dim=1).permute((1, 0)), tok,
+                                is_async=True)
+        if (COLS - 64) % 32 == 16:
+            tok = warpgroup_mma(a.slice(COLS - 16, 16, dim=1), b_rows.slice(COLS - 16, 16, dim=1).permute((1, 0)),
+                                tok, is_async=True)
     return tok
 
 
 @gluon.jit
-def issue_scores(q, k_rows, ext_a, ext_b, half, stage, zero, MAIN: gl.constexpr, TAIL: gl.constexpr,
-                 EXT: gl.constexpr, ROW_KEYS: gl.constexpr, BLOCK_N: gl.constexpr):
+def issue_scores(q, k_rows, ext_a, ext_b, half, stage, zero, COLS: gl.constexpr, EXT: gl.constexpr,
+                 ROW_KEYS: gl.constexpr, BLOCK_N: gl.constexpr):
     """Issue a block's scores (``issue_over_d``), then with ``EXT`` the extension product ``ext_a @ keys^T``
     (``ext_keys``) that adds per-key terms (ALiBi's block-relative columns, ``alibi_operand``, or a bias row's,
     ``write_ones_operand``) into the same accumulator."""
-    tok = issue_over_d(q, k_rows, zero, MAIN, TAIL)
+    tok = issue_over_d(q, k_rows, zero, COLS)
     if EXT:
         tok = warpgroup_mma(ext_a, ext_keys(ext_b, half, stage, BLOCK_N, ROW_KEYS).permute((1, 0)), tok,
                                             is_async=True)
