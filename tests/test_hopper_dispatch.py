@@ -45,13 +45,21 @@ def test_an_eligible_input_is_refused_only_for_the_device():
                               max_q=700) == "not an sm_90 GPU"
 
 
-@pytest.mark.parametrize("head_dim, width", [(64, 64), (72, 128), (80, 128), (96, 128), (112, 128), (120, 128),
-                                             (128, 128), (16, None), (48, None), (136, None), (256, None)])
+@pytest.mark.parametrize("head_dim, width", [(64, 64), (72, 128), (80, 128), (96, 128), (104, 128), (112, 128),
+                                             (120, 128), (128, 128), (16, None), (48, None), (136, None), (256, None)])
 def test_head_dims_between_64_and_128_run_in_tiles_of_128(head_dim, width):
     """D 72-120 (MPT-30B's 112) run on the Hopper kernels in tiles of 128 columns, the copy engine reading
-    the columns past D as zeros and dropping them on stores; D below 64 or above 128 take the general ones."""
+    the columns past D as zeros and dropping them on stores; D below 64 or above 128 take the general ones.
+    The forward's Q K^T contracts D rounded up to 16: where the output has a tail, exactly its pieces' columns."""
+    from mpt_attention.impl.triton.hopper_scores import contracted_cols
+
     assert hopper.tile_dim(head_dim) == width
-    assert hopper.product_tail(head_dim) == {72: 16, 80: 16, 96: 32}.get(head_dim, 0)
+    tail = hopper.product_tail(head_dim)
+    assert tail == {72: 16, 80: 16, 96: 32}.get(head_dim, 0)
+    if width:
+        assert hopper.qk_cols(head_dim) == {64: 64, 72: 80, 80: 80, 96: 96, 104: 112, 112: 112}.get(head_dim, 128)
+        if tail:  # the launcher's QK_COLS leaves D 72-96's products as their tail makes them
+            assert contracted_cols(width, tail, 0) == hopper.qk_cols(head_dim)
     expected = "not an sm_90 GPU" if width else f"head dim {head_dim}"
     assert _why(*_qkv(d=head_dim)) == expected
     q, k, v = _qkv(d=head_dim)
