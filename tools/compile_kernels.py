@@ -189,12 +189,20 @@ def triton_tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def sm90_ptxas() -> str:
+    """The ptxas Triton assembles sm_90 kernels with: its ``ptxas`` up to 3.8, its newer ``ptxas-blackwell`` from 3.9
+    (whose PTX the older one rejects)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(90).path
+
+
 def assemble(ptx: str, workdir: str, *flags: str) -> tuple[str, str]:
     """``ptx`` assembled for sm_90a by Triton's ptxas in ``workdir``: ``(object file path, ptxas's stderr)``."""
     src, obj = os.path.join(workdir, "k.ptx"), os.path.join(workdir, "k.o")
     with open(src, "w") as f:
         f.write(ptx)
-    result = subprocess.run([triton_tool("ptxas"), "-arch=sm_90a", *flags, src, "-o", obj], capture_output=True,
+    result = subprocess.run([sm90_ptxas(), "-arch=sm_90a", *flags, src, "-o", obj], capture_output=True,
                             text=True, check=True)
     return obj, result.stderr
 

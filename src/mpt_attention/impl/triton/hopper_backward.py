@@ -80,10 +80,10 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS
 from mpt_attention.impl.triton.common import LOG2E, _log2_bias
+from mpt_attention.impl.triton.gluon_compat import partition_barrier, smem_reinterpret
 from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
-from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_forward import store_rows, store_through_buffer
 from mpt_attention.impl.triton.hopper_loaders import backward_loader, bwd_stages, clear_rows
 from mpt_attention.impl.triton.hopper_scores import contracted_cols, issue_over_d, main_cols
@@ -248,7 +248,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 q_ok = queries < seqlen_q
             # the offsets come decoded (common.decode_lse2: +inf for a row that saw no key); rows past S_q read
             # as zeros: +inf makes their P (and so dS) zero
-            row_terms = stats_smem.index(stage)._reinterpret(gl.float32, [2 * BLOCK_M], _ROWS_LAYOUT)
+            row_terms = smem_reinterpret(stats_smem.index(stage), gl.float32, [2 * BLOCK_M], _ROWS_LAYOUT)
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             if PREFETCH:  # the previous step waited for this stage

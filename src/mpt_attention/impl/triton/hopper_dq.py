@@ -22,8 +22,8 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-# a barrier over the calling partition's warps: gl.thread_barrier in Triton 3.6, renamed gl.barrier in 3.7
-partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+from mpt_attention.impl.triton.gluon_compat import partition_barrier, smem_reinterpret, tma_store
+
 HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
 # fused dQ: the dQ warpgroup forms dQ^T = K^T dS^T for DQ_ROWS queries at once (two steps at 32 queries per step,
 # one at 64), D in chunks of DQ_CHUNK columns (a [64, 64] float32 accumulator: 32 registers), each staged as tiles of
@@ -173,7 +173,7 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
     DS_BOXES: gl.constexpr = 2 if STORE_DS else 0  # bias-gradient stores per step (one per half)
     dqt_zero = gl.zeros([DQ_CHUNK, DQ_ROWS], gl.float32, dqt_layout())
     # the ring ([half * SLOTS + slot] of [BLOCK_M, 64]) seen as [half * SLOTS / PAIR + pair] of [DQ_ROWS, 64]
-    pairs = ds_smem._reinterpret(ds_smem.dtype, [2 * SLOTS // PAIR, 1, DQ_ROWS, HALF_N], ds_smem.layout)
+    pairs = smem_reinterpret(ds_smem, ds_smem.dtype, [2 * SLOTS // PAIR, 1, DQ_ROWS, HALF_N], ds_smem.layout)
     if STORE_DS and IS_CAUSAL:
         if lo > 0:  # queries [0, lo) see none of these keys; issued before the first step, drained by its wait
             fill: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -183,7 +183,7 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
             for g in range(n_g):
                 for start_m in range(0, lo, BLOCK_M):
                     for half in gl.static_range(2):
-                        tma.async_copy_shared_to_global(dbias_desc, [b * n_heads + h0 + g, start_m,
+                        tma_store(dbias_desc, [b * n_heads + h0 + g, start_m,
                                                                      start_n + half * HALF_N], zero_smem)
     mbarrier.wait(kv_bar, 0)
     n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
@@ -200,7 +200,7 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
                 if i < steps:
                     g, start_m = step_origin(t + i, lo, n_mblocks, BLOCK_M)
                     for half in gl.static_range(2):
-                        tma.async_copy_shared_to_global(dbias_desc, [b * n_heads + h0 + g, start_m,
+                        tma_store(dbias_desc, [b * n_heads + h0 + g, start_m,
                                                                      start_n + half * HALF_N],
                                                         ds_smem.index(half * SLOTS + slot + i))
         for dc in gl.static_range(N_CHUNKS):
@@ -225,7 +225,7 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
             fence_async_shared()
             partition_barrier()  # every warp's part of the tiles stored
             # the chunk's tiles as the descriptor's [1, BLOCK_M, 1, DQ_COLS] boxes (the same bytes and swizzle)
-            boxes = dq_smem.index(dc)._reinterpret(gl.float32, [TILES * PAIR, 1, BLOCK_M, 1, DQ_COLS],
+            boxes = smem_reinterpret(dq_smem.index(dc), gl.float32, [TILES * PAIR, 1, BLOCK_M, 1, DQ_COLS],
                                                    dq_desc.layout)
             for i in gl.static_range(PAIR):
                 if i < steps:
@@ -283,11 +283,11 @@ def dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, 
                 if half == 0:  # claimed once the step's first half is staged: its first stores follow at once
                     sync = DQSync + ((b * n_heads + h0 + g) * n_sync + start_m // BLOCK_M)  # lo % 64 == 0 here
                     first = _claim_block(sync)
-            boxes = dq_smem.index(half)._reinterpret(gl.float32, [TILES, 1, BLOCK_M, 1, DQ_COLS], dq_desc.layout)
+            boxes = smem_reinterpret(dq_smem.index(half), gl.float32, [TILES, 1, BLOCK_M, 1, DQ_COLS], dq_desc.layout)
             for ti in gl.static_range(TILES):
                 coord = [b, q_off + start_m, h0 + g, (half * TILES + ti) * DQ_COLS]
                 if first:
-                    tma.async_copy_shared_to_global(dq_desc, coord, boxes.index(ti))
+                    tma_store(dq_desc, coord, boxes.index(ti))
                 else:
                     tma_reduce_add(dq_desc, coord, boxes.index(ti))
         tma.store_wait(TILES)  # bulk groups complete in issue order: the first half's are read

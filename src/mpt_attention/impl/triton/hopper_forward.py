@@ -100,7 +100,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.common import LOG2E, SOFT_SCORE, encode_lse
-from mpt_attention.impl.triton.hopper_dq import partition_barrier
+from mpt_attention.impl.triton.gluon_compat import partition_barrier, tma_store
 from mpt_attention.impl.triton.hopper_loaders import clear_rows, forward_loader, q_buffer, q_buffers, row_ahead
 from mpt_attention.impl.triton.hopper_scores import EXT_A_LAYOUT, EXT_B_LAYOUT, HALF_M, alibi_operand, alibi_side
 from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_d, issue_scores
@@ -349,7 +349,7 @@ def store_through_buffer(q, q3, out, out_t, o_desc, b, row, h, MAIN: gl.constexp
         q.slice(0, MAIN, dim=1).store(out.to(dtype))
         q.slice(MAIN, TAIL, dim=1).store(out_t.to(dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], q3)
+    tma_store(o_desc, [b, row, h, 0], q3)
 
 
 @gluon.jit

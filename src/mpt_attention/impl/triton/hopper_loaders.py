@@ -11,12 +11,12 @@ with unused rows.
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS
 from mpt_attention.impl.triton.common import LOG2E
+from mpt_attention.impl.triton.gluon_compat import partition_barrier, tma_load
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
-from mpt_attention.impl.triton.hopper_dq import partition_barrier
 from mpt_attention.impl.triton.hopper_scores import HALF_M
 from mpt_attention.impl.triton.hopper_tiles import REACH_WORD, forward_tile, info_slot, n_forward_tiles
 from mpt_attention.impl.triton.hopper_tiles import reach_first_block
@@ -141,12 +141,12 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
             gl.store(info + REACH_WORD, j0)
         if BIAS_ROW and ROW_AHEAD:  # the first block's bias slice comes with Q, into slot 2 + buf
             mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2 + bias_bytes)
-            tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, j0 * BLOCK_N],
+            tma_load(bias_desc, [b * bias_b_on, h * bias_h_on, j0 * BLOCK_N],
                                             q_ready.index(buf), bias_smem.index(2 + buf))
         else:
             mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2)
         for part in gl.static_range(CONSUMERS):
-            tma.async_copy_global_to_shared(q_desc, [tb, q_start + start_m + part * HALF_M, h, 0], q_ready.index(buf),
+            tma_load(q_desc, [tb, q_start + start_m + part * HALF_M, h, 0], q_ready.index(buf),
                                             q_smem.index(CONSUMERS * buf + part))
         g -= j0  # the tile's block j is the program's block g + j
         for j in range(j0, n_blocks):
@@ -154,14 +154,14 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
             free_phase = ((g + j) >> 1) & 1 ^ 1
             mbarrier.wait(k_empty.index(stage), free_phase)
             mbarrier.expect(k_ready.index(stage), k_bytes)
-            tma.async_copy_global_to_shared(k_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], k_ready.index(stage),
+            tma_load(k_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], k_ready.index(stage),
                                             k_smem.index(stage))
             if ROW_KEYS:
-                tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, j * BLOCK_N, 0],
+                tma_load(bias_desc, [b * bias_b_on, h * bias_h_on, j * BLOCK_N, 0],
                                                 k_ready.index(stage), ext_b.index(stage))
             if BIAS_FULL:
                 for half in gl.static_range(2):
-                    tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on + h * bias_h_on,
+                    tma_load(bias_desc, [b * bias_b_on + h * bias_h_on,
                                                                 start_m + half * HALF_M, j * BLOCK_N],
                                                     k_ready.index(stage), bias_smem.index(2 * stage + half))
             mbarrier.wait(v_empty.index(stage), free_phase)
@@ -170,11 +170,11 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
                 row_block = j + 1
             if BIAS_ROW and row_block < n_blocks:
                 mbarrier.expect(v_ready.index(stage), kv_bytes + bias_bytes)
-                tma.async_copy_global_to_shared(bias_desc, [b * bias_b_on, h * bias_h_on, row_block * BLOCK_N],
+                tma_load(bias_desc, [b * bias_b_on, h * bias_h_on, row_block * BLOCK_N],
                                                 v_ready.index(stage), bias_smem.index(stage))
             else:
                 mbarrier.expect(v_ready.index(stage), kv_bytes)
-            tma.async_copy_global_to_shared(v_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], v_ready.index(stage),
+            tma_load(v_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], v_ready.index(stage),
                                             v_smem.index(stage))
         g += n_blocks
         r += 1
@@ -214,9 +214,9 @@ def backward_loader(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_sm
         scaled = gl.load(words + lo // SOFT_BLOCK_ROWS)  # (lo < S_q: a causal key block's first query is a real one)
     mbarrier.expect(kv_bar, 4 * _HALF_N * HEAD_DIM * 2)
     for half in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
+        tma_load(k_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
                                         k_smem.index(half))
-        tma.async_copy_global_to_shared(v_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
+        tma_load(v_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
                                         v_smem.index(half))
     STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL
@@ -238,23 +238,23 @@ def backward_loader(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_sm
                 next_scaled = gl.load(words + next_g * soft_words + next_m // SOFT_BLOCK_ROWS)
             mbarrier.wait(empty.index(stage), (count // STAGES) % 2 ^ 1)  # a fresh barrier counts as released
             mbarrier.expect(ready.index(stage), tile_bytes)
-            tma.async_copy_global_to_shared(q_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
+            tma_load(q_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
                                             q_smem.index(stage))
-            tma.async_copy_global_to_shared(stats_desc, [b * n_heads + h0 + g, 0, q_off + start_m], ready.index(stage),
+            tma_load(stats_desc, [b * n_heads + h0 + g, 0, q_off + start_m], ready.index(stage),
                                             stats_smem.index(stage))
             if BIAS_FULL:
                 for half in gl.static_range(2):
-                    tma.async_copy_global_to_shared(bias_desc, [bias_row, start_m, start_n + half * _HALF_N],
+                    tma_load(bias_desc, [bias_row, start_m, start_n + half * _HALF_N],
                                                     ready.index(stage), bias_smem.index(2 * stage + half))
             if SOFT_BLOCKS:
                 if scaled != 0:
-                    tma.async_copy_global_to_shared(dos_desc, [b, start_m, h0 + g, 0], ready.index(stage),
+                    tma_load(dos_desc, [b, start_m, h0 + g, 0], ready.index(stage),
                                                     do_smem.index(stage))
                 else:
-                    tma.async_copy_global_to_shared(do_desc, [b, start_m, h0 + g, 0], ready.index(stage),
+                    tma_load(do_desc, [b, start_m, h0 + g, 0], ready.index(stage),
                                                     do_smem.index(stage))
                 scaled = next_scaled
             else:
-                tma.async_copy_global_to_shared(do_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
+                tma_load(do_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
                                                 do_smem.index(stage))
             count += 1

@@ -19,7 +19,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from mpt_attention.impl.triton.common import _log2_bias
-from mpt_attention.impl.triton.hopper_dq import partition_barrier
+from mpt_attention.impl.triton.gluon_compat import partition_barrier, smem_reinterpret
 
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup
 # the extension product's operands in shared memory: A [64, 16] per consumer, B [BLOCK_N, 16] bfloat16 rows of 32 bytes
@@ -138,7 +138,7 @@ def read_col_terms(alibi_cols, bias_smem, slot, col_layout: gl.constexpr, ALIBI:
     terms = alibi_cols
     if BIAS_ROW:
         # unswizzled (swizzle_byte_width=0), so the [1, 1, BLOCK_N] box is a plain row of BLOCK_N values
-        row = bias_smem.index(slot)._reinterpret(bias_smem.dtype, [BLOCK_N], ROW_LAYOUT)
+        row = smem_reinterpret(bias_smem.index(slot), bias_smem.dtype, [BLOCK_N], ROW_LAYOUT)
         bias2 = row.load(col_layout)  # float32, log2 units already (launch._log2_bias_rows)
         if ALIBI == 1:
             terms = alibi_cols + bias2
