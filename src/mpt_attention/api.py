@@ -6,8 +6,10 @@ H_kv key/value heads, D head dim.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 
 import torch
 
@@ -33,6 +35,23 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# the oldest Triton the kernels compile and run with: 3.5's compiler fails on the backward kernels with ALiBi or a bias
+# (a TritonGPUCoalesce pass error) and its Gluon has another ``warp_specialize``; 3.6 and 3.7 run the GPU tests,
+# 3.8 and 3.9 compile every kernel (tools/compile_kernels.py, benchmarks/NOTES.md session 53)
+TRITON_MIN_VERSION = (3, 6)
+
+
+@functools.lru_cache(maxsize=8)  # asked on every call, with the same string
+def triton_too_old(version: str) -> str | None:
+    """Why Triton ``version`` (``triton.__version__``) cannot run this backend's kernels, or ``None``."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found >= TRITON_MIN_VERSION:
+        return None
+    need = ".".join(map(str, TRITON_MIN_VERSION))
+    return (f"Triton {version} is older than the {need} the kernels need (torch >= 2.10 brings it; on CPU "
+            f"pip install 'triton>={need}')")
+
+
 # the triton backend's status per CUDA device index: asked on every call (api._validate), and the availability
 # query alone cost ~10 us of host time on the H200 machine's CPU
 _CUDA_TRITON_STATUS: dict[int, str | None] = {}
@@ -48,9 +67,12 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> st
     if backend != "triton":
         return f"unknown backend {backend!r}; expected one of {BACKENDS}"
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as exc:
         return f"cannot import triton ({exc}); pip install 'mpt-attention[triton]'"
+    too_old = triton_too_old(triton.__version__)
+    if too_old is not None:
+        return too_old
     if device.type == "cuda":
         if device.index in _CUDA_TRITON_STATUS:
             return _CUDA_TRITON_STATUS[device.index]
