@@ -11,12 +11,13 @@
 # SOAK=<seconds> runs benchmarks/soak.py first, MPT's bias row then slopes back to back for that long each (the
 # stops of session 42); a step that does not return within its watchdog prints the stacks and ends that run.
 # flash-attn-4 is used when ../shared/tools/fa4-wheels.sh has put its wheels under .peers/ (see there).
-# OTHER_TRITON=1 runs everything under the Triton that tools/other_triton.sh put in .peers/triton (carried to the
-# machine): CI's 3.7.1 instead of the machine's own; the versions go into the results' header.
+# OTHER_TRITON=1 runs everything under the Triton that tools/other_triton.sh prepared (CI's 3.7.1 instead of the
+# machine's own; the versions go into the results' header): a call carrying .peers/triton/a runs
+# `bash tools/other_triton.sh stage`, then this one carries .peers/triton/b.
 set -uo pipefail
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
 if [[ "${OTHER_TRITON:-0}" == 1 ]]; then
-  bash tools/other_triton.sh install || { echo "OTHER_TRITON=1: .peers/triton was not carried (tools/other_triton.sh)" >&2; exit 3; }
+  bash tools/other_triton.sh install || { echo "OTHER_TRITON=1: no Triton staged and carried (tools/other_triton.sh)" >&2; exit 3; }
   export PYTHONPATH="/tmp/triton-site:$PYTHONPATH"
 fi
 OUT="${OUT:-$PWD/bench-out}"
