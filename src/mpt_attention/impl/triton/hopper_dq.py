@@ -184,7 +184,7 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
                 for start_m in range(0, lo, BLOCK_M):
                     for half in gl.static_range(2):
                         tma_store(dbias_desc, [b * n_heads + h0 + g, start_m,
-                                                                     start_n + half * HALF_N], zero_smem)
+                                               start_n + half * HALF_N], zero_smem)
     mbarrier.wait(kv_bar, 0)
     n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
     total = n_g * n_mblocks
@@ -201,8 +201,8 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
                     g, start_m = step_origin(t + i, lo, n_mblocks, BLOCK_M)
                     for half in gl.static_range(2):
                         tma_store(dbias_desc, [b * n_heads + h0 + g, start_m,
-                                                                     start_n + half * HALF_N],
-                                                        ds_smem.index(half * SLOTS + slot + i))
+                                               start_n + half * HALF_N],
+                                  ds_smem.index(half * SLOTS + slot + i))
         for dc in gl.static_range(N_CHUNKS):
             ds0 = pairs.index(slot // PAIR).reshape([DQ_ROWS, HALF_N]).permute((1, 0))
             ds1 = pairs.index((SLOTS + slot) // PAIR).reshape([DQ_ROWS, HALF_N]).permute((1, 0))
@@ -226,7 +226,7 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
             partition_barrier()  # every warp's part of the tiles stored
             # the chunk's tiles as the descriptor's [1, BLOCK_M, 1, DQ_COLS] boxes (the same bytes and swizzle)
             boxes = smem_reinterpret(dq_smem.index(dc), gl.float32, [TILES * PAIR, 1, BLOCK_M, 1, DQ_COLS],
-                                                   dq_desc.layout)
+                                     dq_desc.layout)
             for i in gl.static_range(PAIR):
                 if i < steps:
                     g, start_m = step_origin(t + i, lo, n_mblocks, BLOCK_M)

@@ -142,12 +142,12 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
         if BIAS_ROW and ROW_AHEAD:  # the first block's bias slice comes with Q, into slot 2 + buf
             mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2 + bias_bytes)
             tma_load(bias_desc, [b * bias_b_on, h * bias_h_on, j0 * BLOCK_N],
-                                            q_ready.index(buf), bias_smem.index(2 + buf))
+                     q_ready.index(buf), bias_smem.index(2 + buf))
         else:
             mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2)
         for part in gl.static_range(CONSUMERS):
             tma_load(q_desc, [tb, q_start + start_m + part * HALF_M, h, 0], q_ready.index(buf),
-                                            q_smem.index(CONSUMERS * buf + part))
+                     q_smem.index(CONSUMERS * buf + part))
         g -= j0  # the tile's block j is the program's block g + j
         for j in range(j0, n_blocks):
             stage = (g + j) & 1
@@ -155,15 +155,15 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
             mbarrier.wait(k_empty.index(stage), free_phase)
             mbarrier.expect(k_ready.index(stage), k_bytes)
             tma_load(k_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], k_ready.index(stage),
-                                            k_smem.index(stage))
+                     k_smem.index(stage))
             if ROW_KEYS:
                 tma_load(bias_desc, [b * bias_b_on, h * bias_h_on, j * BLOCK_N, 0],
-                                                k_ready.index(stage), ext_b.index(stage))
+                         k_ready.index(stage), ext_b.index(stage))
             if BIAS_FULL:
                 for half in gl.static_range(2):
                     tma_load(bias_desc, [b * bias_b_on + h * bias_h_on,
-                                                                start_m + half * HALF_M, j * BLOCK_N],
-                                                    k_ready.index(stage), bias_smem.index(2 * stage + half))
+                                         start_m + half * HALF_M, j * BLOCK_N],
+                             k_ready.index(stage), bias_smem.index(2 * stage + half))
             mbarrier.wait(v_empty.index(stage), free_phase)
             row_block = j  # the block whose bias slice rides with V_j, into V's stage's slot
             if ROW_AHEAD:
@@ -171,11 +171,11 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
             if BIAS_ROW and row_block < n_blocks:
                 mbarrier.expect(v_ready.index(stage), kv_bytes + bias_bytes)
                 tma_load(bias_desc, [b * bias_b_on, h * bias_h_on, row_block * BLOCK_N],
-                                                v_ready.index(stage), bias_smem.index(stage))
+                         v_ready.index(stage), bias_smem.index(stage))
             else:
                 mbarrier.expect(v_ready.index(stage), kv_bytes)
             tma_load(v_desc, [tb, k_start + j * BLOCK_N, kv_h, 0], v_ready.index(stage),
-                                            v_smem.index(stage))
+                     v_smem.index(stage))
         g += n_blocks
         r += 1
         t = nprog + gl.atomic_add(Tiles, 1)  # Tiles[0] counts the tiles taken after the first round
@@ -215,9 +215,9 @@ def backward_loader(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_sm
     mbarrier.expect(kv_bar, 4 * _HALF_N * HEAD_DIM * 2)
     for half in gl.static_range(2):
         tma_load(k_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
-                                        k_smem.index(half))
+                 k_smem.index(half))
         tma_load(v_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
-                                        v_smem.index(half))
+                 v_smem.index(half))
     STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL
                                                                                 else 0)
@@ -239,22 +239,22 @@ def backward_loader(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_sm
             mbarrier.wait(empty.index(stage), (count // STAGES) % 2 ^ 1)  # a fresh barrier counts as released
             mbarrier.expect(ready.index(stage), tile_bytes)
             tma_load(q_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
-                                            q_smem.index(stage))
+                     q_smem.index(stage))
             tma_load(stats_desc, [b * n_heads + h0 + g, 0, q_off + start_m], ready.index(stage),
-                                            stats_smem.index(stage))
+                     stats_smem.index(stage))
             if BIAS_FULL:
                 for half in gl.static_range(2):
                     tma_load(bias_desc, [bias_row, start_m, start_n + half * _HALF_N],
-                                                    ready.index(stage), bias_smem.index(2 * stage + half))
+                             ready.index(stage), bias_smem.index(2 * stage + half))
             if SOFT_BLOCKS:
                 if scaled != 0:
                     tma_load(dos_desc, [b, start_m, h0 + g, 0], ready.index(stage),
-                                                    do_smem.index(stage))
+                             do_smem.index(stage))
                 else:
                     tma_load(do_desc, [b, start_m, h0 + g, 0], ready.index(stage),
-                                                    do_smem.index(stage))
+                             do_smem.index(stage))
                 scaled = next_scaled
             else:
                 tma_load(do_desc, [b, q_off + start_m, h0 + g, 0], ready.index(stage),
-                                                do_smem.index(stage))
+                         do_smem.index(stage))
             count += 1
