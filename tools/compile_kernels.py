@@ -141,6 +141,7 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     ``varlen``: packed sequences (with ``fused_dq``; no bias row). Each 64-query block's first program stores its
     dQ part where the launcher has it do so (``hopper.first_write_dq``); ``reach``: query blocks past causal ALiBi's
     reach skipped (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row)."""
+    from mpt_attention.impl.triton.gluon_compat import KV_IN_STEP
     from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m, first_write_dq, scaled_dout_blocks
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
@@ -156,7 +157,7 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
               "BIAS_ROW": bias_row, "FUSED_DQ": fused_dq,
               "PARTIAL_DKV": partial, "BLOCK_M": block_m, "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail,
               "VARLEN": varlen, "FIRST_WRITE": fused_dq and first_write_dq(head_dim, full_bias, varlen, reach),
-              "REACH": reach}
+              "REACH": reach, "KV_IN_STEP": KV_IN_STEP}
     box = [1, block_m, BWD_HALF_N]
     boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}
     if not soft_blocks:

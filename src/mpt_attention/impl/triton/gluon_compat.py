@@ -7,17 +7,25 @@ compiles on Triton 3.6 to 3.9 (``tools/compile_kernels.py``; 3.6 and 3.7 also ru
 * ``tma_load`` / ``tma_store``: the copy engine's (TMA) box copies, ``tma.async_copy_global_to_shared`` /
   ``tma.async_copy_shared_to_global`` in 3.6 and 3.7, renamed ``tma.async_load`` / ``tma.async_store`` in 3.8 (the old
   names kept as aliases there, removed in 3.9).
+* ``KV_IN_STEP``: whether the dK/dV kernel forms its K and V operand descriptors in each step instead of once before
+  its loop (``hopper_backward``'s ``zero``): Triton 3.7 on, whose compiled loop otherwise spills them (12% slower);
+  under 3.6 the kernel is 0.6-1% faster with them formed once (benchmarks/NOTES.md session 54).
 """
+
+import re
+
+import triton
 
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import tma
 
-__all__ = ["partition_barrier", "smem_reinterpret", "tma_load", "tma_store"]
+__all__ = ["KV_IN_STEP", "partition_barrier", "smem_reinterpret", "tma_load", "tma_store"]
 
 partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+KV_IN_STEP = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 7)
 
 
 @builtin

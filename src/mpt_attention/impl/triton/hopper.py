@@ -29,6 +29,7 @@ from mpt_attention.masks import sequence_ends
 try:
     from triton.experimental.gluon import language as gl
 
+    from mpt_attention.impl.triton.gluon_compat import KV_IN_STEP
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
     from mpt_attention.impl.triton.hopper_dq import DQ_COLS, consumers_dq
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
@@ -46,6 +47,7 @@ try:
     _ROW_KEYS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=4)
 except Exception as exc:  # a Triton without Gluon's Hopper module
     _hopper_fwd_kernel = _hopper_bwd_dkdv_kernel = None
+    KV_IN_STEP = False
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
@@ -567,7 +569,8 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         group = bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None)
     before = (*slope_args(slopes, None)[1], *bias_strides, b_on, h_on, n_kv, n_groups, n_splits, n_rows, group, s_q,
               s_k, softmax_scale * LOG2E, softmax_scale)
-    after = (dk.stride(-3), dk.stride(-2), dv.stride(-3), dv.stride(-2), batch if not varlen else n_seq, head_dim)
+    after = (dk.stride(-3), dk.stride(-2), dv.stride(-3), dv.stride(-2), batch if not varlen else n_seq, head_dim,
+             0)  # (``zero``)
     launch = PlannedLaunch(_hopper_bwd_dkdv_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
         FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
@@ -576,7 +579,7 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         # (packed sequences: one row of norm maxima, batch 1, and the longest sequence's keys; none with unused rows)
         FIRST_WRITE=first_write, REACH=0 if first_write or seqused else reach_applies(bias, slopes, causal, alibi_mode, batch,
                                                                             max_k if varlen else s_k),
-        SOFT_BLOCKS=dout_scaled is not None, num_warps=4))
+        SOFT_BLOCKS=dout_scaled is not None, KV_IN_STEP=KV_IN_STEP, num_warps=4))
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
     norms = row_table = None
     if launch.kwargs["REACH"]:  # (all words, the norm maxima's words, their launch, its scalars)

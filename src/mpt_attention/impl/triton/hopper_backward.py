@@ -137,10 +137,11 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                             stride_slb, stride_slh, stride_bb, stride_bh, stride_bk,
                             bias_b_on, bias_h_on, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
                             DK, DV, k_off, cap_k, stride_dks, stride_dkh, stride_dvs, stride_dvh, head_dim, q_end,
+                            zero,
                             IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr,
                             BIAS_ROW: gl.constexpr, FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr,
                             BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, TAIL: gl.constexpr,
-                            VARLEN: gl.constexpr):
+                            VARLEN: gl.constexpr, KV_IN_STEP: gl.constexpr):
     """One warpgroup: keys ``start_n + 64 * half`` onwards; accumulates and writes their dK, dV. With
     ``FUSED_DQ`` it also leaves each step's dS in a shared ring for the dQ warpgroup, transposed back to queries
     as rows (the layout of the bias gradient the dQ warpgroup stores from there, and in which two steps' tiles
@@ -240,6 +241,13 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             key_terms = gl.where(keys < seqlen_k, key_terms, float("-inf"))
         for mb in range(n_mblocks):
             stage = t % STAGES
+            k_step = k_a
+            v_step = v
+            kv_zero = 0
+            if CONSUMER_DQ and KV_IN_STEP:  # K's and V's operand descriptors formed in the step (kernel docstring)
+                kv_zero = t * zero
+                k_step = k_smem.index(half + kv_zero).reshape([_HALF_N, HEAD_DIM])
+                v_step = v_smem.index(half + kv_zero).reshape([_HALF_N, HEAD_DIM])
             start_m = lo + mb * BLOCK_M
             queries = start_m + offs_m
             if VARLEN:  # the previous sequence's last rows (``lo``) are negative: past any length as unsigned
@@ -258,7 +266,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 mbarrier.wait(ready.index(stage), (t // STAGES) % 2)
                 if VARLEN == PACKED_USED:
                     _clear_step(q_smem, do_smem, stage, start_m, seqlen_q, BLOCK_M, HEAD_DIM)
-                st_tok = issue_over_d(k_a, q, st_zero, D_COLS)
+                st_tok = issue_over_d(k_step, q, st_zero, D_COLS)
                 st = warpgroup_mma_wait(0, deps=[st_tok])
                 lse2 = gl.where(q_ok, row_terms.slice(0, BLOCK_M).load(query_layout), float("inf"))
             s2 = st * qk_scale2
@@ -275,7 +283,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                     s2 = gl.where(keys[:, None] <= queries[None, :] + diag, s2, float("-inf"))
             p = gl.exp2(s2 - lse2[None, :])
             p_op = gl.convert_layout(p.to(dtype), op_layout)
-            dpt_tok = issue_over_d(v, do, st_zero, D_COLS)
+            dpt_tok = issue_over_d(v_step, do, st_zero, D_COLS)
             if TAIL == 0:
                 dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
             else:
@@ -294,7 +302,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 else:
                     nxt = stage
                 q_next = q_smem.index(nxt).reshape([BLOCK_M, HEAD_DIM])
-                st_tok = issue_over_d(k_a, q_next, st_zero, D_COLS)
+                st_tok = issue_over_d(k_step, q_next, st_zero, D_COLS)
                 # in issue order dP^T, dV, S^T_{t+1}: the first is done
                 dpt = warpgroup_mma_wait(2 * N_G, deps=[dpt_tok])
             elif TAIL == 0:  # dV's product done as well: P^T's operand registers free before dS is formed
@@ -324,7 +332,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 mbarrier.arrive(ds_ready.index(buf))
                 if t > 0:
                     consumer_dq_step(t - 1, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero,
-                                     softmax_scale, SLOTS, HEAD_DIM)
+                                     softmax_scale, SLOTS, HEAD_DIM, kv_zero)
                 if TAIL == 0:
                     dk, ds_op = warpgroup_mma_wait(0, deps=[dk_tok, ds_op])
                 else:
@@ -410,11 +418,11 @@ def _hopper_bwd_dkdv_kernel(
     Bias, DKVPart, stride_slb, stride_slh, stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on,
     n_kv, n_groups, n_splits, n_rows, rows_per_group, seqlen_q, seqlen_k, qk_scale2, softmax_scale,
     DK, DV, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, CuKTiles, DQSync, Norms, SoftBlocks, stride_dks, stride_dkh, stride_dvs,
-    stride_dvh, n_seq, head_dim,
+    stride_dvh, n_seq, head_dim, zero,
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
     STORE_DS: gl.constexpr, TAIL: gl.constexpr = 0, VARLEN: gl.constexpr = False, FIRST_WRITE: gl.constexpr = False,
-    REACH: gl.constexpr = False, SOFT_BLOCKS: gl.constexpr = False,
+    REACH: gl.constexpr = False, SOFT_BLOCKS: gl.constexpr = False, KV_IN_STEP: gl.constexpr = False,
 ):
     """Program: (key block of 128, row = (batch, KV head, split)), ``n_rows`` rows, in ``tile_order``: the
     key blocks of a group of ``rows_per_group`` rows interleaved, first (longest, when causal) first, so that
@@ -440,7 +448,11 @@ def _hopper_bwd_dkdv_kernel(
     then k norm maxima, float32 bit patterns, (B * H) + (B * H_kv); with ``REACH_ROW`` then the bias row's table,
     (B, H, key blocks) query ends). ``SOFT_BLOCKS`` (a bias that may soft-mask whole rows; dense): the loader reads a
     64-query block's dO through ``dos_desc`` (the delta kernel's scaled copy) where its word in ``SoftBlocks``, (B,
-    H, cdiv(S_q, 64)) int32, is 1."""
+    H, cdiv(S_q, 64)) int32, is 1. ``zero`` is 0: with ``KV_IN_STEP`` (``gluon_compat``), where the consumers form
+    dQ, they index K's and V's tiles with ``half + t * zero``, which the compiler cannot fold, so that the tiles' 24
+    operand descriptors are formed in each step. Formed once before the loop, Triton 3.7's code (and, compiled,
+    3.8's and 3.9's) keeps them in vector registers, where ptxas spills them: 12% slower than under 3.6
+    (benchmarks/NOTES.md session 54)."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
@@ -583,18 +595,18 @@ def _hopper_bwd_dkdv_kernel(
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, DK, DV, k_off, cap_k, stride_dks, stride_dkh,
-                                           stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
-                                           BIAS_ROW,
-                                           FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
+                                           stride_dvs, stride_dvh, head_dim, q_end, zero, IS_CAUSAL, ALIBI, HEAD_DIM,
+                                           BIAS_ROW, FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN,
+                                           KV_IN_STEP)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
                                            dk_desc, dv_desc, ds_smem, ds_ready, ds_free, dq_bars, dq_smem, dq_desc,
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, DK, DV, k_off, cap_k, stride_dks, stride_dkh,
-                                           stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
-                                           BIAS_ROW,
-                                           FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
+                                           stride_dvs, stride_dvh, head_dim, q_end, zero, IS_CAUSAL, ALIBI, HEAD_DIM,
+                                           BIAS_ROW, FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN,
+                                           KV_IN_STEP)),
                 (backward_loader, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, tb, kv_h, h0, n_g,
                                        n_kv * n_groups, start_n, lo, q_end, bias_b_on, bias_h_on, q_off, k_off,
@@ -616,18 +628,18 @@ def _hopper_bwd_dkdv_kernel(
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, DK, DV, k_off, cap_k, stride_dks, stride_dkh,
-                                           stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
-                                           BIAS_ROW,
-                                           FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
+                                           stride_dvs, stride_dvh, head_dim, q_end, zero, IS_CAUSAL, ALIBI, HEAD_DIM,
+                                           BIAS_ROW, FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN,
+                                           KV_IN_STEP)),
                 (_bwd_consumer_partition, (1, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty,
                                            dk_desc, dv_desc, q_smem, ready, empty, kv_bar, q_smem, dq_desc,
                                            stats_smem, Slopes, Bias, DKVPart, part_base, part_dv, part_row, b64, b,
                                            kv_h, h0, n_g, start_n, lo, stride_slb, stride_slh,
                                            stride_bb, stride_bh, stride_bk, bias_b_on, bias_h_on, seqlen_q, seqlen_k,
                                            qk_scale2, softmax_scale, DK, DV, k_off, cap_k, stride_dks, stride_dkh,
-                                           stride_dvs, stride_dvh, head_dim, q_end, IS_CAUSAL, ALIBI, HEAD_DIM,
-                                           BIAS_ROW,
-                                           FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN)),
+                                           stride_dvs, stride_dvh, head_dim, q_end, zero, IS_CAUSAL, ALIBI, HEAD_DIM,
+                                           BIAS_ROW, FUSED_DQ, PARTIAL_DKV, BLOCK_M, BIAS_FULL, TAIL, VARLEN,
+                                           KV_IN_STEP)),
                 (backward_loader, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, tb, kv_h, h0, n_g,
                                        n_kv * n_groups, start_n, lo, q_end, bias_b_on, bias_h_on, q_off, k_off,

@@ -240,15 +240,16 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
 
 @gluon.jit
 def consumer_dq_step(u, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero, softmax_scale,
-                     SLOTS: gl.constexpr, HEAD_DIM: gl.constexpr):
+                     SLOTS: gl.constexpr, HEAD_DIM: gl.constexpr, zero=0):
     """A consumer's share of step ``u``'s dQ where the consumers form it (``consumers_dq``): once both halves of
     the step's dS are in slot ``u % SLOTS``, its 64 columns of dQ^T = K^T dS^T over all 128 keys, staged for
     ``dq_writer_partition`` once the writer has read its staging tiles of step ``u - 1``. Waits for every
-    ``wgmma`` in flight (the caller's dK product too)."""
+    ``wgmma`` in flight (the caller's dK product too). ``zero``: 0, in the caller's unfoldable form (the dK/dV
+    kernel's ``zero``), so that K's descriptors are formed here."""
     buf = u % SLOTS
     mbarrier.wait(ds_ready.index(buf), (u // SLOTS) % 2)  # both halves stored
-    k0t = k_smem.index(0).reshape([HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
-    k1t = k_smem.index(1).reshape([HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
+    k0t = k_smem.index(zero).reshape([HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
+    k1t = k_smem.index(zero + 1).reshape([HALF_N, HEAD_DIM]).slice(half * DQ_CHUNK, DQ_CHUNK, dim=1)
     ds0 = ds_smem.index(2 * buf).reshape([DQ_ROWS, HALF_N]).permute((1, 0))
     ds1 = ds_smem.index(2 * buf + 1).reshape([DQ_ROWS, HALF_N]).permute((1, 0))
     dqt = warpgroup_mma(k0t.permute((1, 0)), ds0, dqt_zero, use_acc=False, is_async=True)
