@@ -98,3 +98,18 @@ def test_ptx_schedule_tool_reads_the_sass_ptxas_makes():
     assert len(lines) == 2
     for line in lines:  # the consumer loop: two products in flight, the wait for the scores, the softmax
         assert "M8 W1" in line and "e66" in line, line
+
+
+def test_dkdv_kernel_as_launched_keeps_its_descriptors_out_of_local_memory():
+    """The D128 dK/dV kernel as a B8 H16 S2048 step launches it (``tools/dkdv_as_launched.py``): Triton 3.7's code
+    kept the consumers' 24 operand descriptors in vector registers and spilled them, 248 bytes and 17-18 local loads
+    per key loop, 12% slower than under 3.6 (benchmarks/NOTES.md session 54); formed per step (``KV_IN_STEP``) the
+    kernel spills 20 bytes and each loop loads one value. Under the GPU machine's 3.6: 32 bytes, 1-2 loads."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "dkdv_as_launched.py")], capture_output=True,
+                            text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    spilled = int(re.search(r"(\d+) bytes spill stores", result.stdout).group(1))
+    loops = re.findall(r"loop at instruction \d+: (\d+) instructions, 32 HGMMA, (\d+) LDL", result.stdout)
+    assert len(loops) == 2, result.stdout  # the two consumers' key loops
+    assert spilled <= 64 and all(int(loads) <= 4 and int(length) < 630 for length, loads in loops), result.stdout

@@ -48,9 +48,9 @@ def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
 
 
 def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias: str | None = None,
-                   boxes: dict | None = None):
+                   boxes: dict | None = None, ints: dict | None = None):
     """A Gluon Hopper kernel: ``rows`` gives each descriptor argument's box height (boxes [1, rows, 1, D] of
-    (B, S, H, D) tensors);
+    (B, S, H, D) tensors); ``ints``: integer arguments' values, specialised as a launch does (``launch_attrs``);
     ``bias`` the dtype of a ``bias_desc`` bias-row descriptor (boxes [1, 1, BLOCK_N]), None for none;
     ``boxes`` other descriptor arguments' boxes in q's dtype (``None``: not passed)."""
     from triton.experimental.gluon import language as gl
@@ -95,8 +95,29 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             sig[name] = _POINTER_TYPES.get(name, "*fp32")
         else:
             sig[name] = "fp32" if name in ("qk_scale2", "softmax_scale") else "i32"
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    attrs = launch_attrs(fn, sig, consts, ints) if ints is not None else None
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                         attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def launch_attrs(fn, sig: dict, consts: dict, ints: dict) -> dict:
+    """The specialisation a launch gives ``fn``'s arguments, applied to ``sig`` and ``consts`` (in place): an
+    integer argument equal to 1 becomes a constant, one divisible by 16 (0 included) and every pointer are marked
+    divisible by 16 (Triton's binder; pointers taken as 16-byte aligned). Without it the compiled kernel is not the
+    one the GPU runs: at D128 its key loop differed by 50 instructions under Triton 3.7 (benchmarks/NOTES.md session
+    54)."""
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if name in ints and name not in consts:
+            if ints[name] == 1:
+                sig[name] = "constexpr"
+                consts[name] = 1
+            elif ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif str(sig.get(name, "")).startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
 
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None,
@@ -133,14 +154,15 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False,
                                partial: bool = False, full_bias: bool = False, store_ds: bool = False, tail: int = 0,
-                               varlen: bool = False, reach: int = 0):
+                               varlen: bool = False, reach: int = 0, ints: dict | None = None):
     """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: forming dQ too (the dQ warpgroup,
     or at tile width 128 without a bias matrix or tail the consumers and the writer warp);
     ``partial``: grouped heads split over programs (float32 dK, dV partial sums); ``full_bias``: a bias
     matrix, ``store_ds`` with its gradient; ``tail``: the products' second piece of columns (with ``fused_dq``);
     ``varlen``: packed sequences (with ``fused_dq``; no bias row). Each 64-query block's first program stores its
     dQ part where the launcher has it do so (``hopper.first_write_dq``); ``reach``: query blocks past causal ALiBi's
-    reach skipped (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row)."""
+    reach skipped (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row); ``ints``: integer
+    arguments' values, specialised as a launch does (``launch_attrs``; tools/dkdv_as_launched.py)."""
     from mpt_attention.impl.triton.gluon_compat import KV_IN_STEP
     from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m, first_write_dq, scaled_dout_blocks
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
@@ -162,7 +184,7 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}
     if not soft_blocks:
         boxes["dos_desc"] = None
-    return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes)
+    return _compile_gluon(_hopper_bwd_dkdv_kernel, consts, rows, head_dim, dtype, boxes=boxes, ints=ints)
 
 
 def _compile_dq_staging_probe():
