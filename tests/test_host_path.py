@@ -531,8 +531,8 @@ def test_run_compiled_leaves_other_launcher_layouts_to_the_kernels_run(lean, mon
     import sys
 
     encodes, launched = [], []
-    module, kernel = _triton36_launcher("fake_triton37_driver", encodes, launched)
-    module._BASE_ARGS_FORMAT_LEN = None  # e.g. Triton 3.7's, whose launcher takes its kernel arguments as one list
+    module, kernel = _triton36_launcher("fake_other_triton_driver", encodes, launched)
+    module._BASE_ARGS_FORMAT_LEN = None  # 3.6's closure but another count of base arguments, without 3.7's annotations
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(lean_launch, "_ENCODED", {})
     desc = types.SimpleNamespace(base=types.SimpleNamespace(data_ptr=lambda: 4096), shape=[128, 64], strides=[64, 1],
@@ -540,3 +540,90 @@ def test_run_compiled_leaves_other_launcher_layouts_to_the_kernels_run(lean, mon
     for _ in range(2):
         lean_launch.run_compiled(kernel, (3,), 0, (0.5, desc, 7, desc, None, 64))
     assert len(launched) == 2 and len(encodes) == 4  # Triton's wrapper: every descriptor, every call
+
+
+def _triton37_launcher(module_name, encodes, launched):
+    """As ``_triton36_launcher``, with Triton 3.7's layout: the ``CudaLauncher`` has argument annotations and a kernel
+    signature, and calls the wrapper with the packed metadata, launch metadata and hooks before the scratch buffers,
+    then the annotations, the signature and the kernel's arguments as one tuple; the wrapper expands the descriptors
+    in that last argument."""
+    module = types.ModuleType(module_name)
+
+    def make_tensordesc_arg(arg, meta):
+        encodes.append(arg.base.data_ptr())
+        return [("map", arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), meta), *arg.shape, *arg.strides]
+
+    def wrap(launcher, tensordesc_indices, tensordesc_meta):
+        def inner(*args):
+            final, j = [], 0
+            for i, arg in enumerate(args[-1]):
+                if i in tensordesc_indices:
+                    final.extend(make_tensordesc_arg(arg, tensordesc_meta[j]))
+                    j += 1
+                else:
+                    final.append(arg)
+            return launcher(*args[:-1], final)
+        return inner
+
+    class CudaLauncher:
+        def __init__(self):
+            self.launch = wrap(lambda *args: launched.append(args), {1, 3}, [{"swizzle": 128}, {"swizzle": 64}])
+            self.launch_cooperative_grid, self.launch_pdl = False, True
+            self.global_scratch_size = self.profile_scratch_size = 0
+            self.arg_annotations, self.kernel_signature = "annotations", "signature"
+
+        def __call__(self, gx, gy, gz, stream, function, kernel_metadata, launch_metadata, enter, exit, *args):
+            self.launch(gx, gy, gz, stream, function, False, True, kernel_metadata, launch_metadata, enter, exit,
+                        None, None, self.arg_annotations, self.kernel_signature, args)
+
+    CudaLauncher.__module__ = module_name
+    module.CudaLauncher, module.make_tensordesc_arg = CudaLauncher, make_tensordesc_arg
+    return module, types.SimpleNamespace(run=CudaLauncher(), function="function", packed_metadata="metadata")
+
+
+def test_run_compiled_encodes_once_under_tritons_37_launcher_too(lean, monkeypatch):
+    import sys
+
+    encodes, launched = [], []
+    module, kernel = _triton37_launcher("fake_triton37_annotated_driver", encodes, launched)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(lean_launch, "_ENCODED", {})
+
+    def values(k_address, tf32=False):
+        desc = [types.SimpleNamespace(base=types.SimpleNamespace(data_ptr=lambda a=a: a), shape=[128, 64],
+                                      strides=[64, 1], padding="zero", round_f32_to_tf32=tf32)
+                for a in (4096, k_address)]
+        return (0.5, desc[0], 7, desc[1], None, 64)
+
+    kernel.run(3, 2, 1, 7, "function", "metadata", None, None, None, *values(8192))  # Triton's own run
+    expected = launched.pop()
+    encodes.clear()
+    for _ in range(3):
+        lean_launch.run_compiled(kernel, (3, 2), 0, values(8192))
+        assert launched.pop() == expected
+    assert encodes == [4096, 8192]
+    lean_launch.run_compiled(kernel, (3, 2), 0, values(8192, tf32=True))  # an option the encoding reads: again
+    assert encodes == [4096, 8192, 4096, 8192]
+
+
+def test_encoded_launch_passes_what_this_tritons_launcher_takes():
+    """``lean_launch._EncodedLaunch`` calls Triton's native launcher itself, as ``CudaLauncher.__call__`` does but
+    with its descriptors encoded once: what it passes between the kernel's function and its arguments follows Triton
+    3.6's order or 3.7's. Wherever it would take the launch over (the wrapper's closure it reads), this Triton's
+    ``__call__`` must make exactly that call; other versions keep ``kernel.run``."""
+    import re
+
+    driver = pytest.importorskip("triton.backends.nvidia.driver")
+    wrapped = driver.wrap_handle_tensordesc(lambda *args: None, {0: "tensordesc<bf16[64, 64]>"}, [{}])
+    if "tensordesc_indices" not in getattr(getattr(wrapped, "__code__", None), "co_freevars", ()):
+        pytest.skip("this Triton's launcher is not one _EncodedLaunch takes over")
+    source = inspect.getsource(driver.CudaLauncher.__call__)
+    call = re.sub(r"\s+", "", source[source.index("self.launch("):])
+    common = "self.launch(gridX,gridY,gridZ,stream,function,self.launch_cooperative_grid,self.launch_pdl,"
+    if "arg_annotations" in inspect.getsource(driver.CudaLauncher):
+        # 3.7: packed metadata, launch metadata, two hooks, two scratch buffers, annotations, signature, arguments
+        assert call.startswith(common + "kernel_metadata,launch_metadata,launch_enter_hook,launch_exit_hook,"
+                               "global_scratch,profile_scratch,self.arg_annotations,self.kernel_signature,args)"), call
+    else:  # 3.6: two scratch buffers, then (packed metadata, launch metadata, two hooks, arguments...)
+        assert call.startswith(common + "global_scratch,profile_scratch,*args)"), call
+        assert "def__call__(self,gridX,gridY,gridZ,stream,function,*args)" in re.sub(r"\s+", "", source)

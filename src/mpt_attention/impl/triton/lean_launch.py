@@ -210,8 +210,8 @@ def bind(fn, device, binder, args, kwargs: dict):
 def run_compiled(kernel, grid, device, values) -> None:
     """Launch a compiled kernel on the device's current stream with every parameter's value (``bind``'s bound
     arguments' values, or ``ordered_arguments``). Copy-engine descriptors are encoded once per address, shape and
-    strides (``_EncodedLaunch``) where Triton's launcher is 3.6's; otherwise the compiled kernel's ``run`` encodes
-    each one per call."""
+    strides (``_EncodedLaunch``) where Triton's launcher is 3.6's or 3.7's; otherwise the compiled kernel's ``run``
+    encodes each one per call."""
     entry = _ENCODED.get(id(kernel))
     if entry is None or entry[0] is not kernel:
         entry = _ENCODED[id(kernel)] = (kernel, _EncodedLaunch.of(kernel))
@@ -228,15 +228,16 @@ _MAX_ENCODED = 256  # encoded descriptors kept per kernel (cleared when reached)
 
 
 class _EncodedLaunch:
-    """A compiled kernel's launch through Triton 3.6's native launcher, with its copy-engine descriptors encoded once
-    per (position, base address, shape, strides, padding) instead of per call: Triton's wrapper re-encodes every
-    descriptor at every launch (``make_tensordesc_arg``). On the H200 machine's CPU this took a training step's two
-    descriptor launches from 19.1 and 34.3 us of host to 16.5 and 23.6 (benchmarks/NOTES.md session 51). The
-    encoding is a function of those fields and of the kernel's own descriptor metadata alone, so a cached one is the
-    one Triton would make. Built only where the launcher has 3.6's layout (the wrapper's closure, the base arguments'
-    count, no scratch buffers); other versions keep ``kernel.run``."""
+    """A compiled kernel's launch through Triton's native launcher, with its copy-engine descriptors encoded once
+    per (position, base address, shape, strides, padding, tf32 rounding) instead of per call: Triton's wrapper
+    re-encodes every descriptor at every launch (``make_tensordesc_arg``). On the H200 machine's CPU this took a
+    training step's two descriptor launches from 19.1 and 34.3 us of host to 16.5 and 23.6 under Triton 3.6 (NOTES.md
+    session 51). The encoding is a function of those fields and of the kernel's own descriptor metadata alone, so a
+    cached one is the one Triton would make. Built only where the launcher has the layout of Triton 3.6 (the
+    wrapper's closure, the base arguments' count, no scratch buffers) or of 3.7 (the same closure, argument
+    annotations and a kernel signature, the arguments as one list); other versions keep ``kernel.run``."""
 
-    __slots__ = ("kernel", "launcher", "metas", "head", "cache", "_encode")
+    __slots__ = ("kernel", "launcher", "metas", "head", "tail", "cache", "_encode")
 
     @classmethod
     def of(cls, kernel):
@@ -248,9 +249,11 @@ class _EncodedLaunch:
         module = sys.modules.get(type(run).__module__)
         if (type(run).__name__ != "CudaLauncher"
                 or not {"launcher", "tensordesc_indices", "tensordesc_meta"} <= set(names)
-                or getattr(module, "_BASE_ARGS_FORMAT_LEN", None) != 13 or hasattr(run, "arg_annotations")
                 or not hasattr(module, "make_tensordesc_arg") or getattr(run, "global_scratch_size", 1)
                 or getattr(run, "profile_scratch_size", 1)):
+            return None
+        annotated = hasattr(run, "arg_annotations") and hasattr(run, "kernel_signature")  # Triton 3.7's layout
+        if not annotated and getattr(module, "_BASE_ARGS_FORMAT_LEN", None) != 13:  # nor 3.6's
             return None
         cells = dict(zip(names, (cell.cell_contents for cell in wrapper.__closure__)))
         indices, metas = sorted(cells["tensordesc_indices"]), cells["tensordesc_meta"]
@@ -259,13 +262,26 @@ class _EncodedLaunch:
         self = cls()
         self.kernel, self.launcher = kernel, cells["launcher"]
         self.metas = dict(zip(indices, metas))
-        self.head = (run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata, None, None, None)
+        # what the launcher takes between the kernel's function and its arguments (``CudaLauncher.__call__``): 3.6
+        # the scratch buffers, packed metadata, launch metadata and its two hooks, then the arguments; 3.7 the packed
+        # metadata, launch metadata, hooks and scratch buffers, the arguments' annotations and signature, then the
+        # arguments as one list (tests/test_host_path.py checks the installed Triton's order)
+        coop, pdl, packed = run.launch_cooperative_grid, run.launch_pdl, kernel.packed_metadata
+        if annotated:
+            self.head = (coop, pdl, packed, None, None, None, None, None)
+            self.tail = (run.arg_annotations, run.kernel_signature)
+        else:
+            self.head = (coop, pdl, None, None, packed, None, None, None)
+            self.tail = None
         self.cache = {}
         self._encode = module.make_tensordesc_arg
         return self
 
     def __call__(self, gx, gy, gz, stream, values) -> None:
-        self.launcher(gx, gy, gz, stream, self.kernel.function, *self.head, *self.arguments(values))
+        if self.tail is None:
+            self.launcher(gx, gy, gz, stream, self.kernel.function, *self.head, *self.arguments(values))
+        else:
+            self.launcher(gx, gy, gz, stream, self.kernel.function, *self.head, *self.tail, self.arguments(values))
 
     def arguments(self, values) -> list:
         """The kernel's arguments as the native launcher takes them: each descriptor as its encoding and the
@@ -273,7 +289,8 @@ class _EncodedLaunch:
         flat, metas, cache = [], self.metas, self.cache
         for i, arg in enumerate(values):
             if i in metas:
-                key = (i, arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), arg.padding)
+                key = (i, arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), arg.padding,
+                       getattr(arg, "round_f32_to_tf32", False))  # (3.7's option, which its encoding reads)
                 parts = cache.get(key)
                 if parts is None:
                     if len(cache) >= _MAX_ENCODED:
