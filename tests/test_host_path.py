@@ -627,3 +627,20 @@ def test_encoded_launch_passes_what_this_tritons_launcher_takes():
     else:  # 3.6: two scratch buffers, then (packed metadata, launch metadata, two hooks, arguments...)
         assert call.startswith(common + "global_scratch,profile_scratch,*args)"), call
         assert "def__call__(self,gridX,gridY,gridZ,stream,function,*args)" in re.sub(r"\s+", "", source)
+
+
+def test_launches_ask_for_floating_point_fusion_unless_told_otherwise(monkeypatch):
+    """Every launch asks Triton for FMA contraction, its default up to 3.9 (3.10 turns it off), unless the caller
+    passes ``enable_fp_fusion`` itself."""
+    seen = []
+
+    class Kernel:
+        pre_run_hooks = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs)
+
+    monkeypatch.setattr(lean_launch, "_AVAILABLE", False)  # Triton's own launch path
+    lean_launch.launch_kernel(Kernel(), (1,), 0, BLOCK=16)
+    lean_launch.launch_kernel(Kernel(), (1,), 0, BLOCK=16, enable_fp_fusion=False)
+    assert seen == [dict(BLOCK=16, enable_fp_fusion=True), dict(BLOCK=16, enable_fp_fusion=False)]
