@@ -459,28 +459,37 @@ def test_first_write_dq_calls_the_constexpr_functions_body_to_the_same_answer():
     assert answers == {True, False}
 
 
-def _triton36_launcher(module_name, encodes, launched):
-    """A compiled kernel whose ``run`` has Triton 3.6's launcher layout (nvidia ``driver.py``): a ``CudaLauncher``
-    whose ``launch`` wraps the native launcher in a closure over ``launcher``, ``tensordesc_indices`` and
-    ``tensordesc_meta`` that expands each descriptor after the 13 base arguments; ``encodes`` counts
-    ``make_tensordesc_arg`` calls, ``launched`` receives the native launcher's arguments."""
+def _fake_launcher(module_name, encodes, launched, annotated=False):
+    """A compiled kernel whose ``run`` has Triton 3.6's launcher layout (nvidia ``driver.py``) or, ``annotated``,
+    3.7's: a ``CudaLauncher`` whose ``launch`` wraps the native launcher in a closure over ``launcher``,
+    ``tensordesc_indices`` and ``tensordesc_meta`` that expands each descriptor: 3.6's after the 13 base arguments,
+    3.7's in its last argument, the kernel's arguments as one tuple, which its ``__call__`` passes after the packed
+    metadata, launch metadata and hooks, the scratch buffers (3.6: before those), the arguments' annotations and
+    signature. ``encodes`` counts ``make_tensordesc_arg`` calls, ``launched`` receives the native launcher's
+    arguments."""
     module = types.ModuleType(module_name)
-    module._BASE_ARGS_FORMAT_LEN = 13
+    if not annotated:
+        module._BASE_ARGS_FORMAT_LEN = 13
 
     def make_tensordesc_arg(arg, meta):
         encodes.append(arg.base.data_ptr())
         return [("map", arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), meta), *arg.shape, *arg.strides]
 
+    def expand(kernel_args, indices, metas):
+        final, j = [], 0
+        for i, arg in enumerate(kernel_args):
+            if i in indices:
+                final.extend(make_tensordesc_arg(arg, metas[j]))
+                j += 1
+            else:
+                final.append(arg)
+        return final
+
     def wrap(launcher, tensordesc_indices, tensordesc_meta):
         def inner(*args):
-            final, j = list(args[:13]), 0
-            for i, arg in enumerate(args[13:]):
-                if i in tensordesc_indices:
-                    final.extend(make_tensordesc_arg(arg, tensordesc_meta[j]))
-                    j += 1
-                else:
-                    final.append(arg)
-            return launcher(*final)
+            if annotated:
+                return launcher(*args[:-1], expand(args[-1], tensordesc_indices, tensordesc_meta))
+            return launcher(*args[:13], *expand(args[13:], tensordesc_indices, tensordesc_meta))
         return inner
 
     class CudaLauncher:
@@ -488,9 +497,16 @@ def _triton36_launcher(module_name, encodes, launched):
             self.launch = wrap(lambda *args: launched.append(args), {1, 3}, [{"swizzle": 128}, {"swizzle": 64}])
             self.launch_cooperative_grid, self.launch_pdl = False, True
             self.global_scratch_size = self.profile_scratch_size = 0
+            if annotated:
+                self.arg_annotations, self.kernel_signature = "annotations", "signature"
 
-        def __call__(self, gx, gy, gz, stream, function, *args):
-            self.launch(gx, gy, gz, stream, function, False, True, None, None, *args)
+        def __call__(self, gx, gy, gz, stream, function, kernel_metadata, launch_metadata, enter, exit, *args):
+            if annotated:
+                self.launch(gx, gy, gz, stream, function, False, True, kernel_metadata, launch_metadata, enter, exit,
+                            None, None, self.arg_annotations, self.kernel_signature, args)
+            else:
+                self.launch(gx, gy, gz, stream, function, False, True, None, None, kernel_metadata, launch_metadata,
+                            enter, exit, *args)
 
     CudaLauncher.__module__ = module_name
     module.CudaLauncher, module.make_tensordesc_arg = CudaLauncher, make_tensordesc_arg
@@ -501,7 +517,7 @@ def test_run_compiled_encodes_each_descriptor_once_and_launches_as_tritons_run(l
     import sys
 
     encodes, launched = [], []
-    module, kernel = _triton36_launcher("fake_triton36_driver", encodes, launched)
+    module, kernel = _fake_launcher("fake_triton36_driver", encodes, launched)
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(lean_launch, "_ENCODED", {})
 
@@ -531,7 +547,7 @@ def test_run_compiled_leaves_other_launcher_layouts_to_the_kernels_run(lean, mon
     import sys
 
     encodes, launched = [], []
-    module, kernel = _triton36_launcher("fake_other_triton_driver", encodes, launched)
+    module, kernel = _fake_launcher("fake_other_triton_driver", encodes, launched)
     module._BASE_ARGS_FORMAT_LEN = None  # 3.6's closure but another count of base arguments, without 3.7's annotations
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(lean_launch, "_ENCODED", {})
@@ -542,50 +558,11 @@ def test_run_compiled_leaves_other_launcher_layouts_to_the_kernels_run(lean, mon
     assert len(launched) == 2 and len(encodes) == 4  # Triton's wrapper: every descriptor, every call
 
 
-def _triton37_launcher(module_name, encodes, launched):
-    """As ``_triton36_launcher``, with Triton 3.7's layout: the ``CudaLauncher`` has argument annotations and a kernel
-    signature, and calls the wrapper with the packed metadata, launch metadata and hooks before the scratch buffers,
-    then the annotations, the signature and the kernel's arguments as one tuple; the wrapper expands the descriptors
-    in that last argument."""
-    module = types.ModuleType(module_name)
-
-    def make_tensordesc_arg(arg, meta):
-        encodes.append(arg.base.data_ptr())
-        return [("map", arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), meta), *arg.shape, *arg.strides]
-
-    def wrap(launcher, tensordesc_indices, tensordesc_meta):
-        def inner(*args):
-            final, j = [], 0
-            for i, arg in enumerate(args[-1]):
-                if i in tensordesc_indices:
-                    final.extend(make_tensordesc_arg(arg, tensordesc_meta[j]))
-                    j += 1
-                else:
-                    final.append(arg)
-            return launcher(*args[:-1], final)
-        return inner
-
-    class CudaLauncher:
-        def __init__(self):
-            self.launch = wrap(lambda *args: launched.append(args), {1, 3}, [{"swizzle": 128}, {"swizzle": 64}])
-            self.launch_cooperative_grid, self.launch_pdl = False, True
-            self.global_scratch_size = self.profile_scratch_size = 0
-            self.arg_annotations, self.kernel_signature = "annotations", "signature"
-
-        def __call__(self, gx, gy, gz, stream, function, kernel_metadata, launch_metadata, enter, exit, *args):
-            self.launch(gx, gy, gz, stream, function, False, True, kernel_metadata, launch_metadata, enter, exit,
-                        None, None, self.arg_annotations, self.kernel_signature, args)
-
-    CudaLauncher.__module__ = module_name
-    module.CudaLauncher, module.make_tensordesc_arg = CudaLauncher, make_tensordesc_arg
-    return module, types.SimpleNamespace(run=CudaLauncher(), function="function", packed_metadata="metadata")
-
-
 def test_run_compiled_encodes_once_under_tritons_37_launcher_too(lean, monkeypatch):
     import sys
 
     encodes, launched = [], []
-    module, kernel = _triton37_launcher("fake_triton37_annotated_driver", encodes, launched)
+    module, kernel = _fake_launcher("fake_triton37_driver", encodes, launched, annotated=True)
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(lean_launch, "_ENCODED", {})
 

@@ -1,5 +1,6 @@
-"""Gluon calls under whichever name the installed Triton gives them, so that one source of the Hopper kernels
-compiles on Triton 3.6 to 3.9 (``tools/compile_kernels.py``; 3.6 and 3.7 also run on the GPU machine).
+"""Gluon calls under whichever name the installed Triton gives them, and the one choice of code that its compiler
+decides, so that one source of the Hopper kernels compiles on Triton 3.6 to 3.9 (``tools/compile_kernels.py``; 3.6
+and 3.7 also run on the GPU machine) and runs well under each.
 
 * ``partition_barrier``: a barrier over the calling partition's warps, ``gl.thread_barrier`` in Triton 3.6, renamed
   ``gl.barrier`` in 3.7.
@@ -15,7 +16,6 @@ compiles on Triton 3.6 to 3.9 (``tools/compile_kernels.py``; 3.6 and 3.7 also ru
 import re
 
 import triton
-
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import tma
