@@ -7,8 +7,8 @@ public op, then per launch: the host time of ``run_compiled`` as the step makes 
 kernel's ``run`` (Triton's wrapper encoding every descriptor per call, as before ``lean_launch._EncodedLaunch``), of
 Triton's ``make_tensordesc_arg`` for each of its descriptors, and of the launcher itself with the descriptors encoded
 beforehand (the floor of a cache of encoded descriptors). The whole step likewise, alternated three times. Also
-``torch.zeros`` against ``torch.empty`` of the forward's tile counters. Triton 3.6's launcher layout only (the GPU
-machine's); other versions print why not.
+``torch.zeros`` against ``torch.empty`` of the forward's tile counters. Triton 3.6's and 3.7's launcher layouts (the
+ones ``_EncodedLaunch`` takes); other versions print why not. Under 3.7 it measures what session 54 could not.
 """
 
 import argparse
@@ -67,10 +67,13 @@ def main():
             stream = driver.active.get_current_stream(device)
             base = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
                     kernel.function, *encoded.head)
-            raw_us = host_us(lambda: encoded.launcher(*base, *flat), args.calls)
+            if encoded.tail is None:  # Triton 3.6: the arguments spread; 3.7: annotations, signature, one list
+                raw_us = host_us(lambda: encoded.launcher(*base, *flat), args.calls)
+            else:
+                raw_us = host_us(lambda: encoded.launcher(*base, *encoded.tail, flat), args.calls)
             line += f"  encodes {encode_us:6.1f}  launcher with encoded {raw_us:6.1f}"
         else:
-            line += "  (no descriptors, or not Triton 3.6's launcher)"
+            line += "  (no descriptors, or not Triton 3.6's or 3.7's launcher)"
         print(line, flush=True)
     n = 16 + 132 * 64
     zeros_us = host_us(lambda: torch.zeros(n, dtype=torch.int32, device="cuda"), args.calls)
