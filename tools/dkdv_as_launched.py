@@ -19,19 +19,20 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from compile_kernels import _spills, compile_hopper_dkdv_kernel, triton_tool  # noqa: E402
 
-from mpt_attention.impl.triton.hopper import L2_GROUP_BYTES  # noqa: E402
+from mpt_attention.impl.triton.hopper import bwd_rows_per_group  # noqa: E402
 
 
 def launch_ints(batch: int, heads: int, seq: int, head_dim: int) -> dict:
     """The dK/dV kernel's integer arguments for a dense MHA step with (H,) slopes and contiguous (B, S, H, D) tensors,
     as ``hopper.dkdv_plan`` passes them."""
-    per_head = seq * head_dim * (2 * 2 + 4)
+    q = torch.empty(batch, seq, heads, head_dim, dtype=torch.bfloat16, device="meta")
     return dict(stride_slb=0, stride_slh=1, stride_bb=0, stride_bh=0, stride_bk=0, bias_b_on=0, bias_h_on=0,
                 n_kv=heads, n_groups=1, n_splits=1, n_rows=batch * heads,
-                rows_per_group=max(1, min(batch * heads, int(L2_GROUP_BYTES // per_head))), seqlen_q=seq,
+                rows_per_group=bwd_rows_per_group(q, batch * heads, 1, True), seqlen_q=seq,
                 seqlen_k=seq, stride_dks=heads * head_dim, stride_dkh=head_dim, stride_dvs=heads * head_dim,
                 stride_dvh=head_dim, n_seq=batch, head_dim=head_dim, zero=0)
 
