@@ -199,14 +199,17 @@ def lean(monkeypatch):
     """lean_launch as on a GPU with no hooks: a fake driver (device 0, stream 7) and knobs."""
     hooks = types.SimpleNamespace(launch_enter_hook=types.SimpleNamespace(calls=[]),
                                   launch_exit_hook=types.SimpleNamespace(calls=[]), debug=False)
-    knobs = types.SimpleNamespace(runtime=hooks, compilation=types.SimpleNamespace(instrumentation_mode=""))
+    knobs = types.SimpleNamespace(runtime=hooks, compilation=types.SimpleNamespace(instrumentation_mode=""),
+                                  nvidia=types.SimpleNamespace(ptxas_options=None))
     driver = types.SimpleNamespace(active=types.SimpleNamespace(get_current_device=lambda: 0,
-                                                                get_current_stream=lambda device: 7))
+                                                                get_current_stream=lambda device: 7,
+                                                                get_device_capability=lambda device: (8, 0)))
     monkeypatch.setattr(lean_launch, "_AVAILABLE", True)
     monkeypatch.setattr(lean_launch, "knobs", knobs, raising=False)
     monkeypatch.setattr(lean_launch, "driver", driver, raising=False)
     monkeypatch.setattr(lean_launch, "_KERNELS", {})
     monkeypatch.setattr(lean_launch, "_BY_ARGUMENTS", {})
+    monkeypatch.setattr(lean_launch, "_DEVICE_PTXAS_OPTIONS", {})
     return knobs
 
 
@@ -621,3 +624,37 @@ def test_launches_ask_for_floating_point_fusion_unless_told_otherwise(monkeypatc
     lean_launch.launch_kernel(Kernel(), (1,), 0, BLOCK=16)
     lean_launch.launch_kernel(Kernel(), (1,), 0, BLOCK=16, enable_fp_fusion=False)
     assert seen == [dict(BLOCK=16, enable_fp_fusion=True), dict(BLOCK=16, enable_fp_fusion=False)]
+
+
+@pytest.mark.parametrize("capability, ptxas, expected", [
+    pytest.param(9, "13.4", "--regAllocOptLevel=4", id="hopper-ptxas13"),
+    pytest.param(9, "12.8", None, id="hopper-ptxas12"),
+    pytest.param(10, "13.4", None, id="blackwell"),
+    pytest.param(8, "12.8", None, id="ampere"),
+])
+def test_ptxas_options_restore_ptxas13s_register_allocation_on_hopper(monkeypatch, capability, ptxas, expected):
+    """Only where Triton assembles sm_90 kernels with a ptxas of CUDA 13 (Triton 3.9) do our launches undo the
+    ``--regAllocOptLevel=2`` Triton passes (with it ptxas 13 spilled the Hopper forward: benchmarks/NOTES.md
+    session 55); elsewhere its choice stands."""
+    compiler = pytest.importorskip("triton.backends.nvidia.compiler")
+    monkeypatch.setattr(compiler, "get_ptxas", lambda arch: types.SimpleNamespace(path="ptxas", version=ptxas))
+    assert lean_launch.ptxas_options(capability) == expected
+
+
+def test_launches_on_hopper_under_ptxas13_pass_the_option_before_the_users(lean, monkeypatch):
+    """The option goes with the launch's compile options (so into Triton's cache key), ahead of
+    TRITON_PTXAS_OPTIONS (ptxas takes an option's last value); a caller's own ``ptx_options`` stand."""
+    compiler = pytest.importorskip("triton.backends.nvidia.compiler")
+    monkeypatch.setattr(compiler, "get_ptxas", lambda arch: types.SimpleNamespace(path="ptxas", version="13.4"))
+    monkeypatch.setattr(lean_launch.driver.active, "get_device_capability", lambda device: (9, 0))
+    fn, x = _FakeJITFunction(), object()
+    lean_launch.launch_kernel(fn, (3,), x, 32, BLOCK=64)
+    lean.nvidia.ptxas_options = "--maxrregcount=128"
+    lean_launch.launch_kernel(fn, (3,), x, 32, BLOCK=64)
+    lean_launch.launch_kernel(fn, (3,), x, 32, BLOCK=64, ptx_options="-O2")
+    assert [kwargs["ptx_options"] for _, _, kwargs in fn.triton_launches] == [
+        "--regAllocOptLevel=4", "--regAllocOptLevel=4 --maxrregcount=128", "-O2"]
+    monkeypatch.setattr(lean_launch, "_DEVICE_PTXAS_OPTIONS", {})
+    monkeypatch.setattr(lean_launch.driver.active, "get_device_capability", lambda device: (8, 0))
+    lean_launch.launch_kernel(fn, (3,), x, 48, BLOCK=64)
+    assert "ptx_options" not in fn.triton_launches[-1][2]

@@ -113,3 +113,27 @@ def test_dkdv_kernel_as_launched_keeps_its_descriptors_out_of_local_memory():
     loops = re.findall(r"loop at instruction \d+: (\d+) instructions, 32 HGMMA, (\d+) LDL", result.stdout)
     assert len(loops) == 2, result.stdout  # the two consumers' key loops
     assert spilled <= 64 and all(int(loads) <= 4 and int(length) < 630 for length, loads in loops), result.stdout
+
+
+def test_hopper_forward_assembled_by_ptxas13_keeps_its_registers():
+    """Triton passes every ptxas ``--regAllocOptLevel=2``; ptxas 13 (Triton 3.9's for sm_90) then spilled the D64
+    causal ALiBi forward: 408 bytes stored and 640 loaded, 11-13 local loads per key loop, 6% of its time on the
+    H200 (benchmarks/NOTES.md session 55). Our launches pass ptxas 13's own default after it
+    (``lean_launch.ptxas_options``). Checked with this Triton's ptxas of CUDA 13 standing in for the sm_90 one
+    (TRITON_PTXAS_PATH), the kernel compiled with the launches' options (``compile_kernels.LAUNCH_OPTIONS``)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    newer = get_ptxas(100).path
+    version = subprocess.run([newer, "--version"], capture_output=True, text=True).stdout
+    if not re.search(r"release 1[3-9]\.", version):
+        pytest.skip(f"this Triton's sm_100 ptxas is not CUDA 13's: {version.strip()[-60:]}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_PTXAS_PATH"] = newer
+    script = ("import sys; sys.path.insert(0, 'tools'); import compile_kernels as c; "
+              "k = c.compile_hopper_kernel(64, True, 1); print(c.LAUNCH_OPTIONS['ptx_options'], '|', c._spills(k))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    options, spills = result.stdout.strip().splitlines()[-1].split(" | ")
+    assert options == "--regAllocOptLevel=4"
+    assert int(re.search(r"(\d+) bytes spill stores", spills).group(1)) <= 32, spills

@@ -9,6 +9,7 @@ moves code between files (or renames a helper) leaves every digest as it was, so
 import hashlib
 import itertools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,10 @@ from mpt_attention.impl.triton import launch
 from mpt_attention.impl.triton.reach import REACH_ROW
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
+from mpt_attention.impl.triton.lean_launch import ptxas_options
 
+# the options every launch on a Hopper GPU adds (lean_launch.launch_kernel), so the kernels compiled here are those
+LAUNCH_OPTIONS = {"enable_fp_fusion": True, "ptx_options": ptxas_options(9)}
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "EndSeqQ": "*i32", "EndSeqK": "*i32", "Lse": "*fp32",
@@ -44,8 +48,7 @@ def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
         else:
             sig[name] = "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    # (as every launch asks for: lean_launch.launch_kernel)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True, **options})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={**LAUNCH_OPTIONS, **options})
 
 
 def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias: str | None = None,
@@ -99,7 +102,7 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
     attrs = launch_attrs(fn, sig, consts, ints) if ints is not None else None
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                          attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": True})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, **LAUNCH_OPTIONS})
 
 
 def launch_attrs(fn, sig: dict, consts: dict, ints: dict) -> dict:
@@ -205,7 +208,7 @@ def _compile_dq_staging_probe():
         smem.store(tiles)
 
     src = GluonASTSource(fn=probe, signature={}, constexprs={})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": True})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, **LAUNCH_OPTIONS})
 
 
 def triton_tool(name: str) -> str:
@@ -221,6 +224,16 @@ def sm90_ptxas() -> str:
     return get_ptxas(90).path
 
 
+def triton_ptxas_flags(ptx_options: str | None = LAUNCH_OPTIONS["ptx_options"]) -> list[str]:
+    """The register-allocation flag Triton passes every ptxas (from 3.7: ``--regAllocOptLevel=2``) and then
+    ``ptx_options``, as Triton orders them: ptxas 13 assembles differently with that flag (``lean_launch.ptxas_options``)."""
+    from triton.backends.nvidia import compiler
+
+    with open(compiler.__file__) as f:
+        found = re.search(r"--regAllocOptLevel=\d+", f.read())
+    return ([found.group(0)] if found else []) + (ptx_options.split() if ptx_options else [])
+
+
 def assemble(ptx: str, workdir: str, *flags: str) -> tuple[str, str]:
     """``ptx`` assembled for sm_90a by Triton's ptxas in ``workdir``: ``(object file path, ptxas's stderr)``."""
     src, obj = os.path.join(workdir, "k.ptx"), os.path.join(workdir, "k.o")
@@ -232,11 +245,11 @@ def assemble(ptx: str, workdir: str, *flags: str) -> tuple[str, str]:
 
 
 def _spills(kernel) -> str:
-    """ptxas's spill report for a compiled kernel (the PTX is re-assembled with Triton's own ptxas), and
+    """ptxas's spill report for a compiled kernel (the PTX is re-assembled with Triton's own ptxas and flags), and
     ``WGMMA-SERIALISED`` where ptxas warns that it made every tensor-core product wait for the one before (C7514:
     a register of a product in flight read by another instruction; hopper_forward.py's early ALiBi product)."""
     with tempfile.TemporaryDirectory() as tmp:
-        log = assemble(kernel.asm["ptx"], tmp, "-v")[1]
+        log = assemble(kernel.asm["ptx"], tmp, "-v", *triton_ptxas_flags(kernel.metadata.ptx_options))[1]
     report = next((line.strip() for line in log.splitlines() if "spill" in line), "no report")
     return report + (" WGMMA-SERIALISED" if "C7514" in log else "")
 

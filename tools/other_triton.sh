@@ -5,7 +5,8 @@
 # transfer to the machine (which has no network) takes at most 64 MiB with the working tree.
 #
 #   bash tools/other_triton.sh prepare [VERSION]   here (default 3.7.1, for the machine's Python 3.12): writes
-#                                                  .peers/triton/a/part0 and .peers/triton/b/part1 (git-ignored)
+#                                                  .peers/triton/a/part0 and .peers/triton/b/part1 (git-ignored);
+#                                                  BOTH_PTXAS=1 keeps both of the wheel's ptxas (not only sm_90's)
 #   bash tools/other_triton.sh stage               there, with .peers/triton/a carried: keeps the first half in /tmp
 #   bash tools/other_triton.sh install             there, right after (the machine stays up ~30 s between calls), with
 #                                                  .peers/triton/b carried: unpacks both halves into /tmp/triton-site
@@ -39,8 +40,11 @@ nv="$work/site/triton/backends/nvidia"
 strip "$work/site/triton/_C/libtriton.so"
 rm -rf "$work/site/triton/_C/libproton.so" "$nv/lib/cupti" "$work/site/triton/backends/amd/lib" "$nv/bin/nvdisasm" \
   "$nv/bin/cuobjdump" "$work/site/triton/FileCheck"
-# one ptxas: the one Triton assembles sm_90 kernels with (`ptxas` up to 3.8, `ptxas-blackwell` for every arch from 3.9)
-if grep -q "arch >= 100 else knobs.nvidia.ptxas" "$nv/compiler.py"; then rm "$nv/bin/ptxas-blackwell"; else rm "$nv/bin/ptxas"; fi
+# one ptxas: the one Triton assembles sm_90 kernels with (`ptxas` up to 3.8, `ptxas-blackwell` for every arch from 3.9);
+# with BOTH_PTXAS=1 both (3.9's CUDA 12.9 `ptxas` can stand in through TRITON_PTXAS_BLACKWELL_PATH: NOTES session 55)
+if [[ ${BOTH_PTXAS:-0} != 1 ]]; then
+  if grep -q "arch >= 100 else knobs.nvidia.ptxas" "$nv/compiler.py"; then rm "$nv/bin/ptxas-blackwell"; else rm "$nv/bin/ptxas"; fi
+fi
 chmod +x "$nv"/bin/*
 rm -rf .peers/triton && mkdir -p .peers/triton/a .peers/triton/b
 grep -qx '/.peers/' .git/info/exclude 2>/dev/null || echo '/.peers/' >> .git/info/exclude

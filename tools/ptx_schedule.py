@@ -25,7 +25,7 @@ import tempfile
 
 import triton
 
-from compile_kernels import assemble, compile_hopper_kernel, compile_kernel, triton_tool
+from compile_kernels import assemble, compile_hopper_kernel, compile_kernel, triton_ptxas_flags, triton_tool
 from mpt_attention.impl.triton import launch
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 
@@ -55,7 +55,7 @@ _SASS_TAGS = {"DEPBAR.LE gsb0, 0x0": "W0", "DEPBAR.LE gsb0, 0x1": "W1", "DEPBAR.
 def sass_schedule(ptx: str) -> str:
     """``schedule``'s tags over the SASS ptxas makes of ``ptx`` (``w``: an mbarrier wait), runs collapsed."""
     with tempfile.TemporaryDirectory() as tmp:
-        obj, _ = assemble(ptx, tmp)
+        obj, _ = assemble(ptx, tmp, *triton_ptxas_flags())
         sass = subprocess.run([triton_tool("cuobjdump"), "-sass", obj], capture_output=True, text=True,
                               check=True).stdout
     tags = [_SASS_TAGS[t] for t in re.findall("|".join(re.escape(t) for t in _SASS_TAGS), sass)]

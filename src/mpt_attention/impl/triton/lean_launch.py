@@ -69,17 +69,50 @@ def _hooks_active() -> bool:
     return False
 
 
+def ptxas_options(capability_major: int) -> str | None:
+    """The ptxas options our launches add on a GPU of compute capability ``capability_major``.x (None: none):
+    ``--regAllocOptLevel=4`` on Hopper where the installed Triton assembles sm_90 kernels with a ptxas of CUDA 13 or
+    later (Triton 3.9's ``ptxas-blackwell``, or one named by TRITON_PTXAS_PATH). Triton (3.7 on) passes every ptxas
+    ``--regAllocOptLevel=2``, naming a ptxas 13 bug. ptxas 12.8 and 12.9 assemble our kernels the same with or without
+    it; ptxas 13.x with it spills the Hopper forward's registers (D64: 408 bytes stored and 640 loaded, 11-13 local
+    loads per key loop, against 72 bytes without it; D128: 112 bytes against none), and under Triton 3.9 the forward
+    took 5-16% longer than under 3.6 (benchmarks/NOTES.md session 55). Level 4 is ptxas 13's own default (the same
+    cubin as without the option); ptxas takes an option's last value, and TRITON_PTXAS_OPTIONS goes after ours."""
+    if capability_major != 9:
+        return None
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        version = get_ptxas(90).version
+    except Exception:  # another Triton layout, or no ptxas: Triton's own choice
+        return None
+    return "--regAllocOptLevel=4" if int(version.split(".")[0]) >= 13 else None
+
+
+_DEVICE_PTXAS_OPTIONS: dict = {}  # device index -> ptxas_options of its compute capability
+
+
 def launch_kernel(fn, grid, *args, **kwargs):
     """``fn[grid](*args, **kwargs)``: the same kernel, arguments and stream, with less host work. Returns the
     compiled kernel it launched, or None where it left the launch to Triton without one (hooks, the interpreter,
     other internals). Floating-point fusion (``a * b + c`` as one FMA) is asked for unless the caller says otherwise:
-    the kernels were written and measured with it, Triton's default up to 3.9, which 3.10 turns off."""
+    the kernels were written and measured with it, Triton's default up to 3.9, which 3.10 turns off. So are the
+    ``ptxas_options`` of the device's compute capability, unless the caller passes ``ptx_options``."""
     if "enable_fp_fusion" not in kwargs:
         kwargs["enable_fp_fusion"] = True
-    if not _AVAILABLE or fn.pre_run_hooks or _hooks_active():
+    if not _AVAILABLE:
         fn[grid](*args, **kwargs)
         return None
     device = driver.active.get_current_device()
+    if "ptx_options" not in kwargs:
+        ours = _DEVICE_PTXAS_OPTIONS.get(device, False)
+        if ours is False:
+            ours = _DEVICE_PTXAS_OPTIONS[device] = ptxas_options(driver.active.get_device_capability(device)[0])
+        if ours is not None:
+            kwargs["ptx_options"] = f"{ours} {knobs.nvidia.ptxas_options or ''}".rstrip()
+    if fn.pre_run_hooks or _hooks_active():
+        fn[grid](*args, **kwargs)
+        return None
     by_arguments = argument_key(fn, device, args, kwargs)
     if by_arguments is not None:
         try:
