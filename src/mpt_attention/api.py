@@ -9,13 +9,12 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 
 import torch
 
 from mpt_attention import ops, packed_rows
 from mpt_attention.impl import reference, sdpa
-from mpt_attention.impl.device import sm_major
+from mpt_attention.impl.device import release, sm_major
 
 __all__ = ["BACKENDS", "attention", "backend_status", "TRITON_MAX_HEAD_DIM"]
 
@@ -44,7 +43,7 @@ TRITON_MIN_VERSION = (3, 6)
 @functools.lru_cache(maxsize=8)  # asked on every call, with the same string
 def triton_too_old(version: str) -> str | None:
     """Why Triton ``version`` (``triton.__version__``) cannot run this backend's kernels, or ``None``."""
-    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    found = release(version)
     if found >= TRITON_MIN_VERSION:
         return None
     need = ".".join(map(str, TRITON_MIN_VERSION))

@@ -13,19 +13,19 @@ and 3.7 also run on the GPU machine) and runs well under each.
   under 3.6 the kernel is 0.6-1% faster with them formed once (benchmarks/NOTES.md session 54).
 """
 
-import re
-
 import triton
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import tma
+
+from mpt_attention.impl.device import release
 
 __all__ = ["KV_IN_STEP", "partition_barrier", "smem_reinterpret", "tma_load", "tma_store"]
 
 partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-KV_IN_STEP = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 7)
+KV_IN_STEP = release(triton.__version__) >= (3, 7)
 
 
 @builtin

@@ -33,6 +33,8 @@ from operator import attrgetter
 
 import torch
 
+from mpt_attention.impl.device import release
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _KERNELS: dict = {}  # (kernel function, device, specialisation, options) -> compiled kernel
 # argument_key -> (compiled kernel, the kernel function and the descriptors' layouts, kept alive because the key
@@ -86,7 +88,7 @@ def ptxas_options(capability_major: int) -> str | None:
         version = get_ptxas(90).version
     except Exception:  # another Triton layout, or no ptxas: Triton's own choice
         return None
-    return "--regAllocOptLevel=4" if int(version.split(".")[0]) >= 13 else None
+    return "--regAllocOptLevel=4" if release(version) >= (13,) else None
 
 
 _DEVICE_PTXAS_OPTIONS: dict = {}  # device index -> ptxas_options of its compute capability
