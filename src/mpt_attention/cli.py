@@ -27,6 +27,16 @@ def _versions() -> dict:
             found[name] = getattr(module, "__version__", "?")
         except ImportError as exc:
             found[name] = "not installed" if exc.name == name else f"import failed: {exc}"
+    if "." in found["triton"]:  # the ptxas Hopper kernels are assembled with, and what our launches add to it
+        try:
+            from triton.backends.nvidia.compiler import get_ptxas
+
+            from mpt_attention.impl.triton.lean_launch import ptxas_options
+
+            extra = ptxas_options(9)
+            found["ptxas (sm_90)"] = get_ptxas(90).version + (f", launches add {extra}" if extra else "")
+        except Exception as exc:  # not a CUDA build of Triton, or no ptxas
+            found["ptxas (sm_90)"] = f"unknown ({type(exc).__name__})"
     from mpt_attention import __version__
 
     found["mpt_attention"] = __version__
