@@ -26,7 +26,9 @@ from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 from mpt_attention.impl.triton.lean_launch import ptxas_options
 
 # the options every launch on a Hopper GPU adds (lean_launch.launch_kernel), so the kernels compiled here are those
-LAUNCH_OPTIONS = {"enable_fp_fusion": True, "ptx_options": ptxas_options(9)}
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+if ptxas_options(9):
+    LAUNCH_OPTIONS["ptx_options"] = ptxas_options(9)
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "EndSeqQ": "*i32", "EndSeqK": "*i32", "Lse": "*fp32",
@@ -224,7 +226,7 @@ def sm90_ptxas() -> str:
     return get_ptxas(90).path
 
 
-def triton_ptxas_flags(ptx_options: str | None = LAUNCH_OPTIONS["ptx_options"]) -> list[str]:
+def triton_ptxas_flags(ptx_options: str | None = LAUNCH_OPTIONS.get("ptx_options")) -> list[str]:
     """The register-allocation flag Triton passes every ptxas (from 3.7: ``--regAllocOptLevel=2``) and then
     ``ptx_options``, as Triton orders them: ptxas 13 assembles differently with that flag (``lean_launch.ptxas_options``)."""
     from triton.backends.nvidia import compiler
