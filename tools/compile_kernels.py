@@ -6,6 +6,7 @@ Each ``ok`` line ends with ``ptx=`` and a digest of the kernel's PTX without its
 moves code between files (or renames a helper) leaves every digest as it was, so two runs' outputs diffed show it.
 """
 
+import functools
 import hashlib
 import itertools
 import os
@@ -27,8 +28,8 @@ from mpt_attention.impl.triton.lean_launch import ptxas_options
 
 # the options every launch on a Hopper GPU adds (lean_launch.launch_kernel), so the kernels compiled here are those
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
-if ptxas_options(9):
-    LAUNCH_OPTIONS["ptx_options"] = ptxas_options(9)
+if _HOPPER_PTXAS_OPTIONS := ptxas_options(9):
+    LAUNCH_OPTIONS["ptx_options"] = _HOPPER_PTXAS_OPTIONS
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "EndSeqQ": "*i32", "EndSeqK": "*i32", "Lse": "*fp32",
@@ -226,14 +227,21 @@ def sm90_ptxas() -> str:
     return get_ptxas(90).path
 
 
-def triton_ptxas_flags(ptx_options: str | None = LAUNCH_OPTIONS.get("ptx_options")) -> list[str]:
-    """The register-allocation flag Triton passes every ptxas (from 3.7: ``--regAllocOptLevel=2``) and then
-    ``ptx_options``, as Triton orders them: ptxas 13 assembles differently with that flag (``lean_launch.ptxas_options``)."""
+@functools.cache
+def _triton_reg_alloc_flag() -> tuple[str, ...]:
+    """The register-allocation flag Triton's ``make_cubin`` passes every ptxas (from 3.7: ``--regAllocOptLevel=2``),
+    read once from its source."""
     from triton.backends.nvidia import compiler
 
     with open(compiler.__file__) as f:
         found = re.search(r"--regAllocOptLevel=\d+", f.read())
-    return ([found.group(0)] if found else []) + (ptx_options.split() if ptx_options else [])
+    return (found.group(0),) if found else ()
+
+
+def triton_ptxas_flags(ptx_options: str | None = LAUNCH_OPTIONS.get("ptx_options")) -> list[str]:
+    """Triton's register-allocation flag and then ``ptx_options``, as Triton orders them: ptxas 13 assembles
+    differently with that flag (``lean_launch.ptxas_options``)."""
+    return [*_triton_reg_alloc_flag(), *(ptx_options.split() if ptx_options else [])]
 
 
 def assemble(ptx: str, workdir: str, *flags: str) -> tuple[str, str]:
