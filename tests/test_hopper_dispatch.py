@@ -67,6 +67,24 @@ def test_head_dims_between_64_and_128_run_in_tiles_of_128(head_dim, width):
     assert fused == expected
 
 
+@pytest.mark.parametrize("ptxas, tails", [
+    pytest.param("12.8", {64: 0, 72: 16, 80: 16, 88: 32, 96: 32, 112: 0, 128: 0}, id="ptxas12-pieces"),
+    pytest.param("13.4", {64: 0, 72: 0, 80: 0, 88: 0, 96: 0, 112: 0, 128: 0}, id="ptxas13-whole-tile"),
+    pytest.param("", {80: 16, 96: 32}, id="ptxas-unknown-pieces"),
+])
+def test_forward_pv_spans_the_whole_tile_where_sm90_ptxas_is_cuda13(monkeypatch, ptxas, tails):
+    """ptxas 13 keeps the copies Triton >= 3.8 makes of P for the second piece's P V product (D96: 32 moves per key
+    block), so there the forward's P V spans the tile; Q K^T contracts D rounded up to 16 either way."""
+    from mpt_attention.impl.device import release
+
+    monkeypatch.setattr(hopper, "sm90_ptxas_release", lambda: release(ptxas))
+    hopper._ptxas13_on_hopper.cache_clear()
+    try:
+        assert {d: hopper.forward_tail(d) for d in tails} == tails
+    finally:
+        hopper._ptxas13_on_hopper.cache_clear()
+
+
 @pytest.mark.parametrize("head_dim, bias_matrix, fused_dq, block_m", [
     pytest.param(64, False, True, 64, id="D64"),
     pytest.param(64, True, False, 64, id="D64-bias-matrix-split"),

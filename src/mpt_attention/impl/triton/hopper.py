@@ -10,6 +10,7 @@ views of tensors they describe, are ``hopper_views.py``'s.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -20,7 +21,7 @@ from mpt_attention.impl.device import sm_count, sm_major
 from mpt_attention.impl.triton.common import clear_unused_rows_kernel, row_keys_kernel
 from mpt_attention.impl.triton.hopper_views import bias_dims_on, bias_matrix_view, bias_row_view, descriptor, rows_view
 from mpt_attention.impl.triton.hopper_views import slope_args, tma_aligned
-from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
+from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2, sm90_ptxas_release
 from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, norm_launch, row_ends, row_prefix_max
 from mpt_attention.impl.triton.reach import row_reach_launch
 from mpt_attention.kept import kept_on
@@ -156,6 +157,21 @@ def product_tail(head_dim: int) -> int:
     with the dQ warpgroup, whose own product still spans the tile); 0: the products span the whole tile
     (D 64, and 104-128, where 64 + 32 + 16 pieces would be needed: Gluon's shapes are powers of 2)."""
     return 16 if 64 < head_dim <= 80 else 32 if 80 < head_dim <= 96 else 0
+
+
+def forward_tail(head_dim: int) -> int:
+    """The forward's ``TAIL``: ``product_tail``'s pieces for P V, except where Triton assembles sm_90 kernels with a
+    ptxas of CUDA 13 (Triton 3.9's): there P V spans the whole tile at D 72-96 as well (Q K^T still contracts
+    ``qk_cols``). Triton 3.8 on copies a register A operand before each tensor-core product (triton-lang/triton#9514);
+    ptxas 12.x folds the copies for both pieces' products, 13.4 keeps the second's (D96: 32 moves per key block).
+    Under Triton 3.9 the whole tile runs D80 1.05x and D96 1.10x faster; under 3.6 the pieces win by 1.13x and
+    1.07x (benchmarks/NOTES.md sessions 18, 56)."""
+    return 0 if _ptxas13_on_hopper() else product_tail(head_dim)
+
+
+@functools.cache
+def _ptxas13_on_hopper() -> bool:
+    return sm90_ptxas_release() >= (13,)
 
 
 def qk_cols(head_dim: int) -> int:
@@ -377,7 +393,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     reach = 0 if seqused else reach_applies(bias, slopes, causal, alibi_mode, 1 if varlen else batch, s_k)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
-        BIAS_ROW=bias_row, TAIL=product_tail(head_dim), QK_COLS=qk_cols(head_dim), BIAS_FULL=bias_full,
+        BIAS_ROW=bias_row, TAIL=forward_tail(head_dim), QK_COLS=qk_cols(head_dim), BIAS_FULL=bias_full,
         VARLEN=packed_kind(varlen, seqused), RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, REACH=reach, num_warps=4))
     counters = 16 + grid[0] * PROGRAM_WORDS
     norms = row_table = None

@@ -58,6 +58,14 @@ def score_terms(s, rows, cols, col_terms, tile_terms, qk_scale2, slope2, diag, s
 
 
 @gluon.jit
+def _add_f32(a, b):
+    # a float32 add that LLVM's SLP vectorizer cannot pack: Triton 3.9 runs it on sm_90 again (3.8 had turned it off
+    # for such kernels), and its <4 x float> row sums lengthen the D64 forward's key loops by ~30 instructions and
+    # spill: raw forward D64 1.024x under 3.9, unchanged under 3.6 (benchmarks/NOTES.md sessions 55-56)
+    return gl.inline_asm_elementwise("add.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, side, tile_terms, qk_scale2, slope2, diag,
                  seqlen_k, masked, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr,
                  BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr, RAW: gl.constexpr):
@@ -85,7 +93,7 @@ def softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, side
         m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_ref)
         p = gl.exp2(gl.fma(s, qk_scale2, (shift - m_ref)[:, None]))
-        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+        return p, alpha, m_new, l_i * alpha + gl.reduce(p, 1, _add_f32)
     if ALIBI == 2 and not BIAS_FULL:
         if masked:  # the last partial block takes the per-score form whatever its side
             side = 0.0

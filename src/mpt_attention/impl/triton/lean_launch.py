@@ -82,13 +82,18 @@ def ptxas_options(capability_major: int) -> str | None:
     cubin as without the option); ptxas takes an option's last value, and TRITON_PTXAS_OPTIONS goes after ours."""
     if capability_major != 9:
         return None
+    return "--regAllocOptLevel=4" if sm90_ptxas_release() >= (13,) else None
+
+
+def sm90_ptxas_release() -> tuple[int, ...]:
+    """``(major, minor)`` of the ptxas the installed Triton assembles sm_90 kernels with; ``()`` where that is not
+    known (another Triton layout, no ptxas: then Triton's own choices stand)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
-        version = get_ptxas(90).version
-    except Exception:  # another Triton layout, or no ptxas: Triton's own choice
-        return None
-    return "--regAllocOptLevel=4" if release(version) >= (13,) else None
+        return release(get_ptxas(90).version)
+    except Exception:
+        return ()
 
 
 _DEVICE_PTXAS_OPTIONS: dict = {}  # device index -> ptxas_options of its compute capability
