@@ -266,7 +266,8 @@ def _spills(kernel) -> str:
 
 def ptx_digest(kernel) -> str:
     """12 hex digits of a SHA-256 of the kernel's PTX without what names source files and lines (``.file``,
-    ``.loc`` and the DWARF sections), which moving code changes while the instructions stay the same."""
+    ``.loc``, the DWARF sections and the ``$L__tmp`` labels that mark inlined calls for them), which moving code or
+    calling a helper changes while the instructions stay the same."""
     lines, in_debug = [], False
     for line in kernel.asm["ptx"].splitlines():
         stripped = line.strip()
@@ -275,7 +276,7 @@ def ptx_digest(kernel) -> str:
         if in_debug:
             in_debug = stripped != "}"
             continue
-        if not stripped.startswith((".file", ".loc", "//")):
+        if not stripped.startswith((".file", ".loc", "//")) and not re.fullmatch(r"\$L__tmp\d+:", stripped):
             lines.append(stripped)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from compile_kernels import _spills, compile_hopper_dkdv_kernel, triton_tool  # noqa: E402
 
-from mpt_attention.impl.triton.hopper import bwd_rows_per_group  # noqa: E402
+from mpt_attention.impl.triton.hopper import bwd_rows_per_group, product_tail, tile_dim  # noqa: E402
 
 
 def launch_ints(batch: int, heads: int, seq: int, head_dim: int) -> dict:
@@ -73,16 +73,19 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--tail", type=int, help="the products' second piece of columns (default: as launched, "
+                        "hopper.product_tail; 0: the whole tile)")
     parser.add_argument("--out", help="folder for the kernel's ttgir, llir, ptx, cubin and sass")
     args = parser.parse_args()
     ints = launch_ints(args.batch, args.heads, args.seq, args.head_dim)
-    kernel = compile_hopper_dkdv_kernel(args.head_dim, True, 1, fused_dq=True, ints=ints)
+    tail = product_tail(args.head_dim) if args.tail is None else args.tail
+    kernel = compile_hopper_dkdv_kernel(tile_dim(args.head_dim), True, 1, fused_dq=True, tail=tail, ints=ints)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
         sass = subprocess.run([triton_tool("nvdisasm"), "-c", path], capture_output=True, text=True).stdout
-    print(f"Triton {triton.__version__}, B{args.batch} H{args.heads} S{args.seq} D{args.head_dim}: "
+    print(f"Triton {triton.__version__}, B{args.batch} H{args.heads} S{args.seq} D{args.head_dim} tail {tail}: "
           f"{kernel.metadata.shared} bytes of shared memory; {_spills(kernel)}")
     for start, length, products, loads, moves in product_loops(sass):
         print(f"  loop at instruction {start}: {length} instructions, {products} HGMMA, {loads} LDL, {moves} R2UR")

@@ -4,6 +4,10 @@ and 3.7 also run on the GPU machine) and runs well under each.
 
 * ``partition_barrier``: a barrier over the calling partition's warps, ``gl.thread_barrier`` in Triton 3.6, renamed
   ``gl.barrier`` in 3.7.
+* ``partition_arrive(bars, i)``: an arrival on mbarrier ``bars.index(i)`` once every warp of the partition has got
+  there (the arrival itself is one thread's). Triton 3.8 on emits a partition barrier before every arrival
+  (triton-lang/triton#10035, ``ARRIVE_SYNCS``), so ours before it would make two in a row: one per site and step in
+  the dK/dV kernel's loops (benchmarks/NOTES.md session 56).
 * ``smem_reinterpret(smem, dtype, shape, layout)``: ``smem._reinterpret`` up to 3.8, ``smem.reinterpret`` from 3.9.
 * ``tma_load`` / ``tma_store``: the copy engine's (TMA) box copies, ``tma.async_copy_global_to_shared`` /
   ``tma.async_copy_shared_to_global`` in 3.6 and 3.7, renamed ``tma.async_load`` / ``tma.async_store`` in 3.8 (the old
@@ -14,18 +18,35 @@ and 3.7 also run on the GPU machine) and runs well under each.
 """
 
 import triton
+from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
-from triton.experimental.gluon.language.nvidia.hopper import tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from mpt_attention.impl.device import release
 
-__all__ = ["KV_IN_STEP", "partition_barrier", "smem_reinterpret", "tma_load", "tma_store"]
+__all__ = ["ARRIVE_SYNCS", "KV_IN_STEP", "partition_arrive", "partition_barrier", "smem_reinterpret", "tma_load",
+           "tma_store"]
 
 partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 KV_IN_STEP = release(triton.__version__) >= (3, 7)
+ARRIVE_SYNCS = release(triton.__version__) >= (3, 8)
+_ARRIVE_SYNCS = gl.constexpr(ARRIVE_SYNCS)
+
+
+@gluon.jit
+def partition_arrive(bars, i=None):
+    """Arrive on mbarrier ``bars.index(i)`` (``bars`` itself without ``i``) once every warp of the calling partition
+    has got here (stored its part of a tile, finished its reads). The view is taken after the barrier, as the
+    kernels did before this helper (the same code under Triton 3.6 and 3.7)."""
+    if not _ARRIVE_SYNCS:
+        partition_barrier()
+    if i is None:
+        mbarrier.arrive(bars)
+    else:
+        mbarrier.arrive(bars.index(i))
 
 
 @builtin

@@ -80,7 +80,7 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS
 from mpt_attention.impl.triton.common import LOG2E, _log2_bias
-from mpt_attention.impl.triton.gluon_compat import partition_barrier, smem_reinterpret
+from mpt_attention.impl.triton.gluon_compat import partition_arrive, smem_reinterpret
 from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
@@ -328,8 +328,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 mbarrier.wait(ds_free.index(buf), (t // SLOTS) % 2 ^ 1)
                 ds_smem.index(2 * buf + half).reshape([BLOCK_M, _HALF_N]).store(gl.permute(ds.to(dtype), (1, 0)))
                 fence_async_shared()
-                partition_barrier()
-                mbarrier.arrive(ds_ready.index(buf))
+                partition_arrive(ds_ready, buf)
                 if t > 0:
                     consumer_dq_step(t - 1, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_bars, dqt_zero,
                                      softmax_scale, SLOTS, HEAD_DIM, kv_zero)
@@ -343,8 +342,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 ring = ds_smem.index(half * SLOTS + slot).reshape([BLOCK_M, _HALF_N])
                 ring.store(gl.permute(ds.to(dtype), (1, 0)))
                 fence_async_shared()
-                partition_barrier()  # Triton 3.6's arrive is one thread's: every warp's part must be stored
-                mbarrier.arrive(ds_ready.index(slot))
+                partition_arrive(ds_ready, slot)  # every warp's part stored
             if PREFETCH:  # (without it dV was waited before dS, and dK above)
                 if TAIL == 0:
                     dv, st, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=[dv_tok, st_tok, dk_tok, p_op, ds_op])

@@ -22,7 +22,7 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
-from mpt_attention.impl.triton.gluon_compat import partition_barrier, smem_reinterpret, tma_store
+from mpt_attention.impl.triton.gluon_compat import partition_arrive, partition_barrier, smem_reinterpret, tma_store
 
 HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
 # fused dQ: the dQ warpgroup forms dQ^T = K^T dS^T for DQ_ROWS queries at once (two steps at 32 queries per step,
@@ -233,8 +233,7 @@ def dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready
                     for ti in gl.static_range(TILES):
                         tma_reduce_add(dq_desc, [b, q_off + start_m, h0 + g, (dc * TILES + ti) * DQ_COLS],
                                        boxes.index(ti * PAIR + i))
-    partition_barrier()
-    mbarrier.arrive(dq_done)
+    partition_arrive(dq_done)
     tma.store_wait(0)
 
 
@@ -255,13 +254,11 @@ def consumer_dq_step(u, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_ba
     dqt = warpgroup_mma(k0t.permute((1, 0)), ds0, dqt_zero, use_acc=False, is_async=True)
     dqt = warpgroup_mma(k1t.permute((1, 0)), ds1, dqt, is_async=True)
     dqt = warpgroup_mma_wait(0, deps=[dqt])
-    partition_barrier()  # every warp's reads of the two halves done
-    mbarrier.arrive(ds_free.index(buf))
+    partition_arrive(ds_free, buf)  # every warp's reads of the two halves done
     mbarrier.wait(dq_bars.index(2 + half), u % 2 ^ 1)
     dq_smem.index(half).store(dq_chunk_tiles(dqt * softmax_scale))
     fence_async_shared()
-    partition_barrier()
-    mbarrier.arrive(dq_bars.index(half))
+    partition_arrive(dq_bars, half)
 
 
 @gluon.jit
@@ -292,11 +289,9 @@ def dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, 
                 else:
                     tma_reduce_add(dq_desc, coord, boxes.index(ti))
         tma.store_wait(TILES)  # bulk groups complete in issue order: the first half's are read
-        partition_barrier()  # (the issuing thread's wait holds the others)
-        mbarrier.arrive(dq_bars.index(2))
+        partition_arrive(dq_bars, 2)  # (the issuing thread's wait holds the others)
         tma.store_wait(0)
-        partition_barrier()
-        mbarrier.arrive(dq_bars.index(3))
+        partition_arrive(dq_bars, 3)
         if FIRST_WRITE:
             if first:
                 _publish_block(sync)

@@ -100,7 +100,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.common import LOG2E, SOFT_SCORE, encode_lse
-from mpt_attention.impl.triton.gluon_compat import partition_barrier, tma_store
+from mpt_attention.impl.triton.gluon_compat import partition_arrive, partition_barrier, tma_store
 from mpt_attention.impl.triton.hopper_loaders import clear_rows, forward_loader, q_buffer, q_buffers, row_ahead
 from mpt_attention.impl.triton.hopper_scores import EXT_A_LAYOUT, EXT_B_LAYOUT, HALF_M, alibi_operand, alibi_side
 from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_d, issue_scores
@@ -390,8 +390,7 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
             # the next tile's coordinates there. The reach's first block was read here after the arrive until
             # session 42: a warp that read the next tile's then counted its blocks wrong and waited on a stage phase
             # that never came (a stop seen with MPT's bias row at D64, benchmarks/NOTES.md session 42).
-            partition_barrier()
-            mbarrier.arrive(q_empty.index(buf))
+            partition_arrive(q_empty, buf)
             g += n_blocks - first
         r += 1
 
