@@ -643,7 +643,7 @@ def test_ptxas_options_restore_ptxas13s_register_allocation_on_hopper(monkeypatc
 
 def test_launches_on_hopper_under_ptxas13_pass_the_option_before_the_users(lean, monkeypatch):
     """The option goes with the launch's compile options (so into Triton's cache key), ahead of
-    TRITON_PTXAS_OPTIONS (ptxas takes an option's last value); a caller's own ``ptx_options`` stand."""
+    PTXAS_OPTIONS (ptxas takes an option's last value); a caller's own ``ptx_options`` stand."""
     compiler = pytest.importorskip("triton.backends.nvidia.compiler")
     monkeypatch.setattr(compiler, "get_ptxas", lambda arch: types.SimpleNamespace(path="ptxas", version="13.4"))
     monkeypatch.setattr(lean_launch.driver.active, "get_device_capability", lambda device: (9, 0))

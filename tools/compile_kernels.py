@@ -24,12 +24,12 @@ from mpt_attention.impl.triton import launch
 from mpt_attention.impl.triton.reach import REACH_ROW
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
-from mpt_attention.impl.triton.lean_launch import ptxas_options
+from mpt_attention.impl.triton.lean_launch import ptxas_options, with_user_ptxas_options
 
 # the options every launch on a Hopper GPU adds (lean_launch.launch_kernel), so the kernels compiled here are those
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 if _HOPPER_PTXAS_OPTIONS := ptxas_options(9):
-    LAUNCH_OPTIONS["ptx_options"] = _HOPPER_PTXAS_OPTIONS
+    LAUNCH_OPTIONS["ptx_options"] = with_user_ptxas_options(_HOPPER_PTXAS_OPTIONS)
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
 _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "EndSeqQ": "*i32", "EndSeqK": "*i32", "Lse": "*fp32",

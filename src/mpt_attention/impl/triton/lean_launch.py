@@ -79,7 +79,8 @@ def ptxas_options(capability_major: int) -> str | None:
     it; ptxas 13.x with it spills the Hopper forward's registers (D64: 408 bytes stored and 640 loaded, 11-13 local
     loads per key loop, against 72 bytes without it; D128: 112 bytes against none), and under Triton 3.9 the forward
     took 5-16% longer than under 3.6 (benchmarks/NOTES.md session 55). Level 4 is ptxas 13's own default (the same
-    cubin as without the option); ptxas takes an option's last value, and TRITON_PTXAS_OPTIONS goes after ours."""
+    cubin as without the option); ptxas takes an option's last value, and PTXAS_OPTIONS (Triton's
+    ``knobs.nvidia.ptxas_options``) goes after ours."""
     if capability_major != 9:
         return None
     return "--regAllocOptLevel=4" if sm90_ptxas_release() >= (13,) else None
@@ -94,6 +95,12 @@ def sm90_ptxas_release() -> tuple[int, ...]:
         return release(get_ptxas(90).version)
     except Exception:
         return ()
+
+
+def with_user_ptxas_options(ours: str) -> str:
+    """``ours`` followed by the options in the PTXAS_OPTIONS environment variable (Triton's name for it; ptxas takes
+    an option's last value, so the user's win)."""
+    return f"{ours} {knobs.nvidia.ptxas_options or ''}".rstrip()
 
 
 _DEVICE_PTXAS_OPTIONS: dict = {}  # device index -> ptxas_options of its compute capability
@@ -116,7 +123,7 @@ def launch_kernel(fn, grid, *args, **kwargs):
         if ours is False:
             ours = _DEVICE_PTXAS_OPTIONS[device] = ptxas_options(driver.active.get_device_capability(device)[0])
         if ours is not None:
-            kwargs["ptx_options"] = f"{ours} {knobs.nvidia.ptxas_options or ''}".rstrip()
+            kwargs["ptx_options"] = with_user_ptxas_options(ours)
     if fn.pre_run_hooks or _hooks_active():
         fn[grid](*args, **kwargs)
         return None
