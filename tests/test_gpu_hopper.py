@@ -2,6 +2,8 @@
 what the general kernels and the float64 reference compute. Runs on the GPU machine (pytest -m gpu);
 skipped elsewhere."""
 
+import math
+
 import pytest
 import torch
 
@@ -53,6 +55,28 @@ def test_hopper_forward_matches_float64_reference(case, dtype):
     (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda")
     assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, case.causal, False) is None
     _assert_forward_matches_reference(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non-causal"])
+@pytest.mark.parametrize("step", [3.0, 7.9, 8.1, 40.0], ids=lambda x: f"rise-{x}-per-block")
+@pytest.mark.parametrize("head_dim", [64, 128, 96])
+def test_hopper_forward_rows_whose_maximum_rises_block_after_block(head_dim, step, causal, dtype):
+    """The online softmax where the row maximum keeps rising: a third of the query rows (a pattern that mixes rows
+    that rise and rows that do not inside every warp and every thread's pair of rows) read a ramp over the keys that
+    raises their maximum by ``step`` log2 units per 128-key block, up to 320 over the row, so each block rescales
+    the accumulator of some rows and not others; against float64, fp16 included. (Session 57's lazy rescaling, which
+    moves a row's reference only past 8 log2 units, passed these too: 3 and 7.9 stay under that threshold, 8.1 and
+    40 cross it every block.)"""
+    gen = torch.Generator().manual_seed(11)
+    n, n_heads = 1024, 2
+    q, k, v = (torch.randn(1, n, n_heads, head_dim, generator=gen) for _ in range(3))
+    ramp = step * math.log(2) * math.sqrt(head_dim) / 128 * torch.arange(n, dtype=torch.float32)
+    k[..., 0] = ramp[None, :, None]
+    q[..., 0] = (torch.arange(n) % 3 == 0).float()[None, :, None]
+    q, k, v = (t.to(device="cuda", dtype=dtype) for t in (q, k, v))
+    assert hopper.unsupported(q, k, v, None, None, None, None, 0.0, causal, False) is None
+    _assert_forward_matches_reference(q, k, v, causal=causal)
 
 
 @pytest.mark.parametrize("head_dim,n_kv,causal,alibi,dtype", [
