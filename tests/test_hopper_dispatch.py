@@ -76,8 +76,9 @@ def test_forward_pv_spans_the_whole_tile_where_sm90_ptxas_is_cuda13(monkeypatch,
     """ptxas 13 keeps the copies Triton >= 3.8 makes of P for the second piece's P V product (D96: 32 moves per key
     block), so there the forward's P V spans the tile; Q K^T contracts D rounded up to 16 either way."""
     from mpt_attention.impl.device import release
+    from mpt_attention.impl.triton import lean_launch
 
-    monkeypatch.setattr(hopper, "sm90_ptxas_release", lambda: release(ptxas))
+    monkeypatch.setattr(lean_launch, "sm90_ptxas_release", lambda: release(ptxas))
     hopper._ptxas13_on_hopper.cache_clear()
     try:
         assert {d: hopper.forward_tail(d) for d in tails} == tails

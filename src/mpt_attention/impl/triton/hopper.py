@@ -21,7 +21,7 @@ from mpt_attention.impl.device import sm_count, sm_major
 from mpt_attention.impl.triton.common import clear_unused_rows_kernel, row_keys_kernel
 from mpt_attention.impl.triton.hopper_views import bias_dims_on, bias_matrix_view, bias_row_view, descriptor, rows_view
 from mpt_attention.impl.triton.hopper_views import slope_args, tma_aligned
-from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2, sm90_ptxas_release
+from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2, sm90_ptxas_is_cuda13
 from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, norm_launch, row_ends, row_prefix_max
 from mpt_attention.impl.triton.reach import row_reach_launch
 from mpt_attention.kept import kept_on
@@ -170,8 +170,8 @@ def forward_tail(head_dim: int) -> int:
 
 
 @functools.cache
-def _ptxas13_on_hopper() -> bool:
-    return sm90_ptxas_release() >= (13,)
+def _ptxas13_on_hopper() -> bool:  # read once: forward_tail is on every forward's planning path
+    return sm90_ptxas_is_cuda13()
 
 
 def qk_cols(head_dim: int) -> int:

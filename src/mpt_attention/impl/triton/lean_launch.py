@@ -83,7 +83,13 @@ def ptxas_options(capability_major: int) -> str | None:
     ``knobs.nvidia.ptxas_options``) goes after ours."""
     if capability_major != 9:
         return None
-    return "--regAllocOptLevel=4" if sm90_ptxas_release() >= (13,) else None
+    return "--regAllocOptLevel=4" if sm90_ptxas_is_cuda13() else None
+
+
+def sm90_ptxas_is_cuda13() -> bool:
+    """Whether the installed Triton assembles sm_90 kernels with a ptxas of CUDA 13 or later (Triton 3.9's
+    ``ptxas-blackwell``): the register-allocation option above and ``hopper.forward_tail`` both turn on it."""
+    return sm90_ptxas_release() >= (13,)
 
 
 def sm90_ptxas_release() -> tuple[int, ...]:
