@@ -14,7 +14,7 @@ import torch
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, launch, plans
+from mpt_attention.impl.triton import hopper, hopper_dkdv, launch, plans
 
 SHAPES = [(2, 16, 8192, 128), (4, 32, 4096, 64), (8, 16, 2048, 128)]
 
@@ -27,7 +27,7 @@ def measure(batch, heads, seq, dim):
     scale = dim**-0.5
     out, lse = launch.forward(q, k, v, None, slopes, None, None, None, None, scale, True, 0.0)
     # the Hopper kernel's row terms (log2-domain LSE offsets and delta), as the backward writes them
-    row_stats = hopper.row_stats_buffer(batch, heads, seq, q.device)
+    row_stats = hopper_dkdv.row_stats_buffer(batch, heads, seq, q.device)
     plans.row_terms(out, dout, lse, None, torch.empty_like(lse), row_stats=row_stats)
 
     def whole(enabled):
@@ -36,7 +36,7 @@ def measure(batch, heads, seq, dim):
                                True, 0.0, False)[:3]
 
     def dkdv():
-        hopper.backward_dkdv(q, k, v, dout, row_stats, dk, dv, None, slopes, scale, True, 1)
+        hopper_dkdv.backward_dkdv(q, k, v, dout, row_stats, dk, dv, None, slopes, scale, True, 1)
 
     ref = whole(False)
     dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))

@@ -40,7 +40,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, hopper_views
+from mpt_attention.impl.triton import hopper, hopper_dkdv, hopper_views
 from mpt_attention.testing import capture_cuda_graph, profile_host, profile_kernels
 from mpt_attention.testing import host_us as testing_host_us
 
@@ -373,7 +373,7 @@ def timers_table():
         (api, "_validate", "api._validate"), (ops, "triton_attention", "ops.triton_attention"),
         (ops._EagerTritonAttention, "forward", "autograd forward (ours)"), (launch, "forward", "launch.forward"),
         (launch, "backward", "launch.backward"), (hopper, "run_forward", "hopper.run_forward"),
-        (plans, "run_fused", "plans.run_fused"), (hopper, "run_dkdv", "hopper.run_dkdv"),
+        (plans, "run_fused", "plans.run_fused"), (hopper_dkdv, "run_dkdv", "hopper_dkdv.run_dkdv"),
         (hopper, "unsupported", "hopper.unsupported"), (plans, "row_terms", "plans.row_terms"),
         (hopper, "descriptor", "hopper.descriptor"), (lean_launch.PlannedLaunch, "__call__", "planned launches"),
         (launch, "launch_kernel", "launches (launch.py)"), (jit.JITFunction, "run", "JITFunction.run"),

@@ -26,7 +26,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention import api, ops
-from mpt_attention.impl.triton import hopper, launch, lean_launch, plans
+from mpt_attention.impl.triton import hopper, hopper_dkdv, launch, lean_launch, plans
 
 STAMPS: list = []  # (label, perf_counter_ns, thread ident) of the running step
 
@@ -54,7 +54,7 @@ def install() -> None:
     hopper.unsupported = around("hopper.unsupported", hopper.unsupported)  # (a planned call makes none)
     hopper.run_forward = around("hopper.run_forward", hopper.run_forward)
     plans.run_fused = around("plans.run_fused", plans.run_fused)
-    hopper.run_dkdv = around("hopper.run_dkdv", hopper.run_dkdv)
+    hopper_dkdv.run_dkdv = around("hopper_dkdv.run_dkdv", hopper_dkdv.run_dkdv)
     plans.row_terms = around("plans.row_terms", plans.row_terms)
     real_launch, real_call = launch.launch_kernel, lean_launch.PlannedLaunch.__call__
 

@@ -65,10 +65,10 @@ def dq_gemm_calls(monkeypatch):
 @pytest.fixture
 def hopper_dkdv_launches(monkeypatch):
     """One ``(bias matrix read, dQ warpgroup, dbias stored)`` entry per launch of the Hopper dK/dV kernel
-    (``hopper.backward_dkdv``) during the test; each launch still runs."""
-    from mpt_attention.impl.triton import hopper
+    (``hopper_dkdv.backward_dkdv``) during the test; each launch still runs."""
+    from mpt_attention.impl.triton import hopper_dkdv
 
-    calls, real = [], hopper.run_dkdv
+    calls, real = [], hopper_dkdv.run_dkdv
 
     def record(*args, **kwargs):
         call = inspect.signature(real).bind(*args, **kwargs)
@@ -77,7 +77,7 @@ def hopper_dkdv_launches(monkeypatch):
         calls.append((bias is not None and bias.shape[2] != 1, dq_acc is not None, dbias is not None))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hopper, "run_dkdv", record)
+    monkeypatch.setattr(hopper_dkdv, "run_dkdv", record)
     return calls
 
 

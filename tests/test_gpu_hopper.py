@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, key_padding, reach
+from mpt_attention.impl.triton import hopper, hopper_dkdv, key_padding, reach
 from mpt_attention.kept import kept_values
 from mpt_attention.testing import (
     AttnCase, assert_close_to_reference, assert_gradients_close_to_reference, capture_cuda_graph, make_inputs,
@@ -208,7 +208,7 @@ def test_sequence_id_runs_are_read_with_one_device_sync():
 
 
 def test_hopper_packed_tiles_follow_cu_seqlens_updated_in_place():
-    """The per-sequence tile counts are kept on the ``cu_seqlens`` tensor between calls (``hopper._packed_tiles``):
+    """The per-sequence tile counts are kept on the ``cu_seqlens`` tensor between calls (``hopper.packed_tiles``):
     new lengths written into the same tensor must be seen, eagerly and by a CUDA graph captured after the counts
     were kept (serving loops update lengths in place and replay)."""
     n_heads, head_dim = 4, 128
@@ -648,8 +648,8 @@ def test_rows_masked_only_by_float32_min_on_every_kernel_route(bias_dtype, route
 def test_fused_backward_reads_scaled_do_only_in_blocks_with_a_soft_masked_row(d, n_kv, pad, matrix, monkeypatch,
                                                                               hopper_dkdv_launches):
     """The fused Hopper backward with MPT's bias (row, or expanded to a matrix): where the dQ warpgroup forms dQ
-    (``hopper.scaled_dout_blocks``) the delta kernel writes dO scaled only in the 64-query blocks holding a row that
-    sees only finfo.min keys, and the loader reads the other blocks from dO itself. The copy's other rows are NaN
+    (``hopper_dkdv.scaled_dout_blocks``) the delta kernel writes dO scaled only in the 64-query blocks holding a row
+    that sees only finfo.min keys, and the loader reads the other blocks from dO itself. The copy's other rows are NaN
     here, so a block read from the wrong source poisons the gradients; q's, k's and v's gradients (through the output
     and the LSE) against float64."""
     from mpt_attention.impl.triton import plans
@@ -664,7 +664,7 @@ def test_fused_backward_reads_scaled_do_only_in_blocks_with_a_soft_masked_row(d,
                                  dtype=torch.bfloat16 if matrix else torch.float32, device="cuda")
     if matrix:
         bias = bias.expand(b, h, s, s).contiguous()
-    assert hopper.scaled_dout_blocks(d, matrix) == (d == 64 or matrix)
+    assert hopper_dkdv.scaled_dout_blocks(d, matrix) == (d == 64 or matrix)
     dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
     dlse = torch.randn(b, h, s, device="cuda")
     out, lse = M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias, return_lse=True,
@@ -717,7 +717,7 @@ def test_hopper_backward_runs_every_key_block_in_any_row_grouping(monkeypatch, r
     case = AttnCase(2, 300, 300, 16, 4, 128, causal=True, alibi=True)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
-    monkeypatch.setattr(hopper, "bwd_rows_per_group", lambda q, n_rows, *rest: min(rows, n_rows))
+    monkeypatch.setattr(hopper_dkdv, "bwd_rows_per_group", lambda q, n_rows, *rest: min(rows, n_rows))
     out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
     grads = torch.autograd.grad(out, [q, k, v], dout)
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
@@ -919,7 +919,7 @@ def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case):
     monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)  # (past ALiBi's reach the first program skips blocks)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
-    assert hopper.first_write_dq(case.head_dim, False, False)
+    assert hopper_dkdv.first_write_dq(case.head_dim, False, False)
 
     def grads():
         return torch.autograd.grad(M.attention(q, k, v, backend="triton", deterministic=None, **kw), [q, k, v], dout)

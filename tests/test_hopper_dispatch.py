@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, hopper_views, launch, plans  # noqa: E402
+from mpt_attention.impl.triton import hopper, hopper_dkdv, hopper_views, launch, plans  # noqa: E402
 
 
 def _qkv(s_q=128, s_k=128, d=128, dtype=torch.bfloat16, h=4, h_kv=2):
@@ -100,7 +100,7 @@ def test_forward_pv_spans_the_whole_tile_where_sm90_ptxas_is_cuda13(monkeypatch,
 def test_backward_queries_per_step(head_dim, bias_matrix, fused_dq, block_m):
     """64 queries per step of the dK/dV kernel at tile width 128 only where its consumers form dQ (the dQ sums,
     no bias matrix: hopper_dq.consumers_dq); 32 beside the dQ warpgroup or the split dQ kernel."""
-    assert hopper.bwd_block_m(hopper.tile_dim(head_dim), bias_matrix, fused_dq) == block_m
+    assert hopper_dkdv.bwd_block_m(hopper.tile_dim(head_dim), bias_matrix, fused_dq) == block_m
 
 
 @pytest.mark.parametrize("what, expected", [
@@ -303,13 +303,13 @@ def test_forward_head_groups_keep_k_and_v_within_the_l2_budget(s_k, d, h, h_kv, 
 def test_backward_row_groups_keep_what_their_programs_share_within_the_l2_budget(s_q, d, n_rows, heads_per_row,
                                                                                    fused_dq, expected):
     q = torch.empty(1, s_q, heads_per_row, d, dtype=torch.bfloat16, device="meta")
-    assert hopper.bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq) == expected
+    assert hopper_dkdv.bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq) == expected
 
 
 @pytest.mark.parametrize("soft_rows", [False, True], ids=["no-bias", "bias-may-soft-mask-rows"])
 def test_row_terms_for_the_hopper_backward(soft_rows):
     """The delta kernel's copy of the per-query terms the Hopper dK/dV kernel's loader brings beside Q and dO
-    (``hopper.row_stats_buffer``): the LSE as a log2-domain offset (+inf for a row that saw no key, the soft
+    (``hopper_dkdv.row_stats_buffer``): the LSE as a log2-domain offset (+inf for a row that saw no key, the soft
     score for a soft-masked one) and delta, in rows padded to 16 bytes; the padding is never read."""
     from mpt_attention.impl.triton import common
 
@@ -319,7 +319,7 @@ def test_row_terms_for_the_hopper_backward(soft_rows):
     lse[0, 1, 5] = float("-inf")
     lse[1, 2, 36] = common.SOFT_LSE.value - 3 * common.SOFT_COUNT_UNIT.value  # soft-masked, 3 keys
     delta = torch.full_like(lse, float("nan"))
-    row_stats = hopper.row_stats_buffer(batch, heads, s_q, "cpu").fill_(float("nan"))
+    row_stats = hopper_dkdv.row_stats_buffer(batch, heads, s_q, "cpu").fill_(float("nan"))
     assert row_stats.shape == (batch * heads, 2, 40)
     dout_scaled = torch.full_like(dout, float("nan")) if soft_rows else None
     plans.row_terms(out, dout, lse, dlse, delta, dout_scaled, row_stats)
@@ -351,7 +351,7 @@ def test_row_terms_scale_only_the_blocks_holding_a_soft_masked_row():
     lse[0, 1, 70] = common.SOFT_LSE.value - 3 * common.SOFT_COUNT_UNIT.value  # soft-masked, 3 keys
     lse[1, 2, 149] = common.SOFT_LSE.value - 5 * common.SOFT_COUNT_UNIT.value  # in the last, partial block
     lse[1, 0, 3] = float("-inf")  # a row that saw no key is not soft-masked
-    row_stats = hopper.row_stats_buffer(batch, heads, s_q, "cpu").fill_(float("nan"))
+    row_stats = hopper_dkdv.row_stats_buffer(batch, heads, s_q, "cpu").fill_(float("nan"))
     dout_scaled = torch.full_like(dout, float("nan"))
     soft_blocks = plans.soft_blocks_buffer(batch, heads, s_q, "cpu").fill_(-1)
     assert soft_blocks.shape == (batch * heads * 3,)
@@ -376,10 +376,10 @@ def test_packed_sequences_count_their_query_tiles_on_the_device():
     """hopper_tiles.forward_tile finds a tile's sequence in these cumulative counts of 128-row tiles (an empty
     sequence holds none)."""
     cu_q = torch.tensor([0, 0, 1, 130, 130, 386], dtype=torch.int32)  # lengths 0, 1, 129, 0, 256
-    tiles = hopper._packed_tiles(cu_q)
+    tiles = hopper.packed_tiles(cu_q)
     assert tiles.dtype == torch.int32 and tiles.tolist() == [0, 0, 1, 3, 3, 5]
     cu_q.copy_(torch.tensor([0, 128, 128, 129, 129, 129], dtype=torch.int32))  # kept on cu_q until it changes
-    assert hopper._packed_tiles(cu_q).tolist() == [0, 1, 1, 2, 2, 2]
+    assert hopper.packed_tiles(cu_q).tolist() == [0, 1, 1, 2, 2, 2]
 
 
 @pytest.mark.parametrize("n_heads, bytes_per_head, expected", [
@@ -534,9 +534,9 @@ def test_packed_sequences_skip_past_the_reach_with_one_norm_row(monkeypatch, lon
     assert hopper.PROGRAM_WORDS == hopper_tiles.PROGRAM_WORDS.value == 2 * hopper_tiles.SLOT_WORDS.value
     assert hopper_tiles.REACH_WORD.value >= 8  # past (b, h, start_m, n_blocks, lo_masked, q_start, len_q, len_k)
     # the dK/dV kernel (with the dQ sums, as packed sequences take it): the same norm row
-    row_stats = hopper.row_stats_buffer(1, 4, q.shape[0], q.device)
-    bwd = hopper.dkdv_plan(q, k, k, q, row_stats, k, k, None, slopes, 0.125, True, 1, torch.empty_like(q), None, cu,
-                           longest, False, None, longest)
+    row_stats = hopper_dkdv.row_stats_buffer(1, 4, q.shape[0], q.device)
+    bwd = hopper_dkdv.dkdv_plan(q, k, k, q, row_stats, k, k, None, slopes, 0.125, True, 1, torch.empty_like(q), None,
+                                cu, longest, False, None, longest)
     assert bwd.launch.kwargs["VARLEN"] and bwd.launch.kwargs["REACH"] == applies
     assert (bwd.norms is not None) == applies and (not applies or bwd.norms[:2] == (4 + 2, 4 + 2))
     if not applies:
@@ -570,11 +570,11 @@ def test_packed_sequences_with_unused_rows_plan_their_own_kernels_without_the_re
     plan = hopper.forward_plan(q, k, k, None, slopes, 0.125, True, 1, cu, 4096, 4096, seqused=True)
     assert plain.launch.kwargs["VARLEN"] == hopper_tiles.PACKED.value and plain.launch.kwargs["REACH"]
     assert plan.launch.kwargs["VARLEN"] == hopper_tiles.PACKED_USED.value and not plan.launch.kwargs["REACH"]
-    row_stats = hopper.row_stats_buffer(1, 4, q.shape[0], q.device)
-    bwd = hopper.dkdv_plan(q, k, k, q, row_stats, k, k, None, slopes, 0.125, True, 1, torch.empty_like(q), None, cu,
-                           4096, False, None, 4096, seqused=True)
+    row_stats = hopper_dkdv.row_stats_buffer(1, 4, q.shape[0], q.device)
+    bwd = hopper_dkdv.dkdv_plan(q, k, k, q, row_stats, k, k, None, slopes, 0.125, True, 1, torch.empty_like(q), None,
+                                cu, 4096, False, None, 4096, seqused=True)
     assert bwd.launch.kwargs["VARLEN"] == hopper_tiles.PACKED_USED.value and not bwd.launch.kwargs["REACH"]
     assert bwd.norms is None
-    assert hopper._packed_tiles(cu).tolist() == [0, 32, 64, 96]  # (every row's tiles: unused ones write zeros)
+    assert hopper.packed_tiles(cu).tolist() == [0, 32, 64, 96]  # (every row's tiles: unused ones write zeros)
     assert sequence_ends(cu, used).tolist() == [4096, 4225, 8192]
     assert sequence_ends(cu, None).tolist() == [4096, 8192, 12288]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, hopper_views, launch, lean_launch, plans  # noqa: E402
+from mpt_attention.impl.triton import hopper, hopper_dkdv, hopper_views, launch, lean_launch, plans  # noqa: E402
 
 if hopper._IMPORT_ERROR is None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -93,7 +93,7 @@ def test_every_descriptor_a_step_builds_passes_the_constructors_checks(hopper_la
     matrix = bias is not None and bias.startswith("matrix")
     # forward: q, k, v, out and a bias; backward: k, v, q, dO, dK, dV, dQ sums, row terms, dO's scaled blocks (a
     # bias, where the loader picks dO's source per block), a bias matrix, dbias
-    scaled_blocks = bias is not None and hopper.scaled_dout_blocks(d, matrix)
+    scaled_blocks = bias is not None and hopper_dkdv.scaled_dout_blocks(d, matrix)
     assert len(descriptors) == 4 + (bias is not None) + 8 + scaled_blocks + matrix + bias_grad
     for desc in descriptors:
         checked = TensorDescriptor(desc.base, desc.shape, desc.strides, desc.block_shape, desc.layout)
@@ -447,7 +447,7 @@ def test_launches_with_equal_argument_keys_are_specialised_alike_by_tritons_bind
 
 @pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
 def test_first_write_dq_calls_the_constexpr_functions_body_to_the_same_answer():
-    """``hopper.first_write_dq`` calls ``consumers_dq``'s plain body (``.fn``) for host time; the ConstexprFunction
+    """``hopper_dkdv.first_write_dq`` calls ``consumers_dq``'s plain body (``.fn``) for host time; the ConstexprFunction
     itself gives the same answer for every tile width and bias kind."""
     from mpt_attention.impl.triton.hopper_dq import consumers_dq
 
@@ -455,9 +455,10 @@ def test_first_write_dq_calls_the_constexpr_functions_body_to_the_same_answer():
     for head_dim in (64, 72, 80, 96, 112, 128):
         for bias_full in (False, True):
             width = hopper.tile_dim(head_dim)
-            expected = hopper.FIRST_WRITE_DQ and bool(consumers_dq(hopper.bwd_block_m(width, bias_full, True), width))
-            assert hopper.first_write_dq(head_dim, bias_full, False) == expected
-            assert not hopper.first_write_dq(head_dim, bias_full, True)  # packed sequences keep the zero fill
+            block_m = hopper_dkdv.bwd_block_m(width, bias_full, True)
+            expected = hopper.FIRST_WRITE_DQ and bool(consumers_dq(block_m, width))
+            assert hopper_dkdv.first_write_dq(head_dim, bias_full, False) == expected
+            assert not hopper_dkdv.first_write_dq(head_dim, bias_full, True)  # packed sequences keep the zero fill
             answers.add(expected)
     assert answers == {True, False}
 

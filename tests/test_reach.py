@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, hopper_views, launch, reach  # noqa: E402
+from mpt_attention.impl.triton import hopper, hopper_dkdv, hopper_views, launch, reach  # noqa: E402
 
 LOG2E = 1.4426950408889634
 
@@ -47,14 +47,14 @@ def _tables(q, k, bias, scale, monkeypatch):
     n_bh = batch * n_heads
     first = tiles[-n_bh * (n_m + 1):-n_bh].view(batch, n_heads, n_m)
     ends = tiles[-n_bh:].view(batch, n_heads)
-    n_kb = -(-k.shape[1] // hopper.BWD_BLOCK_N)
+    n_kb = -(-k.shape[1] // hopper_dkdv.BWD_BLOCK_N)
     n_words = batch * (n_heads + k.shape[2])
     words = torch.zeros(n_words + batch * n_heads * n_kb, dtype=torch.int32)
     norm_launch, norm_args, norm_words = reach.norm_launch(q, k, 0)
     assert norm_words == n_words
     norm_launch(q, k, words, *norm_args)
     table, args = reach.row_reach_launch(rows, hopper_views.bias_dims_on(rows), q, k, scale * LOG2E, n_kb, 0,
-                                          hopper.BWD_BLOCK_N, 0, n_words, True)
+                                          hopper_dkdv.BWD_BLOCK_N, 0, n_words, True)
     table(words, reach.row_prefix_max(rows), rows, words, words, *args)
     norms_at = 16 + 4 * hopper.PROGRAM_WORDS  # past the counters and the 4 programs' slots
     assert torch.equal(words[:n_words], tiles[norms_at:norms_at + n_words])
@@ -183,7 +183,7 @@ def test_backward_table_ends_a_block_of_removed_keys_at_once(monkeypatch, remove
     cut = bias.clone()
     cut[..., 400:] = float("-inf") if removed == "-inf" else torch.finfo(torch.float32).min
     first, tile_m, cut_end, ends = _tables(q, k, cut, scale, monkeypatch)
-    whole = -(-400 // hopper.BWD_BLOCK_N)  # key blocks from here on hold only removed keys
+    whole = -(-400 // hopper_dkdv.BWD_BLOCK_N)  # key blocks from here on hold only removed keys
     assert (cut_end[..., whole:] == 0).all()
     before = q_end[..., :whole] <= 400  # blocks whose queries ended before the cut: as they were
     assert before.any() and torch.equal(cut_end[..., :whole][before], q_end[..., :whole][before])

@@ -88,11 +88,11 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
             row_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=3)
             sig[name] = f"tensordesc<{bias}[1, 1, {consts['BLOCK_N']}],{row_layout!r}>"
         elif name == "dq_desc":  # the fused backward's float32 dQ buffer: 128-byte swizzled [1, BLOCK_M, 1, 32] boxes
-            from mpt_attention.impl.triton.hopper import _DQ_LAYOUT
+            from mpt_attention.impl.triton.hopper_dkdv import _DQ_LAYOUT
             from mpt_attention.impl.triton.hopper_dq import DQ_COLS
             sig[name] = f"tensordesc<fp32[1, {rows['q_desc']}, 1, {DQ_COLS.value}],{_DQ_LAYOUT!r}>"
         elif name == "stats_desc":  # the dK/dV kernel's row terms: float32 [1, 2, BLOCK_M] boxes
-            from mpt_attention.impl.triton.hopper import _ROW_STATS_LAYOUT
+            from mpt_attention.impl.triton.hopper_dkdv import _ROW_STATS_LAYOUT
             sig[name] = f"tensordesc<fp32[1, 2, {rows['q_desc']}],{_ROW_STATS_LAYOUT!r}>"
         elif name in rows:
             sig[name] = f"tensordesc<{dtype}[1, {rows[name]}, 1, {head_dim}],{layout!r}>"
@@ -167,11 +167,11 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     ``partial``: grouped heads split over programs (float32 dK, dV partial sums); ``full_bias``: a bias
     matrix, ``store_ds`` with its gradient; ``tail``: the products' second piece of columns (with ``fused_dq``);
     ``varlen``: packed sequences (with ``fused_dq``; no bias row). Each 64-query block's first program stores its
-    dQ part where the launcher has it do so (``hopper.first_write_dq``); ``reach``: query blocks past causal ALiBi's
-    reach skipped (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row); ``ints``: integer
-    arguments' values, specialised as a launch does (``launch_attrs``; tools/dkdv_as_launched.py)."""
+    dQ part where the launcher has it do so (``hopper_dkdv.first_write_dq``); ``reach``: query blocks past
+    causal ALiBi's reach skipped (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row);
+    ``ints``: integer arguments' values, specialised as a launch does (``launch_attrs``; tools/dkdv_as_launched.py)."""
     from mpt_attention.impl.triton.gluon_compat import KV_IN_STEP
-    from mpt_attention.impl.triton.hopper import BWD_HALF_N, bwd_block_m, first_write_dq, scaled_dout_blocks
+    from mpt_attention.impl.triton.hopper_dkdv import BWD_HALF_N, bwd_block_m, first_write_dq, scaled_dout_blocks
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
 
     block_m = bwd_block_m(head_dim, full_bias, fused_dq)

@@ -23,12 +23,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from compile_kernels import _spills, compile_hopper_dkdv_kernel, triton_tool  # noqa: E402
 
-from mpt_attention.impl.triton.hopper import bwd_rows_per_group, product_tail, tile_dim  # noqa: E402
+from mpt_attention.impl.triton.hopper import product_tail, tile_dim  # noqa: E402
+from mpt_attention.impl.triton.hopper_dkdv import bwd_rows_per_group  # noqa: E402
 
 
 def launch_ints(batch: int, heads: int, seq: int, head_dim: int) -> dict:
     """The dK/dV kernel's integer arguments for a dense MHA step with (H,) slopes and contiguous (B, S, H, D) tensors,
-    as ``hopper.dkdv_plan`` passes them."""
+    as ``hopper_dkdv.dkdv_plan`` passes them."""
     q = torch.empty(batch, seq, heads, head_dim, dtype=torch.bfloat16, device="meta")
     return dict(stride_slb=0, stride_slh=1, stride_bb=0, stride_bh=0, stride_bk=0, bias_b_on=0, bias_h_on=0,
                 n_kv=heads, n_groups=1, n_splits=1, n_rows=batch * heads,

@@ -1,5 +1,5 @@
 """Host side of the Hopper kernels (Gluon: ``hopper_forward.py``, and the dK/dV kernel of
-``hopper_backward.py``): when they apply, and their launches.
+``hopper_backward.py``): when they apply, and the forward's launch; the dK/dV kernel's is ``hopper_dkdv.py``'s.
 
 The general kernels (``forward.py``, ``backward.py``) compute the same functions for every input; these
 are faster on sm_90 for the common case and are chosen automatically where they apply. ``ENABLED =
@@ -30,17 +30,13 @@ from mpt_attention.masks import sequence_ends
 try:
     from triton.experimental.gluon import language as gl
 
-    from mpt_attention.impl.triton.gluon_compat import KV_IN_STEP
-    from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
-    from mpt_attention.impl.triton.hopper_dq import DQ_COLS, consumers_dq
+    from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel  # (launched by hopper_dkdv)
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
     _IMPORT_ERROR = None
     # the kernels' shared-memory layouts (hopper_forward/hopper_backward), built once: frozen. Tiles of q, k, v
     # and their outputs are (B, S, H, D) boxes; a bias matrix and its gradient (B' * H', S_q, S_k) boxes
-    _TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
-    _MATRIX_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
-    _DQ_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=4)  # fused dQ buffer
-    _ROW_STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=3)  # row_stats_buffer
+    TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
+    MATRIX_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     # the forward's (B', H', S_k) bias rows, by element bits; one object each, as lean_launch keys a layout by id
     _BIAS_ROW_LAYOUTS = {bits: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=3)
                          for bits in (16, 32)}
@@ -48,7 +44,6 @@ try:
     _ROW_KEYS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=16, rank=4)
 except Exception as exc:  # a Triton without Gluon's Hopper module
     _hopper_fwd_kernel = _hopper_bwd_dkdv_kernel = None
-    KV_IN_STEP = False
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 ENABLED = os.environ.get("MPT_ATTENTION_HOPPER_KERNEL", "1") != "0"
@@ -201,22 +196,7 @@ def packed_heads_per_group(n_heads: int, bytes_per_head: float) -> int:
     return max(d for d in range(1, min(n_heads, fit) + 1) if n_heads % d == 0)
 
 
-def bwd_rows_per_group(q, n_rows, heads_per_row, fused_dq):
-    """How many rows (batch, KV head, split) of the dK/dV kernel's grid interleave their key blocks
-    (``hopper_tiles.tile_order``, first key block first) with the fused dQ: as many as keep what
-    their programs share, Q, dO and the float32 dQ sums of the row's ``heads_per_row`` query heads, within
-    ``L2_GROUP_BYTES``. Row after row, the last row's long first blocks start near the end and finish
-    last: grouped, the backward took 2.9% less at B8 S2048, 4.2-4.3% less for grouped heads there and at
-    D64 32:8, 1.4% at S8192 (H200, benchmarks/NOTES.md session 16). Two rows of 16 MB together (S16k) lost
-    2%, so a row over the budget runs alone; the reproducible split keeps row after row (grouped, its dK/dV
-    kernel lost 3% at S2048 beside the dQ kernel's own order)."""
-    if not fused_dq:
-        return 1
-    per_head = q.shape[1] * q.shape[3] * (2 * q.element_size() + 4)
-    return max(1, min(n_rows, int(L2_GROUP_BYTES // max(per_head * heads_per_row, 1))))
-
-
-def _packed_tiles(cu: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
+def packed_tiles(cu: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
     """(B + 1,) int32: tiles of 128 rows before each packed sequence, the total last (``hopper_tiles``; the
     forward's query tiles, the backward's key blocks), on the device: no host sync; with ``used`` (``seqused``)
     over each sequence's used rows (the forward's tiles; the dK/dV kernel's key blocks cover every row and write
@@ -362,9 +342,9 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         group = heads_per_group(k, n_heads, batch * n_heads)
     out_shape = tuple(q.shape)  # contiguous
     out_strides = [q.shape[-3] * n_heads * head_dim, n_heads * head_dim, head_dim, 1]  # as a (B|1, S|T, H, D) row
-    descs = [(*rows_view(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
+    descs = [(*rows_view(x, varlen), [1, rows, 1, width], TILE_LAYOUT)
              for x, rows in ((q, HALF_M), (k, BLOCK_N), (v, BLOCK_N))]
-    descs.append(([1, *out_shape] if varlen else list(out_shape), out_strides, [1, HALF_M, 1, width], _TILE_LAYOUT))
+    descs.append(([1, *out_shape] if varlen else list(out_shape), out_strides, [1, HALF_M, 1, width], TILE_LAYOUT))
     bias_desc, b_on, h_on, keys = None, 0, 0, None
     qk_scale2 = softmax_scale * LOG2E
     if row_keys:  # the row's per-key terms (row_keys_kernel), read with K in [1, 1, BLOCK_N, 16] boxes
@@ -377,7 +357,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
                 (bias.stride(0) * b_on, bias.stride(1) * h_on, shape[2], qk_scale2, soft_row_key(qk_scale2)))
     elif bias_full:  # in q's dtype, read in [64, BLOCK_N] boxes, one per consumer warpgroup
         shape, strides, b_on, h_on = bias_matrix_view(bias)
-        bias_desc = (shape, strides, [1, HALF_M, BLOCK_N], _MATRIX_LAYOUT)
+        bias_desc = (shape, strides, [1, HALF_M, BLOCK_N], MATRIX_LAYOUT)
     elif bias is not None:  # launch.forward has converted it (launch._log2_bias_rows): float32, aligned rows
         shape, strides, b_on, h_on = bias_row_view(bias)
         bias_desc = (shape, strides, [1, 1, BLOCK_N], _BIAS_ROW_LAYOUTS[8 * bias.element_size()])
@@ -422,7 +402,7 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
         lse = torch.full(plan.lse_shape, float("-inf"), dtype=torch.float32, device=device)
     tiles = torch.zeros(plan.counters, dtype=torch.int32, device=device)
     if cu_q is not None:
-        cu_tiles = _packed_tiles(cu_q, used_q)
+        cu_tiles = packed_tiles(cu_q, used_q)
         ends_q, ends_k = sequence_ends(cu_q, used_q), sequence_ends(cu_k, used_k)
     else:
         cu_q = cu_k = cu_tiles = ends_q = ends_k = tiles  # never read
@@ -466,205 +446,3 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None,
     plan = forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q, max_q, max_k,
                         used_q is not None or used_k is not None)
     return run_forward(plan, q, k, v, bias, slopes, cu_q, cu_k, reach_norms, used_q, used_k)
-
-
-BWD_BLOCK_N, BWD_HALF_N = 128, 64  # hopper_backward: keys per program / per consumer warpgroup
-assert BWD_BLOCK_N == BLOCK_M  # _packed_tiles' counts serve both kernels
-
-
-def bwd_block_m(head_dim: int, bias_full: bool, fused_dq: bool) -> int:
-    """Queries per step of the Hopper dK/dV kernel (``head_dim``: the tile width). 64 at D64 (its kernel 1.76 ->
-    1.37 ms at B4 H32 S4096, benchmarks/NOTES.md session 14). At 128, 64 with the dQ sums (``fused_dq``) where
-    the consumers form dQ themselves (hopper_backward's FA3 layout, D 72-128 without a bias matrix: the D128
-    backward 1.03-1.05x the dQ warpgroup's at 32, session 24; D80, D96 1.08-1.09x, session 25); 32 with a bias
-    matrix or the split dQ kernel, whose consumers' registers hold no more beside a dQ warpgroup or K's."""
-    if head_dim <= 64 or (fused_dq and not bias_full):
-        return 64
-    return 32
-
-
-def first_write_dq(head_dim: int, bias_full: bool, varlen: bool, reach: bool = False) -> bool:
-    """Whether the dK/dV kernel with the dQ sums stores each 64-query block's first part instead of adding it into
-    zeros (``FIRST_WRITE``, hopper_dq): dense inputs where the consumers form dQ (``hopper_dq.consumers_dq``). Every
-    block is reached, by the first key block's programs (``unsupported`` leaves no row without keys), so the
-    buffer needs no zeros, only a zeroed ``dq_sync_buffer``. Not with causal ALiBi's reach (``reach``: the first key
-    block's programs then skip the query blocks past it)."""
-    width = tile_dim(head_dim)
-    # (the constexpr function's plain Python body: called as a ConstexprFunction it took ~1.4 us of host time per
-    # backward on the development CPU, ~10x the body)
-    return FIRST_WRITE_DQ and not varlen and not reach and consumers_dq.fn(bwd_block_m(width, bias_full, True), width)
-
-
-def scaled_dout_blocks(head_dim: int, bias_full: bool) -> bool:
-    """Whether the fused backward with a bias reads dO's 64-query blocks from the delta kernel's scaled copy only where
-    they hold a soft-masked row (``SOFT_BLOCKS``; the loader picks each block's source) instead of a scaled copy of
-    every row: where the dQ warpgroup forms dQ (D up to 64, a bias matrix). Where the consumers form dQ
-    (``hopper_dq.consumers_dq``) the loader's choice cost the consumers' loop a spill under their 240 registers (D128
-    S8192: the dK/dV kernel 1.5-1.8% slower, more than the 17 us copy it saves; benchmarks/NOTES.md session 41)."""
-    width = tile_dim(head_dim)
-    return width is not None and not consumers_dq.fn(bwd_block_m(width, bias_full, True), width)
-
-
-def dq_sync_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
-    """``FIRST_WRITE``'s int32 word per (batch, head, 64-query block), zeroed by the backward's delta kernel."""
-    return torch.empty((batch, n_heads, -(-s_q // 64)), dtype=torch.int32, device=device)
-
-
-def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
-    """The dK/dV kernel's per-query terms, written by the backward's delta kernel: (B * H, 2, S_q rounded up to
-    4) float32, each (batch, head) row's log2-domain LSE offset (``common.decode_lse2``) then its delta, rows
-    16-byte aligned for the copy engine (boxes [1, 2, BLOCK_M])."""
-    return torch.empty((batch * n_heads, 2, -(-s_q // 4) * 4), dtype=torch.float32, device=device)
-
-
-class DkdvPlan(NamedTuple):
-    """What the Hopper dK/dV kernel's launch takes from its inputs' signature (``dkdv_plan``). ``descs``: the static
-    parts of the descriptors of k, v, q, dO, dK, dV, dO's scaled blocks, the dQ sums, the bias matrix, dbias and the row
-    terms (None for those absent); ``before``, ``after``: the launch's scalar arguments either side of its pointers;
-    ``parts``: the shape of the float32 dK, dV partial sums of grouped heads split over programs, or None; ``norms``:
-    the words of the heads' norm maxima (and a bias row's table) and ``row_norm_max_kernel``'s launch with its scalars
-    (``reach_applies``), or None."""
-    descs: tuple
-    bias_row: bool
-    before: tuple
-    after: tuple
-    parts: tuple | None
-    launch: PlannedLaunch
-    norms: tuple | None = None
-    row_table: tuple | None = None  # ``row_reach_kernel``'s launch with its scalars (``REACH_ROW``), or None
-
-
-def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-              dq_acc=None, dbias=None, cu_q=None, max_q=0, first_write=False, dout_scaled=None, max_k=0,
-              seqused: bool = False) -> DkdvPlan:
-    """``backward_dkdv``'s launch for inputs of this signature (as ``forward_plan``, a function of it alone);
-    ``first_write``: with a ``dq_sync`` buffer; ``dout_scaled``: dO's soft-masked blocks scaled (``run_dkdv``);
-    packed sequences (``cu_q``) the longest ``max_q`` queries and ``max_k`` keys long, ``seqused`` where some of
-    their rows are unused."""
-    varlen = cu_q is not None
-    if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
-        n_seq, batch = cu_q.numel() - 1, 1
-        (s_q, n_heads, head_dim), (s_k, n_kv) = q.shape, k.shape[:2]
-        n_tokens_k = s_k
-    else:
-        batch, s_q, n_heads, head_dim = q.shape
-        s_k, n_kv = k.shape[1], k.shape[2]
-    width = tile_dim(head_dim)
-    block_m = bwd_block_m(width, bias is not None and bias.shape[2] != 1, dq_acc is not None)
-    descs = [(*rows_view(x, varlen), [1, rows, 1, width], _TILE_LAYOUT)
-             for x, rows in ((k, BWD_HALF_N), (v, BWD_HALF_N), (q, block_m), (dout, block_m), (dk, BWD_HALF_N),
-                             (dv, BWD_HALF_N))]
-    scaled = None if dout_scaled is None else (*rows_view(dout_scaled, varlen), [1, block_m, 1, width], _TILE_LAYOUT)
-    descs.append(scaled)
-    # boxes of one step's queries x DQ_COLS columns
-    descs.append(None if dq_acc is None else (*rows_view(dq_acc, varlen), [1, block_m, 1, DQ_COLS.value], _DQ_LAYOUT))
-    bias_strides, b_on, h_on = (0, 0, 0), 0, 0
-    bias_desc = dbias_desc = None
-    bias_full = bias is not None and bias.shape[2] != 1
-    if bias_full:  # boxes of one step's queries x one consumer's 64 keys
-        shape, strides, b_on, h_on = bias_matrix_view(bias)
-        bias_desc = (shape, strides, [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
-        if dbias is not None:
-            dbias_desc = ([batch * n_heads, s_q, s_k], [s_q * s_k, s_k, 1], [1, block_m, BWD_HALF_N], _MATRIX_LAYOUT)
-    elif bias is not None:  # read with plain loads here (one value per tile row): any strides do
-        b_on, h_on = bias_dims_on(bias)
-        bias_strides = (bias.stride(0), bias.stride(1), bias.stride(3))
-    descs += [bias_desc, dbias_desc,
-              ([batch * n_heads, 2, s_q], list(row_stats.stride()), [1, 2, block_m], _ROW_STATS_LAYOUT)]
-    # grouped heads with the fused dQ: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
-    # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
-    n_groups = n_heads // n_kv
-    heads = FUSED_GROUP_HEADS if n_groups % FUSED_GROUP_HEADS == 0 else 1
-    n_splits = n_groups // heads if dq_acc is not None and not varlen else 1
-    n_rows = batch * n_kv * n_splits
-    grid = (cdiv(s_k, BWD_BLOCK_N) * n_rows,)
-    if varlen:  # key blocks of 128 counted per sequence on the device; the grid an upper bound
-        grid = ((cdiv(n_tokens_k, BWD_BLOCK_N) + n_seq) * n_kv,)
-        group = packed_heads_per_group(n_kv, max_q * head_dim * (2 * q.element_size() + 4) * n_groups)
-    else:
-        group = bwd_rows_per_group(q, n_rows, n_groups // n_splits, dq_acc is not None)
-    before = (*slope_args(slopes, None)[1], *bias_strides, b_on, h_on, n_kv, n_groups, n_splits, n_rows, group, s_q,
-              s_k, softmax_scale * LOG2E, softmax_scale)
-    after = (dk.stride(-3), dk.stride(-2), dv.stride(-3), dv.stride(-2), batch if not varlen else n_seq, head_dim,
-             0)  # (``zero``)
-    launch = PlannedLaunch(_hopper_bwd_dkdv_kernel, grid, dict(
-        IS_CAUSAL=causal, ALIBI=alibi_mode, HEAD_DIM=width, BIAS_ROW=bias is not None and not bias_full,
-        FUSED_DQ=dq_acc is not None, PARTIAL_DKV=n_splits > 1, BLOCK_M=block_m, BIAS_FULL=bias_full,
-        STORE_DS=dbias_desc is not None, TAIL=product_tail(head_dim) if dq_acc is not None else 0,
-        VARLEN=packed_kind(varlen, seqused),
-        # (packed sequences: one row of norm maxima, batch 1, and the longest sequence's keys; none with unused rows)
-        FIRST_WRITE=first_write, REACH=0 if first_write or seqused else reach_applies(bias, slopes, causal, alibi_mode, batch,
-                                                                            max_k if varlen else s_k),
-        SOFT_BLOCKS=dout_scaled is not None, KV_IN_STEP=KV_IN_STEP, num_warps=4))
-    parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
-    norms = row_table = None
-    if launch.kwargs["REACH"]:  # (all words, the norm maxima's words, their launch, its scalars)
-        norm_pass, args, n_words = norm_launch(q, k, 0)
-        norms = (n_words, n_words, norm_pass, args)
-    if launch.kwargs["REACH"] == REACH_ROW:  # each key block's end of queries, past the norms (row_reach_query_end)
-        n_kb = cdiv(s_k, BWD_BLOCK_N)
-        row_table = row_reach_launch(bias, bias_dims_on(bias), q, k, softmax_scale * LOG2E, n_kb, 0, BWD_BLOCK_N, 0,
-                                     n_words, True)
-        norms = (n_words + batch * n_heads * n_kb, *norms[1:])
-    return DkdvPlan(tuple(descs), bias is not None and not bias_full, before, after, parts, launch, norms, row_table)
-
-
-def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc=None, dbias=None, cu_q=None,
-             cu_k=None, dq_sync=None, reach_norms=None, dout_scaled=None, soft_blocks=None, used_q=None,
-             used_k=None) -> None:
-    """``backward_dkdv`` for inputs of ``plan``'s signature; ``reach_norms``: the forward's norm maxima of the same q
-    and k (``run_forward``), read instead of a pass of their own where the reach applies; ``dout_scaled`` with
-    ``soft_blocks`` (a bias that may soft-mask whole rows; dense inputs): the 64-query blocks of dO whose word in
-    ``soft_blocks`` is 1 are read from ``dout_scaled`` instead (``plans.row_terms`` writes both). ``used_q``,
-    ``used_k``: as ``forward`` takes them (the kernel writes dk, dv past the used keys as zeros)."""
-    if cu_q is not None:  # (varlen: a sequence's last keys stored from registers, through dk and dv)
-        cu_kb = _packed_tiles(cu_k)
-        ends_q, ends_k = sequence_ends(cu_q, used_q), sequence_ends(cu_k, used_k)
-    else:
-        cu_q = cu_k = cu_kb = ends_q = ends_k = row_stats  # never-read dummies
-    parts = row_stats  # a never-read dummy with one split
-    if plan.parts is not None:
-        parts = torch.empty(plan.parts, dtype=torch.float32, device=q.device)
-    norms = row_stats  # a never-read dummy without the reach
-    if plan.norms is not None:
-        n_words, norm_words, norm_launch, norm_args = plan.norms
-        if reach_norms is not None and reach_norms.numel() == norm_words:
-            norms = torch.empty(n_words, dtype=torch.int32, device=q.device)  # (the rest: the row's table)
-            norms[:norm_words].copy_(reach_norms)
-        else:
-            norms = torch.zeros(n_words, dtype=torch.int32, device=q.device)
-            norm_launch(q, k, norms, *norm_args)
-    if plan.row_table is not None:
-        table, args = plan.row_table
-        table(norms, row_prefix_max(bias), bias, norms, norms, *args)  # (the backward reads no ends)
-    d_k, d_v, d_q, d_o, d_dk, d_dv, d_dos, d_dq, d_bias, d_dbias, d_stats = plan.descs
-    plan.launch(
-        descriptor(k, *d_k), descriptor(v, *d_v), descriptor(q, *d_q), descriptor(dout, *d_o),
-        None if d_dos is None else descriptor(dout_scaled, *d_dos), descriptor(dk, *d_dk),
-        descriptor(dv, *d_dv), None if d_dq is None else descriptor(dq_acc, *d_dq),
-        None if d_bias is None else descriptor(bias, *d_bias), None if d_dbias is None else descriptor(dbias, *d_dbias),
-        descriptor(row_stats, *d_stats), row_stats if slopes is None else slopes, bias if plan.bias_row else row_stats,
-        parts, *plan.before, dk, dv, cu_q, cu_k, ends_q, ends_k, cu_kb, row_stats if dq_sync is None else dq_sync, norms,
-        row_stats if soft_blocks is None else soft_blocks, *plan.after,
-    )
-    if plan.parts is not None:
-        head_dim = dk.shape[-1]
-        dk.copy_(parts[0].sum(0)[..., :head_dim])  # the columns past D are zeros
-        dv.copy_(parts[1].sum(0)[..., :head_dim])
-
-
-def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
-                  dq_acc=None, dbias=None, cu_q=None, cu_k=None, max_q=0, dq_sync=None, reach_norms=None,
-                  max_k=0) -> None:
-    """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel;
-    ``row_stats`` as ``row_stats_buffer`` gives it, filled. With ``dq_acc`` (float32 zeros, or unwritten with
-    ``dq_sync``; q's shape, 16-byte aligned strides) the same kernel adds dQ into it by bulk reductions, in
-    no fixed order (the backward unless reproducibility is asked for: ``launch.backward``). A bias matrix
-    (``dq_acc`` only) is read in q's dtype; ``dbias`` (contiguous ``(B, H, S_q, S_k)`` in q's dtype, rows
-    of 16-byte multiples) receives its gradient dS. Packed sequences (``cu_q``, ``cu_k``, with ``dq_acc``): q, k,
-    v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it, the
-    longest sequence ``max_q`` queries and ``max_k`` keys long. ``dq_sync`` (``dq_sync_buffer``, zeroed; where
-    ``first_write_dq``): ``dq_acc`` is not zeroed, each block's first program writes it. ``reach_norms``: as ``run_dkdv`` takes them."""
-    plan = dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode, dq_acc,
-                     dbias, cu_q, max_q, dq_sync is not None, max_k=max_k)
-    run_dkdv(plan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync, reach_norms)

@@ -4,7 +4,7 @@ A program owns 128 keys of one (batch, KV head): each of two consumer warpgroups
 their dK, dV accumulators in registers, while a loader warp (``hopper_loaders.backward_loader``) streams the
 (Q, dO) tiles of every query block of every query head in the group through three TMA stages (``bwd_stages``),
 each with the block's row terms (LSE offset and delta, written side by side by the delta kernel:
-``hopper.row_stats_buffer``), so no step waits on a global load (that wait was ~20% of the consumers' warp samples
+``hopper_dkdv.row_stats_buffer``), so no step waits on a global load (that wait was ~20% of the consumers' warp samples
 at D128; reading them from shared memory made forward+backward 1.10x faster at D64, benchmarks/NOTES.md session
 21). Tiles are computed transposed, keys as rows (the ``wgmma`` M dimension):
 
@@ -62,7 +62,7 @@ The dQ partitions and their staging: ``hopper_dq.py``.
   layout measured 1.3x slower than it, branch ``wip/hopper-dq``). Dispatched at tiles of 128 only there, where
   it was already 12% faster than the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms,
   B2 H16 S8192; at D=64 it is slower, 0.84x the general kernel when measured in session 3).
-Queries per step (``BLOCK_M``, ``hopper.bwd_block_m``): 64 at D64, and at tile width 128 where the consumers
+Queries per step (``BLOCK_M``, ``hopper_dkdv.bwd_block_m``): 64 at D64, and at tile width 128 where the consumers
 form dQ; otherwise 32 there, where the registers hold no more beside a dQ warpgroup or K. D 72-96 run in tiles
 of 128 whose consumer products take 64 + ``TAIL`` columns (``hopper.product_tail``): D80 forward+backward
 1.12x against all 128 (benchmarks/NOTES.md session 18).

@@ -28,7 +28,7 @@ HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
 # fused dQ: the dQ warpgroup forms dQ^T = K^T dS^T for DQ_ROWS queries at once (two steps at 32 queries per step,
 # one at 64), D in chunks of DQ_CHUNK columns (a [64, 64] float32 accumulator: 32 registers), each staged as tiles of
 # DQ_COLS float32 columns, one 128-byte swizzled row (the copy engine's widest swizzle span; also the dQ buffer
-# descriptor's box width, hopper.backward_dkdv)
+# descriptor's box width, hopper_dkdv.backward_dkdv)
 DQ_ROWS = gl.constexpr(64)
 DQ_CHUNK = gl.constexpr(64)
 DQ_COLS = gl.constexpr(32)
@@ -37,7 +37,7 @@ DQ_TILE_LAYOUT = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, eleme
 
 @gluon.constexpr_function
 def consumers_dq(block_m, head_dim):
-    """64 queries per step at tile width 128 (with the dQ sums only, hopper.bwd_block_m): FA3's structure. There
+    """64 queries per step at tile width 128 (with the dQ sums only, hopper_dkdv.bwd_block_m): FA3's structure. There
     is no dQ warpgroup: the two consumers (240 registers each) form dQ themselves from both halves of a step's dS,
     a step late (``consumer_dq_step``), and stage it for ``dq_writer_partition``; step t+1's S^T is not issued
     ahead (its 32 registers do not fit beside dK, dV, dP^T and P)."""

@@ -13,7 +13,7 @@ import os
 import torch
 import triton
 
-from mpt_attention.impl.triton import hopper, hopper_views, key_padding, mask_spans, plans
+from mpt_attention.impl.triton import hopper, hopper_dkdv, hopper_views, key_padding, mask_spans, plans
 from mpt_attention.impl.triton.backward import SOFT_BLOCKS, SOFT_EVERY_ROW, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.common import _dropout_mask_kernel, log2_bias_rows_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
@@ -434,12 +434,13 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
         q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True, max_q=s_q) is None
     if fused_dq:  # the route of a plan (kept for this signature where ``key`` is set)
-        first_write = hopper.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen,
-                                            hopper.reach_applies(bias_in, slopes, causal, _alibi_mode(slopes, causal,
-                                                                 prefix), 1 if varlen else batch, s_k))
+        fused_reach = hopper.reach_applies(bias_in, slopes, causal, _alibi_mode(slopes, causal, prefix),
+                                           1 if varlen else batch, s_k)
+        first_write = hopper_dkdv.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen,
+                                                 fused_reach)
         soft_rows = 0  # a bias can soft-mask whole rows: dO scaled for them, every row or the blocks holding one
         if bias is not None:
-            soft_rows = SOFT_BLOCKS.value if hopper.scaled_dout_blocks(head_dim, bias_in.shape[2] != 1) else \
+            soft_rows = SOFT_BLOCKS.value if hopper_dkdv.scaled_dout_blocks(head_dim, bias_in.shape[2] != 1) else \
                 SOFT_EVERY_ROW.value
         plan = plans.FusedBackward(varlen, soft_rows, full if bias_grad else None,
                                    (1, n_heads, q.shape[0]) if varlen else (batch, n_heads, s_q),
@@ -485,7 +486,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     # the Hopper kernel's loader copies each step's row terms (log2-domain LSE offset, delta) beside Q and dO,
     # so the consumers read them from shared memory instead of waiting on global loads every step
     # (packed sequences: one long row per head, as the delta kernel writes them)
-    row_stats = hopper.row_stats_buffer(batch, n_heads, s_q, q.device) if use_hopper else None
+    row_stats = hopper_dkdv.row_stats_buffer(batch, n_heads, s_q, q.device) if use_hopper else None
     # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
     # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
     atomic = deterministic is False and not use_hopper and not ds_gemm
@@ -538,8 +539,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
 
         def launch_dkdv():
             if use_hopper:
-                hopper.backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, softmax_scale, causal,
-                                     _alibi_mode(slopes, causal, prefix), reach_norms=reach_norms)
+                hopper_dkdv.backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, softmax_scale, causal,
+                                          _alibi_mode(slopes, causal, prefix), reach_norms=reach_norms)
             else:
                 launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
                     q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mpt_attention.impl.triton import hopper
+from mpt_attention.impl.triton import hopper, hopper_dkdv
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS, SOFT_BLOCKS, SOFT_EVERY_ROW, _attn_bwd_delta_kernel
 from mpt_attention.impl.triton.common import dq_from_sums_kernel
 from mpt_attention.impl.triton.lean_launch import _INTERPRET, PlannedLaunch, cdiv, next_power_of_2
@@ -47,11 +47,11 @@ def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, var
     it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked: common.SOFT_LSE)
     dO scaled per row into it, every row, or with ``soft_blocks`` (``soft_blocks_buffer``) only the 64-row blocks
     holding a soft-masked row, the buffer's word per block saying which; with ``row_stats``
-    (``hopper.row_stats_buffer``) the Hopper dK/dV kernel's copy of the log2-domain LSE offsets and delta; with
-    ``dq_zero`` (float32, q's shape and strides) zeros written into it; with ``dq_sync`` (``hopper.dq_sync_buffer``)
-    zeros there. Varlen: packed rows are one long batch row for this row-wise kernel; ``used_rows``: (``cu_seqlens``,
-    ``masks.sequence_ends``) of packed queries with unused rows, which then read nothing and get no zeros in
-    ``dq_zero`` (``USED_ROWS``). ``owner``: a plan (``FusedBackward``) that keeps this launch's plan for inputs of its
+    (``hopper_dkdv.row_stats_buffer``) the Hopper dK/dV kernel's copy of the log2-domain LSE offsets and delta;
+    with ``dq_zero`` (float32, q's shape and strides) zeros written into it; with ``dq_sync``
+    (``hopper_dkdv.dq_sync_buffer``) zeros there. Varlen: packed rows are one long batch row for this row-wise
+    kernel; ``used_rows``: (``cu_seqlens``, ``masks.sequence_ends``) of packed queries with unused rows, which then
+    read nothing and get no zeros in ``dq_zero`` (``USED_ROWS``). ``owner``: a plan (``FusedBackward``) that keeps this launch's plan for inputs of its
     signature."""
     o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
     dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
@@ -107,11 +107,12 @@ def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, s
 class FusedBackward:
     """The backward's fused Hopper route (the dK/dV kernel forms dQ too) for one signature of its inputs: what
     ``launch.backward`` decided, and the plans of its delta and dK/dV launches (``row_terms_plan``,
-    ``hopper.dkdv_plan``), made by the first run. ``dbias``: the full bias gradient's shape (the kernel stores dS), or
-    None; ``soft_rows``: 0 without a bias, else where dO is read scaled for soft-masked rows: ``SOFT_EVERY_ROW`` a
-    copy of every row, ``SOFT_BLOCKS`` only the 64-query blocks holding one (``hopper.scaled_dout_blocks``);
-    ``row_stats``: ``hopper.row_stats_buffer``'s sizes; ``dq_sync``: ``hopper.dq_sync_buffer``'s where each dQ block's
-    first program stores its sums, or None; ``dkdv_args``: (softmax scale, causal, ALiBi mode, S_q, S_k) (packed: the longest sequence's)."""
+    ``hopper_dkdv.dkdv_plan``), made by the first run. ``dbias``: the full bias gradient's shape (the kernel stores
+    dS), or None; ``soft_rows``: 0 without a bias, else where dO is read scaled for soft-masked rows:
+    ``SOFT_EVERY_ROW`` a copy of every row, ``SOFT_BLOCKS`` only the 64-query blocks holding one
+    (``hopper_dkdv.scaled_dout_blocks``); ``row_stats``: ``hopper_dkdv.row_stats_buffer``'s sizes; ``dq_sync``:
+    ``hopper_dkdv.dq_sync_buffer``'s where each dQ block's first program stores its sums, or None; ``dkdv_args``:
+    (softmax scale, causal, ALiBi mode, S_q, S_k) (packed: the longest sequence's)."""
 
     __slots__ = ("varlen", "soft_rows", "dbias", "row_stats", "dq_sync", "dkdv_args", "dkdv", "row_terms", "dq_cast")
 
@@ -123,7 +124,7 @@ class FusedBackward:
 def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q=None, cu_k=None,
               reach_norms=None, used_q=None, used_k=None):
     """``launch.backward``'s gradients by ``plan``'s route for inputs of its signature (D innermost in q, k, v and
-    dout); ``reach_norms``, ``used_q``, ``used_k`` as ``hopper.run_dkdv`` takes them."""
+    dout); ``reach_norms``, ``used_q``, ``used_k`` as ``hopper_dkdv.run_dkdv`` takes them."""
     device = q.device
     # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row, for every row or (``SOFT_BLOCKS``)
     # for the 64-query blocks holding one, which the kernel's loader then reads from there
@@ -136,11 +137,11 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
         dout = dout_scaled
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # (unused rows: the kernel's zeros)
     dbias = None if plan.dbias is None else torch.empty(plan.dbias, dtype=q.dtype, device=device)
-    row_stats = hopper.row_stats_buffer(*plan.row_stats, device)
+    row_stats = hopper_dkdv.row_stats_buffer(*plan.row_stats, device)
     # dQ summed in float32 by the kernel's bulk reductions, into zeros the delta kernel writes or, with ``dq_sync``,
     # into what each 64-query block's first program stores (the delta kernel zeroes a word per block instead)
     dq_acc = torch.empty_like(q, dtype=torch.float32)
-    dq_sync = None if plan.dq_sync is None else hopper.dq_sync_buffer(*plan.dq_sync, device)
+    dq_sync = None if plan.dq_sync is None else hopper_dkdv.dq_sync_buffer(*plan.dq_sync, device)
     # packed queries with unused rows: those rows' O and dO are not read and their sums neither zeroed nor read (dQ
     # zeros there from dq_from_sums_kernel); half the bytes of both passes in a half-padded batch read in place
     used_rows = None if used_q is None else (cu_q, sequence_ends(cu_q, used_q))
@@ -150,11 +151,11 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
     dout_blocks = dout_scaled if soft_blocks is not None else None
     if plan.dkdv is None:
         scale, causal, alibi_mode, s_q, s_k = plan.dkdv_args
-        plan.dkdv = hopper.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal, alibi_mode,
-                                     dq_acc, dbias, cu_q, s_q, dq_sync is not None, dout_blocks, s_k,
-                                     used_q is not None or used_k is not None)
-    hopper.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k, dq_sync,
-                    reach_norms, dout_blocks, soft_blocks, used_q, used_k)
+        plan.dkdv = hopper_dkdv.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal,
+                                          alibi_mode, dq_acc, dbias, cu_q, s_q, dq_sync is not None, dout_blocks, s_k,
+                                          used_q is not None or used_k is not None)
+    hopper_dkdv.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k,
+                         dq_sync, reach_norms, dout_blocks, soft_blocks, used_q, used_k)
     if used_rows is None:
         dq.copy_(dq_acc)  # the kernel scales its own
     else:
