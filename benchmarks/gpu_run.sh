@@ -10,6 +10,7 @@
 # PRECISION=1 adds benchmarks/alibi_precision.py (float32 causal ALiBi's errors in the kernels' two forms; ~20 s).
 # SOAK=<seconds> runs benchmarks/soak.py first, MPT's bias row then slopes back to back for that long each (the
 # stops of session 42); a step that does not return within its watchdog prints the stacks and ends that run.
+# FUZZ=1 adds tests/test_gpu_fuzz.py to the tests (hypothesis, derandomized; about three minutes on 8 workers).
 # flash-attn-4 is used when ../shared/tools/fa4-wheels.sh has put its wheels under .peers/ (see there).
 # OTHER_TRITON=1 runs everything under the Triton that tools/other_triton.sh prepared (CI's 3.7.1 instead of the
 # machine's own; the versions go into the results' header): a call carrying .peers/triton/a runs
@@ -35,7 +36,9 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   # six workers where pytest-xdist is installed: the tests are bound by compiling (the whole Hopper file
   # 83 s instead of ~8 min on the H200 machine's 16 cores, session 25)
   workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
-  python3 -m pytest -m gpu tests/test_gpu.py tests/test_gpu_hopper.py -q -p no:cacheprovider $workers 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+  files="tests/test_gpu.py tests/test_gpu_hopper.py"
+  [[ "${FUZZ:-0}" == 1 ]] && files="$files tests/test_gpu_fuzz.py"
+  python3 -m pytest -m gpu $files -q -p no:cacheprovider $workers 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi
 python3 -c "
 import runpy, site, sys

@@ -40,6 +40,26 @@ def test_matches_float64_reference(case, dtype):
 
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [
+    pytest.param(AttnCase(2, 5, 1, 4, 2, 160), id="D160"),
+    pytest.param(AttnCase(1, 1, 1, 2, 1, 256, causal=True), id="D256-causal-one-query"),
+    pytest.param(AttnCase(2, 37, 1, 4, 4, 128, bias="vector"), id="D128-bias-vector"),
+    pytest.param(AttnCase(2, 7, 1, 4, 2, 72, causal=True, bias="vector"), id="D72-causal-bias-vector"),
+    pytest.param(AttnCase(2, 9, 1, 4, 4, 64, bias="full"), id="D64-bias-matrix"),
+])
+def test_one_key_compiles_and_matches_reference(case, dtype):
+    """One key (``s_k == 1``, which Triton turns into a constant): the general kernels' pipelined descriptor loads
+    of K, V and a bias row crashed ptxas (CUDA 12.8) there; launch._key_descriptors_ok keeps them to plain loads.
+    Forward and the fixed-order backward (whose dQ kernel reads keys through descriptors)."""
+    (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda", requires_grad=True)
+    bias = kw.get("attn_bias")
+    inputs = [q, k, v] + ([bias] if bias is not None and bias.requires_grad else [])
+    out = M.attention(q, k, v, backend="triton", deterministic=True, **kw)
+    dout = torch.randn_like(out)
+    assert_gradients_close_to_reference(out, _grads(out, inputs, dout), inputs, kw, dout, dtype)
+
+
 @pytest.mark.parametrize("case", [AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=True, padding="left", bias="full"),
                                   AttnCase(1, 700, 900, 4, 4, 64, bias="full")], ids=lambda c: c.id())
 def test_full_bias_in_the_inputs_dtype_takes_dq_from_stored_ds(dq_gemm_calls, case):

@@ -659,3 +659,27 @@ def test_launches_on_hopper_under_ptxas13_pass_the_option_before_the_users(lean,
     monkeypatch.setattr(lean_launch.driver.active, "get_device_capability", lambda device: (8, 0))
     lean_launch.launch_kernel(fn, (3,), x, 48, BLOCK=64)
     assert "ptx_options" not in fn.triton_launches[-1][2]
+
+
+@pytest.mark.parametrize("d", [pytest.param(64, id="d64"), pytest.param(160, id="d160")])
+def test_one_key_is_read_without_key_descriptors(monkeypatch, d):
+    """At ``s_k == 1`` Triton makes the key count a constant, and ptxas (CUDA 12.8) crashed compiling the forward
+    and the dQ kernel's pipelined descriptor loads of K, V and a bias row: those launches read keys with plain
+    loads, and two keys still take the descriptors (the interpreter's descriptors stand in for Hopper's)."""
+    calls = []
+    monkeypatch.setattr(launch, "launch_kernel", lambda fn, grid, *args, **kw: calls.append((fn.__name__, kw)))
+    monkeypatch.setattr(hopper, "unsupported", lambda *args, **kwargs: "the general kernels under test")
+    flags = {}
+    for s_k in (1, 2):
+        q = torch.randn(1, 5, 2, d, dtype=torch.float16)
+        k, v = (torch.randn(1, s_k, 2, d, dtype=torch.float16) for _ in range(2))
+        bias = torch.randn(1, 2, 1, s_k, dtype=torch.float16)
+        out, lse = launch.forward(q, k, v, bias, None, None, None, None, None, d**-0.5, False, 0.0)
+        out, lse = torch.randn_like(out), torch.randn(lse.shape)
+        launch.backward(torch.randn_like(out), q, k, v, out, lse, None, bias, None, None, None, None, None,
+                        d**-0.5, False, 0.0, False, deterministic=True)
+        kw = dict(calls)
+        flags[s_k] = (kw["_attn_fwd_kernel"]["KV_DESC"], kw["_attn_fwd_kernel"]["ROW_DESC"],
+                      kw["_attn_bwd_dq_kernel"]["DESC"], kw["_attn_bwd_dq_kernel"]["ROW_DESC"])
+        calls.clear()
+    assert flags == {1: (False,) * 4, 2: (True,) * 4}

@@ -199,6 +199,15 @@ def _descriptors_ok(*tensors: torch.Tensor) -> bool:
     return all(hopper_views.tma_aligned(t) for t in tensors)
 
 
+def _key_descriptors_ok(s_k: int, *tensors: torch.Tensor) -> bool:
+    """``_descriptors_ok`` for the tensors a kernel's key loop reads through descriptors (K, V, a bias row),
+    and never at one key: Triton turns an int argument equal to 1 into a constant, and with the key count a
+    constant the pipelined descriptor loads crash ptxas (CUDA 12.8, Triton 3.6: SIGSEGV compiling the
+    forward at head dims 136-256 or with a bias matrix, and the dQ kernel with a bias row). Plain loads
+    compile, and one key is one tile either way."""
+    return s_k != 1 and _descriptors_ok(*tensors)
+
+
 def _ensure_allocator() -> None:
     """In-kernel descriptors need Triton's scratch allocator; install one only if none is set (a user's stays)."""
     if _INTERPRET:
@@ -308,9 +317,9 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     if seqid is not None and s_k > 0:
         seq_range = mask_spans.query_tile_key_spans(mask_spans.sequence_spans(seqid), s_q, cfg["BLOCK_M"])
     varlen = geo.varlen
-    kv_desc = kpm is None and _descriptors_ok(k, v)
+    kv_desc = kpm is None and _key_descriptors_ok(s_k, k, v)
     # a bias row through the copy engine as well (launch._log2_bias_rows pads its rows to 16 bytes)
-    row_desc = bias is not None and bias.shape[2] == 1 and not varlen and _descriptors_ok(bias)
+    row_desc = bias is not None and bias.shape[2] == 1 and not varlen and _key_descriptors_ok(s_k, bias)
     if kv_desc or row_desc:
         _ensure_allocator()
     # (the reach's norm maxima span every row: not with unused ones, which may hold anything)
@@ -513,7 +522,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         kv_cfg, q_cfg = _bwd_config(head_dim, atomic_dq=atomic)
         # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
         dkdv_desc = _descriptors_ok(q, dout)
-        dq_desc = not atomic and kpm is None and _descriptors_ok(k, v)
+        dq_desc = not atomic and kpm is None and _key_descriptors_ok(s_k, k, v)
         # the dQ kernel reads a bias row through the copy engine too (its plain load costs a conversion)
         dq_row_desc = dq_desc and bias_mode != 2 and bias_in is not None and bias_in.shape[2] == 1 and not varlen \
             and _descriptors_ok(bias_in)
