@@ -119,7 +119,8 @@ def sweep():
         launch._fwd_config = fwd_config
         fwd_ms = time_it(fn, grads, "fwd")
         for cfg in DKDV_CONFIGS:
-            launch._bwd_config = lambda head_dim, atomic_dq=False, cfg=cfg: (dict(cfg), bwd_config(head_dim)[1])
+            launch._bwd_config = lambda head_dim, atomic_dq=False, wide_ds=False, cfg=cfg: (
+                dict(cfg), bwd_config(head_dim, wide_ds=wide_ds)[1])
             try:
                 ms = time_it(fn, grads, "fwd_bwd")
                 print(f"  dkdv {cfg}: fwd+bwd {ms:.3f} ms (backward ~{ms - fwd_ms:.3f})")

@@ -121,11 +121,11 @@ def main():
         q_tuple = (q_default["BLOCK_M"], q_default["BLOCK_N"], q_default["num_warps"], q_default["num_stages"])
 
         def patch_kv(opt):
-            launch._bwd_config = lambda d, atomic_dq=False: (cfg(opt), cfg(q_tuple))
+            launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False: (cfg(opt), cfg(q_tuple))
         best_kv = sweep(f"dkdv D{head_dim}", shape, "fwd_bwd", patch_kv, BWD_KV)
 
         def patch_q(opt):
-            launch._bwd_config = lambda d, atomic_dq=False: (cfg(best_kv), cfg(opt))
+            launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False: (cfg(best_kv), cfg(opt))
         best_q = sweep(f"dq D{head_dim}", shape, "fwd_bwd", patch_q, BWD_Q)
         launch._bwd_config = default_bwd
         print(f"BEST D{head_dim}: fwd {best_fwd} dkdv {best_kv} dq {best_q}", flush=True)

@@ -10,11 +10,13 @@ Two steps: a child process under ``TRITON_INTERPRET=1`` runs ``launch.forward`` 
 with every launch recorded and none run (the Hopper route forced, as on an H100/H200, so the general kernels are
 recorded only where a Hopper GPU takes them: the Gluon kernels are ``tools/compile_kernels.py``'s); this process
 then binds each distinct launch as Triton's launcher would and compiles it. Prints ``ok``/``FAIL`` per
-specialisation with the shapes that first reached it; exits 1 on any failure.
+specialisation with the shapes that first reached it (``OVER``: more shared memory than an sm_90 block has, which
+fails at launch); exits 1 on any failure; ``--quiet`` prints only the failures.
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import pickle
@@ -23,21 +25,26 @@ import sys
 import tempfile
 
 _TENSOR = "tensor"
+# the shared memory one block may use on sm_90 (227 KB); above it the launch fails with OutOfResources
+SM90_SHARED_BYTES = 232448
 
 
 def _grid(args) -> list[dict]:
     cases = []
-    for d, s_q, s_k, (h, h_kv), bias, causal, padded, det, dtype in itertools.product(
-            args.head_dims, args.seqs, args.seqs, args.heads, args.biases, (False, True), (False, True),
-            args.deterministic, args.dtypes):
-        cases.append(dict(d=d, s_q=s_q, s_k=s_k, h=h, h_kv=h_kv, bias=bias, causal=causal, padded=padded,
-                          deterministic=det, dtype=dtype))
+    for d, s_q, s_k, (h, h_kv), bias, bias_dtype, causal, padded, det, dtype in itertools.product(
+            args.head_dims, args.seqs, args.seqs, args.heads, args.biases, args.bias_dtypes, (False, True),
+            (False, True), args.deterministic, args.dtypes):
+        if bias in ("none", "alibi") and bias_dtype != args.bias_dtypes[0]:
+            continue
+        cases.append(dict(d=d, s_q=s_q, s_k=s_k, h=h, h_kv=h_kv, bias=bias, bias_dtype=bias_dtype, causal=causal,
+                          padded=padded, deterministic=det, dtype=dtype))
     return cases
 
 
 def _case_name(c: dict) -> str:
     det = {True: "deterministic", False: "any-order", None: "default-order"}[c["deterministic"]]
-    return (f"D{c['d']} s_q={c['s_q']} s_k={c['s_k']} H={c['h']}:{c['h_kv']} {c['bias']}"
+    bias = c["bias"] if c["bias"] in ("none", "alibi") else f"{c['bias']}({c['bias_dtype']})"
+    return (f"D{c['d']} s_q={c['s_q']} s_k={c['s_k']} H={c['h']}:{c['h_kv']} {bias}"
             f"{' causal' if c['causal'] else ''}{' padded' if c['padded'] else ''} {det} {c['dtype']}")
 
 
@@ -67,7 +74,14 @@ def _capture(args, out_path: str) -> None:
         return None
 
     launch.launch_kernel = lean_launch.launch_kernel = record
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+    class NoStream:  # the backward's side stream, for CPU tensors
+        def wait_stream(self, other):
+            pass
+
+    launch._side_stream = torch.cuda.current_stream = lambda device=None: NoStream()
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     for c in _grid(args):
         case.clear()
         case.update(c)
@@ -77,13 +91,15 @@ def _capture(args, out_path: str) -> None:
         bias = slopes = None
         if c["bias"] == "alibi":
             slopes = torch.rand(c["h"])
-        elif c["bias"] in ("row", "matrix", "matrix-grad"):
-            bias = torch.randn(2, c["h"], 1 if c["bias"] == "row" else c["s_q"], c["s_k"], dtype=dtype)
+        elif c["bias"] != "none":  # (B, H, 1, S_k), (B, H, S_q, S_k) or, "shared", (B, 1, S_q, S_k)
+            bias_dtype = dtype if c["bias_dtype"] == "q" else dtypes[c["bias_dtype"]]
+            heads = 1 if c["bias"].startswith("shared") else c["h"]
+            bias = torch.randn(2, heads, 1 if c["bias"].startswith("row") else c["s_q"], c["s_k"], dtype=bias_dtype)
         kpm = torch.rand(2, c["s_k"]) > 0.3 if c["padded"] else None
         try:
             out, lse = launch.forward(q, k, v, bias, slopes, kpm, None, None, None, d**-0.5, c["causal"], 0.0)
             launch.backward(torch.randn_like(out), q, k, v, out, torch.zeros(lse.shape), None, bias, slopes, kpm,
-                            None, None, None, d**-0.5, c["causal"], 0.0, c["bias"] == "matrix-grad",
+                            None, None, None, d**-0.5, c["causal"], 0.0, c["bias"].endswith("-grad"),
                             deterministic=c["deterministic"])
         except (ValueError, NotImplementedError) as exc:  # outside what the op accepts (the API checks first)
             print(f"skipped {c}: {exc}", file=sys.stderr)
@@ -151,7 +167,8 @@ def _compile(job) -> tuple[str, str]:
                                 options=options.__dict__)
     except Exception as exc:
         return "FAIL", " ".join(str(exc).split())[-600:]
-    return "ok", f"smem={kernel.metadata.shared} {_spills(kernel)}"
+    status = "ok" if kernel.metadata.shared <= SM90_SHARED_BYTES else "OVER"
+    return status, f"smem={kernel.metadata.shared} {_spills(kernel)}"
 
 
 def main() -> int:
@@ -160,12 +177,16 @@ def main() -> int:
     parser.add_argument("--seqs", type=int, nargs="+", default=[1, 2, 37])
     parser.add_argument("--heads", type=lambda s: tuple(map(int, s.split(":"))), nargs="+", default=[(1, 1), (4, 2)],
                         help="H:H_kv pairs")
-    parser.add_argument("--biases", nargs="+", default=["none", "alibi", "row", "matrix", "matrix-grad"])
+    parser.add_argument("--biases", nargs="+", default=["none", "alibi", "row", "matrix", "matrix-grad", "shared-grad"],
+                        help="none, alibi (slopes), row (B, H, 1, S_k), matrix (B, H, S_q, S_k), shared "
+                        "(B, 1, S_q, S_k); -grad: with its gradient")
     parser.add_argument("--deterministic", type=lambda s: None if s == "none" else s == "true", nargs="+",
                         default=[True, False], help="true, false or none (the backward's dQ choice)")
     parser.add_argument("--dtypes", nargs="+", default=["bf16"])
+    parser.add_argument("--bias-dtypes", nargs="+", default=["q", "fp32"], help="q (the inputs' dtype) or a dtype")
     parser.add_argument("--kernel", help="compile only kernels whose name holds this (fwd, dkdv, dq, delta)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    parser.add_argument("--quiet", action="store_true", help="print only the failures")
     parser.add_argument("--capture", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.capture:
@@ -192,9 +213,12 @@ def main() -> int:
         jobs = [(n, s, kw) for n, s, kw, _ in launches]
         for (name, _, kw, case), (status, detail) in zip(launches, pool.map(_compile, jobs)):
             failures += status != "ok"
+            if args.quiet and status == "ok":
+                continue
             flags = " ".join(f"{k}={v}" for k, v in kw.items() if k.isupper() and v not in (False, 0, None))
             print(f"{status:4} {name} {flags} num_warps={kw.get('num_warps')} num_stages={kw.get('num_stages')} "
                   f"first at {_case_name(case)}: {detail}", flush=True)
+    print(f"{failures} of {len(launches)} failed")
     return 1 if failures else 0
 
 

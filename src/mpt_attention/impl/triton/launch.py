@@ -50,10 +50,12 @@ def _fwd_config(head_dim: int, full_bias: bool = False) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def _bwd_config(head_dim: int, atomic_dq: bool = False) -> tuple[dict, dict]:
+def _bwd_config(head_dim: int, atomic_dq: bool = False, wide_ds: bool = False) -> tuple[dict, dict]:
     """(dK/dV config, dQ config). With ``atomic_dq`` the dK/dV kernel also holds a dQ tile and its float32
     staging buffer: at D=128 one stage keeps it inside Hopper's 227 KB of shared memory (the fastest of
-    six configs in ``benchmarks/tune_dkdv.py --atomic``; two stages need 242 KB)."""
+    six configs in ``benchmarks/tune_dkdv.py --atomic``; two stages need 242 KB). ``wide_ds``: the dQ kernel
+    reads a float32 bias matrix and stores dS for its gradient; at D 72-128 three stages of that need 257 KB
+    (tools/compile_launches.py), two fit."""
     if _INTERPRET:
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
         return small, small
@@ -67,7 +69,7 @@ def _bwd_config(head_dim: int, atomic_dq: bool = False) -> tuple[dict, dict]:
         # dK/dV with BLOCK_M=32 and num_stages > 1 raced under Triton 3.6 (dK changed between identical
         # runs, benchmarks/NOTES.md): keep BLOCK_M >= 64 when pipelining.
         return (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-                dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))
+                dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2 if wide_ds else 3))
     return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),  # unpipelined: see above
             dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1))
 
@@ -519,7 +521,8 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         in_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
         seed_arg = seed if seed is not None else q
         cu_args = mask_spans.sequence_args(q, cu_q, cu_k, used_q, used_k)
-        kv_cfg, q_cfg = _bwd_config(head_dim, atomic_dq=atomic)
+        wide_ds = bias_mode == 2 and not dkdv_bias_grad and bias_in.element_size() == 4
+        kv_cfg, q_cfg = _bwd_config(head_dim, atomic_dq=atomic, wide_ds=wide_ds)
         # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
         dkdv_desc = _descriptors_ok(q, dout)
         dq_desc = not atomic and kpm is None and _key_descriptors_ok(s_k, k, v)
