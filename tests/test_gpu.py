@@ -51,13 +51,18 @@ def test_matches_float64_reference(case, dtype):
 def test_one_key_compiles_and_matches_reference(case, dtype):
     """One key (``s_k == 1``, which Triton turns into a constant): the general kernels' pipelined descriptor loads
     of K, V and a bias row crashed ptxas (CUDA 12.8) there; launch._key_descriptors_ok keeps them to plain loads.
-    Forward and the fixed-order backward (whose dQ kernel reads keys through descriptors)."""
+    Forward and the fixed-order backward (whose dQ kernel reads keys through descriptors; a bias taking its
+    gradient keeps the backward on the general kernels). Over one key the softmax is constant, so the bias's
+    gradient is zero: what the kernels give is float32 cancellation (delta - dP, up to 3.4e-5 on the H200) and is
+    checked against a bound rather than by the reference's tolerance rule, whose low-precision error is 0 there."""
     (q, k, v), kw = make_inputs(case, dtype=dtype, device="cuda", requires_grad=True)
     bias = kw.get("attn_bias")
-    inputs = [q, k, v] + ([bias] if bias is not None and bias.requires_grad else [])
     out = M.attention(q, k, v, backend="triton", deterministic=True, **kw)
     dout = torch.randn_like(out)
-    assert_gradients_close_to_reference(out, _grads(out, inputs, dout), inputs, kw, dout, dtype)
+    grads = _grads(out, [q, k, v] + ([bias] if bias is not None else []), dout)
+    assert_gradients_close_to_reference(out, grads[:3], [q, k, v], kw, dout, dtype)
+    if bias is not None:
+        assert grads[3].abs().max() <= 1e-4, grads[3].abs().max()
 
 
 @pytest.mark.parametrize("case", [AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=True, padding="left", bias="full"),
