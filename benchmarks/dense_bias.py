@@ -12,6 +12,9 @@ Issue 3 asks for >= 3x SDPA memory-efficient with the same bias, forward+backwar
 ``--sweep``: block configurations of the general forward and dK/dV kernels with the dense bias instead.
 ``--head-dim D``: only the shapes of that head dim; ``--causal``: only the causal ones; ``--no-kernels``: without
 step 2.
+``--wide-ds``: instead, a float32 bias matrix with its gradient (bf16 inputs), whose dS the dQ kernel stores: that
+kernel's block configurations at D 96/128 (three stages of the default do not fit, ``launch._bwd_config``), against
+ours with the bias in bf16 and SDPA memory-efficient with the bias in bf16, forward+backward, best of two rounds.
 ``--forward-routes``: instead, the forward alone with ALiBi slopes and a bias matrix (no gradients) at D128, on
 the Gluon forward and on the general one (``hopper.ENABLED``), best of two alternated rounds.
 """
@@ -129,6 +132,39 @@ def sweep():
         launch._bwd_config = bwd_config
 
 
+DQ_WIDE_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                   for bm, bn, w, st in ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3))]
+
+
+def wide_ds():
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    bwd_config = launch._bwd_config
+    for batch, heads, seq, dim, causal in ((4, 16, 2048, 128, False), (4, 16, 2048, 128, True), (4, 16, 2048, 96, True)):
+        provs = providers(batch, heads, heads, seq, dim, causal)
+        fn16, grads16 = provs["default"]
+        q, k, v, bias16 = grads16
+        bias32 = bias16.detach().float().requires_grad_()
+        fn32 = lambda: M.attention(q, k, v, backend="triton", causal=causal, attn_bias=bias32)
+        runs = {f"fp32 bias dq {tuple(c.values())}": c for c in DQ_WIDE_CONFIGS}
+        times = {name: [] for name in [*runs, "bf16 bias (ours)", "bf16 bias memeff"]}
+        for _ in range(2):
+            for name, cfg in runs.items():
+                launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False, cfg=cfg: (
+                    bwd_config(d, atomic_dq)[0], dict(cfg))
+                try:
+                    times[name].append(time_it(fn32, [q, k, v, bias32], "fwd_bwd"))
+                except Exception as exc:
+                    print(f"  {name}: {type(exc).__name__}: {str(exc)[:100]}")
+                launch._bwd_config = bwd_config
+            times["bf16 bias (ours)"].append(time_it(fn16, grads16, "fwd_bwd"))
+            times["bf16 bias memeff"].append(time_it(*provs["memeff"], "fwd_bwd"))
+        print(f"\n== fp32 bias matrix with grad, B{batch} H{heads} S{seq} D{dim} {'causal' if causal else 'full'}, "
+              f"fwd+bwd")
+        for name, ts in times.items():
+            if ts:
+                print(f"  {name:34s} {' '.join(f'{t:.3f}' for t in ts)} ms")
+
+
 def forward_routes():
     for batch, heads, kv_heads, seq, dim, causal in [(4, 16, 16, 2048, 128, True), (2, 32, 4, 2048, 128, False),
                                                      (4, 16, 16, 2048, 128, False)]:
@@ -153,6 +189,8 @@ def main():
         return sweep()
     if "--forward-routes" in sys.argv:
         return forward_routes()
+    if "--wide-ds" in sys.argv:
+        return wide_ds()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     only = int(sys.argv[sys.argv.index("--head-dim") + 1]) if "--head-dim" in sys.argv else None
     for batch, heads, kv_heads, seq, dim, causal in SHAPES:
