@@ -133,7 +133,7 @@ def sweep():
 
 
 DQ_WIDE_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-                   for bm, bn, w, st in ((128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3))]
+                   for bm, bn, w, st in ((128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2))]
 
 
 def wide_ds():

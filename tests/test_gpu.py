@@ -65,6 +65,23 @@ def test_one_key_compiles_and_matches_reference(case, dtype):
         assert grads[3].abs().max() <= 1e-4, grads[3].abs().max()
 
 
+@pytest.mark.parametrize("deterministic", [True, None], ids=["reproducible", "default"])
+@pytest.mark.parametrize("case", [
+    pytest.param(AttnCase(2, 300, 333, 4, 2, 128, causal=True, alibi=True, bias="full"), id="D128-causal-full"),
+    pytest.param(AttnCase(2, 257, 257, 4, 4, 96, padding=True, bias="matrix"), id="D96-padding-batch-matrix"),
+])
+def test_float32_bias_matrix_gradient_from_the_dq_kernel(case, deterministic):
+    """A float32 bias matrix with its gradient and bf16 inputs: dS goes to the gradient in float32, so the dQ kernel
+    stores it (no dQ GEMM on a stored dS in q's dtype); its config at D 72-128 (``launch._bwd_config(wide_ds=True)``)
+    fits Hopper's shared memory, where the default one did not launch."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    inputs = [q, k, v, kw["attn_bias"]]
+    assert kw["attn_bias"].dtype == torch.float32
+    out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+    dout = torch.randn_like(out)
+    assert_gradients_close_to_reference(out, _grads(out, inputs, dout), inputs, kw, dout, torch.bfloat16)
+
+
 @pytest.mark.parametrize("case", [AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=True, padding="left", bias="full"),
                                   AttnCase(1, 700, 900, 4, 4, 64, bias="full")], ids=lambda c: c.id())
 def test_full_bias_in_the_inputs_dtype_takes_dq_from_stored_ds(dq_gemm_calls, case):

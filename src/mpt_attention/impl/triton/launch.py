@@ -54,8 +54,10 @@ def _bwd_config(head_dim: int, atomic_dq: bool = False, wide_ds: bool = False) -
     """(dK/dV config, dQ config). With ``atomic_dq`` the dK/dV kernel also holds a dQ tile and its float32
     staging buffer: at D=128 one stage keeps it inside Hopper's 227 KB of shared memory (the fastest of
     six configs in ``benchmarks/tune_dkdv.py --atomic``; two stages need 242 KB). ``wide_ds``: the dQ kernel
-    reads a float32 bias matrix and stores dS for its gradient; at D 72-128 three stages of that need 257 KB
-    (tools/compile_launches.py), two fit."""
+    reads a float32 bias matrix and stores dS for its gradient: at D 72-128 three stages of 128 x 64 tiles need
+    257 KB of shared memory (tools/compile_launches.py); 32-key tiles keep three stages and measured fastest of
+    four configs that fit (``benchmarks/dense_bias.py --wide-ds``, H200: B4 H16 S2048 D128 2.35 ms against 2.46
+    for two stages of 64 keys)."""
     if _INTERPRET:
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
         return small, small
@@ -69,7 +71,7 @@ def _bwd_config(head_dim: int, atomic_dq: bool = False, wide_ds: bool = False) -
         # dK/dV with BLOCK_M=32 and num_stages > 1 raced under Triton 3.6 (dK changed between identical
         # runs, benchmarks/NOTES.md): keep BLOCK_M >= 64 when pipelining.
         return (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-                dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2 if wide_ds else 3))
+                dict(BLOCK_M=128, BLOCK_N=32 if wide_ds else 64, num_warps=8, num_stages=3))
     return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),  # unpipelined: see above
             dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1))
 
