@@ -104,6 +104,23 @@ def test_float32_uses_ieee_dots():
     assert (out.double() - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["reproducible", "atomic-dq"])
+@pytest.mark.parametrize("case", [
+    pytest.param(AttnCase(2, 300, 333, 4, 2, 128, causal=True, alibi=True, padding=True), id="D128-alibi-padding"),
+    pytest.param(AttnCase(2, 257, 257, 4, 4, 80, bias="full"), id="D80-bias-full"),
+    pytest.param(AttnCase(1, 200, 200, 2, 2, 112, causal=True, bias="vector"), id="D112-bias-vector"),
+])
+def test_float32_past_64_columns_forward_and_backward(case, deterministic):
+    """Float32 inputs at D 72-128: the general kernels with D>128's block configs (``launch._fwd_config(fp32=True)``;
+    the bf16 ones needed up to 328 KB of shared memory in float32 and did not launch), every gradient."""
+    (q, k, v), kw = make_inputs(case, device="cuda", requires_grad=True)
+    bias = kw.get("attn_bias")
+    inputs = [q, k, v] + ([bias] if bias is not None else [])
+    out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+    dout = torch.randn_like(out)
+    assert_gradients_close_to_reference(out, _grads(out, inputs, dout), inputs, kw, dout, torch.float32)
+
+
 @pytest.mark.parametrize("s_q", [2048, 700], ids=["s2048", "chunked-prefill-700-of-2048"])
 def test_float32_causal_alibi_meets_the_tolerance_rule_at_length(s_q):
     """Float32 causal ALiBi at MPT's slopes and S 2048, also as a chunked prefill: out, the returned log-sum-exp and
