@@ -118,17 +118,21 @@ def test_dkdv_kernel_as_launched_keeps_its_descriptors_out_of_local_memory():
     assert spilled <= 64 and all(int(loads) <= 4 and int(length) < 630 for length, loads in loops), result.stdout
 
 
-def test_general_kernels_launched_with_one_key_or_a_float32_bias_gradient_compile_and_fit():
+def test_general_kernels_launched_with_one_key_or_float32_tiles_compile_and_fit():
     """``tools/compile_launches.py`` over the launches the GPU fuzz broke (session 59): one key (Triton makes it a
     constant; ptxas 12.8 crashed on the key loop's pipelined descriptor loads, so ``launch._key_descriptors_ok``
-    leaves them out) and the dQ kernel storing dS for a float32 bias matrix's gradient at D80-128 (three stages
-    needed 257 KB of shared memory, more than an sm_90 block has). Every launch compiles and fits."""
+    leaves them out), the dQ kernel storing dS for a float32 bias matrix's gradient at D80-128 (three stages
+    needed 257 KB of shared memory, more than an sm_90 block has) and float32 inputs at D80. Every launch compiles
+    and fits."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    grids = [["--head-dims", "160", "--biases", "none", "--kernel", "fwd"],
-             ["--head-dims", "80", "--biases", "row-grad", "matrix-grad", "shared-grad", "--kernel", "dq"]]
+    grids = [["--head-dims", "160", "--biases", "none", "--kernel", "fwd", "--seqs", "1", "37"],
+             ["--head-dims", "80", "--biases", "row-grad", "matrix-grad", "shared-grad", "--kernel", "dq", "--seqs", "1",
+              "37"],
+             # float32 inputs past 64 columns (D>128's configs; the D 72-128 ones needed up to 328 KB)
+             ["--head-dims", "80", "--biases", "matrix-grad", "--dtypes", "fp32", "--seqs", "37"]]
     for grid in grids:
-        result = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_launches.py"), *grid, "--seqs", "1",
-                                 "37", "--heads", "4:2", "--bias-dtypes", "fp32", "--deterministic", "true", "--quiet"],
+        result = subprocess.run([sys.executable, str(ROOT / "tools" / "compile_launches.py"), *grid, "--heads", "4:2",
+                                 "--bias-dtypes", "fp32", "--deterministic", "true", "--quiet"],
                                 capture_output=True, text=True, env=env, timeout=900)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         total = int(re.search(r"launches, (\d+) specialisations", result.stdout).group(1))
