@@ -6,7 +6,7 @@ before a GPU run does (benchmarks/NOTES.md session 59: one key crashed ptxas in 
     python tools/compile_launches.py [--head-dims 64 160] [--seqs 1 2 37] [--kernel dkdv] [--jobs 2]
     PYTHONPATH=/path/to/triton-3.6 python tools/compile_launches.py ...      (another Triton's compiler)
 
-Two steps: a child process under ``TRITON_INTERPRET=1`` runs ``launch.forward`` and ``launch.backward`` over the grid
+Two steps: a child process under ``TRITON_INTERPRET=1`` calls ``attention`` forward and backward over the grid
 with every launch recorded and none run (the Hopper route forced, as on an H100/H200, so the general kernels are
 recorded only where a Hopper GPU takes them: the Gluon kernels are ``tools/compile_kernels.py``'s); this process
 then binds each distinct launch as Triton's launcher would and compiles it. Prints ``ok``/``FAIL`` per
@@ -31,13 +31,13 @@ SM90_SHARED_BYTES = 232448
 
 def _grid(args) -> list[dict]:
     cases = []
-    for d, s_q, s_k, (h, h_kv), bias, bias_dtype, causal, padded, det, dtype in itertools.product(
+    for d, s_q, s_k, (h, h_kv), bias, bias_dtype, causal, padded, mask, det, dtype in itertools.product(
             args.head_dims, args.seqs, args.seqs, args.heads, args.biases, args.bias_dtypes, (False, True),
-            (False, True), args.deterministic, args.dtypes):
+            (False, True), args.masks, args.deterministic, args.dtypes):
         if bias in ("none", "alibi") and bias_dtype != args.bias_dtypes[0]:
             continue
         cases.append(dict(d=d, s_q=s_q, s_k=s_k, h=h, h_kv=h_kv, bias=bias, bias_dtype=bias_dtype, causal=causal,
-                          padded=padded, deterministic=det, dtype=dtype))
+                          padded=padded, mask=mask, deterministic=det, dtype=dtype))
     return cases
 
 
@@ -45,7 +45,8 @@ def _case_name(c: dict) -> str:
     det = {True: "deterministic", False: "any-order", None: "default-order"}[c["deterministic"]]
     bias = c["bias"] if c["bias"] in ("none", "alibi") else f"{c['bias']}({c['bias_dtype']})"
     return (f"D{c['d']} s_q={c['s_q']} s_k={c['s_k']} H={c['h']}:{c['h_kv']} {bias}"
-            f"{' causal' if c['causal'] else ''}{' padded' if c['padded'] else ''} {det} {c['dtype']}")
+            f"{' causal' if c['causal'] else ''}{' padded' if c['padded'] else ''}"
+            f"{'' if c['mask'] == 'none' else ' ' + c['mask']} {det} {c['dtype']}")
 
 
 def _capture(args, out_path: str) -> None:
@@ -53,6 +54,7 @@ def _capture(args, out_path: str) -> None:
     replaced by ``(TENSOR, dtype, 16-byte aligned)``."""
     import torch
 
+    import mpt_attention as M
     from mpt_attention.impl.triton import hopper, hopper_views, launch, lean_launch
 
     # the choices a Hopper GPU makes: its block configs (not the interpreter's small ones) and copy-engine
@@ -95,14 +97,22 @@ def _capture(args, out_path: str) -> None:
             bias_dtype = dtype if c["bias_dtype"] == "q" else dtypes[c["bias_dtype"]]
             heads = 1 if c["bias"].startswith("shared") else c["h"]
             bias = torch.randn(2, heads, 1 if c["bias"].startswith("row") else c["s_q"], c["s_k"], dtype=bias_dtype)
-        kpm = torch.rand(2, c["s_k"]) > 0.3 if c["padded"] else None
-        try:
-            out, lse = launch.forward(q, k, v, bias, slopes, kpm, None, None, None, d**-0.5, c["causal"], 0.0)
-            launch.backward(torch.randn_like(out), q, k, v, out, torch.zeros(lse.shape), None, bias, slopes, kpm,
-                            None, None, None, d**-0.5, c["causal"], 0.0, c["bias"].endswith("-grad"),
-                            deterministic=c["deterministic"])
-        except (ValueError, NotImplementedError) as exc:  # outside what the op accepts (the API checks first)
-            print(f"skipped {c}: {exc}", file=sys.stderr)
+        kw = dict(causal=c["causal"], alibi_slopes=slopes, attn_bias=bias,
+                  key_padding_mask=torch.rand(2, c["s_k"]) > 0.3 if c["padded"] else None)
+        if c["mask"] == "sequence_id":  # packed sequences over the keys
+            kw["sequence_id"] = torch.sort(torch.randint(0, 3, (2, c["s_k"])), dim=1).values
+        elif c["mask"] == "prefix":
+            kw["prefix_mask"] = torch.arange(c["s_k"]).expand(2, -1) < c["s_k"] // 2
+        elif c["mask"] == "dropout":
+            kw["dropout_p"] = 0.1
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        if bias is not None and c["bias"].endswith("-grad"):
+            bias.requires_grad_()
+        try:  # through the public op, as a user calls it: the forward's and the backward's launches are recorded
+            out = M.attention(q, k, v, backend="triton", deterministic=c["deterministic"], **kw)
+            out.backward(torch.randn_like(out))
+        except (ValueError, NotImplementedError) as exc:  # outside what the op accepts
+            print(f"skipped {_case_name(c)}: {exc}", file=sys.stderr)
     with open(out_path, "wb") as f:
         pickle.dump([(n, s, dict(kw), c) for (n, s, kw), c in seen.items()], f)
 
@@ -182,6 +192,8 @@ def main() -> int:
                         "(B, 1, S_q, S_k); -grad: with its gradient")
     parser.add_argument("--deterministic", type=lambda s: None if s == "none" else s == "true", nargs="+",
                         default=[True, False], help="true, false or none (the backward's dQ choice)")
+    parser.add_argument("--masks", nargs="+", default=["none"], choices=["none", "sequence_id", "prefix", "dropout"],
+                        help="besides key padding (always with and without)")
     parser.add_argument("--dtypes", nargs="+", default=["bf16"])
     parser.add_argument("--bias-dtypes", nargs="+", default=["q", "fp32"], help="q (the inputs' dtype) or a dtype")
     parser.add_argument("--kernel", help="compile only kernels whose name holds this (fwd, dkdv, dq, delta)")
