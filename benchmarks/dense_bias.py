@@ -114,7 +114,7 @@ def sweep():
         fn, grads = providers(batch, heads, kv_heads, seq, dim, causal)["dq-gemm"]  # the general kernels
         print(f"\n== sweep, B{batch} H{heads}/{kv_heads} S{seq} D{dim} {'causal' if causal else 'full'}")
         for cfg in FWD_CONFIGS:
-            launch._fwd_config = lambda head_dim, full_bias=False, fp32=False, cfg=cfg: dict(cfg)
+            launch._fwd_config = lambda head_dim, full_bias=False, cfg=cfg: dict(cfg)
             try:
                 print(f"  fwd  {cfg}: {time_it(fn, grads, 'fwd'):.3f} ms")
             except Exception as exc:
@@ -122,7 +122,7 @@ def sweep():
         launch._fwd_config = fwd_config
         fwd_ms = time_it(fn, grads, "fwd")
         for cfg in DKDV_CONFIGS:
-            launch._bwd_config = lambda head_dim, atomic_dq=False, wide_ds=False, fp32=False, cfg=cfg: (
+            launch._bwd_config = lambda head_dim, atomic_dq=False, wide_ds=False, cfg=cfg: (
                 dict(cfg), bwd_config(head_dim, wide_ds=wide_ds)[1])
             try:
                 ms = time_it(fn, grads, "fwd_bwd")
@@ -149,7 +149,7 @@ def wide_ds():
         times = {name: [] for name in [*runs, "bf16 bias (ours)", "bf16 bias memeff"]}
         for _ in range(2):
             for name, cfg in runs.items():
-                launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False, fp32=False, cfg=cfg: (
+                launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False, cfg=cfg: (
                     bwd_config(d, atomic_dq)[0], dict(cfg))
                 try:
                     times[name].append(time_it(fn32, [q, k, v, bias32], "fwd_bwd"))

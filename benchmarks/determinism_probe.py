@@ -28,7 +28,7 @@ for fwd, kv, dq in [((64, 64, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3)),
                     ((64, 64, 4, 3), (32, 64, 4, 2), (128, 64, 8, 2)),
                     ((128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2)),
                     ((64, 64, 4, 3), (32, 64, 4, 1), (128, 64, 8, 1))]:
-    launch._fwd_config = lambda d, full_bias=False, fp32=False, fwd=fwd: cfg(fwd)
-    launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False, fp32=False, kv=kv, dq=dq: (cfg(kv), cfg(dq))
+    launch._fwd_config = lambda d, full_bias=False, fwd=fwd: cfg(fwd)
+    launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False, kv=kv, dq=dq: (cfg(kv), cfg(dq))
     probe(f"fwd{fwd} kv{kv} dq{dq}", CASE)
     probe("  same, no padding", AttnCase(2, 1500, 1500, 8, 2, 128, causal=True, alibi=True))

@@ -95,7 +95,7 @@ def general_fwd():
         times = {opt: [] for opt in options}
         for _ in range(2):
             for opt in options:
-                launch._fwd_config = lambda d, full_bias=False, fp32=False, opt=opt: cfg(opt)
+                launch._fwd_config = lambda d, full_bias=False, opt=opt: cfg(opt)
                 try:
                     times[opt].append(do_bench(fn, warmup=25, rep=80, return_mode="median"))
                 except Exception as exc:
@@ -114,18 +114,18 @@ def main():
     default_fwd, default_bwd = launch._fwd_config, launch._bwd_config
     for head_dim, shape in ((128, (4, 16, 4096, 128)), (64, (4, 32, 4096, 64))):
         def patch_fwd(opt):
-            launch._fwd_config = lambda d, full_bias=False, fp32=False: cfg(opt)
+            launch._fwd_config = lambda d, full_bias=False: cfg(opt)
         best_fwd = sweep(f"fwd D{head_dim}", shape, "fwd", patch_fwd, FWD)
         launch._fwd_config = default_fwd
         q_default = default_bwd(head_dim)[1]
         q_tuple = (q_default["BLOCK_M"], q_default["BLOCK_N"], q_default["num_warps"], q_default["num_stages"])
 
         def patch_kv(opt):
-            launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False, fp32=False: (cfg(opt), cfg(q_tuple))
+            launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False: (cfg(opt), cfg(q_tuple))
         best_kv = sweep(f"dkdv D{head_dim}", shape, "fwd_bwd", patch_kv, BWD_KV)
 
         def patch_q(opt):
-            launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False, fp32=False: (cfg(best_kv), cfg(opt))
+            launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False: (cfg(best_kv), cfg(opt))
         best_q = sweep(f"dq D{head_dim}", shape, "fwd_bwd", patch_q, BWD_Q)
         launch._bwd_config = default_bwd
         print(f"BEST D{head_dim}: fwd {best_fwd} dkdv {best_kv} dq {best_q}", flush=True)

@@ -111,7 +111,7 @@ def test_float32_uses_ieee_dots():
     pytest.param(AttnCase(1, 200, 200, 2, 2, 112, causal=True, bias="vector"), id="D112-bias-vector"),
 ])
 def test_float32_past_64_columns_forward_and_backward(case, deterministic):
-    """Float32 inputs at D 72-128: the general kernels with D>128's block configs (``launch._fwd_config(fp32=True)``;
+    """Float32 inputs at D 72-128: the general kernels with D>128's block configs (``launch._config_head_dim``;
     the bf16 ones needed up to 328 KB of shared memory in float32 and did not launch), every gradient."""
     (q, k, v), kw = make_inputs(case, device="cuda", requires_grad=True)
     bias = kw.get("attn_bias")

@@ -35,42 +35,46 @@ LOG2E = 1.4426950408889634
 ALIBI_NONE, ALIBI_CAUSAL, ALIBI_SYMMETRIC, ALIBI_CAUSAL_DIAGONAL = 0, 1, 2, 3  # the kernels' ALIBI modes (common.py)
 
 
-def _fwd_config(head_dim: int, full_bias: bool = False, fp32: bool = False) -> dict:
-    """Measured with benchmarks/tune_blocks.py on an H200 (benchmarks/NOTES.md). ``fp32``: float32 inputs, whose
-    tiles past 64 columns take as many bytes as bf16's past 128 and take their configs (the 128-column ones need up
-    to 295 KB of shared memory in float32, more than an sm_90 block has: tools/compile_launches.py)."""
+def _config_head_dim(head_dim: int, dtype: torch.dtype) -> int:
+    """The head dim whose block configs (``_fwd_config``, ``_bwd_config``) fit these tiles: float32 tiles past 64
+    columns take as many bytes as bf16's past 128 and take D>128's configs (the 128-column ones need 263-328 KB of
+    shared memory in float32, more than an sm_90 block has: tools/compile_launches.py)."""
+    return 256 if dtype == torch.float32 and head_dim > 64 else head_dim
+
+
+def _fwd_config(head_dim: int, full_bias: bool = False) -> dict:
+    # Measured with benchmarks/tune_blocks.py on an H200 (benchmarks/NOTES.md).
     if _INTERPRET:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if head_dim <= 128 and full_bias and not fp32:
+    if head_dim <= 128 and full_bias:
         # a (.., S_q, S_k) bias tile per block: 128 rows on 8 warps, 0.55 -> 0.43 ms at B4 H16 S2048
         # (benchmarks/dense_bias.py --sweep)
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    if head_dim <= 128 and not fp32:
+    if head_dim <= 128:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def _bwd_config(head_dim: int, atomic_dq: bool = False, wide_ds: bool = False, fp32: bool = False) -> tuple[dict, dict]:
+def _bwd_config(head_dim: int, atomic_dq: bool = False, wide_ds: bool = False) -> tuple[dict, dict]:
     """(dK/dV config, dQ config). With ``atomic_dq`` the dK/dV kernel also holds a dQ tile and its float32
     staging buffer: at D=128 one stage keeps it inside Hopper's 227 KB of shared memory (the fastest of
     six configs in ``benchmarks/tune_dkdv.py --atomic``; two stages need 242 KB). ``wide_ds``: the dQ kernel
     reads a float32 bias matrix and stores dS for its gradient: at D 72-128 three stages of 128 x 64 tiles need
     257 KB of shared memory (tools/compile_launches.py); 32-key tiles keep three stages and measured fastest of
     four configs that fit (``benchmarks/dense_bias.py --wide-ds``, H200: B4 H16 S2048 D128 2.35 ms against 2.46
-    for two stages of 64 keys). ``fp32``: float32 inputs, past 64 columns with D>128's configs (``_fwd_config``;
-    the 128-column ones need 263-328 KB)."""
+    for two stages of 64 keys)."""
     if _INTERPRET:
         small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
         return small, small
     if head_dim <= 64:
         return (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                 dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))
-    if head_dim <= 128 and atomic_dq and not fp32:
+    if head_dim <= 128 and atomic_dq:
         return (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
                 dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))
-    if head_dim <= 128 and not fp32:
+    if head_dim <= 128:
         # dK/dV with BLOCK_M=32 and num_stages > 1 raced under Triton 3.6 (dK changed between identical
         # runs, benchmarks/NOTES.md): keep BLOCK_M >= 64 when pipelining.
         return (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
@@ -316,7 +320,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     else:  # rows past a sequence's used ones are not written (their output: _clear_unused below)
         lse = torch.full(geo.lse_shape, float("-inf"), dtype=torch.float32, device=q.device)
     pointers, kv_range, aux_strides, flags = _aux_args(q, bias, slopes, kpm, seqid, prefix, causal)
-    cfg = _fwd_config(head_dim, full_bias=bias is not None and bias.shape[2] != 1, fp32=q.dtype == torch.float32)
+    cfg = _fwd_config(_config_head_dim(head_dim, q.dtype), full_bias=bias is not None and bias.shape[2] != 1)
     grid = (cdiv(s_q, cfg["BLOCK_M"]), n_heads, batch)  # common.grid_row
     if s_q == 0 or batch * n_heads == 0:
         return out.zero_(), lse
@@ -527,7 +531,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         seed_arg = seed if seed is not None else q
         cu_args = mask_spans.sequence_args(q, cu_q, cu_k, used_q, used_k)
         wide_ds = bias_mode == 2 and not dkdv_bias_grad and bias_in.element_size() == 4
-        kv_cfg, q_cfg = _bwd_config(head_dim, atomic_dq=atomic, wide_ds=wide_ds, fp32=q.dtype == torch.float32)
+        kv_cfg, q_cfg = _bwd_config(_config_head_dim(head_dim, q.dtype), atomic_dq=atomic, wide_ds=wide_ds)
         # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
         dkdv_desc = _descriptors_ok(q, dout)
         dq_desc = not atomic and kpm is None and _key_descriptors_ok(s_k, k, v)
