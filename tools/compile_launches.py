@@ -17,6 +17,7 @@ fails at launch); exits 1 on any failure; ``--quiet`` prints only the failures.
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import os
 import pickle
@@ -138,23 +139,31 @@ def _stand_in(arg, keep: list):
     return base if arg[2] else base[1:]
 
 
-def _bind(job):
-    """One recorded launch bound as Triton's launcher binds it for sm_90: ``(fn, backend, options, signature,
-    constexprs, attrs)``."""
-    name, summary, kwargs = job
-    from compile_kernels import LAUNCH_OPTIONS
-    from triton import knobs
+@functools.cache
+def _binder(name: str):
+    """The kernel, an sm_90 backend and the binder Triton's launcher builds for them (once per kernel: building it
+    generates and executes Python source)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     fn = _kernel(name)
     backend = make_backend(GPUTarget("cuda", 90, 32))
+    return fn, backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def _bind(job):
+    """One recorded launch bound as Triton's launcher binds it for sm_90: ``(fn, backend, options, signature,
+    constexprs, attrs)``."""
+    name, summary, kwargs = job
+    from compile_kernels import LAUNCH_OPTIONS
+    from triton import knobs
+
+    fn, backend, binder = _binder(name)
     keep = []
     args = [_stand_in(a, keep) for a in summary]
     kwargs = dict(LAUNCH_OPTIONS, **kwargs, debug=fn.debug or knobs.runtime.debug,
                   instrumentation_mode=knobs.compilation.instrumentation_mode)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     return (fn, backend, *fn._pack_args(backend, kwargs, bound, specialization, options))
 
@@ -196,7 +205,7 @@ def main() -> int:
                         help="besides key padding (always with and without)")
     parser.add_argument("--dtypes", nargs="+", default=["bf16"])
     parser.add_argument("--bias-dtypes", nargs="+", default=["q", "fp32"], help="q (the inputs' dtype) or a dtype")
-    parser.add_argument("--kernel", help="compile only kernels whose name holds this (fwd, dkdv, dq, delta)")
+    parser.add_argument("--kernel", help="compile only kernels whose name holds this (fwd, dkdv, dq)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     parser.add_argument("--quiet", action="store_true", help="print only the failures")
     parser.add_argument("--capture", help=argparse.SUPPRESS)
