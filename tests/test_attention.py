@@ -384,3 +384,31 @@ def test_default_backward_takes_no_atomics_off_the_hopper_path(monkeypatch):
     assert dq_kernel.launches == 2  # True and None; False folds dQ into the dK/dV kernel
     for name, a, b in zip(["dq", "dk", "dv"], grads[0], grads[1]):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("scale_factor", [1.0, 2.0, 8.0], ids=lambda f: f"scale-x{f:g}")
+def test_rounded_out_allowance_is_the_flash_backward_error_and_no_more(scale_factor):
+    """The kernels' backward takes delta = rowsum(dO * out) from the rounded output, as every flash-style backward
+    does: on tiny problems with a sharp softmax its dQ/dK miss the plain 2x rule (here 3, 11 and 27 of 40 seeds at
+    1x, 2x and 8.5x the default scale), and an fp64 emulation with only ``out`` rounded gives the same error
+    (docs/errors.md). ``rounded_out=True`` allows exactly that effect: every seed passes, while dQ off by 2%
+    still fails up to twice the default scale."""
+    head_dim, dtype = 72, torch.float16
+    plain_failures = 0
+    for seed in range(12):
+        (q, k, v), kw = make_inputs(AttnCase(1, 3, 2, 1, 1, head_dim), dtype=dtype, requires_grad=True, seed=seed)
+        kw["softmax_scale"] = scale_factor * head_dim**-0.5
+        out = M.attention(q, k, v, backend="triton", **kw)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+        grads = list(torch.autograd.grad(out, (q, k, v), dout))
+        assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, dtype, rounded_out=True)
+        try:
+            assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, dtype)
+        except AssertionError:
+            plain_failures += 1
+        if scale_factor <= 2.0:  # (at 8x the cancellation itself is as large as 2% of dQ on some seeds)
+            with pytest.raises(AssertionError, match="dq: max error"):
+                assert_gradients_close_to_reference(out, [grads[0] * 1.02, *grads[1:]], [q, k, v], kw, dout, dtype,
+                                                    rounded_out=True)
+    if scale_factor >= 2.0:
+        assert plain_failures > 0  # the effect the allowance is for is there to allow

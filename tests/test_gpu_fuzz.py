@@ -61,7 +61,7 @@ def dense_cases(draw, head_dims):
     # for a full-shape one, store its gradient from the dQ warpgroup's ring); SDPA's (B, H, S, D) tensors passed
     # transposed are strided views; the scale is the default, 0 or half the default (larger ones sharpen the softmax
     # until the backward's delta = rowsum(dO * O), from O rounded to q's dtype as in every flash-style backward,
-    # cancels against dP: at twice the default the tolerance rule fails on ~1 in 4 tiny problems on every route,
+    # cancels against dP; ``rounded_out`` below allows that, but larger scales have not run on the GPU yet,
     # benchmarks/NOTES.md session 60)
     extras = dict(bias_in_q_dtype=case.bias is not None and draw(st.booleans()),
                   heads_major=draw(st.integers(0, 3)) == 0,
@@ -100,7 +100,9 @@ def _check_dense(drawn, dtype):
     dout = _seeded_like(out, seed)
     grads = torch.autograd.grad(out, inputs, dout)
     try:
-        assert_gradients_close_to_reference(out, grads, inputs, kw, dout, dtype)
+        # random examples reach five-key problems, whose low-precision error can be small by chance: the output's
+        # rounding, which the backward reads by construction, is allowed for (testing.py)
+        assert_gradients_close_to_reference(out, grads, inputs, kw, dout, dtype, rounded_out=True)
     except AssertionError as exc:
         raise AssertionError(f"{case.id()} deterministic={deterministic} soft_mask={soft_mask} seed={seed} "
                              f"{extras}: {exc}") from None
