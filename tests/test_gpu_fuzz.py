@@ -137,7 +137,8 @@ def _check_varlen(c, dtype):
 @pytest.mark.parametrize("dims", HEAD_DIMS)
 def test_gpu_fuzz_padded_batches(dims, dtype):
     """Batches with ALiBi, every bias shape in float32 or q's dtype (some soft-masked), key padding, packed
-    ``sequence_id``, prefix-LM, MHA/GQA/MQA, causal or not, reproducible or not, heads-major strides, any scale."""
+    ``sequence_id``, prefix-LM, MHA/GQA/MQA, causal or not, reproducible or not, heads-major strides, the default
+    softmax scale, 0 or half the default."""
     @_settings()
     @given(dense_cases(HEAD_DIMS[dims]))
     def run(drawn):
