@@ -59,13 +59,12 @@ def dense_cases(draw, head_dims):
     soft_mask = case.bias is not None and draw(st.booleans())  # finfo.min entries, as MPT folds padding in
     # a bias in q's dtype takes other routes than a float32 one (the Hopper kernels read a matrix in q's dtype and,
     # for a full-shape one, store its gradient from the dQ warpgroup's ring); SDPA's (B, H, S, D) tensors passed
-    # transposed are strided views; the scale is the default, 0 or half the default (larger ones sharpen the softmax
-    # until the backward's delta = rowsum(dO * O), from O rounded to q's dtype as in every flash-style backward,
-    # cancels against dP; ``rounded_out`` below allows that, but larger scales have not run on the GPU yet,
-    # benchmarks/NOTES.md session 60)
+    # transposed are strided views; the scale is the default, 0, half, twice or 8x the default (the larger ones
+    # sharpen the softmax until the backward's delta = rowsum(dO * O), from O rounded to q's dtype as in every
+    # flash-style backward, cancels against dP: ``rounded_out`` below allows that, benchmarks/NOTES.md session 60)
     extras = dict(bias_in_q_dtype=case.bias is not None and draw(st.booleans()),
                   heads_major=draw(st.integers(0, 3)) == 0,
-                  scale_factor=draw(st.sampled_from([None, None, None, 0.0, 0.5])))
+                  scale_factor=draw(st.sampled_from([None, None, None, 0.0, 0.5, 2.0, 8.0])))
     return case, draw(st.booleans()), soft_mask, draw(st.integers(0, 2**16)), extras
 
 
@@ -138,7 +137,7 @@ def _check_varlen(c, dtype):
 def test_gpu_fuzz_padded_batches(dims, dtype):
     """Batches with ALiBi, every bias shape in float32 or q's dtype (some soft-masked), key padding, packed
     ``sequence_id``, prefix-LM, MHA/GQA/MQA, causal or not, reproducible or not, heads-major strides, the default
-    softmax scale, 0 or half the default."""
+    softmax scale, 0, or half, twice or 8x the default."""
     @_settings()
     @given(dense_cases(HEAD_DIMS[dims]))
     def run(drawn):

@@ -310,7 +310,8 @@ def test_backward_row_groups_keep_what_their_programs_share_within_the_l2_budget
 def test_row_terms_for_the_hopper_backward(soft_rows):
     """The delta kernel's copy of the per-query terms the Hopper dK/dV kernel's loader brings beside Q and dO
     (``hopper_dkdv.row_stats_buffer``): the LSE as a log2-domain offset (+inf for a row that saw no key, the soft
-    score for a soft-masked one) and delta, in rows padded to 16 bytes; the padding is never read."""
+    score for a soft-masked one) and delta, in rows padded to the kernel's 64-query steps with +inf and 0, so a
+    step's rows past S_q get P = 0 without a select in the kernel."""
     from mpt_attention.impl.triton import common
 
     batch, s_q, heads, dim = 2, 37, 3, 16
@@ -320,7 +321,7 @@ def test_row_terms_for_the_hopper_backward(soft_rows):
     lse[1, 2, 36] = common.SOFT_LSE.value - 3 * common.SOFT_COUNT_UNIT.value  # soft-masked, 3 keys
     delta = torch.full_like(lse, float("nan"))
     row_stats = hopper_dkdv.row_stats_buffer(batch, heads, s_q, "cpu").fill_(float("nan"))
-    assert row_stats.shape == (batch * heads, 2, 40)
+    assert row_stats.shape == (batch * heads, 2, 64)
     dout_scaled = torch.full_like(dout, float("nan")) if soft_rows else None
     plans.row_terms(out, dout, lse, dlse, delta, dout_scaled, row_stats)
 
@@ -334,6 +335,7 @@ def test_row_terms_for_the_hopper_backward(soft_rows):
     torch.testing.assert_close(delta, want_delta)
     torch.testing.assert_close(row_stats[:, 0, :s_q], lse2.reshape(batch * heads, s_q), atol=0, rtol=1e-6)
     torch.testing.assert_close(row_stats[:, 1, :s_q], want_delta.reshape(batch * heads, s_q))
+    assert (row_stats[:, 0, s_q:] == float("inf")).all() and (row_stats[:, 1, s_q:] == 0).all()
     if soft_rows:
         torch.testing.assert_close(dout_scaled, dout * scale.transpose(1, 2)[..., None])
 

@@ -64,7 +64,8 @@ def _attn_bwd_delta_kernel(
     costs no copy of dO (16 us of a 1.6 ms D64 backward at B4 H32 S4096 on an H200).
 
     ROW_STATS (the Hopper dK/dV kernel's input): also the row's log2-domain offset (common.decode_lse2) and
-    delta side by side in ``RowStats``, (B * H, 2, ``stats_cols``) float32, for the kernel's copy engine;
+    delta side by side in ``RowStats``, (B * H, 2, ``stats_cols``) float32, for the kernel's copy engine, +inf
+    and 0 in the rows from S_q to ``stats_cols`` (the launch's grid covers them);
     ``STORE_DELTA`` False where no kernel reads ``Delta`` (that kernel's dQ warpgroup takes both from there).
 
     ZERO_DQ: zeros in the float32 dQ sums ``DQAcc`` (q's shape) that the dK/dV kernels then add into, instead
@@ -117,10 +118,11 @@ def _attn_bwd_delta_kernel(
     if ZERO_SYNC:
         if start_m % 64 == 0:  # one word per 64 rows (BLOCK_M is 64, or 32 in the interpreter)
             tl.store(DQSync + bh.to(tl.int64) * tl.cdiv(seqlen_q, 64) + start_m // 64, 0)
-    if ROW_STATS:
+    if ROW_STATS:  # the rows past S_q up to ``stats_cols``: +inf (P = 0 there) and delta 0
         row_stats = RowStats + bh.to(tl.int64) * 2 * stats_cols + rows
-        tl.store(row_stats, decode_lse2(lse, SOFT_ROWS), mask=row_ok)
-        tl.store(row_stats + stats_cols, delta, mask=row_ok)
+        stats_ok = rows < stats_cols
+        tl.store(row_stats, tl.where(row_ok, decode_lse2(lse, SOFT_ROWS), float("inf")), mask=stats_ok)
+        tl.store(row_stats + stats_cols, tl.where(row_ok, delta, 0.0), mask=stats_ok)
 
 
 @triton.jit

@@ -93,9 +93,16 @@ def dq_sync_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
 
 def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor:
     """The dK/dV kernel's per-query terms, written by the backward's delta kernel: (B * H, 2, S_q rounded up to
-    4) float32, each (batch, head) row's log2-domain LSE offset (``common.decode_lse2``) then its delta, rows
-    16-byte aligned for the copy engine (boxes [1, 2, BLOCK_M])."""
-    return torch.empty((batch * n_heads, 2, -(-s_q // 4) * 4), dtype=torch.float32, device=device)
+    64) float32, each (batch, head) row's log2-domain LSE offset (``common.decode_lse2``) then its delta, rows
+    16-byte aligned for the copy engine (boxes [1, 2, BLOCK_M]). The rows past S_q hold +inf and 0 (the delta
+    kernel writes them), so a step's last block reads P = 0 there with no select per row (padded batches,
+    ``batch`` 1: the rows past the tokens only; a sequence's rows past its end belong to the next)."""
+    return torch.empty((batch * n_heads, 2, stats_cols(s_q)), dtype=torch.float32, device=device)
+
+
+def stats_cols(s_q: int) -> int:
+    """``row_stats_buffer``'s rows per (batch, head): S_q rounded up to the dK/dV kernel's largest step of queries."""
+    return -(-s_q // 64) * 64
 
 
 class DkdvPlan(NamedTuple):
@@ -151,7 +158,8 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         b_on, h_on = bias_dims_on(bias)
         bias_strides = (bias.stride(0), bias.stride(1), bias.stride(3))
     descs += [bias_desc, dbias_desc,
-              ([batch * n_heads, 2, s_q], list(row_stats.stride()), [1, 2, block_m], _ROW_STATS_LAYOUT)]
+              ([batch * n_heads, 2, row_stats.shape[2]], list(row_stats.stride()), [1, 2, block_m],
+               _ROW_STATS_LAYOUT)]
     # grouped heads with the fused dQ: FUSED_GROUP_HEADS query heads per program, the programs' dK, dV
     # partial sums added on the host in a fixed order (so dK, dV stay reproducible)
     n_groups = n_heads // n_kv

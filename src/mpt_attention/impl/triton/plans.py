@@ -98,7 +98,8 @@ def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, s
     n_seq = used_of or 0
     scalars = (*strides3(o4), *strides3(do4), *strides3(dout_scaled), *strides3(dq4), n_heads, d_rows, head_dim,
                0 if row_stats is None else row_stats.shape[2], n_seq, hopper.bisection_steps(n_seq))
-    return PlannedLaunch(_attn_bwd_delta_kernel, (cdiv(d_rows, block), n_heads, d_batch), dict(
+    rows = d_rows if row_stats is None else max(d_rows, row_stats.shape[2])  # (the row terms' padding)
+    return PlannedLaunch(_attn_bwd_delta_kernel, (cdiv(rows, block), n_heads, d_batch), dict(
         HAS_DLSE=dlse is not None, SOFT_ROWS=soft_rows, ROW_STATS=row_stats is not None,
         STORE_DELTA=delta is not None, ZERO_DQ=dq4 is not None, ZERO_SYNC=dq_sync is not None, BLOCK_M=block,
         BLOCK_D=max(16, next_power_of_2(head_dim)), USED_ROWS=used_of is not None)), scalars
