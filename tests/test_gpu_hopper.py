@@ -576,6 +576,30 @@ def test_bias_row_in_the_fused_dq_backward_at_a_padded_head_dim(hopper_dkdv_laun
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
+@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("s_q", [37, 100, 129])
+def test_dkdv_steps_past_the_last_query_see_no_probability_whatever_the_bias_row(s_q, d, hopper_dkdv_launches):
+    """The dK/dV kernel's last step of queries runs past S_q; those rows read zeros for Q and dO and +inf for their
+    LSE offsets (``hopper_dkdv.row_stats_buffer``'s padding, no select in the kernel), so P is 0 there even where
+    the bias row lifts a key's score by 100 (an offset of 0 would give exp2(144): inf, and inf * 0 = NaN in dV)."""
+    b, h, s_k = 2, 4, 300
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for s in (s_q, s_k, s_k))
+    bias = torch.randn(1, h, 1, s_k, device="cuda")
+    dout = torch.randn(b, s_q, h, d, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for shift in (0.0, 100.0):  # the same softmax: every key lifted alike
+        out = M.attention(q, k, v, backend="triton", deterministic=False, causal=True, attn_bias=bias + shift)
+        runs.append((out, *torch.autograd.grad(out, [q, k, v], dout)))
+    assert len(hopper_dkdv_launches) == 2 and all(launch[1] for launch in hopper_dkdv_launches)  # fused dQ
+    assert_gradients_close_to_reference(runs[0][0], runs[0][1:], [q, k, v], dict(causal=True, attn_bias=bias), dout,
+                                        torch.bfloat16)
+    for name, plain, lifted in zip(["out", "dq", "dk", "dv"], *runs):
+        assert lifted.isfinite().all(), name
+        # (exp2's arguments 144 log2 units up: float32 rounding there, ~1e-5 of P)
+        torch.testing.assert_close(lifted.float(), plain.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
 @pytest.mark.parametrize("bias_grad", [True, False], ids=["dbias-general-backward", "no-dbias-hopper-dkdv"])
 def test_bias_row_gradients_after_the_hopper_forward(monkeypatch, bias_grad):
     """Hopper forward with a bias row. With its gradient the general backward (dbias) reads the Hopper
