@@ -123,12 +123,15 @@ def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk
 
 
 @gluon.jit
-def _row_offsets(row_terms, q_ok, query_layout: gl.constexpr, BLOCK_M: gl.constexpr, VARLEN: gl.constexpr):
-    """A step's log2-domain LSE offsets from its row terms: as stored for dense inputs (+inf past S_q), +inf
-    selected past the sequence for packed ones. The select sat right after the shared-memory load, the consumers'
-    most-sampled stall under Triton 3.8 (benchmarks/NOTES.md session 58)."""
+def _row_offsets(row_terms, q_ok, query_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 VARLEN: gl.constexpr):
+    """A step's log2-domain LSE offsets from its row terms, +inf past S_q. At tile width 64 for dense inputs as
+    stored (``hopper_dkdv.row_stats_buffer``'s padding): the select after the shared-memory load was the
+    consumers' most-sampled stall under Triton 3.8 (benchmarks/NOTES.md session 58), and without it the kernel
+    takes 4.7% less there, as long under 3.6. Selected for packed sequences (a sequence's rows past its end are the
+    next one's) and at width 128, where dropping it cost 0.5% (3.6) and 2% (3.8) at D128 (session 61)."""
     lse2 = row_terms.slice(0, BLOCK_M).load(query_layout)
-    if VARLEN:
+    if VARLEN or HEAD_DIM > 64:
         lse2 = gl.where(q_ok, lse2, float("inf"))
     return lse2
 
@@ -265,14 +268,13 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 q_ok = queries.to(gl.uint32, bitcast=True) < seqlen_q.to(gl.uint32)
             else:
                 q_ok = queries < seqlen_q
-            # the offsets come decoded (common.decode_lse2: +inf for a row that saw no key); the rows past S_q
-            # hold +inf (hopper_dkdv.row_stats_buffer), which makes their P (and so dS) zero; packed sequences'
-            # rows past a sequence's end are the next one's: selected here
+            # the offsets come decoded (common.decode_lse2: +inf for a row that saw no key); +inf past S_q
+            # (``_row_offsets``) makes those rows' P (and so dS) zero
             row_terms = smem_reinterpret(stats_smem.index(stage), gl.float32, [2 * BLOCK_M], _ROWS_LAYOUT)
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             if PREFETCH:  # the previous step waited for this stage
-                lse2 = _row_offsets(row_terms, q_ok, query_layout, BLOCK_M, VARLEN)
+                lse2 = _row_offsets(row_terms, q_ok, query_layout, BLOCK_M, HEAD_DIM, VARLEN)
                 delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
             else:  # the row terms only after the stage's ready wait
                 mbarrier.wait(ready.index(stage), (t // STAGES) % 2)
@@ -280,7 +282,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                     _clear_step(q_smem, do_smem, stage, start_m, seqlen_q, BLOCK_M, HEAD_DIM)
                 st_tok = issue_over_d(k_step, q, st_zero, D_COLS)
                 st = warpgroup_mma_wait(0, deps=[st_tok])
-                lse2 = _row_offsets(row_terms, q_ok, query_layout, BLOCK_M, VARLEN)
+                lse2 = _row_offsets(row_terms, q_ok, query_layout, BLOCK_M, HEAD_DIM, VARLEN)
             s2 = st * qk_scale2
             if ALIBI == 1 or BIAS_ROW or VARLEN:
                 s2 = s2 + key_terms[:, None]
