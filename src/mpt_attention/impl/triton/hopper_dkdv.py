@@ -98,12 +98,7 @@ def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor
     kernel writes them), so a step's rows there get P = 0 without a select per row (``hopper_backward._row_offsets``
     relies on it at tile width 64; packed sequences, ``batch`` 1, still select: a sequence's rows past its end are
     the next one's)."""
-    return torch.empty((batch * n_heads, 2, stats_cols(s_q)), dtype=torch.float32, device=device)
-
-
-def stats_cols(s_q: int) -> int:
-    """``row_stats_buffer``'s rows per (batch, head): S_q rounded up to the dK/dV kernel's largest step of queries."""
-    return -(-s_q // 64) * 64
+    return torch.empty((batch * n_heads, 2, -(-s_q // 64) * 64), dtype=torch.float32, device=device)
 
 
 class DkdvPlan(NamedTuple):
