@@ -127,9 +127,10 @@ def _row_offsets(row_terms, q_ok, query_layout: gl.constexpr, BLOCK_M: gl.conste
                  VARLEN: gl.constexpr):
     """A step's log2-domain LSE offsets from its row terms, +inf past S_q. At tile width 64 for dense inputs as
     stored (``hopper_dkdv.row_stats_buffer``'s padding): the select after the shared-memory load was the
-    consumers' most-sampled stall under Triton 3.8 (benchmarks/NOTES.md session 58), and without it the kernel
-    takes 4.7% less there (the same under 3.6). Selected for packed sequences (a sequence's rows past its end are the
-    next one's) and at width 128, where dropping it cost 0.5% (3.6) and 2% (3.8) at D128 (session 61)."""
+    consumers' most-sampled stall under Triton 3.8 (benchmarks/NOTES.md session 58); without it the D64 kernel
+    takes 4.7% less time under 3.8, 4.1% less under 3.7.1 and as long as before under 3.6 (sessions 61-62). Selected
+    for packed sequences (a sequence's rows past its end are the next one's) and at width 128, where dropping it
+    cost 0.5% (3.6) and 2% (3.8) at D128 (session 61)."""
     lse2 = row_terms.slice(0, BLOCK_M).load(query_layout)
     if VARLEN or HEAD_DIM > 64:
         lse2 = gl.where(q_ok, lse2, float("inf"))
