@@ -36,7 +36,7 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   # six workers where pytest-xdist is installed: the tests are bound by compiling (the whole Hopper file
   # 83 s instead of ~8 min on the H200 machine's 16 cores, session 25)
   workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
-  files="tests/test_gpu.py tests/test_gpu_hopper.py"
+  files="tests/test_gpu.py tests/test_gpu_hopper.py tests/test_gpu_hopper_bias.py tests/test_gpu_hopper_reach.py"
   [[ "${FUZZ:-0}" == 1 ]] && files="$files tests/test_gpu_fuzz.py"
   python3 -m pytest -m gpu $files -q -p no:cacheprovider $workers 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 fi

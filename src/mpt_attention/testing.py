@@ -252,6 +252,18 @@ def assert_close_to_reference(name: str, out: torch.Tensor, ref: torch.Tensor, l
                            f"{floor:g} = {budget:.3e}")
 
 
+def assert_forward_matches_reference(q, k, v, backend: str = "triton", lse_atol: float = 1e-3, **kw) -> None:
+    """``attention(q, k, v, backend=backend, **kw)``'s output against the float64 reference within twice the error
+    of the same math in q's dtype, and its log-sum-exp within ``lse_atol``."""
+    from mpt_attention import attention
+
+    out, lse = attention(q, k, v, backend=backend, return_lse=True, **kw)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), **kw)
+    low, _ = reference_attention(q, k, v, compute_dtype=q.dtype, **kw)
+    assert_close_to_reference("out", out, ref, low)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=lse_atol)
+
+
 def assert_gradients_close_to_reference(out, grads, inputs, kw: dict, dout, dtype, dlse=None,
                                         rounded_out: bool = False) -> None:
     """``out`` and its ``grads`` w.r.t. ``inputs`` (q, k, v and, when it takes a gradient, the bias ``kw``

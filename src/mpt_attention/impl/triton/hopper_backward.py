@@ -57,7 +57,8 @@ The program owns the dK, dV rows it writes: no atomics there. dQ comes one of tw
   warpgroup's at 32 queries per step, the writer (the consumers had issued the reductions) 1.04-1.09x more
   (benchmarks/NOTES.md session 24), dQ a step late another 1.02x; D80 and D96 1.08-1.09x the dQ warpgroup's
   (session 25).
-The dQ partitions and their staging: ``hopper_dq.py``.
+The dQ partitions and their staging: ``hopper_dq.py``; the consumers' per-step pieces (row terms, bias keys, dK and dV
+stored): ``hopper_dkdv_steps.py``.
 - Otherwise the general Triton dQ kernel, on a second stream beside this one (a Gluon dQ kernel in this
   layout measured 1.3x slower than it, branch ``wip/hopper-dq``). Dispatched at tiles of 128 only there, where
   it was already 12% faster than the general dK/dV kernel before K moved to registers (2.15 vs 2.44 ms,
@@ -75,7 +76,7 @@ Scope otherwise as the Hopper forward (``hopper.py``).
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS
@@ -84,66 +85,15 @@ from mpt_attention.impl.triton.gluon_compat import partition_arrive, smem_reinte
 from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_dq import consumer_dq_step, consumers_dq, dq_partition, dqt_layout, ds_slots
-from mpt_attention.impl.triton.hopper_forward import store_rows, store_through_buffer
+from mpt_attention.impl.triton.hopper_dq import dq_warps, fused_regs
+from mpt_attention.impl.triton.hopper_dkdv_steps import ROWS_LAYOUT, bias_keys, clear_step, row_offsets, store_dkdv
+from mpt_attention.impl.triton.hopper_forward import store_rows
 from mpt_attention.impl.triton.hopper_loaders import backward_loader, bwd_stages, clear_rows
 from mpt_attention.impl.triton.hopper_scores import contracted_cols, issue_over_d, main_cols
 from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, packed_tile, reach_query_end, row_reach_query_end
 from mpt_attention.impl.triton.hopper_tiles import sequence_of
 from mpt_attention.impl.triton.hopper_tiles import tile_order
 from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
-
-# a stage of the row terms ([1, 2, BLOCK_M] unswizzled, as the copy engine writes it) seen as one vector
-_ROWS_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-
-
-@gluon.constexpr_function
-def _fused_regs(block_m, head_dim, which):
-    """Registers per thread with the dQ sums: ``which`` 0 the second consumer, 1 the dQ partition (the first
-    consumer, the default partition, gets what the others leave of 64K; the loader's and the writer's warps
-    count as a warpgroup of 24). Where the consumers form dQ: 240 each, the writer 24. With the dQ warpgroup,
-    the fewest spills in the consumers' loops under Triton 3.6's ptxas beside its [64, 64] float32 accumulator:
-    at D128 216 and 64 (the first consumer 208; at 56 the dQ warpgroup spills ~2 KB), at D64 208 and 72."""
-    if consumers_dq(block_m, head_dim):
-        return (240, 24)[which]
-    return (216, 64)[which] if head_dim == 128 else (208, 72)[which]
-
-
-@gluon.constexpr_function
-def _dq_warps(block_m, head_dim):
-    """Warps of the dQ partition: the writer's one where the consumers form dQ, else the dQ warpgroup's four."""
-    return 1 if consumers_dq(block_m, head_dim) else 4
-
-
-@gluon.jit
-def _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk, keys, seqlen_k):
-    """The bias row at this warpgroup's keys for (batch b, query head h): float32 in log2 units already
-    (launch._log2_bias_rows), 0 past S_k."""
-    row = Bias + (b * bias_b_on).to(gl.int64) * stride_bb + (h * bias_h_on).to(gl.int64) * stride_bh
-    return gl.load(row + keys.to(gl.int64) * stride_bk, mask=keys < seqlen_k, other=0.0)
-
-
-@gluon.jit
-def _row_offsets(row_terms, q_ok, query_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 VARLEN: gl.constexpr):
-    """A step's log2-domain LSE offsets from its row terms, +inf past S_q. At tile width 64 for dense inputs as
-    stored (``hopper_dkdv.row_stats_buffer``'s padding): the select after the shared-memory load was the
-    consumers' most-sampled stall under Triton 3.8 (benchmarks/NOTES.md session 58); without it the D64 kernel
-    takes 4.7% less time under 3.8, 4.1% less under 3.7.1 and as long as before under 3.6 (sessions 61-62). Selected
-    for packed sequences (a sequence's rows past its end are the next one's) and at width 128, where dropping it
-    cost 0.5% (3.6) and 2% (3.8) at D128 (session 61)."""
-    lse2 = row_terms.slice(0, BLOCK_M).load(query_layout)
-    if VARLEN or HEAD_DIM > 64:
-        lse2 = gl.where(q_ok, lse2, float("inf"))
-    return lse2
-
-
-@gluon.jit
-def _clear_step(q_smem, do_smem, stage, start_m, seqlen_q, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """A step's Q and dO rows outside the sequence's used queries cleared (``PACKED_USED``, ``clear_rows``): its
-    first block may start before the sequence (``lo``'s alignment), its last run past the used rows."""
-    clear_rows(q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]), -start_m, seqlen_q - start_m, BLOCK_M, HEAD_DIM)
-    clear_rows(do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM]), -start_m, seqlen_q - start_m, BLOCK_M, HEAD_DIM)
-
 
 @gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc, dv_desc,
@@ -230,7 +180,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             if total > 0:
                 mbarrier.wait(ready.index(0), 0)
                 if VARLEN == PACKED_USED:
-                    _clear_step(q_smem, do_smem, 0, lo, seqlen_q, BLOCK_M, HEAD_DIM)
+                    clear_step(q_smem, do_smem, 0, lo, seqlen_q, BLOCK_M, HEAD_DIM)
                 st_tok = issue_over_d(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_DIM]), st_zero, D_COLS)
                 st = warpgroup_mma_wait(0, deps=[st_tok])
         else:
@@ -250,8 +200,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
         if ALIBI == 1:  # MPT's causal form: slope * (key - (S_k - 1)), one value per row here
             key_terms = slope2 * (keys - (seqlen_k - 1)).to(gl.float32)
         if BIAS_ROW:  # a row over the keys: one value per key, i.e. per row of this tile
-            key_terms = key_terms + _bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk,
-                                               keys, seqlen_k)
+            key_terms = key_terms + bias_keys(Bias, b, h, bias_b_on, bias_h_on, stride_bb, stride_bh, stride_bk,
+                                              keys, seqlen_k)
         if VARLEN:  # keys past the sequence are its neighbour's (dense inputs read zeros there)
             key_terms = gl.where(keys < seqlen_k, key_terms, float("-inf"))
         for mb in range(n_mblocks):
@@ -270,20 +220,20 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
             else:
                 q_ok = queries < seqlen_q
             # the offsets come decoded (common.decode_lse2: +inf for a row that saw no key); +inf past S_q
-            # (``_row_offsets``) makes those rows' P (and so dS) zero
-            row_terms = smem_reinterpret(stats_smem.index(stage), gl.float32, [2 * BLOCK_M], _ROWS_LAYOUT)
+            # (``row_offsets``) makes those rows' P (and so dS) zero
+            row_terms = smem_reinterpret(stats_smem.index(stage), gl.float32, [2 * BLOCK_M], ROWS_LAYOUT)
             q = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             do = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
             if PREFETCH:  # the previous step waited for this stage
-                lse2 = _row_offsets(row_terms, q_ok, query_layout, BLOCK_M, HEAD_DIM, VARLEN)
+                lse2 = row_offsets(row_terms, q_ok, query_layout, BLOCK_M, HEAD_DIM, VARLEN)
                 delta = row_terms.slice(BLOCK_M, BLOCK_M).load(query_layout)
             else:  # the row terms only after the stage's ready wait
                 mbarrier.wait(ready.index(stage), (t // STAGES) % 2)
                 if VARLEN == PACKED_USED:
-                    _clear_step(q_smem, do_smem, stage, start_m, seqlen_q, BLOCK_M, HEAD_DIM)
+                    clear_step(q_smem, do_smem, stage, start_m, seqlen_q, BLOCK_M, HEAD_DIM)
                 st_tok = issue_over_d(k_step, q, st_zero, D_COLS)
                 st = warpgroup_mma_wait(0, deps=[st_tok])
-                lse2 = _row_offsets(row_terms, q_ok, query_layout, BLOCK_M, HEAD_DIM, VARLEN)
+                lse2 = row_offsets(row_terms, q_ok, query_layout, BLOCK_M, HEAD_DIM, VARLEN)
             s2 = st * qk_scale2
             if ALIBI == 1 or BIAS_ROW or VARLEN:
                 s2 = s2 + key_terms[:, None]
@@ -313,7 +263,7 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                         next_m = start_m + BLOCK_M
                         if mb + 1 == n_mblocks:
                             next_m = lo
-                        _clear_step(q_smem, do_smem, nxt, next_m, seqlen_q, BLOCK_M, HEAD_DIM)
+                        clear_step(q_smem, do_smem, nxt, next_m, seqlen_q, BLOCK_M, HEAD_DIM)
                 else:
                     nxt = stage
                 q_next = q_smem.index(nxt).reshape([BLOCK_M, HEAD_DIM])
@@ -393,8 +343,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     elif VARLEN:
         n_keys = cap_k - row0  # (past the used keys: zeros, as every gradient term there is 0)
         if n_keys >= _HALF_N:  # keys wholly inside the sequence: the copy engine's stores, as dense
-            _store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, 0, k_off + row0, kv_h, softmax_scale,
-                        ds_free, dq_bars, total, SLOTS, CONSUMER_DQ, FUSED_DQ, MAIN, TAIL)
+            store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, 0, k_off + row0, kv_h, softmax_scale,
+                       ds_free, dq_bars, total, SLOTS, CONSUMER_DQ, FUSED_DQ, MAIN, TAIL)
         else:  # the sequence's last keys, from registers: a box would overwrite the next sequence's rows
             store_rows(DK, (dk * softmax_scale).to(dtype), k_off + row0, n_keys, kv_h, stride_dks, stride_dkh, 0,
                        head_dim, acc_layout)
@@ -405,24 +355,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
                 store_rows(DV, dv_t.to(dtype), k_off + row0, n_keys, kv_h, stride_dvs, stride_dvh, MAIN, head_dim,
                            tail_layout)
     else:
-        _store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, b, row0, kv_h, softmax_scale, ds_free,
-                    dq_bars, total, SLOTS, CONSUMER_DQ, FUSED_DQ, MAIN, TAIL)
-
-
-@gluon.jit
-def _store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, b, row, kv_h, softmax_scale, ds_free, dq_bars,
-                total, SLOTS: gl.constexpr, CONSUMER_DQ: gl.constexpr, FUSED_DQ: gl.constexpr, MAIN: gl.constexpr,
-                TAIL: gl.constexpr):
-    """This warpgroup's dK, dV staged in its K and V buffers and bulk-stored from there at ``[b, row, kv_h, 0]``
-    (as the forward stores its output through Q's), once nothing reads K any more."""
-    if CONSUMER_DQ:  # the other consumer reads both halves of K until its last step
-        if total > 0:
-            mbarrier.wait(ds_free.index((total - 1) % SLOTS), ((total - 1) // SLOTS) % 2)
-    elif FUSED_DQ:  # the dQ warpgroup reads both halves of K until its last step
-        mbarrier.wait(dq_bars, 0)
-    store_through_buffer(k, k3, dk * softmax_scale, dk_t * softmax_scale, dk_desc, b, row, kv_h, MAIN, TAIL)
-    store_through_buffer(v, v3, dv, dv_t, dv_desc, b, row, kv_h, MAIN, TAIL)
-    tma.store_wait(0)
+        store_dkdv(k, v, k3, v3, dk, dv, dk_t, dv_t, dk_desc, dv_desc, b, row0, kv_h, softmax_scale, ds_free,
+                   dq_bars, total, SLOTS, CONSUMER_DQ, FUSED_DQ, MAIN, TAIL)
 
 
 @gluon.jit
@@ -628,8 +562,8 @@ def _hopper_bwd_dkdv_kernel(
                                 dbias_desc, DQSync, tb, h0, n_g, n_kv * n_groups, start_n, lo, q_end, softmax_scale,
                                 q_off, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL, FIRST_WRITE)),
             ],
-            [4, 1, _dq_warps(BLOCK_M, HEAD_DIM)],
-            [_fused_regs(BLOCK_M, HEAD_DIM, 0), 24, _fused_regs(BLOCK_M, HEAD_DIM, 1)],
+            [4, 1, dq_warps(BLOCK_M, HEAD_DIM)],
+            [fused_regs(BLOCK_M, HEAD_DIM, 0), 24, fused_regs(BLOCK_M, HEAD_DIM, 1)],
         )
     else:  # the ring's arguments are never read: any of the right kinds will do
         bias_smem = q_smem

@@ -95,7 +95,7 @@ def row_stats_buffer(batch: int, n_heads: int, s_q: int, device) -> torch.Tensor
     """The dK/dV kernel's per-query terms, written by the backward's delta kernel: (B * H, 2, S_q rounded up to
     64) float32, each (batch, head) row's log2-domain LSE offset (``common.decode_lse2``) then its delta, rows
     16-byte aligned for the copy engine (boxes [1, 2, BLOCK_M]). The rows past S_q hold +inf and 0 (the delta
-    kernel writes them), so a step's rows there get P = 0 without a select per row (``hopper_backward._row_offsets``
+    kernel writes them), so a step's rows there get P = 0 without a select per row (``hopper_dkdv_steps.row_offsets``
     relies on it at tile width 64; packed sequences, ``batch`` 1, still select: a sequence's rows past its end are
     the next one's)."""
     return torch.empty((batch * n_heads, 2, -(-s_q // 64) * 64), dtype=torch.float32, device=device)

@@ -311,3 +311,21 @@ def dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free,
         dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
                                dbias_desc, b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, q_off, HEAD_DIM,
                                BLOCK_M, STORE_DS, IS_CAUSAL)
+
+
+@gluon.constexpr_function
+def fused_regs(block_m, head_dim, which):
+    """Registers per thread with the dQ sums: ``which`` 0 the second consumer, 1 the dQ partition (the first
+    consumer, the default partition, gets what the others leave of 64K; the loader's and the writer's warps
+    count as a warpgroup of 24). Where the consumers form dQ: 240 each, the writer 24. With the dQ warpgroup,
+    the fewest spills in the consumers' loops under Triton 3.6's ptxas beside its [64, 64] float32 accumulator:
+    at D128 216 and 64 (the first consumer 208; at 56 the dQ warpgroup spills ~2 KB), at D64 208 and 72."""
+    if consumers_dq(block_m, head_dim):
+        return (240, 24)[which]
+    return (216, 64)[which] if head_dim == 128 else (208, 72)[which]
+
+
+@gluon.constexpr_function
+def dq_warps(block_m, head_dim):
+    """Warps of the dQ partition: the writer's one where the consumers form dQ, else the dQ warpgroup's four."""
+    return 1 if consumers_dq(block_m, head_dim) else 4

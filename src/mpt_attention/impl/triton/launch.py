@@ -434,180 +434,213 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     q, k, v, dout = (head_contiguous(x) for x in (q, k, v, dout))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
     geo = _Geometry(q, k, cu_q, max_q, max_k)
-    batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
-    varlen = geo.varlen
-    partial = used_q is not None or used_k is not None
-    full = (batch, n_heads, s_q, s_k)
-    # Without determinism the Hopper kernel also forms dQ (a fourth warpgroup, float32 bulk reductions):
-    # 1.0-1.19x the reproducible split on an H200 (benchmarks/NOTES.md session 15). Grouped heads: a group's
-    # query heads split over programs (hopper.FUSED_GROUP_HEADS per program); with all of them in one
-    # program, its few, long programs left a tail (GQA 32:4: 0.86x the split). Reproducible, the Hopper
-    # dK/dV kernel (no dbias) with the dQ kernel beside it is the fastest; it also serves deterministic=False
-    # where the warpgroup does not apply: dQ folded into the general dK/dV kernel with float32 reductions
-    # measured 0.61-0.70x of it at D128 on an H200
-    # With a full-shape bias matrix in q's dtype the warpgroup's ring of dS tiles is its gradient: the kernel
-    # reads the bias and stores dS from the ring (one pass for dK, dV, dQ and dbias) into a contiguous buffer whose
-    # rows the copy engine can write
-    ds_from_ring = bias_grad and bias.shape[2] != 1 and tuple(bias.shape) == full and bias.dtype == q.dtype and \
-        s_k * bias.element_size() % 16 == 0
-    fused_dq = FUSED_DQ and deterministic is not True and (not bias_grad or ds_from_ring) and (
-        n_heads == n_kv or FUSED_DQ_GROUPED) and hopper.unsupported(
-        q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, fused_dq=True, max_q=s_q) is None
-    if fused_dq:  # the route of a plan (kept for this signature where ``key`` is set)
-        fused_reach = hopper.reach_applies(bias_in, slopes, causal, _alibi_mode(slopes, causal, prefix),
-                                           1 if varlen else batch, s_k)
-        first_write = hopper_dkdv.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, varlen,
-                                                 fused_reach)
-        soft_rows = 0  # a bias can soft-mask whole rows: dO scaled for them, every row or the blocks holding one
-        if bias is not None:
-            soft_rows = SOFT_BLOCKS.value if hopper_dkdv.scaled_dout_blocks(head_dim, bias_in.shape[2] != 1) else \
-                SOFT_EVERY_ROW.value
-        plan = plans.FusedBackward(varlen, soft_rows, full if bias_grad else None,
-                                   (1, n_heads, q.shape[0]) if varlen else (batch, n_heads, s_q),
-                                   (batch, n_heads, s_q) if first_write else None,
-                                   (softmax_scale, causal, _alibi_mode(slopes, causal, prefix), s_q, s_k))
-        if key is not None:
-            plans.keep(key, plan)
+    plan = _fused_backward_plan(q, k, v, dout, bias, bias_in, slopes, kpm, seqid, prefix, softmax_scale, causal,
+                                dropout_p, bias_grad, deterministic, geo)
+    if key is not None:
+        plans.keep(key, plan)
+    if plan is not None:
         return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k, reach_norms, used_q,
                                used_k)
-    if key is not None:
-        plans.keep(key, None)
-    # a bias can soft-mask whole rows (common.SOFT_LSE): the delta kernel then writes dO scaled per row
-    soft_rows = bias is not None
-    dout_in = dout
-    if soft_rows:
-        dout = torch.empty_like(dout_in, memory_format=torch.contiguous_format)
-    # gradients in their inputs' layout (dense ones keep their strides, e.g. SDPA's (B, H, S, D) passed
-    # transposed), so autograd hands them to the caller's tensors without a transposing copy each
-    # (rows past a sequence's used ones: zeros from _clear_unused after the kernels)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    # the kernels read a bias row converted (float32, log2 units: ``bias_in``); dbias keeps the caller's shape and dtype
-    bias_mode = 0
-    dbias_rows = dbias_full = q  # dummies
-    if bias_grad:
-        if bias.shape[2] == 1:
-            bias_mode = 1
-            dbias_rows = torch.empty((batch, n_heads, 1, s_k), dtype=torch.float32, device=q.device)
-        else:
-            bias_mode = 2
-            # dS is the gradient itself when the bias has the full shape: store it in the bias dtype
-            # (the one rounding the result gets anyway); a broadcast bias sums it, in float32.
-            dtype = bias.dtype if tuple(bias.shape) == full else torch.float32
-            dbias_full = torch.empty(full, dtype=dtype, device=q.device)
-    # A full dS in q's dtype is the input dQ = dS K takes anyway: with it stored by the dK/dV kernel, one
-    # batched GEMM replaces the dQ kernel, which would recompute S, P and dP and read the bias again
-    ds_gemm = DQ_FROM_STORED_DS and bias_mode == 2 and dbias_full.dtype == q.dtype and not varlen
-    # tiles the general backward skips (causal, padding, other sequences) must read as zero; the Hopper kernel
-    # stores zero tiles itself
-    if bias_mode == 2 and (causal or kpm is not None or seqid is not None):
-        dbias_full.zero_()
-    use_hopper = not bias_grad and not partial and hopper.unsupported(
-        q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, varlen, dout, max_q=s_q) is None
-    # the Hopper kernel's loader copies each step's row terms (log2-domain LSE offset, delta) beside Q and dO,
-    # so the consumers read them from shared memory instead of waiting on global loads every step
-    # (packed sequences: one long row per head, as the delta kernel writes them)
-    row_stats = hopper_dkdv.row_stats_buffer(batch, n_heads, s_q, q.device) if use_hopper else None
-    # the same for a full bias in q's dtype: dQ from the stored dS measured 1.87 vs 3.07 ms for the atomic
-    # pass (B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
-    atomic = deterministic is False and not use_hopper and not ds_gemm
-    # dQ summed in float32 by atomics into zeros the delta kernel writes (in dq's layout, so that the copy into dq at
-    # the end is elementwise)
-    dq_acc = torch.empty_like(q, dtype=torch.float32) if atomic else None
-    delta = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
-    plans.row_terms(out, dout_in, lse, dlse, delta, dout if soft_rows else None, row_stats, varlen, dq_acc)
-    # who writes dS for a full bias gradient: the dK/dV kernel (atomic dQ, or dQ from the stored dS), else
-    # the dQ kernel
-    dkdv_bias_grad = bias_mode if bias_mode == 1 or atomic or ds_gemm else 0
-    # the dK/dV kernel stores dS tiles through a descriptor where the buffer's rows allow (TMA stores)
-    ds_desc = dkdv_bias_grad == 2 and _descriptors_ok(dbias_full)
-    if batch * n_heads > 0 and s_k > 0:  # what the general kernels take
-        pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
-        common = dict(
-            DROPOUT=dropout_p > 0.0, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
-            BLOCK_D=max(16, next_power_of_2(head_dim)), **flags,
-        )
-        sizes = (n_heads, n_heads // n_kv, s_q, s_k, head_dim, softmax_scale, softmax_scale * LOG2E, dropout_p)
-        in_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
-        seed_arg = seed if seed is not None else q
-        cu_args = mask_spans.sequence_args(q, cu_q, cu_k, used_q, used_k)
-        wide_ds = bias_mode == 2 and not dkdv_bias_grad and bias_in.element_size() == 4
-        kv_cfg, q_cfg = _bwd_config(_config_head_dim(head_dim, q.dtype), atomic_dq=atomic, wide_ds=wide_ds)
-        # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
-        dkdv_desc = _descriptors_ok(q, dout)
-        dq_desc = not atomic and kpm is None and _key_descriptors_ok(s_k, k, v)
-        # the dQ kernel reads a bias row through the copy engine too (its plain load costs a conversion)
-        dq_row_desc = dq_desc and bias_mode != 2 and bias_in is not None and bias_in.shape[2] == 1 and not varlen \
-            and _descriptors_ok(bias_in)
-        if dkdv_desc or dq_desc or ds_desc:
-            _ensure_allocator()
-        reach = not partial and _general_reach(bias_in, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
-        norms = _reach_norms(q, k, reach_norms) if reach else q
-        kv_spans = q_spans = q
-        if seqid is not None:  # one pass over the ids serves both kernels
-            spans = mask_spans.sequence_spans(seqid)
-            kv_spans = mask_spans.key_block_query_spans(spans, s_q, kv_cfg["BLOCK_N"])
-            if not atomic:
-                q_spans = mask_spans.query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
-    if batch * n_heads > 0 and s_k > 0:
-        atomic_dq = 0  # 0: the dQ kernel, 1: scalar atomics, 2: bulk (TMA) reductions
-        if dq_acc is None:
-            dq_acc = q  # a never-read dummy
-        if atomic:
-            # the interpreter has no descriptor reductions: CPU tests run the scalar atomics
-            atomic_dq = 2 if not _INTERPRET and _descriptors_ok(dq_acc) else 1
-            if atomic_dq == 2:
-                _ensure_allocator()
+    route = _GeneralRoute(q, k, v, dout, bias, bias_in, kpm, seqid, prefix, dropout_p, causal, bias_grad,
+                          deterministic, geo, used_q is not None or used_k is not None)
+    plans.row_terms(out, dout, lse, dlse, route.delta, route.dout if route.soft_rows else None, route.row_stats,
+                    geo.varlen, route.dq_acc if route.atomic else None)
+    if geo.batch * geo.n_heads > 0 and geo.s_k > 0:
+        _launch_general(route, q, k, v, lse, bias_in, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
+                        dropout_p, geo, cu_q, cu_k, used_q, used_k, reach_norms)
+    else:  # nothing to attend to or from: every gradient is zero
+        route.dq.zero_(), route.dk.zero_(), route.dv.zero_()
+    dbias = None
+    if route.bias_mode:
+        dbias = _reduce_to_shape(route.dbias_rows if route.bias_mode == 1 else route.dbias_full,
+                                 bias.shape).to(bias.dtype)
+    return route.dq, route.dk, route.dv, dbias
 
-        def launch_dkdv():
-            if use_hopper:
-                hopper_dkdv.backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, softmax_scale, causal,
-                                          _alibi_mode(slopes, causal, prefix), reach_norms=reach_norms)
+
+def _fused_backward_plan(q, k, v, dout, bias, bias_in, slopes, kpm, seqid, prefix, softmax_scale, causal, dropout_p,
+                         bias_grad, deterministic, geo):
+    """The plan of the Hopper dK/dV kernel forming dQ too (``plans.FusedBackward``), or None where this call takes
+    the general route (``_GeneralRoute``).
+
+    Without determinism the Hopper kernel also forms dQ (a fourth warpgroup, float32 bulk reductions):
+    1.0-1.19x the reproducible split on an H200 (benchmarks/NOTES.md session 15). Grouped heads: a group's
+    query heads split over programs (hopper.FUSED_GROUP_HEADS per program); with all of them in one
+    program, its few, long programs left a tail (GQA 32:4: 0.86x the split). With a full-shape bias matrix
+    in q's dtype the warpgroup's ring of dS tiles is its gradient: the kernel reads the bias and stores dS from
+    the ring (one pass for dK, dV, dQ and dbias) into a contiguous buffer whose rows the copy engine can write."""
+    batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
+    full = (batch, n_heads, s_q, s_k)
+    ds_from_ring = bias_grad and bias.shape[2] != 1 and tuple(bias.shape) == full and bias.dtype == q.dtype and \
+        s_k * bias.element_size() % 16 == 0
+    if not (FUSED_DQ and deterministic is not True and (not bias_grad or ds_from_ring) and (
+            n_heads == n_kv or FUSED_DQ_GROUPED)):
+        return None
+    if hopper.unsupported(q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, geo.varlen, dout, fused_dq=True,
+                          max_q=s_q) is not None:
+        return None
+    alibi_mode = _alibi_mode(slopes, causal, prefix)
+    fused_reach = hopper.reach_applies(bias_in, slopes, causal, alibi_mode, 1 if geo.varlen else batch, s_k)
+    first_write = hopper_dkdv.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, geo.varlen,
+                                             fused_reach)
+    soft_rows = 0  # a bias can soft-mask whole rows: dO scaled for them, every row or the blocks holding one
+    if bias is not None:
+        soft_rows = SOFT_BLOCKS.value if hopper_dkdv.scaled_dout_blocks(head_dim, bias_in.shape[2] != 1) else \
+            SOFT_EVERY_ROW.value
+    return plans.FusedBackward(geo.varlen, soft_rows, full if bias_grad else None,
+                               (1, n_heads, q.shape[0]) if geo.varlen else (batch, n_heads, s_q),
+                               (batch, n_heads, s_q) if first_write else None,
+                               (softmax_scale, causal, alibi_mode, s_q, s_k))
+
+
+class _GeneralRoute:
+    """The general backward's decisions for one call and the buffers they need: which kernel writes dQ (the dQ
+    kernel, float32 atomics in the dK/dV kernel, or a GEMM on a stored dS), who writes dS for a bias gradient, and
+    whether the dK/dV kernel is the Hopper one (reproducible, no bias gradient) or the general one.
+
+    Reproducible, the Hopper dK/dV kernel with the dQ kernel beside it is the fastest; it also serves
+    ``deterministic=False`` where the fused route does not apply: dQ folded into the general dK/dV kernel with
+    float32 reductions measured 0.61-0.70x of it at D128 on an H200."""
+
+    def __init__(self, q, k, v, dout, bias, bias_in, kpm, seqid, prefix, dropout_p, causal, bias_grad, deterministic,
+                 geo, partial):
+        batch, s_q, s_k, n_heads = geo.batch, geo.s_q, geo.s_k, geo.n_heads
+        full = (batch, n_heads, s_q, s_k)
+        self.partial = partial  # some packed rows unused (``seqused``)
+        # a bias can soft-mask whole rows (common.SOFT_LSE): the delta kernel then writes dO scaled per row
+        self.soft_rows = bias is not None
+        self.dout = torch.empty_like(dout, memory_format=torch.contiguous_format) if self.soft_rows else dout
+        # gradients in their inputs' layout (dense ones keep their strides, e.g. SDPA's (B, H, S, D) passed
+        # transposed), so autograd hands them to the caller's tensors without a transposing copy each
+        # (rows past a sequence's used ones: zeros from _clear_unused after the kernels)
+        self.dq, self.dk, self.dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # the kernels read a bias row converted (float32, log2 units: ``bias_in``); dbias keeps the caller's shape
+        # and dtype. bias_mode (the dQ kernel's BIAS_GRAD): 0 none, 1 a bias row's (float32 sums), 2 a matrix's
+        self.bias_mode = 0
+        self.dbias_rows = self.dbias_full = q  # dummies
+        if bias_grad:
+            if bias.shape[2] == 1:
+                self.bias_mode = 1
+                self.dbias_rows = torch.empty((batch, n_heads, 1, s_k), dtype=torch.float32, device=q.device)
             else:
-                launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
-                    q, k, v, dout, lse, delta, dk, dv, dbias_rows, dq_acc, dbias_full, *pointers, seed_arg, kv_range,
-                    kv_spans, *cu_args, norms, *in_strides, *_strides(dk, varlen), *_strides(dv, varlen),
-                    *_strides(dq_acc, varlen), *geo.lse_strides, *aux_strides, *sizes, DESC=dkdv_desc,
-                    ATOMIC_DQ=atomic_dq, BIAS_GRAD=dkdv_bias_grad, DS_DESC=ds_desc, REACH=reach, **common, **kv_cfg,
-                )
+                self.bias_mode = 2
+                # dS is the gradient itself when the bias has the full shape: store it in the bias dtype
+                # (the one rounding the result gets anyway); a broadcast bias sums it, in float32.
+                dtype = bias.dtype if tuple(bias.shape) == full else torch.float32
+                self.dbias_full = torch.empty(full, dtype=dtype, device=q.device)
+        # A full dS in q's dtype is the input dQ = dS K takes anyway: with it stored by the dK/dV kernel, one
+        # batched GEMM replaces the dQ kernel, which would recompute S, P and dP and read the bias again
+        # (1.87 vs 3.07 ms for the atomic pass, B4 H16 S2048 D128, H200, benchmarks/dense_bias.py)
+        self.ds_gemm = DQ_FROM_STORED_DS and self.bias_mode == 2 and self.dbias_full.dtype == q.dtype and \
+            not geo.varlen
+        # tiles the general backward skips (causal, padding, other sequences) must read as zero; the Hopper kernel
+        # stores zero tiles itself
+        if self.bias_mode == 2 and (causal or kpm is not None or seqid is not None):
+            self.dbias_full.zero_()
+        self.use_hopper = not bias_grad and not partial and hopper.unsupported(
+            q, k, v, bias_in, kpm, seqid, prefix, dropout_p, causal, geo.varlen, self.dout, max_q=s_q) is None
+        # the Hopper kernel's loader copies each step's row terms (log2-domain LSE offset, delta) beside Q and dO,
+        # so the consumers read them from shared memory instead of waiting on global loads every step
+        # (packed sequences: one long row per head, as the delta kernel writes them)
+        self.row_stats = hopper_dkdv.row_stats_buffer(batch, n_heads, s_q, q.device) if self.use_hopper else None
+        self.atomic = deterministic is False and not self.use_hopper and not self.ds_gemm
+        # dQ summed in float32 by atomics into zeros the delta kernel writes (in dq's layout, so that the copy into
+        # dq at the end is elementwise)
+        self.dq_acc = torch.empty_like(q, dtype=torch.float32) if self.atomic else q  # else a never-read dummy
+        self.delta = torch.empty(geo.lse_shape, dtype=torch.float32, device=q.device)
+        # who writes dS for a full bias gradient: the dK/dV kernel (atomic dQ, or dQ from the stored dS), else
+        # the dQ kernel
+        self.dkdv_bias_grad = self.bias_mode if self.bias_mode == 1 or self.atomic or self.ds_gemm else 0
+        # the dK/dV kernel stores dS tiles through a descriptor where the buffer's rows allow (TMA stores)
+        self.ds_desc = self.dkdv_bias_grad == 2 and _descriptors_ok(self.dbias_full)
 
-        def launch_dq():
-            launch_kernel(_attn_bwd_dq_kernel, (cdiv(s_q, q_cfg["BLOCK_M"]), n_heads, batch),
-                q, k, v, dout, lse, delta, dq, dbias_full, *pointers, seed_arg, kv_range, q_spans, *cu_args, norms,
-                *in_strides, *_strides(dq, varlen), *geo.lse_strides, *aux_strides, *sizes, DESC=dq_desc,
-                ROW_DESC=dq_row_desc, BIAS_GRAD=bias_mode, REACH=reach, **common, **q_cfg,
+
+def _launch_general(route, q, k, v, lse, bias_in, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
+                    geo, cu_q, cu_k, used_q, used_k, reach_norms) -> None:
+    """The general backward's launches for ``route`` (B * H > 0, S_k > 0): the dK/dV kernel (general or Hopper)
+    and dQ (its kernel, on a side stream where two independent passes fill each other's idle SMs, or the dK/dV
+    kernel's atomics, or a GEMM on the stored dS), then zeros into unused packed rows."""
+    batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
+    varlen, dout, atomic = geo.varlen, route.dout, route.atomic
+    pointers, kv_range, aux_strides, flags = _aux_args(q, bias_in, slopes, kpm, seqid, prefix, causal)
+    common = dict(
+        DROPOUT=dropout_p > 0.0, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=max(16, next_power_of_2(head_dim)), **flags,
+    )
+    sizes = (n_heads, n_heads // n_kv, s_q, s_k, head_dim, softmax_scale, softmax_scale * LOG2E, dropout_p)
+    in_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
+    seed_arg = seed if seed is not None else q
+    cu_args = mask_spans.sequence_args(q, cu_q, cu_k, used_q, used_k)
+    wide_ds = route.bias_mode == 2 and not route.dkdv_bias_grad and bias_in.element_size() == 4
+    kv_cfg, q_cfg = _bwd_config(_config_head_dim(head_dim, q.dtype), atomic_dq=atomic, wide_ds=wide_ds)
+    # dK/dV streams query rows (Q, dO), dQ key rows (K, V; never with key padding)
+    dkdv_desc = _descriptors_ok(q, dout)
+    dq_desc = not atomic and kpm is None and _key_descriptors_ok(s_k, k, v)
+    # the dQ kernel reads a bias row through the copy engine too (its plain load costs a conversion)
+    dq_row_desc = dq_desc and route.bias_mode != 2 and bias_in is not None and bias_in.shape[2] == 1 and \
+        not varlen and _descriptors_ok(bias_in)
+    if dkdv_desc or dq_desc or route.ds_desc:
+        _ensure_allocator()
+    reach = not route.partial and _general_reach(bias_in, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
+    norms = _reach_norms(q, k, reach_norms) if reach else q
+    kv_spans = q_spans = q
+    if seqid is not None:  # one pass over the ids serves both kernels
+        spans = mask_spans.sequence_spans(seqid)
+        kv_spans = mask_spans.key_block_query_spans(spans, s_q, kv_cfg["BLOCK_N"])
+        if not atomic:
+            q_spans = mask_spans.query_tile_key_spans(spans, s_q, q_cfg["BLOCK_M"])
+    atomic_dq = 0  # 0: the dQ kernel, 1: scalar atomics, 2: bulk (TMA) reductions
+    if atomic:
+        # the interpreter has no descriptor reductions: CPU tests run the scalar atomics
+        atomic_dq = 2 if not _INTERPRET and _descriptors_ok(route.dq_acc) else 1
+        if atomic_dq == 2:
+            _ensure_allocator()
+
+    def launch_dkdv():
+        if route.use_hopper:
+            hopper_dkdv.backward_dkdv(q, k, v, dout, route.row_stats, route.dk, route.dv, bias_in, slopes,
+                                      softmax_scale, causal, _alibi_mode(slopes, causal, prefix),
+                                      reach_norms=reach_norms)
+        else:
+            launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(s_k, kv_cfg["BLOCK_N"]), n_kv, batch),
+                q, k, v, dout, lse, route.delta, route.dk, route.dv, route.dbias_rows, route.dq_acc, route.dbias_full,
+                *pointers, seed_arg, kv_range, kv_spans, *cu_args, norms, *in_strides, *_strides(route.dk, varlen),
+                *_strides(route.dv, varlen), *_strides(route.dq_acc, varlen), *geo.lse_strides, *aux_strides, *sizes,
+                DESC=dkdv_desc, ATOMIC_DQ=atomic_dq, BIAS_GRAD=route.dkdv_bias_grad, DS_DESC=route.ds_desc,
+                REACH=reach, **common, **kv_cfg,
             )
 
-        if atomic:
-            launch_dkdv()
-            dq.copy_(dq_acc.mul_(softmax_scale))
-        elif ds_gemm:
-            launch_dkdv()
-            _dq_from_ds(dbias_full, k, dq, softmax_scale)
-        elif s_q > 0 and (use_hopper or (q.is_cuda and n_heads > n_kv and not bias_grad)):
-            # two independent passes: the dQ kernel on a side stream, launched first, fills the SMs the
-            # dK/dV kernel's last (short, causal) programs leave idle, and the reverse. Outputs bitwise
-            # unchanged. Hopper kernels: B2 H16 S8192 3.56 -> 3.44-3.51 ms, GQA 32:4 S4096 4.26 -> 3.78.
-            # General kernels only for grouped heads (few dK/dV programs: D64 32:4 1.32 -> 1.04 ms); with
-            # as many KV heads as query heads they gain 0-2% or lose (B8 S2048 D64: 0.63 -> 0.73-0.80)
-            main_stream, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
-            side.wait_stream(main_stream)
-            with torch.cuda.stream(side):
-                launch_dq()
-            launch_dkdv()
-            main_stream.wait_stream(side)
-        else:
-            launch_dkdv()
-            if s_q > 0:
-                launch_dq()
-        _clear_unused(dq, cu_q, used_q)
-        _clear_unused(dk, cu_k, used_k)
-        _clear_unused(dv, cu_k, used_k)
-    else:  # nothing to attend to or from: every gradient is zero
-        dq.zero_(), dk.zero_(), dv.zero_()
-    dbias = None
-    if bias_mode:
-        dbias = _reduce_to_shape(dbias_rows if bias_mode == 1 else dbias_full, bias.shape).to(bias.dtype)
-    return dq, dk, dv, dbias
+    def launch_dq():
+        launch_kernel(_attn_bwd_dq_kernel, (cdiv(s_q, q_cfg["BLOCK_M"]), n_heads, batch),
+            q, k, v, dout, lse, route.delta, route.dq, route.dbias_full, *pointers, seed_arg, kv_range, q_spans,
+            *cu_args, norms, *in_strides, *_strides(route.dq, varlen), *geo.lse_strides, *aux_strides, *sizes,
+            DESC=dq_desc, ROW_DESC=dq_row_desc, BIAS_GRAD=route.bias_mode, REACH=reach, **common, **q_cfg,
+        )
+
+    if atomic:
+        launch_dkdv()
+        route.dq.copy_(route.dq_acc.mul_(softmax_scale))
+    elif route.ds_gemm:
+        launch_dkdv()
+        _dq_from_ds(route.dbias_full, k, route.dq, softmax_scale)
+    elif s_q > 0 and (route.use_hopper or (q.is_cuda and n_heads > n_kv and not route.bias_mode)):
+        # two independent passes: the dQ kernel on a side stream, launched first, fills the SMs the
+        # dK/dV kernel's last (short, causal) programs leave idle, and the reverse. Outputs bitwise
+        # unchanged. Hopper kernels: B2 H16 S8192 3.56 -> 3.44-3.51 ms, GQA 32:4 S4096 4.26 -> 3.78.
+        # General kernels only for grouped heads (few dK/dV programs: D64 32:4 1.32 -> 1.04 ms); with
+        # as many KV heads as query heads they gain 0-2% or lose (B8 S2048 D64: 0.63 -> 0.73-0.80)
+        main_stream, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+        side.wait_stream(main_stream)
+        with torch.cuda.stream(side):
+            launch_dq()
+        launch_dkdv()
+        main_stream.wait_stream(side)
+    else:
+        launch_dkdv()
+        if s_q > 0:
+            launch_dq()
+    _clear_unused(route.dq, cu_q, used_q)
+    _clear_unused(route.dk, cu_k, used_k)
+    _clear_unused(route.dv, cu_k, used_k)
 
 
 def _dq_from_ds(ds: torch.Tensor, k: torch.Tensor, dq: torch.Tensor, softmax_scale: float) -> None:

@@ -13,7 +13,7 @@ Hopper kernels' exponential (``ex2.approx.ftz.f32``) flushes results below 2^-12
 probability is exactly 0 whether it is computed or not, and so are its shares of the row's sum, of the output
 (whatever its V holds) and of every gradient. A causal tile whose first query sits at ``p0`` needs no key block
 that ends at least ``reach`` before ``p0``: results equal those of computing every block up to float32's rounding
-(the order of the online softmax's rescales changes; tests/test_gpu_hopper.py compares the two).
+(the order of the online softmax's rescales changes; tests/test_gpu_hopper_reach.py compares the two).
 
 The bound needs each head's largest query and key norms: ``row_norm_max_kernel`` reads q and k once before the
 kernel (memory-bound) and keeps the maxima as float32 bit patterns, whose integer order is the float order for

@@ -1,0 +1,330 @@
+"""Causal ALiBi's reach on the Hopper kernels (Gluon, sm_90; ``reach.py``): key blocks (forward) and query blocks
+(dK/dV) past every query's reach are never read, and skipping them computes what every block and the float64
+reference compute, from slopes or from a bias row, dense and packed. Runs on the GPU machine (pytest -m gpu);
+skipped elsewhere."""
+
+import pytest
+import torch
+
+import mpt_attention as M
+from mpt_attention.impl.triton import hopper, reach
+from mpt_attention.testing import (
+    AttnCase, assert_close_to_reference, assert_forward_matches_reference, assert_gradients_close_to_reference,
+    make_inputs, make_varlen_inputs, profile_kernels, reference_attention, reference_attention_varlen,
+)
+
+_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _SM90, reason="needs an sm_90 (Hopper) GPU")]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("bias", ["slopes", "row"])
+def test_reach_forward_gives_one_answer_over_many_calls(bias, head_dim):
+    """Past the reach, each consumer takes its tile's first block from the loader's slot. Until session 42 one
+    read of it came after the slot went back to the loader, which then wrote the next tile's there: rarely a
+    consumer counted its blocks wrong and waited on a stage phase that never came (two stops of long runs at D64,
+    benchmarks/NOTES.md) or read a stage early. 1000 calls of the persistent forward (tiles taken in a different
+    order each call) must each finish and give the first call's output bit for bit."""
+    batch, heads = (4, 32) if head_dim == 64 else (2, 16)
+    (q, k, v), kw = make_inputs(AttnCase(batch, 4096, 4096, heads, heads, head_dim, causal=True, alibi=True),
+                                dtype=torch.bfloat16, device="cuda")
+    if bias == "row":
+        kw = {"causal": True, "attn_bias": _mpt_row(kw["alibi_slopes"], 4096)}
+    assert hopper.reach_applies(kw.get("attn_bias"), kw.get("alibi_slopes"), True, 1 if bias == "slopes" else 0,
+                                batch, 4096)
+    first = M.attention(q, k, v, backend="triton", **kw)
+    differs = [(M.attention(q, k, v, backend="triton", **kw) != first).any() for _ in range(1000)]
+    assert not torch.stack(differs).any()
+
+
+def _reach_keys(q, k, slopes, scale):
+    """Per head, the reach of reach.py's bound in keys (the kernels round it up): past it every probability is
+    below 2^-128."""
+    q_max = q.float().norm(dim=-1).amax(dim=1)[0]  # (H,)
+    k_max = k.float().norm(dim=-1).amax(dim=1)[0].repeat_interleave(q.shape[2] // k.shape[2])
+    c, a = scale * hopper.LOG2E, slopes.float() * hopper.LOG2E
+    return (reach.VANISH2.value + 2 * reach.NORM_SLACK.value * c * q_max * k_max) / a
+
+
+def _mpt_row(slopes, s_k):
+    """MPT's (1, H, 1, S_k) ALiBi bias row, float32: slope * (j - (S_k - 1))."""
+    return (slopes.float().view(1, -1, 1, 1) * (torch.arange(s_k, device=slopes.device) - (s_k - 1))).view(
+        1, -1, 1, s_k)
+
+
+@pytest.mark.parametrize("what, d, scale", [("slopes", 64, None), ("slopes", 128, None), ("bias-row", 64, None),
+                                             ("bias-row", 128, None), ("bias-row", 64, 0.0)],
+                         ids=["slopes-D64", "slopes-D128", "bias-row-D64", "bias-row-D128", "bias-row-D64-scale-0"])
+def test_causal_alibi_never_reads_key_blocks_past_its_reach(monkeypatch, what, d, scale):
+    """Causal ALiBi with a steep slope, from slopes or as MPT's bias tensor: the first key block's V is NaN. Its
+    probabilities underflow for rows far enough behind it, so those rows must not read it at all (finite, and the
+    reference without that block), while rows within its reach, and every row of a head whose slope reaches past the
+    sequence, read it (NaN, as in the reference). A kernel that reads every block makes every row NaN. A zero scale
+    takes the bias row scaled first, its slices read ahead from the tile's first block."""
+    s, n_heads = 3000, 2
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
+    far_off = _reach_keys(q, k, slopes, d ** -0.5 if scale is None else scale)
+    assert far_off[0] < 1000 and far_off[1] > s
+    v_nan = v.clone()
+    v_nan[:, :128] = float("nan")
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    kw = dict(causal=True, softmax_scale=scale,
+              **({"alibi_slopes": slopes} if what == "slopes" else {"attn_bias": _mpt_row(slopes, s)}))
+    out = M.attention(q, k, v_nan, backend="triton", **kw)
+    # past the reach of the block's last key from every row of its tile, and the slack of a bias row's rounding
+    far = int(far_off[0]) + 128 + 192 + 8
+    assert out[0, far:, 0].isfinite().all()
+    assert out[0, :int(far_off[0]), 0].isnan().all()
+    assert out[0, :, 1].isnan().all()
+    v_zero = v.clone()
+    v_zero[:, :128] = 0
+    ref, _ = reference_attention(q.double(), k.double(), v_zero.double(), **kw)
+    low, _ = reference_attention(q, k, v_zero, compute_dtype=torch.bfloat16, **kw)
+    assert_close_to_reference("rows past the reach", out[:, far:, :1], ref[:, far:, :1], low[:, far:, :1])
+
+
+@pytest.mark.parametrize("d", [64, 128, 96], ids=["D64", "D128", "D96-tail"])
+def test_packed_forward_never_reads_key_blocks_past_the_reach(monkeypatch, d):
+    """``attention_varlen`` on the Hopper forward with a steep causal ALiBi slope: sequences of 3072 queries, 2200 on
+    3000 keys (a chunked prefill) and 500, one row of norm maxima per head over every token. The two long sequences'
+    first key block's V is NaN: the steep head's rows far enough behind it stay finite (the block was skipped) and
+    match the float64 reference without it, its rows within the reach are NaN, and so is every row of the flat head;
+    a forward computing every block gives the same finite rows. (The first sequence's keys end on a block boundary:
+    a sequence's last key block also holds the next one's first keys, masked, whose V a NaN would reach through 0 x
+    NaN: docs/errors.md.)"""
+    q, k, v, cu_q, cu_k = make_varlen_inputs([3072, 2200, 500], [3072, 3000, 500], 2, 2, d, torch.bfloat16, "cuda",
+                                             seed=3)
+    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
+    far_off = _reach_keys(q.unsqueeze(0), k.unsqueeze(0), slopes, d ** -0.5)
+    assert far_off[0] < 1000 and far_off[1] > 3072
+    v_nan, v_zero = v.clone(), v.clone()
+    for start in cu_k[:2].tolist():
+        v_nan[start:start + 128] = float("nan")
+        v_zero[start:start + 128] = 0
+    kw = dict(backend="triton", causal=True, alibi_slopes=slopes)
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    out = M.attention_varlen(q, k, v_nan, cu_q, cu_k, 3072, 3072, **kw)
+    far = int(far_off[0]) + 128 + 128  # past the reach of the block's last key from every row of its tile
+    seq0, seq1 = out[:3072, 0], out[3072:5272, 0]
+    far1 = max(far - 800, 0)  # (seq1's first query sits at key 800)
+    assert seq0[far:].isfinite().all() and seq1[far1:].isfinite().all()
+    assert seq0[:int(far_off[0])].isnan().all() and out[:5272, 1].isnan().all()
+    ref, _ = reference_attention_varlen(q.double(), k.double(), v_zero.double(), cu_q, cu_k, causal=True,
+                                        alibi_slopes=slopes)
+    low, _ = reference_attention_varlen(q, k, v_zero, cu_q, cu_k, causal=True, alibi_slopes=slopes,
+                                        compute_dtype=torch.bfloat16)
+    rows = torch.cat([torch.arange(far, 3072), torch.arange(3072 + far1, 5272)]).cuda()
+    assert_close_to_reference("rows past the reach", out[rows, :1], ref[rows, :1], low[rows, :1])
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)
+    every = M.attention_varlen(q, k, v_zero, cu_q, cu_k, 3072, 3072, **kw)
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    skipped = M.attention_varlen(q, k, v_zero, cu_q, cu_k, 3072, 3072, **kw)
+    diff = (skipped.float() - every.float()).abs()
+    assert (diff <= every.float().abs() * 2.0 ** -7 + 1e-6).all(), diff.max()
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_causal_alibi_reach_keeps_far_keys_whose_scores_outweigh_the_slope(d):
+    """One early key aligned with every query and forty times longer than the others: ALiBi's penalty does
+    not outweigh its score, so every row attends to it. The reach grows with the heads' norms (reach.py), so the
+    kernel reads its block; a reach from the slope alone would skip it."""
+    s, n_heads = 2048, 4
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    base = torch.randn(d, device="cuda", generator=gen)
+    q = (base + 0.3 * torch.randn(1, s, n_heads, d, device="cuda", generator=gen)).to(torch.bfloat16)
+    k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2))
+    k[0, 5] = (40 * base).to(torch.bfloat16)
+    slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
+    assert (_reach_keys(q, k, slopes, d ** -0.5) > s).all()
+    assert_forward_matches_reference(q, k, v, causal=True, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("case", [AttnCase(2, 4096, 4096, 8, 2, 64, causal=True, alibi=True),
+                                  AttnCase(1, 1500, 3000, 8, 8, 128, causal=True, alibi=True),
+                                  AttnCase(2, 2000, 2000, 16, 16, 96, causal=True, alibi=True)],
+                         ids=lambda c: c.id())
+def test_skipping_key_blocks_past_the_reach_computes_what_every_block_computes(monkeypatch, case):
+    """The same forward with the blocks past causal ALiBi's reach skipped and with every visible block computed:
+    the skipped probabilities are 0 either way, so the outputs agree to float32's rounding before the cast (one
+    unit in the last place of q's dtype) and so do the log-sum-exps; also against the float64 reference."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)
+    every, every_lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+    diff = (out.float() - every.float()).abs()
+    assert (diff <= every.float().abs() * 2.0 ** -7 + 1e-6).all(), diff.max()
+    torch.testing.assert_close(lse, every_lse, rtol=0, atol=1e-5)
+    assert_forward_matches_reference(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("what", ["slopes", "bias-row"])
+@pytest.mark.parametrize("d, deterministic", [(64, None), (128, None), (128, True)],
+                         ids=["D64-fused-dq", "D128-fused-dq", "D128-split"])
+def test_causal_alibi_backward_never_reads_query_blocks_past_its_reach(monkeypatch, d, deterministic, what):
+    """The backward's key blocks visit only the query blocks within their reach (from slopes or MPT's bias tensor):
+    dO of the last 128 queries is NaN, so every key block that reads them gets NaN dK and dV (those within the steep
+    head's reach, and all of the head whose slope reaches past the sequence), while the steep head's key blocks far
+    before them stay finite and match the float64 reference's gradients with those dO rows zeroed."""
+    s, n_heads = 3000, 2
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
+    far_off = _reach_keys(q.detach(), k.detach(), slopes, d ** -0.5)
+    assert far_off[0] < 1000 and far_off[1] > s
+    dout = torch.randn(q.shape, device="cuda", generator=gen).to(torch.bfloat16)
+    dout_nan = dout.clone()
+    dout_nan[:, -128:] = float("nan")
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    kw = dict(causal=True, **({"alibi_slopes": slopes} if what == "slopes" else {"attn_bias": _mpt_row(slopes, s)}))
+    out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], dout_nan)
+    reach_keys = int(far_off[0])
+    # key blocks ending at least the reach before the first NaN row (a bias row's query ends: multiples of ROW_STEP)
+    far = s - 128 - reach_keys - 256 - reach.ROW_STEP
+    for name, g in (("dk", dk), ("dv", dv)):
+        assert g[0, :far, 0].isfinite().all(), name
+        assert g[0, s - 128 - reach_keys:, 0].isnan().all(), name
+        assert g[0, :, 1].isnan().all(), name
+    assert dq[0, :s - 128, 0].isfinite().all() and dq[0, -128:].isnan().all()
+    dout_zero = dout.clone()
+    dout_zero[:, -128:] = 0
+    refs = []
+    for dtype in (torch.float64, torch.bfloat16):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention(*xs, **kw, compute_dtype=dtype)
+        refs.append(torch.autograd.grad(ref, xs, dout_zero.to(dtype)))
+    for i, name in ((1, "dk"), (2, "dv")):
+        got = (dk, dv)[i - 1][:, :far, :1]
+        assert_close_to_reference(name, got, refs[0][i][:, :far, :1], refs[1][i][:, :far, :1])
+
+
+@pytest.mark.parametrize("d", [64, 128, 96], ids=["D64", "D128", "D96-tail"])
+def test_packed_backward_never_reads_query_blocks_past_the_reach(monkeypatch, d):
+    """``attention_varlen``'s backward on the Hopper dK/dV kernel (with the dQ sums, as packed sequences take it):
+    sequences of 3000 queries, 2200 on 3000 keys and 500. dO of each sequence's last 128 queries is NaN: the steep
+    head's key blocks far before them stay finite in both long sequences and match the float64 reference with those
+    rows zeroed, its key blocks within their reach are NaN, and so is every key of the flat head. With dO clean the
+    gradients equal those computing every block."""
+    q, k, v, cu_q, cu_k = make_varlen_inputs([3000, 2200, 500], [3000, 3000, 500], 2, 2, d, torch.bfloat16, "cuda",
+                                             seed=6, requires_grad=True)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
+    far_off = _reach_keys(q.detach().unsqueeze(0), k.detach().unsqueeze(0), slopes, d ** -0.5)
+    assert far_off[0] < 1000 and far_off[1] > 3000
+    dout = torch.randn(q.shape, device="cuda", generator=gen).bfloat16()
+    dout_nan, dout_zero = dout.clone(), dout.clone()
+    for end in cu_q[1:].tolist():
+        dout_nan[end - 128:end] = float("nan")
+        dout_zero[end - 128:end] = 0
+
+    def grads(min_keys, d_out):
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
+        out = M.attention_varlen(q, k, v, cu_q, cu_k, 3000, 3000, backend="triton", causal=True, alibi_slopes=slopes)
+        return torch.autograd.grad(out, [q, k, v], d_out)
+
+    dq, dk, dv = grads(1024, dout_nan)
+    reach_keys = int(far_off[0])
+    far = 3000 - 128 - reach_keys - 256  # key blocks ending at least the reach before the first NaN row
+    for name, g in (("dk", dk), ("dv", dv)):
+        for start in (0, 3000):  # both long sequences: their NaN rows sit at key positions 2872-2999
+            assert g[start:start + far, 0].isfinite().all(), name
+            assert g[start + 3000 - 128 - reach_keys:start + 3000, 0].isnan().all(), name
+        assert g[:, 1].isnan().all(), name
+    assert dq[:3000 - 128, 0].isfinite().all() and dq[3000 - 128:3000].isnan().all()
+    refs = []
+    for dtype in (torch.float64, torch.bfloat16):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention_varlen(*xs, cu_q, cu_k, causal=True, alibi_slopes=slopes, compute_dtype=dtype)
+        refs.append(torch.autograd.grad(ref, xs, dout_zero.to(dtype)))
+    rows = torch.cat([torch.arange(0, far), torch.arange(3000, 3000 + far)]).cuda()
+    for i, name in ((1, "dk"), (2, "dv")):
+        got = (dk, dv)[i - 1][rows, :1]
+        assert_close_to_reference(name, got, refs[0][i][rows, :1], refs[1][i][rows, :1])
+    every, skipped = grads(1 << 62, dout_zero), grads(1024, dout_zero)
+    for name, a, b in zip(["dq", "dk", "dv"], skipped, every):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("case, deterministic", [
+    pytest.param(AttnCase(2, 2048, 2048, 8, 8, 128, causal=True, alibi=True), None, id="D128-fused-dq"),
+    pytest.param(AttnCase(1, 2048, 2048, 8, 2, 128, causal=True, alibi=True), None, id="D128-GQA-split-heads"),
+    pytest.param(AttnCase(2, 2048, 2048, 8, 8, 64, causal=True, alibi=True), None, id="D64-fused-dq"),
+    pytest.param(AttnCase(1, 1500, 2500, 8, 8, 128, causal=True, alibi=True), True, id="D128-split-chunked"),
+    pytest.param(AttnCase(1, 2000, 2000, 16, 16, 96, causal=True, alibi=True), None, id="D96-tail"),
+])
+def test_backward_past_the_reach_matches_float64_reference_and_every_block(monkeypatch, case, deterministic):
+    """Gradients with the query blocks past causal ALiBi's reach skipped: against the float64 reference, and
+    against the same backward computing every visible block (the skipped probabilities are 0 either way)."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def run(min_keys):
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
+        out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+        return out, torch.autograd.grad(out, [q, k, v], dout)
+
+    every = run(1 << 62)[1]
+    out, grads = run(1024)
+    for name, a, b in zip(["dq", "dk", "dv"], grads, every):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+@pytest.mark.parametrize("b, s_q, s_k, h, h_kv, d, deterministic", [
+    pytest.param(2, 4096, 4096, 8, 2, 64, None, id="D64-GQA-fused-dq"),
+    pytest.param(1, 1500, 3000, 8, 8, 128, None, id="D128-chunked-fused-dq"),
+    pytest.param(1, 2048, 2048, 8, 2, 128, True, id="D128-GQA-split"),
+    pytest.param(1, 2000, 2000, 16, 16, 96, None, id="D96-tail"),
+])
+def test_bias_row_past_its_reach_matches_every_block_and_float64_reference(monkeypatch, b, s_q, s_k, h, h_kv, d,
+                                                                           deterministic):
+    """MPT's bias row with the blocks past its reach skipped, forward and backward: against the same calls
+    computing every visible block (the skipped probabilities are 0 either way) and against the float64 reference."""
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    q = torch.randn(b, s_q, h, d, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(b, s_k, h_kv, d, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+            for _ in range(2))
+    kw = dict(causal=True, attn_bias=_mpt_row(M.gen_slopes(h, return_1d=True, device="cuda"), s_k))
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def run(min_keys):
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", min_keys)
+        out, lse = M.attention(q, k, v, backend="triton", deterministic=deterministic, return_lse=True, **kw)
+        return out, lse, torch.autograd.grad(out, [q, k, v], dout)
+
+    every, every_lse, every_grads = run(1 << 62)
+    out, lse, grads = run(1024)
+    diff = (out.float() - every.float()).abs()
+    assert (diff <= every.float().abs() * 2.0 ** -7 + 1e-6).all(), diff.max()
+    torch.testing.assert_close(lse, every_lse, rtol=0, atol=1e-5)
+    for name, x, y in zip(["dq", "dk", "dv"], grads, every_grads):
+        torch.testing.assert_close(x, y, rtol=2e-2, atol=2e-2, msg=name)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+@pytest.mark.parametrize("what, deterministic", [("slopes", None), ("bias-row", None), ("slopes", True)],
+                         ids=["slopes", "bias-row", "slopes-reproducible"])
+def test_a_training_step_reads_the_reach_norms_once(monkeypatch, what, deterministic):
+    """The eager autograd path hands the forward's norm maxima to the backward: one norms pass per forward+backward
+    (a bias row's table is still made per pass); the gradients as the float64 reference's."""
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
+    gen = torch.Generator(device="cuda").manual_seed(16)
+    q, k, v = (torch.randn(1, 2048, h, 128, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+               for h in (8, 2, 2))
+    slopes = M.gen_slopes(8, return_1d=True, device="cuda")
+    kw = dict(causal=True, **({"alibi_slopes": slopes} if what == "slopes" else {"attn_bias": _mpt_row(slopes, 2048)}))
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
+        return out, torch.autograd.grad(out, [q, k, v], dout)
+
+    launches = {name: count for _, count, name in profile_kernels(step)}
+    assert sum(n for name, n in launches.items() if "row_norm_max_kernel" in name) == 1, launches
+    assert sum(n for name, n in launches.items() if "row_reach_kernel" in name) == (2 if what == "bias-row" else 0)
+    out, grads = step()
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
