@@ -26,7 +26,10 @@ RATIOS = (  # (column title, numerator, denominator); "all blocks": ours without
 )
 # measured paired (bench_attention.paired_ratio: calls interleaved), a row of their own in the results
 PAIRED = (("ALiBi / no bias, paired", "triton-alibi / triton"),
-          ("vec bias / slopes, paired", "triton-vecbias / triton-alibi"))
+          ("vec bias / slopes, paired", "triton-vecbias / triton-alibi"),
+          ("ours+ALiBi / FA4+ALiBi, paired", "triton-alibi / fa4-alibi"),
+          ("/ Flex+ALiBi, paired", "triton-alibi / flex-alibi"),
+          ("ours / cuDNN, paired", "triton / cudnn"))
 
 
 def pivot(rows, mode, suite="main"):

@@ -79,6 +79,14 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     assert "vec bias / slopes, paired" not in out  # not measured in this run
     assert "| 1.07 | - | 0.981 |" in out
     assert "| triton-alibi / triton |" not in out
+    # against a peer too (a host-bound cell's medians follow the host's slow windows; interleaved calls share them)
+    rows.append(dict(suite="main", shape="B1 H1/1 S8 D16", mode="fwd", provider="triton-alibi / fa4-alibi", ms=None,
+                     tflops=None, spread=None, ratio=1.012, quartiles=[0.99, 1.03], note="paired"))
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    module.main(str(path))
+    out = capsys.readouterr().out
+    assert "| ALiBi / no bias, paired | ours+ALiBi / FA4+ALiBi, paired |" in out
+    assert "| 1.07 | - | 0.981 | 1.012 |" in out
 
 
 def test_sass_hotspots_reads_ncu_source_csv(tmp_path, capsys):
