@@ -28,7 +28,6 @@ RATIOS = (  # (column title, numerator, denominator); "all blocks": ours without
 PAIRED = (("ALiBi / no bias, paired", "triton-alibi / triton"),
           ("vec bias / slopes, paired", "triton-vecbias / triton-alibi"),
           ("ours+ALiBi / FA4+ALiBi, paired", "triton-alibi / fa4-alibi"),
-          ("/ Flex+ALiBi, paired", "triton-alibi / flex-alibi"),
           ("ours / cuDNN, paired", "triton / cudnn"))
 
 
