@@ -236,8 +236,9 @@ def _time_provider(fn, grads, mode):
 # providers' rounds and not others' (session 63: ours 1.12 / 0.68 / 0.92 ms in its three rounds, flash-attn-4's
 # 0.68 / 0.69 / 0.88); interleaved calls see the same windows. Not against FlexAttention: at D128 from 2048 keys the
 # ratios to Flex read 7-12% higher paired than from the medians (1.62-3.78 against 1.51-3.39, session 63), where
-# FA4's and cuDNN's moved by at most 6%, either way; interleaved, the two kernels share the power-capped clock, which
-# ours, at the card's 700 W cap, likely holds lower than Flex's alone (not traced)
+# FA4's and cuDNN's moved by at most 6%, either way. Ours runs at the H200's 700 W cap (~1790 MHz alone), Flex below it
+# (1980 MHz, ~640 W); interleaved, the card's power averages under the cap, the clock holds ~1965 MHz and our calls
+# run 6-8% faster than alone while Flex's do not change (benchmarks/pair_clocks.py)
 PAIRS = (("triton-alibi", "triton"), ("triton-vecbias", "triton-alibi"), ("triton-alibi", "fa4-alibi"),
          ("triton", "cudnn"))
 PAIRED_SAMPLES = 40  # pairs of calls per ratio
