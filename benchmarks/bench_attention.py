@@ -244,28 +244,33 @@ PAIRS = (("triton-alibi", "triton"), ("triton-vecbias", "triton-alibi"), ("trito
 PAIRED_SAMPLES = 40  # pairs of calls per ratio
 
 
+def paired_step(fn, grads, mode):
+    """One call of provider ``fn`` as ``paired_ratio`` times it, inside ``fn.around()`` where it has one: the forward
+    (``mode`` "fwd"), or forward and backward with ``grads``' gradients reset; made after a first call and run once."""
+    around = getattr(fn, "around", contextlib.nullcontext)
+    with around():
+        out = fn()
+    dout = torch.randn_like(out) if mode == "fwd_bwd" else None
+
+    def step():
+        for x in grads:
+            x.grad = None
+        with around():
+            if dout is None:
+                fn()
+            else:
+                fn().backward(dout)
+    step()
+    return step
+
+
 def paired_ratio(a, b, mode, samples=PAIRED_SAMPLES):
     """Provider ``a``'s speed over ``b``'s (their time ``b`` / ``a``) from calls interleaved A B B A A B ..., each
     after the same cache flush as ``do_bench``'s: the median of the per-pair ratios, and its quartiles. Adjacent
     calls share the card's clock, so its drift over a round, which moves the medians of separately timed providers
-    by as much as a few-percent target (NOTES.md sessions 32 and 41), cancels; ``a`` and ``b`` are (fn, grads)."""
-    steps = []
-    for fn, grads in (a, b):
-        around = getattr(fn, "around", contextlib.nullcontext)
-        with around():
-            out = fn()
-        dout = torch.randn_like(out) if mode == "fwd_bwd" else None
-
-        def step(fn=fn, grads=grads, around=around, dout=dout):
-            for x in grads:
-                x.grad = None
-            with around():
-                if dout is None:
-                    fn()
-                else:
-                    fn().backward(dout)
-        step()
-        steps.append(step)
+    by as much as a few-percent target (NOTES.md sessions 32 and 41), cancels; so does a kernel's own clock, which
+    is why ``PAIRS`` holds no kernel far below the power cap beside ours; ``a`` and ``b`` are (fn, grads)."""
+    steps = [paired_step(fn, grads, mode) for fn, grads in (a, b)]
     torch.cuda.synchronize()
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     events = [[], []]

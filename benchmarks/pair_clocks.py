@@ -11,7 +11,6 @@ call of each provider in it, the median clock (MHz) and power (W).
 
 import argparse
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -20,28 +19,7 @@ import torch
 
 sys.path.insert(0, "benchmarks")
 import bench_attention as B  # noqa: E402
-
-
-def _sample(stop: threading.Event, out: list) -> None:
-    while not stop.is_set():
-        line = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True).stdout.strip()
-        out.append(tuple(float(x) for x in line.split(",")))
-        time.sleep(0.1)
-
-
-def _step(fn, grads, mode):
-    """One call as the suite times it: the forward, or forward and backward with the gradients reset."""
-    out = fn()
-    if mode == "fwd":
-        return lambda: fn()
-    dout = torch.randn_like(out)
-
-    def step():
-        for x in grads:
-            x.grad = None
-        fn().backward(dout)
-    return step
+from power_clocks import sample_clocks  # noqa: E402
 
 
 def phase(steps: dict, seconds: float) -> tuple[dict, float, float]:
@@ -51,7 +29,7 @@ def phase(steps: dict, seconds: float) -> tuple[dict, float, float]:
     order = [names[i] for i in B.interleaved(2)] if len(names) == 2 else names
     events = {n: [] for n in names}
     samples, stop = [], threading.Event()
-    sampler = threading.Thread(target=_sample, args=(stop, samples))
+    sampler = threading.Thread(target=sample_clocks, args=(stop, samples))
     sampler.start()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -83,7 +61,7 @@ def main() -> None:
     providers = B.make_providers(batch, n_heads, n_kv, seq, head_dim, dense_bias=False)
     ours = "triton-alibi"
     peers = [p for p in args.peers.split(",") if not isinstance(providers[p], str)]
-    steps = {n: _step(*providers[n], args.mode) for n in [ours, *peers]}
+    steps = {n: B.paired_step(*providers[n], args.mode) for n in [ours, *peers]}
     B.warm_up(2)
     print(f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim} {args.mode}; ms per call, SM MHz, W", flush=True)
     for round_ in range(2):

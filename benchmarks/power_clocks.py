@@ -19,7 +19,7 @@ import mpt_attention as M
 SHAPE = (1, 16, 16384, 128)  # B, H, S, D
 
 
-def _sample(stop: threading.Event, out: list) -> None:
+def sample_clocks(stop: threading.Event, out: list) -> None:
     while not stop.is_set():
         line = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"],
                               capture_output=True, text=True).stdout.strip()
@@ -43,7 +43,7 @@ def run(alibi: bool, zero_slopes: bool = False, seconds: float = 4.0) -> None:
         step()
     torch.cuda.synchronize()
     stop, samples = threading.Event(), []
-    sampler = threading.Thread(target=_sample, args=(stop, samples))
+    sampler = threading.Thread(target=sample_clocks, args=(stop, samples))
     sampler.start()
     steps, start = 0, time.time()
     while time.time() - start < seconds:
