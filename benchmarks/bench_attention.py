@@ -275,14 +275,20 @@ def paired_ratio(a, b, mode, samples=PAIRED_SAMPLES):
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     events = [[], []]
     for which in interleaved(samples):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        steps[which]()
-        end.record()
-        events[which].append((start, end))
+        events[which].append(timed_call(steps[which], flush))
     torch.cuda.synchronize()
     return pair_ratios(*([s.elapsed_time(e) for s, e in pairs] for pairs in events))
+
+
+def timed_call(step, flush):
+    """``step()`` after the L2 flush ``do_bench`` does (``flush`` a 256 MB buffer), between the CUDA events returned
+    (start, end) and recorded around it."""
+    flush.zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    return start, end
 
 
 def interleaved(samples):

@@ -34,12 +34,7 @@ def phase(steps: dict, seconds: float) -> tuple[dict, float, float]:
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         for name in order:
-            flush.zero_()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            steps[name]()
-            b.record()
-            events[name].append((a, b))
+            events[name].append(B.timed_call(steps[name], flush))
         if len(events[names[0]]) % 20 == 0:
             torch.cuda.synchronize()  # the host at most 20 calls ahead
     torch.cuda.synchronize()
