@@ -268,8 +268,9 @@ def paired_ratio(a, b, mode, samples=PAIRED_SAMPLES):
     """Provider ``a``'s speed over ``b``'s (their time ``b`` / ``a``) from calls interleaved A B B A A B ..., each
     after the same cache flush as ``do_bench``'s: the median of the per-pair ratios, and its quartiles. Adjacent
     calls share the card's clock, so its drift over a round, which moves the medians of separately timed providers
-    by as much as a few-percent target (NOTES.md sessions 32 and 41), cancels; so does a kernel's own clock, which
-    is why ``PAIRS`` holds no kernel far below the power cap beside ours; ``a`` and ``b`` are (fn, grads)."""
+    by as much as a few-percent target (NOTES.md sessions 32 and 41), cancels; ``a`` and ``b`` are (fn, grads). A
+    kernel far below the power cap lifts the clock its partner runs at (benchmarks/pair_clocks.py), so ``PAIRS``
+    holds none beside ours."""
     steps = [paired_step(fn, grads, mode) for fn, grads in (a, b)]
     torch.cuda.synchronize()
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")

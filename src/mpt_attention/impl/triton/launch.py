@@ -505,7 +505,6 @@ class _GeneralRoute:
                  geo, partial):
         batch, s_q, s_k, n_heads = geo.batch, geo.s_q, geo.s_k, geo.n_heads
         full = (batch, n_heads, s_q, s_k)
-        self.partial = partial  # some packed rows unused (``seqused``)
         # a bias can soft-mask whole rows (common.SOFT_LSE): the delta kernel then writes dO scaled per row
         self.soft_rows = bias is not None
         self.dout = torch.empty_like(dout, memory_format=torch.contiguous_format) if self.soft_rows else dout
@@ -580,7 +579,8 @@ def _launch_general(route, q, k, v, lse, bias_in, slopes, kpm, seqid, prefix, se
         not varlen and _descriptors_ok(bias_in)
     if dkdv_desc or dq_desc or route.ds_desc:
         _ensure_allocator()
-    reach = not route.partial and _general_reach(bias_in, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
+    partial = used_q is not None or used_k is not None  # some packed rows unused (``seqused``)
+    reach = not partial and _general_reach(bias_in, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
     norms = _reach_norms(q, k, reach_norms) if reach else q
     kv_spans = q_spans = q
     if seqid is not None:  # one pass over the ids serves both kernels
