@@ -14,7 +14,7 @@ import torch
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, hopper_dkdv, launch, plans
+from mpt_attention.impl.triton import hopper, hopper_dkdv, launch, launch_backward, plans
 
 SHAPES = [(2, 16, 8192, 128), (4, 32, 4096, 64), (8, 16, 2048, 128)]
 
@@ -32,8 +32,8 @@ def measure(batch, heads, seq, dim):
 
     def whole(enabled):
         hopper.ENABLED = enabled
-        return launch.backward(dout, q, k, v, out, lse, None, None, slopes, None, None, None, None, scale,
-                               True, 0.0, False)[:3]
+        return launch_backward.backward(dout, q, k, v, out, lse, None, None, slopes, None, None, None, None, scale,
+                                        True, 0.0, False)[:3]
 
     def dkdv():
         hopper_dkdv.backward_dkdv(q, k, v, dout, row_stats, dk, dv, None, slopes, scale, True, 1)

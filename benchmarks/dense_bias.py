@@ -5,7 +5,7 @@
 Issue 3 asks for >= 3x SDPA memory-efficient with the same bias, forward+backward. For each shape:
 1. forward alone and forward+backward by do_bench, ours by default (on an H200: one Hopper kernel for dQ,
    dK, dV and dbias, its dQ warpgroup storing dS), ours with ``deterministic=True`` (dQ from the stored dS
-   by one GEMM, or the dQ kernel: ``launch.DQ_FROM_STORED_DS``), and SDPA memory-efficient, alternated
+   by one GEMM, or the dQ kernel: ``launch_backward.DQ_FROM_STORED_DS``), and SDPA memory-efficient, alternated
    twice so drift shows;
 2. kernel durations inside one forward+backward of ours (torch.profiler), their sum, and the host's time per
    step (20 steps queued without a sync): a step whose host time exceeds its kernels' is host-bound.
@@ -13,8 +13,9 @@ Issue 3 asks for >= 3x SDPA memory-efficient with the same bias, forward+backwar
 ``--head-dim D``: only the shapes of that head dim; ``--causal``: only the causal ones; ``--no-kernels``: without
 step 2.
 ``--wide-ds``: instead, a float32 bias matrix with its gradient (bf16 inputs), whose dS the dQ kernel stores: that
-kernel's block configurations at D 96/128 (three stages of the default do not fit, ``launch._bwd_config``), against
-ours with the bias in bf16 and SDPA memory-efficient with the bias in bf16, forward+backward, best of two rounds.
+kernel's block configurations at D 96/128 (three stages of the default do not fit,
+``launch_backward._bwd_config``), against ours with the bias in bf16 and SDPA memory-efficient with the bias in
+bf16, forward+backward, best of two rounds.
 ``--forward-routes``: instead, the forward alone with ALiBi slopes and a bias matrix (no gradients) at D128, on
 the Gluon forward and on the general one (``hopper.ENABLED``), best of two alternated rounds.
 """
@@ -30,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, launch
+from mpt_attention.impl.triton import hopper, launch, launch_backward
 from mpt_attention.testing import profile_kernels
 
 DEV, DTYPE = "cuda", torch.bfloat16
@@ -58,7 +59,7 @@ def providers(batch, heads, kv_heads, seq, dim, causal):
 
     def ours(dq_from_ds, deterministic):
         def run():
-            launch.DQ_FROM_STORED_DS = dq_from_ds
+            launch_backward.DQ_FROM_STORED_DS = dq_from_ds
             return M.attention(q, k, v, backend="triton", causal=causal, attn_bias=bias, deterministic=deterministic)
         return run, [q, k, v, bias]
 
@@ -109,7 +110,7 @@ DKDV_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
 
 def sweep():
     """Block configurations of the general forward and dK/dV kernels with a dense bias (D=128, the dQ GEMM)."""
-    fwd_config, bwd_config = launch._fwd_config, launch._bwd_config
+    fwd_config, bwd_config = launch._fwd_config, launch_backward._bwd_config
     for batch, heads, kv_heads, seq, dim, causal in SHAPES[:2]:
         fn, grads = providers(batch, heads, kv_heads, seq, dim, causal)["dq-gemm"]  # the general kernels
         print(f"\n== sweep, B{batch} H{heads}/{kv_heads} S{seq} D{dim} {'causal' if causal else 'full'}")
@@ -122,14 +123,14 @@ def sweep():
         launch._fwd_config = fwd_config
         fwd_ms = time_it(fn, grads, "fwd")
         for cfg in DKDV_CONFIGS:
-            launch._bwd_config = lambda head_dim, atomic_dq=False, wide_ds=False, cfg=cfg: (
+            launch_backward._bwd_config = lambda head_dim, atomic_dq=False, wide_ds=False, cfg=cfg: (
                 dict(cfg), bwd_config(head_dim, wide_ds=wide_ds)[1])
             try:
                 ms = time_it(fn, grads, "fwd_bwd")
                 print(f"  dkdv {cfg}: fwd+bwd {ms:.3f} ms (backward ~{ms - fwd_ms:.3f})")
             except Exception as exc:
                 print(f"  dkdv {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
-        launch._bwd_config = bwd_config
+        launch_backward._bwd_config = bwd_config
 
 
 DQ_WIDE_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
@@ -138,7 +139,7 @@ DQ_WIDE_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
 
 def wide_ds():
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    bwd_config = launch._bwd_config
+    bwd_config = launch_backward._bwd_config
     for batch, heads, seq, dim, causal in ((4, 16, 2048, 128, False), (4, 16, 2048, 128, True), (4, 16, 2048, 96, True)):
         provs = providers(batch, heads, heads, seq, dim, causal)
         fn16, grads16 = provs["default"]
@@ -149,13 +150,13 @@ def wide_ds():
         times = {name: [] for name in [*runs, "bf16 bias (ours)", "bf16 bias memeff"]}
         for _ in range(2):
             for name, cfg in runs.items():
-                launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False, cfg=cfg: (
+                launch_backward._bwd_config = lambda d, atomic_dq=False, wide_ds=False, cfg=cfg: (
                     bwd_config(d, atomic_dq)[0], dict(cfg))
                 try:
                     times[name].append(time_it(fn32, [q, k, v, bias32], "fwd_bwd"))
                 except Exception as exc:
                     print(f"  {name}: {type(exc).__name__}: {str(exc)[:100]}")
-                launch._bwd_config = bwd_config
+                launch_backward._bwd_config = bwd_config
             times["bf16 bias (ours)"].append(time_it(fn16, grads16, "fwd_bwd"))
             times["bf16 bias memeff"].append(time_it(*provs["memeff"], "fwd_bwd"))
         print(f"\n== fp32 bias matrix with grad, B{batch} H{heads} S{seq} D{dim} {'causal' if causal else 'full'}, "
@@ -220,7 +221,7 @@ def main():
         if "--no-kernels" not in sys.argv:
             for name in ("default", "dq-gemm"):
                 kernel_table(*provs[name], name)
-    launch.DQ_FROM_STORED_DS = True
+    launch_backward.DQ_FROM_STORED_DS = True
 
 
 if __name__ == "__main__":

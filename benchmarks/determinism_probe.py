@@ -1,7 +1,7 @@
 """Which output of the Triton backend changes between identical runs, under which block config."""
 import torch
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, launch
+from mpt_attention.impl.triton import hopper, launch, launch_backward
 from mpt_attention.testing import AttnCase, make_inputs
 
 hopper.ENABLED = False  # the probed configs belong to the general kernels
@@ -23,12 +23,12 @@ def probe(label, case):
 
 
 CASE = AttnCase(2, 1500, 1500, 8, 2, 128, causal=True, alibi=True, padding=True)
-default_fwd, default_bwd = launch._fwd_config, launch._bwd_config
+default_fwd, default_bwd = launch._fwd_config, launch_backward._bwd_config
 for fwd, kv, dq in [((64, 64, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3)),
                     ((64, 64, 4, 3), (32, 64, 4, 2), (128, 64, 8, 2)),
                     ((128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2)),
                     ((64, 64, 4, 3), (32, 64, 4, 1), (128, 64, 8, 1))]:
     launch._fwd_config = lambda d, full_bias=False, fwd=fwd: cfg(fwd)
-    launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False, kv=kv, dq=dq: (cfg(kv), cfg(dq))
+    launch_backward._bwd_config = lambda d, atomic_dq=False, wide_ds=False, kv=kv, dq=dq: (cfg(kv), cfg(dq))
     probe(f"fwd{fwd} kv{kv} dq{dq}", CASE)
     probe("  same, no padding", AttnCase(2, 1500, 1500, 8, 2, 128, causal=True, alibi=True))

@@ -23,7 +23,7 @@ import torch
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, launch
+from mpt_attention.impl.triton import hopper, launch, launch_backward
 
 SHAPES = [(8, 16, 16, 2048, 128), (2, 16, 16, 8192, 128), (1, 16, 16, 16384, 128), (4, 32, 32, 4096, 64)]
 PADDED_SHAPES = [(4, 32, 32, 4096, 80), (2, 16, 16, 8192, 96), (2, 56, 56, 4096, 112)]
@@ -45,8 +45,8 @@ def measure(shape, rounds, fwd_bwd, group_heads=()):
     out, lse = launch.forward(q, k, v, None, slopes, None, None, None, None, scale, True, 0.0)
 
     def backward(deterministic):
-        return launch.backward(dout, q, k, v, out, lse, None, None, slopes, None, None, None, None, scale,
-                               True, 0.0, False, deterministic=deterministic)[:3]
+        return launch_backward.backward(dout, q, k, v, out, lse, None, None, slopes, None, None, None, None, scale,
+                                        True, 0.0, False, deterministic=deterministic)[:3]
 
     if fwd_bwd:
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -97,8 +97,8 @@ def measure_first_write(shape, rounds):
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
 
     def backward():
-        return launch.backward(dout, q, k, v, out, lse, None, None, slopes, None, None, None, None, scale, True, 0.0,
-                               False, deterministic=None)[:3]
+        return launch_backward.backward(dout, q, k, v, out, lse, None, None, slopes, None, None, None, None, scale,
+                                        True, 0.0, False, deterministic=None)[:3]
 
     def fwd_bwd():
         o = M.attention(*leaves, backend="triton", causal=True, alibi_slopes=slopes)

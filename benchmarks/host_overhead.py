@@ -98,7 +98,7 @@ def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 def layer_table():
     """Host microseconds per call of each layer under ``mpt_attention.attention``, innermost first."""
-    from mpt_attention.impl.triton import launch
+    from mpt_attention.impl.triton import launch, launch_backward
 
     q, k, v, slopes = inputs(1, 16, 128, 128)
     qd, kd, vd = (x.detach() for x in (q, k, v))
@@ -114,8 +114,8 @@ def layer_table():
                                                                     scale, True, 0.0, None, None, 0, 0, True),
         "attention, no grad": ours(qd, kd, vd, slopes, True),
         "attention, grad": ours(q, k, v, slopes, True),
-        "launch.backward": lambda: launch.backward(dout, qd, kd, vd, out, lse, None, None, slopes, None, None, None,
-                                                   None, scale, True, 0.0, False),
+        "launch_backward.backward": lambda: launch_backward.backward(dout, qd, kd, vd, out, lse, None, None, slopes,
+                                                                     None, None, None, None, scale, True, 0.0, False),
     }
     for name, fn in layers.items():
         hopper.ENABLED = True
@@ -131,7 +131,7 @@ def profile_forward():
 
 def profile_backward():
     """cProfile of forward+backward calls (tiny shape, Hopper path): where the host time of a training
-    step goes beyond the forward's (autograd engine, launch.backward, the Gluon launch, the side stream)."""
+    step goes beyond the forward's (autograd engine, launch_backward.backward, the Gluon launch, the side stream)."""
     q, k, v, slopes = inputs(1, 16, 128, 128)
     step = with_backward(ours(q, k, v, slopes, True))
     host_us(step, 20)
@@ -195,13 +195,13 @@ def stubbed_table():
         "dense bias, dbias": (lambda: M.attention(q, k, v, backend="triton", causal=True, attn_bias=bias),
                               [q, k, v, bias]),
     }
-    # the general kernels launch through launch.launch_kernel, the Hopper route's through its plans
-    from mpt_attention.impl.triton import lean_launch
+    # the general kernels launch through the launch modules' launch_kernel, the Hopper route's through its plans
+    from mpt_attention.impl.triton import launch_backward, lean_launch
 
     real, real_call = launch.launch_kernel, lean_launch.PlannedLaunch.__call__
 
     def stub(on):
-        launch.launch_kernel = (lambda *a, **kw: None) if on else real
+        launch.launch_kernel = launch_backward.launch_kernel = (lambda *a, **kw: None) if on else real
         lean_launch.PlannedLaunch.__call__ = (lambda self, *a: None) if on else real_call
 
     for name, (fn, leaves) in steps.items():
@@ -353,7 +353,7 @@ def timers_table():
     from triton.runtime import jit
 
     from mpt_attention import api, ops
-    from mpt_attention.impl.triton import launch, lean_launch, plans
+    from mpt_attention.impl.triton import launch, launch_backward, lean_launch, plans
 
     totals = {}
 
@@ -372,11 +372,13 @@ def timers_table():
     targets = (
         (api, "_validate", "api._validate"), (ops, "triton_attention", "ops.triton_attention"),
         (ops._EagerTritonAttention, "forward", "autograd forward (ours)"), (launch, "forward", "launch.forward"),
-        (launch, "backward", "launch.backward"), (hopper, "run_forward", "hopper.run_forward"),
+        (launch_backward, "backward", "launch_backward.backward"), (hopper, "run_forward", "hopper.run_forward"),
         (plans, "run_fused", "plans.run_fused"), (hopper_dkdv, "run_dkdv", "hopper_dkdv.run_dkdv"),
         (hopper, "unsupported", "hopper.unsupported"), (plans, "row_terms", "plans.row_terms"),
         (hopper, "descriptor", "hopper.descriptor"), (lean_launch.PlannedLaunch, "__call__", "planned launches"),
-        (launch, "launch_kernel", "launches (launch.py)"), (jit.JITFunction, "run", "JITFunction.run"),
+        (launch, "launch_kernel", "launches (launch.py)"),
+        (launch_backward, "launch_kernel", "launches (launch_backward.py)"),
+        (jit.JITFunction, "run", "JITFunction.run"),
     )
     for owner, name, label in targets:
         timed(owner, name, label)

@@ -7,9 +7,9 @@ forwards (tiny shape, Hopper path, causal ALiBi; benchmarks/NOTES.md session 31)
 forward's launch in a tight loop. This times each launch's parts as ``lean_launch.launch_kernel`` runs them: Triton's
 binder (the specialisation) and the compiled kernel's ``run`` (the launcher), per kernel, for forwards
 alone, for forward+backward steps (the backward on the device's autograd thread, torch's default) and for steps
-with the backward on the calling thread. ``--profile``: instead, cProfile of ``launch.backward`` on the thread it
-runs on (the device's autograd thread), 300 steps; ``--profile-step``: cProfile of whole steps, the backward on the
-calling thread.
+with the backward on the calling thread. ``--profile``: instead, cProfile of ``launch_backward.backward`` on the
+thread it runs on (the device's autograd thread), 300 steps; ``--profile-step``: cProfile of whole steps, the
+backward on the calling thread.
 """
 
 import cProfile
@@ -20,7 +20,7 @@ import time
 import torch
 
 import mpt_attention as M
-from mpt_attention.impl.triton import launch, lean_launch
+from mpt_attention.impl.triton import launch, launch_backward, lean_launch
 
 TOTALS: dict = {}
 COUNTS: dict = {}
@@ -53,7 +53,7 @@ def install_timers():
         COUNTS[fn.__name__] = COUNTS.get(fn.__name__, 0) + 1
         return real_launch(fn, grid, *args, **kwargs)
 
-    launch.launch_kernel = _timed("total", counted_launch)  # the general kernels'
+    launch.launch_kernel = launch_backward.launch_kernel = _timed("total", counted_launch)  # the general kernels'
     real_call = lean_launch.PlannedLaunch.__call__  # the Hopper route's (launch plans)
 
     def counted_call(self, *args):
@@ -91,9 +91,9 @@ def run(label, fn, calls=400):
 
 
 def profile_backward(step):
-    """cProfile enabled inside ``launch.backward`` itself: a profiler only sees the thread that enables it."""
+    """cProfile enabled inside ``launch_backward.backward`` itself: a profiler only sees the thread that enables it."""
     prof = cProfile.Profile()
-    real = launch.backward
+    real = launch_backward.backward
     on = []
 
     def profiled(*args, **kwargs):
@@ -105,7 +105,7 @@ def profile_backward(step):
         finally:
             prof.disable()
 
-    launch.backward = profiled
+    launch_backward.backward = profiled
     run("warm-up steps", step, calls=50)  # compiles outside the profile
     on.append(True)
     run("profiled steps", step, calls=300)

@@ -4,13 +4,13 @@ op, as host timestamps taken at fixed points (benchmarks/NOTES.md session 33):
     python benchmarks/step_timeline.py [--shape B,H,S,D] [--steps N]
 
 Points: the step's start, ``mpt_attention.attention`` entered, ``launch.forward`` entered, each kernel launch
-entered and done, ``launch.forward`` done, ``attention`` returned, ``Tensor.backward`` called, ``launch.backward``
-entered (on the device's autograd thread: the gap before it is the handoff), its launches, ``launch.backward`` done,
-``Tensor.backward`` returned (the gap before it is the handoff back). Each gap is the median over the steps, in
-microseconds, with the thread it ran on. The steps run as ``do_bench`` runs them (an L2-clearing memset and CUDA
-events around each, no synchronisation between steps), so the GPU's time per step is printed beside the host's:
-where the host's is longer the step is host-bound. Runs torch's default autograd threads, then the backward on the
-calling thread.
+entered and done, ``launch.forward`` done, ``attention`` returned, ``Tensor.backward`` called,
+``launch_backward.backward`` entered (on the device's autograd thread: the gap before it is the handoff), its launches,
+``launch_backward.backward`` done, ``Tensor.backward`` returned (the gap before it is the handoff back). Each gap
+is the median over the steps, in microseconds, with the thread it ran on. The steps run as ``do_bench`` runs them
+(an L2-clearing memset and CUDA events around each, no synchronisation between steps), so the GPU's time per step is
+printed beside the host's: where the host's is longer the step is host-bound. Runs torch's default autograd threads,
+then the backward on the calling thread.
 
 ``--peers NAME,...``: instead, for providers of ``bench_attention.make_providers`` (e.g.
 ``triton-alibi,cudnn,fa4-alibi``; no timeline points, torch's default threads), each step's host time beside its GPU
@@ -26,7 +26,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention import api, ops
-from mpt_attention.impl.triton import hopper, hopper_dkdv, launch, lean_launch, plans
+from mpt_attention.impl.triton import hopper, hopper_dkdv, launch, launch_backward, lean_launch, plans
 
 STAMPS: list = []  # (label, perf_counter_ns, thread ident) of the running step
 
@@ -48,7 +48,7 @@ def around(label: str, real):
 
 def install() -> None:
     launch.forward = around("launch.forward", launch.forward)
-    launch.backward = around("launch.backward", launch.backward)
+    launch_backward.backward = around("launch_backward.backward", launch_backward.backward)
     api._validate = around("api._validate", api._validate)
     ops._EagerTritonAttention.forward = staticmethod(around("Function.forward", ops._EagerTritonAttention.forward))
     hopper.unsupported = around("hopper.unsupported", hopper.unsupported)  # (a planned call makes none)
@@ -68,7 +68,7 @@ def install() -> None:
         real_call(self, *args)
         stamp(f"launched {self.fn.__name__}")
 
-    launch.launch_kernel = stamped_launch
+    launch.launch_kernel = launch_backward.launch_kernel = stamped_launch
     lean_launch.PlannedLaunch.__call__ = stamped_call
 
 

@@ -16,7 +16,7 @@ import torch
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, launch
+from mpt_attention.impl.triton import hopper, launch, launch_backward
 from mpt_attention.padding import unpad
 from mpt_attention.testing import attention_flops
 
@@ -111,7 +111,7 @@ def main():
     if "--general-fwd" in sys.argv:
         return general_fwd()
     hopper.ENABLED = False  # the configs below belong to the general kernels; on sm_90 the Hopper kernel would run
-    default_fwd, default_bwd = launch._fwd_config, launch._bwd_config
+    default_fwd, default_bwd = launch._fwd_config, launch_backward._bwd_config
     for head_dim, shape in ((128, (4, 16, 4096, 128)), (64, (4, 32, 4096, 64))):
         def patch_fwd(opt):
             launch._fwd_config = lambda d, full_bias=False: cfg(opt)
@@ -121,13 +121,13 @@ def main():
         q_tuple = (q_default["BLOCK_M"], q_default["BLOCK_N"], q_default["num_warps"], q_default["num_stages"])
 
         def patch_kv(opt):
-            launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False: (cfg(opt), cfg(q_tuple))
+            launch_backward._bwd_config = lambda d, atomic_dq=False, wide_ds=False: (cfg(opt), cfg(q_tuple))
         best_kv = sweep(f"dkdv D{head_dim}", shape, "fwd_bwd", patch_kv, BWD_KV)
 
         def patch_q(opt):
-            launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False: (cfg(best_kv), cfg(opt))
+            launch_backward._bwd_config = lambda d, atomic_dq=False, wide_ds=False: (cfg(best_kv), cfg(opt))
         best_q = sweep(f"dq D{head_dim}", shape, "fwd_bwd", patch_q, BWD_Q)
-        launch._bwd_config = default_bwd
+        launch_backward._bwd_config = default_bwd
         print(f"BEST D{head_dim}: fwd {best_fwd} dkdv {best_kv} dq {best_q}", flush=True)
 
 

@@ -11,7 +11,7 @@ import torch
 from triton.testing import do_bench
 
 import mpt_attention as M
-from mpt_attention.impl.triton import hopper, launch
+from mpt_attention.impl.triton import hopper, launch_backward
 from mpt_attention.testing import AttnCase, attention_flops, make_inputs, reference_attention
 
 ATOMIC = "--atomic" in sys.argv
@@ -27,7 +27,7 @@ def cfg(t):
 
 
 def check(head_dim, kv, dq, atomic=ATOMIC):
-    launch._bwd_config = lambda d, atomic_dq=False, wide_ds=False: (cfg(kv), cfg(dq))
+    launch_backward._bwd_config = lambda d, atomic_dq=False, wide_ds=False: (cfg(kv), cfg(dq))
     case = AttnCase(2, 1500, 1500, 8, 2, head_dim, causal=True, alibi=True, padding=True)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     reruns = []  # the gradient of the tuned kernel: dK, or dQ with --dq (deterministic there too): bitwise

@@ -53,12 +53,12 @@ def fresh_launch_plans():
 
 @pytest.fixture
 def dq_gemm_calls(monkeypatch):
-    """One entry per call of the Triton backend's dQ GEMM on a stored dS (``launch._dq_from_ds``) during
+    """One entry per call of the Triton backend's dQ GEMM on a stored dS (``launch_backward._dq_from_ds``) during
     the test; each call still runs."""
-    from mpt_attention.impl.triton import launch
+    from mpt_attention.impl.triton import launch_backward
 
-    calls, real = [], launch._dq_from_ds
-    monkeypatch.setattr(launch, "_dq_from_ds", lambda *args: (calls.append(1), real(*args))[1])
+    calls, real = [], launch_backward._dq_from_ds
+    monkeypatch.setattr(launch_backward, "_dq_from_ds", lambda *args: (calls.append(1), real(*args))[1])
     return calls
 
 

@@ -273,7 +273,7 @@ def test_triton_descriptor_and_pointer_loads_agree(monkeypatch, case, determinis
     """Aligned inputs take tensor-descriptor (TMA) loads, others plain pointer loads: same numbers.
     (With atomic dQ on a GPU, descriptors also turn the per-element atomics into one bulk reduction per
     tile; the interpreter has no descriptor reductions, so that branch is covered by tests/test_gpu.py.)"""
-    from mpt_attention.impl.triton import launch
+    from mpt_attention.impl.triton import launch, launch_backward
 
     (q, k, v), kw = make_inputs(case, requires_grad=True)
     assert launch._descriptors_ok(q, k, v), "aligned contiguous inputs should take the descriptor path"
@@ -284,7 +284,8 @@ def test_triton_descriptor_and_pointer_loads_agree(monkeypatch, case, determinis
         return (out, *_grads(out, [q, k, v], torch.ones_like(out)))
 
     with_descriptors = run()
-    monkeypatch.setattr(launch, "_descriptors_ok", lambda *tensors: False)
+    for module in (launch, launch_backward):
+        monkeypatch.setattr(module, "_descriptors_ok", lambda *tensors: False)
     for a, b in zip(with_descriptors, run()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
@@ -299,14 +300,14 @@ def test_full_bias_gradient_both_dq_routes(monkeypatch, dq_gemm_calls, case, dq_
     and for any other bias) the dQ kernel recomputes the tiles and stores dS. Both match the reference,
     skipped (causal, padded) tiles of dS included, and the GEMM route is the one taken when it applies.
     Rows of 16-byte multiples (S_k 104, 40) store dS through a tensor descriptor, S_k 37 through pointers."""
-    from mpt_attention.impl.triton import launch
+    from mpt_attention.impl.triton import launch, launch_backward
 
     dtype = torch.float16
     (q, k, v), kw = make_inputs(case, dtype=dtype, requires_grad=True)
     bias = kw["attn_bias"].detach().to(dtype).requires_grad_()
     kw["attn_bias"] = bias
     assert launch._descriptors_ok(bias) == (case.s_k % 8 == 0)  # the dS buffer has the bias's shape and dtype
-    monkeypatch.setattr(launch, "DQ_FROM_STORED_DS", dq_from_ds)
+    monkeypatch.setattr(launch_backward, "DQ_FROM_STORED_DS", dq_from_ds)
     out = M.attention(q, k, v, backend="triton", **kw)
     dout = torch.randn_like(out)
     grads = _grads(out, [q, k, v, bias], dout)
@@ -366,9 +367,9 @@ def test_default_backward_takes_no_atomics_off_the_hopper_path(monkeypatch):
     """A free dQ order is taken only where it is the fastest backward (the Hopper dK/dV kernel's dQ
     warpgroup): elsewhere the default runs the fixed-order passes (the dQ kernel, bitwise equal to
     deterministic=True), not the slower atomic pass that deterministic=False allows."""
-    from mpt_attention.impl.triton import launch
+    from mpt_attention.impl.triton import launch_backward
 
-    class Counted:  # launch's dQ kernel, counting its launches
+    class Counted:  # the backward's dQ kernel, counting its launches
         def __init__(self, kernel):
             self.kernel, self.launches = kernel, 0
 
@@ -376,8 +377,8 @@ def test_default_backward_takes_no_atomics_off_the_hopper_path(monkeypatch):
             self.launches += 1
             return self.kernel[grid]
 
-    dq_kernel = Counted(launch._attn_bwd_dq_kernel)
-    monkeypatch.setattr(launch, "_attn_bwd_dq_kernel", dq_kernel)
+    dq_kernel = Counted(launch_backward._attn_bwd_dq_kernel)
+    monkeypatch.setattr(launch_backward, "_attn_bwd_dq_kernel", dq_kernel)
     (q, k, v), kw = make_inputs(AttnCase(2, 37, 37, 4, 4, 16, causal=True, alibi=True), requires_grad=True)
     grads = [_grads(M.attention(q, k, v, backend="triton", deterministic=det, **kw), [q, k, v], torch.ones_like(q))
              for det in (True, None, False)]

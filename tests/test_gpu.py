@@ -72,8 +72,9 @@ def test_one_key_compiles_and_matches_reference(case, dtype):
 ])
 def test_float32_bias_matrix_gradient_from_the_dq_kernel(case, deterministic):
     """A float32 bias matrix with its gradient and bf16 inputs: dS goes to the gradient in float32, so the dQ kernel
-    stores it (no dQ GEMM on a stored dS in q's dtype); its config at D 72-128 (``launch._bwd_config(wide_ds=True)``)
-    fits Hopper's shared memory, where the default one did not launch."""
+    stores it (no dQ GEMM on a stored dS in q's dtype); its config at D 72-128
+    (``launch_backward._bwd_config(wide_ds=True)``) fits Hopper's shared memory, where the default one did not
+    launch."""
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     inputs = [q, k, v, kw["attn_bias"]]
     assert kw["attn_bias"].dtype == torch.float32

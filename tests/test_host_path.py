@@ -11,7 +11,9 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, hopper_dkdv, hopper_views, launch, lean_launch, plans  # noqa: E402
+from mpt_attention.impl.triton import (  # noqa: E402
+    hopper, hopper_dkdv, hopper_views, launch, launch_backward, lean_launch, plans,
+)
 
 if hopper._IMPORT_ERROR is None:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -86,8 +88,8 @@ def test_every_descriptor_a_step_builds_passes_the_constructors_checks(hopper_la
     out.copy_(torch.randn_like(out))  # the launch did not run: give the delta kernel finite rows
     lse.copy_(torch.randn_like(lse))
     bias_grad = bias_t is not None and bias_t.requires_grad
-    launch.backward(torch.randn_like(out), q, k, v, out, lse, None, bias_t, slopes, None, None, None, None,
-                    d**-0.5, True, 0.0, bias_grad, deterministic=None)
+    launch_backward.backward(torch.randn_like(out), q, k, v, out, lse, None, bias_t, slopes, None, None, None, None,
+                             d**-0.5, True, 0.0, bias_grad, deterministic=None)
     assert [name for name, _ in hopper_launches] == ["_hopper_fwd_kernel", "_hopper_bwd_dkdv_kernel"]
     descriptors = [a for _, args in hopper_launches for a in args if isinstance(a, TensorDescriptor)]
     matrix = bias is not None and bias.startswith("matrix")
@@ -115,8 +117,8 @@ def test_the_backward_with_the_dq_warpgroup_zeroes_dq_in_the_delta_kernel(hopper
         return real_row_terms(*args, **kwargs)
 
     monkeypatch.setattr(plans, "row_terms", record)
-    launch.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, True, 0.0, False,
-                    deterministic=None)
+    launch_backward.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, True,
+                             0.0, False, deterministic=None)
     (delta, dq_acc, _), = row_terms
     assert delta is None and not zero_fills
     assert dq_acc.dtype == torch.float32 and dq_acc.shape == q.shape and dq_acc.stride() == q.stride()
@@ -143,8 +145,8 @@ def test_the_first_write_backward_zeroes_no_dq_sums_but_the_block_words(hopper_l
         return real_row_terms(*args, **kwargs)
 
     monkeypatch.setattr(plans, "row_terms", record)
-    launch.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, causal, 0.0, False,
-                    deterministic=None)
+    launch_backward.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, causal,
+                             0.0, False, deterministic=None)
     (dq_zero, dq_sync), = row_terms
     assert dq_zero is None
     assert dq_sync.shape == (2, 4, -(-s_q // 64)) and dq_sync.dtype == torch.int32
@@ -388,7 +390,7 @@ def all_launches(monkeypatch):
     their poison); the Hopper route forced for CPU tensors."""
     _force_hopper_route(monkeypatch)
     calls = []
-    for module in (lean_launch, launch):  # the Hopper launches' plans launch through lean_launch's
+    for module in (lean_launch, launch, launch_backward):  # the Hopper launches' plans launch through lean_launch's
         monkeypatch.setattr(module, "launch_kernel", lambda fn, grid, *args, **kw: calls.append((fn, args, kw)))
     return calls
 
@@ -418,8 +420,8 @@ def test_launches_with_equal_argument_keys_are_specialised_alike_by_tritons_bind
         slopes = torch.rand(h) if bias is None else None
         out, lse = launch.forward(q, k, v, bias_t, slopes, kpm, None, None, None, d**-0.5, True, 0.0)
         out, lse = torch.randn_like(out), torch.randn_like(lse)
-        launch.backward(torch.randn_like(out), q, k, v, out, lse, None, bias_t, slopes, kpm, None, None, None,
-                        d**-0.5, True, 0.0, bias == "matrix", deterministic=None)
+        launch_backward.backward(torch.randn_like(out), q, k, v, out, lse, None, bias_t, slopes, kpm, None, None, None,
+                                 d**-0.5, True, 0.0, bias == "matrix", deterministic=None)
     names = {fn.__name__ for fn, _, _ in all_launches}
     assert {"_hopper_fwd_kernel", "_hopper_bwd_dkdv_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"} <= names
     specialised, binders, keys = {}, {}, []
@@ -667,7 +669,8 @@ def test_one_key_is_read_without_key_descriptors(monkeypatch, d):
     and the dQ kernel's pipelined descriptor loads of K, V and a bias row: those launches read keys with plain
     loads, and two keys still take the descriptors (the interpreter's descriptors stand in for Hopper's)."""
     calls = []
-    monkeypatch.setattr(launch, "launch_kernel", lambda fn, grid, *args, **kw: calls.append((fn.__name__, kw)))
+    for module in (launch, launch_backward):
+        monkeypatch.setattr(module, "launch_kernel", lambda fn, grid, *args, **kw: calls.append((fn.__name__, kw)))
     monkeypatch.setattr(hopper, "unsupported", lambda *args, **kwargs: "the general kernels under test")
     flags = {}
     for s_k in (1, 2):
@@ -676,8 +679,8 @@ def test_one_key_is_read_without_key_descriptors(monkeypatch, d):
         bias = torch.randn(1, 2, 1, s_k, dtype=torch.float16)
         out, lse = launch.forward(q, k, v, bias, None, None, None, None, None, d**-0.5, False, 0.0)
         out, lse = torch.randn_like(out), torch.randn(lse.shape)
-        launch.backward(torch.randn_like(out), q, k, v, out, lse, None, bias, None, None, None, None, None,
-                        d**-0.5, False, 0.0, False, deterministic=True)
+        launch_backward.backward(torch.randn_like(out), q, k, v, out, lse, None, bias, None, None, None, None, None,
+                                 d**-0.5, False, 0.0, False, deterministic=True)
         kw = dict(calls)
         flags[s_k] = (kw["_attn_fwd_kernel"]["KV_DESC"], kw["_attn_fwd_kernel"]["ROW_DESC"],
                       kw["_attn_bwd_dq_kernel"]["DESC"], kw["_attn_bwd_dq_kernel"]["ROW_DESC"])

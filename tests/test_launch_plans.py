@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mpt_attention.impl.triton import hopper, launch, lean_launch, plans  # noqa: E402
+from mpt_attention.impl.triton import hopper, launch, launch_backward, lean_launch, plans  # noqa: E402
 
 pytestmark = pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
 
@@ -32,7 +32,7 @@ def recorded(monkeypatch):
     monkeypatch.setattr(hopper, "unsupported", unsupported)
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: 8)
     calls = _Launches()
-    for module in (lean_launch, launch):
+    for module in (lean_launch, launch, launch_backward):
         monkeypatch.setattr(module, "launch_kernel",
                             lambda fn, grid, *args, **kw: calls.append((fn.__name__, tuple(grid), args, kw)))
     calls.checks = checks
@@ -98,9 +98,9 @@ def _step(case: dict, t: dict):
     fwd = launch.forward(t["q"], t["k"], t["v"], t["bias"], t["slopes"], None, None, None, None, scale, causal, 0.0,
                          **packed)
     bias_grad = t["bias"] is not None and t["bias"].requires_grad
-    bwd = launch.backward(t["dout"], t["q"], t["k"], t["v"], t["out"], t["lse"], t["dlse"], t["bias"], t["slopes"],
-                          None, None, None, None, scale, causal, 0.0, bias_grad,
-                          deterministic=case.get("deterministic"), **packed)
+    bwd = launch_backward.backward(t["dout"], t["q"], t["k"], t["v"], t["out"], t["lse"], t["dlse"], t["bias"],
+                                   t["slopes"], None, None, None, None, scale, causal, 0.0, bias_grad,
+                                   deterministic=case.get("deterministic"), **packed)
     return (*fwd, *bwd)
 
 

@@ -206,7 +206,7 @@ def test_triton_grids_keep_batch_and_heads_on_separate_axes(monkeypatch):
     """CUDA takes at most 65535 programs on a grid's second and third axes: every general kernel's grid is
     (blocks, heads, batch), never (blocks, batch * heads), so B * H past 65535 launches (the GPU test
     launches it; here the grids are only recorded, on 300 x 256 rows)."""
-    from mpt_attention.impl.triton import launch, plans
+    from mpt_attention.impl.triton import launch, launch_backward, plans
 
     grids = []
 
@@ -220,15 +220,18 @@ def test_triton_grids_keep_batch_and_heads_on_separate_axes(monkeypatch):
 
     names = ["_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
              "log2_bias_rows_kernel", "_dropout_mask_kernel"]
-    for name in names:  # the delta kernel is launched from plans.py (both backward routes)
-        monkeypatch.setattr(plans if name == "_attn_bwd_delta_kernel" else launch, name, Recorded(name))
+    # the delta kernel is launched from plans.py (both backward routes), the others by the two launch modules
+    owners = {"_attn_bwd_delta_kernel": plans, "_attn_bwd_dkdv_kernel": launch_backward,
+              "_attn_bwd_dq_kernel": launch_backward}
+    for name in names:
+        monkeypatch.setattr(owners.get(name, launch), name, Recorded(name))
     batch, n_heads, seq, dim = 300, 256, 3, 8
     q = torch.randn(batch, seq, n_heads, dim)
     kv = torch.randn(batch, seq, 2, dim)
     row = torch.randn(batch, n_heads, 1, seq)
     seed = torch.zeros(1, dtype=torch.int64)
     out, lse = launch.forward(q, kv, kv, row, None, None, None, None, seed, 1.0, True, 0.1)
-    launch.backward(out, q, kv, kv, out, lse, None, row, None, None, None, None, seed, 1.0, True, 0.1, False)
+    launch_backward.backward(out, q, kv, kv, out, lse, None, row, None, None, None, None, seed, 1.0, True, 0.1, False)
     launch.dropout_keep_mask(batch, n_heads, seq, seq, seed, 0.1, q.device)
     assert sorted({name for name, _ in grids}) == sorted(names)
     for name, grid in grids:
@@ -242,6 +245,7 @@ def test_triton_launchers_run_on_their_tensors_device(name):
     """Triton launches on torch's current device whatever device the tensors are on; a model split over
     GPUs calls layers on cuda:1 with cuda:0 current. Every launcher that takes tensors sets their device
     (``launch._on_its_device``): checked here by its wrapper, run on two GPUs in tests/test_gpu.py."""
-    from mpt_attention.impl.triton import launch
+    from mpt_attention.impl.triton import launch, launch_backward
 
-    assert getattr(getattr(launch, name), "__wrapped__", None) is not None, f"launch.{name} is not _on_its_device"
+    owner = launch_backward if name == "backward" else launch
+    assert getattr(getattr(owner, name), "__wrapped__", None) is not None, f"{owner.__name__}.{name} is not wrapped"

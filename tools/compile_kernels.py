@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mpt_attention.impl.triton import launch
+from mpt_attention.impl.triton import launch, launch_backward
 from mpt_attention.impl.triton.reach import REACH_ROW
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
@@ -424,8 +424,8 @@ def main() -> int:
         row_desc = flags["BIAS"] == 1 and not flags["VARLEN"]  # a bias row through a descriptor (launch.py)
         jobs = [("fwd", _attn_fwd_kernel, launch._fwd_config(head_dim, full_bias=flags["BIAS"] == 2),
                  dict(KV_DESC=desc, ROW_DESC=row_desc))]
-        kv_cfg, q_cfg = launch._bwd_config(head_dim)
-        atomic_cfg = launch._bwd_config(head_dim, atomic_dq=True)[0]
+        kv_cfg, q_cfg = launch_backward._bwd_config(head_dim)
+        atomic_cfg = launch_backward._bwd_config(head_dim, atomic_dq=True)[0]
         bias_grad = {1: 1, 2: 2}.get(flags["BIAS"], 0)
         ds_desc = bias_grad == 2  # dS stored through a descriptor (rows of 16-byte multiples)
         jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=bias_grad, DESC=desc,
@@ -470,14 +470,14 @@ def main() -> int:
     # float32, which only the general kernels take: causal ALiBi measured from each row's diagonal
     # (launch._kernel_alibi), dots in IEEE float32, the tiles' loads through descriptors as launch.py gives them
     fp32_flags = dict(flag_sets[0], ALIBI=3, DOT_PRECISION="ieee", BLOCK_D=64)
-    kv_cfg, q_cfg = launch._bwd_config(64)
+    kv_cfg, q_cfg = launch_backward._bwd_config(64)
     extra += [("fwd-fp32", _attn_fwd_kernel, dict(fp32_flags, KV_DESC=True, ROW_DESC=False, **launch._fwd_config(64)),
                None, "fp32"),
               ("dkdv-fp32", _attn_bwd_dkdv_kernel, dict(fp32_flags, BIAS_GRAD=0, DESC=True, ATOMIC_DQ=0, DS_DESC=False,
                                                         **kv_cfg), None, "fp32"),
               ("dkdv-atomic-dq-fp32", _attn_bwd_dkdv_kernel, dict(fp32_flags, BIAS_GRAD=0, DESC=True, ATOMIC_DQ=2,
                                                                   DS_DESC=False,
-                                                                  **launch._bwd_config(64, atomic_dq=True)[0]),
+                                                                  **launch_backward._bwd_config(64, atomic_dq=True)[0]),
                None, "fp32"),
               ("dq-fp32", _attn_bwd_dq_kernel, dict(fp32_flags, BIAS_GRAD=0, DESC=True, ROW_DESC=False, **q_cfg), None,
                "fp32")]

@@ -56,12 +56,13 @@ def _capture(args, out_path: str) -> None:
     import torch
 
     import mpt_attention as M
-    from mpt_attention.impl.triton import hopper, hopper_views, launch, lean_launch
+    from mpt_attention.impl.triton import hopper, hopper_views, launch, launch_backward, lean_launch
 
     # the choices a Hopper GPU makes: its block configs (not the interpreter's small ones) and copy-engine
     # descriptors wherever the tensors' alignment allows them
-    launch._INTERPRET = False
-    launch._descriptors_ok = lambda *tensors: all(hopper_views.tma_aligned(t) for t in tensors)
+    for module in (launch, launch_backward):
+        module._INTERPRET = False
+        module._descriptors_ok = lambda *tensors: all(hopper_views.tma_aligned(t) for t in tensors)
     real = hopper.unsupported
     hopper.unsupported = lambda *a, **kw: None if (r := real(*a, **kw)) == "not an sm_90 GPU" else r
     hopper.sm_count = lambda device_index: 132
@@ -76,13 +77,13 @@ def _capture(args, out_path: str) -> None:
         seen.setdefault((name, summary, tuple(sorted(kw.items()))), dict(case))
         return None
 
-    launch.launch_kernel = lean_launch.launch_kernel = record
+    launch.launch_kernel = launch_backward.launch_kernel = lean_launch.launch_kernel = record
 
     class NoStream:  # the backward's side stream, for CPU tensors
         def wait_stream(self, other):
             pass
 
-    launch._side_stream = torch.cuda.current_stream = lambda device=None: NoStream()
+    launch_backward._side_stream = torch.cuda.current_stream = lambda device=None: NoStream()
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     for c in _grid(args):

@@ -28,6 +28,12 @@ def _launch():
     return launch
 
 
+def _launch_bwd():
+    from mpt_attention.impl.triton import launch_backward
+
+    return launch_backward
+
+
 @torch.library.custom_op("mpt_attention::triton_fwd", mutates_args=())
 def _triton_fwd(
     q: Tensor, k: Tensor, v: Tensor,
@@ -61,7 +67,7 @@ def _triton_bwd(
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
     deterministic: bool | None, seqused_q: Tensor | None, seqused_k: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dbias = _launch().backward(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask,
+    dq, dk, dv, dbias = _launch_bwd().backward(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask,
                                            sequence_id, prefix_mask, seed, softmax_scale, causal, dropout_p,
                                            bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            deterministic, seqused_q, seqused_k)
@@ -72,9 +78,9 @@ def _triton_bwd(
 def _(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask, sequence_id, prefix_mask, seed,
       softmax_scale, causal, dropout_p, bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       deterministic, seqused_q, seqused_k):
-    # the layout launch.backward allocates them in: the inputs' own, once D is innermost
+    # the layout launch_backward.backward allocates them in: the inputs' own, once D is innermost
     grads = [torch.empty_like(_launch().head_contiguous(t)) for t in (q, k, v)]
-    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)  # contiguous, as launch.backward's
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)  # contiguous, as launch_backward.backward's
     return (*grads, dbias)
 
 
@@ -109,7 +115,7 @@ torch.library.register_autograd("mpt_attention::triton_fwd", _backward_with(_tri
 
 
 def _launch_backward(*args, bias_rows=None, reach_norms=None):
-    return _launch().backward(*args, bias_rows=bias_rows, reach_norms=reach_norms)
+    return _launch_bwd().backward(*args, bias_rows=bias_rows, reach_norms=reach_norms)
 
 
 class _EagerTritonAttention(torch.autograd.Function):
@@ -191,7 +197,7 @@ def public_lse(lse: Tensor, dtype, slopes, causal, prefix_mask, cu_seqlens_q, se
 
 
 def backward_determinism(deterministic: bool | None) -> bool | None:
-    """The public ``deterministic`` as the backward takes it (``launch.backward``): None (the default)
+    """The public ``deterministic`` as the backward takes it (``launch_backward.backward``): None (the default)
     becomes True while ``torch.use_deterministic_algorithms`` is on, else stays None (dQ in any order
     where that is the fastest backward); True and False pass through."""
     if deterministic is None and torch.are_deterministic_algorithms_enabled():

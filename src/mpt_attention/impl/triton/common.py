@@ -17,7 +17,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 # they weigh 0. Such a row's log-sum-exp, SOFT_SCORE + log2(count), would round to SOFT_SCORE and lose
 # the count the backward needs, so the forward stores it as SOFT_LSE - count * SOFT_COUNT_UNIT (exact
 # up to 2^23 keys; natural units, never produced by a row with a key above the mask). The backward
-# reads the row's offset as SOFT_SCORE and scales its dO and delta by 1 / count (launch.backward).
+# reads the row's offset as SOFT_SCORE and scales its dO and delta by 1 / count (launch_backward.backward).
 SOFT_MASK2 = tl.constexpr(-1048576.0)  # -2^20
 SOFT_SCORE = tl.constexpr(-1.2676506002282294e30)  # -2^100
 SOFT_LSE = tl.constexpr(-1.2676506002282294e30)  # -2^100

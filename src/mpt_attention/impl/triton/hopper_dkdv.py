@@ -245,7 +245,7 @@ def backward_dkdv(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale,
     """dK, dV (written into ``dk``, ``dv``: k's shape, 16-byte aligned strides) by the Hopper kernel;
     ``row_stats`` as ``row_stats_buffer`` gives it, filled. With ``dq_acc`` (float32 zeros, or unwritten with
     ``dq_sync``; q's shape, 16-byte aligned strides) the same kernel adds dQ into it by bulk reductions, in
-    no fixed order (the backward unless reproducibility is asked for: ``launch.backward``). A bias matrix
+    no fixed order (the backward unless reproducibility is asked for: ``launch_backward.backward``). A bias matrix
     (``dq_acc`` only) is read in q's dtype; ``dbias`` (contiguous ``(B, H, S_q, S_k)`` in q's dtype, rows
     of 16-byte multiples) receives its gradient dS. Packed sequences (``cu_q``, ``cu_k``, with ``dq_acc``): q, k,
     v, dout and the gradients ``(T, H, D)``, ``row_stats`` as ``row_stats_buffer(1, H, T_q)`` gives it, the

@@ -78,7 +78,7 @@ def kept_keys_kernel(
 
 def kept_keys(k, v, kpm):
     """``(k_kept, v_kept)``: K and V (B, S_k, H_kv, D), D innermost, with the padded keys' rows zeroed, each laid
-    out as its source (``torch.empty_like``; gradients then keep the layout ``launch.backward`` gives K's and V's)."""
+    out as its source (``torch.empty_like``; gradients then keep the layout ``launch_backward`` gives K's and V's)."""
     batch, s_k, n_kv, head_dim = k.shape
     k_kept, v_kept = torch.empty_like(k), torch.empty_like(v)
     if k.numel() == 0:
@@ -94,7 +94,7 @@ def kept_keys(k, v, kpm):
 
 def as_bias_row(k, v, kpm, slopes, n_heads):
     """``(k, v, rows)``: K and V with the padded keys' rows zeroed, in the layout the kernels take them in (so their
-    gradients keep the layout ``launch.backward`` gives K's and V's), and the mask (with MPT's causal ALiBi from
+    gradients keep the layout ``launch_backward`` gives K's and V's), and the mask (with MPT's causal ALiBi from
     ``slopes``, (H,) or (B, H)) as a bias row ``(B, H|1, 1, S_k)`` in float32 log2 units: 0 (or the ALiBi term) for
     a kept key, -inf for a padded one; rows padded to 16 bytes for the copy engine, as the kernels' converted rows
     are (``launch._log2_bias_rows``)."""

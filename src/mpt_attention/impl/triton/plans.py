@@ -2,7 +2,7 @@
 
 A call's route (which kernels), grids, groups, the copy-engine descriptors' static parts and the compiled kernels
 are functions of its inputs' shapes, strides, dtypes and addresses modulo 16, its scalars and the module switches
-the route reads, never of the data. ``launch.forward`` and ``launch.backward`` key their Hopper routes by exactly
+the route reads, never of the data. ``launch.forward`` and ``launch_backward`` key their Hopper routes by exactly
 those (``signature``) and keep the plan (``keep``), so a repeated call skips the decisions and Triton's per-launch
 argument handling (``lean_launch.PlannedLaunch``). A B8 S2048 training step spent ~1 ms of host time on the H200
 machine's CPU, as long as its GPU work, before plans (benchmarks/NOTES.md sessions 33-34). ``ENABLED = False``:
@@ -107,7 +107,7 @@ def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, s
 
 class FusedBackward:
     """The backward's fused Hopper route (the dK/dV kernel forms dQ too) for one signature of its inputs: what
-    ``launch.backward`` decided, and the plans of its delta and dK/dV launches (``row_terms_plan``,
+    ``launch_backward.backward`` decided, and the plans of its delta and dK/dV launches (``row_terms_plan``,
     ``hopper_dkdv.dkdv_plan``), made by the first run. ``dbias``: the full bias gradient's shape (the kernel stores
     dS), or None; ``soft_rows``: 0 without a bias, else where dO is read scaled for soft-masked rows:
     ``SOFT_EVERY_ROW`` a copy of every row, ``SOFT_BLOCKS`` only the 64-query blocks holding one
@@ -124,7 +124,7 @@ class FusedBackward:
 
 def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q=None, cu_k=None,
               reach_norms=None, used_q=None, used_k=None):
-    """``launch.backward``'s gradients by ``plan``'s route for inputs of its signature (D innermost in q, k, v and
+    """``launch_backward``'s gradients by ``plan``'s route for inputs of its signature (D innermost in q, k, v and
     dout); ``reach_norms``, ``used_q``, ``used_k`` as ``hopper_dkdv.run_dkdv`` takes them."""
     device = q.device
     # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row, for every row or (``SOFT_BLOCKS``)
