@@ -52,6 +52,22 @@ def fresh_launch_plans():
 
 
 @pytest.fixture
+def hopper_route_on_cpu(monkeypatch):
+    """The Hopper kernels' route taken for CPU tensors (an SM count of 4): every other reason of
+    ``hopper.unsupported`` still applies. For host-side tests that record the launches instead of running them."""
+    from mpt_attention.impl.triton import hopper
+
+    real = hopper.unsupported
+
+    def unsupported(*args, **kwargs):
+        reason = real(*args, **kwargs)
+        return None if reason == "not an sm_90 GPU" else reason
+
+    monkeypatch.setattr(hopper, "unsupported", unsupported)
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+
+
+@pytest.fixture
 def dq_gemm_calls(monkeypatch):
     """One entry per call of the Triton backend's dQ GEMM on a stored dS (``launch_backward._dq_from_ds``) during
     the test; each call still runs."""

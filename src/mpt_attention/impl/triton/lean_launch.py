@@ -21,7 +21,7 @@ kernel directly. Two caches lead there:
 
 It falls back to ``fn[grid](...)`` whenever a profiler hook is active, the kernel has pre-run hooks, in the
 interpreter, or if this Triton's internals differ from the two versions it was written against (3.6, 3.7), so
-its only effect is less host time. tests/test_host_path.py checks on the CPU that equal argument keys mean equal
+its only effect is less host time. tests/test_lean_launch.py checks on the CPU that equal argument keys mean equal
 specialisations by Triton's own binder for each of our kernels.
 """
 
@@ -321,7 +321,7 @@ class _EncodedLaunch:
         # what the launcher takes between the kernel's function and its arguments (``CudaLauncher.__call__``): 3.6
         # the scratch buffers, packed metadata, launch metadata and its two hooks, then the arguments; 3.7 the packed
         # metadata, launch metadata, hooks and scratch buffers, the arguments' annotations and signature, then the
-        # arguments as one list (tests/test_host_path.py checks the installed Triton's order)
+        # arguments as one list (tests/test_lean_launch.py checks the installed Triton's order)
         coop, pdl, packed = run.launch_cooperative_grid, run.launch_pdl, kernel.packed_metadata
         if annotated:
             self.head = (coop, pdl, packed, None, None, None, None, None)
