@@ -50,7 +50,6 @@ def _fwd_config(head_dim: int, full_bias: bool = False) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-
 def _on_its_device(fn):
     """Run ``fn`` with torch's current CUDA device set to that of its first tensor argument. Triton
     launches on the current device whatever device the tensors are on, and a model split over GPUs
@@ -361,4 +360,3 @@ def dropout_keep_mask(batch, n_heads, s_q, s_k, seed, dropout_p, device) -> torc
         mask, seed, mask.stride(0), mask.stride(1), s_q, s_k, dropout_p, BLOCK_M=block, BLOCK_N=block,
     )
     return mask.view(batch, n_heads, s_q, s_k).bool()
-
