@@ -306,6 +306,37 @@ def test_bias_row_past_its_reach_matches_every_block_and_float64_reference(monke
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
+@pytest.mark.parametrize("what", ["slopes", "bias-row"])
+def test_only_a_training_step_skips_past_the_reach_at_2048_keys(what):
+    """At the shipped thresholds and 2048 keys (REACH_MIN_KEYS / 2), a training step reads the norms once and skips
+    in its forward and backward; a forward alone (no gradient needed) reads none and computes every block. Both
+    as the float64 reference's."""
+    assert hopper.REACH_MIN_KEYS // 2 <= 2048 < hopper.REACH_MIN_KEYS
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    q, k, v = (torch.randn(2, 2048, h, 64, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+               for h in (8, 8, 8))
+    slopes = M.gen_slopes(8, return_1d=True, device="cuda")
+    kw = dict(causal=True, **({"alibi_slopes": slopes} if what == "slopes" else {"attn_bias": _mpt_row(slopes, 2048)}))
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = M.attention(q, k, v, backend="triton", **kw)
+        return out, torch.autograd.grad(out, [q, k, v], dout)
+
+    def alone():
+        with torch.no_grad():
+            return M.attention(q, k, v, backend="triton", **kw)
+
+    def norm_passes(fn):
+        return sum(n for _, n, name in profile_kernels(fn) if "row_norm_max_kernel" in name)
+
+    assert norm_passes(step) == 1 and norm_passes(alone) == 0
+    out, grads = step()
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+    with torch.no_grad():
+        assert_forward_matches_reference(q, k, v, **kw)
+
+
 @pytest.mark.parametrize("what, deterministic", [("slopes", None), ("bias-row", None), ("slopes", True)],
                          ids=["slopes", "bias-row", "slopes-reproducible"])
 def test_a_training_step_reads_the_reach_norms_once(monkeypatch, what, deterministic):

@@ -515,12 +515,35 @@ def test_which_forwards_skip_key_blocks_past_alibis_reach(monkeypatch, what, app
     assert (plan.row_table is not None) == (applies == 2)
 
 
-@pytest.mark.parametrize("longest, applies", [(4096, True), (4095, False)], ids=["longest-4096", "longest-4095"])
-def test_packed_sequences_skip_past_the_reach_with_one_norm_row(monkeypatch, longest, applies):
+@pytest.mark.parametrize("s_k, training, applies", [
+    pytest.param(4096, False, True, id="forward-4096"),
+    pytest.param(4095, False, False, id="forward-4095"),
+    pytest.param(2048, True, True, id="training-2048"),
+    pytest.param(2047, True, False, id="training-2047"),
+])
+def test_a_training_step_takes_the_reach_from_half_the_keys(monkeypatch, s_k, training, applies):
+    """A training step reads the norms once for its forward and backward and skips in both, so its forward (the one
+    whose norms the backward takes) and every backward take the reach from REACH_MIN_KEYS / 2 keys; a forward alone
+    from REACH_MIN_KEYS. Set past any length, neither takes it (the benchmarks' every-block providers)."""
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    q, k, v = _qkv(s_q=128, s_k=s_k, d=64)
+    slopes = torch.rand(4)
+    assert bool(hopper.reach_applies(None, slopes, True, 1, 2, s_k, training)) == applies
+    plan = hopper.forward_plan(q, k, v, None, slopes, 0.125, True, 1, training=training)
+    assert bool(plan.launch.kwargs["REACH"]) == applies and (plan.norms is not None) == applies
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)
+    assert not hopper.reach_applies(None, slopes, True, 1, 2, s_k, training=True)
+
+
+@pytest.mark.parametrize("longest, applies, bwd_applies",
+                         [(4096, True, True), (4095, False, True), (2047, False, False)],
+                         ids=["longest-4096", "longest-4095", "longest-2047"])
+def test_packed_sequences_skip_past_the_reach_with_one_norm_row(monkeypatch, longest, applies, bwd_applies):
     """Packed sequences (attention_varlen) on the Hopper forward take causal ALiBi's reach from REACH_MIN_KEYS keys in
     the longest sequence, with one row of norm maxima per head over every token (q's H words, then k's H_kv): a
     NaN key of the last sequence gives its head +inf. The program slots hold REACH_WORD past the packed coordinates;
-    the backward's dK/dV kernel takes the reach with the same norm row."""
+    the backward's dK/dV kernel takes the reach with the same norm row (from half as many keys: a training
+    step's, ``hopper.reach_applies``)."""
     from mpt_attention.impl.triton import hopper_tiles
 
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
@@ -539,8 +562,8 @@ def test_packed_sequences_skip_past_the_reach_with_one_norm_row(monkeypatch, lon
     row_stats = hopper_dkdv.row_stats_buffer(1, 4, q.shape[0], q.device)
     bwd = hopper_dkdv.dkdv_plan(q, k, k, q, row_stats, k, k, None, slopes, 0.125, True, 1, torch.empty_like(q), None,
                                 cu, longest, False, None, longest)
-    assert bwd.launch.kwargs["VARLEN"] and bwd.launch.kwargs["REACH"] == applies
-    assert (bwd.norms is not None) == applies and (not applies or bwd.norms[:2] == (4 + 2, 4 + 2))
+    assert bwd.launch.kwargs["VARLEN"] and bwd.launch.kwargs["REACH"] == bwd_applies
+    assert (bwd.norms is not None) == bwd_applies and (not bwd_applies or bwd.norms[:2] == (4 + 2, 4 + 2))
     if not applies:
         assert plan.norms is None
         return

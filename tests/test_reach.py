@@ -255,7 +255,7 @@ def test_general_kernels_skip_only_blocks_past_the_reach(monkeypatch):
     q, k, v, slopes = _general_case()
     kw = dict(backend="triton", causal=True, alibi_slopes=slopes)
     monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 16)
-    assert launch._general_reach(None, slopes, None, None, None, True, False, 1, 256)
+    assert launch._general_reach(None, slopes, None, None, None, True, False, 1, 256, False)
     v_nan = v.clone()
     v_nan[:, :64] = float("nan")
     out = M.attention(q, k, v_nan, **kw)
@@ -291,6 +291,30 @@ def test_general_kernels_skip_only_blocks_past_the_reach(monkeypatch):
 
 
 
+def test_a_training_step_skips_past_the_reach_from_half_the_keys(monkeypatch):
+    """Between REACH_MIN_KEYS / 2 and REACH_MIN_KEYS keys only a training step skips past the reach: its forward
+    (q, k or v needing a gradient) reads the norms and hands them to its backward (one norm pass per step), while a
+    forward alone computes every block. NaN in V's first 64 keys shows which: every row that sees them is NaN without
+    the skip, the steep head's late rows stay finite with it."""
+    import mpt_attention as M
+
+    q, k, v, slopes = _general_case()  # 256 keys
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 400)
+    passes, real = [], launch.norm_launch
+    monkeypatch.setattr(launch, "norm_launch", lambda *args: passes.append(1) or real(*args))
+    v_nan = v.clone()
+    v_nan[:, :64] = float("nan")
+    kw = dict(backend="triton", causal=True, alibi_slopes=slopes)
+    with torch.no_grad():
+        alone = M.attention(q, k, v_nan, **kw)
+    assert alone[0, 64:, 0].isnan().all() and passes == []
+    xs = [x.clone().requires_grad_() for x in (q, k, v_nan)]
+    out = M.attention(*xs, **kw)
+    assert out[0, 192:, 0].isfinite().all() and out[0, :64, 0].isnan().all() and len(passes) == 1
+    dq = torch.autograd.grad(out, xs[0], torch.randn(q.shape))[0]
+    assert dq[0, 192:, 0].isfinite().all() and len(passes) == 1  # the backward took the forward's norms
+
+
 def test_general_kernels_skip_past_the_reach_in_packed_sequences(monkeypatch):
     """``attention_varlen`` on the general kernels skips key blocks past causal ALiBi's reach in each sequence, the
     bound from each head's norm maxima over every token (``reach.norm_row``): NaN in every sequence's first 64
@@ -306,7 +330,7 @@ def test_general_kernels_skip_past_the_reach_in_packed_sequences(monkeypatch):
     slopes = torch.tensor([2.0, 2.0 ** -8])
     kw = dict(backend="triton", causal=True, alibi_slopes=slopes)
     monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 16)
-    assert launch._general_reach(None, slopes, None, None, None, True, True, 3, max(lens_k))
+    assert launch._general_reach(None, slopes, None, None, None, True, True, 3, max(lens_k), False)
     first_keys = torch.cat([torch.arange(int(c), int(c) + 64) for c in cu_k[:-1]])
     last_rows = torch.cat([torch.arange(int(c) - 32, int(c)) for c in cu_q[1:]])
     v_nan = v.clone()

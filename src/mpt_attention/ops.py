@@ -103,7 +103,7 @@ def _backward_with(bwd, eager=False):
         softmax_scale, causal, dropout_p = ctx.args
         if dout is None:  # only the log-sum-exp was used
             dout = torch.zeros_like(out)
-        extra = {"bias_rows": ctx.bias_rows, "reach_norms": ctx.reach_norms.get("norms")} if eager else {}
+        extra = {"bias_rows": ctx.bias_rows, "reach_norms": (ctx.reach_norms or {}).get("norms")} if eager else {}
         dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
                                 softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens,
                                 ctx.deterministic, used_q, used_k, **extra)
@@ -130,8 +130,9 @@ class _EagerTritonAttention(torch.autograd.Function):
         # own saved-tensor check first
         ctx.bias_rows = None if inputs[3] is None else launch.log2_bias_row(inputs[3])
         # the heads' norm maxima, where the forward reads them for causal ALiBi's reach, for the backward's reach
-        # (q and k are saved for backward: a change to them in between fails their saved-tensor check)
-        ctx.reach_norms = {}
+        # (q and k are saved for backward: a change to them in between fails their saved-tensor check); only where
+        # a backward may follow, which lets the forward take the reach from a training step's length
+        ctx.reach_norms = {} if any(ctx.needs_input_grad) else None
         output = launch.forward(*inputs[:18], bias_rows=ctx.bias_rows,  # ``deterministic`` is the backward's
                                 reach_norms=ctx.reach_norms)
         ctx.set_materialize_grads(False)  # None for an unused output, as the op's backward expects

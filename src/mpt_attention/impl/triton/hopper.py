@@ -65,7 +65,10 @@ BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # 64 query rows per consumer, two per t
 # causal ALiBi forwards over at least this many keys skip the key blocks past every query's reach (``reach.py``).
 # Shorter ones would spend about what the skipped blocks save on reading q's and k's norms: at S 2048 the kernel
 # took 12% less but the norms cost as much (0.98-0.99x), at 4096 1.16-1.30x (H200, benchmarks/NOTES.md session 39).
-# Benchmarks set it past any length to time the kernel on every visible block
+# A training step reads the norms once for its forward and backward, and skips in both: it takes the reach from half
+# as many keys (``reach_applies``' ``training``; session 64: at S 2048 forward+backward 1.06-1.13x with q, k ~ N(0, 1),
+# 1.01-1.10x at twice those norms; at 1024 0.78-1.05x). Benchmarks set it past any length to time the kernels on
+# every visible block
 REACH_MIN_KEYS = 4096
 # Packed sequences without unused rows on the kernels that clear rows past each sequence's end (``PACKED_USED``, as
 # ``seqused`` calls take): a sequence's last blocks then read its neighbour's rows as zeros, so a NaN in one sequence
@@ -300,13 +303,14 @@ class ForwardPlan(NamedTuple):
     clear: tuple | None = None  # ``clear_unused_rows_launch`` of the output (packed sequences with unused rows)
 
 
-def reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k) -> int:
+def reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k, training: bool = False) -> int:
     """Whether the Hopper kernels skip key blocks past causal ALiBi's reach (``reach.py``), and from what: 0 (no),
     ``REACH_SLOPES`` (MPT's causal ALiBi from slopes alone) or ``REACH_ROW`` (a bias row over the keys without
     slopes, e.g. MPT's (1, H, 1, S_k) ALiBi tensor; a bias matrix could raise any key of any row). Causal inputs, at
-    least ``REACH_MIN_KEYS`` keys (packed sequences: in the longest), and ``norm_rows`` rows of norm maxima that the
+    least ``REACH_MIN_KEYS`` keys (packed sequences: in the longest; half as many in a ``training`` step: the
+    backward, and a forward whose norms the backward takes), and ``norm_rows`` rows of norm maxima that the
     norms' grid takes (its third axis): the batch, or 1 for packed sequences (``reach.norm_row``)."""
-    if not causal or s_k < REACH_MIN_KEYS or norm_rows > 65535:
+    if not causal or s_k < (REACH_MIN_KEYS // 2 if training else REACH_MIN_KEYS) or norm_rows > 65535:
         return 0
     if alibi_mode == 1 and slopes is not None and bias is None:
         return REACH_SLOPES
@@ -316,11 +320,11 @@ def reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k) -> int:
 
 
 def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, max_q=0, max_k=0,
-                 seqused: bool = False) -> ForwardPlan:
+                 seqused: bool = False, training: bool = False) -> ForwardPlan:
     """The Hopper forward's launch for inputs as ``forward`` takes them: a function of their signature alone
     (shapes, strides, dtypes, 16-byte alignment, the scalars; for packed sequences ``cu_q``'s size, the longest
-    lengths and whether some rows are unused, ``seqused``), not of their data or addresses, so ``launch.forward``
-    keeps one per signature."""
+    lengths and whether some rows are unused, ``seqused``; ``training``: the backward takes this forward's norm
+    maxima, ``reach_applies``), not of their data or addresses, so ``launch.forward`` keeps one per signature."""
     varlen = cu_q is not None
     bias_full = bias is not None and bias.shape[2] != 1
     raw = raw_scores(softmax_scale, bias, alibi_mode)
@@ -370,7 +374,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
                batch * n_heads, s_q, s_k, qk_scale2, b_on, h_on, group, head_dim)
     # packed sequences: one row of norm maxima per head over every token (reach.norm_row); s_k the longest sequence.
     # (not with unused rows, which may hold anything)
-    reach = 0 if seqused else reach_applies(bias, slopes, causal, alibi_mode, 1 if varlen else batch, s_k)
+    reach = 0 if seqused else reach_applies(bias, slopes, causal, alibi_mode, 1 if varlen else batch, s_k, training)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
         BIAS_ROW=bias_row, TAIL=forward_tail(head_dim), QK_COLS=qk_cols(head_dim), BIAS_FULL=bias_full,
@@ -442,7 +446,8 @@ def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None,
     Packed sequences (``cu_q``, ``cu_k``: int32 cumulative lengths, the longest ``max_q``/``max_k``): q, k, v
     ``(T, H, D)``, ``lse`` ``(H, T_q)``; ``used_q``/``used_k`` (int32 ``(B,)``, FA3's ``seqused``, or None): only
     each sequence's first ``used[b]`` rows take part, the rest are never read (output 0, log-sum-exp -inf), and
-    ``max_q``/``max_k`` bound the used lengths. The plan is built for this call (``launch.forward`` keeps them)."""
+    ``max_q``/``max_k`` bound the used lengths. ``reach_norms``: as ``run_forward`` takes it (given, the call is a
+    training step's: ``reach_applies``). The plan is built for this call (``launch.forward`` keeps them)."""
     plan = forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q, max_q, max_k,
-                        used_q is not None or used_k is not None)
+                        used_q is not None or used_k is not None, reach_norms is not None)
     return run_forward(plan, q, k, v, bias, slopes, cu_q, cu_k, reach_norms, used_q, used_k)

@@ -180,7 +180,7 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         # (packed sequences: one row of norm maxima, batch 1, and the longest sequence's keys; none with unused rows)
         FIRST_WRITE=first_write,
         REACH=0 if first_write or seqused else reach_applies(bias, slopes, causal, alibi_mode, batch,
-                                                             max_k if varlen else s_k),
+                                                             max_k if varlen else s_k, training=True),
         SOFT_BLOCKS=dout_scaled is not None, KV_IN_STEP=KV_IN_STEP, num_warps=4))
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
     norms = row_table = None

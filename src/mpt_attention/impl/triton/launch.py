@@ -235,15 +235,17 @@ def _packed_key(cu_q, max_q, max_k, used_q, used_k) -> tuple | None:
     return cu_q.numel(), max_q, max_k, used_q is not None, used_k is not None, hopper.PACKED_CLEARS
 
 
-def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal, cu_q=None, max_q=0, max_k=0, seqused=False):
+def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal, cu_q=None, max_q=0, max_k=0, seqused=False,
+                  training=False):
     """The Hopper forward's plan for inputs without masks or dropout (dense, or packed sequences as ``_packed_key``
-    describes them), or None where they take another route (``forward`` then decides as for any input)."""
+    describes them), or None where they take another route (``forward`` then decides as for any input).
+    ``training``: as ``hopper.forward_plan`` takes it."""
     varlen = cu_q is not None
     if hopper.unsupported(q, k, v, bias, None, None, None, 0.0, causal, varlen,
                           max_q=max_q if varlen else q.shape[1]) is not None:
         return None
     return hopper.forward_plan(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, None),
-                               cu_q, max_q, max_k, seqused)
+                               cu_q, max_q, max_k, seqused, training)
 
 
 @_on_its_device
@@ -255,21 +257,23 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     output is 0 and their log-sum-exp -inf). ``lse`` is the kernels' own, which ``backward`` takes: for float32
     causal ALiBi measured from each row's diagonal (``_kernel_alibi``); ``ops.public_lse`` turns it into MPT's.
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already. ``reach_norms``: a dict that receives
-    the heads' norm maxima where the Hopper forward reads them for causal ALiBi's reach (``hopper.run_forward``),
-    for ``backward`` of the same q and k."""
+    the heads' norm maxima where the forward reads them for causal ALiBi's reach (``hopper.run_forward``), for
+    ``backward`` of the same q and k; given, the call is a training step's, which takes the reach from fewer keys
+    (``hopper.reach_applies``' ``training``)."""
     if key_padding.takes_hopper(q, k, v, bias, slopes, kpm, seqid, prefix, dropout_p, causal, cu_q):
         k, v, rows = key_padding.as_bias_row(k, v, kpm, slopes, q.shape[2])
         return forward(q, k, v, rows, None, None, None, None, seed, softmax_scale, causal, dropout_p, bias_rows=rows,
                        reach_norms=reach_norms)
     bias = _kernel_bias(bias, bias_rows)
+    training = reach_norms is not None
     if plans.ENABLED and kpm is None and seqid is None and prefix is None and not dropout_p:
         sig, packed = plans.signature, _packed_key(cu_q, max_q, max_k, used_q, used_k)
         key = ("forward", q.get_device(), sig(q), sig(k), sig(v), sig(bias), sig(slopes), softmax_scale, causal,
-               hopper.ENABLED, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, packed)
+               hopper.ENABLED, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, training, packed)
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is plans.MISSING:
             plan = plans.keep(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal, cu_q, max_q, max_k,
-                                                 packed is not None and (packed[3] or packed[4])))
+                                                 packed is not None and (packed[3] or packed[4]), training))
         if plan is not None:
             return hopper.run_forward(plan, q, k, v, bias, slopes, _dense(cu_q), _dense(cu_k), reach_norms, used_q,
                                       used_k)
@@ -301,7 +305,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     if kv_desc or row_desc:
         _ensure_allocator()
     # (the reach's norm maxima span every row: not with unused ones, which may hold anything)
-    reach = not partial and _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
+    reach = not partial and _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k, training)
     norms = _reach_norms(q, k, None) if reach else q
     if reach and reach_norms is not None:
         reach_norms["norms"] = norms
@@ -327,15 +331,16 @@ def _clear_unused(x, cu, used) -> None:
         hopper.clear_unused_rows(x, cu, sequence_ends(cu, used))
 
 
-def _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k) -> bool:
+def _general_reach(bias, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k, training) -> bool:
     """Whether the general kernels skip key blocks past causal ALiBi's reach (their ``REACH``; reach.py): causal
     ALiBi from slopes without a bias or mask, as the Hopper kernels' ``REACH_SLOPES``; packed sequences too (``s_k``
-    their longest), whose norm maxima are one row over every token (``_reach_norms``)."""
+    their longest), whose norm maxima are one row over every token (``_reach_norms``). ``training``: as
+    ``hopper.reach_applies`` takes it."""
     if kpm is not None or seqid is not None or prefix is not None:
         return False
     alibi_mode = _alibi_mode(slopes, causal, prefix)
     norm_rows = 1 if varlen else batch
-    return hopper.reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k) == REACH_SLOPES
+    return hopper.reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k, training) == REACH_SLOPES
 
 
 def _reach_norms(q, k, kept):

@@ -147,7 +147,7 @@ def _fused_backward_plan(q, k, v, dout, bias, bias_in, slopes, kpm, seqid, prefi
                           max_q=s_q) is not None:
         return None
     alibi_mode = _alibi_mode(slopes, causal, prefix)
-    fused_reach = hopper.reach_applies(bias_in, slopes, causal, alibi_mode, 1 if geo.varlen else batch, s_k)
+    fused_reach = hopper.reach_applies(bias_in, slopes, causal, alibi_mode, 1 if geo.varlen else batch, s_k, True)
     first_write = hopper_dkdv.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, geo.varlen,
                                              fused_reach)
     soft_rows = 0  # a bias can soft-mask whole rows: dO scaled for them, every row or the blocks holding one
@@ -248,7 +248,7 @@ def _launch_general(route, q, k, v, lse, bias_in, slopes, kpm, seqid, prefix, se
     if dkdv_desc or dq_desc or route.ds_desc:
         _ensure_allocator()
     partial = used_q is not None or used_k is not None  # some packed rows unused (``seqused``)
-    reach = not partial and _general_reach(bias_in, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k)
+    reach = not partial and _general_reach(bias_in, slopes, kpm, seqid, prefix, causal, varlen, batch, s_k, True)
     norms = _reach_norms(q, k, reach_norms) if reach else q
     kv_spans = q_spans = q
     if seqid is not None:  # one pass over the ids serves both kernels
