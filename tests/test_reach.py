@@ -293,8 +293,8 @@ def test_general_kernels_skip_only_blocks_past_the_reach(monkeypatch):
 
 def test_a_training_step_skips_past_the_reach_from_half_the_keys(monkeypatch):
     """Between REACH_MIN_KEYS / 2 and REACH_MIN_KEYS keys only a training step skips past the reach: its forward
-    (q, k or v needing a gradient) reads the norms and hands them to its backward (one norm pass per step), while a
-    forward alone computes every block. NaN in V's first 64 keys shows which: every row that sees them is NaN without
+    (grad mode on, an input needing a gradient) reads the norms and hands them to its backward (one norm pass per
+    step), while a forward alone (no input needing one, or under ``no_grad``) computes every block. NaN in V's first 64 keys shows which: every row that sees them is NaN without
     the skip, the steep head's late rows stay finite with it."""
     import mpt_attention as M
 
@@ -305,10 +305,9 @@ def test_a_training_step_skips_past_the_reach_from_half_the_keys(monkeypatch):
     v_nan = v.clone()
     v_nan[:, :64] = float("nan")
     kw = dict(backend="triton", causal=True, alibi_slopes=slopes)
-    with torch.no_grad():
-        alone = M.attention(q, k, v_nan, **kw)
-    assert alone[0, 64:, 0].isnan().all() and passes == []
     xs = [x.clone().requires_grad_() for x in (q, k, v_nan)]
+    for alone in (M.attention(q, k, v_nan, **kw), torch.no_grad()(M.attention)(*xs, **kw)):
+        assert alone[0, 64:, 0].isnan().all() and passes == []
     out = M.attention(*xs, **kw)
     assert out[0, 192:, 0].isfinite().all() and out[0, :64, 0].isnan().all() and len(passes) == 1
     dq = torch.autograd.grad(out, xs[0], torch.randn(q.shape))[0]

@@ -4,8 +4,9 @@ The ops are opaque to the compiler and carry fake kernels, so ``torch.compile(fu
 traces through them (forward and backward) without running or even importing Triton. Triton is
 imported on first real call only, which keeps ``import mpt_attention`` free of it.
 
-Eager calls skip the dispatcher: an ``autograd.Function`` runs the same launches. The custom-op path
-(argument defaulting and alias checks per call, a second op for the backward) cost 0.2-0.4 ms of host
+Eager calls skip the dispatcher: an ``autograd.Function`` runs the same launches, and a call with nothing to
+differentiate (grad mode off, or no input that needs a gradient) runs the forward's launches alone. The custom-op
+path (argument defaulting and alias checks per call, a second op for the backward) cost 0.2-0.4 ms of host
 time per training step on the H200 machine's CPU, which a 0.3 ms kernel cannot hide
 (``benchmarks/host_overhead.py``, benchmarks/NOTES.md).
 """
@@ -103,7 +104,7 @@ def _backward_with(bwd, eager=False):
         softmax_scale, causal, dropout_p = ctx.args
         if dout is None:  # only the log-sum-exp was used
             dout = torch.zeros_like(out)
-        extra = {"bias_rows": ctx.bias_rows, "reach_norms": (ctx.reach_norms or {}).get("norms")} if eager else {}
+        extra = {"bias_rows": ctx.bias_rows, "reach_norms": ctx.reach_norms.get("norms")} if eager else {}
         dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
                                 softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens,
                                 ctx.deterministic, used_q, used_k, **extra)
@@ -130,9 +131,9 @@ class _EagerTritonAttention(torch.autograd.Function):
         # own saved-tensor check first
         ctx.bias_rows = None if inputs[3] is None else launch.log2_bias_row(inputs[3])
         # the heads' norm maxima, where the forward reads them for causal ALiBi's reach, for the backward's reach
-        # (q and k are saved for backward: a change to them in between fails their saved-tensor check); only where
-        # a backward may follow, which lets the forward take the reach from a training step's length
-        ctx.reach_norms = {} if any(ctx.needs_input_grad) else None
+        # (q and k are saved for backward: a change to them in between fails their saved-tensor check); given, the
+        # forward takes the reach from a training step's length (``hopper.reach_applies``)
+        ctx.reach_norms = {}
         output = launch.forward(*inputs[:18], bias_rows=ctx.bias_rows,  # ``deterministic`` is the backward's
                                 reach_norms=ctx.reach_norms)
         ctx.set_materialize_grads(False)  # None for an unused output, as the op's backward expects
@@ -156,10 +157,15 @@ def triton_attention(q, k, v, *, causal, softmax_scale, alibi_slopes, attn_bias=
         # drawn from torch's generator of q's device, so torch.manual_seed makes dropout reproducible; on
         # the device itself: no host-to-device copy per call, and a CUDA graph can capture the draw
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    op = _triton_fwd if torch.compiler.is_compiling() else _EagerTritonAttention.apply
-    out, lse = op(q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed,
-                  scale, causal, float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                  int(max_seqlen_k), seqused_q, seqused_k, deterministic)
+    args = (q, k, v, attn_bias, alibi_slopes, key_padding_mask, sequence_id, prefix_mask, seed, scale, causal,
+            float(dropout_p), cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), seqused_q, seqused_k,
+            deterministic)
+    if torch.compiler.is_compiling():
+        out, lse = _triton_fwd(*args)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+        out, lse = _EagerTritonAttention.apply(*args)
+    else:  # nothing to differentiate: no autograd node, and a forward alone's reach (``launch.forward``)
+        out, lse = _launch().forward(*args[:18])
     if not return_lse:
         return out, None
     return out, public_lse(lse, q.dtype, alibi_slopes, causal, prefix_mask, cu_seqlens_q, seqused_q)
