@@ -67,7 +67,8 @@ Queries per step (``BLOCK_M``, ``hopper_dkdv.bwd_block_m``): 64 at D64, and at t
 form dQ; otherwise 32 there, where the registers hold no more beside a dQ warpgroup or K. D 72-96 run in tiles
 of 128 whose consumer products take 64 + ``TAIL`` columns (``hopper.product_tail``): D80 forward+backward
 1.12x against all 128 (benchmarks/NOTES.md session 18).
-With causal ALiBi from slopes over at least ``hopper.REACH_MIN_KEYS`` keys (``REACH``) a key block's queries end
+With causal ALiBi from slopes over at least ``hopper.REACH_MIN_KEYS`` / 2 keys (a training step's length:
+``hopper.reach_applies``; ``REACH``) a key block's queries end
 at its heads' reach (``reach.py``, ``hopper_tiles.reach_query_end``): past it every probability, and so every
 gradient term, is 0. A causal bias row (``REACH == REACH_ROW``) ends them where ``reach.row_reach_kernel``'s table
 says, from the row's prefix maxima.

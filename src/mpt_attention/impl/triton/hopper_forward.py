@@ -34,11 +34,11 @@ blocks) tells the consumers to stop. Counting key blocks over all of a program's
 lives in stage g % 2 and its barriers' phase is (g // 2) % 2. Against one program per tile: +8% at
 B8 S2048, +9% at D64, -2% at S8192 (session 12, benchmarks/NOTES.md).
 
-Causal ALiBi from slopes over at least ``hopper.REACH_MIN_KEYS`` keys (``REACH``): a tile starts at the first key
-block within ALiBi's reach of its first query (``reach.py``: past it every probability is 0 in this kernel's
-exponential), which the loader computes from the heads' norm maxima and publishes with the tile's coordinates. A
-causal bias row (``REACH == REACH_ROW``) does the same from its prefix maxima: the loader reads the tile's first block
-from ``reach.row_reach_kernel``'s table.
+Causal ALiBi from slopes over at least ``hopper.REACH_MIN_KEYS`` keys (half as many in a training step,
+``hopper.reach_applies``; ``REACH``): a tile starts at the first key block within ALiBi's reach of its first query
+(``reach.py``: past it every probability is 0 in this kernel's exponential), which the loader computes from the
+heads' norm maxima and publishes with the tile's coordinates. A causal bias row (``REACH == REACH_ROW``) does the
+same from its prefix maxima: the loader reads the tile's first block from ``reach.row_reach_kernel``'s table.
 
 Scores (``hopper_scores``): with a positive scale and per-key terms a tensor-core product can add (none, causal
 ALiBi, or a bias row without ALiBi: ``RAW``, ``hopper.raw_scores``) the terms join Q K^T through a k=16 extension

@@ -13,10 +13,11 @@ rows zeroed (``kept_keys_kernel``: one pass that reads the kept rows and writes 
 Their gradients are those of K and V: a padded key's probability is exactly 0, so its dK and dV rows are 0, as the
 mask's gradient would make them.
 
-Over at least ``hopper.REACH_MIN_KEYS`` keys the row's reach tables (``reach.row_reach_kernel``) skip what the mask
-removes: forward tiles end after the row's last kept key's block (a right-padded batch row's padding is not read),
-and the dK/dV kernel bounds each key block by its own maximum, so a block of padded keys takes one query step. Padded
-query rows are still computed: they are rows of the output (over the kept keys).
+Over at least ``hopper.REACH_MIN_KEYS`` keys (half as many in a training step) the row's reach tables
+(``reach.row_reach_kernel``) skip what the mask removes: forward tiles end after the row's last kept key's block (a
+right-padded batch row's padding is not read), and the dK/dV kernel bounds each key block by its own maximum, so a
+block of padded keys takes one query step. Padded query rows are still computed: they are rows of the output (over
+the kept keys).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ is not a finite score above the soft mask (``common.SOFT_SCORE``) take nothing f
 
 What it saves depends on the data, never what is computed: see benchmarks/NOTES.md sessions 39-40 for N(0, 1) and
 wider inputs at MPT's slopes, and for the lengths below which reading the norms costs more than the skipped blocks
-(``hopper.REACH_MIN_KEYS``).
+(``hopper.REACH_MIN_KEYS``; a training step, which reads them once for its forward and backward, from half that:
+session 64).
 """
 
 import torch
