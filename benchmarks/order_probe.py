@@ -7,8 +7,8 @@ collector on and off.
 ``--peers`` first runs the suite's peers once (FlexAttention compiled, flash-attn-4 where ``/tmp/fa4site`` holds it,
 cuDNN), so the process holds what the suite's does. In sessions 51 and 62 the suite read ``triton-alibi`` there at
 0.89-1.09 ms in every round against 0.76-0.82 for ``triton-alibi-all-blocks``, the same kernels and host path below
-``hopper.REACH_MIN_KEYS`` (benchmarks/NOTES.md session 62). Each line: the providers in the order timed, ms each;
-``gc off``: the collector disabled meanwhile."""
+a training step's reach length (``hopper.REACH_MIN_KEYS // 2``; benchmarks/NOTES.md session 62). Each line: the
+providers in the order timed, ms each; ``gc off``: the collector disabled meanwhile."""
 
 import argparse
 import gc
