@@ -306,18 +306,24 @@ def test_bias_row_past_its_reach_matches_every_block_and_float64_reference(monke
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
+def _training_inputs(seed, batch, n_kv, head_dim, what):
+    """A causal training step's inputs at 2048 keys, 8 query heads: q, k, v (bf16, needing gradients), the call's
+    keywords (MPT's slopes, or its bias row: ``what``) and dO."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(batch, 2048, h, head_dim, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+               for h in (8, n_kv, n_kv))
+    slopes = M.gen_slopes(8, return_1d=True, device="cuda")
+    kw = dict(causal=True, **({"alibi_slopes": slopes} if what == "slopes" else {"attn_bias": _mpt_row(slopes, 2048)}))
+    return (q, k, v), kw, torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("what", ["slopes", "bias-row"])
 def test_only_a_training_step_skips_past_the_reach_at_2048_keys(what):
     """At the shipped thresholds and 2048 keys (REACH_MIN_KEYS / 2), a training step reads the norms once and skips
     in its forward and backward; a forward alone (no gradient needed) reads none and computes every block. Both
     as the float64 reference's."""
     assert hopper.REACH_MIN_KEYS // 2 <= 2048 < hopper.REACH_MIN_KEYS
-    gen = torch.Generator(device="cuda").manual_seed(17)
-    q, k, v = (torch.randn(2, 2048, h, 64, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
-               for h in (8, 8, 8))
-    slopes = M.gen_slopes(8, return_1d=True, device="cuda")
-    kw = dict(causal=True, **({"alibi_slopes": slopes} if what == "slopes" else {"attn_bias": _mpt_row(slopes, 2048)}))
-    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    (q, k, v), kw, dout = _training_inputs(17, 2, 8, 64, what)
 
     def step():
         out = M.attention(q, k, v, backend="triton", **kw)
@@ -343,12 +349,7 @@ def test_a_training_step_reads_the_reach_norms_once(monkeypatch, what, determini
     """The eager autograd path hands the forward's norm maxima to the backward: one norms pass per forward+backward
     (a bias row's table is still made per pass); the gradients as the float64 reference's."""
     monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1024)
-    gen = torch.Generator(device="cuda").manual_seed(16)
-    q, k, v = (torch.randn(1, 2048, h, 128, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
-               for h in (8, 2, 2))
-    slopes = M.gen_slopes(8, return_1d=True, device="cuda")
-    kw = dict(causal=True, **({"alibi_slopes": slopes} if what == "slopes" else {"attn_bias": _mpt_row(slopes, 2048)}))
-    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    (q, k, v), kw, dout = _training_inputs(16, 1, 2, 128, what)
 
     def step():
         out = M.attention(q, k, v, backend="triton", deterministic=deterministic, **kw)
