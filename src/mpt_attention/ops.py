@@ -69,9 +69,9 @@ def _triton_bwd(
     deterministic: bool | None, seqused_q: Tensor | None, seqused_k: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv, dbias = _launch_bwd().backward(dout, q, k, v, out, lse, dlse, bias, slopes, key_padding_mask,
-                                           sequence_id, prefix_mask, seed, softmax_scale, causal, dropout_p,
-                                           bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           deterministic, seqused_q, seqused_k)
+                                               sequence_id, prefix_mask, seed, softmax_scale, causal, dropout_p,
+                                               bias_grad, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               deterministic, seqused_q, seqused_k)
     return dq, dk, dv, (q.new_empty(0) if dbias is None else dbias)  # an op returns tensors
 
 
