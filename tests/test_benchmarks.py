@@ -48,33 +48,32 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     rows.append(dict(suite="padding", shape="x", mode="fwd", provider="triton-varlen", ms=0.5, tflops=90.0, note="n"))
     path = tmp_path / "run.json"
     meta = {"gpu": "G", "torch": "t", "triton": "tr", "commit": "c", "date": "d"}
-    path.write_text(json.dumps({"meta": meta, "rows": rows}))
-    module.main(str(path))
-    out = capsys.readouterr().out
+
+    def summarized() -> str:
+        """What summarize.py prints for ``rows`` as they stand."""
+        path.write_text(json.dumps({"meta": meta, "rows": rows}))
+        module.main(str(path))
+        return capsys.readouterr().out
+
+    out = summarized()
     # ALiBi against no bias as run (skipping past the reach) and on every visible block; the skip's gain beside them
     assert "| B1 H1/1 S8 D16 | 300 | 400 | 310 | 280 | 0.75 | - | 0.70 | - | - | 0.97 | 0.90 | - | 1.07 | - |" in out
     assert "| padding | x | fwd | triton-varlen | 0.500 | 90.0 | n |" in out
     assert "spread" not in out  # single-measurement runs (before --rounds) have none to report
     for row, spread in zip(rows, (0.02, 0.05, 0.01, 0.01)):
         row["spread"] = spread
-    path.write_text(json.dumps({"meta": meta, "rows": rows}))
-    module.main(str(path))
-    assert "widest spread (max - min) / median: 5.0% (fa4-alibi, B1 H1/1 S8 D16)" in capsys.readouterr().out
+    assert "widest spread (max - min) / median: 5.0% (fa4-alibi, B1 H1/1 S8 D16)" in summarized()
     # the noncausal suite gets its own ratio table, not a row per measurement
     rows += [dict(suite="noncausal", shape="B1 H1/1 S8 D16", mode="fwd", provider=p, ms=1.0, tflops=t, note="")
              for p, t in (("triton-alibi", 450.0), ("flex-alibi", 300.0))]
-    path.write_text(json.dumps({"meta": meta, "rows": rows}))
-    module.main(str(path))
-    out = capsys.readouterr().out
+    out = summarized()
     assert "### fwd, not causal (symmetric ALiBi)" in out
     assert "| B1 H1/1 S8 D16 | 450 | 300 | - | 1.50 | - | - | - | - | - | - | - |" in out
     assert "| noncausal |" not in out
     # ratios measured paired get columns of their own after the others, and no provider column
     rows.append(dict(suite="main", shape="B1 H1/1 S8 D16", mode="fwd", provider="triton-alibi / triton", ms=None,
                      tflops=None, spread=None, ratio=0.981, quartiles=[0.97, 0.99], note="paired"))
-    path.write_text(json.dumps({"meta": meta, "rows": rows}))
-    module.main(str(path))
-    out = capsys.readouterr().out
+    out = summarized()
     assert "| vec bias / slopes | reach skip gain | deterministic / default | ALiBi / no bias, paired |" in out
     assert "vec bias / slopes, paired" not in out  # not measured in this run
     assert "| 1.07 | - | 0.981 |" in out
@@ -82,9 +81,7 @@ def test_summarize_pivots_a_run_into_ratio_tables(tmp_path, capsys):
     # against a peer too (a host-bound cell's medians follow the host's slow windows; interleaved calls share them)
     rows.append(dict(suite="main", shape="B1 H1/1 S8 D16", mode="fwd", provider="triton-alibi / fa4-alibi", ms=None,
                      tflops=None, spread=None, ratio=1.012, quartiles=[0.99, 1.03], note="paired"))
-    path.write_text(json.dumps({"meta": meta, "rows": rows}))
-    module.main(str(path))
-    out = capsys.readouterr().out
+    out = summarized()
     assert "| ALiBi / no bias, paired | ours+ALiBi / FA4+ALiBi, paired |" in out
     assert "| 1.07 | - | 0.981 | 1.012 |" in out
 
