@@ -17,6 +17,8 @@ MPT's causal form either way).
 length: the blocks past causal ALiBi's reach, ``reach.py``, are not skipped); the default columns include them. The
 ratios: the bias row against slopes with both skipping, and with both computing every block.
 ``--norm-scale X``: q and k drawn with standard deviation X instead of 1 (larger norms: a longer reach).
+``--reach-min-keys N``: the skipping columns take the reach from N keys (``hopper.REACH_MIN_KEYS``; a training step
+from N / 2), e.g. to time a forward alone at 2048 keys with it.
 ``--grad-inputs``: the forward on q, k, v that require gradients, as ``bench_attention.py``'s suite times it (the
 op then records its autograd node and saves its tensors); its D64 cells read ~3.5% below this script's
 (benchmarks/NOTES.md session 37).
@@ -109,7 +111,10 @@ def main():
     parser.add_argument("--non-causal", action="store_true", help="no causal mask (symmetric ALiBi)")
     parser.add_argument("--grad-inputs", action="store_true", help="forward on inputs that require gradients")
     parser.add_argument("--norm-scale", type=float, default=1.0, help="standard deviation of q and k (default 1)")
+    parser.add_argument("--reach-min-keys", type=int, help="hopper.REACH_MIN_KEYS for the skipping columns")
     args = parser.parse_args()
+    if args.reach_min_keys:
+        hopper.REACH_MIN_KEYS = args.reach_min_keys
     only = args.variants.split(",") if args.variants else None
     shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] if args.shape else SHAPES
     for shape in shapes:

@@ -39,7 +39,7 @@ def test_reach_forward_gives_one_answer_over_many_calls(bias, head_dim):
 
 def _reach_keys(q, k, slopes, scale):
     """Per head, the reach of reach.py's bound in keys (the kernels round it up): past it every probability is
-    below 2^-128."""
+    below 2^-VANISH2 of the row's largest."""
     q_max = q.float().norm(dim=-1).amax(dim=1)[0]  # (H,)
     k_max = k.float().norm(dim=-1).amax(dim=1)[0].repeat_interleave(q.shape[2] // k.shape[2])
     c, a = scale * hopper.LOG2E, slopes.float() * hopper.LOG2E

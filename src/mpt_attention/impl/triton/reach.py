@@ -1,5 +1,6 @@
-"""How far back causal ALiBi can see: past its reach every probability is below 2^-128, which the kernels'
-exponential returns as 0, so they may leave those keys out and compute the same function.
+"""How far back causal ALiBi can see: past its reach every probability is below 2^-48 of the row's largest, so the
+keys there hold together less than 2^-24 of the row's weight (float32's unit roundoff) for any S_k up to 2^24, and the
+kernels leave them out.
 
 With ``c = softmax_scale * log2(e)`` and ``a = slope * log2(e)`` (both log2 units), query i at position
 ``p = i + S_k - S_q`` gives key ``j <= p`` the score ``x_j = c * q.k_j - a * (p - j)`` (MPT's causal ALiBi, shifted
@@ -8,12 +9,16 @@ by Cauchy-Schwarz, with ``|q|`` and ``|k|`` at most ``Q`` and ``K`` over the hea
 
     x_j - m  <=  2 |c| Q K - a (p - j)
 
-Every key at least ``reach = (VANISH2 + 2 |c| Q K) / a`` behind the query's position has ``x_j - m <= -128``. The
-Hopper kernels' exponential (``ex2.approx.ftz.f32``) flushes results below 2^-126 to zero, so such a key's
-probability is exactly 0 whether it is computed or not, and so are its shares of the row's sum, of the output
-(whatever its V holds) and of every gradient. A causal tile whose first query sits at ``p0`` needs no key block
-that ends at least ``reach`` before ``p0``: results equal those of computing every block up to float32's rounding
-(the order of the online softmax's rescales changes; tests/test_gpu_hopper_reach.py compares the two).
+Every key at least ``reach = (VANISH2 + 2 |c| Q K) / a`` behind the query's position has ``x_j - m <= -VANISH2``
+(48). The row's sum of ``2^(x_j - m)`` is at least 1 (its maximum's term), so the n keys left out weigh less than
+``eps = n 2^-48`` of it: the output moves by at most ``2 eps max|v|``, the log-sum-exp by ``eps``, each gradient by
+as little. The kernels' own rounding is far coarser (P enters P V in q's 16-bit type, 2^-9 relative; float32 sums over
+S_k terms), so results equal those of computing every block to float32's rounding (tests/test_gpu_hopper_reach.py
+compares the two). Until session 65 the margin was 128, where the Hopper kernels' exponential flushes to 0 and the
+two agree but for the order of the online softmax's rescales; at 48 the reach is ~45% shorter at D64-128 with q, k ~
+N(0, 1), and a model of MPT's slopes leaves out ~27% of an S 2048 forward's blocks instead of ~19%
+(benchmarks/NOTES.md session 65).
+A causal tile whose first query sits at ``p0`` needs no key block that ends at least ``reach`` before ``p0``.
 
 The bound needs each head's largest query and key norms: ``row_norm_max_kernel`` reads q and k once before the
 kernel (memory-bound) and keeps the maxima as float32 bit patterns, whose integer order is the float order for
@@ -35,7 +40,7 @@ call: each forward tile's first key block, or each backward key block's end of q
 is not a finite score above the soft mask (``common.SOFT_SCORE``) take nothing from it. A table costs one small launch
 (3 us at S 8192) and leaves the kernels one load per tile or key block.
 
-What it saves depends on the data, never what is computed: see benchmarks/NOTES.md sessions 39-40 for N(0, 1) and
+What it saves depends on the data: see benchmarks/NOTES.md sessions 39-40 for N(0, 1) and
 wider inputs at MPT's slopes, and for the lengths below which reading the norms costs more than the skipped blocks
 (``hopper.REACH_MIN_KEYS``; a training step, which reads them once for its forward and backward, from half that:
 session 64).
@@ -48,10 +53,10 @@ import triton.language as tl
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2
 from mpt_attention.kept import kept_on
 
-# log2 units below a row's maximum past which the kernels' exponential gives 0: its results below 2^-126 are flushed,
-# two more for the rounding of the scores and of the ALiBi term (float32), and the norms' product, whose float32
-# sums of products round too, is scaled by 1 + 2^-8 where the kernels use it
-VANISH2 = tl.constexpr(128.0)
+# log2 units below a row's maximum past which keys are left out: their weight, n 2^-48 of the row's, stays below
+# float32's unit roundoff up to 2^24 keys; the norms' product, whose float32 sums of products round, is scaled by
+# 1 + 2^-8 where the kernels use it
+VANISH2 = tl.constexpr(48.0)
 NORM_SLACK = tl.constexpr(1.00390625)  # 1 + 2^-8
 # a bias row's scores round with its terms' magnitude (row_keys_kernel's three bfloat16 parts sum to float32's
 # precision; the backward adds the float32 term): this share of a prefix maximum covers them many times over
