@@ -252,6 +252,21 @@ def assert_close_to_reference(name: str, out: torch.Tensor, ref: torch.Tensor, l
                            f"{floor:g} = {budget:.3e}")
 
 
+def assert_agrees_with_every_block(out, every, v, lse=None, every_lse=None) -> None:
+    """A forward that skipped the key blocks past causal ALiBi's reach (``impl/triton/reach.py``) against the same
+    call computing every visible block. The keys left out weigh less than 2^-37 of their rows, but the two start a
+    row's online softmax at different blocks, whose scores round differently in float32 (the Hopper forward's
+    first block adds ALiBi's extension product after Q K^T, the later ones before it), so a probability may round
+    to its neighbour in q's 16-bit type for P V, at most 2^-7 of it away: the outputs differ by at most 2^-7 max|v|
+    before the cast and a unit in the last place after. The log-sum-exps, float32 sums of the same terms, within
+    1e-5 and a few units in the last place (MPT's ALiBi puts an early row's near -slope * S_k)."""
+    diff = (out.float() - every.float()).abs()
+    bound = (every.float().abs() + v.float().abs().amax()) * 2.0 ** -7
+    assert (diff <= bound).all(), f"max difference {diff.max():.3e}, beyond 2^-7 (|every| + max|v|)"
+    if lse is not None:
+        torch.testing.assert_close(lse, every_lse, rtol=2.0 ** -21, atol=1e-5)
+
+
 def assert_forward_matches_reference(q, k, v, backend: str = "triton", lse_atol: float = 1e-3, **kw) -> None:
     """``attention(q, k, v, backend=backend, **kw)``'s output against the float64 reference within twice the error
     of the same math in q's dtype, and its log-sum-exp within ``lse_atol``."""

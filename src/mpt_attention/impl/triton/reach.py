@@ -12,11 +12,14 @@ by Cauchy-Schwarz, with ``|q|`` and ``|k|`` at most ``Q`` and ``K`` over the hea
 Every key at least ``reach = (VANISH2 + 2 |c| Q K) / a`` behind the query's position has ``x_j - m <= -VANISH2``
 (48). The row's sum of ``2^(x_j - m)`` is at least 1 (its maximum's term), so the n keys left out weigh less than
 ``eps = n 2^-48`` of it: the output moves by at most ``2 eps max|v|``, the log-sum-exp by ``eps``, each gradient by
-as little. The kernels' own rounding is far coarser (P enters P V in q's 16-bit type, 2^-9 relative; float32 sums over
-S_k terms), so results equal those of computing every block to float32's rounding (tests/test_gpu_hopper_reach.py
-compares the two). Until session 65 the margin was 128, where the Hopper kernels' exponential flushes to 0 and the
-two agree but for the order of the online softmax's rescales; at 48 the reach is ~45% shorter at D64-128 with q, k ~
-N(0, 1), and a model of MPT's slopes leaves out ~27% of an S 2048 forward's blocks instead of ~19%
+as little, far below the kernels' own rounding (P enters P V in q's 16-bit type). What does show is that a row's
+online softmax starts at another block, whose scores round differently in float32 (the Hopper forward's first
+block adds ALiBi's extension product after Q K^T, later blocks before it): where that block holds a row's large
+probabilities, one may round to its 16-bit neighbour, a difference of the size of the rounding either way
+(``testing.assert_agrees_with_every_block``; both meet the float64 reference's tolerance,
+tests/test_gpu_hopper_reach.py). Until session 65 the margin was 128, where the Hopper kernels' exponential flushes
+to 0 and the first computed block held only such probabilities; at 48 the reach is ~45% shorter at D64-128 with q,
+k ~ N(0, 1), and a model of MPT's slopes leaves out ~27% of an S 2048 forward's blocks instead of ~19%
 (benchmarks/NOTES.md session 65).
 A causal tile whose first query sits at ``p0`` needs no key block that ends at least ``reach`` before ``p0``.
 
