@@ -67,8 +67,10 @@ BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # 64 query rows per consumer, two per t
 # took 12% less but the norms cost as much (0.98-0.99x), at 4096 1.16-1.30x (H200, benchmarks/NOTES.md session 39).
 # A training step reads the norms once for its forward and backward, and skips in both: it takes the reach from half
 # as many keys (``reach_applies``' ``training``; session 64: at S 2048 forward+backward 1.06-1.13x with q, k ~ N(0, 1),
-# 1.01-1.10x at twice those norms; at 1024 0.78-1.05x). Benchmarks set it past any length to time the kernels on
-# every visible block
+# 1.01-1.10x at twice those norms; at 1024 0.78-1.05x). Session 65's shorter reach (reach.VANISH2 48): a forward alone
+# at 2048 would read 1.06-1.07x with q, k ~ N(0, 1) but 0.96x at D128 with twice those norms, so it keeps 4096; a
+# training step at 1024 read 1.02-1.25x, host-bound there, not taken. Benchmarks set it past any length to time the
+# kernels on every visible block
 REACH_MIN_KEYS = 4096
 # Packed sequences without unused rows on the kernels that clear rows past each sequence's end (``PACKED_USED``, as
 # ``seqused`` calls take): a sequence's last blocks then read its neighbour's rows as zeros, so a NaN in one sequence

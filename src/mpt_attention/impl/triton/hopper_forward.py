@@ -36,7 +36,7 @@ B8 S2048, +9% at D64, -2% at S8192 (session 12, benchmarks/NOTES.md).
 
 Causal ALiBi from slopes over at least ``hopper.REACH_MIN_KEYS`` keys (half as many in a training step,
 ``hopper.reach_applies``; ``REACH``): a tile starts at the first key block within ALiBi's reach of its first query
-(``reach.py``: past it every probability is 0 in this kernel's exponential), which the loader computes from the
+(``reach.py``: past it every probability is below 2^-48 of its row's largest), which the loader computes from the
 heads' norm maxima and publishes with the tile's coordinates. A causal bias row (``REACH == REACH_ROW``) does the
 same from its prefix maxima: the loader reads the tile's first block from ``reach.row_reach_kernel``'s table.
 

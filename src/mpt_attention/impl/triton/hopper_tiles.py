@@ -182,8 +182,9 @@ def reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, norm_b, h0, n_g, k
                     last_key, diag, seqlen_q, qk_scale2):
     """The dK/dV kernel's end of the query rows a key block ending at ``last_key`` must visit for query heads
     ``[h0, h0 + n_g)``: rows from it on sit at least every head's reach (``head_reach``) past the block's last key,
-    so their probabilities there are 0. ``seqlen_q`` where the bound gives nothing for some head. The slopes' row
-    ``b``; the norm maxima's row ``norm_b`` of ``norm_rows`` (packed sequences: one, ``reach.norm_row``)."""
+    so their probabilities there are below 2^-48 of their rows' largest. ``seqlen_q`` where the bound gives nothing
+    for some head. The slopes' row ``b``; the norm maxima's row ``norm_b`` of ``norm_rows`` (packed sequences: one,
+    ``reach.norm_row``)."""
     end = 0
     for g in range(n_g):
         h = h0 + g
