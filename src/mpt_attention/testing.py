@@ -254,8 +254,8 @@ def assert_close_to_reference(name: str, out: torch.Tensor, ref: torch.Tensor, l
 
 def assert_agrees_with_every_block(out, every, v, lse=None, every_lse=None) -> None:
     """A forward that skipped the key blocks past causal ALiBi's reach (``impl/triton/reach.py``) against the same
-    call computing every visible block. The keys left out weigh less than S_k 2^-48 of their rows, but the two start a
-    row's online softmax at different blocks, whose scores round differently in float32 (the Hopper forward's
+    call computing every visible block. The keys left out weigh less than S_k 2^-48 of their rows, but the two
+    start a row's online softmax at different blocks, whose scores round differently in float32 (the Hopper forward's
     first block adds ALiBi's extension product after Q K^T, the later ones before it), so a probability may round
     to its neighbour in q's 16-bit type for P V, at most 2^-7 of it away: the outputs differ by at most 2^-7 max|v|
     before the cast and a unit in the last place after. The log-sum-exps, float32 sums of the same terms, within
