@@ -559,20 +559,28 @@ def test_non_deterministic_backward_changes_only_the_order_of_dq_sums():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(AttnCase(4, 4096, 4096, 8, 8, 128, causal=True, alibi=True), id="causal-32-key-blocks"),
-    pytest.param(AttnCase(2, 2048, 2048, 16, 4, 128, causal=True, alibi=True), id="gqa-16-4"),
-    pytest.param(AttnCase(2, 2000, 2000, 8, 8, 96, alibi=True), id="non-causal-d96-ragged"),
+@pytest.mark.parametrize("case, reach", [
+    pytest.param(AttnCase(4, 4096, 4096, 8, 8, 128, causal=True, alibi=True), False, id="causal-32-key-blocks"),
+    pytest.param(AttnCase(2, 2048, 2048, 16, 4, 128, causal=True, alibi=True), False, id="gqa-16-4"),
+    pytest.param(AttnCase(2, 2000, 2000, 8, 8, 96, alibi=True), False, id="non-causal-d96-ragged"),
+    pytest.param(AttnCase(2, 4096, 4096, 8, 8, 128, causal=True, alibi=True), True, id="causal-reach"),
+    pytest.param(AttnCase(2, 2048, 2048, 16, 4, 128, causal=True, alibi=True), True, id="gqa-16-4-reach"),
+    pytest.param(AttnCase(1, 3000, 3000, 8, 8, 96, causal=True, alibi=True), True, id="causal-reach-d96-ragged"),
 ])
-def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case):
+def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case, reach):
     """Where the consumers form dQ, each 64-query block's first program stores its part into unzeroed float32 sums
     and the others add after its stores complete (hopper_dq): dQ matches the zeroed sums' up to the order of the
     additions, in every run, with many programs per block (a lost or early addition would be off by a whole
-    program's part; a block nobody stored stays NaN-poisoned); dK and dV are bitwise the same."""
-    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)  # (past ALiBi's reach the first program skips blocks)
+    program's part; a block nobody stored stays NaN-poisoned); dK and dV are bitwise the same. Also past causal
+    ALiBi's reach (``reach``, the shipped thresholds), where each key block visits only the query blocks within it
+    and a query block's first program can be any key block's up to its diagonal's."""
+    if not reach:
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     assert hopper_dkdv.first_write_dq(case.head_dim, False, False)
+    made, real_plan = [], hopper_dkdv.dkdv_plan
+    monkeypatch.setattr(hopper_dkdv, "dkdv_plan", lambda *args: made.append(real_plan(*args)) or made[-1])
 
     def grads():
         return torch.autograd.grad(M.attention(q, k, v, backend="triton", deterministic=None, **kw), [q, k, v], dout)
@@ -586,6 +594,8 @@ def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case):
         assert not dq.isnan().any()
         assert (dq.float() - zeroed[0].float()).abs().max() <= 4e-3 * scale
         assert torch.equal(dk, zeroed[1]) and torch.equal(dv, zeroed[2])
+    assert [(p.launch.kwargs["FIRST_WRITE"], bool(p.launch.kwargs["REACH"])) for p in made] == [
+        (False, reach), (True, reach)]
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4], ids=["1-head-per-program", "2-heads-per-program", "4-heads-per-program"])

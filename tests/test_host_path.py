@@ -140,6 +140,45 @@ def test_the_first_write_backward_zeroes_no_dq_sums_but_the_block_words(hopper_l
 
 
 @pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
+@pytest.mark.parametrize("row", [pytest.param(False, id="slopes"), pytest.param(True, id="bias-row")])
+def test_first_write_dq_takes_causal_alibis_reach_from_slopes_but_not_from_a_bias_row(hopper_launches, monkeypatch,
+                                                                                      row):
+    """Past causal ALiBi's reach from slopes, each 64-query block is still visited by the key block holding its
+    diagonal, so the dK/dV launch stores the dQ sums' first parts (``FIRST_WRITE``) and skips (``REACH``): nothing
+    zeroes the sums. A bias row's table may end a key block's queries before its diagonal (a -inf key there), so
+    with it the delta kernel zeroes the sums and the launch adds into them."""
+    from mpt_attention.impl.triton import reach
+
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 256)  # (a training step's from 128 keys)
+    made, real_plan = [], hopper_dkdv.dkdv_plan
+    monkeypatch.setattr(hopper_dkdv, "dkdv_plan", lambda *args: made.append((args, real_plan(*args))) or made[-1][1])
+    row_terms, real_row_terms = [], plans.row_terms
+
+    def record(*args, **kwargs):
+        row_terms.append(args[8:])  # dq_zero, dq_sync
+        return real_row_terms(*args, **kwargs)
+
+    monkeypatch.setattr(plans, "row_terms", record)
+    q, k, v = (torch.randn(2, 128, 4, 128, dtype=torch.bfloat16) for _ in range(3))
+    out, lse, dout = torch.randn_like(q), torch.randn(2, 4, 128), torch.randn_like(q)
+    slopes = torch.rand(4) + 0.1
+    bias = (slopes.view(1, 4, 1, 1) * (torch.arange(128.0) - 127)).to(q.dtype) if row else None
+    launch_backward.backward(dout, q, k, v, out, lse, None, bias, None if row else slopes, None, None, None, None,
+                             0.1, True, 0.0, False, deterministic=None)
+    (dq_zero, dq_sync), = row_terms
+    (args, plan), = made
+    assert plan.launch.kwargs["REACH"] == (reach.REACH_ROW if row else reach.REACH_SLOPES)
+    assert plan.launch.kwargs["FIRST_WRITE"] == (not row)
+    assert (dq_zero is None) == (not row) and (dq_sync is None) == row
+    if row:
+        assert torch.equal(dq_zero, torch.zeros_like(dq_zero))  # NaN-poisoned when allocated (conftest)
+        assert args[16] is False  # (first_write, as plans.run_fused passes it)
+        with pytest.raises(ValueError, match="row_reach"):
+            real_plan(*args[:16], True, *args[17:])
+    assert hopper_dkdv.first_write_dq(128, False, False) and not hopper_dkdv.first_write_dq(128, False, False, True)
+
+
+@pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
 def test_first_write_dq_calls_the_constexpr_functions_body_to_the_same_answer():
     """``hopper_dkdv.first_write_dq`` calls ``consumers_dq``'s plain body (``.fn``) for host time; the ConstexprFunction
     itself gives the same answer for every tile width and bias kind."""

@@ -391,7 +391,8 @@ def _hopper_bwd_dkdv_kernel(
     those programs have no keys and no queries), the row terms (H, 2, T_q), a sequence's last keys'
     dK and dV stored into ``DK``, ``DV`` by plain stores. ``FIRST_WRITE`` (dense, where the consumers form dQ): the
     dQ sums unzeroed, each 64-query block's first program storing into it (``hopper_dq``; ``DQSync`` the blocks'
-    (B, H, S_q / 64) int32 words, zeroed). ``REACH`` (dense, causal ALiBi from slopes, not with ``FIRST_WRITE``):
+    (B, H, S_q / 64) int32 words, zeroed). ``REACH`` (dense, causal ALiBi from slopes or a bias row, the row's only
+    without ``FIRST_WRITE``):
     each key block visits only the query blocks within its heads' reach (``reach.py``; ``Norms``: the heads' q
     then k norm maxima, float32 bit patterns, (B * H) + (B * H_kv); with ``REACH_ROW`` then the bias row's table,
     (B, H, key blocks) query ends). ``SOFT_BLOCKS`` (a bias that may soft-mask whole rows; dense): the loader reads a
@@ -457,7 +458,8 @@ def _hopper_bwd_dkdv_kernel(
         lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
     q_end = seqlen_q
     if REACH:
-        gl.static_assert(not FIRST_WRITE, "the reach only where every query block's dQ is zeroed")
+        gl.static_assert(not FIRST_WRITE or REACH != KERNEL_REACH_ROW,
+                         "a bias row's reach only where every query block's dQ is zeroed")
         batch = n_rows // (n_splits * n_kv)  # (packed sequences: 1, one row of norm maxima, reach.norm_row)
         if REACH == KERNEL_REACH_ROW:  # the table past the norm maxima
             q_end = row_reach_query_end(Norms + batch * n_kv * (n_groups + 1), b, h0, n_g, n_kv * n_groups,
@@ -560,8 +562,8 @@ def _hopper_bwd_dkdv_kernel(
                                        n_kv * n_groups, start_n, lo, q_end, bias_b_on, bias_h_on, q_off, k_off,
                                        dos_desc, SoftBlocks, seqlen_q, HEAD_DIM, BLOCK_M, BIAS_FULL, SOFT_BLOCKS)),
                 (dq_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
-                                dbias_desc, DQSync, tb, h0, n_g, n_kv * n_groups, start_n, lo, q_end, softmax_scale,
-                                q_off, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL, FIRST_WRITE)),
+                                dbias_desc, DQSync, tb, h0, n_g, n_kv * n_groups, start_n, lo, q_end, seqlen_q,
+                                softmax_scale, q_off, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL, FIRST_WRITE)),
             ],
             [4, 1, dq_warps(BLOCK_M, HEAD_DIM)],
             [fused_regs(BLOCK_M, HEAD_DIM, 0), 24, fused_regs(BLOCK_M, HEAD_DIM, 1)],

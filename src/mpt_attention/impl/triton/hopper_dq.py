@@ -262,16 +262,17 @@ def consumer_dq_step(u, half, k_smem, ds_smem, ds_ready, ds_free, dq_smem, dq_ba
 
 
 @gluon.jit
-def dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, lo, seqlen_q, q_off,
+def dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, lo, q_end, seqlen_q, q_off,
                         BLOCK_M: gl.constexpr, FIRST_WRITE: gl.constexpr):
     """One warp where the consumers form dQ (``consumers_dq``): each step's two staged halves of dQ (a consumer's
     64 columns each, ``dq_bars`` [full 0, full 1, empty 0, empty 1]) added into the float32 dQ sums by bulk
     tensor reductions, each half released once the copy engine has read it; with ``FIRST_WRITE`` stored instead
     by the block's first program (module docstring). Issued from the consumers, the reductions and the waits for
-    their reads held them for 7-13% of their stall samples (benchmarks/NOTES.md session 24)."""
+    their reads held them for 7-13% of their stall samples (benchmarks/NOTES.md session 24). Query blocks from ``lo``
+    to ``q_end`` (less than ``seqlen_q`` past causal ALiBi's reach), their words among ``seqlen_q``'s."""
     TILES: gl.constexpr = DQ_CHUNK // DQ_COLS
-    n_mblocks = gl.cdiv(seqlen_q - lo, BLOCK_M)
-    n_sync = gl.cdiv(seqlen_q, BLOCK_M)  # DQSync words per (batch, head): (B, H, n_sync)
+    n_mblocks = gl.cdiv(q_end - lo, BLOCK_M)
+    n_sync = gl.cdiv(seqlen_q, BLOCK_M)  # DQSync words per (batch, head): (B, H, n_sync), whatever the reach
     for t in range(n_g * n_mblocks):
         g, start_m = step_origin(t, lo, n_mblocks, BLOCK_M)
         first = False
@@ -299,17 +300,18 @@ def dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, 
 
 @gluon.jit
 def dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc, dbias_desc, DQSync,
-                 b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, q_off, HEAD_DIM: gl.constexpr,
+                 b, h0, n_g, n_heads, start_n, lo, q_end, seqlen_q, softmax_scale, q_off, HEAD_DIM: gl.constexpr,
                  BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr, FIRST_WRITE: gl.constexpr):
     """The dK/dV kernel's dQ partition: the writer where the consumers form dQ (``consumers_dq``; ``FIRST_WRITE``
     there only), else the dQ warpgroup (``dq_bars`` its done barrier). ``b`` is the dQ sums' batch coordinate,
-    ``q_off`` a packed sequence's first row (0 for dense inputs)."""
+    ``q_off`` a packed sequence's first row (0 for dense inputs); query blocks from ``lo`` to ``q_end`` of
+    ``seqlen_q``."""
     if consumers_dq(BLOCK_M, HEAD_DIM):
-        dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, lo, seqlen_q, q_off, BLOCK_M,
-                            FIRST_WRITE)
+        dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, lo, q_end, seqlen_q, q_off,
+                            BLOCK_M, FIRST_WRITE)
     else:
         dq_warpgroup_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
-                               dbias_desc, b, h0, n_g, n_heads, start_n, lo, seqlen_q, softmax_scale, q_off, HEAD_DIM,
+                               dbias_desc, b, h0, n_g, n_heads, start_n, lo, q_end, softmax_scale, q_off, HEAD_DIM,
                                BLOCK_M, STORE_DS, IS_CAUSAL)
 
 
