@@ -30,6 +30,21 @@ def hopper_launches(monkeypatch, hopper_route_on_cpu):
     return calls
 
 
+@pytest.fixture
+def row_terms_calls(monkeypatch):
+    """One ``(delta, dq_zero, dq_sync)`` entry per call of ``plans.row_terms`` (the delta kernel's launch) during the
+    test: the delta buffer it fills, the dQ sums it zeroes, or the block words it zeroes instead; each call still
+    runs."""
+    calls, real = [], plans.row_terms
+
+    def record(*args, **kwargs):
+        calls.append((args[4], *args[8:]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plans, "row_terms", record)
+    return calls
+
+
 def _layouts(d, h, h_kv, layout):
     if layout == "packed-qkv":  # the seed's (B, S, 3 * H * D) projection, heads adjacent
         qkv = torch.randn(2, 128, 3 * h * d, dtype=torch.bfloat16)
@@ -84,23 +99,17 @@ def test_every_descriptor_a_step_builds_passes_the_constructors_checks(hopper_la
         assert sum((n - 1) * st for n, st in zip(desc.shape, desc.strides)) < _storage_elements(desc.base)
 
 
-def test_the_backward_with_the_dq_warpgroup_zeroes_dq_in_the_delta_kernel(hopper_launches, monkeypatch):
+def test_the_backward_with_the_dq_warpgroup_zeroes_dq_in_the_delta_kernel(hopper_launches, monkeypatch,
+                                                                          row_terms_calls):
     """The float32 dQ sums start as zeros written by the delta kernel (no fill kernel of their own), and no
     (B, H, S_q) delta is allocated: the dQ warpgroup reads it from the row terms."""
     q, k, v = _layouts(64, 4, 4, "dense")
     out, lse, dout = torch.randn_like(q), torch.randn(2, 4, 128), torch.randn_like(q)
-    zero_fills, row_terms = [], []
-    real_zeros_like, real_row_terms = torch.zeros_like, plans.row_terms
+    zero_fills, real_zeros_like = [], torch.zeros_like
     monkeypatch.setattr(torch, "zeros_like", lambda *a, **kw: (zero_fills.append(1), real_zeros_like(*a, **kw))[1])
-
-    def record(*args, **kwargs):
-        row_terms.append((args[4], *args[8:]))  # delta, dq_zero, dq_sync
-        return real_row_terms(*args, **kwargs)
-
-    monkeypatch.setattr(plans, "row_terms", record)
     launch_backward.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, True,
                              0.0, False, deterministic=None)
-    (delta, dq_acc, _), = row_terms
+    (delta, dq_acc, _), = row_terms_calls
     assert delta is None and not zero_fills
     assert dq_acc.dtype == torch.float32 and dq_acc.shape == q.shape and dq_acc.stride() == q.stride()
     assert torch.equal(dq_acc, torch.zeros_like(dq_acc))  # NaN-poisoned when allocated (conftest)
@@ -113,22 +122,16 @@ def test_the_backward_with_the_dq_warpgroup_zeroes_dq_in_the_delta_kernel(hopper
     pytest.param(128, 128, True, id="causal"),
     pytest.param(200, 64, False, id="non-causal-more-queries"),
 ])
-def test_the_first_write_backward_zeroes_no_dq_sums_but_the_block_words(hopper_launches, monkeypatch, s_q, s_k, causal):
+def test_the_first_write_backward_zeroes_no_dq_sums_but_the_block_words(hopper_launches, row_terms_calls, s_q, s_k,
+                                                                         causal):
     """Where the consumers form dQ (D128), each 64-query block's first program stores into the dQ sums: the delta
     kernel writes no zeros there but zeros each block's int32 word, which the dK/dV launch gets beside the sums."""
     q = torch.randn(2, s_q, 4, 128, dtype=torch.bfloat16)
     k, v = (torch.randn(2, s_k, 4, 128, dtype=torch.bfloat16) for _ in range(2))
     out, lse, dout = torch.randn_like(q), torch.randn(2, 4, s_q), torch.randn_like(q)
-    row_terms, real_row_terms = [], plans.row_terms
-
-    def record(*args, **kwargs):
-        row_terms.append(args[8:])  # dq_zero, dq_sync
-        return real_row_terms(*args, **kwargs)
-
-    monkeypatch.setattr(plans, "row_terms", record)
     launch_backward.backward(dout, q, k, v, out, lse, None, None, torch.rand(4), None, None, None, None, 0.1, causal,
                              0.0, False, deterministic=None)
-    (dq_zero, dq_sync), = row_terms
+    (_, dq_zero, dq_sync), = row_terms_calls
     assert dq_zero is None
     assert dq_sync.shape == (2, 4, -(-s_q // 64)) and dq_sync.dtype == torch.int32
     assert torch.equal(dq_sync, torch.zeros_like(dq_sync))  # poisoned when allocated (conftest)
@@ -142,7 +145,7 @@ def test_the_first_write_backward_zeroes_no_dq_sums_but_the_block_words(hopper_l
 @pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
 @pytest.mark.parametrize("row", [pytest.param(False, id="slopes"), pytest.param(True, id="bias-row")])
 def test_first_write_dq_takes_causal_alibis_reach_from_slopes_but_not_from_a_bias_row(hopper_launches, monkeypatch,
-                                                                                      row):
+                                                                                      row_terms_calls, row):
     """Past causal ALiBi's reach from slopes, each 64-query block is still visited by the key block holding its
     diagonal, so the dK/dV launch stores the dQ sums' first parts (``FIRST_WRITE``) and skips (``REACH``): nothing
     zeroes the sums. A bias row's table may end a key block's queries before its diagonal (a -inf key there), so
@@ -152,20 +155,13 @@ def test_first_write_dq_takes_causal_alibis_reach_from_slopes_but_not_from_a_bia
     monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 256)  # (a training step's from 128 keys)
     made, real_plan = [], hopper_dkdv.dkdv_plan
     monkeypatch.setattr(hopper_dkdv, "dkdv_plan", lambda *args: made.append((args, real_plan(*args))) or made[-1][1])
-    row_terms, real_row_terms = [], plans.row_terms
-
-    def record(*args, **kwargs):
-        row_terms.append(args[8:])  # dq_zero, dq_sync
-        return real_row_terms(*args, **kwargs)
-
-    monkeypatch.setattr(plans, "row_terms", record)
     q, k, v = (torch.randn(2, 128, 4, 128, dtype=torch.bfloat16) for _ in range(3))
     out, lse, dout = torch.randn_like(q), torch.randn(2, 4, 128), torch.randn_like(q)
     slopes = torch.rand(4) + 0.1
     bias = (slopes.view(1, 4, 1, 1) * (torch.arange(128.0) - 127)).to(q.dtype) if row else None
     launch_backward.backward(dout, q, k, v, out, lse, None, bias, None if row else slopes, None, None, None, None,
                              0.1, True, 0.0, False, deterministic=None)
-    (dq_zero, dq_sync), = row_terms
+    (_, dq_zero, dq_sync), = row_terms_calls
     (args, plan), = made
     assert plan.launch.kwargs["REACH"] == (reach.REACH_ROW if row else reach.REACH_SLOPES)
     assert plan.launch.kwargs["FIRST_WRITE"] == (not row)
