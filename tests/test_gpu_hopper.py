@@ -10,6 +10,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper, hopper_dkdv, key_padding
+from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES
 from mpt_attention.testing import (
     AttnCase, assert_close_to_reference, assert_forward_matches_reference, assert_gradients_close_to_reference,
     capture_cuda_graph, make_inputs, make_varlen_inputs, reference_attention, reference_attention_varlen,
@@ -559,24 +560,44 @@ def test_non_deterministic_backward_changes_only_the_order_of_dq_sums():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("case, reach", [
-    pytest.param(AttnCase(4, 4096, 4096, 8, 8, 128, causal=True, alibi=True), False, id="causal-32-key-blocks"),
-    pytest.param(AttnCase(2, 2048, 2048, 16, 4, 128, causal=True, alibi=True), False, id="gqa-16-4"),
-    pytest.param(AttnCase(2, 2000, 2000, 8, 8, 96, alibi=True), False, id="non-causal-d96-ragged"),
-    pytest.param(AttnCase(2, 4096, 4096, 8, 8, 128, causal=True, alibi=True), True, id="causal-reach"),
-    pytest.param(AttnCase(2, 2048, 2048, 16, 4, 128, causal=True, alibi=True), True, id="gqa-16-4-reach"),
-    pytest.param(AttnCase(1, 3000, 3000, 8, 8, 96, causal=True, alibi=True), True, id="causal-reach-d96-ragged"),
+def _bias_row(kw, s_k, kind):
+    """``kw``'s slopes as MPT's (1, H, 1, S_k) bias row instead; ``holes``: keys 700-899 removed (-inf), so the key
+    blocks holding them end their queries at once; ``dominant``: key 5 scores 0 like the last, so the tables end
+    the early queries' diagonal blocks before them and only the first key block visits them."""
+    slopes = kw.pop("alibi_slopes")
+    row = slopes.view(1, -1, 1, 1) * (torch.arange(s_k, device=slopes.device) - (s_k - 1))
+    if kind == "holes":
+        row[..., 700:900] = float("-inf")
+    elif kind == "dominant":
+        row[..., 5] = 0.0
+    kw["attn_bias"] = row.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("case, reach, row", [
+    pytest.param(AttnCase(4, 4096, 4096, 8, 8, 128, causal=True, alibi=True), False, None, id="causal-32-key-blocks"),
+    pytest.param(AttnCase(2, 2048, 2048, 16, 4, 128, causal=True, alibi=True), False, None, id="gqa-16-4"),
+    pytest.param(AttnCase(2, 2000, 2000, 8, 8, 96, alibi=True), False, None, id="non-causal-d96-ragged"),
+    pytest.param(AttnCase(2, 4096, 4096, 8, 8, 128, causal=True, alibi=True), True, None, id="causal-reach"),
+    pytest.param(AttnCase(2, 2048, 2048, 16, 4, 128, causal=True, alibi=True), True, None, id="gqa-16-4-reach"),
+    pytest.param(AttnCase(1, 3000, 3000, 8, 8, 96, causal=True, alibi=True), True, None, id="causal-reach-d96-ragged"),
+    pytest.param(AttnCase(2, 4096, 4096, 8, 8, 128, causal=True, alibi=True), True, "mpt", id="bias-row-reach"),
+    pytest.param(AttnCase(2, 2048, 2048, 16, 4, 128, causal=True, alibi=True), True, "holes",
+                 id="gqa-16-4-bias-row-reach-holes"),
+    pytest.param(AttnCase(1, 3000, 3000, 8, 8, 96, causal=True, alibi=True), True, "dominant",
+                 id="bias-row-reach-dominant-key-d96-ragged"),
 ])
-def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case, reach):
+def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case, reach, row):
     """Where the consumers form dQ, each 64-query block's first program stores its part into unzeroed float32 sums
     and the others add after its stores complete (hopper_dq): dQ matches the zeroed sums' up to the order of the
     additions, in every run, with many programs per block (a lost or early addition would be off by a whole
     program's part; a block nobody stored stays NaN-poisoned); dK and dV are bitwise the same. Also past causal
-    ALiBi's reach (``reach``, the shipped thresholds), where each key block visits only the query blocks within it
-    and a query block's first program can be any key block's up to its diagonal's."""
+    ALiBi's reach (``reach``, the shipped thresholds), from slopes or a bias row's table (``row``), where each key
+    block visits only the query blocks within it and a query block's first program can be any key block's."""
     if not reach:
         monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    if row:
+        _bias_row(kw, case.s_k, row)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
     assert hopper_dkdv.first_write_dq(case.head_dim, False, False)
     made, real_plan = [], hopper_dkdv.dkdv_plan
@@ -594,8 +615,8 @@ def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case, reach):
         assert not dq.isnan().any()
         assert (dq.float() - zeroed[0].float()).abs().max() <= 4e-3 * scale
         assert torch.equal(dk, zeroed[1]) and torch.equal(dv, zeroed[2])
-    assert [(p.launch.kwargs["FIRST_WRITE"], bool(p.launch.kwargs["REACH"])) for p in made] == [
-        (False, reach), (True, reach)]
+    want = (REACH_ROW if row else REACH_SLOPES) if reach else 0
+    assert [(p.launch.kwargs["FIRST_WRITE"], p.launch.kwargs["REACH"]) for p in made] == [(False, want), (True, want)]
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4], ids=["1-head-per-program", "2-heads-per-program", "4-heads-per-program"])

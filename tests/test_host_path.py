@@ -144,12 +144,10 @@ def test_the_first_write_backward_zeroes_no_dq_sums_but_the_block_words(hopper_l
 
 @pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
 @pytest.mark.parametrize("row", [pytest.param(False, id="slopes"), pytest.param(True, id="bias-row")])
-def test_first_write_dq_takes_causal_alibis_reach_from_slopes_but_not_from_a_bias_row(hopper_launches, monkeypatch,
-                                                                                      row_terms_calls, row):
-    """Past causal ALiBi's reach from slopes, each 64-query block is still visited by the key block holding its
-    diagonal, so the dK/dV launch stores the dQ sums' first parts (``FIRST_WRITE``) and skips (``REACH``): nothing
-    zeroes the sums. A bias row's table may end a key block's queries before its diagonal (a -inf key there), so
-    with it the delta kernel zeroes the sums and the launch adds into them."""
+def test_first_write_dq_takes_causal_alibis_reach(hopper_launches, monkeypatch, row_terms_calls, row):
+    """Past causal ALiBi's reach, from slopes or from a bias row's table, each 64-query block is still visited by
+    some key block (its diagonal's, or the one holding the row's largest term up to it: tests/test_reach.py), so the
+    dK/dV launch stores the dQ sums' first parts (``FIRST_WRITE``) and skips (``REACH``): nothing zeroes the sums."""
     from mpt_attention.impl.triton import reach
 
     monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 256)  # (a training step's from 128 keys)
@@ -164,14 +162,8 @@ def test_first_write_dq_takes_causal_alibis_reach_from_slopes_but_not_from_a_bia
     (_, dq_zero, dq_sync), = row_terms_calls
     (args, plan), = made
     assert plan.launch.kwargs["REACH"] == (reach.REACH_ROW if row else reach.REACH_SLOPES)
-    assert plan.launch.kwargs["FIRST_WRITE"] == (not row)
-    assert (dq_zero is None) == (not row) and (dq_sync is None) == row
-    if row:
-        assert torch.equal(dq_zero, torch.zeros_like(dq_zero))  # NaN-poisoned when allocated (conftest)
-        assert args[16] is False  # (first_write, as plans.run_fused passes it)
-        with pytest.raises(ValueError, match="row_reach"):
-            real_plan(*args[:16], True, *args[17:])
-    assert hopper_dkdv.first_write_dq(128, False, False) and not hopper_dkdv.first_write_dq(128, False, False, True)
+    assert plan.launch.kwargs["FIRST_WRITE"] and args[16] is True  # (first_write, as plans.run_fused passes it)
+    assert dq_zero is None and torch.equal(dq_sync, torch.zeros_like(dq_sync))  # poisoned when allocated (conftest)
 
 
 @pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")

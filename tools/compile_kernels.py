@@ -185,7 +185,7 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "HEAD_DIM": head_dim, "SOFT_BLOCKS": soft_blocks,
               "BIAS_ROW": bias_row, "FUSED_DQ": fused_dq,
               "PARTIAL_DKV": partial, "BLOCK_M": block_m, "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail,
-              "VARLEN": varlen, "FIRST_WRITE": fused_dq and first_write_dq(head_dim, full_bias, varlen, reach),
+              "VARLEN": varlen, "FIRST_WRITE": fused_dq and first_write_dq(head_dim, full_bias, varlen),
               "REACH": reach, "KV_IN_STEP": KV_IN_STEP}
     box = [1, block_m, BWD_HALF_N]
     boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}

@@ -58,8 +58,7 @@ FUSED_BWD_HEAD_DIMS = (64, 128)
 # heads take the fused dQ at all
 FUSED_GROUP_HEADS = 2
 # where the consumers form dQ, each 64-query block's first program stores its part of the dQ sums and the others add
-# after it, so the delta kernel writes no zeros there (``first_write_dq``; past causal ALiBi's reach from slopes too,
-# not with a bias row's)
+# after it, so the delta kernel writes no zeros there (``first_write_dq``; past causal ALiBi's reach too)
 FIRST_WRITE_DQ = True
 PROGRAM_WORDS = 32  # the forward's ``Tiles`` words per program (hopper_tiles.PROGRAM_WORDS)
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # 64 query rows per consumer, two per tile (or three: forward_consumers)

@@ -458,8 +458,6 @@ def _hopper_bwd_dkdv_kernel(
         lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M * BLOCK_M
     q_end = seqlen_q
     if REACH:
-        gl.static_assert(not FIRST_WRITE or REACH != KERNEL_REACH_ROW,
-                         "a bias row's reach only where every query block's dQ is zeroed")
         batch = n_rows // (n_splits * n_kv)  # (packed sequences: 1, one row of norm maxima, reach.norm_row)
         if REACH == KERNEL_REACH_ROW:  # the table past the norm maxima
             q_end = row_reach_query_end(Norms + batch * n_kv * (n_groups + 1), b, h0, n_g, n_kv * n_groups,

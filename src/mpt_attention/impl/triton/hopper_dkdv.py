@@ -63,18 +63,20 @@ def bwd_block_m(head_dim: int, bias_full: bool, fused_dq: bool) -> int:
     return 32
 
 
-def first_write_dq(head_dim: int, bias_full: bool, varlen: bool, row_reach: bool = False) -> bool:
+def first_write_dq(head_dim: int, bias_full: bool, varlen: bool) -> bool:
     """Whether the dK/dV kernel with the dQ sums stores each 64-query block's first part instead of adding it into
     zeros (``FIRST_WRITE``, hopper_dq): dense inputs where the consumers form dQ (``hopper_dq.consumers_dq``). Every
     block is reached by some program, so the buffer needs no zeros, only a zeroed ``dq_sync_buffer``: causal or
     not, the key block holding a query's own key (its diagonal; ``unsupported`` leaves no row without keys) visits
     its block, and causal ALiBi's reach from slopes ends a key block's queries no earlier than its last key's
-    (``hopper_tiles.reach_query_end``: the reach is at least 0 keys). Not with a bias row's reach (``row_reach``):
-    its table ends a key block's queries from the row's values, which may remove a query's own key (-inf)."""
+    (``hopper_tiles.reach_query_end``: the reach is at least 0 keys). A bias row's table may end the diagonal's key
+    block before a query (a removed key there, a larger term before it), but never the block holding the largest
+    term up to the query's block's first row: each block's first row is a row the table tests, and that block's
+    maximum lies above every such row's floor (``reach.row_reach_kernel``; tests/test_reach.py checks the cover)."""
     width = tile_dim(head_dim)
     # (the constexpr function's plain Python body: called as a ConstexprFunction it took ~1.4 us of host time per
     # backward on the development CPU, ~10x the body)
-    return (hopper.FIRST_WRITE_DQ and not varlen and not row_reach
+    return (hopper.FIRST_WRITE_DQ and not varlen
             and consumers_dq.fn(bwd_block_m(width, bias_full, True), width))
 
 
@@ -184,8 +186,6 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         REACH=0 if seqused else reach_applies(bias, slopes, causal, alibi_mode, batch, max_k if varlen else s_k,
                                               training=True),
         SOFT_BLOCKS=dout_scaled is not None, KV_IN_STEP=KV_IN_STEP, num_warps=4))
-    if first_write and launch.kwargs["REACH"] == REACH_ROW:
-        raise ValueError("first_write: not with a bias row's reach (first_write_dq's row_reach)")
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
     norms = row_table = None
     if launch.kwargs["REACH"]:  # (all words, the norm maxima's words, their launch, its scalars)

@@ -16,7 +16,6 @@ from mpt_attention.impl.triton.launch import (
     _packed_key, _reach_norms, _strides, head_contiguous,
 )
 from mpt_attention.impl.triton.lean_launch import cdiv, launch_kernel, next_power_of_2
-from mpt_attention.impl.triton.reach import REACH_ROW
 
 # A full-shape bias gradient in q's dtype: dQ as one GEMM on the stored dS instead of the dQ kernel
 # (False keeps the dQ kernel; benchmarks/dense_bias.py compares the two)
@@ -148,9 +147,7 @@ def _fused_backward_plan(q, k, v, dout, bias, bias_in, slopes, kpm, seqid, prefi
                           max_q=s_q) is not None:
         return None
     alibi_mode = _alibi_mode(slopes, causal, prefix)
-    fused_reach = hopper.reach_applies(bias_in, slopes, causal, alibi_mode, 1 if geo.varlen else batch, s_k, True)
-    first_write = hopper_dkdv.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, geo.varlen,
-                                             fused_reach == REACH_ROW)
+    first_write = hopper_dkdv.first_write_dq(head_dim, bias_in is not None and bias_in.shape[2] != 1, geo.varlen)
     soft_rows = 0  # a bias can soft-mask whole rows: dO scaled for them, every row or the blocks holding one
     if bias is not None:
         soft_rows = SOFT_BLOCKS.value if hopper_dkdv.scaled_dout_blocks(head_dim, bias_in.shape[2] != 1) else \
