@@ -12,6 +12,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _real_empty, _real_empty_like = torch.empty, torch.empty_like
+_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``hopper`` (the Gluon kernels' own) are skipped without an sm_90 GPU."""
+    if _SM90:
+        return
+    skip = pytest.mark.skip(reason="needs an sm_90 (Hopper) GPU")
+    for item in items:
+        if item.get_closest_marker("hopper") is not None:
+            item.add_marker(skip)
 
 
 def _poison(out):
@@ -54,17 +65,20 @@ def fresh_launch_plans():
 @pytest.fixture
 def hopper_route_on_cpu(monkeypatch):
     """The Hopper kernels' route taken for CPU tensors (an SM count of 4): every other reason of
-    ``hopper.unsupported`` still applies. For host-side tests that record the launches instead of running them."""
+    ``hopper.unsupported`` still applies. For host-side tests that record the launches instead of running them.
+    Returns a list that grows by one entry per ``hopper.unsupported`` call."""
     from mpt_attention.impl.triton import hopper
 
-    real = hopper.unsupported
+    real, checks = hopper.unsupported, []
 
     def unsupported(*args, **kwargs):
+        checks.append(1)
         reason = real(*args, **kwargs)
         return None if reason == "not an sm_90 GPU" else reason
 
     monkeypatch.setattr(hopper, "unsupported", unsupported)
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    return checks
 
 
 @pytest.fixture

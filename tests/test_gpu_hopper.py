@@ -16,8 +16,7 @@ from mpt_attention.testing import (
     capture_cuda_graph, make_inputs, make_varlen_inputs, reference_attention, reference_attention_varlen,
 )
 
-_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _SM90, reason="needs an sm_90 (Hopper) GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.hopper]
 
 
 CASES = [

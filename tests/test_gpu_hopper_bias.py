@@ -13,8 +13,7 @@ from mpt_attention.testing import (
     capture_cuda_graph, make_inputs, reference_attention,
 )
 
-_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _SM90, reason="needs an sm_90 (Hopper) GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.hopper]
 
 
 BIAS_MATRIX_CASES = [  # a full-shape bias in q's dtype with its gradient, on the dQ warpgroup

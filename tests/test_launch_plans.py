@@ -18,24 +18,15 @@ class _Launches(list):
 
 
 @pytest.fixture
-def recorded(monkeypatch):
-    """Every launch as ``(kernel name, grid, args, kwargs)``, not run; the Hopper route forced for CPU tensors, and
-    ``hopper.unsupported``'s calls counted (``recorded.checks``)."""
-    real = hopper.unsupported
-    checks = []
-
-    def unsupported(*args, **kwargs):
-        checks.append(1)
-        reason = real(*args, **kwargs)
-        return None if reason == "not an sm_90 GPU" else reason
-
-    monkeypatch.setattr(hopper, "unsupported", unsupported)
+def recorded(monkeypatch, hopper_route_on_cpu):
+    """Every launch as ``(kernel name, grid, args, kwargs)``, not run; the Hopper route forced for CPU tensors (an SM
+    count of 8), and ``hopper.unsupported``'s calls counted (``recorded.checks``)."""
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: 8)
     calls = _Launches()
     for module in (lean_launch, launch, launch_backward):
         monkeypatch.setattr(module, "launch_kernel",
                             lambda fn, grid, *args, **kw: calls.append((fn.__name__, tuple(grid), args, kw)))
-    calls.checks = checks
+    calls.checks = hopper_route_on_cpu
     return calls
 
 

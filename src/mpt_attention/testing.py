@@ -180,9 +180,9 @@ def varlen_backend_and_slopes(backend: str, alibi: str | None, n_heads: int, n_s
 def check_seqused(backend, cap_q, used_q, cap_k, used_k, n_heads, n_kv, head_dim, causal, slopes=None,
                   dtype=torch.float32, device="cpu", **extra) -> None:
     """``attention_varlen`` with ``seqused_q``/``seqused_k`` (lists, or None: every row) over sequences of ``cap_q`` /
-    ``cap_k`` rows, the unused rows of q, k, v and of the output's gradient NaN: the used rows' output, log-sum-exp and gradients against
-    :func:`reference_attention_varlen` run on the used rows alone (float64, and in ``dtype`` for the tolerance);
-    the unused rows' output and gradients exactly 0, their log-sum-exp -inf."""
+    ``cap_k`` rows, the unused rows of q, k, v and of the output's gradient NaN: the used rows' output, log-sum-exp
+    and gradients against :func:`reference_attention_varlen` run on the used rows alone (float64, and in ``dtype``
+    for the tolerance); the unused rows' output and gradients exactly 0, their log-sum-exp -inf."""
     from mpt_attention import attention_varlen
 
     q, k, v, cu_q, cu_k = make_varlen_inputs(cap_q, cap_k, n_heads, n_kv, head_dim, dtype, device, requires_grad=True)
@@ -382,7 +382,8 @@ def capture_cuda_graph(fn):
     return graph, result
 
 
-def attention_flops(batch: int, n_heads: int, s_q: int, s_k: int, head_dim: int, causal: bool, mode: str = "fwd") -> float:
+def attention_flops(batch: int, n_heads: int, s_q: int, s_k: int, head_dim: int, causal: bool,
+                    mode: str = "fwd") -> float:
     """FLOPs of attention: 4*B*H*S_q*S_k_eff*D forward, bottom-right causal counted exactly per row.
 
     ``mode``: ``'fwd'``, ``'bwd'`` (2.5x forward) or ``'fwd_bwd'`` (3.5x).

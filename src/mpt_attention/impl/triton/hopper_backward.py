@@ -121,7 +121,8 @@ def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv
     past each sequence's used ones, which may hold anything): this warpgroup's keys past the used ones, and each
     partial step's Q and dO rows outside them, are cleared before a product reads them (``clear_rows``), and dS is 0
     wherever P is (those rows' delta may be NaN); dK, dV are stored up to ``cap_k``, the sequence's keys used or not
-    (zeros past the used ones). Query blocks run from ``lo`` to ``q_end`` (``seqlen_q``, or less past causal ALiBi's reach: ``hopper_tiles.reach_query_end``)."""
+    (zeros past the used ones). Query blocks run from ``lo`` to ``q_end`` (``seqlen_q``, or less past causal ALiBi's
+    reach: ``hopper_tiles.reach_query_end``)."""
     dtype: gl.constexpr = q_smem.dtype
     STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
