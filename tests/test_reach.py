@@ -91,12 +91,10 @@ def _assert_every_query_block_visited(q_end, s_q, s_k):
     of the dK/dV kernel: causal key block ``e`` visits the blocks from its first query's (``lo``) to its table end,
     at least one step. The block holding the largest term up to a query block's first row always qualifies."""
     block, rows = hopper_dkdv.BWD_BLOCK_N, 64
-    for e in range(q_end.shape[2]):
-        lo = max(e * block - (s_k - s_q), 0) // rows * rows
-        q_end[..., e] = torch.maximum(q_end[..., e], torch.tensor(lo + 1))
+    los = [max(e * block - (s_k - s_q), 0) // rows * rows for e in range(q_end.shape[2])]
+    ends = [q_end[..., e].clamp(min=lo + 1) for e, lo in enumerate(los)]
     for start in range(0, s_q, rows):
-        los = [max(e * block - (s_k - s_q), 0) // rows * rows for e in range(q_end.shape[2])]
-        seen = torch.stack([(q_end[..., e] > start) & (lo <= start) for e, lo in enumerate(los)]).any(0)
+        seen = torch.stack([(end > start) & (lo <= start) for end, lo in zip(ends, los)]).any(0)
         assert seen.all(), (start, (~seen).nonzero().tolist())
 
 
@@ -120,7 +118,7 @@ def _assert_sound(first, tile_m, q_end, logp):
                 assert end == s_q or end % reach.ROW_STEP == 0
                 assert (logp[b, h, end:, kb * block:(kb + 1) * block] < -reach.VANISH2.value).all(), (b, h, kb)
                 skipped_bwd += end < s_q
-    _assert_every_query_block_visited(q_end.clone(), s_q, s_k)
+    _assert_every_query_block_visited(q_end, s_q, s_k)
     return skipped_fwd, skipped_bwd
 
 
