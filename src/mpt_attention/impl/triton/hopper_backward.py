@@ -392,11 +392,10 @@ def _hopper_bwd_dkdv_kernel(
     those programs have no keys and no queries), the row terms (H, 2, T_q), a sequence's last keys'
     dK and dV stored into ``DK``, ``DV`` by plain stores. ``FIRST_WRITE`` (dense, where the consumers form dQ): the
     dQ sums unzeroed, each 64-query block's first program storing into it (``hopper_dq``; ``DQSync`` the blocks'
-    (B, H, S_q / 64) int32 words, zeroed). ``REACH`` (dense, causal ALiBi from slopes or a bias row, the row's only
-    without ``FIRST_WRITE``):
-    each key block visits only the query blocks within its heads' reach (``reach.py``; ``Norms``: the heads' q
-    then k norm maxima, float32 bit patterns, (B * H) + (B * H_kv); with ``REACH_ROW`` then the bias row's table,
-    (B, H, key blocks) query ends). ``SOFT_BLOCKS`` (a bias that may soft-mask whole rows; dense): the loader reads a
+    (B, H, S_q / 64) int32 words, zeroed). ``REACH`` (dense, causal ALiBi from slopes or a bias row; with or without
+    ``FIRST_WRITE``): each key block visits only the query blocks within its heads' reach (``reach.py``; ``Norms``:
+    the heads' q then k norm maxima, float32 bit patterns, (B * H) + (B * H_kv); with ``REACH_ROW`` then the bias
+    row's table, (B, H, key blocks) query ends). ``SOFT_BLOCKS`` (a bias that may soft-mask whole rows; dense): the loader reads a
     64-query block's dO through ``dos_desc`` (the delta kernel's scaled copy) where its word in ``SoftBlocks``, (B,
     H, cdiv(S_q, 64)) int32, is 1. ``zero`` is 0: with ``KV_IN_STEP`` (``gluon_compat``), where the consumers form
     dQ, they index K's and V's tiles with ``half + t * zero``, which the compiler cannot fold, so that the tiles' 24
