@@ -77,17 +77,21 @@ def measure(batch, n_heads, n_kv, seq, head_dim, mode="fwd", only=None, causal=T
           + (f"  | {ratios}" if ratios else ""), flush=True)
 
 
+KERNEL_VARIANTS = ("slopes", "slopes-all-blocks", "row-fp32", "no-bias", "row-fp32-all-blocks")
+
+
 def kernels(batch, n_heads, n_kv, seq, head_dim, mode="fwd_bwd", only=None):
     """Where a forward+backward's (or a forward's) time goes with slopes and with the float32 bias row (``only``:
-    those of slopes, slopes-all-blocks, row-fp32, row-fp32-all-blocks)."""
+    those of ``KERNEL_VARIANTS``)."""
     q = torch.randn(batch, seq, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             for _ in range(2))
     dout = torch.randn_like(q)
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     variants = {"slopes": {"alibi_slopes": slopes}, "slopes-all-blocks": {"alibi_slopes": slopes},
-                "row-fp32": {"attn_bias": M.build_alibi_bias(n_heads, seq, device="cuda")}}
+                "row-fp32": {"attn_bias": M.build_alibi_bias(n_heads, seq, device="cuda")}, "no-bias": {}}
     variants["row-fp32-all-blocks"] = variants["row-fp32"]
+    assert tuple(variants) == KERNEL_VARIANTS
     reach_min_keys = hopper.REACH_MIN_KEYS
     for name in only or ("slopes", "row-fp32"):
         kw = variants[name]
@@ -116,6 +120,9 @@ def main():
     if args.reach_min_keys:
         hopper.REACH_MIN_KEYS = args.reach_min_keys
     only = args.variants.split(",") if args.variants else None
+    unknown = [name for name in only or () if args.kernels and name not in KERNEL_VARIANTS]
+    if unknown:
+        parser.error(f"--kernels times {', '.join(KERNEL_VARIANTS)}; not {', '.join(unknown)}")
     shapes = [tuple(int(x) for x in text.split(",")) for text in args.shape] if args.shape else SHAPES
     for shape in shapes:
         if args.kernels:

@@ -21,7 +21,8 @@ def _load_script(name):
 @pytest.mark.parametrize("script", ["bench_attention", "tune_blocks", "tune_dkdv", "fwd_variants", "summarize",
                                     "host_overhead", "bwd_kernels", "bias_row", "ab_summary", "head_dims",
                                     "fused_dq", "dense_bias", "sass_hotspots", "varlen", "launch_in_step",
-                                    "window_probe", "step_timeline", "soak", "alibi_precision", "pair_clocks"])
+                                    "window_probe", "step_timeline", "soak", "alibi_precision", "pair_clocks",
+                                    "delta_probe"])
 def test_benchmark_scripts_import(script):
     pytest.importorskip("triton")
     if script == "tune_dkdv":  # runs its sweep at import: only check it compiles
