@@ -382,7 +382,8 @@ def run_main(args, rows, causal=True):
                                note=f"median of {len(samples[name])}" if len(samples[name]) > 1 else "")
                 rows.append(row)
                 spread = "" if row["spread"] is None else f"spread {row['spread']:.1%}"
-                print(f"{shape:24s} {mode:7s} {name:22s} {row['tflops'] or 0:8.1f}  {spread}  {row['note']}", flush=True)
+                print(f"{shape:24s} {mode:7s} {name:22s} {row['tflops'] or 0:8.1f}  {spread}  {row['note']}",
+                      flush=True)
             for num, den in PAIRS:
                 if num in samples and den in samples and num not in errors and den not in errors:
                     ratio, low, high = paired_ratio(providers[num], providers[den], mode)
@@ -399,7 +400,7 @@ def run_extras(args, rows):
     batch, n_heads, seq, head_dim = 4, 16, 2048, 128
     gen = torch.Generator(device=dev).manual_seed(1)
     rand = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=gen).requires_grad_()
-    q, k, v = rand(batch, seq, n_heads, head_dim), rand(batch, seq, n_heads, head_dim), rand(batch, seq, n_heads, head_dim)
+    q, k, v = (rand(batch, seq, n_heads, head_dim) for _ in range(3))
     bias = torch.randn(batch, n_heads, seq, seq, device=dev, dtype=dtype, generator=gen).requires_grad_()
     qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -409,7 +410,8 @@ def run_extras(args, rows):
             return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)
 
     flops = attention_flops(batch, n_heads, seq, seq, head_dim, causal=False, mode="fwd_bwd")
-    for name, fn, grads in (("triton-dense-dbias", lambda: M.attention(q, k, v, backend="triton", attn_bias=bias), [q, k, v, bias]),
+    for name, fn, grads in (("triton-dense-dbias", lambda: M.attention(q, k, v, backend="triton", attn_bias=bias),
+                             [q, k, v, bias]),
                             ("memeff-dense-dbias", memeff, [qh, kh, vh, bias])):
         try:
             ms = time_provider(fn, grads, "fwd_bwd")
@@ -537,7 +539,8 @@ def write_outputs(rows, out_dir, meta):
             names = list(dict.fromkeys(r["provider"] for r in main if r["mode"] == mode))
             width = 0.8 / max(1, len(names))
             for i, name in enumerate(names):
-                vals = [next((r["tflops"] for r in main if r["mode"] == mode and r["shape"] == s and r["provider"] == name), 0)
+                vals = [next((r["tflops"] for r in main
+                              if r["mode"] == mode and r["shape"] == s and r["provider"] == name), 0)
                         for s in shapes]
                 ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=name)
             ax.set_xticks([j + 0.4 for j in range(len(shapes))], shapes, rotation=20, fontsize=7)

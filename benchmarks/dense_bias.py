@@ -103,9 +103,11 @@ def kernel_table(fn, grads, label):
 
 
 FWD_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-               for bm, bn, w, st in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2))]
+               for bm, bn, w, st in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 128, 4, 2),
+                                     (128, 128, 8, 2))]
 DKDV_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-                for bm, bn, w, st in ((128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 128, 8, 1), (64, 64, 4, 2))]
+                for bm, bn, w, st in ((128, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 128, 8, 1),
+                                      (64, 64, 4, 2))]
 
 
 def sweep():
@@ -140,7 +142,8 @@ DQ_WIDE_CONFIGS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
 def wide_ds():
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     bwd_config = launch_backward._bwd_config
-    for batch, heads, seq, dim, causal in ((4, 16, 2048, 128, False), (4, 16, 2048, 128, True), (4, 16, 2048, 96, True)):
+    for batch, heads, seq, dim, causal in ((4, 16, 2048, 128, False), (4, 16, 2048, 128, True),
+                                           (4, 16, 2048, 96, True)):
         provs = providers(batch, heads, heads, seq, dim, causal)
         fn16, grads16 = provs["default"]
         q, k, v, bias16 = grads16

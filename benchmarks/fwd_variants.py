@@ -112,7 +112,8 @@ def main() -> int:
     variants = [dict(ACC_DOT=a, TMA=t, WS=w, MASKED_LOADS=m) for a, t, w, m in (
         (False, False, False, False), (False, False, False, True), (True, False, False, False),
         (True, False, False, True), (True, True, False, False), (True, False, True, False), (True, True, True, False))]
-    configs = {128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)], 64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]}
+    configs = {128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+               64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]}
     rows = []
     for batch, n_heads, n_kv, seq, head_dim in shapes:
         q, k, v = (torch.randn(batch, seq, h, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -131,7 +132,8 @@ def main() -> int:
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
 
-        rows.append((shape, "cudnn (no bias)", "", flops / do_bench(cudnn, warmup=25, rep=100, return_mode="median") / 1e9))
+        cudnn_ms = do_bench(cudnn, warmup=25, rep=100, return_mode="median")
+        rows.append((shape, "cudnn (no bias)", "", flops / cudnn_ms / 1e9))
         for flags, c in itertools.product(variants, configs[head_dim]):
             if flags["WS"] and c[2] < 8:  # Triton's Hopper warp specialisation needs two warpgroups
                 continue
@@ -144,7 +146,8 @@ def main() -> int:
                     rows.append((shape, name, str(c), float("nan")))
                     print(f"{shape} {name} {c}: WRONG (max diff {err:.3g})", flush=True)
                     continue
-                ms = do_bench(lambda: run_variant(q, k, v, slopes, flags, cfg), warmup=25, rep=100, return_mode="median")
+                ms = do_bench(lambda: run_variant(q, k, v, slopes, flags, cfg), warmup=25, rep=100,
+                              return_mode="median")
                 rows.append((shape, name, str(c), flops / ms / 1e9))
             except Exception as exc:  # a switch this Triton cannot compile is a result too
                 print(f"{shape} {name} {c}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)

@@ -149,7 +149,8 @@ def graph_table():
     work): how much of the eager step's time is the host's. cuDNN through SDPA (no ALiBi) beside it."""
     q, k, v, slopes = inputs(8, 16, 2048, 128)
     qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
-    providers = (("ours (hopper)", ours(q, k, v, slopes, True), [q, k, v]), ("cudnn", cudnn_on(qh, kh, vh), [qh, kh, vh]))
+    providers = (("ours (hopper)", ours(q, k, v, slopes, True), [q, k, v]),
+                 ("cudnn", cudnn_on(qh, kh, vh), [qh, kh, vh]))
     for name, fwd, leaves in providers:
         dout = torch.randn_like(fwd())
 

@@ -63,7 +63,8 @@ def report(path: str, top: int) -> None:
         entry[2] += i["executed"]
     for op, (wf, ideal, executed) in sorted(by_op.items(), key=lambda kv: -kv[1][0]):
         if wf:
-            print(f"  {op:34s} {wf / 1e6:8.1f}M (ideal {ideal / 1e6:.1f}M) over {executed / 1e6:.1f}M warp instructions")
+            print(f"  {op:34s} {wf / 1e6:8.1f}M (ideal {ideal / 1e6:.1f}M) over {executed / 1e6:.1f}M "
+                  "warp instructions")
 
     print(f"\nstall samples: {samples:.0f}; {_reasons_line(insts, reasons, 8)}")
     starts = [0] + [n for n, i in enumerate(insts) if "USETMAXREG" in i["source"]] + [len(insts)]

@@ -70,7 +70,8 @@ def general_fwd_cases():
         q, k, v = (torch.randn(batch, seq, heads, dim, device=dev, dtype=dt) for _ in range(3))
         slopes = M.gen_slopes(heads, return_1d=True, device=dev)
         cases.append((f"alibi B{batch} S{seq} D{dim}", dim,
-                      lambda q=q, k=k, v=v, s=slopes: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=s),
+                      lambda q=q, k=k, v=v, s=slopes: M.attention(q, k, v, backend="triton", causal=True,
+                                                                  alibi_slopes=s),
                       attention_flops(batch, heads, seq, seq, dim, True)))
     batch, heads, seq, dim = 8, 16, 4096, 128
     q, k, v = (torch.randn(batch, seq, heads, dim, device=dev, dtype=dt) for _ in range(3))
@@ -78,8 +79,9 @@ def general_fwd_cases():
     lengths = torch.randint(seq // 4, 3 * seq // 4, (batch,), generator=torch.Generator().manual_seed(2))
     kpm = (torch.arange(seq).view(1, seq) < lengths.view(batch, 1)).to(dev)
     real = sum(attention_flops(1, heads, int(n), int(n), dim, True) for n in lengths)
-    cases.append(("padded (key_padding_mask)", dim, lambda: M.attention(q, k, v, backend="triton", causal=True,
-                                                                          alibi_slopes=slopes, key_padding_mask=kpm), real))
+    cases.append(("padded (key_padding_mask)", dim,
+                  lambda: M.attention(q, k, v, backend="triton", causal=True, alibi_slopes=slopes,
+                                      key_padding_mask=kpm), real))
     (qp, kp, vp), (_, cu, max_len) = [unpad(t, kpm)[0] for t in (q, k, v)], unpad(q, kpm)[1:]
     cases.append(("varlen (same batch)", dim, lambda: M.attention_varlen(qp, kp, vp, cu, cu, max_len, max_len,
                                                                           backend="triton", causal=True,

@@ -39,7 +39,8 @@ def check(head_dim, kv, dq, atomic=ATOMIC):
     qf, kf = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
     ref, _ = reference_attention(qf, kf, v.detach().float(), compute_dtype=torch.float32, **kw)
     ref_dq, ref_dk = torch.autograd.grad(ref, [qf, kf], torch.ones_like(ref))
-    err = max(((dk_.float() - ref_dk).norm() / ref_dk.norm()).item(), ((dq_.float() - ref_dq).norm() / ref_dq.norm()).item())
+    err = max(((dk_.float() - ref_dk).norm() / ref_dk.norm()).item(),
+              ((dq_.float() - ref_dq).norm() / ref_dq.norm()).item())
     shapes = [(4, 16, 4096)] if head_dim == 128 else [(4, 32, 4096)]
     if DQ and head_dim == 128:
         shapes = [(8, 16, 2048), (2, 16, 8192), (1, 16, 16384)]

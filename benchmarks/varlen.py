@@ -11,7 +11,8 @@ before its tile counts were kept per ``cu_seqlens``, 0.38 after; its kernel 0.3 
 kernels' ratio, the eager one what a loop of single calls sees.
 ``--against-dense``: equal sequences, packed against the same batch dense (``against_dense``).
 ``--sequence-id``: MPT's packed rows, as packed sequences against the masked dense kernels (``sequence_id_rows``).
-``--packed``: the packed forward+backward alone, graph replays in ms, for A/Bs of the packed kernels (``packed_fwd_bwd``).
+``--packed``: the packed forward+backward alone, graph replays in ms, for A/Bs of the packed kernels
+(``packed_fwd_bwd``).
 ``--general-reach``: the general kernels (Hopper kernels off) on packed sequences with causal ALiBi, key blocks past
 its reach skipped against computed (``packed_reach``); ``--hopper-reach``: the same on the Hopper kernels.
 ``--clears``: the Hopper kernels on packed sequences with and without ``hopper.PACKED_CLEARS`` (rows past each

@@ -5,8 +5,9 @@
 
 The main suite's rounds (``samples_ms`` in its JSON) showed our D128 forward up to 8% slower in some rounds than in
 others while FA4+ALiBi held within 1%; one window of ~100 ms (``do_bench``'s median) read ~13% low in a quiet process
-too, with no peer run before it. This times B2 H16 S8192 D128 causal (by default): ours with ALiBi, ours without bias, and one
-peer, window after window, as the suite does (``bench_attention.time_provider``), and prints every window.
+too, with no peer run before it. This times B2 H16 S8192 D128 causal (by default): ours with ALiBi, ours without
+bias, and one peer, window after window, as the suite does (``bench_attention.time_provider``), and prints every
+window.
 """
 
 import argparse

@@ -95,7 +95,8 @@ def test_sass_hotspots_reads_ncu_source_csv(tmp_path, capsys):
               "stall_barrier (Not Issued)"]
     rows = [["0x0", "LDC R1, c[0x0][0x28]", "2", "8", "0", "0", "2", "0", "2"],
             ["0x10", "USETMAXREG.TRY_ALLOC.CTAPOOL UP0, 0xd8", "0", "4", "0", "0", "0", "0", "0"],
-            ["0x20", "HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24", "10", "1,000,000", "6,000,000", "6,000,000", "0", "10", "0"],
+            ["0x20", "HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24", "10", "1,000,000", "6,000,000", "6,000,000", "0",
+             "10", "0"],
             ["0x30", "@!P0  BRA 0x20", "88", "1,000", "0", "0", "8", "80", "8"]]
     lines = ['"Kernel Name","k",'] + [",".join(f'"{c}"' for c in r) for r in [header] + rows]
     path = tmp_path / "k-sass.csv"
@@ -139,7 +140,8 @@ def test_ab_script_reports_a_failed_run_and_goes_on(tmp_path):
                              str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
     a, b = tmp_path / "a", tmp_path / "b"
-    assert result.stdout.splitlines() == [f"== {a} round 1", f"!! {a} round 1 exited with 124", f"== {b} round 1", "ran"]
+    assert result.stdout.splitlines() == [f"== {a} round 1", f"!! {a} round 1 exited with 124", f"== {b} round 1",
+                                          "ran"]
 
 
 def test_ab_summary_reads_speeds_from_an_alternated_log(tmp_path, capsys):

@@ -18,13 +18,15 @@ BAD_OP_INPUTS = [
     ("3d-q", dict(q=(B, S, H * D)), {}, ValueError, r"q must be a 4-D tensor \(B, S, H, D\), got \(2, 8, 64\)"),
     ("kv-shape", dict(v=(B, S + 1, 2, D)), {}, ValueError, r"k and v must have the same shape"),
     ("head-dim", dict(k=(B, S, 2, 8), v=(B, S, 2, 8)), {}, ValueError, r"must agree in batch and head dim"),
-    ("heads", dict(k=(B, S, 3, D), v=(B, S, 3, D)), {}, ValueError, r"H_q=4 must be a multiple of key/value heads H_kv=3"),
+    ("heads", dict(k=(B, S, 3, D), v=(B, S, 3, D)), {}, ValueError,
+     r"H_q=4 must be a multiple of key/value heads H_kv=3"),
     ("mask-dtype", {}, dict(key_padding_mask=torch.ones(B, S, dtype=torch.int64)), ValueError,
      r"key_padding_mask must be bool \(B, S_k\)=\(2, 8\) with True = keep, got torch.int64"),
     ("mask-shape", {}, dict(key_padding_mask=torch.ones(B, S + 1, dtype=torch.bool)), ValueError,
      r"key_padding_mask must be bool .* got torch.bool \(2, 9\)"),
     ("bias-broadcast", {}, dict(attn_bias=torch.zeros(1, 3, 1, S)), ValueError,
-     r"attn_bias must be a float tensor broadcastable to \(B, H_q, S_q, S_k\)=\(2, 4, 8, 8\), got torch.float32 \(1, 3, 1, 8\)"),
+     r"attn_bias must be a float tensor broadcastable to \(B, H_q, S_q, S_k\)=\(2, 4, 8, 8\), "
+     r"got torch.float32 \(1, 3, 1, 8\)"),
     ("bias-3d", {}, dict(attn_bias=torch.zeros(H, S, S)), ValueError, r"attn_bias must be a float tensor"),
     ("slopes", {}, dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must be float \(H_q,\)=\(4,\)"),
     ("seqid-float", {}, dict(sequence_id=torch.zeros(B, S)), ValueError, r"sequence_id must be an integer tensor"),
@@ -133,7 +135,8 @@ def test_bad_seed_function_inputs(impl, make, exc, message):
 def test_torch_cache_in_packed_layout_is_rejected():
     q = torch.randn(1, 1, 32)
     with pytest.raises(ValueError, match=r"attn_impl='torch' caches are \(B, H_kv, D, S\) key"):
-        M.scaled_multihead_dot_product_attention(q, q, q, 4, past_key_value=(torch.randn(1, 3, 32), torch.randn(1, 3, 32)))
+        M.scaled_multihead_dot_product_attention(q, q, q, 4,
+                                                 past_key_value=(torch.randn(1, 3, 32), torch.randn(1, 3, 32)))
 
 
 def test_inputs_on_different_devices():

@@ -83,8 +83,9 @@ def test_float32_bias_matrix_gradient_from_the_dq_kernel(case, deterministic):
     assert_gradients_close_to_reference(out, _grads(out, inputs, dout), inputs, kw, dout, torch.bfloat16)
 
 
-@pytest.mark.parametrize("case", [AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=True, padding="left", bias="full"),
-                                  AttnCase(1, 700, 900, 4, 4, 64, bias="full")], ids=lambda c: c.id())
+@pytest.mark.parametrize("case", [
+    AttnCase(2, 1000, 1000, 8, 2, 128, causal=True, alibi=True, padding="left", bias="full"),
+    AttnCase(1, 700, 900, 4, 4, 64, bias="full")], ids=lambda c: c.id())
 def test_full_bias_in_the_inputs_dtype_takes_dq_from_stored_ds(dq_gemm_calls, case):
     """The bias MPT builds is in the model's dtype: reproducibly (elsewhere also by default: key padding, no
     Hopper GPU) the dK/dV kernel stores dS and dQ is one GEMM on it."""
@@ -337,7 +338,8 @@ def test_seqused_matches_float64_reference_on_the_hopper_kernels(monkeypatch, dt
     calls = []
     for module, name in ((hopper, "run_forward"), (plans, "run_fused")):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+        monkeypatch.setattr(module, name,
+                            lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     caps, used_k = [1501, 1500, 1499, 803], [1501, 131, 0, 777]
     slopes = M.gen_slopes(8, return_1d=True, device="cuda") if alibi else None
     check_seqused("triton", caps, used_q or used_k, caps, used_k, 8, n_kv, head_dim, causal, slopes, dtype, "cuda")
@@ -354,7 +356,8 @@ def test_varlen_matches_float64_reference(dtype, head_dim, n_kv, causal):
     cu_q, cu_k = (torch.tensor([0] + l, device="cuda").cumsum(0, dtype=torch.int32) for l in (lens_q, lens_k))
     gen = torch.Generator(device="cuda").manual_seed(3)
     randn = lambda *s: torch.randn(*s, device="cuda", generator=gen).to(dtype).requires_grad_()
-    q, k, v = randn(sum(lens_q), n_heads, head_dim), randn(sum(lens_k), n_kv, head_dim), randn(sum(lens_k), n_kv, head_dim)
+    q = randn(sum(lens_q), n_heads, head_dim)
+    k, v = randn(sum(lens_k), n_kv, head_dim), randn(sum(lens_k), n_kv, head_dim)
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     out = M.attention_varlen(q, k, v, cu_q, cu_k, backend="triton", causal=causal, alibi_slopes=slopes)
     dout = torch.randn_like(out)
@@ -404,7 +407,8 @@ def test_atomic_dq_varies_only_in_rounding_and_dk_dv_stay_bitwise(monkeypatch):
         assert rel < 1e-2, f"dQ moved by {rel:.1e} between runs: more than summation-order rounding"
 
 
-@pytest.mark.parametrize("head_dim, n_kv, deterministic", [(128, 2, True), (64, 2, True), (128, 8, None), (64, 2, None)],
+@pytest.mark.parametrize("head_dim, n_kv, deterministic",
+                         [(128, 2, True), (64, 2, True), (128, 8, None), (64, 2, None)],
                          ids=["hopper-dkdv-and-dq-kernel-on-sm90", "general-kernels", "hopper-dq-warpgroup-on-sm90",
                               "hopper-dq-warpgroup-grouped-heads-on-sm90"])
 def test_backward_replays_in_a_cuda_graph(head_dim, n_kv, deterministic):

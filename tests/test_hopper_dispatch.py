@@ -188,8 +188,8 @@ def test_bias_rows_reach_the_kernels_converted_and_aligned(bias):
     values below the soft-mask threshold become the one soft-mask score (common.SOFT_SCORE)."""
     if bias.is_contiguous():  # plant -inf, the dtype's min and a -1e9 mask
         bias = bias.clone()
-        bias[0, 0, 0, :3] = torch.tensor([float("-inf"), torch.finfo(bias.dtype).min, -1e9 if bias.dtype == torch.float32
-                                           else -6e4])
+        large = -1e9 if bias.dtype == torch.float32 else -6e4
+        bias[0, 0, 0, :3] = torch.tensor([float("-inf"), torch.finfo(bias.dtype).min, large])
     rows = launch._log2_bias_rows(bias)
     assert rows.dtype == torch.float32 and rows.shape[2:] == bias.shape[2:]
     assert hopper_views.bias_row_view(rows) is not None

@@ -37,7 +37,8 @@ def test_all_kernels_compile_for_sm90():
     # the GPU machine's Triton 3.6 none), the two-consumer kernel (240) spills none
     expected = {"hopper-fwd D=128": 0, "hopper-fwd D=64": 4, "hopper-fwd-two-consumers D=64": 0}
     for name, spilled in expected.items():
-        line = next(row for row in result.stdout.splitlines() if row.startswith(f"ok   {name} causal=True alibi=1 bf16 "))
+        line = next(row for row in result.stdout.splitlines()
+                    if row.startswith(f"ok   {name} causal=True alibi=1 bf16 "))
         assert f"{spilled} bytes spill stores, {spilled} bytes spill loads" in line, line
     # D 104-112: the forward's Q K^T on 64 + 32 + 16 columns; with causal ALiBi it spills none
     assert result.stdout.count("ok   hopper-fwd-qk-cols=112") == 4
@@ -126,8 +127,8 @@ def test_general_kernels_launched_with_one_key_or_float32_tiles_compile_and_fit(
     and fits."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     grids = [["--head-dims", "160", "--biases", "none", "--kernel", "fwd", "--seqs", "1", "37"],
-             ["--head-dims", "80", "--biases", "row-grad", "matrix-grad", "shared-grad", "--kernel", "dq", "--seqs", "1",
-              "37"],
+             ["--head-dims", "80", "--biases", "row-grad", "matrix-grad", "shared-grad", "--kernel", "dq", "--seqs",
+              "1", "37"],
              # float32 inputs past 64 columns (D>128's configs; the D 72-128 ones needed up to 328 KB)
              ["--head-dims", "80", "--biases", "matrix-grad", "--dtypes", "fp32", "--seqs", "37"]]
     for grid in grids:

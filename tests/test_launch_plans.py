@@ -58,7 +58,8 @@ def _inputs(case: dict) -> dict:
 def _packed_inputs(case: dict) -> dict:
     """Packed sequences of the case's signature: ``n_seq`` of them, the first ``s`` rows long (the longest), the rest
     of random lengths adding up to a fixed total, so that calls of one signature differ in their lengths (which no
-    plan may read); ``seqused``: random used lengths (``"keys"``: of the keys alone); ``max_q``, ``max_k``: longest lengths passed larger than any."""
+    plan may read); ``seqused``: random used lengths (``"keys"``: of the keys alone); ``max_q``, ``max_k``: longest
+    lengths passed larger than any."""
     d, h, h_kv, s, n_seq = case.get("d", 128), case.get("h", 4), case.get("h_kv", 4), case.get("s", 128), \
         case.get("n_seq", 3)
     dtype = case.get("dtype", torch.bfloat16)
@@ -74,9 +75,9 @@ def _packed_inputs(case: dict) -> dict:
         used = torch.tensor([int(torch.randint(0, n + 1, ())) for n in lens], dtype=torch.int32)
     slopes = torch.rand(h) if case.get("slopes", "heads") else None
     out = torch.randn(q.shape, dtype=dtype)
-    return dict(q=q, k=k, v=v, bias=None, slopes=slopes, out=out, lse=torch.randn(h, n_tokens), dout=torch.randn_like(out),
-                dlse=None, cu_q=cu, cu_k=cu.clone(), used_q=None if case.get("seqused") == "keys" else used,
-                used_k=None if used is None else used.clone())
+    return dict(q=q, k=k, v=v, bias=None, slopes=slopes, out=out, lse=torch.randn(h, n_tokens),
+                dout=torch.randn_like(out), dlse=None, cu_q=cu, cu_k=cu.clone(),
+                used_q=None if case.get("seqused") == "keys" else used, used_k=None if used is None else used.clone())
 
 
 def _step(case: dict, t: dict):

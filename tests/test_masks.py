@@ -86,7 +86,8 @@ def test_invalid_attn_impl_in_bias_builders():
 
 def test_build_attn_bias_adds_alibi():
     zeros = torch.zeros(1, 4, 1, 16)
-    torch.testing.assert_close(M.build_attn_bias("torch", zeros, 4, 16, causal=True, alibi=True), M.build_alibi_bias(4, 16))
+    torch.testing.assert_close(M.build_attn_bias("torch", zeros, 4, 16, causal=True, alibi=True),
+                               M.build_alibi_bias(4, 16))
     assert M.build_attn_bias("flash", zeros, 4, 16, alibi=True) is None
     assert M.build_attn_bias("torch", zeros, 4, 16, alibi=False) is zeros
 
@@ -95,7 +96,8 @@ def test_prefix_and_sequence_id_mask_matrix():
     """The seed's worked example: prefix [1,1,0,0,1,1,1,0] with sequence ids [0,0,0,0,1,1,1,1]."""
     bias = M.build_mpt_attn_bias(
         "torch", 1, 256, prefix_lm=True, attn_uses_sequence_id=True,
-        prefix_mask=torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0]]).bool(), sequence_id=torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]]),
+        prefix_mask=torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0]]).bool(),
+        sequence_id=torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]]),
     )
     keep_rows = [{0, 1}, {0, 1}, {0, 1, 2}, {0, 1, 2, 3}, {4, 5, 6}, {4, 5, 6}, {4, 5, 6}, {4, 5, 6, 7}]
     expected = torch.full((8, 8), torch.finfo(torch.float32).min)
@@ -121,7 +123,8 @@ def test_build_mpt_attn_bias_errors():
     with pytest.raises(ValueError, match="prefix_mask sequence length cannot exceed max_seq_len=8"):
         M.build_mpt_attn_bias("torch", 1, 8, prefix_lm=True, prefix_mask=torch.ones(1, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="sequence_id sequence length cannot exceed max_seq_len=8"):
-        M.build_mpt_attn_bias("torch", 1, 8, attn_uses_sequence_id=True, sequence_id=torch.zeros(1, 9, dtype=torch.long))
+        M.build_mpt_attn_bias("torch", 1, 8, attn_uses_sequence_id=True,
+                              sequence_id=torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="are not equal"):
         M.build_mpt_attn_bias("torch", 1, 8, prefix_lm=True, prefix_mask=torch.ones(1, 4, dtype=torch.bool),
                               attention_mask=torch.ones(1, 5, dtype=torch.bool))

@@ -35,7 +35,8 @@ def test_registry():
     [
         (dict(d_model=30, n_heads=4, kv_n_heads=4), "d_model must be divisible by n_heads"),
         (dict(d_model=64, n_heads=16, kv_n_heads=0), "kv_n_heads should be greater than zero."),
-        (dict(d_model=64, n_heads=16, kv_n_heads=17), "The number of KV heads should be less than or equal to Q heads."),
+        (dict(d_model=64, n_heads=16, kv_n_heads=17),
+         "The number of KV heads should be less than or equal to Q heads."),
         (dict(d_model=64, n_heads=16, kv_n_heads=3), "n_heads must be divisible by kv_n_heads"),
         (dict(d_model=64, n_heads=4, kv_n_heads=4, attn_impl="cuda"), r"attn_impl='cuda' is an invalid setting\."),
         (dict(d_model=64, n_heads=4, kv_n_heads=4, attn_pdrop=1.5), r"attn_pdrop must be in \[0, 1\), got 1.5"),

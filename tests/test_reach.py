@@ -1,7 +1,8 @@
 """A causal bias row's reach (reach.row_reach_kernel): the tables the Hopper kernels read to skip key blocks, run under
 the interpreter on the CPU. The property that matters is exactness: every block a table skips holds only
-probabilities below 2^-VANISH2 (2^-48) of the float64 softmax, for every query it is skipped for; the tables must also skip
-something where ALiBi decays, and nothing where the row gives no bound (NaN, soft masks, infinite norms)."""
+probabilities below 2^-VANISH2 (2^-48) of the float64 softmax, for every query it is skipped for; the tables must
+also skip something where ALiBi decays, and nothing where the row gives no bound (NaN, soft masks, infinite
+norms)."""
 
 import os
 
@@ -308,8 +309,9 @@ def test_general_kernels_skip_only_blocks_past_the_reach(monkeypatch):
 def test_a_training_step_skips_past_the_reach_from_half_the_keys(monkeypatch):
     """Between REACH_MIN_KEYS / 2 and REACH_MIN_KEYS keys only a training step skips past the reach: its forward
     (grad mode on, an input needing a gradient) reads the norms and hands them to its backward (one norm pass per
-    step), while a forward alone (no input needing one, or under ``no_grad``) computes every block. NaN in V's first 64 keys shows which: every row that sees them is NaN without
-    the skip, the steep head's late rows stay finite with it."""
+    step), while a forward alone (no input needing one, or under ``no_grad``) computes every block. NaN in V's first
+    64 keys shows which: every row that sees them is NaN without the skip, the steep head's late rows stay finite
+    with it."""
     import mpt_attention as M
 
     q, k, v, slopes = _general_case()  # 256 keys

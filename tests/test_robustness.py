@@ -43,7 +43,8 @@ def test_alibi_over_64k_positions(backend):
     """One decode query over a 64k cache: ALiBi distances reach 65535 (slope * distance ~ -3e4)."""
     s_k = 1 << 16
     gen = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(1, 1, 2, 16, generator=gen), torch.randn(1, s_k, 1, 16, generator=gen), torch.randn(1, s_k, 1, 16, generator=gen)
+    q = torch.randn(1, 1, 2, 16, generator=gen)
+    k, v = torch.randn(1, s_k, 1, 16, generator=gen), torch.randn(1, s_k, 1, 16, generator=gen)
     slopes = M.gen_slopes(2, return_1d=True)
     if backend == "sdpa":
         out, lse = M.attention(q, k, v, backend=backend, causal=True, alibi_slopes=slopes), None
@@ -192,7 +193,8 @@ def test_stride_zero_broadcast_bias_and_transposed_views(backend):
     out = M.attention(q, k, v, backend=backend, attn_bias=expanded, **kw)
     torch.testing.assert_close(out, M.attention(q, k, v, backend=backend, attn_bias=row, **kw))
     k_view = k.transpose(0, 1).contiguous().transpose(0, 1)  # a (S, B, H, D) buffer seen as (B, S, H, D)
-    torch.testing.assert_close(M.attention(q, k_view, v, backend=backend, **kw), M.attention(q, k, v, backend=backend, **kw))
+    torch.testing.assert_close(M.attention(q, k_view, v, backend=backend, **kw),
+                               M.attention(q, k, v, backend=backend, **kw))
 
 
 @pytest.mark.parametrize("head_dim", [1, 8, 200, 256])

@@ -190,6 +190,7 @@ def test_torch_gradcheck_float64():
 def test_torch_dropout_in_training_drops():
     b, s, h, d = 1, 64, 1, 8
     q, k, v = packed(b, s, h, d), packed(b, s, h, d), packed(b, s, h, d)
-    _, weights, _ = M.scaled_multihead_dot_product_attention(q, k, v, h, dropout_p=0.5, training=True, needs_weights=True)
+    _, weights, _ = M.scaled_multihead_dot_product_attention(q, k, v, h, dropout_p=0.5, training=True,
+                                                             needs_weights=True)
     dropped = (weights == 0).float().mean().item()
     assert 0.4 < dropped < 0.6

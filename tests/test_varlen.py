@@ -9,8 +9,8 @@ from mpt_attention import ops
 from mpt_attention.kept import kept_values
 from mpt_attention.padding import pad, unpad
 from mpt_attention.testing import (
-    assert_close_to_reference, assert_compiled_matches_eager, make_varlen_inputs, reference_attention, reference_attention_varlen,
-    varlen_backend_and_slopes,
+    assert_close_to_reference, assert_compiled_matches_eager, make_varlen_inputs, reference_attention,
+    reference_attention_varlen, varlen_backend_and_slopes,
 )
 
 BACKENDS = ["torch", "sdpa", "triton"]
@@ -132,7 +132,8 @@ def test_varlen_compiles_fullgraph_on_triton():
 
 
 BAD_VARLEN = [
-    ("4d-q", dict(q=torch.randn(1, 10, 2, 8)), ValueError, r"q must be a 3-D packed tensor \(T, H, D\), got \(1, 10, 2, 8\)"),
+    ("4d-q", dict(q=torch.randn(1, 10, 2, 8)), ValueError,
+     r"q must be a 3-D packed tensor \(T, H, D\), got \(1, 10, 2, 8\)"),
     ("int64-cu", dict(cu_seqlens_q=torch.tensor([0, 4, 10])), ValueError,
      r"cu_seqlens_q must be int32 \(B \+ 1,\) cumulative lengths, got torch.int64 \(3,\)"),
     ("cu-not-from-0", dict(cu_seqlens_k=_cu([4, 6]) + 1), ValueError,
@@ -142,8 +143,10 @@ BAD_VARLEN = [
     ("cu-wrong-total", dict(cu_seqlens_q=_cu([4, 5])), ValueError, r"end at the packed length 10, got \[0, 4, 9\]"),
     ("cu-count", dict(cu_seqlens_k=_cu([4, 3, 3])), ValueError, r"the same number of sequences, got 2 and 3"),
     ("max-too-small", dict(max_seqlen_q=5), ValueError, r"max_seqlen_q=5 is shorter than the longest sequence \(6\)"),
-    ("slopes-shape", dict(alibi_slopes=torch.ones(3, 2)), ValueError, r"alibi_slopes must be \(H_q,\)=\(2,\) or \(B, H_q\)=\(2, 2\)"),
-    ("heads", dict(k=torch.randn(10, 3, 8), v=torch.randn(10, 3, 8)), ValueError, r"H_q=2 must be a multiple of key/value heads H_kv=3"),
+    ("slopes-shape", dict(alibi_slopes=torch.ones(3, 2)), ValueError,
+     r"alibi_slopes must be \(H_q,\)=\(2,\) or \(B, H_q\)=\(2, 2\)"),
+    ("heads", dict(k=torch.randn(10, 3, 8), v=torch.randn(10, 3, 8)), ValueError,
+     r"H_q=2 must be a multiple of key/value heads H_kv=3"),
     ("dtype", dict(k=torch.randn(10, 1, 8).half()), TypeError, r"must share one floating dtype"),
 ]
 

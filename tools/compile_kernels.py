@@ -31,7 +31,8 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 if _HOPPER_PTXAS_OPTIONS := ptxas_options(9):
     LAUNCH_OPTIONS["ptx_options"] = with_user_ptxas_options(_HOPPER_PTXAS_OPTIONS)
 _FLOAT_SCALARS = {"qk_scale2", "dropout_p", "softmax_scale"}
-_POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32", "SeqRange": "*i32",
+_POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i64", "KvRange": "*i32",
+                  "SeqRange": "*i32",
                   "CuSeqQ": "*i32", "CuSeqK": "*i32", "EndSeqQ": "*i32", "EndSeqK": "*i32", "Lse": "*fp32",
                   "DLse": "*fp32", "Delta": "*fp32",
                   "DBiasCols": "*fp32", "DBias": "*bf16", "DQAcc": "*fp32", "Bias": "*fp32", "Slopes": "*fp32",
@@ -201,7 +202,8 @@ def _compile_dq_staging_probe():
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT, dq_chunk_tiles, dqt_layout
+    from mpt_attention.impl.triton.hopper_dq import DQ_CHUNK, DQ_COLS, DQ_ROWS, DQ_TILE_LAYOUT, dq_chunk_tiles
+    from mpt_attention.impl.triton.hopper_dq import dqt_layout
 
     @gluon.jit
     def probe():
@@ -315,8 +317,8 @@ def main() -> int:
     for causal, alibi, bias, matrix in [(True, 1, None, False), (False, 2, None, False), (True, 0, "fp32", False),
                                         (True, 0, None, True)]:
         failures += _report_gluon(f"hopper-fwd-qk-cols=112 D=128 causal={causal} alibi={alibi} bias={bias} "
-                                  f"matrix={matrix}", compile_hopper_kernel, 128, causal, alibi, "bf16", bias, 0, matrix,
-                                  qk_cols=112)
+                                  f"matrix={matrix}", compile_hopper_kernel, 128, causal, alibi, "bf16", bias, 0,
+                                  matrix, qk_cols=112)
     # D 72-96 where Triton's sm_90 ptxas is CUDA 13's (``hopper.forward_tail``): P V over all 128 columns
     for qk_cols, causal, alibi, bias in [(80, True, 1, None), (96, False, 2, None), (96, True, 0, "fp32")]:
         failures += _report_gluon(f"hopper-fwd-qk-cols={qk_cols} D=128 causal={causal} alibi={alibi} bias={bias}",
@@ -325,7 +327,8 @@ def main() -> int:
     for head_dim, causal, alibi, dtype, bias in [(128, True, 1, "bf16", None), (64, True, 0, "fp16", None),
                                                  (128, False, 1, "bf16", None), (64, True, 0, "bf16", "fp32")]:
         failures += _report_gluon(f"hopper-fwd-scaled-max D={head_dim} causal={causal} alibi={alibi} {dtype} "
-                                  f"bias={bias}", compile_hopper_kernel, head_dim, causal, alibi, dtype, bias, raw=False)
+                                  f"bias={bias}", compile_hopper_kernel, head_dim, causal, alibi, dtype, bias,
+                                  raw=False)
     # packed sequences (attention_varlen): the forward only
     for head_dim, tail, causal, alibi, dtype in [(128, 0, True, 1, "bf16"), (64, 0, False, 2, "fp16"),
                                                  (128, 32, True, 0, "bf16")]:
@@ -356,8 +359,8 @@ def main() -> int:
                                   compile_hopper_kernel, head_dim, True, 1, "bf16", None, tail, False, True, reach=True)
     for head_dim, fused_dq, partial in [(64, True, False), (128, True, False), (128, True, True), (128, False, False)]:
         failures += _report_gluon(f"hopper-bwd-reach D={head_dim} causal=True alibi=1 fused_dq={fused_dq} "
-                                  f"partial={partial}", compile_hopper_dkdv_kernel, head_dim, True, 1, fused_dq=fused_dq,
-                                  partial=partial, reach=True)
+                                  f"partial={partial}", compile_hopper_dkdv_kernel, head_dim, True, 1,
+                                  fused_dq=fused_dq, partial=partial, reach=True)
     # a causal bias row past its reach (reach.row_reach_kernel's tables): through the extension product at both
     # widths, and scaled first (a zero scale: the row's slices come ahead, from the tile's first block)
     for head_dim, raw in [(64, None), (128, None), (64, False)]:
@@ -407,13 +410,19 @@ def main() -> int:
     # unswizzled tile had 4-way conflicts, and its stores bound the kernel: benchmarks/NOTES.md session 20)
     failures += _report_gluon("dq-staging: no bank conflicts", _compile_dq_staging_probe)
     flag_sets = [
-        dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
-        dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True, VARLEN=False),
-        dict(IS_CAUSAL=True, ALIBI=2, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=True, DROPOUT=False, VARLEN=False),
-        dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=True, VARLEN=True),
-        dict(IS_CAUSAL=False, ALIBI=0, BIAS=2, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
+        dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False,
+             VARLEN=False),
+        dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True,
+             VARLEN=False),
+        dict(IS_CAUSAL=True, ALIBI=2, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=True, DROPOUT=False,
+             VARLEN=False),
+        dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=True,
+             VARLEN=True),
+        dict(IS_CAUSAL=False, ALIBI=0, BIAS=2, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False,
+             VARLEN=False),
         # MPT's bias row with nothing else: every kernel reads it through a descriptor
-        dict(IS_CAUSAL=True, ALIBI=0, BIAS=1, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False),
+        dict(IS_CAUSAL=True, ALIBI=0, BIAS=1, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False,
+             VARLEN=False),
     ]
     flag_sets = [dict(flags, REACH=False) for flags in flag_sets]
     # causal ALiBi from slopes past its reach (launch._general_reach), dense and packed (one norm row: reach.norm_row)
@@ -430,8 +439,8 @@ def main() -> int:
         ds_desc = bias_grad == 2  # dS stored through a descriptor (rows of 16-byte multiples)
         jobs += [("dkdv", _attn_bwd_dkdv_kernel, kv_cfg, dict(BIAS_GRAD=bias_grad, DESC=desc,
                                                               ATOMIC_DQ=0, DS_DESC=ds_desc)),
-                 ("dkdv-atomic-dq", _attn_bwd_dkdv_kernel, atomic_cfg, dict(BIAS_GRAD=bias_grad, DESC=desc,
-                                                                                   ATOMIC_DQ=2 if desc else 1, DS_DESC=ds_desc)),
+                 ("dkdv-atomic-dq", _attn_bwd_dkdv_kernel, atomic_cfg,
+                  dict(BIAS_GRAD=bias_grad, DESC=desc, ATOMIC_DQ=2 if desc else 1, DS_DESC=ds_desc)),
                  ("dq", _attn_bwd_dq_kernel, q_cfg, dict(BIAS_GRAD=2 if flags["BIAS"] == 2 else 0, DESC=desc,
                                                          ROW_DESC=desc and row_desc))]
         for name, fn, cfg, extra in jobs:

@@ -82,7 +82,9 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> st
         _CUDA_TRITON_STATUS[index] = None if major >= 8 else f"needs a GPU of compute capability >= 8.0, got {major}.x"
         return _CUDA_TRITON_STATUS[index]
     if device.type == "cpu":
-        return None if triton_interpreting() else "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing"
+        if triton_interpreting():
+            return None
+        return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing"
     return f"device type {device.type!r} is not supported by the triton backend"
 
 
@@ -219,7 +221,8 @@ def _validate(q, k, v, backend, causal, softmax_scale, alibi_slopes, attn_bias, 
         raise ValueError("prefix_mask makes prefix keys visible to a causal mask: it needs causal=True")
     if sequence_id is not None:
         _check_aux("sequence_id", sequence_id, q.device)
-        if sequence_id.is_floating_point() or sequence_id.dtype == torch.bool or tuple(sequence_id.shape) != (batch, s_k):
+        if (sequence_id.is_floating_point() or sequence_id.dtype == torch.bool
+                or tuple(sequence_id.shape) != (batch, s_k)):
             raise ValueError(f"sequence_id must be an integer tensor (B, S_k)=({batch}, {s_k}), "
                              f"got {sequence_id.dtype} {tuple(sequence_id.shape)}")
         if s_q > s_k:

@@ -174,7 +174,8 @@ def check(device: str, as_json: bool) -> int:
         reason = M.backend_status(backend, device)
         entry = {"available": reason is None, "reason": reason}
         if reason is None:
-            for key, fn in (("check", _numerical_check), ("dense_check", _dense_check), ("varlen_check", _varlen_check)):
+            checks = (("check", _numerical_check), ("dense_check", _dense_check), ("varlen_check", _varlen_check))
+            for key, fn in checks:
                 try:
                     entry[key] = fn(backend, device, dtype)
                 except Exception as exc:  # the report must show every backend's state, then fail
@@ -199,7 +200,8 @@ def _print_report(report: dict) -> None:
     for name, version in report["versions"].items():
         print(f"  {name:14s} {version}")
     extra = f" ({report['gpu']}, sm_{report['capability'].replace('.', '')})" if "gpu" in report else ""
-    print(f"  device         {report['device']}{extra}, {report['dtype']}, TRITON_INTERPRET={report['triton_interpret']}")
+    print(f"  device         {report['device']}{extra}, {report['dtype']}, "
+          f"TRITON_INTERPRET={report['triton_interpret']}")
     print("\nbackends (numerical checks against float64: causal ALiBi GQA padded S=37; dense S=197 D=64; varlen,"
           " 3 packed sequences)")
     for backend, entry in report["backends"].items():

@@ -91,7 +91,8 @@ def _slice_bias(attn_bias, batch, n_heads, s_q, s_k):
 
 
 def _check_padding_mask(key_padding_mask, batch, s_k):
-    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (batch, s_k)):
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or key_padding_mask.shape != (batch, s_k)):
         raise ValueError(f"key_padding_mask must be bool (B, S_k)=({batch}, {s_k}) with True = keep, "
                          f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
 
@@ -110,7 +111,8 @@ def scaled_multihead_dot_product_attention(
     v = value.view(batch, value.shape[1], kv_heads, head_dim).transpose(1, 2)
     if past_key_value is not None:
         if len(past_key_value) != 0:
-            _check_cache(past_key_value, [(batch, kv_heads, head_dim, None), (batch, kv_heads, None, head_dim)], "torch")
+            _check_cache(past_key_value, [(batch, kv_heads, head_dim, None), (batch, kv_heads, None, head_dim)],
+                         "torch")
             k_t = torch.cat([past_key_value[0], k_t], dim=3)
             v = torch.cat([past_key_value[1], v], dim=2)
         past_key_value = (k_t, v)

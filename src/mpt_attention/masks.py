@@ -125,7 +125,8 @@ def build_attn_bias(attn_impl, attn_bias, n_heads, seq_len, causal=False, alibi=
     if alibi:
         device, dtype = attn_bias.device, attn_bias.dtype
         return attn_bias.add(
-            build_alibi_bias(n_heads, seq_len, full=not causal, alibi_bias_max=alibi_bias_max, device=device, dtype=dtype)
+            build_alibi_bias(n_heads, seq_len, full=not causal, alibi_bias_max=alibi_bias_max, device=device,
+                             dtype=dtype)
         )
     return attn_bias
 
@@ -166,7 +167,8 @@ def build_mpt_attn_bias(
     bias = None
     if shape is not None:
         bias = torch.zeros(shape, dtype=torch.float32, device=device)
-        bias = build_attn_bias(attn_impl, bias, n_heads, max_seq_len, causal=causal, alibi=alibi, alibi_bias_max=alibi_bias_max)
+        bias = build_attn_bias(attn_impl, bias, n_heads, max_seq_len, causal=causal, alibi=alibi,
+                               alibi_bias_max=alibi_bias_max)
         bias = bias.to(dtype=dtype, device=device)
     min_val = torch.finfo(dtype).min
     if prefix_lm:

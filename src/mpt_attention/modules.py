@@ -55,7 +55,8 @@ class GroupedQueryAttention(nn.Module):
         if kv_n_heads > n_heads:
             raise ValueError("The number of KV heads should be less than or equal to Q heads.")
         if n_heads % kv_n_heads:
-            raise ValueError("Each Q head should get the same number of KV heads, so n_heads must be divisible by kv_n_heads.")
+            raise ValueError("Each Q head should get the same number of KV heads, "
+                             "so n_heads must be divisible by kv_n_heads.")
         if attn_impl not in ATTN_FN_REGISTRY:
             raise ValueError(f"attn_impl={attn_impl!r} is an invalid setting.")
         if not 0.0 <= attn_pdrop < 1.0:

@@ -194,7 +194,8 @@ def _dkdv_blocks(
             do = do_src.load([start_m, 0])
         else:
             q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_head + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+            q = tl.load(q_head + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask,
+                        other=0.0)
             do = tl.load(do_head + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask,
                          other=0.0)
         lse2, delta = _row_stats(lse_row, delta_row, rows, row_ok, BIAS)
@@ -361,7 +362,8 @@ def _attn_bwd_dkdv_kernel(
 
     dk_ptrs = DK + b64 * stride_dkb + kv_h.to(tl.int64) * stride_dkh + row_start * stride_dks
     dv_ptrs = DV + b64 * stride_dvb + kv_h.to(tl.int64) * stride_dvh + row_start * stride_dvs
-    tl.store(dk_ptrs + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_ptrs + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * softmax_scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
     tl.store(dv_ptrs + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -398,8 +400,10 @@ def _dq_blocks(
             v = v_src.load([start_n, 0])
         else:
             kv_mask = live_keys(cols, seqlen_k, kpm_ptr, HAS_KPM)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_base + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask,
+                        other=0.0)
+            v = tl.load(v_base + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask,
+                        other=0.0)
         bias_ptrs = block_bias(row_src, bias_base, start_n, offs_m, offs_n, stride_bm, stride_bn, BIAS, ROW_DESC,
                                BLOCK_N)
         # [BLOCK_M, BLOCK_N]
@@ -410,8 +414,8 @@ def _dq_blocks(
         )
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
         if BIAS_GRAD == 2:
-            tl.store(dbias_base + n64 + offs_m[:, None] * seqlen_k + offs_n[None, :], ds.to(dbias_base.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(dbias_base + n64 + offs_m[:, None] * seqlen_k + offs_n[None, :],
+                     ds.to(dbias_base.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     return dq
 
 
@@ -460,8 +464,8 @@ def _attn_bwd_dq_kernel(
     # [BLOCK_M, BLOCK_D]
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=q_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dos + offs_m[:, None] * stride_dos + offs_d[None, :],
-                 mask=q_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dos + offs_m[:, None] * stride_dos
+                 + offs_d[None, :], mask=q_mask, other=0.0)
     stats = b64 * stride_lb + h64 * stride_lh + q_start
     lse2, delta = _row_stats(Lse + stats, Delta + stats, rows, row_ok, BIAS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -506,4 +510,5 @@ def _attn_bwd_dq_kernel(
     )
 
     dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqs
-    tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty),
+             mask=q_mask)

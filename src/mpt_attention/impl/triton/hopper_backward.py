@@ -395,13 +395,13 @@ def _hopper_bwd_dkdv_kernel(
     (B, H, S_q / 64) int32 words, zeroed). ``REACH`` (dense, causal ALiBi from slopes or a bias row; with or without
     ``FIRST_WRITE``): each key block visits only the query blocks within its heads' reach (``reach.py``; ``Norms``:
     the heads' q then k norm maxima, float32 bit patterns, (B * H) + (B * H_kv); with ``REACH_ROW`` then the bias
-    row's table, (B, H, key blocks) query ends). ``SOFT_BLOCKS`` (a bias that may soft-mask whole rows; dense): the loader reads a
-    64-query block's dO through ``dos_desc`` (the delta kernel's scaled copy) where its word in ``SoftBlocks``, (B,
-    H, cdiv(S_q, 64)) int32, is 1. ``zero`` is 0: with ``KV_IN_STEP`` (``gluon_compat``), where the consumers form
-    dQ, they index K's and V's tiles with ``half + t * zero``, which the compiler cannot fold, so that the tiles' 24
-    operand descriptors are formed in each step. Formed once before the loop, Triton 3.7's code (and, compiled,
-    3.8's and 3.9's) keeps them in vector registers, where ptxas spills them: 12% slower than under 3.6
-    (benchmarks/NOTES.md session 54)."""
+    row's table, (B, H, key blocks) query ends). ``SOFT_BLOCKS`` (a bias that may soft-mask whole rows; dense): the
+    loader reads a 64-query block's dO through ``dos_desc`` (the delta kernel's scaled copy) where its word in
+    ``SoftBlocks``, (B, H, cdiv(S_q, 64)) int32, is 1. ``zero`` is 0: with ``KV_IN_STEP`` (``gluon_compat``),
+    where the consumers form dQ, they index K's and V's tiles with ``half + t * zero``, which the compiler cannot
+    fold, so that the tiles' 24 operand descriptors are formed in each step. Formed once before the loop, Triton
+    3.7's code (and, compiled, 3.8's and 3.9's) keeps them in vector registers, where ptxas spills them: 12% slower
+    than under 3.6 (benchmarks/NOTES.md session 54)."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)

@@ -489,8 +489,8 @@ def _hopper_fwd_kernel(
             (forward_loader, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ,
-                               EndSeqK, ext_b, Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW,
-                               BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH)),
+                               EndSeqK, ext_b, Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N,
+                               HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH)),
         ], [4, 4, 1], [160, 160, 24])
     else:
         gl.warp_specialize([
@@ -507,6 +507,6 @@ def _hopper_fwd_kernel(
             (forward_loader, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ,
-                               EndSeqK, ext_b, Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N, HEAD_DIM, BIAS_ROW,
-                               BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH)),
+                               EndSeqK, ext_b, Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N,
+                               HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH)),
         ], [4, 1], [240, 24])

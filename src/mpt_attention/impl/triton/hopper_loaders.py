@@ -77,9 +77,9 @@ def clear_rows(tile, lo, hi, ROWS: gl.constexpr, COLS: gl.constexpr):
 def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready, q_empty,
                    k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q,
                    seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, ext_b, Slopes,
-                   stride_slb, stride_slh, qk_scale2, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, ROW_KEYS: gl.constexpr,
-                   CONSUMERS: gl.constexpr, REACH: gl.constexpr):
+                   stride_slb, stride_slh, qk_scale2, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+                   HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr,
+                   ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr, REACH: gl.constexpr):
     """One warp: per tile, its Q into buffer ``round % 2`` (buffer 0 with one, ``q_buffers``) once the
     consumers have stored the output of the tile that used the buffer before, then K_j and V_j into stage
     ``g % 2`` (``g`` counts key blocks over all of the program's tiles) as soon as the consumers have released

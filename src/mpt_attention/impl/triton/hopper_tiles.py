@@ -87,8 +87,9 @@ def forward_tile(t, n_m, n_bh, heads_per_group, n_heads, n_groups, seqlen_q, seq
     """Tile ``t``'s ``(b, h, kv_h, start_m, n_blocks, lo_masked, q_start, k_start, len_q, len_k)``: key blocks
     ``[0, n_blocks)`` are visible to some row of the tile, those before ``lo_masked`` to every row; ``q_start``,
     ``k_start`` the sequence's first rows in the packed tensors (0 for dense inputs) and ``len_q``, ``len_k`` its
-    lengths (the rows that take part: up to ``EndSeqQ[b]``, ``EndSeqK[b]``; ``masks.sequence_ends``). Packed: ``packed_tile``'s order, each sequence's tiles longest first (``heads_per_group`` heads' K
-    and V of a sequence stay in L2 across its tiles). A packed tile none of whose rows sees a key (causal with
+    lengths (the rows that take part: up to ``EndSeqQ[b]``, ``EndSeqK[b]``; ``masks.sequence_ends``). Packed:
+    ``packed_tile``'s order, each sequence's tiles longest first (``heads_per_group`` heads' K and V of a sequence
+    stay in L2 across its tiles). A packed tile none of whose rows sees a key (causal with
     ``len_q > len_k``, or no keys) runs one fully masked block: its rows come out 0 with a log-sum-exp of -inf, and
     0 blocks is the loader's stop signal to the consumers."""
     if VARLEN:

@@ -51,8 +51,8 @@ def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, var
     with ``dq_zero`` (float32, q's shape and strides) zeros written into it; with ``dq_sync``
     (``hopper_dkdv.dq_sync_buffer``) zeros there. Varlen: packed rows are one long batch row for this row-wise
     kernel; ``used_rows``: (``cu_seqlens``, ``masks.sequence_ends``) of packed queries with unused rows, which then
-    read nothing and get no zeros in ``dq_zero`` (``USED_ROWS``). ``owner``: a plan (``FusedBackward``) that keeps this launch's plan for inputs of its
-    signature."""
+    read nothing and get no zeros in ``dq_zero`` (``USED_ROWS``). ``owner``: a plan (``FusedBackward``) that keeps
+    this launch's plan for inputs of its signature."""
     o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
     dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
     plan = owner.row_terms if owner is not None else None
