@@ -409,22 +409,16 @@ def main() -> int:
     # the dQ warpgroup's staging stores (its accumulator into swizzled float32 tiles): no bank conflicts (one
     # unswizzled tile had 4-way conflicts, and its stores bound the kernel: benchmarks/NOTES.md session 20)
     failures += _report_gluon("dq-staging: no bank conflicts", _compile_dq_staging_probe)
-    flag_sets = [
-        dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False,
-             VARLEN=False),
-        dict(IS_CAUSAL=False, ALIBI=2, BIAS=1, HAS_KPM=True, HAS_SEQID=True, HAS_PREFIX=False, DROPOUT=True,
-             VARLEN=False),
-        dict(IS_CAUSAL=True, ALIBI=2, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=True, DROPOUT=False,
-             VARLEN=False),
-        dict(IS_CAUSAL=True, ALIBI=1, BIAS=0, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=True,
-             VARLEN=True),
-        dict(IS_CAUSAL=False, ALIBI=0, BIAS=2, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False,
-             VARLEN=False),
-        # MPT's bias row with nothing else: every kernel reads it through a descriptor
-        dict(IS_CAUSAL=True, ALIBI=0, BIAS=1, HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False,
-             VARLEN=False),
-    ]
-    flag_sets = [dict(flags, REACH=False) for flags in flag_sets]
+
+    def switches(causal, alibi, bias, *on):
+        """The general kernels' switches: ``on`` names the masks and features set, the others off."""
+        off = dict(HAS_KPM=False, HAS_SEQID=False, HAS_PREFIX=False, DROPOUT=False, VARLEN=False, REACH=False)
+        return dict(IS_CAUSAL=causal, ALIBI=alibi, BIAS=bias, **off) | {name: True for name in on}
+
+    # the last: MPT's bias row with nothing else, which every kernel reads through a descriptor
+    flag_sets = [switches(True, 1, 0), switches(False, 2, 1, "HAS_KPM", "HAS_SEQID", "DROPOUT"),
+                 switches(True, 2, 0, "HAS_PREFIX"), switches(True, 1, 0, "DROPOUT", "VARLEN"),
+                 switches(False, 0, 2), switches(True, 0, 1)]
     # causal ALiBi from slopes past its reach (launch._general_reach), dense and packed (one norm row: reach.norm_row)
     flag_sets += [dict(flag_sets[0], REACH=True), dict(flag_sets[0], REACH=True, VARLEN=True)]
     for head_dim, flags in itertools.product((64, 128, 256), flag_sets):
