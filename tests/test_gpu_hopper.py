@@ -559,6 +559,36 @@ def test_non_deterministic_backward_changes_only_the_order_of_dq_sums():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("case, bias_row", [
+    pytest.param(AttnCase(4, 1024, 1024, 8, 8, 128, causal=True, alibi=True), False, id="consumers-form-dq"),
+    pytest.param(AttnCase(3, 777, 777, 8, 8, 64, causal=True, alibi=True), False, id="dq-warpgroup-zeroed-sums"),
+    pytest.param(AttnCase(2, 1000, 1000, 4, 4, 128, causal=True, alibi=True), True, id="bias-row-scaled-do"),
+])
+def test_backward_as_the_delta_kernels_programmatic_dependent(monkeypatch, case, bias_row):
+    """``hopper.PDL``: the dK/dV kernel's programs start before the delta kernel has finished and wait for its row
+    terms (and the zeroed sums or sync words, dO's scaled rows) in-kernel: dK and dV as with the switch off, bitwise,
+    dQ up to its sums' order, and every gradient close to the float64 reference. Many steps in a row, so that some
+    programs do start early."""
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)  # every block: no launch between the two kernels
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    if bias_row:
+        _bias_row(kw, case.s_k, None)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    made, real_plan = [], hopper_dkdv.dkdv_plan
+    monkeypatch.setattr(hopper_dkdv, "dkdv_plan", lambda *args: made.append(real_plan(*args)) or made[-1])
+    runs = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(hopper, "PDL", pdl)
+        out = M.attention(q, k, v, backend="triton", **kw)
+        for _ in range(8):
+            runs[pdl] = torch.autograd.grad(out, [q, k, v], dout, retain_graph=True)
+    assert [p.launch.kwargs.get("PDL", False) for p in made] == [False, True]
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-2, atol=1e-2)
+    for name, a, b in zip(["dk", "dv"], runs[False][1:], runs[True][1:]):
+        assert torch.equal(a, b), name
+    assert_gradients_close_to_reference(out, runs[True], [q, k, v], kw, dout, torch.bfloat16)
+
+
 def _bias_row(kw, s_k, kind):
     """``kw``'s slopes as MPT's (1, H, 1, S_k) bias row instead; ``holes``: keys 700-899 removed (-inf), so the key
     blocks holding them end their queries at once; ``dominant``: key 5 scores 0 like the last, so the tables end

@@ -167,6 +167,37 @@ def test_first_write_dq_takes_causal_alibis_reach(hopper_launches, monkeypatch, 
 
 
 @pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
+@pytest.mark.parametrize("head_dim, n_heads, n_kv, reach_keys, pdl, expected", [
+    pytest.param(128, 4, 4, None, True, True, id="consumers-form-dq"),
+    pytest.param(64, 4, 4, None, True, True, id="dq-warpgroup"),
+    pytest.param(128, 4, 4, 256, True, False, id="reach-norms-launched-between"),
+    pytest.param(128, 8, 2, None, True, False, id="grouped-heads-partial-sums-allocated-after"),
+    pytest.param(128, 4, 4, None, False, False, id="switched-off"),
+])
+def test_dkdv_launch_is_the_delta_kernels_programmatic_dependent_where_safe(hopper_launches, monkeypatch, head_dim,
+                                                                            n_heads, n_kv, reach_keys, pdl, expected):
+    """``hopper.PDL``: the dK/dV kernel may start before the delta kernel has finished (it waits for the row terms
+    in-kernel), only where nothing is launched between the two and it writes no buffer allocated after the delta
+    launch; the delta kernel then lets it start (``release``)."""
+    monkeypatch.setattr(hopper, "PDL", pdl)
+    if reach_keys:
+        monkeypatch.setattr(hopper, "REACH_MIN_KEYS", reach_keys)
+    made, real_plan = [], hopper_dkdv.dkdv_plan
+    monkeypatch.setattr(hopper_dkdv, "dkdv_plan", lambda *args: made.append(real_plan(*args)) or made[-1])
+    released, real_terms = [], plans.row_terms
+    monkeypatch.setattr(plans, "row_terms", lambda *a, **kw: (released.append(kw["release"]), real_terms(*a, **kw))[1])
+    q = torch.randn(2, 128, n_heads, head_dim, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 128, n_kv, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    out, lse, dout = torch.randn_like(q), torch.randn(2, n_heads, 128), torch.randn_like(q)
+    launch_backward.backward(dout, q, k, v, out, lse, None, None, torch.rand(n_heads) + 0.1, None, None, None, None,
+                             0.1, True, 0.0, False, deterministic=None)
+    (plan,), = [made]
+    assert (plan.parts is not None) == (n_kv < n_heads) and bool(plan.launch.kwargs["REACH"]) == bool(reach_keys)
+    assert plan.launch.kwargs.get("PDL", False) == plan.launch.kwargs.get("launch_pdl", False) == expected
+    assert released == [expected]
+
+
+@pytest.mark.skipif(hopper._IMPORT_ERROR is not None, reason="Gluon unavailable")
 def test_first_write_dq_calls_the_constexpr_functions_body_to_the_same_answer():
     """``hopper_dkdv.first_write_dq`` calls ``consumers_dq``'s plain body (``.fn``) for host time; the ConstexprFunction
     itself gives the same answer for every tile width and bias kind."""

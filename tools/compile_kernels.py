@@ -162,7 +162,7 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
 
 def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", fused_dq: bool = False,
                                partial: bool = False, full_bias: bool = False, store_ds: bool = False, tail: int = 0,
-                               varlen: bool = False, reach: int = 0, ints: dict | None = None):
+                               varlen: bool = False, reach: int = 0, ints: dict | None = None, pdl: bool = False):
     """The Gluon Hopper dK/dV kernel (impl/triton/hopper_backward.py); ``fused_dq``: forming dQ too (the dQ warpgroup,
     or at tile width 128 without a bias matrix or tail the consumers and the writer warp);
     ``partial``: grouped heads split over programs (float32 dK, dV partial sums); ``full_bias``: a bias
@@ -170,7 +170,8 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     ``varlen``: packed sequences (with ``fused_dq``; no bias row). Each 64-query block's first program stores its
     dQ part where the launcher has it do so (``hopper_dkdv.first_write_dq``); ``reach``: query blocks past
     causal ALiBi's reach skipped (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row);
-    ``ints``: integer arguments' values, specialised as a launch does (``launch_attrs``; tools/dkdv_as_launched.py)."""
+    ``ints``: integer arguments' values, specialised as a launch does (``launch_attrs``; tools/dkdv_as_launched.py);
+    ``pdl``: launched as the delta kernel's programmatic dependent (``hopper_dkdv.dkdv_plan``)."""
     from mpt_attention.impl.triton.gluon_compat import KV_IN_STEP
     from mpt_attention.impl.triton.hopper_dkdv import BWD_HALF_N, bwd_block_m, first_write_dq, scaled_dout_blocks
     from mpt_attention.impl.triton.hopper_backward import _hopper_bwd_dkdv_kernel
@@ -187,7 +188,7 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
               "BIAS_ROW": bias_row, "FUSED_DQ": fused_dq,
               "PARTIAL_DKV": partial, "BLOCK_M": block_m, "BIAS_FULL": full_bias, "STORE_DS": store_ds, "TAIL": tail,
               "VARLEN": varlen, "FIRST_WRITE": fused_dq and first_write_dq(head_dim, full_bias, varlen),
-              "REACH": reach, "KV_IN_STEP": KV_IN_STEP}
+              "REACH": reach, "KV_IN_STEP": KV_IN_STEP, "PDL": pdl}
     box = [1, block_m, BWD_HALF_N]
     boxes = {"bias_desc": box if full_bias else None, "dbias_desc": box if store_ds else None}
     if not soft_blocks:
@@ -406,6 +407,13 @@ def main() -> int:
         name = f"hopper-fused-dq bias matrix D={head_dim} causal={causal} alibi={alibi} {dtype} dbias={store_ds}"
         failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype, fused_dq=True,
                                   full_bias=True, store_ds=store_ds)
+    # the dK/dV kernel as the delta kernel's programmatic dependent (dense, without the reach): the consumers forming
+    # dQ, the dQ warpgroup, a bias row's soft-masked blocks of dO (the loader waits before their words)
+    for head_dim, causal, alibi, full_bias in [(128, True, 1, False), (64, True, 1, False), (128, True, 0, False),
+                                               (128, False, 0, True)]:
+        name = f"hopper-fused-dq-pdl D={head_dim} causal={causal} alibi={alibi} bias matrix={full_bias}"
+        failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, "bf16", fused_dq=True,
+                                  full_bias=full_bias, store_ds=full_bias, pdl=True)
     # the dQ warpgroup's staging stores (its accumulator into swizzled float32 tiles): no bank conflicts (one
     # unswizzled tile had 4-way conflicts, and its stores bound the kernel: benchmarks/NOTES.md session 20)
     failures += _report_gluon("dq-staging: no bank conflicts", _compile_dq_staging_probe)
@@ -450,7 +458,7 @@ def main() -> int:
             except Exception as exc:  # report every failure, not just the first
                 failures += 1
                 print(f"FAIL {name:5s} D={head_dim:3d} {flags}: {str(exc)[-1500:]}")
-    delta_consts = dict(BLOCK_M=64, BLOCK_D=128)
+    delta_consts = dict(BLOCK_M=64, BLOCK_D=128, RELEASE=False)
     extra = [("delta", _attn_bwd_delta_kernel, dict(delta_consts, HAS_DLSE=True, SOFT_ROWS=1, ROW_STATS=False,
                                                     STORE_DELTA=True, ZERO_DQ=False, ZERO_SYNC=False),
               dict(num_warps=4, num_stages=1), "bf16"),
@@ -469,6 +477,10 @@ def main() -> int:
                                                                 ROW_STATS=True, STORE_DELTA=False, ZERO_DQ=False,
                                                                 ZERO_SYNC=True),
               dict(num_warps=4, num_stages=1), "bf16"),
+             # the same releasing the dK/dV kernel launched as its programmatic dependent (hopper.PDL)
+             ("delta-first-write-release", _attn_bwd_delta_kernel,
+              dict(delta_consts, HAS_DLSE=False, SOFT_ROWS=0, ROW_STATS=True, STORE_DELTA=False, ZERO_DQ=False,
+                   ZERO_SYNC=True) | dict(RELEASE=True), dict(num_warps=4, num_stages=1), "bf16"),
              ]
     # float32, which only the general kernels take: causal ALiBi measured from each row's diagonal
     # (launch._kernel_alibi), dots in IEEE float32, the tiles' loads through descriptors as launch.py gives them

@@ -19,7 +19,8 @@ import triton.language as tl
 
 from mpt_attention.impl.triton.common import (
     BIAS_ROW, BIAS_ROW_VALUES, LOG2E, bias_pointers, bias_row_source, block_bias, decode_lse2, dropout_keep,
-    grid_row, key_block_range, live_keys, packed_rows_used, score_tile, sequence_bounds, soft_row_scale,
+    grid_row, key_block_range, live_keys, packed_rows_used, release_dependent_grid, score_tile, sequence_bounds,
+    soft_row_scale,
 )
 from mpt_attention.impl.triton.reach import norm_row, reach_first_key, reach_query_end
 
@@ -50,7 +51,7 @@ def _attn_bwd_delta_kernel(
     n_heads, seqlen_q, head_dim, stats_cols, n_seq, search_steps,
     HAS_DLSE: tl.constexpr, SOFT_ROWS: tl.constexpr, ROW_STATS: tl.constexpr, STORE_DELTA: tl.constexpr,
     ZERO_DQ: tl.constexpr, ZERO_SYNC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    USED_ROWS: tl.constexpr = False,
+    USED_ROWS: tl.constexpr = False, RELEASE: tl.constexpr = False,
 ):
     """delta = rowsum(dO * O) - dlse in float32, (B, H, S_q): one read of each, no float32 copies.
 
@@ -77,7 +78,13 @@ def _attn_bwd_delta_kernel(
     USED_ROWS (packed sequences with unused rows, ``seqused``; one batch row): the rows past a sequence's used ones
     (``common.packed_rows_used`` over ``CuSeq`` and ``EndSeq``) read no O or dO (delta 0) and get no zeros in
     ``DQAcc`` (``common.dq_from_sums_kernel`` writes their dQ as zeros without reading the sums); half the bytes of
-    a half-padded batch read in place."""
+    a half-padded batch read in place.
+
+    RELEASE (the Hopper dK/dV kernel launched after this one as its programmatic dependent: ``hopper.PDL``): each
+    program first lets it start, so its programs take the SMs this kernel's last ones leave and load K and V
+    meanwhile; it waits for these writes before reading them."""
+    if RELEASE:
+        release_dependent_grid()
     start_m = tl.program_id(0) * BLOCK_M
     bh = grid_row()
     b64 = (bh // n_heads).to(tl.int64)

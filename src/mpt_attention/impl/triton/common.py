@@ -45,6 +45,15 @@ BIAS_ROW_VALUES = tl.constexpr(3)
 
 
 @triton.jit
+def release_dependent_grid():
+    """``griddepcontrol.launch_dependents``: the kernel launched after this one as a programmatic dependent may start
+    once every program of this one has got here or exited (it then waits for this one's writes by
+    ``wait_prior_grid``). A no-op without such a dependent."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
+
+@triton.jit
 def grid_row():
     """This program's (batch, head) row, ``batch * heads + head``, of a (blocks, heads, batch) grid: the
     launch order of a (blocks, batch * heads) grid, which CUDA refuses past 65535 rows (its limit on a

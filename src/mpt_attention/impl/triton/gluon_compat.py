@@ -15,6 +15,8 @@ and 3.7 also run on the GPU machine) and runs well under each.
 * ``KV_IN_STEP``: whether the dK/dV kernel forms its K and V operand descriptors in each step instead of once before
   its loop (``hopper_backward``'s ``zero``): Triton 3.7 on, whose compiled loop otherwise spills them (12% slower);
   under 3.6 the kernel is 0.6-1% faster with them formed once (benchmarks/NOTES.md session 54).
+* ``wait_prior_grid``: ``griddepcontrol.wait`` as inline assembly (Triton's own ``gdc_wait`` is for its language, not
+  Gluon's), so that one source serves every version.
 """
 
 import triton
@@ -25,8 +27,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from mpt_attention.impl.device import release
 
-__all__ = ["ARRIVE_SYNCS", "KV_IN_STEP", "partition_arrive", "partition_barrier", "smem_reinterpret", "tma_load",
-           "tma_store"]
+__all__ = ["ARRIVE_SYNCS", "KV_IN_STEP", "partition_arrive", "partition_barrier", "smem_reinterpret",
+           "tma_load", "tma_store", "wait_prior_grid"]
 
 partition_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -54,3 +56,11 @@ def smem_reinterpret(smem, dtype, shape, layout, _semantic=None):
     """A view of shared memory ``smem`` as ``dtype``, ``shape`` and ``layout``."""
     view = getattr(smem, "reinterpret", None) or smem._reinterpret
     return view(dtype, shape, layout, _semantic=_semantic)
+
+
+@gluon.jit
+def wait_prior_grid():
+    """``griddepcontrol.wait``: block until the kernel launched before this one (launched as its programmatic
+    dependent, ``launch_pdl``) has finished and its writes are visible. A no-op in a kernel launched normally."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+

@@ -60,6 +60,11 @@ FUSED_GROUP_HEADS = 2
 # where the consumers form dQ, each 64-query block's first program stores its part of the dQ sums and the others add
 # after it, so the delta kernel writes no zeros there (``first_write_dq``; past causal ALiBi's reach too)
 FIRST_WRITE_DQ = True
+# the fused backward's dK/dV kernel launched as the delta kernel's programmatic dependent (``launch_pdl``): its programs
+# start on the SMs the delta kernel's last ones leave, load K and V, and wait for the row terms in-kernel
+# (``hopper_backward``'s ``PDL``; ``hopper_dkdv.dkdv_plan`` says where). The training step 1.0067x at B16 H16 S1024
+# D128, 1.0016-1.0027x elsewhere (H200, CUDA graphs; benchmarks/NOTES.md session 70)
+PDL = True
 PROGRAM_WORDS = 32  # the forward's ``Tiles`` words per program (hopper_tiles.PROGRAM_WORDS)
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # 64 query rows per consumer, two per tile (or three: forward_consumers)
 # causal ALiBi forwards over at least this many keys skip the key blocks past every query's reach (``reach.py``).

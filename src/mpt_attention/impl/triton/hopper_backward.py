@@ -372,6 +372,7 @@ def _hopper_bwd_dkdv_kernel(
     FUSED_DQ: gl.constexpr, PARTIAL_DKV: gl.constexpr, BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr,
     STORE_DS: gl.constexpr, TAIL: gl.constexpr = 0, VARLEN: gl.constexpr = False, FIRST_WRITE: gl.constexpr = False,
     REACH: gl.constexpr = False, SOFT_BLOCKS: gl.constexpr = False, KV_IN_STEP: gl.constexpr = False,
+    PDL: gl.constexpr = False,
 ):
     """Program: (key block of 128, row = (batch, KV head, split)), ``n_rows`` rows, in ``tile_order``: the
     key blocks of a group of ``rows_per_group`` rows interleaved, first (longest, when causal) first, so that
@@ -401,7 +402,11 @@ def _hopper_bwd_dkdv_kernel(
     where the consumers form dQ, they index K's and V's tiles with ``half + t * zero``, which the compiler cannot
     fold, so that the tiles' 24 operand descriptors are formed in each step. Formed once before the loop, Triton
     3.7's code (and, compiled, 3.8's and 3.9's) keeps them in vector registers, where ptxas spills them: 12% slower
-    than under 3.6 (benchmarks/NOTES.md session 54)."""
+    than under 3.6 (benchmarks/NOTES.md session 54). ``PDL`` (``FUSED_DQ``, dense, no ``REACH``): launched as the
+    delta kernel's programmatic dependent (``hopper.PDL``), so a program may start before that kernel has finished:
+    the loader issues K's and V's loads, then waits for it (``wait_prior_grid``) before the first row terms (and
+    dO's scaled blocks), the dQ partition before its first dQ sums or sync word; nothing else here reads what that
+    kernel writes."""
     dtype: gl.constexpr = q_desc.dtype
     STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     SLOTS: gl.constexpr = ds_slots(BLOCK_M, HEAD_DIM)
@@ -409,6 +414,8 @@ def _hopper_bwd_dkdv_kernel(
     # bias matrix, its gradient and the zero tile: (B' * H', S_q, S_k) boxes
     mat_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    if PDL:
+        gl.static_assert(FUSED_DQ and not VARLEN and not REACH, "the dK/dV kernel waits for the delta kernel late")
 
     if VARLEN:
         total_kb = gl.load(CuKTiles + n_seq)
@@ -558,10 +565,11 @@ def _hopper_bwd_dkdv_kernel(
                 (backward_loader, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, tb, kv_h, h0, n_g,
                                        n_kv * n_groups, start_n, lo, q_end, bias_b_on, bias_h_on, q_off, k_off,
-                                       dos_desc, SoftBlocks, seqlen_q, HEAD_DIM, BLOCK_M, BIAS_FULL, SOFT_BLOCKS)),
+                                       dos_desc, SoftBlocks, seqlen_q, HEAD_DIM, BLOCK_M, BIAS_FULL, SOFT_BLOCKS,
+                                       PDL)),
                 (dq_partition, (k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc,
                                 dbias_desc, DQSync, tb, h0, n_g, n_kv * n_groups, start_n, lo, q_end, seqlen_q,
-                                softmax_scale, q_off, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL, FIRST_WRITE)),
+                                softmax_scale, q_off, HEAD_DIM, BLOCK_M, STORE_DS, IS_CAUSAL, FIRST_WRITE, PDL)),
             ],
             [4, 1, dq_warps(BLOCK_M, HEAD_DIM)],
             [fused_regs(BLOCK_M, HEAD_DIM, 0), 24, fused_regs(BLOCK_M, HEAD_DIM, 1)],
@@ -591,7 +599,8 @@ def _hopper_bwd_dkdv_kernel(
                 (backward_loader, (k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem,
                                        do_smem, bias_smem, stats_smem, kv_bar, ready, empty, tb, kv_h, h0, n_g,
                                        n_kv * n_groups, start_n, lo, q_end, bias_b_on, bias_h_on, q_off, k_off,
-                                       dos_desc, SoftBlocks, seqlen_q, HEAD_DIM, BLOCK_M, BIAS_FULL, SOFT_BLOCKS)),
+                                       dos_desc, SoftBlocks, seqlen_q, HEAD_DIM, BLOCK_M, BIAS_FULL, SOFT_BLOCKS,
+                                       PDL)),
             ],
             [4, 1], [240, 24],
         )

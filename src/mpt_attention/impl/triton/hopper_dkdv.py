@@ -187,6 +187,12 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
                                               training=True),
         SOFT_BLOCKS=dout_scaled is not None, KV_IN_STEP=KV_IN_STEP, num_warps=4))
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
+    # the delta kernel's programmatic dependent (``hopper.PDL``) where nothing is launched between them (the reach's
+    # norm maxima and a bias row's table are; packed sequences' block counts too) and every buffer it writes was
+    # allocated before that kernel: grouped heads' partial sums are allocated after it, from memory that kernel may
+    # still be reading (a temporary freed on its return, the caching allocator's stream order assumed)
+    if hopper.PDL and dq_acc is not None and not varlen and not launch.kwargs["REACH"] and parts is None:
+        launch.kwargs.update(PDL=True, launch_pdl=True)
     norms = row_table = None
     if launch.kwargs["REACH"]:  # (all words, the norm maxima's words, their launch, its scalars)
         norm_pass, args, n_words = norm_launch(q, k, 0)

@@ -23,6 +23,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma_wait
 
 from mpt_attention.impl.triton.gluon_compat import partition_arrive, partition_barrier, smem_reinterpret, tma_store
+from mpt_attention.impl.triton.gluon_compat import wait_prior_grid
 
 HALF_N = gl.constexpr(64)  # keys per consumer warpgroup
 # fused dQ: the dQ warpgroup forms dQ^T = K^T dS^T for DQ_ROWS queries at once (two steps at 32 queries per step,
@@ -301,11 +302,15 @@ def dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, 
 @gluon.jit
 def dq_partition(k_smem, ds_smem, zero_smem, dq_smem, kv_bar, ds_ready, ds_free, dq_bars, dq_desc, dbias_desc, DQSync,
                  b, h0, n_g, n_heads, start_n, lo, q_end, seqlen_q, softmax_scale, q_off, HEAD_DIM: gl.constexpr,
-                 BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr, FIRST_WRITE: gl.constexpr):
+                 BLOCK_M: gl.constexpr, STORE_DS: gl.constexpr, IS_CAUSAL: gl.constexpr, FIRST_WRITE: gl.constexpr,
+                 WAIT: gl.constexpr = False):
     """The dK/dV kernel's dQ partition: the writer where the consumers form dQ (``consumers_dq``; ``FIRST_WRITE``
     there only), else the dQ warpgroup (``dq_bars`` its done barrier). ``b`` is the dQ sums' batch coordinate,
     ``q_off`` a packed sequence's first row (0 for dense inputs); query blocks from ``lo`` to ``q_end`` of
-    ``seqlen_q``."""
+    ``seqlen_q``. ``WAIT``: the delta kernel, which zeroes the sums or the sync words, may still run
+    (``hopper_backward``'s ``PDL``)."""
+    if WAIT:
+        wait_prior_grid()
     if consumers_dq(BLOCK_M, HEAD_DIM):
         dq_writer_partition(dq_desc, dq_smem, dq_bars, DQSync, b, h0, n_g, n_heads, lo, q_end, seqlen_q, q_off,
                             BLOCK_M, FIRST_WRITE)

@@ -15,7 +15,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from mpt_attention.impl.triton.backward import SOFT_BLOCK_ROWS
 from mpt_attention.impl.triton.common import LOG2E
-from mpt_attention.impl.triton.gluon_compat import partition_barrier, tma_load
+from mpt_attention.impl.triton.gluon_compat import partition_barrier, tma_load, wait_prior_grid
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_scores import HALF_M
 from mpt_attention.impl.triton.hopper_tiles import REACH_WORD, forward_tile, info_slot, n_forward_tiles
@@ -200,14 +200,19 @@ def bwd_stages(block_m, bias_full):
 def backward_loader(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_smem, v_smem, q_smem, do_smem,
                     bias_smem, stats_smem, kv_bar, ready, empty, b, kv_h, h0, n_g, n_heads, start_n, lo, seqlen_q,
                     bias_bm, bias_hm, q_off, k_off, dos_desc, SoftBlocks, n_queries, HEAD_DIM: gl.constexpr,
-                    BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, SOFT_BLOCKS: gl.constexpr):
+                    BLOCK_M: gl.constexpr, BIAS_FULL: gl.constexpr, SOFT_BLOCKS: gl.constexpr,
+                    WAIT: gl.constexpr = False):
     """One warp: this program's K and V once, then (Q, dO) of query block after query block, head after
     head of the program's ``n_g`` query heads from ``h0``, each into stage ``count % STAGES`` once the consumers
     have released it, with the queries' row terms (LSE offset and delta: 2 x BLOCK_M float32); with
     ``BIAS_FULL`` the step's bias tile too, one [BLOCK_M, 64] box per consumer. ``b`` is the descriptors' batch
     coordinate; ``q_off``, ``k_off`` a packed sequence's first rows (0 for dense inputs). ``SOFT_BLOCKS``: dO from
     ``dos_desc`` for the 64-query blocks whose word in ``SoftBlocks`` (cdiv(``n_queries``, 64) per head) is 1, each
-    word read a step ahead (the first before K's and V's loads)."""
+    word read a step ahead (the first before K's and V's loads). ``WAIT``: the delta kernel, which writes the row
+    terms (and dO's scaled rows and the blocks' words), may still run (``hopper_backward``'s ``PDL``): K's and V's
+    loads go first."""
+    if WAIT and SOFT_BLOCKS:
+        wait_prior_grid()
     if SOFT_BLOCKS:  # the words of head h0's query blocks, then h0 + 1's, ...
         soft_words = gl.cdiv(n_queries, SOFT_BLOCK_ROWS)
         words = SoftBlocks + ((b * n_heads + h0) * soft_words).to(gl.int64)
@@ -218,6 +223,8 @@ def backward_loader(k_desc, v_desc, q_desc, do_desc, bias_desc, stats_desc, k_sm
                  k_smem.index(half))
         tma_load(v_desc, [b, k_off + start_n + half * _HALF_N, kv_h, 0], kv_bar,
                  v_smem.index(half))
+    if WAIT and not SOFT_BLOCKS:
+        wait_prior_grid()
     STAGES: gl.constexpr = bwd_stages(BLOCK_M, BIAS_FULL)
     tile_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2 + 2 * BLOCK_M * 4 + (2 * BLOCK_M * _HALF_N * 2 if BIAS_FULL
                                                                                 else 0)

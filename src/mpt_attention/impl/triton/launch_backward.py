@@ -91,7 +91,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         key = ("backward", q.get_device(), sig(dout), sig(q), sig(k), sig(v), sig(out), sig(lse), sig(dlse), sig(bias),
                sig(bias_in), sig(slopes), softmax_scale, causal, bias_grad, deterministic, hopper.ENABLED,
                hopper.BWD_HEAD_DIMS, hopper.FUSED_BWD_HEAD_DIMS, hopper.FUSED_GROUP_HEADS, hopper.FIRST_WRITE_DQ,
-               hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, FUSED_DQ, FUSED_DQ_GROUPED,
+               hopper.PDL, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, FUSED_DQ, FUSED_DQ_GROUPED,
                _packed_key(cu_q, max_q, max_k, used_q, used_k))
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is not plans.MISSING:

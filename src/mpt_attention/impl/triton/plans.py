@@ -42,7 +42,7 @@ def keep(key, plan):
 
 
 def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, varlen=False, dq_zero=None,
-              dq_sync=None, owner=None, soft_blocks=None, used_rows=None) -> None:
+              dq_sync=None, owner=None, soft_blocks=None, used_rows=None, release=False) -> None:
     """The backward's per-query terms, one pass over O and dO: ``delta`` (the LSE's shape; None where no kernel reads
     it) = rowsum(dO * O) - dlse; with ``dout_scaled`` (a bias is present, so rows may be soft-masked: common.SOFT_LSE)
     dO scaled per row into it, every row, or with ``soft_blocks`` (``soft_blocks_buffer``) only the 64-row blocks
@@ -52,13 +52,14 @@ def row_terms(out, dout, lse, dlse, delta, dout_scaled=None, row_stats=None, var
     (``hopper_dkdv.dq_sync_buffer``) zeros there. Varlen: packed rows are one long batch row for this row-wise
     kernel; ``used_rows``: (``cu_seqlens``, ``masks.sequence_ends``) of packed queries with unused rows, which then
     read nothing and get no zeros in ``dq_zero`` (``USED_ROWS``). ``owner``: a plan (``FusedBackward``) that keeps
-    this launch's plan for inputs of its signature."""
+    this launch's plan for inputs of its signature. ``release``: the launch after this one is its programmatic
+    dependent (``hopper.PDL``), which each program lets start (``RELEASE``; not in the interpreter)."""
     o4, do4 = (out.unsqueeze(0), dout.unsqueeze(0)) if varlen else (out, dout)
     dq4 = dq_zero.unsqueeze(0) if varlen and dq_zero is not None else dq_zero
     plan = owner.row_terms if owner is not None else None
     if plan is None:
         plan = row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, soft_blocks is not None,
-                              None if used_rows is None else used_rows[0].numel() - 1)
+                              None if used_rows is None else used_rows[0].numel() - 1, release)
         if owner is not None:
             owner.row_terms = plan
     if plan is None:
@@ -82,7 +83,8 @@ def scaled_dout_buffer(dout) -> torch.Tensor:
     return torch.empty_like(dout, memory_format=torch.contiguous_format)
 
 
-def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, soft_blocks=False, used_of=None):
+def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, soft_blocks=False, used_of=None,
+                   release=False):
     """``row_terms``' launch (the delta kernel's) and its scalar arguments for inputs of this signature, or None
     where there are no rows; ``used_of``: the number of packed sequences with unused query rows, or None."""
     d_batch, d_rows, n_heads, head_dim = o4.shape
@@ -102,7 +104,8 @@ def row_terms_plan(o4, do4, dlse, delta, dout_scaled, row_stats, dq4, dq_sync, s
     return PlannedLaunch(_attn_bwd_delta_kernel, (cdiv(rows, block), n_heads, d_batch), dict(
         HAS_DLSE=dlse is not None, SOFT_ROWS=soft_rows, ROW_STATS=row_stats is not None,
         STORE_DELTA=delta is not None, ZERO_DQ=dq4 is not None, ZERO_SYNC=dq_sync is not None, BLOCK_M=block,
-        BLOCK_D=max(16, next_power_of_2(head_dim)), USED_ROWS=used_of is not None)), scalars
+        BLOCK_D=max(16, next_power_of_2(head_dim)), USED_ROWS=used_of is not None,
+        RELEASE=release and not _INTERPRET)), scalars
 
 
 class FusedBackward:
@@ -146,15 +149,17 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
     # packed queries with unused rows: those rows' O and dO are not read and their sums neither zeroed nor read (dQ
     # zeros there from dq_from_sums_kernel); half the bytes of both passes in a half-padded batch read in place
     used_rows = None if used_q is None else (cu_q, sequence_ends(cu_q, used_q))
-    # the kernel reads delta from the row terms: no (B, H, S_q) copy
-    row_terms(out, dout_in, lse, dlse, None, dout_scaled, row_stats, plan.varlen,
-              dq_acc if dq_sync is None else None, dq_sync, owner=plan, soft_blocks=soft_blocks, used_rows=used_rows)
     dout_blocks = dout_scaled if soft_blocks is not None else None
     if plan.dkdv is None:
         scale, causal, alibi_mode, s_q, s_k = plan.dkdv_args
         plan.dkdv = hopper_dkdv.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal,
                                           alibi_mode, dq_acc, dbias, cu_q, s_q, dq_sync is not None, dout_blocks, s_k,
                                           used_q is not None or used_k is not None)
+    pdl = plan.dkdv.launch.kwargs.get("PDL", False)  # the dK/dV kernel a programmatic dependent of the delta kernel
+    # the kernel reads delta from the row terms: no (B, H, S_q) copy
+    row_terms(out, dout_in, lse, dlse, None, dout_scaled, row_stats, plan.varlen,
+              dq_acc if dq_sync is None else None, dq_sync, owner=plan, soft_blocks=soft_blocks, used_rows=used_rows,
+              release=pdl)
     hopper_dkdv.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k,
                          dq_sync, reach_norms, dout_blocks, soft_blocks, used_q, used_k)
     if used_rows is None:
