@@ -63,13 +63,17 @@ def test_all_kernels_compile_for_sm90():
     assert result.stdout.count("ok   hopper-bwd-row-reach") == 3
     # seven with the dQ sums (at D128 the consumers form dQ, at D64 the dQ warpgroup), five more with a bias matrix
     # (and its gradient: the dQ warpgroup at both head dims)
-    assert result.stdout.count("ok   hopper-fused-dq") == 12
+    assert result.stdout.count("ok   hopper-fused-dq ") == 12
     assert result.stdout.count("ok   hopper-fused-dq bias matrix") == 5
+    # the delta kernel's programmatic dependent (its loader and dQ partition waiting for it): the consumers' dQ, the
+    # dQ warpgroup, a bias row, a bias matrix; and the delta kernel that lets it start
+    assert result.stdout.count("ok   hopper-fused-dq-pdl") == 4
+    assert result.stdout.count("ok   delta-first-write-release") == 1
     # the dQ warpgroup's staging stores compile only without bank conflicts (one accumulator shape: 64 queries)
     assert result.stdout.count("ok   dq-staging") == 1
     # the backward's delta kernel as the general kernels, the dQ warpgroup and the first-write dQ sums take it
     assert result.stdout.count("ok   delta ptx=") == 1 and result.stdout.count("ok   delta-dq-warpgroup") == 1
-    assert result.stdout.count("ok   delta-first-write") == 1
+    assert result.stdout.count("ok   delta-first-write ") == 1
     # float32 in the general kernels, with causal ALiBi measured from each row's diagonal: forward, dK/dV (with and
     # without the atomic dQ) and dQ
     assert all(f"ok   {name}-fp32 ptx=" in result.stdout for name in ("fwd", "dkdv", "dkdv-atomic-dq", "dq"))

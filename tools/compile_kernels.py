@@ -408,8 +408,9 @@ def main() -> int:
         failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, dtype, fused_dq=True,
                                   full_bias=True, store_ds=store_ds)
     # the dK/dV kernel as the delta kernel's programmatic dependent (dense, without the reach): the consumers forming
-    # dQ, the dQ warpgroup, a bias row's soft-masked blocks of dO (the loader waits before their words)
-    for head_dim, causal, alibi, full_bias in [(128, True, 1, False), (64, True, 1, False), (128, True, 0, False),
+    # dQ, the dQ warpgroup, a bias row's soft-masked blocks of dO at D64 (the loader waits before their words), a bias
+    # matrix with its gradient
+    for head_dim, causal, alibi, full_bias in [(128, True, 1, False), (64, True, 1, False), (64, True, 0, False),
                                                (128, False, 0, True)]:
         name = f"hopper-fused-dq-pdl D={head_dim} causal={causal} alibi={alibi} bias matrix={full_bias}"
         failures += _report_gluon(name, compile_hopper_dkdv_kernel, head_dim, causal, alibi, "bf16", fused_dq=True,
