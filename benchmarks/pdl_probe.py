@@ -1,8 +1,8 @@
 """The fused Hopper backward with and without programmatic dependent launch (``hopper.PDL``: the dK/dV kernel's
 programs start on the SMs the delta kernel's last ones leave), in one process (benchmarks/NOTES.md session 70). Per
 shape: the training step captured in a CUDA graph (``testing.capture_cuda_graph``) for each setting and replayed, the
-settings alternated, medians and ranges over ``--rounds`` rounds; first dK and dV compared bitwise with the setting
-off, dQ to within its float32 sums' order.
+settings alternated, medians and ranges over ``--rounds`` rounds and the median of each round's ratio to the
+setting off; first dK and dV compared bitwise with the setting off, dQ to within its float32 sums' order.
 
     python benchmarks/pdl_probe.py [--shape B,H,H_KV,S,D ...] [--rounds N] [--bias-row]
 """
@@ -62,10 +62,12 @@ def probe(batch, n_heads, n_kv, seq, head_dim, rounds, bias_row):
             end.synchronize()
             times[key].append(start.elapsed_time(end) / REPLAYS)
     label = f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim} {'bias row' if bias_row else 'slopes'}"
-    base = statistics.median(times["off"])
+    # the clocks drift between rounds (the fastest round ~5% under the median, session 70): each round's ratio to the
+    # setting off, taken within the round, then their median
+    paired = {name: statistics.median(off / t for off, t in zip(times["off"], times[name])) for name in SETTINGS}
     cells = "  ".join(f"{name} {statistics.median(times[name]) * 1e3:6.1f} us "
-                      f"[{min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f}] "
-                      f"({base / statistics.median(times[name]):.4f}x)" for name in SETTINGS)
+                      f"[{min(times[name]) * 1e3:.1f}-{max(times[name]) * 1e3:.1f}] (paired {paired[name]:.4f}x)"
+                      for name in SETTINGS)
     print(f"{label} step: {cells}", flush=True)
 
 

@@ -62,8 +62,8 @@ FUSED_GROUP_HEADS = 2
 FIRST_WRITE_DQ = True
 # the fused backward's dK/dV kernel launched as the delta kernel's programmatic dependent (``launch_pdl``): its programs
 # start on the SMs the delta kernel's last ones leave, load K and V, and wait for the row terms in-kernel
-# (``hopper_backward``'s ``PDL``; ``hopper_dkdv.dkdv_plan`` says where). The training step 1.0067x at B16 H16 S1024
-# D128, 1.0016-1.0027x elsewhere (H200, CUDA graphs; benchmarks/NOTES.md session 70)
+# (``hopper_backward``'s ``PDL``; ``hopper_dkdv.dkdv_plan`` says where). The training step 1.0069x at B16 H16 S1024
+# D128, 1.003x at D64, at S2048 and with a bias row (H200, CUDA graphs, paired; benchmarks/NOTES.md session 70)
 PDL = True
 PROGRAM_WORDS = 32  # the forward's ``Tiles`` words per program (hopper_tiles.PROGRAM_WORDS)
 BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # 64 query rows per consumer, two per tile (or three: forward_consumers)
