@@ -4,6 +4,9 @@ Catches compile errors and shows shared-memory use and local-memory traffic (spi
     python tools/compile_kernels.py            (must run without TRITON_INTERPRET)
 Each ``ok`` line ends with ``ptx=`` and a digest of the kernel's PTX without its source locations: a change that only
 moves code between files (or renames a helper) leaves every digest as it was, so two runs' outputs diffed show it.
+The general Triton kernels (and the delta kernel) are compiled here without a launch's divisibility marks on pointers
+and sizes, so their loads are scalar and their register counts not those that run: ``tools/compile_launches.py``
+compiles them as launches specialise them. Constexpr parameters left out take their defaults, as at a launch.
 """
 
 import functools
@@ -40,7 +43,14 @@ _POINTER_TYPES = {"KeyPad": "*u8", "Prefix": "*u8", "SeqId": "*i64", "Seed": "*i
                   "CuKTiles": "*i32", "DQSync": "*i32", "Norms": "*i32", "SoftBlocks": "*i32"}
 
 
+def constexpr_defaults(fn, constexprs: dict) -> dict:
+    """``constexprs`` with each constexpr parameter of ``fn`` it leaves out at its default, as a launch that leaves it
+    out compiles it (passed as an ``i32`` argument instead, its branches would be compiled in)."""
+    return {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
+
+
 def compile_kernel(fn, constexprs: dict, options: dict, dtype: str = "bf16"):
+    constexprs = constexpr_defaults(fn, constexprs)
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -66,7 +76,7 @@ def _compile_gluon(fn, consts: dict, rows: dict, head_dim: int, dtype: str, bias
 
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     matrix_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
-    consts = dict(consts)
+    consts = constexpr_defaults(fn, consts)
     boxes = boxes or {}
     sig = {}
     for name in fn.arg_names:
