@@ -439,6 +439,34 @@ def test_backward_replays_in_a_cuda_graph(head_dim, n_kv, deterministic):
                 assert torch.equal(g, e), name
 
 
+@pytest.mark.parametrize("head_dim, n_kv", [(128, 8), (64, 2)],
+                         ids=["hopper-consumers-form-dq-on-sm90", "hopper-dq-warpgroup-grouped-heads-on-sm90"])
+def test_make_graphed_callables_replays_forward_and_backward_graphs(head_dim, n_kv):
+    """``torch.cuda.make_graphed_callables`` captures the forward and the backward in two graphs, the backward's
+    reading what the forward graph saved: replayed, they give the eager gradients (dQ up to its sums' order)."""
+    case = AttnCase(2, 700, 700, 8, n_kv, head_dim, causal=True, alibi=True)
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def attend(q, k, v):
+        return M.attention(q, k, v, backend="triton", **kw)
+
+    graphed = torch.cuda.make_graphed_callables(attend, (q, k, v))
+    for _ in range(2):
+        with torch.no_grad():
+            for t in (q, k, v, dout):
+                t.copy_(torch.randn_like(t))
+        out = graphed(q, k, v)
+        grads = _grads(out, [q, k, v], dout)
+        torch.cuda.synchronize()
+        eager_out = attend(q, k, v)
+        eager = _grads(eager_out, [q, k, v], dout)
+        assert torch.equal(out, eager_out)
+        torch.testing.assert_close(grads[0], eager[0], rtol=1e-2, atol=1e-2)
+        for name, g, e in zip(["dk", "dv"], grads[1:], eager[1:]):
+            assert torch.equal(g, e), name
+
+
 @pytest.mark.parametrize("deterministic, bias", [
     pytest.param(None, None, id="dq-warpgroup-or-default"),
     pytest.param(True, None, id="reproducible"),
