@@ -63,4 +63,3 @@ def wait_prior_grid():
     """``griddepcontrol.wait``: block until the kernel launched before this one (launched as its programmatic
     dependent, ``launch_pdl``) has finished and its writes are visible. A no-op in a kernel launched normally."""
     gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
