@@ -33,23 +33,21 @@ def probe(batch, n_heads, n_kv, seq, head_dim, rounds, bias_row):
         out = M.attention(q, k, v, backend="triton", causal=True, **kw)
         return torch.autograd.grad(out, [q, k, v], dout)
 
-    grads = {}
+    # each setting's gradients, then its training step captured in a CUDA graph (testing.capture_cuda_graph), so the
+    # host's pace is out of the numbers; replays alternate between the settings, each timed by events over
+    # ``REPLAYS`` replays
+    grads, graphs = {}, {}
     for name, pdl in SETTINGS.items():
         hopper.PDL = pdl
         grads[name] = step()
+        graphs[name] = capture_cuda_graph(step)[0]
+    hopper.PDL = True
     for name in SETTINGS:
         dq, dk, dv = grads[name]
         ref = grads["off"]
         dq_err = (dq.float() - ref[0].float()).abs().max().item()
         print(f"  {name:10s} dK, dV bitwise as off: {torch.equal(dk, ref[1]) and torch.equal(dv, ref[2])}  "
               f"dQ max diff {dq_err:.2e}", flush=True)
-    # each setting's training step captured in a CUDA graph (testing.capture_cuda_graph), so the host's pace is out of
-    # the numbers; replays alternate between the settings, each timed by events over ``REPLAYS`` replays
-    graphs = {}
-    for name, pdl in SETTINGS.items():
-        hopper.PDL = pdl
-        graphs[name] = capture_cuda_graph(step)[0]
-    hopper.PDL = True
     times = {key: [] for key in graphs}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(rounds):

@@ -191,7 +191,7 @@ def test_dkdv_launch_is_the_delta_kernels_programmatic_dependent_where_safe(hopp
     out, lse, dout = torch.randn_like(q), torch.randn(2, n_heads, 128), torch.randn_like(q)
     launch_backward.backward(dout, q, k, v, out, lse, None, None, torch.rand(n_heads) + 0.1, None, None, None, None,
                              0.1, True, 0.0, False, deterministic=None)
-    (plan,), = [made]
+    plan, = made
     assert (plan.parts is not None) == (n_kv < n_heads) and bool(plan.launch.kwargs["REACH"]) == bool(reach_keys)
     assert plan.launch.kwargs.get("PDL", False) == plan.launch.kwargs.get("launch_pdl", False) == expected
     assert released == [expected]
