@@ -22,7 +22,7 @@ def _load_script(name):
                                     "host_overhead", "bwd_kernels", "bias_row", "ab_summary", "head_dims",
                                     "fused_dq", "dense_bias", "sass_hotspots", "varlen", "launch_in_step",
                                     "window_probe", "step_timeline", "soak", "alibi_precision", "pair_clocks",
-                                    "delta_probe"])
+                                    "delta_probe", "graph_ab"])
 def test_benchmark_scripts_import(script):
     pytest.importorskip("triton")
     if script == "tune_dkdv":  # runs its sweep at import: only check it compiles
@@ -207,3 +207,15 @@ def test_main_suite_refuses_zero_rounds():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--rounds", "0"],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "--rounds must be at least 1, got 0" in result.stderr
+
+
+@pytest.mark.parametrize("setting", [pytest.param("NOT_A_SETTING=0,1", id="unknown-name"),
+                                     pytest.param("PDL", id="no-values")])
+def test_graph_ab_names_a_bad_setting(setting):
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_ab.py"), "--set", setting],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and f"got {setting!r}" in result.stderr
