@@ -31,7 +31,7 @@ def probe(batch, n_heads, n_kv, seq, head_dim, rounds, bias_row, name, values, n
     dout = torch.randn_like(q)
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     kw = {"attn_bias": M.build_alibi_bias(n_heads, seq, device="cuda")} if bias_row else {"alibi_slopes": slopes}
-    saved = {attr: getattr(hopper, attr) for attr in ("PDL", "REACH_MIN_KEYS")}
+    saved = {attr: getattr(hopper, attr) for attr in {"PDL", "REACH_MIN_KEYS", name}}
     if name != "REACH_MIN_KEYS":
         hopper.REACH_MIN_KEYS = 1 << 62  # every block
 
@@ -85,8 +85,8 @@ def main():
     parser.add_argument("--norm-scale", type=float, default=1.0, help="standard deviation of q and k (default 1)")
     args = parser.parse_args()
     name, _, text = args.set.partition("=")
-    if not hasattr(hopper, name) or not text:
-        parser.error(f"--set wants NAME=A,B with NAME an attribute of hopper, got {args.set!r}")
+    if not hasattr(hopper, name) or not all(x.strip().lstrip("-").isdigit() for x in text.split(",")):
+        parser.error(f"--set wants NAME=A,B with NAME an attribute of hopper and integer values, got {args.set!r}")
     values = [int(x) for x in text.split(",")]
     for shape in args.shape or ["16,16,16,1024,128"]:
         probe(*(int(x) for x in shape.split(",")), args.rounds, args.bias_row, name, values, args.norm_scale)
