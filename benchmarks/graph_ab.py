@@ -88,6 +88,8 @@ def main():
     if not hasattr(hopper, name) or not all(x.strip().lstrip("-").isdigit() for x in text.split(",")):
         parser.error(f"--set wants NAME=A,B with NAME an attribute of hopper and integer values, got {args.set!r}")
     values = [int(x) for x in text.split(",")]
+    if len(set(values)) != len(values):  # (each setting's graph and times are kept under its value)
+        parser.error(f"--set wants distinct values, got {args.set!r}")
     for shape in args.shape or ["16,16,16,1024,128"]:
         probe(*(int(x) for x in shape.split(",")), args.rounds, args.bias_row, name, values, args.norm_scale)
 

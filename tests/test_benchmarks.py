@@ -211,7 +211,8 @@ def test_main_suite_refuses_zero_rounds():
 
 @pytest.mark.parametrize("setting", [pytest.param("NOT_A_SETTING=0,1", id="unknown-name"),
                                      pytest.param("PDL", id="no-values"),
-                                     pytest.param("PDL=on,off", id="not-integers")])
+                                     pytest.param("PDL=on,off", id="not-integers"),
+                                     pytest.param("PDL=1,1", id="repeated-value")])
 def test_graph_ab_names_a_bad_setting(setting):
     import subprocess
     import sys
