@@ -316,9 +316,10 @@ def _training_inputs(seed, batch, n_kv, head_dim, what):
 
 @pytest.mark.parametrize("what", ["slopes", "bias-row"])
 def test_only_a_training_step_skips_past_the_reach_at_2048_keys(what):
-    """At the shipped thresholds and 2048 keys (REACH_MIN_KEYS / 2), a training step reads the norms once and skips
-    in its forward and backward; a forward alone (no gradient needed) reads none and computes every block. Both
-    as the float64 reference's."""
+    """At the shipped thresholds and 2048 keys (REACH_MIN_KEYS / 2), a training step with MPT's bias row reads the
+    norms once and skips in its forward and backward; with slopes its forward writes the table its backward skips
+    with (``hopper.forward_table_applies``), and no norms are read; a forward alone (no gradient needed) reads none
+    and computes every block. Both as the float64 reference's."""
     assert hopper.REACH_MIN_KEYS // 2 <= 2048 < hopper.REACH_MIN_KEYS
     (q, k, v), kw, dout = _training_inputs(17, 2, 8, 64, what)
 
@@ -333,7 +334,7 @@ def test_only_a_training_step_skips_past_the_reach_at_2048_keys(what):
     def norm_passes(fn):
         return sum(n for _, n, name in profile_kernels(fn) if "row_norm_max_kernel" in name)
 
-    assert norm_passes(step) == 1 and norm_passes(alone) == 0
+    assert norm_passes(step) == (0 if what == "slopes" else 1) and norm_passes(alone) == 0
     out, grads = step()
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
     with torch.no_grad():
@@ -357,3 +358,107 @@ def test_a_training_step_reads_the_reach_norms_once(monkeypatch, what, determini
     assert sum(n for name, n in launches.items() if "row_reach_kernel" in name) == (2 if what == "bias-row" else 0)
     out, grads = step()
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+def _forward_table(q, k, v, slopes):
+    """The table a training step's Hopper forward writes (``hopper.forward_table_applies``), (B, H, cdiv(S_q, 64)):
+    each 64 query rows' first key block within reach."""
+    from mpt_attention.impl.triton import launch
+
+    got = {}
+    launch.forward(q, k, v, None, slopes, None, None, None, None, q.shape[-1] ** -0.5, True, 0.0, reach_norms=got)
+    return got["table"].view(q.shape[0], q.shape[2], -1)
+
+
+@pytest.mark.parametrize("d, n_kv, s_q, norm_scale", [(128, 8, 1024, 1.0), (64, 2, 1500, 1.0), (128, 8, 1024, 2.0),
+                                                      (96, 4, 1100, 1.0)],
+                         ids=["D128", "D64-GQA", "D128-norms-x2", "D96-tail-GQA"])
+def test_forward_table_leaves_out_only_blocks_below_2_to_the_minus_48(d, n_kv, s_q, norm_scale):
+    """Each 64 query rows' first key block in the forward's table: every block before it scores below 2^-48 of each
+    row's largest probability, in float64 from the same bfloat16 q and k (2^-47.5: the kernel's float32 scores
+    round); no entry lies past its rows' diagonal block; and the steep heads do leave blocks out."""
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    q = (torch.randn(2, s_q, 8, d, device="cuda", generator=gen) * norm_scale).to(torch.bfloat16)
+    k, v = ((torch.randn(2, s_q, n_kv, d, device="cuda", generator=gen) * norm_scale).to(torch.bfloat16)
+            for _ in range(2))
+    slopes = M.gen_slopes(8, return_1d=True, device="cuda")
+    assert hopper.forward_table_applies(None, slopes, True, 1, True, s_q, True, False, False)
+    table = _forward_table(q, k, v, slopes).long()
+    n_w = -(-s_q // 64)
+    assert table.shape == (2, 8, n_w)
+    c, a = d ** -0.5 * hopper.LOG2E, slopes.double() * hopper.LOG2E
+    kk = k.double().repeat_interleave(8 // n_kv, dim=2)
+    # [B, H, S_q, S_k] log2 units: c q.k + a (j - (S_k - 1)), causal
+    x = c * torch.einsum("bqhd,bkhd->bhqk", q.double(), kk)
+    pos = torch.arange(s_q, device="cuda")
+    x = x + a.view(1, -1, 1, 1) * (pos - (s_q - 1)).view(1, 1, 1, -1)
+    x = x.masked_fill(pos.view(1, 1, 1, -1) > pos.view(1, 1, -1, 1), float("-inf"))
+    low = x - x.amax(dim=-1, keepdim=True)  # each score against its row's largest
+    rows_w = pos // 64
+    left_out = pos.view(1, 1, 1, -1) < (table[..., rows_w] * hopper.BLOCK_N).unsqueeze(-1)  # [B, H, S_q, S_k]
+    assert (low[left_out] < -47.5).all(), low[left_out].max()
+    assert (table <= (torch.arange(n_w, device="cuda") * 64 // hopper.BLOCK_N)).all()
+    assert table[:, 0, -1].min() >= 2  # the steepest head (slope 2^-1) leaves out blocks far behind
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(AttnCase(2, 1024, 1024, 8, 8, 128, causal=True, alibi=True), id="D128"),
+    pytest.param(AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True), id="D128-GQA-split-heads"),
+    pytest.param(AttnCase(1, 1500, 1500, 8, 2, 64, causal=True, alibi=True), id="D64-GQA"),
+    pytest.param(AttnCase(1, 700, 1300, 8, 8, 128, causal=True, alibi=True), id="D128-chunked-prefill"),
+    pytest.param(AttnCase(1, 1100, 1100, 16, 16, 96, causal=True, alibi=True), id="D96-tail"),
+    pytest.param(AttnCase(1, 2560, 2560, 8, 8, 64, causal=True, alibi=True), id="D64-2560"),
+])
+def test_a_short_training_step_skips_past_its_forwards_table(monkeypatch, case):
+    """From REACH_MIN_KEYS / 4 to 3 REACH_MIN_KEYS / 4 keys a training step's backward ends each key block's queries
+    where its forward's table says: no norm pass runs; the forward is bit for bit the one without the table; the
+    gradients match the same step computing every block and the float64 reference."""
+    (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    assert hopper.REACH_MIN_KEYS // 4 <= case.s_k < 3 * (hopper.REACH_MIN_KEYS // 4)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out, lse = M.attention(q, k, v, backend="triton", return_lse=True, **kw)
+        return out, lse, torch.autograd.grad(out, [q, k, v], dout)
+
+    launches = {name: n for _, n, name in profile_kernels(step)}
+    assert not any("row_norm_max_kernel" in name for name in launches), launches
+    out, lse, grads = step()
+    monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)  # every block, no table
+    every_out, every_lse, every = step()
+    assert torch.equal(out, every_out) and torch.equal(lse, every_lse)
+    for name, a, b in zip(["dq", "dk", "dv"], grads, every):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+    assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
+
+
+@pytest.mark.parametrize("d", [128, 64], ids=["D128", "D64"])
+def test_a_short_training_step_never_reads_query_blocks_past_its_forwards_table(d):
+    """dO of the last 128 queries is NaN: the steep head's key blocks well behind them (the forward's table leaves
+    them out there) keep finite dK and dV, equal to the float64 reference's with those rows zeroed, while the flat
+    head, whose reach spans the sequence, reads them all."""
+    s, n_heads = 1500, 2
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q, k, v = (torch.randn(1, s, n_heads, d, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    slopes = torch.tensor([0.5, 2.0 ** -8], device="cuda")
+    dout = torch.randn(q.shape, device="cuda", generator=gen).to(torch.bfloat16)
+    dout_nan = dout.clone()
+    dout_nan[:, -128:] = float("nan")
+    kw = dict(causal=True, alibi_slopes=slopes)
+    out = M.attention(q, k, v, backend="triton", **kw)
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], dout_nan)
+    far = 1024  # the steep head's reach is ~100 keys at N(0, 1) norms: the key blocks before 1024 end short of 1372
+    for name, g in (("dk", dk), ("dv", dv)):
+        assert g[0, :far, 0].isfinite().all(), name
+        assert g[0, s - 128:, 0].isnan().all() and g[0, :, 1].isnan().all(), name
+    dout_zero = dout.clone()
+    dout_zero[:, -128:] = 0
+    refs = []
+    for dtype in (torch.float64, torch.bfloat16):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention(*xs, **kw, compute_dtype=dtype)
+        refs.append(torch.autograd.grad(ref, xs, dout_zero.to(dtype)))
+    for i, name in ((1, "dk"), (2, "dv")):
+        got = (dk, dv)[i - 1][:, :far, :1]
+        assert_close_to_reference(name, got, refs[0][i][:, :far, :1], refs[1][i][:, :far, :1])

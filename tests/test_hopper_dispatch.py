@@ -526,6 +526,7 @@ def test_a_training_step_takes_the_reach_from_half_the_keys(monkeypatch, s_k, tr
     whose norms the backward takes) and every backward take the reach from REACH_MIN_KEYS / 2 keys; a forward alone
     from REACH_MIN_KEYS. Set past any length, neither takes it (the benchmarks' every-block providers)."""
     monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    monkeypatch.setattr(hopper, "FORWARD_TABLE", False)  # (from 2048 to 3071 keys it takes the forward's table)
     q, k, v = _qkv(s_q=128, s_k=s_k, d=64)
     slopes = torch.rand(4)
     assert bool(hopper.reach_applies(None, slopes, True, 1, 2, s_k, training)) == applies
@@ -533,6 +534,48 @@ def test_a_training_step_takes_the_reach_from_half_the_keys(monkeypatch, s_k, tr
     assert bool(plan.launch.kwargs["REACH"]) == applies and (plan.norms is not None) == applies
     monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)
     assert not hopper.reach_applies(None, slopes, True, 1, 2, s_k, training=True)
+
+
+@pytest.mark.parametrize("what, s_k, applies", [
+    pytest.param("training", 1024, True, id="training-1024"),
+    pytest.param("training", 3071, True, id="training-3071"),
+    pytest.param("training", 1023, False, id="training-1023"),
+    pytest.param("training", 3072, False, id="training-3072-norms-reach"),
+    pytest.param("alone", 1024, False, id="forward-alone"),
+    pytest.param("bias-row", 1024, False, id="a-bias-row"),
+    pytest.param("zero-scale", 1024, False, id="scaled-first"),
+    pytest.param("switched-off", 1024, False, id="FORWARD_TABLE-off"),
+])
+def test_a_short_training_forward_writes_the_table_its_backward_reads(monkeypatch, what, s_k, applies):
+    """From REACH_MIN_KEYS / 4 to 3 REACH_MIN_KEYS / 4 keys a training step's forward (causal ALiBi from slopes
+    alone, unscaled maxima) reads every block and writes one word per (batch, head) and 64 query rows past the program
+    slots, where no norm pass runs; its backward's plan, told the table comes, ends its key blocks' queries there
+    (REACH_TABLE) and stays the delta kernel's programmatic dependent, since nothing is launched between them."""
+    from mpt_attention.impl.triton import hopper_dkdv, reach
+
+    monkeypatch.setattr(hopper, "sm_count", lambda device_index: 4)
+    if what == "switched-off":
+        monkeypatch.setattr(hopper, "FORWARD_TABLE", False)
+    q, k, v = _qkv(s_q=200, s_k=s_k, d=128)
+    slopes = None if what == "bias-row" else torch.rand(4)
+    bias = launch._log2_bias_rows(torch.randn(1, 4, 1, s_k)) if what == "bias-row" else None
+    scale = 0.0 if what == "zero-scale" else 0.125
+    plan = hopper.forward_plan(q, k, v, bias, slopes, scale, True, 0 if slopes is None else 1,
+                               training=what != "alone")
+    assert plan.launch.kwargs.get("TABLE", False) == applies and (plan.table is not None) == applies
+    if applies:
+        first = 16 + 4 * hopper.PROGRAM_WORDS
+        assert plan.table == (first, 2 * 4 * 4) and plan.counters == first + 2 * 4 * 4 and plan.norms is None
+        assert not plan.launch.kwargs["REACH"]
+    elif what == "training":
+        assert bool(plan.launch.kwargs["REACH"]) == (s_k >= hopper.REACH_MIN_KEYS // 2)
+    row_stats = hopper_dkdv.row_stats_buffer(2, 4, 200, q.device)
+    bwd = hopper_dkdv.dkdv_plan(q, k, v, q, row_stats, k, v, bias, slopes, scale, True, 0 if slopes is None else 1,
+                                torch.empty_like(q, dtype=torch.float32), forward_table=True)
+    takes_table = slopes is not None
+    assert (bwd.launch.kwargs["REACH"] == reach.REACH_TABLE) == takes_table
+    if takes_table:
+        assert bwd.norms is None and bwd.launch.kwargs.get("PDL") == (bwd.parts is None)
 
 
 @pytest.mark.parametrize("longest, applies, bwd_applies",

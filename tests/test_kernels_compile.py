@@ -54,6 +54,8 @@ def test_all_kernels_compile_for_sm90():
     # causal ALiBi's key blocks past its reach skipped (reach.py): the forward at both widths, the dK/dV kernel with
     # the dQ warpgroup, the consumers' dQ, split heads' partial sums and the reproducible split
     assert result.stdout.count("ok   hopper-fwd-reach") == 2 and result.stdout.count("ok   hopper-bwd-reach") == 4
+    # a short training step's forward writing its table of first key blocks, and the backward reading it
+    assert result.stdout.count("ok   hopper-fwd-table") == 4 and result.stdout.count("ok   hopper-bwd-table") == 3
     # and in packed sequences (one norm row per head)
     assert result.stdout.count("ok   hopper-fwd-packed-reach") == 3
     assert result.stdout.count("ok   hopper-bwd-packed-reach") == 3

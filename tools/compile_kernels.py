@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mpt_attention.impl.triton import launch, launch_backward
-from mpt_attention.impl.triton.reach import REACH_ROW
+from mpt_attention.impl.triton.reach import REACH_ROW, REACH_TABLE
 from mpt_attention.impl.triton.backward import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from mpt_attention.impl.triton.forward import _attn_fwd_kernel
 from mpt_attention.impl.triton.lean_launch import ptxas_options, with_user_ptxas_options
@@ -140,14 +140,15 @@ def launch_attrs(fn, sig: dict, consts: dict, ints: dict) -> dict:
 
 def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = "bf16", bias: str | None = None,
                           tail: int = 0, bias_matrix: bool = False, varlen: bool = False, raw: bool | None = None,
-                          consumers: int | None = None, reach: int = 0, qk_cols: int = 0):
+                          consumers: int | None = None, reach: int = 0, qk_cols: int = 0, table: bool = False):
     """The Gluon Hopper forward (impl/triton/hopper_forward.py); ``bias``: the bias row's dtype, or None;
     ``tail``: the products' second piece of columns (``hopper.product_tail``); ``bias_matrix``: a bias matrix
     in q's dtype instead; ``varlen``: packed sequences; ``raw``: maxima over unscaled scores (``hopper.raw_scores``;
     None: as the launcher chooses for a positive scale); ``consumers``: consumer warpgroups (None: as the launcher
     chooses, ``hopper.forward_consumers``); ``reach``: causal ALiBi's key blocks past every query's reach skipped
     (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row); ``qk_cols``: the columns Q K^T
-    contracts (``hopper.qk_cols``; 0: the tile's, or 64 + ``tail``)."""
+    contracts (``hopper.qk_cols``; 0: the tile's, or 64 + ``tail``); ``table``: a short training step's forward
+    writing its rows' first key blocks within reach (``TABLE``, ``hopper.forward_table_applies``)."""
     from mpt_attention.impl.triton.hopper import BLOCK_N, HALF_M, forward_consumers, raw_scores
     from mpt_attention.impl.triton.hopper_forward import _hopper_fwd_kernel
 
@@ -163,6 +164,8 @@ def compile_hopper_kernel(head_dim: int, causal: bool, alibi: int, dtype: str = 
     consts = {"IS_CAUSAL": causal, "ALIBI": alibi, "BLOCK_N": BLOCK_N, "HEAD_DIM": head_dim,
               "BIAS_ROW": bias_row, "TAIL": tail, "BIAS_FULL": bias_matrix, "VARLEN": varlen, "RAW": raw,
               "ROW_KEYS": row_keys, "CONSUMERS": consumers, "REACH": reach, "QK_COLS": qk_cols}
+    if table:  # (as hopper.forward_plan: absent otherwise, so the other launches' digests stay)
+        consts["TABLE"] = True
     boxes = {"bias_desc": [1, HALF_M, BLOCK_N]} if bias_matrix else None
     if row_keys:  # the row's per-key terms (common.row_keys_kernel): bfloat16 [1, 1, BLOCK_N, 16] boxes
         from mpt_attention.impl.triton.hopper import _ROW_KEYS_LAYOUT
@@ -179,7 +182,8 @@ def compile_hopper_dkdv_kernel(head_dim: int, causal: bool, alibi: int, dtype: s
     matrix, ``store_ds`` with its gradient; ``tail``: the products' second piece of columns (with ``fused_dq``);
     ``varlen``: packed sequences (with ``fused_dq``; no bias row). Each 64-query block's first program stores its
     dQ part where the launcher has it do so (``hopper_dkdv.first_write_dq``); ``reach``: query blocks past
-    causal ALiBi's reach skipped (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row);
+    causal ALiBi's reach skipped (``hopper.reach_applies``: 1 from the slopes, ``REACH_ROW`` from a bias row,
+    ``REACH_TABLE`` from the forward's table);
     ``ints``: integer arguments' values, specialised as a launch does (``launch_attrs``; tools/dkdv_as_launched.py);
     ``pdl``: launched as the delta kernel's programmatic dependent (``hopper_dkdv.dkdv_plan``)."""
     from mpt_attention.impl.triton.gluon_compat import KV_IN_STEP
@@ -372,6 +376,16 @@ def main() -> int:
         failures += _report_gluon(f"hopper-bwd-reach D={head_dim} causal=True alibi=1 fused_dq={fused_dq} "
                                   f"partial={partial}", compile_hopper_dkdv_kernel, head_dim, True, 1,
                                   fused_dq=fused_dq, partial=partial, reach=True)
+    # a short training step: the forward writing its rows' first key blocks (three consumers at D64, a tail, Q K^T on
+    # 112 columns) and the dK/dV kernel ending its queries there (the consumers' dQ, the dQ warpgroup, split heads'
+    # partial sums, a programmatic dependent)
+    for head_dim, tail, qk in [(64, 0, 0), (128, 0, 0), (128, 32, 0), (128, 0, 112)]:
+        failures += _report_gluon(f"hopper-fwd-table D={head_dim} tail={tail} qk_cols={qk} causal=True alibi=1 bf16",
+                                  compile_hopper_kernel, head_dim, True, 1, "bf16", None, tail, qk_cols=qk, table=True)
+    for head_dim, partial, pdl in [(64, False, True), (128, False, True), (128, True, False)]:
+        failures += _report_gluon(f"hopper-bwd-table D={head_dim} causal=True alibi=1 partial={partial} pdl={pdl}",
+                                  compile_hopper_dkdv_kernel, head_dim, True, 1, fused_dq=True, partial=partial,
+                                  reach=REACH_TABLE, pdl=pdl)
     # a causal bias row past its reach (reach.row_reach_kernel's tables): through the extension product at both
     # widths, and scaled first (a zero scale: the row's slices come ahead, from the tile's first block)
     for head_dim, raw in [(64, None), (128, None), (64, False)]:

@@ -104,7 +104,8 @@ def _backward_with(bwd, eager=False):
         softmax_scale, causal, dropout_p = ctx.args
         if dout is None:  # only the log-sum-exp was used
             dout = torch.zeros_like(out)
-        extra = {"bias_rows": ctx.bias_rows, "reach_norms": ctx.reach_norms.get("norms")} if eager else {}
+        extra = {"bias_rows": ctx.bias_rows, "reach_norms": ctx.reach_norms.get("norms"),
+                 "reach_table": ctx.reach_norms.get("table")} if eager else {}
         dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed,
                                 softmax_scale, causal, dropout_p, ctx.bias_grad, cu_q, cu_k, *ctx.max_lens,
                                 ctx.deterministic, used_q, used_k, **extra)
@@ -115,8 +116,8 @@ def _backward_with(bwd, eager=False):
 torch.library.register_autograd("mpt_attention::triton_fwd", _backward_with(_triton_bwd), setup_context=_setup_context)
 
 
-def _launch_backward(*args, bias_rows=None, reach_norms=None):
-    return _launch_bwd().backward(*args, bias_rows=bias_rows, reach_norms=reach_norms)
+def _launch_backward(*args, bias_rows=None, reach_norms=None, reach_table=None):
+    return _launch_bwd().backward(*args, bias_rows=bias_rows, reach_norms=reach_norms, reach_table=reach_table)
 
 
 class _EagerTritonAttention(torch.autograd.Function):
@@ -130,9 +131,10 @@ class _EagerTritonAttention(torch.autograd.Function):
         # an internal buffer, so not saved for backward: a change to the bias in between fails the bias's
         # own saved-tensor check first
         ctx.bias_rows = None if inputs[3] is None else launch.log2_bias_row(inputs[3])
-        # the heads' norm maxima, where the forward reads them for causal ALiBi's reach, for the backward's reach
-        # (q and k are saved for backward: a change to them in between fails their saved-tensor check); given, the
-        # forward takes the reach from a training step's length (``hopper.reach_applies``)
+        # the heads' norm maxima, where the forward reads them for causal ALiBi's reach, or the table of first key
+        # blocks its kernel writes (``hopper.forward_table_applies``), for the backward's reach (q and k are saved
+        # for backward: a change to them in between fails their saved-tensor check); given, the forward takes the
+        # reach from a training step's length (``hopper.reach_applies``)
         ctx.reach_norms = {}
         output = launch.forward(*inputs[:18], bias_rows=ctx.bias_rows,  # ``deterministic`` is the backward's
                                 reach_norms=ctx.reach_norms)

@@ -77,6 +77,14 @@ BLOCK_M, BLOCK_N, HALF_M = 128, 128, 64  # 64 query rows per consumer, two per t
 # training step at 1024 read 1.02-1.25x, host-bound there, not taken. Benchmarks set it past any length to time the
 # kernels on every visible block
 REACH_MIN_KEYS = 4096
+# A training step over REACH_MIN_KEYS // 4 to 3 * REACH_MIN_KEYS // 4 keys has its forward read every block and find
+# each 64 query rows' first key block within reach from its own scores (``hopper_forward``'s ``TABLE``,
+# ``forward_table_applies``), and its backward end each key block's queries there (``reach.REACH_TABLE``): no pass
+# over q and k, a bound from the scores themselves. Against every block (S 1024) and against the norms' reach in
+# forward and backward (S 2048-3072), H100, CUDA graphs, paired (benchmarks/NOTES.md session 72): S1024 1.09x (D128,
+# D64), S2048 1.06x (D128) and 1.03x (D64), at twice N(0, 1)'s norms 1.15x and 1.10x; S3072 1.035x (D128) but 0.974x
+# (D64), and at S4096, where the norms' forward skips more, 0.94x
+FORWARD_TABLE = True
 # Packed sequences without unused rows on the kernels that clear rows past each sequence's end (``PACKED_USED``, as
 # ``seqused`` calls take): a sequence's last blocks then read its neighbour's rows as zeros, so a NaN in one sequence
 # stays there. Off: the neighbour's rows are masked out of the scores but enter P V with weight 0 (docs/errors.md).
@@ -308,6 +316,7 @@ class ForwardPlan(NamedTuple):
     norms: tuple | None = None  # (PlannedLaunch, its scalars) of ``row_norm_max_kernel`` (``reach_applies``)
     row_table: tuple | None = None  # the same of ``row_reach_kernel`` (``REACH_ROW``)
     clear: tuple | None = None  # ``clear_unused_rows_launch`` of the output (packed sequences with unused rows)
+    table: tuple | None = None  # (first word, words) of the table the kernel writes (``TABLE``) in ``Tiles``
 
 
 def reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k, training: bool = False) -> int:
@@ -324,6 +333,16 @@ def reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k, training: bo
     if alibi_mode == 0 and bias is not None and bias.shape[2] == 1:
         return REACH_ROW
     return 0
+
+
+def forward_table_applies(bias, slopes, causal, alibi_mode, raw, s_k, training, varlen, seqused) -> bool:
+    """Whether a Hopper forward writes the table of its rows' first key blocks within causal ALiBi's reach for its
+    training step's backward (``TABLE``; ``FORWARD_TABLE``): dense causal ALiBi from slopes alone with unscaled
+    maxima (``raw_scores``), over ``REACH_MIN_KEYS // 4`` to ``3 * REACH_MIN_KEYS // 4`` keys. The forward then
+    reads every block (from ``REACH_MIN_KEYS // 2`` keys instead of the norms' reach, ``reach_applies``)."""
+    return bool(FORWARD_TABLE and training and causal and raw and alibi_mode == 1 and slopes is not None
+                and bias is None and not varlen and not seqused
+                and REACH_MIN_KEYS // 4 <= s_k < 3 * (REACH_MIN_KEYS // 4))
 
 
 def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, max_q=0, max_k=0,
@@ -381,13 +400,19 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
                batch * n_heads, s_q, s_k, qk_scale2, b_on, h_on, group, head_dim)
     # packed sequences: one row of norm maxima per head over every token (reach.norm_row); s_k the longest sequence.
     # (not with unused rows, which may hold anything)
-    reach = 0 if seqused else reach_applies(bias, slopes, causal, alibi_mode, 1 if varlen else batch, s_k, training)
+    table = forward_table_applies(bias, slopes, causal, alibi_mode, raw, s_k, training, varlen, seqused)
+    reach = 0 if seqused or table else reach_applies(bias, slopes, causal, alibi_mode, 1 if varlen else batch, s_k,
+                                                     training)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
         IS_CAUSAL=causal, ALIBI=alibi_mode, BLOCK_N=BLOCK_N, HEAD_DIM=width,
         BIAS_ROW=bias_row, TAIL=forward_tail(head_dim), QK_COLS=qk_cols(head_dim), BIAS_FULL=bias_full,
-        VARLEN=packed_kind(varlen, seqused), RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, REACH=reach, num_warps=4))
+        VARLEN=packed_kind(varlen, seqused), RAW=raw, ROW_KEYS=row_keys, CONSUMERS=consumers, REACH=reach, num_warps=4,
+        **({"TABLE": True} if table else {})))
     counters = 16 + grid[0] * PROGRAM_WORDS
     norms = row_table = None
+    if table:  # per (batch, head) and 64 query rows, after the program slots (hopper_loaders.forward_loader)
+        table = (counters, batch * n_heads * cdiv(s_q, HALF_M))
+        counters += table[1]
     if reach:  # the heads' norm maxima after the program slots (hopper_tiles.reach_first_block): q's, then k's
         norms = norm_launch(q, k, counters)
         counters += norms[2]
@@ -397,14 +422,16 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
                                      norms[1][-1], counters, False)
         counters += batch * n_heads * (n_m + 1)  # (and the row's end: hopper_tiles.row_reach_end_block)
     clear = clear_unused_rows_launch(out_shape, batch) if varlen and seqused else None
-    return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms, row_table, clear)
+    return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms, row_table, clear,
+                       table or None)
 
 
 def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, reach_norms: dict | None = None,
                 used_q=None, used_k=None):
     """``out`` and ``lse`` of inputs of ``plan``'s signature (``forward``). ``reach_norms``: where the reach applies,
     receives the heads' norm maxima under ``"norms"`` (a view of this call's buffer) for the backward of the same
-    q and k (``run_dkdv``). ``used_q``, ``used_k``: as ``forward``."""
+    q and k (``run_dkdv``), and where the kernel writes the table of its rows' first key blocks (``TABLE``), that
+    under ``"table"``. ``used_q``, ``used_k``: as ``forward``."""
     device = q.device
     out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
     if used_q is None:
@@ -442,6 +469,9 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
                 None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
                 out, cu_q, cu_k, ends_q, ends_k, cu_tiles, *plan.scalars)
+    if plan.table is not None and reach_norms is not None:
+        first, n_words = plan.table
+        reach_norms["table"] = tiles[first:first + n_words]
     if used_q is not None:
         clear_unused_rows(out, cu_q, ends_q, plan.clear)
     return out, lse

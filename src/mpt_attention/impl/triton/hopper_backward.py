@@ -71,7 +71,8 @@ With causal ALiBi from slopes over at least ``hopper.REACH_MIN_KEYS`` / 2 keys (
 ``hopper.reach_applies``; ``REACH``) a key block's queries end
 at its heads' reach (``reach.py``, ``hopper_tiles.reach_query_end``): past it every probability, and so every
 gradient term, is 0. A causal bias row (``REACH == REACH_ROW``) ends them where ``reach.row_reach_kernel``'s table
-says, from the row's prefix maxima.
+says, from the row's prefix maxima. A shorter training step (``REACH == REACH_TABLE``, ``hopper.forward_table_applies``)
+ends them where its forward's table says, from the forward's own scores (``hopper_tiles.table_query_end``).
 Scope otherwise as the Hopper forward (``hopper.py``).
 """
 
@@ -92,9 +93,9 @@ from mpt_attention.impl.triton.hopper_forward import store_rows
 from mpt_attention.impl.triton.hopper_loaders import backward_loader, bwd_stages, clear_rows
 from mpt_attention.impl.triton.hopper_scores import contracted_cols, issue_over_d, main_cols
 from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, packed_tile, reach_query_end, row_reach_query_end
-from mpt_attention.impl.triton.hopper_tiles import sequence_of
+from mpt_attention.impl.triton.hopper_tiles import sequence_of, table_query_end
 from mpt_attention.impl.triton.hopper_tiles import tile_order
-from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
+from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW, KERNEL_REACH_TABLE
 
 @gluon.jit
 def _bwd_consumer_partition(half, k_smem, v_smem, q_smem, do_smem, bias_smem, kv_bar, ready, empty, dk_desc, dv_desc,
@@ -396,13 +397,15 @@ def _hopper_bwd_dkdv_kernel(
     (B, H, S_q / 64) int32 words, zeroed). ``REACH`` (dense, causal ALiBi from slopes or a bias row; with or without
     ``FIRST_WRITE``): each key block visits only the query blocks within its heads' reach (``reach.py``; ``Norms``:
     the heads' q then k norm maxima, float32 bit patterns, (B * H) + (B * H_kv); with ``REACH_ROW`` then the bias
-    row's table, (B, H, key blocks) query ends). ``SOFT_BLOCKS`` (a bias that may soft-mask whole rows; dense): the
+    row's table, (B, H, key blocks) query ends; with ``REACH_TABLE`` ``Norms`` is the forward's table instead,
+    (B, H, cdiv(S_q, 64)) first key blocks). ``SOFT_BLOCKS`` (a bias that may soft-mask whole rows; dense): the
     loader reads a 64-query block's dO through ``dos_desc`` (the delta kernel's scaled copy) where its word in
     ``SoftBlocks``, (B, H, cdiv(S_q, 64)) int32, is 1. ``zero`` is 0: with ``KV_IN_STEP`` (``gluon_compat``),
     where the consumers form dQ, they index K's and V's tiles with ``half + t * zero``, which the compiler cannot
     fold, so that the tiles' 24 operand descriptors are formed in each step. Formed once before the loop, Triton
     3.7's code (and, compiled, 3.8's and 3.9's) keeps them in vector registers, where ptxas spills them: 12% slower
-    than under 3.6 (benchmarks/NOTES.md session 54). ``PDL`` (``FUSED_DQ``, dense, no ``REACH``): launched as the
+    than under 3.6 (benchmarks/NOTES.md session 54). ``PDL`` (``FUSED_DQ``, dense, no ``REACH`` but the forward's
+    table, written before the delta kernel started): launched as the
     delta kernel's programmatic dependent (``hopper.PDL``), so a program may start before that kernel has finished:
     the loader issues K's and V's loads, then waits for it (``wait_prior_grid``) before the first row terms (and
     dO's scaled blocks), the dQ partition before its first dQ sums or sync word; nothing else here reads what that
@@ -415,7 +418,8 @@ def _hopper_bwd_dkdv_kernel(
     mat_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
     if PDL:
-        gl.static_assert(FUSED_DQ and not VARLEN and not REACH, "the dK/dV kernel waits for the delta kernel late")
+        gl.static_assert(FUSED_DQ and not VARLEN and (not REACH or REACH == KERNEL_REACH_TABLE),
+                         "the dK/dV kernel waits for the delta kernel late")
 
     if VARLEN:
         total_kb = gl.load(CuKTiles + n_seq)
@@ -469,6 +473,8 @@ def _hopper_bwd_dkdv_kernel(
         if REACH == KERNEL_REACH_ROW:  # the table past the norm maxima
             q_end = row_reach_query_end(Norms + batch * n_kv * (n_groups + 1), b, h0, n_g, n_kv * n_groups,
                                         start_n // (2 * _HALF_N), gl.cdiv(seqlen_k, 2 * _HALF_N))
+        elif REACH == KERNEL_REACH_TABLE:  # (the forward's blocks are this kernel's: 128 keys from key 0)
+            q_end = table_query_end(Norms, b, h0, n_g, n_kv * n_groups, start_n // (2 * _HALF_N), seqlen_q, 32)
         else:
             norm_b = b
             if VARLEN:

@@ -17,7 +17,8 @@ from mpt_attention.impl.triton.hopper import LOG2E, packed_heads_per_group, pack
 from mpt_attention.impl.triton.hopper import tile_dim
 from mpt_attention.impl.triton.hopper_views import bias_dims_on, bias_matrix_view, descriptor, rows_view, slope_args
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv
-from mpt_attention.impl.triton.reach import REACH_ROW, norm_launch, row_prefix_max, row_reach_launch
+from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, REACH_TABLE, norm_launch, row_prefix_max
+from mpt_attention.impl.triton.reach import row_reach_launch
 from mpt_attention.masks import sequence_ends
 
 try:
@@ -69,7 +70,8 @@ def first_write_dq(head_dim: int, bias_full: bool, varlen: bool) -> bool:
     block is reached by some program, so the buffer needs no zeros, only a zeroed ``dq_sync_buffer``: causal or
     not, the key block holding a query's own key (its diagonal; ``unsupported`` leaves no row without keys) visits
     its block, and causal ALiBi's reach from slopes ends a key block's queries no earlier than its last key's
-    (``hopper_tiles.reach_query_end``: the reach is at least 0 keys). A bias row's table may end the diagonal's key
+    (``hopper_tiles.reach_query_end``: the reach is at least 0 keys), and so does the forward's table
+    (``hopper_tiles.table_query_end``). A bias row's table may end the diagonal's key
     block before a query (a removed key there, a larger term before it), but never the block holding the largest
     term up to the query's block's first row: each block's first row is a row the table tests, and that block's
     maximum lies above every such row's floor (``reach.row_reach_kernel``; tests/test_reach.py checks the cover)."""
@@ -124,11 +126,13 @@ class DkdvPlan(NamedTuple):
 
 def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, causal, alibi_mode,
               dq_acc=None, dbias=None, cu_q=None, max_q=0, first_write=False, dout_scaled=None, max_k=0,
-              seqused: bool = False) -> DkdvPlan:
+              seqused: bool = False, forward_table: bool = False) -> DkdvPlan:
     """``backward_dkdv``'s launch for inputs of this signature (as ``forward_plan``, a function of it alone);
     ``first_write``: with a ``dq_sync`` buffer; ``dout_scaled``: dO's soft-masked blocks scaled (``run_dkdv``);
     packed sequences (``cu_q``) the longest ``max_q`` queries and ``max_k`` keys long, ``seqused`` where some of
-    their rows are unused."""
+    their rows are unused; ``forward_table``: ``run_dkdv`` gets the table of the training forward
+    (``hopper.forward_table_applies``), whose rows' first key blocks end the key blocks' queries
+    (``REACH_TABLE``)."""
     varlen = cu_q is not None
     if varlen:  # one (1, T, H, D) batch row for the descriptors; the sequences from the cumulative lengths
         n_seq, batch = cu_q.numel() - 1, 1
@@ -186,15 +190,20 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         REACH=0 if seqused else reach_applies(bias, slopes, causal, alibi_mode, batch, max_k if varlen else s_k,
                                               training=True),
         SOFT_BLOCKS=dout_scaled is not None, KV_IN_STEP=KV_IN_STEP, num_warps=4))
+    if forward_table and not varlen and not seqused and causal and alibi_mode == 1 and slopes is not None \
+            and bias is None:  # (in place of the norms' reach, where that applies too)
+        launch.kwargs["REACH"] = REACH_TABLE
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
     # the delta kernel's programmatic dependent (``hopper.PDL``) where nothing is launched between them (the reach's
-    # norm maxima and a bias row's table are; packed sequences' block counts too) and every buffer it writes was
-    # allocated before that kernel: grouped heads' partial sums are allocated after it, from memory that kernel may
-    # still be reading (a temporary freed on its return, the caching allocator's stream order assumed)
-    if hopper.PDL and dq_acc is not None and not varlen and not launch.kwargs["REACH"] and parts is None:
+    # norm maxima and a bias row's table are, the forward's table is not; packed sequences' block counts too) and
+    # every buffer it writes was allocated before that kernel: grouped heads' partial sums are allocated after it,
+    # from memory that kernel may still be reading (a temporary freed on its return, the caching allocator's stream
+    # order assumed)
+    if hopper.PDL and dq_acc is not None and not varlen and launch.kwargs["REACH"] in (0, REACH_TABLE) \
+            and parts is None:
         launch.kwargs.update(PDL=True, launch_pdl=True)
     norms = row_table = None
-    if launch.kwargs["REACH"]:  # (all words, the norm maxima's words, their launch, its scalars)
+    if launch.kwargs["REACH"] in (REACH_SLOPES, REACH_ROW):  # (all words, the norms' words, their launch, scalars)
         norm_pass, args, n_words = norm_launch(q, k, 0)
         norms = (n_words, n_words, norm_pass, args)
     if launch.kwargs["REACH"] == REACH_ROW:  # each key block's end of queries, past the norms (row_reach_query_end)
@@ -207,9 +216,10 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
 
 def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_acc=None, dbias=None, cu_q=None,
              cu_k=None, dq_sync=None, reach_norms=None, dout_scaled=None, soft_blocks=None, used_q=None,
-             used_k=None) -> None:
+             used_k=None, reach_table=None) -> None:
     """``backward_dkdv`` for inputs of ``plan``'s signature; ``reach_norms``: the forward's norm maxima of the same q
-    and k (``run_forward``), read instead of a pass of their own where the reach applies; ``dout_scaled`` with
+    and k (``run_forward``), read instead of a pass of their own where the reach applies; ``reach_table``: the
+    forward's table (``REACH_TABLE``, ``plan`` made with ``forward_table``); ``dout_scaled`` with
     ``soft_blocks`` (a bias that may soft-mask whole rows; dense inputs): the 64-query blocks of dO whose word in
     ``soft_blocks`` is 1 are read from ``dout_scaled`` instead (``plans.row_terms`` writes both). ``used_q``,
     ``used_k``: as ``forward`` takes them (the kernel writes dk, dv past the used keys as zeros)."""
@@ -222,6 +232,11 @@ def run_dkdv(plan: DkdvPlan, q, k, v, dout, row_stats, dk, dv, bias, slopes, dq_
     if plan.parts is not None:
         parts = torch.empty(plan.parts, dtype=torch.float32, device=q.device)
     norms = row_stats  # a never-read dummy without the reach
+    if plan.launch.kwargs["REACH"] == REACH_TABLE:
+        if reach_table is None or reach_table.numel() != q.shape[0] * q.shape[2] * -(-q.shape[1] // 64):
+            raise RuntimeError("the dK/dV plan takes the forward's table of first key blocks, which this call lacks "
+                               f"or has of another shape: {None if reach_table is None else reach_table.shape}")
+        norms = reach_table
     if plan.norms is not None:
         n_words, norm_words, norm_launch, norm_args = plan.norms
         if reach_norms is not None and reach_norms.numel() == norm_words:

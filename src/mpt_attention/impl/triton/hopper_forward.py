@@ -107,7 +107,8 @@ from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_
 from mpt_attention.impl.triton.hopper_scores import contracted_cols, main_cols, read_col_terms, read_tile_terms
 from mpt_attention.impl.triton.hopper_scores import softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
-from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, REACH_WORD, info_slot
+from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, REACH_WORD, TABLE_WORD, info_slot
+from mpt_attention.impl.triton.reach import VANISH2
 
 _SOFT_ROW = gl.constexpr(-1.2379400392853803e27)  # -2^90: below it a row's maximum is a soft mask's (ROW_KEYS)
 
@@ -130,14 +131,16 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
                    Out, stride_os, stride_oh, head_dim, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr,
                    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, TAIL: gl.constexpr,
                    BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr, ROW_KEYS: gl.constexpr,
-                   CONSUMERS: gl.constexpr, REACH: gl.constexpr, QK_COLS: gl.constexpr):
+                   CONSUMERS: gl.constexpr, REACH: gl.constexpr, QK_COLS: gl.constexpr, Tiles,
+                   TABLE: gl.constexpr):
     """One warpgroup, one tile: query rows ``start_m + 64 * half`` onwards (their Q in ``q3``, Q buffer ``buf``,
     landed), the key blocks they see (block j in stage ``(g + j) % 2``; with three consumers and a causal mask the
     tile's later blocks are released unread), then its output rows, staged through ``q3``
     (``VARLEN``: a sequence's last rows from registers, ``store_rows``). With a ``TAIL`` the output is two
     accumulators, columns [0, 64) and [64, 64 + TAIL). With ``REACH`` the tile's first block is the loader's
     ``first`` (``hopper_tiles.REACH_WORD``): the blocks before it lie past causal ALiBi's reach (``reach.py``) and were
-    never loaded."""
+    never loaded. With ``TABLE`` (every block read) it keeps each row's largest score before the blocks' shifts
+    and stores its rows' first key block within reach (``store_first_block``)."""
     dtype: gl.constexpr = q3.dtype
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     D_COLS: gl.constexpr = contracted_cols(HEAD_DIM, TAIL, QK_COLS)  # Q K^T's
@@ -211,10 +214,10 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     side = 0.0
     if ALIBI == 2:
         side = alibi_side(first * BLOCK_N, first_pos, BLOCK_N)
-    p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, rows, first * BLOCK_N, offs_n, col_terms, alibi_cols, side,
-                                      tile_terms, qk_scale2, slope2, diag, seqlen_k, first * BLOCK_N >= lo_masked,
-                                      IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW,
-                                      BIAS_FULL, RAW)
+    p, alpha, m_i, l_i, row_top = softmax_step(s, m_i, l_i, rows, first * BLOCK_N, offs_n, col_terms, alibi_cols,
+                                               side, tile_terms, qk_scale2, slope2, diag, seqlen_k,
+                                               first * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW,
+                                               BIAS_FULL, RAW)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([HALF_M, MAIN], gl.float32, o_layout)
     if TAIL > 0:
@@ -269,9 +272,11 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         side = 0.0
         if ALIBI == 2:
             side = alibi_side(j * BLOCK_N, first_pos, BLOCK_N)
-        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, alibi_cols, side,
-                                          tile_terms, qk_scale2, slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked,
-                                          IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW, BIAS_FULL, RAW)
+        p, alpha, m_i, l_i, top = softmax_step(s, m_i, l_i, rows, j * BLOCK_N, offs_n, col_terms, alibi_cols, side,
+                                               tile_terms, qk_scale2, slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked,
+                                               IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW, BIAS_FULL, RAW)
+        if TABLE:
+            row_top = gl.maximum(row_top, top)
         if TAIL == 0:
             acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
         else:
@@ -334,7 +339,34 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         m_i = gl.where(m_i < _SOFT_ROW, SOFT_SCORE, m_i)
     lse = encode_lse(m_i, l_i, BIAS_ROW or BIAS_FULL or ROW_KEYS)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
+    if TABLE:
+        store_first_block(Tiles + gl.load(info + TABLE_WORD, volatile=True) + half, rows, m_i, row_top, slope2,
+                          qk_scale2, seqlen_q, seqlen_k, BLOCK_N)
     tma.store_wait(0)
+
+
+@gluon.jit
+def store_first_block(word, rows, m_i, row_top, slope2, qk_scale2, seqlen_q, seqlen_k, BLOCK_N: gl.constexpr):
+    """Into ``word``: the first key block that some of a warpgroup's 64 query ``rows`` (those below ``seqlen_q``)
+    read above 2^-48 of their largest probability (``TABLE``: causal ALiBi from slopes, ``RAW``, every block read),
+    for the backward's reach (``hopper_tiles.table_query_end``). In log2 units a score of key j in the block from
+    ``j0`` is ``c * s_j + a * (j0 - (S_k - 1))`` with ``s_j`` the block's score before its shift (Q K^T plus the
+    extension product's ``a / c * (j - j0)``), so with ``row_top`` the row's largest ``s_j`` over all its blocks
+    every key of the block scores at most ``c * row_top + a * (j0 - (S_k - 1))``; below ``m_i - 48`` (the row's
+    maximum, ``reach.VANISH2``) the block is past the row's reach. The bound is the data's own, where the norm pass
+    bounds ``c * q.k`` by ``|c| Q K`` over the whole head (``reach.py``). The block holding the row's maximum, and
+    every later one up to its own position, meet it: at most the row's diagonal block. A NaN, or a slope <= 0,
+    gives block 0."""
+    keep_from = (seqlen_k - 1).to(gl.float32) + (m_i - VANISH2 - row_top * qk_scale2) / slope2
+    pos = rows + (seqlen_k - seqlen_q)
+    keep_from = gl.where((keep_from == keep_from) & (slope2 > 0.0), gl.maximum(keep_from, 0.0), 0.0)
+    # (the integer part rounds down: a block from key ``first * BLOCK_N >= keep_from`` on is kept, a block before is
+    # past the reach)
+    kept = gl.minimum(keep_from, pos.to(gl.float32)).to(gl.int32)
+    first = gl.minimum((kept + BLOCK_N - 1) // BLOCK_N, pos // BLOCK_N)
+    first = gl.min(gl.where(rows < seqlen_q, first, 1 << 30), 0)
+    if first < (1 << 30):  # (rows past S_q alone: the last tile's third warpgroup, no entry)
+        gl.store(word, first)
 
 
 @gluon.jit
@@ -359,7 +391,7 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
                         ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr,
                         TAIL: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr, RAW: gl.constexpr,
                         ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr, REACH: gl.constexpr,
-                        QK_COLS: gl.constexpr):
+                        QK_COLS: gl.constexpr, TABLE: gl.constexpr):
     """One warpgroup, the tiles the loader takes, until it sends an empty one (their coordinates in
     ``Tiles``); Q's buffer goes back to the loader once this warpgroup's output rows have left it."""
     my_ext_a = ext_a.index(half)
@@ -381,7 +413,7 @@ def _consumer_partition(half, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, e
                            stride_slb, stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                            IS_CAUSAL, ALIBI,
                            BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW, ROW_KEYS, CONSUMERS, REACH,
-                           QK_COLS)
+                           QK_COLS, Tiles, TABLE)
             first = 0
             if REACH:
                 first = gl.load(info + REACH_WORD, volatile=True)
@@ -403,7 +435,7 @@ def _hopper_fwd_kernel(
     IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
     BIAS_ROW: gl.constexpr, TAIL: gl.constexpr = 0, BIAS_FULL: gl.constexpr = False, VARLEN: gl.constexpr = False,
     RAW: gl.constexpr = False, ROW_KEYS: gl.constexpr = False, CONSUMERS: gl.constexpr = 2,
-    REACH: gl.constexpr = False, QK_COLS: gl.constexpr = 0,
+    REACH: gl.constexpr = False, QK_COLS: gl.constexpr = 0, TABLE: gl.constexpr = False,
 ):
     """Persistent: each program runs query tiles of ``CONSUMERS`` * 64 rows (``hopper_tiles.forward_tile``: ``n_m`` per
     (batch, head) row, ``n_bh`` rows; ``VARLEN``: ``n_bh`` = sequences * heads, tiles counted by ``CuTiles``) until
@@ -475,22 +507,22 @@ def _hopper_fwd_kernel(
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS)),
+                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS, TABLE)),
             (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS)),
+                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS, TABLE)),
             (_consumer_partition, (2, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS)),
+                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS, TABLE)),
             (forward_loader, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ,
                                EndSeqK, ext_b, Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N,
-                               HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH)),
+                               HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH, TABLE)),
         ], [4, 4, 1], [160, 160, 24])
     else:
         gl.warp_specialize([
@@ -498,15 +530,15 @@ def _hopper_fwd_kernel(
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS)),
+                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS, TABLE)),
             (_consumer_partition, (1, Tiles, q_smem, k_smem, v_smem, bias_smem, ext_a, ext_b, q_ready, q_empty, k_ready,
                                       k_empty, v_ready, v_empty, o_desc, Lse, Slopes, stride_lb, stride_lh, stride_slb,
                                       stride_slh, seqlen_q, seqlen_k, qk_scale2, Out, stride_os, stride_oh, head_dim,
                                       IS_CAUSAL, ALIBI, BLOCK_N, HEAD_DIM, BIAS_ROW, TAIL, BIAS_FULL, VARLEN, RAW,
-                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS)),
+                                      ROW_KEYS, CONSUMERS, REACH, QK_COLS, TABLE)),
             (forward_loader, (Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_smem, bias_smem, q_ready,
                                q_empty, k_ready, k_empty, v_ready, v_empty, n_m, n_bh, heads_per_group, n_heads,
                                n_groups, seqlen_q, seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ,
                                EndSeqK, ext_b, Slopes, stride_slb, stride_slh, qk_scale2, IS_CAUSAL, BLOCK_N,
-                               HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH)),
+                               HEAD_DIM, BIAS_ROW, BIAS_FULL, VARLEN, ROW_KEYS, CONSUMERS, REACH, TABLE)),
         ], [4, 1], [240, 24])

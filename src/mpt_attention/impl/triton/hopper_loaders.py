@@ -18,7 +18,8 @@ from mpt_attention.impl.triton.common import LOG2E
 from mpt_attention.impl.triton.gluon_compat import partition_barrier, tma_load, wait_prior_grid
 from mpt_attention.impl.triton.hopper_dq import HALF_N as _HALF_N
 from mpt_attention.impl.triton.hopper_scores import HALF_M
-from mpt_attention.impl.triton.hopper_tiles import REACH_WORD, forward_tile, info_slot, n_forward_tiles
+from mpt_attention.impl.triton.hopper_tiles import PROGRAM_WORDS, REACH_WORD, TABLE_WORD, forward_tile
+from mpt_attention.impl.triton.hopper_tiles import info_slot, n_forward_tiles
 from mpt_attention.impl.triton.hopper_tiles import reach_first_block
 from mpt_attention.impl.triton.hopper_tiles import row_reach_end_block, row_reach_first_block
 from mpt_attention.impl.triton.reach import KERNEL_REACH_ROW
@@ -79,7 +80,7 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
                    seqlen_k, bias_b_on, bias_h_on, CuTiles, CuSeqQ, CuSeqK, EndSeqQ, EndSeqK, ext_b, Slopes,
                    stride_slb, stride_slh, qk_scale2, IS_CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
                    HEAD_DIM: gl.constexpr, BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr, VARLEN: gl.constexpr,
-                   ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr, REACH: gl.constexpr):
+                   ROW_KEYS: gl.constexpr, CONSUMERS: gl.constexpr, REACH: gl.constexpr, TABLE: gl.constexpr = False):
     """One warp: per tile, its Q into buffer ``round % 2`` (buffer 0 with one, ``q_buffers``) once the
     consumers have stored the output of the tile that used the buffer before, then K_j and V_j into stage
     ``g % 2`` (``g`` counts key blocks over all of the program's tiles) as soon as the consumers have released
@@ -90,7 +91,8 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
     bias_h_on`` of the (B' * H', S_q, S_k) matrix. With ``ROW_KEYS`` the bias row's key terms of K_j's block
     (``common.row_keys_kernel``: [BLOCK_N, 16]) ride with K_j into ``ext_b``'s stage. With ``REACH`` the tile's
     blocks start at ``hopper_tiles.reach_first_block``'s, published with the coordinates (a bias row's also end at
-    ``hopper_tiles.row_reach_end_block``'s)."""
+    ``hopper_tiles.row_reach_end_block``'s). With ``TABLE`` (dense inputs) it publishes where the tile's first 64
+    rows' entry of the table lies (``hopper_tiles.TABLE_WORD``), after the program slots."""
     kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
     bias_bytes: gl.constexpr = BLOCK_N * bias_smem.dtype.primitive_bitwidth // 8
     k_bytes: gl.constexpr = kv_bytes + (2 * HALF_M * bias_bytes if BIAS_FULL else 0) + (
@@ -139,6 +141,9 @@ def forward_loader(Tiles, q_desc, k_desc, v_desc, bias_desc, q_smem, k_smem, v_s
             gl.store(info + 7, len_k)
         if REACH:
             gl.store(info + REACH_WORD, j0)
+        if TABLE:  # (hopper_forward.store_first_block)
+            gl.store(info + TABLE_WORD, 16 + nprog * PROGRAM_WORDS + (b * n_heads + h) * gl.cdiv(seqlen_q, HALF_M)
+                     + start_m // HALF_M)
         if BIAS_ROW and ROW_AHEAD:  # the first block's bias slice comes with Q, into slot 2 + buf
             mbarrier.expect(q_ready.index(buf), CONSUMERS * HALF_M * HEAD_DIM * 2 + bias_bytes)
             tma_load(bias_desc, [b * bias_b_on, h * bias_h_on, j0 * BLOCK_N],

@@ -69,9 +69,10 @@ def _add_f32(a, b):
 def softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, side, tile_terms, qk_scale2, slope2, diag,
                  seqlen_k, masked, IS_CAUSAL: gl.constexpr, ALIBI: gl.constexpr, HAS_COLS: gl.constexpr,
                  BIAS_ROW: gl.constexpr, BIAS_FULL: gl.constexpr, RAW: gl.constexpr):
-    """Online-softmax update for the score tile of key block ``start_n``: ``(p, alpha, m_new, l_new)``.
+    """Online-softmax update for the score tile of key block ``start_n``: ``(p, alpha, m_new, l_new, top)``.
     Scores stay relative to the block's ALiBi ``shift`` (causal: one constant; symmetric: one per row);
-    ``m`` is absolute.
+    ``m`` is absolute. ``top``: each row's largest score of the block before its shift (``RAW``: unscaled), the
+    maximum the step takes anyway (``hopper_forward``'s ``TABLE`` keeps it).
 
     Symmetric ALiBi, -slope * |i + diag - j|, on a block wholly on one ``side`` of the rows' positions (``alibi_side``)
     is side * slope * (j - start_n) + side * slope * (start_n - i - diag): a column term and a per-row shift, one
@@ -89,11 +90,12 @@ def softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, side
                             False, False, True, RAW)
         if ALIBI == 1:
             shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale2 + shift)
+        top = gl.max(s, 1)
+        m_new = gl.maximum(m_i, top * qk_scale2 + shift)
         m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_ref)
         p = gl.exp2(gl.fma(s, qk_scale2, (shift - m_ref)[:, None]))
-        return p, alpha, m_new, l_i * alpha + gl.reduce(p, 1, _add_f32)
+        return p, alpha, m_new, l_i * alpha + gl.reduce(p, 1, _add_f32), top
     if ALIBI == 2 and not BIAS_FULL:
         if masked:  # the last partial block takes the per-score form whatever its side
             side = 0.0
@@ -117,12 +119,13 @@ def softmax_step(s, m_i, l_i, rows, start_n, offs_n, col_terms, alibi_cols, side
                             HAS_COLS, BIAS_FULL, False)
         if ALIBI == 1:
             shift = slope2 * (start_n - (seqlen_k - 1)).to(gl.float32)
-    m_new = gl.maximum(m_i, gl.max(s, 1) + shift)
+    top = gl.max(s, 1)
+    m_new = gl.maximum(m_i, top + shift)
     # A row that has seen only masked keys (or -inf bias) keeps m = -inf: shift by 0 so exp2 gives 0, not NaN.
     m_ref = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_ref)
     p = gl.exp2(s - (m_ref - shift)[:, None])
-    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1), top
 
 
 @gluon.jit

@@ -19,6 +19,9 @@ BLOCK_M = gl.constexpr(128)  # query rows per forward tile of two consumer warpg
 SLOT_WORDS = gl.constexpr(16)
 PROGRAM_WORDS = gl.constexpr(32)
 REACH_WORD = gl.constexpr(8)  # the slot's word holding the tile's first key block past the reach (``REACH``)
+# the slot's word holding where the tile's first 64 rows' entry of the forward's table lies (``TABLE``: words
+# ``Tiles[table_words(...)]``, one per 64 query rows of each (batch, head), ``hopper_forward.store_first_block``)
+TABLE_WORD = gl.constexpr(10)
 # ``VARLEN``'s values: packed sequences whose every row takes part, or only each one's first ``seqused`` rows (FA3's
 # arguments; ``attention_varlen``): the rest, which may hold anything (NaN), are cleared in shared memory before a
 # product reads them (``hopper_loaders.clear_rows``), since 0 * NaN there would reach the used rows
@@ -197,6 +200,25 @@ def reach_query_end(Norms, Slopes, stride_slb, stride_slh, b, norm_b, h0, n_g, k
             head_end = gl.minimum(last_key + reach.to(gl.int32) + 1 - diag, seqlen_q)
         end = gl.maximum(end, head_end)
     return end
+
+
+@gluon.jit
+def table_query_end(Table, b, h0, n_g, n_heads, key_block, seqlen_q, BLOCK_W: gl.constexpr):
+    """The dK/dV kernel's end of the query rows for key block ``key_block`` (of 128 keys, the forward's blocks) and
+    query heads ``[h0, h0 + n_g)`` from the training forward's table (``hopper_forward.store_first_block``: per
+    (batch, head) and 64 query rows, the first key block within their reach): one past the last 64 rows that read
+    the block, ``seqlen_q`` at most. The rows of a block's own diagonal always read it, so every 64 query rows end
+    some key block's range (``hopper_dkdv.first_write_dq``)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    n_w = gl.cdiv(seqlen_q, 64)
+    end = gl.zeros([BLOCK_W], gl.int32, layout)
+    for g in range(n_g):
+        row = Table + ((b * n_heads + h0 + g) * n_w).to(gl.int64)
+        for w0 in range(0, n_w, BLOCK_W):
+            w = w0 + gl.arange(0, BLOCK_W, layout=layout)
+            first = gl.load(row + w, mask=w < n_w, other=1 << 30)
+            end = gl.maximum(end, gl.where(first <= key_block, (w + 1) * 64, 0))
+    return gl.minimum(gl.max(end, 0), seqlen_q)
 
 
 @gluon.jit

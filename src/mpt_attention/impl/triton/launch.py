@@ -257,7 +257,8 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     output is 0 and their log-sum-exp -inf). ``lse`` is the kernels' own, which ``backward`` takes: for float32
     causal ALiBi measured from each row's diagonal (``_kernel_alibi``); ``ops.public_lse`` turns it into MPT's.
     ``bias_rows``: ``log2_bias_row(bias)`` if the caller has it already. ``reach_norms``: a dict that receives
-    the heads' norm maxima where the forward reads them for causal ALiBi's reach (``hopper.run_forward``), for
+    the heads' norm maxima where the forward reads them for causal ALiBi's reach (``hopper.run_forward``), or the
+    table of first key blocks where the Hopper forward writes one (``hopper.forward_table_applies``), for
     ``backward`` of the same q and k; given, the call is a training step's, which takes the reach from fewer keys
     (``hopper.reach_applies``' ``training``)."""
     if key_padding.takes_hopper(q, k, v, bias, slopes, kpm, seqid, prefix, dropout_p, causal, cu_q):
@@ -269,7 +270,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     if plans.ENABLED and kpm is None and seqid is None and prefix is None and not dropout_p:
         sig, packed = plans.signature, _packed_key(cu_q, max_q, max_k, used_q, used_k)
         key = ("forward", q.get_device(), sig(q), sig(k), sig(v), sig(bias), sig(slopes), softmax_scale, causal,
-               hopper.ENABLED, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, training, packed)
+               hopper.ENABLED, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, hopper.FORWARD_TABLE, training, packed)
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is plans.MISSING:
             plan = plans.keep(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal, cu_q, max_q, max_k,

@@ -65,7 +65,7 @@ def _side_stream(device) -> torch.cuda.Stream:
 @_on_its_device
 def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal,
              dropout_p, bias_grad, cu_q=None, cu_k=None, max_q=0, max_k=0, deterministic=True, used_q=None,
-             used_k=None, bias_rows=None, reach_norms=None):
+             used_k=None, bias_rows=None, reach_norms=None, reach_table=None):
     """Returns ``dq, dk, dv`` (shapes of q, k, v) and ``dbias`` (bias's shape, or None without ``bias_grad``).
 
     ``dlse`` is the gradient reaching the log-sum-exp output (or None): since d lse_i / d s_ij = P_ij,
@@ -77,12 +77,15 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
     float32 atomics (one pass) where neither that kernel's dQ nor
     dQ from a stored full dS (a full bias in q's dtype with its gradient) applies.
     ``bias_rows``: as for ``forward``; ``reach_norms``: the norm maxima ``forward``'s ``reach_norms`` received for
-    these q and k, or None (the Hopper dK/dV kernel then reads them itself where the reach applies).
+    these q and k, or None (the Hopper dK/dV kernel then reads them itself where the reach applies);
+    ``reach_table``: the table of first key blocks ``forward``'s ``reach_norms`` received (``"table"``), or None
+    (the fused Hopper route then computes every block at those lengths).
     """
     if key_padding.takes_hopper(q, k, v, bias, slopes, kpm, seqid, prefix, dropout_p, causal, cu_q):  # as forward
         k, v, rows = key_padding.as_bias_row(k, v, kpm, slopes, q.shape[2])
         return backward(dout, q, k, v, out, lse, dlse, rows, None, None, None, None, seed, softmax_scale, causal,
-                        dropout_p, False, deterministic=deterministic, bias_rows=rows, reach_norms=reach_norms)
+                        dropout_p, False, deterministic=deterministic, bias_rows=rows, reach_norms=reach_norms,
+                        reach_table=reach_table)
     bias_in = _kernel_bias(bias, bias_rows)
     key = None  # the plan's key, where this call may take a kept plan (``plans``)
     if plans.ENABLED and kpm is None and seqid is None and prefix is None and not dropout_p and \
@@ -92,12 +95,12 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
                sig(bias_in), sig(slopes), softmax_scale, causal, bias_grad, deterministic, hopper.ENABLED,
                hopper.BWD_HEAD_DIMS, hopper.FUSED_BWD_HEAD_DIMS, hopper.FUSED_GROUP_HEADS, hopper.FIRST_WRITE_DQ,
                hopper.PDL, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, FUSED_DQ, FUSED_DQ_GROUPED,
-               _packed_key(cu_q, max_q, max_k, used_q, used_k))
+               _packed_key(cu_q, max_q, max_k, used_q, used_k), reach_table is not None)
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is not plans.MISSING:
             if plan is not None:
                 return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, _dense(cu_q),
-                                       _dense(cu_k), reach_norms, used_q, used_k)
+                                       _dense(cu_k), reach_norms, used_q, used_k, reach_table)
             key = None  # another route, decided below
     q, k, v, dout = (head_contiguous(x) for x in (q, k, v, dout))
     cu_q, cu_k = _dense(cu_q), _dense(cu_k)
@@ -108,7 +111,7 @@ def backward(dout, q, k, v, out, lse, dlse, bias, slopes, kpm, seqid, prefix, se
         plans.keep(key, plan)
     if plan is not None:
         return plans.run_fused(plan, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q, cu_k, reach_norms, used_q,
-                               used_k)
+                               used_k, reach_table)
     route = _GeneralRoute(q, k, v, dout, bias, bias_in, kpm, seqid, prefix, dropout_p, causal, bias_grad,
                           deterministic, geo, used_q is not None or used_k is not None)
     plans.row_terms(out, dout, lse, dlse, route.delta, route.dout if route.soft_rows else None, route.row_stats,

@@ -126,9 +126,10 @@ class FusedBackward:
 
 
 def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slopes, cu_q=None, cu_k=None,
-              reach_norms=None, used_q=None, used_k=None):
+              reach_norms=None, used_q=None, used_k=None, reach_table=None):
     """``launch_backward``'s gradients by ``plan``'s route for inputs of its signature (D innermost in q, k, v and
-    dout); ``reach_norms``, ``used_q``, ``used_k`` as ``hopper_dkdv.run_dkdv`` takes them."""
+    dout); ``reach_norms``, ``used_q``, ``used_k``, ``reach_table`` as ``hopper_dkdv.run_dkdv`` takes them (the
+    plan's key says whether a table comes: ``launch_backward.backward``)."""
     device = q.device
     # a bias can soft-mask whole rows: the delta kernel writes dO scaled per row, for every row or (``SOFT_BLOCKS``)
     # for the 64-query blocks holding one, which the kernel's loader then reads from there
@@ -154,14 +155,14 @@ def run_fused(plan: FusedBackward, dout, q, k, v, out, lse, dlse, bias_in, slope
         scale, causal, alibi_mode, s_q, s_k = plan.dkdv_args
         plan.dkdv = hopper_dkdv.dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias_in, slopes, scale, causal,
                                           alibi_mode, dq_acc, dbias, cu_q, s_q, dq_sync is not None, dout_blocks, s_k,
-                                          used_q is not None or used_k is not None)
+                                          used_q is not None or used_k is not None, reach_table is not None)
     pdl = plan.dkdv.launch.kwargs.get("PDL", False)  # the dK/dV kernel a programmatic dependent of the delta kernel
     # the kernel reads delta from the row terms: no (B, H, S_q) copy
     row_terms(out, dout_in, lse, dlse, None, dout_scaled, row_stats, plan.varlen,
               dq_acc if dq_sync is None else None, dq_sync, owner=plan, soft_blocks=soft_blocks, used_rows=used_rows,
               release=pdl)
     hopper_dkdv.run_dkdv(plan.dkdv, q, k, v, dout, row_stats, dk, dv, bias_in, slopes, dq_acc, dbias, cu_q, cu_k,
-                         dq_sync, reach_norms, dout_blocks, soft_blocks, used_q, used_k)
+                         dq_sync, reach_norms, dout_blocks, soft_blocks, used_q, used_k, reach_table)
     if used_rows is None:
         dq.copy_(dq_acc)  # the kernel scales its own
     else:

@@ -66,8 +66,12 @@ NORM_SLACK = tl.constexpr(1.00390625)  # 1 + 2^-8
 ROW_SLACK = tl.constexpr(0.000244140625)  # 2^-12
 # what ``hopper.reach_applies`` returns: the reach from the slopes, or from a bias row's prefix maxima
 REACH_SLOPES, REACH_ROW = 1, 2
+# the backward's third source (``hopper.forward_table_applies``): causal ALiBi from slopes, each 64 query rows' first
+# key block found by the training step's forward (``hopper_forward.store_first_block``)
+REACH_TABLE = 3
 ROW_STEP = 64  # a bias row's reach ends the backward's queries at a multiple of this (row_reach_kernel)
 KERNEL_REACH_ROW = tl.constexpr(REACH_ROW)  # (what a kernel compares its REACH with)
+KERNEL_REACH_TABLE = tl.constexpr(REACH_TABLE)
 _SOFT_SCORE = tl.constexpr(-1.2676506002282294e30)  # common.SOFT_SCORE: -2^100, the soft mask
 
 
