@@ -10,7 +10,7 @@ import torch
 
 import mpt_attention as M
 from mpt_attention.impl.triton import hopper, hopper_dkdv, key_padding
-from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES
+from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, REACH_TABLE
 from mpt_attention.testing import (
     AttnCase, assert_close_to_reference, assert_forward_matches_reference, assert_gradients_close_to_reference,
     capture_cuda_graph, make_inputs, make_varlen_inputs, reference_attention, reference_attention_varlen,
@@ -620,8 +620,9 @@ def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case, reach, row):
     and the others add after its stores complete (hopper_dq): dQ matches the zeroed sums' up to the order of the
     additions, in every run, with many programs per block (a lost or early addition would be off by a whole
     program's part; a block nobody stored stays NaN-poisoned); dK and dV are bitwise the same. Also past causal
-    ALiBi's reach (``reach``, the shipped thresholds), from slopes or a bias row's table (``row``), where each key
-    block visits only the query blocks within it and a query block's first program can be any key block's."""
+    ALiBi's reach (``reach``, the shipped thresholds), from slopes (the norms' bound, or at 2048 and 3000 keys the
+    forward's table) or a bias row's table (``row``), where each key block visits only the query blocks within it and
+    a query block's first program can be any key block's."""
     if not reach:
         monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
@@ -644,7 +645,10 @@ def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case, reach, row):
         assert not dq.isnan().any()
         assert (dq.float() - zeroed[0].float()).abs().max() <= 4e-3 * scale
         assert torch.equal(dk, zeroed[1]) and torch.equal(dv, zeroed[2])
-    want = (REACH_ROW if row else REACH_SLOPES) if reach else 0
+    # (slopes over 1024-3071 keys: the forward's table, hopper.forward_table_applies)
+    table = not row and hopper.forward_table_applies(None, kw.get("alibi_slopes"), True, 1, True, case.s_k, True,
+                                                     False, False)
+    want = (REACH_ROW if row else REACH_TABLE if table else REACH_SLOPES) if reach else 0
     assert [(p.launch.kwargs["FIRST_WRITE"], p.launch.kwargs["REACH"]) for p in made] == [(False, want), (True, want)]
 
 
