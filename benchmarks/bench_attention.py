@@ -3,8 +3,10 @@
     python benchmarks/bench_attention.py --out DIR [--modes fwd,fwd_bwd] [--suite main,extras,noncausal] [--quick]
 
 Providers (bf16, causal): ``triton-alibi`` (ours, slopes in-kernel; the Hopper kernel on sm_90, which skips the key
-blocks past causal ALiBi's reach at S >= ``hopper.REACH_MIN_KEYS``, half that in a training step, and the forwards
-here run on inputs that need gradients: impl/triton/reach.py), ``triton-alibi-all-blocks``
+blocks past causal ALiBi's reach at S >= ``hopper.REACH_MIN_KEYS``, half that in a training step, whose forward
+from a quarter to three quarters of it instead reads every block and hands its backward a table of the first key
+blocks within reach; the forwards here run on inputs that need gradients: impl/triton/reach.py),
+``triton-alibi-all-blocks``
 (the same computing every visible block: what the ALiBi term itself costs), ``triton-alibi-general`` (the same with
 the general Triton forward kernel), ``triton`` (ours, no bias),
 ``triton-vecbias`` (ours, MPT's (1, H, 1, S) bias tensor), ``cudnn`` and ``fa2`` (SDPA, no bias),
@@ -53,8 +55,8 @@ MAIN_SHAPES = [  # (B, H_q, H_kv, S, D): 16k tokens per batch
     (4, 32, 32, 4096, 64),
     (1, 16, 16, 16384, 128),
     (2, 32, 4, 8192, 128),  # GQA 32:4
-    (8, 32, 32, 2048, 64),  # the lower lengths (S 1k-16k): at S1024, below a training step's reach length
-    (16, 16, 16, 1024, 128),  # (hopper.REACH_MIN_KEYS // 2), every block is computed, as at S2048 before session 64
+    (8, 32, 32, 2048, 64),  # the lower lengths (S 1k-16k): a training step's forward computes every block
+    (16, 16, 16, 1024, 128),  # at both and its backward skips by the forward's table (hopper.forward_table_applies)
 ]
 
 

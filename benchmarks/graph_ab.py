@@ -6,8 +6,10 @@ gradients against the first's (the largest difference, and whether dK and dV are
 
     python benchmarks/graph_ab.py --set PDL=0,1 [--shape B,H,H_KV,S,D ...] [--rounds N] [--bias-row]
     python benchmarks/graph_ab.py --set REACH_MIN_KEYS=4096,2048   # a training step's reach from 2048 / 1024 keys
+    python benchmarks/graph_ab.py --set REACH_MIN_KEYS=8192,4096   # S1024: every block / the forward's table
 
-``--set NAME=A,B,...``: integer values of ``hopper.NAME`` (``PDL`` 0/1, ``REACH_MIN_KEYS``); without ``--set``,
+``--set NAME=A,B,...``: integer values of ``hopper.NAME`` (``PDL`` 0/1, ``REACH_MIN_KEYS``, which also places the
+forward's table, from a quarter to three quarters of it: ``hopper.forward_table_applies``); without ``--set``,
 ``PDL=0,1`` with every block computed (session 70's probe). ``--norm-scale X``: q and k drawn with standard
 deviation X (larger norms: a shorter saving from the reach).
 """

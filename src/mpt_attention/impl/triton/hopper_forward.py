@@ -39,6 +39,9 @@ Causal ALiBi from slopes over at least ``hopper.REACH_MIN_KEYS`` keys (half as m
 (``reach.py``: past it every probability is below 2^-48 of its row's largest), which the loader computes from the
 heads' norm maxima and publishes with the tile's coordinates. A causal bias row (``REACH == REACH_ROW``) does the
 same from its prefix maxima: the loader reads the tile's first block from ``reach.row_reach_kernel``'s table.
+A training step over ``hopper.REACH_MIN_KEYS`` / 4 to 3 / 4 of it (``TABLE``, ``hopper.forward_table_applies``)
+reads every block and hands its backward each 64 rows' first key block within reach instead (``store_first_block``):
+its scores bound the far keys' far more closely than the norms do, and no pass over q and k runs.
 
 Scores (``hopper_scores``): with a positive scale and per-key terms a tensor-core product can add (none, causal
 ALiBi, or a bias row without ALiBi: ``RAW``, ``hopper.raw_scores``) the terms join Q K^T through a k=16 extension

@@ -43,6 +43,13 @@ call: each forward tile's first key block, or each backward key block's end of q
 is not a finite score above the soft mask (``common.SOFT_SCORE``) take nothing from it. A table costs one small launch
 (3 us at S 8192) and leaves the kernels one load per tile or key block.
 
+A training step over ``REACH_MIN_KEYS / 4`` to ``3 REACH_MIN_KEYS / 4`` keys takes neither bound
+(``hopper.forward_table_applies``): its forward reads every block and keeps each row's largest score before the
+blocks' ALiBi shifts, which bounds every key of a block from ``j0`` by ``c * top + a * (j0 - (S_k - 1))``; against
+the row's maximum that gives each 64 rows' first key block within reach (``hopper_forward.store_first_block``), a
+table the backward's key blocks end their queries by (``REACH_TABLE``). Where the norms' bound pays ``2 |c| Q K``
+over the whole head, this one pays the row's own spread of scores and at most one block's ALiBi span.
+
 What it saves depends on the data: see benchmarks/NOTES.md sessions 39-40 for N(0, 1) and
 wider inputs at MPT's slopes, and for the lengths below which reading the norms costs more than the skipped blocks
 (``hopper.REACH_MIN_KEYS``; a training step, which reads them once for its forward and backward, from half that:
