@@ -158,6 +158,21 @@ def test_skipping_key_blocks_past_the_reach_computes_what_every_block_computes(m
     assert_forward_matches_reference(q, k, v, **kw)
 
 
+def _assert_far_keys_match_reference(q, k, v, dk, dv, dout, kw, far):
+    """Head 0's dK and dV of keys ``[0, far)`` (those whose key blocks end their queries before the last 128 rows)
+    against the reference's in float64 and bfloat16 with ``dout``'s last 128 rows zeroed."""
+    dout_zero = dout.clone()
+    dout_zero[:, -128:] = 0
+    refs = []
+    for dtype in (torch.float64, torch.bfloat16):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        ref, _ = reference_attention(*xs, **kw, compute_dtype=dtype)
+        refs.append(torch.autograd.grad(ref, xs, dout_zero.to(dtype)))
+    for i, name in ((1, "dk"), (2, "dv")):
+        got = (dk, dv)[i - 1][:, :far, :1]
+        assert_close_to_reference(name, got, refs[0][i][:, :far, :1], refs[1][i][:, :far, :1])
+
+
 @pytest.mark.parametrize("what", ["slopes", "bias-row"])
 @pytest.mark.parametrize("d, deterministic", [(64, None), (128, None), (128, True)],
                          ids=["D64-fused-dq", "D128-fused-dq", "D128-split"])
@@ -188,16 +203,7 @@ def test_causal_alibi_backward_never_reads_query_blocks_past_its_reach(monkeypat
         assert g[0, s - 128 - reach_keys:, 0].isnan().all(), name
         assert g[0, :, 1].isnan().all(), name
     assert dq[0, :s - 128, 0].isfinite().all() and dq[0, -128:].isnan().all()
-    dout_zero = dout.clone()
-    dout_zero[:, -128:] = 0
-    refs = []
-    for dtype in (torch.float64, torch.bfloat16):
-        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        ref, _ = reference_attention(*xs, **kw, compute_dtype=dtype)
-        refs.append(torch.autograd.grad(ref, xs, dout_zero.to(dtype)))
-    for i, name in ((1, "dk"), (2, "dv")):
-        got = (dk, dv)[i - 1][:, :far, :1]
-        assert_close_to_reference(name, got, refs[0][i][:, :far, :1], refs[1][i][:, :far, :1])
+    _assert_far_keys_match_reference(q, k, v, dk, dv, dout, kw, far)
 
 
 @pytest.mark.parametrize("d", [64, 128, 96], ids=["D64", "D128", "D96-tail"])
@@ -448,17 +454,10 @@ def test_a_short_training_step_never_reads_query_blocks_past_its_forwards_table(
     kw = dict(causal=True, alibi_slopes=slopes)
     out = M.attention(q, k, v, backend="triton", **kw)
     dq, dk, dv = torch.autograd.grad(out, [q, k, v], dout_nan)
-    far = 1024  # the steep head's reach is ~100 keys at N(0, 1) norms: the key blocks before 1024 end short of 1372
+    # the table ends the steep head's key blocks' queries ~200 keys on (its ~70-key reach at N(0, 1) norms and one
+    # block's ALiBi span): those before key 1024 end short of row 1372
+    far = 1024
     for name, g in (("dk", dk), ("dv", dv)):
         assert g[0, :far, 0].isfinite().all(), name
         assert g[0, s - 128:, 0].isnan().all() and g[0, :, 1].isnan().all(), name
-    dout_zero = dout.clone()
-    dout_zero[:, -128:] = 0
-    refs = []
-    for dtype in (torch.float64, torch.bfloat16):
-        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        ref, _ = reference_attention(*xs, **kw, compute_dtype=dtype)
-        refs.append(torch.autograd.grad(ref, xs, dout_zero.to(dtype)))
-    for i, name in ((1, "dk"), (2, "dv")):
-        got = (dk, dv)[i - 1][:, :far, :1]
-        assert_close_to_reference(name, got, refs[0][i][:, :far, :1], refs[1][i][:, :far, :1])
+    _assert_far_keys_match_reference(q, k, v, dk, dv, dout, kw, far)
