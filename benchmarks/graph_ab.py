@@ -10,7 +10,8 @@ gradients against the first's (the largest difference, and whether dK and dV are
 
 ``--set NAME=A,B,...``: integer values of ``hopper.NAME`` (``PDL`` 0/1, ``REACH_MIN_KEYS``, which also places the
 forward's table, from a quarter to three quarters of it: ``hopper.forward_table_applies``); without ``--set``,
-``PDL=0,1`` with every block computed (session 70's probe). ``--norm-scale X``: q and k drawn with standard
+``PDL=0,1`` with every block computed (session 70's probe); every block also for any other setting unless
+``--shipped-reach`` (the reach and the forward's table as shipped). ``--norm-scale X``: q and k drawn with standard
 deviation X (larger norms: a shorter saving from the reach).
 """
 
@@ -26,7 +27,7 @@ from mpt_attention.testing import capture_cuda_graph
 REPLAYS = 20
 
 
-def probe(batch, n_heads, n_kv, seq, head_dim, rounds, bias_row, name, values, norm_scale):
+def probe(batch, n_heads, n_kv, seq, head_dim, rounds, bias_row, name, values, norm_scale, shipped_reach=False):
     q, k = ((torch.randn(batch, seq, h, head_dim, device="cuda") * norm_scale).to(torch.bfloat16).requires_grad_()
             for h in (n_heads, n_kv))
     v = torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -34,7 +35,7 @@ def probe(batch, n_heads, n_kv, seq, head_dim, rounds, bias_row, name, values, n
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     kw = {"attn_bias": M.build_alibi_bias(n_heads, seq, device="cuda")} if bias_row else {"alibi_slopes": slopes}
     saved = {attr: getattr(hopper, attr) for attr in {"PDL", "REACH_MIN_KEYS", name}}
-    if name != "REACH_MIN_KEYS":
+    if name != "REACH_MIN_KEYS" and not shipped_reach:
         hopper.REACH_MIN_KEYS = 1 << 62  # every block
 
     def step():
@@ -68,7 +69,7 @@ def probe(batch, n_heads, n_kv, seq, head_dim, rounds, bias_row, name, values, n
             end.synchronize()
             times[value].append(start.elapsed_time(end) / REPLAYS)
     label = (f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim} {'bias row' if bias_row else 'slopes'}"
-             + (f" norm x{norm_scale:g}" if norm_scale != 1.0 else ""))
+             + (f" norm x{norm_scale:g}" if norm_scale != 1.0 else "") + (" shipped reach" if shipped_reach else ""))
     # the clocks drift between rounds (the fastest round ~5% under the median, session 70): each round's ratio to the
     # first setting, taken within the round, then their median
     paired = {value: statistics.median(a / b for a, b in zip(times[first], times[value])) for value in values}
@@ -85,6 +86,8 @@ def main():
     parser.add_argument("--bias-row", action="store_true", help="MPT's (1, H, 1, S) bias row instead of slopes")
     parser.add_argument("--set", default="PDL=0,1", help="NAME=A,B,...: integer values of hopper.NAME")
     parser.add_argument("--norm-scale", type=float, default=1.0, help="standard deviation of q and k (default 1)")
+    parser.add_argument("--shipped-reach", action="store_true",
+                        help="keep hopper.REACH_MIN_KEYS as shipped (else every block, unless --set varies it)")
     args = parser.parse_args()
     name, _, text = args.set.partition("=")
     if not hasattr(hopper, name) or not all(x.strip().lstrip("-").isdigit() for x in text.split(",")):
@@ -93,7 +96,8 @@ def main():
     if len(set(values)) != len(values):  # (each setting's graph and times are kept under its value)
         parser.error(f"--set wants distinct values, got {args.set!r}")
     for shape in args.shape or ["16,16,16,1024,128"]:
-        probe(*(int(x) for x in shape.split(",")), args.rounds, args.bias_row, name, values, args.norm_scale)
+        probe(*(int(x) for x in shape.split(",")), args.rounds, args.bias_row, name, values, args.norm_scale,
+              args.shipped_reach)
 
 
 if __name__ == "__main__":
