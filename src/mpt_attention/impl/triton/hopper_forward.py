@@ -317,7 +317,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     h = gl.load(info + 1, volatile=True)
     row0 = gl.load(info + 2, volatile=True) + half * HALF_M
     table_word = Tiles  # (without TABLE: never written)
-    if TABLE:  # read beside the tile's other words, not after the output's stores (~0.5 us of latency per tile)
+    if TABLE:  # read beside the tile's other words, so that its latency overlaps theirs, not after the stores below
         table_word = Tiles + gl.load(info + TABLE_WORD, volatile=True) + half
     rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
     lse_offset = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
