@@ -19,8 +19,8 @@ BLOCK_M = gl.constexpr(128)  # query rows per forward tile of two consumer warpg
 SLOT_WORDS = gl.constexpr(16)
 PROGRAM_WORDS = gl.constexpr(32)
 REACH_WORD = gl.constexpr(8)  # the slot's word holding the tile's first key block past the reach (``REACH``)
-# the slot's word holding where the tile's first 64 rows' entry of the forward's table lies (``TABLE``: words
-# ``Tiles[table_words(...)]``, one per 64 query rows of each (batch, head), ``hopper_forward.store_first_block``)
+# the slot's word holding where the tile's first 64 rows' entry of the forward's table lies (``TABLE``: one word per
+# 64 query rows of each (batch, head) past the program slots, ``forward_loader``, ``store_first_block``)
 TABLE_WORD = gl.constexpr(10)
 # ``VARLEN``'s values: packed sequences whose every row takes part, or only each one's first ``seqused`` rows (FA3's
 # arguments; ``attention_varlen``): the rest, which may hold anything (NaN), are cleared in shared memory before a
