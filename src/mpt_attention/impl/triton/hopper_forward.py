@@ -110,7 +110,7 @@ from mpt_attention.impl.triton.hopper_scores import issue_alibi_ext, issue_over_
 from mpt_attention.impl.triton.hopper_scores import contracted_cols, main_cols, read_col_terms, read_tile_terms
 from mpt_attention.impl.triton.hopper_scores import softmax_step
 from mpt_attention.impl.triton.hopper_scores import write_key_positions, write_ones_operand
-from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, REACH_WORD, TABLE_WORD, info_slot
+from mpt_attention.impl.triton.hopper_tiles import PACKED_USED, REACH_WORD, TABLE_NONE, TABLE_WORD, info_slot
 from mpt_attention.impl.triton.reach import VANISH2
 
 _SOFT_ROW = gl.constexpr(-1.2379400392853803e27)  # -2^90: below it a row's maximum is a soft mask's (ROW_KEYS)
@@ -361,7 +361,9 @@ def store_first_block(word, rows, m_i, row_top, slope2, qk_scale2, seqlen_q, seq
     maximum, ``reach.VANISH2``) the block is past the row's reach. The bound is the data's own, where the norm pass
     bounds ``c * q.k`` by ``|c| Q K`` over the whole head (``reach.py``). The block holding the row's maximum, and
     every later one up to its own position, meet it: at most the row's diagonal block. A NaN, or a slope <= 0,
-    gives block 0."""
+    gives block 0. Stored as ``TABLE_NONE`` less the block, by each row's atomic maximum (``hopper_tiles.
+    table_query_end`` reads it so). Against the warpgroup's minimum over its rows and one store: the S1024 forward
+    0.7-1.1% faster, the step 0.15-0.4% (H100, benchmarks/NOTES.md session 76)."""
     keep_from = (seqlen_k - 1).to(gl.float32) + (m_i - VANISH2 - row_top * qk_scale2) / slope2
     pos = rows + (seqlen_k - seqlen_q)
     keep_from = gl.where((keep_from == keep_from) & (slope2 > 0.0), gl.maximum(keep_from, 0.0), 0.0)
@@ -369,9 +371,9 @@ def store_first_block(word, rows, m_i, row_top, slope2, qk_scale2, seqlen_q, seq
     # past the reach)
     kept = gl.minimum(keep_from, pos.to(gl.float32)).to(gl.int32)
     first = gl.minimum((kept + BLOCK_N - 1) // BLOCK_N, pos // BLOCK_N)
-    first = gl.min(gl.where(rows < seqlen_q, first, 1 << 30), 0)
-    if first < (1 << 30):  # (rows past S_q alone: the last tile's third warpgroup, no entry)
-        gl.store(word, first)
+    # the word starts at 0, no entry (``hopper.run_forward`` zeroes ``Tiles``); rows past S_q give none (alone: the
+    # last tile's third warpgroup, whose word lies past the table's row)
+    gl.atomic_max(word + gl.zeros_like(rows), TABLE_NONE - first, mask=rows < seqlen_q, sem="relaxed")
 
 
 @gluon.jit

@@ -22,6 +22,9 @@ REACH_WORD = gl.constexpr(8)  # the slot's word holding the tile's first key blo
 # the slot's word holding where the tile's first 64 rows' entry of the forward's table lies (``TABLE``: one word per
 # 64 query rows of each (batch, head) past the program slots, ``forward_loader``, ``store_first_block``)
 TABLE_WORD = gl.constexpr(10)
+# a table entry is this less its first key block, so that a zeroed word holds none
+# (``hopper_forward.store_first_block``)
+TABLE_NONE = gl.constexpr(1 << 30)
 # ``VARLEN``'s values: packed sequences whose every row takes part, or only each one's first ``seqused`` rows (FA3's
 # arguments; ``attention_varlen``): the rest, which may hold anything (NaN), are cleared in shared memory before a
 # product reads them (``hopper_loaders.clear_rows``), since 0 * NaN there would reach the used rows
@@ -216,7 +219,7 @@ def table_query_end(Table, b, h0, n_g, n_heads, key_block, seqlen_q, BLOCK_W: gl
         row = Table + ((b * n_heads + h0 + g) * n_w).to(gl.int64)
         for w0 in range(0, n_w, BLOCK_W):
             w = w0 + gl.arange(0, BLOCK_W, layout=layout)
-            first = gl.load(row + w, mask=w < n_w, other=1 << 30)
+            first = TABLE_NONE - gl.load(row + w, mask=w < n_w, other=0)  # (as store_first_block stores it)
             end = gl.maximum(end, gl.where(first <= key_block, (w + 1) * 64, 0))
     return gl.minimum(gl.max(end, 0), seqlen_q)
 
