@@ -13,7 +13,8 @@ forward's table, from a quarter to three quarters of it: ``hopper.forward_table_
 ``PDL=0,1`` with every block computed (session 70's probe); every block also for any other setting unless
 ``--shipped-reach`` (the reach and the forward's table as shipped). ``--norm-scale X``: q and k drawn with standard
 deviation X (larger norms: a shorter saving from the reach). ``--forward``: the step's forward alone, on inputs that
-need gradients (the suite's forward cells). ``--kernels``: each setting's kernel times too (torch.profiler).
+need gradients (the suite's forward cells); ``--inference``: the forward on inputs that need none (no table, the
+norms' reach from ``REACH_MIN_KEYS`` keys). ``--kernels``: each setting's kernel times too (torch.profiler).
 """
 
 import argparse
@@ -29,10 +30,11 @@ REPLAYS = 20
 
 
 def probe(batch, n_heads, n_kv, seq, head_dim, rounds, bias_row, name, values, norm_scale, shipped_reach=False,
-          forward=False, kernels=False):
-    q, k = ((torch.randn(batch, seq, h, head_dim, device="cuda") * norm_scale).to(torch.bfloat16).requires_grad_()
-            for h in (n_heads, n_kv))
-    v = torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+          forward=False, kernels=False, inference=False):
+    forward = forward or inference
+    q, k = ((torch.randn(batch, seq, h, head_dim, device="cuda") * norm_scale).to(torch.bfloat16)
+            .requires_grad_(not inference) for h in (n_heads, n_kv))
+    v = torch.randn(batch, seq, n_kv, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=not inference)
     dout = torch.randn_like(q)
     slopes = M.gen_slopes(n_heads, return_1d=True, device="cuda")
     kw = {"attn_bias": M.build_alibi_bias(n_heads, seq, device="cuda")} if bias_row else {"alibi_slopes": slopes}
@@ -79,7 +81,7 @@ def probe(batch, n_heads, n_kv, seq, head_dim, rounds, bias_row, name, values, n
             times[value].append(start.elapsed_time(end) / REPLAYS)
     label = (f"B{batch} H{n_heads}/{n_kv} S{seq} D{head_dim} {'bias row' if bias_row else 'slopes'}"
              + (f" norm x{norm_scale:g}" if norm_scale != 1.0 else "") + (" shipped reach" if shipped_reach else ""))
-    what = "forward" if forward else "step"
+    what = "inference forward" if inference else "forward" if forward else "step"
     # the clocks drift between rounds (the fastest round ~5% under the median, session 70): each round's ratio to the
     # first setting, taken within the round, then their median
     paired = {value: statistics.median(a / b for a, b in zip(times[first], times[value])) for value in values}
@@ -101,6 +103,8 @@ def main():
     parser.add_argument("--kernels", action="store_true", help="also each setting's kernel times (profiler)")
     parser.add_argument("--forward", action="store_true",
                         help="time the training step's forward alone (inputs that need gradients)")
+    parser.add_argument("--inference", action="store_true",
+                        help="time the forward on inputs that need no gradients (no table for a backward)")
     args = parser.parse_args()
     name, _, text = args.set.partition("=")
     if not hasattr(hopper, name) or not all(x.strip().lstrip("-").isdigit() for x in text.split(",")):
@@ -110,7 +114,7 @@ def main():
         parser.error(f"--set wants distinct values, got {args.set!r}")
     for shape in args.shape or ["16,16,16,1024,128"]:
         probe(*(int(x) for x in shape.split(",")), args.rounds, args.bias_row, name, values, args.norm_scale,
-              args.shipped_reach, args.forward, args.kernels)
+              args.shipped_reach, args.forward, args.kernels, args.inference)
 
 
 if __name__ == "__main__":
