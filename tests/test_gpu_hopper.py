@@ -621,8 +621,8 @@ def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case, reach, row):
     additions, in every run, with many programs per block (a lost or early addition would be off by a whole
     program's part; a block nobody stored stays NaN-poisoned); dK and dV are bitwise the same. Also past causal
     ALiBi's reach (``reach``, the shipped thresholds), from slopes (the norms' bound, or at 2048 and 3000 keys the
-    forward's table) or a bias row's table (``row``), where each key block visits only the query blocks within it and
-    a query block's first program can be any key block's."""
+    forward's table) or a bias row's (``row``: its table, or at 2048 and 3000 keys the forward's), where each key
+    block visits only the query blocks within it and a query block's first program can be any key block's."""
     if not reach:
         monkeypatch.setattr(hopper, "REACH_MIN_KEYS", 1 << 62)
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
@@ -645,10 +645,9 @@ def test_first_write_dq_sums_match_zeroed_ones(monkeypatch, case, reach, row):
         assert not dq.isnan().any()
         assert (dq.float() - zeroed[0].float()).abs().max() <= 4e-3 * scale
         assert torch.equal(dk, zeroed[1]) and torch.equal(dv, zeroed[2])
-    # (slopes over 1024-3071 keys: the forward's table, hopper.forward_table_applies)
-    table = not row and hopper.forward_table_applies(None, kw.get("alibi_slopes"), True, 1, True, case.s_k, True,
-                                                     False, False)
-    want = (REACH_ROW if row else REACH_TABLE if table else REACH_SLOPES) if reach else 0
+    # (slopes or a bias row over 1024-3071 keys: the forward's table, hopper.forward_table_applies)
+    table = hopper.REACH_MIN_KEYS // 4 <= case.s_k < 3 * (hopper.REACH_MIN_KEYS // 4)
+    want = (REACH_TABLE if table else REACH_ROW if row else REACH_SLOPES) if reach else 0
     assert [(p.launch.kwargs["FIRST_WRITE"], p.launch.kwargs["REACH"]) for p in made] == [(False, want), (True, want)]
 
 

@@ -322,10 +322,9 @@ def _training_inputs(seed, batch, n_kv, head_dim, what):
 
 @pytest.mark.parametrize("what", ["slopes", "bias-row"])
 def test_only_a_training_step_skips_past_the_reach_at_2048_keys(what):
-    """At the shipped thresholds and 2048 keys (REACH_MIN_KEYS / 2), a training step with MPT's bias row reads the
-    norms once and skips in its forward and backward; with slopes its forward writes the table its backward skips
-    with (``hopper.forward_table_applies``), and no norms are read; a forward alone (no gradient needed) reads none
-    and computes every block. Both as the float64 reference's."""
+    """At the shipped thresholds and 2048 keys (REACH_MIN_KEYS / 2), a training step's forward, with slopes or MPT's
+    bias row, writes the table its backward skips with (``hopper.forward_table_applies``), and no norms are read; a
+    forward alone (no gradient needed) reads none and computes every block. Both as the float64 reference's."""
     assert hopper.REACH_MIN_KEYS // 2 <= 2048 < hopper.REACH_MIN_KEYS
     (q, k, v), kw, dout = _training_inputs(17, 2, 8, 64, what)
 
@@ -340,7 +339,7 @@ def test_only_a_training_step_skips_past_the_reach_at_2048_keys(what):
     def norm_passes(fn):
         return sum(n for _, n, name in profile_kernels(fn) if "row_norm_max_kernel" in name)
 
-    assert norm_passes(step) == (0 if what == "slopes" else 1) and norm_passes(alone) == 0
+    assert norm_passes(step) == 0 and norm_passes(alone) == 0
     out, grads = step()
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
     with torch.no_grad():
@@ -366,38 +365,53 @@ def test_a_training_step_reads_the_reach_norms_once(monkeypatch, what, determini
     assert_gradients_close_to_reference(out, grads, [q, k, v], kw, dout, torch.bfloat16)
 
 
-def _forward_table(q, k, v, slopes):
+def _forward_table(q, k, v, slopes, bias=None):
     """The table a training step's Hopper forward writes (``hopper.forward_table_applies``), (B, H, cdiv(S_q, 64)):
-    each 64 query rows' first key block within reach."""
+    each 64 query rows' first key block within reach; from ``slopes`` or a bias row (``bias``, slopes None)."""
     from mpt_attention.impl.triton import hopper_tiles, launch
 
     got = {}
-    launch.forward(q, k, v, None, slopes, None, None, None, None, q.shape[-1] ** -0.5, True, 0.0, reach_norms=got)
+    launch.forward(q, k, v, bias, slopes, None, None, None, None, q.shape[-1] ** -0.5, True, 0.0, reach_norms=got)
     return hopper_tiles.TABLE_NONE.value - got["table"].view(q.shape[0], q.shape[2], -1)  # (store_first_block's form)
 
 
-@pytest.mark.parametrize("d, n_kv, s_q, norm_scale", [(128, 8, 1024, 1.0), (64, 2, 1500, 1.0), (128, 8, 1024, 2.0),
-                                                      (96, 4, 1100, 1.0)],
-                         ids=["D128", "D64-GQA", "D128-norms-x2", "D96-tail-GQA"])
-def test_forward_table_leaves_out_only_blocks_below_2_to_the_minus_48(d, n_kv, s_q, norm_scale):
-    """Each 64 query rows' first key block in the forward's table: every block before it scores below 2^-48 of each
-    row's largest probability, in float64 from the same bfloat16 q and k (2^-47.5: the kernel's float32 scores
-    round); no entry lies past its rows' diagonal block; and the steep heads do leave blocks out."""
+@pytest.mark.parametrize("d, n_kv, s_q, norm_scale, what", [
+    (128, 8, 1024, 1.0, "slopes"), (64, 2, 1500, 1.0, "slopes"), (128, 8, 1024, 2.0, "slopes"),
+    (96, 4, 1100, 1.0, "slopes"), (128, 8, 1024, 1.0, "row"), (64, 2, 1500, 1.0, "row"), (96, 4, 1100, 1.0, "row"),
+    (128, 8, 2000, 1.0, "row-holes")],
+    ids=["D128", "D64-GQA", "D128-norms-x2", "D96-tail-GQA", "bias-row-D128", "bias-row-D64-GQA",
+         "bias-row-D96-tail-GQA", "bias-row-D128-removed-keys"])
+def test_forward_table_leaves_out_only_blocks_below_2_to_the_minus_48(d, n_kv, s_q, norm_scale, what):
+    """Each 64 query rows' first key block in the forward's table, from slopes or from MPT's bias row (its terms in
+    the extension product, ``hopper_forward.store_row_first_block``; ``row-holes``: keys 700-899 removed): every
+    block before it scores below 2^-48 of each row's largest probability, in float64 from the same bfloat16 q and k
+    (2^-47.5: the kernel's float32 scores round); no entry lies past its rows' diagonal block; and the steep heads
+    do leave blocks out."""
     gen = torch.Generator(device="cuda").manual_seed(21)
     q = (torch.randn(2, s_q, 8, d, device="cuda", generator=gen) * norm_scale).to(torch.bfloat16)
     k, v = ((torch.randn(2, s_q, n_kv, d, device="cuda", generator=gen) * norm_scale).to(torch.bfloat16)
             for _ in range(2))
     slopes = M.gen_slopes(8, return_1d=True, device="cuda")
-    assert hopper.forward_table_applies(None, slopes, True, 1, True, s_q, True, False, False)
-    table = _forward_table(q, k, v, slopes).long()
+    c, a = d ** -0.5 * hopper.LOG2E, slopes.double() * hopper.LOG2E
+    pos = torch.arange(s_q, device="cuda")
+    if what == "slopes":
+        assert hopper.forward_table_applies(None, slopes, True, 1, True, s_q, True, False, False)
+        table = _forward_table(q, k, v, slopes).long()
+        terms = a.view(1, -1, 1, 1) * (pos - (s_q - 1)).view(1, 1, 1, -1)
+    else:
+        row = _mpt_row(slopes, s_q)
+        if what == "row-holes":
+            row[..., 700:900] = float("-inf")
+        from mpt_attention.impl.triton import launch
+
+        assert hopper.forward_table_applies(launch._log2_bias_rows(row), None, True, 0, True, s_q, True, False, False)
+        table = _forward_table(q, k, v, None, row).long()
+        terms = row.double() * hopper.LOG2E
     n_w = -(-s_q // 64)
     assert table.shape == (2, 8, n_w)
-    c, a = d ** -0.5 * hopper.LOG2E, slopes.double() * hopper.LOG2E
     kk = k.double().repeat_interleave(8 // n_kv, dim=2)
-    # [B, H, S_q, S_k] log2 units: c q.k + a (j - (S_k - 1)), causal
-    x = c * torch.einsum("bqhd,bkhd->bhqk", q.double(), kk)
-    pos = torch.arange(s_q, device="cuda")
-    x = x + a.view(1, -1, 1, 1) * (pos - (s_q - 1)).view(1, 1, 1, -1)
+    # [B, H, S_q, S_k] log2 units: c q.k + the key's term (ALiBi: a (j - (S_k - 1))), causal
+    x = c * torch.einsum("bqhd,bkhd->bhqk", q.double(), kk) + terms
     x = x.masked_fill(pos.view(1, 1, 1, -1) > pos.view(1, 1, -1, 1), float("-inf"))
     low = x - x.amax(dim=-1, keepdim=True)  # each score against its row's largest
     rows_w = pos // 64
@@ -414,12 +428,19 @@ def test_forward_table_leaves_out_only_blocks_below_2_to_the_minus_48(d, n_kv, s
     pytest.param(AttnCase(1, 700, 1300, 8, 8, 128, causal=True, alibi=True), id="D128-chunked-prefill"),
     pytest.param(AttnCase(1, 1100, 1100, 16, 16, 96, causal=True, alibi=True), id="D96-tail"),
     pytest.param(AttnCase(1, 2560, 2560, 8, 8, 64, causal=True, alibi=True), id="D64-2560"),
+    pytest.param(AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True), id="bias-row-D128-GQA"),
+    pytest.param(AttnCase(1, 1500, 1500, 8, 2, 64, causal=True, alibi=True), id="bias-row-D64-GQA"),
+    pytest.param(AttnCase(1, 700, 1300, 8, 8, 128, causal=True, alibi=True), id="bias-row-D128-chunked-prefill"),
+    pytest.param(AttnCase(1, 2048, 2048, 8, 8, 96, causal=True, alibi=True), id="bias-row-D96-2048"),
 ])
-def test_a_short_training_step_skips_past_its_forwards_table(monkeypatch, case):
+def test_a_short_training_step_skips_past_its_forwards_table(monkeypatch, case, request):
     """From REACH_MIN_KEYS / 4 to 3 REACH_MIN_KEYS / 4 keys a training step's backward ends each key block's queries
-    where its forward's table says: no norm pass runs; the forward is bit for bit the one without the table; the
-    gradients match the same step computing every block and the float64 reference."""
+    where its forward's table says (from slopes, or MPT's bias row in the ``bias-row`` cases): no norm pass runs;
+    the forward is bit for bit the one without the table; the gradients match the same step computing every block
+    and the float64 reference."""
     (q, k, v), kw = make_inputs(case, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    if "bias-row" in request.node.callspec.id:
+        kw["attn_bias"] = _mpt_row(kw.pop("alibi_slopes"), case.s_k)
     assert hopper.REACH_MIN_KEYS // 4 <= case.s_k < 3 * (hopper.REACH_MIN_KEYS // 4)
     dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
 

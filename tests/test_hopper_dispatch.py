@@ -542,14 +542,19 @@ def test_a_training_step_takes_the_reach_from_half_the_keys(monkeypatch, s_k, tr
     pytest.param("training", 1023, False, id="training-1023"),
     pytest.param("training", 3072, False, id="training-3072-norms-reach"),
     pytest.param("alone", 1024, False, id="forward-alone"),
-    pytest.param("bias-row", 1024, False, id="a-bias-row"),
+    pytest.param("bias-row", 1024, True, id="a-bias-row"),
+    pytest.param("bias-row", 3071, True, id="a-bias-row-3071"),
+    pytest.param("bias-row-slopes", 1024, False, id="a-bias-row-with-slopes-scaled-first"),
+    pytest.param("bias-row-padding", 1024, False, id="a-key-padding-masks-row"),
+    pytest.param("bias-matrix", 1024, False, id="a-bias-matrix"),
     pytest.param("zero-scale", 1024, False, id="scaled-first"),
     pytest.param("switched-off", 1024, False, id="FORWARD_TABLE-off"),
 ])
 def test_a_short_training_forward_writes_the_table_its_backward_reads(monkeypatch, what, s_k, applies):
     """From REACH_MIN_KEYS / 4 to 3 REACH_MIN_KEYS / 4 keys a training step's forward (causal ALiBi from slopes
-    alone, unscaled maxima) reads every block and writes one word per (batch, head) and 64 query rows past the program
-    slots, where no norm pass runs; its backward's plan, told the table comes, ends its key blocks' queries there
+    alone, or a bias row over the keys alone, unscaled maxima) reads every block and writes one word per (batch,
+    head) and 64 query rows past the program slots, where no norm pass or row table runs (a bias row's block terms
+    in the slopes' place); its backward's plan, told the table comes, ends its key blocks' queries there
     (REACH_TABLE) and stays the delta kernel's programmatic dependent, since nothing is launched between them."""
     from mpt_attention.impl.triton import hopper_dkdv, reach
 
@@ -557,22 +562,31 @@ def test_a_short_training_forward_writes_the_table_its_backward_reads(monkeypatc
     if what == "switched-off":
         monkeypatch.setattr(hopper, "FORWARD_TABLE", False)
     q, k, v = _qkv(s_q=200, s_k=s_k, d=128)
-    slopes = None if what == "bias-row" else torch.rand(4)
-    bias = launch._log2_bias_rows(torch.randn(1, 4, 1, s_k)) if what == "bias-row" else None
+    slopes = None if what in ("bias-row", "bias-row-padding", "bias-matrix") else torch.rand(4)
+    bias = None
+    if what.startswith("bias-row"):
+        bias = launch._log2_bias_rows(torch.randn(1, 4, 1, s_k))
+    elif what == "bias-matrix":
+        bias = torch.randn(1, 4, 200, s_k, dtype=q.dtype)
     scale = 0.0 if what == "zero-scale" else 0.125
     plan = hopper.forward_plan(q, k, v, bias, slopes, scale, True, 0 if slopes is None else 1,
-                               training=what != "alone")
+                               training=what != "alone", row_table=what != "bias-row-padding")
     assert plan.launch.kwargs.get("TABLE", False) == applies and (plan.table is not None) == applies
     if applies:
         first = 16 + 4 * hopper.PROGRAM_WORDS
         assert plan.table == (first, 2 * 4 * 4) and plan.counters == first + 2 * 4 * 4 and plan.norms is None
-        assert not plan.launch.kwargs["REACH"]
+        assert not plan.launch.kwargs["REACH"] and plan.row_table is None
+        n_kb = -(-s_k // hopper.BLOCK_N)  # a bias row's (1, 4, 2, n_kb) block terms: batch stride 0 (broadcast)
+        assert plan.row_terms == (None if bias is None else (scale * hopper.LOG2E, hopper.soft_row_key(scale *
+                                                                                                      hopper.LOG2E)))
+        if bias is not None:
+            assert plan.scalars[2:4] == (0, 2 * n_kb)
     elif what == "training":
         assert bool(plan.launch.kwargs["REACH"]) == (s_k >= hopper.REACH_MIN_KEYS // 2)
     row_stats = hopper_dkdv.row_stats_buffer(2, 4, 200, q.device)
     bwd = hopper_dkdv.dkdv_plan(q, k, v, q, row_stats, k, v, bias, slopes, scale, True, 0 if slopes is None else 1,
                                 torch.empty_like(q, dtype=torch.float32), forward_table=True)
-    takes_table = slopes is not None
+    takes_table = what != "bias-matrix"  # (told so: the forward writes it only where it applies)
     assert (bwd.launch.kwargs["REACH"] == reach.REACH_TABLE) == takes_table
     if takes_table:
         assert bwd.norms is None and bwd.launch.kwargs.get("PDL") == (bwd.parts is None)

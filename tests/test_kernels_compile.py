@@ -56,6 +56,9 @@ def test_all_kernels_compile_for_sm90():
     assert result.stdout.count("ok   hopper-fwd-reach") == 2 and result.stdout.count("ok   hopper-bwd-reach") == 4
     # a short training step's forward writing its table of first key blocks, and the backward reading it
     assert result.stdout.count("ok   hopper-fwd-table") == 4 and result.stdout.count("ok   hopper-bwd-table") == 3
+    # and from a bias row over the keys
+    assert result.stdout.count("ok   hopper-fwd-row-table") == 3
+    assert result.stdout.count("ok   hopper-bwd-row-table") == 3
     # and in packed sequences (one norm row per head)
     assert result.stdout.count("ok   hopper-fwd-packed-reach") == 3
     assert result.stdout.count("ok   hopper-bwd-packed-reach") == 3

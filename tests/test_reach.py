@@ -435,3 +435,71 @@ def test_float32_steep_alibi_meets_the_tolerance_rule(layout):
         results.append([out.detach(), lse.detach(), *torch.autograd.grad([out, lse], xs, [dout.to(dtype), dlse])])
     for name, got, ref, low in zip(["out", "lse", "dq", "dk", "dv"], *results):
         assert_close_to_reference(name, got, ref, low)
+
+
+def _row_table_as_the_forward_writes_it(q, k, bias, scale, block_n=128):
+    """``hopper_forward.store_row_first_block``'s rule in float64 on the forward's own quantities: each row's
+    largest score per key block (unscaled units: q.k + t, t = row / scale, soft masks as the kernel's term), less the
+    block's least kept term (``reach.row_block_terms``), maximised over its blocks, against the prefix maxima of the
+    blocks' least terms and the row's maximum; each 64 rows' first block (the least over its rows)."""
+    s_q, s_k = q.shape[1], k.shape[1]
+    scale2 = scale * LOG2E
+    rows = launch._log2_bias_rows(bias)
+    terms = reach.row_block_terms(rows, scale2, hopper.soft_row_key(scale2), block_n).double()
+    t = torch.where(rows[:, :, 0] == -(2.0 ** 100), hopper.soft_row_key(scale2), rows[:, :, 0] / scale2).double()
+    kk = k.double().repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk) + t.unsqueeze(2)  # [B, H, S_q, S_k] unscaled
+    pos = torch.arange(s_q) + (s_k - s_q)
+    s = s.masked_fill(torch.arange(s_k)[None, :] > pos[:, None], float("-inf"))
+    n_kb = -(-s_k // block_n)
+    top = torch.nn.functional.pad(s, (0, n_kb * block_n - s_k), value=float("-inf")).unflatten(-1, (n_kb, block_n))
+    top = top.amax(-1)  # [B, H, S_q, n_kb]
+    low, prefix = terms[:, :, 0].unsqueeze(2), terms[:, :, 1].unsqueeze(2)  # [B', H', 1, n_kb]
+    row_top = (top - low).amax(-1, keepdim=True)
+    m = (s.amax(-1, keepdim=True) * scale2)
+    past = (row_top + prefix) * scale2 < m - 48.0 - 1.0
+    first = torch.minimum(past.sum(-1), torch.div(pos, block_n, rounding_mode="floor"))
+    n_w = -(-s_q // 64)
+    first = torch.nn.functional.pad(first, (0, n_w * 64 - s_q), value=1 << 30).unflatten(-1, (n_w, 64)).amin(-1)
+    return first  # [B, H, S_q / 64]
+
+
+@pytest.mark.parametrize("what", ["mpt-alibi", "removed-keys", "soft-masked-keys", "nan", "random-row"])
+def test_a_row_table_from_the_forwards_scores_skips_only_vanishing_probabilities(what):
+    """The training forward's table from a bias row (``hopper.forward_table_applies``), its rule emulated in float64
+    over ``reach.row_block_terms``: every key block it leaves out holds probabilities below 2^-48 of each of its rows'
+    largest, where ALiBi decays it leaves blocks out, and a soft-masked or NaN term leaves none out behind it."""
+    q, k, bias = _inputs(700, 1100, 4, 2, 64, steep=2.0, seed=5)
+    scale = 64 ** -0.5
+    if what == "removed-keys":
+        bias[..., 300:420] = float("-inf")
+    elif what == "soft-masked-keys":
+        bias[..., 100:140] = torch.finfo(torch.float32).min
+    elif what == "nan":
+        bias[0, 0, 0, 500] = float("nan")
+    elif what == "random-row":
+        bias = torch.randn(2, 4, 1, 1100) * 20
+    first = _row_table_as_the_forward_writes_it(q, k, bias, scale).long()
+    logp = _log2_probabilities(q, k, bias, scale)  # [B, H, S_q, S_k]
+    rows_w = torch.arange(700) // 64
+    left_out = torch.arange(1100).view(1, 1, 1, -1) < (first.expand(2, 4, -1)[..., rows_w] * 128).unsqueeze(-1)
+    low = logp - logp.amax(-1, keepdim=True)
+    assert (low[left_out].nan_to_num(nan=-1e9) < -48).all()
+    if what in ("mpt-alibi", "removed-keys"):
+        assert (first[:, 0, -1] >= 2).all()  # the steep head leaves far blocks out
+    elif what == "soft-masked-keys":  # rows that see the soft-masked keys bound nothing
+        assert (first[..., 2:] == 0).all()
+    elif what == "nan":  # the NaN's head takes nothing from the NaN's block on
+        assert (first[:, 0, 4:] == 0).all() and (first[:, 1, -1] >= 1).all()
+
+
+def test_row_block_terms_hold_each_blocks_least_kept_term_and_the_prefix_maxima():
+    """``reach.row_block_terms``: per 128-key block the least term of its kept keys (+inf for a block of removed keys
+    only), then the running maximum of those (such a block counted -inf), in unscaled units; kept on the row."""
+    rows = launch._log2_bias_rows(torch.tensor([[[[-3.0] * 128 + [float("-inf")] * 130 + [1.0, -5.0]]]]))
+    scale2 = 0.5
+    terms = reach.row_block_terms(rows, scale2, hopper.soft_row_key(scale2), 128)
+    l2 = LOG2E / scale2
+    expected = torch.tensor([[-3.0 * l2, float("inf"), -5.0 * l2], [-3.0 * l2, -3.0 * l2, -3.0 * l2]])
+    torch.testing.assert_close(terms[0, 0], expected)
+    assert reach.row_block_terms(rows, scale2, hopper.soft_row_key(scale2), 128) is terms

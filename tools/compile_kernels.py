@@ -386,6 +386,15 @@ def main() -> int:
         failures += _report_gluon(f"hopper-bwd-table D={head_dim} causal=True alibi=1 partial={partial} pdl={pdl}",
                                   compile_hopper_dkdv_kernel, head_dim, True, 1, fused_dq=True, partial=partial,
                                   reach=REACH_TABLE, pdl=pdl)
+    # the same from a bias row over the keys (its terms through the extension product; hopper_forward
+    # store_row_first_block) at both widths and with a tail, and the dK/dV kernel with the row ending its queries there
+    for head_dim, tail in [(64, 0), (128, 0), (128, 32)]:
+        failures += _report_gluon(f"hopper-fwd-row-table D={head_dim} tail={tail} causal=True alibi=0 bf16",
+                                  compile_hopper_kernel, head_dim, True, 0, "bf16", "fp32", tail, table=True)
+    for head_dim, partial, pdl in [(64, False, True), (128, False, True), (128, True, False)]:
+        failures += _report_gluon(f"hopper-bwd-row-table D={head_dim} causal=True alibi=0 partial={partial} pdl={pdl}",
+                                  compile_hopper_dkdv_kernel, head_dim, True, 0, fused_dq=True, partial=partial,
+                                  reach=REACH_TABLE, pdl=pdl)
     # a causal bias row past its reach (reach.row_reach_kernel's tables): through the extension product at both
     # widths, and scaled first (a zero scale: the row's slices come ahead, from the tile's first block)
     for head_dim, raw in [(64, None), (128, None), (64, False)]:

@@ -23,7 +23,7 @@ from mpt_attention.impl.triton.hopper_views import bias_dims_on, bias_matrix_vie
 from mpt_attention.impl.triton.hopper_views import slope_args, tma_aligned
 from mpt_attention.impl.triton.lean_launch import PlannedLaunch, cdiv, next_power_of_2, sm90_ptxas_is_cuda13
 from mpt_attention.impl.triton.reach import REACH_ROW, REACH_SLOPES, norm_launch, row_ends, row_prefix_max
-from mpt_attention.impl.triton.reach import row_reach_launch
+from mpt_attention.impl.triton.reach import row_block_terms, row_reach_launch
 from mpt_attention.kept import kept_on
 from mpt_attention.masks import sequence_ends
 
@@ -317,6 +317,7 @@ class ForwardPlan(NamedTuple):
     row_table: tuple | None = None  # the same of ``row_reach_kernel`` (``REACH_ROW``)
     clear: tuple | None = None  # ``clear_unused_rows_launch`` of the output (packed sequences with unused rows)
     table: tuple | None = None  # (first word, words) of the table the kernel writes (``TABLE``) in ``Tiles``
+    row_terms: tuple | None = None  # (qk_scale2, soft term) of ``reach.row_block_terms`` (``TABLE`` from a bias row)
 
 
 def reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k, training: bool = False) -> int:
@@ -335,18 +336,25 @@ def reach_applies(bias, slopes, causal, alibi_mode, norm_rows, s_k, training: bo
     return 0
 
 
-def forward_table_applies(bias, slopes, causal, alibi_mode, raw, s_k, training, varlen, seqused) -> bool:
-    """Whether a Hopper forward writes the table of its rows' first key blocks within causal ALiBi's reach for its
-    training step's backward (``TABLE``; ``FORWARD_TABLE``): dense causal ALiBi from slopes alone with unscaled
-    maxima (``raw_scores``), over ``REACH_MIN_KEYS // 4`` to ``3 * REACH_MIN_KEYS // 4`` keys. The forward then
-    reads every block (from ``REACH_MIN_KEYS // 2`` keys instead of the norms' reach, ``reach_applies``)."""
-    return bool(FORWARD_TABLE and training and causal and raw and alibi_mode == 1 and slopes is not None
-                and bias is None and not varlen and not seqused
+def forward_table_applies(bias, slopes, causal, alibi_mode, raw, s_k, training, varlen, seqused,
+                          row_table: bool = True) -> bool:
+    """Whether a Hopper forward writes the table of its rows' first key blocks within reach for its training step's
+    backward (``TABLE``; ``FORWARD_TABLE``): dense and causal, with unscaled maxima (``raw_scores``), ALiBi from
+    slopes alone or a bias row over the keys alone (``ROW_KEYS``; at most ``BLOCK_N`` key blocks, the table's
+    search; not with ``row_table`` False: a key padding mask's row, ``launch.forward``), over
+    ``REACH_MIN_KEYS // 4`` to ``3 * REACH_MIN_KEYS // 4`` keys. The forward then reads every block (from
+    ``REACH_MIN_KEYS // 2`` keys instead of the norms' reach, ``reach_applies``)."""
+    if bias is None:
+        terms = alibi_mode == 1 and slopes is not None
+    else:
+        terms = (row_table and alibi_mode == 0 and slopes is None and bias.shape[2] == 1
+                 and cdiv(s_k, BLOCK_N) <= BLOCK_N)
+    return bool(FORWARD_TABLE and training and causal and raw and terms and not varlen and not seqused
                 and REACH_MIN_KEYS // 4 <= s_k < 3 * (REACH_MIN_KEYS // 4))
 
 
 def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, max_q=0, max_k=0,
-                 seqused: bool = False, training: bool = False) -> ForwardPlan:
+                 seqused: bool = False, training: bool = False, row_table: bool = True) -> ForwardPlan:
     """The Hopper forward's launch for inputs as ``forward`` takes them: a function of their signature alone
     (shapes, strides, dtypes, 16-byte alignment, the scalars; for packed sequences ``cu_q``'s size, the longest
     lengths and whether some rows are unused, ``seqused``; ``training``: the backward takes this forward's norm
@@ -396,11 +404,16 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
     # tiles until none is left. ``tiles``: [0] counts the tiles taken after the first round; from 16 on, PROGRAM_WORDS
     # per program for the coordinates the loader publishes to the consumers (hopper_tiles.info_slot).
     grid = (max(1, min(n_tiles, sm_count(q.device.index))),)
-    scalars = (*lse_strides, *slope_args(slopes, None)[1], out_strides[1], out_strides[2], n_heads, n_heads // n_kv,
-               batch * n_heads, s_q, s_k, qk_scale2, b_on, h_on, group, head_dim)
     # packed sequences: one row of norm maxima per head over every token (reach.norm_row); s_k the longest sequence.
     # (not with unused rows, which may hold anything)
-    table = forward_table_applies(bias, slopes, causal, alibi_mode, raw, s_k, training, varlen, seqused)
+    table = forward_table_applies(bias, slopes, causal, alibi_mode, raw, s_k, training, varlen, seqused, row_table)
+    slope_strides, row_terms = slope_args(slopes, None)[1], None
+    if table and bias is not None:  # the row's block terms (reach.row_block_terms) in the slopes' place
+        n_kb = cdiv(s_k, BLOCK_N)
+        slope_strides = (bias.shape[1] * 2 * n_kb * b_on, 2 * n_kb * h_on)
+        row_terms = (qk_scale2, soft_row_key(qk_scale2))
+    scalars = (*lse_strides, *slope_strides, out_strides[1], out_strides[2], n_heads, n_heads // n_kv,
+               batch * n_heads, s_q, s_k, qk_scale2, b_on, h_on, group, head_dim)
     reach = 0 if seqused or table else reach_applies(bias, slopes, causal, alibi_mode, 1 if varlen else batch, s_k,
                                                      training)
     launch = PlannedLaunch(_hopper_fwd_kernel, grid, dict(
@@ -423,7 +436,7 @@ def forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=
         counters += batch * n_heads * (n_m + 1)  # (and the row's end: hopper_tiles.row_reach_end_block)
     clear = clear_unused_rows_launch(out_shape, batch) if varlen and seqused else None
     return ForwardPlan(out_shape, lse_shape, counters, tuple(descs), scalars, launch, keys, norms, row_table, clear,
-                       table or None)
+                       table or None, row_terms)
 
 
 def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, reach_norms: dict | None = None,
@@ -466,8 +479,11 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
     if plan.row_table is not None:
         table, args = plan.row_table
         table(tiles, prefix, rows, row_ends(rows, BLOCK_N), tiles, *args)
+    slope_terms = lse if slopes is None else slopes  # (never read without slopes or a row's table)
+    if plan.row_terms is not None:
+        slope_terms = row_block_terms(rows, *plan.row_terms, BLOCK_N)
     plan.launch(descriptor(q, *dq), descriptor(k, *dk), descriptor(v, *dv), descriptor(out, *do),
-                None if db is None else descriptor(bias, *db), lse, lse if slopes is None else slopes, tiles,
+                None if db is None else descriptor(bias, *db), lse, slope_terms, tiles,
                 out, cu_q, cu_k, ends_q, ends_k, cu_tiles, *plan.scalars)
     if plan.table is not None and reach_norms is not None:
         first, n_words = plan.table
@@ -478,13 +494,14 @@ def run_forward(plan: ForwardPlan, q, k, v, bias, slopes, cu_q=None, cu_k=None, 
 
 
 def forward(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q=None, cu_k=None, max_q=0, max_k=0,
-            reach_norms=None, used_q=None, used_k=None):
+            reach_norms=None, used_q=None, used_k=None, row_table: bool = True):
     """``out`` (q's shape, contiguous) and ``lse`` ``(B, H, S_q)`` float32; inputs as ``unsupported`` allows.
     Packed sequences (``cu_q``, ``cu_k``: int32 cumulative lengths, the longest ``max_q``/``max_k``): q, k, v
     ``(T, H, D)``, ``lse`` ``(H, T_q)``; ``used_q``/``used_k`` (int32 ``(B,)``, FA3's ``seqused``, or None): only
     each sequence's first ``used[b]`` rows take part, the rest are never read (output 0, log-sum-exp -inf), and
     ``max_q``/``max_k`` bound the used lengths. ``reach_norms``: as ``run_forward`` takes it (given, the call is a
-    training step's: ``reach_applies``). The plan is built for this call (``launch.forward`` keeps them)."""
+    training step's: ``reach_applies``); ``row_table``: as ``forward_table_applies`` takes it. The plan is built for
+    this call (``launch.forward`` keeps them)."""
     plan = forward_plan(q, k, v, bias, slopes, softmax_scale, causal, alibi_mode, cu_q, max_q, max_k,
-                        used_q is not None or used_k is not None, reach_norms is not None)
+                        used_q is not None or used_k is not None, reach_norms is not None, row_table)
     return run_forward(plan, q, k, v, bias, slopes, cu_q, cu_k, reach_norms, used_q, used_k)

@@ -190,8 +190,9 @@ def dkdv_plan(q, k, v, dout, row_stats, dk, dv, bias, slopes, softmax_scale, cau
         REACH=0 if seqused else reach_applies(bias, slopes, causal, alibi_mode, batch, max_k if varlen else s_k,
                                               training=True),
         SOFT_BLOCKS=dout_scaled is not None, KV_IN_STEP=KV_IN_STEP, num_warps=4))
-    if forward_table and not varlen and not seqused and causal and alibi_mode == 1 and slopes is not None \
-            and bias is None:  # (in place of the norms' reach, where that applies too)
+    if forward_table and not varlen and not seqused and causal and not bias_full:
+        # (causal ALiBi from slopes or a bias row: hopper.forward_table_applies; in place of the norms' reach or the
+        # row's table, where those apply too)
         launch.kwargs["REACH"] = REACH_TABLE
     parts = (2, n_splits, batch, s_k, n_kv, width) if n_splits > 1 else None
     # the delta kernel's programmatic dependent (``hopper.PDL``) where nothing is launched between them (the reach's

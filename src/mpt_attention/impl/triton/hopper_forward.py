@@ -40,8 +40,9 @@ Causal ALiBi from slopes over at least ``hopper.REACH_MIN_KEYS`` keys (half as m
 heads' norm maxima and publishes with the tile's coordinates. A causal bias row (``REACH == REACH_ROW``) does the
 same from its prefix maxima: the loader reads the tile's first block from ``reach.row_reach_kernel``'s table.
 A training step over ``hopper.REACH_MIN_KEYS`` / 4 to 3 / 4 of it (``TABLE``, ``hopper.forward_table_applies``)
-reads every block and hands its backward each 64 rows' first key block within reach instead (``store_first_block``):
-its scores bound the far keys' far more closely than the norms do, and no pass over q and k runs.
+reads every block and hands its backward each 64 rows' first key block within reach instead (``store_first_block``;
+from a bias row's terms, ``store_row_first_block``): its scores bound the far keys' far more closely than the norms
+do, and no pass over q and k runs.
 
 Scores (``hopper_scores``): with a positive scale and per-key terms a tensor-core product can add (none, causal
 ALiBi, or a bias row without ALiBi: ``RAW``, ``hopper.raw_scores``) the terms join Q K^T through a k=16 extension
@@ -143,7 +144,8 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     accumulators, columns [0, 64) and [64, 64 + TAIL). With ``REACH`` the tile's first block is the loader's
     ``first`` (``hopper_tiles.REACH_WORD``): the blocks before it lie past causal ALiBi's reach (``reach.py``) and were
     never loaded. With ``TABLE`` (every block read) it keeps each row's largest score before the blocks' shifts
-    and stores its rows' first key block within reach (``store_first_block``)."""
+    and stores its rows' first key block within reach (``store_first_block``); from a bias row (``ROW_KEYS``) each
+    row's largest score less its block's least term (``store_row_first_block``)."""
     dtype: gl.constexpr = q3.dtype
     MAIN: gl.constexpr = main_cols(HEAD_DIM, TAIL)
     D_COLS: gl.constexpr = contracted_cols(HEAD_DIM, TAIL, QK_COLS)  # Q K^T's
@@ -159,6 +161,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     ALIBI_MMA: gl.constexpr = RAW and ALIBI == 1
     EXT: gl.constexpr = ALIBI_MMA or ROW_KEYS  # an extension product adds per-key terms to the scores
     EARLY_EXT: gl.constexpr = ALIBI_MMA  # ALiBi's reads no K: issued a block early, Q K^T accumulates onto it
+    ROW_TABLE: gl.constexpr = TABLE and ROW_KEYS  # (``Slopes``: the row's block terms, reach.row_block_terms)
     ROW_AHEAD: gl.constexpr = row_ahead(HEAD_DIM)
     ROW_FIRST: gl.constexpr = ROW_AHEAD and BIAS_ROW  # a slice to read before the block's first product
 
@@ -221,6 +224,10 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
                                                side, tile_terms, qk_scale2, slope2, diag, seqlen_k,
                                                first * BLOCK_N >= lo_masked, IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW,
                                                BIAS_FULL, RAW)
+    row_terms = Slopes  # (ROW_TABLE: this row's block terms; never read otherwise)
+    if ROW_TABLE:
+        row_terms = Slopes + b.to(gl.int64) * stride_slb + h.to(gl.int64) * stride_slh
+        row_top = row_top - gl.load(row_terms + first)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     acc = gl.zeros([HALF_M, MAIN], gl.float32, o_layout)
     if TAIL > 0:
@@ -241,6 +248,11 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
     for j in range(first + 1, n_blocks):
         stage = (g + j) & 1
         prev = 1 - stage
+        low = 0.0
+        if ROW_TABLE:  # the block's least term. (Its L2 round trip is not hidden: the S1024 D128 forward with a
+            # row's table +13.5% against +3.5% with slopes', H100; benchmarks/patches/session78-row-table-prefetch.diff
+            # loads it a block ahead, not yet run)
+            low = gl.load(row_terms + j)
         if ROW_FIRST:
             # block j's bias slice came with V_{j-1}: read before S_j is issued. Issued after it (and before
             # P_{j-1} V_{j-1}), the loads returned only after both products had read their shared-memory operands:
@@ -279,7 +291,7 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
                                                tile_terms, qk_scale2, slope2, diag, seqlen_k, j * BLOCK_N >= lo_masked,
                                                IS_CAUSAL, ALIBI, HAS_COLS, BIAS_ROW, BIAS_FULL, RAW)
         if TABLE:
-            row_top = gl.maximum(row_top, top)
+            row_top = gl.maximum(row_top, top - low)
         if TAIL == 0:
             acc, p_done = warpgroup_mma_wait(0, deps=[acc_tok, p_op])
         else:
@@ -345,7 +357,10 @@ def _consumer_tile(half, q3, buf, k_smem, v_smem, bias_smem, ext_a, ext_b, k_rea
         m_i = gl.where(m_i < _SOFT_ROW, SOFT_SCORE, m_i)
     lse = encode_lse(m_i, l_i, BIAS_ROW or BIAS_FULL or ROW_KEYS)  # a soft-masked row keeps its key count
     gl.store(Lse + lse_offset + rows, lse, mask=rows < seqlen_q)
-    if TABLE:
+    if ROW_TABLE:
+        store_row_first_block(table_word, rows, m_i, row_top, row_terms, qk_scale2, seqlen_q, seqlen_k, BLOCK_N,
+                              s_layout)
+    elif TABLE:
         store_first_block(table_word, rows, m_i, row_top, slope2, qk_scale2, seqlen_q, seqlen_k, BLOCK_N)
     tma.store_wait(0)
 
@@ -373,6 +388,27 @@ def store_first_block(word, rows, m_i, row_top, slope2, qk_scale2, seqlen_q, seq
     first = gl.minimum((kept + BLOCK_N - 1) // BLOCK_N, pos // BLOCK_N)
     # the word starts at 0, no entry (``hopper.run_forward`` zeroes ``Tiles``); rows past S_q give none (alone: the
     # last tile's third warpgroup, whose word lies past the table's row)
+    gl.atomic_max(word + gl.zeros_like(rows), TABLE_NONE - first, mask=rows < seqlen_q, sem="relaxed")
+
+
+@gluon.jit
+def store_row_first_block(word, rows, m_i, row_top, row_terms, qk_scale2, seqlen_q, seqlen_k, BLOCK_N: gl.constexpr,
+                          s_layout: gl.constexpr):
+    """``store_first_block`` for a bias row over the keys (``ROW_KEYS``): a key j's unscaled score is ``q.k + t_j``
+    (t the row over the scale). ``row_top`` is the row's largest score less its block's least term ``L`` (over
+    every block the row read), so each key of block b scores at most ``row_top + L_b``: ALiBi's row, whose terms
+    grow by the same steps in every block, gets ``store_first_block``'s bound. With ``P_b`` the prefix maximum of
+    the L up to block b (``reach.row_block_terms``, at ``row_terms + n_kb``; a block of removed keys only, which
+    scores -inf, counts -inf), a block with ``c * (row_top + P_b)`` below ``m_i - 49`` (``reach.VANISH2`` and one
+    bit for the terms' float32 rounding) is past the row's reach, and so is every block before it. The row's first
+    block is the count of such blocks, at most its diagonal's; a NaN, or a soft-masked key (its term -2^100) in a
+    block the row reads, counts none."""
+    n_kb = gl.cdiv(seqlen_k, BLOCK_N)
+    kb = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))  # (hopper.forward_table_applies: n_kb <= BLOCK_N)
+    prefix = gl.load(row_terms + n_kb + kb, mask=kb < n_kb, other=float("inf"))
+    past = (row_top[:, None] + prefix[None, :]) * qk_scale2 < (m_i - VANISH2 - 1.0)[:, None]  # [HALF_M, BLOCK_N]
+    pos = rows + (seqlen_k - seqlen_q)
+    first = gl.minimum(gl.sum(past.to(gl.int32), 1), pos // BLOCK_N)
     gl.atomic_max(word + gl.zeros_like(rows), TABLE_NONE - first, mask=rows < seqlen_q, sem="relaxed")
 
 

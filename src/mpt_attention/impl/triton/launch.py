@@ -236,21 +236,22 @@ def _packed_key(cu_q, max_q, max_k, used_q, used_k) -> tuple | None:
 
 
 def _forward_plan(q, k, v, bias, slopes, softmax_scale, causal, cu_q=None, max_q=0, max_k=0, seqused=False,
-                  training=False):
+                  training=False, row_table=True):
     """The Hopper forward's plan for inputs without masks or dropout (dense, or packed sequences as ``_packed_key``
     describes them), or None where they take another route (``forward`` then decides as for any input).
-    ``training``: as ``hopper.forward_plan`` takes it."""
+    ``training``, ``row_table``: as ``hopper.forward_plan`` takes them."""
     varlen = cu_q is not None
     if hopper.unsupported(q, k, v, bias, None, None, None, 0.0, causal, varlen,
                           max_q=max_q if varlen else q.shape[1]) is not None:
         return None
     return hopper.forward_plan(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, None),
-                               cu_q, max_q, max_k, seqused, training)
+                               cu_q, max_q, max_k, seqused, training, row_table)
 
 
 @_on_its_device
 def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, causal, dropout_p,
-            cu_q=None, cu_k=None, max_q=0, max_k=0, used_q=None, used_k=None, bias_rows=None, reach_norms=None):
+            cu_q=None, cu_k=None, max_q=0, max_k=0, used_q=None, used_k=None, bias_rows=None, reach_norms=None,
+            row_table=True):
     """Returns ``out`` (q's shape, contiguous) and ``lse`` float32: ``(B, H, S_q)``, or ``(H, T_q)``
     for packed varlen inputs (``cu_q``/``cu_k`` int32 cumulative lengths, ``max_q``/``max_k``; ``used_q``/``used_k``
     the rows of each sequence that take part, ``masks.sequence_ends``: the other rows'
@@ -260,21 +261,23 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     the heads' norm maxima where the forward reads them for causal ALiBi's reach (``hopper.run_forward``), or the
     table of first key blocks where the Hopper forward writes one (``hopper.forward_table_applies``), for
     ``backward`` of the same q and k; given, the call is a training step's, which takes the reach from fewer keys
-    (``hopper.reach_applies``' ``training``)."""
+    (``hopper.reach_applies``' ``training``). ``row_table``: as ``hopper.forward_table_applies`` takes it (False
+    for a key padding mask's row: without ALiBi it never decays, and with it the table is not yet tested on a GPU)."""
     if key_padding.takes_hopper(q, k, v, bias, slopes, kpm, seqid, prefix, dropout_p, causal, cu_q):
         k, v, rows = key_padding.as_bias_row(k, v, kpm, slopes, q.shape[2])
         return forward(q, k, v, rows, None, None, None, None, seed, softmax_scale, causal, dropout_p, bias_rows=rows,
-                       reach_norms=reach_norms)
+                       reach_norms=reach_norms, row_table=False)
     bias = _kernel_bias(bias, bias_rows)
     training = reach_norms is not None
     if plans.ENABLED and kpm is None and seqid is None and prefix is None and not dropout_p:
         sig, packed = plans.signature, _packed_key(cu_q, max_q, max_k, used_q, used_k)
         key = ("forward", q.get_device(), sig(q), sig(k), sig(v), sig(bias), sig(slopes), softmax_scale, causal,
-               hopper.ENABLED, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, hopper.FORWARD_TABLE, training, packed)
+               hopper.ENABLED, hopper.L2_GROUP_BYTES, hopper.REACH_MIN_KEYS, hopper.FORWARD_TABLE, training, packed,
+               row_table)
         plan = plans.KEPT.get(key, plans.MISSING)
         if plan is plans.MISSING:
             plan = plans.keep(key, _forward_plan(q, k, v, bias, slopes, softmax_scale, causal, cu_q, max_q, max_k,
-                                                 packed is not None and (packed[3] or packed[4]), training))
+                                                 packed is not None and (packed[3] or packed[4]), training, row_table))
         if plan is not None:
             return hopper.run_forward(plan, q, k, v, bias, slopes, _dense(cu_q), _dense(cu_k), reach_norms, used_q,
                                       used_k)
@@ -284,7 +287,7 @@ def forward(q, k, v, bias, slopes, kpm, seqid, prefix, seed, softmax_scale, caus
     partial = used_q is not None or used_k is not None
     if hopper.unsupported(q, k, v, bias, kpm, seqid, prefix, dropout_p, causal, geo.varlen, max_q=geo.s_q) is None:
         return hopper.forward(q, k, v, bias, slopes, softmax_scale, causal, _alibi_mode(slopes, causal, prefix),
-                              cu_q, cu_k, geo.s_q, geo.s_k, reach_norms, used_q, used_k)
+                              cu_q, cu_k, geo.s_q, geo.s_k, reach_norms, used_q, used_k, row_table)
     batch, s_q, s_k, n_heads, n_kv, head_dim = geo.batch, geo.s_q, geo.s_k, geo.n_heads, geo.n_kv, geo.head_dim
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if used_q is None:

@@ -48,7 +48,10 @@ A training step over ``REACH_MIN_KEYS / 4`` to ``3 REACH_MIN_KEYS / 4`` keys tak
 blocks' ALiBi shifts, which bounds every key of a block from ``j0`` by ``c * top + a * (j0 - (S_k - 1))``; against
 the row's maximum that gives each 64 rows' first key block within reach (``hopper_forward.store_first_block``), a
 table the backward's key blocks end their queries by (``REACH_TABLE``). Where the norms' bound pays ``2 |c| Q K``
-over the whole head, this one pays the row's own spread of scores and at most one block's ALiBi span.
+over the whole head, this one pays the row's own spread of scores and at most one block's ALiBi span. From a bias
+row over the keys (its terms in the forward's extension product) each row keeps its largest score less the block's
+least term, which bounds every key of a block by ``c * (top + L_b)`` (``row_block_terms``,
+``hopper_forward.store_row_first_block``): for MPT's ALiBi row the same bound as from slopes.
 
 What it saves depends on the data: see benchmarks/NOTES.md sessions 39-40 for N(0, 1) and
 wider inputs at MPT's slopes, and for the lengths below which reading the norms costs more than the skipped blocks
@@ -309,3 +312,23 @@ def row_ends(rows: torch.Tensor, block_n: int) -> torch.Tensor:
         last = kept.amax(-1) if s_k else kept.new_full(kept.shape[:2], -1)
         return torch.div(last + block_n, block_n, rounding_mode="floor").to(torch.int32).contiguous()
     return kept_on(rows, "_mpt_attention_row_ends", ends, key=block_n, on_device=True)
+
+
+def row_block_terms(rows: torch.Tensor, qk_scale2: float, soft_raw: float, block_n: int) -> torch.Tensor:
+    """A converted bias row's (``launch._log2_bias_rows``: (B', H', 1, S_k) float32) terms for the forward's table
+    (``hopper_forward.store_row_first_block``), contiguous float32 (B', H', 2, key blocks of ``block_n``): per block
+    the least of its kept keys' terms (a removed key, -inf, scores -inf whatever q.k; +inf for a block of none),
+    then the prefix maxima of those (a block of none counted -inf), both in the Hopper forward's unscaled units
+    (``common.row_keys_kernel``: the row over the scale, a soft mask as ``soft_raw``, so a soft-masked key keeps the
+    bound loose; NaN propagates). Kept on the row like ``row_prefix_max``: MPT's row once for a model's layers, a
+    key padding mask's row (``key_padding.as_bias_row``) once per mask."""
+    def terms():
+        s_k = rows.shape[-1]
+        n_kb = cdiv(s_k, block_n)
+        t = torch.where(rows[:, :, 0] == _SOFT_SCORE.value, soft_raw, rows[:, :, 0] / qk_scale2)
+        pad = n_kb * block_n - s_k
+        kept = torch.where(t == float("-inf"), float("inf"), t)
+        low = torch.nn.functional.pad(kept, (0, pad), value=float("inf")).unflatten(-1, (n_kb, block_n)).amin(-1)
+        floor = torch.where(low == float("inf"), float("-inf"), low)
+        return torch.stack([low, torch.cummax(floor, dim=-1).values], dim=2).contiguous()
+    return kept_on(rows, "_mpt_attention_row_block_terms", terms, key=(qk_scale2, soft_raw, block_n), on_device=True)
