@@ -421,6 +421,16 @@ def test_forward_table_leaves_out_only_blocks_below_2_to_the_minus_48(d, n_kv, s
     assert table[:, 0, -1].min() >= 2  # the steepest head (slope 2^-1) leaves out blocks far behind
 
 
+def test_forward_table_from_a_row_with_a_soft_masked_key_leaves_nothing_out():
+    """MPT's bias row with one key soft-masked (finfo.min): the training forward's table from it leaves no block out
+    for any row (``reach.row_block_terms``: next to the soft term a row's float32 scores would not bound its keys)."""
+    gen = torch.Generator(device="cuda").manual_seed(22)
+    q, k, v = (torch.randn(1, 1024, 8, 128, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    row = _mpt_row(M.gen_slopes(8, return_1d=True, device="cuda"), 1024)
+    row[..., 5] = torch.finfo(torch.float32).min
+    assert (_forward_table(q, k, v, None, row) == 0).all()
+
+
 @pytest.mark.parametrize("case", [
     pytest.param(AttnCase(2, 1024, 1024, 8, 8, 128, causal=True, alibi=True), id="D128"),
     pytest.param(AttnCase(2, 1024, 1024, 8, 2, 128, causal=True, alibi=True), id="D128-GQA-split-heads"),

@@ -468,7 +468,7 @@ def _row_table_as_the_forward_writes_it(q, k, bias, scale, block_n=128):
 def test_a_row_table_from_the_forwards_scores_skips_only_vanishing_probabilities(what):
     """The training forward's table from a bias row (``hopper.forward_table_applies``), its rule emulated in float64
     over ``reach.row_block_terms``: every key block it leaves out holds probabilities below 2^-48 of each of its rows'
-    largest, where ALiBi decays it leaves blocks out, and a soft-masked or NaN term leaves none out behind it."""
+    largest, where ALiBi decays it leaves blocks out; a soft-masked term leaves none out, a NaN none behind it."""
     q, k, bias = _inputs(700, 1100, 4, 2, 64, steep=2.0, seed=5)
     scale = 64 ** -0.5
     if what == "removed-keys":
@@ -487,15 +487,16 @@ def test_a_row_table_from_the_forwards_scores_skips_only_vanishing_probabilities
     assert (low[left_out].nan_to_num(nan=-1e9) < -48).all()
     if what in ("mpt-alibi", "removed-keys"):
         assert (first[:, 0, -1] >= 2).all()  # the steep head leaves far blocks out
-    elif what == "soft-masked-keys":  # rows that see the soft-masked keys bound nothing
-        assert (first[..., 2:] == 0).all()
+    elif what == "soft-masked-keys":  # a row with a soft-masked key bounds nothing (its float32 terms would not)
+        assert (first == 0).all()
     elif what == "nan":  # the NaN's head takes nothing from the NaN's block on
         assert (first[:, 0, 4:] == 0).all() and (first[:, 1, -1] >= 1).all()
 
 
 def test_row_block_terms_hold_each_blocks_least_kept_term_and_the_prefix_maxima():
     """``reach.row_block_terms``: per 128-key block the least term of its kept keys (+inf for a block of removed keys
-    only), then the running maximum of those (such a block counted -inf), in unscaled units; kept on the row."""
+    only), then the running maximum of those (such a block counted -inf), in unscaled units; +inf throughout for a
+    row with a soft-masked key; kept on the row."""
     rows = launch._log2_bias_rows(torch.tensor([[[[-3.0] * 128 + [float("-inf")] * 130 + [1.0, -5.0]]]]))
     scale2 = 0.5
     terms = reach.row_block_terms(rows, scale2, hopper.soft_row_key(scale2), 128)
@@ -503,3 +504,6 @@ def test_row_block_terms_hold_each_blocks_least_kept_term_and_the_prefix_maxima(
     expected = torch.tensor([[-3.0 * l2, float("inf"), -5.0 * l2], [-3.0 * l2, -3.0 * l2, -3.0 * l2]])
     torch.testing.assert_close(terms[0, 0], expected)
     assert reach.row_block_terms(rows, scale2, hopper.soft_row_key(scale2), 128) is terms
+    soft = launch._log2_bias_rows(torch.tensor([[[[-3.0] * 200 + [torch.finfo(torch.float32).min] + [0.0] * 59]]]))
+    terms = reach.row_block_terms(soft, scale2, hopper.soft_row_key(scale2), 128)
+    assert terms[0, 0, 0, 1] == hopper.soft_row_key(scale2) and (terms[0, 0, 1] == float("inf")).all()

@@ -401,8 +401,8 @@ def store_row_first_block(word, rows, m_i, row_top, row_terms, qk_scale2, seqlen
     the L up to block b (``reach.row_block_terms``, at ``row_terms + n_kb``; a block of removed keys only, which
     scores -inf, counts -inf), a block with ``c * (row_top + P_b)`` below ``m_i - 49`` (``reach.VANISH2`` and one
     bit for the terms' float32 rounding) is past the row's reach, and so is every block before it. The row's first
-    block is the count of such blocks, at most its diagonal's; a NaN, or a soft-masked key (its term -2^100) in a
-    block the row reads, counts none."""
+    block is the count of such blocks, at most its diagonal's; a NaN, or a soft-masked key anywhere in the bias
+    row (its prefix maxima +inf), counts none."""
     n_kb = gl.cdiv(seqlen_k, BLOCK_N)
     kb = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))  # (hopper.forward_table_applies: n_kb <= BLOCK_N)
     prefix = gl.load(row_terms + n_kb + kb, mask=kb < n_kb, other=float("inf"))

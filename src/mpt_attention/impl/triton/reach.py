@@ -319,16 +319,19 @@ def row_block_terms(rows: torch.Tensor, qk_scale2: float, soft_raw: float, block
     (``hopper_forward.store_row_first_block``), contiguous float32 (B', H', 2, key blocks of ``block_n``): per block
     the least of its kept keys' terms (a removed key, -inf, scores -inf whatever q.k; +inf for a block of none),
     then the prefix maxima of those (a block of none counted -inf), both in the Hopper forward's unscaled units
-    (``common.row_keys_kernel``: the row over the scale, a soft mask as ``soft_raw``, so a soft-masked key keeps the
-    bound loose; NaN propagates). Kept on the row like ``row_prefix_max``: MPT's row once for a model's layers, a
-    key padding mask's row (``key_padding.as_bias_row``) once per mask."""
+    (``common.row_keys_kernel``: the row over the scale, a soft mask as ``soft_raw``; NaN propagates). A row with a
+    soft-masked key gets prefix maxima of +inf, which leave nothing out: next to its ~2^107 a row's scores round
+    away in float32, so the bound would not hold, and a row that sees only soft-masked keys weighs them all. Kept on
+    the row like ``row_prefix_max``: MPT's row, once for a model's layers."""
     def terms():
         s_k = rows.shape[-1]
         n_kb = cdiv(s_k, block_n)
-        t = torch.where(rows[:, :, 0] == _SOFT_SCORE.value, soft_raw, rows[:, :, 0] / qk_scale2)
+        soft = rows[:, :, 0] == _SOFT_SCORE.value
+        t = torch.where(soft, soft_raw, rows[:, :, 0] / qk_scale2)
         pad = n_kb * block_n - s_k
         kept = torch.where(t == float("-inf"), float("inf"), t)
         low = torch.nn.functional.pad(kept, (0, pad), value=float("inf")).unflatten(-1, (n_kb, block_n)).amin(-1)
         floor = torch.where(low == float("inf"), float("-inf"), low)
-        return torch.stack([low, torch.cummax(floor, dim=-1).values], dim=2).contiguous()
+        prefix = torch.cummax(floor, dim=-1).values.masked_fill(soft.any(-1, keepdim=True), float("inf"))
+        return torch.stack([low, prefix], dim=2).contiguous()
     return kept_on(rows, "_mpt_attention_row_block_terms", terms, key=(qk_scale2, soft_raw, block_n), on_device=True)
