@@ -385,9 +385,15 @@ def store_first_block(word, rows, m_i, row_top, slope2, qk_scale2, seqlen_q, seq
     # (the integer part rounds down: a block from key ``first * BLOCK_N >= keep_from`` on is kept, a block before is
     # past the reach)
     kept = gl.minimum(keep_from, pos.to(gl.float32)).to(gl.int32)
-    first = gl.minimum((kept + BLOCK_N - 1) // BLOCK_N, pos // BLOCK_N)
-    # the word starts at 0, no entry (``hopper.run_forward`` zeroes ``Tiles``); rows past S_q give none (alone: the
-    # last tile's third warpgroup, whose word lies past the table's row)
+    store_table_entry(word, rows, gl.minimum((kept + BLOCK_N - 1) // BLOCK_N, pos // BLOCK_N), seqlen_q)
+
+
+@gluon.jit
+def store_table_entry(word, rows, first, seqlen_q):
+    """Each of ``rows``' first key block into their 64 rows' table ``word``: ``TABLE_NONE`` less it, by an atomic
+    maximum (the least block wins; ``hopper_tiles.table_query_end`` reads it so). The word starts at 0, no entry
+    (``hopper.run_forward`` zeroes ``Tiles``); rows past S_q give none (alone: the last tile's third warpgroup, whose
+    word lies past the table's row)."""
     gl.atomic_max(word + gl.zeros_like(rows), TABLE_NONE - first, mask=rows < seqlen_q, sem="relaxed")
 
 
@@ -408,8 +414,7 @@ def store_row_first_block(word, rows, m_i, row_top, row_terms, qk_scale2, seqlen
     prefix = gl.load(row_terms + n_kb + kb, mask=kb < n_kb, other=float("inf"))
     past = (row_top[:, None] + prefix[None, :]) * qk_scale2 < (m_i - VANISH2 - 1.0)[:, None]  # [HALF_M, BLOCK_N]
     pos = rows + (seqlen_k - seqlen_q)
-    first = gl.minimum(gl.sum(past.to(gl.int32), 1), pos // BLOCK_N)
-    gl.atomic_max(word + gl.zeros_like(rows), TABLE_NONE - first, mask=rows < seqlen_q, sem="relaxed")
+    store_table_entry(word, rows, gl.minimum(gl.sum(past.to(gl.int32), 1), pos // BLOCK_N), seqlen_q)
 
 
 @gluon.jit
